@@ -1,0 +1,187 @@
+"""Several plans, one process, one backend: speed, predicted speedup, quality vs `full`.
+
+    python benchmarks/bench_plans.py                                  # demo model, full/fora:2/fora:3
+    python benchmarks/bench_plans.py --model DiT-S/2 --per-class 1 --classes 0-1   # 256 tokens, random weights
+
+For every plan: transform into a temporary folder, load the ONNX Runtime runner, one
+warm-up sampling run, then `--repeats` timed runs of the whole sampling loop (median
+reported). Quality is measured against the `full` plan's samples from the same noise and
+labels (PSNR/SSIM), plus class accuracy and digits-FD on the demo model. Also reported:
+eager PyTorch `full` time (same batching), FLOP-predicted speedup, realized/predicted
+ratio, resident memory after loading each plan's sessions, and the process peak RSS.
+Writes JSON (`--out`) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tcgraph import api
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import load_artifact
+from tcgraph.models.dit import CONFIGS, DiT, make_config
+from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_model(name: str, seed: int = 0) -> DiT:
+    """A DiT with random non-zero weights (adaLN-Zero init would make every block the identity)."""
+    torch.manual_seed(seed)
+    model = DiT(make_config(name))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def time_runs(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits", help="'digits' (trained) or a config name (random weights)")
+    ap.add_argument("--plans", default="full,fora:2,fora:3")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--classes", default=None)
+    ap.add_argument("--per-class", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/plans-<model>.json)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "digits":
+        model = api.load_dit("digits")
+    elif args.model in CONFIGS:
+        model = random_model(args.model, args.seed)
+    else:
+        raise TcgraphError(f"unknown model {args.model!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+    cfg = model.config
+    settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
+                               resolution=cfg.input_size)
+    plans = [p.strip() for p in args.plans.split(",")]
+    if plans[0] != "full":
+        plans.insert(0, "full")
+    ids = api.parse_classes(args.classes, cfg.num_classes)
+    labels = [c for c in ids for _ in range(args.per_class)]
+    config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
+              "images": len(labels), "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "backend": "ort-cpu", "machine": platform.processor() or platform.machine(),
+              "python": sys.version.split()[0], "torch": torch.__version__,
+              "command": "python benchmarks/bench_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(config), flush=True)
+
+    # Eager PyTorch reference of the uncached model, same batching and noise.
+    eager_times = time_runs(lambda: api.sample_eager(model, settings, labels, args.seed), args.repeats)
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in plans:
+            plan = make_plan(spec, cfg, settings)
+            path = api.transform(model, plan, Path(tmp) / spec.replace(":", ""), progress=False)
+            art = load_artifact(path)
+            rss_before = rss_mib()
+            opts = {"intra_op_threads": args.threads} if args.threads else {}
+            runner = api.make_runner("ort", art, **opts)
+            with runner:
+                rss_loaded = rss_mib() - rss_before
+                io = {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
+                      for v in art.manifest["variants"]}
+                dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
+                sampler = api.sampler_for(settings, cfg)
+                noise = api.noise_for(len(labels), cfg, settings.resolution, args.seed)
+
+                def run():
+                    return api.run_batches(dispatch, dispatch.reset, sampler, labels, noise, settings.batch, args.seed)
+
+                samples = run()  # warm-up, and the samples we judge
+                times = time_runs(run, args.repeats)
+            flops = plan_flops(cfg, plan)
+            row = {"plan": spec, "variants": len(plan.variants()), "median_s": statistics.median(times),
+                   "times_s": times, "predicted_speedup": flops["predicted_speedup"],
+                   "sessions_rss_mib": rss_loaded}
+            if reference is None:
+                reference = samples
+            row.update(_quality(samples, reference, labels, args.model == "digits"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    full_time = rows[0]["median_s"]
+    for row in rows:
+        row["realized_speedup"] = full_time / row["median_s"]
+        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
+    result = {"config": config, "eager_full_median_s": statistics.median(eager_times),
+              "eager_times_s": eager_times, "peak_rss_mib": peak_rss_mib(), "rows": rows}
+    out = args.out or Path(__file__).parent / "results" / f"plans-{args.model.replace('/', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def _quality(samples, reference, labels, digits: bool) -> dict:
+    from tcgraph.eval import compare_samples
+
+    q = compare_samples(samples, reference)
+    if digits:
+        from tcgraph.eval import digits_quality
+
+        q.update(digits_quality(samples, torch.tensor(labels)))
+    return q
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    head = (f"model {c['model']}, DDIM {c['steps']}, guidance {c['guidance']}, batch {c['batch']} "
+            f"({c['images']} images), {c['backend']}, {c['threads']} threads, median of {c['repeats']}\n"
+            f"eager PyTorch full: {result['eager_full_median_s']:.3f} s; peak RSS {result['peak_rss_mib']:.0f} MiB\n")
+    cols = ["plan", "variants", "median s", "realized x", "predicted x", "real/pred", "PSNR dB", "SSIM"]
+    digits = "class_accuracy" in result["rows"][0]
+    if digits:
+        cols += ["class acc", "digits-FD"]
+    cols.append("sessions MiB")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        vals = [r["plan"], str(r["variants"]), f"{r['median_s']:.3f}", f"{r['realized_speedup']:.2f}",
+                f"{r['predicted_speedup']:.2f}", f"{r['realized_over_predicted']:.2f}", f"{r['psnr']:.1f}",
+                f"{r['ssim']:.3f}"]
+        if digits:
+            vals += [f"{r['class_accuracy']:.1%}", f"{r['digits_fd']:.2f}"]
+        vals.append(f"{r['sessions_rss_mib']:.0f}")
+        lines.append("| " + " | ".join(vals) + " |")
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

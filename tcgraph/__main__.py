@@ -1,0 +1,5 @@
+import sys
+
+from tcgraph.cli import main
+
+sys.exit(main())

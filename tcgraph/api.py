@@ -1,0 +1,320 @@
+"""The Python API; the CLI (`tcgraph transform | sample | inspect`) is a thin layer over it."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops
+from tcgraph.sampling import DDIMSampler
+
+BACKENDS = ("ort",)
+DEFAULT_MODEL = "digits"
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def default_out(model: str, plan: str) -> Path:
+    stem = Path(model).stem if model not in ("digits",) else model
+    return Path("tcgraph-out") / f"{stem}-{plan.replace(':', '').replace('+', '-')}"
+
+
+def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = None) -> DiT:
+    if isinstance(model, DiT):
+        return model.eval()
+    from tcgraph.models import load_model
+
+    return load_model(model, config=config)
+
+
+def transform(
+    model: str | DiT = DEFAULT_MODEL,
+    plan: str | Plan = "full",
+    out: str | Path | None = None,
+    *,
+    config: str | DiTConfig | None = None,
+    steps: int = 50,
+    guidance: float = 2.0,
+    eta: float = 0.0,
+    batch: int = 8,
+    force: bool = False,
+    check: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Plan, rewrite, check and export a model into an artifact folder; returns its path."""
+    from tcgraph.compile import build_variants
+    from tcgraph.export.artifact import write_artifact
+
+    model_name = model if isinstance(model, str) else "in-memory"
+    dit = load_dit(model, config)
+    if isinstance(plan, Plan):
+        the_plan = plan
+    else:
+        settings = SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch,
+                                   resolution=dit.config.input_size)
+        the_plan = make_plan(plan, dit.config, settings)
+    out = Path(out) if out is not None else default_out(model_name, the_plan.planner)
+    if out.exists() and not force:
+        raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
+    n = len(the_plan.variants())
+    bar = _progress_bar(3 * n, "transform", progress)
+
+    def tick(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    try:
+        variants = build_variants(dit, the_plan, check=check, progress=tick)
+        flops = plan_flops(dit.config, the_plan)
+        path = write_artifact(
+            out,
+            model_config=dit.config.to_dict(),
+            plan=the_plan.to_dict(),
+            variants=variants,
+            extra={"model": model_name, "flops": flops},
+            overwrite=force,
+            progress=tick,
+        )
+    finally:
+        bar.close()
+    return path
+
+
+def make_runner(backend: str, artifact: Any, **options):
+    if backend == "ort":
+        from tcgraph.runtime.ort import OrtRunner
+
+        return OrtRunner(artifact, **options)
+    raise TcgraphError(f"unknown backend {backend!r}; available here: {', '.join(BACKENDS)}")
+
+
+def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
+    """`None` -> all classes; "0-9" or "1,3,5" or a list -> class ids, each checked."""
+    if spec is None:
+        ids = list(range(num_classes))
+    elif isinstance(spec, str):
+        ids = []
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    ids.extend(range(int(lo), int(hi) + 1))
+                else:
+                    ids.append(int(part))
+            except ValueError:
+                raise TcgraphError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
+    else:
+        ids = [int(i) for i in spec]
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad or not ids:
+        raise TcgraphError(f"class ids {bad or ids} are out of range; this model has classes 0..{num_classes - 1}")
+    return ids
+
+
+def sampler_for(settings: SamplerSettings, cfg: DiTConfig) -> DDIMSampler:
+    return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
+                       in_channels=cfg.in_channels, null_class=cfg.num_classes)
+
+
+def noise_for(n: int, cfg: DiTConfig, resolution: int, seed: int) -> torch.Tensor:
+    """Noise for n images, the i-th image's noise independent of how images are batched."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cfg.in_channels, resolution, resolution, generator=g)
+
+
+def run_batches(step_fn, reset, sampler: DDIMSampler, labels: list[int], noise: torch.Tensor, batch: int,
+                seed: int, progress: bool = False) -> torch.Tensor:
+    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped)."""
+    runs = math.ceil(len(labels) / batch)
+    bar = _progress_bar(runs * sampler.num_steps, "sample", progress)
+    out = []
+    try:
+        for r in range(runs):
+            idx = list(range(r * batch, min((r + 1) * batch, len(labels))))
+            pad = batch - len(idx)
+            y = torch.tensor([labels[i] for i in idx] + [labels[idx[0]]] * pad)
+            x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
+            reset()
+            g = torch.Generator().manual_seed(seed + 1 + r)
+            res = sampler.sample(step_fn, x, y, generator=g, progress=lambda _s: bar.update(1))
+            out.append(res[: len(idx)])
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
+def sample(
+    artifact: str | Path,
+    *,
+    classes: str | Sequence[int] | None = None,
+    per_class: int = 4,
+    seed: int = 0,
+    backend: str = "ort",
+    batch: int | None = None,
+    resolution: int | None = None,
+    png: str | Path | None = None,
+    npy: str | Path | None = None,
+    progress: bool = True,
+    runner_options: dict | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Run the optimized sampler from an artifact folder; returns (samples, labels)."""
+    from tcgraph.export.artifact import load_artifact
+    from tcgraph.runtime.dispatch import ScheduleDispatcher
+
+    art = load_artifact(Path(artifact))
+    plan = Plan.from_dict(art.plan)
+    cfg = DiTConfig(**art.model_config)
+    s = plan.settings
+    if batch is not None and batch != s.batch:
+        raise TcgraphError(f"this artifact was built for batch {s.batch}, not {batch}; "
+                           f"omit --batch (images are sampled in runs of {s.batch}) or transform again with --batch {batch}")
+    if resolution is not None and resolution != s.resolution:
+        raise TcgraphError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
+                           "transform again for another resolution")
+    if per_class < 1:
+        raise TcgraphError(f"--per-class must be >= 1, got {per_class}")
+    ids = parse_classes(classes, cfg.num_classes)
+    labels = [c for c in ids for _ in range(per_class)]
+    noise = noise_for(len(labels), cfg, s.resolution, seed)
+    runner = make_runner(backend, art, **(runner_options or {}))
+    with runner:
+        io = {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
+              for v in art.manifest["variants"]}
+        dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
+        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress)
+    if png is not None:
+        save_grid(samples, png, nrow=per_class)
+    if npy is not None:
+        _atomic_save_npy(Path(npy), samples.numpy())
+    return samples, labels
+
+
+def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed: int = 0,
+                 progress: bool = False) -> torch.Tensor:
+    """The uncached PyTorch reference: the same noise, batching and sampler as `sample`."""
+    from tcgraph.sampling import model_step_fn
+
+    noise = noise_for(len(labels), model.config, settings.resolution, seed)
+    return run_batches(model_step_fn(model), lambda: None, sampler_for(settings, model.config), labels, noise,
+                       settings.batch, seed, progress)
+
+
+def to_images(samples: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3 or 1) uint8; latents show their first channels."""
+    x = samples.detach().float().clamp(-1, 1)
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4, pad: int = 2) -> Path:
+    """A PNG grid with `nrow` images per row (one row per class when sampled per class)."""
+    from PIL import Image
+
+    imgs = to_images(samples)
+    n, h, w, c = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pil.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def inspect(artifact: str | Path, verify: bool = True) -> dict:
+    """A summary of an artifact folder: settings, schedule, variants with their cost."""
+    from tcgraph.export.artifact import load_artifact
+
+    art = load_artifact(Path(artifact), verify_hashes=verify)
+    plan = Plan.from_dict(art.plan)
+    cfg = DiTConfig(**art.model_config)
+    flops = plan_flops(cfg, plan)
+    schedule = plan.schedule()
+    variants = []
+    for i, recipe in enumerate(plan.variants()):
+        vid = f"v{i}"
+        ins, outs = plan.variant_io(recipe)
+        kinds = [a.kind for _, _, a in recipe.items()]
+        variants.append({
+            "id": vid,
+            "steps": [s for s, v in enumerate(schedule) if v == vid],
+            "recipe": recipe.short(),
+            "compute": kinds.count("compute"), "reuse": kinds.count("reuse"), "partial": kinds.count("partial"),
+            "reads": len(ins) - 3, "writes": len(outs) - 1,
+            "gflops": flops["per_variant"][vid] / 1e9,
+            "fraction": flops["fraction"][vid],
+        })
+    weights = art.root / "weights.bin"
+    return {
+        "path": str(art.root),
+        "model": {**art.model_config, "source": art.manifest.get("extra", {}).get("model")},
+        "planner": plan.planner,
+        "settings": art.plan["settings"],
+        "schedule": schedule,
+        "variants": variants,
+        "predicted_speedup": flops["predicted_speedup"],
+        "total_gflops": flops["total"] / 1e9,
+        "weights_bytes": weights.stat().st_size if weights.exists() else 0,
+        "engines": sorted(p.name for p in (art.root / "engines").glob("*")) if (art.root / "engines").is_dir() else [],
+    }
+
+
+def format_inspect(info: dict) -> str:
+    s = info["settings"]
+    m = info["model"]
+    lines = [
+        f"artifact   {info['path']}",
+        f"model      {m.get('source')}: depth {m['depth']}, hidden {m['hidden_size']}, heads {m['num_heads']}, "
+        f"{(m['input_size'] // m['patch_size']) ** 2} tokens, {m['num_classes']} classes",
+        f"sampler    {s['sampler']} {s['num_steps']} steps, guidance {s['cfg_scale']}, eta {s['eta']}, "
+        f"batch {s['batch']}, resolution {s['resolution']}",
+        f"plan       {info['planner']}: {len(info['variants'])} variants, predicted speedup "
+        f"{info['predicted_speedup']:.2f}x ({info['total_gflops']:.2f} GFLOP per run)",
+        f"weights    {info['weights_bytes'] / 2**20:.1f} MiB on disk (one file for all variants)",
+        f"engines    {', '.join(info['engines']) or 'none (ONNX Runtime only)'}",
+        f"schedule   {_compact_schedule(info['schedule'])}",
+        "",
+        f"{'variant':<8}{'steps':>6}{'compute':>9}{'reuse':>7}{'partial':>9}{'reads':>7}{'writes':>8}"
+        f"{'GFLOP':>9}{'of full':>9}",
+    ]
+    for v in info["variants"]:
+        lines.append(f"{v['id']:<8}{len(v['steps']):>6}{v['compute']:>9}{v['reuse']:>7}{v['partial']:>9}"
+                     f"{v['reads']:>7}{v['writes']:>8}{v['gflops']:>9.3f}{v['fraction']:>9.0%}")
+    return "\n".join(lines)
+
+
+def _compact_schedule(schedule: list[str]) -> str:
+    """Run-length form: `v0 v1x2 v0 …`, at most ~20 runs shown."""
+    runs: list[list] = []
+    for v in schedule:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    parts = [v if n == 1 else f"{v}x{n}" for v, n in runs]
+    return " ".join(parts[:20]) + (f" … ({len(parts) - 20} more runs)" if len(parts) > 20 else "")

@@ -1,0 +1,79 @@
+"""`tcgraph transform | sample | inspect` — see README.md for a tour."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tcgraph.errors import TcgraphError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from tcgraph.models.dit import CONFIGS
+    from tcgraph.plan import PLAN_HELP
+
+    p = argparse.ArgumentParser(prog="tcgraph", description="Compile-time caching for diffusion transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transform", help="plan, rewrite and export a model into an artifact folder")
+    t.add_argument("--model", default="digits", help="'digits' (the embedded demo model) or a checkpoint path")
+    t.add_argument("--config", choices=list(CONFIGS), help="config of a checkpoint (inferred when omitted)")
+    t.add_argument("--plan", default="full", help=PLAN_HELP)
+    t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
+    t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    t.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, 1 = none (default 2)")
+    t.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
+    t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    t.add_argument("--no-check", action="store_true", help="skip the numerical checks of the rewritten graphs")
+
+    s = sub.add_parser("sample", help="sample images with an artifact folder")
+    s.add_argument("artifact", type=Path)
+    s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
+    s.add_argument("--per-class", type=int, default=4, help="images per class; one grid row per class (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", default="ort", help="ort (ONNX Runtime; CUDA when onnxruntime-gpu is installed)")
+    s.add_argument("--batch", type=int, help="check that the artifact was built for this batch")
+    s.add_argument("--resolution", type=int, help="check that the artifact was built for this resolution")
+    s.add_argument("--png", type=Path, default=Path("samples.png"), help="PNG grid to write (default samples.png)")
+    s.add_argument("--npy", type=Path, help="also write the raw samples as .npy")
+
+    i = sub.add_parser("inspect", help="show the plan, schedule and variants of an artifact folder")
+    i.add_argument("artifact", type=Path)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from tcgraph import api
+
+    progress = sys.stderr.isatty()
+    try:
+        if args.command == "transform":
+            path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
+                                 guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
+                                 check=not args.no_check, progress=progress)
+            print(api.format_inspect(api.inspect(path, verify=False)))
+            print(f"\nwrote {path}")
+        elif args.command == "sample":
+            samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
+                                         seed=args.seed, backend=args.backend, batch=args.batch,
+                                         resolution=args.resolution, png=args.png, npy=args.npy, progress=progress)
+            wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
+            print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
+        elif args.command == "inspect":
+            info = api.inspect(args.artifact)
+            print(json.dumps(info, indent=1) if args.json else api.format_inspect(info))
+    except TcgraphError as e:
+        print(f"tcgraph: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tcgraph: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

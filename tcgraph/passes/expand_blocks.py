@@ -1,0 +1,60 @@
+"""Pass expand_blocks: inline each block node into its ops, keeping branches as leaves.
+
+After capture a block is one opaque call_module node. Caching needs to see inside it: the
+adaLN modulation, the norm + modulate feeding each branch, the branch itself (`attn`,
+`mlp`, kept as call_module leaves) and the gated residual update. Inlined nodes are named
+`blocks_<l>_<op>` and carry `tcgraph.block`; branch nodes also carry `tcgraph.branch`.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from tcgraph.passes.capture import BRANCH_TYPES, META_BLOCK, META_BRANCH, trace
+
+
+def expand_blocks(gm: fx.GraphModule, blocks: list | None = None) -> fx.GraphModule:
+    """Replace every block call_module node (marked with `tcgraph.block`) by its body."""
+    graph = gm.graph
+    block_nodes = [n for n in graph.nodes if n.op == "call_module" and META_BLOCK in n.meta]
+    for node in block_nodes:
+        _inline(gm, node)
+    graph.lint()
+    # Rebuild so the module tree holds fresh containers down to the leaves the graph calls.
+    # The captured graph held each block by reference; later passes delete unused
+    # submodules, which must never reach into the user's model.
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
+    prefix = node.target  # "blocks.3"
+    block_index = node.meta[META_BLOCK]
+    body = trace(gm.get_submodule(prefix), tuple(BRANCH_TYPES)).graph
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in body.nodes if n.op == "placeholder"]
+    for ph, arg in zip(placeholders, node.args):
+        env[ph] = arg
+    result = None
+    with gm.graph.inserting_before(node):
+        for n in body.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                result = fx.map_arg(n.args[0], lambda a: env[a])
+                continue
+            target = f"{prefix}.{n.target}" if n.op in ("call_module", "get_attr") else n.target
+            new = gm.graph.create_node(
+                n.op,
+                target,
+                fx.map_arg(n.args, lambda a: env[a]),
+                fx.map_arg(n.kwargs, lambda a: env[a]),
+                name=f"{prefix.replace('.', '_')}_{n.name}",
+            )
+            new.meta.update(n.meta)
+            new.meta[META_BLOCK] = block_index
+            if n.op == "call_module":
+                branch = BRANCH_TYPES.get(type(gm.get_submodule(target)))
+                if branch is not None:
+                    new.meta[META_BRANCH] = branch
+            env[n] = new
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)

@@ -1,0 +1,259 @@
+"""The plan: what every branch of every block does at every denoising step.
+
+Vocabulary (shared/DESIGN.md): an *action* per (step, block, branch) — `compute`,
+`reuse`, or `partial(k, indices)`; a *recipe* is the actions of one step; a *variant* is
+one distinct recipe (one static graph); the *schedule* maps steps to variant ids.
+
+Cache writes follow DESIGN.md: a recipe that computes a branch whose cache *any* step of
+the plan reads also outputs that cache. The write set is therefore a function of the
+recipe and the plan, and one recipe is always one graph.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+from tcgraph.errors import TcgraphError
+
+PLAN_SCHEMA_VERSION = 1
+BRANCHES = ("attn", "mlp")
+
+CacheKey = tuple[int, str]  # (block, branch)
+
+
+def cache_name(block: int, branch: str) -> str:
+    """Graph I/O name of a cache tensor, as DESIGN.md fixes it."""
+    return f"cache.{block}.{branch}"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "compute" | "reuse" | "partial"
+    indices: tuple[int, ...] | None = None  # kept (recomputed) tokens, only for partial
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("compute", "reuse", "partial"):
+            raise TcgraphError(f"unknown action {self.kind!r}; expected compute, reuse or partial")
+        if (self.kind == "partial") != (self.indices is not None):
+            raise TcgraphError("partial actions need token indices, and only partial actions have them")
+        if self.indices is not None and len(set(self.indices)) != len(self.indices):
+            raise TcgraphError("partial token indices must be distinct")
+
+    @property
+    def k(self) -> int | None:
+        return None if self.indices is None else len(self.indices)
+
+    @property
+    def reads_cache(self) -> bool:
+        return self.kind in ("reuse", "partial")
+
+    @property
+    def computes(self) -> bool:
+        return self.kind in ("compute", "partial")
+
+    def short(self) -> str:
+        return {"compute": "C", "reuse": "R"}.get(self.kind) or f"P{self.k}"
+
+    def to_json(self):
+        if self.kind == "partial":
+            return {"partial": list(self.indices)}
+        return self.kind
+
+    @classmethod
+    def from_json(cls, obj) -> "Action":
+        if isinstance(obj, str):
+            return cls(obj)
+        if isinstance(obj, dict) and set(obj) == {"partial"}:
+            return cls("partial", tuple(int(i) for i in obj["partial"]))
+        raise TcgraphError(f"cannot read action {obj!r}; expected 'compute', 'reuse' or {{'partial': [indices]}}")
+
+
+COMPUTE = Action("compute")
+REUSE = Action("reuse")
+
+
+def partial(indices: Iterable[int]) -> Action:
+    return Action("partial", tuple(sorted(int(i) for i in indices)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Actions of one step: `actions[block][0]` is attention, `[1]` is the MLP."""
+
+    actions: tuple[tuple[Action, Action], ...]
+
+    @classmethod
+    def uniform(cls, depth: int, action: Action) -> "Recipe":
+        return cls(tuple((action, action) for _ in range(depth)))
+
+    @property
+    def depth(self) -> int:
+        return len(self.actions)
+
+    def action(self, block: int, branch: str) -> Action:
+        return self.actions[block][BRANCHES.index(branch)]
+
+    def items(self) -> Iterable[tuple[int, str, Action]]:
+        for block, pair in enumerate(self.actions):
+            for branch, action in zip(BRANCHES, pair):
+                yield block, branch, action
+
+    def reads(self) -> list[CacheKey]:
+        return [(b, br) for b, br, a in self.items() if a.reads_cache]
+
+    @property
+    def is_full(self) -> bool:
+        return all(a.kind == "compute" for _, _, a in self.items())
+
+    def short(self) -> str:
+        """One line: per block the attn/mlp letters, e.g. `CC CR RR`."""
+        return " ".join(a.short() + m.short() for a, m in self.actions)
+
+    def to_json(self) -> list:
+        return [[a.to_json(), m.to_json()] for a, m in self.actions]
+
+    @classmethod
+    def from_json(cls, obj) -> "Recipe":
+        return cls(tuple((Action.from_json(a), Action.from_json(m)) for a, m in obj))
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The sampling run a plan (and its static graphs) is made for."""
+
+    sampler: str = "ddim"
+    num_steps: int = 50
+    cfg_scale: float = 2.0
+    eta: float = 0.0
+    batch: int = 8  # images per sampling run; the graphs see 2x with guidance
+    resolution: int = 16  # model input side (latent side for latent models)
+
+    def __post_init__(self) -> None:
+        if self.sampler != "ddim":
+            raise TcgraphError(f"unknown sampler {self.sampler!r}; only 'ddim' is supported")
+        if self.num_steps < 1 or self.batch < 1 or self.resolution < 1:
+            raise TcgraphError(f"steps, batch and resolution must be positive, got {self}")
+
+    @property
+    def model_batch(self) -> int:
+        return 2 * self.batch if self.cfg_scale > 1.0 else self.batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    planner: str  # e.g. "full", "fora:3"
+    settings: SamplerSettings
+    recipes: tuple[Recipe, ...]  # one per step, generation order (0 = noisiest)
+    num_tokens: int
+    params: dict = field(default_factory=dict, compare=False)  # planner inputs, for the record
+
+    def __post_init__(self) -> None:
+        if len(self.recipes) != self.settings.num_steps:
+            raise TcgraphError(
+                f"plan has {len(self.recipes)} recipes but its sampler settings say {self.settings.num_steps} steps"
+            )
+        depths = {r.depth for r in self.recipes}
+        if len(depths) != 1:
+            raise TcgraphError(f"recipes disagree on the number of blocks: {sorted(depths)}")
+        self.validate()
+
+    @property
+    def depth(self) -> int:
+        return self.recipes[0].depth
+
+    def validate(self) -> None:
+        """Every cache read must follow a step that computed that branch."""
+        filled: set[CacheKey] = set()
+        for step, recipe in enumerate(self.recipes):
+            for block, branch, action in recipe.items():
+                if action.reads_cache and (block, branch) not in filled:
+                    raise TcgraphError(
+                        f"step {step} reuses {cache_name(block, branch)} but no earlier step computed it; "
+                        "the first step must compute every branch a later step reuses"
+                    )
+                if action.indices is not None and max(action.indices, default=-1) >= self.num_tokens:
+                    raise TcgraphError(
+                        f"step {step} block {block} {branch}: token index {max(action.indices)} out of range "
+                        f"0..{self.num_tokens - 1}"
+                    )
+            filled.update((b, br) for b, br, a in recipe.items() if a.computes)
+
+    # ---- derived: variants, schedule, cache traffic -------------------------------
+
+    def cache_keys(self) -> list[CacheKey]:
+        """Every (block, branch) that some step reads, in block order."""
+        keys = {k for r in self.recipes for k in r.reads()}
+        return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+
+    def writes(self, recipe: Recipe) -> list[CacheKey]:
+        """Caches a recipe outputs: the branches it computes that any step reads."""
+        read = set(self.cache_keys())
+        return [(b, br) for b, br, a in recipe.items() if a.computes and (b, br) in read]
+
+    def variants(self) -> list[Recipe]:
+        """Distinct recipes in order of first use; variant id `v<i>` is the i-th."""
+        seen: dict[Recipe, None] = {}
+        for r in self.recipes:
+            seen.setdefault(r, None)
+        return list(seen)
+
+    def schedule(self) -> list[str]:
+        index = {r: f"v{i}" for i, r in enumerate(self.variants())}
+        return [index[r] for r in self.recipes]
+
+    def variant_io(self, recipe: Recipe) -> tuple[list[str], list[str]]:
+        """(input names, output names) of the variant graph for `recipe`."""
+        inputs = ["x", "t", "y"] + [cache_name(b, br) for b, br in recipe.reads()]
+        outputs = ["out"] + [cache_name(b, br) for b, br in self.writes(recipe)]
+        return inputs, outputs
+
+    # ---- JSON ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        variants = self.variants()
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "planner": self.planner,
+            "params": self.params,
+            "settings": asdict(self.settings),
+            "depth": self.depth,
+            "num_tokens": self.num_tokens,
+            "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
+            "schedule": self.schedule(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        version = d.get("schema_version")
+        if not isinstance(version, int):
+            raise TcgraphError("not a tcgraph plan: no integer schema_version")
+        if version > PLAN_SCHEMA_VERSION:
+            raise TcgraphError(
+                f"plan schema version {version} is newer than this tcgraph supports ({PLAN_SCHEMA_VERSION}); "
+                "upgrade tcgraph"
+            )
+        try:
+            recipes = {vid: Recipe.from_json(r) for vid, r in d["variants"].items()}
+            missing = sorted(set(d["schedule"]) - set(recipes))
+            if missing:
+                raise TcgraphError(f"plan schedule names variants {missing} that the plan does not define")
+            return cls(
+                planner=d["planner"],
+                settings=SamplerSettings(**d["settings"]),
+                recipes=tuple(recipes[v] for v in d["schedule"]),
+                num_tokens=int(d["num_tokens"]),
+                params=dict(d.get("params", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise TcgraphError(f"plan is not valid JSON: {e}") from None
