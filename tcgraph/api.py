@@ -57,6 +57,12 @@ def transform(
 
     model_name = model if isinstance(model, str) else "in-memory"
     dit = load_dit(model, config)
+    cfg_scale = plan.settings.cfg_scale if isinstance(plan, Plan) else guidance
+    if cfg_scale > 1.0 and dit.config.class_dropout_prob <= 0:
+        raise TcgraphError(
+            f"guidance {cfg_scale} needs the model's null class, but this model was built with "
+            "class_dropout_prob=0 (no null class); use --guidance 1"
+        )
     if isinstance(plan, Plan):
         the_plan = plan
     else:

@@ -1,0 +1,138 @@
+"""DiT models: the architecture, its config registry, and loading weights.
+
+    load_model()                                   # the demo model, trained here
+    load_model("DiT-XL-2-256x256.pt")              # an official checkpoint, config inferred
+    load_model("ckpt/0400000.pt", config="DiT-XL/2")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.checkpoint import (
+    config_candidates,
+    config_argument,
+    describe_state_dict,
+    infer_config,
+    load_checkpoint_into,
+    load_state_dict_file,
+    save_checkpoint,
+)
+from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, build_model, make_config
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Pretrained models that ship with tcgraph: name -> (weights file, registered config).
+# Official DiT weights cannot be downloaded here; pass their path to `load_model`.
+PRETRAINED: dict[str, tuple[Path, str]] = {
+    "digits": (WEIGHTS_DIR / "digits.safetensors", "digits"),
+}
+# What makes each pretrained weights file, told to the user when it is missing.
+_MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py"}
+
+
+def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor], source: Path) -> DiTConfig:
+    if isinstance(config, DiTConfig):
+        return config
+    if isinstance(config, str):
+        return make_config(config)
+    if config is not None:
+        raise TcgraphError(
+            f"config must be a registered name ({', '.join(CONFIGS)}), a DiTConfig or None, "
+            f"got a {type(config).__name__}"
+        )
+    found = config_candidates(sd)
+    if len(found) == 1:
+        return found[0][1]
+    if not found:
+        raise TcgraphError(
+            f"cannot tell which config {source} was trained with: no registered config "
+            f"({', '.join(CONFIGS)}) fits its weights ({describe_state_dict(sd)}); pass config= a "
+            "DiTConfig with these fields and the num_heads it was trained with"
+        )
+    labels = [label for label, _ in found]
+    raise TcgraphError(
+        f"cannot tell which config {source} was trained with: {len(labels)} registered configs fit "
+        f"({', '.join(labels)}); choose one with {' or '.join(config_argument(l) for l in labels)}"
+    )
+
+
+def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None) -> DiT:
+    """A DiT with loaded weights, in eval mode.
+
+    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`) or the
+    path of a checkpoint (`.safetensors`, `.pt`, `.pth`, `.bin`; official DiT release
+    and training checkpoints included). `config` is a registered config name or a
+    `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
+    checkpoint's shapes and must then match exactly one registered config.
+    """
+    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
+        path, own_config = PRETRAINED[name_or_path]
+        if not path.exists():
+            raise TcgraphError(
+                f"the pretrained model {name_or_path!r} has no weights yet: {path} is missing; "
+                f"create it with `{_MAKE_WEIGHTS[name_or_path]}`"
+            )
+        config = own_config if config is None else config
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            hint = ""
+            if str(name_or_path) in CONFIGS:
+                hint = (
+                    f"; {str(name_or_path)!r} is a model config, not pretrained weights: pass a checkpoint "
+                    f"path with config={str(name_or_path)!r}, or use build_model({str(name_or_path)!r}) "
+                    "for random weights"
+                )
+            raise TcgraphError(
+                f"no pretrained model named {str(name_or_path)!r} and no checkpoint file at {path}; "
+                f"pretrained models: {', '.join(PRETRAINED)}; or pass the path of a checkpoint "
+                f"(.safetensors, .pt, .pth, .bin){hint}"
+            )
+    sd = load_state_dict_file(path)
+    cfg = _resolve_config(config, sd, path)
+    with torch.device("meta"):  # the checkpoint provides every tensor: skip allocation and init
+        model = DiT(cfg)
+    load_checkpoint_into(model, sd, source=str(path))
+    return model.eval()
+
+
+def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_classes: int) -> torch.Tensor:
+    """Class ids `y` as a 1-D int64 tensor, after checking they lie in 0..num_classes-1.
+
+    The null class (id `num_classes`) is the guidance sampler's business, not a label
+    a user may ask for.
+    """
+    ids = torch.as_tensor(y)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TcgraphError(f"class ids must be integers in 0..{num_classes - 1}, got a {ids.dtype} tensor")
+    ids = ids.reshape(-1).to(torch.long)
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.numel():
+        shown = ", ".join(str(int(v)) for v in bad[:10])
+        raise TcgraphError(
+            f"class ids {shown}{', ...' if bad.numel() > 10 else ''} are out of range: the model has "
+            f"{num_classes} classes, valid ids are 0..{num_classes - 1}"
+        )
+    return ids
+
+
+__all__ = [
+    "CONFIGS",
+    "PRETRAINED",
+    "DiT",
+    "DiTConfig",
+    "build_model",
+    "check_class_ids",
+    "infer_config",
+    "load_checkpoint_into",
+    "load_model",
+    "load_state_dict_file",
+    "make_config",
+    "save_checkpoint",
+]

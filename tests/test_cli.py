@@ -1,0 +1,82 @@
+"""The CLI: the happy path on the demo model, and one clear error for each kind of bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tcgraph.cli import main
+
+STEPS = ["--steps", "6", "--batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "digits-fora2"
+    assert main(["transform", "--plan", "fora:2", "--out", str(out), *STEPS]) == 0
+    return out
+
+
+def test_transform_sample_inspect(art, tmp_path, capsys):
+    png, npy = tmp_path / "s.png", tmp_path / "s.npy"
+    assert main(["sample", str(art), "--classes", "0-2", "--per-class", "3", "--png", str(png), "--npy", str(npy)]) == 0
+    arr = np.load(npy)
+    assert arr.shape == (9, 1, 16, 16) and np.isfinite(arr).all()
+    assert png.stat().st_size > 100
+    capsys.readouterr()
+    assert main(["inspect", str(art), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["planner"] == "fora:2" and info["schedule"] == ["v0", "v1"] * 3
+    assert [v["reuse"] for v in info["variants"]] == [0, 12]
+    assert main(["inspect", str(art)]) == 0
+    assert "predicted speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "{art}", "--classes", "10"], "out of range; this model has classes 0..9"),
+    (["sample", "{art}", "--batch", "5"], "built for batch 4"),
+    (["sample", "{art}", "--resolution", "32"], "built for resolution 16"),
+    (["sample", "{tmp}"], "not a tcgraph artifact folder"),
+    (["inspect", "{tmp}/nope"], "not a tcgraph artifact folder"),
+    (["transform", "--plan", "fora:2", "--out", "{art}", *STEPS], "already exists"),
+    (["transform", "--plan", "sometimes", "--out", "{tmp}/x", *STEPS], "unknown plan"),
+    (["transform", "--model", "{tmp}/missing.pt", "--out", "{tmp}/y"], "missing.pt"),
+])
+def test_bad_input_gets_one_clear_error(art, tmp_path, capsys, argv, message):
+    argv = [a.format(art=art, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tcgraph: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_damaged_artifact_is_refused_by_file_name(art, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(art, broken)
+    onnx_file = sorted((broken / "variants").iterdir())[-1]
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
+    assert main(["sample", str(broken)]) == 2
+    assert onnx_file.name in capsys.readouterr().err
+
+
+def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tmp_path):
+    """SIGKILL in the middle of a forced re-transform: the old folder is intact, no new one appears."""
+    target = tmp_path / "target"
+    shutil.copytree(art, target)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "tcgraph", "transform", "--plan", "fora:3", "--out", str(target),
+                             "--force", "--steps", "30", "--batch", "4"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".target") for p in tmp_path.iterdir()):
+        time.sleep(0.05)  # wait until it has started writing its temporary folder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["inspect", str(target), "--json"]) == 0  # old folder still verifies
+    visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert visible == [n for n in before if not n.startswith(".")]

@@ -1,0 +1,42 @@
+"""The README's set-up commands are run here, so they cannot rot."""
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-test: setup -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README.md lost its marked set-up block"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_setup_is_two_commands_and_ci_runs_the_same():
+    install, tests = setup_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests.strip() in ci
+    pip_part = install.split("&&")[0].strip()
+    assert pip_part.replace("pip install", "python -m pip install") in ci
+    extras = re.search(r"\.\[(\w+)\]", pip_part).group(1)
+    assert extras in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_setup_commands_run(tmp_path):
+    """Run every tcgraph command of the first set-up line (the install is what CI just did)."""
+    install, _ = setup_commands()
+    exe = shutil.which("tcgraph")
+    prefix = [exe] if exe else [sys.executable, "-m", "tcgraph"]
+    for part in install.split("&&")[1:]:
+        argv = shlex.split(part)
+        assert argv[0] == "tcgraph", part
+        done = subprocess.run(prefix + argv[1:], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    pngs = list(tmp_path.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 100 for p in pngs)
+    assert list((tmp_path / "tcgraph-out").glob("*/manifest.json"))
