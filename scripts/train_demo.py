@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = args.out.with_suffix(".tmp")
     state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
     save_file(state, str(tmp), metadata={"config": "digits", "steps": str(args.steps), "seed": str(args.seed)})
+    tmp.chmod(0o644)  # safetensors writes 0600; the file ships in the package
     tmp.replace(args.out)
     info = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "final_loss": float(np.mean(losses[-100:])), "seconds": round(time.time() - t0, 1)}

@@ -45,8 +45,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill` gets the same clean-up as Ctrl-C: temporary folders are removed, nothing half-written stays."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
     from tcgraph import api
 
     progress = sys.stderr.isatty()
