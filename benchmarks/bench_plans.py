@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             runner = api.make_runner("ort", art, **opts)
             with runner:
                 rss_loaded = rss_mib() - rss_before
-                io = {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
-                      for v in art.manifest["variants"]}
+                io = api.variant_io(art)
                 dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
                 sampler = api.sampler_for(settings, cfg)
                 noise = api.noise_for(len(labels), cfg, settings.resolution, args.seed)
@@ -167,7 +166,7 @@ def format_table(result: dict) -> str:
             f"({c['images']} images), {c['backend']}, {c['threads']} threads, median of {c['repeats']}\n"
             f"eager PyTorch full: {result['eager_full_median_s']:.3f} s; peak RSS {result['peak_rss_mib']:.0f} MiB\n")
     cols = ["plan", "variants", "median s", "realized x", "predicted x", "real/pred", "PSNR dB", "SSIM"]
-    digits = "class_accuracy" in result["rows"][0]
+    digits = "accuracy" in result["rows"][0]
     if digits:
         cols += ["class acc", "digits-FD"]
     cols.append("sessions MiB")
@@ -177,7 +176,7 @@ def format_table(result: dict) -> str:
                 f"{r['predicted_speedup']:.2f}", f"{r['realized_over_predicted']:.2f}", f"{r['psnr']:.1f}",
                 f"{r['ssim']:.3f}"]
         if digits:
-            vals += [f"{r['class_accuracy']:.1%}", f"{r['digits_fd']:.2f}"]
+            vals += [f"{r['accuracy']:.1%}", f"{r['digits_fd']:.2f}"]
         vals.append(f"{r['sessions_rss_mib']:.0f}")
         lines.append("| " + " | ".join(vals) + " |")
     return head + "\n".join(lines)

@@ -14,7 +14,6 @@ from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops
 from tcgraph.sampling import DDIMSampler
 
-BACKENDS = ("ort",)
 DEFAULT_MODEL = "digits"
 
 
@@ -97,11 +96,15 @@ def transform(
 
 
 def make_runner(backend: str, artifact: Any, **options):
-    if backend == "ort":
-        from tcgraph.runtime.ort import OrtRunner
+    from tcgraph.runtime import make_runner as _make
 
-        return OrtRunner(artifact, **options)
-    raise TcgraphError(f"unknown backend {backend!r}; available here: {', '.join(BACKENDS)}")
+    return _make(backend, artifact, **options)
+
+
+def variant_io(artifact: Any) -> dict[str, tuple[list[str], list[str]]]:
+    """variant id -> (input names, output names) as the runner takes and returns them."""
+    return {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
+            for v in artifact.manifest["variants"]}
 
 
 def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
@@ -195,9 +198,7 @@ def sample(
     noise = noise_for(len(labels), cfg, s.resolution, seed)
     runner = make_runner(backend, art, **(runner_options or {}))
     with runner:
-        io = {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
-              for v in art.manifest["variants"]}
-        dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
+        dispatch = ScheduleDispatcher(plan.schedule(), variant_io(art), runner.run, runner.to_torch)
         samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress)
     if png is not None:
         save_grid(samples, png, nrow=per_class)
@@ -275,7 +276,7 @@ def inspect(artifact: str | Path, verify: bool = True) -> dict:
             "gflops": flops["per_variant"][vid] / 1e9,
             "fraction": flops["fraction"][vid],
         })
-    weights = art.root / "weights.bin"
+    weights = art.weights_path
     return {
         "path": str(art.root),
         "model": {**art.model_config, "source": art.manifest.get("extra", {}).get("model")},

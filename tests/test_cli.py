@@ -64,8 +64,10 @@ def test_damaged_artifact_is_refused_by_file_name(art, tmp_path, capsys):
     assert onnx_file.name in capsys.readouterr().err
 
 
-def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tmp_path):
-    """SIGKILL in the middle of a forced re-transform: the old folder is intact, no new one appears."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tmp_path, sig):
+    """A kill in the middle of a forced re-transform: the old folder is intact and verifies, no new
+    folder appears; SIGTERM cleans its temporary at once, a SIGKILLed one is removed by the next write."""
     target = tmp_path / "target"
     shutil.copytree(art, target)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -75,8 +77,14 @@ def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tm
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.name.startswith(".target") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until it has started writing its temporary folder
-    proc.send_signal(signal.SIGKILL)
+    time.sleep(0.5)
+    proc.send_signal(sig)
     proc.wait()
     assert main(["inspect", str(target), "--json"]) == 0  # old folder still verifies
-    visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
-    assert visible == [n for n in before if not n.startswith(".")]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name not in before)
+    if sig == signal.SIGTERM:
+        assert leftovers == []
+    else:
+        assert all(n.startswith(".target.tmp-") for n in leftovers)
+        assert main(["transform", "--plan", "full", "--out", str(target), "--force", *STEPS]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -48,6 +48,7 @@ class LeafTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.path: list[str] = []
+        self.failed_in: str | None = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -56,6 +57,10 @@ class LeafTracer(fx.Tracer):
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -66,7 +71,7 @@ def trace(module: torch.nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModu
     try:
         graph = tracer.trace(module)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError)
-        where = tracer.path[-1] if tracer.path else "<top-level forward>"
+        where = tracer.failed_in or "<top-level forward>"
         raise TcgraphError(
             f"torch.fx cannot trace {type(module).__name__}: failed inside module {where!r}: "
             f"{type(e).__name__}: {e}. Remove data-dependent Python control flow (if/for on tensor "

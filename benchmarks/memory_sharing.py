@@ -1,0 +1,243 @@
+"""Memory of ONNX Runtime sessions with and without shared weights, 1 variant vs N.
+
+    python benchmarks/memory_sharing.py                          # DiT-B/2, 4 variants, batch 2, 32x32
+    python benchmarks/memory_sharing.py --model DiT-S/2 --variants 3 --out mem.json
+
+Exports `--variants` copies of the same full DiT graph (distinct ids; random weights, so
+that content deduplication cannot merge the adaLN-Zero zeros) into one artifact folder,
+then, for share_weights in (True, False) and for 1 and N loaded variants, starts a
+fresh Python process that loads the artifact with `OrtRunner`, and reports:
+
+- resident memory (VmRSS, and its anonymous/file-mapped split) before loading, after
+  activating the sessions, and after one run of every loaded variant (arenas grown);
+- the process peak (VmHWM);
+- the median latency of one run of the first variant (after warm-up).
+
+The cost of one more variant is (RSS with N - RSS with 1) / (N - 1). Writes JSON (`--out`)
+and prints a table with the configuration beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+#################################################################################
+#                       Child process: load, measure, time                     #
+#################################################################################
+
+
+def proc_status() -> dict[str, float]:
+    """VmRSS, RssAnon, RssFile, VmHWM of this process in MiB (Linux /proc)."""
+    wanted = {"VmRSS", "RssAnon", "RssFile", "VmHWM"}
+    result = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in wanted:
+                result[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+    result["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, warmup: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from tcgraph.export.artifact import load_artifact
+    from tcgraph.runtime.ort import OrtRunner
+
+    art = load_artifact(Path(artifact_dir), verify_hashes=False)
+    # A runner over the first n variants only: the same artifact with a shorter variant list.
+    manifest = {**art.manifest, "variants": art.manifest["variants"][:n]}
+    art = dataclasses.replace(art, manifest=manifest)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in manifest["variants"][0]["inputs"]:
+        if spec["dtype"] == "int64":
+            feeds[spec["name"]] = rng.integers(0, 10, size=spec["shape"]).astype(np.int64)
+        else:
+            feeds[spec["name"]] = rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+
+    before = proc_status()
+    t0 = time.perf_counter()
+    runner = OrtRunner(art, share_weights=share, intra_op_threads=threads)
+    runner.activate()
+    activate_s = time.perf_counter() - t0
+    activated = proc_status()
+    for vid in runner.variant_ids():
+        runner.run(vid, feeds)
+    after_runs = proc_status()
+    first = runner.variant_ids()[0]
+    for _ in range(warmup):
+        runner.run(first, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.run(first, feeds)
+        times.append(time.perf_counter() - t0)
+    return {
+        "share_weights": share,
+        "loaded_variants": n,
+        "before": before,
+        "activated": activated,
+        "after_runs": after_runs,
+        "activate_s": activate_s,
+        "latency_ms": [t * 1000 for t in times],
+        "median_latency_ms": statistics.median(times) * 1000,
+    }
+
+
+#################################################################################
+#                      Parent process: export, spawn, report                    #
+#################################################################################
+
+
+def build_artifact(
+    out: Path, model_name: str, n_variants: int, batch: int, input_size: int, seed: int
+) -> tuple[Path, int, float]:
+    import torch
+
+    from tcgraph.export.artifact import write_artifact
+    from tcgraph.export.onnx import VariantGraph
+    from tcgraph.models.dit import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(model_name, input_size=input_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0.0, 0.02)  # random, non-zero: adaLN-Zero zeros would dedupe to one tensor
+    gm = torch.fx.symbolic_trace(model)
+    cfg = model.config
+    example = {
+        "x": torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size),
+        "t": torch.arange(batch, dtype=torch.int64) * 100,
+        "y": torch.arange(batch, dtype=torch.int64) % cfg.num_classes,
+    }
+    variants = [VariantGraph(f"v{i}", gm, ["x", "t", "y"], ["out"], example) for i in range(n_variants)]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    t0 = time.perf_counter()
+    write_artifact(out, model_config=cfg.to_dict(), plan={"benchmark": "memory_sharing"}, variants=variants,
+                   overwrite=True, progress=lambda m: print(f"  [{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
+    return Path(out), params, time.perf_counter() - t0
+
+
+def run_child(artifact: Path, share: bool, n: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(artifact), "--share", str(int(share)), "--n", str(n),
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"measurement process failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict], n: int) -> str:
+    lines = [
+        "| share_weights | variants loaded | RSS before | RSS activated | RSS after runs (anon / file) | peak (VmHWM) "
+        "| median latency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a = r["after_runs"]
+        lines.append(
+            f"| {r['share_weights']} | {r['loaded_variants']} | {r['before']['VmRSS']:.0f} MiB "
+            f"| {r['activated']['VmRSS']:.0f} MiB | {a['VmRSS']:.0f} MiB ({a['RssAnon']:.0f} / {a['RssFile']:.0f}) "
+            f"| {a['VmHWM']:.0f} MiB | {r['median_latency_ms']:.1f} ms |"
+        )
+    lines.append("")
+    for share in (True, False):
+        one = next(r for r in results if r["share_weights"] == share and r["loaded_variants"] == 1)
+        many = next(r for r in results if r["share_weights"] == share and r["loaded_variants"] == n)
+        if n > 1:
+            extra = (many["after_runs"]["VmRSS"] - one["after_runs"]["VmRSS"]) / (n - 1)
+            extra_peak = (many["after_runs"]["VmHWM"] - one["after_runs"]["VmHWM"]) / (n - 1)
+            lines.append(f"share_weights={share}: each extra variant costs {extra:.0f} MiB RSS "
+                         f"({extra_peak:.0f} MiB peak)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="DiT-B/2")
+    p.add_argument("--variants", type=int, default=4, help="N: copies of the full graph, distinct ids")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256x256 images)")
+    p.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the artifact (default: a temp folder)")
+    p.add_argument("--reuse", action="store_true", help="measure an artifact already in --workdir")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    # internal: a measurement in a fresh process
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args.child, bool(args.share), args.n, args.threads, args.repeats, args.warmup)))
+        return 0
+
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(args.threads)
+    config = {
+        "model": args.model, "variants": args.variants, "batch": args.batch, "input_size": args.input_size,
+        "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
+    with tempfile.TemporaryDirectory(prefix="tcgraph-mem-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        artifact = workdir / "artifact"
+        if args.reuse and (artifact / "manifest.json").is_file():
+            params, export_s = None, None
+            print(f"reusing {artifact}", flush=True)
+        else:
+            print(f"exporting {args.variants} variants of {args.model} to {artifact}", flush=True)
+            artifact, params, export_s = build_artifact(
+                artifact, args.model, args.variants, args.batch, args.input_size, args.seed
+            )
+        weights = artifact / "variants" / "weights.bin"
+        sizes = {
+            "weights_bin_mib": weights.stat().st_size / MIB,
+            "param_mib": params / MIB if params else None,
+            "onnx_files_mib": sum(f.stat().st_size for f in (artifact / "variants").glob("*.onnx")) / MIB,
+            "export_s": export_s,
+        }
+        print("sizes: " + ", ".join(f"{k}={v:.1f}" for k, v in sizes.items() if v is not None), flush=True)
+        results = []
+        for share in (True, False):
+            for n in sorted({1, args.variants}):
+                print(f"measuring share_weights={share}, {n} variant(s) ...", flush=True)
+                results.append(run_child(artifact, share, n, args))
+    report = table(results, args.variants)
+    print()
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"config": config, "sizes": sizes, "results": results,
+                                        "table": report}, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

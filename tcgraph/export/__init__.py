@@ -1,0 +1,18 @@
+"""Export variant graphs to ONNX and write/read artifact folders.
+
+`export_variants` turns variant GraphModules into ONNX files sharing one weights file;
+`write_artifact` / `load_artifact` handle the whole folder (manifest, plan, hashes).
+"""
+from tcgraph.export.artifact import SCHEMA_VERSION, Artifact, config_hash, load_artifact, write_artifact
+from tcgraph.export.onnx import VariantGraph, export_variants, read_external_initializers
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Artifact",
+    "VariantGraph",
+    "config_hash",
+    "export_variants",
+    "load_artifact",
+    "read_external_initializers",
+    "write_artifact",
+]

@@ -1,0 +1,592 @@
+"""Export variant graphs to ONNX, every variant reading ONE shared weights file.
+
+Each variant (one static fx graph per distinct denoising recipe) becomes
+`variants/<id>.onnx`. Variants differ only in structure, so their large initializers
+are the same tensors: each distinct tensor is written once into `variants/weights.bin`
+and every variant refers to it by the same canonical name, which lets ONNX Runtime
+share one in-memory copy between sessions (see `tcgraph.runtime.ort`).
+
+Exporter choice (torch 2.13): `torch.onnx.export(..., dynamo=False)` still exists but is
+the deprecated TorchScript exporter (it warns on every call). We use the default
+`dynamo=True` exporter (torch.export + onnxscript): on a traced DiT it emits a cleaner
+graph (one `Gelu` op, `LayerNormalization`, no `Shape`/`Slice`/`Identity` chains:
+~300 nodes vs ~700 for the digits model; opset 20 by default), keeps parameter FQNs
+as initializer names, and it is the exporter torch maintains. Its costs: time (measured
+on the busy 2-core machine: ~8 s per digits variant vs 0.4 s with the TorchScript
+exporter, ~15 s per DiT-B/2 variant), and its optimizer folds the `Linear` weight
+transposes into new initializers named `val_<n>`, numbered differently in every
+variant; content hashing below gives them one name (`<fqn>.T`) everywhere.
+
+Why the weights file lives in `variants/` and not at the artifact root: ONNX (>= 1.17)
+and ONNX Runtime refuse external data whose location leaves the model's folder
+(`../weights.bin` -> "points outside the directory"), so the file sits beside the
+variants it serves.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+
+from tcgraph.errors import TcgraphError
+
+VARIANTS_DIR = "variants"
+WEIGHTS_FILE = "weights.bin"  # inside VARIANTS_DIR, beside the .onnx files that read it
+WEIGHTS_PATH = f"{VARIANTS_DIR}/{WEIGHTS_FILE}"  # relative to the artifact root
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the shared file
+WEIGHTS_ALIGN = 64  # byte alignment of every tensor in the shared file (cache lines, mmap)
+OUTPUT_SUFFIX = ".new"  # ONNX name of an output whose name is also an input (`cache.3.mlp`)
+_SCRATCH_DIR = ".export-scratch"
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+# torch dtype -> ONNX TensorProto data type, for hashing parameters the way ONNX stores them.
+_ONNX_DTYPE = {
+    torch.float32: onnx.TensorProto.FLOAT,
+    torch.float16: onnx.TensorProto.FLOAT16,
+    torch.bfloat16: onnx.TensorProto.BFLOAT16,
+    torch.float64: onnx.TensorProto.DOUBLE,
+    torch.int64: onnx.TensorProto.INT64,
+    torch.int32: onnx.TensorProto.INT32,
+    torch.int16: onnx.TensorProto.INT16,
+    torch.int8: onnx.TensorProto.INT8,
+    torch.uint8: onnx.TensorProto.UINT8,
+    torch.bool: onnx.TensorProto.BOOL,
+}
+
+
+#################################################################################
+#                              Public interface                                 #
+#################################################################################
+
+
+@dataclass
+class VariantGraph:
+    """One variant: a static fx graph and the names of its graph inputs and outputs.
+
+    `gm` takes its placeholders in the order of `input_names` and returns one tensor or
+    a tuple in the order of `output_names`. Names follow DESIGN.md ("Graph interface of
+    a variant"): `x`, `t`, `y`, then `cache.<block>.<branch>` inputs; `out`, then cache
+    outputs. `example_inputs` fixes the (static) shapes and is used to verify the export.
+    """
+
+    id: str
+    gm: torch.fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: dict[str, torch.Tensor] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.fullmatch(self.id or ""):
+            raise TcgraphError(
+                f"variant id {self.id!r} cannot name a file; use letters, digits, '_', '-' or '.' (e.g. 'v0')"
+            )
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.input_names):
+            raise TcgraphError(
+                f"variant {self.id}: {len(self.input_names)} input names {self.input_names} given, "
+                f"but the graph has {len(placeholders)} placeholders {[n.name for n in placeholders]}; "
+                "pass one name per placeholder, in placeholder order"
+            )
+        for names, what in ((self.input_names, "input"), (self.output_names, "output")):
+            if len(set(names)) != len(names):
+                raise TcgraphError(f"variant {self.id}: duplicate {what} names in {names}; names must be unique")
+        missing = [n for n in self.input_names if n not in self.example_inputs]
+        unknown = [n for n in self.example_inputs if n not in self.input_names]
+        if missing or unknown:
+            raise TcgraphError(
+                f"variant {self.id}: example_inputs must have exactly the input names {self.input_names}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+
+    def onnx_output_names(self) -> list[str]:
+        """ONNX names of the outputs: a name that is also an input gets OUTPUT_SUFFIX.
+
+        ONNX defines each value once, so a cache read and rewritten by the same variant
+        (`cache.3.mlp` in and out) cannot keep its name on the output side. The manifest
+        records both (`name`, `onnx_name`); runners return outputs by `name`.
+        """
+        taken = set(self.input_names) | set(self.output_names)
+        result = []
+        for name in self.output_names:
+            onnx_name = name
+            while onnx_name in self.input_names or (onnx_name != name and onnx_name in taken):
+                onnx_name += OUTPUT_SUFFIX
+            taken.add(onnx_name)
+            result.append(onnx_name)
+        return result
+
+
+class ExternalTensor(NamedTuple):
+    """Where one initializer lives in the shared weights file."""
+
+    name: str
+    offset: int
+    length: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def export_variants(
+    variants: list[VariantGraph],
+    out_dir: Path,
+    *,
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Export `variants` to `out_dir/variants/<id>.onnx` sharing `out_dir/variants/weights.bin`.
+
+    Returns one manifest entry per variant: id, file, sha256, inputs, outputs (each with
+    name, shape, dtype; outputs also `onnx_name`), opset, external_initializers (the
+    canonical names it reads from the weights file) and max_abs_diff (ONNX Runtime vs
+    `gm`, None when `verify` is False). Raises TcgraphError when a variant cannot be
+    exported or differs from its graph by more than `atol`.
+    """
+    out_dir = Path(out_dir)
+    ids = [v.id for v in variants]
+    if not variants:
+        raise TcgraphError("export_variants was given no variants; pass at least one VariantGraph")
+    if len(set(ids)) != len(ids):
+        raise TcgraphError(f"variant ids must be unique, got {ids}")
+    say = progress or (lambda _msg: None)
+
+    variants_dir = out_dir / VARIANTS_DIR
+    variants_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / _SCRATCH_DIR
+    # No initializer may be renamed to a graph input/output name of any variant.
+    reserved = {n for v in variants for n in (*v.input_names, *v.onnx_output_names())}
+    namer = _CanonicalNames(reserved)
+    entries = []
+    try:
+        with _WeightsFile(variants_dir / WEIGHTS_FILE) as weights:
+            for i, v in enumerate(variants):
+                say(f"exporting variant {v.id} ({i + 1}/{len(variants)})")
+                scratch.mkdir(parents=True, exist_ok=True)
+                raw_path = scratch / f"{v.id}.onnx"
+                _torch_export(v, raw_path, opset)
+                model = onnx.load(str(raw_path), load_external_data=True)
+                namer.learn(v.gm)
+                used = _externalize(model, weights, namer)
+                shutil.rmtree(scratch)
+                path = variants_dir / f"{v.id}.onnx"
+                onnx.save(model, str(path))
+                del model
+                weights.flush()
+                entry = _entry(v, path, out_dir, used)
+                if verify:
+                    entry["max_abs_diff"] = _verify(v, path, entry, atol)
+                    say(f"verified variant {v.id}: max abs diff {entry['max_abs_diff']:.3g} (atol {atol:g})")
+                entries.append(entry)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return entries
+
+
+def read_external_initializers(onnx_path: Path) -> dict[str, ExternalTensor]:
+    """The initializers of one exported variant that live in the shared weights file.
+
+    Reads only the (small) graph proto, never the weights.
+    """
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    result = {}
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") != WEIGHTS_FILE:
+            continue
+        result[init.name] = ExternalTensor(
+            name=init.name,
+            offset=int(info.get("offset", 0)),
+            length=int(info["length"]),
+            dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)),
+            shape=tuple(int(d) for d in init.dims),
+        )
+    return result
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+#################################################################################
+#                         torch -> ONNX, one variant                            #
+#################################################################################
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's deprecation warnings and its torchvision notices."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Export in eval mode without leaving the caller's module changed."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _torch_export(v: VariantGraph, path: Path, opset: int | None) -> None:
+    args = tuple(v.example_inputs[n] for n in v.input_names)
+    onnx_outputs = v.onnx_output_names()
+    try:
+        with _quiet_exporter(), _eval_mode(v.gm), torch.no_grad():
+            torch.onnx.export(
+                v.gm,
+                args,
+                str(path),
+                dynamo=True,  # see the module docstring for why
+                input_names=list(v.input_names),
+                output_names=onnx_outputs,
+                opset_version=opset,
+                external_data=True,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; KeyboardInterrupt passes through
+        summary = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TcgraphError(
+            f"variant {v.id}: torch.onnx.export failed ({type(e).__name__}: {summary}); the variant graph "
+            "must be exportable by torch.export with static shapes (no data-dependent control flow); "
+            "run the graph eagerly on its example inputs to locate the failing node"
+        ) from e
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != list(v.input_names) or got_out != onnx_outputs:
+        raise TcgraphError(
+            f"variant {v.id}: the exported ONNX graph has inputs {got_in} and outputs {got_out}, "
+            f"expected {list(v.input_names)} and {onnx_outputs}; the exporter changed the graph interface: "
+            "check that the graph's placeholders and returned values match the given names one to one"
+        )
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            raise TcgraphError(
+                f"variant {v.id}: {value.name} has a dynamic shape in the exported graph; "
+                "tcgraph artifacts need static shapes: give example inputs of the final batch and size"
+            )
+
+
+#################################################################################
+#                  Shared weights: content hashing and renaming                 #
+#################################################################################
+
+
+def _content_key(data_type: int, dims, data: bytes | memoryview) -> str:
+    h = hashlib.sha256(f"{data_type}|{','.join(str(int(d)) for d in dims)}|".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _tensor_key(t: torch.Tensor) -> str | None:
+    dtype = _ONNX_DTYPE.get(t.dtype)
+    if dtype is None:
+        return None
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return _content_key(dtype, t.shape, data.data)
+
+
+class _CanonicalNames:
+    """One name per distinct tensor content, the same in every variant.
+
+    A tensor that equals a parameter, buffer or constant of a variant graph is named by
+    its FQN (`blocks.0.attn.qkv.weight`), one that equals its transpose by `<fqn>.T` (the
+    exporter folds `Linear` weight transposes), anything else `const.<sha256 prefix>`.
+    The first variant to use a content fixes its name.
+    """
+
+    def __init__(self, reserved: set[str]):
+        self.reserved = set(reserved)
+        self.by_key: dict[str, str] = {}  # content key -> canonical name
+        self.used: set[str] = set()
+        self.hints: dict[str, str] = {}  # content key -> readable name
+        self._seen: dict[tuple, None] = {}  # tensors already hashed (same storage in many variants)
+
+    def learn(self, gm: torch.fx.GraphModule) -> None:
+        named: dict[str, torch.Tensor] = {}
+        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+            named.setdefault(name, t)
+        for node in gm.graph.nodes:  # constants fx stored as plain attributes (`_tensor_constant0`)
+            if node.op == "get_attr" and node.target not in named:
+                value = _get_attr(gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    named[node.target] = value
+        for name, t in named.items():
+            if t.numel() * t.element_size() < EXTERNAL_MIN_BYTES:
+                continue
+            seen = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
+            if seen in self._seen:
+                continue
+            self._seen[seen] = None
+            forms = [(t, name)]
+            if t.dim() == 2:
+                forms.append((t.t(), f"{name}.T"))
+            for form, label in forms:
+                key = _tensor_key(form)
+                if key is not None:
+                    self.hints.setdefault(key, label)
+
+    def name_for(self, key: str) -> str:
+        if key in self.by_key:
+            return self.by_key[key]
+        name = self.hints.get(key)
+        if name is None or name in self.used or name in self.reserved:
+            name = f"const.{key[:16]}"
+            while name in self.used or name in self.reserved:
+                name += "_"
+        self.by_key[key] = name
+        self.used.add(name)
+        return name
+
+
+def _get_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class _WeightsFile:
+    """Append-only shared weights file, each distinct content stored once, aligned."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.where: dict[str, tuple[int, int]] = {}  # content key -> (offset, length)
+        self._f = None
+        self._size = 0
+
+    def __enter__(self) -> "_WeightsFile":
+        self._f = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def add(self, key: str, data: bytes) -> tuple[int, int]:
+        if key not in self.where:
+            pad = -self._size % WEIGHTS_ALIGN
+            self._f.write(b"\0" * pad)
+            self._f.write(data)
+            self.where[key] = (self._size + pad, len(data))
+            self._size += pad + len(data)
+        return self.where[key]
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _tensor_bytes(init: onnx.TensorProto) -> bytes:
+    if init.HasField("raw_data"):
+        return init.raw_data
+    return onnx.numpy_helper.to_array(init).tobytes()
+
+
+def _externalize(model: onnx.ModelProto, weights: _WeightsFile, namer: _CanonicalNames) -> list[str]:
+    """Move large initializers to the shared file under canonical names; inline the rest.
+
+    Returns the canonical names this model reads from the shared file.
+    """
+    graph = model.graph
+    rename: dict[str, str] = {}  # old initializer name -> canonical name
+    keep = []
+    kept_names: set[str] = set()
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.STRING:  # never large in a DiT; keep as is
+            keep.append(init)
+            continue
+        data = _tensor_bytes(init)
+        if len(data) < EXTERNAL_MIN_BYTES:
+            _set_data(init, raw=data)
+            keep.append(init)
+            continue
+        key = _content_key(init.data_type, init.dims, data)
+        name = namer.name_for(key)
+        offset, length = weights.add(key, data)
+        rename[init.name] = name
+        if name in kept_names:  # same content twice in one graph: one initializer is enough
+            continue
+        kept_names.add(name)
+        _set_data(init, external=(offset, length))
+        keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+    # A canonical name may clash with a value the exporter named (`val_25` here is another
+    # tensor than `val_25` in the first variant): move such values aside first.
+    others = _value_names(graph) - set(rename)
+    clashes = {}
+    for name in sorted(kept_names & others):
+        new = f"{name}__tcgraph"
+        while new in others or new in kept_names or new in rename:
+            new += "_"
+        clashes[name] = new
+    _rename_values(graph, clashes)
+    _rename_values(graph, {old: new for old, new in rename.items() if old != new})
+    return sorted(kept_names)
+
+
+def _set_data(init: onnx.TensorProto, *, raw: bytes | None = None, external: tuple[int, int] | None = None) -> None:
+    """Store `init` inline as `raw` bytes, or as a reference into the shared weights file."""
+    for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        init.ClearField(fld)
+    del init.external_data[:]
+    if external is None:
+        init.data_location = onnx.TensorProto.DEFAULT
+        init.raw_data = raw
+        return
+    init.data_location = onnx.TensorProto.EXTERNAL
+    offset, length = external
+    for k, val in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = k, val
+
+
+def _value_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                names |= _value_names(sub)
+    return names
+
+
+def _rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Rename values everywhere in `graph` and its subgraphs (graph inputs never change)."""
+    if not mapping:
+        return
+    for seq in (graph.initializer, graph.output, graph.value_info):
+        for item in seq:
+            if item.name in mapping:
+                item.name = mapping[item.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+        for i, name in enumerate(node.output):
+            if name in mapping:
+                node.output[i] = mapping[name]
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _rename_values(attr.g, mapping)
+            for sub in attr.graphs:
+                _rename_values(sub, mapping)
+
+
+#################################################################################
+#                        Manifest entry and verification                        #
+#################################################################################
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _io_entry(value: onnx.ValueInfoProto) -> tuple[list[int], str]:
+    tt = value.type.tensor_type
+    shape = [int(d.dim_value) for d in tt.shape.dim]
+    return shape, str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+
+
+def _entry(v: VariantGraph, path: Path, out_dir: Path, used: list[str]) -> dict:
+    try:
+        onnx.checker.check_model(str(path))  # path form: checks the external data too
+    except Exception as e:
+        raise TcgraphError(f"variant {v.id}: the ONNX checker rejects {path.name}: {e}") from e
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = []
+    for value in model.graph.input:
+        shape, dtype = _io_entry(value)
+        inputs.append({"name": value.name, "shape": shape, "dtype": dtype})
+    outputs = []
+    for name, value in zip(v.output_names, model.graph.output):
+        shape, dtype = _io_entry(value)
+        outputs.append({"name": name, "onnx_name": value.name, "shape": shape, "dtype": dtype})
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "id": v.id,
+        "file": path.relative_to(out_dir).as_posix(),
+        "sha256": file_sha256(path),
+        "inputs": inputs,
+        "outputs": outputs,
+        "opset": opset,
+        "external_initializers": used,
+        "max_abs_diff": None,
+    }
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _verify(v: VariantGraph, path: Path, entry: dict, atol: float) -> float:
+    """Run the exported file with ONNX Runtime (CPU) and compare with the fx graph."""
+    import onnxruntime as ort
+
+    args = tuple(v.example_inputs[n] for n in v.input_names)
+    with torch.no_grad(), _eval_mode(v.gm):
+        ref = v.gm(*args)
+    ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+    if len(ref) != len(v.output_names):
+        raise TcgraphError(
+            f"variant {v.id}: the graph returns {len(ref)} values but {len(v.output_names)} output names "
+            f"were given ({v.output_names}); give one name per returned tensor"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # respect the caller's thread limit
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {n: _as_numpy(a) for n, a in zip(v.input_names, args)}
+    got = session.run([o["onnx_name"] for o in entry["outputs"]], feeds)
+    worst = 0.0
+    for out, expected, actual in zip(entry["outputs"], ref, got):
+        expected = _as_numpy(expected)
+        if expected.shape != actual.shape:
+            raise TcgraphError(
+                f"variant {v.id}: output {out['name']} has shape {list(actual.shape)} in ONNX Runtime "
+                f"but {list(expected.shape)} in the graph"
+            )
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
+        out["max_abs_diff"] = diff
+        if not diff <= atol:  # also catches NaN
+            raise TcgraphError(
+                f"variant {v.id}: output {out['name']} of the ONNX export differs from the fx graph by "
+                f"max abs diff {diff:.3g} > atol {atol:g}; an op translates differently to ONNX: bisect the "
+                "graph, or raise atol if this is float noise"
+            )
+        worst = max(worst, diff)
+    return worst
