@@ -38,6 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, help="check that the artifact was built for this resolution")
     s.add_argument("--png", type=Path, default=Path("samples.png"), help="PNG grid to write (default samples.png)")
     s.add_argument("--npy", type=Path, help="also write the raw samples as .npy")
+    s.add_argument("--no-share-weights", action="store_true",
+                   help="ONNX Runtime: one weight copy per variant session (faster matmuls, ~1 model of memory "
+                        "per variant) instead of one shared copy")
 
     i = sub.add_parser("inspect", help="show the plan, schedule and variants of an artifact folder")
     i.add_argument("artifact", type=Path)
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
                                          seed=args.seed, backend=args.backend, batch=args.batch,
-                                         resolution=args.resolution, png=args.png, npy=args.npy, progress=progress)
+                                         resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
+                                         runner_options={"share_weights": False} if args.no_share_weights else None)
             wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
             print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
         elif args.command == "inspect":

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_variants import dit_variants, tiny_dit
+from tests.export.tiny_variants import dit_variants, tiny_dit
 
 import tcgraph.export.onnx as export_onnx
 from tcgraph.errors import TcgraphError

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from tiny_variants import dit_variants, param_bytes, tiny_dit
+from tests.export.tiny_variants import dit_variants, param_bytes, tiny_dit
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.onnx import (

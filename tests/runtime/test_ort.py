@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_variants import BATCH, dit_variants, tiny_dit
+from tests.export.tiny_variants import BATCH, dit_variants, tiny_dit
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export import load_artifact, read_external_initializers, write_artifact
