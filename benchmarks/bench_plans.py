@@ -8,7 +8,7 @@ warm-up sampling run, then `--repeats` timed runs of the whole sampling loop (me
 reported). Quality is measured against the `full` plan's samples from the same noise and
 labels (PSNR/SSIM), plus class accuracy and digits-FD on the demo model. Also reported:
 eager PyTorch `full` time (same batching), FLOP-predicted speedup, realized/predicted
-ratio, resident memory after loading each plan's sessions, and the process peak RSS.
+ratio, resident memory added by each plan's sessions after one run, and the process peak RSS.
 Writes JSON (`--out`) and prints a markdown table.
 """
 from __future__ import annotations
@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
             opts["share_weights"] = not args.no_share_weights
             runner = api.make_runner("ort", art, **opts)
             with runner:
-                rss_loaded = rss_mib() - rss_before
                 io = api.variant_io(art)
                 dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
                 sampler = api.sampler_for(settings, cfg)
@@ -127,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                     return api.run_batches(dispatch, dispatch.reset, sampler, labels, noise, settings.batch, args.seed)
 
                 samples = run()  # warm-up, and the samples we judge
+                # After a run: mapped weights are only resident once touched.
+                rss_loaded = rss_mib() - rss_before
                 times = time_runs(run, args.repeats)
             flops = plan_flops(cfg, plan)
             row = {"plan": spec, "variants": len(plan.variants()), "median_s": statistics.median(times),

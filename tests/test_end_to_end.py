@@ -91,3 +91,14 @@ def test_one_weights_file_whatever_the_variant_count(tiny_model, tmp_path):
         assert [p.relative_to(path).as_posix() for p in path.rglob("*.bin")] == ["variants/weights.bin"]
         sizes[spec] = (path / "variants" / "weights.bin").stat().st_size
     assert sizes["fora:2"] <= 1.05 * sizes["full"] and sizes["full"] <= 1.05 * params
+
+
+def test_full_plan_ort_equals_eager_on_demo_model(tmp_path):
+    """The committed demo model, DDIM 10 with guidance 2: final samples agree to <= 1e-3."""
+    model = api.load_dit("digits")
+    s = settings_for(model, steps=10, batch=4)
+    path = api.transform(model, make_plan("full", model.config, s), tmp_path / "digits", progress=False)
+    labels = [3, 1, 4, 1, 5, 9]
+    eager = api.sample_eager(model, s, labels, seed=2)
+    got = ort_samples(path, labels, seed=2)
+    assert (got - eager).abs().max().item() <= 1e-3
