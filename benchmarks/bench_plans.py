@@ -3,9 +3,9 @@
     python benchmarks/bench_plans.py                                  # demo model, full/fora:2/fora:3
     python benchmarks/bench_plans.py --model DiT-S/2 --per-class 1 --classes 0-1   # 256 tokens, random weights
 
-For every plan: transform into a temporary folder, load the ONNX Runtime runner, one
-warm-up sampling run, then `--repeats` timed runs of the whole sampling loop (median
-reported). Quality is measured against the `full` plan's samples from the same noise and
+Every plan is transformed into a temporary folder and loaded with the ONNX Runtime
+runner, with one warm-up sampling run. Then `--repeats` rounds time the whole sampling
+loop of each plan and of eager PyTorch, interleaved round-robin, and the median is reported. Quality is measured against the `full` plan's samples from the same noise and
 labels (PSNR/SSIM), plus class accuracy and digits-FD on the demo model. Also reported:
 eager PyTorch `full` time (same batching), FLOP-predicted speedup, realized/predicted
 ratio, resident memory added by each plan's sessions after one run, and the process peak RSS.
@@ -14,6 +14,8 @@ Writes JSON (`--out`) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import platform
 import resource
@@ -104,10 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/bench_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(config), flush=True)
 
-    # Eager PyTorch reference of the uncached model, same batching and noise.
-    eager_times = time_runs(lambda: api.sample_eager(model, settings, labels, args.seed), args.repeats)
-    rows, reference = [], None
-    with tempfile.TemporaryDirectory() as tmp:
+    # Load every plan first, then time them round-robin (eager, full, plan 2, …, eager, full, …):
+    # a shared machine drifts, and interleaving spreads the drift over all plans alike.
+    sampler = api.sampler_for(settings, cfg)
+    noise = api.noise_for(len(labels), cfg, settings.resolution, args.seed)
+    rows, runs = [], {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for spec in plans:
             plan = make_plan(spec, cfg, settings)
             path = api.transform(model, plan, Path(tmp) / spec.replace(":", ""), progress=False)
@@ -115,29 +119,28 @@ def main(argv: list[str] | None = None) -> dict:
             rss_before = rss_mib()
             opts = {"intra_op_threads": args.threads} if args.threads else {}
             opts["share_weights"] = not args.no_share_weights
-            runner = api.make_runner("ort", art, **opts)
-            with runner:
-                io = api.variant_io(art)
-                dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
-                sampler = api.sampler_for(settings, cfg)
-                noise = api.noise_for(len(labels), cfg, settings.resolution, args.seed)
-
-                def run():
-                    return api.run_batches(dispatch, dispatch.reset, sampler, labels, noise, settings.batch, args.seed)
-
-                samples = run()  # warm-up, and the samples we judge
-                # After a run: mapped weights are only resident once touched.
-                rss_loaded = rss_mib() - rss_before
-                times = time_runs(run, args.repeats)
-            flops = plan_flops(cfg, plan)
-            row = {"plan": spec, "variants": len(plan.variants()), "median_s": statistics.median(times),
-                   "times_s": times, "predicted_speedup": flops["predicted_speedup"],
-                   "sessions_rss_mib": rss_loaded}
-            if reference is None:
-                reference = samples
-            row.update(_quality(samples, reference, labels, args.model == "digits"))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            runner = stack.enter_context(api.make_runner("ort", art, **opts))
+            dispatch = ScheduleDispatcher(plan.schedule(), api.variant_io(art), runner.run, runner.to_torch)
+            run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,
+                                    settings.batch, args.seed)
+            samples = run()  # warm-up, and the samples we judge
+            rss_loaded = rss_mib() - rss_before  # after a run: mapped weights are resident once touched
+            runs[spec] = run
+            rows.append({"plan": spec, "variants": len(plan.variants()),
+                         "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"],
+                         "sessions_rss_mib": rss_loaded, "samples": samples})
+        runs["eager"] = lambda: api.sample_eager(model, settings, labels, args.seed)
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                times[name].extend(time_runs(run, 1))
+    reference = rows[0].pop("samples")
+    for row in rows[1:] + rows[:1]:
+        samples = row.pop("samples", reference)
+        row.update(median_s=statistics.median(times[row["plan"]]), times_s=times[row["plan"]])
+        row.update(_quality(samples, reference, labels, args.model == "digits"))
+        print(json.dumps(row), flush=True)
+    eager_times = times["eager"]
     full_time = rows[0]["median_s"]
     for row in rows:
         row["realized_speedup"] = full_time / row["median_s"]
