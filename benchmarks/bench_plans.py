@@ -31,7 +31,7 @@ from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
 from tcgraph.models.dit import CONFIGS, DiT, make_config
-from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops
+from tcgraph.plan import SamplerSettings, make_plan, plan_flops
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 
 

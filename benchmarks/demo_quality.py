@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     # The same metrics for real images, to read the numbers against.
     x_train, y_train = digits_split()["train"]
     real = digits_quality(x_train, y_train)
-    per_class = {c: float((torch.tensor(labels) == c).float().mean()) for c in range(10)}
     preds_ok = {}
     from tcgraph.eval.quality import _features_and_predictions  # per-class accuracy
 

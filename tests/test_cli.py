@@ -1,6 +1,5 @@
 """The CLI: the happy path on the demo model, and one clear error for each kind of bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess

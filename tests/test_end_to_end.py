@@ -1,5 +1,4 @@
 """model -> plan -> rewritten graphs -> ONNX -> ONNX Runtime dispatcher, against eager PyTorch."""
-import numpy as np
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import make_config
 from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, SamplerSettings, make_plan, partial, plan_flops
 
 
