@@ -253,75 +253,24 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def inspect(artifact: str | Path, verify: bool = True) -> dict:
-    """A summary of an artifact folder: settings, schedule, variants with their cost."""
-    from tcgraph.export.artifact import load_artifact
+def inspect(artifact: str | Path, *, variant: str | None = None, step: int | str | None = None,
+            verify: bool = True) -> dict:
+    """What an artifact folder holds: settings, schedule, variants and their cost; with `variant`
+    or `step`, that variant's block view, node table and diff against the full graph."""
+    from tcgraph.inspection import inspect_artifact
 
-    art = load_artifact(Path(artifact), verify_hashes=verify)
-    plan = Plan.from_dict(art.plan)
-    cfg = DiTConfig(**art.model_config)
-    flops = plan_flops(cfg, plan)
-    schedule = plan.schedule()
-    variants = []
-    for i, recipe in enumerate(plan.variants()):
-        vid = f"v{i}"
-        ins, outs = plan.variant_io(recipe)
-        kinds = [a.kind for _, _, a in recipe.items()]
-        variants.append({
-            "id": vid,
-            "steps": [s for s, v in enumerate(schedule) if v == vid],
-            "recipe": recipe.short(),
-            "compute": kinds.count("compute"), "reuse": kinds.count("reuse"), "partial": kinds.count("partial"),
-            "reads": len(ins) - 3, "writes": len(outs) - 1,
-            "gflops": flops["per_variant"][vid] / 1e9,
-            "fraction": flops["fraction"][vid],
-        })
-    weights = art.weights_path
-    return {
-        "path": str(art.root),
-        "model": {**art.model_config, "source": art.manifest.get("extra", {}).get("model")},
-        "planner": plan.planner,
-        "settings": art.plan["settings"],
-        "schedule": schedule,
-        "variants": variants,
-        "predicted_speedup": flops["predicted_speedup"],
-        "total_gflops": flops["total"] / 1e9,
-        "weights_bytes": weights.stat().st_size if weights.exists() else 0,
-        "engines": sorted(p.name for p in (art.root / "engines").glob("*")) if (art.root / "engines").is_dir() else [],
-    }
+    return inspect_artifact(artifact, variant=variant, step=step, verify=verify)
 
 
 def format_inspect(info: dict) -> str:
-    s = info["settings"]
-    m = info["model"]
-    lines = [
-        f"artifact   {info['path']}",
-        f"model      {m.get('source')}: depth {m['depth']}, hidden {m['hidden_size']}, heads {m['num_heads']}, "
-        f"{(m['input_size'] // m['patch_size']) ** 2} tokens, {m['num_classes']} classes",
-        f"sampler    {s['sampler']} {s['num_steps']} steps, guidance {s['cfg_scale']}, eta {s['eta']}, "
-        f"batch {s['batch']}, resolution {s['resolution']}",
-        f"plan       {info['planner']}: {len(info['variants'])} variants, predicted speedup "
-        f"{info['predicted_speedup']:.2f}x ({info['total_gflops']:.2f} GFLOP per run)",
-        f"weights    {info['weights_bytes'] / 2**20:.1f} MiB on disk (one file for all variants)",
-        f"engines    {', '.join(info['engines']) or 'none (ONNX Runtime only)'}",
-        f"schedule   {_compact_schedule(info['schedule'])}",
-        "",
-        f"{'variant':<8}{'steps':>6}{'compute':>9}{'reuse':>7}{'partial':>9}{'reads':>7}{'writes':>8}"
-        f"{'GFLOP':>9}{'of full':>9}",
-    ]
-    for v in info["variants"]:
-        lines.append(f"{v['id']:<8}{len(v['steps']):>6}{v['compute']:>9}{v['reuse']:>7}{v['partial']:>9}"
-                     f"{v['reads']:>7}{v['writes']:>8}{v['gflops']:>9.3f}{v['fraction']:>9.0%}")
-    return "\n".join(lines)
+    """The terminal report of `inspect`'s result (short by default, detailed for a focus)."""
+    from tcgraph.inspection import format_report
+
+    return format_report(info)
 
 
-def _compact_schedule(schedule: list[str]) -> str:
-    """Run-length form: `v0 v1x2 v0 …`, at most ~20 runs shown."""
-    runs: list[list] = []
-    for v in schedule:
-        if runs and runs[-1][0] == v:
-            runs[-1][1] += 1
-        else:
-            runs.append([v, 1])
-    parts = [v if n == 1 else f"{v}x{n}" for v, n in runs]
-    return " ".join(parts[:20]) + (f" … ({len(parts) - 20} more runs)" if len(parts) > 20 else "")
+def inspect_pictures(artifact: str | Path, out_dir: str | Path, *, variant: str | None = None) -> list[Path]:
+    """Schedule heatmap, token masks (token plans) and a block-level DOT drawing into `out_dir`."""
+    from tcgraph.inspection import write_pictures
+
+    return write_pictures(artifact, out_dir, variant=variant)

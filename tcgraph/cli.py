@@ -44,7 +44,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="show the plan, schedule and variants of an artifact folder")
     i.add_argument("artifact", type=Path)
+    i.add_argument("--variant", help="focus on one variant: block view, node table, diff against the full graph")
+    i.add_argument("--step", help="focus on the variant that this step runs")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--out", type=Path, help="write pictures here: schedule heatmap PNG, token masks, variant DOT/SVG")
     return p
 
 
@@ -81,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
             print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
         elif args.command == "inspect":
-            info = api.inspect(args.artifact)
+            info = api.inspect(args.artifact, variant=args.variant, step=args.step)
             print(json.dumps(info, indent=1) if args.json else api.format_inspect(info))
+            if args.out is not None:
+                written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
+                print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
     except TcgraphError as e:
         print(f"tcgraph: error: {e}", file=sys.stderr)
         return 2

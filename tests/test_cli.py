@@ -87,3 +87,16 @@ def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tm
         assert all(n.startswith(".target.tmp-") for n in leftovers)
         assert main(["transform", "--plan", "full", "--out", str(target), "--force", *STEPS]) == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_inspect_focus_and_pictures(art, tmp_path, capsys):
+    files_before = {p: p.stat().st_mtime_ns for p in art.rglob("*")}
+    assert main(["inspect", str(art), "--step", "3", "--out", str(tmp_path / "pics")]) == 0
+    out = capsys.readouterr().out
+    assert "runs v1" in out and "cache reads" in out
+    assert (tmp_path / "pics" / "schedule_heatmap.png").stat().st_size > 100
+    assert {p: p.stat().st_mtime_ns for p in art.rglob("*")} == files_before  # never writes into the artifact
+    assert main(["inspect", str(art), "--variant", "v9"]) == 2
+    assert "v0" in capsys.readouterr().err
+    assert main(["inspect", str(art), "--step", "99"]) == 2
+    assert "0..5" in capsys.readouterr().err

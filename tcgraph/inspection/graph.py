@@ -1,0 +1,249 @@
+"""Read one exported variant back from its ONNX file: a node table with FLOPs, and a
+diff between two variants by a key that survives re-export.
+
+Raw ONNX node names (`node_MatMul_25`) are numbered per export, so two variants of the
+same model name the same matrix product differently. The dynamo exporter records the
+torch module scope of every node (`pkg.torch.onnx.name_scopes`), but the blocks were
+inlined before export, so that scope says `attn`, not `blocks.3.attn`. The block comes
+from data flow instead: the canonical initializer names (`blocks.3.attn.qkv.weight.T`,
+see `tcgraph.export.onnx`) and cache inputs (`cache.3.attn`) anchor nodes to a block, and
+the anchor propagates forward. A node whose every consumer lies in one branch (the
+norm and modulation feeding `attn`) belongs to that branch. The key of a node is then
+`(unit, scope, op_type, occurrence)`: unit `blocks.3.attn`, `blocks.3` (adaLN, gates,
+residual), or a top-level module (`x_embedder`, `final_layer`, …).
+
+Only the graph proto is read (`load_external_data=False`); initializer shapes are in it.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from tcgraph.errors import TcgraphError
+
+_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+_BLOCK_NAME = re.compile(r"^(?:blocks|cache)\.(\d+)\.")
+_BRANCH_SCOPES = {"attn": "attn", "norm1": "attn", "mlp": "mlp", "norm2": "mlp"}
+FLOP_OPS = ("MatMul", "Gemm", "Conv")
+TOP_MODULES = ("x_embedder", "t_embedder", "y_embedder", "final_layer")  # DiT modules outside the blocks
+
+NodeKey = tuple[str, str, str, int]  # (unit, scope, op_type, occurrence)
+
+
+@dataclass
+class GraphNode:
+    name: str  # raw ONNX name, for reading the file by hand
+    op_type: str
+    scope: str  # module path inside its unit, e.g. "attn" or "adaLN_modulation/adaLN_modulation.1"
+    block: int | None
+    branch: str | None  # "attn" | "mlp" for nodes of a branch, else None
+    flops: int
+    inputs: list[str]
+    outputs: list[str]
+    key: NodeKey = ("", "", "", 0)
+
+    @property
+    def unit(self) -> str:
+        return self.key[0]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "op": self.op_type, "unit": self.unit, "scope": self.scope,
+                "block": self.block, "branch": self.branch, "flops": self.flops,
+                "key": "/".join(str(k) for k in self.key)}
+
+
+@dataclass
+class VariantGraphInfo:
+    inputs: dict[str, list[int]]  # graph input name -> shape
+    outputs: dict[str, list[int]]
+    nodes: list[GraphNode] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return sum(n.flops for n in self.nodes)
+
+    def by_key(self) -> dict[NodeKey, GraphNode]:
+        return {n.key: n for n in self.nodes}
+
+
+def _shape(value) -> list[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
+def read_variant_graph(path: Path) -> VariantGraphInfo:
+    """Node table of one variant ONNX file (graph proto only, weights not read)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, OSError, …
+        raise TcgraphError(f"cannot read {path}: {type(e).__name__}: {e}; the artifact folder is damaged; "
+                           "re-run `tcgraph transform` to rebuild it") from e
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        inferred = model  # keep going without shapes: FLOPs of unknown shapes count 0
+    g = inferred.graph
+    shapes: dict[str, list[int]] = {}
+    for v in (*g.input, *g.value_info, *g.output):
+        shapes[v.name] = _shape(v)
+    init_names = set()
+    for init in g.initializer:
+        shapes[init.name] = [int(d) for d in init.dims]
+        init_names.add(init.name)
+    nodes = list(g.node)
+    info = VariantGraphInfo(inputs={i.name: _shape(i) for i in g.input if i.name not in init_names},
+                            outputs={o.name: _shape(o) for o in g.output})
+
+    scopes = []
+    for n in nodes:
+        md = {p.key: p.value for p in n.metadata_props}
+        raw = md.get(_SCOPE_KEY)
+        parts = _parse_scopes(raw)
+        scopes.append(parts[:-1] if parts else [])  # the last part is the aten node name: per-export
+
+    # 1. Block anchors, propagated forward (max block among a node's ancestors).
+    producer: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            producer[o] = i
+    anc = [-1] * len(nodes)
+    for i, n in enumerate(nodes):
+        best = -1
+        for name in n.input:
+            m = _BLOCK_NAME.match(name)
+            if m and (name in init_names or name in info.inputs):
+                best = max(best, int(m.group(1)))
+            elif name in producer:
+                best = max(best, anc[producer[name]])
+        anc[i] = best
+    consumers: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name in producer:
+                consumers[producer[name]].append(i)
+    outputs = set(info.outputs)
+
+    # 2. Units: branch core by scope, branch preparation by consumers (reverse order).
+    top = [s[0] if s else "" for s in scopes]
+    unit: list[str | None] = [None] * len(nodes)
+    block: list[int | None] = [None] * len(nodes)
+    branch: list[str | None] = [None] * len(nodes)
+    for i in reversed(range(len(nodes))):
+        cons = consumers.get(i, [])
+        if top[i] in ("attn", "mlp") and anc[i] >= 0:
+            block[i], branch[i] = anc[i], top[i]
+        elif top[i] in TOP_MODULES:
+            pass
+        elif cons and not any(o in outputs for o in nodes[i].output):
+            labels = {(block[c], branch[c]) for c in cons}
+            if len(labels) == 1:
+                b, br = labels.pop()
+                if br is not None and b is not None and top[i] in ("", "norm1", "norm2"):
+                    block[i], branch[i] = b, br
+        if block[i] is None and top[i] not in TOP_MODULES:
+            if anc[i] >= 0:
+                block[i] = anc[i]
+            elif top[i] and cons and len({block[c] for c in cons}) == 1:
+                block[i] = block[cons[0]]  # e.g. the SiLU of one block's adaLN input
+        if block[i] is not None:
+            unit[i] = f"blocks.{block[i]}" + (f".{branch[i]}" if branch[i] else "")
+        else:
+            unit[i] = top[i] if top[i] in TOP_MODULES else "model"  # e.g. the SiLU all blocks share
+
+    counts: Counter = Counter()
+    for i, n in enumerate(nodes):
+        scope = "/".join(scopes[i])
+        base = (unit[i], scope, n.op_type)
+        key = (*base, counts[base])
+        counts[base] += 1
+        info.nodes.append(GraphNode(name=n.name, op_type=n.op_type, scope=scope, block=block[i], branch=branch[i],
+                                    flops=_node_flops(n, shapes), inputs=list(n.input), outputs=list(n.output),
+                                    key=key))
+    return info
+
+
+def _parse_scopes(raw: str | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        import ast
+
+        value = ast.literal_eval(raw)
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    except (ValueError, SyntaxError):
+        return [raw]
+
+
+def _node_flops(node, shapes: dict[str, list[int]]) -> int:
+    """Multiply-adds x 2 of a matrix product or convolution; 0 for every other op."""
+    if node.op_type not in FLOP_OPS or not node.output:
+        return 0
+    out = shapes.get(node.output[0])
+    if not out or any(d < 0 for d in out):
+        return 0
+    out_elems = 1
+    for d in out:
+        out_elems *= d
+    if node.op_type == "MatMul":
+        a = shapes.get(node.input[0])
+        return 2 * out_elems * a[-1] if a and a[-1] > 0 else 0
+    if node.op_type == "Gemm":
+        a = shapes.get(node.input[0])
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        if not a or len(a) != 2:
+            return 0
+        return 2 * out_elems * (a[0] if trans_a else a[1])
+    w = shapes.get(node.input[1])  # Conv: [C_out, C_in/group, k...]
+    if not w:
+        return 0
+    per_out = 1
+    for d in w[1:]:
+        per_out *= d
+    return 2 * out_elems * per_out
+
+
+#################################################################################
+#                                     Diff                                      #
+#################################################################################
+
+
+def diff_graphs(base: VariantGraphInfo, other: VariantGraphInfo) -> dict:
+    """What `other` adds to and removes from `base`: I/O names, nodes, FLOPs, per unit."""
+    b, o = base.by_key(), other.by_key()
+    removed = [n for k, n in b.items() if k not in o]
+    added = [n for k, n in o.items() if k not in b]
+
+    def per_unit(nodes: list[GraphNode]) -> dict:
+        units: dict[str, dict] = {}
+        for n in nodes:
+            u = units.setdefault(n.unit, {"nodes": 0, "flops": 0, "ops": {}})
+            u["nodes"] += 1
+            u["flops"] += n.flops
+            u["ops"][n.op_type] = u["ops"].get(n.op_type, 0) + 1
+        return dict(sorted(units.items(), key=lambda kv: _unit_order(kv[0])))
+
+    return {
+        "inputs_added": [n for n in other.inputs if n not in base.inputs],
+        "inputs_removed": [n for n in base.inputs if n not in other.inputs],
+        "outputs_added": [n for n in other.outputs if n not in base.outputs],
+        "outputs_removed": [n for n in base.outputs if n not in other.outputs],
+        "nodes_added": len(added),
+        "nodes_removed": len(removed),
+        "flops_added": sum(n.flops for n in added),
+        "flops_removed": sum(n.flops for n in removed),
+        "added_by_unit": per_unit(added),
+        "removed_by_unit": per_unit(removed),
+        "added": [n.to_json() for n in added],
+        "removed": [n.to_json() for n in removed],
+    }
+
+
+def _unit_order(unit: str) -> tuple:
+    m = re.match(r"blocks\.(\d+)(?:\.(\w+))?$", unit)
+    if m:
+        return (1, int(m.group(1)), m.group(2) or "")
+    order = {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "model": 0, "final_layer": 2}
+    return (order.get(unit, 3), 0, unit)

@@ -1,0 +1,328 @@
+"""Pictures of a plan, Pillow only: the schedule heatmap (steps x (block, branch),
+coloured by action), kept-token masks on the patch grid for token plans, and a block-level
+drawing of one variant as Graphviz DOT text (rendered where `dot` is installed).
+
+Layouts are exposed (`HeatmapLayout.cell_box`, `MaskLayout.token_box`) so that tests and
+other tools can find the pixel of a given (step, block, branch[, token]).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tcgraph.errors import TcgraphError
+from tcgraph.plan.plan import BRANCHES, Action, Plan, Recipe, cache_name
+
+COMPUTE_RGB = (33, 102, 172)  # blue
+REUSE_RGB = (222, 222, 222)  # light grey
+PARTIAL_LIGHT_RGB = (254, 224, 182)  # partial with few tokens recomputed ...
+PARTIAL_DARK_RGB = (179, 88, 6)  # ... to nearly all (orange ramp by k / N)
+BACKGROUND_RGB = (255, 255, 255)
+TEXT_RGB = (0, 0, 0)
+KEPT_RGB = COMPUTE_RGB  # token masks: recomputed token
+REUSED_RGB = REUSE_RGB  # token masks: token taken from the cache
+
+
+def action_color(action: Action, num_tokens: int) -> tuple[int, int, int]:
+    """Heatmap colour of one action; partial shades from light (k small) to dark (k = N)."""
+    if action.kind == "compute":
+        return COMPUTE_RGB
+    if action.kind == "reuse":
+        return REUSE_RGB
+    f = (action.k or 0) / max(num_tokens, 1)
+    return tuple(round(lo + (hi - lo) * f) for lo, hi in zip(PARTIAL_LIGHT_RGB, PARTIAL_DARK_RGB))
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _save_png(img, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+#################################################################################
+#                                  Heatmap                                      #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """Where each (step, block, branch) cell is: rows are steps, columns (block, branch)."""
+
+    num_steps: int
+    depth: int
+    cell_w: int = 8
+    cell_h: int = 8
+    block_gap: int = 2  # white gap between blocks
+    left: int = 36  # step labels
+    top: int = 22  # block labels
+
+    def cell_box(self, step: int, block: int, branch: str) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), x1/y1 exclusive."""
+        col = 2 * block + BRANCHES.index(branch)
+        x0 = self.left + col * self.cell_w + block * self.block_gap
+        y0 = self.top + step * self.cell_h
+        return x0, y0, x0 + self.cell_w, y0 + self.cell_h
+
+    def cell_center(self, step: int, block: int, branch: str) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.cell_box(step, block, branch)
+        return (x0 + x1) // 2, (y0 + y1) // 2
+
+    @property
+    def grid_width(self) -> int:
+        return self.left + 2 * self.depth * self.cell_w + (self.depth - 1) * self.block_gap
+
+    @property
+    def grid_height(self) -> int:
+        return self.top + self.num_steps * self.cell_h
+
+
+def heatmap_layout(plan: Plan) -> HeatmapLayout:
+    return HeatmapLayout(plan.settings.num_steps, plan.depth)
+
+
+def draw_heatmap(plan: Plan, path: str | Path) -> Path:
+    """Schedule heatmap PNG: one row per step, one column per (block, branch), and a legend."""
+    from PIL import Image, ImageDraw
+
+    lay = heatmap_layout(plan)
+    font = _font()
+    legend_w = 190
+    width = lay.grid_width + 12 + legend_w
+    height = max(lay.grid_height + 8, lay.top + 120)
+    img = Image.new("RGB", (width, height), BACKGROUND_RGB)
+    d = ImageDraw.Draw(img)
+    for step, recipe in enumerate(plan.recipes):
+        for block, branch, action in recipe.items():
+            x0, y0, x1, y1 = lay.cell_box(step, block, branch)
+            d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=action_color(action, plan.num_tokens))
+    label_every = max(1, -(-10 // lay.cell_h))  # a step label every ~10 px
+    for step in range(0, lay.num_steps, label_every):
+        d.text((2, lay.top + step * lay.cell_h - 2), str(step), fill=TEXT_RGB, font=font)
+    block_every = max(1, -(-18 // (2 * lay.cell_w + lay.block_gap)))
+    for block in range(0, lay.depth, block_every):
+        x0, _, _, _ = lay.cell_box(0, block, "attn")
+        d.text((x0, 2), str(block), fill=TEXT_RGB, font=font)
+    d.text((2, 2), "step", fill=TEXT_RGB, font=font)
+    # Legend.
+    lx, ly = lay.grid_width + 12, lay.top
+    entries = [(COMPUTE_RGB, "compute"), (REUSE_RGB, "reuse")]
+    n = plan.num_tokens
+    ks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "partial"})
+    if ks:
+        for k in (ks[0], ks[-1]) if len(ks) > 1 else (ks[0],):
+            entries.append((action_color(Action("partial", tuple(range(k))), n), f"partial k={k}/{n}"))
+    else:
+        entries.append((action_color(Action("partial", tuple(range(max(n // 4, 1)))), n), "partial (shade: k/N)"))
+    for color, text in entries:
+        d.rectangle([lx, ly, lx + 10, ly + 10], fill=color, outline=TEXT_RGB)
+        d.text((lx + 16, ly - 1), text, fill=TEXT_RGB, font=font)
+        ly += 16
+    d.text((lx, ly + 4), "columns: block attn|mlp", fill=TEXT_RGB, font=font)
+    d.text((lx, ly + 20), f"{plan.planner}", fill=TEXT_RGB, font=font)
+    return _save_png(img, Path(path))
+
+
+#################################################################################
+#                                Token masks                                    #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """A grid of masks: one row per step with a partial action, one column per (block, branch);
+    each cell is the patch grid (`side` x `side` tokens, `px` pixels each)."""
+
+    steps: tuple[int, ...]
+    depth: int
+    side: int
+    px: int = 3
+    gap: int = 3
+    left: int = 30
+    top: int = 18
+
+    @property
+    def cell(self) -> int:
+        return self.side * self.px
+
+    def cell_origin(self, step: int, block: int, branch: str) -> tuple[int, int]:
+        if step not in self.steps:
+            raise TcgraphError(f"step {step} has no partial action; the mask grid shows steps {list(self.steps)}")
+        row = self.steps.index(step)
+        col = 2 * block + BRANCHES.index(branch)
+        return self.left + col * (self.cell + self.gap) + block * self.gap, self.top + row * (self.cell + self.gap)
+
+    def token_box(self, step: int, block: int, branch: str, token: int) -> tuple[int, int, int, int]:
+        x, y = self.cell_origin(step, block, branch)
+        r, c = divmod(token, self.side)
+        return x + c * self.px, y + r * self.px, x + (c + 1) * self.px, y + (r + 1) * self.px
+
+    def token_center(self, step: int, block: int, branch: str, token: int) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.token_box(step, block, branch, token)
+        return (x0 + x1) // 2, (y0 + y1) // 2
+
+    @property
+    def width(self) -> int:
+        return self.left + 2 * self.depth * (self.cell + self.gap) + self.depth * self.gap
+
+    @property
+    def height(self) -> int:
+        return self.top + len(self.steps) * (self.cell + self.gap)
+
+
+def partial_steps(plan: Plan) -> list[int]:
+    return [s for s, r in enumerate(plan.recipes) if any(a.kind == "partial" for _, _, a in r.items())]
+
+
+def mask_layout(plan: Plan) -> MaskLayout | None:
+    """None where the plan has no partial action."""
+    steps = partial_steps(plan)
+    if not steps:
+        return None
+    side = round(plan.num_tokens ** 0.5)
+    if side * side != plan.num_tokens:
+        raise TcgraphError(f"{plan.num_tokens} tokens do not form a square patch grid; cannot draw token masks")
+    px = max(1, min(4, 48 // side))
+    return MaskLayout(tuple(steps), plan.depth, side, px=px)
+
+
+def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
+    """Kept-token masks per (step, block, branch) on the patch grid; None if the plan has no partial."""
+    from PIL import Image, ImageDraw
+
+    lay = mask_layout(plan)
+    if lay is None:
+        return None
+    font = _font()
+    img = Image.new("RGB", (max(lay.width, 390), lay.height + 18), BACKGROUND_RGB)
+    d = ImageDraw.Draw(img)
+    for step in lay.steps:
+        recipe = plan.recipes[step]
+        y = lay.cell_origin(step, 0, "attn")[1]
+        d.text((2, y), str(step), fill=TEXT_RGB, font=font)
+        for block, branch, action in recipe.items():
+            x0, y0 = lay.cell_origin(step, block, branch)
+            if action.kind == "partial":
+                d.rectangle([x0, y0, x0 + lay.cell - 1, y0 + lay.cell - 1], fill=REUSED_RGB)
+                for t in action.indices:
+                    bx0, by0, bx1, by1 = lay.token_box(step, block, branch, t)
+                    d.rectangle([bx0, by0, bx1 - 1, by1 - 1], fill=KEPT_RGB)
+            else:
+                fill = KEPT_RGB if action.kind == "compute" else REUSED_RGB
+                d.rectangle([x0, y0, x0 + lay.cell - 1, y0 + lay.cell - 1], fill=fill)
+    for block in range(plan.depth):
+        x0, _ = lay.cell_origin(lay.steps[0], block, "attn")
+        d.text((x0, 2), f"b{block}" if lay.cell < 24 else f"b{block} a|m", fill=TEXT_RGB, font=font)
+    d.text((2, lay.height + 2), "blue: recomputed token, grey: from cache; rows: steps with partial", fill=TEXT_RGB,
+           font=font)
+    return _save_png(img, Path(path))
+
+
+#################################################################################
+#                                    DOT                                        #
+#################################################################################
+
+_DOT_FILL = {"compute": "#2166ac", "reuse": "#dedede"}
+
+
+def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
+    """Block-level Graphviz drawing of one variant: blocks with their branches; cache inputs
+    (read) and outputs (written) as distinct nodes."""
+    writes = set(plan.writes(recipe))
+    lines = [f'digraph "{vid}" {{', "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
+             f'  label="{vid}: {recipe.short()}"; labelloc=t;',
+             '  inputs [shape=box, label="x, t, y"];',
+             '  embed [shape=box, label="patch + t/y embed"];', "  inputs -> embed;"]
+    prev = "embed"
+    for block, pair in enumerate(recipe.actions):
+        lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
+        for branch, action in zip(BRANCHES, pair):
+            node = f"b{block}_{branch}"
+            label = f"{branch}\\n{action.kind if action.kind != 'partial' else f'partial k={action.k}'}"
+            fill = _DOT_FILL.get(action.kind, "#f4a259")
+            font = "white" if action.kind == "compute" else "black"
+            lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
+                         f'label="{label}"];')
+        lines.append(f'    b{block}_attn -> b{block}_mlp;')
+        lines.append("  }")
+        lines.append(f"  {prev} -> b{block}_attn;")
+        prev = f"b{block}_mlp"
+        for branch, action in zip(BRANCHES, pair):
+            name = cache_name(block, branch)
+            node = f"b{block}_{branch}"
+            if action.reads_cache:
+                lines.append(f'  "in:{name}" [shape=cylinder, style=filled, fillcolor="#fde0b6", label="{name}"];')
+                lines.append(f'  "in:{name}" -> {node} [style=dashed];')
+            if (block, branch) in writes:
+                lines.append(f'  "out:{name}" [shape=cylinder, style=filled, fillcolor="#b8e186", '
+                             f'label="{name} (write)"];')
+                lines.append(f'  {node} -> "out:{name}" [style=dashed];')
+    lines += ['  final [shape=box, label="final layer"];', f"  {prev} -> final;",
+              '  out [shape=box, label="out"];', "  final -> out;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_dot(dot_path: Path, fmt: str = "svg") -> Path | None:
+    """Render with Graphviz `dot` where it is installed; None where it is not."""
+    exe = shutil.which("dot")
+    if exe is None:
+        return None
+    out = dot_path.with_suffix(f".{fmt}")
+    try:
+        subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(out)], check=True, capture_output=True, timeout=60)
+    except (subprocess.SubprocessError, OSError) as e:
+        raise TcgraphError(f"graphviz could not render {dot_path} ({e}); the DOT text is still there") from e
+    return out
+
+
+#################################################################################
+#                                  Entry                                        #
+#################################################################################
+
+
+def write_plan_pictures(plan: Plan, out_dir: str | Path, *, variant: str | None = None) -> list[Path]:
+    """Heatmap, token masks (token plans), DOT of `variant` (every variant if None), rendered
+    to SVG where `dot` exists. Returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = plan.variants()
+    ids = [f"v{i}" for i in range(len(variants))]
+    if variant is not None and variant not in ids:
+        raise TcgraphError(f"unknown variant {variant!r}; valid variants: {', '.join(ids)}")
+    written = [draw_heatmap(plan, out / "schedule_heatmap.png")]
+    masks = draw_token_masks(plan, out / "token_masks.png")
+    if masks is not None:
+        written.append(masks)
+    for vid in [variant] if variant is not None else ids:
+        dot = out / f"variant_{vid}.dot"
+        tmp = dot.with_name(f".{dot.name}.tmp")
+        tmp.write_text(variant_dot(plan, variants[ids.index(vid)], vid))
+        tmp.replace(dot)
+        written.append(dot)
+        rendered = render_dot(dot)
+        if rendered is not None:
+            written.append(rendered)
+    return written
+
+
+def write_pictures(path: str | Path, out_dir: str | Path, *, variant: str | None = None,
+                   verify: bool = True) -> list[Path]:
+    """Pictures of an artifact folder into `out_dir` (never into the artifact folder)."""
+    from tcgraph.export.artifact import load_artifact
+
+    art = load_artifact(Path(path), verify_hashes=verify)
+    out = Path(out_dir).absolute()
+    root = art.root.resolve()
+    if out.resolve() == root or root in out.resolve().parents:
+        raise TcgraphError(f"{out} lies inside the artifact folder {art.root}; inspect never writes there: "
+                           "choose another --out folder")
+    return write_plan_pictures(Plan.from_dict(art.plan), out, variant=variant)

@@ -1,0 +1,238 @@
+"""What an artifact folder holds, read from the folder alone: settings, schedule, variants
+and their cost, and for one variant (or step) its block view, node table and diff
+against the full graph. Everything returned is plain JSON; `tcgraph.inspection.text.format_report` prints it.
+
+Never writes into the artifact folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tcgraph.errors import TcgraphError
+from tcgraph.plan.plan import BRANCHES, Plan, Recipe
+
+SCHEDULE_RUNS = 20  # runs of the compact schedule printed before "… (n more runs)"
+
+
+#################################################################################
+#                              Plan-level views                                 #
+#################################################################################
+
+
+def action_label(action) -> str:
+    return f"partial({action.k})" if action.kind == "partial" else action.kind
+
+
+def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
+    """One row per block: each branch's action, and for partial the kept token indices."""
+    rows = []
+    for block, pair in enumerate(recipe.actions):
+        row: dict = {"block": block}
+        for branch, action in zip(BRANCHES, pair):
+            row[branch] = action_label(action)
+            if action.kind == "partial":
+                row[f"{branch}_tokens"] = list(action.indices)
+        rows.append(row)
+    return rows
+
+
+def action_counts(plan: Plan) -> dict[str, int]:
+    """Actions over the whole plan: every (step, block, branch) counted once."""
+    counts = {"compute": 0, "reuse": 0, "partial": 0}
+    for recipe in plan.recipes:
+        for _, _, a in recipe.items():
+            counts[a.kind] += 1
+    return counts
+
+
+def full_variant(plan: Plan, flops: dict | None = None) -> tuple[str, bool]:
+    """(id of the variant that computes everything, True) or, if none, (the costliest one, False)."""
+    variants = plan.variants()
+    for i, r in enumerate(variants):
+        if r.is_full:
+            return f"v{i}", True
+    if flops:
+        return max(flops["per_variant"], key=flops["per_variant"].get), False
+    costs = [sum(1 if a.kind == "compute" else (a.k or 0) / plan.num_tokens if a.kind == "partial" else 0
+                 for _, _, a in r.items()) for r in variants]
+    return f"v{costs.index(max(costs))}", False
+
+
+def compact_schedule(schedule: list[str], max_runs: int = SCHEDULE_RUNS) -> str:
+    """Run-length form: `v0 v1x2 v0 …`, at most `max_runs` runs shown."""
+    runs: list[list] = []
+    for v in schedule:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    parts = [v if n == 1 else f"{v}x{n}" for v, n in runs]
+    return " ".join(parts[:max_runs]) + (f" … ({len(parts) - max_runs} more runs)" if len(parts) > max_runs else "")
+
+
+def step_position(plan: Plan, step: int) -> dict:
+    """Where `step` sits: its variant, its run of equal variants, the last full step before it."""
+    schedule = plan.schedule()
+    n = len(schedule)
+    if not 0 <= step < n:
+        raise TcgraphError(f"step {step} is out of range: this plan has {n} steps, valid steps are 0..{n - 1}")
+    vid = schedule[step]
+    start = step
+    while start > 0 and schedule[start - 1] == vid:
+        start -= 1
+    end = step
+    while end + 1 < n and schedule[end + 1] == vid:
+        end += 1
+    last_full = next((s for s in range(step, -1, -1) if plan.recipes[s].is_full), None)
+    return {
+        "step": step, "num_steps": n, "variant": vid,
+        "run": [start, end], "position_in_run": step - start + 1, "run_length": end - start + 1,
+        "last_full_step": last_full,
+        "steps_since_full": None if last_full is None else step - last_full,
+        "occurrence": sum(1 for s in range(step + 1) if schedule[s] == vid),
+        "variant_steps": sum(1 for v in schedule if v == vid),
+    }
+
+
+def inspect_plan(plan: Plan, model_config: dict | None = None, *, variant: str | None = None,
+                 step: int | None = None) -> dict:
+    """The plan-level part of `inspect_artifact` for a Plan object (no ONNX files needed)."""
+    from tcgraph.models.dit import DiTConfig
+    from tcgraph.plan.flops import plan_flops
+
+    flops = plan_flops(DiTConfig(**model_config), plan) if model_config is not None else None
+    schedule = plan.schedule()
+    variants = []
+    for i, recipe in enumerate(plan.variants()):
+        vid = f"v{i}"
+        ins, outs = plan.variant_io(recipe)
+        kinds = [a.kind for _, _, a in recipe.items()]
+        variants.append({
+            "id": vid,
+            "steps": [s for s, v in enumerate(schedule) if v == vid],
+            "recipe": recipe.short(),
+            "full": recipe.is_full,
+            "compute": kinds.count("compute"), "reuse": kinds.count("reuse"), "partial": kinds.count("partial"),
+            "reads": ins[3:], "writes": outs[1:],
+            "flops": flops["per_variant"][vid] if flops else None,
+            "fraction": flops["fraction"][vid] if flops else None,
+        })
+    base, base_is_full = full_variant(plan, flops)
+    info = {
+        "planner": plan.planner,
+        "params": plan.params,
+        "settings": {"sampler": plan.settings.sampler, "num_steps": plan.settings.num_steps,
+                     "cfg_scale": plan.settings.cfg_scale, "eta": plan.settings.eta,
+                     "batch": plan.settings.batch, "model_batch": plan.settings.model_batch,
+                     "resolution": plan.settings.resolution},
+        "depth": plan.depth,
+        "num_tokens": plan.num_tokens,
+        "schedule": schedule,
+        "schedule_compact": compact_schedule(schedule),
+        "action_counts": action_counts(plan),
+        "variants": variants,
+        "full_variant": base,
+        "full_variant_exists": base_is_full,
+        "flops_per_run": flops["total"] if flops else None,
+        "full_flops_per_run": flops["full_total"] if flops else None,
+        "predicted_speedup": flops["predicted_speedup"] if flops else None,
+    }
+    focus = _resolve_focus(plan, variant, step)
+    if focus is not None:
+        vid, pos = focus
+        recipe = plan.variants()[int(vid[1:])]
+        info["focus"] = {"variant": vid, "step": pos, "blocks": block_view(recipe, plan.num_tokens),
+                         "recipe": recipe.short()}
+    return info
+
+
+def _resolve_focus(plan: Plan, variant: str | None, step: int | None):
+    ids = [f"v{i}" for i in range(len(plan.variants()))]
+    pos = None
+    if step is not None:
+        try:
+            step = int(step)
+        except (TypeError, ValueError):
+            raise TcgraphError(f"step {step!r} is not an integer; valid steps are 0..{len(plan.recipes) - 1}") from None
+        pos = step_position(plan, step)
+        if variant is not None and variant != pos["variant"]:
+            raise TcgraphError(f"step {step} runs variant {pos['variant']}, not {variant}; give one of variant and step, not both")
+        variant = pos["variant"]
+    if variant is None:
+        return None
+    if variant not in ids:
+        raise TcgraphError(f"unknown variant {variant!r}; valid variants: {', '.join(ids)}")
+    return variant, pos
+
+
+#################################################################################
+#                                 Artifact                                      #
+#################################################################################
+
+
+def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int | None = None,
+                     verify: bool = True) -> dict:
+    """Everything `tcgraph inspect` shows, as a JSON-able dict.
+
+    `variant` ("v1") or `step` (the variant that step runs, and where the step sits in
+    the schedule) adds `focus`: block view, node table and diff against the full graph.
+    `verify` checks every file's sha256 first (as `load_artifact` does).
+    """
+    from tcgraph.export.artifact import load_artifact
+
+    art = load_artifact(Path(path), verify_hashes=verify)
+    try:
+        plan = Plan.from_dict(art.plan)
+    except TcgraphError as e:
+        raise TcgraphError(f"{art.root}: plan.json cannot be read ({e}); re-run `tcgraph transform`") from None
+    info = inspect_plan(plan, art.model_config, variant=variant, step=step)
+    manifest_ids = art.variant_ids()
+    info["path"] = str(art.root)
+    info["model"] = {**art.model_config, "source": art.manifest.get("extra", {}).get("model"),
+                     "num_tokens": plan.num_tokens}
+    info["tcgraph_version"] = art.manifest.get("tcgraph_version")
+    weights = art.weights_path
+    info["weights"] = {"file": str(weights.relative_to(art.root)),
+                       "bytes": weights.stat().st_size if weights.is_file() else 0}
+    onnx_bytes = {vid: art.variant_path(vid).stat().st_size for vid in manifest_ids}
+    for v in info["variants"]:
+        v["file"] = art.variants[v["id"]]["file"] if v["id"] in art.variants else None
+        v["onnx_bytes"] = onnx_bytes.get(v["id"])
+    info["engines"] = _engines(art)
+    if "focus" in info:
+        vid = info["focus"]["variant"]
+        info["focus"].update(_graph_focus(art, vid, info["full_variant"]))
+    return info
+
+
+def _engines(art) -> dict:
+    folder = art.root / "engines"
+    files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    settings = art.manifest.get("engines") or art.manifest.get("backend") or {}
+    backend = settings.get("backend") if isinstance(settings, dict) else None
+    if files and backend is None:
+        backend = "tensorrt" if any(f.endswith((".plan", ".engine")) for f in files) else "unknown"
+    return {"files": files, "backend": backend, "settings": settings if isinstance(settings, dict) else {}}
+
+
+def _graph_focus(art, vid: str, base: str) -> dict:
+    from tcgraph.inspection.graph import diff_graphs
+
+    graph = _read_named(art, vid)
+    out = {"graph": {"inputs": graph.inputs, "outputs": graph.outputs, "num_nodes": len(graph.nodes),
+                     "flops": graph.flops, "nodes": [n.to_json() for n in graph.nodes]},
+           "diff_base": base}
+    base_graph = graph if base == vid else _read_named(art, base)
+    out["diff"] = diff_graphs(base_graph, graph)
+    out["base_flops"] = base_graph.flops
+    return out
+
+
+def _read_named(art, vid: str):
+    """Node table with output names mapped back from ONNX names (`cache.3.mlp.new`)."""
+    from tcgraph.inspection.graph import read_variant_graph
+
+    graph = read_variant_graph(art.variant_path(vid))
+    names = {o.get("onnx_name", o["name"]): o["name"] for o in art.variant(vid).get("outputs", [])}
+    graph.outputs = {names.get(k, k): v for k, v in graph.outputs.items()}
+    return graph

@@ -1,0 +1,194 @@
+"""Text report of `inspect_artifact`'s dict, sized for a terminal: summary and variant table
+by default; a focused variant or step adds its block view and diff, and (for a variant) a
+node table cut at NODE_TABLE_LINES rows.
+"""
+from __future__ import annotations
+
+import re
+
+from tcgraph.errors import TcgraphError
+from tcgraph.plan.plan import BRANCHES
+
+NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
+
+
+#################################################################################
+#                                   Text                                        #
+#################################################################################
+
+
+def _gflop(x) -> str:
+    return "-" if x is None else f"{x / 1e9:.3f}"
+
+
+def _human_flops(x: int) -> str:
+    for unit, div in (("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x} FLOP"
+
+
+def format_report(info: dict, *, variant: str | None = None, step: int | None = None) -> str:
+    """Readable report of `inspect_artifact`'s dict: summary and variant table; with a focus
+    (`variant`/`step` here or already in `info`), the block view, diff and node table."""
+    s = info["settings"]
+    lines = []
+    if "path" in info:
+        lines.append(f"artifact   {info['path']}")
+    m = info.get("model")
+    if m:
+        lines.append(f"model      {m.get('source') or 'model'}: depth {m['depth']}, hidden {m['hidden_size']}, "
+                     f"heads {m['num_heads']}, {info['num_tokens']} tokens, {m['num_classes']} classes")
+    lines.append(f"sampler    {s['sampler']} {s['num_steps']} steps, guidance {s['cfg_scale']}, eta {s['eta']}, "
+                 f"batch {s['batch']} (model batch {s['model_batch']}), resolution {s['resolution']}")
+    plan_line = f"plan       {info['planner']}: {len(info['variants'])} variants"
+    if info.get("predicted_speedup") is not None:
+        plan_line += (f", predicted speedup {info['predicted_speedup']:.2f}x "
+                      f"({info['flops_per_run'] / 1e9:.2f} of {info['full_flops_per_run'] / 1e9:.2f} GFLOP per run)")
+    lines.append(plan_line)
+    c = info["action_counts"]
+    lines.append(f"actions    compute {c['compute']}, reuse {c['reuse']}, partial {c['partial']} "
+                 f"(steps x blocks x branches = {sum(c.values())})")
+    if "weights" in info:
+        n_onnx = sum(v.get("onnx_bytes") or 0 for v in info["variants"])
+        lines.append(f"weights    {info['weights']['bytes'] / 2**20:.1f} MiB on disk in {info['weights']['file']} "
+                     f"(one file for all variants; graphs {n_onnx / 2**20:.2f} MiB)")
+    if "engines" in info:
+        e = info["engines"]
+        lines.append("engines    " + (f"{len(e['files'])} for {e['backend']}: {', '.join(e['files'][:6])}"
+                                      + (" …" if len(e["files"]) > 6 else "")
+                                      if e["files"] else "none (ONNX Runtime only)"))
+    lines.append(f"schedule   {info['schedule_compact']}")
+    if not info["full_variant_exists"]:
+        lines.append(f"full       no variant computes everything; diffs are against {info['full_variant']} "
+                     "(the most FLOPs)")
+    lines.append("")
+    lines.append(f"{'variant':<8}{'steps':>6}{'compute':>9}{'reuse':>7}{'partial':>9}{'reads':>7}{'writes':>8}"
+                 f"{'GFLOP':>9}{'of full':>9}  first steps")
+    for v in info["variants"]:
+        frac = "-" if v["fraction"] is None else f"{v['fraction']:.0%}"
+        first = ",".join(str(x) for x in v["steps"][:6]) + ("…" if len(v["steps"]) > 6 else "")
+        lines.append(f"{v['id']:<8}{len(v['steps']):>6}{v['compute']:>9}{v['reuse']:>7}{v['partial']:>9}"
+                     f"{len(v['reads']):>7}{len(v['writes']):>8}{_gflop(v['flops']):>9}{frac:>9}  {first}")
+
+    focus = info.get("focus")
+    if focus is None and (variant is not None or step is not None):
+        raise TcgraphError("this report has no focus data; call inspect_artifact(path, variant=..., step=...) "
+                           "with the same variant/step")
+    if focus is not None:
+        lines += [""] + _format_focus(info, focus)
+    return "\n".join(lines)
+
+
+def _format_focus(info: dict, focus: dict) -> list[str]:
+    vid = focus["variant"]
+    v = next(x for x in info["variants"] if x["id"] == vid)
+    lines = []
+    pos = focus.get("step")
+    if pos is not None:
+        since = ("no full step before it" if pos["last_full_step"] is None
+                 else f"{pos['steps_since_full']} after full step {pos['last_full_step']}")
+        lines.append(f"step {pos['step']} of 0..{pos['num_steps'] - 1}: runs {vid} (occurrence {pos['occurrence']} of "
+                     f"{pos['variant_steps']}), step {pos['position_in_run']} of a run of {pos['run_length']} "
+                     f"(steps {pos['run'][0]}-{pos['run'][1]}), {since}")
+    lines.append(f"variant {vid}: {len(v['steps'])} steps, {v['compute']} compute, {v['reuse']} reuse, "
+                 f"{v['partial']} partial; reads {len(v['reads'])} caches, writes {len(v['writes'])}")
+    lines.append("")
+    lines.append(f"{'block':>5}  {'attn':<14}{'mlp':<14}")
+    for row in focus["blocks"]:
+        lines.append(f"{row['block']:>5}  {row['attn']:<14}{row['mlp']:<14}")
+    side = _grid_side(info["num_tokens"])
+    for row in focus["blocks"]:
+        for br in BRANCHES:
+            tokens = row.get(f"{br}_tokens")
+            if tokens is not None:
+                lines.append(f"  block {row['block']} {br}: keeps tokens {_ranges(tokens)}")
+                if side and len(focus["blocks"]) <= 8:  # masks only where they fit on a screen
+                    lines += ["    " + r for r in _mask_text(tokens, side)]
+    if "diff" not in focus:
+        return lines
+    d = focus["diff"]
+    g = focus["graph"]
+    lines.append("")
+    head = f"graph {vid}: {g['num_nodes']} nodes, {_human_flops(g['flops'])} (matrix products and convolutions)"
+    lines.append(head)
+    if focus["diff_base"] == vid:
+        lines.append(f"diff vs {vid} (itself, the full graph): nothing added or removed")
+    else:
+        base_note = "" if info["full_variant_exists"] else " (no full variant: the one with the most FLOPs)"
+        lines.append(f"diff vs {focus['diff_base']}{base_note}: -{d['nodes_removed']} nodes "
+                     f"(-{_human_flops(d['flops_removed'])}), +{d['nodes_added']} nodes "
+                     f"(+{_human_flops(d['flops_added'])})")
+        for label, key in (("cache reads (inputs added)", "inputs_added"), ("inputs removed", "inputs_removed"),
+                           ("cache writes added", "outputs_added"), ("cache writes removed", "outputs_removed")):
+            if d[key]:
+                lines.append(f"  {label}: {_names(d[key])}")
+        for sign, key in (("-", "removed_by_unit"), ("+", "added_by_unit")):
+            shown = _group_units(d[key])
+            for label, u, count in shown[:24]:
+                ops = ", ".join(f"{op} {n}" for op, n in sorted(u["ops"].items(), key=lambda kv: -kv[1])[:5])
+                each = " each" if count > 1 else ""
+                lines.append(f"  {sign} {label:<22}{u['nodes']:>4} nodes{each} {_human_flops(u['flops']):>13}{each}"
+                             f"  {ops}")
+            if len(shown) > 24:
+                lines.append(f"  … {len(shown) - 24} more groups (--json lists every node)")
+    if pos is not None:  # a step focus stops at the diff; the node table is for --variant
+        return lines
+    lines.append("")
+    lines.append(f"{'#':>4}  {'op':<20}{'unit':<18}{'scope':<28}{'FLOPs':>12}  onnx name")
+    nodes = g["nodes"]
+    for i, n in enumerate(nodes[:NODE_TABLE_LINES]):
+        lines.append(f"{i:>4}  {n['op']:<20}{n['unit']:<18}{n['scope'][:27]:<28}{n['flops']:>12}  {n['name']}")
+    if len(nodes) > NODE_TABLE_LINES:
+        lines.append(f"   … {len(nodes) - NODE_TABLE_LINES} more nodes (--json lists them all)")
+    return lines
+
+
+def _group_units(units: dict) -> list[tuple[str, dict, int]]:
+    """Blocks whose units changed alike share one line: `blocks 0-27 .attn` (28 blocks x 2
+    branches would otherwise be 56 lines)."""
+    groups: dict[tuple, list[int]] = {}
+    singles = []
+    for unit, u in units.items():
+        m = re.fullmatch(r"blocks\.(\d+)(\.\w+)?", unit)
+        if m is None:
+            singles.append((unit, u, 1))
+            continue
+        sig = (m.group(2) or "", u["nodes"], u["flops"], tuple(sorted(u["ops"].items())))
+        groups.setdefault(sig, []).append(int(m.group(1)))
+    result = []
+    for sig, blocks in groups.items():
+        u = units[f"blocks.{blocks[0]}{sig[0]}"]
+        label = f"blocks.{blocks[0]}{sig[0]}" if len(blocks) == 1 else \
+            f"blocks {_ranges(blocks).rsplit(' ', 1)[0]} {sig[0]}"
+        result.append((label, u, len(blocks)))
+    return result + singles
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2,5,7-8' (k of them)."""
+    parts, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+        else:
+            if run:
+                parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+            run = [i]
+    if run:
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return f"{','.join(parts)} ({len(indices)})"
+
+
+def _grid_side(num_tokens: int) -> int | None:
+    side = round(num_tokens ** 0.5)
+    return side if side * side == num_tokens else None
+
+
+def _mask_text(tokens: list[int], side: int) -> list[str]:
+    kept = set(tokens)
+    return ["".join("#" if r * side + c in kept else "." for c in range(side)) for r in range(side)]
