@@ -40,3 +40,14 @@ def test_setup_commands_run(tmp_path):
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.stat().st_size > 100 for p in pngs)
     assert list((tmp_path / "tcgraph-out").glob("*/manifest.json"))
+
+
+def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"The Python API mirrors the CLI:\s*```python\n(.*?)```", text, re.S)
+    assert block, "README.md lost its Python API example"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    assert (tmp_path / "grid.png").stat().st_size > 100
+    out = capsys.readouterr().out
+    assert "step 4 of 0..49: runs v0" in out and "predicted speedup 1.98x" in out
