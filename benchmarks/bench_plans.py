@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-share-weights", action="store_true", help="one weight copy per ORT session")
+    ap.add_argument("--no-cpu-arena", action="store_true", help="ORT sessions without their CPU memory arenas")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/plans-<model>.json)")
     args = ap.parse_args(argv)
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [c for c in ids for _ in range(args.per_class)]
     config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
               "images": len(labels), "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "backend": "ort-cpu", "share_weights": not args.no_share_weights, "machine": platform.processor() or platform.machine(),
+              "backend": "ort-cpu", "share_weights": not args.no_share_weights,
+              "cpu_arena": not args.no_cpu_arena, "machine": platform.processor() or platform.machine(),
               "python": sys.version.split()[0], "torch": torch.__version__,
               "command": "python benchmarks/bench_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(config), flush=True)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             rss_before = rss_mib()
             opts = {"intra_op_threads": args.threads} if args.threads else {}
             opts["share_weights"] = not args.no_share_weights
+            opts["cpu_arena"] = not args.no_cpu_arena
             runner = stack.enter_context(api.make_runner("ort", art, **opts))
             dispatch = ScheduleDispatcher(plan.schedule(), api.variant_io(art), runner.run, runner.to_torch)
             run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,

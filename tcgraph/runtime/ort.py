@@ -70,6 +70,9 @@ class OrtRunner(Runner):
             (measured on 2 cores, demo model fora:2: a full + cache step pair took 47 ms
             spinning vs 33 ms not), and even a lone full step gained nothing from it
             (29.4 ms spinning vs 25.5 ms not).
+        cpu_arena: ONNX Runtime's CPU memory arena (default True). Each session owns one,
+            so every extra variant keeps its own pool of activation buffers; False trades
+            some allocation speed for memory (`benchmarks/bench_plans.py --no-cpu-arena`).
     """
 
     name = "ort"
@@ -82,6 +85,7 @@ class OrtRunner(Runner):
         share_weights: bool = True,
         intra_op_threads: int | None = None,
         allow_spinning: bool = False,
+        cpu_arena: bool = True,
         **options: Any,
     ):
         super().__init__(artifact, **options)
@@ -89,6 +93,7 @@ class OrtRunner(Runner):
         self.share_weights = share_weights
         self.intra_op_threads = intra_op_threads
         self.allow_spinning = allow_spinning
+        self.cpu_arena = cpu_arena
         self._ort = None
         self._sessions: dict[str, Any] = {}
         self._outputs: dict[str, list[dict]] = {e["id"]: e["outputs"] for e in artifact.manifest["variants"]}
@@ -109,6 +114,7 @@ class OrtRunner(Runner):
             if self.intra_op_threads is not None:
                 options.intra_op_num_threads = int(self.intra_op_threads)
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            options.enable_cpu_mem_arena = self.cpu_arena
             if self.share_weights:
                 for name, value in self._shared_initializers(vid).items():
                     options.add_initializer(name, value)
