@@ -30,7 +30,7 @@ import torch
 from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import CONFIGS, DiT, make_config
+from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights
 from tcgraph.plan import SamplerSettings, make_plan, plan_flops
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 
@@ -45,17 +45,6 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def random_model(name: str, seed: int = 0) -> DiT:
-    """A DiT with random non-zero weights (adaLN-Zero init would make every block the identity)."""
-    torch.manual_seed(seed)
-    model = DiT(make_config(name))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n != "pos_embed":
-                p.normal_(0, 0.02)
-    return model.eval()
 
 
 def time_runs(fn, repeats: int) -> list[float]:
@@ -81,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-share-weights", action="store_true", help="one weight copy per ORT session")
     ap.add_argument("--no-cpu-arena", action="store_true", help="ORT sessions without their CPU memory arenas")
+    ap.add_argument("--allow-spinning", action="store_true", help="let idle ORT threads spin (runner default: off)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/plans-<model>.json)")
     args = ap.parse_args(argv)
 
@@ -89,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model == "digits":
         model = api.load_dit("digits")
     elif args.model in CONFIGS:
-        model = random_model(args.model, args.seed)
+        model = randomize_weights(DiT(make_config(args.model)), seed=args.seed)
     else:
         raise TcgraphError(f"unknown model {args.model!r}; use 'digits' or one of {', '.join(CONFIGS)}")
     cfg = model.config
@@ -103,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
               "images": len(labels), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "backend": "ort-cpu", "share_weights": not args.no_share_weights,
-              "cpu_arena": not args.no_cpu_arena, "machine": platform.processor() or platform.machine(),
+              "cpu_arena": not args.no_cpu_arena, "allow_spinning": args.allow_spinning, "machine": platform.processor() or platform.machine(),
               "python": sys.version.split()[0], "torch": torch.__version__,
               "command": "python benchmarks/bench_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(config), flush=True)
@@ -122,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
             opts = {"intra_op_threads": args.threads} if args.threads else {}
             opts["share_weights"] = not args.no_share_weights
             opts["cpu_arena"] = not args.no_cpu_arena
+            opts["allow_spinning"] = args.allow_spinning
             runner = stack.enter_context(api.make_runner("ort", art, **opts))
-            dispatch = ScheduleDispatcher(plan.schedule(), api.variant_io(art), runner.run, runner.to_torch)
+            dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
             run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,
                                     settings.batch, args.seed)
             samples = run()  # warm-up, and the samples we judge

@@ -30,12 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-class", type=int, default=36, help="36 x 10 = 360 images, the size of the test split")
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", type=Path, help="digits weights to judge (default: the committed ones), "
+                    "e.g. from `python scripts/train_demo.py --out FILE`")
     ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "digits-grid.png")
     ap.add_argument("--grid-per-class", type=int, default=12)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo-quality.json")
     args = ap.parse_args(argv)
 
-    model = api.load_dit("digits")
+    model = api.load_dit(str(args.weights), config="digits") if args.weights else api.load_dit("digits")
     s = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch, resolution=16)
     labels = [c for c in range(10) for _ in range(args.per_class)]
     t0 = time.perf_counter()

@@ -112,14 +112,10 @@ def build_artifact(
 
     from tcgraph.export.artifact import write_artifact
     from tcgraph.export.onnx import VariantGraph
-    from tcgraph.models.dit import build_model
+    from tcgraph.models.dit import build_model, randomize_weights
 
     torch.manual_seed(seed)
-    model = build_model(model_name, input_size=input_size)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0.0, 0.02)  # random, non-zero: adaLN-Zero zeros would dedupe to one tensor
+    model = randomize_weights(build_model(model_name, input_size=input_size), seed=seed)
     gm = torch.fx.symbolic_trace(model)
     cfg = model.config
     example = {

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tcgraph import api
+from tcgraph.models.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import SamplerSettings, make_plan
 
 
@@ -27,14 +28,12 @@ def parity(model, settings: SamplerSettings, labels: list[int], tmp: Path, name:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
-    from bench_plans import random_model
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         digits = api.load_dit("digits")
         rows.append(parity(digits, SamplerSettings(num_steps=50, cfg_scale=2.0, batch=8, resolution=16),
                            list(range(10)) * 2, Path(tmp), "digits"))
-        s2 = random_model("DiT-S/2")
+        s2 = randomize_weights(DiT(make_config("DiT-S/2")))
         rows.append(parity(s2, SamplerSettings(num_steps=10, cfg_scale=2.0, batch=2, resolution=32),
                            [1, 2], Path(tmp), "DiT-S2"))
     print("| model | DDIM steps | images | max abs diff ORT vs eager | max abs sample |\n|---|---|---|---|---|")

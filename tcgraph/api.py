@@ -56,12 +56,6 @@ def transform(
 
     model_name = model if isinstance(model, str) else "in-memory"
     dit = load_dit(model, config)
-    cfg_scale = plan.settings.cfg_scale if isinstance(plan, Plan) else guidance
-    if cfg_scale > 1.0 and dit.config.class_dropout_prob <= 0:
-        raise TcgraphError(
-            f"guidance {cfg_scale} needs the model's null class, but this model was built with "
-            "class_dropout_prob=0 (no null class); use --guidance 1"
-        )
     if isinstance(plan, Plan):
         the_plan = plan
     else:
@@ -99,12 +93,6 @@ def make_runner(backend: str, artifact: Any, **options):
     from tcgraph.runtime import make_runner as _make
 
     return _make(backend, artifact, **options)
-
-
-def variant_io(artifact: Any) -> dict[str, tuple[list[str], list[str]]]:
-    """variant id -> (input names, output names) as the runner takes and returns them."""
-    return {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
-            for v in artifact.manifest["variants"]}
 
 
 def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
@@ -198,7 +186,7 @@ def sample(
     noise = noise_for(len(labels), cfg, s.resolution, seed)
     runner = make_runner(backend, art, **(runner_options or {}))
     with runner:
-        dispatch = ScheduleDispatcher(plan.schedule(), variant_io(art), runner.run, runner.to_torch)
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
         samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress)
     if png is not None:
         save_grid(samples, png, nrow=per_class)

@@ -74,6 +74,11 @@ def build_variants(model: DiT, plan: Plan, *, check: bool = True,
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "
             f"{model.config.depth} blocks x {model.config.num_tokens} tokens; make the plan for this model"
         )
+    if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0:
+        raise TcgraphError(
+            f"guidance {plan.settings.cfg_scale} needs the model's null class, but this model was built with "
+            "class_dropout_prob=0 (no null class); use guidance 1 (--guidance 1)"
+        )
     variants = []
     for i, recipe in enumerate(plan.variants()):
         vid = f"v{i}"

@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcgraph.models.dit import DiT, make_config
-
-
-def randomize(model: DiT, seed: int = 0, std: float = 0.05) -> DiT:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
+from tcgraph.models.dit import DiT, make_config, randomize_weights
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -31,4 +22,4 @@ def tiny_config():
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    return randomize(DiT(tiny_config))
+    return randomize_weights(DiT(tiny_config), std=0.05)

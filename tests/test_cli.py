@@ -76,9 +76,11 @@ def test_killed_transform_leaves_no_partial_folder_and_keeps_the_old_one(art, tm
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.name.startswith(".target") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until it has started writing its temporary folder
+    assert any(p.name.startswith(".target.tmp-") for p in tmp_path.iterdir()), "transform never started writing"
     time.sleep(0.5)
+    assert proc.poll() is None, "transform finished before it could be interrupted"
     proc.send_signal(sig)
-    proc.wait()
+    assert proc.wait() == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
     assert main(["inspect", str(target), "--json"]) == 0  # old folder still verifies
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name not in before)
     if sig == signal.SIGTERM:

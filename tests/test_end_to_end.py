@@ -4,11 +4,10 @@ import torch
 
 from tcgraph import api
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import DiT, make_config
+from tcgraph.models.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import SamplerSettings, make_plan
 from tcgraph.passes import reference_step
 from tcgraph.runtime.dispatch import ScheduleDispatcher
-from tests.conftest import randomize
 
 
 def settings_for(model, steps, batch=2, cfg=2.0):
@@ -35,7 +34,7 @@ def test_full_plan_ort_equals_eager_on_tiny_model(tiny_model, tmp_path):
 def test_full_plan_ort_equals_eager_dit_s2_shapes(tmp_path):
     """DiT-S/2 shapes (256 tokens, hidden 384, 12 blocks), random weights, few steps."""
     torch.manual_seed(0)
-    model = randomize(DiT(make_config("DiT-S/2", class_dropout_prob=0.1)), std=0.02)
+    model = randomize_weights(DiT(make_config("DiT-S/2", class_dropout_prob=0.1)))
     s = settings_for(model, steps=3, batch=1)
     path = api.transform(model, make_plan("full", model.config, s), tmp_path / "s2", progress=False)
     eager = api.sample_eager(model, s, [7], seed=1)
@@ -55,8 +54,7 @@ def test_fora_each_ort_step_equals_eager_reference(tiny_model, tmp_path, spec):
     ref_caches: dict = {}
     worst = []
     with runner:
-        io = api.variant_io(art)
-        dispatch = ScheduleDispatcher(plan.schedule(), io, runner.run, runner.to_torch)
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
 
         def step(i, x, t, y):
             got = dispatch(i, x, t, y)

@@ -191,6 +191,11 @@ class Artifact:
             )
         return entries[vid]
 
+    def io_names(self) -> dict[str, tuple[list[str], list[str]]]:
+        """variant id -> (input names, output names), as runners take and return them."""
+        return {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
+                for v in self.manifest["variants"]}
+
     def variant_path(self, vid: str) -> Path:
         return self.root / self.variant(vid)["file"]
 

@@ -357,6 +357,20 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
 
 
+def randomize_weights(model: DiT, std: float = 0.02, seed: int = 0) -> DiT:
+    """Random non-zero weights (pos_embed kept), for speed benchmarks and tests.
+
+    adaLN-Zero initialisation makes every block the identity and many tensors equal
+    (zeros), which would hide wrong rewrites and let weight deduplication cheat.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
 def build_model(config: DiTConfig | str, **overrides) -> DiT:
     """A freshly initialised DiT in eval mode from a config or a registered name."""
     if isinstance(config, str):

@@ -30,6 +30,11 @@ class ScheduleDispatcher:
         self.caches: dict[str, Any] = {}
         self.calls: list[str] = []  # variant id per step of the current run
 
+    @classmethod
+    def for_runner(cls, runner, schedule: list[str]) -> "ScheduleDispatcher":
+        """Dispatch `schedule` onto an activated Runner of an artifact folder."""
+        return cls(schedule, runner.artifact.io_names(), runner.run, runner.to_torch)
+
     def reset(self) -> None:
         self.caches = {}
         self.calls = []

@@ -21,7 +21,7 @@ from tcgraph.inspection import (
 from tcgraph.models.dit import DiT, DiTConfig, make_config
 from tcgraph.plan import SamplerSettings, make_plan, plan_flops
 from tcgraph.plan.plan import BRANCHES, Plan
-from tests.conftest import randomize
+from tcgraph.models.dit import randomize_weights
 
 STEPS = 4
 
@@ -30,7 +30,7 @@ def _tiny_model() -> DiT:
     # Same shape as tests/conftest.py's `tiny_model` (that fixture is function-scoped).
     cfg = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
                       num_classes=5, learn_sigma=True)
-    return randomize(DiT(cfg))
+    return randomize_weights(DiT(cfg), std=0.05)
 
 
 @pytest.fixture(scope="module")
