@@ -24,8 +24,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def default_out(model: str, plan: str) -> Path:
-    stem = Path(model).stem if model not in ("digits",) else model
-    return Path("tcgraph-out") / f"{stem}-{plan.replace(':', '').replace('+', '-')}"
+    return Path("tcgraph-out") / f"{Path(model).stem}-{plan.replace(':', '').replace('+', '-')}"
 
 
 def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = None) -> DiT:
@@ -113,10 +112,11 @@ def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[in
                 raise TcgraphError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
     else:
         ids = [int(i) for i in spec]
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad or not ids:
-        raise TcgraphError(f"class ids {bad or ids} are out of range; this model has classes 0..{num_classes - 1}")
-    return ids
+    if not ids:
+        raise TcgraphError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
+    from tcgraph.models import check_class_ids
+
+    return check_class_ids(ids, num_classes).tolist()
 
 
 def sampler_for(settings: SamplerSettings, cfg: DiTConfig) -> DDIMSampler:

@@ -37,7 +37,7 @@ def test_transform_sample_inspect(art, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "{art}", "--classes", "10"], "out of range; this model has classes 0..9"),
+    (["sample", "{art}", "--classes", "10"], "out of range: the model has 10 classes, valid ids are 0..9"),
     (["sample", "{art}", "--batch", "5"], "built for batch 4"),
     (["sample", "{art}", "--resolution", "32"], "built for resolution 16"),
     (["sample", "{tmp}"], "not a tcgraph artifact folder"),
