@@ -66,10 +66,11 @@ class OrtRunner(Runner):
         intra_op_threads: threads per session (default: ONNX Runtime's choice).
         allow_spinning: whether idle intra-op threads spin-wait for work (default False).
             Every session owns a thread pool; when steps alternate between sessions, the
-            pool that just ran keeps spinning and steals the cores the next session needs
-            (measured on 2 cores, demo model fora:2: a full + cache step pair took 47 ms
-            spinning vs 33 ms not), and even a lone full step gained nothing from it
-            (29.4 ms spinning vs 25.5 ms not).
+            pool that just ran keeps spinning and steals the cores the next session needs.
+            Measured on 2 cores, demo model, whole sampling runs
+            (`benchmarks/bench_plans.py --repeats 3 [--allow-spinning]`): fora:2 took
+            8.8 s without spinning vs 14.3 s with it, and `full` gained nothing from it
+            (15.2 s vs 15.5 s).
         cpu_arena: ONNX Runtime's CPU memory arena (default True). Each session owns one,
             so every extra variant keeps its own pool of activation buffers; False trades
             some allocation speed for memory (`benchmarks/bench_plans.py --no-cpu-arena`).
