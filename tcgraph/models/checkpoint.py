@@ -112,7 +112,8 @@ def _read_torch(path: Path) -> object:
             f"cannot read {path} as a PyTorch checkpoint: the file is damaged or not a torch.save file; "
             "download or save it again"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    # torch's weights-only unpickler raises IndexError/KeyError/... on some random bytes.
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
         detail = str(e).splitlines()[0] if str(e) else "empty or truncated file"
         raise TcgraphError(
             f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {detail}); "

@@ -369,6 +369,16 @@ def test_corrupt_file(tmp_path, suffix):
         load_state_dict_file(tmp_path / f"empty{suffix}")
 
 
+def test_random_bytes_never_escape_as_other_errors(tmp_path):
+    # torch's weights-only unpickler raises IndexError/KeyError on some short random inputs.
+    g = torch.Generator().manual_seed(1)
+    for i in range(150):
+        path = tmp_path / f"r{i}.pt"
+        path.write_bytes(b"\x80\x02" + torch.randint(0, 256, (62,), generator=g, dtype=torch.uint8).numpy().tobytes())
+        with pytest.raises(TcgraphError):
+            load_state_dict_file(path)
+
+
 def test_unknown_suffix(tmp_path):
     path = tmp_path / "w.ckpt"
     path.write_bytes(b"x")
