@@ -48,22 +48,43 @@ def transform(
     force: bool = False,
     check: bool = True,
     progress: bool = True,
+    plan_options: dict | None = None,
 ) -> Path:
-    """Plan, rewrite, check and export a model into an artifact folder; returns its path."""
+    """Plan, rewrite, check and export a model into an artifact folder; returns its path.
+
+    `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
+    `max_variants`, `router`); learned planners calibrate on the model first.
+    """
     from tcgraph.compile import build_variants
     from tcgraph.export.artifact import write_artifact
 
     model_name = model if isinstance(model, str) else "in-memory"
+    options = {k: v for k, v in (plan_options or {}).items() if v is not None}
+    if isinstance(plan, Plan) and options:
+        raise TcgraphError(f"plan options {sorted(options)} need a plan spec, not a ready Plan")
+    label = plan.planner if isinstance(plan, Plan) else plan
+    if "target_speedup" in options:
+        label += f"-{options['target_speedup']}x"
+    out = Path(out) if out is not None else default_out(model_name, label)
+    if out.exists() and not force:  # checked before planning, which may take minutes
+        raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
     dit = load_dit(model, config)
     if isinstance(plan, Plan):
         the_plan = plan
     else:
         settings = SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch,
                                    resolution=dit.config.input_size)
-        the_plan = make_plan(plan, dit.config, settings)
-    out = Path(out) if out is not None else default_out(model_name, the_plan.planner)
-    if out.exists() and not force:
-        raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
+        bars: list = []
+
+        def phase(desc: str, total: int):
+            bars.append(_progress_bar(total, desc, progress))
+            return lambda: bars[-1].update(1)
+
+        try:
+            the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=phase, **options)
+        finally:
+            for b in bars:
+                b.close()
     n = len(the_plan.variants())
     bar = _progress_bar(3 * n, "transform", progress)
 

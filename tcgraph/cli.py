@@ -27,6 +27,15 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks of the rewritten graphs")
+    l2c = t.add_argument_group("learned plans (l2c)")
+    l2c.add_argument("--target-speedup", type=float, help="FLOP-predicted speedup to learn a plan for (default 2)")
+    l2c.add_argument("--lambda", dest="lam", type=float, help="λ of the router loss, instead of a target")
+    l2c.add_argument("--threshold", type=float,
+                     help="sigmoid(logit) above which a branch is computed (λ mode 0.5, imported routers 0.1)")
+    l2c.add_argument("--max-variants", type=int, help="cap on distinct step graphs (default 6; 0 = no cap)")
+    l2c.add_argument("--interval", type=int, help="a full step every N steps (searched by default)")
+    l2c.add_argument("--router", type=Path, help="import a router file published with the L2C code")
+    l2c.add_argument("--calib-images", type=int, help="calibration images (default 48, a third of them held out)")
 
     s = sub.add_parser("sample", help="sample images with an artifact folder")
     s.add_argument("artifact", type=Path)
@@ -73,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "transform":
             path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                                  guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
-                                 check=not args.no_check, progress=progress)
+                                 check=not args.no_check, progress=progress,
+                                 plan_options={k: getattr(args, k) for k in (
+                                     "target_speedup", "lam", "threshold", "max_variants", "interval", "router",
+                                     "calib_images")})
             print(api.format_inspect(api.inspect(path, verify=False)))
             print(f"\nwrote {path}")
         elif args.command == "sample":

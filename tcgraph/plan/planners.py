@@ -49,16 +49,95 @@ def _parse_int(arg: str, spec: str) -> int:
         raise TcgraphError(f"plan {spec!r}: {arg!r} is not an integer") from None
 
 
-PLANNERS: dict[str, tuple[Callable[[list[str], str], object], Callable]] = {
-    "full": (lambda args, spec: FullConfig(), make_full),
-    "fora": (lambda args, spec: ForaConfig(_parse_int(args[0], spec) if args else 2), make_fora),
+def _parse_float(arg: str, spec: str) -> float:
+    try:
+        return float(arg.rstrip("x"))
+    except ValueError:
+        raise TcgraphError(f"plan {spec!r}: {arg!r} is not a number") from None
+
+
+def _no_options(name: str):
+    def check(args: list[str], spec: str, options: dict) -> None:
+        if options:
+            raise TcgraphError(f"{', '.join(sorted(options))} do not apply to plan {name!r}; they are options of "
+                               "learned plans (l2c)")
+    return check
+
+
+def _parse_full(args, spec, options):
+    _no_options("full")(args, spec, options)
+    return FullConfig()
+
+
+def _parse_fora(args, spec, options):
+    _no_options("fora")(args, spec, options)
+    return ForaConfig(_parse_int(args[0], spec) if args else 2)
+
+
+L2C_OPTIONS = ("target_speedup", "lam", "threshold", "max_variants", "interval", "router", "calib_images", "epochs",
+               "seed")
+
+
+def _parse_l2c(args, spec, options):
+    unknown = set(options) - set(L2C_OPTIONS)
+    if unknown:
+        raise TcgraphError(f"unknown l2c options {sorted(unknown)}; known: {', '.join(L2C_OPTIONS)}")
+    opts = dict(options)
+    if args:  # `l2c:2.5` is short for a target of 2.5x
+        if opts.get("target_speedup") is not None:
+            raise TcgraphError(f"plan {spec!r} already names a target; drop --target-speedup or the ':X'")
+        opts["target_speedup"] = _parse_float(args[0], spec)
+    router = opts.pop("router", None)
+    if router is not None:
+        learned = sorted(k for k in ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs")
+                         if opts.get(k) is not None)
+        if learned:
+            raise TcgraphError(f"--router imports a trained router; {', '.join(learned)} apply to learning one")
+        return ("router", str(router), opts.get("threshold"))
+    from tcgraph.plan.l2c import L2CConfig
+
+    given = {k: v for k, v in opts.items() if v is not None}
+    if given.get("max_variants") == 0:
+        given["max_variants"] = None  # 0 = no cap
+    if "target_speedup" not in given and "lam" not in given:
+        given["target_speedup"] = DEFAULT_L2C_TARGET
+    return L2CConfig(**given)
+
+
+def _make_l2c(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, model=None, progress=None) -> Plan:
+    if isinstance(cfg, tuple):  # an imported router
+        from tcgraph.plan.l2c_import import DEFAULT_THRESHOLD, load_published_router_plan
+
+        _, path, threshold = cfg
+        return load_published_router_plan(path, model_cfg, settings,
+                                          DEFAULT_THRESHOLD if threshold is None else threshold)
+    if model is None:
+        raise TcgraphError("learning a Learning-to-Cache router needs the model's weights, not only its config")
+    from tcgraph.plan.l2c import make_l2c
+
+    return make_l2c(cfg, model, settings, progress=progress)
+
+
+DEFAULT_L2C_TARGET = 2.0
+
+# name -> (parse(args, spec, options) -> config, make(config, model_cfg, settings, *, model, progress) -> Plan)
+PLANNERS: dict[str, tuple[Callable, Callable]] = {
+    "full": (_parse_full, lambda cfg, m, s, **_: make_full(cfg, m, s)),
+    "fora": (_parse_fora, lambda cfg, m, s, **_: make_fora(cfg, m, s)),
+    "l2c": (_parse_l2c, _make_l2c),
 }
 
-PLAN_HELP = "full | fora:N (reuse every branch for N-1 of every N steps)"
+PLAN_HELP = ("full | fora:N (reuse every branch for N-1 of every N steps) | l2c[:X] (Learning-to-Cache: a router "
+             f"learned for a predicted X-times speedup, default {DEFAULT_L2C_TARGET}; or --router FILE)")
 
 
-def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings) -> Plan:
-    """Build a plan from a spec such as `full` or `fora:3`."""
+def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings, *, weights=None, progress=None,
+              **options) -> Plan:
+    """Build a plan from a spec such as `full`, `fora:3` or `l2c:2.5`.
+
+    `weights` is the DiT itself, for learned planners; `options` are planner options (None =
+    not given), e.g. `target_speedup`, `lam`, `max_variants`, `router` for l2c.
+    """
     name, *args = spec.split(":")
     if name not in PLANNERS:
         raise TcgraphError(f"unknown plan {spec!r}; available: {PLAN_HELP}")
@@ -67,4 +146,5 @@ def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings) -> Plan:
         raise TcgraphError(
             f"resolution {settings.resolution} does not match the model's input size {model.input_size}"
         )
-    return make(parse(args, spec), model, settings)
+    options = {k: v for k, v in options.items() if v is not None}
+    return make(parse(args, spec, options), model, settings, model=weights, progress=progress)

@@ -1,0 +1,116 @@
+"""Calibration trajectories: the full model run along the sampler from random noise and
+random labels (no data set), as DESIGN.md's data flow fixes it.
+
+What is kept, per step `s` of generation order and per image:
+- `x[s]`: the sampler state entering step s (the model input before the CFG halves are
+  stacked; `model_inputs` rebuilds the batch the model sees, null class included);
+- `eps[s]`: the full model's guided epsilon at that step — the target every cache plan is
+  trained against (with guidance the error that reaches the sample is the guided one).
+
+Branch outputs and block inputs are *not* stored: they are recomputed from `x[s]` by one
+no-grad forward when a learner needs them. Storing them costs `2 · depth · N · D` floats
+per model row and step (`branch_bytes`): for DiT-XL/2 at 256×256 (256 tokens, D = 1152,
+28 blocks) that is 66 MB per row-step, 211 GB for 32 images × 50 steps with guidance,
+against 52 MB for the states and targets tcgraph keeps (`calibration_bytes`).
+Recomputing costs one no-grad forward per cache round, the cheaper side by far.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.plan.plan import SamplerSettings
+from tcgraph.api import sampler_for
+from tcgraph.sampling import DDIMSampler
+
+FLOAT_BYTES = 4
+
+
+@dataclass
+class Trajectories:
+    settings: SamplerSettings
+    config: DiTConfig
+    x: torch.Tensor  # (S, R, C, H, W) sampler state entering each step
+    y: torch.Tensor  # (R,) class ids
+    eps: torch.Tensor  # (S, R, C, H, W) full model's guided epsilon at each step
+
+    @property
+    def num_steps(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.eps))
+
+    def sampler(self) -> DDIMSampler:
+        return sampler_for(self.settings, self.config)
+
+    def model_inputs(self, step: int, rows: torch.Tensor | None = None):
+        """(x, t, y) the model sees at `step` for images `rows` (all by default), CFG halves stacked."""
+        rows = torch.arange(self.num_images) if rows is None else rows
+        sampler = self.sampler()
+        index = sampler.schedule.generation_order()[step]
+        return sampler.model_inputs(self.x[step, rows], index, self.y[rows])
+
+    def eps_of(self, model_out: torch.Tensor) -> torch.Tensor:
+        """The guided epsilon of a model output (what `eps` holds for the full model)."""
+        return self.sampler().eps_from_output(model_out)
+
+    def split(self, held_out: int) -> tuple["Trajectories", "Trajectories"]:
+        """(train, held-out): the last `held_out` images are held out."""
+        if not 0 < held_out < self.num_images:
+            raise TcgraphError(f"cannot hold out {held_out} of {self.num_images} calibration images")
+        cut = self.num_images - held_out
+        part = lambda sl: Trajectories(self.settings, self.config, self.x[:, sl], self.y[sl], self.eps[:, sl])  # noqa: E731
+        return part(slice(0, cut)), part(slice(cut, None))
+
+
+@torch.no_grad()
+def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, seed: int = 0, chunk: int = 32,
+              progress: Callable[[int], None] | None = None) -> Trajectories:
+    """Run the full model along the sampler from random noise and labels; `progress(n)` per step done."""
+    cfg = model.config
+    if num_images < 2:
+        raise TcgraphError(f"calibration needs at least 2 images, got {num_images}")
+    if settings.resolution != cfg.input_size:
+        raise TcgraphError(f"resolution {settings.resolution} does not match the model's input size {cfg.input_size}")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, cfg.num_classes, (num_images,), generator=g)
+    noise = torch.randn(num_images, cfg.in_channels, settings.resolution, settings.resolution, generator=g)
+    sampler = sampler_for(settings, cfg)
+    S = sampler.num_steps
+    xs = torch.empty(S, *noise.shape)
+    eps = torch.empty(S, *noise.shape)
+    model = model.eval()
+    for lo in range(0, num_images, chunk):
+        sl = slice(lo, min(lo + chunk, num_images))
+
+        def step_fn(step, x, t, yy, sl=sl):
+            out = model(x, t, yy)
+            xs[step, sl] = x[: x.shape[0] // 2] if sampler.use_cfg else x
+            eps[step, sl] = sampler.eps_from_output(out)
+            return out
+
+        sampler.sample(step_fn, noise[sl], y[sl], generator=torch.Generator().manual_seed(seed + 1 + lo),
+                       progress=progress)
+    return Trajectories(settings, cfg, xs, y, eps)
+
+
+def calibration_bytes(cfg: DiTConfig, settings: SamplerSettings, num_images: int) -> int:
+    """Memory of the trajectories tcgraph keeps: states and guided targets per image-step."""
+    per = cfg.in_channels * settings.resolution**2 * FLOAT_BYTES
+    return settings.num_steps * num_images * 2 * per + num_images * 8
+
+
+def branch_bytes(cfg: DiTConfig, settings: SamplerSettings, num_images: int) -> int:
+    """Memory that storing every pre-gate branch output would take (model rows incl. CFG halves)."""
+    rows = num_images * (2 if settings.cfg_scale > 1.0 else 1)
+    return settings.num_steps * rows * 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size * FLOAT_BYTES
