@@ -1,7 +1,8 @@
 """Plan -> one checked static graph per variant.
 
 For each distinct recipe: capture the model, expand its blocks, rewrite with
-branch_cache, then run the rewritten graph and the eager reference (`reference_step`) on
+token_prune (branch_cache for compute/reuse and the cache I/O, then the partial branches),
+then run the rewritten graph and the eager reference (`reference_step`) on
 the same sample inputs; a disagreement stops the pipeline before anything is exported.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
-from tcgraph.passes import branch_cache, capture, expand_blocks, io_names, reference_step
+from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
 from tcgraph.plan.plan import Plan, Recipe
 
 CHECK_ATOL = 1e-4
@@ -35,10 +36,12 @@ def example_inputs(model: DiT, plan: Plan, names: list[str], seed: int = 0) -> d
 
 
 def rewrite_variant(model: DiT, plan: Plan, recipe: Recipe) -> torch.fx.GraphModule:
-    """The pass pipeline for one recipe: capture -> expand_blocks -> branch_cache."""
+    """The pass pipeline for one recipe: capture -> expand_blocks -> token_prune (which runs
+    branch_cache for compute/reuse, then rewrites partial branches; without partial actions
+    it is branch_cache)."""
     gm = capture(model).gm
     gm = expand_blocks(gm)
-    return branch_cache(gm, recipe, plan.writes(recipe))
+    return token_prune(gm, recipe, plan.writes(recipe))
 
 
 @torch.no_grad()

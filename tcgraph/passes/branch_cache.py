@@ -6,7 +6,10 @@
 - A computed branch whose cache the plan reads becomes an extra graph output.
 - Graph inputs are `x, t, y, cache…`; outputs `out, cache…` (DESIGN.md, graph interface).
 
-Partial actions (token pruning) belong to the token_prune pass and are refused here.
+Partial actions (token pruning) belong to the token_prune pass: they are refused here
+unless `keep_partial=True` (what token_prune passes), which gives a partial branch its cache
+input and output like any other read and write but leaves the branch node for token_prune
+to rewrite.
 """
 from __future__ import annotations
 
@@ -27,8 +30,13 @@ def branch_nodes(gm: fx.GraphModule) -> dict[tuple[int, str], fx.Node]:
     return found
 
 
-def branch_cache(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str]]) -> fx.GraphModule:
-    """Rewrite `gm` (from expand_blocks) for `recipe`, outputting the caches in `writes`."""
+def branch_cache(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str]], *,
+                 keep_partial: bool = False) -> fx.GraphModule:
+    """Rewrite `gm` (from expand_blocks) for `recipe`, outputting the caches in `writes`.
+
+    With `keep_partial`, a partial branch keeps its call_module node (still computing all
+    tokens) and gains its `cache.<l>.<branch>` input: only valid as token_prune's first stage.
+    """
     graph = gm.graph
     nodes = branch_nodes(gm)
     if len(nodes) != 2 * recipe.depth:
@@ -37,7 +45,7 @@ def branch_cache(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str
             "run expand_blocks on a capture of the same model"
         )
     for block, branch, action in recipe.items():
-        if action.kind == "partial":
+        if action.kind == "partial" and not keep_partial:
             raise TcgraphError(
                 f"block {block} {branch}: partial recomputation needs the token_prune pass; "
                 "branch_cache only rewrites compute/reuse"
@@ -61,6 +69,8 @@ def branch_cache(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str
         ph.meta[META_IO_NAME] = name
         ph.meta[META_BLOCK] = block
         last_input = ph
+        if recipe.action(block, branch).kind == "partial":
+            continue  # token_prune reads this input and rewrites the branch node
         node = nodes[(block, branch)]
         node.replace_all_uses_with(ph)
         graph.erase_node(node)

@@ -2,6 +2,13 @@
 
 This is the definition the rewritten graphs are checked against, written without fx and
 without the passes' code: if a pass is wrong, the two disagree.
+
+A partial branch is defined by what it means, not by how token_prune computes it: run
+the whole branch on all tokens and keep the rows of the kept tokens. Each output row of
+attention depends only on its own query (keys and values come from all tokens) and the
+MLP is row-wise, so those rows are exactly "queries from the kept tokens, keys and values
+from all tokens" and "the MLP of the kept tokens"; they replace the same rows of the
+cached pre-gate output, and the fresh gate multiplies the result.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ def reference_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model evaluation under `recipe`; returns (output, pre-gate branch outputs computed).
 
-    `caches` maps `cache.<l>.<branch>` to the tensors reused branches read.
+    `caches` maps `cache.<l>.<branch>` to the tensors reused and partial branches read. For
+    a partial branch the returned `fresh[key]` is the updated cache (old rows elsewhere).
     """
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, False)
@@ -41,7 +49,16 @@ def reference_step(
             elif action.kind == "reuse":
                 branch_out = caches[key]
             else:
-                raise NotImplementedError("partial actions are defined by the token_prune pass")
+                branch_out = _partial(fn(modulate(norm(h), shift, scale)), caches[key], action.indices)
+                fresh[key] = branch_out
             h = h + gate.unsqueeze(1) * branch_out
     h = model.final_layer(h, c)
     return model.unpatchify(h), fresh
+
+
+def _partial(full: torch.Tensor, cache: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
+    """The cache with the rows of the kept tokens replaced by the fresh branch output's."""
+    idx = torch.tensor(indices, dtype=torch.long, device=cache.device)
+    new = cache.clone()
+    new[:, idx] = full[:, idx]
+    return new

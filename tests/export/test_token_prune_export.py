@@ -1,0 +1,186 @@
+"""Partial (token-pruned) variants through ONNX and ONNX Runtime: the export equals the
+graph, its matrix products shrink with k exactly as `branch_flops` predicts, and a whole
+plan sampled with the ORT runner equals the eager reference loop."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tcgraph import api
+from tcgraph.compile import build_variants
+from tcgraph.export.artifact import load_artifact
+from tcgraph.export.onnx import WEIGHTS_PATH, export_variants
+from tcgraph.passes import reference_step
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, branch_flops, partial
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tests.export.tiny_variants import param_bytes, tiny_dit
+
+N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
+FULL = Recipe.uniform(3, COMPUTE)
+K_ATTN, K_MLP = 3, 5
+PARTIAL = Recipe(((partial([2, 7, 11]), partial([0, 4, 8, 12, 15])), (REUSE, partial([6])), (COMPUTE, REUSE)))
+
+
+def settings(steps: int) -> SamplerSettings:
+    return SamplerSettings(num_steps=steps, batch=2, cfg_scale=2.0, resolution=8)
+
+
+@pytest.fixture
+def exported(tiny_model, tmp_path):
+    torch.set_num_threads(1)
+    plan = Plan("p", settings(2), (FULL, PARTIAL), N)
+    variants = build_variants(tiny_model, plan)
+    entries = export_variants(variants, tmp_path)
+    return variants, entries, tmp_path
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_partial_variant_onnx_equals_graph(exported):
+    variants, entries, out = exported
+    v, entry = variants[1], entries[1]
+    assert entry["max_abs_diff"] <= 1e-4
+    assert [o["name"] for o in entry["outputs"]] == ["out", "cache.0.attn", "cache.0.mlp", "cache.1.mlp"]
+    assert [o["onnx_name"] for o in entry["outputs"]][1:] == ["cache.0.attn.new", "cache.0.mlp.new", "cache.1.mlp.new"]
+    # Fresh inputs (not the ones export verified with).
+    g = torch.Generator().manual_seed(7)
+    feeds = {n: (torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for n, t in v.example_inputs.items()}
+    with torch.no_grad():
+        ref = v.gm(*feeds.values())
+    got = _session(out / entry["file"]).run(None, {n: t.numpy() for n, t in feeds.items()})
+    diffs = [float(np.abs(r.numpy() - a).max()) for r, a in zip(ref, got)]
+    assert max(diffs) <= 1e-4, diffs
+    # Rows outside idx pass through ONNX Runtime unchanged too.
+    rest = [i for i in range(N) if i not in PARTIAL.actions[0][0].indices]
+    assert np.array_equal(got[1][:, rest], feeds["cache.0.attn"].numpy()[:, rest])
+
+
+def test_gather_and_scatter_ops(exported):
+    _, entries, out = exported
+    ops = Counter(n.op_type for n in onnx.load(str(out / entries[1]["file"]), load_external_data=False).graph.node)
+    assert ops["ScatterND"] == 3  # one per partial branch, no Transposes around it
+    assert "ScatterElements" not in ops
+    full_ops = Counter(n.op_type for n in onnx.load(str(out / entries[0]["file"]), load_external_data=False).graph.node)
+    assert "ScatterND" not in full_ops
+
+
+def _matmul_flops(path) -> int:
+    """2·M·K·N over every MatMul/Gemm of an ONNX file, from inferred static shapes."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    g = model.graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*g.input, *g.output, *g.value_info)}
+    shapes.update({i.name: list(i.dims) for i in g.initializer})
+    total = 0
+    for node in g.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            a, out_shape = shapes[node.input[0]], shapes[node.output[0]]
+            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+            inner = a[-2] if trans_a else a[-1]
+            assert all(out_shape), (node.name, out_shape)
+            total += 2 * int(np.prod(out_shape)) * inner
+    return total
+
+
+def test_matmul_work_shrinks_with_k(tiny_model, exported):
+    """The ONNX graphs' matrix-product FLOPs (from their tensor shapes) differ by exactly what
+    branch_flops predicts: q, scores, mix and proj on k rows, keys/values on all N, the MLP
+    on k rows, reused branches nothing."""
+    _, entries, out = exported
+    full, part = (_matmul_flops(out / e["file"]) for e in entries)
+    cfg = tiny_model.config
+    saved = sum(branch_flops(cfg, br, COMPUTE) - branch_flops(cfg, br, a) for _, br, a in PARTIAL.items())
+    assert full - part == B * saved
+    assert part < full
+
+
+def test_partial_q_and_mlp_tensors_have_k_rows(exported):
+    _, entries, out = exported
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / entries[1]["file"]), load_external_data=False))
+    outs = {}
+    for v in model.graph.value_info:
+        outs[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    matmul_shapes = [outs.get(n.output[0]) for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert [B, K_ATTN, D] in matmul_shapes  # q projection of the kept tokens
+    assert [B, N, 2 * D] in matmul_shapes  # keys and values of all tokens
+    assert [B, K_MLP, 4 * D] in matmul_shapes and [B, 1, 4 * D] in matmul_shapes  # fc1 on k rows
+    assert [B, N, 3 * D] in matmul_shapes  # block 2 computes its attention in full
+
+
+def test_partial_plan_sampled_with_ort_equals_eager_reference_loop(tiny_model, tmp_path):
+    """A whole plan with partial steps, transformed and sampled with the ORT runner, equals
+    an eager loop of reference_step along the same schedule, caches carried step to step."""
+    torch.set_num_threads(1)
+    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))))
+    b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)))
+    s = settings(6)
+    plan = Plan("tokens", s, (FULL, a, b, FULL, a, b), N)
+    path = api.transform(tiny_model, plan, tmp_path / "art", progress=False)
+    labels = [1, 4, 0]  # two runs of 2: the second padded
+    got, got_labels = api.sample(path, classes=labels, per_class=1, seed=3, progress=False)
+    assert got_labels == labels
+
+    caches: dict = {}
+
+    def eager_step(step, x, t, y):
+        out, fresh = reference_step(tiny_model, x, t, y, plan.recipes[step], caches)
+        caches.update(fresh)
+        return out
+
+    cfg = tiny_model.config
+    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
+                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
+    assert got.shape == eager.shape == (3, 2, 8, 8)
+    # Random weights make samples large (|x| ~ 500 here): the full plan's ORT-vs-eager
+    # difference is itself ~1e-4 absolute, i.e. float32 rounding; compare relative to size.
+    diff = (got - eager).abs().max().item()
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), diff
+    # The partial plan is a different computation from the full model.
+    full = api.sample_eager(tiny_model, s, labels, seed=3)
+    assert (full - eager).abs().max().item() > 1e-3
+
+    # Step by step on equal inputs (the reference trajectory), the ORT runner's outputs and
+    # carried caches stay within 1e-4 of the reference.
+    worst = []
+    caches.clear()
+    with api.make_runner("ort", load_artifact(path)) as runner:
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+
+        def step(i, x, t, y):
+            got = dispatch(i, x, t, y)
+            ref = eager_step(i, x, t, y)
+            worst.append((got - ref).abs().max().item())
+            worst.extend((runner.to_torch(v) - caches[n]).abs().max().item() for n, v in dispatch.caches.items())
+            return ref
+
+        api.sampler_for(s, cfg).sample(step, api.noise_for(2, cfg, 8, 0), torch.tensor([2, 3]))
+    assert dispatch.calls == plan.schedule()
+    assert max(worst) <= 1e-4, max(worst)
+
+
+def test_partial_attention_stores_no_second_copy_of_qkv(tmp_path):
+    """At a realistic width (D=128 > the exporter's folding limit) the partial variant reads
+    the same `qkv.weight.T` initializer as the full variant: weights.bin holds each weight
+    once, plus only the small constants (bias slices, scatter indices)."""
+    torch.set_num_threads(1)
+    model = tiny_dit()
+    n = model.config.num_tokens
+    recipe = Recipe(((partial(range(0, n, 4)), partial(range(0, n, 2))), (COMPUTE, COMPUTE)))
+    plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=16),
+                (Recipe.uniform(2, COMPUTE), recipe), n)
+    entries = export_variants(build_variants(model, plan), tmp_path)
+    assert entries[1]["max_abs_diff"] <= 1e-4
+    assert "blocks.0.attn.qkv.weight.T" in entries[1]["external_initializers"]
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / entries[1]["file"]), load_external_data=False).graph.node)
+    assert ops["Slice"] == 2  # Wq, Wkv: column slices of the shared W.T
+    size = (tmp_path / WEIGHTS_PATH).stat().st_size
+    assert size <= param_bytes(model) + 4096, (size, param_bytes(model))
