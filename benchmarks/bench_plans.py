@@ -98,55 +98,70 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/bench_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(config), flush=True)
 
-    # Load every plan first, then time them round-robin (eager, full, plan 2, …, eager, full, …):
-    # a shared machine drifts, and interleaving spreads the drift over all plans alike.
-    sampler = api.sampler_for(settings, cfg)
-    noise = api.noise_for(len(labels), cfg, settings.resolution, args.seed)
-    rows, runs = [], {}
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        for spec in plans:
-            plan = make_plan(spec, cfg, settings)
-            path = api.transform(model, plan, Path(tmp) / spec.replace(":", ""), progress=False)
-            art = load_artifact(path)
-            rss_before = rss_mib()
-            opts = {"intra_op_threads": args.threads} if args.threads else {}
-            opts["share_weights"] = not args.no_share_weights
-            opts["cpu_arena"] = not args.no_cpu_arena
-            opts["allow_spinning"] = args.allow_spinning
-            runner = stack.enter_context(api.make_runner("ort", art, **opts))
-            dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-            run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,
-                                    settings.batch, args.seed)
-            samples = run()  # warm-up, and the samples we judge
-            rss_loaded = rss_mib() - rss_before  # after a run: mapped weights are resident once touched
-            runs[spec] = run
-            rows.append({"plan": spec, "variants": len(plan.variants()),
-                         "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"],
-                         "sessions_rss_mib": rss_loaded, "samples": samples})
-        runs["eager"] = lambda: api.sample_eager(model, settings, labels, args.seed)
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                times[name].extend(time_runs(run, 1))
-    reference = rows[0].pop("samples")
-    for row in rows[1:] + rows[:1]:
-        samples = row.pop("samples", reference)
-        row.update(median_s=statistics.median(times[row["plan"]]), times_s=times[row["plan"]])
-        row.update(_quality(samples, reference, labels, args.model == "digits"))
-        print(json.dumps(row), flush=True)
-    eager_times = times["eager"]
-    full_time = rows[0]["median_s"]
-    for row in rows:
-        row["realized_speedup"] = full_time / row["median_s"]
-        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
-    result = {"config": config, "eager_full_median_s": statistics.median(eager_times),
-              "eager_times_s": eager_times, "peak_rss_mib": peak_rss_mib(), "rows": rows}
+    named = {}
+    for spec in plans:
+        named[spec] = make_plan(spec, cfg, settings, weights=model, progress=_quiet_phase)
+    runner_opts = {"share_weights": not args.no_share_weights, "cpu_arena": not args.no_cpu_arena,
+                   "allow_spinning": args.allow_spinning}
+    if args.threads:
+        runner_opts["intra_op_threads"] = args.threads
+    result = compare_plans(model, settings, named, labels, config, seed=args.seed, repeats=args.repeats,
+                           runner_opts=runner_opts, digits=args.model == "digits")
     out = args.out or Path(__file__).parent / "results" / f"plans-{args.model.replace('/', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"\nwrote {out}")
     return result
+
+
+def _quiet_phase(desc: str, total: int):
+    return lambda: None
+
+
+def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[int], config: dict, *, seed: int = 0,
+                  repeats: int = 3, runner_opts: dict | None = None, digits: bool = False) -> dict:
+    """Transform and load every plan (the first must be `full`), then time all of them and eager
+    PyTorch round-robin; quality of each against the first plan's samples."""
+    # Load every plan first, then time them round-robin (eager, full, plan 2, …, eager, full, …):
+    # a shared machine drifts, and interleaving spreads the drift over all plans alike.
+    cfg = model.config
+    sampler = api.sampler_for(settings, cfg)
+    noise = api.noise_for(len(labels), cfg, settings.resolution, seed)
+    rows, runs = [], {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for i, (name, plan) in enumerate(plans.items()):
+            path = api.transform(model, plan, Path(tmp) / f"p{i}", progress=False)
+            art = load_artifact(path)
+            rss_before = rss_mib()
+            runner = stack.enter_context(api.make_runner("ort", art, **(runner_opts or {})))
+            dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+            run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,
+                                    settings.batch, seed)
+            samples = run()  # warm-up, and the samples we judge
+            rss_loaded = rss_mib() - rss_before  # after a run: mapped weights are resident once touched
+            runs[name] = run
+            rows.append({"plan": name, "variants": len(plan.variants()),
+                         "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"],
+                         "sessions_rss_mib": rss_loaded, "samples": samples})
+        runs["eager"] = lambda: api.sample_eager(model, settings, labels, seed)
+        times = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                times[name].extend(time_runs(run, 1))
+    reference = rows[0].pop("samples")
+    for row in rows[1:] + rows[:1]:
+        samples = row.pop("samples", reference)
+        row.update(median_s=statistics.median(times[row["plan"]]), times_s=times[row["plan"]])
+        row.update(_quality(samples, reference, labels, digits))
+        print(json.dumps(row), flush=True)
+    eager_times = times["eager"]
+    full_time = rows[0]["median_s"]
+    for row in rows:
+        row["realized_speedup"] = full_time / row["median_s"]
+        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
+    return {"config": config, "eager_full_median_s": statistics.median(eager_times),
+            "eager_times_s": eager_times, "peak_rss_mib": peak_rss_mib(), "rows": rows}
 
 
 def _quality(samples, reference, labels, digits: bool) -> dict:

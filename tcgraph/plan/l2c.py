@@ -332,8 +332,12 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
 
 
 def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
-             progress: Callable[[str, int], Callable[[], None]] | None = None) -> Plan:
-    """Calibrate, train the router(s) and turn the best into a plan (see the module docstring)."""
+             progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None) -> Plan:
+    """Calibrate, train the router(s) and turn the best into a plan (see the module docstring).
+
+    `traj` reuses calibration trajectories made for the same settings (benchmarks compare
+    several targets on one calibration); by default they are made here.
+    """
     from tcgraph.calibrate import calibrate
 
     mcfg = model.config
@@ -341,8 +345,11 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     if S < 2:
         raise TcgraphError("Learning-to-Cache needs at least 2 steps")
     tick = progress or (lambda desc, total: (lambda: None))
-    step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
-    traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
+    if traj is None:
+        step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
+        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
+    elif traj.settings != settings or traj.num_images != cfg.calib_images:
+        raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
     train, held = traj.split(cfg.num_held_out)
 
     if cfg.target_speedup is not None:
