@@ -102,3 +102,60 @@ def test_inspect_focus_and_pictures(art, tmp_path, capsys):
     assert "v0" in capsys.readouterr().err
     assert main(["inspect", str(art), "--step", "99"]) == 2
     assert "0..5" in capsys.readouterr().err
+
+
+def _router_file(path, logits):
+    """A router file in the layout published with the L2C code (see tcgraph.plan.l2c_import)."""
+    import argparse
+
+    import torch
+
+    class Router(torch.nn.Module):
+        def __init__(self, row):
+            super().__init__()
+            self.prob = torch.nn.Parameter(torch.tensor(row, dtype=torch.float32))
+
+    routers = torch.nn.ModuleList([Router(row) for row in logits])
+    torch.save({"routers": routers.state_dict(), "args": argparse.Namespace(num_sampling_steps=len(logits))}, path)
+
+
+def test_transform_with_an_imported_router(tmp_path, capsys):
+    import math
+
+    S, depth = 6, 6
+    # router i: logit +3 for block i's attention and block (5 - i)'s MLP, -3 elsewhere
+    logits = [[3.0 if (j == 2 * i or j == 2 * (depth - 1 - i) + 1) else -3.0 for j in range(2 * depth)]
+              for i in range(S)]
+    router = tmp_path / "router.pt"
+    _router_file(router, logits)
+    out = tmp_path / "imported"
+    assert main(["transform", "--plan", "l2c", "--router", str(router), "--threshold", "0.1", "--out", str(out),
+                 *STEPS]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    plan = json.loads((out / "plan.json").read_text())
+    for s, vid in enumerate(plan["schedule"]):
+        i = S - 1 - s
+        for l, (attn, mlp) in enumerate(plan["variants"][vid]):
+            if i % 2 == 1:
+                assert attn == mlp == "compute"
+            else:
+                p = [1 / (1 + math.exp(-logits[i][2 * l + b])) for b in (0, 1)]
+                assert attn == ("compute" if p[0] > 0.1 else "reuse") and mlp == ("compute" if p[1] > 0.1 else "reuse")
+    assert info["planner"] == "l2c" and len(info["variants"]) == 4  # full + 3 distinct cache steps
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan", "l2c", "--router", "{tmp}/r.pt", "--target-speedup", "2"], "apply to learning"),
+    (["--plan", "fora:2", "--target-speedup", "2"], "do not apply to plan 'fora'"),
+    (["--plan", "l2c:9"], "out of reach"),
+    (["--plan", "l2c", "--router", "{tmp}/missing.pt"], "missing.pt"),
+    (["--plan", "l2c", "--target-speedup", "2", "--lambda", "0.1"], "not both"),
+])
+def test_l2c_bad_options(tmp_path, capsys, argv, message):
+    argv = ["transform", *[a.format(tmp=tmp_path) for a in argv], "--out", str(tmp_path / "o"), *STEPS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tcgraph: error: ") and message in err
+    assert not (tmp_path / "o").exists()

@@ -345,6 +345,12 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     if S < 2:
         raise TcgraphError("Learning-to-Cache needs at least 2 steps")
     tick = progress or (lambda desc, total: (lambda: None))
+    if cfg.target_speedup is not None:  # an unreachable target fails before minutes of calibration
+        intervals = [cfg.interval] if cfg.interval else candidate_intervals(mcfg, S, cfg.target_speedup)
+        for k in intervals:
+            if max_speedup(mcfg, S, k) < cfg.target_speedup:
+                raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k):.2f}x, below the target "
+                                   f"{cfg.target_speedup}x; use a longer interval")
     if traj is None:
         step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
         traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
@@ -353,7 +359,6 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     train, held = traj.split(cfg.num_held_out)
 
     if cfg.target_speedup is not None:
-        intervals = [cfg.interval] if cfg.interval else candidate_intervals(mcfg, S, cfg.target_speedup)
         lams = None
     else:
         intervals = [cfg.interval or 2]
@@ -362,9 +367,6 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     train_tick = tick("train router", n_train * cfg.epochs * sum(1 for _, cs in rounds(S, max(intervals)) if cs))
     candidates = []
     for k in intervals:
-        if cfg.target_speedup is not None and max_speedup(mcfg, S, k) < cfg.target_speedup:
-            raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k):.2f}x, below the target "
-                               f"{cfg.target_speedup}x; use a longer interval")
         unit = lambda_unit(model, train, k) if lams is None else None
         for lam in (lams or [m * unit for m in LAMBDA_GRID]):
             res = train_router(model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr,
