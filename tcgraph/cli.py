@@ -27,15 +27,24 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks of the rewritten graphs")
-    l2c = t.add_argument_group("learned plans (l2c)")
-    l2c.add_argument("--target-speedup", type=float, help="FLOP-predicted speedup to learn a plan for (default 2)")
+    l2c = t.add_argument_group("learned plans (l2c, tokencache)")
+    l2c.add_argument("--target-speedup", type=float,
+                     help="FLOP-predicted speedup to learn a plan for (default: l2c 2, tokencache 1.5)")
     l2c.add_argument("--lambda", dest="lam", type=float, help="λ of the router loss, instead of a target")
     l2c.add_argument("--threshold", type=float,
                      help="sigmoid(logit) above which a branch is computed (λ mode 0.5, imported routers 0.1)")
-    l2c.add_argument("--max-variants", type=int, help="cap on distinct step graphs (default 6; 0 = no cap)")
+    l2c.add_argument("--max-variants", type=int,
+                     help="cap on distinct step graphs (default: l2c 6, tokencache 8; 0 = no cap)")
     l2c.add_argument("--interval", type=int, help="a full step every N steps (searched by default)")
     l2c.add_argument("--router", type=Path, help="import a router file published with the L2C code")
     l2c.add_argument("--calib-images", type=int, help="calibration images (default 48, a third of them held out)")
+    l2c.add_argument("--tprr", metavar="B,K1,K2",
+                     help="tokencache: TPRR schedule, a full step every K1 steps before step B, every K2 from B on "
+                          "(searched by default)")
+    l2c.add_argument("--keep-ratio", type=float,
+                     help="tokencache: share of tokens the Cache Predictor learns to keep (default 0.5)")
+    l2c.add_argument("--min-keep", type=float,
+                     help="tokencache: lowest keep ratio of a pruned block (default 0.25; 0 allows reusing blocks)")
 
     s = sub.add_parser("sample", help="sample images with an artifact folder")
     s.add_argument("artifact", type=Path)
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                  check=not args.no_check, progress=progress,
                                  plan_options={k: getattr(args, k) for k in (
                                      "target_speedup", "lam", "threshold", "max_variants", "interval", "router",
-                                     "calib_images")})
+                                     "calib_images", "tprr", "keep_ratio", "min_keep")})
             print(api.format_inspect(api.inspect(path, verify=False)))
             print(f"\nwrote {path}")
         elif args.command == "sample":

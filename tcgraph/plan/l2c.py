@@ -32,6 +32,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: F401 (re-exported)
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.plan import BRANCHES, COMPUTE, REUSE, Plan, Recipe, SamplerSettings, cache_name
 
@@ -92,14 +93,6 @@ def rounds(num_steps: int, interval: int) -> list[tuple[int, list[int]]]:
 
 def cache_steps(num_steps: int, interval: int) -> list[int]:
     return [s for _, cs in rounds(num_steps, interval) for s in cs]
-
-
-def speedup_of(cfg: DiTConfig, recipes: list[Recipe] | tuple[Recipe, ...]) -> float:
-    """FLOP-predicted speedup of a sequence of recipes over computing everything."""
-    per_branch = {br: branch_flops(cfg, br, COMPUTE) for br in BRANCHES}
-    full = fixed_flops(cfg) + cfg.depth * sum(per_branch.values())
-    total = sum(fixed_flops(cfg) + sum(per_branch[br] for _, br, a in r.items() if a.computes) for r in recipes)
-    return full * len(recipes) / total
 
 
 def max_speedup(cfg: DiTConfig, num_steps: int, interval: int) -> float:
@@ -208,25 +201,6 @@ def soft_loss(model: DiT, traj, interval: int, logits: torch.Tensor, lam: float)
             total += mse.item() + lam * probs[cs].sum().item()
             count += n
     return total / count
-
-
-@torch.no_grad()
-def plan_error(model: DiT, traj, recipes: tuple[Recipe, ...] | list[Recipe]) -> float:
-    """Mean eps MSE per step of a hard plan on `traj`, teacher-forced (the full steps count 0)."""
-    rows = torch.arange(traj.num_images)
-    caches: dict[str, torch.Tensor] = {}
-    total = 0.0
-    from tcgraph.calibrate import mixed_step
-
-    for s, recipe in enumerate(recipes):
-        weights = {cache_name(l, br): (1.0 if a.computes else 0.0) for l, br, a in recipe.items()}
-        if recipe.is_full:
-            _, used = mixed_step(model, *traj.model_inputs(s, rows), {}, {})
-        else:
-            out, used = mixed_step(model, *traj.model_inputs(s, rows), weights, caches)
-            total += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
-        caches = {k: v for k, v in used.items()}
-    return total / len(recipes)
 
 
 def lambda_unit(model: DiT, traj, interval: int, rows: int = 8) -> float:

@@ -60,7 +60,7 @@ def _no_options(name: str):
     def check(args: list[str], spec: str, options: dict) -> None:
         if options:
             raise TcgraphError(f"{', '.join(sorted(options))} do not apply to plan {name!r}; they are options of "
-                               "learned plans (l2c)")
+                               "learned plans (l2c, tokencache)")
     return check
 
 
@@ -120,15 +120,53 @@ def _make_l2c(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, model=Non
 
 DEFAULT_L2C_TARGET = 2.0
 
+DEFAULT_TOKENCACHE_TARGET = 1.5
+TOKENCACHE_OPTIONS = ("target_speedup", "tprr", "keep_ratio", "min_keep", "max_stale", "max_variants",
+                      "calib_images", "epochs", "seed")
+
+
+def _parse_tokencache(args, spec, options):
+    unknown = set(options) - set(TOKENCACHE_OPTIONS)
+    if unknown:
+        raise TcgraphError(f"{', '.join(sorted(unknown))} do not apply to plan 'tokencache'; its options are "
+                           f"{', '.join(TOKENCACHE_OPTIONS)}")
+    if len(args) > 1:
+        raise TcgraphError(f"plan {spec!r}: expected tokencache or tokencache:X (X = target speedup)")
+    from tcgraph.plan.tokencache import TokenCacheConfig, parse_tprr
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if args:  # `tokencache:1.5` is short for a target of 1.5x
+        if "target_speedup" in given:
+            raise TcgraphError(f"plan {spec!r} already names a target; drop --target-speedup or the ':X'")
+        given["target_speedup"] = _parse_float(args[0], spec)
+    given.setdefault("target_speedup", DEFAULT_TOKENCACHE_TARGET)
+    if "tprr" in given:
+        given["tprr"] = parse_tprr(given["tprr"])
+    if given.get("max_variants") == 0:
+        given["max_variants"] = None  # 0 = no cap
+    return TokenCacheConfig(**given)
+
+
+def _make_tokencache(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, model=None, progress=None) -> Plan:
+    if model is None:
+        raise TcgraphError("learning a TokenCache plan needs the model's weights, not only its config")
+    from tcgraph.plan.tokencache import make_tokencache
+
+    return make_tokencache(cfg, model, settings, progress=progress)
+
+
 # name -> (parse(args, spec, options) -> config, make(config, model_cfg, settings, *, model, progress) -> Plan)
 PLANNERS: dict[str, tuple[Callable, Callable]] = {
     "full": (_parse_full, lambda cfg, m, s, **_: make_full(cfg, m, s)),
     "fora": (_parse_fora, lambda cfg, m, s, **_: make_fora(cfg, m, s)),
     "l2c": (_parse_l2c, _make_l2c),
+    "tokencache": (_parse_tokencache, _make_tokencache),
 }
 
 PLAN_HELP = ("full | fora:N (reuse every branch for N-1 of every N steps) | l2c[:X] (Learning-to-Cache: a router "
-             f"learned for a predicted X-times speedup, default {DEFAULT_L2C_TARGET}; or --router FILE)")
+             f"learned for a predicted X-times speedup, default {DEFAULT_L2C_TARGET}; or --router FILE) | "
+             "tokencache[:X] (TokenCache: learned token pruning per block on a two-phase round-robin schedule, for "
+             f"a predicted X-times speedup, default {DEFAULT_TOKENCACHE_TARGET}; --tprr b,K1,K2, --keep-ratio, --min-keep)")
 
 
 def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings, *, weights=None, progress=None,
@@ -136,7 +174,8 @@ def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings, *, weights
     """Build a plan from a spec such as `full`, `fora:3` or `l2c:2.5`.
 
     `weights` is the DiT itself, for learned planners; `options` are planner options (None =
-    not given), e.g. `target_speedup`, `lam`, `max_variants`, `router` for l2c.
+    not given), e.g. `target_speedup`, `lam`, `max_variants`, `router` for l2c; `target_speedup`,
+    `tprr`, `keep_ratio`, `min_keep`, `max_stale`, `max_variants` for tokencache.
     """
     name, *args = spec.split(":")
     if name not in PLANNERS:
