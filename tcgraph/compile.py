@@ -1,7 +1,8 @@
 """Plan -> one checked static graph per variant.
 
 For each distinct recipe: capture the model, expand its blocks, rewrite with
-token_prune (branch_cache for compute/reuse and the cache I/O, then the partial branches),
+token_prune (branch_cache for compute/reuse and the cache I/O, then the partial and dynamic
+branches, dynamic ones with their input caches `cache.<l>.<branch>.in`),
 then run the rewritten graph and the eager reference (`reference_step`) on
 the same sample inputs; a disagreement stops the pipeline before anything is exported.
 """
@@ -37,11 +38,11 @@ def example_inputs(model: DiT, plan: Plan, names: list[str], seed: int = 0) -> d
 
 def rewrite_variant(model: DiT, plan: Plan, recipe: Recipe) -> torch.fx.GraphModule:
     """The pass pipeline for one recipe: capture -> expand_blocks -> token_prune (which runs
-    branch_cache for compute/reuse, then rewrites partial branches; without partial actions
+    branch_cache for compute/reuse, then rewrites partial and dynamic branches; without them
     it is branch_cache)."""
     gm = capture(model).gm
     gm = expand_blocks(gm)
-    return token_prune(gm, recipe, plan.writes(recipe))
+    return token_prune(gm, recipe, plan.writes(recipe), plan.input_writes(recipe))
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def check_variant(model: DiT, gm: torch.fx.GraphModule, recipe: Recipe, feeds: d
     got = gm(*[feeds[n] for n in inputs])
     got = got if isinstance(got, tuple) else (got,)
     caches = {n: v for n, v in feeds.items() if n.startswith("cache.")}
-    ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], feeds["y"], recipe, caches)
+    ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], feeds["y"], recipe, caches, keep_inputs=True)
     worst = 0.0
     for name, value in zip(outputs, got):
         ref = ref_out if name == "out" else fresh[name]

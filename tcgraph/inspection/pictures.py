@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan.plan import BRANCHES, Action, Plan, Recipe, cache_name
+from tcgraph.plan.plan import BRANCHES, Action, Plan, Recipe, cache_name, input_cache_name
 
 COMPUTE_RGB = (33, 102, 172)  # blue
 REUSE_RGB = (222, 222, 222)  # light grey
@@ -26,7 +26,7 @@ REUSED_RGB = REUSE_RGB  # token masks: token taken from the cache
 
 
 def action_color(action: Action, num_tokens: int) -> tuple[int, int, int]:
-    """Heatmap colour of one action; partial shades from light (k small) to dark (k = N)."""
+    """Heatmap colour of one action; partial and dynamic shade from light (k small) to dark (k = N)."""
     if action.kind == "compute":
         return COMPUTE_RGB
     if action.kind == "reuse":
@@ -118,11 +118,14 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
     entries = [(COMPUTE_RGB, "compute"), (REUSE_RGB, "reuse")]
     n = plan.num_tokens
     ks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "partial"})
+    dks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "dynamic"})
     if ks:
         for k in (ks[0], ks[-1]) if len(ks) > 1 else (ks[0],):
             entries.append((action_color(Action("partial", tuple(range(k))), n), f"partial k={k}/{n}"))
-    else:
+    elif not dks:
         entries.append((action_color(Action("partial", tuple(range(max(n // 4, 1)))), n), "partial (shade: k/N)"))
+    for k in (dks[0], dks[-1]) if len(dks) > 1 else dks:
+        entries.append((action_color(Action("dynamic", size=k), n), f"dynamic k={k}/{n}"))
     for color, text in entries:
         d.rectangle([lx, ly, lx + 10, ly + 10], fill=color, outline=TEXT_RGB)
         d.text((lx + 16, ly - 1), text, fill=TEXT_RGB, font=font)
@@ -216,8 +219,8 @@ def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
                 for t in action.indices:
                     bx0, by0, bx1, by1 = lay.token_box(step, block, branch, t)
                     d.rectangle([bx0, by0, bx1 - 1, by1 - 1], fill=KEPT_RGB)
-            else:
-                fill = KEPT_RGB if action.kind == "compute" else REUSED_RGB
+            else:  # dynamic: no fixed tokens, the cell takes the heatmap shade of k/N
+                fill = {"compute": KEPT_RGB, "reuse": REUSED_RGB}.get(action.kind) or action_color(action, plan.num_tokens)
                 d.rectangle([x0, y0, x0 + lay.cell - 1, y0 + lay.cell - 1], fill=fill)
     for block in range(plan.depth):
         x0, _ = lay.cell_origin(lay.steps[0], block, "attn")
@@ -238,6 +241,7 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
     """Block-level Graphviz drawing of one variant: blocks with their branches; cache inputs
     (read) and outputs (written) as distinct nodes."""
     writes = set(plan.writes(recipe))
+    in_writes = set(plan.input_writes(recipe))
     lines = [f'digraph "{vid}" {{', "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
              f'  label="{vid}: {recipe.short()}"; labelloc=t;',
              '  inputs [shape=box, label="x, t, y"];',
@@ -247,7 +251,7 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
         lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
         for branch, action in zip(BRANCHES, pair):
             node = f"b{block}_{branch}"
-            label = f"{branch}\\n{action.kind if action.kind != 'partial' else f'partial k={action.k}'}"
+            label = f"{branch}\\n{action.kind if action.k is None else f'{action.kind} k={action.k}'}"
             fill = _DOT_FILL.get(action.kind, "#f4a259")
             font = "white" if action.kind == "compute" else "black"
             lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
@@ -259,13 +263,14 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
         for branch, action in zip(BRANCHES, pair):
             name = cache_name(block, branch)
             node = f"b{block}_{branch}"
-            if action.reads_cache:
-                lines.append(f'  "in:{name}" [shape=cylinder, style=filled, fillcolor="#fde0b6", label="{name}"];')
-                lines.append(f'  "in:{name}" -> {node} [style=dashed];')
-            if (block, branch) in writes:
-                lines.append(f'  "out:{name}" [shape=cylinder, style=filled, fillcolor="#b8e186", '
-                             f'label="{name} (write)"];')
-                lines.append(f'  {node} -> "out:{name}" [style=dashed];')
+            names = (name, input_cache_name(block, branch))
+            for n in names[:2 if action.kind == "dynamic" else 1] if action.reads_cache else ():
+                lines.append(f'  "in:{n}" [shape=cylinder, style=filled, fillcolor="#fde0b6", label="{n}"];')
+                lines.append(f'  "in:{n}" -> {node} [style=dashed];')
+            for n in names[:2 if (block, branch) in in_writes else 1] if (block, branch) in writes else ():
+                lines.append(f'  "out:{n}" [shape=cylinder, style=filled, fillcolor="#b8e186", '
+                             f'label="{n} (write)"];')
+                lines.append(f'  {node} -> "out:{n}" [style=dashed];')
     lines += ['  final [shape=box, label="final layer"];', f"  {prev} -> final;",
               '  out [shape=box, label="out"];', "  final -> out;", "}"]
     return "\n".join(lines) + "\n"

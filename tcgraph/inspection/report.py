@@ -20,11 +20,12 @@ SCHEDULE_RUNS = 20  # runs of the compact schedule printed before "… (n more r
 
 
 def action_label(action) -> str:
-    return f"partial({action.k})" if action.kind == "partial" else action.kind
+    return f"{action.kind}({action.k})" if action.kind in ("partial", "dynamic") else action.kind
 
 
 def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
-    """One row per block: each branch's action, and for partial the kept token indices."""
+    """One row per block: each branch's action, and for partial the kept token indices
+    (a dynamic branch has none: its tokens are chosen per sample at run time)."""
     rows = []
     for block, pair in enumerate(recipe.actions):
         row: dict = {"block": block}
@@ -37,11 +38,12 @@ def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
 
 
 def action_counts(plan: Plan) -> dict[str, int]:
-    """Actions over the whole plan: every (step, block, branch) counted once."""
+    """Actions over the whole plan: every (step, block, branch) counted once; `dynamic` only
+    where the plan has dynamic actions."""
     counts = {"compute": 0, "reuse": 0, "partial": 0}
     for recipe in plan.recipes:
         for _, _, a in recipe.items():
-            counts[a.kind] += 1
+            counts[a.kind] = counts.get(a.kind, 0) + 1
     return counts
 
 
@@ -53,7 +55,7 @@ def full_variant(plan: Plan, flops: dict | None = None) -> tuple[str, bool]:
             return f"v{i}", True
     if flops:
         return max(flops["per_variant"], key=flops["per_variant"].get), False
-    costs = [sum(1 if a.kind == "compute" else (a.k or 0) / plan.num_tokens if a.kind == "partial" else 0
+    costs = [sum(1 if a.kind == "compute" else (a.k or 0) / plan.num_tokens if a.kind in ("partial", "dynamic") else 0
                  for _, _, a in r.items()) for r in variants]
     return f"v{costs.index(max(costs))}", False
 
@@ -113,6 +115,7 @@ def inspect_plan(plan: Plan, model_config: dict | None = None, *, variant: str |
             "recipe": recipe.short(),
             "full": recipe.is_full,
             "compute": kinds.count("compute"), "reuse": kinds.count("reuse"), "partial": kinds.count("partial"),
+            "dynamic": kinds.count("dynamic"),
             "reads": ins[3:], "writes": outs[1:],
             "flops": flops["per_variant"][vid] if flops else None,
             "fraction": flops["fraction"][vid] if flops else None,

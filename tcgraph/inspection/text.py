@@ -47,7 +47,8 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
                       f"({info['flops_per_run'] / 1e9:.2f} of {info['full_flops_per_run'] / 1e9:.2f} GFLOP per run)")
     lines.append(plan_line)
     c = info["action_counts"]
-    lines.append(f"actions    compute {c['compute']}, reuse {c['reuse']}, partial {c['partial']} "
+    dyn = f", dynamic {c['dynamic']}" if c.get("dynamic") else ""
+    lines.append(f"actions    compute {c['compute']}, reuse {c['reuse']}, partial {c['partial']}{dyn} "
                  f"(steps x blocks x branches = {sum(c.values())})")
     if "weights" in info:
         n_onnx = sum(v.get("onnx_bytes") or 0 for v in info["variants"])
@@ -91,8 +92,9 @@ def _format_focus(info: dict, focus: dict) -> list[str]:
         lines.append(f"step {pos['step']} of 0..{pos['num_steps'] - 1}: runs {vid} (occurrence {pos['occurrence']} of "
                      f"{pos['variant_steps']}), step {pos['position_in_run']} of a run of {pos['run_length']} "
                      f"(steps {pos['run'][0]}-{pos['run'][1]}), {since}")
+    dyn = f", {v['dynamic']} dynamic" if v.get("dynamic") else ""
     lines.append(f"variant {vid}: {len(v['steps'])} steps, {v['compute']} compute, {v['reuse']} reuse, "
-                 f"{v['partial']} partial; reads {len(v['reads'])} caches, writes {len(v['writes'])}")
+                 f"{v['partial']} partial{dyn}; reads {len(v['reads'])} caches, writes {len(v['writes'])}")
     lines.append("")
     lines.append(f"{'block':>5}  {'attn':<14}{'mlp':<14}")
     for row in focus["blocks"]:

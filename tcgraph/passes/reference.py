@@ -9,13 +9,19 @@ attention depends only on its own query (keys and values come from all tokens) a
 MLP is row-wise, so those rows are exactly "queries from the kept tokens, keys and values
 from all tokens" and "the MLP of the kept tokens"; they replace the same rows of the
 cached pre-gate output, and the fresh gate multiplies the result.
+
+A dynamic(k) branch likewise, with the rows chosen per sample: u is the branch input
+(modulated norm of h), u_old = `cache.<l>.<branch>.in`; score[b, i] = sum_D (u - u_old)²;
+the rows of sample b are the k of topk(score[b]); in clones of both caches those rows
+take the fresh branch output and u. Both updated caches are returned in `fresh`. Ties
+in the score are broken as torch.topk breaks them (the graph's TopK may differ there).
 """
 from __future__ import annotations
 
 import torch
 
 from tcgraph.models.dit import DiT, modulate
-from tcgraph.plan.plan import Recipe, cache_name
+from tcgraph.plan.plan import Recipe, cache_name, input_cache_name
 
 
 @torch.no_grad()
@@ -26,11 +32,17 @@ def reference_step(
     y: torch.Tensor,
     recipe: Recipe,
     caches: dict[str, torch.Tensor],
+    *,
+    keep_inputs: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model evaluation under `recipe`; returns (output, pre-gate branch outputs computed).
 
-    `caches` maps `cache.<l>.<branch>` to the tensors reused and partial branches read. For
-    a partial branch the returned `fresh[key]` is the updated cache (old rows elsewhere).
+    `caches` maps `cache.<l>.<branch>` to the tensors reused and partial branches read (and
+    `cache.<l>.<branch>.in` to the branch inputs dynamic branches read). For a partial or
+    dynamic branch the returned `fresh[key]` is the updated cache (old rows elsewhere); a
+    dynamic branch also returns its updated input cache `fresh[key + ".in"]`. With
+    `keep_inputs`, every computed branch also returns its input u as `fresh[key + ".in"]`
+    (what a plan with dynamic steps carries; extra entries are harmless).
     """
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, False)
@@ -44,12 +56,20 @@ def reference_step(
         for (name, fn, norm, shift, scale, gate), action in zip(branches, recipe.actions[l]):
             key = cache_name(l, name)
             if action.kind == "compute":
-                branch_out = fn(modulate(norm(h), shift, scale))
+                u = modulate(norm(h), shift, scale)
+                branch_out = fn(u)
                 fresh[key] = branch_out
+                if keep_inputs:
+                    fresh[input_cache_name(l, name)] = u
             elif action.kind == "reuse":
                 branch_out = caches[key]
-            else:
+            elif action.kind == "partial":
                 branch_out = _partial(fn(modulate(norm(h), shift, scale)), caches[key], action.indices)
+                fresh[key] = branch_out
+            else:
+                u = modulate(norm(h), shift, scale)
+                in_key = input_cache_name(l, name)
+                branch_out, fresh[in_key] = _dynamic(fn(u), u, caches[key], caches[in_key], action.size)
                 fresh[key] = branch_out
             h = h + gate.unsqueeze(1) * branch_out
     h = model.final_layer(h, c)
@@ -62,3 +82,16 @@ def _partial(full: torch.Tensor, cache: torch.Tensor, indices: tuple[int, ...]) 
     new = cache.clone()
     new[:, idx] = full[:, idx]
     return new
+
+
+def _dynamic(full: torch.Tensor, u: torch.Tensor, cache: torch.Tensor, cache_in: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache, input cache) with, per sample, the rows of the k tokens whose input changed most
+    replaced by the fresh branch output and the fresh input."""
+    score = (u - cache_in).pow(2).sum(dim=-1)  # [B, N]
+    idx = torch.topk(score, k, dim=1).indices  # [B, k]
+    rows = torch.arange(cache.shape[0], device=cache.device).unsqueeze(1)  # [B, 1]
+    new, new_in = cache.clone(), cache_in.clone()
+    new[rows, idx] = full[rows, idx]
+    new_in[rows, idx] = u[rows, idx]
+    return new, new_in

@@ -37,6 +37,10 @@ queries nobody reads (and departs from `branch_flops`).
 In ONNX: the gathers are `Gather(axis=1)` with constant indices; the scatter is
 `index_put(cache, (arange(B)[:, None], idx), rows)`, one `ScatterND` with constant
 [B, k, 2] indices (index_copy on dim 1 would export as three Transposes around it).
+
+Dynamic branches (`dynamic(k)`, ToCa-style: the k tokens chosen per sample in the graph)
+are rewritten by `tcgraph.passes.token_dynamic`, called from here; `input_writes` names
+the computed branches that also output their branch input `cache.<l>.<branch>.in`.
 """
 from __future__ import annotations
 
@@ -52,21 +56,32 @@ from tcgraph.passes.capture import META_BLOCK, META_BRANCH, META_IO_NAME
 from tcgraph.plan.plan import Recipe, cache_name
 
 
-def token_prune(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str]]) -> fx.GraphModule:
-    """Rewrite `gm` (from expand_blocks) for `recipe`, partial branches included."""
-    gm = branch_cache(gm, recipe, writes, keep_partial=True)
+def token_prune(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str]],
+                input_writes: list[tuple[int, str]] = ()) -> fx.GraphModule:
+    """Rewrite `gm` (from expand_blocks) for `recipe`, partial and dynamic branches included."""
+    from tcgraph.passes.token_dynamic import add_input_caches, dynamic_branch, stand_in
+
+    gm = branch_cache(gm, stand_in(recipe), writes, keep_partial=True)
     nodes = branch_nodes(gm)
     inputs = {n.meta.get(META_IO_NAME): n for n in gm.graph.nodes if n.op == "placeholder"}
+    input_caches = add_input_caches(gm, recipe, input_writes, nodes, inputs)
     for block, branch, action in recipe.items():
+        if action.kind == "dynamic":
+            dynamic_branch(gm, block, branch, action.size, nodes[(block, branch)],
+                           inputs[cache_name(block, branch)], input_caches[(block, branch)])
+            continue
         if action.kind != "partial":
             continue
         _check_indices(action.indices, block, branch)
-        emit = _Emitter(gm, block, branch, nodes[(block, branch)])
+        node = nodes[(block, branch)]
+        emit = _Emitter(gm, block, branch, node)
         idx = emit.constant_index(action.indices)
-        rewrite = _prune_attn if branch == "attn" else _prune_mlp
-        rows = rewrite(emit, nodes[(block, branch)], idx, len(action.indices))
+        if branch == "attn":
+            rows = _prune_attn(emit, node, emit.gather(node.args[0], idx), len(action.indices))
+        else:
+            rows = _prune_mlp(emit, node, idx, len(action.indices))
         new = emit.scatter(inputs[cache_name(block, branch)], idx, rows)
-        nodes[(block, branch)].replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -129,14 +144,15 @@ def _prune_mlp(emit: _Emitter, node: fx.Node, idx: fx.Node, k: int) -> fx.Node:
     return node  # [B, k, D]
 
 
-def _prune_attn(emit: _Emitter, node: fx.Node, idx: fx.Node, k: int) -> fx.Node:
-    """Attention with queries from the kept tokens and keys/values from all tokens."""
+def _prune_attn(emit: _Emitter, node: fx.Node, kept: fx.Node, k: int) -> fx.Node:
+    """Attention with queries from the kept rows `kept` ([B, k, D], gathered from the branch
+    input u) and keys/values from all tokens of u."""
     attn = emit.gm.get_submodule(node.target)
     d, heads, head_dim = attn.proj.in_features, attn.num_heads, attn.head_dim
     (u,) = node.args
     batch = emit.batch(u)
     wq, bq, wkv, bkv = _split_qkv(emit, node.target, d)
-    q = emit.fn(operator.add, emit.fn(torch.matmul, emit.gather(u, idx), wq, name="q"), bq, name="q")
+    q = emit.fn(operator.add, emit.fn(torch.matmul, kept, wq, name="q"), bq, name="q")
     kv = emit.fn(operator.add, emit.fn(torch.matmul, u, wkv, name="kv"), bkv, name="kv")  # [B, N, 2D]
     q = emit("call_method", "reshape", q, batch, k, heads, head_dim, name="q")
     q = emit("call_method", "transpose", q, 1, 2, name="q")  # [B, h, k, d]

@@ -3,6 +3,10 @@
 Counts the matrix products and attention (the work caching removes); element-wise work
 (norms, modulation, gates) is left out, which is why realized speedups fall short of
 predicted ones — the benchmark reports both.
+
+A `dynamic(k)` branch counts as `partial` with k tokens plus its token score,
+||u - u_cached||² summed over D for all N tokens: one multiply-add per element, 2·N·D
+per branch per sample (the subtraction, TopK, gathers and scatters are not counted).
 """
 from __future__ import annotations
 
@@ -16,13 +20,14 @@ def branch_flops(cfg: DiTConfig, branch: str, action: Action) -> int:
     if action.kind == "reuse":
         return 0
     k = n if action.kind == "compute" else action.k
+    score = 2 * n * d if action.kind == "dynamic" else 0
     if branch == "attn":
         # q for the k kept tokens; k and v for every token (queries attend to all keys).
         qkv = 2 * k * d * d + 2 * n * d * 2 * d if k < n else 2 * n * d * 3 * d
         scores_and_mix = 2 * 2 * k * n * d
         proj = 2 * k * d * d
-        return qkv + scores_and_mix + proj
-    return 2 * 2 * k * d * m
+        return qkv + scores_and_mix + proj + score
+    return 2 * 2 * k * d * m + score
 
 
 def fixed_flops(cfg: DiTConfig) -> int:

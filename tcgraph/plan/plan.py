@@ -1,12 +1,24 @@
 """The plan: what every branch of every block does at every denoising step.
 
 Vocabulary (shared/DESIGN.md): an *action* per (step, block, branch) — `compute`,
-`reuse`, or `partial(k, indices)`; a *recipe* is the actions of one step; a *variant* is
-one distinct recipe (one static graph); the *schedule* maps steps to variant ids.
+`reuse`, `partial(k, indices)` (TokenCache: k constant token ids recomputed) or
+`dynamic(k)` (ToCa-style: k tokens recomputed, chosen per sample inside the graph); a
+*recipe* is the actions of one step; a *variant* is one distinct recipe (one static
+graph); the *schedule* maps steps to variant ids.
 
 Cache writes follow DESIGN.md: a recipe that computes a branch whose cache *any* step of
 the plan reads also outputs that cache. The write set is therefore a function of the
 recipe and the plan, and one recipe is always one graph.
+
+Input caches (dynamic actions). A `dynamic(k)` branch scores every token by how much its
+branch input changed since its cache row was written, so besides the pre-gate output
+cache `cache.<l>.<branch>` ([B, N, D]) it needs a second cache, the *branch input*
+`cache.<l>.<branch>.in` ([B, N, D]): the modulated, normed hidden state u that fed the
+branch, row by row as it was when that row of `cache.<l>.<branch>` was last written.
+A dynamic step reads both and writes both (the k recomputed rows of each are replaced);
+by the same rule as above, every recipe that computes a branch on which *any* step of the
+plan is dynamic also outputs that branch's `.in` (its u). A partial action keeps no `.in`,
+so a plan may not mix partial and dynamic actions on one (block, branch) (`validate`).
 """
 from __future__ import annotations
 
@@ -22,42 +34,63 @@ BRANCHES = ("attn", "mlp")
 CacheKey = tuple[int, str]  # (block, branch)
 
 
+INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
+
+
 def cache_name(block: int, branch: str) -> str:
     """Graph I/O name of a cache tensor, as DESIGN.md fixes it."""
     return f"cache.{block}.{branch}"
 
 
+def input_cache_name(block: int, branch: str) -> str:
+    """Graph I/O name of a branch-input cache (`cache.3.attn.in`), read and written by dynamic actions."""
+    return cache_name(block, branch) + INPUT_SUFFIX
+
+
+ACTION_KINDS = ("compute", "reuse", "partial", "dynamic")
+
+
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "compute" | "reuse" | "partial"
+    kind: str  # "compute" | "reuse" | "partial" | "dynamic"
     indices: tuple[int, ...] | None = None  # kept (recomputed) tokens, only for partial
+    size: int | None = None  # number of recomputed tokens, only for dynamic (which ones: per sample, in the graph)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("compute", "reuse", "partial"):
-            raise TcgraphError(f"unknown action {self.kind!r}; expected compute, reuse or partial")
+        if self.kind not in ACTION_KINDS:
+            raise TcgraphError(f"unknown action {self.kind!r}; expected compute, reuse, partial or dynamic")
         if (self.kind == "partial") != (self.indices is not None):
             raise TcgraphError("partial actions need token indices, and only partial actions have them")
         if self.indices is not None and len(set(self.indices)) != len(self.indices):
             raise TcgraphError("partial token indices must be distinct")
+        if (self.kind == "dynamic") != (self.size is not None):
+            raise TcgraphError("dynamic actions need a token count k (`size`), and only dynamic actions have one")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)):
+            raise TcgraphError(f"a dynamic action's token count must be an int, got {self.size!r}")
 
     @property
     def k(self) -> int | None:
-        return None if self.indices is None else len(self.indices)
+        """Recomputed tokens per sample: len(indices) for partial, size for dynamic, else None."""
+        if self.indices is not None:
+            return len(self.indices)
+        return self.size
 
     @property
     def reads_cache(self) -> bool:
-        return self.kind in ("reuse", "partial")
+        return self.kind in ("reuse", "partial", "dynamic")
 
     @property
     def computes(self) -> bool:
-        return self.kind in ("compute", "partial")
+        return self.kind in ("compute", "partial", "dynamic")
 
     def short(self) -> str:
-        return {"compute": "C", "reuse": "R"}.get(self.kind) or f"P{self.k}"
+        return {"compute": "C", "reuse": "R"}.get(self.kind) or f"{'P' if self.kind == 'partial' else 'D'}{self.k}"
 
     def to_json(self):
         if self.kind == "partial":
             return {"partial": list(self.indices)}
+        if self.kind == "dynamic":
+            return {"dynamic": self.size}
         return self.kind
 
     @classmethod
@@ -66,7 +99,12 @@ class Action:
             return cls(obj)
         if isinstance(obj, dict) and set(obj) == {"partial"}:
             return cls("partial", tuple(int(i) for i in obj["partial"]))
-        raise TcgraphError(f"cannot read action {obj!r}; expected 'compute', 'reuse' or {{'partial': [indices]}}")
+        if isinstance(obj, dict) and set(obj) == {"dynamic"} and isinstance(obj["dynamic"], int) \
+                and not isinstance(obj["dynamic"], bool):
+            return cls("dynamic", size=obj["dynamic"])
+        raise TcgraphError(
+            f"cannot read action {obj!r}; expected 'compute', 'reuse', {{'partial': [indices]}} or {{'dynamic': k}}"
+        )
 
 
 COMPUTE = Action("compute")
@@ -75,6 +113,11 @@ REUSE = Action("reuse")
 
 def partial(indices: Iterable[int]) -> Action:
     return Action("partial", tuple(sorted(int(i) for i in indices)))
+
+
+def dynamic(k: int) -> Action:
+    """Recompute k tokens per sample, the k whose branch input changed most (see the module docstring)."""
+    return Action("dynamic", size=int(k))
 
 
 @dataclass(frozen=True)
@@ -101,6 +144,10 @@ class Recipe:
 
     def reads(self) -> list[CacheKey]:
         return [(b, br) for b, br, a in self.items() if a.reads_cache]
+
+    def input_reads(self) -> list[CacheKey]:
+        """Branches whose input cache `cache.<l>.<branch>.in` this recipe reads: the dynamic ones."""
+        return [(b, br) for b, br, a in self.items() if a.kind == "dynamic"]
 
     @property
     def is_full(self) -> bool:
@@ -163,10 +210,18 @@ class Plan:
         return self.recipes[0].depth
 
     def validate(self) -> None:
-        """Every cache read must follow a step that computed that branch."""
+        """Every cache read must follow a step that computed that branch; token indices and
+        dynamic token counts lie in 0..N-1 and 1..N; no branch mixes partial and dynamic."""
         filled: set[CacheKey] = set()
+        kinds: dict[CacheKey, set[str]] = {}
         for step, recipe in enumerate(self.recipes):
             for block, branch, action in recipe.items():
+                kinds.setdefault((block, branch), set()).add(action.kind)
+                if action.kind == "dynamic" and not 1 <= action.size <= self.num_tokens:
+                    raise TcgraphError(
+                        f"step {step} block {block} {branch}: dynamic token count k={action.size} out of range "
+                        f"1..{self.num_tokens}; use `reuse` to recompute no token"
+                    )
                 if action.reads_cache and (block, branch) not in filled:
                     raise TcgraphError(
                         f"step {step} reuses {cache_name(block, branch)} but no earlier step computed it; "
@@ -178,6 +233,13 @@ class Plan:
                         f"0..{self.num_tokens - 1}"
                     )
             filled.update((b, br) for b, br, a in recipe.items() if a.computes)
+        for (block, branch), seen in kinds.items():
+            if {"partial", "dynamic"} <= seen:
+                raise TcgraphError(
+                    f"block {block} {branch} is partial at some steps and dynamic at others; a partial step "
+                    f"does not keep the branch-input cache {input_cache_name(block, branch)} that dynamic "
+                    "steps score against: use one token mode per branch"
+                )
 
     # ---- derived: variants, schedule, cache traffic -------------------------------
 
@@ -191,6 +253,24 @@ class Plan:
         read = set(self.cache_keys())
         return [(b, br) for b, br, a in recipe.items() if a.computes and (b, br) in read]
 
+    def input_cache_keys(self) -> list[CacheKey]:
+        """Every (block, branch) some step is dynamic on: they carry `cache.<l>.<branch>.in` too."""
+        keys = {k for r in self.recipes for k in r.input_reads()}
+        return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+
+    def input_writes(self, recipe: Recipe) -> list[CacheKey]:
+        """Input caches a recipe outputs: the branches it computes that any step is dynamic on.
+        Each is also in `writes(recipe)` (a dynamic branch reads its output cache)."""
+        dyn = set(self.input_cache_keys())
+        return [(b, br) for b, br, a in recipe.items() if a.computes and (b, br) in dyn]
+
+    def cache_names(self) -> list[str]:
+        """Every cache tensor name the plan carries between steps, in block order, each
+        output cache followed by its input cache where it has one."""
+        dyn = set(self.input_cache_keys())
+        return [n for b, br in self.cache_keys()
+                for n in (cache_name(b, br),) + ((input_cache_name(b, br),) if (b, br) in dyn else ())]
+
     def variants(self) -> list[Recipe]:
         """Distinct recipes in order of first use; variant id `v<i>` is the i-th."""
         seen: dict[Recipe, None] = {}
@@ -203,9 +283,15 @@ class Plan:
         return [index[r] for r in self.recipes]
 
     def variant_io(self, recipe: Recipe) -> tuple[list[str], list[str]]:
-        """(input names, output names) of the variant graph for `recipe`."""
-        inputs = ["x", "t", "y"] + [cache_name(b, br) for b, br in recipe.reads()]
-        outputs = ["out"] + [cache_name(b, br) for b, br in self.writes(recipe)]
+        """(input names, output names) of the variant graph for `recipe`: each cache name is
+        followed by its input cache `….in` where the recipe reads (dynamic) or writes it."""
+        in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
+        inputs = ["x", "t", "y"] + [n for b, br in recipe.reads()
+                                    for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
+                                                                    if (b, br) in in_reads else ())]
+        outputs = ["out"] + [n for b, br in self.writes(recipe)
+                             for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
+                                                             if (b, br) in in_writes else ())]
         return inputs, outputs
 
     # ---- JSON ---------------------------------------------------------------------

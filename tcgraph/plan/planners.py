@@ -155,18 +155,49 @@ def _make_tokencache(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, mo
     return make_tokencache(cfg, model, settings, progress=progress)
 
 
+COMBINED_OPTIONS = ("target_speedup", "keep_ratio", "min_keep", "max_variants", "calib_images", "epochs", "seed",
+                    "l2c_share")
+
+
+def _parse_combined(args, spec, options):
+    unknown = set(options) - set(COMBINED_OPTIONS)
+    if unknown:
+        raise TcgraphError(f"{', '.join(sorted(unknown))} do not apply to plan 'tokencache+l2c'; its options are "
+                           f"{', '.join(COMBINED_OPTIONS)}")
+    from tcgraph.plan.combined import CombinedConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if args:
+        if "target_speedup" in given:
+            raise TcgraphError(f"plan {spec!r} already names a target; drop --target-speedup or the ':X'")
+        given["target_speedup"] = _parse_float(args[0], spec)
+    if given.get("max_variants") == 0:
+        given["max_variants"] = None
+    return CombinedConfig(**given)
+
+
+def _make_combined(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, model=None, progress=None) -> Plan:
+    if model is None:
+        raise TcgraphError("learning a combined plan needs the model's weights, not only its config")
+    from tcgraph.plan.combined import make_combined
+
+    return make_combined(cfg, model, settings, progress=progress)
+
+
 # name -> (parse(args, spec, options) -> config, make(config, model_cfg, settings, *, model, progress) -> Plan)
 PLANNERS: dict[str, tuple[Callable, Callable]] = {
     "full": (_parse_full, lambda cfg, m, s, **_: make_full(cfg, m, s)),
     "fora": (_parse_fora, lambda cfg, m, s, **_: make_fora(cfg, m, s)),
     "l2c": (_parse_l2c, _make_l2c),
     "tokencache": (_parse_tokencache, _make_tokencache),
+    "tokencache+l2c": (_parse_combined, _make_combined),
 }
 
 PLAN_HELP = ("full | fora:N (reuse every branch for N-1 of every N steps) | l2c[:X] (Learning-to-Cache: a router "
              f"learned for a predicted X-times speedup, default {DEFAULT_L2C_TARGET}; or --router FILE) | "
              "tokencache[:X] (TokenCache: learned token pruning per block on a two-phase round-robin schedule, for "
-             f"a predicted X-times speedup, default {DEFAULT_TOKENCACHE_TARGET}; --tprr b,K1,K2, --keep-ratio, --min-keep)")
+             f"a predicted X-times speedup, default {DEFAULT_TOKENCACHE_TARGET}; --tprr b,K1,K2, --keep-ratio, --min-keep) | "
+             "tokencache+l2c[:X] (both: L2C branch reuse, then token pruning of the branches it computes)")
 
 
 def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings, *, weights=None, progress=None,

@@ -1,0 +1,154 @@
+"""Combined plans (`tokencache+l2c`): Learning-to-Cache branch reuse and TokenCache partial
+recomputation in one plan, driven by one FLOP budget.
+
+Definition (the project's; the papers do not combine them):
+
+1. One calibration serves both learners.
+2. Learning-to-Cache first takes a share of the budget: on the skeleton the whole target
+   needs (a full step every K steps, the smallest K at which pruning every branch of every
+   cache step to the floor would reach the target), a router is learned for the predicted speedup `target ** l2c_share`
+   (`l2c.make_l2c`: its λ search and variant cap). Its plan fixes which branches are
+   reused at each cache step.
+3. The Cache Predictor is trained and block sensitivities measured (`tokencache`).
+4. The branches the L2C plan still *computes* at its cache steps become `partial` in the
+   blocks that TokenCache's greedy block selection picks (least sensitive first, keep
+   counts down to `min_keep · N`), until the whole plan reaches `target`. The kept tokens of
+   a block are the top-k of the predictor's scores averaged over the steps that share an
+   L2C recipe, so the token pass adds no variants beyond the L2C plan's.
+
+Full steps stay full: they refresh every cache. `l2c_share` is searched over
+`SHARES` unless given, keeping the plan with the lowest held-out error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, partial
+
+SHARES = (0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class CombinedConfig:
+    target_speedup: float = 2.0
+    l2c_share: float | None = None  # share of log(target) taken by branch reuse; searched when None
+    keep_ratio: float = 0.5
+    min_keep: float = 0.25
+    max_variants: int | None = 6
+    calib_images: int = 48
+    epochs: int | None = None  # both learners' epochs (their own defaults when None)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.target_speedup > 1.0:
+            raise TcgraphError(f"target speedup must be > 1, got {self.target_speedup}")
+        if self.l2c_share is not None and not 0.0 < self.l2c_share < 1.0:
+            raise TcgraphError(f"l2c_share must be in (0, 1), got {self.l2c_share}")
+
+
+def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int]) -> tuple[Recipe, ...]:
+    """`base` with every computed branch of block l at a non-full step made partial(top keep[l])."""
+    n = scores.shape[-1]
+    groups: dict[Recipe, list[int]] = {}
+    for s, r in enumerate(base):
+        if not r.is_full:
+            groups.setdefault(r, []).append(s)
+    out = list(base)
+    for recipe, steps in groups.items():
+        mean = scores[steps].mean(0)  # (depth, N)
+        actions = []
+        for l, pair in enumerate(recipe.actions):
+            k = keep[l]
+            if k >= n:
+                actions.append(pair)
+                continue
+            order = sorted(range(n), key=lambda i: (-mean[l, i].item(), i))
+            act = REUSE if k == 0 else partial(order[:k])
+            actions.append(tuple(act if a.computes else a for a in pair))
+        new = Recipe(tuple(actions))
+        for s in steps:
+            out[s] = new
+    return tuple(out)
+
+
+def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int, margin: float = 1.03) -> int:
+    """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`:
+    token pruning alone could meet the budget there, and branch reuse adds on top."""
+    from tcgraph.plan.l2c import cache_steps
+
+    full = Recipe.uniform(cfg.depth, COMPUTE)
+    pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE)
+    for k in range(2, num_steps + 1):
+        cs = set(cache_steps(num_steps, k))
+        if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)]) >= target * margin:
+            return k
+    raise TcgraphError(f"a combined plan cannot reach {target}x in {num_steps} steps with keep ratios at the floor "
+                       f"({floor} tokens); ask for less or lower --min-keep")
+
+
+def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
+                  progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None) -> Plan:
+    from tcgraph.calibrate import calibrate
+    from tcgraph.plan.l2c import L2CConfig, make_l2c
+    from tcgraph.plan.tokencache import TokenCacheConfig, block_sensitivity, mu_unit, select_blocks, train_predictor
+
+    mcfg = model.config
+    S, n = settings.num_steps, mcfg.num_tokens
+    tick = progress or (lambda desc, total: (lambda: None))
+    epochs = {"epochs": cfg.epochs} if cfg.epochs else {}
+    tcfg = TokenCacheConfig(target_speedup=cfg.target_speedup, keep_ratio=cfg.keep_ratio, min_keep=cfg.min_keep,
+                            calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
+    floor = max(1, math.ceil(cfg.min_keep * n)) if cfg.min_keep > 0 else 0
+    interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor)  # before the expensive part
+    if traj is None:
+        step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
+        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
+    train, held = traj.split(tcfg.num_held_out)
+
+    pred = train_predictor(model, train, cfg.keep_ratio, tcfg.mu * mu_unit(model, train), window=tcfg.train_window,
+                           epochs=tcfg.epochs, batch_images=tcfg.batch_images, lr=tcfg.lr, seed=cfg.seed,
+                           progress=tick("train predictor", tcfg.epochs * (S - 1)))
+    sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio)
+
+    table, found = [], []
+    for share in ([cfg.l2c_share] if cfg.l2c_share is not None else SHARES):
+        l2c_target = cfg.target_speedup ** share
+        lcfg = L2CConfig(target_speedup=l2c_target, max_variants=cfg.max_variants, calib_images=cfg.calib_images,
+                         interval=interval, seed=cfg.seed, **epochs)
+        base = make_l2c(lcfg, model, settings, progress=progress, traj=traj)
+        keep = select_blocks(sens, n, floor, lambda k: speedup_of(mcfg, prune_recipes(base.recipes, pred.logits, k)),
+                             cfg.target_speedup)
+        if keep is None:
+            table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
+            continue
+        recipes = prune_recipes(base.recipes, pred.logits, keep)
+        err = plan_error(model, held, recipes)
+        table.append({"l2c_share": share, "l2c_target": round(l2c_target, 4), "interval": base.params["interval"],
+                      "keep_counts": keep, "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+                      "held_out_error": err, "variants": len(set(recipes))})
+        found.append((err, share, base, keep, recipes))
+    if not found:
+        raise TcgraphError(f"a combined plan cannot reach {cfg.target_speedup}x with keep ratios >= {cfg.min_keep}; "
+                           "ask for less or lower --min-keep")
+    err, share, base, keep, recipes = min(found, key=lambda c: c[0])
+    params = {
+        "method": "tokencache+l2c",
+        "target_speedup": cfg.target_speedup,
+        "l2c_share": share,
+        "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+        "held_out_error": err,
+        "keep_counts": keep,
+        "sensitivity": sens,
+        "l2c": {k: base.params[k] for k in ("interval", "lambda", "target_speedup", "predicted_speedup",
+                                            "held_out_error", "router_probs")},
+        "search": table,
+        "calibration": {"images": cfg.calib_images, "held_out": tcfg.num_held_out, "seed": cfg.seed},
+    }
+    return Plan(f"tokencache+l2c:{cfg.target_speedup}x", settings, recipes, n, params=params)
