@@ -9,12 +9,14 @@ from tcgraph.plan.plan import (
     Recipe,
     SamplerSettings,
     cache_name,
+    dynamic,
+    input_cache_name,
     partial,
 )
 from tcgraph.plan.planners import PLAN_HELP, PLANNERS, make_plan
 
 __all__ = [
     "BRANCHES", "COMPUTE", "PLAN_SCHEMA_VERSION", "REUSE", "Action", "Plan", "Recipe",
-    "SamplerSettings", "cache_name", "partial", "branch_flops", "plan_flops", "recipe_flops",
+    "SamplerSettings", "cache_name", "dynamic", "input_cache_name", "partial", "branch_flops", "plan_flops", "recipe_flops",
     "PLAN_HELP", "PLANNERS", "make_plan",
 ]

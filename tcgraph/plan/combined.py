@@ -94,10 +94,12 @@ def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int,
 
 
 def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
-                  progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None) -> Plan:
+                  progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None,
+                  learned=None) -> Plan:
+    """See the module docstring; `traj`/`learned` as in `tokencache.make_tokencache`."""
     from tcgraph.calibrate import calibrate
     from tcgraph.plan.l2c import L2CConfig, make_l2c
-    from tcgraph.plan.tokencache import TokenCacheConfig, block_sensitivity, mu_unit, select_blocks, train_predictor
+    from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, select_blocks
 
     mcfg = model.config
     S, n = settings.num_steps, mcfg.num_tokens
@@ -112,10 +114,7 @@ def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
         traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
     train, held = traj.split(tcfg.num_held_out)
 
-    pred = train_predictor(model, train, cfg.keep_ratio, tcfg.mu * mu_unit(model, train), window=tcfg.train_window,
-                           epochs=tcfg.epochs, batch_images=tcfg.batch_images, lr=tcfg.lr, seed=cfg.seed,
-                           progress=tick("train predictor", tcfg.epochs * (S - 1)))
-    sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio)
+    pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, tick)
 
     table, found = [], []
     for share in ([cfg.l2c_share] if cfg.l2c_share is not None else SHARES):

@@ -155,6 +155,12 @@ def _make_tokencache(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, mo
     return make_tokencache(cfg, model, settings, progress=progress)
 
 
+def _make_dynamic(cfg, model_cfg: DiTConfig, settings: SamplerSettings, *, model=None, progress=None) -> Plan:
+    from tcgraph.plan.tokencache import to_dynamic
+
+    return to_dynamic(_make_tokencache(cfg, model_cfg, settings, model=model, progress=progress))
+
+
 COMBINED_OPTIONS = ("target_speedup", "keep_ratio", "min_keep", "max_variants", "calib_images", "epochs", "seed",
                     "l2c_share")
 
@@ -191,13 +197,15 @@ PLANNERS: dict[str, tuple[Callable, Callable]] = {
     "l2c": (_parse_l2c, _make_l2c),
     "tokencache": (_parse_tokencache, _make_tokencache),
     "tokencache+l2c": (_parse_combined, _make_combined),
+    "dynamic": (_parse_tokencache, _make_dynamic),
 }
 
 PLAN_HELP = ("full | fora:N (reuse every branch for N-1 of every N steps) | l2c[:X] (Learning-to-Cache: a router "
              f"learned for a predicted X-times speedup, default {DEFAULT_L2C_TARGET}; or --router FILE) | "
              "tokencache[:X] (TokenCache: learned token pruning per block on a two-phase round-robin schedule, for "
              f"a predicted X-times speedup, default {DEFAULT_TOKENCACHE_TARGET}; --tprr b,K1,K2, --keep-ratio, --min-keep) | "
-             "tokencache+l2c[:X] (both: L2C branch reuse, then token pruning of the branches it computes)")
+             "tokencache+l2c[:X] (both: L2C branch reuse, then token pruning of the branches it computes) | "
+             "dynamic[:X] (tokencache's schedule and token counts, tokens chosen per sample in the graph)")
 
 
 def make_plan(spec: str, model: DiTConfig, settings: SamplerSettings, *, weights=None, progress=None,

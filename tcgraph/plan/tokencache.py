@@ -497,10 +497,27 @@ def _unreachable(cfg, S, target, min_keep, max_stale, max_variants, tprr=None) -
 #################################################################################
 
 
+def learn_predictor(cfg: TokenCacheConfig, model: DiT, train, held,
+                    tick: Callable[[str, int], Callable[[], None]] | None = None) -> tuple[PredictorResult, list[float]]:
+    """The target-independent part: the trained Cache Predictor and the per-block sensitivities."""
+    tick = tick or (lambda desc, total: (lambda: None))
+    S, depth = train.num_steps, model.config.depth
+    pred = train_predictor(model, train, cfg.keep_ratio, cfg.mu * mu_unit(model, train), window=cfg.train_window,
+                           epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr, seed=cfg.seed,
+                           progress=tick("train predictor", cfg.epochs * (S - 1)))
+    sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio,
+                             progress=tick("block sensitivity", depth * len(rounds(S, 2))))
+    return pred, sens
+
+
 def make_tokencache(cfg: TokenCacheConfig, model: DiT, settings: SamplerSettings,
-                    progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None) -> Plan:
+                    progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None,
+                    learned: tuple[PredictorResult, list[float]] | None = None) -> Plan:
     """Calibrate, train the Cache Predictor, measure block sensitivities, pick the TPRR schedule and
-    the block keep counts for the target, and return the plan (see the module docstring)."""
+    the block keep counts for the target, and return the plan (see the module docstring).
+
+    `traj` and `learned` (from `learn_predictor` on the same trajectories and keep ratio) let
+    benchmarks plan several targets from one calibration and one predictor."""
     from tcgraph.calibrate import calibrate
 
     mcfg = model.config
@@ -525,13 +542,9 @@ def make_tokencache(cfg: TokenCacheConfig, model: DiT, settings: SamplerSettings
         raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
     train, held = traj.split(cfg.num_held_out)
 
-    mu = cfg.mu * mu_unit(model, train)
-    pred = train_predictor(model, train, cfg.keep_ratio, mu, window=cfg.train_window, epochs=cfg.epochs,
-                           batch_images=cfg.batch_images, lr=cfg.lr, seed=cfg.seed,
-                           progress=tick("train predictor", cfg.epochs * (S - 1)))
+    pred, sens = learned if learned is not None else learn_predictor(cfg, model, train, held, tick)
+    mu = pred.mu
     scores = pred.logits
-    sens = block_sensitivity(model, held, scores, cfg.keep_ratio,
-                             progress=tick("block sensitivity", depth * len(rounds(S, 2))))
 
     search_tick = tick("TPRR search", len(candidates))
     table, found = [], []
@@ -589,3 +602,17 @@ def make_tokencache(cfg: TokenCacheConfig, model: DiT, settings: SamplerSettings
         "search": table,
     }
     return Plan(f"tokencache:{target}x", settings, recipes, n, params=params)
+
+
+def to_dynamic(plan: Plan) -> Plan:
+    """The same plan with each `partial(indices)` made `dynamic(k)`: the same schedule and token
+    counts, but the tokens chosen per sample in the graph (ToCa-style), for comparison at the
+    same compute (plus the score, 2·N·D per branch)."""
+    from tcgraph.plan.plan import dynamic
+
+    def swap(a: Action) -> Action:
+        return dynamic(a.k) if a.kind == "partial" else a
+
+    recipes = tuple(Recipe(tuple(tuple(swap(a) for a in pair) for pair in r.actions)) for r in plan.recipes)
+    params = {**plan.params, "token_choice": "dynamic: per-sample TopK of the branch-input change"}
+    return Plan(plan.planner.replace("tokencache", "dynamic", 1), plan.settings, recipes, plan.num_tokens, params)

@@ -360,3 +360,22 @@ def test_learned_plan_end_to_end(tiny_model, tmp_path):
     info = api.inspect(path, verify=False)
     assert info["planner"] == "tokencache:1.4x"
 
+
+
+def test_to_dynamic_keeps_schedule_and_counts(tiny_config):
+    from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, partial
+    from tcgraph.plan.flops import branch_flops
+    from tcgraph.plan.tokencache import to_dynamic
+
+    full = Recipe.uniform(3, COMPUTE)
+    a = Recipe(((partial([0, 3, 5]), partial([0, 3, 5])), (COMPUTE, REUSE), (partial([1]), COMPUTE)))
+    b = Recipe(((partial([2, 4, 6]), partial([2, 4, 6])), (COMPUTE, REUSE), (partial([7]), COMPUTE)))
+    plan = Plan("tokencache:1.5x", SamplerSettings(num_steps=4, batch=1, resolution=8), (full, a, b, full), 16, {})
+    dyn = to_dynamic(plan)
+    assert dyn.planner == "dynamic:1.5x" and dyn.params["token_choice"].startswith("dynamic")
+    assert len(dyn.variants()) == 2  # a and b differ only in which tokens: one dynamic graph
+    for r0, r1 in zip(plan.recipes, dyn.recipes):
+        for (_, br, x), (_, _, y) in zip(r0.items(), r1.items()):
+            assert (y.kind, y.k) == (("dynamic", x.k) if x.kind == "partial" else (x.kind, x.k))
+            extra = 2 * 16 * tiny_config.hidden_size if x.kind == "partial" else 0
+            assert branch_flops(tiny_config, br, y) == branch_flops(tiny_config, br, x) + extra
