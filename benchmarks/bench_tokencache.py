@@ -1,0 +1,236 @@
+"""TokenCache beside FORA, Learning-to-Cache, dynamic tokens and the combined plan, at matched
+FLOP-predicted compute, in one run on ONNX Runtime CPU; plus the ablations.
+
+    python benchmarks/bench_tokencache.py                          # demo model, targets 1.5 2 2.5 3
+    python benchmarks/bench_tokencache.py --model DiT-S/2 --classes 0-1 --per-class 1 --batch 2 --repeats 2
+
+**Demo model** (trained): one calibration (48 images, 16 held out) and one Cache Predictor
+serve every target; for each target X the planners `tokencache:X`, `dynamic:X` (the same
+schedule and token counts, tokens picked per sample in the graph), `l2c:X` and
+`tokencache+l2c:X` run as `tcgraph transform` runs them. Ablations, by the held-out
+teacher-forced eps error (`plan.evaluate.plan_error`) at the same predicted speedup:
+the predictor vs random token rankings (3 seeds), block selection vs uniform pruning (every
+block the same keep count, the largest that meets X), TPRR (the best two-phase schedule)
+vs the best single fixed interval, each with its own block selection.
+
+**DiT-S/2 shapes** (`--model DiT-S/2`, 256 tokens, random weights: speed only). Learning
+on a random model would measure nothing, so the plans are built from the same planner
+functions with untrained scores and equal block sensitivities (the first TPRR candidate,
+random L2C probabilities). Speed depends on the plan's structure (which branches, how many
+tokens), not on which tokens, so the timings stand for learned plans of the same shape.
+
+Writes JSON and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_plans import compare_plans, format_table  # noqa: E402
+
+from tcgraph import api  # noqa: E402
+from tcgraph.calibrate import calibrate  # noqa: E402
+from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
+from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops  # noqa: E402
+from tcgraph.plan.combined import CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
+from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
+from tcgraph.plan.l2c import L2CConfig, candidate_intervals, make_l2c, recipes_for_target  # noqa: E402
+from tcgraph.plan.tokencache import (  # noqa: E402
+    TokenCacheConfig,
+    _floor,
+    init_predictor,
+    layout_speedup,
+    learn_predictor,
+    make_tokencache,
+    select_blocks,
+    to_dynamic,
+    tprr_candidates,
+    tprr_layout,
+    tprr_recipes,
+)
+
+
+def uniform_keep(cfg, S, slots, floor, target) -> list[int] | None:
+    """The largest keep count, the same in every block, whose plan meets `target`."""
+    n, depth = cfg.num_tokens, cfg.depth
+    if layout_speedup(cfg, S, slots, [floor] * depth) < target:
+        return None
+    lo, hi = floor, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if layout_speedup(cfg, S, slots, [mid] * depth) >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [lo] * depth
+
+
+def ablations(model, held, tc: Plan, scores, tcfg: TokenCacheConfig) -> dict:
+    cfg, S = model.config, tc.settings.num_steps
+    p = tc.params
+    tp, keep = (p["b"], p["K1"], p["K2"]), p["keep_counts"]
+    kw = dict(max_stale=tcfg.max_stale, max_variants=tcfg.max_variants)
+    out = {"learned": p["held_out_error"], "predicted_speedup": p["predicted_speedup"]}
+    out["random_tokens"] = [plan_error(model, held, tprr_recipes(
+        init_predictor(S, cfg.depth, cfg.num_tokens, tcfg.keep_ratio, seed), keep, *tp, **kw)) for seed in (1, 2, 3)]
+    slots = tprr_layout(S, *tp, tcfg.max_stale, tcfg.max_variants)
+    uk = uniform_keep(cfg, S, slots, _floor(cfg, tcfg.min_keep), p["target_speedup"])
+    if uk is not None:
+        rec = tprr_recipes(scores, uk, *tp, **kw)
+        out["uniform_pruning"] = {"keep": uk[0], "predicted_speedup": speedup_of(cfg, rec),
+                                  "held_out_error": plan_error(model, held, rec)}
+    rows = [r for r in p["search"] if "held_out_error" in r]
+    single = [r for r in rows if r["b"] == 0 or r["K1"] == r["K2"]]
+    two = [r for r in rows if not (r["b"] == 0 or r["K1"] == r["K2"])]
+    if single:
+        out["best_single_interval"] = min(single, key=lambda r: r["held_out_error"])
+    if two:
+        out["best_tprr"] = min(two, key=lambda r: r["held_out_error"])
+    return out
+
+
+def learned_plans(model, settings, targets, calib_images) -> tuple[dict, dict]:
+    info = {}
+    t0 = time.perf_counter()
+    traj = calibrate(model, settings, calib_images, seed=0)
+    info["calibration_s"] = time.perf_counter() - t0
+    tcfg = TokenCacheConfig(calib_images=calib_images)
+    train, held = traj.split(tcfg.num_held_out)
+    t0 = time.perf_counter()
+    learned = learn_predictor(tcfg, model, train, held)
+    info["predictor_s"] = time.perf_counter() - t0
+    info["sensitivity"] = learned[1]
+    info["predictor_loss"] = learned[0].history
+    plans, info["targets"] = {}, []
+    for x in targets:
+        row = {"target": x}
+        t0 = time.perf_counter()
+        tc = make_tokencache(TokenCacheConfig(target_speedup=x, calib_images=calib_images), model, settings,
+                             traj=traj, learned=learned)
+        row["tokencache_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        l2c = make_l2c(L2CConfig(target_speedup=x, calib_images=calib_images), model, settings, traj=traj)
+        row["l2c_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        comb = make_combined(CombinedConfig(target_speedup=x, calib_images=calib_images), model, settings,
+                             traj=traj, learned=learned)
+        row["combined_s"] = time.perf_counter() - t0
+        dyn = to_dynamic(tc)
+        for name, plan in ((f"tokencache:{x}", tc), (f"dynamic:{x}", dyn), (f"l2c:{x}", l2c),
+                           (f"tokencache+l2c:{x}", comb)):
+            plans[name] = plan
+            row[name] = {"predicted_speedup": speedup_of(model.config, plan.recipes),
+                         "variants": len(plan.variants()), "held_out_error": plan_error(model, held, plan.recipes)
+                         if name.startswith(("tokencache", "l2c")) else None}
+        row["tokencache_params"] = {k: tc.params[k] for k in ("b", "K1", "K2", "keep_counts", "pruned_blocks")}
+        row["ablations"] = ablations(model, held, tc, learned[0].logits, tcfg)
+        print(json.dumps(row), flush=True)
+        info["targets"].append(row)
+    return plans, info
+
+
+def structural_plans(model, settings, targets) -> dict:
+    """Plans of the learned planners' shapes without learning (random models: speed only)."""
+    cfg, S, n = model.config, settings.num_steps, model.config.num_tokens
+    tcfg = TokenCacheConfig()
+    scores = init_predictor(S, cfg.depth, n, tcfg.keep_ratio, 0)
+    sens = [1.0] * cfg.depth
+    floor = _floor(cfg, tcfg.min_keep)
+    plans = {}
+    for x in targets:
+        for tp in tprr_candidates(cfg, S, x, tcfg.min_keep, tcfg.max_stale, tcfg.max_variants):
+            try:
+                slots = tprr_layout(S, *tp, tcfg.max_stale, tcfg.max_variants)
+            except Exception:
+                continue
+            keep = select_blocks(sens, n, floor, lambda k, sl=slots: layout_speedup(cfg, S, sl, k), x)
+            if keep is not None:
+                break
+        tc = Plan(f"tokencache:{x}x", settings, tprr_recipes(scores, keep, *tp, max_stale=tcfg.max_stale,
+                                                            max_variants=tcfg.max_variants), n,
+                  {"b": tp[0], "K1": tp[1], "K2": tp[2], "keep_counts": keep, "structural": True})
+        probs = torch.rand(S, cfg.depth, 2, generator=torch.Generator().manual_seed(0))
+        k = candidate_intervals(cfg, S, x)[0]
+        l2c = Plan(f"l2c:{x}x", settings, recipes_for_target(cfg, probs, k, x, 6), n, {"interval": k})
+        base = recipes_for_target(cfg, probs, skeleton_interval(cfg, S, x, floor), x ** 0.5, 6)
+        ck = select_blocks(sens, n, floor, lambda kk: speedup_of(cfg, prune_recipes(base, scores, kk)), x)
+        comb = Plan(f"tokencache+l2c:{x}x", settings, prune_recipes(base, scores, ck), n, {"keep_counts": ck})
+        for name, plan in ((f"tokencache:{x}", tc), (f"dynamic:{x}", to_dynamic(tc)), (f"l2c:{x}", l2c),
+                           (f"tokencache+l2c:{x}", comb)):
+            plans[name] = plan
+    return plans
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits", help="'digits' (trained) or DiT-S/2 (random weights, speed only)")
+    ap.add_argument("--targets", default="1.5,2.0,2.5,3.0")
+    ap.add_argument("--fora", default="2,3")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--calib-images", type=int, default=48)
+    ap.add_argument("--classes", default=None)
+    ap.add_argument("--per-class", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    digits = args.model == "digits"
+    model = api.load_dit("digits") if digits else randomize_weights(DiT(make_config(args.model)), seed=0)
+    cfg = model.config
+    settings = SamplerSettings(num_steps=args.steps, cfg_scale=2.0, batch=args.batch, resolution=cfg.input_size)
+    targets = [float(x) for x in args.targets.split(",")]
+    config = {"model": args.model, "steps": args.steps, "guidance": 2.0, "batch": args.batch,
+              "threads": torch.get_num_threads(), "backend": "ort-cpu", "repeats": args.repeats,
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "command": "python benchmarks/bench_tokencache.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(config), flush=True)
+    if digits:
+        learned, info = learned_plans(model, settings, targets, args.calib_images)
+    else:
+        learned, info = structural_plans(model, settings, targets), {"structural": True}
+    plans = {"full": make_plan("full", cfg, settings)}
+    for n in args.fora.split(","):
+        plans[f"fora:{n}"] = make_plan(f"fora:{n}", cfg, settings)
+    plans.update(learned)
+    ids = api.parse_classes(args.classes, cfg.num_classes)
+    labels = [c for c in ids for _ in range(args.per_class)]
+    config["images"] = len(labels)
+    result = compare_plans(model, settings, plans, labels, config, repeats=args.repeats, digits=digits)
+    result["planning"] = info
+    result["predicted"] = {n: plan_flops(cfg, p)["predicted_speedup"] for n, p in plans.items()}
+    out = args.out or Path(__file__).parent / "results" / f"tokencache-{args.model.replace('/', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    if digits:
+        print(format_ablations(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def format_ablations(result: dict) -> str:
+    lines = ["", "ablations: held-out eps error at the same predicted speedup (lower is better)",
+             "| target | learned tokencache | random tokens (3 seeds) | uniform pruning | best TPRR | "
+             "best single interval |", "|---|---|---|---|---|---|"]
+    for row in result["planning"]["targets"]:
+        a = row["ablations"]
+        rnd = ", ".join(f"{e:.2e}" for e in a["random_tokens"])
+        uni = a.get("uniform_pruning")
+        uni_s = f"{uni['held_out_error']:.2e} (k={uni['keep']})" if uni else "out of reach"
+        two, one = a.get("best_tprr"), a.get("best_single_interval")
+        two_s = f"{two['held_out_error']:.2e} (b={two['b']}, K1={two['K1']}, K2={two['K2']})" if two else "-"
+        one_s = f"{one['held_out_error']:.2e} (K={one['K2'] if one['b'] == 0 else one['K1']})" if one else "-"
+        lines.append(f"| {row['target']} | {a['learned']:.2e} | {rnd} | {uni_s} | {two_s} | {one_s} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
