@@ -144,6 +144,8 @@ def test_transform_with_an_imported_router(tmp_path, capsys):
                 p = [1 / (1 + math.exp(-logits[i][2 * l + b])) for b in (0, 1)]
                 assert attn == ("compute" if p[0] > 0.1 else "reuse") and mlp == ("compute" if p[1] > 0.1 else "reuse")
     assert info["planner"] == "l2c" and len(info["variants"]) == 4  # full + 3 distinct cache steps
+    assert main(["inspect", str(out)]) == 0
+    assert f"imported L2C router {router}, threshold 0.1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

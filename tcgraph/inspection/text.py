@@ -46,6 +46,9 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         plan_line += (f", predicted speedup {info['predicted_speedup']:.2f}x "
                       f"({info['flops_per_run'] / 1e9:.2f} of {info['full_flops_per_run'] / 1e9:.2f} GFLOP per run)")
     lines.append(plan_line)
+    learned = _learned_line(info.get("params") or {})
+    if learned:
+        lines.append(learned)
     c = info["action_counts"]
     dyn = f", dynamic {c['dynamic']}" if c.get("dynamic") else ""
     lines.append(f"actions    compute {c['compute']}, reuse {c['reuse']}, partial {c['partial']}{dyn} "
@@ -194,3 +197,25 @@ def _grid_side(num_tokens: int) -> int | None:
 def _mask_text(tokens: list[int], side: int) -> list[str]:
     kept = set(tokens)
     return ["".join("#" if r * side + c in kept else "." for c in range(side)) for r in range(side)]
+
+
+def _learned_line(p: dict) -> str | None:
+    """One line on how a learned plan was made (l2c, tokencache, combined); None for fixed plans."""
+    method = p.get("method")
+    if method is None and p.get("source") == "published-router":
+        return f"learned    imported L2C router {p.get('router')}, threshold {p.get('threshold')}"
+    if method is None:
+        return None
+    err = p.get("held_out_error")
+    tail = f", held-out eps MSE {err:.2e}" if isinstance(err, float) else ""
+    if method == "learning-to-cache":
+        how = (f"target {p['target_speedup']}x" if p.get("target_speedup") else
+               f"λ {p.get('lambda')}, threshold {p.get('threshold')}")
+        return f"learned    L2C router: full step every {p.get('interval')} steps, {how}{tail}"
+    if method == "tokencache":
+        return (f"learned    TokenCache: TPRR b={p.get('b')}, K1={p.get('K1')}, K2={p.get('K2')}, "
+                f"keep per block {p.get('keep_counts')}{tail}")
+    if method == "tokencache+l2c":
+        return (f"learned    L2C (share {p.get('l2c_share')}, full step every {p.get('l2c', {}).get('interval')}) "
+                f"+ TokenCache keep per block {p.get('keep_counts')}{tail}")
+    return f"learned    {method}{tail}"

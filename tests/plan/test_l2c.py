@@ -177,6 +177,8 @@ def test_learned_plan_end_to_end(tiny_model, tmp_path):
     path = api.transform(tiny_model, plan, tmp_path / "l2c", progress=False)
     samples, _ = api.sample(path, classes="0,1", per_class=1, progress=False)
     assert samples.shape == (2, 2, 8, 8) and torch.isfinite(samples).all()
+    report = api.format_inspect(api.inspect(path))
+    assert f"L2C router: full step every {p['interval']} steps, target 1.6x" in report
     assert Plan.from_json(plan.to_json()) == plan
 
 
