@@ -54,6 +54,32 @@ def router_logits(plan) -> torch.Tensor:
     return logits
 
 
+def l2c_diagnostics(model, held, plan, png_dir: Path) -> dict:
+    """For a learned l2c plan: held-out error against an untrained router's plan at the same
+    target, the soft objective before/after training, a variant-cap sweep, a heatmap PNG."""
+    cfg, p = model.config, plan.params
+    k, lam, target = p["interval"], p["lambda"], p["target_speedup"]
+    logits = router_logits(plan)
+    init = init_logits(plan.settings.num_steps, cfg.depth, p["calibration"]["seed"])
+    untrained = recipes_for_target(cfg, torch.sigmoid(init), k, target, p["max_variants"])
+    caps = []
+    for cap in CAPS:
+        rec = recipes_for_target(cfg, torch.sigmoid(logits), k, target, cap)
+        caps.append({"max_variants": cap, "variants": len(set(rec)), "predicted_speedup": speedup_of(cfg, rec),
+                     "held_out_error": plan_error(model, held, rec)})
+    png = draw_heatmap(plan, png_dir / f"l2c-{target}x-heatmap.png")
+    return {
+        "interval": k, "lambda": lam,
+        "predicted_speedup": p["predicted_speedup"], "variants": len(plan.variants()),
+        "held_out_error_trained": p["held_out_error"],
+        "held_out_error_untrained": plan_error(model, held, untrained),
+        "untrained_predicted_speedup": speedup_of(cfg, untrained),
+        "soft_held_out_loss_untrained": soft_loss(model, held, k, init, lam),
+        "soft_held_out_loss_trained": soft_loss(model, held, k, logits, lam),
+        "search": p["search"], "cap_sweep": caps, "heatmap": str(png),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="1.5,2.0,2.5,2.89")
@@ -88,32 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         plan = make_l2c(lcfg, model, settings, traj=traj)
         train_s = time.perf_counter() - t0
-        k, lam = plan.params["interval"], plan.params["lambda"]
-        logits = router_logits(plan)
-        init = init_logits(args.steps, cfg.depth, lcfg.seed)
-        untrained = recipes_for_target(cfg, torch.sigmoid(init), k, target, lcfg.max_variants)
-        caps = []
-        for cap in CAPS:
-            rec = recipes_for_target(cfg, torch.sigmoid(logits), k, target, cap)
-            caps.append({"max_variants": cap, "variants": len(set(rec)), "predicted_speedup": speedup_of(cfg, rec),
-                         "held_out_error": plan_error(model, held, rec)})
-        row = {
-            "target": target, "interval": k, "lambda": lam, "train_s": train_s,
-            "predicted_speedup": plan.params["predicted_speedup"], "variants": len(plan.variants()),
-            "held_out_error_trained": plan.params["held_out_error"],
-            "held_out_error_untrained": plan_error(model, held, untrained),
-            "untrained_predicted_speedup": speedup_of(cfg, untrained),
-            "soft_held_out_loss_untrained": soft_loss(model, held, k, init, lam),
-            "soft_held_out_loss_trained": soft_loss(model, held, k, logits, lam),
-            "search": plan.params["search"], "cap_sweep": caps,
-        }
+        row = {"target": target, "train_s": train_s, **l2c_diagnostics(model, held, plan, args.out.parent)}
         print(json.dumps(row), flush=True)
         l2c_rows.append(row)
-        name = f"l2c:{target}"
-        learned[name] = plan
-        png = args.out.parent / f"l2c-{target}x-heatmap.png"
-        draw_heatmap(plan, png)
-        row["heatmap"] = str(png)
+        learned[f"l2c:{target}"] = plan
 
     plans = {"full": make_plan("full", cfg, settings)}
     for n in args.fora.split(","):

@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_l2c import format_l2c, l2c_diagnostics  # noqa: E402
 from bench_plans import compare_plans, format_table  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops  # noqa: E402
-from tcgraph.plan.combined import CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
+from tcgraph.plan.combined import SHARES, CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
 from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
 from tcgraph.plan.l2c import L2CConfig, candidate_intervals, make_l2c, recipes_for_target  # noqa: E402
 from tcgraph.plan.tokencache import (  # noqa: E402
@@ -55,6 +56,26 @@ from tcgraph.plan.tokencache import (  # noqa: E402
     tprr_layout,
     tprr_recipes,
 )
+
+
+# TokenCache settings tried in order until a target is reachable: (min_keep, max_stale). Token
+# pruning alone saves less than reuse (keys/values of every token are still projected), so
+# high targets need lower floors or longer rounds without rotation; the row records which.
+LADDER = ((0.25, 2), (0.1, 2), (0.1, 6), (0.0, 6))
+
+
+def tokencache_config(cfg, S, target, calib_images) -> TokenCacheConfig:
+    from tcgraph.errors import TcgraphError
+
+    for min_keep, max_stale in LADDER:
+        tcfg = TokenCacheConfig(target_speedup=target, min_keep=min_keep, max_stale=max_stale,
+                                calib_images=calib_images)
+        try:
+            tprr_candidates(cfg, S, target, min_keep, max_stale, tcfg.max_variants)
+            return tcfg
+        except TcgraphError:
+            continue
+    raise TcgraphError(f"TokenCache cannot reach {target}x with any of {LADDER}")
 
 
 def uniform_keep(cfg, S, slots, floor, target) -> list[int] | None:
@@ -96,7 +117,7 @@ def ablations(model, held, tc: Plan, scores, tcfg: TokenCacheConfig) -> dict:
     return out
 
 
-def learned_plans(model, settings, targets, calib_images) -> tuple[dict, dict]:
+def learned_plans(model, settings, targets, calib_images, png_dir: Path) -> tuple[dict, dict]:
     info = {}
     t0 = time.perf_counter()
     traj = calibrate(model, settings, calib_images, seed=0)
@@ -112,12 +133,14 @@ def learned_plans(model, settings, targets, calib_images) -> tuple[dict, dict]:
     for x in targets:
         row = {"target": x}
         t0 = time.perf_counter()
-        tc = make_tokencache(TokenCacheConfig(target_speedup=x, calib_images=calib_images), model, settings,
-                             traj=traj, learned=learned)
+        xcfg = tokencache_config(model.config, settings.num_steps, x, calib_images)
+        row["tokencache_settings"] = {"min_keep": xcfg.min_keep, "max_stale": xcfg.max_stale}
+        tc = make_tokencache(xcfg, model, settings, traj=traj, learned=learned)
         row["tokencache_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         l2c = make_l2c(L2CConfig(target_speedup=x, calib_images=calib_images), model, settings, traj=traj)
         row["l2c_s"] = time.perf_counter() - t0
+        row["l2c"] = l2c_diagnostics(model, held, l2c, png_dir)
         t0 = time.perf_counter()
         comb = make_combined(CombinedConfig(target_speedup=x, calib_images=calib_images), model, settings,
                              traj=traj, learned=learned)
@@ -130,7 +153,7 @@ def learned_plans(model, settings, targets, calib_images) -> tuple[dict, dict]:
                          "variants": len(plan.variants()), "held_out_error": plan_error(model, held, plan.recipes)
                          if name.startswith(("tokencache", "l2c")) else None}
         row["tokencache_params"] = {k: tc.params[k] for k in ("b", "K1", "K2", "keep_counts", "pruned_blocks")}
-        row["ablations"] = ablations(model, held, tc, learned[0].logits, tcfg)
+        row["ablations"] = ablations(model, held, tc, learned[0].logits, xcfg)
         print(json.dumps(row), flush=True)
         info["targets"].append(row)
     return plans, info
@@ -139,12 +162,12 @@ def learned_plans(model, settings, targets, calib_images) -> tuple[dict, dict]:
 def structural_plans(model, settings, targets) -> dict:
     """Plans of the learned planners' shapes without learning (random models: speed only)."""
     cfg, S, n = model.config, settings.num_steps, model.config.num_tokens
-    tcfg = TokenCacheConfig()
-    scores = init_predictor(S, cfg.depth, n, tcfg.keep_ratio, 0)
+    scores = init_predictor(S, cfg.depth, n, 0.5, 0)
     sens = [1.0] * cfg.depth
-    floor = _floor(cfg, tcfg.min_keep)
     plans = {}
     for x in targets:
+        tcfg = tokencache_config(cfg, S, x, 48)
+        floor = _floor(cfg, tcfg.min_keep)
         for tp in tprr_candidates(cfg, S, x, tcfg.min_keep, tcfg.max_stale, tcfg.max_variants):
             try:
                 slots = tprr_layout(S, *tp, tcfg.max_stale, tcfg.max_variants)
@@ -155,13 +178,19 @@ def structural_plans(model, settings, targets) -> dict:
                 break
         tc = Plan(f"tokencache:{x}x", settings, tprr_recipes(scores, keep, *tp, max_stale=tcfg.max_stale,
                                                             max_variants=tcfg.max_variants), n,
-                  {"b": tp[0], "K1": tp[1], "K2": tp[2], "keep_counts": keep, "structural": True})
+                  {"b": tp[0], "K1": tp[1], "K2": tp[2], "keep_counts": keep, "structural": True,
+                   "min_keep": tcfg.min_keep, "max_stale": tcfg.max_stale})
         probs = torch.rand(S, cfg.depth, 2, generator=torch.Generator().manual_seed(0))
         k = candidate_intervals(cfg, S, x)[0]
         l2c = Plan(f"l2c:{x}x", settings, recipes_for_target(cfg, probs, k, x, 6), n, {"interval": k})
-        base = recipes_for_target(cfg, probs, skeleton_interval(cfg, S, x, floor), x ** 0.5, 6)
-        ck = select_blocks(sens, n, floor, lambda kk: speedup_of(cfg, prune_recipes(base, scores, kk)), x)
-        comb = Plan(f"tokencache+l2c:{x}x", settings, prune_recipes(base, scores, ck), n, {"keep_counts": ck})
+        floor = _floor(cfg, 0.25)  # the combined planner's default floor
+        for share in SHARES:  # the first share that reaches the target (the planner keeps the best)
+            base = recipes_for_target(cfg, probs, skeleton_interval(cfg, S, x, floor), x ** share, 6)
+            ck = select_blocks(sens, n, floor, lambda kk: speedup_of(cfg, prune_recipes(base, scores, kk)), x)
+            if ck is not None:
+                break
+        comb = Plan(f"tokencache+l2c:{x}x", settings, prune_recipes(base, scores, ck), n,
+                    {"keep_counts": ck, "l2c_share": share})
         for name, plan in ((f"tokencache:{x}", tc), (f"dynamic:{x}", to_dynamic(tc)), (f"l2c:{x}", l2c),
                            (f"tokencache+l2c:{x}", comb)):
             plans[name] = plan
@@ -192,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "command": "python benchmarks/bench_tokencache.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(config), flush=True)
+    out = args.out or Path(__file__).parent / "results" / f"tokencache-{args.model.replace('/', '')}.json"
     if digits:
-        learned, info = learned_plans(model, settings, targets, args.calib_images)
+        learned, info = learned_plans(model, settings, targets, args.calib_images, out.parent)
     else:
         learned, info = structural_plans(model, settings, targets), {"structural": True}
     plans = {"full": make_plan("full", cfg, settings)}
@@ -206,12 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = compare_plans(model, settings, plans, labels, config, repeats=args.repeats, digits=digits)
     result["planning"] = info
     result["predicted"] = {n: plan_flops(cfg, p)["predicted_speedup"] for n, p in plans.items()}
-    out = args.out or Path(__file__).parent / "results" / f"tokencache-{args.model.replace('/', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(format_table(result))
     if digits:
         print(format_ablations(result))
+        print(format_l2c({"config": {**config, "calib_images": args.calib_images},
+                          "calibration_s": info["calibration_s"],
+                          "l2c": [{"target": r["target"], "train_s": r["l2c_s"], **r["l2c"]} for r in info["targets"]]}))
     print(f"\nwrote {out}")
     return result
 

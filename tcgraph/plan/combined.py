@@ -79,18 +79,22 @@ def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int
 
 
 def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int, margin: float = 1.03) -> int:
-    """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`:
-    token pruning alone could meet the budget there, and branch reuse adds on top."""
+    """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`
+    (token pruning alone could meet the budget there, and branch reuse adds on top); where no
+    K does, the longest interval Learning-to-Cache would try for `target`."""
     from tcgraph.plan.l2c import cache_steps
 
     full = Recipe.uniform(cfg.depth, COMPUTE)
     pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE)
+    from tcgraph.plan.l2c import candidate_intervals
+
     for k in range(2, num_steps + 1):
         cs = set(cache_steps(num_steps, k))
         if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)]) >= target * margin:
             return k
-    raise TcgraphError(f"a combined plan cannot reach {target}x in {num_steps} steps with keep ratios at the floor "
-                       f"({floor} tokens); ask for less or lower --min-keep")
+    # Pruning alone cannot get there (keys and values of every token are still projected):
+    # take the longest interval L2C would consider for the whole target, where reuse has room.
+    return candidate_intervals(cfg, num_steps, target)[-1]
 
 
 def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
