@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--calib-images", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--max-variants", type=int, default=None, help="variant cap (default: the planner's; 0 = none)")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--classes", default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     learned, l2c_rows = {}, []
     for target in [float(x) for x in args.targets.split(",")]:
-        lcfg = L2CConfig(target_speedup=target, calib_images=args.calib_images, epochs=base.epochs)
+        cap = {} if args.max_variants is None else {"max_variants": args.max_variants or None}
+        lcfg = L2CConfig(target_speedup=target, calib_images=args.calib_images, epochs=base.epochs, **cap)
         t0 = time.perf_counter()
         plan = make_l2c(lcfg, model, settings, traj=traj)
         train_s = time.perf_counter() - t0
