@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_plans import compare_plans, format_table  # noqa: E402
+from bench_plans import compare_plans, format_table, labels_for, with_baselines  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.inspection.pictures import draw_heatmap  # noqa: E402
-from tcgraph.plan import SamplerSettings, make_plan, plan_flops  # noqa: E402
+from tcgraph.plan import SamplerSettings, plan_flops  # noqa: E402
 from tcgraph.plan.l2c import (  # noqa: E402
     DEFAULT_MAX_VARIANTS,
     L2CConfig,
@@ -121,12 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         l2c_rows.append(row)
         learned[f"l2c:{target}"] = plan
 
-    plans = {"full": make_plan("full", cfg, settings)}
-    for n in args.fora.split(","):
-        plans[f"fora:{n}"] = make_plan(f"fora:{n}", cfg, settings)
-    plans.update(learned)
-    ids = api.parse_classes(args.classes, cfg.num_classes)
-    labels = [c for c in ids for _ in range(args.per_class)]
+    plans = with_baselines(cfg, settings, args.fora, learned)
+    labels = labels_for(args.classes, args.per_class, cfg.num_classes)
     config["images"] = len(labels)
     result = compare_plans(model, settings, plans, labels, config, repeats=args.repeats, digits=True)
     result.update(calibration_s=calib_s, l2c=l2c_rows, default_max_variants=DEFAULT_MAX_VARIANTS,

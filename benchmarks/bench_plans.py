@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     plans = [p.strip() for p in args.plans.split(",")]
     if plans[0] != "full":
         plans.insert(0, "full")
-    ids = api.parse_classes(args.classes, cfg.num_classes)
-    labels = [c for c in ids for _ in range(args.per_class)]
+    labels = labels_for(args.classes, args.per_class, cfg.num_classes)
     config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
               "images": len(labels), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "backend": "ort-cpu", "share_weights": not args.no_share_weights,
@@ -113,6 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(result))
     print(f"\nwrote {out}")
     return result
+
+
+def labels_for(classes: str | None, per_class: int, num_classes: int) -> list[int]:
+    return [c for c in api.parse_classes(classes, num_classes) for _ in range(per_class)]
+
+
+def with_baselines(cfg, settings: SamplerSettings, fora: str, learned: dict) -> dict:
+    """`full` first (the quality reference), then `fora:N` for N in the comma list, then `learned`."""
+    plans = {"full": make_plan("full", cfg, settings)}
+    plans.update({f"fora:{n}": make_plan(f"fora:{n}", cfg, settings) for n in fora.split(",")})
+    return {**plans, **learned}
 
 
 def _quiet_phase(desc: str, total: int):

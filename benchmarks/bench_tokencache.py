@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_l2c import format_l2c, l2c_diagnostics  # noqa: E402
-from bench_plans import compare_plans, format_table  # noqa: E402
+from bench_plans import compare_plans, format_table, labels_for, with_baselines  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
-from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops  # noqa: E402
+from tcgraph.plan import Plan, SamplerSettings, plan_flops  # noqa: E402
 from tcgraph.plan.combined import SHARES, CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
 from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
 from tcgraph.plan.l2c import L2CConfig, candidate_intervals, make_l2c, recipes_for_target  # noqa: E402
@@ -226,12 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         learned, info = learned_plans(model, settings, targets, args.calib_images, out.parent)
     else:
         learned, info = structural_plans(model, settings, targets), {"structural": True}
-    plans = {"full": make_plan("full", cfg, settings)}
-    for n in args.fora.split(","):
-        plans[f"fora:{n}"] = make_plan(f"fora:{n}", cfg, settings)
-    plans.update(learned)
-    ids = api.parse_classes(args.classes, cfg.num_classes)
-    labels = [c for c in ids for _ in range(args.per_class)]
+    plans = with_baselines(cfg, settings, args.fora, learned)
+    labels = labels_for(args.classes, args.per_class, cfg.num_classes)
     config["images"] = len(labels)
     result = compare_plans(model, settings, plans, labels, config, repeats=args.repeats, digits=digits)
     result["planning"] = info

@@ -95,7 +95,10 @@ def _read_safetensors(path: Path) -> object:
         ) from e
 
 
-def _read_torch(path: Path) -> object:
+def restricted_torch_load(path: Path, kind: str, resave: str) -> object:
+    """`torch.load(weights_only=True)` with only `argparse.Namespace` allowed beyond tensors and
+    plain containers; every failure is one TcgraphError naming `kind` (what the file should be)
+    and, for a file that pickles other objects, `resave` (how to write a plain one)."""
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -103,22 +106,24 @@ def _read_torch(path: Path) -> object:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:
             raise TcgraphError(
-                f"refusing to load {path}: it pickles the Python object {found.group(1)}, and loading it "
-                "could run arbitrary code; only tensors, plain containers and argparse.Namespace are "
-                "allowed. Re-save just the weights: torch.save(model.state_dict(), path) "
-                "or tcgraph.models.checkpoint.save_checkpoint"
+                f"refusing to load {path}: it is not a plain {kind}, it pickles the Python object "
+                f"{found.group(1)}, and loading it could run arbitrary code; only tensors, plain containers "
+                f"and argparse.Namespace are allowed. {resave}"
             ) from e
         raise TcgraphError(
-            f"cannot read {path} as a PyTorch checkpoint: the file is damaged or not a torch.save file; "
-            "download or save it again"
+            f"cannot read {path} as a {kind}: the file is damaged or not a torch.save file; download or save it again"
         ) from e
-    # torch's weights-only unpickler raises IndexError/KeyError/... on some random bytes.
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # torch's weights-only unpickler raises IndexError/KeyError/... on some random bytes
         detail = str(e).splitlines()[0] if str(e) else "empty or truncated file"
         raise TcgraphError(
-            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {detail}); "
+            f"cannot read {path} as a {kind} ({type(e).__name__}: {detail}); "
             "the file is damaged or not a torch.save file: download or save it again"
         ) from e
+
+
+def _read_torch(path: Path) -> object:
+    return restricted_torch_load(path, "PyTorch checkpoint", "Re-save just the weights: "
+                                 "torch.save(model.state_dict(), path) or tcgraph.models.checkpoint.save_checkpoint")
 
 
 def _is_state_dict(obj: object) -> bool:

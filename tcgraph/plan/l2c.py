@@ -159,34 +159,50 @@ def round_loss(model: DiT, traj, full_step: int, steps: list[int], weights_at, r
     return total, len(steps)
 
 
-def train_router(model: DiT, traj, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
-                 lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
-                 progress: Callable[[], None] | None = None) -> RouterResult:
-    """Learn router logits on `traj` (L2C objective); only the logits receive gradients."""
+def fit_logits(model: DiT, traj, logits: torch.Tensor, work: list[tuple[int, list[int]]],
+               weights_of: Callable[[torch.Tensor, int], dict], penalty: Callable[[torch.Tensor, list[int]], torch.Tensor],
+               *, epochs: int, batch_images: int, lr: float, seed: int,
+               progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Adam on input-invariant logits over calibration rounds; the model stays frozen.
+
+    Per round `(full step, cache steps)` of `work`, on a random batch of images:
+    loss = (Σ eps MSE + penalty(sigmoid(logits), cache steps)) / #cache steps, with the
+    blend weights of step s from `weights_of(sigmoid(logits), s)`. Shared by the L2C
+    router and TokenCache's predictor. Returns (trained logits, mean loss per epoch).
+    """
     model = model.eval().requires_grad_(False)
-    S, depth = traj.num_steps, model.config.depth
-    logits = (init if init is not None else init_logits(S, depth, seed)).clone().requires_grad_(True)
+    logits = logits.clone().requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
-    result = RouterResult(interval, lam, logits.detach())
-    work = [(s0, cs) for s0, cs in rounds(S, interval) if cs]
+    history = []
     for _ in range(epochs):
         epoch_loss = 0.0
         for r in torch.randperm(len(work), generator=g).tolist():
             s0, cs = work[r]
             rows = torch.randperm(traj.num_images, generator=g)[:batch_images]
-            probs = torch.sigmoid(logits)
-            mse, n = round_loss(model, traj, s0, cs, lambda s: _weights(probs[s]), rows)
-            loss = (mse + lam * probs[cs].sum()) / n
+            w = torch.sigmoid(logits)
+            mse, n = round_loss(model, traj, s0, cs, lambda s: weights_of(w, s), rows)
+            loss = (mse + penalty(w, cs)) / n
             opt.zero_grad()
             loss.backward()
             opt.step()
             epoch_loss += loss.item() / len(work)
             if progress:
                 progress()
-        result.history.append(epoch_loss)
-    result.logits = logits.detach().clone()
-    return result
+        history.append(epoch_loss)
+    return logits.detach().clone(), history
+
+
+def train_router(model: DiT, traj, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
+                 lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
+                 progress: Callable[[], None] | None = None) -> RouterResult:
+    """Learn router logits on `traj` (L2C objective: eps MSE + λ·Σ sigmoid(g))."""
+    init = init if init is not None else init_logits(traj.num_steps, model.config.depth, seed)
+    work = [(s0, cs) for s0, cs in rounds(traj.num_steps, interval) if cs]
+    logits, history = fit_logits(model, traj, init, work, lambda w, s: _weights(w[s]),
+                                 lambda w, cs: lam * w[cs].sum(), epochs=epochs, batch_images=batch_images,
+                                 lr=lr, seed=seed, progress=progress)
+    return RouterResult(interval, lam, logits, history)
 
 
 @torch.no_grad()

@@ -23,9 +23,7 @@ that object is built; no pickled code runs.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,8 +37,6 @@ from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe, SamplerSetti
 PLANNER_NAME = "l2c"
 DEFAULT_THRESHOLD = 0.1  # what the L2C sampling scripts pass as --thres
 ROUTERS_KEY = "routers"
-# Globals that published router files pickle besides tensors and plain containers.
-_SAFE_GLOBALS = [argparse.Namespace]
 # `<prefix><i>.prob`, where the optional prefix is dotted names such as "module.".
 _KEY_RE = re.compile(r"^((?:[^.]+\.)*?)(\d+)\.prob$")
 # How many keys an error message names before it only counts them.
@@ -66,28 +62,10 @@ def _load_router_file(path: Path) -> object:
     if not path.is_file():
         raise TcgraphError(f"L2C router path {path} is not a file; pass the path of a router file "
                            "such as DDIM20_router.pt")
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise TcgraphError(
-                f"refusing to load {path}: the file is not a plain L2C router file, it pickles the Python "
-                f"object {found.group(1)}, and loading it could run arbitrary code; only tensors, plain "
-                "containers and argparse.Namespace are allowed. Re-save only the routers: "
-                "torch.save({'routers': routers.state_dict()}, path)"
-            ) from e
-        raise TcgraphError(
-            f"cannot read {path}: the file is damaged or not a torch.save file, so not a plain L2C router "
-            "file; download or save it again"
-        ) from e
-    except Exception as e:  # garbage bytes make torch raise IndexError, KeyError, ...
-        detail = str(e).splitlines()[0] if str(e) else "empty or truncated file"
-        raise TcgraphError(
-            f"cannot read {path} ({type(e).__name__}: {detail}); the file is damaged or not a torch.save "
-            "file, so not a plain L2C router file: download or save it again"
-        ) from e
+    from tcgraph.models.checkpoint import restricted_torch_load
+
+    return restricted_torch_load(path, "L2C router file",
+                                 "Re-save only the routers: torch.save({'routers': routers.state_dict()}, path)")
 
 
 def _router_state_dict(obj: object, path: Path) -> Mapping[str, object]:

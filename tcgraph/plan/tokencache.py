@@ -7,7 +7,7 @@ ones the code and the tests follow.
 per (step, block, token), shape `[S, depth, N]`. One score per token is *shared by both
 branches of a block* (attention and MLP of block l keep the same tokens), so a pruned
 block is one token set per step. Training reuses Learning-to-Cache's machinery
-(`l2c.round_loss`, teacher-forced calibration trajectories, `calibrate.mixed_step`): a
+(`l2c.fit_logits` and `l2c.round_loss`, teacher-forced calibration trajectories, `calibrate.mixed_step`): a
 training round is one full step `s0` (fills every cache, no grad) followed by the next
 `train_window − 1` steps, for every `s0` in 0 … S−2, so every step s >= 1 is trained as a
 cache step. At a cache step every branch of every block blends per token (the
@@ -90,7 +90,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.evaluate import plan_error, speedup_of, token_mask
-from tcgraph.plan.l2c import lambda_unit, round_loss, rounds
+from tcgraph.plan.l2c import fit_logits, lambda_unit, rounds
 from tcgraph.plan.plan import (
     BRANCHES,
     COMPUTE,
@@ -381,31 +381,14 @@ def mu_unit(model: DiT, traj) -> float:
 def train_predictor(model: DiT, traj, keep_ratio: float, mu: float, *, window: int = 3, epochs: int = 8,
                     batch_images: int = 8, lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
                     progress: Callable[[], None] | None = None) -> PredictorResult:
-    """Learn the predictor's logits on `traj` with the superposition objective; only the logits move."""
-    model = model.eval().requires_grad_(False)
+    """Learn the predictor's logits on `traj` with the superposition objective (eps MSE +
+    μ·Σ (mean w − r)²); only the logits move."""
     S, depth, n = traj.num_steps, model.config.depth, model.config.num_tokens
-    logits = (init if init is not None else init_predictor(S, depth, n, keep_ratio, seed)).clone().requires_grad_(True)
-    opt = torch.optim.Adam([logits], lr=lr)
-    g = torch.Generator().manual_seed(seed + 1)
-    work = training_rounds(S, window)
-    result = PredictorResult(keep_ratio, mu, logits.detach())
-    for _ in range(epochs):
-        epoch_loss = 0.0
-        for r in torch.randperm(len(work), generator=g).tolist():
-            s0, cs = work[r]
-            rows = torch.randperm(traj.num_images, generator=g)[:batch_images]
-            w = torch.sigmoid(logits)
-            mse, count = round_loss(model, traj, s0, cs, lambda s, w=w: _token_weights(w[s]), rows)
-            loss = (mse + mu * ((w[cs].mean(-1) - keep_ratio) ** 2).sum()) / count
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            epoch_loss += loss.item() / len(work)
-            if progress:
-                progress()
-        result.history.append(epoch_loss)
-    result.logits = logits.detach().clone()
-    return result
+    init = init if init is not None else init_predictor(S, depth, n, keep_ratio, seed)
+    logits, history = fit_logits(model, traj, init, training_rounds(S, window), lambda w, s: _token_weights(w[s]),
+                                 lambda w, cs: mu * ((w[cs].mean(-1) - keep_ratio) ** 2).sum(), epochs=epochs,
+                                 batch_images=batch_images, lr=lr, seed=seed, progress=progress)
+    return PredictorResult(keep_ratio, mu, logits, history)
 
 
 #################################################################################

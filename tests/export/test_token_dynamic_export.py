@@ -12,14 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcgraph import api
 from tcgraph.compile import build_variants
-from tcgraph.export.artifact import load_artifact
-from tcgraph.export.onnx import WEIGHTS_PATH, export_variants
-from tcgraph.passes import reference_step
+from tcgraph.export.onnx import export_variants
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic
-from tcgraph.runtime.dispatch import ScheduleDispatcher
-from tests.export.tiny_variants import param_bytes, tiny_dit
+from tests.export.token_plans import check_plan_sampled_with_ort, check_qkv_stored_once
 from tests.passes.test_token_dynamic import CHANGED, _known_change_feeds
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
@@ -116,62 +112,12 @@ def test_ort_selects_the_changed_tokens_per_sample(tiny_model, tmp_path):
 def test_dynamic_plan_sampled_with_ort_equals_eager_reference_loop(tiny_model, tmp_path):
     """A whole plan (full, dynamic steps, full, dynamic …), transformed and sampled with the
     ORT runner, equals an eager loop of reference_step, caches and input caches carried."""
-    torch.set_num_threads(1)
     a = Recipe(((dynamic(5), REUSE), (REUSE, dynamic(3)), (COMPUTE, dynamic(1))))
     b = Recipe(((REUSE, dynamic(8)), (dynamic(N - 1), REUSE), (dynamic(4), REUSE)))
-    s = settings(6)
-    plan = Plan("dyn", s, (FULL, a, b, FULL, a, b), N)
-    path = api.transform(tiny_model, plan, tmp_path / "art", progress=False)
-    labels = [1, 4, 0]  # two runs of 2: the second padded
-    got, got_labels = api.sample(path, classes=labels, per_class=1, seed=3, progress=False)
-    assert got_labels == labels
-
-    caches: dict = {}
-
-    def eager_step(step, x, t, y):
-        out, fresh = reference_step(tiny_model, x, t, y, plan.recipes[step], caches, keep_inputs=True)
-        caches.update(fresh)
-        return out
-
-    cfg = tiny_model.config
-    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
-                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
-    assert got.shape == eager.shape == (3, 2, 8, 8)
-    diff = (got - eager).abs().max().item()
-    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), diff  # as in test_token_prune_export
-    full = api.sample_eager(tiny_model, s, labels, seed=3)
-    assert (full - eager).abs().max().item() > 1e-3  # a different computation from the full model
-
-    worst = []
-    caches.clear()
-    with api.make_runner("ort", load_artifact(path)) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-
-        def step(i, x, t, y):
-            got = dispatch(i, x, t, y)
-            ref = eager_step(i, x, t, y)
-            worst.append((got - ref).abs().max().item())
-            worst.extend((runner.to_torch(v) - caches[n]).abs().max().item() for n, v in dispatch.caches.items())
-            return ref
-
-        api.sampler_for(s, cfg).sample(step, api.noise_for(2, cfg, 8, 0), torch.tensor([2, 3]))
-    assert dispatch.calls == plan.schedule()
+    plan, dispatch = check_plan_sampled_with_ort(tiny_model, tmp_path, (FULL, a, b, FULL, a, b), keep_inputs=True)
     assert sorted(dispatch.caches) == sorted(plan.cache_names()) and any(n.endswith(".in") for n in dispatch.caches)
-    assert max(worst) <= 1e-4, max(worst)
 
 
 def test_dynamic_attention_stores_no_second_copy_of_qkv(tmp_path):
-    """At D=128 the dynamic variant reads the shared `qkv.weight.T` like the full variant;
-    weights.bin holds each weight once (dynamic adds no constant indices at all)."""
-    torch.set_num_threads(1)
-    model = tiny_dit()
-    n = model.config.num_tokens
-    recipe = Recipe(((dynamic(n // 4), dynamic(n // 2)), (COMPUTE, COMPUTE)))
-    plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=16),
-                (Recipe.uniform(2, COMPUTE), recipe), n)
-    entries = export_variants(build_variants(model, plan), tmp_path)
-    assert entries[1]["max_abs_diff"] <= 1e-4
-    assert "blocks.0.attn.qkv.weight.T" in entries[1]["external_initializers"]
-    assert _ops(tmp_path / entries[1]["file"])["Slice"] == 2  # Wq, Wkv: column slices of the shared W.T
-    size = (tmp_path / WEIGHTS_PATH).stat().st_size
-    assert size <= param_bytes(model) + 4096, (size, param_bytes(model))
+    """Dynamic variants add no constant indices at all."""
+    check_qkv_stored_once(tmp_path, lambda n: Recipe(((dynamic(n // 4), dynamic(n // 2)), (COMPUTE, COMPUTE))))

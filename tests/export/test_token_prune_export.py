@@ -11,14 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcgraph import api
 from tcgraph.compile import build_variants
-from tcgraph.export.artifact import load_artifact
-from tcgraph.export.onnx import WEIGHTS_PATH, export_variants
-from tcgraph.passes import reference_step
+from tcgraph.export.onnx import export_variants
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, branch_flops, partial
-from tcgraph.runtime.dispatch import ScheduleDispatcher
-from tests.export.tiny_variants import param_bytes, tiny_dit
+from tests.export.token_plans import check_plan_sampled_with_ort, check_qkv_stored_once
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
 FULL = Recipe.uniform(3, COMPUTE)
@@ -119,68 +115,12 @@ def test_partial_q_and_mlp_tensors_have_k_rows(exported):
 def test_partial_plan_sampled_with_ort_equals_eager_reference_loop(tiny_model, tmp_path):
     """A whole plan with partial steps, transformed and sampled with the ORT runner, equals
     an eager loop of reference_step along the same schedule, caches carried step to step."""
-    torch.set_num_threads(1)
     a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))))
     b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)))
-    s = settings(6)
-    plan = Plan("tokens", s, (FULL, a, b, FULL, a, b), N)
-    path = api.transform(tiny_model, plan, tmp_path / "art", progress=False)
-    labels = [1, 4, 0]  # two runs of 2: the second padded
-    got, got_labels = api.sample(path, classes=labels, per_class=1, seed=3, progress=False)
-    assert got_labels == labels
-
-    caches: dict = {}
-
-    def eager_step(step, x, t, y):
-        out, fresh = reference_step(tiny_model, x, t, y, plan.recipes[step], caches)
-        caches.update(fresh)
-        return out
-
-    cfg = tiny_model.config
-    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
-                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
-    assert got.shape == eager.shape == (3, 2, 8, 8)
-    # Random weights make samples large (|x| ~ 500 here): the full plan's ORT-vs-eager
-    # difference is itself ~1e-4 absolute, i.e. float32 rounding; compare relative to size.
-    diff = (got - eager).abs().max().item()
-    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), diff
-    # The partial plan is a different computation from the full model.
-    full = api.sample_eager(tiny_model, s, labels, seed=3)
-    assert (full - eager).abs().max().item() > 1e-3
-
-    # Step by step on equal inputs (the reference trajectory), the ORT runner's outputs and
-    # carried caches stay within 1e-4 of the reference.
-    worst = []
-    caches.clear()
-    with api.make_runner("ort", load_artifact(path)) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-
-        def step(i, x, t, y):
-            got = dispatch(i, x, t, y)
-            ref = eager_step(i, x, t, y)
-            worst.append((got - ref).abs().max().item())
-            worst.extend((runner.to_torch(v) - caches[n]).abs().max().item() for n, v in dispatch.caches.items())
-            return ref
-
-        api.sampler_for(s, cfg).sample(step, api.noise_for(2, cfg, 8, 0), torch.tensor([2, 3]))
-    assert dispatch.calls == plan.schedule()
-    assert max(worst) <= 1e-4, max(worst)
+    check_plan_sampled_with_ort(tiny_model, tmp_path, (FULL, a, b, FULL, a, b))
 
 
 def test_partial_attention_stores_no_second_copy_of_qkv(tmp_path):
-    """At a realistic width (D=128 > the exporter's folding limit) the partial variant reads
-    the same `qkv.weight.T` initializer as the full variant: weights.bin holds each weight
-    once, plus only the small constants (bias slices, scatter indices)."""
-    torch.set_num_threads(1)
-    model = tiny_dit()
-    n = model.config.num_tokens
-    recipe = Recipe(((partial(range(0, n, 4)), partial(range(0, n, 2))), (COMPUTE, COMPUTE)))
-    plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=16),
-                (Recipe.uniform(2, COMPUTE), recipe), n)
-    entries = export_variants(build_variants(model, plan), tmp_path)
-    assert entries[1]["max_abs_diff"] <= 1e-4
-    assert "blocks.0.attn.qkv.weight.T" in entries[1]["external_initializers"]
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / entries[1]["file"]), load_external_data=False).graph.node)
-    assert ops["Slice"] == 2  # Wq, Wkv: column slices of the shared W.T
-    size = (tmp_path / WEIGHTS_PATH).stat().st_size
-    assert size <= param_bytes(model) + 4096, (size, param_bytes(model))
+    """Scatter indices are the only constants a partial variant adds to weights.bin."""
+    check_qkv_stored_once(tmp_path, lambda n: Recipe(((partial(range(0, n, 4)), partial(range(0, n, 2))),
+                                                      (COMPUTE, COMPUTE))))

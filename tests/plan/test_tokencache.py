@@ -12,7 +12,6 @@ from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
-from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, Plan, SamplerSettings, make_plan, plan_flops
 from tcgraph.plan.tokencache import (
     TokenCacheConfig,
@@ -188,27 +187,6 @@ def test_select_blocks_greedy_rule(tiny_config):
 #################################################################################
 #                   Hard-plan error, Cache Predictor, sensitivity               #
 #################################################################################
-
-
-def _chain_error(model, traj, recipes):
-    """plan_error written as a loop of reference_step with caches carried step to step."""
-    caches, total = {}, 0.0
-    for s, recipe in enumerate(recipes):
-        out, fresh = reference_step(model, *traj.model_inputs(s), recipe, caches)
-        caches.update(fresh)
-        if not recipe.is_full:
-            total += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
-    return total / len(recipes)
-
-
-def test_plan_error_follows_the_partial_semantics(tiny_model):
-    traj = calibrate(tiny_model, settings(7), num_images=3)
-    full = make_plan("full", tiny_model.config, settings(7))
-    assert plan_error(tiny_model, traj, full.recipes) == pytest.approx(0.0, abs=1e-12)
-    recipes = tprr_recipes(_scores(7), [5, 0, 12], 3, 3, 4, max_stale=2)  # partial, reuse and rotation
-    assert any(a.kind == "partial" for r in recipes for _, _, a in r.items())
-    err = plan_error(tiny_model, traj, recipes)
-    assert err > 0 and err == pytest.approx(_chain_error(tiny_model, traj, recipes), rel=1e-4)
 
 
 @pytest.fixture
