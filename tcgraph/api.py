@@ -103,6 +103,7 @@ def transform(
             extra={"model": model_name, "flops": flops},
             overwrite=force,
             progress=tick,
+            state=dit.state_dict(),
         )
     finally:
         bar.close()
@@ -152,8 +153,12 @@ def noise_for(n: int, cfg: DiTConfig, resolution: int, seed: int) -> torch.Tenso
 
 
 def run_batches(step_fn, reset, sampler: DDIMSampler, labels: list[int], noise: torch.Tensor, batch: int,
-                seed: int, progress: bool = False) -> torch.Tensor:
-    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped)."""
+                seed: int, progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped).
+
+    The sampler runs on `device` (where the step function returns its output): each run's
+    noise and labels go there once, and only the finished samples come back to the host.
+    """
     runs = math.ceil(len(labels) / batch)
     bar = _progress_bar(runs * sampler.num_steps, "sample", progress)
     out = []
@@ -165,8 +170,9 @@ def run_batches(step_fn, reset, sampler: DDIMSampler, labels: list[int], noise: 
             x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
             reset()
             g = torch.Generator().manual_seed(seed + 1 + r)
-            res = sampler.sample(step_fn, x, y, generator=g, progress=lambda _s: bar.update(1))
-            out.append(res[: len(idx)])
+            res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g,
+                                 progress=lambda _s: bar.update(1))
+            out.append(res[: len(idx)].cpu())
     finally:
         bar.close()
     return torch.cat(out)
@@ -179,6 +185,7 @@ def sample(
     per_class: int = 4,
     seed: int = 0,
     backend: str = "ort",
+    device: str | None = None,
     batch: int | None = None,
     resolution: int | None = None,
     png: str | Path | None = None,
@@ -186,7 +193,12 @@ def sample(
     progress: bool = True,
     runner_options: dict | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Run the optimized sampler from an artifact folder; returns (samples, labels)."""
+    """Run the optimized sampler from an artifact folder; returns (samples, labels).
+
+    `device` ("cpu", "cuda") goes to the runner; left out, each backend picks its own
+    (ort: CUDA where onnxruntime-gpu has it, else CPU; torch: CPU; trt: CUDA). The
+    sampler's own arithmetic runs where the runner keeps its outputs.
+    """
     from tcgraph.export.artifact import load_artifact
     from tcgraph.runtime.dispatch import ScheduleDispatcher
 
@@ -205,10 +217,14 @@ def sample(
     ids = parse_classes(classes, cfg.num_classes)
     labels = [c for c in ids for _ in range(per_class)]
     noise = noise_for(len(labels), cfg, s.resolution, seed)
-    runner = make_runner(backend, art, **(runner_options or {}))
+    options = dict(runner_options or {})
+    if device is not None:
+        options["device"] = device
+    runner = make_runner(backend, art, **options)
     with runner:
         dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress)
+        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress,
+                              device=runner.device)
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:

@@ -27,6 +27,7 @@ from typing import Callable
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.onnx import WEIGHTS_PATH, VariantGraph, export_variants, file_sha256
+from tcgraph.export.weights import map_parameters
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,11 +68,18 @@ def write_artifact(
     opset: int | None = None,
     verify: bool = True,
     atol: float = 1e-4,
+    engines: Callable[[Path, list[dict]], dict] | None = None,
+    state: dict | None = None,
 ) -> Path:
     """Export `variants` and write a complete artifact folder at `out_dir`; returns its path.
 
-    `opset`, `verify`, `atol` go to `export_variants`. An existing `out_dir` is replaced
-    only with `overwrite=True`, and only once the new folder is complete.
+    `opset`, `verify`, `atol` go to `export_variants`. `engines(folder, variant entries)`,
+    when given, builds backend engines into the (temporary) folder once the ONNX files are
+    written and returns their manifest section (`manifest["tensorrt"]`); the engine files
+    are hashed like every other file. `state` (the model's state dict) is located in (or
+    appended to) the shared weights file and mapped in `manifest["parameters"]`, so that
+    the `torch` backend can rebuild the model from the folder alone. An existing `out_dir` is replaced only with
+    `overwrite=True`, and only once the new folder is complete.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
@@ -86,6 +94,11 @@ def write_artifact(
     try:
         _write_json(tmp / PLAN, plan)
         entries = export_variants(variants, tmp, opset=opset, verify=verify, atol=atol, progress=progress)
+        parameters = None
+        if state is not None:
+            onnx_paths = [tmp / e["file"] for e in entries]
+            parameters = map_parameters(tmp / WEIGHTS_PATH, onnx_paths, state)
+        engine_section = engines(tmp, entries) if engines is not None else None
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()
@@ -103,6 +116,10 @@ def write_artifact(
             "created": _utc_now(),
             "extra": extra or {},
         }
+        if parameters is not None:
+            manifest["parameters"] = parameters
+        if engine_section is not None:
+            manifest["tensorrt"] = engine_section
         _write_json(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, out_dir, overwrite)
     except BaseException:  # KeyboardInterrupt too: never leave the half-built folder behind

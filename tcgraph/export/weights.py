@@ -280,3 +280,71 @@ def _rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
                 _rename_values(attr.g, mapping)
             for sub in attr.graphs:
                 _rename_values(sub, mapping)
+
+
+#################################################################################
+#                  Parameters: the model, read back from the file               #
+#################################################################################
+
+
+def map_parameters(weights_path: Path, onnx_paths: list[Path], state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Where every tensor of the model's `state` lives in the shared weights file.
+
+    Backends that run the model's own graphs (the `torch` backend) rebuild the model from
+    the artifact alone. Most tensors are already in the file, as themselves or as their
+    transpose (the exporter folds `Linear` transposes); they are found by content, so
+    equal tensors (adaLN-Zero weights of an untrained model) need no extra bytes.
+    Tensors no variant stores (small ones live inside the ONNX files) are appended.
+    Returns `{fqn: {offset, length, dtype, shape, transposed}}` for manifest.json.
+    """
+    stored: dict[str, tuple[int, int]] = {}  # content key -> (offset, length)
+    with open(weights_path, "rb") as f:
+        for path in onnx_paths:
+            for t in read_external_initializers(path).values():
+                f.seek(t.offset)
+                data = f.read(t.length)
+                onnx_type = onnx.helper.np_dtype_to_tensor_dtype(t.dtype)
+                stored.setdefault(_content_key(onnx_type, t.shape, data), (t.offset, t.length))
+    result = {}
+    size = weights_path.stat().st_size
+    with open(weights_path, "ab") as f:
+        for name, tensor in state.items():
+            forms = [(tensor, False)] + ([(tensor.t(), True)] if tensor.dim() == 2 else [])
+            found = None
+            for form, transposed in forms:
+                key = _tensor_key(form)
+                if key is None:
+                    raise ValueError(f"cannot store {name}: dtype {tensor.dtype} has no ONNX equivalent")
+                if key in stored:
+                    found = (*stored[key], transposed)
+                    break
+            if found is None:
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                pad = -size % WEIGHTS_ALIGN
+                f.write(b"\0" * pad + data)
+                stored[_tensor_key(tensor)] = (size + pad, len(data))
+                found = (size + pad, len(data), False)
+                size += pad + len(data)
+            offset, length, transposed = found
+            result[name] = {"offset": offset, "length": length, "dtype": str(tensor.dtype).removeprefix("torch."),
+                            "shape": list(tensor.shape), "transposed": transposed}
+    return result
+
+
+def load_parameters(weights_path: Path, entries: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The model tensors `map_parameters` recorded, read from the weights file (CPU, own memory)."""
+    file_size = weights_path.stat().st_size
+    data = np.memmap(weights_path, dtype=np.uint8, mode="r") if file_size else np.zeros(0, np.uint8)
+    state = {}
+    for name, e in entries.items():
+        shape = list(e["shape"])
+        if e["transposed"]:
+            shape = shape[::-1]
+        end = e["offset"] + e["length"]
+        if end > file_size:
+            raise ValueError(f"{name} ends at byte {end} but {weights_path.name} has {file_size} bytes")
+        dtype = getattr(torch, e["dtype"])
+        raw = torch.from_numpy(np.array(data[e["offset"]:end]))
+        t = raw.view(dtype).reshape(shape)
+        state[name] = t.t().contiguous() if e["transposed"] else t
+    return state

@@ -1,8 +1,9 @@
 """Backends that run the variants of an artifact folder.
 
-`Runner` (base.py) is the one interface; `ort` (ONNX Runtime) is the embedded default.
-Backends load lazily: `make_runner("ort", artifact)` imports onnxruntime only then, and
-nothing here imports TensorRT.
+`Runner` (base.py) is the one interface; `ort` (ONNX Runtime) is the embedded default,
+`torch` (pytorch.py) runs the variant GraphModules on CPU or CUDA, `trt` (trt.py) runs
+TensorRT engines. Backends load lazily: `make_runner("ort", artifact)` imports
+onnxruntime only then, and nothing here imports TensorRT.
 
 # dispatch.py holds the sampler loop that asks the schedule for each step's variant;
 # it works over any Runner and is imported where it is used.
@@ -16,9 +17,11 @@ from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.runtime.base import Runner
 
-# backend name -> "module:class"; more backends (trt, torch) register here.
+# backend name -> "module:class"
 BACKENDS: dict[str, str] = {
     "ort": "tcgraph.runtime.ort:OrtRunner",
+    "torch": "tcgraph.runtime.pytorch:TorchRunner",
+    "trt": "tcgraph.runtime.trt:TrtRunner",
 }
 
 

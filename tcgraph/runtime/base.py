@@ -70,6 +70,11 @@ class Runner(ABC):
 
     # ---------------------------------------------------------------- running
 
+    @property
+    def device(self) -> torch.device:
+        """Where this runner keeps the tensors `tensor()` returns (the host unless a GPU runner)."""
+        return torch.device("cpu")
+
     def variant_ids(self) -> list[str]:
         return list(self._inputs)
 
@@ -89,6 +94,14 @@ class Runner(ABC):
         if isinstance(value, np.ndarray):
             return torch.from_numpy(value)
         return self._to_torch_impl(value)
+
+    def tensor(self, value: Any) -> torch.Tensor:
+        """A backend value as a torch tensor where the backend keeps it (GPU memory for GPU
+        runners): what the sampler computes with between steps, so that nothing crosses to
+        the host inside the sampling loop. Host backends give `to_torch`."""
+        if isinstance(value, torch.Tensor):
+            return value
+        return self.to_torch(value)
 
     # ---------------------------------------------------------------- checks
 
@@ -119,10 +132,11 @@ class Runner(ABC):
                 )
             if list(shape) != list(spec["shape"]):
                 raise TcgraphError(self._shape_message(variant_id, name, spec["shape"], list(shape)))
-            if dtype is not None and dtype != spec["dtype"]:
+            want = self._feed_dtype(name, spec["dtype"])
+            if dtype is not None and dtype != want:
                 raise TcgraphError(
-                    f"input {name} of variant {variant_id} expects dtype {spec['dtype']}, got {dtype}; "
-                    f"convert it first (e.g. `.astype(np.{spec['dtype']})` or `.to(torch.{spec['dtype']})`)"
+                    f"input {name} of variant {variant_id} expects dtype {want}, got {dtype}; "
+                    f"convert it first (e.g. `.astype(np.{want})` or `.to(torch.{want})`)"
                 )
 
     def _describe(self, value: Any) -> tuple[tuple[int, ...] | None, str | None]:
@@ -159,6 +173,10 @@ class Runner(ABC):
 
     @abstractmethod
     def _to_torch_impl(self, value: Any) -> torch.Tensor: ...
+
+    def _feed_dtype(self, name: str, manifest_dtype: str) -> str:
+        """The dtype this runner takes for input `name` (a bf16 runner keeps bf16 caches)."""
+        return manifest_dtype
 
     def _describe_impl(self, value: Any) -> tuple[tuple[int, ...] | None, str | None]:
         """(shape, dtype) of a backend value; override to accept the backend's own values."""

@@ -32,8 +32,9 @@ class ScheduleDispatcher:
 
     @classmethod
     def for_runner(cls, runner, schedule: list[str]) -> "ScheduleDispatcher":
-        """Dispatch `schedule` onto an activated Runner of an artifact folder."""
-        return cls(schedule, runner.artifact.io_names(), runner.run, runner.to_torch)
+        """Dispatch `schedule` onto an activated Runner of an artifact folder; `out` comes back
+        where the runner keeps it (GPU memory for GPU runners: the sampler runs there too)."""
+        return cls(schedule, runner.artifact.io_names(), runner.run, runner.tensor)
 
     def reset(self) -> None:
         self.caches = {}

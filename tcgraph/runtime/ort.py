@@ -24,6 +24,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.export.onnx import read_external_initializers
+from tcgraph.runtime.bank import torch_dtype
 from tcgraph.runtime.base import Runner
 
 # OrtValue.data_type() -> numpy dtype name, as the manifest writes dtypes.
@@ -74,6 +75,11 @@ class OrtRunner(Runner):
         cpu_arena: ONNX Runtime's CPU memory arena (default True). Each session owns one,
             so every extra variant keeps its own pool of activation buffers; False trades
             some allocation speed for memory (`benchmarks/bench_plans.py --no-cpu-arena`).
+        device: "cpu" or "cuda" instead of `providers` (cuda needs onnxruntime-gpu).
+
+    On CUDA, outputs are bound into torch CUDA tensors (IOBinding by address): `out` and
+    the caches stay on the GPU, caches are fed back by address, and the sampler runs on
+    the GPU with them.
     """
 
     name = "ort"
@@ -87,9 +93,17 @@ class OrtRunner(Runner):
         intra_op_threads: int | None = None,
         allow_spinning: bool = False,
         cpu_arena: bool = True,
+        device: str | None = None,
         **options: Any,
     ):
         super().__init__(artifact, **options)
+        if device is not None and providers is not None:
+            raise TcgraphError("pass either providers or device to the 'ort' runner, not both")
+        if device is not None:
+            kind = str(device).split(":")[0]
+            if kind not in ("cpu", "cuda"):
+                raise TcgraphError(f"the 'ort' runner runs on 'cpu' or 'cuda', not {device!r}")
+            providers = [_CUDA, _CPU] if kind == "cuda" else [_CPU]
         self.providers = list(providers) if providers is not None else None
         self.share_weights = share_weights
         self.intra_op_threads = intra_op_threads
@@ -140,13 +154,18 @@ class OrtRunner(Runner):
 
     def _choose_providers(self, ort) -> list:
         available = ort.get_available_providers()
-        if self.providers is None:
-            return [_CUDA, _CPU] if _CUDA in available else [_CPU]
+        if self.providers is None:  # CUDA only where torch can hold its outputs there too
+            return [_CUDA, _CPU] if _CUDA in available and torch.cuda.is_available() else [_CPU]
         missing = [p for p in self.providers if _provider_name(p) not in available]
         if missing:
             raise TcgraphError(
                 f"ONNX Runtime providers {missing} are not available in this onnxruntime; available: "
                 f"{available}; install onnxruntime-gpu for CUDA, or leave providers unset"
+            )
+        if _provider_name(self.providers[0]) == _CUDA and not torch.cuda.is_available():
+            raise TcgraphError(
+                "the 'ort' runner on CUDA binds its outputs into torch CUDA tensors, but this PyTorch sees no CUDA "
+                "GPU; install a CUDA build of PyTorch, or use device 'cpu'"
             )
         return self.providers
 
@@ -194,10 +213,23 @@ class OrtRunner(Runner):
                 keep_alive.append((array, ort_value))
                 binding.bind_ortvalue_input(name, ort_value)
         outputs = self._outputs[variant_id]
+        if self._device == "cuda":  # into torch tensors: they stay on the GPU for the sampler and the next step
+            values = {}
+            for out in outputs:
+                value = torch.empty(out["shape"], dtype=torch_dtype(out["dtype"]), device="cuda")
+                binding.bind_output(out["onnx_name"], "cuda", value.device.index or 0, _numpy_dtype(value),
+                                    tuple(value.shape), value.data_ptr())
+                values[out["name"]] = value
+            session.run_with_iobinding(binding)
+            return values
         for out in outputs:
             binding.bind_output(out["onnx_name"], self._device)
         session.run_with_iobinding(binding)
         return {out["name"]: value for out, value in zip(outputs, binding.get_outputs())}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._device)
 
     def _describe_impl(self, value: Any):
         if self._ort is not None and isinstance(value, self._ort.OrtValue) and value.is_tensor():
