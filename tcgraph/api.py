@@ -49,11 +49,16 @@ def transform(
     check: bool = True,
     progress: bool = True,
     plan_options: dict | None = None,
+    backend: str = "onnx",
+    engine_options: dict | None = None,
 ) -> Path:
     """Plan, rewrite, check and export a model into an artifact folder; returns its path.
 
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
+    `backend="trt"` also builds one TensorRT engine per variant into the folder
+    (`engine_options`: `precision` fp16|bf16|fp32, `strip_weights`); TensorRT and a GPU
+    are checked before any planning starts.
     """
     from tcgraph.compile import build_variants
     from tcgraph.export.artifact import write_artifact
@@ -68,6 +73,7 @@ def transform(
     out = Path(out) if out is not None else default_out(model_name, label)
     if out.exists() and not force:  # checked before planning, which may take minutes
         raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
+    engines = _engine_builder(backend, engine_options or {})
     dit = load_dit(model, config)
     if isinstance(plan, Plan):
         the_plan = plan
@@ -86,7 +92,7 @@ def transform(
             for b in bars:
                 b.close()
     n = len(the_plan.variants())
-    bar = _progress_bar(3 * n, "transform", progress)
+    bar = _progress_bar((3 + (engines is not None)) * n, "transform", progress)
 
     def tick(msg: str) -> None:
         bar.set_postfix_str(msg)
@@ -104,10 +110,29 @@ def transform(
             overwrite=force,
             progress=tick,
             state=dit.state_dict(),
+            engines=None if engines is None else (lambda root, entries: engines(root, entries, tick)),
         )
     finally:
         bar.close()
     return path
+
+
+def _engine_builder(backend: str, options: dict):
+    """None for ONNX only; for "trt" a function building the engines (TensorRT checked now)."""
+    if backend == "onnx":
+        if options:
+            raise TcgraphError(f"engine options {sorted(options)} belong to TensorRT engines: add --backend trt")
+        return None
+    if backend != "trt":
+        raise TcgraphError(f"unknown transform backend {backend!r}; use 'onnx' (ONNX only) or 'trt' (ONNX and "
+                           "TensorRT engines)")
+    from tcgraph.export.tensorrt import build_engines, import_tensorrt
+
+    import_tensorrt()  # one clear error now, before minutes of planning and export
+    if not torch.cuda.is_available():
+        raise TcgraphError("--backend trt builds engines for the GPU it runs on, and PyTorch sees no CUDA GPU here; "
+                           "run the transform on the NVIDIA machine that will sample")
+    return lambda root, entries, tick: build_engines(root, entries, progress=tick, **options)
 
 
 def make_runner(backend: str, artifact: Any, **options):

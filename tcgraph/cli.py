@@ -27,6 +27,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks of the rewritten graphs")
+    t.add_argument("--backend", choices=["onnx", "trt"], default="onnx",
+                   help="onnx (default: ONNX per variant, for the ort and torch backends) or trt (also build one "
+                        "TensorRT engine per variant; needs TensorRT and an NVIDIA GPU)")
+    t.add_argument("--precision", choices=["fp16", "bf16", "fp32"],
+                   help="TensorRT engine precision (default fp16)")
+    t.add_argument("--strip-weights", action="store_true",
+                   help="TensorRT: weight-stripped engines, refitted from weights.bin when loaded (no weight copy "
+                        "per engine on disk)")
     l2c = t.add_argument_group("learned plans (l2c, tokencache)")
     l2c.add_argument("--target-speedup", type=float,
                      help="FLOP-predicted speedup to learn a plan for (default: l2c 2, tokencache 1.5)")
@@ -51,7 +59,15 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
     s.add_argument("--per-class", type=int, default=4, help="images per class; one grid row per class (default 4)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", default="ort", help="ort (ONNX Runtime; CUDA when onnxruntime-gpu is installed)")
+    s.add_argument("--backend", choices=["ort", "torch", "trt"], default="ort",
+                   help="ort (ONNX Runtime, the default), torch (the variant graphs in PyTorch; CUDA graphs on GPU) "
+                        "or trt (TensorRT engines built by `transform --backend trt`)")
+    s.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where to run (default: ort CUDA when onnxruntime-gpu can, else CPU; torch CPU; trt CUDA)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="torch backend precision (default float32 on CPU, bfloat16 on CUDA)")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="torch backend: run the graphs eagerly on CUDA")
+    s.add_argument("--compile", action="store_true", help="torch backend: torch.compile each variant first")
     s.add_argument("--batch", type=int, help="check that the artifact was built for this batch")
     s.add_argument("--resolution", type=int, help="check that the artifact was built for this resolution")
     s.add_argument("--png", type=Path, default=Path("samples.png"), help="PNG grid to write (default samples.png)")
@@ -67,6 +83,24 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--out", type=Path, help="write pictures here: schedule heatmap PNG, token masks, variant DOT/SVG")
     return p
+
+
+def _runner_options(args) -> dict:
+    """The sample options that belong to one backend; naming them for another is an error."""
+    chosen = {"share_weights": False if args.no_share_weights else None, "dtype": args.dtype,
+              "cuda_graphs": False if args.no_cuda_graphs else None, "compile": True if args.compile else None}
+    owner = {"share_weights": ("ort", "--no-share-weights"), "dtype": ("torch", "--dtype"),
+             "cuda_graphs": ("torch", "--no-cuda-graphs"), "compile": ("torch", "--compile")}
+    options = {}
+    for key, value in chosen.items():
+        if value is None:
+            continue
+        backend, flag = owner[key]
+        if backend != args.backend:
+            raise TcgraphError(f"{flag} is an option of the {backend} backend, not of {args.backend}; "
+                               f"add --backend {backend} or drop {flag}")
+        options[key] = value
+    return options
 
 
 def _interrupt_on_sigterm() -> None:
@@ -94,14 +128,17 @@ def main(argv: list[str] | None = None) -> int:
                                  check=not args.no_check, progress=progress,
                                  plan_options={k: getattr(args, k) for k in (
                                      "target_speedup", "lam", "threshold", "max_variants", "interval", "router",
-                                     "calib_images", "tprr", "keep_ratio", "min_keep")})
+                                     "calib_images", "tprr", "keep_ratio", "min_keep")},
+                                 backend=args.backend, engine_options={
+                                     k: v for k, v in (("precision", args.precision),
+                                                       ("strip_weights", args.strip_weights)) if v})
             print(api.format_inspect(api.inspect(path, verify=False)))
             print(f"\nwrote {path}")
         elif args.command == "sample":
             samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
-                                         seed=args.seed, backend=args.backend, batch=args.batch,
+                                         seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
                                          resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
-                                         runner_options={"share_weights": False} if args.no_share_weights else None)
+                                         runner_options=_runner_options(args))
             wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
             print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
         elif args.command == "inspect":

@@ -1,0 +1,260 @@
+"""TorchRunner: the model rebuilt from the artifact alone, the same samples as ORT and the
+eager reference, stated low-precision tolerances, clear errors; CUDA parts where a GPU exists."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tcgraph import api
+from tcgraph.errors import TcgraphError
+from tcgraph.eval.metrics import psnr
+from tcgraph.export.artifact import load_artifact
+from tcgraph.export.onnx import WEIGHTS_PATH
+from tcgraph.models import load_model
+from tcgraph.models.dit import DiT
+from tcgraph.passes import reference_step
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic, partial
+from tcgraph.runtime import make_runner
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tcgraph.runtime.pytorch import TorchRunner, rebuild_model
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (PyTorch sees none here)")
+
+# Stated tolerances of the low-precision paths: PSNR of the demo model's samples (10 DDIM
+# steps, guidance 2) against float32 eager from the same noise. Measured on CPU
+# (2026-11-22): bf16 43.1 dB, fp16 61.0 dB; eager bf16 autocast gives 47.0 dB.
+MIN_PSNR = {"bfloat16": 35.0, "float16": 50.0}
+
+
+def _mixed_recipes(n: int) -> list[Recipe]:
+    """Full, reuse, partial (block 1) and dynamic (blocks 0, 2) steps of a 3-block model."""
+    full = Recipe.uniform(3, COMPUTE)
+    reuse = Recipe(((REUSE, REUSE), (COMPUTE, REUSE), (REUSE, COMPUTE)))
+    part = Recipe(((REUSE, REUSE), (partial([0, 3, 6, 9, 12]), partial(range(8))), (COMPUTE, REUSE)))
+    dyn = Recipe(((dynamic(5), dynamic(3)), (REUSE, REUSE), (COMPUTE, dynamic(n - 1))))
+    return [full, reuse, part, full, dyn, dyn]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    from tcgraph.models.dit import make_config, randomize_weights
+
+    cfg = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
+                      num_classes=5, learn_sigma=True)
+    model = randomize_weights(DiT(cfg), std=0.05)
+    s = SamplerSettings(num_steps=6, batch=2, cfg_scale=2.0, resolution=8)
+    plan = Plan("mixed", s, tuple(_mixed_recipes(cfg.num_tokens)), cfg.num_tokens)
+    path = api.transform(model, plan, tmp_path_factory.mktemp("torch") / "mixed", progress=False)
+    return model, plan, path
+
+
+def test_model_rebuilt_from_the_artifact_is_the_model(mixed):
+    model, _, path = mixed
+    rebuilt = rebuild_model(load_artifact(path))
+    want, got = model.state_dict(), rebuilt.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_untrained_model_equal_tensors_are_stored_once(tmp_path):
+    """adaLN-Zero init: many tensors are equal (zeros); they are found by content, and only
+    the small tensors that live inside the ONNX files are appended to weights.bin."""
+    model = DiT(load_model("digits").config)  # fresh init, not the trained weights
+    path = api.transform(model, "fora:2", tmp_path / "a", steps=4, progress=False)
+    art = load_artifact(path)
+    entries = art.manifest["parameters"]
+    zeros = [k for k, v in model.state_dict().items() if v.numel() > 256 and not v.any()]
+    assert len(zeros) >= 6
+    assert len({(entries[k]["offset"], entries[k]["transposed"]) for k in zeros}) < len(zeros)
+    rebuilt = rebuild_model(art)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
+    param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert (path / WEIGHTS_PATH).stat().st_size <= param_bytes + 4096
+
+
+def test_torch_samples_equal_ort_and_the_eager_reference_loop(mixed):
+    model, plan, path = mixed
+    labels = [1, 4, 0]
+    got, _ = api.sample(path, classes=labels, per_class=1, seed=3, backend="torch", progress=False)
+    ort, _ = api.sample(path, classes=labels, per_class=1, seed=3, backend="ort", progress=False)
+    caches: dict = {}
+
+    def eager_step(step, x, t, y):
+        out, fresh = reference_step(model, x, t, y, plan.recipes[step], caches, keep_inputs=True)
+        caches.update(fresh)
+        return out
+
+    s, cfg = plan.settings, model.config
+    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
+                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), (got - eager).abs().max()
+    assert torch.allclose(got, ort, rtol=1e-5, atol=1e-4), (got - ort).abs().max()
+    assert (api.sample_eager(model, s, labels, seed=3) - eager).abs().max() > 1e-3  # not the full model
+
+
+def test_caches_pass_from_step_to_step_as_the_returned_tensors(mixed):
+    _, plan, path = mixed
+    art = load_artifact(path)
+    with make_runner("torch", art) as runner:
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        seen = []
+        real_run = dispatch.run
+
+        def run(vid, feeds):
+            seen.append({n: v for n, v in feeds.items() if n.startswith("cache.")})
+            result = real_run(vid, feeds)
+            seen.append(result)
+            return result
+
+        dispatch.run = run
+        api.sampler_for(plan.settings, _cfg(art)).sample(dispatch, api.noise_for(2, _cfg(art), 8, 0),
+                                                         torch.tensor([1, 2]))
+    # every cache fed at step i is the very tensor an earlier step returned
+    returned = {id(v) for d in seen[1::2] for v in d.values()}
+    fed = [v for d in seen[0::2] for v in d.values()]
+    assert fed and all(id(v) in returned for v in fed)
+
+
+def _cfg(art):
+    from tcgraph.models.dit import DiTConfig
+
+    return DiTConfig(**art.model_config)
+
+
+@pytest.fixture(scope="module")
+def demo_full(tmp_path_factory):
+    return api.transform("digits", "full", tmp_path_factory.mktemp("demo") / "full", steps=10, batch=4,
+                         progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_within_stated_psnr_of_float32_eager(demo_full, dtype):
+    model = load_model("digits")
+    art = load_artifact(demo_full)
+    labels = [0, 3, 5, 8]
+    ref = api.sample_eager(model, Plan.from_dict(art.plan).settings, labels)
+    got, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch",
+                        runner_options={"dtype": dtype}, progress=False)
+    fp32, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch", progress=False)
+    assert (fp32 - ref).abs().max() <= 1e-4
+    value = psnr(got, ref)
+    assert MIN_PSNR[dtype] <= value < 100, value  # close, and really in low precision
+    with make_runner("torch", art, dtype=dtype) as runner:
+        result = runner.run("v0", {"x": torch.randn(8, 1, 16, 16), "t": torch.arange(8), "y": torch.arange(8)})
+        assert result["out"].dtype == torch.float32  # the sampler's update stays in float32
+
+
+def test_sample_cli_with_torch_backend(demo_full, tmp_path, capsys):
+    from tcgraph.cli import main
+
+    png = tmp_path / "s.png"
+    assert main(["sample", str(demo_full), "--backend", "torch", "--device", "cpu", "--classes", "1,2",
+                 "--per-class", "1", "--png", str(png), "--npy", str(tmp_path / "s.npy")]) == 0
+    assert png.is_file()
+    import numpy as np
+
+    got = torch.from_numpy(np.load(tmp_path / "s.npy"))
+    ort, _ = api.sample(demo_full, classes=[1, 2], per_class=1, progress=False)
+    assert (got - ort).abs().max() <= 2e-4
+    assert main(["sample", str(demo_full), "--backend", "ort", "--dtype", "bfloat16"]) == 2
+    assert "--dtype is an option of the torch backend" in capsys.readouterr().err
+
+
+def test_bad_options_and_old_folders_get_clear_errors(demo_full, tmp_path):
+    art = load_artifact(demo_full)
+    with pytest.raises(TcgraphError, match="unknown dtype"):
+        TorchRunner(art, dtype="int8")
+    with pytest.raises(TcgraphError, match="CUDA graphs need device 'cuda'"):
+        TorchRunner(art, device="cpu", cuda_graphs=True)
+    with pytest.raises(TcgraphError, match="runs on 'cpu' or 'cuda'"):
+        TorchRunner(art, device="mps")
+    if not CUDA:
+        with pytest.raises(TcgraphError, match="sees no CUDA GPU"):
+            TorchRunner(art, device="cuda").activate()
+    # A folder written before the parameter map existed: say so and what to do.
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(demo_full, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["parameters"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TcgraphError, match="does not map the model's parameters.*re-run `tcgraph transform`"):
+        TorchRunner(load_artifact(old)).activate()
+    # A parameter map that points past the end of weights.bin (hashes not checked): damaged folder.
+    manifest["parameters"] = art.manifest["parameters"]
+    first = next(iter(manifest["parameters"]))
+    manifest["parameters"][first] = dict(manifest["parameters"][first], offset=10**12)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TcgraphError, match="the folder is damaged"):
+        TorchRunner(load_artifact(old, verify_hashes=False)).activate()
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+def _eager_autocast_bf16(model, settings, labels):
+    @torch.no_grad()
+    def step(_i, x, t, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x, t, y).float()
+
+    noise = api.noise_for(len(labels), model.config, settings.resolution, 0)
+    return api.run_batches(step, lambda: None, api.sampler_for(settings, model.config), labels, noise,
+                           settings.batch, 0, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
+def test_cuda_bf16_matches_eager_pytorch_on_the_gpu(demo_full, graphs):
+    model = load_model("digits").cuda()
+    art = load_artifact(demo_full)
+    labels = [0, 3, 5, 8]
+    ref = _eager_autocast_bf16(model, Plan.from_dict(art.plan).settings, labels)
+    got, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch", device="cuda",
+                        runner_options={"cuda_graphs": graphs}, progress=False)
+    assert psnr(got, ref) >= MIN_PSNR["bfloat16"]
+
+
+@needs_cuda
+def test_cuda_graph_caches_stay_in_the_bank(mixed):
+    _, plan, path = mixed
+    with make_runner("torch", load_artifact(path), device="cuda", dtype="float32") as runner:
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        cfg = _cfg(runner.artifact)
+        out = api.sampler_for(plan.settings, cfg).sample(dispatch, api.noise_for(2, cfg, 8, 0).cuda(),
+                                                         torch.tensor([1, 2], device="cuda"))
+        assert out.is_cuda
+        assert all(v.data_ptr() == runner._bank[n].data_ptr() for n, v in dispatch.caches.items())
+    eager, _ = api.sample(path, classes=[1, 2], per_class=1, backend="torch", progress=False)
+    graphed, _ = api.sample(path, classes=[1, 2], per_class=1, backend="torch", device="cuda",
+                            runner_options={"dtype": "float32"}, progress=False)
+    assert torch.allclose(graphed, eager, rtol=1e-3, atol=1e-2)  # TF32 matmuls may differ slightly
+
+
+@needs_cuda
+def test_no_host_copies_inside_the_sampling_loop(demo_full):
+    """Profiled sampling loop (runner already active): one host->device copy of the noise and
+    one of the labels per run, one device->host copy of the final sample, nothing per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    art = load_artifact(demo_full)
+    plan = Plan.from_dict(art.plan)
+    cfg = _cfg(art)
+    labels = [0, 1, 2, 3, 4, 5, 6, 7]  # two runs of batch 4
+    with make_runner("torch", art, device="cuda") as runner:
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        noise = api.noise_for(len(labels), cfg, plan.settings.resolution, 0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            api.run_batches(dispatch, dispatch.reset, api.sampler_for(plan.settings, cfg), labels, noise,
+                            plan.settings.batch, 0, device=runner.device)
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    dtoh = [n for n in names if "Memcpy DtoH" in n]
+    htod = [n for n in names if "Memcpy HtoD" in n]
+    assert len(dtoh) == 2, dtoh  # the final samples of the two runs
+    assert len(htod) <= 4, htod  # noise and labels of each run, never per step (10 steps)
