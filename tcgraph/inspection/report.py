@@ -211,8 +211,8 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
 def _engines(art) -> dict:
     folder = art.root / "engines"
     files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    settings = art.manifest.get("engines") or art.manifest.get("backend") or {}
-    backend = settings.get("backend") if isinstance(settings, dict) else None
+    settings = art.manifest.get("tensorrt") or {}  # written by `transform --backend trt`
+    backend = "tensorrt" if settings else None
     if files and backend is None:
         backend = "tensorrt" if any(f.endswith((".plan", ".engine")) for f in files) else "unknown"
     return {"files": files, "backend": backend, "settings": settings if isinstance(settings, dict) else {}}

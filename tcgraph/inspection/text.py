@@ -61,7 +61,14 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         e = info["engines"]
         lines.append("engines    " + (f"{len(e['files'])} for {e['backend']}: {', '.join(e['files'][:6])}"
                                       + (" …" if len(e["files"]) > 6 else "")
-                                      if e["files"] else "none (ONNX Runtime only)"))
+                                      if e["files"] else "none (ONNX for the ort and torch backends)"))
+        trt = e.get("settings") or {}
+        if trt:
+            device = trt.get("device") or {}
+            lines.append(f"           TensorRT {trt.get('tensorrt_version')}, {trt.get('precision')}, built for "
+                         f"{device.get('name')} (sm {device.get('compute_capability')})"
+                         + (", weight-stripped (refitted from weights.bin on load)" if trt.get("weight_stripped")
+                            else ""))
     lines.append(f"schedule   {info['schedule_compact']}")
     if not info["full_variant_exists"]:
         lines.append(f"full       no variant computes everything; diffs are against {info['full_variant']} "

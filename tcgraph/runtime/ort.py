@@ -220,6 +220,9 @@ class OrtRunner(Runner):
                 binding.bind_output(out["onnx_name"], "cuda", value.device.index or 0, _numpy_dtype(value),
                                     tuple(value.shape), value.data_ptr())
                 values[out["name"]] = value
+            # ONNX Runtime works on its own CUDA stream: the inputs torch just computed on
+            # its stream must be finished first (a host wait, no copy).
+            torch.cuda.current_stream().synchronize()
             session.run_with_iobinding(binding)
             return values
         for out in outputs:

@@ -197,5 +197,12 @@ def test_engines_folder_is_reported(fora2, tmp_path):
     info = inspect_artifact(copy)
     assert info["engines"]["files"] == ["v0.plan", "v1.plan"] and info["engines"]["backend"] == "tensorrt"
     assert "engines    2 for tensorrt: v0.plan, v1.plan" in format_report(info)
+    manifest = json.loads((copy / "manifest.json").read_text())  # the section `transform --backend trt` writes
+    manifest["tensorrt"] = {"tensorrt_version": "10.9.0", "precision": "fp16", "weight_stripped": True,
+                            "device": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    text = format_report(inspect_artifact(copy, verify=False))
+    assert ("TensorRT 10.9.0, fp16, built for NVIDIA H100 80GB HBM3 (sm 9.0), weight-stripped (refitted from "
+            "weights.bin on load)") in text
     with pytest.raises(TcgraphError, match="no focus data"):
         format_report(info, variant="v1")
