@@ -258,3 +258,17 @@ def test_no_host_copies_inside_the_sampling_loop(demo_full):
     htod = [n for n in names if "Memcpy HtoD" in n]
     assert len(dtoh) == 2, dtoh  # the final samples of the two runs
     assert len(htod) <= 4, htod  # noise and labels of each run, never per step (10 steps)
+
+
+def test_variants_share_one_copy_of_the_weights(mixed):
+    """Weights once: every variant graph reads the same (cast) parameter tensors."""
+    _, _, path = mixed
+    with TorchRunner(load_artifact(path), dtype="bfloat16") as runner:
+        graphs = list(runner._graphs.values())
+        where: dict[str, set[int]] = {}
+        for gm in graphs:
+            for name, p in gm.named_parameters():
+                where.setdefault(name, set()).add(p.data_ptr())
+                assert p.dtype == torch.bfloat16
+        assert len(graphs) == 4 and where
+        assert all(len(ptrs) == 1 for ptrs in where.values())
