@@ -1,0 +1,335 @@
+"""TensorRT backend: one engine per variant, caches resident on the GPU, one CUDA graph per variant.
+
+Everything lives at fixed device addresses, set once per variant at activation:
+
+- `x`, `t`, `y` and `out` are static buffers shared by every variant (all variants of an
+  artifact have the same shapes for them);
+- every cache is one buffer of a `CacheBank`: a variant reads its cache inputs from the
+  bank and writes its cache outputs into it, so the tensors `run` returns for caches are
+  the bank's buffers and feeding them to the next `run` costs nothing (no copy at all);
+- an output that the same variant also reads (a token-pruning variant rewriting rows of
+  `cache.3.mlp`) is written to a scratch buffer of that variant and copied into the bank
+  right after the engine, on the same stream (inside the variant's CUDA graph).
+
+With fixed addresses each variant is captured ONCE into a CUDA graph at activation
+(after one warm-up enqueue, which TensorRT needs before a capture), on zero buffers; a
+run is then a few device copies for the feeds that are not already in place plus one
+graph replay. Nothing is captured lazily during sampling: a warm-up there would run a
+variant twice.
+
+Runs are enqueued on the runner's own stream, ordered after the caller's current stream
+and before whatever the caller enqueues next (stream waits, no host synchronisation).
+The returned tensors ARE the runner's buffers: `out` is overwritten by the next run and
+each cache by the next run that writes it. The sampler consumes `out` (on its stream)
+before it asks for the next step, so that is safe; copy a value to keep it.
+
+Engines come from `tcgraph.export.tensorrt.build_engines`; weight-stripped engines are
+refitted here from their ONNX file (which reads the shared `variants/weights.bin`).
+`tensorrt` is imported on `activate`, so importing tcgraph never needs it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import Artifact
+from tcgraph.export.tensorrt import (
+    REBUILD_HINT,
+    check_engines,
+    cuda_device_info,
+    import_tensorrt,
+    trt_logger,
+)
+from tcgraph.runtime.bank import CacheBank, aliased_outputs, torch_dtype
+from tcgraph.runtime.base import Runner
+
+STATIC_INPUTS = ("x", "t", "y")
+OUT = "out"
+_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
+# trt.DataType member name -> manifest dtype name
+_TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class TrtRunner(Runner):
+    """Run artifact variants as TensorRT engines on an NVIDIA GPU.
+
+    Options:
+        cuda_graphs: replay one CUDA graph per variant, captured at activation (default
+            True); False enqueues the engine directly on every run.
+        device: the CUDA device, `cuda` (the current one) or `cuda:N`.
+    """
+
+    name = "trt"
+
+    def __init__(self, artifact: Artifact, *, cuda_graphs: bool = True, device: str = "cuda", **options: Any):
+        super().__init__(artifact, **options)
+        if not isinstance(device, str) or not _CUDA_DEVICE.fullmatch(device):
+            raise TcgraphError(
+                f"the 'trt' runner got device {device!r}, but TensorRT runs only on NVIDIA GPUs: pass 'cuda' or "
+                "'cuda:N'; to sample on the CPU use `--backend ort` or `--backend torch`"
+            )
+        self.cuda_graphs = bool(cuda_graphs)
+        self._requested_device = device
+        self._entries: dict[str, dict] = artifact.variants
+        self._device: torch.device | None = None
+        self._trt = None
+        self._runtime = None
+        self._engines: dict[str, Any] = {}
+        self._contexts: dict[str, Any] = {}
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._stream: torch.cuda.Stream | None = None
+        self._bank: CacheBank | None = None
+        self._static: dict[str, torch.Tensor] = {}  # x, t, y, out: shared by every variant
+        self._scratch: dict[str, dict[str, torch.Tensor]] = {}  # vid -> aliased output name -> buffer
+
+    @property
+    def device(self) -> torch.device:
+        """The CUDA device of the engines, the buffers and every tensor `run` returns."""
+        return self._device if self._device is not None else torch.device(self._requested_device)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _activate_impl(self) -> None:
+        trt = self._trt = import_tensorrt()
+        self._device = self._cuda_device()
+        try:
+            with torch.cuda.device(self._device):
+                info = cuda_device_info(self._device)
+                section = self.artifact.manifest.get("tensorrt")
+                check_engines(section, tensorrt_version=str(trt.__version__), device_name=info["name"],
+                              compute_capability=info["compute_capability"])
+                self._load_engines(trt, section)
+                self._allocate()
+                for vid in self._entries:
+                    self._bind(vid)
+                self._stream = torch.cuda.Stream(self._device)
+                self._warm_up_and_capture()
+        except BaseException:
+            self._deactivate_impl()
+            raise
+
+    def _deactivate_impl(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()  # nothing of ours may still run when its memory goes
+        # Graphs before contexts, contexts before engines, engines before the runtime.
+        self._graphs.clear()
+        self._pool = None
+        self._contexts.clear()
+        self._engines.clear()
+        self._runtime = None
+        self._scratch.clear()
+        self._static.clear()
+        self._bank = None
+        self._stream = None
+
+    # ---------------------------------------------------------------- activation steps
+
+    def _cuda_device(self) -> torch.device:
+        """The torch device of `self.device`; refuses clearly where torch sees no such GPU."""
+        cuda_device_info()  # raises when torch sees no CUDA device at all
+        device = torch.device(self._requested_device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise TcgraphError(
+                f"the 'trt' runner got device {self._requested_device!r}, but this machine has {count} CUDA device(s) "
+                f"(cuda:0 … cuda:{count - 1})"
+            )
+        return torch.device("cuda", index)
+
+    def _load_engines(self, trt, section: dict) -> None:
+        files = section.get("engines") or {}
+        missing = [vid for vid in self._entries if vid not in files]
+        if missing:
+            raise TcgraphError(
+                f"the 'tensorrt' section of manifest.json has no engine for variants {missing}; the artifact is "
+                f"incomplete: {REBUILD_HINT}"
+            )
+        logger = trt_logger(trt)
+        self._runtime = trt.Runtime(logger)
+        for vid in self._entries:
+            path = self.artifact.root / files[vid]["file"]
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise TcgraphError(
+                    f"TensorRT {trt.__version__} cannot load the engine of variant {vid} ({path}; see its log "
+                    f"above); {REBUILD_HINT}"
+                )
+            if section.get("weight_stripped"):
+                self._refit(trt, engine, vid)
+            self._check_io(trt, engine, vid)
+            self._engines[vid] = engine
+
+    def _refit(self, trt, engine, vid: str) -> None:
+        """Give a weight-stripped engine its weights, read from the variant's ONNX file."""
+        logger = trt_logger(trt)
+        onnx_path = self.artifact.variant_path(vid)
+        refitter = trt.Refitter(engine, logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+        # From the path, so that the external data (variants/weights.bin) is found.
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser_refitter.get_error(k)) for k in range(parser_refitter.num_errors))
+            raise TcgraphError(
+                f"cannot refit the weight-stripped engine of variant {vid} from {onnx_path}: "
+                f"{errors or 'no details'}; {REBUILD_HINT}"
+            )
+        missing = list(refitter.get_missing_weights())
+        if missing or not refitter.refit_cuda_engine():
+            detail = f"weights missing from the ONNX file: {missing[:5]}" if missing else "refit_cuda_engine failed"
+            raise TcgraphError(f"cannot refit the weight-stripped engine of variant {vid} ({detail}); {REBUILD_HINT}")
+
+    def _check_io(self, trt, engine, vid: str) -> None:
+        """The engine's I/O tensors must be the manifest's: names, directions, shapes, dtypes."""
+        entry = self._entries[vid]
+        want = {i["name"]: ("input", list(i["shape"]), i["dtype"]) for i in entry["inputs"]}
+        want.update({o["onnx_name"]: ("output", list(o["shape"]), o["dtype"]) for o in entry["outputs"]})
+        got = {}
+        for k in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(k)
+            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            dtype = engine.get_tensor_dtype(name)
+            dtype = _TRT_DTYPES.get(getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1]), str(dtype))
+            got[name] = (mode, [int(d) for d in engine.get_tensor_shape(name)], dtype)
+        if got != want:
+            diff = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
+            details = ", ".join(f"{n}: engine {got.get(n, 'absent')} vs manifest {want.get(n, 'absent')}" for n in diff)
+            raise TcgraphError(
+                f"the TensorRT engine of variant {vid} does not match manifest.json ({details}); the engine was "
+                f"built from other ONNX files: {REBUILD_HINT}"
+            )
+
+    def _allocate(self) -> None:
+        """Static x/t/y/out buffers, the cache bank and the scratch buffers, all zeros."""
+        specs: dict[str, tuple[list[int], str]] = {}
+        for vid, entry in self._entries.items():
+            ios = [i for i in entry["inputs"] if i["name"] in STATIC_INPUTS]
+            ios += [o for o in entry["outputs"] if o["name"] == OUT]
+            if len(ios) != len(STATIC_INPUTS) + 1:
+                raise TcgraphError(
+                    f"variant {vid} lacks one of the inputs {list(STATIC_INPUTS)} or the output {OUT!r} every "
+                    "variant has (DESIGN.md, 'Graph interface of a variant'); the manifest is damaged: "
+                    "re-run `tcgraph transform`"
+                )
+            for io in ios:
+                spec = (list(io["shape"]), io["dtype"])
+                if specs.setdefault(io["name"], spec) != spec:
+                    raise TcgraphError(
+                        f"{io['name']} is {specs[io['name']]} in one variant and {spec} in variant {vid}; all "
+                        "variants of an artifact share these shapes: re-run `tcgraph transform`"
+                    )
+        self._static = {name: torch.zeros(shape, dtype=torch_dtype(dtype), device=self._device)
+                        for name, (shape, dtype) in specs.items()}
+        self._bank = CacheBank(self.artifact, self._device)
+        self._scratch = {vid: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(self.artifact, vid)}
+                         for vid in self._entries}
+
+    def _bind(self, vid: str) -> None:
+        """One execution context per variant, its tensor addresses set once and for all."""
+        engine = self._engines[vid]
+        context = engine.create_execution_context()
+        if context is None:
+            raise TcgraphError(
+                f"TensorRT could not create an execution context for variant {vid} (out of GPU memory?); free GPU "
+                "memory, or cap the number of variants (`max_variants`)"
+            )
+        entry = self._entries[vid]
+        addresses = {}
+        for io in entry["inputs"]:
+            name = io["name"]
+            addresses[name] = self._static[name] if name in self._static else self._bank[name]
+        for io in entry["outputs"]:
+            name = io["name"]
+            if name == OUT:
+                buffer = self._static[OUT]
+            elif name in self._scratch[vid]:
+                buffer = self._scratch[vid][name]  # read and written by this variant
+            else:
+                buffer = self._bank[name]
+            addresses[io["onnx_name"]] = buffer
+        for name, buffer in addresses.items():
+            if not context.set_tensor_address(name, buffer.data_ptr()):
+                raise TcgraphError(f"TensorRT refused the address of {name} in variant {vid}; {REBUILD_HINT}")
+        self._contexts[vid] = context
+
+    def _warm_up_and_capture(self) -> None:
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        # One enqueue per variant first: TensorRT does its lazy set-up there, which a
+        # stream capture must not see. The buffers are zeros; every output is overwritten
+        # by real runs before it is read (a full step writes every cache).
+        with torch.cuda.stream(stream):
+            for vid in self._entries:
+                self._enqueue(vid)
+        stream.synchronize()
+        if not self.cuda_graphs:
+            return
+        self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
+        for vid in self._entries:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    self._enqueue(vid)
+            except TcgraphError:
+                raise
+            except Exception as e:
+                raise TcgraphError(
+                    f"capturing variant {vid} into a CUDA graph failed ({type(e).__name__}: {e}); create the "
+                    "runner with cuda_graphs=False to enqueue the engines directly"
+                ) from e
+            self._graphs[vid] = graph
+
+    def _enqueue(self, vid: str) -> None:
+        """The engine of `vid`, then its aliased outputs into the bank, on the runner's stream."""
+        if not self._contexts[vid].execute_async_v3(self._stream.cuda_stream):
+            raise TcgraphError(f"TensorRT failed to enqueue variant {vid} (see its log above)")
+        for name, scratch in self._scratch[vid].items():
+            self._bank[name].copy_(scratch)
+
+    # ---------------------------------------------------------------- running
+
+    def _run_impl(self, variant_id: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        stream = self._stream
+        caller = torch.cuda.current_stream(self._device)
+        stream.wait_stream(caller)  # feeds made on the caller's stream; the last `out` consumed
+        with torch.cuda.stream(stream):
+            for name, value in feeds.items():
+                if name in self._static:
+                    _load(self._static[name], value)
+                else:
+                    self._bank.load(name, value)  # free for a tensor a previous run returned
+            if self.cuda_graphs:
+                self._graphs[variant_id].replay()
+            else:
+                self._enqueue(variant_id)
+        caller.wait_stream(stream)  # whatever the caller enqueues next sees the results
+        return {o["name"]: self._static[OUT] if o["name"] == OUT else self._bank[o["name"]]
+                for o in self._entries[variant_id]["outputs"]}
+
+    def _to_torch_impl(self, value: Any) -> torch.Tensor:
+        # Every value `run` returns is a torch CUDA tensor already (handled by the base class).
+        raise TcgraphError(
+            f"cannot convert a {type(value).__name__} to torch; pass a value returned by this runner's run()"
+        )
+
+    def _describe_impl(self, value: Any):
+        return None, None  # only torch tensors and numpy arrays (handled by the base class)
+
+
+def _load(buffer: torch.Tensor, value: Any) -> None:
+    """Copy a feed into a static buffer, unless it already is that buffer."""
+    if isinstance(value, torch.Tensor) and value.data_ptr() == buffer.data_ptr() and value.shape == buffer.shape:
+        return
+    buffer.copy_(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))
