@@ -161,3 +161,28 @@ def test_l2c_bad_options(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("tcgraph: error: ") and message in err
     assert not (tmp_path / "o").exists()
+
+
+def _no_tensorrt_here() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not _no_tensorrt_here(), reason="checks the error of machines without TensorRT")
+def test_trt_without_tensorrt_is_one_clear_error_and_writes_nothing(art, tmp_path, capsys):
+    out = tmp_path / "trt"
+    start = time.perf_counter()
+    assert main(["transform", "--plan", "l2c", "--backend", "trt", "--out", str(out), *STEPS]) == 2
+    assert time.perf_counter() - start < 20  # refused before calibration and export
+    err = capsys.readouterr().err
+    assert err.count("tcgraph: error:") == 1 and "TensorRT" in err and "--backend torch" in err
+    assert not out.exists() and not list(tmp_path.glob(".trt*"))
+    assert main(["sample", str(art), "--backend", "trt", "--png", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "pip install tensorrt" in err
+    assert not (tmp_path / "s.png").exists()
+    assert main(["transform", "--plan", "full", "--precision", "bf16", "--out", str(out), *STEPS]) == 2
+    assert "add --backend trt" in capsys.readouterr().err
