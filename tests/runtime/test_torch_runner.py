@@ -272,3 +272,13 @@ def test_variants_share_one_copy_of_the_weights(mixed):
                 assert p.dtype == torch.bfloat16
         assert len(graphs) == 4 and where
         assert all(len(ptrs) == 1 for ptrs in where.values())
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_samples(mixed):
+    """`compile=True` (inductor; on the CPU it builds C++ kernels): same samples as eager."""
+    _, _, path = mixed
+    eager, _ = api.sample(path, classes=[1, 4], per_class=1, seed=3, backend="torch", progress=False)
+    compiled, _ = api.sample(path, classes=[1, 4], per_class=1, seed=3, backend="torch",
+                             runner_options={"compile": True}, progress=False)
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-3), (compiled - eager).abs().max()
