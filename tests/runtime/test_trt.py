@@ -16,14 +16,6 @@ import sys
 
 import pytest
 import torch
-from tests.export.test_tensorrt import (
-    FAKE_GPU,
-    fake_engines,
-    fake_tensorrt,
-    install_fake_cuda,
-    needs_real_tensorrt,
-)
-from tests.export.tiny_variants import dit_variants, tiny_dit
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export import load_artifact, write_artifact
@@ -31,6 +23,14 @@ from tcgraph.export.tensorrt import build_engines
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher, graph_runner
 from tcgraph.runtime.trt import TrtRunner
+from tests.export.tiny_variants import dit_variants, tiny_dit
+from tests.fake_tensorrt import (
+    FAKE_GPU,
+    fake_engines,
+    fake_tensorrt,
+    install_fake_cuda,
+    needs_real_tensorrt,
+)
 
 CACHE = "cache.0.attn"
 
