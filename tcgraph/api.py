@@ -56,7 +56,8 @@ def transform(
 
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
-    `backend="trt"` also builds one TensorRT engine per variant into the folder
+    `check=False` skips both numerical checks: rewritten graphs against the eager
+    reference, and ONNX files against their graphs. `backend="trt"` also builds one TensorRT engine per variant into the folder
     (`engine_options`: `precision` fp16|bf16|fp32, `strip_weights`); TensorRT and a GPU
     are checked before any planning starts.
     """
@@ -109,6 +110,7 @@ def transform(
             extra={"model": model_name, "flops": flops},
             overwrite=force,
             progress=tick,
+            verify=check,
             state=dit.state_dict(),
             engines=None if engines is None else (lambda root, entries: engines(root, entries, tick)),
         )

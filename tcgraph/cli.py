@@ -26,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
-    t.add_argument("--no-check", action="store_true", help="skip the numerical checks of the rewritten graphs")
+    t.add_argument("--no-check", action="store_true", help="skip the numerical checks (rewritten graphs vs eager, ONNX vs graphs)")
     t.add_argument("--backend", choices=["onnx", "trt"], default="onnx",
                    help="onnx (default: ONNX per variant, for the ort and torch backends) or trt (also build one "
                         "TensorRT engine per variant; needs TensorRT and an NVIDIA GPU)")

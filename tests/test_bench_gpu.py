@@ -134,7 +134,8 @@ def test_merge_reuses_folders_and_keeps_other_rows(bench, smoke):
     assert set(rows) == set(before)
     assert rows["ort", "full"].get("measured_by") is None  # measured again
     assert rows["ort", "fora:2"]["measured_by"] == first["config"]["command"]
-    assert rows["ort", "fora:2"]["realized_speedup"] == rows["ort", "full"]["median_ms"] / rows["ort", "fora:2"]["median_ms"]
+    fora = rows["ort", "fora:2"]
+    assert fora["realized_speedup"] == rows["ort", "full"]["median_ms"] / fora["median_ms"]  # against the new full
     assert merged["config"]["merged_commands"] == [first["config"]["command"]]
     with pytest.raises(TcgraphError, match="other settings"):  # 5 steps cannot merge with 4-step rows
         bench.main([("5" if prev == "--steps" else a) for prev, a in zip([None, *argv], argv)])

@@ -145,6 +145,13 @@ class OrtRunner(Runner):
                     f"ONNX Runtime cannot load variant {vid} ({path}): {e}; check that the artifact is complete "
                     "(load_artifact verifies hashes) and that this onnxruntime supports its opset"
                 ) from e
+            used = self._sessions[vid].get_providers()
+            if self._device == "cuda" and _CUDA not in used:  # ONNX Runtime only warns and runs on the CPU
+                self._deactivate_impl()
+                raise TcgraphError(
+                    f"onnxruntime's CUDA provider did not load (the session runs on {used}); check that "
+                    "onnxruntime-gpu matches this machine's CUDA and cuDNN versions, or use device 'cpu'"
+                )
 
     def _deactivate_impl(self) -> None:
         # Sessions first: they reference the shared OrtValues, which reference the memory map.
