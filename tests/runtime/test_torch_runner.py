@@ -21,7 +21,11 @@ from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.runtime.pytorch import TorchRunner, rebuild_model
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (PyTorch sees none here)")
+
+
+def needs_cuda(test):
+    """Mark a test `gpu` (select with `-m gpu`) and skip it, with the reason, without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (PyTorch sees none here)")(test))
 
 # Stated tolerances of the low-precision paths: PSNR of the demo model's samples (10 DDIM
 # steps, guidance 2) against float32 eager from the same noise. Measured on CPU
