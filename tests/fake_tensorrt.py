@@ -144,6 +144,7 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
     trt.__file__ = "<fake tensorrt>"
     trt.programs, trt.parse_errors, trt.refit_fails, trt.corrupt = {}, [], False, {}
     trt.builders, trt.timing_caches, trt.executions, trt.refits = [], [], [], []
+    trt.context_strategies = []  # the allocation strategy each execution context was created with
     trt.capturing = None  # the fake CUDA graph being captured, if any
 
     class Logger:
@@ -158,6 +159,8 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
     trt.BuilderFlag = types.SimpleNamespace(**{n: n for n in names})
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(
+        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED")
     trt.DataType = types.SimpleNamespace(**{n: _Member(n) for n in _TRT_TO_TORCH})
     trt.float32, trt.float16 = trt.DataType.FLOAT, trt.DataType.HALF
     trt.LayerType = types.SimpleNamespace(**{n: n for n in ("UNARY", "CONSTANT", "CAST", "ELEMENTWISE", "SHUFFLE")})
@@ -273,7 +276,12 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
         def get_tensor_shape(self, name):
             return tuple(self.io[name][1])
 
-        def create_execution_context(self):
+        @property
+        def device_memory_size_v2(self):  # activation bytes: differ per variant
+            return 1024 * (1 + len(self.names))
+
+        def create_execution_context(self, strategy=None):
+            trt.context_strategies.append(strategy)
             return Context(self)
 
     class Runtime:
@@ -318,7 +326,10 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
 
     class Context:
         def __init__(self, engine):
-            self.engine, self.addresses = engine, {}
+            self.engine, self.addresses, self.device_memory = engine, {}, None
+
+        def set_device_memory(self, address, size):
+            self.device_memory = (address, size)
 
         def set_tensor_address(self, name, address):
             if name not in self.engine.io:

@@ -69,11 +69,16 @@ class TrtRunner(Runner):
         cuda_graphs: replay one CUDA graph per variant, captured at activation (default
             True); False enqueues the engine directly on every run.
         device: the CUDA device, `cuda` (the current one) or `cuda:N`.
+        share_activations: one block of activation memory for every variant's execution
+            context, as large as the largest needs (default True; contexts created
+            USER_MANAGED). Safe because runs are serialised on the runner's one stream;
+            False lets each context own its activation memory (one block per variant).
     """
 
     name = "trt"
 
-    def __init__(self, artifact: Artifact, *, cuda_graphs: bool = True, device: str = "cuda", **options: Any):
+    def __init__(self, artifact: Artifact, *, cuda_graphs: bool = True, device: str = "cuda",
+                 share_activations: bool = True, **options: Any):
         super().__init__(artifact, **options)
         if not isinstance(device, str) or not _CUDA_DEVICE.fullmatch(device):
             raise TcgraphError(
@@ -81,6 +86,9 @@ class TrtRunner(Runner):
                 "'cuda:N'; to sample on the CPU use `--backend ort` or `--backend torch`"
             )
         self.cuda_graphs = bool(cuda_graphs)
+        self.share_activations = bool(share_activations)
+        self.activation_bytes = 0  # device memory of the execution contexts (shared block or sum), once active
+        self._activations: torch.Tensor | None = None
         self._requested_device = device
         self._entries: dict[str, dict] = artifact.variants
         self._device: torch.device | None = None
@@ -113,6 +121,7 @@ class TrtRunner(Runner):
                               compute_capability=info["compute_capability"])
                 self._load_engines(trt, section)
                 self._allocate()
+                self._create_contexts(trt)
                 for vid in self._entries:
                     self._bind(vid)
                 self._stream = torch.cuda.Stream(self._device)
@@ -128,6 +137,7 @@ class TrtRunner(Runner):
         self._graphs.clear()
         self._pool = None
         self._contexts.clear()
+        self._activations = None
         self._engines.clear()
         self._runtime = None
         self._scratch.clear()
@@ -236,15 +246,31 @@ class TrtRunner(Runner):
         self._scratch = {vid: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(self.artifact, vid)}
                          for vid in self._entries}
 
+    def _create_contexts(self, trt) -> None:
+        """One execution context per variant; with `share_activations`, all of them on one
+        block of activation memory (runs never overlap: one stream, in order)."""
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+        shared = self.share_activations and strategy is not None
+        sizes = {vid: int(_device_memory_size(engine)) for vid, engine in self._engines.items()}
+        if shared:
+            self.activation_bytes = max(sizes.values(), default=0)
+            self._activations = torch.empty(max(self.activation_bytes, 1), dtype=torch.uint8, device=self._device)
+        else:
+            self.activation_bytes = sum(sizes.values())
+        for vid, engine in self._engines.items():
+            context = engine.create_execution_context(strategy) if shared else engine.create_execution_context()
+            if context is None:
+                raise TcgraphError(
+                    f"TensorRT could not create an execution context for variant {vid} (out of GPU memory?); free GPU "
+                    "memory, or cap the number of variants (`max_variants`)"
+                )
+            if shared:
+                _set_device_memory(context, self._activations, sizes[vid])
+            self._contexts[vid] = context
+
     def _bind(self, vid: str) -> None:
-        """One execution context per variant, its tensor addresses set once and for all."""
-        engine = self._engines[vid]
-        context = engine.create_execution_context()
-        if context is None:
-            raise TcgraphError(
-                f"TensorRT could not create an execution context for variant {vid} (out of GPU memory?); free GPU "
-                "memory, or cap the number of variants (`max_variants`)"
-            )
+        """The tensor addresses of one variant's context, set once and for all."""
+        context = self._contexts[vid]
         entry = self._entries[vid]
         addresses = {}
         for io in entry["inputs"]:
@@ -262,7 +288,6 @@ class TrtRunner(Runner):
         for name, buffer in addresses.items():
             if not context.set_tensor_address(name, buffer.data_ptr()):
                 raise TcgraphError(f"TensorRT refused the address of {name} in variant {vid}; {REBUILD_HINT}")
-        self._contexts[vid] = context
 
     def _warm_up_and_capture(self) -> None:
         stream = self._stream
@@ -326,6 +351,19 @@ class TrtRunner(Runner):
 
     def _describe_impl(self, value: Any):
         return None, None  # only torch tensors and numpy arrays (handled by the base class)
+
+
+def _device_memory_size(engine) -> int:
+    """Activation memory an engine's context needs (`device_memory_size_v2` from TensorRT 10.1)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return engine.device_memory_size if size is None else size
+
+
+def _set_device_memory(context, block: torch.Tensor, size: int) -> None:
+    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+        context.set_device_memory(block.data_ptr(), size)
+    else:
+        context.device_memory = block.data_ptr()
 
 
 def _load(buffer: torch.Tensor, value: Any) -> None:

@@ -203,6 +203,29 @@ def test_addresses_are_fixed_and_caches_live_in_the_bank(fake, artifact):
         assert runner._scratch["full"] == {} and runner._scratch["fill"] == {}
 
 
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "own"])
+def test_contexts_share_one_block_of_activation_memory(fake, artifact, variants, share):
+    """Runs never overlap (one stream), so one block as large as the largest context's
+    needs serves every variant; the outputs stay those of the graphs."""
+    fake.context_strategies.clear()
+    with CpuTrtRunner(artifact, share_activations=share, cuda_graphs=False) as runner:
+        sizes = [engine.device_memory_size_v2 for engine in runner._engines.values()]
+        assert len(set(sizes)) > 1  # the fake engines need different amounts
+        if share:
+            assert fake.context_strategies == ["USER_MANAGED"] * 3
+            assert runner.activation_bytes == max(sizes)
+            block = runner._activations.data_ptr()
+            assert [c.device_memory for c in runner._contexts.values()] == [(block, n) for n in sizes]
+        else:
+            assert fake.context_strategies == [None] * 3
+            assert runner.activation_bytes == sum(sizes)
+            assert all(c.device_memory is None for c in runner._contexts.values())
+        for vid, variant in variants.items():
+            got = runner.run(vid, dict(variant.example_inputs))
+            for name, want in _reference(variant).items():
+                assert (got[name].cpu() - want).abs().max() <= 1e-5, (vid, name)
+
+
 def test_caches_fed_back_are_not_copied(fake, artifact, variants):
     fill, reuse = variants["fill"], variants["reuse"]
     feeds = {k: v for k, v in reuse.example_inputs.items() if k != CACHE}
