@@ -1,6 +1,7 @@
 """The Python API; the CLI (`tcgraph transform | sample | inspect`) is a thin layer over it."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def transform(
             progress=tick,
             verify=check,
             state=dit.state_dict(),
-            engines=None if engines is None else (lambda root, entries: engines(root, entries, tick)),
+            engines=None if engines is None else functools.partial(engines, progress=tick),
         )
     finally:
         bar.close()
@@ -128,13 +129,11 @@ def _engine_builder(backend: str, options: dict):
     if backend != "trt":
         raise TcgraphError(f"unknown transform backend {backend!r}; use 'onnx' (ONNX only) or 'trt' (ONNX and "
                            "TensorRT engines)")
-    from tcgraph.export.tensorrt import build_engines, import_tensorrt
+    from tcgraph.export.tensorrt import build_engines, cuda_device_info, import_tensorrt
 
-    import_tensorrt()  # one clear error now, before minutes of planning and export
-    if not torch.cuda.is_available():
-        raise TcgraphError("--backend trt builds engines for the GPU it runs on, and PyTorch sees no CUDA GPU here; "
-                           "run the transform on the NVIDIA machine that will sample")
-    return lambda root, entries, tick: build_engines(root, entries, progress=tick, **options)
+    import_tensorrt()  # TensorRT and a GPU checked now, before minutes of planning and export
+    cuda_device_info()
+    return functools.partial(build_engines, **options)
 
 
 def make_runner(backend: str, artifact: Any, **options):

@@ -42,6 +42,21 @@ DEFAULT_MAX_VARIANTS = 6
 LAMBDA_GRID = (0.1, 1.0)  # multiples of the data's own λ unit (see `lambda_unit`)
 
 
+def check_learning_options(calib_images: int, held_out: int | None, max_variants: int | None) -> None:
+    """The checks every learned planner's config shares (L2C, TokenCache)."""
+    if max_variants is not None and max_variants < 2:
+        raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {max_variants}")
+    if calib_images < 3:
+        raise TcgraphError(f"need at least 3 calibration images (some held out), got {calib_images}")
+    if held_out is not None and not 1 <= held_out < calib_images:
+        raise TcgraphError(f"need more calibration images ({calib_images}) than held out ({held_out})")
+
+
+def held_out_count(calib_images: int, held_out: int | None) -> int:
+    """Calibration images held out for model selection: as given, else a third."""
+    return held_out if held_out is not None else max(1, calib_images // 3)
+
+
 @dataclass(frozen=True)
 class L2CConfig:
     target_speedup: float | None = None  # FLOP-predicted; searched over interval and λ
@@ -67,18 +82,13 @@ class L2CConfig:
             raise TcgraphError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.threshold is not None and self.target_speedup is not None:
             raise TcgraphError("a threshold applies with --lambda (or --router); a target speedup sets its own")
-        if self.max_variants is not None and self.max_variants < 2:
-            raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {self.max_variants}")
         if self.interval is not None and self.interval < 2:
             raise TcgraphError(f"interval must be >= 2 (a full step then cache steps), got {self.interval}")
-        if self.calib_images < 3:
-            raise TcgraphError(f"need at least 3 calibration images (some held out), got {self.calib_images}")
-        if self.held_out is not None and not 1 <= self.held_out < self.calib_images:
-            raise TcgraphError(f"need more calibration images ({self.calib_images}) than held out ({self.held_out})")
+        check_learning_options(self.calib_images, self.held_out, self.max_variants)
 
     @property
     def num_held_out(self) -> int:
-        return self.held_out if self.held_out is not None else max(1, self.calib_images // 3)
+        return held_out_count(self.calib_images, self.held_out)
 
 
 #################################################################################

@@ -90,7 +90,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.evaluate import plan_error, speedup_of, token_mask
-from tcgraph.plan.l2c import fit_logits, lambda_unit, rounds
+from tcgraph.plan.l2c import check_learning_options, fit_logits, held_out_count, lambda_unit, rounds
 from tcgraph.plan.plan import (
     BRANCHES,
     COMPUTE,
@@ -139,18 +139,13 @@ class TokenCacheConfig:
             raise TcgraphError(f"min keep ratio must be in [0, 1), got {self.min_keep}")
         if self.max_stale < 1:
             raise TcgraphError(f"max_stale must be >= 1, got {self.max_stale}")
-        if self.max_variants is not None and self.max_variants < 2:
-            raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {self.max_variants}")
-        if self.calib_images < 3:
-            raise TcgraphError(f"need at least 3 calibration images (some held out), got {self.calib_images}")
-        if self.held_out is not None and not 1 <= self.held_out < self.calib_images:
-            raise TcgraphError(f"need more calibration images ({self.calib_images}) than held out ({self.held_out})")
+        check_learning_options(self.calib_images, self.held_out, self.max_variants)
         if self.epochs < 1 or self.batch_images < 1 or self.train_window < 2 or self.mu < 0:
             raise TcgraphError("epochs and batch_images must be >= 1, train_window >= 2 and mu >= 0")
 
     @property
     def num_held_out(self) -> int:
-        return self.held_out if self.held_out is not None else max(1, self.calib_images // 3)
+        return held_out_count(self.calib_images, self.held_out)
 
 
 def parse_tprr(value) -> tuple[int, int, int]:

@@ -57,6 +57,43 @@ def cache_specs(artifact: Artifact) -> dict[str, tuple[list[int], str]]:
     return specs
 
 
+STATIC = ("x", "t", "y", "out")  # the same shape in every variant of an artifact
+
+
+def static_buffers(artifact: Artifact, device: torch.device | str,
+                   dtype_for: Callable[[str, str], torch.dtype]) -> dict[str, torch.Tensor]:
+    """Zero buffers for `x`, `t`, `y` and `out`, one set for every variant (checked to agree).
+
+    `dtype_for(name, manifest dtype)` picks each buffer's dtype.
+    """
+    specs: dict[str, tuple[list[int], str]] = {}
+    for entry in artifact.manifest["variants"]:
+        ios = [io for io in (*entry["inputs"], *entry["outputs"]) if io["name"] in STATIC]
+        if len(ios) != len(STATIC):
+            raise TcgraphError(
+                f"variant {entry['id']} lacks one of {list(STATIC)}, which every variant has (DESIGN.md, 'Graph "
+                "interface of a variant'); the manifest is damaged: re-run `tcgraph transform`"
+            )
+        for io in ios:
+            spec = (list(io["shape"]), io["dtype"])
+            if specs.setdefault(io["name"], spec) != spec:
+                raise TcgraphError(
+                    f"{io['name']} is {specs[io['name']]} in one variant and {spec} in variant {entry['id']}; all "
+                    "variants of an artifact share these shapes: re-run `tcgraph transform`"
+                )
+    return {name: torch.zeros(shape, dtype=dtype_for(name, dtype), device=device)
+            for name, (shape, dtype) in specs.items()}
+
+
+def load_into(buffer: torch.Tensor, value) -> None:
+    """Make `buffer` hold `value`: nothing to do when `value` is `buffer` itself (what a run
+    returned, fed back); any other tensor or array is copied in (device to device, or from
+    the host when a caller feeds values it made itself)."""
+    if isinstance(value, torch.Tensor) and value.data_ptr() == buffer.data_ptr() and value.shape == buffer.shape:
+        return
+    buffer.copy_(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))
+
+
 def aliased_outputs(artifact: Artifact, vid: str) -> list[str]:
     """Cache names that variant `vid` both reads and writes (its outputs need a scratch buffer)."""
     inputs, outputs = artifact.io_names()[vid]
@@ -88,15 +125,5 @@ class CacheBank:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def load(self, name: str, value) -> None:
-        """Make the bank's buffer for `name` hold `value`.
-
-        Passing back the bank's own tensor (what a run returned) costs nothing; any other
-        tensor or array is copied in (a device copy, or a host copy for host values:
-        that happens only when a caller feeds caches it made itself).
-        """
-        buf = self.buffers[name]
-        if isinstance(value, torch.Tensor) and value.data_ptr() == buf.data_ptr() and value.shape == buf.shape:
-            return
-        if not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(value)
-        buf.copy_(value)
+        """Make the bank's buffer for `name` hold `value` (free for the bank's own tensor)."""
+        load_into(self.buffers[name], value)

@@ -31,7 +31,7 @@ from torch import nn
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.runtime.base import Runner
-from tcgraph.runtime.bank import CacheBank, torch_dtype
+from tcgraph.runtime.bank import CacheBank, load_into, static_buffers, torch_dtype
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -97,17 +97,10 @@ def lower_precision(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.Gr
     """Cast floating weights to `dtype` and the input of every Linear/Conv2d to its weight's dtype."""
     if dtype == torch.float32:
         return gm
-    gm.to(dtype)  # floating parameters and buffers
+    gm.to(dtype)  # floating parameters and buffers (the variant graphs keep no other constants)
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "get_attr":  # constants fx keeps as plain attributes
-            owner, _, attr = node.target.rpartition(".")
-            mod = gm.get_submodule(owner) if owner else gm
-            value = getattr(mod, attr, None)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype \
-                    and not isinstance(value, nn.Parameter):
-                setattr(mod, attr, value.to(dtype))
-        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d)):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.Conv2d)):
             with graph.inserting_before(node):
                 cast = graph.call_method("to", (node.args[0], dtype))
             node.args = (cast, *node.args[1:])
@@ -194,12 +187,10 @@ class TorchRunner(Runner):
 
     @torch.no_grad()
     def _capture(self) -> None:
-        first = self.artifact.manifest["variants"][0]
-        specs = {io["name"]: io for io in (*first["inputs"], *first["outputs"])}
         self._bank = CacheBank(self.artifact, self._dev, self._low)
-        self._static = {n: torch.zeros(specs[n]["shape"], dtype=self._low(specs[n]["dtype"]), device=self._dev)
-                        for n in ("x", "t", "y")}
-        self._static["out"] = torch.zeros(specs["out"]["shape"], dtype=torch.float32, device=self._dev)
+        # x in the graphs' precision, out in float32 for the sampler
+        self._static = static_buffers(self.artifact, self._dev,
+                                      lambda name, dtype: torch.float32 if name == "out" else self._low(dtype))
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self._dev)
         for vid, gm in self._graphs.items():
@@ -243,9 +234,7 @@ class TorchRunner(Runner):
         inputs, outputs = self._io[variant_id]
         if self.cuda_graphs:
             for name in inputs[:3]:
-                value = feeds[name]
-                if not (isinstance(value, torch.Tensor) and value.data_ptr() == self._static[name].data_ptr()):
-                    self._static[name].copy_(torch.as_tensor(value))
+                load_into(self._static[name], feeds[name])
             for name in inputs[3:]:
                 self._bank.load(name, feeds[name])
             self._cuda_graphs[variant_id].replay()

@@ -43,10 +43,9 @@ from tcgraph.export.tensorrt import (
     import_tensorrt,
     trt_logger,
 )
-from tcgraph.runtime.bank import CacheBank, aliased_outputs, torch_dtype
+from tcgraph.runtime.bank import CacheBank, aliased_outputs, load_into, static_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
 
-STATIC_INPUTS = ("x", "t", "y")
 OUT = "out"
 _CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 # trt.DataType member name -> manifest dtype name
@@ -223,25 +222,7 @@ class TrtRunner(Runner):
 
     def _allocate(self) -> None:
         """Static x/t/y/out buffers, the cache bank and the scratch buffers, all zeros."""
-        specs: dict[str, tuple[list[int], str]] = {}
-        for vid, entry in self._entries.items():
-            ios = [i for i in entry["inputs"] if i["name"] in STATIC_INPUTS]
-            ios += [o for o in entry["outputs"] if o["name"] == OUT]
-            if len(ios) != len(STATIC_INPUTS) + 1:
-                raise TcgraphError(
-                    f"variant {vid} lacks one of the inputs {list(STATIC_INPUTS)} or the output {OUT!r} every "
-                    "variant has (DESIGN.md, 'Graph interface of a variant'); the manifest is damaged: "
-                    "re-run `tcgraph transform`"
-                )
-            for io in ios:
-                spec = (list(io["shape"]), io["dtype"])
-                if specs.setdefault(io["name"], spec) != spec:
-                    raise TcgraphError(
-                        f"{io['name']} is {specs[io['name']]} in one variant and {spec} in variant {vid}; all "
-                        "variants of an artifact share these shapes: re-run `tcgraph transform`"
-                    )
-        self._static = {name: torch.zeros(shape, dtype=torch_dtype(dtype), device=self._device)
-                        for name, (shape, dtype) in specs.items()}
+        self._static = static_buffers(self.artifact, self._device, lambda _name, dtype: torch_dtype(dtype))
         self._bank = CacheBank(self.artifact, self._device)
         self._scratch = {vid: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(self.artifact, vid)}
                          for vid in self._entries}
@@ -332,7 +313,7 @@ class TrtRunner(Runner):
         with torch.cuda.stream(stream):
             for name, value in feeds.items():
                 if name in self._static:
-                    _load(self._static[name], value)
+                    load_into(self._static[name], value)
                 else:
                     self._bank.load(name, value)  # free for a tensor a previous run returned
             if self.cuda_graphs:
@@ -364,10 +345,3 @@ def _set_device_memory(context, block: torch.Tensor, size: int) -> None:
         context.set_device_memory(block.data_ptr(), size)
     else:
         context.device_memory = block.data_ptr()
-
-
-def _load(buffer: torch.Tensor, value: Any) -> None:
-    """Copy a feed into a static buffer, unless it already is that buffer."""
-    if isinstance(value, torch.Tensor) and value.data_ptr() == buffer.data_ptr() and value.shape == buffer.shape:
-        return
-    buffer.copy_(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))

@@ -8,14 +8,18 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic
-from tests.export.token_plans import check_plan_sampled_with_ort, check_qkv_stored_once
+from tests.export.token_plans import (
+    check_onnx_on_fresh_inputs,
+    check_plan_sampled_with_ort,
+    check_qkv_stored_once,
+    ort_session,
+)
 from tests.passes.test_token_dynamic import CHANGED, _known_change_feeds
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
@@ -25,12 +29,6 @@ DYN = Recipe(((dynamic(3), dynamic(5)), (REUSE, dynamic(1)), (COMPUTE, dynamic(N
 
 def settings(steps: int) -> SamplerSettings:
     return SamplerSettings(num_steps=steps, batch=2, cfg_scale=2.0, resolution=8)
-
-
-def _session(path):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _ops(path) -> Counter:
@@ -55,14 +53,7 @@ def test_dynamic_variant_onnx_equals_graph(exported):
     assert [o["name"] for o in entry["outputs"]] == names == plan.variant_io(DYN)[1]
     assert [o["onnx_name"] for o in entry["outputs"]][1:] == [n + ".new" for n in names[1:]]
     assert [o["name"] for o in entries[0]["outputs"]] == plan.variant_io(FULL)[1]
-    # Fresh inputs (not the ones export verified with).
-    g = torch.Generator().manual_seed(7)
-    feeds = {n: (torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for n, t in v.example_inputs.items()}
-    with torch.no_grad():
-        ref = v.gm(*feeds.values())
-    got = _session(out / entry["file"]).run(None, {n: t.numpy() for n, t in feeds.items()})
-    diffs = [float(np.abs(r.numpy() - a).max()) for r, a in zip(ref, got)]
-    assert max(diffs) <= 1e-4, diffs
+    feeds, got = check_onnx_on_fresh_inputs(v, out / entry["file"])
     # Per sample, exactly k rows of both caches change, the same rows, the rest bit for bit.
     for i, (name, k) in enumerate(((n, a.size) for n, a in
                                    zip(("cache.0.attn", "cache.0.mlp"), DYN.actions[0]))):
@@ -96,7 +87,7 @@ def test_ort_selects_the_changed_tokens_per_sample(tiny_model, tmp_path):
     v = variants[1]
     v.example_inputs = {n: feeds[n] for n in v.input_names}
     entry = export_variants([v], tmp_path)[0]
-    got = dict(zip(v.output_names, _session(tmp_path / entry["file"]).run(
+    got = dict(zip(v.output_names, ort_session(tmp_path / entry["file"]).run(
         None, {n: feeds[n].numpy() for n in v.input_names})))
     expected = np.zeros((B, N), dtype=bool)
     for b, tokens in enumerate(CHANGED):

@@ -7,14 +7,17 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, branch_flops, partial
-from tests.export.token_plans import check_plan_sampled_with_ort, check_qkv_stored_once
+from tests.export.token_plans import (
+    check_onnx_on_fresh_inputs,
+    check_plan_sampled_with_ort,
+    check_qkv_stored_once,
+)
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
 FULL = Recipe.uniform(3, COMPUTE)
@@ -35,26 +38,13 @@ def exported(tiny_model, tmp_path):
     return variants, entries, tmp_path
 
 
-def _session(path):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def test_partial_variant_onnx_equals_graph(exported):
     variants, entries, out = exported
     v, entry = variants[1], entries[1]
     assert entry["max_abs_diff"] <= 1e-4
     assert [o["name"] for o in entry["outputs"]] == ["out", "cache.0.attn", "cache.0.mlp", "cache.1.mlp"]
     assert [o["onnx_name"] for o in entry["outputs"]][1:] == ["cache.0.attn.new", "cache.0.mlp.new", "cache.1.mlp.new"]
-    # Fresh inputs (not the ones export verified with).
-    g = torch.Generator().manual_seed(7)
-    feeds = {n: (torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for n, t in v.example_inputs.items()}
-    with torch.no_grad():
-        ref = v.gm(*feeds.values())
-    got = _session(out / entry["file"]).run(None, {n: t.numpy() for n, t in feeds.items()})
-    diffs = [float(np.abs(r.numpy() - a).max()) for r, a in zip(ref, got)]
-    assert max(diffs) <= 1e-4, diffs
+    feeds, got = check_onnx_on_fresh_inputs(v, out / entry["file"])
     # Rows outside idx pass through ONNX Runtime unchanged too.
     rest = [i for i in range(N) if i not in PARTIAL.actions[0][0].indices]
     assert np.array_equal(got[1][:, rest], feeds["cache.0.attn"].numpy()[:, rest])
