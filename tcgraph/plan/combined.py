@@ -101,8 +101,7 @@ def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
                   progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None,
                   learned=None) -> Plan:
     """See the module docstring; `traj`/`learned` as in `tokencache.make_tokencache`."""
-    from tcgraph.calibrate import calibrate
-    from tcgraph.plan.l2c import L2CConfig, make_l2c
+    from tcgraph.plan.l2c import L2CConfig, calibration_split, make_l2c
     from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, select_blocks
 
     mcfg = model.config
@@ -113,10 +112,7 @@ def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
                             calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
     floor = max(1, math.ceil(cfg.min_keep * n)) if cfg.min_keep > 0 else 0
     interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor)  # before the expensive part
-    if traj is None:
-        step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
-        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
-    train, held = traj.split(tcfg.num_held_out)
+    train, held = calibration_split(model, settings, tcfg, traj, tick)
 
     pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, tick)
 

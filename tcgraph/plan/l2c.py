@@ -57,6 +57,19 @@ def held_out_count(calib_images: int, held_out: int | None) -> int:
     return held_out if held_out is not None else max(1, calib_images // 3)
 
 
+def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj, tick):
+    """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
+    `seed`, `num_held_out`): calibrated here, or the given `traj` checked to match."""
+    from tcgraph.calibrate import calibrate
+
+    if traj is None:
+        step_tick = tick("calibrate", settings.num_steps * math.ceil(cfg.calib_images / 32))
+        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
+    elif traj.settings != settings or traj.num_images != cfg.calib_images:
+        raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
+    return traj.split(cfg.num_held_out)
+
+
 @dataclass(frozen=True)
 class L2CConfig:
     target_speedup: float | None = None  # FLOP-predicted; searched over interval and λ
@@ -338,7 +351,6 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     `traj` reuses calibration trajectories made for the same settings (benchmarks compare
     several targets on one calibration); by default they are made here.
     """
-    from tcgraph.calibrate import calibrate
 
     mcfg = model.config
     S = settings.num_steps
@@ -351,12 +363,7 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
             if max_speedup(mcfg, S, k) < cfg.target_speedup:
                 raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k):.2f}x, below the target "
                                    f"{cfg.target_speedup}x; use a longer interval")
-    if traj is None:
-        step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
-        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
-    elif traj.settings != settings or traj.num_images != cfg.calib_images:
-        raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
-    train, held = traj.split(cfg.num_held_out)
+    train, held = calibration_split(model, settings, cfg, traj, tick)
 
     if cfg.target_speedup is not None:
         lams = None

@@ -90,7 +90,14 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.evaluate import plan_error, speedup_of, token_mask
-from tcgraph.plan.l2c import check_learning_options, fit_logits, held_out_count, lambda_unit, rounds
+from tcgraph.plan.l2c import (
+    calibration_split,
+    check_learning_options,
+    fit_logits,
+    held_out_count,
+    lambda_unit,
+    rounds,
+)
 from tcgraph.plan.plan import (
     BRANCHES,
     COMPUTE,
@@ -496,7 +503,6 @@ def make_tokencache(cfg: TokenCacheConfig, model: DiT, settings: SamplerSettings
 
     `traj` and `learned` (from `learn_predictor` on the same trajectories and keep ratio) let
     benchmarks plan several targets from one calibration and one predictor."""
-    from tcgraph.calibrate import calibrate
 
     mcfg = model.config
     S, n, depth = settings.num_steps, mcfg.num_tokens, mcfg.depth
@@ -513,12 +519,7 @@ def make_tokencache(cfg: TokenCacheConfig, model: DiT, settings: SamplerSettings
         candidates = tprr_candidates(mcfg, S, target, cfg.min_keep, cfg.max_stale, cfg.max_variants)
 
     tick = progress or (lambda desc, total: (lambda: None))
-    if traj is None:
-        step_tick = tick("calibrate", S * math.ceil(cfg.calib_images / 32))
-        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
-    elif traj.settings != settings or traj.num_images != cfg.calib_images:
-        raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
-    train, held = traj.split(cfg.num_held_out)
+    train, held = calibration_split(model, settings, cfg, traj, tick)
 
     pred, sens = learned if learned is not None else learn_predictor(cfg, model, train, held, tick)
     mu = pred.mu
