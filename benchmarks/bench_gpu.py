@@ -36,7 +36,7 @@ since learning on random weights would measure nothing; speed depends on the sha
 **How it measures,** one (backend, plan) at a time so that only one set of weights is on
 the GPU (runners are released and the CUDA cache emptied between them):
 - whole-run time: one sampling run of `--batch` images as `tcgraph sample` runs it
-  (`api.run_batches`: noise and labels to the device, the loop, the sample back), one
+  (`run_batches`: noise and labels to the device, the loop, the sample back), one
   warm-up run, then the median of `--repeats` runs, `torch.cuda.synchronize()` before the
   clock stops;
 - per-step latency by variant: a separate run with CUDA events around each step call
@@ -90,7 +90,8 @@ from tcgraph import api  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.export.artifact import Artifact, load_artifact  # noqa: E402
 from tcgraph.models.dit import CONFIGS, DiT, build_model, randomize_weights  # noqa: E402
-from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops  # noqa: E402
+from tcgraph.plan import Plan, make_plan, plan_flops  # noqa: E402
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime.dispatch import ScheduleDispatcher  # noqa: E402
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -363,7 +364,7 @@ def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: 
         batch = len(labels)
 
         def one_run(fn=step_fn) -> torch.Tensor:
-            samples = api.run_batches(fn, reset, sampler, labels, noise, batch, seed, device=run_device)
+            samples = run_batches(fn, reset, sampler, labels, noise, batch, seed, device=run_device)
             sync(device)
             return samples
 
@@ -642,9 +643,9 @@ def main(argv: list[str] | None = None) -> dict:
     runnable = [b for b in backends if not reasons[b]]
     plans = make_plans(model, settings, specs) if runnable else {}
 
-    sampler = api.sampler_for(settings, cfg)
+    sampler = sampler_for(settings, cfg)
     labels = [i % cfg.num_classes for i in range(args.batch)]
-    noise = api.noise_for(args.batch, cfg, settings.resolution, args.seed)
+    noise = make_noise(args.batch, cfg.in_channels, settings.resolution, args.seed)
 
     def record(backend: str, spec: str, art: Artifact | None, session) -> None:
         log(f"{backend} × {spec}: measuring")

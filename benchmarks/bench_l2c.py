@@ -29,7 +29,8 @@ from bench_plans import compare_plans, format_table, labels_for, with_baselines 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.inspection.pictures import draw_heatmap  # noqa: E402
-from tcgraph.plan import SamplerSettings, plan_flops  # noqa: E402
+from tcgraph.plan import plan_flops  # noqa: E402
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.l2c import (  # noqa: E402
     DEFAULT_MAX_VARIANTS,
     L2CConfig,

@@ -31,7 +31,8 @@ from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
 from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights
-from tcgraph.plan import SamplerSettings, make_plan, plan_flops
+from tcgraph.plan import make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 
 
@@ -136,8 +137,8 @@ def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[in
     # Load every plan first, then time them round-robin (eager, full, plan 2, …, eager, full, …):
     # a shared machine drifts, and interleaving spreads the drift over all plans alike.
     cfg = model.config
-    sampler = api.sampler_for(settings, cfg)
-    noise = api.noise_for(len(labels), cfg, settings.resolution, seed)
+    sampler = sampler_for(settings, cfg)
+    noise = make_noise(len(labels), cfg.in_channels, settings.resolution, seed)
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for i, (name, plan) in enumerate(plans.items()):
@@ -146,7 +147,7 @@ def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[in
             rss_before = rss_mib()
             runner = stack.enter_context(api.make_runner("ort", art, **(runner_opts or {})))
             dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-            run = functools.partial(api.run_batches, dispatch, dispatch.reset, sampler, labels, noise,
+            run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, labels, noise,
                                     settings.batch, seed)
             samples = run()  # warm-up, and the samples we judge
             rss_loaded = rss_mib() - rss_before  # after a run: mapped weights are resident once touched

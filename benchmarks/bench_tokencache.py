@@ -39,7 +39,8 @@ from bench_plans import compare_plans, format_table, labels_for, with_baselines 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
-from tcgraph.plan import Plan, SamplerSettings, plan_flops  # noqa: E402
+from tcgraph.plan import Plan, plan_flops  # noqa: E402
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.combined import SHARES, CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
 from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
 from tcgraph.plan.l2c import L2CConfig, candidate_intervals, make_l2c, recipes_for_target  # noqa: E402

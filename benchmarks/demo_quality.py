@@ -18,7 +18,7 @@ import torch
 from tcgraph import api
 from tcgraph.data import digits_split
 from tcgraph.eval import digits_quality, fd_floor
-from tcgraph.plan import SamplerSettings
+from tcgraph.sampling import SamplerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tcgraph import api
 from tcgraph.calibrate import calibrate
-from tcgraph.plan import SamplerSettings, make_plan
+from tcgraph.plan import make_plan
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tcgraph import api
 from tcgraph.models.dit import DiT, make_config, randomize_weights
-from tcgraph.plan import SamplerSettings, make_plan
+from tcgraph.plan import make_plan
+from tcgraph.sampling import SamplerSettings
 
 
 def parity(model, settings: SamplerSettings, labels: list[int], tmp: Path, name: str) -> dict:

@@ -29,7 +29,7 @@ from bench_tokencache import structural_plans  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.eval.metrics import psnr  # noqa: E402
-from tcgraph.plan import SamplerSettings  # noqa: E402
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 
 LOW = ("bfloat16", "float16")
 
@@ -40,8 +40,8 @@ def autocast_samples(model, settings, labels, device: str) -> torch.Tensor:
         with torch.autocast(device, dtype=torch.bfloat16):
             return model(x, t, y).float()
 
-    noise = api.noise_for(len(labels), model.config, settings.resolution, 0)
-    return api.run_batches(step, lambda: None, api.sampler_for(settings, model.config), labels, noise,
+    noise = make_noise(len(labels), model.config.in_channels, settings.resolution, 0)
+    return run_batches(step, lambda: None, sampler_for(settings, model.config), labels, noise,
                            settings.batch, 0, device=device)
 
 

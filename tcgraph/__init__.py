@@ -6,11 +6,10 @@ GPU libraries are imported lazily, only by the backends that need them.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from tcgraph.api import format_inspect, inspect, sample, sample_eager, transform
 from tcgraph.errors import TcgraphError
 from tcgraph.models import load_model
+from tcgraph.version import __version__
 
 __all__ = ["__version__", "TcgraphError", "format_inspect", "inspect", "load_model", "sample", "sample_eager",
            "transform"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,16 +11,12 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
-from tcgraph.plan import Plan, SamplerSettings, make_plan, plan_flops
-from tcgraph.sampling import DDIMSampler
+from tcgraph.plan import Plan, make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings
+from tcgraph.progress import bars
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 
 DEFAULT_MODEL = "digits"
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def default_out(model: str, plan: str) -> Path:
@@ -77,29 +72,26 @@ def transform(
         raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
     engines = _engine_builder(backend, engine_options or {})
     dit = load_dit(model, config)
+    prog = bars(progress)
     if isinstance(plan, Plan):
         the_plan = plan
     else:
         settings = SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch,
                                    resolution=dit.config.input_size)
-        bars: list = []
+        phases: list = []
 
         def phase(desc: str, total: int):
-            bars.append(_progress_bar(total, desc, progress))
-            return lambda: bars[-1].update(1)
+            phases.append(prog.phase(desc, total))
+            return phases[-1].tick
 
         try:
             the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=phase, **options)
         finally:
-            for b in bars:
-                b.close()
+            for p in phases:
+                p.close()
     n = len(the_plan.variants())
-    bar = _progress_bar((3 + (engines is not None)) * n, "transform", progress)
-
-    def tick(msg: str) -> None:
-        bar.set_postfix_str(msg)
-        bar.update(1)
-
+    bar = prog.phase("transform", (3 + (engines is not None)) * n)
+    tick = bar.tick
     try:
         variants = build_variants(dit, the_plan, check=check, progress=tick)
         flops = plan_flops(dit.config, the_plan)
@@ -167,43 +159,6 @@ def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[in
     return check_class_ids(ids, num_classes).tolist()
 
 
-def sampler_for(settings: SamplerSettings, cfg: DiTConfig) -> DDIMSampler:
-    return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
-                       in_channels=cfg.in_channels, null_class=cfg.num_classes)
-
-
-def noise_for(n: int, cfg: DiTConfig, resolution: int, seed: int) -> torch.Tensor:
-    """Noise for n images, the i-th image's noise independent of how images are batched."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, cfg.in_channels, resolution, resolution, generator=g)
-
-
-def run_batches(step_fn, reset, sampler: DDIMSampler, labels: list[int], noise: torch.Tensor, batch: int,
-                seed: int, progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped).
-
-    The sampler runs on `device` (where the step function returns its output): each run's
-    noise and labels go there once, and only the finished samples come back to the host.
-    """
-    runs = math.ceil(len(labels) / batch)
-    bar = _progress_bar(runs * sampler.num_steps, "sample", progress)
-    out = []
-    try:
-        for r in range(runs):
-            idx = list(range(r * batch, min((r + 1) * batch, len(labels))))
-            pad = batch - len(idx)
-            y = torch.tensor([labels[i] for i in idx] + [labels[idx[0]]] * pad)
-            x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
-            reset()
-            g = torch.Generator().manual_seed(seed + 1 + r)
-            res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g,
-                                 progress=lambda _s: bar.update(1))
-            out.append(res[: len(idx)].cpu())
-    finally:
-        bar.close()
-    return torch.cat(out)
-
-
 def sample(
     artifact: str | Path,
     *,
@@ -242,15 +197,15 @@ def sample(
         raise TcgraphError(f"--per-class must be >= 1, got {per_class}")
     ids = parse_classes(classes, cfg.num_classes)
     labels = [c for c in ids for _ in range(per_class)]
-    noise = noise_for(len(labels), cfg, s.resolution, seed)
+    noise = make_noise(len(labels), cfg.in_channels, s.resolution, seed)
     options = dict(runner_options or {})
     if device is not None:
         options["device"] = device
     runner = make_runner(backend, art, **options)
     with runner:
         dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed, progress,
-                              device=runner.device)
+        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed,
+                              bars(progress), device=runner.device)
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:
@@ -263,9 +218,9 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed:
     """The uncached PyTorch reference: the same noise, batching and sampler as `sample`."""
     from tcgraph.sampling import model_step_fn
 
-    noise = noise_for(len(labels), model.config, settings.resolution, seed)
+    noise = make_noise(len(labels), model.config.in_channels, settings.resolution, seed)
     return run_batches(model_step_fn(model), lambda: None, sampler_for(settings, model.config), labels, noise,
-                       settings.batch, seed, progress)
+                       settings.batch, seed, bars(progress))
 
 
 def to_images(samples: torch.Tensor) -> np.ndarray:

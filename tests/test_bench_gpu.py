@@ -16,7 +16,8 @@ import torch
 
 from tcgraph import api
 from tcgraph.errors import TcgraphError
-from tcgraph.plan import SamplerSettings, make_plan, plan_flops
+from tcgraph.plan import make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.evaluate import speedup_of
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"

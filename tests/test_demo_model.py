@@ -3,7 +3,7 @@ import pytest
 
 from tcgraph import api
 from tcgraph.eval import digits_quality
-from tcgraph.plan import SamplerSettings
+from tcgraph.sampling import SamplerSettings
 
 
 @pytest.mark.slow

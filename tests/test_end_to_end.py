@@ -5,7 +5,8 @@ import torch
 from tcgraph import api
 from tcgraph.export.artifact import load_artifact
 from tcgraph.models.dit import DiT, make_config, randomize_weights
-from tcgraph.plan import SamplerSettings, make_plan
+from tcgraph.plan import make_plan
+from tcgraph.sampling import SamplerSettings, sampler_for
 from tcgraph.passes import reference_step
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 
@@ -63,7 +64,7 @@ def test_fora_each_ort_step_equals_eager_reference(tiny_model, tmp_path, spec):
             worst.append((got - ref).abs().max().item())
             return ref  # follow the reference trajectory so each step is compared on equal inputs
 
-        sampler = api.sampler_for(s, tiny_model.config)
+        sampler = sampler_for(s, tiny_model.config)
         sampler.sample(step, torch.randn(2, 2, 8, 8), torch.tensor([1, 4]))
     assert dispatch.calls == plan.schedule()
     assert len(worst) == 7 and max(worst) <= 1e-4, worst

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from tcgraph.models.dit import DiT, modulate
-from tcgraph.plan.plan import cache_name
+from tcgraph.names import cache_name
 
 Weight = float | torch.Tensor
 

@@ -23,9 +23,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
-from tcgraph.plan.plan import SamplerSettings
-from tcgraph.api import sampler_for
-from tcgraph.sampling import DDIMSampler
+from tcgraph.sampling import DDIMSampler, SamplerSettings, sampler_for
 
 FLOAT_BYTES = 4
 

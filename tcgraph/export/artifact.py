@@ -26,25 +26,19 @@ from pathlib import Path
 from typing import Callable
 
 from tcgraph.errors import TcgraphError
+from tcgraph.version import __version__
 from tcgraph.export.onnx import WEIGHTS_PATH, VariantGraph, export_variants, file_sha256
 from tcgraph.export.weights import map_parameters
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-_FALLBACK_VERSION = "0.1.0"
 
 
 def config_hash(model_config: dict) -> str:
     """sha256 of the canonical JSON of a model config (sorted keys, no spaces)."""
     text = json.dumps(model_config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _tcgraph_version() -> str:
-    import tcgraph
-
-    return getattr(tcgraph, "__version__", _FALLBACK_VERSION)
 
 
 def _utc_now() -> str:
@@ -106,7 +100,7 @@ def write_artifact(
             files[rel] = known or file_sha256(path)
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "tcgraph_version": _tcgraph_version(),
+            "tcgraph_version": __version__,
             "model_config": model_config,
             "model_config_hash": config_hash(model_config),
             "plan": plan,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan.plan import BRANCHES, Action, Plan, Recipe, cache_name, input_cache_name
+from tcgraph.plan.plan import Action, Plan, Recipe
+from tcgraph.names import BRANCHES, cache_name, input_cache_name
 
 COMPUTE_RGB = (33, 102, 172)  # blue
 REUSE_RGB = (222, 222, 222)  # light grey

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan.plan import BRANCHES, Plan, Recipe
+from tcgraph.plan.plan import Plan, Recipe
+from tcgraph.names import BRANCHES
 
 SCHEDULE_RUNS = 20  # runs of the compact schedule printed before "… (n more runs)"
 

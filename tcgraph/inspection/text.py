@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan.plan import BRANCHES
+from tcgraph.names import BRANCHES
 
 NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
 

@@ -17,7 +17,8 @@ import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
 from tcgraph.passes.capture import META_BLOCK, META_BRANCH, META_IO_NAME
-from tcgraph.plan.plan import BRANCHES, Recipe, cache_name
+from tcgraph.plan.plan import Recipe
+from tcgraph.names import BRANCHES, cache_name
 
 
 def branch_nodes(gm: fx.GraphModule) -> dict[tuple[int, str], fx.Node]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from tcgraph.models.dit import DiT, modulate
-from tcgraph.plan.plan import Recipe, cache_name, input_cache_name
+from tcgraph.plan.plan import Recipe
+from tcgraph.names import cache_name, input_cache_name
 
 
 @torch.no_grad()

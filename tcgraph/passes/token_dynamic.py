@@ -33,7 +33,8 @@ import torch.fx as fx
 from tcgraph.errors import TcgraphError
 from tcgraph.passes.capture import META_BLOCK, META_IO_NAME
 from tcgraph.passes.token_prune import _Emitter, _prune_attn
-from tcgraph.plan.plan import Action, Recipe, cache_name, input_cache_name
+from tcgraph.plan.plan import Action, Recipe
+from tcgraph.names import cache_name, input_cache_name
 
 
 def stand_in(recipe: Recipe) -> Recipe:

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from tcgraph.errors import TcgraphError
 from tcgraph.passes.branch_cache import branch_cache, branch_nodes
 from tcgraph.passes.capture import META_BLOCK, META_BRANCH, META_IO_NAME
-from tcgraph.plan.plan import Recipe, cache_name
+from tcgraph.plan.plan import Recipe
+from tcgraph.names import cache_name
 
 
 def token_prune(gm: fx.GraphModule, recipe: Recipe, writes: list[tuple[int, str]],

@@ -1,22 +1,9 @@
+"""Plans: actions per (step, block, branch), variants and schedule, FLOP accounting, planners."""
 from tcgraph.plan.flops import branch_flops, plan_flops, recipe_flops
-from tcgraph.plan.plan import (
-    BRANCHES,
-    COMPUTE,
-    PLAN_SCHEMA_VERSION,
-    REUSE,
-    Action,
-    Plan,
-    Recipe,
-    SamplerSettings,
-    cache_name,
-    dynamic,
-    input_cache_name,
-    partial,
-)
+from tcgraph.plan.plan import COMPUTE, PLAN_SCHEMA_VERSION, REUSE, Action, Plan, Recipe, dynamic, partial
 from tcgraph.plan.planners import PLAN_HELP, PLANNERS, make_plan
 
 __all__ = [
-    "BRANCHES", "COMPUTE", "PLAN_SCHEMA_VERSION", "REUSE", "Action", "Plan", "Recipe",
-    "SamplerSettings", "cache_name", "dynamic", "input_cache_name", "partial", "branch_flops", "plan_flops", "recipe_flops",
-    "PLAN_HELP", "PLANNERS", "make_plan",
+    "COMPUTE", "PLAN_SCHEMA_VERSION", "REUSE", "Action", "Plan", "Recipe", "dynamic", "partial", "branch_flops",
+    "plan_flops", "recipe_flops", "PLAN_HELP", "PLANNERS", "make_plan",
 ]

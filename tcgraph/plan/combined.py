@@ -30,7 +30,8 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, partial
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.sampling import SamplerSettings
 
 SHARES = (0.5, 0.75)
 

@@ -16,7 +16,8 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.flops import recipe_flops
-from tcgraph.plan.plan import COMPUTE, Recipe, cache_name
+from tcgraph.plan.plan import COMPUTE, Recipe
+from tcgraph.names import cache_name
 
 
 def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe]) -> float:

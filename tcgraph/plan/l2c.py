@@ -34,7 +34,9 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: F401 (re-exported)
 from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.plan import BRANCHES, COMPUTE, REUSE, Plan, Recipe, SamplerSettings, cache_name
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+from tcgraph.names import BRANCHES, cache_name
+from tcgraph.sampling import SamplerSettings
 
 # Variant cap used when the user gives none (full step + 5 cache recipes); chosen from the
 # sweep in benchmarks/bench_l2c.py (see README, Learning-to-Cache).

@@ -32,7 +32,8 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiTConfig
-from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe, SamplerSettings
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe
+from tcgraph.sampling import SamplerSettings
 
 PLANNER_NAME = "l2c"
 DEFAULT_THRESHOLD = 0.1  # what the L2C sampling scripts pass as --thres

@@ -27,25 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
+from tcgraph.names import BRANCHES, MODEL_INPUTS, OUT, CacheKey, cache_name, input_cache_name
+from tcgraph.sampling.settings import SamplerSettings
 
 PLAN_SCHEMA_VERSION = 1
-BRANCHES = ("attn", "mlp")
-
-CacheKey = tuple[int, str]  # (block, branch)
-
-
-INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
-
-
-def cache_name(block: int, branch: str) -> str:
-    """Graph I/O name of a cache tensor, as DESIGN.md fixes it."""
-    return f"cache.{block}.{branch}"
-
-
-def input_cache_name(block: int, branch: str) -> str:
-    """Graph I/O name of a branch-input cache (`cache.3.attn.in`), read and written by dynamic actions."""
-    return cache_name(block, branch) + INPUT_SUFFIX
-
 
 ACTION_KINDS = ("compute", "reuse", "partial", "dynamic")
 
@@ -166,28 +151,6 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class SamplerSettings:
-    """The sampling run a plan (and its static graphs) is made for."""
-
-    sampler: str = "ddim"
-    num_steps: int = 50
-    cfg_scale: float = 2.0
-    eta: float = 0.0
-    batch: int = 8  # images per sampling run; the graphs see 2x with guidance
-    resolution: int = 16  # model input side (latent side for latent models)
-
-    def __post_init__(self) -> None:
-        if self.sampler != "ddim":
-            raise TcgraphError(f"unknown sampler {self.sampler!r}; only 'ddim' is supported")
-        if self.num_steps < 1 or self.batch < 1 or self.resolution < 1:
-            raise TcgraphError(f"steps, batch and resolution must be positive, got {self}")
-
-    @property
-    def model_batch(self) -> int:
-        return 2 * self.batch if self.cfg_scale > 1.0 else self.batch
-
-
-@dataclass(frozen=True)
 class Plan:
     planner: str  # e.g. "full", "fora:3"
     settings: SamplerSettings
@@ -286,10 +249,10 @@ class Plan:
         """(input names, output names) of the variant graph for `recipe`: each cache name is
         followed by its input cache `….in` where the recipe reads (dynamic) or writes it."""
         in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
-        inputs = ["x", "t", "y"] + [n for b, br in recipe.reads()
+        inputs = list(MODEL_INPUTS) + [n for b, br in recipe.reads()
                                     for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
                                                                     if (b, br) in in_reads else ())]
-        outputs = ["out"] + [n for b, br in self.writes(recipe)
+        outputs = [OUT] + [n for b, br in self.writes(recipe)
                              for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
                                                              if (b, br) in in_writes else ())]
         return inputs, outputs

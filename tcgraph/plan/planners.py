@@ -11,7 +11,8 @@ from typing import Callable
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiTConfig
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+from tcgraph.sampling import SamplerSettings
 
 
 @dataclass(frozen=True)

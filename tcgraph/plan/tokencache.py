@@ -98,17 +98,9 @@ from tcgraph.plan.l2c import (
     lambda_unit,
     rounds,
 )
-from tcgraph.plan.plan import (
-    BRANCHES,
-    COMPUTE,
-    REUSE,
-    Action,
-    Plan,
-    Recipe,
-    SamplerSettings,
-    cache_name,
-    partial,
-)
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe, partial
+from tcgraph.names import BRANCHES, cache_name
+from tcgraph.sampling import SamplerSettings
 
 DEFAULT_TARGET = 1.5
 DEFAULT_MAX_VARIANTS = 8  # full step + 7 cache recipes

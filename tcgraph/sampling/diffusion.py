@@ -211,9 +211,3 @@ def model_step_fn(model: torch.nn.Module) -> StepFn:
         return model(x, t, y)
 
     return step
-
-
-def make_noise(batch: int, channels: int, size: int, seed: int) -> torch.Tensor:
-    """Initial noise, reproducible from a seed on every machine (CPU generator)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, size, size, generator=g)

@@ -7,7 +7,9 @@ import torch
 from tcgraph.calibrate import branch_bytes, calibrate, calibration_bytes, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.passes import reference_step
-from tcgraph.plan import COMPUTE, REUSE, Recipe, SamplerSettings, cache_name
+from tcgraph.plan import COMPUTE, REUSE, Recipe
+from tcgraph.names import cache_name
+from tcgraph.sampling import SamplerSettings
 
 
 def settings(cfg_scale=2.0, steps=5):

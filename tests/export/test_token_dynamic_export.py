@@ -13,7 +13,8 @@ import torch
 
 from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic
+from tcgraph.sampling import SamplerSettings
 from tests.export.token_plans import (
     check_onnx_on_fresh_inputs,
     check_plan_sampled_with_ort,

@@ -12,7 +12,8 @@ import torch
 
 from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
-from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, branch_flops, partial
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, branch_flops, partial
+from tcgraph.sampling import SamplerSettings
 from tests.export.token_plans import (
     check_onnx_on_fresh_inputs,
     check_plan_sampled_with_ort,

@@ -15,7 +15,8 @@ from tcgraph.compile import build_variants
 from tcgraph.export.artifact import load_artifact
 from tcgraph.export.onnx import WEIGHTS_PATH, export_variants
 from tcgraph.passes import reference_step
-from tcgraph.plan import COMPUTE, Plan, Recipe, SamplerSettings
+from tcgraph.plan import COMPUTE, Plan, Recipe
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tests.export.tiny_variants import param_bytes, tiny_dit
 
@@ -60,8 +61,8 @@ def check_plan_sampled_with_ort(model, tmp_path, recipes, *, keep_inputs: bool =
         return out
 
     cfg = model.config
-    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
-                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
+    eager = run_batches(eager_step, caches.clear, sampler_for(s, cfg), labels,
+                            make_noise(len(labels), cfg.in_channels, s.resolution, 3), s.batch, 3)
     assert got.shape == eager.shape == (3, 2, 8, 8)
     # Random weights make samples large (|x| ~ 500 here): the full plan's ORT-vs-eager
     # difference is itself ~1e-4 absolute, i.e. float32 rounding; compare relative to size.
@@ -82,7 +83,7 @@ def check_plan_sampled_with_ort(model, tmp_path, recipes, *, keep_inputs: bool =
             worst.extend((runner.to_torch(v) - caches[n]).abs().max().item() for n, v in dispatch.caches.items())
             return ref
 
-        api.sampler_for(s, cfg).sample(step, api.noise_for(2, cfg, 8, 0), torch.tensor([2, 3]))
+        sampler_for(s, cfg).sample(step, make_noise(2, cfg.in_channels, 8, 0), torch.tensor([2, 3]))
     assert dispatch.calls == plan.schedule()
     assert max(worst) <= 1e-4, max(worst)
     return plan, dispatch

@@ -19,8 +19,10 @@ from tcgraph.inspection import (
     write_pictures,
 )
 from tcgraph.models.dit import DiT, DiTConfig, make_config
-from tcgraph.plan import SamplerSettings, make_plan, plan_flops
-from tcgraph.plan.plan import BRANCHES, Plan
+from tcgraph.plan import make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings
+from tcgraph.plan.plan import Plan
+from tcgraph.names import BRANCHES
 from tcgraph.models.dit import randomize_weights
 
 STEPS = 4

@@ -22,8 +22,10 @@ from tcgraph.inspection import (
 )
 from tcgraph.inspection.pictures import COMPUTE_RGB, KEPT_RGB, REUSE_RGB, REUSED_RGB
 from tcgraph.models.dit import make_config
-from tcgraph.plan import SamplerSettings, make_plan
-from tcgraph.plan.plan import BRANCHES, COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.plan import make_plan
+from tcgraph.sampling import SamplerSettings
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.names import BRANCHES
 
 TINY = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
                    num_classes=5, learn_sigma=True)

@@ -7,7 +7,8 @@ import torch
 from tcgraph.compile import build_variants, check_variant, example_inputs, rewrite_variant
 from tcgraph.errors import TcgraphError
 from tcgraph.passes import capture, expand_blocks, branch_cache, io_names, reference_step
-from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, make_plan, partial
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, partial
+from tcgraph.sampling import SamplerSettings
 
 
 def settings(steps=6):

@@ -15,7 +15,8 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import modulate
 from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
 from tcgraph.passes.capture import META_BLOCK, META_BRANCH
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic
+from tcgraph.sampling import SamplerSettings
 from tests.passes.test_token_prune import manual_attention_rows
 
 N = 16  # tokens of the tiny model (8x8 input, patch 2)

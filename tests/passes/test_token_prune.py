@@ -13,7 +13,8 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import modulate
 from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
 from tcgraph.passes.capture import META_BLOCK, META_BRANCH
-from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, SamplerSettings, partial
+from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, partial
+from tcgraph.sampling import SamplerSettings
 
 N = 16  # tokens of the tiny model (8x8 input, patch 2)
 FULL = Recipe.uniform(3, COMPUTE)

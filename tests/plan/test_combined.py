@@ -6,7 +6,8 @@ import torch
 
 from tcgraph import api
 from tcgraph.errors import TcgraphError
-from tcgraph.plan import COMPUTE, REUSE, Recipe, SamplerSettings, make_plan
+from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.combined import CombinedConfig, prune_recipes
 from tcgraph.plan.evaluate import speedup_of
 

@@ -6,7 +6,8 @@ import torch
 
 from tcgraph.calibrate import calibrate
 from tcgraph.passes import reference_step
-from tcgraph.plan import COMPUTE, REUSE, Recipe, SamplerSettings, make_plan, partial, plan_flops
+from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan, partial, plan_flops
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.evaluate import plan_error, speedup_of
 
 

@@ -9,7 +9,8 @@ import torch
 from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.errors import TcgraphError
-from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, make_plan, plan_flops
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.l2c import (
     L2CConfig,
     cache_steps,

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, SamplerSettings, make_plan, partial, plan_flops
+from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, make_plan, partial, plan_flops
+from tcgraph.sampling import SamplerSettings
 
 
 def settings(steps=10, batch=2, cfg=2.0, res=8):

@@ -6,16 +6,8 @@ import pytest
 
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import branch_flops, plan_flops
-from tcgraph.plan.plan import (
-    COMPUTE,
-    REUSE,
-    Action,
-    Plan,
-    Recipe,
-    SamplerSettings,
-    dynamic,
-    partial,
-)
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe, dynamic, partial
+from tcgraph.sampling import SamplerSettings
 
 N = 16
 FULL = Recipe.uniform(3, COMPUTE)

@@ -12,7 +12,8 @@ from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
-from tcgraph.plan import COMPUTE, Plan, SamplerSettings, make_plan, plan_flops
+from tcgraph.plan import COMPUTE, Plan, make_plan, plan_flops
+from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.tokencache import (
     TokenCacheConfig,
     block_sensitivity,
@@ -341,7 +342,8 @@ def test_learned_plan_end_to_end(tiny_model, tmp_path):
 
 
 def test_to_dynamic_keeps_schedule_and_counts(tiny_config):
-    from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, partial
+    from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
+    from tcgraph.sampling import SamplerSettings
     from tcgraph.plan.flops import branch_flops
     from tcgraph.plan.tokencache import to_dynamic
 

@@ -15,7 +15,8 @@ from tcgraph.export.onnx import WEIGHTS_PATH
 from tcgraph.models import load_model
 from tcgraph.models.dit import DiT
 from tcgraph.passes import reference_step
-from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, SamplerSettings, dynamic, partial
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.runtime.pytorch import TorchRunner, rebuild_model
@@ -92,8 +93,8 @@ def test_torch_samples_equal_ort_and_the_eager_reference_loop(mixed):
         return out
 
     s, cfg = plan.settings, model.config
-    eager = api.run_batches(eager_step, caches.clear, api.sampler_for(s, cfg), labels,
-                            api.noise_for(len(labels), cfg, s.resolution, 3), s.batch, 3)
+    eager = run_batches(eager_step, caches.clear, sampler_for(s, cfg), labels,
+                            make_noise(len(labels), cfg.in_channels, s.resolution, 3), s.batch, 3)
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), (got - eager).abs().max()
     assert torch.allclose(got, ort, rtol=1e-5, atol=1e-4), (got - ort).abs().max()
     assert (api.sample_eager(model, s, labels, seed=3) - eager).abs().max() > 1e-3  # not the full model
@@ -114,7 +115,7 @@ def test_caches_pass_from_step_to_step_as_the_returned_tensors(mixed):
             return result
 
         dispatch.run = run
-        api.sampler_for(plan.settings, _cfg(art)).sample(dispatch, api.noise_for(2, _cfg(art), 8, 0),
+        sampler_for(plan.settings, _cfg(art)).sample(dispatch, make_noise(2, _cfg(art).in_channels, 8, 0),
                                                          torch.tensor([1, 2]))
     # every cache fed at step i is the very tensor an earlier step returned
     returned = {id(v) for d in seen[1::2] for v in d.values()}
@@ -206,8 +207,8 @@ def _eager_autocast_bf16(model, settings, labels):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return model(x, t, y).float()
 
-    noise = api.noise_for(len(labels), model.config, settings.resolution, 0)
-    return api.run_batches(step, lambda: None, api.sampler_for(settings, model.config), labels, noise,
+    noise = make_noise(len(labels), model.config.in_channels, settings.resolution, 0)
+    return run_batches(step, lambda: None, sampler_for(settings, model.config), labels, noise,
                            settings.batch, 0, device="cuda")
 
 
@@ -229,7 +230,7 @@ def test_cuda_graph_caches_stay_in_the_bank(mixed):
     with make_runner("torch", load_artifact(path), device="cuda", dtype="float32") as runner:
         dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
         cfg = _cfg(runner.artifact)
-        out = api.sampler_for(plan.settings, cfg).sample(dispatch, api.noise_for(2, cfg, 8, 0).cuda(),
+        out = sampler_for(plan.settings, cfg).sample(dispatch, make_noise(2, cfg.in_channels, 8, 0).cuda(),
                                                          torch.tensor([1, 2], device="cuda"))
         assert out.is_cuda
         assert all(v.data_ptr() == runner._bank[n].data_ptr() for n, v in dispatch.caches.items())
@@ -251,10 +252,10 @@ def test_no_host_copies_inside_the_sampling_loop(demo_full):
     labels = [0, 1, 2, 3, 4, 5, 6, 7]  # two runs of batch 4
     with make_runner("torch", art, device="cuda") as runner:
         dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-        noise = api.noise_for(len(labels), cfg, plan.settings.resolution, 0)
+        noise = make_noise(len(labels), cfg.in_channels, plan.settings.resolution, 0)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            api.run_batches(dispatch, dispatch.reset, api.sampler_for(plan.settings, cfg), labels, noise,
+            run_batches(dispatch, dispatch.reset, sampler_for(plan.settings, cfg), labels, noise,
                             plan.settings.batch, 0, device=runner.device)
             torch.cuda.synchronize()
     names = [e.name for e in prof.events()]

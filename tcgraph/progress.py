@@ -1,0 +1,86 @@
+"""One progress interface for long work: planning, rewriting, export, engines, sampling.
+
+A function that takes time accepts `progress: Progress` and opens one phase per kind of
+work with a known number of ticks::
+
+    with progress.phase("rewrite", len(recipes)) as phase:
+        for r in recipes:
+            ...
+            phase.tick(f"v{i}")
+
+`QUIET` reports nothing (the default everywhere); `bars(enabled)` draws tqdm bars on
+stderr. Tests record phases with `Recorder`.
+"""
+from __future__ import annotations
+
+import sys
+
+
+class Phase:
+    """One unit of long work; `tick` once per item, with an optional short note."""
+
+    def tick(self, note: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Phase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Progress:
+    """Reports nothing: the base class and the quiet default."""
+
+    def phase(self, desc: str, total: int) -> Phase:
+        return Phase()
+
+
+QUIET = Progress()
+
+
+class _BarPhase(Phase):
+    def __init__(self, desc: str, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def tick(self, note: str = "") -> None:
+        if note:
+            self.bar.set_postfix_str(note, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Bars(Progress):
+    """tqdm bars on stderr, one per phase."""
+
+    def phase(self, desc: str, total: int) -> Phase:
+        return _BarPhase(desc, total)
+
+
+def bars(enabled: bool) -> Progress:
+    """Bars when `enabled` (the CLI: when stderr is a terminal), else `QUIET`."""
+    return Bars() if enabled else QUIET
+
+
+class Recorder(Progress):
+    """Keeps every phase and tick: `phases` is a list of [desc, total, notes]."""
+
+    def __init__(self) -> None:
+        self.phases: list[list] = []
+
+    def phase(self, desc: str, total: int) -> Phase:
+        entry = [desc, total, []]
+        self.phases.append(entry)
+
+        class _Rec(Phase):
+            def tick(self, note: str = "") -> None:
+                entry[2].append(note)
+
+        return _Rec()

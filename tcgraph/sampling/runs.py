@@ -1,0 +1,52 @@
+"""Sampling runs: the sampler for a plan's settings, seeded noise, and images in static batches."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from tcgraph.progress import QUIET, Progress
+from tcgraph.sampling.diffusion import DDIMSampler, StepFn
+from tcgraph.sampling.settings import SamplerSettings
+
+if TYPE_CHECKING:
+    from tcgraph.models.dit import DiTConfig
+
+
+def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> DDIMSampler:
+    """The DDIM sampler of `settings` for a model with `cfg`'s channels and null class."""
+    return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
+                       in_channels=cfg.in_channels, null_class=cfg.num_classes)
+
+
+def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Initial noise for n images, reproducible from a seed on every machine (CPU generator);
+    the i-th image's noise does not depend on how the images are batched later."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g)
+
+
+def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: DDIMSampler, labels: list[int],
+                noise: torch.Tensor, batch: int, seed: int, progress: Progress = QUIET,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped).
+
+    `reset()` is called before each run (a dispatcher forgets its caches). The sampler runs
+    on `device` (where the step function returns its output): each run's noise and labels
+    go there once, and only the finished samples come back to the host.
+    """
+    runs = math.ceil(len(labels) / batch)
+    out = []
+    with progress.phase("sample", runs * sampler.num_steps) as phase:
+        for r in range(runs):
+            idx = list(range(r * batch, min((r + 1) * batch, len(labels))))
+            pad = batch - len(idx)
+            y = torch.tensor([labels[i] for i in idx] + [labels[idx[0]]] * pad)
+            x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
+            reset()
+            g = torch.Generator().manual_seed(seed + 1 + r)
+            res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g,
+                                 progress=lambda _s: phase.tick())
+            out.append(res[: len(idx)].cpu())
+    return torch.cat(out)
