@@ -19,8 +19,8 @@
 **What runs.** `eager` is what users run today: the DiT with fp32 weights under
 `torch.autocast(dtype=--dtype)` (plain fp32 when --dtype float32, the CPU default), the
 same DDIM sampler, noise and labels as every backend, `full` only. The backends run the
-artifact folders of every plan: `torch` (variant GraphModules in --dtype, one CUDA graph
-per variant), `torch-nograph` (the same without CUDA graphs), `torch-compile` (plus
+artifact folders of every plan: `torch` (the variants' torch programs in the precision of
+--dtype, one CUDA graph per variant), `torch-nograph` (the same without CUDA graphs), `torch-compile` (plus
 `torch.compile`; not in the default list), `ort` (ONNX Runtime; fp32 ONNX graphs, CUDA
 needs onnxruntime-gpu) and `trt` (TensorRT engines, built by `transform(..., backend="trt")`
 in the precision of --dtype unless --trt-precision says otherwise). A part that cannot run
@@ -65,477 +65,42 @@ markdown table are rewritten after every row, so an interrupted run keeps what i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
-import inspect
-import json
 import platform
-import re
-import statistics
 import sys
-import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_plans import time_runs  # noqa: E402
+from gpu.measure import NO_CUDA, measure  # noqa: E402
+from gpu.prepare import (  # noqa: E402
+    BACKENDS,
+    DEFAULT_BACKENDS,
+    DEFAULT_MODEL,
+    DEFAULT_PLANS,
+    PIXELS_PER_LATENT,
+    TRT_PRECISION,
+    artifact_for,
+    build_dit,
+    eager_session,
+    log,
+    make_plans,
+    precision_of,
+    runner_session,
+    slug,
+    unavailable,
+)
+from gpu.report import format_table, merge_earlier, versions, write_outputs  # noqa: E402
 
-from tcgraph import api  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
-from tcgraph.export.artifact import Artifact, load_artifact  # noqa: E402
-from tcgraph.models.dit import CONFIGS, DiT, build_model, randomize_weights  # noqa: E402
-from tcgraph.plan import Plan, make_plan, plan_flops  # noqa: E402
-from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
-from tcgraph.runtime.dispatch import ScheduleDispatcher  # noqa: E402
-
-DEFAULT_MODEL = "DiT-XL/2"
-DEFAULT_PLANS = "full,fora:2,fora:3,l2c:2,tokencache:2"
-DEFAULT_BACKENDS = "eager,torch,torch-nograph,ort,trt"
-BACKENDS = ("eager", "torch", "torch-nograph", "torch-compile", "ort", "trt")
-STRUCTURAL = ("tokencache", "dynamic", "l2c", "tokencache+l2c")  # learned planners: their shapes, untrained
-PIXELS_PER_LATENT = 8  # the SD VAE of the DiT checkpoints: 256x256 images <-> 32x32 latents
-MEMCPY = re.compile(r"Memcpy (\w+)\b")  # Kineto names: "Memcpy HtoD (Pageable -> Device)", ...
-NO_CUDA = "not measured (no CUDA)"
-MIB = 1 << 20
-TRT_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # --dtype -> engine precision
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[bench_gpu {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
-
-
-#################################################################################
-#                         Model, plans, artifact folders                        #
-#################################################################################
-
-
-def build_dit(name: str, resolution: int | None, seed: int) -> DiT:
-    """The demo model (trained), or a registered config with random weights (speed only)."""
-    if name == "digits":
-        model = api.load_dit("digits")
-        if resolution not in (None, model.config.input_size):
-            raise TcgraphError(f"the digits model samples {model.config.input_size}x{model.config.input_size} "
-                               f"pixels only; omit --resolution")
-        return model
-    if name not in CONFIGS:
-        raise TcgraphError(f"unknown model {name!r}; use 'digits' or one of {', '.join(CONFIGS)}")
-    overrides = {}
-    if resolution is not None:
-        if resolution % PIXELS_PER_LATENT:
-            raise TcgraphError(f"--resolution {resolution} is not a multiple of {PIXELS_PER_LATENT} "
-                               "(image side; the latent is 1/8 of it)")
-        overrides["input_size"] = resolution // PIXELS_PER_LATENT
-    return randomize_weights(build_model(name, **overrides), seed=seed)
-
-
-def make_plans(model: DiT, settings: SamplerSettings, specs: list[str]) -> dict[str, tuple[Plan, str]]:
-    """spec -> (plan, how it was made); learned-planner specs give their structural plans."""
-    plans: dict[str, tuple[Plan, str]] = {}
-    structural: dict[float, dict[str, Plan]] = {}
-    for spec in specs:
-        kind, _, arg = spec.partition(":")
-        if kind in STRUCTURAL:
-            try:
-                target = float(arg)
-            except ValueError:
-                raise TcgraphError(f"plan {spec!r}: write a target speedup, e.g. {kind}:2") from None
-            if target not in structural:
-                from bench_tokencache import structural_plans  # heavy imports, only when asked for
-
-                structural[target] = structural_plans(model, settings, [target])
-            plans[spec] = (structural[target][f"{kind}:{target}"], "structural (untrained shape: speed only)")
-        else:
-            plans[spec] = (make_plan(spec, model.config, settings, weights=model), "make_plan")
-    return plans
-
-
-def _json_form(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def artifact_for(model: DiT, plan: Plan, folder: Path, *, engines: dict | None, rebuild: bool,
-                 progress: bool) -> tuple[Artifact, tuple[str, str] | None]:
-    """The artifact folder of `plan` (reused when it matches), with TensorRT engines built
-    with `engines` (engine options) unless None; returns it and, when engines were wanted
-    but not built, ("skipped" or "failed", why)."""
-    if folder.exists() and not rebuild:
-        try:
-            art = load_artifact(folder, verify_hashes=False)  # written atomically; hashing GBs costs minutes
-            same = (art.plan == _json_form(plan.to_dict())
-                    and art.model_config == _json_form(model.config.to_dict()))
-            trt = art.manifest.get("tensorrt") or {}
-            built = {"precision": trt.get("precision"), "strip_weights": trt.get("weight_stripped")}
-            if same and (engines is None or built == engines):
-                log(f"reusing {folder}")
-                return art, None
-        except TcgraphError:
-            pass
-    build = functools.partial(api.transform, model, plan, folder, force=True, check=False, progress=progress)
-    trt_problem = None
-    if engines is not None:
-        log(f"transform {plan.planner} with TensorRT engines ({engines}) -> {folder}")
-        try:
-            return load_artifact(build(backend="trt", engine_options=engines), verify_hashes=False), None
-        except TcgraphError as e:
-            trt_problem = ("skipped", f"TensorRT engines could not be built: {e}")
-        except Exception as e:  # the other backends still need this plan's folder
-            traceback.print_exc()
-            trt_problem = ("failed", f"building TensorRT engines: {type(e).__name__}: {e}")
-        log(f"trt × {plan.planner}: {trt_problem[0]}: {trt_problem[1]}")
-    log(f"transform {plan.planner} -> {folder}")
-    return load_artifact(build(), verify_hashes=False), trt_problem
-
-
-#################################################################################
-#                                 Backends                                      #
-#################################################################################
-
-
-def unavailable(backend: str, device: torch.device) -> str | None:
-    """Why `backend` cannot run on `device` at all (checked before any work), or None."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return (f"--device {device} but torch sees no CUDA GPU (torch {torch.__version__}, CUDA build: "
-                f"{torch.version.cuda or 'none'})")
-    if backend == "torch-nograph" and device.type != "cuda":
-        return "the same as 'torch' off CUDA (CUDA graphs need --device cuda)"
-    if backend == "ort" and device.type == "cuda":
-        try:
-            import onnxruntime
-        except ImportError as e:
-            return f"onnxruntime is not installed ({e})"
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return (f"this onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider (providers: "
-                    f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu")
-    if backend == "trt":
-        if device.type != "cuda":
-            return f"TensorRT runs only on NVIDIA GPUs (--device {device})"
-        try:
-            from tcgraph.export.tensorrt import import_tensorrt
-        except ImportError as e:
-            return f"this tcgraph has no TensorRT export ({e})"
-        try:
-            import_tensorrt()
-        except TcgraphError as e:
-            return str(e)
-        if "backend" not in inspect.signature(api.transform).parameters:
-            return "this tcgraph's api.transform() cannot build TensorRT engines (it has no backend= parameter)"
-    return None
-
-
-def runner_options(backend: str, device: torch.device, dtype: str) -> tuple[str, dict]:
-    """(runner name, options) of a benchmark backend name."""
-    if backend == "torch":
-        return "torch", {"device": str(device), "dtype": dtype}
-    if backend == "torch-nograph":
-        return "torch", {"device": str(device), "dtype": dtype, "cuda_graphs": False}
-    if backend == "torch-compile":
-        return "torch", {"device": str(device), "dtype": dtype, "compile": True}
-    if backend == "ort":
-        return "ort", {"device": device.type}
-    return "trt", {"device": str(device)}
-
-
-def precision_of(backend: str, art: Artifact | None, dtype: str) -> str:
-    if backend == "eager":
-        return "float32" if dtype == "float32" else f"{dtype} autocast, fp32 weights"
-    if backend.startswith("torch"):
-        return dtype
-    if backend == "ort":
-        return "float32 (ONNX)"
-    return str((art.manifest.get("tensorrt") or {}).get("precision", "?")) if art is not None else "?"
-
-
-@contextlib.contextmanager
-def eager_session(model: DiT, device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
-    """(step_fn, reset, device) of the uncached model, moved to `device` for the session."""
-    autocast = dtype != torch.float32
-
-    @torch.inference_mode()
-    def step(_step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return model(x, t, y).float()
-
-    model.to(device)
-    try:
-        yield step, (lambda: None), device
-    finally:
-        model.to("cpu")  # transform exports from the CPU copy
-
-
-@contextlib.contextmanager
-def runner_session(backend: str, art: Artifact, plan: Plan, device: torch.device, dtype: str) -> Iterator[tuple]:
-    name, options = runner_options(backend, device, dtype)
-    with api.make_runner(name, art, **options) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
-        yield dispatch, dispatch.reset, torch.device(runner.device)
-
-
-#################################################################################
-#                                 Measuring                                     #
-#################################################################################
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_used_mib(device: torch.device) -> float:
-    free, total = torch.cuda.mem_get_info(device)
-    return (total - free) / MIB
-
-
-class StepClock:
-    """A step function that times every call of the one it wraps (CUDA events on the GPU)."""
-
-    def __init__(self, step_fn: Callable, schedule: list[str], device: torch.device):
-        self.step_fn, self.schedule, self.cuda = step_fn, schedule, device.type == "cuda"
-        self.marks: list[tuple[str, Any, Any]] = []
-
-    def __call__(self, step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = self.step_fn(step, x, t, y)
-            end.record()
-        else:
-            start = time.perf_counter()
-            out = self.step_fn(step, x, t, y)
-            end = time.perf_counter()
-        self.marks.append((self.schedule[step], start, end))
-        return out
-
-    def milliseconds(self) -> list[tuple[str, float]]:
-        """(variant id, ms) per step; call after the device is synchronised."""
-        if self.cuda:
-            return [(vid, s.elapsed_time(e)) for vid, s, e in self.marks]
-        return [(vid, (e - s) * 1e3) for vid, s, e in self.marks]
-
-
-def count_copies(run: Callable[[], Any], device: torch.device) -> dict[str, int] | str:
-    """CUDA memcpy events by kind (HtoD, DtoH, DtoD, ...) while `run()` executes."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run()
-            sync(device)
-    except Exception as e:  # a profiler problem must not cost the row its timings
-        traceback.print_exc()
-        return f"not measured (the profiled run raised {type(e).__name__}: {e})"
-    counts = Counter({"HtoD": 0, "DtoH": 0, "DtoD": 0})
-    device_events = 0
-    for event in prof.events():
-        device_events += event.device_type == DeviceType.CUDA
-        m = MEMCPY.match(event.name)
-        if m:
-            counts[m.group(1)] += 1
-    if not device_events:  # zero copies would be a lie: the profiler saw no GPU work at all
-        return "not measured (the profiler recorded no CUDA activity: is CUPTI available?)"
-    return dict(counts)
-
-
-def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: list[str], sampler, labels: list[int],
-            noise: torch.Tensor, seed: int, device: torch.device, repeats: int,
-            profile_copies: bool) -> tuple[dict, torch.Tensor]:
-    """Time, step latencies, memory and copies of one (backend, plan); the samples of its warm-up run."""
-    cuda = device.type == "cuda"
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        used_before = device_used_mib(device)
-    row: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    with session() as (step_fn, reset, run_device):
-        row["activate_s"] = time.perf_counter() - t0
-        batch = len(labels)
-
-        def one_run(fn=step_fn) -> torch.Tensor:
-            samples = run_batches(fn, reset, sampler, labels, noise, batch, seed, device=run_device)
-            sync(device)
-            return samples
-
-        samples = one_run()  # warm-up; its samples are the ones compared
-        if cuda:
-            row["device_used_mib"] = device_used_mib(device)
-            row["device_used_delta_mib"] = row["device_used_mib"] - used_before
-        times = time_runs(one_run, repeats)
-        row["times_ms"] = [t * 1e3 for t in times]
-        row["median_ms"] = statistics.median(row["times_ms"])
-        row["peak_torch_mib"] = torch.cuda.max_memory_allocated(device) / MIB if cuda else NO_CUDA
-
-        clock = StepClock(step_fn, schedule, run_device)
-        t0 = time.perf_counter()
-        one_run(clock)
-        wall_ms = (time.perf_counter() - t0) * 1e3
-        per_variant: dict[str, list[float]] = {}
-        for vid, ms in clock.milliseconds():
-            per_variant.setdefault(vid, []).append(ms)
-        row["step_ms"] = {vid: {"steps": len(v), "median_ms": statistics.median(v)} for vid, v in per_variant.items()}
-        row["outside_steps_ms"] = wall_ms - sum(ms for v in per_variant.values() for ms in v)
-
-        if cuda and profile_copies:
-            x, y = noise[:batch].to(run_device), torch.tensor(labels).to(run_device)
-            sync(device)
-
-            def loop_only() -> None:
-                reset()
-                sampler.sample(step_fn, x, y, generator=torch.Generator().manual_seed(seed + 1))
-
-            row["copies_in_loop"] = count_copies(loop_only, device)
-            row["copies_whole_run"] = count_copies(one_run, device)
-        else:
-            reason = NO_CUDA if not cuda else "not measured (--no-profile)"
-            row["copies_in_loop"] = row["copies_whole_run"] = reason
-    return row, samples
-
-
-#################################################################################
-#                                  Results                                      #
-#################################################################################
-
-
-def finish(result: dict) -> None:
-    """Fill the derived columns of every row (idempotent: called after each new row)."""
-    from tcgraph.eval import psnr
-
-    rows = result["rows"]
-    full = {r["backend"]: r for r in rows if r["plan"] == "full"}
-    eager = full.get("eager")
-    for r in rows:
-        ref = full.get(r["backend"])
-        r["realized_speedup"] = ref["median_ms"] / r["median_ms"] if ref else None
-        r["realized_over_predicted"] = (r["realized_speedup"] / r["predicted_speedup"]
-                                        if r["realized_speedup"] is not None else None)
-        r["vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
-        ref_step = ref["step_ms"].get("v0", ref["step_ms"].get("eager")) if ref else None
-        for vid, s in r["step_ms"].items():
-            s["flop_fraction"] = r["flop_fraction"].get(vid, 1.0)
-            s["time_fraction"] = s["median_ms"] / ref_step["median_ms"] if ref_step else None
-        samples = result["_samples"]
-        mine, full_key, eager_key = samples.get((r["backend"], r["plan"])), (r["backend"], "full"), ("eager", "full")
-        if mine is None:  # a row merged from an earlier run keeps the values it was written with
-            continue
-        r["psnr_vs_full_db"] = psnr(mine, samples[full_key]) if r["plan"] != "full" and full_key in samples else None
-        r["psnr_full_vs_eager_db"] = psnr(mine, samples[eager_key]) \
-            if r["plan"] == "full" and r["backend"] != "eager" and eager_key in samples else None
-
-
-def _num(v, spec: str = ".2f") -> str:
-    return format(v, spec) if isinstance(v, (int, float)) else "–"
-
-
-def _copies(c) -> str:
-    if not isinstance(c, dict):
-        return str(c)
-    extra = "".join(f", {n} {k}" for k, n in c.items() if k not in ("HtoD", "DtoH", "DtoD"))
-    return f"{c['HtoD']} HtoD, {c['DtoH']} DtoH, {c['DtoD']} DtoD{extra}"
-
-
-def _part(skip: dict) -> str:
-    if skip["backend"] is None:
-        return ""
-    return f"{skip['backend']}{' × ' + skip['plan'] if skip['plan'] else ''}: "
-
-
-def format_table(result: dict) -> str:
-    c = result["config"]
-    settings = (f"{c['image_side']}x{c['image_side']} images (model input {c['input_size']}x{c['input_size']}, "
-                f"{c['tokens']} tokens), batch {c['batch']} with guidance {c['guidance']} ({c['model_batch']} "
-                f"rows), DDIM {c['steps']}, {c['dtype']}, median of {c['repeats']} runs after 1 warm-up; "
-                f"torch {c['versions']['torch']}, onnxruntime {c['versions']['onnxruntime']}, "
-                f"tensorrt {c['versions']['tensorrt']}.")
-    head = [f"# GPU benchmark: {c['model']} on {c['device_name']}", "", settings, "", f"`{c['command']}`"]
-    head += [f"merged with rows of: `{cmd}`" for cmd in c.get("merged_commands", [])] + [""]
-    cols = ["backend", "plan", "precision", "variants", "predicted x", "whole run ms", "realized x", "real/pred",
-            "vs eager x", "peak torch MiB", "device used MiB", "step ms by variant (steps)", "copies in loop",
-            "copies per run"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        steps = "; ".join(f"{vid} {s['median_ms']:.2f} ({s['steps']})" for vid, s in r["step_ms"].items())
-        vals = [r["backend"], r["plan"], r["precision"], str(r["variants"]), _num(r["predicted_speedup"]),
-                _num(r["median_ms"], ".1f"), _num(r["realized_speedup"]), _num(r["realized_over_predicted"]),
-                _num(r["vs_eager"]), _num(r["peak_torch_mib"], ".0f"), _num(r.get("device_used_mib"), ".0f"),
-                steps, _copies(r["copies_in_loop"]), _copies(r["copies_whole_run"])]
-        lines.append("| " + " | ".join(vals) + " |")
-    legend = ("Realized x: the same backend's `full` time / the plan's time; predicted x: FLOP ratio; "
-              "vs eager x: eager PyTorch `full` time / this row's time. Copies: CUDA memcpy events "
-              "(torch.profiler) in one sampling loop, and in one whole run (inputs in, sample out).")
-    tail = ["", legend]
-    if result["skipped"]:
-        tail += ["", "Not run:"] + [f"- {_part(s)}skipped: {s['reason']}" for s in result["skipped"]]
-    if result["failed"]:
-        tail += ["", "Failed:"] + [f"- {f['backend']} × {f['plan']}: {f['error']}" for f in result["failed"]]
-    tail += ["", result["quality_note"]]
-    return "\n".join(head + lines + tail) + "\n"
-
-
-def write_outputs(result: dict, out: Path) -> None:
-    finish(result)
-    public = {k: v for k, v in result.items() if not k.startswith("_")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(public, indent=1)), (".md", format_table(result))):
-        path = out.with_name(out.name + suffix)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-
-
-MERGE_KEYS = ("model", "weights", "image_side", "batch", "guidance", "steps", "dtype", "device_name", "seed")
-
-
-def merge_earlier(result: dict, out: Path, backends: list[str], specs: list[str]) -> None:
-    """Take over the rows (and skip/fail records) of an earlier run that this run does not redo."""
-    path = out.with_name(out.name + ".json")
-    if not path.is_file():
-        log(f"--merge: no {path} yet, nothing to merge")
-        return
-    earlier = json.loads(path.read_text())
-    mine, theirs = result["config"], earlier["config"]
-    differ = {k: (theirs.get(k), mine[k]) for k in MERGE_KEYS if theirs.get(k) != mine[k]}
-    if differ:
-        raise TcgraphError(f"--merge: {path} was measured with other settings ({differ}: earlier, now); "
-                           "write to another --out or drop --merge")
-    redo = {(b, p) for b in backends for p in specs}
-    kept = [r for r in earlier["rows"] if (r["backend"], r["plan"]) not in redo]
-    for r in kept:
-        r.setdefault("measured_by", theirs["command"])
-    result["rows"].extend(kept)
-    result["skipped"].extend(s for s in earlier["skipped"] if s["backend"] is not None and s["backend"] not in backends)
-    result["failed"].extend(f for f in earlier["failed"] if f["backend"] not in backends)
-    mine["merged_commands"] = theirs.get("merged_commands", []) + [theirs["command"]]
-    log(f"--merge: kept {len(kept)} rows of {path}")
-
-
-def versions() -> dict:
-    found = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import onnxruntime
-
-        found["onnxruntime"] = onnxruntime.__version__
-        found["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    except ImportError as e:
-        found["onnxruntime"] = f"not installed ({e})"
-    try:
-        import tensorrt
-
-        found["tensorrt"] = str(getattr(tensorrt, "__version__", "unknown (stub?)"))
-    except Exception as e:  # ImportError, or a stub package failing in its own way
-        found["tensorrt"] = f"not importable ({type(e).__name__})"
-    return found
+from tcgraph.export.artifact import Artifact  # noqa: E402
+from tcgraph.models.dit import DiT  # noqa: E402
+from tcgraph.plan import plan_flops  # noqa: E402
+from tcgraph.sampling import SamplerSettings, make_noise, sampler_for  # noqa: E402
 
 
 #################################################################################

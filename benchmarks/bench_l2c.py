@@ -30,17 +30,16 @@ from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.inspection.pictures import draw_heatmap  # noqa: E402
 from tcgraph.plan import plan_flops  # noqa: E402
-from tcgraph.sampling import SamplerSettings
+from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
 from tcgraph.plan.l2c import (  # noqa: E402
     DEFAULT_MAX_VARIANTS,
     L2CConfig,
     init_logits,
     make_l2c,
-    plan_error,
     recipes_for_target,
     soft_loss,
-    speedup_of,
 )
+from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 CAPS = (2, 3, 4, 6, 8, None)
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         cap = {} if args.max_variants is None else {"max_variants": args.max_variants or None}
         lcfg = L2CConfig(target_speedup=target, calib_images=args.calib_images, epochs=base.epochs, **cap)
         t0 = time.perf_counter()
-        plan = make_l2c(lcfg, model, settings, traj=traj)
+        plan = make_l2c(lcfg, cfg, settings, weights=model, traj=traj)
         train_s = time.perf_counter() - t0
         row = {"target": target, "train_s": train_s, **l2c_diagnostics(model, held, plan, args.out.parent)}
         print(json.dumps(row), flush=True)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     named = {}
     for spec in plans:
-        named[spec] = make_plan(spec, cfg, settings, weights=model, progress=_quiet_phase)
+        named[spec] = make_plan(spec, cfg, settings, weights=model)
     runner_opts = {"share_weights": not args.no_share_weights, "cpu_arena": not args.no_cpu_arena,
                    "allow_spinning": args.allow_spinning}
     if args.threads:
@@ -124,10 +124,6 @@ def with_baselines(cfg, settings: SamplerSettings, fora: str, learned: dict) -> 
     plans = {"full": make_plan("full", cfg, settings)}
     plans.update({f"fora:{n}": make_plan(f"fora:{n}", cfg, settings) for n in fora.split(",")})
     return {**plans, **learned}
-
-
-def _quiet_phase(desc: str, total: int):
-    return lambda: None
 
 
 def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[int], config: dict, *, seed: int = 0,

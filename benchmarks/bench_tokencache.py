@@ -39,24 +39,30 @@ from bench_plans import compare_plans, format_table, labels_for, with_baselines 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import Plan, plan_flops  # noqa: E402
-from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.combined import SHARES, CombinedConfig, make_combined, prune_recipes, skeleton_interval  # noqa: E402
+from tcgraph.plan.combined import (  # noqa: E402
+    SHARES,
+    CombinedConfig,
+    make_combined,
+    prune_to_target,
+    skeleton_interval,
+    token_floor,
+)
 from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
-from tcgraph.plan.l2c import L2CConfig, candidate_intervals, make_l2c, recipes_for_target  # noqa: E402
-from tcgraph.plan.tokencache import (  # noqa: E402
-    TokenCacheConfig,
-    _floor,
-    init_predictor,
+from tcgraph.plan.l2c import L2CConfig, make_l2c, recipes_for_target  # noqa: E402
+from tcgraph.plan.learning import candidate_intervals  # noqa: E402
+from tcgraph.plan.predictor import init_predictor  # noqa: E402
+from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, make_tokencache, to_dynamic  # noqa: E402
+from tcgraph.plan.tprr import (  # noqa: E402
+    keep_floor,
     layout_speedup,
-    learn_predictor,
-    make_tokencache,
-    select_blocks,
-    to_dynamic,
     tprr_candidates,
+    tprr_choices,
     tprr_layout,
     tprr_recipes,
 )
+from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 
 # TokenCache settings tried in order until a target is reachable: (min_keep, max_stale). Token
@@ -66,8 +72,6 @@ LADDER = ((0.25, 2), (0.1, 2), (0.1, 6), (0.0, 6))
 
 
 def tokencache_config(cfg, S, target, calib_images) -> TokenCacheConfig:
-    from tcgraph.errors import TcgraphError
-
     for min_keep, max_stale in LADDER:
         tcfg = TokenCacheConfig(target_speedup=target, min_keep=min_keep, max_stale=max_stale,
                                 calib_images=calib_images)
@@ -103,7 +107,7 @@ def ablations(model, held, tc: Plan, scores, tcfg: TokenCacheConfig) -> dict:
     out["random_tokens"] = [plan_error(model, held, tprr_recipes(
         init_predictor(S, cfg.depth, cfg.num_tokens, tcfg.keep_ratio, seed), keep, *tp, **kw)) for seed in (1, 2, 3)]
     slots = tprr_layout(S, *tp, tcfg.max_stale, tcfg.max_variants)
-    uk = uniform_keep(cfg, S, slots, _floor(cfg, tcfg.min_keep), p["target_speedup"])
+    uk = uniform_keep(cfg, S, slots, keep_floor(cfg, tcfg.min_keep), p["target_speedup"])
     if uk is not None:
         rec = tprr_recipes(scores, uk, *tp, **kw)
         out["uniform_pruning"] = {"keep": uk[0], "predicted_speedup": speedup_of(cfg, rec),
@@ -136,15 +140,16 @@ def learned_plans(model, settings, targets, calib_images, png_dir: Path) -> tupl
         t0 = time.perf_counter()
         xcfg = tokencache_config(model.config, settings.num_steps, x, calib_images)
         row["tokencache_settings"] = {"min_keep": xcfg.min_keep, "max_stale": xcfg.max_stale}
-        tc = make_tokencache(xcfg, model, settings, traj=traj, learned=learned)
+        tc = make_tokencache(xcfg, model.config, settings, weights=model, traj=traj, learned=learned)
         row["tokencache_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        l2c = make_l2c(L2CConfig(target_speedup=x, calib_images=calib_images), model, settings, traj=traj)
+        l2c = make_l2c(L2CConfig(target_speedup=x, calib_images=calib_images), model.config, settings,
+                       weights=model, traj=traj)
         row["l2c_s"] = time.perf_counter() - t0
         row["l2c"] = l2c_diagnostics(model, held, l2c, png_dir)
         t0 = time.perf_counter()
-        comb = make_combined(CombinedConfig(target_speedup=x, calib_images=calib_images), model, settings,
-                             traj=traj, learned=learned)
+        comb = make_combined(CombinedConfig(target_speedup=x, calib_images=calib_images), model.config, settings,
+                             weights=model, traj=traj, learned=learned)
         row["combined_s"] = time.perf_counter() - t0
         dyn = to_dynamic(tc)
         for name, plan in ((f"tokencache:{x}", tc), (f"dynamic:{x}", dyn), (f"l2c:{x}", l2c),
@@ -161,41 +166,47 @@ def learned_plans(model, settings, targets, calib_images, png_dir: Path) -> tupl
 
 
 def structural_plans(model, settings, targets) -> dict:
-    """Plans of the learned planners' shapes without learning (random models: speed only)."""
+    """Plans of the learned planners' shapes without learning (random models: speed only): the
+    planners' own scores-to-recipes functions on untrained scores and equal sensitivities."""
     cfg, S, n = model.config, settings.num_steps, model.config.num_tokens
     scores = init_predictor(S, cfg.depth, n, 0.5, 0)
     sens = [1.0] * cfg.depth
     plans = {}
     for x in targets:
         tcfg = tokencache_config(cfg, S, x, 48)
-        floor = _floor(cfg, tcfg.min_keep)
-        for tp in tprr_candidates(cfg, S, x, tcfg.min_keep, tcfg.max_stale, tcfg.max_variants):
-            try:
-                slots = tprr_layout(S, *tp, tcfg.max_stale, tcfg.max_variants)
-            except Exception:
-                continue
-            keep = select_blocks(sens, n, floor, lambda k, sl=slots: layout_speedup(cfg, S, sl, k), x)
-            if keep is not None:
-                break
-        tc = Plan(f"tokencache:{x}x", settings, tprr_recipes(scores, keep, *tp, max_stale=tcfg.max_stale,
-                                                            max_variants=tcfg.max_variants), n,
+        choices = tprr_choices(cfg, scores, sens, x, tprr_candidates(cfg, S, x, tcfg.min_keep, tcfg.max_stale,
+                                                                     tcfg.max_variants),
+                               min_keep=tcfg.min_keep, max_stale=tcfg.max_stale, max_variants=tcfg.max_variants)
+        c = next((c for c in choices if c.recipes is not None), None)  # the first reachable TPRR candidate
+        if c is None:
+            raise TcgraphError(f"no TPRR candidate reaches {x}x on {args_model(cfg)}")
+        tp, keep = c.tprr, c.keep
+        tc = Plan(f"tokencache:{x}x", settings, c.recipes, n,
                   {"b": tp[0], "K1": tp[1], "K2": tp[2], "keep_counts": keep, "structural": True,
                    "min_keep": tcfg.min_keep, "max_stale": tcfg.max_stale})
         probs = torch.rand(S, cfg.depth, 2, generator=torch.Generator().manual_seed(0))
         k = candidate_intervals(cfg, S, x)[0]
         l2c = Plan(f"l2c:{x}x", settings, recipes_for_target(cfg, probs, k, x, 6), n, {"interval": k})
-        floor = _floor(cfg, 0.25)  # the combined planner's default floor
+        ccfg = CombinedConfig(target_speedup=x)
+        floor = token_floor(n, ccfg.min_keep)
         for share in SHARES:  # the first share that reaches the target (the planner keeps the best)
-            base = recipes_for_target(cfg, probs, skeleton_interval(cfg, S, x, floor), x ** share, 6)
-            ck = select_blocks(sens, n, floor, lambda kk: speedup_of(cfg, prune_recipes(base, scores, kk)), x)
-            if ck is not None:
+            base = recipes_for_target(cfg, probs, skeleton_interval(cfg, S, x, floor), x ** share,
+                                      ccfg.max_variants)
+            pruned = prune_to_target(cfg, base, scores, sens, floor, x)
+            if pruned is not None:
                 break
-        comb = Plan(f"tokencache+l2c:{x}x", settings, prune_recipes(base, scores, ck), n,
-                    {"keep_counts": ck, "l2c_share": share})
+        if pruned is None:
+            raise TcgraphError(f"no L2C share reaches {x}x with token pruning on {args_model(cfg)}")
+        ck, comb_recipes = pruned
+        comb = Plan(f"tokencache+l2c:{x}x", settings, comb_recipes, n, {"keep_counts": ck, "l2c_share": share})
         for name, plan in ((f"tokencache:{x}", tc), (f"dynamic:{x}", to_dynamic(tc)), (f"l2c:{x}", l2c),
                            (f"tokencache+l2c:{x}", comb)):
             plans[name] = plan
     return plans
+
+
+def args_model(cfg) -> str:
+    return f"a {cfg.depth}-block model with {cfg.num_tokens} tokens"
 
 
 def main(argv: list[str] | None = None) -> dict:

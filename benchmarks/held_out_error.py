@@ -14,9 +14,9 @@ from pathlib import Path
 from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.plan import make_plan
-from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig
+from tcgraph.sampling import SamplerSettings
 
 
 def main(argv: list[str] | None = None) -> dict:

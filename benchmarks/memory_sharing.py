@@ -4,7 +4,9 @@
     python benchmarks/memory_sharing.py --model DiT-S/2 --variants 3 --out mem.json
 
 Exports `--variants` copies of the same full DiT graph (distinct ids; random weights, so
-that content deduplication cannot merge the adaLN-Zero zeros) into one artifact folder,
+that content deduplication cannot merge the adaLN-Zero zeros) into one artifact folder
+(its plan names N distinct recipes, so that the folder loads; every variant file holds the
+full graph, because what is measured is the memory of N sessions over one weights file),
 then, for share_weights in (True, False) and for 1 and N loaded variants, starts a
 fresh Python process that loads the artifact with `OrtRunner`, and reports:
 
@@ -61,15 +63,14 @@ def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, 
 
     art = load_artifact(Path(artifact_dir), verify_hashes=False)
     # A runner over the first n variants only: the same artifact with a shorter variant list.
-    manifest = {**art.manifest, "variants": art.manifest["variants"][:n]}
-    art = dataclasses.replace(art, manifest=manifest)
+    art = dataclasses.replace(art, variants=art.variants[:n])
     rng = np.random.default_rng(0)
     feeds = {}
-    for spec in manifest["variants"][0]["inputs"]:
-        if spec["dtype"] == "int64":
-            feeds[spec["name"]] = rng.integers(0, 10, size=spec["shape"]).astype(np.int64)
+    for spec in art.variants[0].inputs:
+        if spec.dtype == "int64":
+            feeds[spec.name] = rng.integers(0, 10, size=spec.shape).astype(np.int64)
         else:
-            feeds[spec["name"]] = rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
 
     before = proc_status()
     t0 = time.perf_counter()
@@ -105,14 +106,41 @@ def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, 
 #################################################################################
 
 
+def distinct_recipes_plan(cfg, n: int, batch: int):
+    """A plan with `n` distinct recipes (step 0 full, step i reuses one more branch), only so
+    that the folder of n copies of the full graph is a loadable artifact."""
+    from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+    from tcgraph.sampling import SamplerSettings
+
+    if n > 2 * cfg.depth + 1:
+        raise SystemExit(f"--variants {n}: at most {2 * cfg.depth + 1} distinct recipes for {cfg.depth} blocks")
+    branches = [(block, branch) for block in range(cfg.depth) for branch in range(2)]
+    recipes = []
+    for i in range(n):
+        reused = set(branches[:i])
+        recipes.append(Recipe(tuple(tuple(REUSE if (block, branch) in reused else COMPUTE for branch in range(2))
+                                    for block in range(cfg.depth))))
+    settings = SamplerSettings(num_steps=n, cfg_scale=1.0, batch=batch, resolution=cfg.input_size)
+    return Plan(planner="benchmark:memory_sharing", settings=settings, recipes=tuple(recipes),
+                num_tokens=cfg.num_tokens)
+
+
 def build_artifact(
     out: Path, model_name: str, n_variants: int, batch: int, input_size: int, seed: int
 ) -> tuple[Path, int, float]:
     import torch
 
     from tcgraph.export.artifact import write_artifact
-    from tcgraph.export.onnx import VariantGraph
+    from tcgraph.compile import VariantGraph
     from tcgraph.models.dit import build_model, randomize_weights
+    from tcgraph.progress import Progress, Phase
+
+    class Say(Progress):  # one line per tick, with the time since the export started
+        def phase(self, desc: str, total: int) -> Phase:
+            class _Say(Phase):
+                def tick(self, note: str = "") -> None:
+                    print(f"  [{time.perf_counter() - t0:6.1f}s] {desc}: {note}", flush=True)
+            return _Say()
 
     torch.manual_seed(seed)
     model = randomize_weights(build_model(model_name, input_size=input_size), seed=seed)
@@ -126,8 +154,8 @@ def build_artifact(
     variants = [VariantGraph(f"v{i}", gm, ["x", "t", "y"], ["out"], example) for i in range(n_variants)]
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     t0 = time.perf_counter()
-    write_artifact(out, model_config=cfg.to_dict(), plan={"benchmark": "memory_sharing"}, variants=variants,
-                   overwrite=True, progress=lambda m: print(f"  [{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
+    write_artifact(out, model_config=cfg, plan=distinct_recipes_plan(cfg, n_variants, batch), variants=variants,
+                   overwrite=True, progress=Say())
     return Path(out), params, time.perf_counter() - t0
 
 

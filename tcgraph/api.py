@@ -78,37 +78,20 @@ def transform(
     else:
         settings = SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch,
                                    resolution=dit.config.input_size)
-        phases: list = []
-
-        def phase(desc: str, total: int):
-            phases.append(prog.phase(desc, total))
-            return phases[-1].tick
-
-        try:
-            the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=phase, **options)
-        finally:
-            for p in phases:
-                p.close()
-    n = len(the_plan.variants())
-    bar = prog.phase("transform", (3 + (engines is not None)) * n)
-    tick = bar.tick
-    try:
-        variants = build_variants(dit, the_plan, check=check, progress=tick)
-        flops = plan_flops(dit.config, the_plan)
-        path = write_artifact(
-            out,
-            model_config=dit.config.to_dict(),
-            plan=the_plan.to_dict(),
-            variants=variants,
-            extra={"model": model_name, "flops": flops},
-            overwrite=force,
-            progress=tick,
-            verify=check,
-            state=dit.state_dict(),
-            engines=None if engines is None else functools.partial(engines, progress=tick),
-        )
-    finally:
-        bar.close()
+        the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=prog, **options)
+    variants = build_variants(dit, the_plan, check=check, progress=prog)
+    path = write_artifact(
+        out,
+        model_config=dit.config,
+        plan=the_plan,
+        variants=variants,
+        extra={"model": model_name, "flops": plan_flops(dit.config, the_plan)},
+        overwrite=force,
+        progress=prog,
+        verify=check,
+        state=dit.state_dict(),
+        engines=None if engines is None else functools.partial(engines, progress=prog),
+    )
     return path
 
 
@@ -121,7 +104,8 @@ def _engine_builder(backend: str, options: dict):
     if backend != "trt":
         raise TcgraphError(f"unknown transform backend {backend!r}; use 'onnx' (ONNX only) or 'trt' (ONNX and "
                            "TensorRT engines)")
-    from tcgraph.export.tensorrt import build_engines, cuda_device_info, import_tensorrt
+    from tcgraph.runtime.trt.build import build_engines
+    from tcgraph.runtime.trt.common import cuda_device_info, import_tensorrt
 
     import_tensorrt()  # TensorRT and a GPU checked now, before minutes of planning and export
     cuda_device_info()
@@ -129,6 +113,7 @@ def _engine_builder(backend: str, options: dict):
 
 
 def make_runner(backend: str, artifact: Any, **options):
+    """An (inactive) runner of `backend` ("ort", "torch", "trt") for an artifact; see tcgraph.runtime."""
     from tcgraph.runtime import make_runner as _make
 
     return _make(backend, artifact, **options)
@@ -184,8 +169,8 @@ def sample(
     from tcgraph.runtime.dispatch import ScheduleDispatcher
 
     art = load_artifact(Path(artifact))
-    plan = Plan.from_dict(art.plan)
-    cfg = DiTConfig(**art.model_config)
+    plan = art.plan
+    cfg = art.model_config
     s = plan.settings
     if batch is not None and batch != s.batch:
         raise TcgraphError(f"this artifact was built for batch {s.batch}, not {batch}; "

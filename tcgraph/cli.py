@@ -6,12 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import EXIT_INTERRUPTED, TcgraphError, UsageError
+
+BACKEND_CHOICES = ["ort", "torch", "trt"]
+PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from tcgraph.models.dit import CONFIGS
-    from tcgraph.plan import PLAN_HELP
+    from tcgraph.plan import PLAN_HELP, add_plan_arguments
 
     p = argparse.ArgumentParser(prog="tcgraph", description="Compile-time caching for diffusion transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,45 +30,30 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks (rewritten graphs vs eager, ONNX vs graphs)")
-    t.add_argument("--backend", choices=["onnx", "trt"], default="onnx",
-                   help="onnx (default: ONNX per variant, for the ort and torch backends) or trt (also build one "
-                        "TensorRT engine per variant; needs TensorRT and an NVIDIA GPU)")
-    t.add_argument("--precision", choices=["fp16", "bf16", "fp32"],
-                   help="TensorRT engine precision (default fp16)")
+    t.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
+                   help="the backend you will sample with: ort (default) and torch need only the ONNX files and "
+                        "torch programs every artifact has; trt also builds one TensorRT engine per variant "
+                        "(needs TensorRT and an NVIDIA GPU)")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="trt: TensorRT engine precision (default fp16)")
     t.add_argument("--strip-weights", action="store_true",
                    help="TensorRT: weight-stripped engines, refitted from weights.bin when loaded (no weight copy "
                         "per engine on disk)")
-    l2c = t.add_argument_group("learned plans (l2c, tokencache)")
-    l2c.add_argument("--target-speedup", type=float,
-                     help="FLOP-predicted speedup to learn a plan for (default: l2c 2, tokencache 1.5)")
-    l2c.add_argument("--lambda", dest="lam", type=float, help="λ of the router loss, instead of a target")
-    l2c.add_argument("--threshold", type=float,
-                     help="sigmoid(logit) above which a branch is computed (λ mode 0.5, imported routers 0.1)")
-    l2c.add_argument("--max-variants", type=int,
-                     help="cap on distinct step graphs (default: l2c 6, tokencache 8; 0 = no cap)")
-    l2c.add_argument("--interval", type=int, help="a full step every N steps (searched by default)")
-    l2c.add_argument("--router", type=Path, help="import a router file published with the L2C code")
-    l2c.add_argument("--calib-images", type=int, help="calibration images (default 48, a third of them held out)")
-    l2c.add_argument("--tprr", metavar="B,K1,K2",
-                     help="tokencache: TPRR schedule, a full step every K1 steps before step B, every K2 from B on "
-                          "(searched by default)")
-    l2c.add_argument("--keep-ratio", type=float,
-                     help="tokencache: share of tokens the Cache Predictor learns to keep (default 0.5)")
-    l2c.add_argument("--min-keep", type=float,
-                     help="tokencache: lowest keep ratio of a pruned block (default 0.25; 0 allows reusing blocks)")
+    add_plan_arguments(t.add_argument_group("plan options (each applies to the planners its help names)"))
 
     s = sub.add_parser("sample", help="sample images with an artifact folder")
     s.add_argument("artifact", type=Path)
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
     s.add_argument("--per-class", type=int, default=4, help="images per class; one grid row per class (default 4)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", choices=["ort", "torch", "trt"], default="ort",
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
                    help="ort (ONNX Runtime, the default), torch (the variant graphs in PyTorch; CUDA graphs on GPU) "
                         "or trt (TensorRT engines built by `transform --backend trt`)")
     s.add_argument("--device", choices=["cpu", "cuda"],
                    help="where to run (default: ort CUDA when onnxruntime-gpu can, else CPU; torch CPU; trt CUDA)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="torch backend precision (default float32 on CPU, bfloat16 on CUDA)")
+    s.add_argument("--precision", choices=PRECISIONS,
+                   help="torch backend precision (default fp32 on CPU, bf16 on CUDA); trt engines keep the "
+                        "precision they were built with")
     s.add_argument("--no-cuda-graphs", action="store_true", help="torch backend: run the graphs eagerly on CUDA")
     s.add_argument("--compile", action="store_true", help="torch backend: torch.compile each variant first")
     s.add_argument("--batch", type=int, help="check that the artifact was built for this batch")
@@ -87,9 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _runner_options(args) -> dict:
     """The sample options that belong to one backend; naming them for another is an error."""
-    chosen = {"share_weights": False if args.no_share_weights else None, "dtype": args.dtype,
+    chosen = {"share_weights": False if args.no_share_weights else None, "precision": args.precision,
               "cuda_graphs": False if args.no_cuda_graphs else None, "compile": True if args.compile else None}
-    owner = {"share_weights": ("ort", "--no-share-weights"), "dtype": ("torch", "--dtype"),
+    owner = {"share_weights": ("ort", "--no-share-weights"), "precision": ("torch", "--precision"),
              "cuda_graphs": ("torch", "--no-cuda-graphs"), "compile": ("torch", "--compile")}
     options = {}
     for key, value in chosen.items():
@@ -97,7 +85,7 @@ def _runner_options(args) -> dict:
             continue
         backend, flag = owner[key]
         if backend != args.backend:
-            raise TcgraphError(f"{flag} is an option of the {backend} backend, not of {args.backend}; "
+            raise UsageError(f"{flag} is an option of the {backend} backend, not of {args.backend}; "
                                f"add --backend {backend} or drop {flag}")
         options[key] = value
     return options
@@ -119,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _interrupt_on_sigterm()
     from tcgraph import api
+    from tcgraph.plan import plan_options
 
     progress = sys.stderr.isatty()
     try:
@@ -126,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                                  guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
                                  check=not args.no_check, progress=progress,
-                                 plan_options={k: getattr(args, k) for k in (
-                                     "target_speedup", "lam", "threshold", "max_variants", "interval", "router",
-                                     "calib_images", "tprr", "keep_ratio", "min_keep")},
+                                 plan_options=plan_options(args),
                                  backend=args.backend, engine_options={
                                      k: v for k, v in (("precision", args.precision),
                                                        ("strip_weights", args.strip_weights)) if v})
@@ -149,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
     except TcgraphError as e:
         print(f"tcgraph: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("tcgraph: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

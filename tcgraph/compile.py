@@ -1,26 +1,74 @@
 """Plan -> one checked static graph per variant.
 
-For each distinct recipe: capture the model, expand its blocks, rewrite with
-token_prune (branch_cache for compute/reuse and the cache I/O, then the partial and dynamic
-branches, dynamic ones with their input caches `cache.<l>.<branch>.in`),
-then run the rewritten graph and the eager reference (`reference_step`) on
-the same sample inputs; a disagreement stops the pipeline before anything is exported.
+For each distinct recipe of a plan: capture the model (its blocks as fx leaves, as its
+model adapter names them), expand the blocks, then run the rewrite passes of `PIPELINE`
+in order, each given the variant's `RewriteSpec` (the recipe, and the caches and input
+caches it writes, from the plan):
+
+    cache_io       graph inputs/outputs: `cache.<l>.<branch>` (and `….in` for dynamic branches)
+    reuse          a reused branch reads its cache input
+    token_prune    a partial branch recomputes its constant kept tokens
+    token_dynamic  a dynamic branch recomputes the k tokens per sample whose input changed most
+
+Then the rewritten graph and the eager reference (`reference_step`) run on the same
+sample inputs; a disagreement stops before anything is exported. A new action (for
+example `forecast`) is one more pass in `PIPELINE`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.fx as fx
+import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
-from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
+from tcgraph.models.adapter import adapter_for
+from tcgraph.names import OUT, is_cache
+from tcgraph.passes import (
+    RewriteSpec,
+    cache_io,
+    capture,
+    expand_blocks,
+    io_names,
+    reference_step,
+    reuse,
+    token_dynamic,
+    token_prune,
+)
 from tcgraph.plan.plan import Plan, Recipe
+from tcgraph.progress import QUIET, Progress
 
 CHECK_ATOL = 1e-4
 
+Pass = Callable[[fx.GraphModule, RewriteSpec], fx.GraphModule]
 
-def example_inputs(model: DiT, plan: Plan, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+# The rewrite passes, in the order they run. cache_io comes first: the others connect the
+# cache inputs it adds.
+PIPELINE: tuple[Pass, ...] = (cache_io, reuse, token_prune, token_dynamic)
+
+
+@dataclass
+class VariantGraph:
+    """One variant: a static fx graph and the names of its graph inputs and outputs.
+
+    `gm` takes its placeholders in the order of `input_names` and returns one tensor or
+    a tuple in the order of `output_names`. Names follow DESIGN.md ("Graph interface of
+    a variant"): `x`, `t`, `y`, then `cache.<block>.<branch>` inputs; `out`, then cache
+    outputs. `example_inputs` fixes the (static) shapes and is used to verify the export.
+    Defined here, where variants are made; export reads it as a structural type
+    (`tcgraph.export.onnx.ExportableVariant`) and checks it before exporting.
+    """
+
+    id: str
+    gm: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: dict[str, torch.Tensor] = field(repr=False)
+
+
+def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
     """Sample inputs with the plan's static shapes: noise, a mid timestep, labels incl. the null class."""
     cfg, s = model.config, plan.settings
     b = s.model_batch
@@ -31,32 +79,36 @@ def example_inputs(model: DiT, plan: Plan, names: list[str], seed: int = 0) -> d
         "y": torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g),
     }
     for name in names:
-        if name.startswith("cache."):
+        if is_cache(name):
             feeds[name] = torch.randn(b, cfg.num_tokens, cfg.hidden_size, generator=g)
     return {n: feeds[n] for n in names}
 
 
-def rewrite_variant(model: DiT, plan: Plan, recipe: Recipe) -> torch.fx.GraphModule:
-    """The pass pipeline for one recipe: capture -> expand_blocks -> token_prune (which runs
-    branch_cache for compute/reuse, then rewrites partial and dynamic branches; without them
-    it is branch_cache)."""
-    gm = capture(model).gm
-    gm = expand_blocks(gm)
-    return token_prune(gm, recipe, plan.writes(recipe), plan.input_writes(recipe))
+def rewrite(model: nn.Module, spec: RewriteSpec, pipeline: tuple[Pass, ...] = PIPELINE) -> fx.GraphModule:
+    """capture -> expand_blocks -> each pass of `pipeline`, for one variant."""
+    gm = expand_blocks(capture(model).gm)
+    for rewrite_pass in pipeline:
+        gm = rewrite_pass(gm, spec)
+    return gm
+
+
+def rewrite_variant(model: nn.Module, plan: Plan, recipe: Recipe) -> fx.GraphModule:
+    """The rewritten graph of `recipe` as a step of `plan` (it writes what later steps read)."""
+    return rewrite(model, RewriteSpec.of(plan, recipe))
 
 
 @torch.no_grad()
-def check_variant(model: DiT, gm: torch.fx.GraphModule, recipe: Recipe, feeds: dict[str, torch.Tensor],
+def check_variant(model: nn.Module, gm: fx.GraphModule, recipe: Recipe, feeds: dict[str, torch.Tensor],
                   atol: float = CHECK_ATOL) -> float:
     """Max abs difference between the rewritten graph and the eager reference, on every output."""
     inputs, outputs = io_names(gm)
     got = gm(*[feeds[n] for n in inputs])
     got = got if isinstance(got, tuple) else (got,)
-    caches = {n: v for n, v in feeds.items() if n.startswith("cache.")}
+    caches = {n: v for n, v in feeds.items() if is_cache(n)}
     ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], feeds["y"], recipe, caches, keep_inputs=True)
     worst = 0.0
     for name, value in zip(outputs, got):
-        ref = ref_out if name == "out" else fresh[name]
+        ref = ref_out if name == OUT else fresh[name]
         diff = (value - ref).abs().max().item()
         if not diff <= atol:
             raise TcgraphError(
@@ -67,16 +119,17 @@ def check_variant(model: DiT, gm: torch.fx.GraphModule, recipe: Recipe, feeds: d
     return worst
 
 
-def build_variants(model: DiT, plan: Plan, *, check: bool = True,
-                   progress: Callable[[str], None] | None = None) -> list:
-    """One `VariantGraph` per distinct recipe of `plan`, each checked against the eager reference."""
-    from tcgraph.export.onnx import VariantGraph
+def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
+                   progress: Progress = QUIET) -> list[VariantGraph]:
+    """One `VariantGraph` per distinct recipe of `plan`, each checked against the eager reference.
 
+    Reports one phase, `rewrite`, with one tick per variant."""
     model = model.eval()
-    if plan.depth != model.config.depth or plan.num_tokens != model.config.num_tokens:
+    dims = adapter_for(model).dims(model)
+    if plan.depth != dims.depth or plan.num_tokens != dims.num_tokens:
         raise TcgraphError(
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "
-            f"{model.config.depth} blocks x {model.config.num_tokens} tokens; make the plan for this model"
+            f"{dims.depth} blocks x {dims.num_tokens} tokens; make the plan for this model"
         )
     if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0:
         raise TcgraphError(
@@ -84,17 +137,20 @@ def build_variants(model: DiT, plan: Plan, *, check: bool = True,
             "class_dropout_prob=0 (no null class); use guidance 1 (--guidance 1)"
         )
     variants = []
-    for i, recipe in enumerate(plan.variants()):
-        vid = f"v{i}"
-        if progress:
-            progress(f"rewrite {vid}")
-        gm = rewrite_variant(model, plan, recipe)
-        inputs, outputs = io_names(gm)
-        expected = plan.variant_io(recipe)
-        if (inputs, outputs) != expected:
-            raise TcgraphError(f"variant {vid} has I/O {inputs}->{outputs}, the plan expects {expected[0]}->{expected[1]}")
-        feeds = example_inputs(model, plan, inputs, seed=i)
-        if check:
-            check_variant(model, gm, recipe, feeds)
-        variants.append(VariantGraph(id=vid, gm=gm, input_names=inputs, output_names=outputs, example_inputs=feeds))
+    recipes = plan.variants()
+    with progress.phase("rewrite", len(recipes)) as phase:
+        for i, recipe in enumerate(recipes):
+            vid = f"v{i}"
+            gm = rewrite_variant(model, plan, recipe)
+            inputs, outputs = io_names(gm)
+            expected = plan.variant_io(recipe)
+            if (inputs, outputs) != expected:
+                raise TcgraphError(
+                    f"variant {vid} has I/O {inputs}->{outputs}, the plan expects {expected[0]}->{expected[1]}")
+            feeds = example_inputs(model, plan, inputs, seed=i)
+            if check:
+                check_variant(model, gm, recipe, feeds)
+            variants.append(VariantGraph(id=vid, gm=gm, input_names=inputs, output_names=outputs,
+                                         example_inputs=feeds))
+            phase.tick(vid)
     return variants

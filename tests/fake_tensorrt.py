@@ -1,18 +1,17 @@
-"""A stand-in for the `tensorrt` module, and the marks for tests that need the real one.
+"""A stand-in for the `tensorrt` module's build and load path, and the marks for tests that need the real one.
 
 `fake_tensorrt()` records what the builder was asked (flags, workspace, the timing cache,
-the ONNX paths) and writes plans that its runtime executes on the CPU with the variants'
-fx graphs; `install_fake_cuda` fakes the few `torch.cuda` calls the TensorRT code makes.
-tests/export/test_tensorrt.py drives `build_engines` with them, tests/runtime/test_trt.py
-runs `TrtRunner` on them. Tests marked with `needs_real_tensorrt` build real engines and
-skip, with the reason, where TensorRT or a CUDA GPU is missing.
+the ONNX paths) and writes JSON plans whose engines report their I/O tensors, so that
+the loader (`EnginesFromArtifact`: deserialize, refit, check I/O) can read them back;
+`install_fake_gpu` fakes the `torch.cuda` device queries. tests/runtime/trt/test_build.py
+drives `build_engines` with them, tests/runtime/trt/test_loader.py the loader. The runner
+needs none of this: tests/runtime/trt/stand_ins.py hands it stand-in engines directly.
+Tests marked with `needs_real_tensorrt` build real engines and skip, with the reason,
+where TensorRT or a CUDA GPU is missing.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
-import math
 import sys
 import types
 from pathlib import Path
@@ -22,10 +21,8 @@ import pytest
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export.tensorrt import (
-    build_engines,
-    import_tensorrt,
-)
+from tcgraph.runtime.trt.build import build_engines
+from tcgraph.runtime.trt.common import import_tensorrt
 
 FAKE_GPU = {"name": "Fake GPU 80GB", "compute_capability": "9.0"}
 FAKE_VERSION = "10.3.0.26"
@@ -57,8 +54,6 @@ def needs_real_tensorrt(test):
 
 _NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
               "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
-_TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
-                 "INT32": torch.int32, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 
 
 class _Member:
@@ -125,27 +120,17 @@ def timestep_network(trt) -> tuple[list[FakeTensor], list[FakeLayer]]:
     return [x, t], layers
 
 
-def view_at(address: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor over the memory at `address` (what an engine reads and writes there)."""
-    count = math.prod(shape)
-    raw = (ctypes.c_char * (count * torch.empty((), dtype=dtype).element_size())).from_address(address)
-    return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)
-
-
 def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) -> types.ModuleType:
     """A module that answers the TensorRT 10 calls tcgraph makes, on the CPU.
 
-    Attributes the tests set or read: `programs` (variant id -> fx graph the "engine"
-    runs), `parse_errors`, `refit_fails`, `corrupt` (variant id -> (tensor, shape) an
-    engine reports wrongly), `builders`, `timing_caches`, `executions`, `refits`.
+    Attributes the tests set or read: `parse_errors`, `refit_fails`, `corrupt` (variant
+    id -> (tensor, shape) an engine reports wrongly), `builders`, `timing_caches`, `refits`.
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.__file__ = "<fake tensorrt>"
-    trt.programs, trt.parse_errors, trt.refit_fails, trt.corrupt = {}, [], False, {}
-    trt.builders, trt.timing_caches, trt.executions, trt.refits = [], [], [], []
-    trt.context_strategies = []  # the allocation strategy each execution context was created with
-    trt.capturing = None  # the fake CUDA graph being captured, if any
+    trt.parse_errors, trt.refit_fails, trt.corrupt = [], False, {}
+    trt.builders, trt.timing_caches, trt.refits = [], [], []
 
     class Logger:
         WARNING = "WARNING"
@@ -159,9 +144,8 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
     trt.BuilderFlag = types.SimpleNamespace(**{n: n for n in names})
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(
-        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED")
-    trt.DataType = types.SimpleNamespace(**{n: _Member(n) for n in _TRT_TO_TORCH})
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
+    trt.DataType = types.SimpleNamespace(**{n: _Member(n) for n in _NP_TO_TRT.values()})
     trt.float32, trt.float16 = trt.DataType.FLOAT, trt.DataType.HALF
     trt.LayerType = types.SimpleNamespace(**{n: n for n in ("UNARY", "CONSTANT", "CAST", "ELEMENTWISE", "SHUFFLE")})
     trt.UnaryOperation = types.SimpleNamespace(SIN="SIN", COS="COS", ABS="ABS")
@@ -276,14 +260,6 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
         def get_tensor_shape(self, name):
             return tuple(self.io[name][1])
 
-        @property
-        def device_memory_size_v2(self):  # activation bytes: differ per variant
-            return 1024 * (1 + len(self.names))
-
-        def create_execution_context(self, strategy=None):
-            trt.context_strategies.append(strategy)
-            return Context(self)
-
     class Runtime:
         def __init__(self, logger):
             pass
@@ -324,77 +300,13 @@ def fake_tensorrt(version: str = FAKE_VERSION, *, precision_flags: bool = True) 
         def get_error(self, k):
             return self.errors[k]
 
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.addresses, self.device_memory = engine, {}, None
-
-        def set_device_memory(self, address, size):
-            self.device_memory = (address, size)
-
-        def set_tensor_address(self, name, address):
-            if name not in self.engine.io:
-                return False
-            self.addresses[name] = address
-            return True
-
-        def execute_async_v3(self, stream):
-            trt.executions.append(self.engine.plan["id"])
-            if trt.capturing is not None:  # recorded into the graph, run on replay
-                trt.capturing.ops.append(self)
-                return True
-            return self.execute()
-
-        def execute(self) -> bool:
-            if self.engine.plan["stripped"] and self.engine.refitted_from is None:
-                return False  # a weight-stripped engine has no weights until refitted
-            views = {name: view_at(self.addresses[name], shape, _TRT_TO_TORCH[dtype])
-                     for name, (mode, shape, dtype) in self.engine.io.items()}
-            inputs = [views[n] for n, (mode, _, _) in self.engine.io.items() if mode == "INPUT"]
-            outputs = [n for n, (mode, _, _) in self.engine.io.items() if mode == "OUTPUT"]
-            with torch.no_grad():
-                result = trt.programs[self.engine.plan["id"]](*inputs)
-            result = result if isinstance(result, tuple) else (result,)
-            for name, value in zip(outputs, result):
-                views[name].copy_(value)
-            return True
-
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
     trt.Refitter, trt.OnnxParserRefitter = Refitter, OnnxParserRefitter
     return trt
 
 
-def install_fake_cuda(monkeypatch, trt, *, available: bool = True, gpu: dict = FAKE_GPU) -> None:
-    """Make torch.cuda answer like one GPU `gpu`, with streams and graphs that run on the CPU."""
-
-    class Stream:
-        cuda_stream = 0
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-        def synchronize(self):
-            pass
-
-    class Graph:
-        def __init__(self):
-            self.ops, self.replays = [], 0
-
-        def replay(self):
-            self.replays += 1
-            for op in self.ops:
-                assert op.execute()
-
-    @contextlib.contextmanager
-    def graph(g, pool=None, stream=None):
-        trt.capturing = g
-        try:
-            yield
-        finally:
-            trt.capturing = None
-
+def install_fake_gpu(monkeypatch, *, available: bool = True, gpu: dict = FAKE_GPU) -> None:
+    """Make the torch.cuda device queries answer like one GPU `gpu` (or none)."""
     major, minor = gpu["compute_capability"].split(".")
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "is_available", lambda: available)
@@ -402,24 +314,17 @@ def install_fake_cuda(monkeypatch, trt, *, available: bool = True, gpu: dict = F
     monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: (int(major), int(minor)))
     monkeypatch.setattr(cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "Stream", Stream)
-    monkeypatch.setattr(cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(cuda, "graph", graph)
-    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: object())
 
 
 def fake_engines(trt, **options):
     """An `engines=` callable for write_artifact: build_engines with `trt`, torch.cuda faked only
     meanwhile (the ONNX exporter must see the real torch.cuda)."""
 
-    def build(root, entries):
+    def build(root, entries, **more):
         with pytest.MonkeyPatch.context() as mp:
             mp.setitem(sys.modules, "tensorrt", trt)
-            install_fake_cuda(mp, trt)
-            return build_engines(root, entries, **options)
+            install_fake_gpu(mp)
+            return build_engines(root, entries, **options, **more)
 
     return build
 

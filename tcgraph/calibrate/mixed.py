@@ -10,18 +10,24 @@ superposition objective uses one `w` per token (shape `(N, 1)`). `w = 0.0` or `1
 as Python floats are the hard actions reuse and compute (the unused side is not computed),
 so the same function also evaluates a 0/1 plan. `used` is what the next step would find in
 the cache, which is how a chain of cache steps is relaxed.
+
+The block loop is the model adapter's (`tcgraph.models.adapter.run_blocks`), the same one
+the eager reference of the passes runs: this function only says what each branch contributes.
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from tcgraph.models.dit import DiT, modulate
+import torch
+import torch.nn as nn
+
+from tcgraph.models.adapter import run_blocks
 from tcgraph.names import cache_name
 
 Weight = float | torch.Tensor
 
 
-def mixed_step(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+def mixed_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                weights: dict[str, Weight], caches: dict[str, torch.Tensor]
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model evaluation with blended branches; returns (output, `used` value per branch).
@@ -29,21 +35,18 @@ def mixed_step(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     `weights` maps `cache.<l>.<branch>` to w (a branch not named computes, w = 1); a branch
     with w != 1 needs its entry in `caches`.
     """
-    h = model.x_embedder(x) + model.pos_embed
-    c = model.t_embedder(t) + model.y_embedder(y, False)
     used: dict[str, torch.Tensor] = {}
-    for l, block in enumerate(model.blocks):
-        mod = block.adaLN_modulation(c).chunk(6, dim=1)
-        for name, fn, norm, (shift, scale, gate) in (("attn", block.attn, block.norm1, mod[0:3]),
-                                                    ("mlp", block.mlp, block.norm2, mod[3:6])):
-            key = cache_name(l, name)
-            w = weights.get(key, 1.0)
-            if isinstance(w, float) and w == 0.0:
-                value = caches[key]
-            else:
-                fresh = fn(modulate(norm(h), shift, scale))
-                value = fresh if isinstance(w, float) and w == 1.0 else w * fresh + (1 - w) * caches[key]
-            used[key] = value
-            h = h + gate.unsqueeze(1) * value
-    h = model.final_layer(h, c)
-    return model.unpatchify(h), used
+
+    def branch(block: int, name: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor:
+        key = cache_name(block, name)
+        w = weights.get(key, 1.0)
+        if isinstance(w, float) and w == 0.0:
+            value = caches[key]
+        else:
+            fresh = fn(u())
+            value = fresh if isinstance(w, float) and w == 1.0 else w * fresh + (1 - w) * caches[key]
+        used[key] = value
+        return value
+
+    out = run_blocks(model, x, t, y, branch)
+    return out, used

@@ -1,4 +1,4 @@
-"""The artifact folder: everything `tcgraph transform` produces, written atomically.
+"""The artifact folder: everything `tcgraph transform` produces, written atomically, loaded typed.
 
 Layout (DESIGN.md, "Artifact folder")::
 
@@ -7,43 +7,49 @@ Layout (DESIGN.md, "Artifact folder")::
       plan.json              the plan, verbatim
       variants/<id>.onnx     one static graph per variant
       variants/weights.bin   every large initializer of every variant, once
+      variants/<id>.pt2      torch program per variant (`tcgraph.export.programs`), with the parameter map
+      engines/<id>.plan      TensorRT engines, when they were built
 
-The folder is built in a hidden sibling (`.<name>.tmp-<pid>-<random>`) and renamed into place
-only when complete, so an interrupted transform never leaves a half folder and never
-damages the folder it replaces. `load_artifact` refuses damaged or foreign folders with
-a message that says what to do.
+The folder is built in a hidden sibling and renamed into place only when complete
+(`tcgraph.export.folder`). `load_artifact` is the one reader of `manifest.json` (with the
+format's checks in `tcgraph.export.manifest`): it checks
+what is cheap (schema, hashes, the model config against its hash, the plan against the
+model and the variants) and returns an `Artifact` of typed parts — a `Plan`, a
+`DiTConfig`, `VariantSpec`s — so that no other module reads manifest keys.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
-import os
-import secrets
+import copy
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.version import __version__
-from tcgraph.export.onnx import WEIGHTS_PATH, VariantGraph, export_variants, file_sha256
+from tcgraph.export.folder import make_temporary, swap_into_place, utc_now, write_json
+from tcgraph.export.manifest import (
+    MANIFEST,
+    PLAN,
+    SCHEMA_VERSION,
+    check_agree,
+    check_files,
+    check_schema,
+    config_hash,
+    model_config_of,
+    plan_of,
+    read_json,
+)
+from tcgraph.export.onnx import WEIGHTS_PATH, ExportableVariant, export_each, file_sha256
+from tcgraph.export.programs import write_programs
+from tcgraph.export.specs import REDO, ParameterSpec, TensorSpec, VariantSpec, parameter_specs, variant_spec
 from tcgraph.export.weights import map_parameters
+from tcgraph.models.dit import DiTConfig
+from tcgraph.plan.plan import Plan
+from tcgraph.progress import QUIET, Phase, Progress
+from tcgraph.version import __version__
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-PLAN = "plan.json"
-
-
-def config_hash(model_config: dict) -> str:
-    """sha256 of the canonical JSON of a model config (sorted keys, no spaces)."""
-    text = json.dumps(model_config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
+__all__ = ["SCHEMA_VERSION", "Artifact", "ParameterSpec", "TensorSpec", "VariantSpec", "config_hash",
+           "load_artifact", "write_artifact"]
 
 #################################################################################
 #                                    Writing                                    #
@@ -53,27 +59,31 @@ def _utc_now() -> str:
 def write_artifact(
     out_dir: Path,
     *,
-    model_config: dict,
-    plan: dict,
-    variants: list[VariantGraph],
+    model_config: DiTConfig | dict,
+    plan: Plan | dict,
+    variants: Sequence[ExportableVariant],
     extra: dict | None = None,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = QUIET,
     opset: int | None = None,
     verify: bool = True,
     atol: float = 1e-4,
-    engines: Callable[[Path, list[dict]], dict] | None = None,
+    engines: Callable[[Path, list[VariantSpec]], dict] | None = None,
     state: dict | None = None,
 ) -> Path:
     """Export `variants` and write a complete artifact folder at `out_dir`; returns its path.
 
-    `opset`, `verify`, `atol` go to `export_variants`. `engines(folder, variant entries)`,
-    when given, builds backend engines into the (temporary) folder once the ONNX files are
-    written and returns their manifest section (`manifest["tensorrt"]`); the engine files
-    are hashed like every other file. `state` (the model's state dict) is located in (or
-    appended to) the shared weights file and mapped in `manifest["parameters"]`, so that
-    the `torch` backend can rebuild the model from the folder alone. An existing `out_dir` is replaced only with
-    `overwrite=True`, and only once the new folder is complete.
+    `model_config` and `plan` (typed, or their `to_dict()`) are checked first, as
+    `load_artifact` will check them: a folder that could not be loaded is never written.
+    `opset`, `verify`, `atol` go to the ONNX export. `state` (the model's state dict) is
+    located in (or appended to) the shared weights file and mapped under "parameters", and
+    every variant's torch program (`tcgraph.export.programs`, weights read through that
+    map) is listed under "programs", so that the `torch` backend runs from the folder
+    alone. `engines(folder, variant specs)`, when given, builds backend engines into the
+    (temporary) folder last and returns their manifest section ("tensorrt"). Every file is hashed. An existing
+    `out_dir` is replaced only with `overwrite=True`, and only once the new folder is
+    complete. `progress` gets one phase, "export": a tick per variant, then the parameter
+    map, the programs and the manifest (engine builders report on their own).
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
@@ -81,95 +91,108 @@ def write_artifact(
             f"the output folder {out_dir} already exists; pass overwrite=True (`--force` on the command line) "
             "to replace it, or choose another folder"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    config_dict = model_config.to_dict() if isinstance(model_config, DiTConfig) else model_config
+    plan_dict = plan.to_dict() if isinstance(plan, Plan) else plan
+    where, todo = f"cannot write {out_dir}", "pass the model's DiTConfig and a tcgraph Plan made for it"
+    typed_config, typed_plan = model_config_of(config_dict, where, todo), plan_of(plan_dict, where, todo)
+    check_agree(typed_plan, typed_config, [v.id for v in variants], where,
+                "pass one variant graph per variant of the plan, with the plan's ids (v0, v1, ...)")
+    progress = _as_progress(progress)
+    total = len(variants) + 2 * (state is not None) + 1
+    tmp = make_temporary(out_dir)
     try:
-        _write_json(tmp / PLAN, plan)
-        entries = export_variants(variants, tmp, opset=opset, verify=verify, atol=atol, progress=progress)
-        parameters = None
-        if state is not None:
-            onnx_paths = [tmp / e["file"] for e in entries]
-            parameters = map_parameters(tmp / WEIGHTS_PATH, onnx_paths, state)
-        engine_section = engines(tmp, entries) if engines is not None else None
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = path.relative_to(tmp).as_posix()
-            known = next((e["sha256"] for e in entries if e["file"] == rel), None)
-            files[rel] = known or file_sha256(path)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "tcgraph_version": __version__,
-            "model_config": model_config,
-            "model_config_hash": config_hash(model_config),
-            "plan": plan,
-            "variants": entries,
-            "weights": {"file": WEIGHTS_PATH, "bytes": (tmp / WEIGHTS_PATH).stat().st_size},
-            "files": files,
-            "created": _utc_now(),
-            "extra": extra or {},
-        }
-        if parameters is not None:
-            manifest["parameters"] = parameters
-        if engine_section is not None:
-            manifest["tensorrt"] = engine_section
-        _write_json(tmp / MANIFEST, manifest)
-        _swap_into_place(tmp, out_dir, overwrite)
+        with progress.phase("export", total) as phase:
+            _write_contents(tmp, config_dict, plan_dict, variants, extra, phase, opset, verify, atol, engines,
+                            state)
+        swap_into_place(tmp, out_dir, overwrite)
     except BaseException:  # KeyboardInterrupt too: never leave the half-built folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if progress:
-        progress(f"wrote {out_dir} ({len(entries)} variants)")
     return out_dir
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete hidden temporaries of `out_dir` left by a writer that was killed (SIGKILL, power
-    loss): their name carries the writer's pid, and a pid that no longer runs cannot finish."""
-    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise TcgraphError(f"cannot write {path.name}: its content is not plain JSON ({e}); pass dicts of "
-                           "str, int, float, bool, None, lists and dicts only") from e
-    path.write_text(text + "\n")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished folder to `out_dir`, moving an old one aside first."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    if not overwrite:  # appeared while we were exporting
-        raise TcgraphError(f"the output folder {out_dir} appeared while writing; pass overwrite=True to replace it")
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
+def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, phase: Phase, opset, verify,
+                    atol, engines, state) -> None:
+    write_json(tmp / PLAN, plan)
+    entries = export_each(variants, tmp, opset=opset, verify=verify, atol=atol, tick=phase.tick)
+    parameters = None
+    if state is not None:
+        parameters = map_parameters(tmp / WEIGHTS_PATH, [tmp / e["file"] for e in entries], state)
+        phase.tick("parameter map")
+    programs = None
+    if parameters is not None:  # a program file holds no weights: it reads them through the parameter map
+        specs = parameter_specs(parameters, "the parameter map")
+        programs = _checked_programs(write_programs(tmp, variants, specs), tmp)
+        phase.tick("torch programs")
+    if engines is not None:
+        specs = [variant_spec(e, "the exported variants", i) for i, e in enumerate(entries)]
+        engine_section = engines(tmp, specs)
     else:
-        old.unlink()
+        engine_section = None
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = path.relative_to(tmp).as_posix()
+        known = next((e["sha256"] for e in entries if e["file"] == rel), None)
+        files[rel] = known or file_sha256(path)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "tcgraph_version": __version__,
+        "model_config": model_config,
+        "model_config_hash": config_hash(model_config),
+        "plan": plan,
+        "variants": entries,
+        "weights": {"file": WEIGHTS_PATH, "bytes": (tmp / WEIGHTS_PATH).stat().st_size},
+        "files": files,
+        "created": utc_now(),
+        "extra": extra or {},
+    }
+    if parameters is not None:
+        manifest["parameters"] = parameters
+    if programs is not None:
+        manifest["programs"] = programs
+    if engine_section is not None:
+        manifest["tensorrt"] = engine_section
+    write_json(tmp / MANIFEST, manifest)
+    phase.tick(f"wrote {len(entries)} variants")
+
+
+def _checked_programs(programs, tmp: Path) -> dict[str, str]:
+    if not isinstance(programs, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in programs.items()):
+        raise TcgraphError(f"write_programs returned {programs!r}, not a map from variant ids to relative files; "
+                           "this is a bug in tcgraph.export.programs, please report it")
+    missing = [f for f in programs.values() if not (tmp / f).is_file()]
+    if missing:
+        raise TcgraphError(f"write_programs named files it did not write: {missing}; this is a bug in "
+                           "tcgraph.export.programs, please report it")
+    return dict(programs)
+
+
+class _CallbackProgress(Progress):
+    """TRANSITION (issue 17): a plain `progress(message)` callable, as callers passed before
+    `Progress`; remove once tcgraph/api.py passes a Progress."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+
+    def phase(self, desc: str, total: int) -> Phase:
+        say = self.say
+
+        class _Say(Phase):
+            def tick(self, note: str = "") -> None:
+                say(note)
+
+        return _Say()
+
+
+def _as_progress(progress) -> Progress:
+    if isinstance(progress, Progress):
+        return progress
+    if progress is None:
+        return QUIET
+    if callable(progress):
+        return _CallbackProgress(progress)
+    raise TcgraphError(f"progress must be a tcgraph.progress.Progress, got {type(progress).__name__}")
 
 
 #################################################################################
@@ -177,48 +200,87 @@ def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 #################################################################################
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Artifact:
-    """A loaded (and, by default, hash-checked) artifact folder."""
+    """A loaded (and, by default, hash-checked) artifact folder, typed.
+
+    `variants` are in export order. `parameters` is None for folders written without the
+    parameter map; `programs` (variant id -> relative file of its torch program) is {} for
+    folders written before programs existed. `tensorrt`, `flops` and `programs` return
+    copies: the artifact does not change once loaded.
+    """
 
     root: Path
-    manifest: dict
-    plan: dict
-    model_config: dict
-
-    @property
-    def variants(self) -> dict[str, dict]:
-        """Variant manifest entries by id, in export order."""
-        return {v["id"]: v for v in self.manifest["variants"]}
+    plan: Plan
+    model_config: DiTConfig
+    variants: tuple[VariantSpec, ...]
+    parameters: tuple[ParameterSpec, ...] | None = None
+    source_model: str | None = None
+    tcgraph_version: str = ""
+    model_config_hash: str = ""
+    schema_version: int = SCHEMA_VERSION
+    weights_file: str = WEIGHTS_PATH
+    files: dict[str, str] = field(default_factory=dict, repr=False)  # relative file -> sha256
+    created: str | None = None
+    programs_map: dict[str, str] = field(default_factory=dict, repr=False)
+    tensorrt_section: dict | None = field(default=None, repr=False)
+    extra: dict = field(default_factory=dict, repr=False)
+    raw_manifest: dict = field(default_factory=dict, repr=False)
 
     def variant_ids(self) -> list[str]:
-        return [v["id"] for v in self.manifest["variants"]]
+        return [v.id for v in self.variants]
 
-    def variant(self, vid: str) -> dict:
-        entries = self.variants
-        if vid not in entries:
-            raise TcgraphError(
-                f"unknown variant {vid!r} in {self.root}; available variants: {', '.join(entries)}"
-            )
-        return entries[vid]
+    def variant(self, vid: str) -> VariantSpec:
+        for v in self.variants:
+            if v.id == vid:
+                return v
+        raise TcgraphError(f"unknown variant {vid!r} in {self.root}; available variants: {', '.join(self.variant_ids())}")
 
     def io_names(self) -> dict[str, tuple[list[str], list[str]]]:
         """variant id -> (input names, output names), as runners take and return them."""
-        return {v["id"]: ([i["name"] for i in v["inputs"]], [o["name"] for o in v["outputs"]])
-                for v in self.manifest["variants"]}
+        return {v.id: (list(v.input_names), list(v.output_names)) for v in self.variants}
+
+    def file(self, relative: str) -> Path:
+        """`root / relative`, refusing a path that leaves the folder (absolute, `..`, a link out)."""
+        path = self.root / relative
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if Path(relative).is_absolute() or (resolved != root and root not in resolved.parents):
+            raise TcgraphError(f"{relative!r} lies outside the artifact folder {self.root}; name a file inside it")
+        return path
 
     def variant_path(self, vid: str) -> Path:
-        return self.root / self.variant(vid)["file"]
+        return self.file(self.variant(vid).file)
 
     @property
     def weights_path(self) -> Path:
-        return self.root / self.manifest.get("weights", {}).get("file", WEIGHTS_PATH)
+        return self.file(self.weights_file)
+
+    @property
+    def programs(self) -> dict[str, str]:
+        return dict(self.programs_map)
+
+    @property
+    def tensorrt(self) -> dict | None:
+        """The manifest's "tensorrt" section as the engine builder wrote it (a copy), or None."""
+        return copy.deepcopy(self.tensorrt_section)
+
+    @property
+    def flops(self) -> dict | None:
+        flops = self.extra.get("flops")
+        return copy.deepcopy(flops) if isinstance(flops, dict) else None
+
+    @property
+    def manifest(self) -> dict:
+        """TRANSITION (issue 17): the raw manifest (a copy), only while tcgraph/runtime still reads
+        keys; read the typed fields instead. Remove once nothing outside this module uses it."""
+        return copy.deepcopy(self.raw_manifest)
 
 
 def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
-    """Open an artifact folder; check its schema and (by default) every file's sha256."""
+    """Open an artifact folder; check its schema, files and (by default) every file's sha256,
+    then that the model config, the plan and the variants agree. Errors name the file."""
     root = Path(path)
-    redo = "re-run `tcgraph transform` to rebuild it"
     if not root.is_dir() or not (root / MANIFEST).is_file():
         if not root.exists():
             what = "does not exist"
@@ -228,49 +290,61 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
             f"{root} is not a tcgraph artifact folder (no manifest.json: it {what}); "
             "pass the folder written by `tcgraph transform`, or run `tcgraph transform` to make one"
         )
-    manifest = _read_json(root / MANIFEST, redo)
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int):
-        raise TcgraphError(f"{root / MANIFEST} has no integer schema_version; it was not written by tcgraph; {redo}")
-    if version > SCHEMA_VERSION:
-        raise TcgraphError(
-            f"{root} was written by a newer tcgraph (artifact schema {version}, "
-            f"tcgraph {manifest.get('tcgraph_version', '?')}); this tcgraph reads schema {SCHEMA_VERSION} and older: "
-            "upgrade tcgraph (pip install -U tcgraph) or re-run `tcgraph transform` with this version"
-        )
+    where = str(root / MANIFEST)
+    manifest = read_json(root / MANIFEST)
+    check_schema(manifest, root)
     for key, kind in (("files", dict), ("variants", list), ("model_config", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise TcgraphError(f"{root / MANIFEST} lacks a valid {key!r} entry; the folder is damaged; {redo}")
-
+            raise TcgraphError(f"{where} lacks a valid {key!r} entry; the folder is damaged; {REDO}")
     files: dict[str, str] = manifest["files"]
-    for entry in manifest["variants"]:
-        if entry.get("file") not in files:
-            raise TcgraphError(
-                f"variant {entry.get('id')!r} names file {entry.get('file')!r}, which manifest.json does not list; "
-                f"the folder is damaged; {redo}"
-            )
-    resolved_root = root.resolve()
-    for rel, expected in files.items():
-        file = (root / rel).resolve()
-        if resolved_root not in file.parents:
-            raise TcgraphError(
-                f"manifest.json lists {rel!r}, which lies outside {root}; the manifest is damaged; {redo}"
-            )
-        if not file.is_file():
-            raise TcgraphError(f"missing file: {rel} in {root}; the folder is damaged (incomplete copy?); {redo}")
-        if verify_hashes:
-            found = file_sha256(file)
-            if found != expected:
-                raise TcgraphError(
-                    f"hash mismatch: {rel} in {root} (expected sha256 {expected[:12]}…, found {found[:12]}…, "
-                    f"{file.stat().st_size} bytes); the file was edited or truncated: the folder is damaged, {redo}"
-                )
-    plan = _read_json(root / PLAN, redo) if (root / PLAN).is_file() else manifest.get("plan", {})
-    return Artifact(root=root, manifest=manifest, plan=plan, model_config=manifest["model_config"])
+    variants = tuple(variant_spec(e, where, i) for i, e in enumerate(manifest["variants"]))
+    programs = manifest.get("programs", {})
+    if not isinstance(programs, dict) or not all(isinstance(f, str) for f in programs.values()):
+        raise TcgraphError(f"{where}: 'programs' is not a map from variant ids to files; the folder is damaged; {REDO}")
+    for what, owner, rel in [*(("variant", v.id, v.file) for v in variants),
+                             *(("program of variant", vid, rel) for vid, rel in programs.items())]:
+        if rel not in files:
+            raise TcgraphError(f"{what} {owner!r} names file {rel!r}, which manifest.json does not list; "
+                               f"the folder is damaged; {REDO}")
+    check_files(root, files, verify_hashes)
 
+    raw_config = manifest["model_config"]
+    found = config_hash(raw_config)
+    if manifest.get("model_config_hash") != found:
+        raise TcgraphError(
+            f"{where}: model_config_hash {str(manifest.get('model_config_hash'))[:12]}… does not match its model "
+            f"config (sha256 {found[:12]}…); manifest.json was edited or damaged: {REDO}"
+        )
+    config = model_config_of(raw_config, where, f"the folder is damaged or not a DiT's; {REDO}")
+    plan_file = root / PLAN
+    plan_where = str(plan_file) if plan_file.is_file() else f"{where} ('plan')"
+    plan = plan_of(read_json(plan_file) if plan_file.is_file() else manifest.get("plan"), plan_where,
+                 f"the folder is damaged; {REDO}")
+    check_agree(plan, config, [v.id for v in variants], plan_where, f"the folder is inconsistent; {REDO}")
+    unknown = sorted(set(programs) - {v.id for v in variants})
+    if unknown:
+        raise TcgraphError(f"{where}: 'programs' names variants {unknown} that the folder does not have; {REDO}")
 
-def _read_json(path: Path, redo: str):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TcgraphError(f"cannot read {path}: {e}; the artifact folder is damaged; {redo}") from e
+    parameters = manifest.get("parameters")
+    extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
+    weights = manifest.get("weights") if isinstance(manifest.get("weights"), dict) else {}
+    section = manifest.get("tensorrt")
+    source = extra.get("model")
+    return Artifact(
+        root=root,
+        plan=plan,
+        model_config=config,
+        variants=variants,
+        parameters=None if parameters is None else parameter_specs(parameters, where),
+        source_model=None if source is None else str(source),
+        tcgraph_version=str(manifest.get("tcgraph_version", "unknown")),
+        model_config_hash=found,
+        schema_version=manifest["schema_version"],
+        weights_file=str(weights.get("file", WEIGHTS_PATH)),
+        files=dict(files),
+        created=manifest.get("created"),
+        programs_map=dict(programs),
+        tensorrt_section=copy.deepcopy(section) if isinstance(section, dict) else None,
+        extra=copy.deepcopy(extra),
+        raw_manifest=manifest,
+    )

@@ -29,9 +29,9 @@ import logging
 import re
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import onnx
@@ -39,6 +39,7 @@ import torch
 import torch.fx
 
 from tcgraph.errors import TcgraphError
+from tcgraph.progress import QUIET, Progress
 from tcgraph.export.weights import (  # noqa: F401  (re-exported: the public names of this module)
     EXTERNAL_MIN_BYTES,
     WEIGHTS_ALIGN,
@@ -62,71 +63,76 @@ _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #################################################################################
 
 
-@dataclass
-class VariantGraph:
-    """One variant: a static fx graph and the names of its graph inputs and outputs.
+@runtime_checkable
+class ExportableVariant(Protocol):
+    """What export reads of a variant: a static fx graph and the names of its graph I/O.
 
-    `gm` takes its placeholders in the order of `input_names` and returns one tensor or
-    a tuple in the order of `output_names`. Names follow DESIGN.md ("Graph interface of
-    a variant"): `x`, `t`, `y`, then `cache.<block>.<branch>` inputs; `out`, then cache
-    outputs. `example_inputs` fixes the (static) shapes and is used to verify the export.
+    A structural type, so that export does not import the compile layer that builds the
+    variants (`tcgraph.compile`). `gm` takes its placeholders in the order of
+    `input_names` and returns one tensor or a tuple in the order of `output_names`. Names
+    follow DESIGN.md ("Graph interface of a variant"): `x`, `t`, `y`, then
+    `cache.<block>.<branch>` inputs; `out`, then cache outputs. `example_inputs` fixes the
+    (static) shapes and is used to verify the export. `check_variant` checks all of it.
     """
 
     id: str
     gm: torch.fx.GraphModule
-    input_names: list[str]
-    output_names: list[str]
-    example_inputs: dict[str, torch.Tensor] = field(repr=False)
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    example_inputs: Mapping[str, torch.Tensor]
 
-    def __post_init__(self) -> None:
-        if not _ID_RE.fullmatch(self.id or ""):
-            raise TcgraphError(
-                f"variant id {self.id!r} cannot name a file; use letters, digits, '_', '-' or '.' (e.g. 'v0')"
-            )
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(self.input_names):
-            raise TcgraphError(
-                f"variant {self.id}: {len(self.input_names)} input names {self.input_names} given, "
-                f"but the graph has {len(placeholders)} placeholders {[n.name for n in placeholders]}; "
-                "pass one name per placeholder, in placeholder order"
-            )
-        for names, what in ((self.input_names, "input"), (self.output_names, "output")):
-            if len(set(names)) != len(names):
-                raise TcgraphError(f"variant {self.id}: duplicate {what} names in {names}; names must be unique")
-        missing = [n for n in self.input_names if n not in self.example_inputs]
-        unknown = [n for n in self.example_inputs if n not in self.input_names]
-        if missing or unknown:
-            raise TcgraphError(
-                f"variant {self.id}: example_inputs must have exactly the input names {self.input_names}; "
-                f"missing {missing}, unknown {unknown}"
-            )
 
-    def onnx_output_names(self) -> list[str]:
-        """ONNX names of the outputs: a name that is also an input gets OUTPUT_SUFFIX.
+def check_variant(v: ExportableVariant) -> None:
+    """Refuse a variant whose id cannot name a file or whose names do not match its graph."""
+    if not _ID_RE.fullmatch(v.id or ""):
+        raise TcgraphError(
+            f"variant id {v.id!r} cannot name a file; use letters, digits, '_', '-' or '.' (e.g. 'v0')"
+        )
+    placeholders = [n for n in v.gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(v.input_names):
+        raise TcgraphError(
+            f"variant {v.id}: {len(v.input_names)} input names {list(v.input_names)} given, "
+            f"but the graph has {len(placeholders)} placeholders {[n.name for n in placeholders]}; "
+            "pass one name per placeholder, in placeholder order"
+        )
+    for names, what in ((v.input_names, "input"), (v.output_names, "output")):
+        if len(set(names)) != len(names):
+            raise TcgraphError(f"variant {v.id}: duplicate {what} names in {list(names)}; names must be unique")
+    missing = [n for n in v.input_names if n not in v.example_inputs]
+    unknown = [n for n in v.example_inputs if n not in v.input_names]
+    if missing or unknown:
+        raise TcgraphError(
+            f"variant {v.id}: example_inputs must have exactly the input names {list(v.input_names)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
 
-        ONNX defines each value once, so a cache read and rewritten by the same variant
-        (`cache.3.mlp` in and out) cannot keep its name on the output side. The manifest
-        records both (`name`, `onnx_name`); runners return outputs by `name`.
-        """
-        taken = set(self.input_names) | set(self.output_names)
-        result = []
-        for name in self.output_names:
-            onnx_name = name
-            while onnx_name in self.input_names or (onnx_name != name and onnx_name in taken):
-                onnx_name += OUTPUT_SUFFIX
-            taken.add(onnx_name)
-            result.append(onnx_name)
-        return result
+
+def onnx_output_names(v: ExportableVariant) -> list[str]:
+    """ONNX names of the outputs: a name that is also an input gets OUTPUT_SUFFIX.
+
+    ONNX defines each value once, so a cache read and rewritten by the same variant
+    (`cache.3.mlp` in and out) cannot keep its name on the output side. The manifest
+    records both (`name`, `onnx_name`); runners return outputs by `name`.
+    """
+    taken = set(v.input_names) | set(v.output_names)
+    result = []
+    for name in v.output_names:
+        onnx_name = name
+        while onnx_name in v.input_names or (onnx_name != name and onnx_name in taken):
+            onnx_name += OUTPUT_SUFFIX
+        taken.add(onnx_name)
+        result.append(onnx_name)
+    return result
 
 
 def export_variants(
-    variants: list[VariantGraph],
+    variants: Sequence[ExportableVariant],
     out_dir: Path,
     *,
     opset: int | None = None,
     verify: bool = True,
     atol: float = 1e-4,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = QUIET,
 ) -> list[dict]:
     """Export `variants` to `out_dir/variants/<id>.onnx` sharing `out_dir/variants/weights.bin`.
 
@@ -134,27 +140,43 @@ def export_variants(
     name, shape, dtype; outputs also `onnx_name`), opset, external_initializers (the
     canonical names it reads from the weights file) and max_abs_diff (ONNX Runtime vs
     `gm`, None when `verify` is False). Raises TcgraphError when a variant cannot be
-    exported or differs from its graph by more than `atol`.
+    exported or differs from its graph by more than `atol`. `progress` gets one phase,
+    "export", with one tick per variant.
     """
+    with progress.phase("export", len(variants)) as phase:
+        return export_each(variants, out_dir, opset=opset, verify=verify, atol=atol, tick=phase.tick)
+
+
+def export_each(
+    variants: Sequence[ExportableVariant],
+    out_dir: Path,
+    *,
+    opset: int | None,
+    verify: bool,
+    atol: float,
+    tick: Callable[[str], None],
+) -> list[dict]:
+    """`export_variants` calling `tick(note)` once per variant, so that a caller with more
+    work in the same progress phase (`write_artifact`) can share it."""
     out_dir = Path(out_dir)
     ids = [v.id for v in variants]
     if not variants:
-        raise TcgraphError("export_variants was given no variants; pass at least one VariantGraph")
+        raise TcgraphError("export_variants was given no variants; pass at least one variant graph")
+    for v in variants:
+        check_variant(v)
     if len(set(ids)) != len(ids):
         raise TcgraphError(f"variant ids must be unique, got {ids}")
-    say = progress or (lambda _msg: None)
 
     variants_dir = out_dir / VARIANTS_DIR
     variants_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / _SCRATCH_DIR
     # No initializer may be renamed to a graph input/output name of any variant.
-    reserved = {n for v in variants for n in (*v.input_names, *v.onnx_output_names())}
+    reserved = {n for v in variants for n in (*v.input_names, *onnx_output_names(v))}
     namer = CanonicalNames(reserved)
     entries = []
     try:
         with WeightsFile(variants_dir / WEIGHTS_FILE) as weights:
-            for i, v in enumerate(variants):
-                say(f"exporting variant {v.id} ({i + 1}/{len(variants)})")
+            for v in variants:
                 scratch.mkdir(parents=True, exist_ok=True)
                 raw_path = scratch / f"{v.id}.onnx"
                 _torch_export(v, raw_path, opset)
@@ -169,7 +191,9 @@ def export_variants(
                 entry = _entry(v, path, out_dir, used)
                 if verify:
                     entry["max_abs_diff"] = _verify(v, path, entry, atol)
-                    say(f"verified variant {v.id}: max abs diff {entry['max_abs_diff']:.3g} (atol {atol:g})")
+                    tick(f"verified variant {v.id}: max abs diff {entry['max_abs_diff']:.3g} (atol {atol:g})")
+                else:
+                    tick(f"exported variant {v.id}")
                 entries.append(entry)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -207,9 +231,9 @@ def _eval_mode(module: torch.nn.Module):
             m.training = training
 
 
-def _torch_export(v: VariantGraph, path: Path, opset: int | None) -> None:
+def _torch_export(v: ExportableVariant, path: Path, opset: int | None) -> None:
     args = tuple(v.example_inputs[n] for n in v.input_names)
-    onnx_outputs = v.onnx_output_names()
+    onnx_outputs = onnx_output_names(v)
     try:
         with _quiet_exporter(), _eval_mode(v.gm), torch.no_grad():
             torch.onnx.export(
@@ -263,7 +287,7 @@ def _io_entry(value: onnx.ValueInfoProto) -> tuple[list[int], str]:
     return shape, str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
 
 
-def _entry(v: VariantGraph, path: Path, out_dir: Path, used: list[str]) -> dict:
+def _entry(v: ExportableVariant, path: Path, out_dir: Path, used: list[str]) -> dict:
     try:
         onnx.checker.check_model(str(path))  # path form: checks the external data too
     except Exception as e:
@@ -297,7 +321,7 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _verify(v: VariantGraph, path: Path, entry: dict, atol: float) -> float:
+def _verify(v: ExportableVariant, path: Path, entry: dict, atol: float) -> float:
     """Run the exported file with ONNX Runtime (CPU) and compare with the fx graph."""
     import onnxruntime as ort
 

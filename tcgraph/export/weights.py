@@ -9,6 +9,7 @@ exporter folds transposes and numbers new constants differently in every variant
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,10 +17,14 @@ import numpy as np
 import onnx
 import torch
 
+from tcgraph.errors import TcgraphError
+from tcgraph.export.specs import parameter_specs
+
 
 WEIGHTS_FILE = "weights.bin"  # inside the variants folder, beside the .onnx files that read it
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the shared file
 WEIGHTS_ALIGN = 64  # byte alignment of every tensor in the shared file (cache lines, mmap)
+REDO = "re-run `tcgraph transform` to rebuild it"
 
 # torch dtype -> ONNX TensorProto data type, for hashing parameters the way ONNX stores them.
 _ONNX_DTYPE = {
@@ -34,6 +39,10 @@ _ONNX_DTYPE = {
     torch.uint8: onnx.TensorProto.UINT8,
     torch.bool: onnx.TensorProto.BOOL,
 }
+
+
+_TORCH_DTYPE = {str(d).removeprefix("torch."): d for d in _ONNX_DTYPE}
+_DTYPE_NAMES = tuple(_TORCH_DTYPE)
 
 
 class ExternalTensor(NamedTuple):
@@ -51,7 +60,11 @@ def read_external_initializers(onnx_path: Path) -> dict[str, ExternalTensor]:
 
     Reads only the (small) graph proto, never the weights.
     """
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, OSError: a truncated or foreign file
+        raise TcgraphError(f"cannot read the ONNX file {onnx_path}: {type(e).__name__}: {e}; the artifact folder "
+                           f"is damaged; {REDO}") from e
     result = {}
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
@@ -59,13 +72,19 @@ def read_external_initializers(onnx_path: Path) -> dict[str, ExternalTensor]:
         info = {e.key: e.value for e in init.external_data}
         if info.get("location") != WEIGHTS_FILE:
             continue
-        result[init.name] = ExternalTensor(
-            name=init.name,
-            offset=int(info.get("offset", 0)),
-            length=int(info["length"]),
-            dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)),
-            shape=tuple(int(d) for d in init.dims),
-        )
+        try:
+            result[init.name] = ExternalTensor(
+                name=init.name,
+                offset=int(info.get("offset", 0)),
+                length=int(info["length"]),
+                dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)),
+                shape=tuple(int(d) for d in init.dims),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise TcgraphError(
+                f"{onnx_path}: initializer {init.name} points into {WEIGHTS_FILE} without a valid offset and length "
+                f"({type(e).__name__}: {e}); the artifact folder is damaged; {REDO}"
+            ) from e
     return result
 
 
@@ -314,7 +333,11 @@ def map_parameters(weights_path: Path, onnx_paths: list[Path], state: dict[str, 
             for form, transposed in forms:
                 key = _tensor_key(form)
                 if key is None:
-                    raise ValueError(f"cannot store {name}: dtype {tensor.dtype} has no ONNX equivalent")
+                    raise TcgraphError(
+                        f"cannot store the model tensor {name} in {weights_path.name}: its dtype "
+                        f"{str(tensor.dtype).removeprefix('torch.')} has no ONNX equivalent (supported: "
+                        f"{', '.join(_DTYPE_NAMES)}); convert the model first (e.g. `model.float()`)"
+                    )
                 if key in stored:
                     found = (*stored[key], transposed)
                     break
@@ -331,20 +354,38 @@ def map_parameters(weights_path: Path, onnx_paths: list[Path], state: dict[str, 
     return result
 
 
-def load_parameters(weights_path: Path, entries: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """The model tensors `map_parameters` recorded, read from the weights file (CPU, own memory)."""
+def load_parameters(weights_path: Path, entries) -> dict[str, torch.Tensor]:
+    """The model tensors `map_parameters` recorded, read from the weights file (CPU, own memory).
+
+    `entries` are the `ParameterSpec`s of a loaded artifact (`Artifact.parameters`), or the
+    manifest's raw `{name: {offset, length, dtype, shape, transposed}}` map. A tensor that
+    does not fit the file (a truncated or foreign weights file) is refused by name.
+    """
+    specs = parameter_specs(entries, str(weights_path)) if isinstance(entries, Mapping) else tuple(entries)
     file_size = weights_path.stat().st_size
     data = np.memmap(weights_path, dtype=np.uint8, mode="r") if file_size else np.zeros(0, np.uint8)
     state = {}
-    for name, e in entries.items():
-        shape = list(e["shape"])
-        if e["transposed"]:
-            shape = shape[::-1]
-        end = e["offset"] + e["length"]
-        if end > file_size:
-            raise ValueError(f"{name} ends at byte {end} but {weights_path.name} has {file_size} bytes")
-        dtype = getattr(torch, e["dtype"])
-        raw = torch.from_numpy(np.array(data[e["offset"]:end]))
-        t = raw.view(dtype).reshape(shape)
-        state[name] = t.t().contiguous() if e["transposed"] else t
+    for spec in specs:
+        end = spec.offset + spec.length
+        if spec.offset < 0 or end > file_size:
+            raise TcgraphError(
+                f"the model tensor {spec.name} lies at bytes {spec.offset}..{end} but {weights_path} has {file_size} "
+                f"bytes; the folder is damaged (a truncated weights file, or one from another folder); {REDO}"
+            )
+        dtype = _TORCH_DTYPE.get(spec.dtype)
+        if dtype is None:
+            raise TcgraphError(
+                f"the model tensor {spec.name} has dtype {spec.dtype!r}, which this tcgraph cannot read (supported: "
+                f"{', '.join(_DTYPE_NAMES)}); the folder is damaged or from a newer tcgraph; {REDO}"
+            )
+        shape = list(spec.shape)[::-1] if spec.transposed else list(spec.shape)
+        raw = torch.from_numpy(np.array(data[spec.offset:end]))
+        try:
+            t = raw.view(dtype).reshape(shape)
+        except RuntimeError as e:
+            raise TcgraphError(
+                f"the model tensor {spec.name} ({spec.length} bytes of {spec.dtype}) does not have the shape "
+                f"{list(spec.shape)}: {e}; the folder is damaged; {REDO}"
+            ) from e
+        state[spec.name] = t.t().contiguous() if spec.transposed else t
     return state

@@ -331,4 +331,4 @@ def write_pictures(path: str | Path, out_dir: str | Path, *, variant: str | None
     if out.resolve() == root or root in out.resolve().parents:
         raise TcgraphError(f"{out} lies inside the artifact folder {art.root}; inspect never writes there: "
                            "choose another --out folder")
-    return write_plan_pictures(Plan.from_dict(art.plan), out, variant=variant)
+    return write_plan_pictures(art.plan, out, variant=variant)

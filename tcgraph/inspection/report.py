@@ -7,10 +7,15 @@ Never writes into the artifact folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tcgraph.errors import TcgraphError
-from tcgraph.plan.plan import Plan, Recipe
+from tcgraph.models.dit import DiTConfig
 from tcgraph.names import BRANCHES
+from tcgraph.plan.plan import Plan, Recipe
+
+if TYPE_CHECKING:
+    from tcgraph.export.artifact import Artifact
 
 SCHEDULE_RUNS = 20  # runs of the compact schedule printed before "… (n more runs)"
 
@@ -97,13 +102,15 @@ def step_position(plan: Plan, step: int) -> dict:
     }
 
 
-def inspect_plan(plan: Plan, model_config: dict | None = None, *, variant: str | None = None,
+def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, variant: str | None = None,
                  step: int | None = None) -> dict:
-    """The plan-level part of `inspect_artifact` for a Plan object (no ONNX files needed)."""
-    from tcgraph.models.dit import DiTConfig
+    """The plan-level part of `inspect_artifact` for a Plan object (no ONNX files needed);
+    `model_config` (a DiTConfig or its dict) adds the FLOP counts."""
     from tcgraph.plan.flops import plan_flops
 
-    flops = plan_flops(DiTConfig(**model_config), plan) if model_config is not None else None
+    if isinstance(model_config, dict):
+        model_config = DiTConfig(**model_config)
+    flops = plan_flops(model_config, plan) if model_config is not None else None
     schedule = plan.schedule()
     variants = []
     for i, recipe in enumerate(plan.variants()):
@@ -184,23 +191,19 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
     """
     from tcgraph.export.artifact import load_artifact
 
-    art = load_artifact(Path(path), verify_hashes=verify)
-    try:
-        plan = Plan.from_dict(art.plan)
-    except TcgraphError as e:
-        raise TcgraphError(f"{art.root}: plan.json cannot be read ({e}); re-run `tcgraph transform`") from None
+    art = load_artifact(Path(path), verify_hashes=verify)  # typed: the plan and the model are checked there
+    plan = art.plan
     info = inspect_plan(plan, art.model_config, variant=variant, step=step)
     manifest_ids = art.variant_ids()
     info["path"] = str(art.root)
-    info["model"] = {**art.model_config, "source": art.manifest.get("extra", {}).get("model"),
-                     "num_tokens": plan.num_tokens}
-    info["tcgraph_version"] = art.manifest.get("tcgraph_version")
+    info["model"] = {**art.model_config.to_dict(), "source": art.source_model, "num_tokens": plan.num_tokens}
+    info["tcgraph_version"] = art.tcgraph_version
     weights = art.weights_path
     info["weights"] = {"file": str(weights.relative_to(art.root)),
                        "bytes": weights.stat().st_size if weights.is_file() else 0}
     onnx_bytes = {vid: art.variant_path(vid).stat().st_size for vid in manifest_ids}
     for v in info["variants"]:
-        v["file"] = art.variants[v["id"]]["file"] if v["id"] in art.variants else None
+        v["file"] = art.variant(v["id"]).file if v["id"] in manifest_ids else None
         v["onnx_bytes"] = onnx_bytes.get(v["id"])
     info["engines"] = _engines(art)
     if "focus" in info:
@@ -209,17 +212,17 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
     return info
 
 
-def _engines(art) -> dict:
+def _engines(art: Artifact) -> dict:
     folder = art.root / "engines"
     files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    settings = art.manifest.get("tensorrt") or {}  # written by `transform --backend trt`
+    settings = art.tensorrt or {}  # written by `transform --backend trt`
     backend = "tensorrt" if settings else None
     if files and backend is None:
         backend = "tensorrt" if any(f.endswith((".plan", ".engine")) for f in files) else "unknown"
-    return {"files": files, "backend": backend, "settings": settings if isinstance(settings, dict) else {}}
+    return {"files": files, "backend": backend, "settings": settings}
 
 
-def _graph_focus(art, vid: str, base: str) -> dict:
+def _graph_focus(art: Artifact, vid: str, base: str) -> dict:
     from tcgraph.inspection.graph import diff_graphs
 
     graph = _read_named(art, vid)
@@ -232,11 +235,11 @@ def _graph_focus(art, vid: str, base: str) -> dict:
     return out
 
 
-def _read_named(art, vid: str):
+def _read_named(art: Artifact, vid: str):
     """Node table with output names mapped back from ONNX names (`cache.3.mlp.new`)."""
     from tcgraph.inspection.graph import read_variant_graph
 
     graph = read_variant_graph(art.variant_path(vid))
-    names = {o.get("onnx_name", o["name"]): o["name"] for o in art.variant(vid).get("outputs", [])}
+    names = {o.onnx_name: o.name for o in art.variant(vid).outputs}
     graph.outputs = {names.get(k, k): v for k, v in graph.outputs.items()}
     return graph

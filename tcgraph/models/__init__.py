@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError
+from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
 from tcgraph.models.checkpoint import (
     config_candidates,
     config_argument,
@@ -127,6 +128,8 @@ __all__ = [
     "PRETRAINED",
     "DiT",
     "DiTConfig",
+    "ModelAdapter",
+    "adapter_for",
     "build_model",
     "check_class_ids",
     "infer_config",
@@ -134,5 +137,7 @@ __all__ = [
     "load_model",
     "load_state_dict_file",
     "make_config",
+    "register_adapter",
+    "run_blocks",
     "save_checkpoint",
 ]

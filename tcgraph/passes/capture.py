@@ -1,9 +1,10 @@
-"""Capture: trace a DiT with torch.fx so that each transformer block is one call_module node.
+"""Capture: trace a model with torch.fx so that each transformer block is one call_module node.
 
-The block table records, for every block node, what later passes need: its order, its
-module path, hidden size, token count and head count. Which module classes are blocks
-and which are their branches is a registry (`BLOCK_TYPES`), not an isinstance chain in
-the passes, so another DiT family only registers its classes.
+Which module class is a block, and where the blocks are, is the model adapter's to say
+(`tcgraph.models.adapter`): capture refuses a model without one. The block table records,
+for every block node, what later passes need: its order, its module path, hidden size,
+token count and head count. The adapter is kept on the graph (`gm.meta`, see
+`tcgraph.passes.meta`) for the passes that follow.
 """
 from __future__ import annotations
 
@@ -13,15 +14,8 @@ import torch
 import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import Attention, DiT, DiTBlock, Mlp
-
-# block class -> {branch module attribute: branch name}
-BLOCK_TYPES: dict[type, dict[str, str]] = {DiTBlock: {"attn": "attn", "mlp": "mlp"}}
-BRANCH_TYPES: dict[type, str] = {Attention: "attn", Mlp: "mlp"}
-
-META_BLOCK = "tcgraph.block"  # int: block index of a node
-META_BRANCH = "tcgraph.branch"  # "attn" | "mlp" on the branch's call_module node
-META_IO_NAME = "tcgraph.io_name"  # graph input/output names ("x", "cache.3.attn", …)
+from tcgraph.models.adapter import ModelAdapter, adapter_for
+from tcgraph.passes.meta import META_ADAPTER, META_BLOCK, META_IO_NAME
 
 
 @dataclass(frozen=True)
@@ -38,6 +32,7 @@ class BlockInfo:
 class Captured:
     gm: fx.GraphModule
     blocks: list[BlockInfo]
+    adapter: ModelAdapter
 
 
 class LeafTracer(fx.Tracer):
@@ -82,24 +77,27 @@ def trace(module: torch.nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModu
 
 
 def capture(model: torch.nn.Module) -> Captured:
-    """Trace `model` with each registered block type as one call_module node."""
-    if not isinstance(model, DiT):
-        raise TcgraphError(f"capture expects a tcgraph DiT, got {type(model).__name__}")
-    gm = trace(model.eval(), tuple(BLOCK_TYPES))
+    """Trace `model` with each of its blocks (as its adapter names them) as one call_module node."""
+    adapter = adapter_for(model)
+    gm = trace(model.eval(), (adapter.block_type,))
+    paths = adapter.block_paths(model)
+    dims = adapter.dims(model)
+    wanted = set(paths)
     blocks: list[BlockInfo] = []
-    cfg = model.config
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(BLOCK_TYPES)):
+        if node.op == "call_module" and node.target in wanted:
             node.meta[META_BLOCK] = len(blocks)
-            blocks.append(BlockInfo(len(blocks), node.target, node.name, cfg.hidden_size, cfg.num_tokens, cfg.num_heads))
-    expected = sum(1 for m in model.modules() if isinstance(m, tuple(BLOCK_TYPES)))
-    if len(blocks) != expected:
+            blocks.append(BlockInfo(len(blocks), node.target, node.name,
+                                    dims.hidden_size, dims.num_tokens, dims.num_heads))
+    if [b.path for b in blocks] != paths:
         raise TcgraphError(
-            f"the traced graph calls {len(blocks)} blocks but the model has {expected}; a block that is "
-            "called twice or not at all cannot be cached per step"
+            f"the traced graph calls {len(blocks)} blocks but the model has {len(paths)}; a block that is "
+            "called twice, out of order or not at all cannot be cached per step"
         )
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        node.meta[META_IO_NAME] = node.target
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[META_IO_NAME] = node.target
+    gm.meta[META_ADAPTER] = adapter
     gm.graph.lint()
     gm.recompile()
-    return Captured(gm, blocks)
+    return Captured(gm, blocks, adapter)

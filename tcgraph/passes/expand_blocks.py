@@ -1,34 +1,41 @@
 """Pass expand_blocks: inline each block node into its ops, keeping branches as leaves.
 
 After capture a block is one opaque call_module node. Caching needs to see inside it: the
-adaLN modulation, the norm + modulate feeding each branch, the branch itself (`attn`,
-`mlp`, kept as call_module leaves) and the gated residual update. Inlined nodes are named
-`blocks_<l>_<op>` and carry `tcgraph.block`; branch nodes also carry `tcgraph.branch`.
+modulation, the norm + modulate feeding each branch, the branch itself (kept as a
+call_module leaf: the module classes the adapter lists for the branches) and the gated
+residual update. Inlined nodes are named `<block path>_<op>` (`blocks_3_norm1`) and carry
+`tcgraph.block`; the node calling a branch module (as the adapter names it) also carries
+`tcgraph.branch`, the recipe's name for that branch.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
-from tcgraph.passes.capture import BRANCH_TYPES, META_BLOCK, META_BRANCH, trace
+from tcgraph.models.adapter import ModelAdapter
+from tcgraph.passes.capture import trace
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH, adapter_of
 
 
-def expand_blocks(gm: fx.GraphModule, blocks: list | None = None) -> fx.GraphModule:
+def expand_blocks(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every block call_module node (marked with `tcgraph.block`) by its body."""
+    adapter = adapter_of(gm)
     graph = gm.graph
     block_nodes = [n for n in graph.nodes if n.op == "call_module" and META_BLOCK in n.meta]
     for node in block_nodes:
-        _inline(gm, node)
+        _inline(gm, node, adapter)
     graph.lint()
     # Rebuild so the module tree holds fresh containers down to the leaves the graph calls.
     # The captured graph held each block by reference; later passes delete unused
     # submodules, which must never reach into the user's model.
-    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+    expanded = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    expanded.meta.update(gm.meta)
+    return expanded
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
+def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter) -> None:
     prefix = node.target  # "blocks.3"
     block_index = node.meta[META_BLOCK]
-    body = trace(gm.get_submodule(prefix), tuple(BRANCH_TYPES)).graph
+    body = trace(gm.get_submodule(prefix), adapter.leaf_types()).graph
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in body.nodes if n.op == "placeholder"]
     for ph, arg in zip(placeholders, node.args):
@@ -52,9 +59,9 @@ def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
             new.meta.update(n.meta)
             new.meta[META_BLOCK] = block_index
             if n.op == "call_module":
-                branch = BRANCH_TYPES.get(type(gm.get_submodule(target)))
+                branch = adapter.branch_of(n.target)
                 if branch is not None:
-                    new.meta[META_BRANCH] = branch
+                    new.meta[META_BRANCH] = branch.name
             env[n] = new
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)

@@ -1,4 +1,4 @@
-"""Eager reference of a recipe: a plain Python loop over the blocks of a DiT.
+"""Eager reference of a recipe: a plain Python loop over the blocks of a model.
 
 This is the definition the rewritten graphs are checked against, written without fx and
 without the passes' code: if a pass is wrong, the two disagree.
@@ -18,16 +18,19 @@ in the score are broken as torch.topk breaks them (the graph's TopK may differ t
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from tcgraph.models.dit import DiT, modulate
+import torch
+import torch.nn as nn
+
+from tcgraph.models.adapter import run_blocks
 from tcgraph.plan.plan import Recipe
 from tcgraph.names import cache_name, input_cache_name
 
 
 @torch.no_grad()
 def reference_step(
-    model: DiT,
+    model: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
@@ -43,38 +46,31 @@ def reference_step(
     dynamic branch the returned `fresh[key]` is the updated cache (old rows elsewhere); a
     dynamic branch also returns its updated input cache `fresh[key + ".in"]`. With
     `keep_inputs`, every computed branch also returns its input u as `fresh[key + ".in"]`
-    (what a plan with dynamic steps carries; extra entries are harmless).
+    (what a plan with dynamic steps carries; extra entries are harmless). The block loop is
+    the model adapter's (`tcgraph.models.adapter.run_blocks`); this function only says what
+    each branch contributes.
     """
-    h = model.x_embedder(x) + model.pos_embed
-    c = model.t_embedder(t) + model.y_embedder(y, False)
     fresh: dict[str, torch.Tensor] = {}
-    for l, block in enumerate(model.blocks):
-        mod = block.adaLN_modulation(c).chunk(6, dim=1)
-        branches = (
-            ("attn", block.attn, block.norm1, mod[0], mod[1], mod[2]),
-            ("mlp", block.mlp, block.norm2, mod[3], mod[4], mod[5]),
-        )
-        for (name, fn, norm, shift, scale, gate), action in zip(branches, recipe.actions[l]):
-            key = cache_name(l, name)
-            if action.kind == "compute":
-                u = modulate(norm(h), shift, scale)
-                branch_out = fn(u)
-                fresh[key] = branch_out
-                if keep_inputs:
-                    fresh[input_cache_name(l, name)] = u
-            elif action.kind == "reuse":
-                branch_out = caches[key]
-            elif action.kind == "partial":
-                branch_out = _partial(fn(modulate(norm(h), shift, scale)), caches[key], action.indices)
-                fresh[key] = branch_out
-            else:
-                u = modulate(norm(h), shift, scale)
-                in_key = input_cache_name(l, name)
-                branch_out, fresh[in_key] = _dynamic(fn(u), u, caches[key], caches[in_key], action.size)
-                fresh[key] = branch_out
-            h = h + gate.unsqueeze(1) * branch_out
-    h = model.final_layer(h, c)
-    return model.unpatchify(h), fresh
+
+    def branch(block: int, name: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor:
+        action, key = recipe.action(block, name), cache_name(block, name)
+        if action.kind == "reuse":
+            return caches[key]
+        inputs = u()
+        if action.kind == "compute":
+            fresh[key] = fn(inputs)
+            if keep_inputs:
+                fresh[input_cache_name(block, name)] = inputs
+        elif action.kind == "partial":
+            fresh[key] = _partial(fn(inputs), caches[key], action.indices)
+        else:
+            in_key = input_cache_name(block, name)
+            value, fresh[in_key] = _dynamic(fn(inputs), inputs, caches[key], caches[in_key], action.size)
+            fresh[key] = value
+        return fresh[key]
+
+    out = run_blocks(model, x, t, y, branch)
+    return out, fresh
 
 
 def _partial(full: torch.Tensor, cache: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:

@@ -23,14 +23,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 import torch
 
+from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.l2c import L2CConfig, make_l2c
+from tcgraph.plan.learning import cache_steps, calibration_split, candidate_intervals, require_weights
+from tcgraph.plan.options import no_cap, option
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.plan.predictor import PredictorResult
+from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor
+from tcgraph.plan.tprr import select_blocks
+from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 
 SHARES = (0.5, 0.75)
@@ -38,20 +46,30 @@ SHARES = (0.5, 0.75)
 
 @dataclass(frozen=True)
 class CombinedConfig:
-    target_speedup: float = 2.0
-    l2c_share: float | None = None  # share of log(target) taken by branch reuse; searched when None
-    keep_ratio: float = 0.5
-    min_keep: float = 0.25
-    max_variants: int | None = 6
-    calib_images: int = 48
-    epochs: int | None = None  # both learners' epochs (their own defaults when None)
-    seed: int = 0
+    """Learning-to-Cache branch reuse, then TokenCache pruning of the branches it computes."""
+
+    target_speedup: float = option(2.0, "FLOP-predicted speedup of the whole plan", type=float)
+    l2c_share: float | None = option(None, "share of log(target) taken by L2C branch reuse, in (0, 1)", type=float,
+                                     default_help=f"searched over {', '.join(map(str, SHARES))}")
+    keep_ratio: float = option(0.5, "share of tokens the Cache Predictor learns to keep", type=float)
+    min_keep: float = option(0.25, "lowest keep ratio of a pruned block (0 allows reusing whole blocks)",
+                             type=float)
+    max_variants: int | None = option(6, "cap on distinct step graphs (0 = no cap)", type=int, parse=no_cap)
+    calib_images: int = option(48, "calibration images (random noise and labels), some held out", type=int)
+    epochs: int | None = option(None, "training epochs of both learners", type=int,
+                                default_help="each learner's own")
+    seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
 
     def __post_init__(self) -> None:
         if not self.target_speedup > 1.0:
             raise TcgraphError(f"target speedup must be > 1, got {self.target_speedup}")
         if self.l2c_share is not None and not 0.0 < self.l2c_share < 1.0:
             raise TcgraphError(f"l2c_share must be in (0, 1), got {self.l2c_share}")
+
+
+def token_floor(num_tokens: int, min_keep: float) -> int:
+    """The lowest keep count of a pruned branch: ceil(min_keep · N), at least 1 (0 if min_keep is 0)."""
+    return max(1, math.ceil(min_keep * num_tokens)) if min_keep > 0 else 0
 
 
 def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int]) -> tuple[Recipe, ...]:
@@ -83,12 +101,8 @@ def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int,
     """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`
     (token pruning alone could meet the budget there, and branch reuse adds on top); where no
     K does, the longest interval Learning-to-Cache would try for `target`."""
-    from tcgraph.plan.l2c import cache_steps
-
     full = Recipe.uniform(cfg.depth, COMPUTE)
     pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE)
-    from tcgraph.plan.l2c import candidate_intervals
-
     for k in range(2, num_steps + 1):
         cs = set(cache_steps(num_steps, k))
         if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)]) >= target * margin:
@@ -98,37 +112,43 @@ def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int,
     return candidate_intervals(cfg, num_steps, target)[-1]
 
 
-def make_combined(cfg: CombinedConfig, model: DiT, settings: SamplerSettings,
-                  progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None,
-                  learned=None) -> Plan:
-    """See the module docstring; `traj`/`learned` as in `tokencache.make_tokencache`."""
-    from tcgraph.plan.l2c import L2CConfig, calibration_split, make_l2c
-    from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, select_blocks
+def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tensor, sensitivity: Sequence[float],
+                    floor: int, target: float) -> tuple[list[int], tuple[Recipe, ...]] | None:
+    """(keep counts, recipes): `base` pruned by greedy block selection until `target` is met, or
+    None where pruning every block to `floor` cannot get there. Pure."""
+    n = cfg.num_tokens
+    keep = select_blocks(sensitivity, n, floor, lambda k: speedup_of(cfg, prune_recipes(base, scores, k)), target)
+    return None if keep is None else (keep, prune_recipes(base, scores, keep))
 
+
+def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+                  weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
+                  learned: tuple[PredictorResult, list[float]] | None = None) -> Plan:
+    """The tokencache+l2c planner (see the module docstring); `traj`/`learned` as in
+    `tokencache.make_tokencache`."""
+    model = require_weights(weights, model_config, "a combined plan")
     mcfg = model.config
     S, n = settings.num_steps, mcfg.num_tokens
-    tick = progress or (lambda desc, total: (lambda: None))
     epochs = {"epochs": cfg.epochs} if cfg.epochs else {}
     tcfg = TokenCacheConfig(target_speedup=cfg.target_speedup, keep_ratio=cfg.keep_ratio, min_keep=cfg.min_keep,
                             calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
-    floor = max(1, math.ceil(cfg.min_keep * n)) if cfg.min_keep > 0 else 0
+    floor = token_floor(n, cfg.min_keep)
     interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor)  # before the expensive part
-    train, held = calibration_split(model, settings, tcfg, traj, tick)
+    train, held = calibration_split(model, settings, tcfg, traj, progress)
 
-    pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, tick)
+    pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, progress)
 
     table, found = [], []
     for share in ([cfg.l2c_share] if cfg.l2c_share is not None else SHARES):
         l2c_target = cfg.target_speedup ** share
         lcfg = L2CConfig(target_speedup=l2c_target, max_variants=cfg.max_variants, calib_images=cfg.calib_images,
                          interval=interval, seed=cfg.seed, **epochs)
-        base = make_l2c(lcfg, model, settings, progress=progress, traj=traj)
-        keep = select_blocks(sens, n, floor, lambda k: speedup_of(mcfg, prune_recipes(base.recipes, pred.logits, k)),
-                             cfg.target_speedup)
-        if keep is None:
+        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj)
+        pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup)
+        if pruned is None:
             table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
             continue
-        recipes = prune_recipes(base.recipes, pred.logits, keep)
+        keep, recipes = pruned
         err = plan_error(model, held, recipes)
         table.append({"l2c_share": share, "l2c_target": round(l2c_target, 4), "interval": base.params["interval"],
                       "keep_counts": keep, "predicted_speedup": round(speedup_of(mcfg, recipes), 4),

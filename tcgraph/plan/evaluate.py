@@ -13,11 +13,12 @@ from typing import Sequence
 
 import torch
 
+from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
 from tcgraph.plan.plan import COMPUTE, Recipe
-from tcgraph.names import cache_name
 
 
 def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe]) -> float:
@@ -44,10 +45,8 @@ def recipe_weights(recipe: Recipe, num_tokens: int) -> dict[str, float | torch.T
 
 
 @torch.no_grad()
-def plan_error(model: DiT, traj, recipes: Sequence[Recipe]) -> float:
+def plan_error(model: DiT, traj: Trajectories, recipes: Sequence[Recipe]) -> float:
     """Mean eps MSE per step of a hard plan on `traj` (see the module docstring)."""
-    from tcgraph.calibrate import mixed_step
-
     rows = torch.arange(traj.num_images)
     n = model.config.num_tokens
     caches: dict[str, torch.Tensor] = {}

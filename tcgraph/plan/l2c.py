@@ -21,74 +21,94 @@ the target is met. `--target-speedup` searches intervals and λ and keeps the ca
 with the lowest held-out error of its hard plan. `max_variants` merges cache steps with
 similar probabilities (Ward linkage) into one shared recipe, so the number of distinct
 graphs stays bounded while the FLOP target is still met.
+
+`router=FILE` imports a router published with the L2C code instead (`l2c_import`); no
+calibration, no weights needed. The round skeleton, the calibration split and the logit
+trainer are shared with TokenCache (`tcgraph.plan.learning`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
-from tcgraph.errors import TcgraphError
+from tcgraph.calibrate import Trajectories
+from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT, DiTConfig
-from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: F401 (re-exported)
-from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.names import BRANCHES, cache_name
+from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.flops import branch_flops, fixed_flops
+from tcgraph.plan.l2c_import import DEFAULT_THRESHOLD as ROUTER_THRESHOLD
+from tcgraph.plan.l2c_import import load_published_router_plan
+from tcgraph.plan.learning import (
+    calibration_split,
+    cache_steps,
+    candidate_intervals,
+    check_learning_options,
+    fit_logits,
+    held_out_count,
+    lambda_unit,
+    max_speedup,
+    require_weights,
+    round_loss,
+    rounds,
+)
+from tcgraph.plan.options import no_cap, option, tuning
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 
 # Variant cap used when the user gives none (full step + 5 cache recipes); chosen from the
 # sweep in benchmarks/bench_l2c.py (see README, Learning-to-Cache).
 DEFAULT_MAX_VARIANTS = 6
+DEFAULT_TARGET = 2.0  # FLOP-predicted speedup learned for when neither a target nor a λ is given
+LAMBDA_THRESHOLD = 0.5  # sigmoid(g) above which a branch computes in λ mode
 LAMBDA_GRID = (0.1, 1.0)  # multiples of the data's own λ unit (see `lambda_unit`)
-
-
-def check_learning_options(calib_images: int, held_out: int | None, max_variants: int | None) -> None:
-    """The checks every learned planner's config shares (L2C, TokenCache)."""
-    if max_variants is not None and max_variants < 2:
-        raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {max_variants}")
-    if calib_images < 3:
-        raise TcgraphError(f"need at least 3 calibration images (some held out), got {calib_images}")
-    if held_out is not None and not 1 <= held_out < calib_images:
-        raise TcgraphError(f"need more calibration images ({calib_images}) than held out ({held_out})")
-
-
-def held_out_count(calib_images: int, held_out: int | None) -> int:
-    """Calibration images held out for model selection: as given, else a third."""
-    return held_out if held_out is not None else max(1, calib_images // 3)
-
-
-def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj, tick):
-    """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
-    `seed`, `num_held_out`): calibrated here, or the given `traj` checked to match."""
-    from tcgraph.calibrate import calibrate
-
-    if traj is None:
-        step_tick = tick("calibrate", settings.num_steps * math.ceil(cfg.calib_images / 32))
-        traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: step_tick())
-    elif traj.settings != settings or traj.num_images != cfg.calib_images:
-        raise TcgraphError("the given calibration trajectories were made for other settings or image counts")
-    return traj.split(cfg.num_held_out)
+# Fields that only apply to learning a router, not to importing one (`router`).
+_LEARNING_FIELDS = ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs")
 
 
 @dataclass(frozen=True)
 class L2CConfig:
-    target_speedup: float | None = None  # FLOP-predicted; searched over interval and λ
-    lam: float | None = None  # absolute λ; with a threshold instead of a target
-    threshold: float | None = None  # sigmoid(g) > threshold computes (λ mode; default 0.5)
-    max_variants: int | None = DEFAULT_MAX_VARIANTS
-    interval: int | None = None  # full step every K steps; searched when None
-    calib_images: int = 48
-    held_out: int | None = None  # default: a third of the calibration images
-    epochs: int = 12
-    batch_images: int = 8
-    lr: float = 0.1
-    seed: int = 0
+    """Learning-to-Cache (Ma et al. 2024, arXiv 2406.01733): a router learned here, or imported.
+
+    Three modes: a FLOP-predicted `target_speedup` (the default, 2x), searched over intervals
+    and λ; a fixed `lam` with a `threshold`; or a published `router` file with a `threshold`.
+    """
+
+    target_speedup: float | None = option(
+        None, "FLOP-predicted speedup to learn a plan for; searched over interval and λ", type=float,
+        default_help=f"{DEFAULT_TARGET} unless --lambda or --router is given")
+    lam: float | None = option(None, "λ of the router loss, instead of a target (absolute)", type=float,
+                               flag="--lambda")
+    threshold: float | None = option(
+        None, "sigmoid(logit) above which a branch is computed", type=float,
+        default_help=f"{LAMBDA_THRESHOLD} with --lambda, {ROUTER_THRESHOLD} with --router")
+    max_variants: int | None = option(DEFAULT_MAX_VARIANTS, "cap on distinct step graphs (0 = no cap)", type=int,
+                                      parse=no_cap)
+    interval: int | None = option(None, "a full step every N steps", type=int, default_help="searched")
+    router: str | None = option(None, "import a router file published with the L2C code instead of learning one",
+                                type=str, parse=str, metavar="FILE")
+    calib_images: int = option(48, "calibration images (random noise and labels), some held out", type=int)
+    held_out: int | None = option(None, "calibration images held out to choose between candidates", type=int,
+                                  default_help="a third of --calib-images")
+    epochs: int = option(12, "training epochs over the calibration rounds", type=int)
+    batch_images: int = tuning(8, "images per training round")
+    lr: float = tuning(0.1, "Adam learning rate of the logits")
+    seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
 
     def __post_init__(self) -> None:
+        if self.router is not None:
+            learned = [f.name for f in fields(self) if f.name in _LEARNING_FIELDS and getattr(self, f.name) != f.default]
+            if learned:
+                raise UsageError(f"--router imports a trained router; {', '.join(learned)} apply to learning one: "
+                                 "drop them or the router")
+        elif self.target_speedup is None and self.lam is None:
+            object.__setattr__(self, "target_speedup", DEFAULT_TARGET)
         if self.target_speedup is not None and self.lam is not None:
-            raise TcgraphError("give either a target speedup or a λ, not both")
+            raise UsageError("give either a target speedup or a λ, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise TcgraphError(f"target speedup must be > 1, got {self.target_speedup}")
         if self.lam is not None and self.lam < 0:
@@ -96,7 +116,7 @@ class L2CConfig:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise TcgraphError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.threshold is not None and self.target_speedup is not None:
-            raise TcgraphError("a threshold applies with --lambda (or --router); a target speedup sets its own")
+            raise UsageError("a threshold applies with --lambda (or --router); a target speedup sets its own")
         if self.interval is not None and self.interval < 2:
             raise TcgraphError(f"interval must be >= 2 (a full step then cache steps), got {self.interval}")
         check_learning_options(self.calib_images, self.held_out, self.max_variants)
@@ -104,37 +124,6 @@ class L2CConfig:
     @property
     def num_held_out(self) -> int:
         return held_out_count(self.calib_images, self.held_out)
-
-
-#################################################################################
-#                               Plan skeleton                                   #
-#################################################################################
-
-
-def rounds(num_steps: int, interval: int) -> list[tuple[int, list[int]]]:
-    """(full step, its cache steps) for a full step every `interval` steps."""
-    return [(s0, list(range(s0 + 1, min(s0 + interval, num_steps)))) for s0 in range(0, num_steps, interval)]
-
-
-def cache_steps(num_steps: int, interval: int) -> list[int]:
-    return [s for _, cs in rounds(num_steps, interval) for s in cs]
-
-
-def max_speedup(cfg: DiTConfig, num_steps: int, interval: int) -> float:
-    """The speedup of reusing every branch at every cache step (FORA with this interval)."""
-    full, reuse = Recipe.uniform(cfg.depth, COMPUTE), Recipe.uniform(cfg.depth, REUSE)
-    cs = set(cache_steps(num_steps, interval))
-    return speedup_of(cfg, [reuse if s in cs else full for s in range(num_steps)])
-
-
-def candidate_intervals(cfg: DiTConfig, num_steps: int, target: float, margin: float = 1.03) -> list[int]:
-    """The smallest interval that reaches `target` with some slack, and the next one."""
-    for k in range(2, num_steps + 1):
-        if max_speedup(cfg, num_steps, k) >= target * margin:
-            return [k, k + 1] if k + 1 <= num_steps else [k]
-    best = max_speedup(cfg, num_steps, num_steps)
-    raise TcgraphError(f"a predicted speedup of {target}x is out of reach for {num_steps} steps of this model "
-                       f"(at most {best:.2f}x with one full step); ask for less")
 
 
 #################################################################################
@@ -163,62 +152,7 @@ def _weights(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {cache_name(l, br): p[l, j] for l in range(p.shape[0]) for j, br in enumerate(BRANCHES)}
 
 
-def _full_caches(model: DiT, traj, step: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    from tcgraph.calibrate import mixed_step
-
-    with torch.no_grad():
-        _, used = mixed_step(model, *traj.model_inputs(step, rows), {}, {})
-    return used
-
-
-def round_loss(model: DiT, traj, full_step: int, steps: list[int], weights_at, rows: torch.Tensor,
-               ) -> tuple[torch.Tensor, int]:
-    """Summed eps MSE over the cache steps of one round; `weights_at(s)` gives the branch weights."""
-    from tcgraph.calibrate import mixed_step
-
-    caches = _full_caches(model, traj, full_step, rows)
-    total = torch.zeros(())
-    for s in steps:
-        out, caches = mixed_step(model, *traj.model_inputs(s, rows), weights_at(s), caches)
-        total = total + torch.mean((traj.eps_of(out) - traj.eps[s, rows]) ** 2)
-    return total, len(steps)
-
-
-def fit_logits(model: DiT, traj, logits: torch.Tensor, work: list[tuple[int, list[int]]],
-               weights_of: Callable[[torch.Tensor, int], dict], penalty: Callable[[torch.Tensor, list[int]], torch.Tensor],
-               *, epochs: int, batch_images: int, lr: float, seed: int,
-               progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Adam on input-invariant logits over calibration rounds; the model stays frozen.
-
-    Per round `(full step, cache steps)` of `work`, on a random batch of images:
-    loss = (Σ eps MSE + penalty(sigmoid(logits), cache steps)) / #cache steps, with the
-    blend weights of step s from `weights_of(sigmoid(logits), s)`. Shared by the L2C
-    router and TokenCache's predictor. Returns (trained logits, mean loss per epoch).
-    """
-    model = model.eval().requires_grad_(False)
-    logits = logits.clone().requires_grad_(True)
-    opt = torch.optim.Adam([logits], lr=lr)
-    g = torch.Generator().manual_seed(seed + 1)
-    history = []
-    for _ in range(epochs):
-        epoch_loss = 0.0
-        for r in torch.randperm(len(work), generator=g).tolist():
-            s0, cs = work[r]
-            rows = torch.randperm(traj.num_images, generator=g)[:batch_images]
-            w = torch.sigmoid(logits)
-            mse, n = round_loss(model, traj, s0, cs, lambda s: weights_of(w, s), rows)
-            loss = (mse + penalty(w, cs)) / n
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            epoch_loss += loss.item() / len(work)
-            if progress:
-                progress()
-        history.append(epoch_loss)
-    return logits.detach().clone(), history
-
-
-def train_router(model: DiT, traj, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
+def train_router(model: DiT, traj: Trajectories, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
                  lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
                  progress: Callable[[], None] | None = None) -> RouterResult:
     """Learn router logits on `traj` (L2C objective: eps MSE + λ·Σ sigmoid(g))."""
@@ -231,7 +165,7 @@ def train_router(model: DiT, traj, interval: int, lam: float, *, epochs: int = 1
 
 
 @torch.no_grad()
-def soft_loss(model: DiT, traj, interval: int, logits: torch.Tensor, lam: float) -> float:
+def soft_loss(model: DiT, traj: Trajectories, interval: int, logits: torch.Tensor, lam: float) -> float:
     """The training objective on `traj` (all images), per cache step."""
     probs = torch.sigmoid(logits)
     rows = torch.arange(traj.num_images)
@@ -242,20 +176,6 @@ def soft_loss(model: DiT, traj, interval: int, logits: torch.Tensor, lam: float)
             total += mse.item() + lam * probs[cs].sum().item()
             count += n
     return total / count
-
-
-def lambda_unit(model: DiT, traj, interval: int, rows: int = 8) -> float:
-    """The data's scale for λ: the eps MSE of reusing everything at a cache step, per branch."""
-    depth = model.config.depth
-    sub = torch.arange(min(rows, traj.num_images))
-    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in BRANCHES}
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s0, cs in rounds(traj.num_steps, interval):
-            if cs:
-                mse, n = round_loss(model, traj, s0, cs[:1], lambda s: reuse_all, sub)
-                total, count = total + mse.item(), count + n
-    return total / max(count, 1) / (2 * depth)
 
 
 #################################################################################
@@ -346,54 +266,58 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
             for s in cache_steps(probs.shape[0], interval)}
 
 
-def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
-             progress: Callable[[str, int], Callable[[], None]] | None = None, traj=None) -> Plan:
-    """Calibrate, train the router(s) and turn the best into a plan (see the module docstring).
+def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
+             progress: Progress = QUIET, traj: Trajectories | None = None) -> Plan:
+    """The l2c planner: import `cfg.router`, or calibrate, train the router(s) and turn the
+    best into a plan (see the module docstring).
 
     `traj` reuses calibration trajectories made for the same settings (benchmarks compare
     several targets on one calibration); by default they are made here.
     """
-
+    if cfg.router is not None:
+        return load_published_router_plan(cfg.router, model_config, settings,
+                                          ROUTER_THRESHOLD if cfg.threshold is None else cfg.threshold)
+    model = require_weights(weights, model_config, "a Learning-to-Cache router")
     mcfg = model.config
     S = settings.num_steps
     if S < 2:
-        raise TcgraphError("Learning-to-Cache needs at least 2 steps")
-    tick = progress or (lambda desc, total: (lambda: None))
+        raise TcgraphError(f"Learning-to-Cache needs at least 2 steps, got {S}; sample with more steps")
     if cfg.target_speedup is not None:  # an unreachable target fails before minutes of calibration
         intervals = [cfg.interval] if cfg.interval else candidate_intervals(mcfg, S, cfg.target_speedup)
         for k in intervals:
             if max_speedup(mcfg, S, k) < cfg.target_speedup:
                 raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k):.2f}x, below the target "
                                    f"{cfg.target_speedup}x; use a longer interval")
-    train, held = calibration_split(model, settings, cfg, traj, tick)
+    train, held = calibration_split(model, settings, cfg, traj, progress)
 
     if cfg.target_speedup is not None:
         lams = None
     else:
         intervals = [cfg.interval or 2]
-        lams = [cfg.lam if cfg.lam is not None else 0.0]
+        lams = [cfg.lam]
     n_train = len(intervals) * (len(lams) if lams else len(LAMBDA_GRID))
-    train_tick = tick("train router", n_train * cfg.epochs * sum(1 for _, cs in rounds(S, max(intervals)) if cs))
     candidates = []
-    for k in intervals:
-        unit = lambda_unit(model, train, k) if lams is None else None
-        for lam in (lams or [m * unit for m in LAMBDA_GRID]):
-            res = train_router(model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr,
-                               seed=cfg.seed, progress=train_tick)
-            probs = res.probs()
-            if cfg.target_speedup is not None:
-                recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants)
-            else:
-                recipes = recipes_for_threshold(probs, k, cfg.threshold or 0.5, cfg.max_variants)
-            err = plan_error(model, held, recipes)
-            candidates.append((err, k, lam, res, recipes))
+    with progress.phase("train router",
+                        n_train * cfg.epochs * sum(1 for _, cs in rounds(S, max(intervals)) if cs)) as phase:
+        for k in intervals:
+            unit = lambda_unit(model, train, k) if lams is None else None
+            for lam in (lams or [m * unit for m in LAMBDA_GRID]):
+                res = train_router(model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images,
+                                   lr=cfg.lr, seed=cfg.seed, progress=phase.tick)
+                probs = res.probs()
+                if cfg.target_speedup is not None:
+                    recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants)
+                else:
+                    recipes = recipes_for_threshold(probs, k, _threshold(cfg), cfg.max_variants)
+                err = plan_error(model, held, recipes)
+                candidates.append((err, k, lam, res, recipes))
     err, k, lam, res, recipes = min(candidates, key=lambda c: c[0])
     params = {
         "method": "learning-to-cache",
         "interval": k,
         "lambda": lam,
         "target_speedup": cfg.target_speedup,
-        "threshold": None if cfg.target_speedup is not None else (cfg.threshold or 0.5),
+        "threshold": None if cfg.target_speedup is not None else _threshold(cfg),
         "max_variants": cfg.max_variants,
         "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
         "held_out_error": err,
@@ -405,3 +329,7 @@ def make_l2c(cfg: L2CConfig, model: DiT, settings: SamplerSettings,
     }
     name = f"l2c:{cfg.target_speedup}x" if cfg.target_speedup is not None else "l2c"
     return Plan(name, settings, recipes, mcfg.num_tokens, params=params)
+
+
+def _threshold(cfg: L2CConfig) -> float:
+    return cfg.threshold or LAMBDA_THRESHOLD

@@ -1,12 +1,12 @@
 """Backends that run the variants of an artifact folder.
 
-`Runner` (base.py) is the one interface; `ort` (ONNX Runtime) is the embedded default,
-`torch` (pytorch.py) runs the variant GraphModules on CPU or CUDA, `trt` (trt.py) runs
-TensorRT engines. Backends load lazily: `make_runner("ort", artifact)` imports
-onnxruntime only then, and nothing here imports TensorRT.
-
-# dispatch.py holds the sampler loop that asks the schedule for each step's variant;
-# it works over any Runner and is imported where it is used.
+`Runner` (base.py) is the one interface; one folder per backend, each with its loaders
+(cheap callables that load sessions, programs or engines when called) and its runner:
+`ort/` (ONNX Runtime, the embedded default), `torch/` (the variants' torch programs on
+CPU or CUDA), `trt/` (TensorRT engines; also where they are built). bank.py keeps
+device-resident caches, dispatch.py the schedule dispatcher. Backends load lazily:
+`make_runner("ort", artifact)` imports onnxruntime only when the runner activates, and
+importing tcgraph never imports TensorRT.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from tcgraph.runtime.base import Runner
 
 # backend name -> "module:class"
 BACKENDS: dict[str, str] = {
-    "ort": "tcgraph.runtime.ort:OrtRunner",
-    "torch": "tcgraph.runtime.pytorch:TorchRunner",
-    "trt": "tcgraph.runtime.trt:TrtRunner",
+    "ort": "tcgraph.runtime.ort.runner:OrtRunner",
+    "torch": "tcgraph.runtime.torch.runner:TorchRunner",
+    "trt": "tcgraph.runtime.trt.runner:TrtRunner",
 }
 
 

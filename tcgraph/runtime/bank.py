@@ -13,12 +13,13 @@ variant (one device-to-device copy, inside the captured graph). `aliased_outputs
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export.artifact import Artifact
+from tcgraph.export.specs import VariantSpec
+from tcgraph.names import MODEL_INPUTS, OUT, is_cache
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -40,45 +41,47 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def cache_specs(artifact: Artifact) -> dict[str, tuple[list[int], str]]:
+Variants = Iterable[VariantSpec]
+
+
+def cache_specs(variants: Variants) -> dict[str, tuple[list[int], str]]:
     """Every cache name any variant reads or writes -> (shape, manifest dtype); checked consistent."""
     specs: dict[str, tuple[list[int], str]] = {}
-    for entry in artifact.manifest["variants"]:
-        for io in (*entry["inputs"], *entry["outputs"]):
-            name = io["name"]
-            if not name.startswith("cache."):
+    for variant in variants:
+        for io in (*variant.inputs, *variant.outputs):
+            if not is_cache(io.name):
                 continue
-            spec = (list(io["shape"]), io["dtype"])
-            if specs.setdefault(name, spec) != spec:
+            spec = (list(io.shape), io.dtype)
+            if specs.setdefault(io.name, spec) != spec:
                 raise TcgraphError(
-                    f"{name} is {specs[name]} in one variant and {spec} in variant {entry['id']}; the manifest is "
+                    f"{io.name} is {specs[io.name]} in one variant and {spec} in variant {variant.id}; the manifest is "
                     "inconsistent: re-run `tcgraph transform`"
                 )
     return specs
 
 
-STATIC = ("x", "t", "y", "out")  # the same shape in every variant of an artifact
+STATIC = (*MODEL_INPUTS, OUT)  # the same shape in every variant of an artifact
 
 
-def static_buffers(artifact: Artifact, device: torch.device | str,
+def static_buffers(variants: Variants, device: torch.device | str,
                    dtype_for: Callable[[str, str], torch.dtype]) -> dict[str, torch.Tensor]:
     """Zero buffers for `x`, `t`, `y` and `out`, one set for every variant (checked to agree).
 
     `dtype_for(name, manifest dtype)` picks each buffer's dtype.
     """
     specs: dict[str, tuple[list[int], str]] = {}
-    for entry in artifact.manifest["variants"]:
-        ios = [io for io in (*entry["inputs"], *entry["outputs"]) if io["name"] in STATIC]
+    for variant in variants:
+        ios = [io for io in (*variant.inputs, *variant.outputs) if io.name in STATIC]
         if len(ios) != len(STATIC):
             raise TcgraphError(
-                f"variant {entry['id']} lacks one of {list(STATIC)}, which every variant has (DESIGN.md, 'Graph "
+                f"variant {variant.id} lacks one of {list(STATIC)}, which every variant has (DESIGN.md, 'Graph "
                 "interface of a variant'); the manifest is damaged: re-run `tcgraph transform`"
             )
         for io in ios:
-            spec = (list(io["shape"]), io["dtype"])
-            if specs.setdefault(io["name"], spec) != spec:
+            spec = (list(io.shape), io.dtype)
+            if specs.setdefault(io.name, spec) != spec:
                 raise TcgraphError(
-                    f"{io['name']} is {specs[io['name']]} in one variant and {spec} in variant {entry['id']}; all "
+                    f"{io.name} is {specs[io.name]} in one variant and {spec} in variant {variant.id}; all "
                     "variants of an artifact share these shapes: re-run `tcgraph transform`"
                 )
     return {name: torch.zeros(shape, dtype=dtype_for(name, dtype), device=device)
@@ -94,25 +97,24 @@ def load_into(buffer: torch.Tensor, value) -> None:
     buffer.copy_(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))
 
 
-def aliased_outputs(artifact: Artifact, vid: str) -> list[str]:
-    """Cache names that variant `vid` both reads and writes (its outputs need a scratch buffer)."""
-    inputs, outputs = artifact.io_names()[vid]
-    return [n for n in outputs if n in inputs]
+def aliased_outputs(variant: VariantSpec) -> list[str]:
+    """Cache names that `variant` both reads and writes (its outputs need a scratch buffer)."""
+    return [n for n in variant.output_names if n in variant.input_names]
 
 
 class CacheBank:
-    """One device buffer per cache name of an artifact (zeros until a variant writes it).
+    """One device buffer per cache name of the variants of an artifact (zeros until a variant writes it).
 
     `dtype_for(manifest dtype name)` picks the buffer dtype (e.g. bf16 for float caches
     of a bf16 runner); the default keeps the manifest dtype.
     """
 
-    def __init__(self, artifact: Artifact, device: torch.device | str,
+    def __init__(self, variants: Variants, device: torch.device | str,
                  dtype_for: Callable[[str], torch.dtype] = torch_dtype):
         self.device = torch.device(device)
         self.buffers: dict[str, torch.Tensor] = {
             name: torch.zeros(shape, dtype=dtype_for(dtype), device=self.device)
-            for name, (shape, dtype) in cache_specs(artifact).items()
+            for name, (shape, dtype) in cache_specs(variants).items()
         }
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -6,6 +6,11 @@ checks every backend needs (variant id, input names, shapes, dtypes) so that a w
 feed fails with the same clear message on every backend; subclasses fill in
 `_activate_impl`, `_run_impl`, `_to_torch_impl` (and `_deactivate_impl`).
 
+What a runner runs comes from a loader, Polygraphy's way: a cheap callable made with the
+runner and called in `activate` (`SessionsFromArtifact`, `ProgramsFromArtifact`,
+`EnginesFromArtifact`), or handed to it ready (`sessions=`, `programs=`, `engines=`), so a
+test can run a runner on stand-ins without faking a whole library.
+
 Values returned by `run` are backend values (an `OrtValue`, a device buffer, ...): feed
 them back into the next `run` as they are, so caches stay in backend memory between
 denoising steps, and call `to_torch` only on what the caller needs on the host.
@@ -21,6 +26,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
+from tcgraph.export.specs import TensorSpec, VariantSpec
 
 
 class Runner(ABC):
@@ -40,9 +46,9 @@ class Runner(ABC):
             )
         self.artifact = artifact
         self.is_active = False
-        self._inputs: dict[str, dict[str, dict]] = {}  # variant id -> input name -> manifest entry
-        for entry in artifact.manifest["variants"]:
-            self._inputs[entry["id"]] = {i["name"]: i for i in entry["inputs"]}
+        self.specs: dict[str, VariantSpec] = {v.id: v for v in artifact.variants}  # in export order
+        self._inputs: dict[str, dict[str, TensorSpec]] = {
+            vid: {i.name: i for i in spec.inputs} for vid, spec in self.specs.items()}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -77,6 +83,10 @@ class Runner(ABC):
 
     def variant_ids(self) -> list[str]:
         return list(self._inputs)
+
+    def io_names(self) -> dict[str, tuple[list[str], list[str]]]:
+        """variant id -> (input names, output names), as `run` takes and returns them."""
+        return {vid: (list(s.input_names), list(s.output_names)) for vid, s in self.specs.items()}
 
     def run(self, variant_id: str, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run one variant; returns backend values by output name (manifest `name`)."""
@@ -130,9 +140,9 @@ class Runner(ABC):
                     f"input {name} of variant {variant_id} is a {type(value).__name__}; pass a torch tensor, "
                     f"a numpy array, or a value returned by an earlier run of this {self.name!r} runner"
                 )
-            if list(shape) != list(spec["shape"]):
-                raise TcgraphError(self._shape_message(variant_id, name, spec["shape"], list(shape)))
-            want = self._feed_dtype(name, spec["dtype"])
+            if list(shape) != list(spec.shape):
+                raise TcgraphError(self._shape_message(variant_id, name, list(spec.shape), list(shape)))
+            want = self._feed_dtype(name, spec.dtype)
             if dtype is not None and dtype != want:
                 raise TcgraphError(
                     f"input {name} of variant {variant_id} expects dtype {want}, got {dtype}; "

@@ -34,7 +34,7 @@ class ScheduleDispatcher:
     def for_runner(cls, runner, schedule: list[str]) -> "ScheduleDispatcher":
         """Dispatch `schedule` onto an activated Runner of an artifact folder; `out` comes back
         where the runner keeps it (GPU memory for GPU runners: the sampler runs there too)."""
-        return cls(schedule, runner.artifact.io_names(), runner.run, runner.tensor)
+        return cls(schedule, runner.io_names(), runner.run, runner.tensor)
 
     def reset(self) -> None:
         self.caches = {}

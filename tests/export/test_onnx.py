@@ -1,6 +1,8 @@
 """export_variants: ONNX equals the fx graph, and the weights are stored once for all variants."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,11 +12,14 @@ import torch.nn as nn
 from tests.export.tiny_variants import dit_variants, param_bytes, tiny_dit
 
 from tcgraph.errors import TcgraphError
+from tcgraph.export.weights import load_parameters, map_parameters
+from tcgraph.compile import VariantGraph
+from tcgraph.progress import Recorder
 from tcgraph.export.onnx import (
     EXTERNAL_MIN_BYTES,
     WEIGHTS_ALIGN,
     WEIGHTS_PATH,
-    VariantGraph,
+    ExportableVariant,
     export_variants,
     file_sha256,
     read_external_initializers,
@@ -27,8 +32,10 @@ def exported(tmp_path_factory):
     model = tiny_dit()
     variants = dit_variants(model)
     out = tmp_path_factory.mktemp("export")
-    messages = []
-    entries = export_variants(variants, out, progress=messages.append)
+    recorder = Recorder()
+    entries = export_variants(variants, out, progress=recorder)
+    [(desc, total, messages)] = recorder.phases
+    assert (desc, total) == ("export", len(variants))
     return model, variants, out, entries, messages
 
 
@@ -42,7 +49,7 @@ def _run_ort(path, feeds):
 def test_onnx_outputs_equal_graph_outputs(exported):
     _, variants, out, entries, messages = exported
     assert [e["id"] for e in entries] == ["full", "fill", "reuse"]
-    assert any("verified variant reuse" in m for m in messages)
+    assert len(messages) == 3 and messages[2].startswith("verified variant reuse: max abs diff")
     for v, entry in zip(variants, entries):
         assert entry["file"] == f"variants/{v.id}.onnx"
         assert entry["max_abs_diff"] <= 1e-4
@@ -155,11 +162,64 @@ def test_verify_names_variant_output_and_difference(tmp_path):
 def test_bad_variant_descriptions_are_refused(tmp_path):
     gm = torch.fx.symbolic_trace(_Noisy())
     with pytest.raises(TcgraphError, match="1 placeholders"):
-        VariantGraph("v0", gm, ["x", "t"], ["out"], {"x": torch.zeros(1), "t": torch.zeros(1)})
+        export_variants([VariantGraph("v0", gm, ["x", "t"], ["out"], {"x": torch.zeros(1), "t": torch.zeros(1)})],
+                        tmp_path / "a")
     with pytest.raises(TcgraphError, match="missing"):
-        VariantGraph("v0", gm, ["x"], ["out"], {})
+        export_variants([VariantGraph("v0", gm, ["x"], ["out"], {})], tmp_path / "b")
     with pytest.raises(TcgraphError, match="cannot name a file"):
-        VariantGraph("../v0", gm, ["x"], ["out"], {"x": torch.zeros(2)})
+        export_variants([VariantGraph("../v0", gm, ["x"], ["out"], {"x": torch.zeros(2)})], tmp_path / "c")
     v = VariantGraph("v0", gm, ["x"], ["out"], {"x": torch.zeros(2)})
     with pytest.raises(TcgraphError, match="unique"):
         export_variants([v, v], tmp_path)
+
+
+@dataclasses.dataclass
+class _PlainVariant:
+    """Not a tcgraph.compile.VariantGraph: export reads only the fields of the ExportableVariant protocol."""
+
+    id: str
+    gm: torch.fx.GraphModule
+    input_names: tuple
+    output_names: tuple
+    example_inputs: dict
+
+
+def test_any_object_with_the_protocol_fields_exports(tmp_path):
+    gm = torch.fx.symbolic_trace(_Twins())
+    plain = _PlainVariant("v0", gm, ("x",), ("out",), {"x": torch.randn(3, 64)})
+    assert isinstance(plain, ExportableVariant)
+    [entry] = export_variants([plain], tmp_path)
+    assert entry["max_abs_diff"] <= 1e-5 and [i["name"] for i in entry["inputs"]] == ["x"]
+    # export checks every variant, whatever its type
+    with pytest.raises(TcgraphError, match="1 placeholders"):
+        export_variants([_PlainVariant("v0", gm, ("x", "t"), ("out",), {"x": torch.zeros(1)})], tmp_path / "b")
+    with pytest.raises(TcgraphError, match="cannot name a file"):
+        export_variants([_PlainVariant("../v0", gm, ("x",), ("out",), {"x": torch.zeros(1)})], tmp_path / "c")
+
+
+def test_parameter_map_errors_say_what_to_do(tmp_path):
+    gm = torch.fx.symbolic_trace(_Twins())
+    export_variants([VariantGraph("v0", gm, ["x"], ["out"], {"x": torch.randn(3, 64)})], tmp_path)
+    weights, onnx_files = tmp_path / WEIGHTS_PATH, [tmp_path / "variants/v0.onnx"]
+    with pytest.raises(TcgraphError, match=r"cannot store the model tensor z in weights.bin: its dtype complex64 has "
+                                           r"no ONNX equivalent .*convert the model first"):
+        map_parameters(weights, onnx_files, {"z": torch.zeros(4, dtype=torch.complex64)})
+    state = dict(_Twins().state_dict())
+    entries = map_parameters(weights, onnx_files, state)
+    assert all(torch.equal(load_parameters(weights, entries)[k], v) for k, v in state.items())
+    past_end = {**entries, "b.bias": {**entries["b.bias"], "offset": 10**9}}
+    with pytest.raises(TcgraphError, match=r"the model tensor b.bias lies at bytes .*the folder is damaged"):
+        load_parameters(weights, past_end)
+    with pytest.raises(TcgraphError, match=r"has dtype 'float99', which this tcgraph cannot read"):
+        load_parameters(weights, {"b.bias": {**entries["b.bias"], "dtype": "float99"}})
+    with pytest.raises(TcgraphError, match=r"does not have the shape \[3, 5\]"):
+        load_parameters(weights, {"b.bias": {**entries["b.bias"], "shape": [3, 5]}})
+    with pytest.raises(TcgraphError, match=r"parameter b.bias has transposed=None"):
+        load_parameters(weights, {"b.bias": {**entries["b.bias"], "transposed": None}})
+
+
+def test_damaged_onnx_file_is_named(tmp_path):
+    bad = tmp_path / "v0.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(TcgraphError, match=r"cannot read the ONNX file .*v0.onnx.*the artifact folder is damaged"):
+        read_external_initializers(bad)

@@ -21,7 +21,7 @@ from tests.export.token_plans import (
     check_qkv_stored_once,
     ort_session,
 )
-from tests.passes.test_token_dynamic import CHANGED, _known_change_feeds
+from tests.passes.test_token_dynamic import CHANGED, known_change_feeds
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
 FULL = Recipe.uniform(3, COMPUTE)
@@ -82,7 +82,7 @@ def test_ort_selects_the_changed_tokens_per_sample(tiny_model, tmp_path):
     changed tokens of each sample (different ones per sample)."""
     torch.set_num_threads(1)
     k = 2
-    recipe, feeds, u, fresh_out = _known_change_feeds(tiny_model, 1, "attn", k)
+    recipe, feeds, u, fresh_out = known_change_feeds(tiny_model, 1, "attn", k)
     plan = Plan("p", settings(2), (FULL, recipe), N)
     variants = build_variants(tiny_model, plan)
     v = variants[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tcgraph.export.onnx import VariantGraph
+from tcgraph.compile import VariantGraph
 from tcgraph.models.dit import DiT, build_model, modulate
 
 BATCH = 2

@@ -18,7 +18,7 @@ from tcgraph.inspection import (
     read_variant_graph,
     write_pictures,
 )
-from tcgraph.models.dit import DiT, DiTConfig, make_config
+from tcgraph.models.dit import DiT, make_config
 from tcgraph.plan import make_plan, plan_flops
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.plan import Plan
@@ -66,7 +66,7 @@ def test_summary_matches_plan_json(fora2, plan):
     assert info["schedule"] == raw["schedule"] == ["v0", "v1", "v0", "v1"]
     assert info["schedule_compact"] == "v0 v1 v0 v1"
     assert info["settings"]["num_steps"] == STEPS and info["settings"]["model_batch"] == 2
-    flops = plan_flops(DiTConfig(**load_artifact(fora2).model_config), plan)
+    flops = plan_flops(load_artifact(fora2).model_config, plan)
     assert info["predicted_speedup"] == pytest.approx(flops["predicted_speedup"])
     v0, v1 = info["variants"]
     assert (v0["id"], v0["full"], v0["steps"], v0["compute"], len(v0["writes"])) == ("v0", True, [0, 2], 6, 6)
@@ -79,7 +79,7 @@ def test_summary_matches_plan_json(fora2, plan):
 
 
 def test_onnx_flops_equal_plan_flops(fora2, plan):
-    cfg = DiTConfig(**load_artifact(fora2).model_config)
+    cfg = load_artifact(fora2).model_config
     flops = plan_flops(cfg, plan)["per_variant"]
     for vid in ("v0", "v1"):
         graph = read_variant_graph(fora2 / "variants" / f"{vid}.onnx")
@@ -108,7 +108,7 @@ def test_cache_variant_diff_lists_exactly_the_reused_branches(fora2, plan):
     assert d["nodes_added"] == 0
     assert sorted(d["inputs_added"]) == sorted(f"cache.{b}.{br}" for b, br in reused)
     assert sorted(d["outputs_removed"]) == sorted(f"cache.{b}.{br}" for b, br in reused)
-    cfg = DiTConfig(**load_artifact(fora2).model_config)
+    cfg = load_artifact(fora2).model_config
     f = plan_flops(cfg, plan)["per_variant"]
     assert d["flops_removed"] == pytest.approx(f["v0"] - f["v1"], rel=0.02)
     assert info["focus"]["graph"]["flops"] + d["flops_removed"] == info["focus"]["base_flops"]
@@ -158,6 +158,27 @@ def test_format_report_sizes(fora2):
     assert "step 1 of 0..3: runs v1" in step_text and "cache reads (inputs added): cache.0.attn" in step_text
     assert "- blocks 0-2 .mlp" in step_text and "nodes each" in step_text
     assert "onnx name" not in step_text  # the node table is for a variant focus only
+
+
+def test_folder_facts_come_from_the_manifest(fora2):
+    info = inspect_artifact(fora2)
+    manifest = json.loads((fora2 / "manifest.json").read_text())
+    assert info["model"] == {**manifest["model_config"], "source": "in-memory", "num_tokens": 16}
+    assert info["tcgraph_version"] == manifest["tcgraph_version"]
+    assert [v["file"] for v in info["variants"]] == [v["file"] for v in manifest["variants"]]
+    assert info["weights"] == {"file": manifest["weights"]["file"], "bytes": manifest["weights"]["bytes"]}
+    assert info["engines"] == {"files": [], "backend": None, "settings": {}}
+
+
+def test_inconsistent_plan_is_refused_by_name(fora2, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fora2, copy)
+    raw = json.loads((copy / "plan.json").read_text())
+    raw["schedule"] = ["v0"] * STEPS  # v1 is exported but never scheduled
+    (copy / "plan.json").write_text(json.dumps(raw))
+    with pytest.raises(TcgraphError, match=r"plan.json: the variants are \['v0', 'v1'\], but the plan's schedule "
+                                           r"runs \['v0'\]"):
+        inspect_artifact(copy, verify=False)
 
 
 def test_not_an_artifact_and_damaged_folders(fora2, tmp_path):

@@ -54,5 +54,5 @@ def test_untraceable_module_error_names_the_module():
     m.inner = Branchy(2, 2)
     with pytest.raises(TcgraphError, match=r"inside module 'inner'.*control flow"):
         trace(m, ())
-    with pytest.raises(TcgraphError, match="expects a tcgraph DiT"):
+    with pytest.raises(TcgraphError, match="no model adapter for DataDependent; supported architectures: DiT"):
         capture(m)

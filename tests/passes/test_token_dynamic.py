@@ -13,8 +13,8 @@ from tcgraph.compile import (
 )
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import modulate
-from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
-from tcgraph.passes.capture import META_BLOCK, META_BRANCH
+from tcgraph.passes import RewriteSpec, io_names, reference_step
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic
 from tcgraph.sampling import SamplerSettings
 from tests.passes.test_token_prune import manual_attention_rows
@@ -200,7 +200,7 @@ CHANGED = [[0, 5, 9], [2, 3, 15], [5, 9, 1], [14, 1, 7]]  # per sample: its toke
 GROWTH = [1.0, 2.0, 3.0]  # perturbation sizes: CHANGED[b][i] changes by GROWTH[i] per element
 
 
-def _known_change_feeds(model, l, branch, k, seed=0):
+def known_change_feeds(model, l, branch, k, seed=0):
     """Feeds for a step dynamic on (l, branch) alone, every other branch computed: the branch
     input equals the full step's, so `.in` = full u except CHANGED rows (perturbed by growing
     amounts), and the output cache = full output + 1 (so a recomputed row is visible)."""
@@ -218,6 +218,8 @@ def _known_change_feeds(model, l, branch, k, seed=0):
     return recipe, feeds, u, out
 
 
+
+
 @pytest.mark.parametrize("branch", ["attn", "mlp"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_selection_is_the_topk_changed_tokens_per_sample(tiny_model, branch, k):
@@ -225,7 +227,7 @@ def test_selection_is_the_topk_changed_tokens_per_sample(tiny_model, branch, k):
     cache rows = the fresh branch output, `.in` rows = the fresh input); every other row keeps
     its cached value bit for bit; the selection differs across the batch — in the reference
     and in the rewritten graph."""
-    recipe, feeds, u, out = _known_change_feeds(tiny_model, 1, branch, k)
+    recipe, feeds, u, out = known_change_feeds(tiny_model, 1, branch, k)
     key = f"cache.{1}.{branch}"
     expected = torch.zeros(B, N, dtype=torch.bool)
     for b, tokens in enumerate(CHANGED):
@@ -286,14 +288,12 @@ def test_dynamic_plan_steps_equal_reference_along_a_trajectory(tiny_model):
     assert max(worst) <= 1e-4, max(worst)
 
 
-def test_dynamic_k_out_of_range_is_refused_by_the_pass(tiny_model):
-    gm = expand_blocks(capture(tiny_model).gm)
+def test_dynamic_k_out_of_range_is_refused_by_the_spec():
     recipe = Recipe(((dynamic(0), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2)
     with pytest.raises(TcgraphError, match="k >= 1"):
-        token_prune(gm, recipe, [])
+        RewriteSpec(recipe)
 
 
-def test_input_cache_written_without_its_cache_is_refused(tiny_model):
-    gm = expand_blocks(capture(tiny_model).gm)
+def test_input_cache_written_without_its_cache_is_refused():
     with pytest.raises(TcgraphError, match=r"cache\.0\.mlp\.in"):
-        token_prune(gm, FULL, [(0, "attn")], [(0, "mlp")])
+        RewriteSpec(FULL, ((0, "attn"),), ((0, "mlp"),))

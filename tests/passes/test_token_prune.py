@@ -11,8 +11,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tcgraph.compile import build_variants, check_variant, example_inputs, rewrite_variant
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import modulate
-from tcgraph.passes import capture, expand_blocks, io_names, reference_step, token_prune
-from tcgraph.passes.capture import META_BLOCK, META_BRANCH
+from tcgraph.passes import RewriteSpec, io_names, reference_step
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, partial
 from tcgraph.sampling import SamplerSettings
 
@@ -250,15 +250,11 @@ def test_partial_plan_steps_equal_reference_along_a_trajectory(tiny_model):
     assert max(worst) <= 1e-4, worst
 
 
-def test_empty_partial_is_refused_and_branch_cache_still_refuses_partial(tiny_model):
-    from tcgraph.passes import branch_cache
-
-    gm = expand_blocks(capture(tiny_model).gm)
+def test_empty_or_negative_partial_is_refused():
     with pytest.raises(TcgraphError, match="reuse"):
-        token_prune(gm, Recipe(((Action("partial", ()), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2), [])
-    gm = expand_blocks(capture(tiny_model).gm)
-    with pytest.raises(TcgraphError, match="token_prune"):
-        branch_cache(gm, Recipe(((partial([1]), COMPUTE),) * 3), [])
+        RewriteSpec(Recipe(((Action("partial", ()), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2))
+    with pytest.raises(TcgraphError, match=">= 0"):
+        RewriteSpec(Recipe(((Action("partial", (-1, 2)), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2))
 
 
 def test_token_prune_never_mutates_the_model(tiny_model):

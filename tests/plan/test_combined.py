@@ -8,7 +8,7 @@ from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.combined import CombinedConfig, prune_recipes
+from tcgraph.plan.combined import CombinedConfig, prune_recipes, prune_to_target, token_floor
 from tcgraph.plan.evaluate import speedup_of
 
 
@@ -38,6 +38,21 @@ def test_prune_recipes_follows_the_definition():
                 else:
                     top = set(torch.argsort(mean[l], descending=True)[: keep[l]].tolist())
                     assert after.kind == "partial" and set(after.indices) == top
+
+
+def test_prune_to_target_is_greedy_block_selection(tiny_config):
+    depth, n = 3, tiny_config.num_tokens
+    full = Recipe.uniform(depth, COMPUTE)
+    a = Recipe(((REUSE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, REUSE)))
+    base = (full, a, a, full, a, a)
+    scores = torch.randn(6, depth, n, generator=torch.Generator().manual_seed(1))
+    floor = token_floor(n, 0.25)
+    assert floor == 4 and token_floor(n, 0.0) == 0 and token_floor(n, 0.01) == 1
+    target = (speedup_of(tiny_config, base) + speedup_of(tiny_config, prune_recipes(base, scores, [floor] * 3))) / 2
+    keep, recipes = prune_to_target(tiny_config, base, scores, [0.3, 0.1, 0.2], floor, target)
+    assert recipes == prune_recipes(base, scores, keep) and speedup_of(tiny_config, recipes) >= target
+    assert keep[1] == floor  # the least sensitive block is pruned first, to the floor
+    assert prune_to_target(tiny_config, base, scores, [0.3, 0.1, 0.2], floor, 50.0) is None
 
 
 def test_combined_plan_end_to_end(tiny_model, tmp_path):

@@ -10,20 +10,17 @@ from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, plan_flops
-from tcgraph.sampling import SamplerSettings
+from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import (
     L2CConfig,
-    cache_steps,
     group_steps,
     init_logits,
-    max_speedup,
-    plan_error,
     recipes_for_target,
     recipes_for_threshold,
-    rounds,
-    speedup_of,
     train_router,
 )
+from tcgraph.plan.learning import cache_steps, candidate_intervals, max_speedup, rounds
+from tcgraph.sampling import SamplerSettings
 
 
 def settings(steps=6, cfg_scale=2.0):
@@ -99,8 +96,6 @@ def test_variant_cap_merges_similar_steps(tiny_config):
 def test_unreachable_target(tiny_config):
     with pytest.raises(TcgraphError, match="cannot reach"):
         recipes_for_target(tiny_config, _probs(6, tiny_config.depth), 2, 5.0)
-    from tcgraph.plan.l2c import candidate_intervals
-
     with pytest.raises(TcgraphError, match="out of reach"):
         candidate_intervals(tiny_config, 6, 50.0)
 

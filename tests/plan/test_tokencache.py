@@ -13,24 +13,22 @@ from tcgraph.calibrate import calibrate
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, Plan, make_plan, plan_flops
-from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.tokencache import (
-    TokenCacheConfig,
-    block_sensitivity,
-    init_predictor,
+from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.predictor import block_sensitivity, init_predictor, mu_unit, train_predictor
+from tcgraph.plan.tokencache import TokenCacheConfig, make_tokencache
+from tcgraph.plan.tprr import (
+    keep_floor,
     kept_tokens,
     layout_speedup,
-    make_tokencache,
-    mu_unit,
     rotation,
     select_blocks,
-    plan_error,
-    speedup_of,
+    tprr_candidates,
+    tprr_choices,
     tprr_layout,
     tprr_recipes,
     tprr_rounds,
-    train_predictor,
 )
+from tcgraph.sampling import SamplerSettings
 
 
 def settings(steps=6, cfg_scale=2.0):
@@ -185,6 +183,29 @@ def test_select_blocks_greedy_rule(tiny_config):
     assert select_blocks(sens, n, floor, speedup, speedup([floor] * 3) * 1.001) is None
 
 
+def test_tprr_choices_are_block_selection_then_tprr_recipes(tiny_config):
+    """The pure scores -> recipes step the planner and the benchmarks share."""
+    S, n = 12, tiny_config.num_tokens
+    scores, sens, target = _scores(S), [0.5, 0.1, 0.9], 1.3
+    floor = keep_floor(tiny_config, 0.25)
+    assert floor == 4 and keep_floor(tiny_config, 0.0) == 0 and keep_floor(tiny_config, 0.99) == n - 1
+    candidates = tprr_candidates(tiny_config, S, target, 0.25, 2, 4) + [(0, 6, 6)]  # the last one: over the cap
+    choices = tprr_choices(tiny_config, scores, sens, target, candidates, min_keep=0.25, max_stale=2, max_variants=4)
+    assert [c.tprr for c in choices] == candidates
+    assert choices == tprr_choices(tiny_config, scores.clone(), list(sens), target, candidates, min_keep=0.25,
+                                   max_stale=2, max_variants=4)  # pure
+    assert "distinct variants" in choices[-1].skipped and choices[-1].recipes is None
+    made = [c for c in choices if c.skipped is None]
+    assert made
+    for c in made:
+        slots = tprr_layout(S, *c.tprr, 2, 4)
+        keep = select_blocks(sens, n, floor, lambda k, sl=slots: layout_speedup(tiny_config, S, sl, k), target)
+        assert c.keep == keep and c.recipes == tprr_recipes(scores, keep, *c.tprr, max_stale=2, max_variants=4)
+        assert c.predicted_speedup == speedup_of(tiny_config, c.recipes) >= target
+    far = tprr_choices(tiny_config, scores, sens, 50.0, [(0, 2, 2)], min_keep=0.25, max_stale=2, max_variants=None)
+    assert far[0].skipped == "out of reach with every block at the floor"
+
+
 #################################################################################
 #                   Hard-plan error, Cache Predictor, sensitivity               #
 #################################################################################
@@ -241,7 +262,7 @@ def test_block_selection_spares_the_sensitive_block(tiny_model, loud):
     one, two = (layout_speedup(model.config, S, slots, k) for k in ([4, 16, 16], [4, 4, 16]))
     target = round((one + two) / 2, 4)
     cfg = TokenCacheConfig(target_speedup=target, tprr=(0, 2, 2), calib_images=6, epochs=1)
-    plan = make_tokencache(cfg, model, s, traj=traj)
+    plan = make_tokencache(cfg, model.config, s, weights=model, traj=traj)
     p = plan.params
     assert p["keep_counts"][loud] == n and sorted(p["pruned_blocks"]) == sorted(set(range(3)) - {loud})
     quiet = sorted(p["pruned_blocks"], key=lambda l: p["sensitivity"][l])
@@ -262,7 +283,7 @@ def traj8(tiny_model):
 @pytest.mark.parametrize("target, min_keep", [(1.3, 0.25), (1.7, 0.0)])
 def test_plans_meet_the_target(tiny_model, traj8, target, min_keep):
     cfg = TokenCacheConfig(target_speedup=target, calib_images=6, epochs=2, max_variants=5, min_keep=min_keep)
-    plan = make_tokencache(cfg, tiny_model, settings(8), traj=traj8)
+    plan = make_tokencache(cfg, tiny_model.config, settings(8), weights=tiny_model, traj=traj8)
     p = plan.params
     assert plan.planner == f"tokencache:{target}x"
     sp = plan_flops(tiny_model.config, plan)["predicted_speedup"]
@@ -300,7 +321,9 @@ def test_planner_errors(tiny_model, tiny_config):
         ("tokencache", {"max_variants": 1}, ">= 2"),
         ("tokencache:0.9", {}, "> 1"),
         ("tokencache:1.5:2", {}, "expected tokencache"),
-        ("l2c", {"tprr": "4,2,2"}, "unknown l2c options"),
+        ("l2c", {"tprr": "4,2,2"}, "do not apply to plan 'l2c'"),
+        ("dynamic", {"lam": 0.1}, "do not apply to plan 'dynamic'"),
+        ("tokencache", {"lr": 0.5}, "do not apply to plan 'tokencache'"),  # a tuning field, not an option
         ("fora:2", {"keep_ratio": 0.5}, "do not apply"),
     ]:
         with pytest.raises(TcgraphError, match=msg):
@@ -311,15 +334,15 @@ def test_planner_errors(tiny_model, tiny_config):
         make_plan("tokencache:1.3", tiny_config, settings(1), weights=tiny_model)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--plan", "tokencache", "--tprr", "4,2"], "three integers"),
-    (["--plan", "tokencache:40"], "out of reach"),
-    (["--plan", "fora:2", "--keep-ratio", "0.3"], "do not apply to plan 'fora'"),
-    (["--plan", "tokencache", "--lambda", "0.1"], "do not apply to plan 'tokencache'"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--plan", "tokencache", "--tprr", "4,2"], "three integers", 2),
+    (["--plan", "tokencache:40"], "out of reach", 1),  # a well-formed request that cannot be met
+    (["--plan", "fora:2", "--keep-ratio", "0.3"], "do not apply to plan 'fora'", 2),
+    (["--plan", "tokencache", "--lambda", "0.1"], "do not apply to plan 'tokencache'", 2),
 ])
-def test_cli_options(tmp_path, capsys, argv, message):
+def test_cli_options(tmp_path, capsys, argv, message, code):
     out = tmp_path / "o"
-    assert main(["transform", *argv, "--out", str(out), "--steps", "6", "--batch", "2"]) == 2
+    assert main(["transform", *argv, "--out", str(out), "--steps", "6", "--batch", "2"]) == code
     err = capsys.readouterr().err
     assert err.startswith("tcgraph: error: ") and message in err and not out.exists()
 

@@ -1,5 +1,6 @@
-"""TorchRunner: the model rebuilt from the artifact alone, the same samples as ORT and the
-eager reference, stated low-precision tolerances, clear errors; CUDA parts where a GPU exists."""
+"""TorchRunner: the variants' torch programs and the model's weights read from the artifact
+alone (no pass runs), the same samples as ORT and the eager reference, stated low-precision
+tolerances, clear errors; CUDA parts where a GPU exists."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher
-from tcgraph.runtime.pytorch import TorchRunner, rebuild_model
+from tcgraph.runtime.torch import ProgramsFromArtifact, TorchRunner, load_weights
 
 CUDA = torch.cuda.is_available()
 
@@ -31,7 +32,7 @@ def needs_cuda(test):
 # Stated tolerances of the low-precision paths: PSNR of the demo model's samples (10 DDIM
 # steps, guidance 2) against float32 eager from the same noise. Measured on CPU by
 # `python benchmarks/precision.py`: bf16 43.1 dB, fp16 61.0 dB (eager bf16 autocast 47.0 dB).
-MIN_PSNR = {"bfloat16": 35.0, "float16": 50.0}
+MIN_PSNR = {"bf16": 35.0, "fp16": 50.0}
 
 
 def _mixed_recipes(n: int) -> list[Recipe]:
@@ -56,12 +57,37 @@ def mixed(tmp_path_factory):
     return model, plan, path
 
 
-def test_model_rebuilt_from_the_artifact_is_the_model(mixed):
+def test_weights_read_from_the_artifact_are_the_models(mixed):
     model, _, path = mixed
-    rebuilt = rebuild_model(load_artifact(path))
-    want, got = model.state_dict(), rebuilt.state_dict()
+    got, want = load_weights(load_artifact(path)), model.state_dict()
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_programs_hold_no_weights(mixed):
+    """Weights once: the program files are graphs; the weights live in variants/weights.bin only."""
+    model, _, path = mixed
+    load_artifact(path)  # hashes checked, program files included
+    files = [path / f for f in json.loads((path / "manifest.json").read_text())["programs"].values()]
+    assert len(files) == 4 and all(f.suffix == ".pt2" for f in files)
+    import zipfile
+
+    for f in files:
+        stored = {i.filename: i.file_size for i in zipfile.ZipFile(f).infolist()}
+        weights = sum(n for name, n in stored.items() if "/data/weights/" in name and name.endswith(tuple("0123456789")))
+        assert weights < 4096, (f.name, weights)  # the token indices of partial actions at most
+
+
+def test_sampling_needs_no_pass(mixed, monkeypatch):
+    """The folder alone: activating the runner rebuilds no model and runs no pass."""
+    import sys
+
+    _, _, path = mixed
+    layers = ("tcgraph.passes", "tcgraph.compile", "tcgraph.calibrate")
+    for name in [*layers, *(m for m in sys.modules if m.startswith(layers))]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing them now raises
+    with make_runner("torch", load_artifact(path)) as runner:
+        assert sorted(runner._programs) == ["v0", "v1", "v2", "v3"]
 
 
 def test_untrained_model_equal_tensors_are_stored_once(tmp_path):
@@ -70,12 +96,12 @@ def test_untrained_model_equal_tensors_are_stored_once(tmp_path):
     model = DiT(load_model("digits").config)  # fresh init, not the trained weights
     path = api.transform(model, "fora:2", tmp_path / "a", steps=4, progress=False)
     art = load_artifact(path)
-    entries = art.manifest["parameters"]
+    entries = json.loads((path / "manifest.json").read_text())["parameters"]
     zeros = [k for k, v in model.state_dict().items() if v.numel() > 256 and not v.any()]
     assert len(zeros) >= 6
     assert len({(entries[k]["offset"], entries[k]["transposed"]) for k in zeros}) < len(zeros)
-    rebuilt = rebuild_model(art)
-    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
+    rebuilt = load_weights(art)
+    assert all(torch.equal(rebuilt[k], v) for k, v in model.state_dict().items())
     param_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     assert (path / WEIGHTS_PATH).stat().st_size <= param_bytes + 4096
 
@@ -124,9 +150,7 @@ def test_caches_pass_from_step_to_step_as_the_returned_tensors(mixed):
 
 
 def _cfg(art):
-    from tcgraph.models.dit import DiTConfig
-
-    return DiTConfig(**art.model_config)
+    return art.model_config
 
 
 @pytest.fixture(scope="module")
@@ -135,19 +159,19 @@ def demo_full(tmp_path_factory):
                          progress=False)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_within_stated_psnr_of_float32_eager(demo_full, dtype):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_within_stated_psnr_of_float32_eager(demo_full, precision):
     model = load_model("digits")
     art = load_artifact(demo_full)
     labels = [0, 3, 5, 8]
-    ref = api.sample_eager(model, Plan.from_dict(art.plan).settings, labels)
+    ref = api.sample_eager(model, art.plan.settings, labels)
     got, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch",
-                        runner_options={"dtype": dtype}, progress=False)
+                        runner_options={"precision": precision}, progress=False)
     fp32, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch", progress=False)
     assert (fp32 - ref).abs().max() <= 1e-4
     value = psnr(got, ref)
-    assert MIN_PSNR[dtype] <= value < 100, value  # close, and really in low precision
-    with make_runner("torch", art, dtype=dtype) as runner:
+    assert MIN_PSNR[precision] <= value < 100, value  # close, and really in low precision
+    with make_runner("torch", art, precision=precision) as runner:
         result = runner.run("v0", {"x": torch.randn(8, 1, 16, 16), "t": torch.arange(8), "y": torch.arange(8)})
         assert result["out"].dtype == torch.float32  # the sampler's update stays in float32
 
@@ -164,14 +188,17 @@ def test_sample_cli_with_torch_backend(demo_full, tmp_path, capsys):
     got = torch.from_numpy(np.load(tmp_path / "s.npy"))
     ort, _ = api.sample(demo_full, classes=[1, 2], per_class=1, progress=False)
     assert (got - ort).abs().max() <= 2e-4
-    assert main(["sample", str(demo_full), "--backend", "ort", "--dtype", "bfloat16"]) == 2
-    assert "--dtype is an option of the torch backend" in capsys.readouterr().err
+    assert main(["sample", str(demo_full), "--backend", "ort", "--precision", "bf16"]) == 2
+    assert "--precision is an option of the torch backend" in capsys.readouterr().err
 
 
 def test_bad_options_and_old_folders_get_clear_errors(demo_full, tmp_path):
     art = load_artifact(demo_full)
-    with pytest.raises(TcgraphError, match="unknown dtype"):
-        TorchRunner(art, dtype="int8")
+    with pytest.raises(TcgraphError, match=r"unknown precision 'int8' for the torch backend; use one of fp32, bf16, "
+                                           r"fp16 \(the same words as the TensorRT engine precision\)"):
+        TorchRunner(art, precision="int8")
+    with pytest.raises(TcgraphError, match=r"unknown options \['dtype'\]; valid options: device, precision"):
+        TorchRunner(art, dtype="bfloat16")  # the old word
     with pytest.raises(TcgraphError, match="CUDA graphs need device 'cuda'"):
         TorchRunner(art, device="cpu", cuda_graphs=True)
     with pytest.raises(TcgraphError, match="runs on 'cpu' or 'cuda'"):
@@ -179,18 +206,27 @@ def test_bad_options_and_old_folders_get_clear_errors(demo_full, tmp_path):
     if not CUDA:
         with pytest.raises(TcgraphError, match="sees no CUDA GPU"):
             TorchRunner(art, device="cuda").activate()
-    # A folder written before the parameter map existed: say so and what to do.
+    # A folder written before torch programs existed: say so and what to do; ort still runs it.
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(demo_full, old)
     manifest = json.loads((old / "manifest.json").read_text())
+    programs = manifest.pop("programs")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TcgraphError, match=r"has no torch programs .*re-run `tcgraph transform` with this tcgraph "
+                                           r"to write a folder the torch backend can read, or use --backend ort"):
+        TorchRunner(load_artifact(old, verify_hashes=False)).activate()
+    with make_runner("ort", load_artifact(old, verify_hashes=False)) as runner:
+        assert runner.variant_ids() == ["v0"]
+    # ... or before the parameter map existed
+    manifest["programs"] = programs
     del manifest["parameters"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TcgraphError, match="does not map the model's parameters.*re-run `tcgraph transform`"):
-        TorchRunner(load_artifact(old)).activate()
+        TorchRunner(load_artifact(old, verify_hashes=False)).activate()
     # A parameter map that points past the end of weights.bin (hashes not checked): damaged folder.
-    manifest["parameters"] = art.manifest["parameters"]
+    manifest["parameters"] = json.loads((demo_full / "manifest.json").read_text())["parameters"]
     first = next(iter(manifest["parameters"]))
     manifest["parameters"][first] = dict(manifest["parameters"][first], offset=10**12)
     (old / "manifest.json").write_text(json.dumps(manifest))
@@ -218,16 +254,16 @@ def test_cuda_bf16_matches_eager_pytorch_on_the_gpu(demo_full, graphs):
     model = load_model("digits").cuda()
     art = load_artifact(demo_full)
     labels = [0, 3, 5, 8]
-    ref = _eager_autocast_bf16(model, Plan.from_dict(art.plan).settings, labels)
+    ref = _eager_autocast_bf16(model, art.plan.settings, labels)
     got, _ = api.sample(demo_full, classes=labels, per_class=1, backend="torch", device="cuda",
                         runner_options={"cuda_graphs": graphs}, progress=False)
-    assert psnr(got, ref) >= MIN_PSNR["bfloat16"]
+    assert psnr(got, ref) >= MIN_PSNR["bf16"]
 
 
 @needs_cuda
 def test_cuda_graph_caches_stay_in_the_bank(mixed):
     _, plan, path = mixed
-    with make_runner("torch", load_artifact(path), device="cuda", dtype="float32") as runner:
+    with make_runner("torch", load_artifact(path), device="cuda", precision="fp32") as runner:
         dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
         cfg = _cfg(runner.artifact)
         out = sampler_for(plan.settings, cfg).sample(dispatch, make_noise(2, cfg.in_channels, 8, 0).cuda(),
@@ -236,7 +272,7 @@ def test_cuda_graph_caches_stay_in_the_bank(mixed):
         assert all(v.data_ptr() == runner._bank[n].data_ptr() for n, v in dispatch.caches.items())
     eager, _ = api.sample(path, classes=[1, 2], per_class=1, backend="torch", progress=False)
     graphed, _ = api.sample(path, classes=[1, 2], per_class=1, backend="torch", device="cuda",
-                            runner_options={"dtype": "float32"}, progress=False)
+                            runner_options={"precision": "fp32"}, progress=False)
     assert torch.allclose(graphed, eager, rtol=1e-3, atol=1e-2)  # TF32 matmuls may differ slightly
 
 
@@ -247,7 +283,7 @@ def test_no_host_copies_inside_the_sampling_loop(demo_full):
     from torch.profiler import ProfilerActivity, profile
 
     art = load_artifact(demo_full)
-    plan = Plan.from_dict(art.plan)
+    plan = art.plan
     cfg = _cfg(art)
     labels = [0, 1, 2, 3, 4, 5, 6, 7]  # two runs of batch 4
     with make_runner("torch", art, device="cuda") as runner:
@@ -266,17 +302,41 @@ def test_no_host_copies_inside_the_sampling_loop(demo_full):
 
 
 def test_variants_share_one_copy_of_the_weights(mixed):
-    """Weights once: every variant graph reads the same (cast) parameter tensors."""
-    _, _, path = mixed
-    with TorchRunner(load_artifact(path), dtype="bfloat16") as runner:
-        graphs = list(runner._graphs.values())
+    """Weights once: every variant program reads the same (cast) model tensors."""
+    model, _, path = mixed
+    with TorchRunner(load_artifact(path), precision="bf16") as runner:
+        programs = list(runner._programs.values())
         where: dict[str, set[int]] = {}
-        for gm in graphs:
-            for name, p in gm.named_parameters():
+        for program in programs:
+            for name, p in program.weights.items():
                 where.setdefault(name, set()).add(p.data_ptr())
-                assert p.dtype == torch.bfloat16
-        assert len(graphs) == 4 and where
-        assert all(len(ptrs) == 1 for ptrs in where.values())
+                if p.is_floating_point():
+                    assert p.dtype == torch.bfloat16
+        assert len(programs) == 4
+        assert set(model.state_dict()) <= set(where)  # every model tensor is read by some variant
+        assert all(len(where[name]) == 1 for name in model.state_dict())
+
+
+def test_injected_programs_run_as_given(mixed):
+    """Polygraphy-style loaders: the runner runs whatever programs it is handed."""
+    _, plan, path = mixed
+    art = load_artifact(path)
+    real = ProgramsFromArtifact(art)()
+    calls = []
+
+    def spy(vid):
+        def program(*inputs):
+            calls.append(vid)
+            return real[vid](*inputs)
+        return program
+
+    with make_runner("torch", art, programs={vid: spy(vid) for vid in real}) as runner:
+        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        sampler_for(plan.settings, _cfg(art)).sample(dispatch, make_noise(2, _cfg(art).in_channels, 8, 0),
+                                                     torch.tensor([1, 2]))
+    assert calls == plan.schedule()
+    with pytest.raises(TcgraphError, match=r"got no program for variants \['v3'\]"):
+        make_runner("torch", art, programs={vid: real[vid] for vid in ("v0", "v1", "v2")}).activate()
 
 
 @pytest.mark.slow

@@ -3,15 +3,15 @@
 Everywhere: `check_engines` on numbers, the one clear error of `import_tensorrt` and
 `build_engines`, and `build_engines` driven against `fake_tensorrt()`, a stand-in for
 the `tensorrt` module that records what the builder was asked (flags, workspace, the
-timing cache, the ONNX paths) and writes plans that its runtime executes on the CPU
-with the variants' fx graphs (it lives in tests/fake_tensorrt.py; tests/runtime/test_trt.py
-runs TrtRunner on it).
+timing cache, the ONNX paths) and writes plans whose engines report their I/O (it
+lives in tests/fake_tensorrt.py; tests/runtime/trt/test_loader.py loads them).
 Tests marked `tensorrt` build real engines; they skip where TensorRT or a CUDA GPU is
 missing.
 """
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import sys
 import types
@@ -23,24 +23,24 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export import load_artifact, write_artifact
 from tcgraph.export.onnx import export_variants
-from tcgraph.export.tensorrt import (
-    build_engines,
-    check_engines,
-    import_tensorrt,
-    keep_sinusoids_fp32,
-    release,
-)
-from tests.export.tiny_variants import dit_variants, tiny_dit
+from tcgraph.progress import Recorder
+from tcgraph.runtime.trt import build_engines, check_engines, import_tensorrt, keep_sinusoids_fp32, release
+from tests.export.tiny_variants import tiny_dit
+from tests.runtime.tiny_artifact import tiny_artifact_args, tiny_variants
 from tests.fake_tensorrt import (
     FAKE_GPU,
     FAKE_VERSION,
     fake_engines,
     fake_section,
     fake_tensorrt,
-    install_fake_cuda,
+    install_fake_gpu,
     needs_real_tensorrt,
     timestep_network,
 )
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
 
 #################################################################################
 #                                  check_engines                                #
@@ -142,7 +142,7 @@ def test_build_engines_without_tensorrt_or_gpu(monkeypatch, onnx_folder):
         build_engines(root, entries)
     trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    install_fake_cuda(monkeypatch, trt, available=False)
+    install_fake_gpu(monkeypatch, available=False)
     with pytest.raises(TcgraphError, match=r"TensorRT needs an NVIDIA GPU, and torch sees no CUDA device here"):
         build_engines(root, entries)
     assert not (root / "engines").exists()
@@ -156,7 +156,7 @@ def test_build_engines_without_tensorrt_or_gpu(monkeypatch, onnx_folder):
 @pytest.fixture(scope="module")
 def variants():
     torch.set_num_threads(1)
-    return {v.id: v for v in dit_variants(tiny_dit())}
+    return tiny_variants(tiny_dit())
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def onnx_folder(exported, tmp_path):
 def fake(monkeypatch):
     trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    install_fake_cuda(monkeypatch, trt)
+    install_fake_gpu(monkeypatch)
     return trt
 
 
@@ -199,8 +199,8 @@ def test_sinusoidal_embedding_stays_fp32():
                                               ("bf16", ["BF16", "PREFER_PRECISION_CONSTRAINTS"]), ("fp32", [])])
 def test_build_engines_one_engine_per_variant(fake, onnx_folder, precision, flags):
     root, entries = onnx_folder
-    said = []
-    section = build_engines(root, entries, precision=precision, progress=said.append)
+    progress = Recorder()
+    section = build_engines(root, entries, precision=precision, progress=progress)
     ids = [e["id"] for e in entries]
     assert section == {
         "tensorrt_version": FAKE_VERSION,
@@ -219,25 +219,25 @@ def test_build_engines_one_engine_per_variant(fake, onnx_folder, precision, flag
     (cache,) = fake.timing_caches
     assert all(config.timing_cache is cache for _, config in builder.builds)
     assert (root / "engines/timing.cache").read_bytes() == b"fake timing cache after 3 builds"
-    assert said == [f"building TensorRT engine {vid} ({i + 1}/3, {precision})" for i, vid in enumerate(ids)]
+    assert progress.phases == [["engines", 3, [f"{vid} ({i + 1}/3, {precision})" for i, vid in enumerate(ids)]]]
     assert sorted(p.name for p in (root / "engines").iterdir()) == sorted([f"{v}.plan" for v in ids] + ["timing.cache"])
 
 
 def test_build_engines_weight_stripped_and_workspace(fake, onnx_folder):
     root, entries = onnx_folder
-    said = []
-    section = build_engines(root, entries, strip_weights=True, workspace_gib=1.5, progress=said.append)
+    progress = Recorder()
+    section = build_engines(root, entries, strip_weights=True, workspace_gib=1.5, progress=progress)
     assert section["weight_stripped"] is True and section["precision"] == "fp16"
     for _, config in fake.builders[0].builds:
         assert config.flags == {"FP16", "PREFER_PRECISION_CONSTRAINTS", "STRIP_PLAN", "REFIT_IDENTICAL"}
         assert config.pools == {"WORKSPACE": 1610612736}  # 1.5 GiB in bytes
-    assert said[0] == "building TensorRT engine full (1/3, fp16, weight-stripped)"
+    assert progress.phases[0][2][0] == "v0 (1/3, fp16, weight-stripped)"
 
 
 def test_build_engines_reports_parser_errors(fake, onnx_folder):
     root, entries = onnx_folder
     fake.parse_errors = ["In node 12 (Gelu): UNSUPPORTED_NODE"]
-    with pytest.raises(TcgraphError, match=r"TensorRT 10\.3\.0\.26 cannot parse variant full \(full\.onnx\): "
+    with pytest.raises(TcgraphError, match=r"TensorRT 10\.3\.0\.26 cannot parse variant v0 \(v0\.onnx\): "
                                            r"In node 12 \(Gelu\): UNSUPPORTED_NODE; .*`--backend ort`"):
         build_engines(root, entries)
 
@@ -245,7 +245,7 @@ def test_build_engines_reports_parser_errors(fake, onnx_folder):
 def test_build_engines_without_precision_flags(monkeypatch, onnx_folder):
     trt = fake_tensorrt(version="11.0.0.1", precision_flags=False)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    install_fake_cuda(monkeypatch, trt)
+    install_fake_gpu(monkeypatch)
     root, entries = onnx_folder
     with pytest.raises(TcgraphError, match=r"TensorRT 11\.0\.0\.1 has no BuilderFlag\.BF16 .*precision fp32"):
         build_engines(root, entries, precision="bf16")
@@ -258,15 +258,15 @@ def test_build_engines_refuses_missing_onnx(fake, tmp_path):
 
 
 def test_write_artifact_hashes_the_engines(tmp_path, variants):
-    out = write_artifact(tmp_path / "art", model_config={"name": "tiny"}, plan={"steps": 1},
-                         variants=[variants["full"]], engines=fake_engines(fake_tensorrt(), precision="fp16"))
-    art = load_artifact(out)  # checks every hash, engine files included
-    section = art.manifest["tensorrt"]
-    size = (out / "engines/full.plan").stat().st_size
-    assert section["engines"] == {"full": {"file": "engines/full.plan", "bytes": size}}
-    assert {"engines/full.plan", "engines/timing.cache"} <= set(art.manifest["files"])
-    (out / "engines/full.plan").write_bytes(b"{}")
-    with pytest.raises(TcgraphError, match=r"hash mismatch: engines/full\.plan"):
+    out = write_artifact(tmp_path / "art", **tiny_artifact_args(tiny_dit(), 1),
+                         variants=[variants["v0"]], engines=fake_engines(fake_tensorrt(), precision="fp16"))
+    load_artifact(out)  # checks every hash, engine files included
+    section, files = _manifest(out)["tensorrt"], _manifest(out)["files"]
+    size = (out / "engines/v0.plan").stat().st_size
+    assert section["engines"] == {"v0": {"file": "engines/v0.plan", "bytes": size}}
+    assert {"engines/v0.plan", "engines/timing.cache"} <= set(files)
+    (out / "engines/v0.plan").write_bytes(b"{}")
+    with pytest.raises(TcgraphError, match=r"hash mismatch: engines/v0\.plan"):
         load_artifact(out)
 
 
@@ -281,18 +281,18 @@ def test_real_engines_plain_and_weight_stripped(tmp_path, variants):
 
     sizes = {}
     for strip in (False, True):
-        out = write_artifact(tmp_path / f"art-{strip}", model_config={"name": "tiny"}, plan={"steps": 3},
+        out = write_artifact(tmp_path / f"art-{strip}", **tiny_artifact_args(tiny_dit()),
                              variants=list(variants.values()),
                              engines=functools.partial(build_engines, precision="fp16", strip_weights=strip))
-        art = load_artifact(out)
-        section = art.manifest["tensorrt"]
+        load_artifact(out)
+        section, files = _manifest(out)["tensorrt"], _manifest(out)["files"]
         major, minor = torch.cuda.get_device_capability()
         assert section["tensorrt_version"] == trt.__version__
         assert section["device"] == {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
         assert section["weight_stripped"] is strip and section["precision"] == "fp16"
-        assert set(section["engines"]) == {"full", "fill", "reuse"}
+        assert set(section["engines"]) == {"v0", "v1", "v2"}
         for engine in section["engines"].values():
-            assert engine["file"] in art.manifest["files"] and engine["bytes"] == (out / engine["file"]).stat().st_size
+            assert engine["file"] in files and engine["bytes"] == (out / engine["file"]).stat().st_size
         assert (out / "engines/timing.cache").stat().st_size > 0
         sizes[strip] = sum(e["bytes"] for e in section["engines"].values())
     weights = (tmp_path / "art-False" / "variants/weights.bin").stat().st_size

@@ -1,12 +1,13 @@
-"""branch_cache against the eager reference (a plain loop over blocks, no fx)."""
+"""cache_io + reuse (compute/reuse recipes) against the eager reference (a plain loop over
+blocks, no fx), and the variant spec's checks."""
 import itertools
 
 import pytest
 import torch
 
-from tcgraph.compile import build_variants, check_variant, example_inputs, rewrite_variant
+from tcgraph.compile import PIPELINE, build_variants, check_variant, example_inputs, rewrite, rewrite_variant
 from tcgraph.errors import TcgraphError
-from tcgraph.passes import capture, expand_blocks, branch_cache, io_names, reference_step
+from tcgraph.passes import RewriteSpec, cache_io, capture, expand_blocks, io_names, reference_step, reuse, token_prune
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, partial
 from tcgraph.sampling import SamplerSettings
 
@@ -90,16 +91,40 @@ def test_cached_steps_differ_from_full(tiny_model):
     assert (out - tiny_model(feeds["x"], feeds["t"], feeds["y"])).abs().max() > 1e-3
 
 
-def test_partial_and_bad_writes_are_refused(tiny_model):
-    gm = expand_blocks(capture(tiny_model).gm)
-    with pytest.raises(TcgraphError, match="token_prune"):
-        branch_cache(gm, Recipe(((partial([1]), COMPUTE),) * 3), [])
-    gm = expand_blocks(capture(tiny_model).gm)
+def test_bad_specs_are_refused(tiny_model):
     with pytest.raises(TcgraphError, match="does not compute"):
-        branch_cache(gm, Recipe.uniform(3, REUSE), [(0, "attn")])
+        RewriteSpec(Recipe.uniform(3, REUSE), ((0, "attn"),))
+    with pytest.raises(TcgraphError, match="3 blocks"):
+        RewriteSpec(Recipe.uniform(3, COMPUTE), ((3, "attn"),))
     gm = expand_blocks(capture(tiny_model).gm)
     with pytest.raises(TcgraphError, match="blocks"):
-        branch_cache(gm, Recipe.uniform(2, COMPUTE), [])
+        cache_io(gm, RewriteSpec(Recipe.uniform(2, COMPUTE)))
+
+
+def test_passes_are_independent_steps(tiny_model):
+    """cache_io only adds I/O (the cache inputs have no users yet, every branch still runs);
+    reuse then connects them; each pass leaves a linted graph. A pipeline that leaves out the
+    pass of an action is caught by the numerical check, not silently exported."""
+    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (partial([1, 2]), COMPUTE)))
+    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE), recipe), 16)
+    spec = RewriteSpec.of(plan, recipe)
+    gm = cache_io(expand_blocks(capture(tiny_model).gm), spec)
+    ins, outs = io_names(gm)
+    assert (ins, outs) == plan.variant_io(recipe)
+    placeholders = {n.meta["tcgraph.io_name"]: n for n in gm.graph.nodes if n.op == "placeholder"}
+    assert all(not placeholders[n].users for n in ins[3:])
+    assert sum(1 for n in gm.graph.nodes if "tcgraph.branch" in n.meta) == 6
+    gm = reuse(gm, spec)
+    assert [len(placeholders[n].users) for n in ins[3:]] == [1, 1, 0]  # the partial one waits for token_prune
+    assert sum(1 for n in gm.graph.nodes if "tcgraph.branch" in n.meta) == 4
+    feeds = example_inputs(tiny_model, plan, ins)
+    with pytest.raises(TcgraphError, match="disagrees"):
+        check_variant(tiny_model, gm, recipe, feeds)
+    gm = token_prune(gm, spec)
+    assert check_variant(tiny_model, gm, recipe, feeds) <= 1e-4
+    assert PIPELINE[:3] == (cache_io, reuse, token_prune)
+    full = rewrite(tiny_model, spec)
+    assert full.code == gm.code  # token_dynamic has nothing to do here
 
 
 def test_rewrites_never_mutate_the_model(tiny_model):
@@ -109,3 +134,12 @@ def test_rewrites_never_mutate_the_model(tiny_model):
     after = tiny_model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_build_variants_reports_one_rewrite_phase(tiny_model):
+    from tcgraph.progress import Recorder
+
+    recorder = Recorder()
+    plan = make_plan("fora:2", tiny_model.config, settings(4))
+    variants = build_variants(tiny_model, plan, progress=recorder)
+    assert recorder.phases == [["rewrite", len(variants), [v.id for v in variants]]] and len(variants) == 2

@@ -23,42 +23,30 @@ The returned tensors ARE the runner's buffers: `out` is overwritten by the next 
 each cache by the next run that writes it. The sampler consumes `out` (on its stream)
 before it asks for the next step, so that is safe; copy a value to keep it.
 
-Engines come from `tcgraph.export.tensorrt.build_engines`; weight-stripped engines are
-refitted here from their ONNX file (which reads the shared `variants/weights.bin`).
-`tensorrt` is imported on `activate`, so importing tcgraph never needs it.
+Engines come from a loader (`EnginesFromArtifact`: the folder's engines, checked and
+refitted, see loader.py), called on `activate`; pass `engines=` (a loader, a
+`LoadedEngines`, or a dict of engines) to run others: the runner itself never imports
+`tensorrt`, it only calls the engines and contexts it is given.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
-from tcgraph.export.tensorrt import (
-    REBUILD_HINT,
-    check_engines,
-    cuda_device_info,
-    import_tensorrt,
-    trt_logger,
-)
+from tcgraph.names import OUT
 from tcgraph.runtime.bank import CacheBank, aliased_outputs, load_into, static_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
+from tcgraph.runtime.trt.common import REBUILD_HINT, cuda_device_info, device_memory_size, import_tensorrt, \
+    set_device_memory
+from tcgraph.runtime.trt.loader import EnginesFromArtifact, LoadedEngines
 
-OUT = "out"
 _CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
-# trt.DataType member name -> manifest dtype name
-_TRT_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT64": "int64",
-    "INT32": "int32",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
+Engines = LoadedEngines | dict[str, Any] | Callable[[], LoadedEngines | dict[str, Any]]
 
 
 class TrtRunner(Runner):
@@ -72,12 +60,14 @@ class TrtRunner(Runner):
             context, as large as the largest needs (default True; contexts created
             USER_MANAGED). Safe because runs are serialised on the runner's one stream;
             False lets each context own its activation memory (one block per variant).
+        engines: the engines to run (a `LoadedEngines`, a dict by variant id, or a loader
+            returning either; default `EnginesFromArtifact(artifact)`).
     """
 
     name = "trt"
 
     def __init__(self, artifact: Artifact, *, cuda_graphs: bool = True, device: str = "cuda",
-                 share_activations: bool = True, **options: Any):
+                 share_activations: bool = True, engines: Engines | None = None, **options: Any):
         super().__init__(artifact, **options)
         if not isinstance(device, str) or not _CUDA_DEVICE.fullmatch(device):
             raise TcgraphError(
@@ -89,10 +79,8 @@ class TrtRunner(Runner):
         self.activation_bytes = 0  # device memory of the execution contexts (shared block or sum), once active
         self._activations: torch.Tensor | None = None
         self._requested_device = device
-        self._entries: dict[str, dict] = artifact.variants
+        self._load = engines if engines is not None else EnginesFromArtifact(artifact)
         self._device: torch.device | None = None
-        self._trt = None
-        self._runtime = None
         self._engines: dict[str, Any] = {}
         self._contexts: dict[str, Any] = {}
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
@@ -110,18 +98,22 @@ class TrtRunner(Runner):
     # ---------------------------------------------------------------- lifecycle
 
     def _activate_impl(self) -> None:
-        trt = self._trt = import_tensorrt()
+        if isinstance(self._load, EnginesFromArtifact):
+            import_tensorrt()  # the folder's engines need TensorRT: say so before looking for a GPU
         self._device = self._cuda_device()
         try:
             with torch.cuda.device(self._device):
-                info = cuda_device_info(self._device)
-                section = self.artifact.manifest.get("tensorrt")
-                check_engines(section, tensorrt_version=str(trt.__version__), device_name=info["name"],
-                              compute_capability=info["compute_capability"])
-                self._load_engines(trt, section)
+                loaded = self._load() if callable(self._load) else self._load
+                if not isinstance(loaded, LoadedEngines):
+                    loaded = LoadedEngines(dict(loaded))
+                missing = [vid for vid in self.specs if vid not in loaded.engines]
+                if missing:
+                    raise TcgraphError(f"the 'trt' runner got no engine for variants {missing}; it got "
+                                       f"{sorted(loaded.engines)}")
+                self._engines = {vid: loaded.engines[vid] for vid in self.specs}
                 self._allocate()
-                self._create_contexts(trt)
-                for vid in self._entries:
+                self._create_contexts(loaded.user_managed)
+                for vid in self.specs:
                     self._bind(vid)
                 self._stream = torch.cuda.Stream(self._device)
                 self._warm_up_and_capture()
@@ -137,8 +129,10 @@ class TrtRunner(Runner):
         self._pool = None
         self._contexts.clear()
         self._activations = None
-        self._engines.clear()
-        self._runtime = None
+        self._engines = {}
+        release = getattr(self._load, "release", None)
+        if release is not None:
+            release()
         self._scratch.clear()
         self._static.clear()
         self._bank = None
@@ -159,80 +153,20 @@ class TrtRunner(Runner):
             )
         return torch.device("cuda", index)
 
-    def _load_engines(self, trt, section: dict) -> None:
-        files = section.get("engines") or {}
-        missing = [vid for vid in self._entries if vid not in files]
-        if missing:
-            raise TcgraphError(
-                f"the 'tensorrt' section of manifest.json has no engine for variants {missing}; the artifact is "
-                f"incomplete: {REBUILD_HINT}"
-            )
-        logger = trt_logger(trt)
-        self._runtime = trt.Runtime(logger)
-        for vid in self._entries:
-            path = self.artifact.root / files[vid]["file"]
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise TcgraphError(
-                    f"TensorRT {trt.__version__} cannot load the engine of variant {vid} ({path}; see its log "
-                    f"above); {REBUILD_HINT}"
-                )
-            if section.get("weight_stripped"):
-                self._refit(trt, engine, vid)
-            self._check_io(trt, engine, vid)
-            self._engines[vid] = engine
-
-    def _refit(self, trt, engine, vid: str) -> None:
-        """Give a weight-stripped engine its weights, read from the variant's ONNX file."""
-        logger = trt_logger(trt)
-        onnx_path = self.artifact.variant_path(vid)
-        refitter = trt.Refitter(engine, logger)
-        parser_refitter = trt.OnnxParserRefitter(refitter, logger)
-        # From the path, so that the external data (variants/weights.bin) is found.
-        if not parser_refitter.refit_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser_refitter.get_error(k)) for k in range(parser_refitter.num_errors))
-            raise TcgraphError(
-                f"cannot refit the weight-stripped engine of variant {vid} from {onnx_path}: "
-                f"{errors or 'no details'}; {REBUILD_HINT}"
-            )
-        missing = list(refitter.get_missing_weights())
-        if missing or not refitter.refit_cuda_engine():
-            detail = f"weights missing from the ONNX file: {missing[:5]}" if missing else "refit_cuda_engine failed"
-            raise TcgraphError(f"cannot refit the weight-stripped engine of variant {vid} ({detail}); {REBUILD_HINT}")
-
-    def _check_io(self, trt, engine, vid: str) -> None:
-        """The engine's I/O tensors must be the manifest's: names, directions, shapes, dtypes."""
-        entry = self._entries[vid]
-        want = {i["name"]: ("input", list(i["shape"]), i["dtype"]) for i in entry["inputs"]}
-        want.update({o["onnx_name"]: ("output", list(o["shape"]), o["dtype"]) for o in entry["outputs"]})
-        got = {}
-        for k in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(k)
-            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-            dtype = engine.get_tensor_dtype(name)
-            dtype = _TRT_DTYPES.get(getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1]), str(dtype))
-            got[name] = (mode, [int(d) for d in engine.get_tensor_shape(name)], dtype)
-        if got != want:
-            diff = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
-            details = ", ".join(f"{n}: engine {got.get(n, 'absent')} vs manifest {want.get(n, 'absent')}" for n in diff)
-            raise TcgraphError(
-                f"the TensorRT engine of variant {vid} does not match manifest.json ({details}); the engine was "
-                f"built from other ONNX files: {REBUILD_HINT}"
-            )
-
     def _allocate(self) -> None:
         """Static x/t/y/out buffers, the cache bank and the scratch buffers, all zeros."""
-        self._static = static_buffers(self.artifact, self._device, lambda _name, dtype: torch_dtype(dtype))
-        self._bank = CacheBank(self.artifact, self._device)
-        self._scratch = {vid: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(self.artifact, vid)}
-                         for vid in self._entries}
+        variants = self.specs.values()
+        self._static = static_buffers(variants, self._device, lambda _name, dtype: torch_dtype(dtype))
+        self._bank = CacheBank(variants, self._device)
+        self._scratch = {v.id: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(v)}
+                         for v in variants}
 
-    def _create_contexts(self, trt) -> None:
-        """One execution context per variant; with `share_activations`, all of them on one
-        block of activation memory (runs never overlap: one stream, in order)."""
-        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
+    def _create_contexts(self, strategy) -> None:
+        """One execution context per variant; with `share_activations` (and a USER_MANAGED
+        `strategy`), all of them on one block of activation memory (runs never overlap: one
+        stream, in order)."""
         shared = self.share_activations and strategy is not None
-        sizes = {vid: int(_device_memory_size(engine)) for vid, engine in self._engines.items()}
+        sizes = {vid: int(device_memory_size(engine)) for vid, engine in self._engines.items()}
         if shared:
             self.activation_bytes = max(sizes.values(), default=0)
             self._activations = torch.empty(max(self.activation_bytes, 1), dtype=torch.uint8, device=self._device)
@@ -246,26 +180,26 @@ class TrtRunner(Runner):
                     "memory, or cap the number of variants (`max_variants`)"
                 )
             if shared:
-                _set_device_memory(context, self._activations, sizes[vid])
+                set_device_memory(context, self._activations.data_ptr(), sizes[vid])
             self._contexts[vid] = context
 
     def _bind(self, vid: str) -> None:
         """The tensor addresses of one variant's context, set once and for all."""
         context = self._contexts[vid]
-        entry = self._entries[vid]
+        spec = self.specs[vid]
         addresses = {}
-        for io in entry["inputs"]:
-            name = io["name"]
+        for io in spec.inputs:
+            name = io.name
             addresses[name] = self._static[name] if name in self._static else self._bank[name]
-        for io in entry["outputs"]:
-            name = io["name"]
+        for io in spec.outputs:
+            name = io.name
             if name == OUT:
                 buffer = self._static[OUT]
             elif name in self._scratch[vid]:
                 buffer = self._scratch[vid][name]  # read and written by this variant
             else:
                 buffer = self._bank[name]
-            addresses[io["onnx_name"]] = buffer
+            addresses[io.onnx_name] = buffer
         for name, buffer in addresses.items():
             if not context.set_tensor_address(name, buffer.data_ptr()):
                 raise TcgraphError(f"TensorRT refused the address of {name} in variant {vid}; {REBUILD_HINT}")
@@ -277,13 +211,13 @@ class TrtRunner(Runner):
         # stream capture must not see. The buffers are zeros; every output is overwritten
         # by real runs before it is read (a full step writes every cache).
         with torch.cuda.stream(stream):
-            for vid in self._entries:
+            for vid in self.specs:
                 self._enqueue(vid)
         stream.synchronize()
         if not self.cuda_graphs:
             return
         self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all the graphs
-        for vid in self._entries:
+        for vid in self.specs:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
@@ -321,8 +255,8 @@ class TrtRunner(Runner):
             else:
                 self._enqueue(variant_id)
         caller.wait_stream(stream)  # whatever the caller enqueues next sees the results
-        return {o["name"]: self._static[OUT] if o["name"] == OUT else self._bank[o["name"]]
-                for o in self._entries[variant_id]["outputs"]}
+        return {name: self._static[OUT] if name == OUT else self._bank[name]
+                for name in self.specs[variant_id].output_names}
 
     def _to_torch_impl(self, value: Any) -> torch.Tensor:
         # Every value `run` returns is a torch CUDA tensor already (handled by the base class).
@@ -332,16 +266,3 @@ class TrtRunner(Runner):
 
     def _describe_impl(self, value: Any):
         return None, None  # only torch tensors and numpy arrays (handled by the base class)
-
-
-def _device_memory_size(engine) -> int:
-    """Activation memory an engine's context needs (`device_memory_size_v2` from TensorRT 10.1)."""
-    size = getattr(engine, "device_memory_size_v2", None)
-    return engine.device_memory_size if size is None else size
-
-
-def _set_device_memory(context, block: torch.Tensor, size: int) -> None:
-    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-        context.set_device_memory(block.data_ptr(), size)
-    else:
-        context.device_memory = block.data_ptr()

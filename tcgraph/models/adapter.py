@@ -1,0 +1,233 @@
+"""Model adapters: what one architecture is made of, told once, so that nothing else names its modules.
+
+The passes (capture, expand_blocks, token pruning), the eager reference and calibration's
+blended step never name a module of an architecture (DESIGN.md, "Models and adapters").
+They ask the model's `ModelAdapter`:
+
+- which module class is a block (a leaf of the fx capture) and where the blocks are, in order;
+- each block's branches, in recipe order (`tcgraph.names.BRANCHES`), with how the branch
+  input u is formed from the hidden state h (norm, then adaLN shift/scale from the block's
+  modulation), the gate that scales the branch output into the residual, the branch module,
+  and, for an attention branch, where its fused q/k/v and output projection are;
+- how x and the conditioning become the hidden state h and the conditioning vector c, and
+  how the last hidden state becomes the model output.
+
+`run_blocks` is the one eager block loop built from these facts: the eager reference
+(`tcgraph.passes.reference`) and calibration's `mixed_step` both run it, each deciding
+what every branch contributes through a callback.
+
+Adapters live in a registry keyed by model class (`ADAPTERS`, looked up along the class's
+MRO, so a subclass keeps its parent's layout), not in isinstance chains in the passes;
+`adapter_for` refuses an unknown architecture by name and lists the supported ones.
+tcgraph's own DiT (official facebookresearch/DiT layout) is registered here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import Attention, DiT, DiTBlock, Mlp, modulate
+from tcgraph.names import BRANCHES
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where token pruning finds the parts of a multi-head self-attention branch.
+
+    Names are attributes of the branch module. `in_proj` is one linear layer whose output
+    columns are q, k, v in that order, each split into `num_heads` heads of `head_dim`
+    (timm's and the official DiT's layout); `out_proj` is the output projection.
+    """
+
+    in_proj: str
+    out_proj: str
+    num_heads: str  # int attribute of the branch module
+    head_dim: str  # int attribute of the branch module
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """One residual branch of a block: `h = h + gate ⊙ module(modulate(norm(h), shift, scale))`.
+
+    `shift`, `scale`, `gate` index the chunks of the block's modulation output; a gate of
+    None is an ungated branch (`h + out`); shift and scale of None leave u = norm(h); a norm
+    of None takes h itself. The cached value is the branch output before its gate.
+    `attention` says where q/k/v and the output projection are (None: the branch works on
+    each token alone, like an MLP, so it may run on a subset of the token rows).
+    """
+
+    name: str  # the recipe's branch name: "attn", "mlp"
+    module: str  # attribute of the block: the branch function
+    type: type  # the branch module's class: a leaf when the block body is traced
+    norm: str | None
+    shift: int | None
+    scale: int | None
+    gate: int | None
+    attention: AttentionSpec | None = None
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes the block table records: token count and width of the hidden state, heads."""
+
+    depth: int
+    num_tokens: int
+    hidden_size: int
+    num_heads: int
+
+
+class BranchFn(Protocol):
+    """What a caller of `run_blocks` decides for each branch: its pre-gate output.
+
+    `u()` computes the branch input (only call it when the branch is evaluated: a reused
+    branch never forms its input); `fn` is the branch module.
+    """
+
+    def __call__(self, block: int, branch: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """The facts tcgraph needs about one model architecture (see the module docstring)."""
+
+    name: str  # shown in messages, e.g. "DiT"
+    model_type: type  # the registry key
+    block_type: type  # a leaf module of the fx capture
+    blocks: str  # module path of the blocks' container (an nn.ModuleList), e.g. "blocks"
+    modulation: str  # attribute of a block: c -> [B, chunks * D], split into `chunks` along dim 1
+    chunks: int
+    branches: tuple[BranchSpec, ...]
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    final: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, h, c) -> output
+    dims: Callable[[nn.Module], ModelDims]
+
+    def __post_init__(self) -> None:
+        names = tuple(b.name for b in self.branches)
+        if names != BRANCHES:
+            raise TcgraphError(
+                f"adapter {self.name}: branches {names} must be {BRANCHES}, in that order: recipes list one "
+                "action per branch in that order"
+            )
+
+    # ---- structure ------------------------------------------------------------------
+
+    def branch(self, name: str) -> BranchSpec:
+        for spec in self.branches:
+            if spec.name == name:
+                return spec
+        raise TcgraphError(f"adapter {self.name} has no branch {name!r}; its branches: {[b.name for b in self.branches]}")
+
+    def block_path(self, index: int) -> str:
+        """Module path of block `index`, e.g. `blocks.3`."""
+        return f"{self.blocks}.{index}"
+
+    def block_paths(self, model: nn.Module) -> list[str]:
+        return [self.block_path(i) for i in range(len(model.get_submodule(self.blocks)))]
+
+    def leaf_types(self) -> tuple[type, ...]:
+        """Module classes kept whole when a block body is traced: the branch functions."""
+        return tuple(dict.fromkeys(b.type for b in self.branches))
+
+    def branch_of(self, relative_target: str) -> BranchSpec | None:
+        """The branch whose module is `relative_target` (a path inside the block), if any."""
+        return next((b for b in self.branches if b.module == relative_target), None)
+
+    # ---- eager evaluation -------------------------------------------------------------
+
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   branch_fn: BranchFn) -> torch.Tensor:
+        """The model's forward with every branch's pre-gate output decided by `branch_fn`.
+
+        With `branch_fn = lambda l, b, u, fn: fn(u())` this is the model itself. The op
+        order is fixed here once; the reference and calibration share it.
+        """
+        h, c = self.embed(model, x, t, y)
+        for l, block in enumerate(model.get_submodule(self.blocks)):
+            mod = getattr(block, self.modulation)(c).chunk(self.chunks, dim=1)
+            for spec in self.branches:
+                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h), getattr(block, spec.module))
+                h = h + mod[spec.gate].unsqueeze(1) * value if spec.gate is not None else h + value
+        return self.final(model, h, c)
+
+
+def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
+              h: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """u of one branch, formed only when asked for (h bound now, not when called)."""
+
+    def u() -> torch.Tensor:
+        v = getattr(block, spec.norm)(h) if spec.norm is not None else h
+        if spec.shift is not None:
+            v = modulate(v, mod[spec.shift], mod[spec.scale])
+        return v
+
+    return u
+
+
+# ---- registry ---------------------------------------------------------------------------
+
+ADAPTERS: dict[type, ModelAdapter] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Make `adapter_for` answer `adapter` for its model class (and subclasses without their own)."""
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of `model`'s class; refuses an architecture without one, naming the supported ones."""
+    for cls in type(model).__mro__:
+        if cls in ADAPTERS:
+            return ADAPTERS[cls]
+    known = ", ".join(a.name for a in ADAPTERS.values())
+    raise TcgraphError(
+        f"tcgraph has no model adapter for {type(model).__name__}; supported architectures: {known}. "
+        "Load the model as one of these (tcgraph.models.load_model for DiT checkpoints), or register a "
+        "ModelAdapter for its class with tcgraph.models.adapter.register_adapter"
+    )
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               branch_fn: BranchFn) -> torch.Tensor:
+    """`adapter_for(model).run_blocks(...)`: one eager forward, branches decided by `branch_fn`."""
+    return adapter_for(model).run_blocks(model, x, t, y, branch_fn)
+
+
+# ---- tcgraph's DiT (official facebookresearch/DiT layout) --------------------------------
+
+
+def _dit_embed(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = model.x_embedder(x) + model.pos_embed  # (N, T, D)
+    c = model.t_embedder(t) + model.y_embedder(y, False)  # (N, D); labels as given (no dropout)
+    return h, c
+
+
+def _dit_final(model: DiT, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return model.unpatchify(model.final_layer(h, c))  # (N, C_out, H, W)
+
+
+def _dit_dims(model: DiT) -> ModelDims:
+    cfg = model.config
+    return ModelDims(cfg.depth, cfg.num_tokens, cfg.hidden_size, cfg.num_heads)
+
+
+DIT = register_adapter(ModelAdapter(
+    name="DiT",
+    model_type=DiT,
+    block_type=DiTBlock,
+    blocks="blocks",
+    modulation="adaLN_modulation",  # shift, scale, gate of attn, then of mlp
+    chunks=6,
+    branches=(
+        BranchSpec("attn", "attn", Attention, "norm1", 0, 1, 2,
+                   AttentionSpec(in_proj="qkv", out_proj="proj", num_heads="num_heads", head_dim="head_dim")),
+        BranchSpec("mlp", "mlp", Mlp, "norm2", 3, 4, 5),
+    ),
+    embed=_dit_embed,
+    final=_dit_final,
+    dims=_dit_dims,
+))

@@ -1,0 +1,59 @@
+"""Pass cache_io: give a block-expanded graph the graph interface of one variant.
+
+DESIGN.md ("Graph interface of a variant"): inputs `x, t, y`, then one placeholder per
+cache the recipe reads, `cache.<l>.<branch>` (reused, partial and dynamic branches; a
+dynamic branch's input cache `cache.<l>.<branch>.in` right after it), in block order;
+outputs `out`, then one per cache in `spec.writes` (the branch node's value: the pre-gate
+branch output), each followed by `cache.<l>.<branch>.in` where `spec.input_writes` names
+it (the branch input u).
+
+This pass only adds inputs and outputs: the new placeholders have no users yet. The passes
+after it connect them: `reuse` (a reused branch reads its cache), `token_prune` and
+`token_dynamic` (the cache rows a partial or dynamic branch does not recompute; a dynamic
+branch also replaces the u it outputs by its updated input cache).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from tcgraph.errors import TcgraphError
+from tcgraph.names import BRANCHES, OUT, cache_name, input_cache_name
+from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, branch_nodes, finish, output_node
+from tcgraph.passes.spec import RewriteSpec
+
+
+def cache_io(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
+    """Add the cache inputs and outputs of `spec` to `gm` (from expand_blocks)."""
+    recipe = spec.recipe
+    graph = gm.graph
+    nodes = branch_nodes(gm)
+    if len(nodes) != len(BRANCHES) * recipe.depth:
+        raise TcgraphError(
+            f"recipe has {recipe.depth} blocks but the graph has {len(nodes) // len(BRANCHES)} expanded blocks; "
+            "run expand_blocks on a capture of the same model"
+        )
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        ph.meta.setdefault(META_IO_NAME, ph.target)
+    last = placeholders[-1]
+    dynamic = set(recipe.input_reads())
+    for block, branch in recipe.reads():
+        names = [cache_name(block, branch)] + ([input_cache_name(block, branch)] if (block, branch) in dynamic else [])
+        for name in names:
+            with graph.inserting_after(last):
+                last = graph.placeholder(name.replace(".", "_"))
+            last.meta[META_IO_NAME] = name
+            last.meta[META_BLOCK] = block
+
+    out = output_node(gm)
+    values, names = [out.args[0]], [OUT]
+    inputs_written = set(spec.input_writes)
+    for key in spec.writes:
+        values.append(nodes[key])
+        names.append(cache_name(*key))
+        if key in inputs_written:
+            values.append(nodes[key].args[0])  # u, the branch input
+            names.append(input_cache_name(*key))
+    out.args = (tuple(values),) if len(values) > 1 else (values[0],)
+    out.meta[META_IO_NAME] = names
+    return finish(gm, prune=False)

@@ -1,0 +1,121 @@
+"""Node-emitting helpers that the token passes share (token_prune, token_dynamic).
+
+`Emitter` creates nodes before one branch node, named `<block path>_<branch>_<pass>_<op>`
+(`blocks_0_attn_prune_q`) and marked with the branch's block and branch, so that
+inspection and the tests can tell which branch a new node belongs to. `attention_rows`
+writes attention with queries from a subset of the token rows and keys/values from all
+rows, reading the attention's weights where the model adapter says they are.
+
+Splitting the fused q/k/v weight W ([3D, D], `split_in_proj`): the graph reads W with get_attr, transposes
+it and takes column slices of W.T ([D, 3D]): Wq = W.T[:, :D], Wkv = W.T[:, D:] (biases
+likewise). Nothing is added to the module, and the exported ONNX keeps W.T, the same
+initializer (same content, so the same canonical name in the shared weights file) that a
+variant computing the branch reads, plus two Slice ops: on disk every weight stays once.
+Two consequences, measured (torch 2.13, onnxscript 0.7, onnxruntime 1.31):
+- the ONNX exporter's optimizer folds a Slice whose input has at most 8192 elements
+  (D <= 52, test-sized models): there the slices become their own small initializers;
+- ONNX Runtime's own constant folding (session load, default optimization level) turns
+  the two Slices into session-private tensors, so a session holds one extra copy of the
+  q/k/v weight of each block whose attention it prunes (3·D² floats) even when weights are
+  shared between sessions; no slicing is left at run time.
+The alternative that never slices, one q/k/v product over all tokens and then a gather of
+the query rows, keeps memory fully shared but spends (N - k)·D² more multiply-adds on
+queries nobody reads (and departs from `branch_flops`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from tcgraph.models.adapter import AttentionSpec
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH
+
+
+class Emitter:
+    """Creates nodes before `anchor` (a branch node), marked with its block and branch."""
+
+    def __init__(self, gm: fx.GraphModule, block: int, branch: str, anchor: fx.Node, prefix: str):
+        self.gm, self.block, self.branch, self.anchor = gm, block, branch, anchor
+        self.prefix = prefix
+
+    def __call__(self, op: str, target, *args, name: str = "op", **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.create_node(op, target, args, kwargs, name=f"{self.prefix}_{name}")
+        node.meta[META_BLOCK] = self.block
+        node.meta[META_BRANCH] = self.branch
+        return node
+
+    def fn(self, target, *args, name: str = "op", **kwargs) -> fx.Node:
+        return self("call_function", target, *args, name=name, **kwargs)
+
+    def constant_index(self, indices) -> fx.Node:
+        """The kept-token ids as an int64 buffer of the module (an ONNX initializer)."""
+        attr = f"_tcgraph_idx_{self.block}_{self.branch}"
+        self.gm.register_buffer(attr, torch.tensor(indices, dtype=torch.long))
+        return self("get_attr", attr, name="idx")
+
+    def batch(self, like: fx.Node) -> fx.Node:
+        """The (static) batch size of `like`, as a graph value."""
+        return self("call_method", "size", like, 0, name="batch")
+
+    def gather(self, u: fx.Node, idx: fx.Node) -> fx.Node:
+        return self.fn(torch.index_select, u, 1, idx, name="gather")  # [B, k, D]
+
+    def scatter(self, cache: fx.Node, idx: fx.Node, rows: fx.Node) -> fx.Node:
+        """`cache` with rows `idx` (dim 1) replaced by `rows`: one ScatterND in ONNX.
+
+        Inserted after `rows` (for a row-wise branch, `rows` is the branch node itself)."""
+        self.anchor = rows.next
+        device = self.fn(getattr, cache, "device", name="device")
+        b = self.fn(torch.arange, self.batch(cache), device=device, name="batch_ids")
+        b = self("call_method", "unsqueeze", b, 1, name="batch_ids")  # [B, 1], broadcasts with idx [k]
+        return self.fn(torch.index_put, cache, (b, idx), rows, name="scatter")  # [B, N, D]
+
+
+def attention_rows(emit: Emitter, node: fx.Node, kept: fx.Node, k: int, spec: AttentionSpec) -> fx.Node:
+    """Attention with queries from the kept rows `kept` ([B, k, D], taken from the branch
+    input u) and keys/values from all tokens of u; the rows of the branch output, [B, k, D].
+
+    `node` is the attention branch's call_module node; `spec` says where its fused q/k/v
+    projection and output projection are. The ops follow the branch's own forward."""
+    attn = emit.gm.get_submodule(node.target)
+    proj = f"{node.target}.{spec.out_proj}"
+    d = emit.gm.get_submodule(proj).in_features
+    heads, head_dim = getattr(attn, spec.num_heads), getattr(attn, spec.head_dim)
+    (u,) = node.args
+    batch = emit.batch(u)
+    wq, bq, wkv, bkv = split_in_proj(emit, f"{node.target}.{spec.in_proj}", d)
+    q = emit.fn(operator.add, emit.fn(torch.matmul, kept, wq, name="q"), bq, name="q")
+    kv = emit.fn(operator.add, emit.fn(torch.matmul, u, wkv, name="kv"), bkv, name="kv")  # [B, N, 2D]
+    q = emit("call_method", "reshape", q, batch, k, heads, head_dim, name="q")
+    q = emit("call_method", "transpose", q, 1, 2, name="q")  # [B, h, k, d]
+    kv = emit("call_method", "reshape", kv, batch, -1, 2, heads, head_dim, name="kv")
+    kv = emit("call_method", "permute", kv, 2, 0, 3, 1, 4, name="kv")  # [2, B, h, N, d]
+    key, value = (emit.fn(operator.getitem, kv, i, name=n) for i, n in ((0, "k"), (1, "v")))
+    out = emit.fn(F.scaled_dot_product_attention, q, key, value, name="sdpa")  # [B, h, k, d]
+    out = emit("call_method", "transpose", out, 1, 2, name="mix")
+    out = emit("call_method", "reshape", out, batch, k, d, name="mix")  # [B, k, D]
+    return emit("call_module", proj, out, name="proj")  # [B, k, D]
+
+
+def split_in_proj(emit: Emitter, in_proj: str, d: int) -> tuple[fx.Node, ...]:
+    """Wq [D, D], bq [D], Wkv [D, 2D], bkv [2D]: column slices of the fused q/k/v weight's
+    transpose and of the bias of the linear layer at module path `in_proj`. (The node names
+    `qkv_weight`, … are the graph's own, unchanged since the first version of this pass.)"""
+    weight = emit("get_attr", f"{in_proj}.weight", name="qkv_weight")
+    bias = emit("get_attr", f"{in_proj}.bias", name="qkv_bias")
+    wt = emit.fn(torch.t, weight, name="qkv_weight_t")  # [D, 3D]
+    return (
+        emit.fn(torch.narrow, wt, 1, 0, d, name="wq"),
+        emit.fn(torch.narrow, bias, 0, 0, d, name="bq"),
+        emit.fn(torch.narrow, wt, 1, d, 2 * d, name="wkv"),
+        emit.fn(torch.narrow, bias, 0, d, 2 * d, name="bkv"),
+    )
+
+
+def branch_prefix(block_path: str, branch: str, what: str) -> str:
+    """Name prefix of the nodes a token pass adds to one branch: `blocks_0_attn_prune`."""
+    return f"{block_path.replace('.', '_')}_{branch}_{what}"

@@ -1,0 +1,62 @@
+"""The one input every rewrite pass takes besides the graph: what one variant is.
+
+A `RewriteSpec` is a recipe (one action per block and branch) plus what the plan needs the
+variant to hand on to later steps: `writes`, the caches it outputs (`cache.<l>.<branch>`),
+and `input_writes`, the branch-input caches it outputs (`cache.<l>.<branch>.in`, for
+branches that some step is dynamic on). compile builds it from the plan
+(`RewriteSpec.of(plan, recipe)`); a pass never sees the plan itself, so a pass can be run
+and tested on one variant alone. The checks that need no graph are made here, once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tcgraph.errors import TcgraphError
+from tcgraph.names import BRANCHES, CacheKey, cache_name, input_cache_name
+from tcgraph.plan.plan import Plan, Recipe
+
+
+def block_order(keys) -> list[CacheKey]:
+    """`keys` sorted by block, then branch in recipe order (the order of graph I/O)."""
+    return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """One variant to rewrite: `recipe`, the caches it writes, the input caches it writes."""
+
+    recipe: Recipe
+    writes: tuple[CacheKey, ...] = ()
+    input_writes: tuple[CacheKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "writes", tuple(block_order(set(map(tuple, self.writes)))))
+        object.__setattr__(self, "input_writes", tuple(block_order(set(map(tuple, self.input_writes)))))
+        recipe = self.recipe
+        for block, branch, action in recipe.items():
+            if action.kind == "dynamic" and action.size < 1:
+                raise TcgraphError(
+                    f"block {block} {branch}: a dynamic action needs k >= 1 (got {action.size}); "
+                    "use `reuse` to recompute no token"
+                )
+            if action.kind == "partial" and (not action.indices or min(action.indices) < 0):
+                raise TcgraphError(
+                    f"block {block} {branch}: a partial action needs at least one token index, all >= 0 "
+                    f"(got {list(action.indices)[:8]}); use `reuse` to recompute no token"
+                )
+        for block, branch in self.writes:
+            if not (0 <= block < recipe.depth and branch in BRANCHES):
+                raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe has {recipe.depth} blocks")
+            if not recipe.action(block, branch).computes:
+                raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe does not compute it")
+        alone = [k for k in self.input_writes if k not in self.writes]
+        if alone:
+            raise TcgraphError(
+                f"cannot write {[input_cache_name(*k) for k in alone]}: an input cache is written "
+                "beside its branch's output cache, which this recipe does not compute or write"
+            )
+
+    @classmethod
+    def of(cls, plan: Plan, recipe: Recipe) -> "RewriteSpec":
+        """The spec of `recipe` as a step of `plan`: it writes what later steps of the plan read."""
+        return cls(recipe, tuple(plan.writes(recipe)), tuple(plan.input_writes(recipe)))

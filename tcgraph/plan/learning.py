@@ -1,0 +1,177 @@
+"""What the learned planners share: option checks, the calibration split, the round skeleton,
+and one trainer of input-invariant logits.
+
+Learning-to-Cache (`l2c`), TokenCache (`tokencache`, `dynamic`) and the combined planner
+learn on calibration trajectories of the model itself (random noise and labels, no data
+set, `tcgraph.calibrate`), teacher-forced: every step starts from the full model's state.
+A *round* is one full step, which fills every cache with its pre-gate branch outputs (no
+grad), followed by cache steps that blend `w·fresh + (1 − w)·cached` per branch
+(`calibrate.mixed_step`); `fit_logits` moves only the logits behind `w`, the model stays
+frozen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from tcgraph.calibrate import Trajectories, calibrate, mixed_step
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.names import BRANCHES, cache_name
+from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
+from tcgraph.progress import Progress
+from tcgraph.sampling import SamplerSettings
+
+CALIBRATION_CHUNK = 32  # images per calibration pass (calibrate's default chunk), for the progress total
+
+
+#################################################################################
+#                          Options every learner shares                         #
+#################################################################################
+
+
+def check_learning_options(calib_images: int, held_out: int | None, max_variants: int | None) -> None:
+    """The checks every learned planner's config shares (L2C, TokenCache)."""
+    if max_variants is not None and max_variants < 2:
+        raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {max_variants}")
+    if calib_images < 3:
+        raise TcgraphError(f"need at least 3 calibration images (some held out), got {calib_images}")
+    if held_out is not None and not 1 <= held_out < calib_images:
+        raise TcgraphError(f"need more calibration images ({calib_images}) than held out ({held_out})")
+
+
+def held_out_count(calib_images: int, held_out: int | None) -> int:
+    """Calibration images held out for model selection: as given, else a third."""
+    return held_out if held_out is not None else max(1, calib_images // 3)
+
+
+def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
+                      progress: Progress) -> tuple[Trajectories, Trajectories]:
+    """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
+    `seed`, `num_held_out`): calibrated here, or the given `traj` checked to match."""
+    if traj is None:
+        total = settings.num_steps * math.ceil(cfg.calib_images / CALIBRATION_CHUNK)
+        with progress.phase("calibrate", total) as phase:
+            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: phase.tick())
+    elif traj.settings != settings or traj.num_images != cfg.calib_images:
+        raise TcgraphError(
+            f"the given calibration trajectories were made for {traj.num_images} images and {traj.settings}; "
+            f"this plan asks for {cfg.calib_images} images and {settings}: calibrate again or pass matching options")
+    return traj.split(cfg.num_held_out)
+
+
+def require_weights(weights: DiT | None, model_config: DiTConfig, what: str) -> DiT:
+    """The model itself, which learning needs; a clear error where only its config was given."""
+    if weights is None:
+        raise TcgraphError(f"learning {what} needs the model's weights, not only its config; "
+                           "pass weights=<the DiT> (the CLI loads them from --model)")
+    if weights.config != model_config:
+        raise TcgraphError(f"the weights are of a model {weights.config}, the plan is asked for {model_config}; "
+                           "pass the config of the given weights")
+    return weights
+
+
+#################################################################################
+#                          Round skeleton: a full step every K                  #
+#################################################################################
+
+
+def rounds(num_steps: int, interval: int) -> list[tuple[int, list[int]]]:
+    """(full step, its cache steps) for a full step every `interval` steps."""
+    return [(s0, list(range(s0 + 1, min(s0 + interval, num_steps)))) for s0 in range(0, num_steps, interval)]
+
+
+def cache_steps(num_steps: int, interval: int) -> list[int]:
+    return [s for _, cs in rounds(num_steps, interval) for s in cs]
+
+
+def max_speedup(cfg: DiTConfig, num_steps: int, interval: int) -> float:
+    """The speedup of reusing every branch at every cache step (FORA with this interval)."""
+    full, reuse = Recipe.uniform(cfg.depth, COMPUTE), Recipe.uniform(cfg.depth, REUSE)
+    cs = set(cache_steps(num_steps, interval))
+    return speedup_of(cfg, [reuse if s in cs else full for s in range(num_steps)])
+
+
+def candidate_intervals(cfg: DiTConfig, num_steps: int, target: float, margin: float = 1.03) -> list[int]:
+    """The smallest interval that reaches `target` with some slack, and the next one."""
+    for k in range(2, num_steps + 1):
+        if max_speedup(cfg, num_steps, k) >= target * margin:
+            return [k, k + 1] if k + 1 <= num_steps else [k]
+    best = max_speedup(cfg, num_steps, num_steps)
+    raise TcgraphError(f"a predicted speedup of {target}x is out of reach for {num_steps} steps of this model "
+                       f"(at most {best:.2f}x with one full step); ask for less")
+
+
+#################################################################################
+#                            Training input-invariant logits                    #
+#################################################################################
+
+
+def full_caches(model: DiT, traj: Trajectories, step: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every branch output of the full model at `step`: what a full step leaves in the caches."""
+    with torch.no_grad():
+        _, used = mixed_step(model, *traj.model_inputs(step, rows), {}, {})
+    return used
+
+
+def round_loss(model: DiT, traj: Trajectories, full_step: int, steps: list[int], weights_at,
+               rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed eps MSE over the cache steps of one round; `weights_at(s)` gives the branch weights."""
+    caches = full_caches(model, traj, full_step, rows)
+    total = torch.zeros(())
+    for s in steps:
+        out, caches = mixed_step(model, *traj.model_inputs(s, rows), weights_at(s), caches)
+        total = total + torch.mean((traj.eps_of(out) - traj.eps[s, rows]) ** 2)
+    return total, len(steps)
+
+
+def fit_logits(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[tuple[int, list[int]]],
+               weights_of: Callable[[torch.Tensor, int], dict], penalty: Callable[[torch.Tensor, list[int]], torch.Tensor],
+               *, epochs: int, batch_images: int, lr: float, seed: int,
+               progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Adam on input-invariant logits over calibration rounds; the model stays frozen.
+
+    Per round `(full step, cache steps)` of `work`, on a random batch of images:
+    loss = (Σ eps MSE + penalty(sigmoid(logits), cache steps)) / #cache steps, with the
+    blend weights of step s from `weights_of(sigmoid(logits), s)`. Shared by the L2C
+    router and TokenCache's predictor. Returns (trained logits, mean loss per epoch);
+    `progress()` once per round trained.
+    """
+    model = model.eval().requires_grad_(False)
+    logits = logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    history = []
+    for _ in range(epochs):
+        epoch_loss = 0.0
+        for r in torch.randperm(len(work), generator=g).tolist():
+            s0, cs = work[r]
+            rows = torch.randperm(traj.num_images, generator=g)[:batch_images]
+            w = torch.sigmoid(logits)
+            mse, n = round_loss(model, traj, s0, cs, lambda s: weights_of(w, s), rows)
+            loss = (mse + penalty(w, cs)) / n
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            epoch_loss += loss.item() / len(work)
+            if progress:
+                progress()
+        history.append(epoch_loss)
+    return logits.detach().clone(), history
+
+
+def lambda_unit(model: DiT, traj: Trajectories, interval: int, rows: int = 8) -> float:
+    """The data's scale for λ: the eps MSE of reusing everything at a cache step, per branch."""
+    depth = model.config.depth
+    sub = torch.arange(min(rows, traj.num_images))
+    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in BRANCHES}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s0, cs in rounds(traj.num_steps, interval):
+            if cs:
+                mse, n = round_loss(model, traj, s0, cs[:1], lambda s: reuse_all, sub)
+                total, count = total + mse.item(), count + n
+    return total / max(count, 1) / (2 * depth)

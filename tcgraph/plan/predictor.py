@@ -1,0 +1,115 @@
+"""TokenCache's Cache Predictor (Lou et al. 2024, arXiv 2409.18523) and the block probes.
+
+**Cache Predictor.** Input-invariant, timestep-variant importance logits `g[s, l, i]`, one
+per (step, block, token), shape `[S, depth, N]`. One score per token is *shared by both
+branches of a block* (attention and MLP of block l keep the same tokens), so a pruned
+block is one token set per step. Training reuses Learning-to-Cache's machinery
+(`learning.fit_logits` and `learning.round_loss`, teacher-forced calibration trajectories, `calibrate.mixed_step`): a
+training round is one full step `s0` (fills every cache, no grad) followed by the next
+`train_window − 1` steps, for every `s0` in 0 … S−2, so every step s >= 1 is trained as a
+cache step. At a cache step every branch of every block blends per token (the
+superposition objective), `used = w ⊙ fresh + (1 − w) ⊙ cache` with
+`w = sigmoid(g[s, l])` of shape `(N, 1)`, and
+
+    loss = Σ_s MSE(guided eps, traj.eps[s]) / n + μ · Σ_{s, l} (mean_i w[s, l, i] − r)² / n
+
+with r the target keep ratio (`keep_ratio`) and μ = `mu` × the eps MSE of reusing every
+branch at a cache step (the data's own scale, from `learning.lambda_unit`). Model weights are
+frozen; only g moves. The kept tokens of a (step, block) at keep count k are the top-k by
+score (ties: lower token index first).
+
+
+The block sensitivities that adaptive block selection (`tcgraph.plan.tprr`) ranks blocks
+by are measured here too (`block_sensitivity`), with the predictor's scores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tcgraph.calibrate import Trajectories, mixed_step
+from tcgraph.models.dit import DiT
+from tcgraph.names import BRANCHES, cache_name
+from tcgraph.plan.evaluate import token_mask
+from tcgraph.plan.learning import fit_logits, lambda_unit, rounds
+from tcgraph.plan.tprr import token_order
+
+
+@dataclass
+class PredictorResult:
+    keep_ratio: float
+    mu: float
+    logits: torch.Tensor  # (S, depth, N); the rows of step 0 are unused
+    history: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+    def weights(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+
+def init_predictor(num_steps: int, depth: int, num_tokens: int, keep_ratio: float, seed: int = 0) -> torch.Tensor:
+    """Untrained logits: sigmoid = keep_ratio plus a tiny seeded jitter (a random token ranking)."""
+    g = torch.Generator().manual_seed(seed)
+    base = math.log(keep_ratio / (1 - keep_ratio))
+    return base + 0.01 * torch.randn(num_steps, depth, num_tokens, generator=g)
+
+
+def training_rounds(num_steps: int, window: int) -> list[tuple[int, list[int]]]:
+    """A full step at every s0 < S − 1, then its next `window − 1` steps as cache steps."""
+    return [(s0, list(range(s0 + 1, min(s0 + window, num_steps)))) for s0 in range(num_steps - 1)]
+
+
+def _token_weights(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(depth, N) weights -> per-branch `(N, 1)` weights, one set per block for both branches."""
+    return {cache_name(l, br): w[l].unsqueeze(-1) for l in range(w.shape[0]) for br in BRANCHES}
+
+
+def mu_unit(model: DiT, traj: Trajectories) -> float:
+    """The eps MSE of reusing every branch at a cache step (L2C's λ unit summed over branches)."""
+    return lambda_unit(model, traj, 2) * 2 * model.config.depth
+
+
+def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float, *, window: int = 3, epochs: int = 8,
+                    batch_images: int = 8, lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
+                    progress: Callable[[], None] | None = None) -> PredictorResult:
+    """Learn the predictor's logits on `traj` with the superposition objective (eps MSE +
+    μ·Σ (mean w − r)²); only the logits move."""
+    S, depth, n = traj.num_steps, model.config.depth, model.config.num_tokens
+    init = init if init is not None else init_predictor(S, depth, n, keep_ratio, seed)
+    logits, history = fit_logits(model, traj, init, training_rounds(S, window), lambda w, s: _token_weights(w[s]),
+                                 lambda w, cs: mu * ((w[cs].mean(-1) - keep_ratio) ** 2).sum(), epochs=epochs,
+                                 batch_images=batch_images, lr=lr, seed=seed, progress=progress)
+    return PredictorResult(keep_ratio, mu, logits, history)
+
+
+
+#################################################################################
+#                       Errors: hard plans and block probes                     #
+#################################################################################
+
+
+@torch.no_grad()
+def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep_ratio: float,
+                      progress: Callable[[], None] | None = None) -> list[float]:
+    """Per block: eps MSE per cache step when only that block keeps its top round(keep_ratio·N)
+    tokens (both branches) at the cache steps of `learning.rounds(S, 2)`, everything else computed."""
+    depth, n = model.config.depth, model.config.num_tokens
+    k = min(max(round(keep_ratio * n), 1), n - 1)
+    rows = torch.arange(traj.num_images)
+    err, count = [0.0] * depth, 0
+    for s0, cs in rounds(traj.num_steps, 2):
+        if not cs:
+            continue
+        _, caches = mixed_step(model, *traj.model_inputs(s0, rows), {}, {})
+        for s in cs:
+            count += 1
+            for l in range(depth):
+                m = token_mask(token_order(scores[s, l])[:k], n)
+                out, _ = mixed_step(model, *traj.model_inputs(s, rows), {cache_name(l, br): m for br in BRANCHES},
+                                    caches)
+                err[l] += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
+                if progress:
+                    progress()
+    return [e / max(count, 1) for e in err]

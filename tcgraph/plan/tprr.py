@@ -1,0 +1,366 @@
+"""TokenCache's schedule (Lou et al. 2024, arXiv 2409.18523): Two-Phase Round-Robin (TPRR),
+the FLOP budget and adaptive block selection, as pure functions of the Cache Predictor's
+scores and the blocks' sensitivities (`tcgraph.plan.predictor` learns both).
+
+**Adaptive block selection.** The sensitivity of block l is the held-out eps MSE per cache
+step when *only* block l is pruned to the predictor's top `round(keep_ratio · N)` tokens at
+every cache step of a probe schedule (a full step every 2 steps, `l2c.rounds(S, 2)`), every
+other branch computed. Each block then gets a keep count `k_l` (ratio `k_l / N`; N means
+unpruned) by this greedy rule, for a given TPRR schedule and FLOP target: all blocks start
+at N; blocks are taken in order of increasing sensitivity (ties: lower index first); the
+current block is lowered to the largest k in [floor, N − 1] with which the plan meets the
+target, where floor = `ceil(min_keep · N)`; if even the floor misses, it stays at the floor
+and the next block is taken. So the least sensitive blocks are pruned first and hardest,
+at most one block ends between the floor and N, and the plan prunes no more than the target
+needs. FLOPs are `branch_flops` (a partial branch counts attention q/proj/scores on k rows,
+K/V on all N rows, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is reused.
+
+
+**TPRR** (DESIGN.md), with the project's exact formula:
+
+- rounds (`tprr_rounds`): phase 1 has rounds starting at 0, K1, 2·K1, … below b, each cut
+  at b; phase 2 has rounds starting at b, b + K2, …, the last cut at S. A round is its full
+  step then its cache steps (C = the round's length − 1). b = 0 means one phase of K2;
+  b = S one phase of K1. Every step is in exactly one round, and step 0 is a full step.
+- what a cache step does: unpruned blocks compute both branches; a pruned block l makes
+  both branches `partial(kept)`, `reuse` if `kept` is empty.
+- the cache "bears" `max_stale` cache steps. A round with C <= max_stale cache steps uses
+  the predictor's top-k_l at each cache step (no rotation; the full step refreshes every
+  token at least every C + 1 steps).
+- round-robin, for a round with C > max_stale: pruned block l rotates which tokens it
+  recomputes. With the round's ranking `order` (tokens by score, best first),
+  `k' = max(k_l, ceil(N / C))` tokens per cache step (the fewest that can cover N tokens in
+  C steps), `m = min(k', ceil((N − k') / (C − 1)))` rotating tokens per step, the *core* =
+  `order[:k' − m]` recomputed at every cache step and the *tail* = `order[k' − m:]`
+  (N − k' + m tokens); cache step j = 0 … C−1 of the round recomputes
+  `core ∪ {tail[(j·m + i) mod len(tail)] : i < m}`. Since C·m >= len(tail), **every token of
+  every pruned block is recomputed at least once during the cache steps of every such
+  round**, each step recomputes k' >= k_l tokens (the FLOP accounting uses k'), and the
+  most important tokens (the core) are never stale.
+- the token ranking (bounded variants, see below): a rotated round ranks by the mean
+  logits over all cache steps of the rotated rounds of its phase with the same C (one
+  ordering, so the slices tile it); a non-rotated cache step ranks by the mean logits of
+  its *group*: the cache steps of its phase at the same position j within their rounds.
+
+`b, K1, K2` are given (`tprr=(b, K1, K2)`) or searched: intervals K around the smallest
+single-phase interval that can reach the target with every block at the floor, b in
+{S/3, S/2, 2S/3} snapped to a multiple of K1 (no cut phase-1 round), plus single-phase
+schedules; every candidate gets its own block selection, and the one with the lowest
+held-out `plan_error` is kept (the search table is in the plan params).
+
+**Variants.** Partial recipes with different indices are different graphs. A cache step's
+recipe is a function of its group: (phase, position j) without rotation, (phase, C, j) with
+it; so a schedule has at most 1 + (K1 − 1) + (K2 − 1) + (cut-round groups) variants. When
+that exceeds `max_variants`, the non-rotated groups of each phase are merged into one per
+phase (one ranking from the phase's mean logits); if it is still over the cap, that TPRR
+candidate is refused (searched: skipped; given: an error), since merging rotated positions
+would break the round-robin guarantee.
+
+
+`tprr_choices` is the whole step from scores to recipes for a list of TPRR candidates: the
+planner scores its choices by held-out error, benchmarks build plans of the same shape from
+untrained scores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiTConfig
+from tcgraph.names import BRANCHES
+from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.flops import branch_flops, fixed_flops
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, partial
+
+TPRR = tuple[int, int, int]  # (b, K1, K2)
+
+
+#################################################################################
+#                                TPRR skeleton                                  #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Round:
+    full: int  # the round's full step
+    cache: tuple[int, ...]  # its cache steps
+    phase: int  # 1 (s < b) or 2
+
+
+def tprr_rounds(num_steps: int, b: int, k1: int, k2: int) -> list[Round]:
+    """Rounds of the two phases: starts 0, K1, … below b (cut at b), then b, b + K2, … (cut at S)."""
+    if not 0 <= b <= num_steps:
+        raise TcgraphError(f"TPRR boundary b={b} is outside 0..{num_steps} (the step count)")
+    if k1 < 1 or k2 < 1:
+        raise TcgraphError(f"TPRR rounds need K1, K2 >= 1, got {k1}, {k2}")
+    out = []
+    for phase, lo, hi, k in ((1, 0, b, k1), (2, b, num_steps, k2)):
+        for s0 in range(lo, hi, k):
+            out.append(Round(s0, tuple(range(s0 + 1, min(s0 + k, hi))), phase))
+    return out
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One cache step of a TPRR schedule."""
+
+    step: int
+    phase: int
+    position: int  # j: index among its round's cache steps
+    rotate: int  # C (its round's cache-step count) when round-robin applies, else 0
+    group: tuple  # variant key: cache steps with one group share one recipe
+    rank: tuple  # ranking key: cache steps whose mean logits give one token order
+
+
+def tprr_layout(num_steps: int, b: int, k1: int, k2: int, max_stale: int = 2,
+                max_variants: int | None = None) -> list[Slot]:
+    """The cache steps of a TPRR schedule with their variant groups (see the module docstring)."""
+    slots = []
+    for r in tprr_rounds(num_steps, b, k1, k2):
+        c = len(r.cache)
+        rot = c if c > max_stale else 0
+        for j, s in enumerate(r.cache):
+            group = (r.phase, rot, j)
+            slots.append(Slot(s, r.phase, j, rot, group, (r.phase, rot) if rot else group))
+    cap = None if max_variants is None else max_variants - 1
+    if cap is not None and len({sl.group for sl in slots}) > cap:
+        slots = [sl if sl.rotate else Slot(sl.step, sl.phase, sl.position, 0, (sl.phase, 0, -1), (sl.phase, 0, -1))
+                 for sl in slots]
+        n = len({sl.group for sl in slots})
+        if n > cap:
+            raise TcgraphError(f"TPRR b={b}, K1={k1}, K2={k2} needs {n + 1} distinct variants (round-robin rotates "
+                               f"the kept tokens at every cache step of a round); max_variants is {max_variants}")
+    return slots
+
+
+def rotation(num_tokens: int, keep: int, cache_steps: int) -> tuple[int, int]:
+    """(k', m) of a round-robin round: tokens recomputed per cache step, of which m rotate."""
+    n, c = num_tokens, cache_steps
+    k_eff = max(keep, math.ceil(n / c))
+    if k_eff >= n:
+        return n, 0
+    return k_eff, min(k_eff, math.ceil((n - k_eff) / (c - 1)))
+
+
+def kept_tokens(order: Sequence[int], keep: int, rotate: int = 0, position: int = 0) -> tuple[int, ...] | None:
+    """Tokens a pruned block recomputes (None = all: the block computes).
+
+    `order` ranks the tokens, most important first; `rotate` is the round's cache-step count
+    when round-robin applies (0: plain top-k), `position` the cache step's index in the round.
+    """
+    n = len(order)
+    if keep >= n:
+        return None
+    if not rotate:
+        return tuple(order[:keep])
+    k_eff, m = rotation(n, keep, rotate)
+    if k_eff >= n:
+        return None
+    core, tail = list(order[: k_eff - m]), list(order[k_eff - m:])
+    return tuple(core + [tail[(position * m + i) % len(tail)] for i in range(m)])
+
+
+def token_order(scores: torch.Tensor) -> list[int]:
+    """Tokens by descending score, ties by lower index."""
+    return torch.argsort(-scores.double(), stable=True).tolist()
+
+
+def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2: int, *, max_stale: int = 2,
+                 max_variants: int | None = None) -> tuple[Recipe, ...]:
+    """The recipes of a TPRR schedule: `scores` `[S, depth, N]` predictor logits, `keep[l]` the
+    keep count of block l (N = unpruned). Pure: the same inputs give the same recipes."""
+    S, depth, n = scores.shape
+    if len(keep) != depth or any(not 0 <= k <= n for k in keep):
+        raise TcgraphError(f"need one keep count in 0..{n} per block ({depth}), got {list(keep)}")
+    slots = tprr_layout(S, b, k1, k2, max_stale, max_variants)
+    members: dict[tuple, list[int]] = {}
+    for sl in slots:
+        members.setdefault(sl.rank, []).append(sl.step)
+    orders = {key: [token_order(scores[steps, l].mean(0)) for l in range(depth)] for key, steps in members.items()}
+    full = Recipe.uniform(depth, COMPUTE)
+    recipes = [full] * S
+    made: dict[tuple, Recipe] = {}
+    for sl in slots:
+        if sl.group not in made:
+            acts = []
+            for l in range(depth):
+                kept = kept_tokens(orders[sl.rank][l], keep[l], sl.rotate, sl.position)
+                a = COMPUTE if kept is None else (partial(kept) if kept else REUSE)
+                acts.append((a, a))
+            made[sl.group] = Recipe(tuple(acts))
+        recipes[sl.step] = made[sl.group]
+    return tuple(recipes)
+
+
+
+#################################################################################
+#                                 FLOP budget                                   #
+#################################################################################
+
+
+def _block_flops(cfg: DiTConfig, k: int) -> int:
+    n = cfg.num_tokens
+    a = COMPUTE if k >= n else (REUSE if k == 0 else Action("partial", tuple(range(k))))
+    return sum(branch_flops(cfg, br, a) for br in BRANCHES)
+
+
+def layout_speedup(cfg: DiTConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int]) -> float:
+    """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built)."""
+    n = cfg.num_tokens
+    memo: dict[int, int] = {}
+
+    def bf(k):
+        if k not in memo:
+            memo[k] = _block_flops(cfg, k)
+        return memo[k]
+
+    fixed = fixed_flops(cfg)
+    full = fixed + cfg.depth * bf(n)
+    per_rot: dict[int, int] = {}
+    total = full * (num_steps - len(slots))
+    for sl in slots:
+        if sl.rotate not in per_rot:
+            ks = [k if k >= n or not sl.rotate else rotation(n, k, sl.rotate)[0] for k in keep]
+            per_rot[sl.rotate] = fixed + sum(bf(k) for k in ks)
+        total += per_rot[sl.rotate]
+    return full * num_steps / total
+
+
+def select_blocks(sensitivity: Sequence[float], num_tokens: int, floor: int,
+                  speedup: Callable[[list[int]], float], target: float) -> list[int] | None:
+    """Greedy block selection (module docstring): keep counts per block, or None if the target is
+    out of reach with every block at `floor`. `speedup(keep)` must not increase with any k."""
+    n = num_tokens
+    keep = [n] * len(sensitivity)
+    if speedup(keep) >= target:
+        return keep
+    for l in sorted(range(len(sensitivity)), key=lambda i: (sensitivity[i], i)):
+        keep[l] = floor
+        if speedup(keep) < target:
+            continue
+        lo, hi = floor, n - 1  # speedup(lo) meets the target; find the largest k that does
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            keep[l] = mid
+            if speedup(keep) >= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        keep[l] = lo
+        return keep
+    return None
+
+
+#################################################################################
+#                                 TPRR search                                   #
+#################################################################################
+
+
+def keep_floor(cfg: DiTConfig, min_keep: float) -> int:
+    """The lowest keep count of a pruned block: ceil(min_keep · N), at most N − 1."""
+    return min(math.ceil(min_keep * cfg.num_tokens - 1e-9), cfg.num_tokens - 1)
+
+
+def floor_speedup(cfg: DiTConfig, num_steps: int, tprr: TPRR, min_keep: float, max_stale: int,
+                  max_variants: int | None) -> float:
+    """The most a TPRR schedule can reach: every block at the floor (0.0 when over the variant cap)."""
+    try:
+        slots = tprr_layout(num_steps, *tprr, max_stale, max_variants)
+    except TcgraphError:
+        return 0.0
+    return layout_speedup(cfg, num_steps, slots, [keep_floor(cfg, min_keep)] * cfg.depth)
+
+
+def tprr_candidates(cfg: DiTConfig, num_steps: int, target: float, min_keep: float, max_stale: int,
+                    max_variants: int | None) -> list[tuple[int, int, int]]:
+    """(b, K1, K2) to try: K around the smallest single-phase K that reaches `target` at the floor."""
+    S = num_steps
+    kf = next((k for k in range(2, S + 1)
+               if floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants) >= target), None)
+    if kf is None:
+        raise unreachable(cfg, S, target, min_keep, max_stale, max_variants)
+    ks = [k for k in (kf - 1, kf, kf + 1, kf + 2) if 2 <= k <= S]
+    out = [(0, k, k) for k in ks]
+    for k1 in ks:
+        for k2 in ks:
+            if k1 == k2:
+                continue
+            for frac in (1 / 3, 1 / 2, 2 / 3):
+                b = max(k1, round(S * frac / k1) * k1)
+                if b < S and (b, k1, k2) not in out:
+                    out.append((b, k1, k2))
+    return out
+
+
+def tprr_search_space(cfg: DiTConfig, num_steps: int, target: float, *, min_keep: float, max_stale: int,
+                      max_variants: int | None, tprr: TPRR | None = None) -> list[TPRR]:
+    """The TPRR candidates a planner tries: the given `tprr` (checked: within the variant cap and
+    able to reach `target` at the floor) or `tprr_candidates`. Cheap: call it before learning."""
+    if tprr is None:
+        return tprr_candidates(cfg, num_steps, target, min_keep, max_stale, max_variants)
+    tprr_layout(num_steps, *tprr, max_stale, max_variants)
+    if floor_speedup(cfg, num_steps, tprr, min_keep, max_stale, max_variants) < target:
+        raise unreachable(cfg, num_steps, target, min_keep, max_stale, max_variants, tprr)
+    return [tuple(tprr)]
+
+
+def unreachable(cfg: DiTConfig, S: int, target: float, min_keep: float, max_stale: int, max_variants: int | None,
+                tprr: TPRR | None = None) -> TcgraphError:
+    """The error for a target no TPRR schedule (or the given one) reaches with every block at the floor."""
+    if tprr is not None:
+        best = floor_speedup(cfg, S, tprr, min_keep, max_stale, max_variants)
+        where = f"TPRR b={tprr[0]}, K1={tprr[1]}, K2={tprr[2]}"
+    else:
+        best = max(floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants) for k in range(1, S + 1))
+        where = f"{S} steps of this model"
+    return TcgraphError(f"a predicted speedup of {target}x is out of reach for {where} with every block kept at "
+                        f"min_keep={min_keep} (at most {best:.2f}x); ask for less, lower --min-keep or use longer "
+                        "rounds")
+
+
+#################################################################################
+#                        Scores -> recipes, per TPRR candidate                  #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class TprrChoice:
+    """One TPRR candidate after block selection: its keep counts and recipes, or why it was skipped."""
+
+    tprr: TPRR
+    keep: list[int] | None = None
+    recipes: tuple[Recipe, ...] | None = None
+    predicted_speedup: float | None = None
+    skipped: str | None = None
+
+
+def tprr_choices(cfg: DiTConfig, scores: torch.Tensor, sensitivity: Sequence[float], target: float,
+                 candidates: Sequence[TPRR], *, min_keep: float, max_stale: int,
+                 max_variants: int | None) -> list[TprrChoice]:
+    """Per candidate (b, K1, K2): greedy block selection for `target` from `sensitivity`, then the
+    TPRR recipes of `scores` (`[S, depth, N]` predictor logits). Pure; a candidate over the
+    variant cap or out of reach at the floor comes back with `skipped` set."""
+    S, n = scores.shape[0], cfg.num_tokens
+    floor = keep_floor(cfg, min_keep)
+    out = []
+    for tp in candidates:
+        try:
+            slots = tprr_layout(S, *tp, max_stale, max_variants)
+        except TcgraphError as e:
+            out.append(TprrChoice(tuple(tp), skipped=str(e)))
+            continue
+        keep = select_blocks(sensitivity, n, floor, lambda k, sl=slots: layout_speedup(cfg, S, sl, k), target)
+        if keep is None:
+            out.append(TprrChoice(tuple(tp), skipped="out of reach with every block at the floor"))
+            continue
+        recipes = tprr_recipes(scores, keep, *tp, max_stale=max_stale, max_variants=max_variants)
+        sp = speedup_of(cfg, recipes)
+        if sp < target * (1 - 1e-9):
+            raise TcgraphError(f"TPRR {tuple(tp)}: the recipes reach {sp}x but the layout predicted >= {target}x; "
+                               "this is a tcgraph bug: please report it with the plan options")
+        out.append(TprrChoice(tuple(tp), keep, recipes, sp))
+    return out

@@ -1,0 +1,139 @@
+"""Sessions for the variants of an artifact folder: a loader, called when a runner activates.
+
+Weight sharing (DESIGN.md, "Weights once"): every variant reads the same tensors from
+`variants/weights.bin`. With `share_weights=True` each of them is wrapped ONCE as an
+`OrtValue` over a read-only memory map of that file and handed to every session with
+`SessionOptions.add_initializer`, and pre-packing is disabled: otherwise each session
+keeps its own pre-packed copy of every matrix and the sharing saves nothing (measured:
+neither setting alone shares; see benchmarks/memory_sharing.py). The price is slower
+matrix products, so `share_weights=False` (plain sessions) stays available.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import Artifact
+from tcgraph.export.onnx import read_external_initializers
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise TcgraphError(
+            "the 'ort' runner needs onnxruntime, which is not installed; `pip install onnxruntime` "
+            "(or onnxruntime-gpu on a CUDA machine), or choose another backend"
+        ) from e
+    return onnxruntime
+
+
+def provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+class SessionsFromArtifact:
+    """Loader: `loader()` -> {variant id: InferenceSession} for every variant of `artifact`.
+
+    Cheap to make; the sessions are created when it is called. The loader keeps the
+    shared OrtValues and the memory map of the weights file they view: keep it alive as
+    long as its sessions (the runner does), and call `release()` after them.
+    Options: see `OrtRunner`.
+    """
+
+    def __init__(self, artifact: Artifact, *, providers: list | None = None, share_weights: bool = True,
+                 intra_op_threads: int | None = None, allow_spinning: bool = False, cpu_arena: bool = True):
+        self.artifact = artifact
+        self.providers = list(providers) if providers is not None else None
+        self.share_weights = share_weights
+        self.intra_op_threads = intra_op_threads
+        self.allow_spinning = allow_spinning
+        self.cpu_arena = cpu_arena
+        self._ort = None
+        self._shared: dict[str, Any] = {}  # canonical initializer name -> OrtValue, shared by all sessions
+        self._weights_map: np.memmap | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        ort = self._ort = import_onnxruntime()
+        providers = self.choose_providers(ort)
+        sessions: dict[str, Any] = {}
+        for vid in self.artifact.variant_ids():
+            options = ort.SessionOptions()
+            if self.intra_op_threads is not None:
+                options.intra_op_num_threads = int(self.intra_op_threads)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+            options.enable_cpu_mem_arena = self.cpu_arena
+            if self.share_weights:
+                for name, value in self._shared_initializers(vid).items():
+                    options.add_initializer(name, value)
+                # Pre-packing copies every matrix into a session-private layout: disable it or
+                # each session holds its own copy of the weights despite the shared OrtValues.
+                options.add_session_config_entry("session.disable_prepacking", "1")
+            path = self.artifact.variant_path(vid)
+            try:
+                sessions[vid] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as e:
+                sessions.clear()
+                self.release()
+                raise TcgraphError(
+                    f"ONNX Runtime cannot load variant {vid} ({path}): {e}; check that the artifact is complete "
+                    "(load_artifact verifies hashes) and that this onnxruntime supports its opset"
+                ) from e
+            used = sessions[vid].get_providers()
+            if provider_name(providers[0]) == CUDA and CUDA not in used:  # ONNX Runtime only warns, runs on the CPU
+                sessions.clear()
+                self.release()
+                raise TcgraphError(
+                    f"onnxruntime's CUDA provider did not load (the session runs on {used}); check that "
+                    "onnxruntime-gpu matches this machine's CUDA and cuDNN versions, or use device 'cpu'"
+                )
+        return sessions
+
+    def release(self) -> None:
+        """Drop the shared OrtValues and the memory map (after the sessions that use them)."""
+        self._shared.clear()
+        self._weights_map = None
+
+    def choose_providers(self, ort) -> list:
+        available = ort.get_available_providers()
+        if self.providers is None:  # CUDA only where torch can hold its outputs there too
+            return [CUDA, CPU] if CUDA in available and torch.cuda.is_available() else [CPU]
+        missing = [p for p in self.providers if provider_name(p) not in available]
+        if missing:
+            raise TcgraphError(
+                f"ONNX Runtime providers {missing} are not available in this onnxruntime; available: "
+                f"{available}; install onnxruntime-gpu for CUDA, or leave providers unset"
+            )
+        if provider_name(self.providers[0]) == CUDA and not torch.cuda.is_available():
+            raise TcgraphError(
+                "the 'ort' runner on CUDA binds its outputs into torch CUDA tensors, but this PyTorch sees no CUDA "
+                "GPU; install a CUDA build of PyTorch, or use device 'cpu'"
+            )
+        return self.providers
+
+    def _shared_initializers(self, vid: str) -> dict[str, Any]:
+        """The OrtValues of the weights one variant reads, created once for all variants."""
+        tensors = read_external_initializers(self.artifact.variant_path(vid))
+        if tensors and self._weights_map is None:
+            self._weights_map = np.memmap(self.artifact.weights_path, dtype=np.uint8, mode="r")
+        result = {}
+        for name, t in tensors.items():
+            if name not in self._shared:
+                end = t.offset + t.length
+                if end > self._weights_map.size:
+                    raise TcgraphError(
+                        f"{self.artifact.weights_path} is {self._weights_map.size} bytes but variant {vid} reads "
+                        f"{name} up to byte {end}; the folder is damaged, re-run `tcgraph transform`"
+                    )
+                array = self._weights_map[t.offset:end].view(t.dtype).reshape(t.shape)
+                # CPU OrtValue over the mapped file, no copy. (With the CUDA provider each
+                # session still copies it to the device.)
+                self._shared[name] = self._ort.OrtValue.ortvalue_from_numpy(array)
+            result[name] = self._shared[name]
+        return result
