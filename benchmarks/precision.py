@@ -31,7 +31,7 @@ from tcgraph import api  # noqa: E402
 from tcgraph.eval.metrics import psnr  # noqa: E402
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 
-LOW = ("bfloat16", "float16")
+LOW = ("bf16", "fp16")
 
 
 def autocast_samples(model, settings, labels, device: str) -> torch.Tensor:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def sample(path, dtype):
         return api.sample(path, classes=labels, per_class=1, backend="torch", device=args.device,
-                          runner_options={"dtype": dtype}, progress=False)[0]
+                          runner_options={"precision": dtype}, progress=False)[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         s10 = SamplerSettings(num_steps=10, cfg_scale=2.0, batch=8, resolution=16)

@@ -9,11 +9,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
-from tcgraph.sampling import SamplerSettings
 from tcgraph.progress import bars
+from tcgraph.runtime import BACKENDS, make_runner
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 
 DEFAULT_MODEL = "digits"
@@ -45,7 +45,7 @@ def transform(
     check: bool = True,
     progress: bool = True,
     plan_options: dict | None = None,
-    backend: str = "onnx",
+    backend: str = "ort",
     engine_options: dict | None = None,
 ) -> Path:
     """Plan, rewrite, check and export a model into an artifact folder; returns its path.
@@ -63,7 +63,7 @@ def transform(
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
     if isinstance(plan, Plan) and options:
-        raise TcgraphError(f"plan options {sorted(options)} need a plan spec, not a ready Plan")
+        raise UsageError(f"plan options {sorted(options)} need a plan spec, not a ready Plan")
     label = plan.planner if isinstance(plan, Plan) else plan
     if "target_speedup" in options:
         label += f"-{options['target_speedup']}x"
@@ -96,27 +96,20 @@ def transform(
 
 
 def _engine_builder(backend: str, options: dict):
-    """None for ONNX only; for "trt" a function building the engines (TensorRT checked now)."""
-    if backend == "onnx":
-        if options:
-            raise TcgraphError(f"engine options {sorted(options)} belong to TensorRT engines: add --backend trt")
-        return None
+    """None for the backends that run what every artifact holds (ort: the ONNX files; torch: the
+    torch programs); for "trt" a function building the engines (TensorRT and a GPU checked now)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
     if backend != "trt":
-        raise TcgraphError(f"unknown transform backend {backend!r}; use 'onnx' (ONNX only) or 'trt' (ONNX and "
-                           "TensorRT engines)")
+        if options:
+            raise UsageError(f"engine options {sorted(options)} belong to TensorRT engines: add --backend trt")
+        return None
     from tcgraph.runtime.trt.build import build_engines
     from tcgraph.runtime.trt.common import cuda_device_info, import_tensorrt
 
     import_tensorrt()  # TensorRT and a GPU checked now, before minutes of planning and export
     cuda_device_info()
     return functools.partial(build_engines, **options)
-
-
-def make_runner(backend: str, artifact: Any, **options):
-    """An (inactive) runner of `backend` ("ort", "torch", "trt") for an artifact; see tcgraph.runtime."""
-    from tcgraph.runtime import make_runner as _make
-
-    return _make(backend, artifact, **options)
 
 
 def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
@@ -134,11 +127,11 @@ def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[in
                 else:
                     ids.append(int(part))
             except ValueError:
-                raise TcgraphError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
+                raise UsageError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
     else:
         ids = [int(i) for i in spec]
     if not ids:
-        raise TcgraphError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
+        raise UsageError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
     from tcgraph.models import check_class_ids
 
     return check_class_ids(ids, num_classes).tolist()
@@ -173,13 +166,13 @@ def sample(
     cfg = art.model_config
     s = plan.settings
     if batch is not None and batch != s.batch:
-        raise TcgraphError(f"this artifact was built for batch {s.batch}, not {batch}; "
+        raise UsageError(f"this artifact was built for batch {s.batch}, not {batch}; "
                            f"omit --batch (images are sampled in runs of {s.batch}) or transform again with --batch {batch}")
     if resolution is not None and resolution != s.resolution:
-        raise TcgraphError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
+        raise UsageError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
                            "transform again for another resolution")
     if per_class < 1:
-        raise TcgraphError(f"--per-class must be >= 1, got {per_class}")
+        raise UsageError(f"--per-class must be >= 1, got {per_class}")
     ids = parse_classes(classes, cfg.num_classes)
     labels = [c for c in ids for _ in range(per_class)]
     noise = make_noise(len(labels), cfg.in_channels, s.resolution, seed)

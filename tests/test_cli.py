@@ -36,19 +36,22 @@ def test_transform_sample_inspect(art, tmp_path, capsys):
     assert "predicted speedup" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sample", "{art}", "--classes", "10"], "out of range: the model has 10 classes, valid ids are 0..9"),
-    (["sample", "{art}", "--batch", "5"], "built for batch 4"),
-    (["sample", "{art}", "--resolution", "32"], "built for resolution 16"),
-    (["sample", "{tmp}"], "not a tcgraph artifact folder"),
-    (["inspect", "{tmp}/nope"], "not a tcgraph artifact folder"),
-    (["transform", "--plan", "fora:2", "--out", "{art}", *STEPS], "already exists"),
-    (["transform", "--plan", "sometimes", "--out", "{tmp}/x", *STEPS], "unknown plan"),
-    (["transform", "--model", "{tmp}/missing.pt", "--out", "{tmp}/y"], "missing.pt"),
+@pytest.mark.parametrize("argv, message, code", [
+    # usage errors (exit 2): the command asks for something inconsistent
+    (["sample", "{art}", "--classes", "10"], "out of range: the model has 10 classes, valid ids are 0..9", 2),
+    (["sample", "{art}", "--batch", "5"], "built for batch 4", 2),
+    (["sample", "{art}", "--resolution", "32"], "built for resolution 16", 2),
+    (["transform", "--plan", "sometimes", "--out", "{tmp}/x", *STEPS], "unknown plan", 2),
+    (["sample", "{art}", "--backend", "ort", "--precision", "bf16"], "--precision is an option of the torch backend", 2),
+    # tcgraph errors (exit 1): a well-formed request that cannot be done with these files
+    (["sample", "{tmp}"], "not a tcgraph artifact folder", 1),
+    (["inspect", "{tmp}/nope"], "not a tcgraph artifact folder", 1),
+    (["transform", "--plan", "fora:2", "--out", "{art}", *STEPS], "already exists", 1),
+    (["transform", "--model", "{tmp}/missing.pt", "--out", "{tmp}/y"], "missing.pt", 1),
 ])
-def test_bad_input_gets_one_clear_error(art, tmp_path, capsys, argv, message):
+def test_bad_input_gets_one_clear_error(art, tmp_path, capsys, argv, message, code):
     argv = [a.format(art=art, tmp=tmp_path) for a in argv]
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert err.startswith("tcgraph: error: ") and message in err
     assert "Traceback" not in err
@@ -59,7 +62,7 @@ def test_damaged_artifact_is_refused_by_file_name(art, tmp_path, capsys):
     shutil.copytree(art, broken)
     onnx_file = sorted((broken / "variants").iterdir())[-1]
     onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
-    assert main(["sample", str(broken)]) == 2
+    assert main(["sample", str(broken)]) == 1
     assert onnx_file.name in capsys.readouterr().err
 
 
@@ -98,7 +101,7 @@ def test_inspect_focus_and_pictures(art, tmp_path, capsys):
     assert "runs v1" in out and "cache reads" in out
     assert (tmp_path / "pics" / "schedule_heatmap.png").stat().st_size > 100
     assert {p: p.stat().st_mtime_ns for p in art.rglob("*")} == files_before  # never writes into the artifact
-    assert main(["inspect", str(art), "--variant", "v9"]) == 2
+    assert main(["inspect", str(art), "--variant", "v9"]) == 2  # a usage error: the folder has v0, v1
     assert "v0" in capsys.readouterr().err
     assert main(["inspect", str(art), "--step", "99"]) == 2
     assert "0..5" in capsys.readouterr().err
@@ -148,16 +151,16 @@ def test_transform_with_an_imported_router(tmp_path, capsys):
     assert f"imported L2C router {router}, threshold 0.1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--plan", "l2c", "--router", "{tmp}/r.pt", "--target-speedup", "2"], "apply to learning"),
-    (["--plan", "fora:2", "--target-speedup", "2"], "do not apply to plan 'fora'"),
-    (["--plan", "l2c:9"], "out of reach"),
-    (["--plan", "l2c", "--router", "{tmp}/missing.pt"], "missing.pt"),
-    (["--plan", "l2c", "--target-speedup", "2", "--lambda", "0.1"], "not both"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--plan", "l2c", "--router", "{tmp}/r.pt", "--target-speedup", "2"], "apply to learning", 2),
+    (["--plan", "fora:2", "--target-speedup", "2"], "do not apply to plan 'fora'", 2),
+    (["--plan", "l2c:9"], "out of reach", 1),
+    (["--plan", "l2c", "--router", "{tmp}/missing.pt"], "missing.pt", 1),
+    (["--plan", "l2c", "--target-speedup", "2", "--lambda", "0.1"], "not both", 2),
 ])
-def test_l2c_bad_options(tmp_path, capsys, argv, message):
+def test_l2c_bad_options(tmp_path, capsys, argv, message, code):
     argv = ["transform", *[a.format(tmp=tmp_path) for a in argv], "--out", str(tmp_path / "o"), *STEPS]
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert err.startswith("tcgraph: error: ") and message in err
     assert not (tmp_path / "o").exists()
@@ -175,12 +178,12 @@ def _no_tensorrt_here() -> bool:
 def test_trt_without_tensorrt_is_one_clear_error_and_writes_nothing(art, tmp_path, capsys):
     out = tmp_path / "trt"
     start = time.perf_counter()
-    assert main(["transform", "--plan", "l2c", "--backend", "trt", "--out", str(out), *STEPS]) == 2
+    assert main(["transform", "--plan", "l2c", "--backend", "trt", "--out", str(out), *STEPS]) == 1
     assert time.perf_counter() - start < 20  # refused before calibration and export
     err = capsys.readouterr().err
     assert err.count("tcgraph: error:") == 1 and "TensorRT" in err and "--backend torch" in err
     assert not out.exists() and not list(tmp_path.glob(".trt*"))
-    assert main(["sample", str(art), "--backend", "trt", "--png", str(tmp_path / "s.png")]) == 2
+    assert main(["sample", str(art), "--backend", "trt", "--png", str(tmp_path / "s.png")]) == 1
     err = capsys.readouterr().err
     assert "TensorRT" in err and "pip install tensorrt" in err
     assert not (tmp_path / "s.png").exists()

@@ -97,7 +97,6 @@ def write_artifact(
     typed_config, typed_plan = model_config_of(config_dict, where, todo), plan_of(plan_dict, where, todo)
     check_agree(typed_plan, typed_config, [v.id for v in variants], where,
                 "pass one variant graph per variant of the plan, with the plan's ids (v0, v1, ...)")
-    progress = _as_progress(progress)
     total = len(variants) + 2 * (state is not None) + 1
     tmp = make_temporary(out_dir)
     try:
@@ -168,33 +167,6 @@ def _checked_programs(programs, tmp: Path) -> dict[str, str]:
     return dict(programs)
 
 
-class _CallbackProgress(Progress):
-    """TRANSITION (issue 17): a plain `progress(message)` callable, as callers passed before
-    `Progress`; remove once tcgraph/api.py passes a Progress."""
-
-    def __init__(self, say: Callable[[str], None]):
-        self.say = say
-
-    def phase(self, desc: str, total: int) -> Phase:
-        say = self.say
-
-        class _Say(Phase):
-            def tick(self, note: str = "") -> None:
-                say(note)
-
-        return _Say()
-
-
-def _as_progress(progress) -> Progress:
-    if isinstance(progress, Progress):
-        return progress
-    if progress is None:
-        return QUIET
-    if callable(progress):
-        return _CallbackProgress(progress)
-    raise TcgraphError(f"progress must be a tcgraph.progress.Progress, got {type(progress).__name__}")
-
-
 #################################################################################
 #                                    Loading                                    #
 #################################################################################
@@ -225,7 +197,6 @@ class Artifact:
     programs_map: dict[str, str] = field(default_factory=dict, repr=False)
     tensorrt_section: dict | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict, repr=False)
-    raw_manifest: dict = field(default_factory=dict, repr=False)
 
     def variant_ids(self) -> list[str]:
         return [v.id for v in self.variants]
@@ -269,12 +240,6 @@ class Artifact:
     def flops(self) -> dict | None:
         flops = self.extra.get("flops")
         return copy.deepcopy(flops) if isinstance(flops, dict) else None
-
-    @property
-    def manifest(self) -> dict:
-        """TRANSITION (issue 17): the raw manifest (a copy), only while tcgraph/runtime still reads
-        keys; read the typed fields instead. Remove once nothing outside this module uses it."""
-        return copy.deepcopy(self.raw_manifest)
 
 
 def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
@@ -346,5 +311,4 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
         programs_map=dict(programs),
         tensorrt_section=copy.deepcopy(section) if isinstance(section, dict) else None,
         extra=copy.deepcopy(extra),
-        raw_manifest=manifest,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import UsageError
 from tcgraph.models.dit import DiTConfig
 from tcgraph.names import BRANCHES
 from tcgraph.plan.plan import Plan, Recipe
@@ -83,7 +83,7 @@ def step_position(plan: Plan, step: int) -> dict:
     schedule = plan.schedule()
     n = len(schedule)
     if not 0 <= step < n:
-        raise TcgraphError(f"step {step} is out of range: this plan has {n} steps, valid steps are 0..{n - 1}")
+        raise UsageError(f"step {step} is out of range: this plan has {n} steps, valid steps are 0..{n - 1}")
     vid = schedule[step]
     start = step
     while start > 0 and schedule[start - 1] == vid:
@@ -164,15 +164,15 @@ def _resolve_focus(plan: Plan, variant: str | None, step: int | None):
         try:
             step = int(step)
         except (TypeError, ValueError):
-            raise TcgraphError(f"step {step!r} is not an integer; valid steps are 0..{len(plan.recipes) - 1}") from None
+            raise UsageError(f"step {step!r} is not an integer; valid steps are 0..{len(plan.recipes) - 1}") from None
         pos = step_position(plan, step)
         if variant is not None and variant != pos["variant"]:
-            raise TcgraphError(f"step {step} runs variant {pos['variant']}, not {variant}; give one of variant and step, not both")
+            raise UsageError(f"step {step} runs variant {pos['variant']}, not {variant}; give one of variant and step, not both")
         variant = pos["variant"]
     if variant is None:
         return None
     if variant not in ids:
-        raise TcgraphError(f"unknown variant {variant!r}; valid variants: {', '.join(ids)}")
+        raise UsageError(f"unknown variant {variant!r}; valid variants: {', '.join(ids)}")
     return variant, pos
 
 

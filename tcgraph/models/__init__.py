@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
 from tcgraph.models.checkpoint import (
     config_candidates,
@@ -111,12 +111,12 @@ def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_clas
     """
     ids = torch.as_tensor(y)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TcgraphError(f"class ids must be integers in 0..{num_classes - 1}, got a {ids.dtype} tensor")
+        raise UsageError(f"class ids must be integers in 0..{num_classes - 1}, got a {ids.dtype} tensor")
     ids = ids.reshape(-1).to(torch.long)
     bad = ids[(ids < 0) | (ids >= num_classes)]
     if bad.numel():
         shown = ", ".join(str(int(v)) for v in bad[:10])
-        raise TcgraphError(
+        raise UsageError(
             f"class ids {shown}{', ...' if bad.numel() > 10 else ''} are out of range: the model has "
             f"{num_classes} classes, valid ids are 0..{num_classes - 1}"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import UsageError
 from tcgraph.export.artifact import Artifact
 from tcgraph.runtime.base import Runner
 
@@ -28,7 +28,7 @@ BACKENDS: dict[str, str] = {
 def make_runner(backend: str, artifact: Artifact, **options: Any) -> Runner:
     """An (inactive) runner of `backend` for `artifact`; call `activate()` or use `with`."""
     if backend not in BACKENDS:
-        raise TcgraphError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
     module, cls = BACKENDS[backend].split(":")
     return getattr(importlib.import_module(module), cls)(artifact, **options)
 
