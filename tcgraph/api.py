@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
-from tcgraph.progress import bars
+from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 
@@ -43,7 +43,7 @@ def transform(
     batch: int = 8,
     force: bool = False,
     check: bool = True,
-    progress: bool = True,
+    progress: bool | Progress = True,
     plan_options: dict | None = None,
     backend: str = "ort",
     engine_options: dict | None = None,
@@ -149,7 +149,7 @@ def sample(
     resolution: int | None = None,
     png: str | Path | None = None,
     npy: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     runner_options: dict | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run the optimized sampler from an artifact folder; returns (samples, labels).
@@ -192,7 +192,7 @@ def sample(
 
 
 def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed: int = 0,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool | Progress = False) -> torch.Tensor:
     """The uncached PyTorch reference: the same noise, batching and sampler as `sample`."""
     from tcgraph.sampling import model_step_fn
 

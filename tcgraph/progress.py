@@ -40,6 +40,7 @@ class Progress:
 
 
 QUIET = Progress()
+SILENT = Phase()  # the phase of work nobody watches: the default of functions that tick inside a caller's phase
 
 
 class _BarPhase(Phase):
@@ -64,8 +65,11 @@ class Bars(Progress):
         return _BarPhase(desc, total)
 
 
-def bars(enabled: bool) -> Progress:
-    """Bars when `enabled` (the CLI: when stderr is a terminal), else `QUIET`."""
+def bars(enabled: "bool | Progress") -> Progress:
+    """Bars when `enabled` (the CLI: when stderr is a terminal), else `QUIET`; a `Progress`
+    given instead is used as it is (the API's `progress=` takes either)."""
+    if isinstance(enabled, Progress):
+        return enabled
     return Bars() if enabled else QUIET
 
 

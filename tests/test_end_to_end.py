@@ -100,3 +100,18 @@ def test_full_plan_ort_equals_eager_on_demo_model(tmp_path):
     eager = api.sample_eager(model, s, labels, seed=2)
     got = ort_samples(path, labels, seed=2)
     assert (got - eager).abs().max().item() <= 1e-3
+
+
+def test_api_reports_every_phase_through_one_progress_interface(tiny_model, tmp_path):
+    """transform and sample take a Progress (or a bool for bars): planning, rewriting, export and
+    sampling each open one phase and tick once per item of it."""
+    from tcgraph.progress import Recorder
+
+    rec = Recorder()
+    path = api.transform(tiny_model, "fora:2", tmp_path / "a", steps=4, batch=2, progress=rec)
+    phases = {desc: (total, len(ticks)) for desc, total, ticks in rec.phases}
+    assert phases["rewrite"] == (2, 2)  # one tick per variant
+    assert phases["export"][0] == phases["export"][1] >= 2
+    rec = Recorder()
+    api.sample(path, classes=[0, 1, 2], per_class=1, progress=rec)
+    assert [(d, t, len(k)) for d, t, k in rec.phases] == [("sample", 2 * 4, 2 * 4)]  # 2 runs of 4 steps

@@ -17,11 +17,11 @@ Recomputing costs one no-grad forward per cache round, the cheaper side by far.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from tcgraph.errors import TcgraphError
+from tcgraph.progress import SILENT, Phase
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.sampling import DDIMSampler, SamplerSettings, sampler_for
 
@@ -73,8 +73,9 @@ class Trajectories:
 
 @torch.no_grad()
 def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, seed: int = 0, chunk: int = 32,
-              progress: Callable[[int], None] | None = None) -> Trajectories:
-    """Run the full model along the sampler from random noise and labels; `progress(n)` per step done."""
+              phase: Phase = SILENT) -> Trajectories:
+    """Run the full model along the sampler from random noise and labels; `phase` ticks once per
+    step of each chunk of `chunk` images."""
     cfg = model.config
     if num_images < 2:
         raise TcgraphError(f"calibration needs at least 2 images, got {num_images}")
@@ -98,7 +99,7 @@ def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, se
             return out
 
         sampler.sample(step_fn, noise[sl], y[sl], generator=torch.Generator().manual_seed(seed + 1 + lo),
-                       progress=progress)
+                       phase=phase)
     return Trajectories(settings, cfg, xs, y, eps)
 
 

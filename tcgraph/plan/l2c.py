@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 import torch
 
@@ -57,7 +56,7 @@ from tcgraph.plan.learning import (
 )
 from tcgraph.plan.options import no_cap, option, tuning
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
-from tcgraph.progress import QUIET, Progress
+from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
 
 # Variant cap used when the user gives none (full step + 5 cache recipes); chosen from the
@@ -154,13 +153,13 @@ def _weights(p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def train_router(model: DiT, traj: Trajectories, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
                  lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
-                 progress: Callable[[], None] | None = None) -> RouterResult:
+                 phase: Phase = SILENT) -> RouterResult:
     """Learn router logits on `traj` (L2C objective: eps MSE + λ·Σ sigmoid(g))."""
     init = init if init is not None else init_logits(traj.num_steps, model.config.depth, seed)
     work = [(s0, cs) for s0, cs in rounds(traj.num_steps, interval) if cs]
     logits, history = fit_logits(model, traj, init, work, lambda w, s: _weights(w[s]),
                                  lambda w, cs: lam * w[cs].sum(), epochs=epochs, batch_images=batch_images,
-                                 lr=lr, seed=seed, progress=progress)
+                                 lr=lr, seed=seed, phase=phase)
     return RouterResult(interval, lam, logits, history)
 
 
@@ -303,7 +302,7 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
             unit = lambda_unit(model, train, k) if lams is None else None
             for lam in (lams or [m * unit for m in LAMBDA_GRID]):
                 res = train_router(model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images,
-                                   lr=cfg.lr, seed=cfg.seed, progress=phase.tick)
+                                   lr=cfg.lr, seed=cfg.seed, phase=phase)
                 probs = res.probs()
                 if cfg.target_speedup is not None:
                     recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants)

@@ -22,7 +22,7 @@ from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.names import BRANCHES, cache_name
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
-from tcgraph.progress import Progress
+from tcgraph.progress import SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
 
 CALIBRATION_CHUNK = 32  # images per calibration pass (calibrate's default chunk), for the progress total
@@ -55,7 +55,7 @@ def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajecto
     if traj is None:
         total = settings.num_steps * math.ceil(cfg.calib_images / CALIBRATION_CHUNK)
         with progress.phase("calibrate", total) as phase:
-            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, progress=lambda _s: phase.tick())
+            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, phase=phase)
     elif traj.settings != settings or traj.num_images != cfg.calib_images:
         raise TcgraphError(
             f"the given calibration trajectories were made for {traj.num_images} images and {traj.settings}; "
@@ -131,14 +131,14 @@ def round_loss(model: DiT, traj: Trajectories, full_step: int, steps: list[int],
 def fit_logits(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[tuple[int, list[int]]],
                weights_of: Callable[[torch.Tensor, int], dict], penalty: Callable[[torch.Tensor, list[int]], torch.Tensor],
                *, epochs: int, batch_images: int, lr: float, seed: int,
-               progress: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+               phase: Phase = SILENT) -> tuple[torch.Tensor, list[float]]:
     """Adam on input-invariant logits over calibration rounds; the model stays frozen.
 
     Per round `(full step, cache steps)` of `work`, on a random batch of images:
     loss = (Σ eps MSE + penalty(sigmoid(logits), cache steps)) / #cache steps, with the
     blend weights of step s from `weights_of(sigmoid(logits), s)`. Shared by the L2C
     router and TokenCache's predictor. Returns (trained logits, mean loss per epoch);
-    `progress()` once per round trained.
+    `phase` ticks once per round trained.
     """
     model = model.eval().requires_grad_(False)
     logits = logits.clone().requires_grad_(True)
@@ -157,8 +157,7 @@ def fit_logits(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[
             loss.backward()
             opt.step()
             epoch_loss += loss.item() / len(work)
-            if progress:
-                progress()
+            phase.tick()
         history.append(epoch_loss)
     return logits.detach().clone(), history
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -36,6 +35,7 @@ from tcgraph.names import BRANCHES, cache_name
 from tcgraph.plan.evaluate import token_mask
 from tcgraph.plan.learning import fit_logits, lambda_unit, rounds
 from tcgraph.plan.tprr import token_order
+from tcgraph.progress import SILENT, Phase
 
 
 @dataclass
@@ -73,14 +73,14 @@ def mu_unit(model: DiT, traj: Trajectories) -> float:
 
 def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float, *, window: int = 3, epochs: int = 8,
                     batch_images: int = 8, lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
-                    progress: Callable[[], None] | None = None) -> PredictorResult:
+                    phase: Phase = SILENT) -> PredictorResult:
     """Learn the predictor's logits on `traj` with the superposition objective (eps MSE +
     μ·Σ (mean w − r)²); only the logits move."""
     S, depth, n = traj.num_steps, model.config.depth, model.config.num_tokens
     init = init if init is not None else init_predictor(S, depth, n, keep_ratio, seed)
     logits, history = fit_logits(model, traj, init, training_rounds(S, window), lambda w, s: _token_weights(w[s]),
                                  lambda w, cs: mu * ((w[cs].mean(-1) - keep_ratio) ** 2).sum(), epochs=epochs,
-                                 batch_images=batch_images, lr=lr, seed=seed, progress=progress)
+                                 batch_images=batch_images, lr=lr, seed=seed, phase=phase)
     return PredictorResult(keep_ratio, mu, logits, history)
 
 
@@ -92,7 +92,7 @@ def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float
 
 @torch.no_grad()
 def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep_ratio: float,
-                      progress: Callable[[], None] | None = None) -> list[float]:
+                      phase: Phase = SILENT) -> list[float]:
     """Per block: eps MSE per cache step when only that block keeps its top round(keep_ratio·N)
     tokens (both branches) at the cache steps of `learning.rounds(S, 2)`, everything else computed."""
     depth, n = model.config.depth, model.config.num_tokens
@@ -110,6 +110,5 @@ def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep
                 out, _ = mixed_step(model, *traj.model_inputs(s, rows), {cache_name(l, br): m for br in BRANCHES},
                                     caches)
                 err[l] += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
-                if progress:
-                    progress()
+                phase.tick()
     return [e / max(count, 1) for e in err]

@@ -113,9 +113,9 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
     with progress.phase("train predictor", cfg.epochs * (S - 1)) as phase:
         pred = train_predictor(model, train, cfg.keep_ratio, cfg.mu * mu_unit(model, train),
                                window=cfg.train_window, epochs=cfg.epochs, batch_images=cfg.batch_images,
-                               lr=cfg.lr, seed=cfg.seed, progress=phase.tick)
+                               lr=cfg.lr, seed=cfg.seed, phase=phase)
     with progress.phase("block sensitivity", depth * len(rounds(S, 2))) as phase:
-        sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio, progress=phase.tick)
+        sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio, phase=phase)
     return pred, sens
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError
+from tcgraph.progress import SILENT, Phase
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -186,9 +187,9 @@ class DDIMSampler:
         noise: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator | None = None,
-        progress: Callable[[int], None] | None = None,
+        phase: Phase = SILENT,
     ) -> torch.Tensor:
-        """Denoise `noise` (N, C, H, W) for labels `y` (N,) with `step_fn` at every step."""
+        """Denoise `noise` (N, C, H, W) for labels `y` (N,) with `step_fn` at every step; `phase` ticks once per step."""
         x = noise
         for step, index in enumerate(self.schedule.generation_order()):
             xin, tin, yin = self.model_inputs(x, index, y)
@@ -198,8 +199,7 @@ class DDIMSampler:
             if self.eta > 0 and index > 0:
                 step_noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = self.ddim_update(x, eps, index, step_noise)
-            if progress is not None:
-                progress(step)
+            phase.tick()
         return x
 
 

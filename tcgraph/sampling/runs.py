@@ -46,7 +46,6 @@ def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: DDIMSampler
             x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
             reset()
             g = torch.Generator().manual_seed(seed + 1 + r)
-            res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g,
-                                 progress=lambda _s: phase.tick())
+            res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g, phase=phase)
             out.append(res[: len(idx)].cpu())
     return torch.cat(out)

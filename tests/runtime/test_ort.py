@@ -5,26 +5,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tests.export.tiny_variants import BATCH, tiny_dit
-from tests.runtime.tiny_artifact import tiny_artifact_args, tiny_variants
+from tests.export.tiny_variants import BATCH
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export import load_artifact, read_external_initializers, write_artifact
+from tcgraph.export import read_external_initializers
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.ort import OrtRunner, SessionsFromArtifact
-
-
-@pytest.fixture(scope="module")
-def variants():
-    torch.set_num_threads(1)
-    return tiny_variants(tiny_dit())
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, variants):
-    out = tmp_path_factory.mktemp("ort") / "art"
-    write_artifact(out, **tiny_artifact_args(tiny_dit()), variants=list(variants.values()))
-    return load_artifact(out)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["shared", "plain"])

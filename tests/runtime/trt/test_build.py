@@ -26,7 +26,7 @@ from tcgraph.export.onnx import export_variants
 from tcgraph.progress import Recorder
 from tcgraph.runtime.trt import build_engines, check_engines, import_tensorrt, keep_sinusoids_fp32, release
 from tests.export.tiny_variants import tiny_dit
-from tests.runtime.tiny_artifact import tiny_artifact_args, tiny_variants
+from tests.runtime.tiny_artifact import tiny_artifact_args
 from tests.fake_tensorrt import (
     FAKE_GPU,
     FAKE_VERSION,
@@ -151,12 +151,6 @@ def test_build_engines_without_tensorrt_or_gpu(monkeypatch, onnx_folder):
 #################################################################################
 #                     build_engines against the stand-in                        #
 #################################################################################
-
-
-@pytest.fixture(scope="module")
-def variants():
-    torch.set_num_threads(1)
-    return tiny_variants(tiny_dit())
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,10 @@ from tcgraph.errors import TcgraphError
 from tcgraph.export import load_artifact, write_artifact
 from tcgraph.runtime.trt import EnginesFromArtifact, LoadedEngines, TrtRunner, check_engine_io
 from tests.export.tiny_variants import tiny_dit
-from tests.runtime.tiny_artifact import tiny_artifact_args, tiny_variants
+from tests.runtime.tiny_artifact import tiny_artifact_args
 from tests.fake_tensorrt import FAKE_GPU, fake_engines, fake_tensorrt, install_fake_gpu, needs_real_tensorrt
 
 CACHE = "cache.0.attn"
-
-
-@pytest.fixture(scope="module")
-def variants():
-    torch.set_num_threads(1)
-    return tiny_variants(tiny_dit())
 
 
 @pytest.fixture(scope="module")

@@ -20,25 +20,11 @@ from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher, graph_runner
 from tcgraph.runtime.trt import LoadedEngines, TrtRunner, build_engines
 from tests.export.tiny_variants import tiny_dit
-from tests.runtime.tiny_artifact import tiny_artifact_args, tiny_variants
+from tests.runtime.tiny_artifact import tiny_artifact_args
 from tests.fake_tensorrt import fake_tensorrt, install_fake_gpu, needs_real_tensorrt
 from tests.runtime.trt.stand_ins import CpuTrtRunner, Log, install_cpu_cuda, stand_in_engines
 
 CACHE = "cache.0.attn"
-
-
-@pytest.fixture(scope="module")
-def variants():
-    torch.set_num_threads(1)
-    return tiny_variants(tiny_dit())
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, variants):
-    """An artifact without engines: the runner gets stand-ins."""
-    out = tmp_path_factory.mktemp("trt") / "art"
-    write_artifact(out, **tiny_artifact_args(tiny_dit()), variants=list(variants.values()))
-    return load_artifact(out)
 
 
 @pytest.fixture
