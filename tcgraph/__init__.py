@@ -3,13 +3,28 @@
 `transform` a model into an artifact folder of static graphs (one per distinct step),
 `sample` from it with a dispatching runtime, `inspect` what was rewritten. TensorRT and
 GPU libraries are imported lazily, only by the backends that need them.
+
+The API names are imported on first use (PEP 562), so that `import tcgraph` (and the CLI's
+start, which installs its signal handling first) does not wait for torch.
 """
 from __future__ import annotations
 
-from tcgraph.api import format_inspect, inspect, sample, sample_eager, transform
-from tcgraph.errors import TcgraphError
-from tcgraph.models import load_model
+import importlib
+
+from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.version import __version__
 
-__all__ = ["__version__", "TcgraphError", "format_inspect", "inspect", "load_model", "sample", "sample_eager",
-           "transform"]
+_LAZY = {"format_inspect": "tcgraph.api", "inspect": "tcgraph.api", "sample": "tcgraph.api",
+         "sample_eager": "tcgraph.api", "transform": "tcgraph.api", "load_model": "tcgraph.models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tcgraph' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "TcgraphError", "UsageError", "format_inspect", "inspect", "load_model", "sample",
+           "sample_eager", "transform"]

@@ -1,20 +1,22 @@
 """The Python API; the CLI (`tcgraph transform | sample | inspect`) is a thin layer over it."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.errors import UsageError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
-from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+from tcgraph.sampling import SamplerSettings, checks, make_noise, run_batches, sampler_for
 
 DEFAULT_MODEL = "digits"
 
@@ -60,24 +62,36 @@ def transform(
     from tcgraph.compile import build_variants
     from tcgraph.export.artifact import write_artifact
 
+    # Every argument is checked before anything slow (loading, planning, export), and the
+    # sampler settings exactly as `sample` will check them: no artifact is written that
+    # cannot be run. The resolution is the model's, filled in once it is loaded.
+    settings = _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options,
+                                    backend, engine_options)
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
     if isinstance(plan, Plan) and options:
         raise UsageError(f"plan options {sorted(options)} need a plan spec, not a ready Plan")
+    if not isinstance(plan, Plan):
+        _check_plan_spec(plan, options)
     label = plan.planner if isinstance(plan, Plan) else plan
     if "target_speedup" in options:
         label += f"-{options['target_speedup']}x"
     out = Path(out) if out is not None else default_out(model_name, label)
-    if out.exists() and not force:  # checked before planning, which may take minutes
-        raise TcgraphError(f"{out} already exists; pass --force to replace it (it is replaced only once the new one is complete)")
+    from tcgraph.export.folder import check_output_folder
+
+    check_output_folder(out, force)  # before planning, which may take minutes; --force replaces artifacts only
     engines = _engine_builder(backend, engine_options or {})
     dit = load_dit(model, config)
+    if isinstance(model, DiT):  # a checkpoint's weights are checked as it loads
+        from tcgraph.models.checkpoint import check_finite
+
+        check_finite(dit.state_dict(), "the model passed to transform")
     prog = bars(progress)
     if isinstance(plan, Plan):
         the_plan = plan
     else:
-        settings = SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch,
-                                   resolution=dit.config.input_size)
+        settings = dataclasses.replace(settings, resolution=dit.config.input_size)
+        _check_graph_memory(settings, dit.config)
         the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=prog, **options)
     variants = build_variants(dit, the_plan, check=check, progress=prog)
     path = write_artifact(
@@ -93,6 +107,53 @@ def transform(
         engines=None if engines is None else functools.partial(engines, progress=prog),
     )
     return path
+
+
+# One tensor of a variant graph ([model batch, tokens, hidden] float32: a block's hidden
+# state, each cache) past this size means a batch no device runs; refused before planning.
+MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
+
+
+def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,
+                         engine_options) -> SamplerSettings:
+    """The types of `transform`'s arguments, and its sampler settings (resolution still the default)."""
+    if not isinstance(model, (str, os.PathLike, DiT)):
+        raise UsageError(f"model must be a model name ('digits'), a checkpoint path or a DiT, got "
+                         f"{type(model).__name__}")
+    if not isinstance(plan, (str, Plan)):
+        raise UsageError(f"plan (--plan) must be a plan spec such as 'fora:3' or a Plan, got {type(plan).__name__}")
+    checks.path(out, "out", "--out", optional=True)
+    if config is not None and not isinstance(config, (str, DiTConfig)):
+        raise UsageError(f"config (--config) must be a registered config name or a DiTConfig, got "
+                         f"{type(config).__name__}")
+    checks.flag(check, "check")
+    checks.text(backend, "backend", "--backend")
+    for name, value in (("plan_options", plan_options), ("engine_options", engine_options)):
+        if value is not None and not isinstance(value, dict):
+            raise UsageError(f"{name} must be a dict of option names to values or None, got {type(value).__name__}")
+    return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch)
+
+
+def _check_plan_spec(spec: str, options: dict) -> None:
+    """The plan spec and options as the planner registry reads them (cheap), before the model loads."""
+    from tcgraph.plan.registry import PLAN_HELP, PLANNERS
+
+    name, *args = spec.split(":")
+    if name not in PLANNERS:
+        raise UsageError(f"unknown plan {spec!r}; available: {PLAN_HELP}")
+    PLANNERS[name].configure(spec, args, options)
+
+
+def _check_graph_memory(settings: SamplerSettings, cfg: DiTConfig) -> None:
+    need = settings.model_batch * cfg.num_tokens * cfg.hidden_size * checks.FLOAT32_BYTES
+    if need > MAX_GRAPH_TENSOR_BYTES:
+        halves = " (x2 for the guidance halves)" if settings.model_batch > settings.batch else ""
+        raise UsageError(
+            f"batch (--batch) {settings.batch}{halves} is too large for this model: one [batch, tokens, hidden] "
+            f"tensor of its graphs ({settings.model_batch} x {cfg.num_tokens} x {cfg.hidden_size} float32) needs "
+            f"{need / 2**30:.3g} GiB, more than the {MAX_GRAPH_TENSOR_BYTES // 2**30} GiB tcgraph allows; "
+            "use a smaller --batch (images are sampled in runs of it)"
+        )
 
 
 def _engine_builder(backend: str, options: dict):
@@ -114,6 +175,8 @@ def _engine_builder(backend: str, options: dict):
 
 def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
     """`None` -> all classes; "0-9" or "1,3,5" or a list -> class ids, each checked."""
+    from tcgraph.models import check_class_ids
+
     if spec is None:
         ids = list(range(num_classes))
     elif isinstance(spec, str):
@@ -123,17 +186,21 @@ def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[in
             try:
                 if "-" in part[1:]:
                     lo, hi = part.split("-", 1)
-                    ids.extend(range(int(lo), int(hi) + 1))
+                    lo, hi = int(lo), int(hi)
+                    check_class_ids([lo, hi], num_classes)  # before the range is spelled out: '0-10**12'
+                    ids.extend(range(lo, hi + 1))
                 else:
                     ids.append(int(part))
             except ValueError:
                 raise UsageError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
+    elif isinstance(spec, (bytes, dict)) or not isinstance(spec, (Sequence, np.ndarray, torch.Tensor, range)):
+        raise UsageError(f"classes (--classes) must be a string such as '0-9' or '1,3,5', a sequence of class ids "
+                         f"or None, got {type(spec).__name__}")
     else:
-        ids = [int(i) for i in spec]
+        values = spec.tolist() if isinstance(spec, (np.ndarray, torch.Tensor)) else spec
+        ids = checks.class_ids(values if isinstance(values, list) else list(values))
     if not ids:
         raise UsageError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
-    from tcgraph.models import check_class_ids
-
     return check_class_ids(ids, num_classes).tolist()
 
 
@@ -161,6 +228,17 @@ def sample(
     from tcgraph.export.artifact import load_artifact
     from tcgraph.runtime.dispatch import ScheduleDispatcher
 
+    checks.path(artifact, "artifact")
+    per_class = checks.integer(per_class, "per_class", "--per-class", lo=1)
+    seed = _seed(seed)
+    checks.text(backend, "backend", "--backend")
+    checks.text(device, "device", "--device", optional=True)
+    batch = None if batch is None else checks.integer(batch, "batch", "--batch", lo=1)
+    resolution = None if resolution is None else checks.integer(resolution, "resolution", "--resolution", lo=1)
+    if runner_options is not None and not isinstance(runner_options, dict):
+        raise UsageError(f"runner_options must be a dict of option names to values or None, got "
+                         f"{type(runner_options).__name__}")
+    png, npy = _checked_outputs(png, npy)  # before sampling, which may take minutes
     art = load_artifact(Path(artifact))
     plan = art.plan
     cfg = art.model_config
@@ -171,9 +249,9 @@ def sample(
     if resolution is not None and resolution != s.resolution:
         raise UsageError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
                            "transform again for another resolution")
-    if per_class < 1:
-        raise UsageError(f"--per-class must be >= 1, got {per_class}")
     ids = parse_classes(classes, cfg.num_classes)
+    checks.sample_memory(len(ids) * per_class, cfg.in_channels, s.resolution, name="per_class", option="--per-class",
+                         detail=f"{len(ids)} classes x {per_class} per class")
     labels = [c for c in ids for _ in range(per_class)]
     noise = make_noise(len(labels), cfg.in_channels, s.resolution, seed)
     options = dict(runner_options or {})
@@ -187,18 +265,39 @@ def sample(
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:
-        _atomic_save_npy(Path(npy), samples.numpy())
+        _atomic_save_npy(npy, samples.numpy())
     return samples, labels
 
 
 def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed: int = 0,
                  progress: bool | Progress = False) -> torch.Tensor:
     """The uncached PyTorch reference: the same noise, batching and sampler as `sample`."""
+    from tcgraph.models import check_class_ids
     from tcgraph.sampling import model_step_fn
 
+    if not isinstance(model, DiT):
+        raise UsageError(f"model must be a tcgraph DiT (tcgraph.load_dit), got {type(model).__name__}")
+    if not isinstance(settings, SamplerSettings):
+        raise UsageError(f"settings must be a tcgraph SamplerSettings, got {type(settings).__name__}")
+    if settings.resolution != model.config.input_size:
+        raise UsageError(f"settings.resolution {settings.resolution} does not match the model's input size "
+                         f"{model.config.input_size}; make the settings with resolution={model.config.input_size}")
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise UsageError(f"labels must be a list of class ids, got {type(labels).__name__}")
+    labels = check_class_ids(checks.class_ids(labels, "labels", None), model.config.num_classes).tolist()
+    if not labels:
+        raise UsageError("labels is empty; give at least one class id")
+    seed = _seed(seed)
+    checks.sample_memory(len(labels), model.config.in_channels, settings.resolution, name="labels", option=None,
+                         detail=f"{len(labels)} labels")
     noise = make_noise(len(labels), model.config.in_channels, settings.resolution, seed)
     return run_batches(model_step_fn(model), lambda: None, sampler_for(settings, model.config), labels, noise,
                        settings.batch, seed, bars(progress))
+
+
+def _seed(seed) -> int:
+    # torch generators take 64-bit seeds; each run r of a call uses seed + 1 + r.
+    return checks.integer(seed, "seed", "--seed", lo=-(2**63), hi=2**63 - 1)
 
 
 def to_images(samples: torch.Tensor) -> np.ndarray:
@@ -208,9 +307,13 @@ def to_images(samples: torch.Tensor) -> np.ndarray:
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4, pad: int = 2) -> Path:
-    """A PNG grid with `nrow` images per row (one row per class when sampled per class)."""
+def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4, pad: int = 2,
+              choose: str = "choose another --png") -> Path:
+    """A PNG grid with `nrow` images per row (one row per class when sampled per class),
+    written atomically (`tcgraph.files.atomic_write`)."""
     from PIL import Image
+
+    from tcgraph.files import atomic_write
 
     imgs = to_images(samples)
     n, h, w, c = imgs.shape
@@ -221,20 +324,25 @@ def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pil.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"), choose=choose)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
+def _atomic_save_npy(path: str | Path, array: np.ndarray, choose: str = "choose another --npy") -> Path:
+    from tcgraph.files import atomic_write
+
+    return atomic_write(path, lambda f: np.save(f, array), choose=choose)
+
+
+def _checked_outputs(png: str | Path | None, npy: str | Path | None) -> tuple[Path | None, Path | None]:
+    """The output files of `sample`, refused now (not after sampling) where they could not be
+    written: a folder's name, a file on the way, a folder that cannot be written, a name too long."""
+    from tcgraph.files import check_output_file
+
+    png = None if png is None else check_output_file(png, "choose another --png")
+    npy = None if npy is None else check_output_file(npy, "choose another --npy")
+    if png is not None and npy is not None and png.absolute() == npy.absolute():
+        raise UsageError(f"--png and --npy both name {png}; give each its own file")
+    return png, npy
 
 
 def inspect(artifact: str | Path, *, variant: str | None = None, step: int | str | None = None,

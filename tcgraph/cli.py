@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from tcgraph.errors import EXIT_INTERRUPTED, TcgraphError, UsageError
+from tcgraph.errors import EXIT_ERROR, EXIT_INTERRUPTED, TcgraphError, UsageError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
 
 BACKEND_CHOICES = ["ort", "torch", "trt"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
@@ -91,8 +93,9 @@ def _runner_options(args) -> dict:
     return options
 
 
-def _interrupt_on_sigterm() -> None:
-    """`kill` gets the same clean-up as Ctrl-C: temporary folders are removed, nothing half-written stays."""
+def _install_signal_handlers() -> None:
+    """Ctrl-C and `kill` (SIGTERM) both raise KeyboardInterrupt, from the first line of `main`
+    on: temporary folders are removed, nothing half-written stays, and one line is printed."""
     import signal
     import threading
 
@@ -100,46 +103,75 @@ def _interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    _interrupt_on_sigterm()
-    from tcgraph import api
-    from tcgraph.plan import plan_options
+def _stdout_gone() -> None:
+    """The reader of stdout went away (`tcgraph inspect A --json | head -c 100`): point stdout
+    at devnull so that the interpreter's final flush does not fail again (Python's recipe)."""
+    import os
 
-    progress = sys.stderr.isatty()
     try:
-        if args.command == "transform":
-            path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
-                                 guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
-                                 check=not args.no_check, progress=progress,
-                                 plan_options=plan_options(args),
-                                 backend=args.backend, engine_options={
-                                     k: v for k, v in (("precision", args.precision),
-                                                       ("strip_weights", args.strip_weights)) if v})
-            print(api.format_inspect(api.inspect(path, verify=False)))
-            print(f"\nwrote {path}")
-        elif args.command == "sample":
-            samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
-                                         seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
-                                         resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
-                                         runner_options=_runner_options(args))
-            wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
-            print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
-        elif args.command == "inspect":
-            info = api.inspect(args.artifact, variant=args.variant, step=args.step)
-            print(json.dumps(info, indent=1) if args.json else api.format_inspect(info))
-            if args.out is not None:
-                written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
-                print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Everything, the heavy imports (torch) and argument parsing included, runs inside the try:
+    # a Ctrl-C in the first second is one line too, never a traceback.
+    try:
+        _install_signal_handlers()
+        return _run(argv)
     except TcgraphError as e:
         print(f"tcgraph: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tcgraph: interrupted; nothing was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_gone()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # a safety net: the places that write say more (tcgraph.files)
+        from tcgraph.files import describe_os_error
+
+        print(f"tcgraph: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
+    from tcgraph import api
+    from tcgraph.plan import plan_options
+
+    progress = sys.stderr.isatty()
+    if args.command == "transform":
+        path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
+                             guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
+                             check=not args.no_check, progress=progress,
+                             plan_options=plan_options(args),
+                             backend=args.backend, engine_options={
+                                 k: v for k, v in (("precision", args.precision),
+                                                   ("strip_weights", args.strip_weights)) if v})
+        print(api.format_inspect(api.inspect(path, verify=False)))
+        print(f"\nwrote {path}")
+    elif args.command == "sample":
+        samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
+                                     seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
+                                     resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
+                                     runner_options=_runner_options(args))
+        wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
+        print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
+    elif args.command == "inspect":
+        info = api.inspect(args.artifact, variant=args.variant, step=args.step)
+        print(json.dumps(info, indent=1) if args.json else api.format_inspect(info))
+        if args.out is not None:
+            written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
+            print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
+    sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
     return 0
 
 

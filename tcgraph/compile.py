@@ -109,6 +109,12 @@ def check_variant(model: nn.Module, gm: fx.GraphModule, recipe: Recipe, feeds: d
     worst = 0.0
     for name, value in zip(outputs, got):
         ref = ref_out if name == OUT else fresh[name]
+        if not bool(torch.isfinite(ref).all()):  # NaN != NaN: not a pass's fault, and no rewrite can match it
+            bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            cause = (f"the model's weights are not finite ({len(bad)} tensors hold NaN or inf, e.g. {', '.join(bad[:3])}):"
+                     " use another checkpoint" if bad else
+                     "the model overflows on these sample inputs although its weights are finite: check the checkpoint")
+            raise TcgraphError(f"the eager model's output {name} holds NaN or inf for recipe {recipe.short()}; {cause}")
         diff = (value - ref).abs().max().item()
         if not diff <= atol:
             raise TcgraphError(

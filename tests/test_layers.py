@@ -19,6 +19,7 @@ LAYERS: dict[str, set[str]] = {
     "names": set(),
     "progress": set(),
     "version": set(),
+    "files": {"errors"},
     "data": {"errors"},
     "models": {"errors", "names"},
     "sampling": {"errors", "names", "progress", "models"},
@@ -27,13 +28,13 @@ LAYERS: dict[str, set[str]] = {
     "plan": {"errors", "names", "progress", "models", "sampling", "calibrate"},
     "passes": {"errors", "names", "models", "plan"},
     "compile": {"errors", "names", "progress", "models", "plan", "passes", "export"},
-    "export": {"errors", "names", "progress", "version", "models", "sampling", "plan"},
+    "export": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan"},
     "runtime": {"errors", "names", "progress", "models", "sampling", "plan", "export"},
-    "inspection": {"errors", "names", "models", "sampling", "plan", "export"},
-    "api": {"errors", "names", "progress", "version", "models", "sampling", "calibrate", "plan", "passes", "compile",
+    "inspection": {"errors", "names", "files", "models", "sampling", "plan", "export"},
+    "api": {"errors", "names", "progress", "version", "files", "models", "sampling", "calibrate", "plan", "passes", "compile",
             "export", "runtime", "inspection", "eval"},
-    "cli": {"errors", "names", "progress", "version", "models", "sampling", "plan", "runtime", "api"},
-    "__init__": {"errors", "version", "models", "api"},
+    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api"},
+    "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},
 }
 

@@ -20,20 +20,25 @@ model and the variants) and returns an `Artifact` of typed parts — a `Plan`, a
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export.folder import make_temporary, swap_into_place, utc_now, write_json
+from tcgraph.export.folder import (make_temporary, recover_interrupted_swap, swap_into_place, utc_now,
+                                   write_json)
+from tcgraph.files import write_error
 from tcgraph.export.manifest import (
     MANIFEST,
     PLAN,
     SCHEMA_VERSION,
     check_agree,
     check_files,
+    check_parameters,
     check_schema,
+    check_variant_io,
     config_hash,
     model_config_of,
     plan_of,
@@ -104,6 +109,9 @@ def write_artifact(
             _write_contents(tmp, config_dict, plan_dict, variants, extra, phase, opset, verify, atol, engines,
                             state)
         swap_into_place(tmp, out_dir, overwrite)
+    except OSError as e:  # a full disk while exporting: name the folder asked for, not the temporary
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, e, "choose another --out") from None
     except BaseException:  # KeyboardInterrupt too: never leave the half-built folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,6 +131,13 @@ def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, 
         specs = parameter_specs(parameters, "the parameter map")
         programs = _checked_programs(write_programs(tmp, variants, specs), tmp)
         phase.tick("torch programs")
+    # What load_artifact checks of the exported I/O and the parameter map, checked before it is written.
+    where, todo = f"cannot write {tmp}", "pass variant graphs made for this plan and model (tcgraph.compile.build_variants)"
+    typed_plan, typed_config = plan_of(plan, where, todo), model_config_of(model_config, where, todo)
+    exported = [variant_spec(e, where, i) for i, e in enumerate(entries)]
+    check_variant_io(typed_plan, typed_config, exported, where, todo)
+    check_parameters(None if parameters is None else parameter_specs(parameters, where), exported, typed_config,
+                     where, todo)
     if engines is not None:
         specs = [variant_spec(e, "the exported variants", i) for i, e in enumerate(entries)]
         engine_section = engines(tmp, specs)
@@ -246,6 +261,8 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
     """Open an artifact folder; check its schema, files and (by default) every file's sha256,
     then that the model config, the plan and the variants agree. Errors name the file."""
     root = Path(path)
+    if not os.path.lexists(root):  # a forced re-transform killed inside its swap: put the old folder back
+        recover_interrupted_swap(root)
     if not root.is_dir() or not (root / MANIFEST).is_file():
         if not root.exists():
             what = "does not exist"
@@ -286,11 +303,14 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
     plan = plan_of(read_json(plan_file) if plan_file.is_file() else manifest.get("plan"), plan_where,
                  f"the folder is damaged; {REDO}")
     check_agree(plan, config, [v.id for v in variants], plan_where, f"the folder is inconsistent; {REDO}")
+    parameters = manifest.get("parameters")
+    parameter_map = None if parameters is None else parameter_specs(parameters, where)
+    check_variant_io(plan, config, variants, where, f"the folder is inconsistent; {REDO}")
+    check_parameters(parameter_map, variants, config, where, f"the folder is inconsistent; {REDO}")
     unknown = sorted(set(programs) - {v.id for v in variants})
     if unknown:
         raise TcgraphError(f"{where}: 'programs' names variants {unknown} that the folder does not have; {REDO}")
 
-    parameters = manifest.get("parameters")
     extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
     weights = manifest.get("weights") if isinstance(manifest.get("weights"), dict) else {}
     section = manifest.get("tensorrt")
@@ -300,7 +320,7 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
         plan=plan,
         model_config=config,
         variants=variants,
-        parameters=None if parameters is None else parameter_specs(parameters, where),
+        parameters=parameter_map,
         source_model=None if source is None else str(source),
         tcgraph_version=str(manifest.get("tcgraph_version", "unknown")),
         model_config_hash=found,

@@ -57,7 +57,14 @@ def check_agree(plan: Plan, config: DiTConfig, variant_ids: Sequence[str], where
             f"{where}: the plan is for {plan.depth} blocks x {plan.num_tokens} tokens, but the model config has "
             f"{config.depth} blocks x {config.num_tokens} tokens; {todo}"
         )
+    if plan.settings.resolution != config.input_size:
+        raise TcgraphError(
+            f"{where}: the plan is for resolution {plan.settings.resolution}, but the model config has input size "
+            f"{config.input_size}; {todo}"
+        )
     scheduled = list(dict.fromkeys(plan.schedule()))
+    if not variant_ids:
+        raise TcgraphError(f"{where}: lists no variants, but the plan's schedule runs {scheduled}; {todo}")
     if len(set(variant_ids)) != len(variant_ids) or set(variant_ids) != set(scheduled):
         raise TcgraphError(
             f"{where}: the variants are {list(variant_ids)}, but the plan's schedule runs {scheduled}; {todo}"
@@ -102,3 +109,94 @@ def read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TcgraphError(f"cannot read {path}: {e}; the artifact folder is damaged; {REDO}") from e
+
+
+#################################################################################
+#               Variant I/O and the parameter map against the model             #
+#################################################################################
+
+
+def _cache_key(name: str) -> tuple[int, str] | None:
+    """(block, branch) of `cache.<l>.<branch>` or `cache.<l>.<branch>.in`; None if malformed."""
+    from tcgraph.names import BRANCHES, CACHE_PREFIX, INPUT_SUFFIX
+
+    body = name[len(CACHE_PREFIX):]
+    if body.endswith(INPUT_SUFFIX):
+        body = body[: -len(INPUT_SUFFIX)]
+    block, _, branch = body.partition(".")
+    if not block.isdigit() or branch not in BRANCHES:
+        return None
+    return int(block), branch
+
+
+def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: str, todo: str) -> None:
+    """Every variant's graph I/O as the plan's settings and the model config fix it (DESIGN.md,
+    "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B], `out` [B, C_out, H, W],
+    each cache `cache.<l>.<branch>` (`….in`) [B, N, D] with l a block of the model, where B is
+    the model batch (2x with guidance); and every cache a variant reads is written by some
+    variant. A manifest edited to another model (its hash updated to match) fails here, since
+    the ONNX files it lists keep the shapes they were exported with."""
+    from tcgraph.names import MODEL_INPUTS, OUT, is_cache
+
+    s = plan.settings
+    b, side = s.model_batch, s.resolution
+    expected = {"x": (b, config.in_channels, side, side), "t": (b,), "y": (b,),
+                OUT: (b, config.out_channels, side, side)}
+    cache_shape = (b, config.num_tokens, config.hidden_size)
+    written = {o.name for v in variants for o in v.outputs}
+    for v in variants:
+        if tuple(v.input_names[: len(MODEL_INPUTS)]) != MODEL_INPUTS or v.output_names[:1] != (OUT,):
+            raise TcgraphError(
+                f"{where}: variant {v.id} has inputs {list(v.input_names)} and outputs {list(v.output_names)}; every "
+                f"variant reads {', '.join(MODEL_INPUTS)} first and writes {OUT} first; {todo}")
+        for kind, specs in (("input", v.inputs), ("output", v.outputs)):
+            for spec in specs:
+                if is_cache(spec.name):
+                    key = _cache_key(spec.name)
+                    if key is None or key[0] >= config.depth:
+                        raise TcgraphError(
+                            f"{where}: variant {v.id} has {kind} {spec.name}, not a cache of this model's "
+                            f"{config.depth} blocks; {todo}")
+                    want = cache_shape
+                elif spec.name in expected and (kind == "output") == (spec.name == OUT):
+                    want = expected[spec.name]
+                else:
+                    raise TcgraphError(f"{where}: variant {v.id} has an unknown {kind} {spec.name!r}; {todo}")
+                if tuple(spec.shape) != want:
+                    raise TcgraphError(
+                        f"{where}: variant {v.id} {kind} {spec.name} has shape {list(spec.shape)}, but the plan "
+                        f"(batch {s.batch}{', x2 with guidance' if b != s.batch else ''}, resolution {side}) and the "
+                        f"model config ({config.depth} blocks, hidden {config.hidden_size}, {config.num_tokens} "
+                        f"tokens) give {list(want)}; {todo}")
+        unread = [n for n in v.input_names if is_cache(n) and n not in written]
+        if unread:
+            raise TcgraphError(f"{where}: variant {v.id} reads {unread}, which no variant writes; {todo}")
+
+
+def check_parameters(parameters: Sequence, variants: Sequence, config: DiTConfig, where: str, todo: str) -> None:
+    """The parameter map holds exactly the state dict of a DiT with `config` (names and shapes),
+    and no variant reads the weights of a block the config does not have."""
+    from tcgraph.models.checkpoint import state_dict_shapes
+
+    want = state_dict_shapes(config)
+    if parameters is not None:
+        have = {p.name: tuple(p.shape) for p in parameters}
+        missing = [k for k in want if k not in have]
+        extra = [k for k in have if k not in want]
+        other = [f"{k} {list(have[k])} vs {list(want[k])}" for k in want if k in have and have[k] != want[k]]
+        if missing or extra or other:
+            parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                     f"{len(extra)} not in the model (e.g. {', '.join(extra[:3])})" if extra else "",
+                     f"{len(other)} with other shapes (e.g. {', '.join(other[:3])})" if other else ""]
+            raise TcgraphError(
+                f"{where}: the parameter map does not fit the model config ({config.depth} blocks, hidden "
+                f"{config.hidden_size}): {'; '.join(p for p in parts if p)}; {todo}")
+    # Initializer names are the model's parameter names where export could tell (else `const.<hash>`):
+    # a block past the config's depth is one the model does not have.
+    for v in variants:
+        foreign = [n for n in v.external_initializers
+                   if n.startswith("blocks.") and n.split(".")[1].isdigit() and int(n.split(".")[1]) >= config.depth]
+        if foreign:
+            raise TcgraphError(
+                f"{where}: variant {v.id} reads weights {foreign[:3]} of blocks that a DiT with this model config "
+                f"({config.depth} blocks) does not have; {todo}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
+from tcgraph.files import atomic_output, atomic_write, atomic_write_text, ensure_folder
 from tcgraph.plan.plan import Action, Plan, Recipe
 from tcgraph.names import BRANCHES, cache_name, input_cache_name
 
@@ -24,6 +25,7 @@ BACKGROUND_RGB = (255, 255, 255)
 TEXT_RGB = (0, 0, 0)
 KEPT_RGB = COMPUTE_RGB  # token masks: recomputed token
 REUSED_RGB = REUSE_RGB  # token masks: token taken from the cache
+CHOOSE = "choose another --out folder"
 
 
 def action_color(action: Action, num_tokens: int) -> tuple[int, int, int]:
@@ -43,11 +45,7 @@ def _font():
 
 
 def _save_png(img, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"), choose=CHOOSE)
 
 
 #################################################################################
@@ -283,10 +281,12 @@ def render_dot(dot_path: Path, fmt: str = "svg") -> Path | None:
     if exe is None:
         return None
     out = dot_path.with_suffix(f".{fmt}")
-    try:
-        subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(out)], check=True, capture_output=True, timeout=60)
-    except (subprocess.SubprocessError, OSError) as e:
-        raise TcgraphError(f"graphviz could not render {dot_path} ({e}); the DOT text is still there") from e
+    with atomic_output(out, choose=CHOOSE) as tmp:  # never a half SVG
+        try:
+            subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(tmp)], check=True, capture_output=True,
+                           timeout=60)
+        except (subprocess.SubprocessError, OSError) as e:
+            raise TcgraphError(f"graphviz could not render {dot_path} ({e}); the DOT text is still there") from e
     return out
 
 
@@ -298,8 +298,7 @@ def render_dot(dot_path: Path, fmt: str = "svg") -> Path | None:
 def write_plan_pictures(plan: Plan, out_dir: str | Path, *, variant: str | None = None) -> list[Path]:
     """Heatmap, token masks (token plans), DOT of `variant` (every variant if None), rendered
     to SVG where `dot` exists. Returns the files written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(Path(out_dir), CHOOSE)
     variants = plan.variants()
     ids = [f"v{i}" for i in range(len(variants))]
     if variant is not None and variant not in ids:
@@ -310,9 +309,7 @@ def write_plan_pictures(plan: Plan, out_dir: str | Path, *, variant: str | None 
         written.append(masks)
     for vid in [variant] if variant is not None else ids:
         dot = out / f"variant_{vid}.dot"
-        tmp = dot.with_name(f".{dot.name}.tmp")
-        tmp.write_text(variant_dot(plan, variants[ids.index(vid)], vid))
-        tmp.replace(dot)
+        atomic_write_text(dot, variant_dot(plan, variants[ids.index(vid)], vid), choose=CHOOSE)
         written.append(dot)
         rendered = render_dot(dot)
         if rendered is not None:

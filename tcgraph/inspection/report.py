@@ -205,21 +205,50 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
     for v in info["variants"]:
         v["file"] = art.variant(v["id"]).file if v["id"] in manifest_ids else None
         v["onnx_bytes"] = onnx_bytes.get(v["id"])
-    info["engines"] = _engines(art)
+    info["engines"] = _engines(art, verify)
     if "focus" in info:
         vid = info["focus"]["variant"]
         info["focus"].update(_graph_focus(art, vid, info["full_variant"]))
     return info
 
 
-def _engines(art: Artifact) -> dict:
+def _engines(art: Artifact, verified: bool) -> dict:
+    """The engine files and what inspect can know of them. It cannot deserialize a TensorRT
+    engine (that needs TensorRT, the GPU kind and the TensorRT version it was built for):
+    it checks only that each file is one `transform --backend trt` listed, with that size and
+    (with `verified`) that sha256. `status`: "listed" (hash-checked), "unverified" (hashes not
+    checked), "unlisted" (files the manifest does not name: not written by transform, never used)."""
     folder = art.root / "engines"
     files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     settings = art.tensorrt or {}  # written by `transform --backend trt`
     backend = "tensorrt" if settings else None
     if files and backend is None:
         backend = "tensorrt" if any(f.endswith((".plan", ".engine")) for f in files) else "unknown"
-    return {"files": files, "backend": backend, "settings": settings}
+    info: dict = {"files": files, "backend": backend, "settings": settings}
+    if not files and not settings:
+        return info
+    listed = settings.get("engines") if isinstance(settings.get("engines"), dict) else {}
+    listed_files = {e.get("file"): e for e in listed.values() if isinstance(e, dict)}
+    problems = []
+    for name in files:
+        rel = f"engines/{name}"
+        entry = listed_files.get(rel)
+        if rel not in art.files or (entry is None and not name.endswith(".cache")):
+            problems.append(f"{rel} is not listed in manifest.json: not written by `transform --backend trt`, unverified")
+        elif entry is not None and entry.get("bytes") not in (None, (folder / name).stat().st_size):
+            problems.append(f"{rel} has {(folder / name).stat().st_size} bytes, the manifest says {entry.get('bytes')}")
+    for vid, entry in listed.items():
+        rel = entry.get("file") if isinstance(entry, dict) else None
+        if vid not in art.variant_ids():
+            problems.append(f"the manifest lists an engine for {vid!r}, which is not a variant")
+        if not isinstance(rel, str) or not (art.root / rel).is_file():
+            problems.append(f"the engine of {vid} ({rel}) is missing")
+    missing = [v for v in art.variant_ids() if settings and v not in listed]
+    if missing:
+        problems.append(f"no engine listed for {', '.join(missing)}")
+    info["problems"] = problems
+    info["status"] = "unlisted" if problems else ("listed" if verified else "unverified")
+    return info
 
 
 def _graph_focus(art: Artifact, vid: str, base: str) -> dict:

@@ -62,6 +62,14 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         lines.append("engines    " + (f"{len(e['files'])} for {e['backend']}: {', '.join(e['files'][:6])}"
                                       + (" …" if len(e["files"]) > 6 else "")
                                       if e["files"] else "none (ONNX for the ort and torch backends)"))
+        if e.get("problems"):
+            lines.append("           NOT USABLE: " + "; ".join(e["problems"][:3])
+                         + ("; …" if len(e["problems"]) > 3 else "")
+                         + "; re-run `tcgraph transform --backend trt` to rebuild them")
+        elif e.get("status") in ("listed", "unverified"):
+            lines.append("           " + ("files as transform wrote them (sha256 checked)" if e["status"] == "listed"
+                                          else "hashes not checked")
+                         + "; only TensorRT can tell whether they load on this GPU (`tcgraph sample --backend trt`)")
         trt = e.get("settings") or {}
         if trt:
             device = trt.get("device") or {}

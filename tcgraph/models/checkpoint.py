@@ -33,10 +33,14 @@ from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, make_config
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # Keys of a training checkpoint that hold a state dict, best first (official train.py
-# saves "model" and "ema"; the EMA weights are the ones the paper samples from).
-WRAPPER_KEYS = ("ema", "model", "state_dict")
-# Prefixes that DistributedDataParallel and torch.compile put before every key.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# saves "model" and "ema"; the EMA weights are the ones the paper samples from; Lightning
+# and most training loops save "state_dict", others "model_state_dict", "module", "net").
+WRAPPER_KEYS = ("ema", "model", "state_dict", "model_state_dict", "module", "net")
+# Prefixes that DistributedDataParallel and torch.compile put before every key, and that a
+# Lightning module (`self.model = DiT(...)`) or an EMA wrapper put before the DiT's own keys.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
+# Keys every DiT state dict has: how an unwrapped dict is recognised as one.
+DIT_KEYS = ("pos_embed", "x_embedder.proj.weight", "final_layer.linear.weight")
 # Globals that official training checkpoints pickle besides tensors and plain containers.
 _SAFE_GLOBALS = [argparse.Namespace]
 # How many keys of each kind an error message names before it only counts them.
@@ -99,16 +103,26 @@ def restricted_torch_load(path: Path, kind: str, resave: str) -> object:
     """`torch.load(weights_only=True)` with only `argparse.Namespace` allowed beyond tensors and
     plain containers; every failure is one TcgraphError naming `kind` (what the file should be)
     and, for a file that pickles other objects, `resave` (how to write a plain one)."""
+    trusted = (f"If you trust the file, convert it once: load it with torch.load(path, weights_only=False) and "
+               f"save only the tensors, e.g. tcgraph.models.save_checkpoint(state_dict, 'model.safetensors'). {resave}")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch names the refused global in one of two forms, by whether its module is blocked outright.
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         if found:
             raise TcgraphError(
-                f"refusing to load {path}: it is not a plain {kind}, it pickles the Python object "
-                f"{found.group(1)}, and loading it could run arbitrary code; only tensors, plain containers "
-                f"and argparse.Namespace are allowed. {resave}"
+                f"refusing to load {path} as unsafe to load (the file is not damaged): it is not a plain {kind}, "
+                f"it pickles the Python object {found.group(1)}, and unpickling that could run arbitrary code; only "
+                f"tensors, plain containers and argparse.Namespace are allowed. {trusted}"
+            ) from e
+        if "Weights only load failed" in str(e):
+            detail = _unpickler_detail(str(e))
+            raise TcgraphError(
+                f"cannot read {path} as a {kind}: torch's safe (weights-only) loader refused it ({detail}): either the "
+                "file is damaged, or it is a pickle of more than tensors and plain containers (pickle.dump, or "
+                f"torch.save of a whole object), which is refused as unsafe to load. {trusted}"
             ) from e
         raise TcgraphError(
             f"cannot read {path} as a {kind}: the file is damaged or not a torch.save file; download or save it again"
@@ -119,6 +133,13 @@ def restricted_torch_load(path: Path, kind: str, resave: str) -> object:
             f"cannot read {path} as a {kind} ({type(e).__name__}: {detail}); "
             "the file is damaged or not a torch.save file: download or save it again"
         ) from e
+
+
+def _unpickler_detail(message: str) -> str:
+    """The one line of torch's weights-only error that says what it met ("Unsupported operand 149")."""
+    _, marker, rest = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()]
+    return lines[0] if marker and lines else "no detail given"
 
 
 def _read_torch(path: Path) -> object:
@@ -132,17 +153,26 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
-def _unwrap(obj: object, path: Path) -> StateDict:
+def _unwrap(obj: object, path: Path, depth: int = 0) -> StateDict:
     if _is_state_dict(obj):
         return dict(obj)
     if isinstance(obj, Mapping):
         for key in WRAPPER_KEYS:
             if key in obj and _is_state_dict(obj[key]):
                 return dict(obj[key])
+        for key in WRAPPER_KEYS:  # one more level: {"state_dict": {"model": {...}}}
+            if key in obj and isinstance(obj[key], Mapping) and depth < 1:
+                try:
+                    return _unwrap(obj[key], path, depth + 1)
+                except TcgraphError:
+                    pass
         found = ", ".join(repr(k) for k in list(obj)[:_MAX_LISTED]) or "nothing"
+        holding = [repr(k) for k, v in obj.items() if _is_state_dict(v)]
+        hint = (f"; {', '.join(holding)} hold{'s' if len(holding) == 1 else ''} tensors: save that entry alone "
+                "(torch.save(checkpoint[key], path))" if holding else "")
         raise TcgraphError(
             f"{path} holds a dict without model weights: top-level keys {found}; expected a state dict "
-            f"of tensors or a training checkpoint with one of {', '.join(map(repr, WRAPPER_KEYS))}"
+            f"of tensors or a training checkpoint with one of {', '.join(map(repr, WRAPPER_KEYS))}{hint}"
         )
     raise TcgraphError(
         f"{path} holds a {type(obj).__name__}, not model weights; expected a state dict of tensors "
@@ -151,9 +181,15 @@ def _unwrap(obj: object, path: Path) -> StateDict:
 
 
 def _strip_prefix(sd: StateDict) -> StateDict:
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    """Remove the wrapper prefixes every key shares (`module.model.pos_embed` -> `pos_embed`),
+    as long as some are shared and the keys are not yet a DiT's own."""
+    changed = True
+    while changed and not any(k in sd for k in DIT_KEYS):
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
     return sd
 
 
@@ -212,6 +248,11 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 
 def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     """What a DiT state dict says about its architecture, for error messages."""
+    if not any(k in sd for k in DIT_KEYS):
+        keys = list(sd)
+        return (f"its keys are not a DiT's: {len(keys)} keys such as {_listed(keys[:3])}, none of "
+                f"{', '.join(DIT_KEYS)}; a checkpoint wrapped in another model or trainer must be unwrapped to the "
+                "DiT's own state dict (keys pos_embed, x_embedder.*, blocks.<i>.*, final_layer.*)")
     facts = []
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     facts.append(f"depth {depth}")
@@ -290,6 +331,7 @@ def load_checkpoint_into(
             parts.append(f"{len(misshaped)} keys with other shapes: {_listed(misshaped)}")
         parts.append(_fit_hint(state_dict))
         raise TcgraphError("; ".join(parts))
+    check_finite(state_dict, source)
     on_meta = any(t.is_meta for t in own.values())
     cast = {k: v.to(dtype=own[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True, assign=on_meta)
@@ -300,6 +342,17 @@ def load_checkpoint_into(
             "build the model on a real device before loading"
         )
     return model
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse weights that hold NaN or inf: every output would be NaN, and nothing later could say why."""
+    bad = [k for k, v in state_dict.items()
+           if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TcgraphError(
+            f"{source}: the checkpoint's weights are not finite: {len(bad)} of {len(state_dict)} tensors hold NaN or "
+            f"inf ({_listed(bad)}); the training run diverged or the file was damaged: use another checkpoint"
+        )
 
 
 #################################################################################

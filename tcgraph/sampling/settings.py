@@ -1,14 +1,39 @@
-"""The sampling run a plan (and its static graphs) is made for."""
+"""The sampling run a plan (and its static graphs) is made for.
+
+`SamplerSettings` is the one place that checks sampler settings: `transform` builds them
+before it loads the model or plans, a loaded plan rebuilds them (so an edited manifest is
+refused on load), and `sample` runs only settings that passed. Each refusal is a
+`UsageError` naming the option and its valid range.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import UsageError
+from tcgraph.sampling import checks
+from tcgraph.sampling.diffusion import NUM_TRAIN_TIMESTEPS
+
+SAMPLERS = ("ddim",)
+# DDIM respaces the 1000 training timesteps: at most one step per timestep.
+MAX_STEPS = NUM_TRAIN_TIMESTEPS
+# Images per sampling run. The graphs are static in it (2x with guidance), and every cache
+# tensor is [batch, tokens, hidden]: past a few thousand no device holds one run.
+MAX_BATCH = 4096
+# Model input side; DiT-XL/2 at 512x512 has 64 (latent), pixel models a few hundred.
+MAX_RESOLUTION = 4096
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler, step count, guidance, batch and resolution: constants of a plan's graphs."""
+    """Sampler, step count, guidance, batch and resolution: constants of a plan's graphs.
+
+    Valid: `num_steps` an int in 1..1000 (`--steps`), `cfg_scale` a finite number >= 1
+    (`--guidance`; 1 = no guidance, > 1 batches the unconditional half too), `eta` a finite
+    number in [0, 1] (`--eta`; 0 = deterministic DDIM, 1 = DDPM-like; above 1 the update
+    takes the square root of a negative number), `batch` an int in 1..4096 (`--batch`),
+    `resolution` an int in 1..4096 (the model's input size; `make_plan` and `load_artifact`
+    check that it is).
+    """
 
     sampler: str = "ddim"
     num_steps: int = 50
@@ -18,10 +43,22 @@ class SamplerSettings:
     resolution: int = 16  # model input side (latent side for latent models)
 
     def __post_init__(self) -> None:
-        if self.sampler != "ddim":
-            raise TcgraphError(f"unknown sampler {self.sampler!r}; only 'ddim' is supported")
-        if self.num_steps < 1 or self.batch < 1 or self.resolution < 1:
-            raise TcgraphError(f"steps, batch and resolution must be positive, got {self}")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}; supported samplers: {', '.join(SAMPLERS)}")
+        fixed = {
+            "num_steps": checks.integer(self.num_steps, "steps", "--steps", lo=1, hi=MAX_STEPS,
+                                        why=f" (DDIM respaces the model's {NUM_TRAIN_TIMESTEPS} training timesteps)"),
+            "cfg_scale": checks.real(self.cfg_scale, "guidance", "--guidance", lo=1.0,
+                                     why=" (1 = no guidance; classifier-free guidance scales are >= 1)"),
+            "eta": checks.real(self.eta, "eta", "--eta", lo=0.0, hi=1.0,
+                               why=" (0 = deterministic DDIM, 1 = DDPM-like)"),
+            "batch": checks.integer(self.batch, "batch", "--batch", lo=1, hi=MAX_BATCH,
+                                    why=" images per sampling run (the graphs are static in it)"),
+            "resolution": checks.integer(self.resolution, "resolution", "--resolution", lo=1, hi=MAX_RESOLUTION),
+        }
+        for name, value in fixed.items():  # numpy numbers become Python ones (for JSON); others stay as given
+            if type(getattr(self, name)) not in (int, float):
+                object.__setattr__(self, name, value)
 
     @property
     def model_batch(self) -> int:

@@ -1,0 +1,44 @@
+"""The fault battery's fast cases (scripts/fault_battery.py --quick): no traceback, nothing wrong.
+
+The whole battery (169 cases, with the process cases: signals, closed pipes, concurrent
+writers) runs as `python scripts/fault_battery.py`; its slow cases are also covered by
+tests/test_files.py and tests/test_cli.py.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_battery.py"
+
+
+@pytest.fixture(scope="module")
+def battery():
+    spec = importlib.util.spec_from_file_location("fault_battery", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_battery_is_broad(battery):
+    cases = battery.all_cases()
+    assert len(cases) >= 150 and len({c.name for c in cases}) == len(cases)
+    assert {c.group for c in cases} >= {"transform settings", "checkpoints", "--force and --out", "sample", "inspect",
+                                        "API types", "process"}
+
+
+def test_fast_cases_are_clear_errors_or_handled(battery):
+    rows = battery.run_battery(quick=True)
+    bad = [f"{r['verdict']}: {r['case']}: {r['detail']}" for r in rows if r["verdict"] in ("traceback", "wrong")]
+    assert not bad, "\n".join(bad)
+    assert len(rows) >= 140
+
+
+def test_a_traceback_and_a_wrong_success_are_caught(battery):
+    """The verdicts themselves: an escaping exception is a traceback, a success where an error is due is wrong."""
+    case = battery.Case("x", "g", lambda c: None, "error", ("word",))
+    assert battery.verdict(case, battery.Outcome(False, "Traceback ...\nValueError: x", traceback=True))[0] == "traceback"
+    assert battery.verdict(case, battery.Outcome(True))[0] == "wrong"
+    assert battery.verdict(case, battery.Outcome(False, "tcgraph: error: no such thing"))[0] == "wrong"  # lacks "word"
+    assert battery.verdict(case, battery.Outcome(False, "tcgraph: error: the word"))[0] == "clear error"
+    assert battery.verdict(case, battery.Outcome(False, "tcgraph: error: the word", broken=["x changed"]))[0] == "wrong"
