@@ -4,20 +4,22 @@ The whole battery (169 cases, with the process cases: signals, closed pipes, con
 writers) runs as `python scripts/fault_battery.py`; its slow cases are also covered by
 tests/test_files.py and tests/test_cli.py.
 """
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_battery.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
 def battery():
-    spec = importlib.util.spec_from_file_location("fault_battery", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield importlib.import_module("fault_battery")
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 def test_the_battery_is_broad(battery):
