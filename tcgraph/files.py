@@ -274,12 +274,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *, choos
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise write_error(path, e, choose) from e
+        _discard(tmp, path, e, choose)
         raise
     if fsync:
         _fsync_folder(path.parent)
@@ -299,13 +294,19 @@ def atomic_output(path: str | Path, *, choose: str = "choose another path"):
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise write_error(path, e, choose) from e
+        _discard(tmp, path, e, choose)
         raise
+
+
+def _discard(tmp: Path, path: Path, e: BaseException, choose: str) -> None:
+    """After a failed write: delete the temporary; an OSError becomes one TcgraphError naming `path`
+    (any other exception, Ctrl-C included, is re-raised by the caller)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    if isinstance(e, OSError):
+        raise write_error(path, e, choose) from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, **kwargs) -> Path:
