@@ -33,7 +33,7 @@ from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig, make_l2c
 from tcgraph.plan.learning import cache_steps, calibration_split, candidate_intervals, require_weights
-from tcgraph.plan.options import no_cap, option
+from tcgraph.plan.options import calib_images_option, max_variants_option, option
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.predictor import PredictorResult
 from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor
@@ -54,8 +54,8 @@ class CombinedConfig:
     keep_ratio: float = option(0.5, "share of tokens the Cache Predictor learns to keep", type=float)
     min_keep: float = option(0.25, "lowest keep ratio of a pruned block (0 allows reusing whole blocks)",
                              type=float)
-    max_variants: int | None = option(6, "cap on distinct step graphs (0 = no cap)", type=int, parse=no_cap)
-    calib_images: int = option(48, "calibration images (random noise and labels), some held out", type=int)
+    max_variants: int | None = max_variants_option(6)
+    calib_images: int = calib_images_option()
     epochs: int | None = option(None, "training epochs of both learners", type=int,
                                 default_help="each learner's own")
     seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)

@@ -54,7 +54,7 @@ from tcgraph.plan.learning import (
     round_loss,
     rounds,
 )
-from tcgraph.plan.options import no_cap, option, tuning
+from tcgraph.plan.options import calib_images_option, held_out_option, max_variants_option, option, tuning
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
@@ -85,14 +85,12 @@ class L2CConfig:
     threshold: float | None = option(
         None, "sigmoid(logit) above which a branch is computed", type=float,
         default_help=f"{LAMBDA_THRESHOLD} with --lambda, {ROUTER_THRESHOLD} with --router")
-    max_variants: int | None = option(DEFAULT_MAX_VARIANTS, "cap on distinct step graphs (0 = no cap)", type=int,
-                                      parse=no_cap)
+    max_variants: int | None = max_variants_option(DEFAULT_MAX_VARIANTS)
     interval: int | None = option(None, "a full step every N steps", type=int, default_help="searched")
     router: str | None = option(None, "import a router file published with the L2C code instead of learning one",
                                 type=str, parse=str, metavar="FILE")
-    calib_images: int = option(48, "calibration images (random noise and labels), some held out", type=int)
-    held_out: int | None = option(None, "calibration images held out to choose between candidates", type=int,
-                                  default_help="a third of --calib-images")
+    calib_images: int = calib_images_option()
+    held_out: int | None = held_out_option()
     epochs: int = option(12, "training epochs over the calibration rounds", type=int)
     batch_images: int = tuning(8, "images per training round")
     lr: float = tuning(0.1, "Adam learning rate of the logits")

@@ -34,6 +34,23 @@ def tuning(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help, "option": False})
 
 
+# The options every learned planner shares, declared once.
+CALIBRATION_HELP = "calibration images (random noise and labels), some held out"
+
+
+def max_variants_option(default: int) -> Any:
+    return option(default, "cap on distinct step graphs (0 = no cap)", type=int, parse=no_cap)
+
+
+def calib_images_option() -> Any:
+    return option(48, CALIBRATION_HELP, type=int)
+
+
+def held_out_option() -> Any:
+    return option(None, "calibration images held out to choose between candidates", type=int,
+                  default_help="a third of --calib-images")
+
+
 def option_fields(config_type: type) -> list[Field]:
     """The user-facing fields of a config class, in declaration order."""
     return [f for f in fields(config_type) if f.metadata.get("option")]

@@ -34,7 +34,7 @@ from tcgraph.plan.learning import (
     require_weights,
     rounds,
 )
-from tcgraph.plan.options import no_cap, option, tuning
+from tcgraph.plan.options import calib_images_option, held_out_option, max_variants_option, option, tuning
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
 from tcgraph.plan.predictor import PredictorResult, block_sensitivity, init_predictor, mu_unit, train_predictor
 from tcgraph.plan.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
@@ -70,11 +70,9 @@ class TokenCacheConfig:
     min_keep: float = option(0.25, "lowest keep ratio of a pruned block (0 allows reusing whole blocks)",
                              type=float)
     max_stale: int = option(2, "cache steps a round may have before round-robin rotation starts", type=int)
-    max_variants: int | None = option(DEFAULT_MAX_VARIANTS, "cap on distinct step graphs (0 = no cap)", type=int,
-                                      parse=no_cap)
-    calib_images: int = option(48, "calibration images (random noise and labels), some held out", type=int)
-    held_out: int | None = option(None, "calibration images held out to choose between candidates", type=int,
-                                  default_help="a third of --calib-images")
+    max_variants: int | None = max_variants_option(DEFAULT_MAX_VARIANTS)
+    calib_images: int = calib_images_option()
+    held_out: int | None = held_out_option()
     epochs: int = option(8, "training epochs over the calibration rounds", type=int)
     batch_images: int = tuning(8, "images per training round")
     lr: float = tuning(0.1, "Adam learning rate of the predictor's logits")
