@@ -142,7 +142,7 @@ def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[in
             art = load_artifact(path)
             rss_before = rss_mib()
             runner = stack.enter_context(api.make_runner("ort", art, **(runner_opts or {})))
-            dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+            dispatch = ScheduleDispatcher.for_plan(runner, plan)
             run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, labels, noise,
                                     settings.batch, seed)
             samples = run()  # warm-up, and the samples we judge

@@ -259,7 +259,7 @@ def sample(
         options["device"] = device
     runner = make_runner(backend, art, **options)
     with runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed,
                               bars(progress), device=runner.device)
     if png is not None:

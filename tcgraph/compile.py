@@ -7,12 +7,13 @@ caches it writes, from the plan):
 
     cache_io       graph inputs/outputs: `cache.<l>.<branch>` (and `….in` for dynamic branches)
     reuse          a reused branch reads its cache input
+    forecast       a forecast branch is a weighted sum of its history inputs (weights: input `forecast.w`)
     token_prune    a partial branch recomputes its constant kept tokens
     token_dynamic  a dynamic branch recomputes the k tokens per sample whose input changed most
 
 Then the rewritten graph and the eager reference (`reference_step`) run on the same
-sample inputs; a disagreement stops before anything is exported. A new action (for
-example `forecast`) is one more pass in `PIPELINE`.
+sample inputs; a disagreement stops before anything is exported. A new action is one more
+pass in `PIPELINE`.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import OUT, is_cache
+from tcgraph.names import FORECAST_WEIGHTS, MODEL_INPUTS, OUT, is_cache
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
     capture,
     expand_blocks,
+    forecast,
     io_names,
     reference_step,
     reuse,
@@ -46,7 +48,7 @@ Pass = Callable[[fx.GraphModule, RewriteSpec], fx.GraphModule]
 
 # The rewrite passes, in the order they run. cache_io comes first: the others connect the
 # cache inputs it adds.
-PIPELINE: tuple[Pass, ...] = (cache_io, reuse, token_prune, token_dynamic)
+PIPELINE: tuple[Pass, ...] = (cache_io, reuse, forecast, token_prune, token_dynamic)
 
 
 @dataclass
@@ -68,8 +70,10 @@ class VariantGraph:
     example_inputs: dict[str, torch.Tensor] = field(repr=False)
 
 
-def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Sample inputs with the plan's static shapes: noise, a mid timestep, labels incl. the null class."""
+def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0,
+                   recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
+    """Sample inputs with the plan's static shapes: noise, a mid timestep, labels incl. the null class
+    (and, for a `recipe` that forecasts, random weights `forecast.w` around the Taylor ones' size)."""
     cfg, s = model.config, plan.settings
     b = s.model_batch
     g = torch.Generator().manual_seed(seed)
@@ -81,6 +85,11 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
     for name in names:
         if is_cache(name):
             feeds[name] = torch.randn(b, cfg.num_tokens, cfg.hidden_size, generator=g)
+    if FORECAST_WEIGHTS in names:
+        if recipe is None:
+            raise TcgraphError("example inputs of a forecasting variant need its recipe (the layout of forecast.w)")
+        size = sum(points for _, points in recipe.forecasts())
+        feeds[FORECAST_WEIGHTS] = torch.randn(size, generator=g)
     return {n: feeds[n] for n in names}
 
 
@@ -104,7 +113,7 @@ def check_variant(model: nn.Module, gm: fx.GraphModule, recipe: Recipe, feeds: d
     inputs, outputs = io_names(gm)
     got = gm(*[feeds[n] for n in inputs])
     got = got if isinstance(got, tuple) else (got,)
-    caches = {n: v for n, v in feeds.items() if is_cache(n)}
+    caches = {n: v for n, v in feeds.items() if n not in MODEL_INPUTS}
     ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], feeds["y"], recipe, caches, keep_inputs=True)
     worst = 0.0
     for name, value in zip(outputs, got):
@@ -153,7 +162,7 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
             if (inputs, outputs) != expected:
                 raise TcgraphError(
                     f"variant {vid} has I/O {inputs}->{outputs}, the plan expects {expected[0]}->{expected[1]}")
-            feeds = example_inputs(model, plan, inputs, seed=i)
+            feeds = example_inputs(model, plan, inputs, seed=i, recipe=recipe)
             if check:
                 check_variant(model, gm, recipe, feeds)
             variants.append(VariantGraph(id=vid, gm=gm, input_names=inputs, output_names=outputs,

@@ -3,7 +3,9 @@
 DESIGN.md ("Graph interface of a variant") fixes them: a variant graph reads `x`, `t`, the
 model's conditioning (`y` for class-conditional DiTs) and one `cache.<block>.<branch>` per
 cache it reuses; it writes `out` and the caches it refreshes. Dynamic-token branches carry
-a second cache, their branch input, `cache.<block>.<branch>.in`. This module imports
+a second cache, their branch input, `cache.<block>.<branch>.in`. Forecast branches keep
+their older history entries as `cache.<block>.<branch>.h<j>` (j >= 1; the newest is the
+cache itself) and a forecasting variant reads its weights as `forecast.w`. This module imports
 nothing of tcgraph, so every layer may use it.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph, before its caches
 
 CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
+FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast weights, block order
 
 
 def cache_name(block: int, branch: str) -> str:
@@ -27,6 +30,19 @@ def cache_name(block: int, branch: str) -> str:
 def input_cache_name(block: int, branch: str) -> str:
     """Graph I/O name of a branch-input cache (`cache.3.attn.in`), read and written by dynamic actions."""
     return cache_name(block, branch) + INPUT_SUFFIX
+
+
+def history_name(block: int, branch: str, j: int) -> str:
+    """Graph I/O name of history entry j of a branch (0 = newest = the cache itself, `cache.3.attn.h1` = the one before)."""
+    return cache_name(block, branch) if j == 0 else f"{cache_name(block, branch)}.h{j}"
+
+
+def history_index(name: str) -> tuple[str, int]:
+    """(cache name, j) of a history entry name; (name, 0) for any other name."""
+    base, _, last = name.rpartition(".h")
+    if base and last.isdigit() and is_cache(base):
+        return base, int(last)
+    return name, 0
 
 
 def is_cache(name: str) -> bool:

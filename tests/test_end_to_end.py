@@ -55,7 +55,7 @@ def test_fora_each_ort_step_equals_eager_reference(tiny_model, tmp_path, spec):
     ref_caches: dict = {}
     worst = []
     with runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
 
         def step(i, x, t, y):
             got = dispatch(i, x, t, y)

@@ -206,5 +206,5 @@ def eager_session(model: DiT, device: torch.device, dtype: torch.dtype) -> Itera
 def runner_session(backend: str, art: Artifact, plan: Plan, device: torch.device, dtype: str) -> Iterator[tuple]:
     name, options = runner_options(backend, device, dtype)
     with api.make_runner(name, art, **options) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         yield dispatch, dispatch.reset, torch.device(runner.device)

@@ -117,9 +117,13 @@ def read_json(path: Path):
 
 
 def _cache_key(name: str) -> tuple[int, str] | None:
-    """(block, branch) of `cache.<l>.<branch>` or `cache.<l>.<branch>.in`; None if malformed."""
-    from tcgraph.names import BRANCHES, CACHE_PREFIX, INPUT_SUFFIX
+    """(block, branch) of `cache.<l>.<branch>`, `….in` or a history entry `….h<j>`; None if malformed."""
+    from tcgraph.names import BRANCHES, CACHE_PREFIX, INPUT_SUFFIX, history_index
+    from tcgraph.plan.plan import MAX_HISTORY
 
+    name, j = history_index(name)
+    if j >= MAX_HISTORY:
+        return None
     body = name[len(CACHE_PREFIX):]
     if body.endswith(INPUT_SUFFIX):
         body = body[: -len(INPUT_SUFFIX)]
@@ -132,11 +136,13 @@ def _cache_key(name: str) -> tuple[int, str] | None:
 def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: str, todo: str) -> None:
     """Every variant's graph I/O as the plan's settings and the model config fix it (DESIGN.md,
     "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B], `out` [B, C_out, H, W],
-    each cache `cache.<l>.<branch>` (`….in`) [B, N, D] with l a block of the model, where B is
-    the model batch (2x with guidance); and every cache a variant reads is written by some
-    variant. A manifest edited to another model (its hash updated to match) fails here, since
+    each cache `cache.<l>.<branch>` (`….in`, history `….h<j>`) [B, N, D] with l a block of the
+    model, where B is the model batch (2x with guidance), `forecast.w` 1-D (one weight per history
+    point it reads); and every cache a variant reads is written by some variant (a history
+    entry by the writes of its branch's cache). A manifest edited to another model (its hash updated to match) fails here, since
     the ONNX files it lists keep the shapes they were exported with."""
-    from tcgraph.names import MODEL_INPUTS, OUT, is_cache
+    from tcgraph.names import FORECAST_WEIGHTS, MODEL_INPUTS, OUT, history_index, is_cache
+    from tcgraph.plan.plan import MAX_HISTORY
 
     s = plan.settings
     b, side = s.model_batch, s.resolution
@@ -158,6 +164,9 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
                             f"{where}: variant {v.id} has {kind} {spec.name}, not a cache of this model's "
                             f"{config.depth} blocks; {todo}")
                     want = cache_shape
+                elif spec.name == FORECAST_WEIGHTS and kind == "input":
+                    limit = 2 * config.depth * MAX_HISTORY  # every branch forecast from the longest history
+                    want = tuple(spec.shape) if len(spec.shape) == 1 and 1 <= spec.shape[0] <= limit else (f"1..{limit}",)
                 elif spec.name in expected and (kind == "output") == (spec.name == OUT):
                     want = expected[spec.name]
                 else:
@@ -168,7 +177,7 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
                         f"(batch {s.batch}{', x2 with guidance' if b != s.batch else ''}, resolution {side}) and the "
                         f"model config ({config.depth} blocks, hidden {config.hidden_size}, {config.num_tokens} "
                         f"tokens) give {list(want)}; {todo}")
-        unread = [n for n in v.input_names if is_cache(n) and n not in written]
+        unread = [n for n in v.input_names if is_cache(n) and history_index(n)[0] not in written]
         if unread:
             raise TcgraphError(f"{where}: variant {v.id} reads {unread}, which no variant writes; {todo}")
 

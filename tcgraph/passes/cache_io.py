@@ -1,14 +1,17 @@
 """Pass cache_io: give a block-expanded graph the graph interface of one variant.
 
 DESIGN.md ("Graph interface of a variant"): inputs `x, t, y`, then one placeholder per
-cache the recipe reads, `cache.<l>.<branch>` (reused, partial and dynamic branches; a
-dynamic branch's input cache `cache.<l>.<branch>.in` right after it), in block order;
+cache the recipe reads, `cache.<l>.<branch>` (reused, partial, dynamic and forecast
+branches; a forecast(n) branch's older history `cache.<l>.<branch>.h1` … `.h<n-1>` and a
+dynamic branch's input cache `cache.<l>.<branch>.in` right after it), in block order, then
+`forecast.w` where the recipe forecasts;
 outputs `out`, then one per cache in `spec.writes` (the branch node's value: the pre-gate
 branch output), each followed by `cache.<l>.<branch>.in` where `spec.input_writes` names
 it (the branch input u).
 
 This pass only adds inputs and outputs: the new placeholders have no users yet. The passes
-after it connect them: `reuse` (a reused branch reads its cache), `token_prune` and
+after it connect them: `reuse` (a reused branch reads its cache), `forecast` (a weighted
+sum of the history), `token_prune` and
 `token_dynamic` (the cache rows a partial or dynamic branch does not recompute; a dynamic
 branch also replaces the u it outputs by its updated input cache).
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES, OUT, cache_name, input_cache_name
+from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, OUT, cache_name, history_name, input_cache_name
 from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, branch_nodes, finish, output_node
 from tcgraph.passes.spec import RewriteSpec
 
@@ -37,13 +40,19 @@ def cache_io(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
         ph.meta.setdefault(META_IO_NAME, ph.target)
     last = placeholders[-1]
     dynamic = set(recipe.input_reads())
+    points = dict(recipe.forecasts())
     for block, branch in recipe.reads():
-        names = [cache_name(block, branch)] + ([input_cache_name(block, branch)] if (block, branch) in dynamic else [])
+        names = [history_name(block, branch, j) for j in range(points.get((block, branch), 1))]
+        names += [input_cache_name(block, branch)] if (block, branch) in dynamic else []
         for name in names:
             with graph.inserting_after(last):
                 last = graph.placeholder(name.replace(".", "_"))
             last.meta[META_IO_NAME] = name
             last.meta[META_BLOCK] = block
+    if points:
+        with graph.inserting_after(last):
+            last = graph.placeholder(FORECAST_WEIGHTS.replace(".", "_"))
+        last.meta[META_IO_NAME] = FORECAST_WEIGHTS
 
     out = output_node(gm)
     values, names = [out.args[0]], [OUT]

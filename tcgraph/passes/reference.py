@@ -15,6 +15,10 @@ A dynamic(k) branch likewise, with the rows chosen per sample: u is the branch i
 the rows of sample b are the k of topk(score[b]); in clones of both caches those rows
 take the fresh branch output and u. Both updated caches are returned in `fresh`. Ties
 in the score are broken as torch.topk breaks them (the graph's TopK may differ there).
+
+A forecast(n) branch is Σ_j w_j · H_j over its history `cache.<l>.<branch>` (H_0),
+`cache.<l>.<branch>.h<j>`, with the weights read from `caches["forecast.w"]` (the recipe's
+forecast branches in block order, n each); it computes nothing and returns nothing fresh.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn as nn
 
 from tcgraph.models.adapter import run_blocks
 from tcgraph.plan.plan import Recipe
-from tcgraph.names import cache_name, input_cache_name
+from tcgraph.names import FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
 
 
 @torch.no_grad()
@@ -51,11 +55,18 @@ def reference_step(
     each branch contributes.
     """
     fresh: dict[str, torch.Tensor] = {}
+    offsets, at = {}, 0
+    for (block, name), points in recipe.forecasts():
+        offsets[(block, name)] = at
+        at += points
 
     def branch(block: int, name: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor:
         action, key = recipe.action(block, name), cache_name(block, name)
         if action.kind == "reuse":
             return caches[key]
+        if action.kind == "forecast":
+            w = caches[FORECAST_WEIGHTS][offsets[(block, name)]:][:action.points]
+            return sum(w[j] * caches[history_name(block, name, j)] for j in range(action.points))
         inputs = u()
         if action.kind == "compute":
             fresh[key] = fn(inputs)

@@ -19,31 +19,51 @@ A dynamic step reads both and writes both (the k recomputed rows of each are rep
 by the same rule as above, every recipe that computes a branch on which *any* step of the
 plan is dynamic also outputs that branch's `.in` (its u). A partial action keeps no `.in`,
 so a plan may not mix partial and dynamic actions on one (block, branch) (`validate`).
+
+Forecast actions (DESIGN.md, "Forecast actions"). `forecast(n)` predicts a branch's
+pre-gate output from its *history*, the outputs of its last n computing steps (compute,
+partial or dynamic), newest first: `ŷ = Σ_j w_j · H_j`. The newest history entry is the
+branch's cache `cache.<l>.<branch>` itself; older ones are `cache.<l>.<branch>.h<j>`
+(j = 1 … r−1, r = the most points any step forecasts that branch from, at most
+`MAX_HISTORY`). The weights are per (step, block, branch) and live in `Plan.weights`, not in
+the recipe: a variant is one recipe *structure*, and the dispatcher feeds each step's
+weights as one small graph input, `forecast.w` (float32, the recipe's forecast branches in
+block order, n weights each, newest first), so learned weights that differ at every step
+need no extra variants. A forecast step computes nothing and writes no history.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES, MODEL_INPUTS, OUT, CacheKey, cache_name, input_cache_name
+from tcgraph.names import (BRANCHES, FORECAST_WEIGHTS, MODEL_INPUTS, OUT, CacheKey, cache_name, history_name,
+                           input_cache_name)
 from tcgraph.sampling.settings import SamplerSettings
 
 PLAN_SCHEMA_VERSION = 1
 
-ACTION_KINDS = ("compute", "reuse", "partial", "dynamic")
+ACTION_KINDS = ("compute", "reuse", "partial", "dynamic", "forecast")
+MAX_HISTORY = 4  # most history entries a forecast reads (DESIGN.md: r <= 4)
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "compute" | "reuse" | "partial" | "dynamic"
+    kind: str  # "compute" | "reuse" | "partial" | "dynamic" | "forecast"
     indices: tuple[int, ...] | None = None  # kept (recomputed) tokens, only for partial
     size: int | None = None  # number of recomputed tokens, only for dynamic (which ones: per sample, in the graph)
+    points: int | None = None  # history entries a forecast reads, only for forecast
 
     def __post_init__(self) -> None:
         if self.kind not in ACTION_KINDS:
-            raise TcgraphError(f"unknown action {self.kind!r}; expected compute, reuse, partial or dynamic")
+            raise TcgraphError(f"unknown action {self.kind!r}; expected compute, reuse, partial, dynamic or forecast")
+        if (self.kind == "forecast") != (self.points is not None):
+            raise TcgraphError("forecast actions need a number of history points, and only forecast actions have one")
+        if self.points is not None and (isinstance(self.points, bool) or not isinstance(self.points, int)
+                                        or not 1 <= self.points <= MAX_HISTORY):
+            raise TcgraphError(f"a forecast reads 1..{MAX_HISTORY} history points, got {self.points!r}")
         if (self.kind == "partial") != (self.indices is not None):
             raise TcgraphError("partial actions need token indices, and only partial actions have them")
         if self.indices is not None and len(set(self.indices)) != len(self.indices):
@@ -62,13 +82,16 @@ class Action:
 
     @property
     def reads_cache(self) -> bool:
-        return self.kind in ("reuse", "partial", "dynamic")
+        return self.kind in ("reuse", "partial", "dynamic", "forecast")
 
     @property
     def computes(self) -> bool:
+        """Whether the branch runs (on all or some tokens): such a step is a new history entry."""
         return self.kind in ("compute", "partial", "dynamic")
 
     def short(self) -> str:
+        if self.kind == "forecast":
+            return f"F{self.points}"
         return {"compute": "C", "reuse": "R"}.get(self.kind) or f"{'P' if self.kind == 'partial' else 'D'}{self.k}"
 
     def to_json(self):
@@ -76,6 +99,8 @@ class Action:
             return {"partial": list(self.indices)}
         if self.kind == "dynamic":
             return {"dynamic": self.size}
+        if self.kind == "forecast":
+            return {"forecast": self.points}
         return self.kind
 
     @classmethod
@@ -87,8 +112,12 @@ class Action:
         if isinstance(obj, dict) and set(obj) == {"dynamic"} and isinstance(obj["dynamic"], int) \
                 and not isinstance(obj["dynamic"], bool):
             return cls("dynamic", size=obj["dynamic"])
+        if isinstance(obj, dict) and set(obj) == {"forecast"} and isinstance(obj["forecast"], int) \
+                and not isinstance(obj["forecast"], bool):
+            return cls("forecast", points=obj["forecast"])
         raise TcgraphError(
-            f"cannot read action {obj!r}; expected 'compute', 'reuse', {{'partial': [indices]}} or {{'dynamic': k}}"
+            f"cannot read action {obj!r}; expected 'compute', 'reuse', {{'partial': [indices]}}, {{'dynamic': k}} "
+            "or {'forecast': n}"
         )
 
 
@@ -103,6 +132,11 @@ def partial(indices: Iterable[int]) -> Action:
 def dynamic(k: int) -> Action:
     """Recompute k tokens per sample, the k whose branch input changed most (see the module docstring)."""
     return Action("dynamic", size=int(k))
+
+
+def forecast(n: int) -> Action:
+    """Predict the branch from its last n computed outputs (weights in `Plan.weights`)."""
+    return Action("forecast", points=int(n))
 
 
 @dataclass(frozen=True)
@@ -134,6 +168,10 @@ class Recipe:
         """Branches whose input cache `cache.<l>.<branch>.in` this recipe reads: the dynamic ones."""
         return [(b, br) for b, br, a in self.items() if a.kind == "dynamic"]
 
+    def forecasts(self) -> list[tuple[CacheKey, int]]:
+        """((block, branch), points) of the forecast branches, in block order: the layout of `forecast.w`."""
+        return [((b, br), a.points) for b, br, a in self.items() if a.kind == "forecast"]
+
     @property
     def is_full(self) -> bool:
         return all(a.kind == "compute" for _, _, a in self.items())
@@ -157,6 +195,8 @@ class Plan:
     recipes: tuple[Recipe, ...]  # one per step, generation order (0 = noisiest)
     num_tokens: int
     params: dict = field(default_factory=dict, compare=False)  # planner inputs, for the record
+    # forecast weights: step -> {(block, branch): (w_1, ..., w_n)}, newest history entry first
+    weights: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.recipes) != self.settings.num_steps:
@@ -176,10 +216,17 @@ class Plan:
         """Every cache read must follow a step that computed that branch; token indices and
         dynamic token counts lie in 0..N-1 and 1..N; no branch mixes partial and dynamic."""
         filled: set[CacheKey] = set()
+        computed: dict[CacheKey, int] = {}
         kinds: dict[CacheKey, set[str]] = {}
+        self._validate_weights()
         for step, recipe in enumerate(self.recipes):
             for block, branch, action in recipe.items():
                 kinds.setdefault((block, branch), set()).add(action.kind)
+                if action.kind == "forecast" and computed.get((block, branch), 0) < action.points:
+                    raise TcgraphError(
+                        f"step {step} forecasts {cache_name(block, branch)} from {action.points} history points but "
+                        f"only {computed.get((block, branch), 0)} earlier steps computed it"
+                    )
                 if action.kind == "dynamic" and not 1 <= action.size <= self.num_tokens:
                     raise TcgraphError(
                         f"step {step} block {block} {branch}: dynamic token count k={action.size} out of range "
@@ -196,6 +243,9 @@ class Plan:
                         f"0..{self.num_tokens - 1}"
                     )
             filled.update((b, br) for b, br, a in recipe.items() if a.computes)
+            for b, br, a in recipe.items():
+                if a.computes:
+                    computed[(b, br)] = computed.get((b, br), 0) + 1
         for (block, branch), seen in kinds.items():
             if {"partial", "dynamic"} <= seen:
                 raise TcgraphError(
@@ -204,7 +254,54 @@ class Plan:
                     "steps score against: use one token mode per branch"
                 )
 
+    def _validate_weights(self) -> None:
+        """`weights` holds exactly one finite weight per history point of every forecast."""
+        if not isinstance(self.weights, dict):
+            raise TcgraphError(f"plan weights must be a dict of step -> {{(block, branch): weights}}, "
+                               f"got {type(self.weights).__name__}")
+        for step, recipe in enumerate(self.recipes):
+            want = dict(recipe.forecasts())
+            got = self.weights.get(step, {})
+            if set(got) != set(want):
+                raise TcgraphError(
+                    f"step {step}: forecast weights are given for {sorted(map(_key_name, got))} but the step "
+                    f"forecasts {sorted(map(_key_name, want))}; give weights for exactly the forecast branches"
+                )
+            for key, w in got.items():
+                if len(w) != want[key] or not all(isinstance(v, float) and math.isfinite(v) for v in w):
+                    raise TcgraphError(f"step {step} {_key_name(key)}: expected {want[key]} finite float weights "
+                                       f"(one per history point), got {list(w)}")
+        extra = sorted(s for s in self.weights if not (isinstance(s, int) and 0 <= s < len(self.recipes)))
+        if extra:
+            raise TcgraphError(f"forecast weights for steps {extra}, which the plan does not have")
+
     # ---- derived: variants, schedule, cache traffic -------------------------------
+
+    def history(self, key: CacheKey) -> int:
+        """History entries kept for a branch: the most points any step forecasts it from (1 = its cache only)."""
+        return max([a.points for r in self.recipes for (b, br, a) in r.items()
+                    if (b, br) == key and a.kind == "forecast"], default=1)
+
+    def history_steps(self, step: int, key: CacheKey) -> list[int]:
+        """The steps before `step` that computed `key` (its history entries), newest first."""
+        return [s for s in range(step - 1, -1, -1) if self.recipes[s].action(*key).computes]
+
+    def step_weights(self, step: int):
+        """The `forecast.w` input of `step` (float32 numpy array), or None when the step forecasts nothing."""
+        import numpy as np
+
+        layout = self.recipes[step].forecasts()
+        if not layout:
+            return None
+        return np.array([w for key, _ in layout for w in self.weights[step][key]], dtype=np.float32)
+
+    def step_feeds(self) -> list[dict]:
+        """Per step, the graph inputs that come from the plan rather than from caches (`forecast.w`)."""
+        feeds = []
+        for step in range(len(self.recipes)):
+            w = self.step_weights(step)
+            feeds.append({} if w is None else {FORECAST_WEIGHTS: w})
+        return feeds
 
     def cache_keys(self) -> list[CacheKey]:
         """Every (block, branch) that some step reads, in block order."""
@@ -228,11 +325,17 @@ class Plan:
         return [(b, br) for b, br, a in recipe.items() if a.computes and (b, br) in dyn]
 
     def cache_names(self) -> list[str]:
-        """Every cache tensor name the plan carries between steps, in block order, each
-        output cache followed by its input cache where it has one."""
+        """Every cache tensor name the plan carries between steps, in block order: each
+        output cache, then its older history entries (forecast branches), then its input
+        cache where it has one. Each is one [B, N, D] tensor."""
         dyn = set(self.input_cache_keys())
         return [n for b, br in self.cache_keys()
-                for n in (cache_name(b, br),) + ((input_cache_name(b, br),) if (b, br) in dyn else ())]
+                for n in [history_name(b, br, j) for j in range(self.history((b, br)))]
+                + ([input_cache_name(b, br)] if (b, br) in dyn else [])]
+
+    def cache_bytes(self, hidden_size: int, itemsize: int = 4) -> int:
+        """Memory of every cache tensor the plan carries, for its model batch (float32 by default)."""
+        return len(self.cache_names()) * self.settings.model_batch * self.num_tokens * hidden_size * itemsize
 
     def variants(self) -> list[Recipe]:
         """Distinct recipes in order of first use; variant id `v<i>` is the i-th."""
@@ -249,9 +352,12 @@ class Plan:
         """(input names, output names) of the variant graph for `recipe`: each cache name is
         followed by its input cache `….in` where the recipe reads (dynamic) or writes it."""
         in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
+        points = dict(recipe.forecasts())
         inputs = list(MODEL_INPUTS) + [n for b, br in recipe.reads()
-                                    for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
-                                                                    if (b, br) in in_reads else ())]
+                                    for n in [history_name(b, br, j) for j in range(points.get((b, br), 1))]
+                                    + ([input_cache_name(b, br)] if (b, br) in in_reads else [])]
+        if points:
+            inputs.append(FORECAST_WEIGHTS)
         outputs = [OUT] + [n for b, br in self.writes(recipe)
                              for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
                                                              if (b, br) in in_writes else ())]
@@ -270,6 +376,8 @@ class Plan:
             "num_tokens": self.num_tokens,
             "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
             "schedule": self.schedule(),
+            **({"forecast_weights": {str(s): {_key_name(k): list(w) for k, w in ws.items()}
+                                     for s, ws in sorted(self.weights.items()) if ws}} if self.weights else {}),
         }
 
     def to_json(self) -> str:
@@ -296,6 +404,7 @@ class Plan:
                 recipes=tuple(recipes[v] for v in d["schedule"]),
                 num_tokens=int(d["num_tokens"]),
                 params=dict(d.get("params", {})),
+                weights=_read_weights(d.get("forecast_weights", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None
@@ -306,3 +415,22 @@ class Plan:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise TcgraphError(f"plan is not valid JSON: {e}") from None
+
+
+def _key_name(key: CacheKey) -> str:
+    return cache_name(*key)
+
+
+def _read_weights(obj) -> dict:
+    """`forecast_weights` of plan JSON ({"12": {"cache.3.attn": [2.0, -1.0]}}) as `Plan.weights`."""
+    if not isinstance(obj, dict):
+        raise TcgraphError(f"malformed plan: forecast_weights must be an object, got {type(obj).__name__}")
+    weights: dict = {}
+    for step, per in obj.items():
+        entry = weights.setdefault(int(step), {})
+        for name, w in per.items():
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "cache" or parts[2] not in BRANCHES or not parts[1].isdigit():
+                raise TcgraphError(f"malformed plan: forecast weights name {name!r}; expected cache.<block>.<branch>")
+            entry[(int(parts[1]), parts[2])] = tuple(float(v) for v in w)
+    return weights

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.combined import CombinedConfig, make_combined
-from tcgraph.plan.fixed import ForaConfig, FullConfig, make_fora, make_full
+from tcgraph.plan.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor
 from tcgraph.plan.l2c import L2CConfig, make_l2c
 from tcgraph.plan.options import (
     check_options,
@@ -88,6 +88,9 @@ def register(planner: Planner) -> Planner:
 register(Planner("full", FullConfig, make_full, "full", "no caching"))
 register(Planner("fora", ForaConfig, make_fora, "fora:N",
                  "reuse every branch for N-1 of every N steps, default N={interval}", short=("interval",)))
+register(Planner("taylor", TaylorConfig, make_taylor, "taylor:N[:order]",
+                 "a full step every N steps, every branch forecast at the others by a Taylor expansion of its "
+                 "history, default N={interval}, order {order}", short=("interval", "order")))
 register(Planner("l2c", L2CConfig, make_l2c, "l2c[:X]",
                  "Learning-to-Cache: a router learned for a predicted X-times speedup, default {target_speedup}; "
                  "or --lambda L, or --router FILE", short=("target_speedup",), learned=True))

@@ -88,6 +88,15 @@ def static_buffers(variants: Variants, device: torch.device | str,
             for name, (shape, dtype) in specs.items()}
 
 
+def step_input_buffers(variants: Variants, device: torch.device | str,
+                       dtype_for: Callable[[str, str], torch.dtype]) -> dict[str, dict[str, torch.Tensor]]:
+    """variant id -> zero buffers for its inputs that are neither model inputs nor caches: the
+    plan's per-step inputs (`forecast.w`), whose shape differs from variant to variant."""
+    return {variant.id: {io.name: torch.zeros(list(io.shape), dtype=dtype_for(io.name, io.dtype), device=device)
+                         for io in variant.inputs if io.name not in STATIC and not is_cache(io.name)}
+            for variant in variants}
+
+
 def load_into(buffer: torch.Tensor, value) -> None:
     """Make `buffer` hold `value`: nothing to do when `value` is `buffer` itself (what a run
     returned, fed back); any other tensor or array is copied in (device to device, or from

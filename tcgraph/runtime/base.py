@@ -81,6 +81,12 @@ class Runner(ABC):
         """Where this runner keeps the tensors `tensor()` returns (the host unless a GPU runner)."""
         return torch.device("cpu")
 
+    @property
+    def returns_buffers(self) -> bool:
+        """Whether `run` returns the runner's own fixed buffers, which its next run overwrites
+        (CUDA graphs, TensorRT); the dispatcher then copies history it must keep longer."""
+        return False
+
     def variant_ids(self) -> list[str]:
         return list(self._inputs)
 

@@ -3,6 +3,19 @@
 Caches live in the backend's own values between steps (OrtValues for ONNX Runtime), so
 they never round-trip through numpy; only `out` is turned into a torch tensor for the
 sampler's update.
+
+History (forecast branches, DESIGN.md "Forecast actions"). A branch that some variant
+forecasts from r points keeps its last r computed outputs, newest first: the variant
+inputs `cache.<l>.<branch>` (newest), `cache.<l>.<branch>.h1`, … A step that writes
+`cache.<l>.<branch>` makes its output the newest entry; the oldest drops out. The entries
+are references to the values the backend returned, so a new entry moves no tensor: which
+entry is which at every step follows from the static schedule alone (`Plan.history_steps`
+says it, and a test checks the two agree over whole schedules). A backend that returns its
+own fixed buffers (`Runner.returns_buffers`: CUDA graphs, TensorRT) overwrites them at the
+next run, so the dispatcher keeps a copy of each history entry older than the newest there.
+
+Inputs that come from the plan, not from earlier steps (`forecast.w`, the step's forecast
+weights), are given per step as `step_feeds`.
 """
 from __future__ import annotations
 
@@ -11,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from tcgraph.errors import TcgraphError
+from tcgraph.names import MODEL_INPUTS, history_index, is_cache
 
 RunFn = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -19,26 +33,57 @@ class ScheduleDispatcher:
     """Callable as `step_fn(step, x, t, y)`; call `reset()` before each sampling run."""
 
     def __init__(self, schedule: list[str], io: dict[str, tuple[list[str], list[str]]], run: RunFn,
-                 to_torch: Callable[[Any], torch.Tensor] = lambda v: v):
+                 to_torch: Callable[[Any], torch.Tensor] = lambda v: v, *,
+                 step_feeds: list[dict[str, Any]] | None = None, copy_history: bool = False):
         missing = sorted(set(schedule) - set(io))
         if missing:
             raise TcgraphError(f"schedule names variants {missing} that were not loaded; loaded: {sorted(io)}")
+        if step_feeds is not None and len(step_feeds) != len(schedule):
+            raise TcgraphError(f"{len(step_feeds)} step feeds for a schedule of {len(schedule)} steps")
         self.schedule = list(schedule)
         self.io = io
         self.run = run
         self.to_torch = to_torch
+        self.step_feeds = step_feeds or [{} for _ in schedule]
+        self.copy_history = copy_history
+        self.depth = history_depths(io)  # cache name -> history entries kept (only where > 1)
         self.caches: dict[str, Any] = {}
+        self.history: dict[str, list[Any]] = {}  # cache name -> entries, newest first
         self.calls: list[str] = []  # variant id per step of the current run
 
     @classmethod
-    def for_runner(cls, runner, schedule: list[str]) -> "ScheduleDispatcher":
+    def for_runner(cls, runner, schedule: list[str], step_feeds: list[dict[str, Any]] | None = None
+                   ) -> "ScheduleDispatcher":
         """Dispatch `schedule` onto an activated Runner of an artifact folder; `out` comes back
-        where the runner keeps it (GPU memory for GPU runners: the sampler runs there too)."""
-        return cls(schedule, runner.io_names(), runner.run, runner.tensor)
+        where the runner keeps it (GPU memory for GPU runners: the sampler runs there too).
+        `step_feeds`: per step, the plan's own inputs (`Plan.step_feeds()`)."""
+        return cls(schedule, runner.io_names(), runner.run, runner.tensor, step_feeds=step_feeds,
+                   copy_history=getattr(runner, "returns_buffers", False))
+
+    @classmethod
+    def for_plan(cls, runner, plan) -> "ScheduleDispatcher":
+        """Dispatch a plan's schedule, with its per-step forecast weights, onto an activated Runner."""
+        return cls.for_runner(runner, plan.schedule(), plan.step_feeds())
 
     def reset(self) -> None:
         self.caches = {}
+        self.history = {}
         self.calls = []
+
+    def _read(self, name: str) -> Any:
+        base, j = history_index(name)
+        if base in self.depth:
+            entries = self.history.get(base, [])
+            return entries[j] if j < len(entries) else None
+        return self.caches.get(name)
+
+    def _write(self, name: str, value: Any) -> None:
+        if name not in self.depth:
+            self.caches[name] = value
+            return
+        entries = self.history.setdefault(name, [])
+        entries.insert(0, value.clone() if self.copy_history else value)  # a runner's buffer is overwritten next run
+        del entries[self.depth[name]:]
 
     def __call__(self, step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not 0 <= step < len(self.schedule):
@@ -46,16 +91,31 @@ class ScheduleDispatcher:
         vid = self.schedule[step]
         inputs, outputs = self.io[vid]
         feeds: dict[str, Any] = {"x": x, "t": t, "y": y}
-        for name in inputs[3:]:
-            if name not in self.caches:
-                raise TcgraphError(f"step {step} ({vid}) reads {name}, which no earlier step wrote; call reset() "
-                                   "before each sampling run and start at step 0")
-            feeds[name] = self.caches[name]
+        given = self.step_feeds[step]
+        for name in inputs[len(MODEL_INPUTS):]:
+            value = given[name] if name in given else self._read(name)
+            if value is None:
+                raise TcgraphError(
+                    f"step {step} ({vid}) reads {name}, which no earlier step wrote"
+                    + (" and the plan does not give: dispatch with ScheduleDispatcher.for_plan"
+                       if not is_cache(name) else "; call reset() before each sampling run and start at step 0"))
+            feeds[name] = value
         result = self.run(vid, feeds)
         for name in outputs[1:]:
-            self.caches[name] = result[name]
+            self._write(name, result[name])
         self.calls.append(vid)
         return self.to_torch(result["out"])
+
+
+def history_depths(io: dict[str, tuple[list[str], list[str]]]) -> dict[str, int]:
+    """Cache name -> how many history entries the variants read (1 + the largest j of `….h<j>`), where > 1."""
+    depth: dict[str, int] = {}
+    for inputs, _ in io.values():
+        for name in inputs:
+            base, j = history_index(name)
+            if j:
+                depth[base] = max(depth.get(base, 1), j + 1)
+    return depth
 
 
 def graph_runner(graphs: dict[str, torch.fx.GraphModule], io: dict[str, tuple[list[str], list[str]]]) -> RunFn:

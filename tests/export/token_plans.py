@@ -74,7 +74,7 @@ def check_plan_sampled_with_ort(model, tmp_path, recipes, *, keep_inputs: bool =
     worst = []
     caches.clear()
     with api.make_runner("ort", load_artifact(path)) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
 
         def step(i, x, t, y):
             out = dispatch(i, x, t, y)

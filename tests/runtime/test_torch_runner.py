@@ -130,7 +130,7 @@ def test_caches_pass_from_step_to_step_as_the_returned_tensors(mixed):
     _, plan, path = mixed
     art = load_artifact(path)
     with make_runner("torch", art) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         seen = []
         real_run = dispatch.run
 
@@ -264,7 +264,7 @@ def test_cuda_bf16_matches_eager_pytorch_on_the_gpu(demo_full, graphs):
 def test_cuda_graph_caches_stay_in_the_bank(mixed):
     _, plan, path = mixed
     with make_runner("torch", load_artifact(path), device="cuda", precision="fp32") as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         cfg = _cfg(runner.artifact)
         out = sampler_for(plan.settings, cfg).sample(dispatch, make_noise(2, cfg.in_channels, 8, 0).cuda(),
                                                          torch.tensor([1, 2], device="cuda"))
@@ -287,7 +287,7 @@ def test_no_host_copies_inside_the_sampling_loop(demo_full):
     cfg = _cfg(art)
     labels = [0, 1, 2, 3, 4, 5, 6, 7]  # two runs of batch 4
     with make_runner("torch", art, device="cuda") as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         noise = make_noise(len(labels), cfg.in_channels, plan.settings.resolution, 0)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -331,7 +331,7 @@ def test_injected_programs_run_as_given(mixed):
         return program
 
     with make_runner("torch", art, programs={vid: spy(vid) for vid in real}) as runner:
-        dispatch = ScheduleDispatcher.for_runner(runner, plan.schedule())
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
         sampler_for(plan.settings, _cfg(art)).sample(dispatch, make_noise(2, _cfg(art).in_channels, 8, 0),
                                                      torch.tensor([1, 2]))
     assert calls == plan.schedule()

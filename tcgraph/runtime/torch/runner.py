@@ -24,7 +24,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.names import MODEL_INPUTS, OUT, is_cache
-from tcgraph.runtime.bank import CacheBank, load_into, static_buffers, torch_dtype
+from tcgraph.runtime.bank import CacheBank, load_into, static_buffers, step_input_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
 from tcgraph.runtime.torch.loader import ProgramsFromArtifact
 from tcgraph.runtime.torch.precision import precision_dtype
@@ -73,11 +73,16 @@ class TorchRunner(Runner):
         self._programs: dict[str, Callable] = {}
         self._bank: CacheBank | None = None
         self._static: dict[str, torch.Tensor] = {}
+        self._step_inputs: dict[str, dict[str, torch.Tensor]] = {}
         self._cuda_graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     @property
     def device(self) -> torch.device:
         return self._dev
+
+    @property
+    def returns_buffers(self) -> bool:
+        return self.cuda_graphs
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -105,6 +110,7 @@ class TorchRunner(Runner):
         self._cuda_graphs.clear()
         self._programs.clear()
         self._static.clear()
+        self._step_inputs.clear()
         self._bank = None
 
     def _low(self, manifest_dtype: str) -> torch.dtype:
@@ -118,6 +124,7 @@ class TorchRunner(Runner):
         # x in the graphs' precision, out in float32 for the sampler
         self._static = static_buffers(variants, self._dev,
                                       lambda name, dtype: torch.float32 if name == OUT else self._low(dtype))
+        self._step_inputs = step_input_buffers(variants, self._dev, lambda name, dtype: self._low(dtype))
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self._dev)
         for vid, program in self._programs.items():
@@ -137,9 +144,10 @@ class TorchRunner(Runner):
 
     def _body(self, vid: str, program):
         inputs, outputs = self._io[vid]
-        bank, static = self._bank, self._static
+        bank, static, own = self._bank, self._static, self._step_inputs[vid]
         model_inputs = len(MODEL_INPUTS)
-        args = [static[n] for n in inputs[:model_inputs]] + [bank[n] for n in inputs[model_inputs:]]
+        args = [static[n] for n in inputs[:model_inputs]] + [own[n] if n in own else bank[n]
+                                                             for n in inputs[model_inputs:]]
 
         def body() -> None:
             result = _as_tuple(program(*args))
@@ -152,7 +160,7 @@ class TorchRunner(Runner):
     # ---------------------------------------------------------------- running
 
     def _feed_dtype(self, name: str, manifest_dtype: str) -> str:
-        if is_cache(name):
+        if is_cache(name) or name not in (*MODEL_INPUTS, OUT):
             return str(self._low(manifest_dtype)).removeprefix("torch.")
         return manifest_dtype
 
@@ -163,8 +171,12 @@ class TorchRunner(Runner):
             model_inputs = len(MODEL_INPUTS)
             for name in inputs[:model_inputs]:
                 load_into(self._static[name], feeds[name])
+            own = self._step_inputs[variant_id]
             for name in inputs[model_inputs:]:
-                self._bank.load(name, feeds[name])
+                if name in own:
+                    load_into(own[name], feeds[name])
+                else:
+                    self._bank.load(name, feeds[name])
             self._cuda_graphs[variant_id].replay()
             return {OUT: self._static[OUT], **{n: self._bank[n] for n in outputs[1:]}}
         args = []

@@ -39,7 +39,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.names import OUT
-from tcgraph.runtime.bank import CacheBank, aliased_outputs, load_into, static_buffers, torch_dtype
+from tcgraph.runtime.bank import CacheBank, aliased_outputs, load_into, static_buffers, step_input_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
 from tcgraph.runtime.trt.common import REBUILD_HINT, cuda_device_info, device_memory_size, import_tensorrt, \
     set_device_memory
@@ -89,6 +89,11 @@ class TrtRunner(Runner):
         self._bank: CacheBank | None = None
         self._static: dict[str, torch.Tensor] = {}  # x, t, y, out: shared by every variant
         self._scratch: dict[str, dict[str, torch.Tensor]] = {}  # vid -> aliased output name -> buffer
+        self._step_inputs: dict[str, dict[str, torch.Tensor]] = {}  # vid -> plan input (forecast.w) -> buffer
+
+    @property
+    def returns_buffers(self) -> bool:
+        return True
 
     @property
     def device(self) -> torch.device:
@@ -158,6 +163,7 @@ class TrtRunner(Runner):
         variants = self.specs.values()
         self._static = static_buffers(variants, self._device, lambda _name, dtype: torch_dtype(dtype))
         self._bank = CacheBank(variants, self._device)
+        self._step_inputs = step_input_buffers(variants, self._device, lambda _name, dtype: torch_dtype(dtype))
         self._scratch = {v.id: {name: torch.zeros_like(self._bank[name]) for name in aliased_outputs(v)}
                          for v in variants}
 
@@ -190,7 +196,9 @@ class TrtRunner(Runner):
         addresses = {}
         for io in spec.inputs:
             name = io.name
-            addresses[name] = self._static[name] if name in self._static else self._bank[name]
+            own = self._step_inputs[vid]
+            addresses[name] = (self._static[name] if name in self._static else
+                               own[name] if name in own else self._bank[name])
         for io in spec.outputs:
             name = io.name
             if name == OUT:
@@ -245,9 +253,12 @@ class TrtRunner(Runner):
         caller = torch.cuda.current_stream(self._device)
         stream.wait_stream(caller)  # feeds made on the caller's stream; the last `out` consumed
         with torch.cuda.stream(stream):
+            own = self._step_inputs[variant_id]
             for name, value in feeds.items():
                 if name in self._static:
                     load_into(self._static[name], value)
+                elif name in own:
+                    load_into(own[name], value)
                 else:
                     self._bank.load(name, value)  # free for a tensor a previous run returned
             if self.cuda_graphs:

@@ -1,0 +1,54 @@
+"""The model's work for one Triton batch, without Triton: check each request, sample the good
+ones together, and answer each with its images or a one-line error.
+
+`model.py` (the Python-backend template) only moves tensors between Triton and this class,
+so the whole behaviour, bad requests included, is tested here without a server as well as
+through a real one (tests/serve/).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tcgraph.errors import TcgraphError
+from tcgraph.serve.requests import BadRequest, Request, check_request
+from tcgraph.serve.sampler import ServeSampler
+
+Answer = "np.ndarray | str"  # the images of a request, or the message of its error
+
+
+class BatchHandler:
+    def __init__(self, artifact: str | Path, backend: str = "ort", device: str | None = None,
+                 runner_options: dict | None = None):
+        self.sampler = ServeSampler(artifact, backend, device, runner_options).__enter__()
+
+    def close(self) -> None:
+        self.sampler.__exit__(None, None, None)
+
+    def answer(self, inputs: Sequence[tuple[np.ndarray | None, np.ndarray | None]]) -> list:
+        """(CLASSES, SEED) of each request -> its uint8 images (n, H, W, C), or an error message."""
+        answers: list = [None] * len(inputs)
+        good: list[tuple[int, Request]] = []
+        for i, (classes, seed) in enumerate(inputs):
+            try:
+                good.append((i, check_request(classes, seed, num_classes=self.sampler.num_classes,
+                                              max_images=self.sampler.batch)))
+            except BadRequest as e:
+                answers[i] = str(e)
+        if good:
+            try:
+                images = self.sampler.images([r for _, r in good])
+            except (TcgraphError, RuntimeError, ValueError) as e:  # the model keeps serving the next batch
+                images = [f"sampling failed: {e}"] * len(good)
+            for (i, _), img in zip(good, images):
+                answers[i] = img
+        return answers
+
+
+def model_parameters(model_config_json: str) -> dict[str, str]:
+    """The `parameters` of config.pbtxt (string values), from the JSON Triton gives `initialize`."""
+    params = json.loads(model_config_json).get("parameters", {})
+    return {k: v.get("string_value", "") for k, v in params.items()}

@@ -1,0 +1,42 @@
+"""Triton Python-backend model for a tcgraph artifact (written by `tcgraph export-triton`).
+
+Triton runs this file as `<repository>/<model>/<version>/model.py`. It loads the artifact
+folder beside it (`<version>/artifact`, every file's sha256 checked) with the tcgraph
+runtime, and answers each request of a batch with its images or a Triton error; a bad
+request never stops the model. What a request means: tcgraph/serve/requests.py.
+"""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tcgraph.serve.handler import BatchHandler, model_parameters
+from tcgraph.serve.requests import CLASSES, IMAGES, SEED
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args["model_config"])
+        device = params.get("device") or None
+        if args.get("model_instance_kind") == "GPU":
+            import torch
+
+            torch.cuda.set_device(int(args["model_instance_device_id"]))  # one instance per GPU of the group
+            device = "cuda"
+        artifact = f"{args['model_repository']}/{args['model_version']}/artifact"
+        self.handler = BatchHandler(artifact, backend=params.get("backend") or "ort", device=device)
+
+    def execute(self, requests):
+        inputs = []
+        for request in requests:
+            tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in (CLASSES, SEED)]
+            inputs.append(tuple(None if t is None else t.as_numpy() for t in tensors))
+        responses = []
+        for answer in self.handler.answer(inputs):
+            if isinstance(answer, str):
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(answer)))
+            else:
+                out = pb_utils.Tensor(IMAGES, np.ascontiguousarray(answer))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+
+    def finalize(self):
+        self.handler.close()
