@@ -12,6 +12,11 @@ norm and modulation feeding `attn`) belongs to that branch. The key of a node is
 `(unit, scope, op_type, occurrence)`: unit `blocks.3.attn`, `blocks.3` (adaLN, gates,
 residual), or a top-level module (`x_embedder`, `final_layer`, …).
 
+Forecast branches (`forecast.w` among the inputs) run no module: their weighted sum
+(`Gather` of a weight, `Mul` by a history input `cache.<l>.<br>[.h<j>]`, `Add`s) gets unit
+`blocks.<l>.<br>` and scope `forecast`, so that a diff shows it where the branch was and the
+gate multiply that follows keeps its key.
+
 Only the graph proto is read (`load_external_data=False`); initializer shapes are in it.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import onnx
 
 from tcgraph.errors import TcgraphError
+from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, INPUT_SUFFIX, history_index, is_cache
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 _BLOCK_NAME = re.compile(r"^(?:blocks|cache)\.(\d+)\.")
@@ -153,6 +159,9 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
         else:
             unit[i] = top[i] if top[i] in TOP_MODULES else "model"  # e.g. the SiLU all blocks share
 
+    for i, (b, br) in _forecast_nodes(nodes, info.inputs, producer, consumers).items():
+        block[i], branch[i], unit[i], scopes[i] = b, br, f"blocks.{b}.{br}", ["forecast"]
+
     counts: Counter = Counter()
     for i, n in enumerate(nodes):
         scope = "/".join(scopes[i])
@@ -163,6 +172,48 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
                                     flops=_node_flops(n, shapes), inputs=list(n.input), outputs=list(n.output),
                                     key=key))
     return info
+
+
+def _forecast_nodes(nodes, inputs: dict, producer: dict[str, int], consumers: dict[int, list[int]]) -> dict:
+    """{node index: (block, branch)} of the forecast weighted sums; empty without `forecast.w`.
+
+    A *weight* node reads `forecast.w` (or another weight node) and only initializers else; a
+    *term* multiplies a history input by a weight; a *sum* adds terms or sums of one branch.
+    Weight nodes take the branch of their consumers where those are one branch's terms."""
+    if FORECAST_WEIGHTS not in inputs:
+        return {}
+    weight: set[int] = set()
+    found: dict[int, tuple[int, str]] = {}
+
+    def history_key(name: str):
+        if name not in inputs or not is_cache(name) or name.endswith(INPUT_SUFFIX):
+            return None
+        parts = history_index(name)[0].split(".")  # cache.<l>.<br>
+        return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() and parts[2] in BRANCHES \
+            else None
+
+    for i, n in enumerate(nodes):
+        computed = [producer[x] for x in n.input if x in producer]
+        other_inputs = [x for x in n.input if x in inputs and x != FORECAST_WEIGHTS]
+        if (FORECAST_WEIGHTS in n.input or any(j in weight for j in computed)) and not other_inputs \
+                and all(j in weight for j in computed):
+            weight.add(i)
+            continue
+        if n.op_type == "Mul" and len(n.input) == 2:
+            keys = [history_key(x) for x in n.input]
+            others = [producer.get(x) for x, k in zip(n.input, keys) if k is None]
+            key = next((k for k in keys if k is not None), None)
+            if key is not None and len(others) == 1 and others[0] in weight:
+                found[i] = key
+        elif n.op_type == "Add" and len(computed) == len(n.input) == 2:
+            labels = {found.get(j) for j in computed}
+            if len(labels) == 1 and None not in labels:
+                found[i] = labels.pop()
+    for i in sorted(weight, reverse=True):
+        labels = {found.get(c) for c in consumers.get(i, [])}
+        if len(labels) == 1 and None not in labels:
+            found[i] = labels.pop()
+    return found
 
 
 def _parse_scopes(raw: str | None) -> list[str]:

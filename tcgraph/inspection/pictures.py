@@ -1,6 +1,7 @@
 """Pictures of a plan, Pillow only: the schedule heatmap (steps x (block, branch),
-coloured by action), kept-token masks on the patch grid for token plans, and a block-level
-drawing of one variant as Graphviz DOT text (rendered where `dot` is installed).
+coloured by action; forecasts in a purple ramp by their history points), kept-token masks
+on the patch grid for token plans, and a block-level drawing of one variant as Graphviz DOT
+text (rendered where `dot` is installed).
 
 Layouts are exposed (`HeatmapLayout.cell_box`, `MaskLayout.token_box`) so that tests and
 other tools can find the pixel of a given (step, block, branch[, token]).
@@ -14,13 +15,15 @@ from pathlib import Path
 
 from tcgraph.errors import TcgraphError
 from tcgraph.files import atomic_output, atomic_write, atomic_write_text, ensure_folder
-from tcgraph.plan.plan import Action, Plan, Recipe
-from tcgraph.names import BRANCHES, cache_name, input_cache_name
+from tcgraph.plan.plan import MAX_HISTORY, Action, Plan, Recipe
+from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
 
 COMPUTE_RGB = (33, 102, 172)  # blue
 REUSE_RGB = (222, 222, 222)  # light grey
 PARTIAL_LIGHT_RGB = (254, 224, 182)  # partial with few tokens recomputed ...
 PARTIAL_DARK_RGB = (179, 88, 6)  # ... to nearly all (orange ramp by k / N)
+FORECAST_LIGHT_RGB = (203, 170, 222)  # forecast from 1 history point ...
+FORECAST_DARK_RGB = (84, 39, 143)  # ... to MAX_HISTORY points (purple ramp by points)
 BACKGROUND_RGB = (255, 255, 255)
 TEXT_RGB = (0, 0, 0)
 KEPT_RGB = COMPUTE_RGB  # token masks: recomputed token
@@ -29,11 +32,15 @@ CHOOSE = "choose another --out folder"
 
 
 def action_color(action: Action, num_tokens: int) -> tuple[int, int, int]:
-    """Heatmap colour of one action; partial and dynamic shade from light (k small) to dark (k = N)."""
+    """Heatmap colour of one action; partial and dynamic shade from light (k small) to dark (k = N),
+    forecast from light (1 history point) to dark (MAX_HISTORY points)."""
     if action.kind == "compute":
         return COMPUTE_RGB
     if action.kind == "reuse":
         return REUSE_RGB
+    if action.kind == "forecast":
+        f = (action.points - 1) / max(MAX_HISTORY - 1, 1)
+        return tuple(round(lo + (hi - lo) * f) for lo, hi in zip(FORECAST_LIGHT_RGB, FORECAST_DARK_RGB))
     f = (action.k or 0) / max(num_tokens, 1)
     return tuple(round(lo + (hi - lo) * f) for lo, hi in zip(PARTIAL_LIGHT_RGB, PARTIAL_DARK_RGB))
 
@@ -84,9 +91,40 @@ class HeatmapLayout:
     def grid_height(self) -> int:
         return self.top + self.num_steps * self.cell_h
 
+    def legend_swatch_box(self, i: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of legend entry i's colour swatch (outline included), x1/y1 exclusive."""
+        lx, ly = self.grid_width + 12, self.top + 16 * i
+        return lx, ly, lx + 11, ly + 11
+
+    def legend_swatch_center(self, i: int) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.legend_swatch_box(i)
+        return (x0 + x1) // 2, (y0 + y1) // 2
+
 
 def heatmap_layout(plan: Plan) -> HeatmapLayout:
     return HeatmapLayout(plan.settings.num_steps, plan.depth)
+
+
+def legend_entries(plan: Plan) -> list[tuple[tuple[int, int, int], str]]:
+    """(colour, text) of the heatmap legend, top to bottom: compute, reuse, the partial and
+    dynamic shades the plan uses (a sample partial shade where it has neither), and one entry
+    per forecast point count the plan uses (F2, F3: the purple darkens with the points)."""
+    entries = [(COMPUTE_RGB, "compute"), (REUSE_RGB, "reuse")]
+    n = plan.num_tokens
+    ks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "partial"})
+    dks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "dynamic"})
+    if ks:
+        for k in (ks[0], ks[-1]) if len(ks) > 1 else (ks[0],):
+            entries.append((action_color(Action("partial", tuple(range(k))), n), f"partial k={k}/{n}"))
+    points = sorted({a.points for r in plan.recipes for _, _, a in r.items() if a.kind == "forecast"})
+    if not ks and not dks and not points:
+        entries.append((action_color(Action("partial", tuple(range(max(n // 4, 1)))), n), "partial (shade: k/N)"))
+    for k in (dks[0], dks[-1]) if len(dks) > 1 else dks:
+        entries.append((action_color(Action("dynamic", size=k), n), f"dynamic k={k}/{n}"))
+    for p in points:
+        entries.append((action_color(Action("forecast", points=p), n),
+                        f"forecast F{p} ({p} point{'s' if p > 1 else ''})"))
+    return entries
 
 
 def draw_heatmap(plan: Plan, path: str | Path) -> Path:
@@ -97,7 +135,7 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
     font = _font()
     legend_w = 190
     width = lay.grid_width + 12 + legend_w
-    height = max(lay.grid_height + 8, lay.top + 120)
+    height = max(lay.grid_height + 8, lay.top + 120, lay.top + 16 * len(legend_entries(plan)) + 44)
     img = Image.new("RGB", (width, height), BACKGROUND_RGB)
     d = ImageDraw.Draw(img)
     for step, recipe in enumerate(plan.recipes):
@@ -113,18 +151,8 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
         d.text((x0, 2), str(block), fill=TEXT_RGB, font=font)
     d.text((2, 2), "step", fill=TEXT_RGB, font=font)
     # Legend.
+    entries = legend_entries(plan)
     lx, ly = lay.grid_width + 12, lay.top
-    entries = [(COMPUTE_RGB, "compute"), (REUSE_RGB, "reuse")]
-    n = plan.num_tokens
-    ks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "partial"})
-    dks = sorted({a.k for r in plan.recipes for _, _, a in r.items() if a.kind == "dynamic"})
-    if ks:
-        for k in (ks[0], ks[-1]) if len(ks) > 1 else (ks[0],):
-            entries.append((action_color(Action("partial", tuple(range(k))), n), f"partial k={k}/{n}"))
-    elif not dks:
-        entries.append((action_color(Action("partial", tuple(range(max(n // 4, 1)))), n), "partial (shade: k/N)"))
-    for k in (dks[0], dks[-1]) if len(dks) > 1 else dks:
-        entries.append((action_color(Action("dynamic", size=k), n), f"dynamic k={k}/{n}"))
     for color, text in entries:
         d.rectangle([lx, ly, lx + 10, ly + 10], fill=color, outline=TEXT_RGB)
         d.text((lx + 16, ly - 1), text, fill=TEXT_RGB, font=font)
@@ -236,23 +264,41 @@ def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
 _DOT_FILL = {"compute": "#2166ac", "reuse": "#dedede"}
 
 
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def _dot_label(action: Action) -> str:
+    if action.kind == "forecast":
+        return f"forecast F{action.points}"
+    return action.kind if action.k is None else f"{action.kind} k={action.k}"
+
+
 def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
     """Block-level Graphviz drawing of one variant: blocks with their branches; cache inputs
-    (read) and outputs (written) as distinct nodes."""
+    (read) and outputs (written) as distinct nodes. A forecast branch reads its history
+    entries (`cache.<l>.<br>`, `….h1`, …) and its weights from the `forecast.w` input."""
     writes = set(plan.writes(recipe))
     in_writes = set(plan.input_writes(recipe))
     lines = [f'digraph "{vid}" {{', "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
              f'  label="{vid}: {recipe.short()}"; labelloc=t;',
              '  inputs [shape=box, label="x, t, y"];',
              '  embed [shape=box, label="patch + t/y embed"];', "  inputs -> embed;"]
+    layout = recipe.forecasts()
+    if layout:
+        size = sum(p for _, p in layout)
+        lines.append(f'  "in:{FORECAST_WEIGHTS}" [shape=note, style=filled, fillcolor="#e7d4e8", '
+                     f'label="{FORECAST_WEIGHTS} ({size} floats, per step)"];')
     prev = "embed"
     for block, pair in enumerate(recipe.actions):
         lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
         for branch, action in zip(BRANCHES, pair):
             node = f"b{block}_{branch}"
-            label = f"{branch}\\n{action.kind if action.k is None else f'{action.kind} k={action.k}'}"
-            fill = _DOT_FILL.get(action.kind, "#f4a259")
-            font = "white" if action.kind == "compute" else "black"
+            label = f"{branch}\\n{_dot_label(action)}"
+            fill = _DOT_FILL.get(action.kind) or (_hex(action_color(action, plan.num_tokens))
+                                                  if action.kind == "forecast" else "#f4a259")
+            font = "white" if action.kind == "compute" or (action.kind == "forecast" and action.points > 2) \
+                else "black"
             lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
                          f'label="{label}"];')
         lines.append(f'    b{block}_attn -> b{block}_mlp;')
@@ -263,9 +309,15 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
             name = cache_name(block, branch)
             node = f"b{block}_{branch}"
             names = (name, input_cache_name(block, branch))
-            for n in names[:2 if action.kind == "dynamic" else 1] if action.reads_cache else ():
+            if action.kind == "forecast":
+                reads = [history_name(block, branch, j) for j in range(action.points)]
+            else:
+                reads = names[:2 if action.kind == "dynamic" else 1] if action.reads_cache else ()
+            for n in reads:
                 lines.append(f'  "in:{n}" [shape=cylinder, style=filled, fillcolor="#fde0b6", label="{n}"];')
                 lines.append(f'  "in:{n}" -> {node} [style=dashed];')
+            if action.kind == "forecast":
+                lines.append(f'  "in:{FORECAST_WEIGHTS}" -> {node} [style=dotted];')
             for n in names[:2 if (block, branch) in in_writes else 1] if (block, branch) in writes else ():
                 lines.append(f'  "out:{n}" [shape=cylinder, style=filled, fillcolor="#b8e186", '
                              f'label="{n} (write)"];')

@@ -1,6 +1,7 @@
 """What an artifact folder holds, read from the folder alone: settings, schedule, variants
-and their cost, and for one variant (or step) its block view, node table and diff
-against the full graph. Everything returned is plain JSON; `tcgraph.inspection.text.format_report` prints it.
+and their cost, the cache memory (history entries of forecast branches included), and for
+one variant (or step) its block view, forecast weights, node table and diff against the
+full graph. Everything returned is plain JSON; `tcgraph.inspection.text.format_report` prints it.
 
 Never writes into the artifact folder.
 """
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
 from tcgraph.models.dit import DiTConfig
-from tcgraph.names import BRANCHES
+from tcgraph.names import (BRANCHES, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
+                           is_cache)
 from tcgraph.plan.plan import Plan, Recipe
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ SCHEDULE_RUNS = 20  # runs of the compact schedule printed before "… (n more r
 
 
 def action_label(action) -> str:
+    if action.kind == "forecast":
+        return f"forecast({action.points})"
     return f"{action.kind}({action.k})" if action.kind in ("partial", "dynamic") else action.kind
 
 
@@ -44,13 +48,83 @@ def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
 
 
 def action_counts(plan: Plan) -> dict[str, int]:
-    """Actions over the whole plan: every (step, block, branch) counted once; `dynamic` only
-    where the plan has dynamic actions."""
+    """Actions over the whole plan: every (step, block, branch) counted once; `dynamic` and
+    `forecast` only where the plan has such actions."""
     counts = {"compute": 0, "reuse": 0, "partial": 0}
     for recipe in plan.recipes:
         for _, _, a in recipe.items():
             counts[a.kind] = counts.get(a.kind, 0) + 1
     return counts
+
+
+def forecast_counts(plan: Plan) -> dict[str, int]:
+    """Forecast actions of the whole plan by their number of history points: {"F2": 18, "F3": 6}."""
+    counts: dict[str, int] = {}
+    for recipe in plan.recipes:
+        for _, _, a in recipe.items():
+            if a.kind == "forecast":
+                counts[a.short()] = counts.get(a.short(), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def cache_memory(plan: Plan, hidden_size: int | None, itemsize: int = 4) -> dict:
+    """What the plan carries between steps, for its model batch: every cache tensor is one
+    [model batch, N, D] float32 tensor (`Plan.cache_names`), split into output caches
+    (`cache.<l>.<br>`, the newest history entry of a forecast branch), older history entries
+    (`….h<j>`) and input caches of dynamic branches (`….in`). `history_per_branch`: the
+    entries (the cache included) each forecast branch keeps, `Plan.history`. Bytes are None
+    without the model's hidden size; `mb` counts 2**20 bytes, as `--max-cache-mb` does."""
+    names = plan.cache_names()
+    groups = {"caches": [], "history": [], "input_caches": []}
+    for n in names:
+        if n.endswith(INPUT_SUFFIX):
+            groups["input_caches"].append(n)
+        elif history_index(n)[1] > 0:
+            groups["history"].append(n)
+        else:
+            groups["caches"].append(n)
+    forecast_keys = sorted({k for r in plan.recipes for k, _ in r.forecasts()},
+                           key=lambda k: (k[0], BRANCHES.index(k[1])))
+    per = None if hidden_size is None else plan.settings.model_batch * plan.num_tokens * hidden_size * itemsize
+    total = None if per is None else plan.cache_bytes(hidden_size, itemsize)
+    return {
+        "dtype": "float32" if itemsize == 4 else f"{itemsize * 8}-bit",
+        "tensor_shape": [plan.settings.model_batch, plan.num_tokens, hidden_size],
+        "tensor_bytes": per,
+        "tensors": len(names),
+        "bytes": total,
+        "mb": None if total is None else total / 2**20,
+        **{k: {"count": len(v), "bytes": None if per is None else per * len(v)} for k, v in groups.items()},
+        "history_per_branch": {cache_name(*k): plan.history(k) for k in forecast_keys},
+    }
+
+
+def forecast_view(plan: Plan, recipe: Recipe, steps: list[int], step: int | None = None) -> dict | None:
+    """How a forecasting variant gets its weights: not from the graph but per step through
+    the `forecast.w` input (block order, n weights per branch, newest history entry first).
+    With `step`, that step's weights per branch and the steps whose outputs they weigh
+    (`Plan.history_steps`, newest first). None for a variant that forecasts nothing."""
+    layout = recipe.forecasts()
+    if not layout:
+        return None
+    branches, offset = [], 0
+    for (block, branch), points in layout:
+        branches.append({"block": block, "branch": branch, "cache": cache_name(block, branch), "points": points,
+                         "offset": offset,
+                         "history": [history_name(block, branch, j) for j in range(points)]})
+        offset += points
+    distinct = {tuple(tuple(plan.weights[s][k]) for k, _ in layout) for s in steps}
+    view = {"input": FORECAST_WEIGHTS, "size": offset, "steps": list(steps), "distinct_weight_sets": len(distinct),
+            "branches": branches}
+    if step is not None:
+        weights = plan.weights[step]
+        view["step"] = step
+        view["weights"] = [{"block": b["block"], "branch": b["branch"], "points": b["points"],
+                            "weights": [float(w) for w in weights[(b["block"], b["branch"])]],
+                            "history_steps": plan.history_steps(step, (b["block"], b["branch"]))[:b["points"]]}
+                           for b in branches]
+        view["feed"] = [float(w) for w in plan.step_weights(step)]
+    return view
 
 
 def full_variant(plan: Plan, flops: dict | None = None) -> tuple[str, bool]:
@@ -123,8 +197,9 @@ def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, va
             "recipe": recipe.short(),
             "full": recipe.is_full,
             "compute": kinds.count("compute"), "reuse": kinds.count("reuse"), "partial": kinds.count("partial"),
-            "dynamic": kinds.count("dynamic"),
-            "reads": ins[3:], "writes": outs[1:],
+            "dynamic": kinds.count("dynamic"), "forecast": kinds.count("forecast"),
+            "reads": [n for n in ins if is_cache(n)], "writes": outs[1:],
+            "plan_inputs": [n for n in ins if n == FORECAST_WEIGHTS],
             "flops": flops["per_variant"][vid] if flops else None,
             "fraction": flops["fraction"][vid] if flops else None,
         })
@@ -141,6 +216,8 @@ def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, va
         "schedule": schedule,
         "schedule_compact": compact_schedule(schedule),
         "action_counts": action_counts(plan),
+        "forecast_counts": forecast_counts(plan),
+        "memory": cache_memory(plan, model_config.hidden_size if model_config is not None else None),
         "variants": variants,
         "full_variant": base,
         "full_variant_exists": base_is_full,
@@ -154,6 +231,10 @@ def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, va
         recipe = plan.variants()[int(vid[1:])]
         info["focus"] = {"variant": vid, "step": pos, "blocks": block_view(recipe, plan.num_tokens),
                          "recipe": recipe.short()}
+        fc = forecast_view(plan, recipe, [s for s, v in enumerate(schedule) if v == vid],
+                           None if pos is None else pos["step"])
+        if fc is not None:
+            info["focus"]["forecast"] = fc
     return info
 
 

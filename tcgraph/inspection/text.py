@@ -10,6 +10,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.names import BRANCHES
 
 NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
+FORECAST_LINES = 12  # forecast branches printed one per line for a step; beyond, equal weights share a line
 
 
 #################################################################################
@@ -51,8 +52,13 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         lines.append(learned)
     c = info["action_counts"]
     dyn = f", dynamic {c['dynamic']}" if c.get("dynamic") else ""
+    fc = info.get("forecast_counts") or {}
+    if c.get("forecast"):
+        dyn += f", forecast {c['forecast']}" + (f" ({', '.join(f'{k} {n}' for k, n in fc.items())})" if fc else "")
     lines.append(f"actions    compute {c['compute']}, reuse {c['reuse']}, partial {c['partial']}{dyn} "
                  f"(steps x blocks x branches = {sum(c.values())})")
+    if c.get("forecast") and info.get("memory"):
+        lines += _memory_lines(info["memory"], s["model_batch"])
     if "weights" in info:
         n_onnx = sum(v.get("onnx_bytes") or 0 for v in info["variants"])
         lines.append(f"weights    {info['weights']['bytes'] / 2**20:.1f} MiB on disk in {info['weights']['file']} "
@@ -82,13 +88,16 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         lines.append(f"full       no variant computes everything; diffs are against {info['full_variant']} "
                      "(the most FLOPs)")
     lines.append("")
-    lines.append(f"{'variant':<8}{'steps':>6}{'compute':>9}{'reuse':>7}{'partial':>9}{'reads':>7}{'writes':>8}"
+    with_fc = any(v.get("forecast") for v in info["variants"])  # the column only where a plan forecasts
+    lines.append(f"{'variant':<8}{'steps':>6}{'compute':>9}{'reuse':>7}{'partial':>9}"
+                 + (f"{'forecast':>10}" if with_fc else "") + f"{'reads':>7}{'writes':>8}"
                  f"{'GFLOP':>9}{'of full':>9}  first steps")
     for v in info["variants"]:
         frac = "-" if v["fraction"] is None else f"{v['fraction']:.0%}"
         first = ",".join(str(x) for x in v["steps"][:6]) + ("…" if len(v["steps"]) > 6 else "")
         lines.append(f"{v['id']:<8}{len(v['steps']):>6}{v['compute']:>9}{v['reuse']:>7}{v['partial']:>9}"
-                     f"{len(v['reads']):>7}{len(v['writes']):>8}{_gflop(v['flops']):>9}{frac:>9}  {first}")
+                     + (f"{v.get('forecast', 0):>10}" if with_fc else "")
+                     + f"{len(v['reads']):>7}{len(v['writes']):>8}{_gflop(v['flops']):>9}{frac:>9}  {first}")
 
     focus = info.get("focus")
     if focus is None and (variant is not None or step is not None):
@@ -111,12 +120,16 @@ def _format_focus(info: dict, focus: dict) -> list[str]:
                      f"{pos['variant_steps']}), step {pos['position_in_run']} of a run of {pos['run_length']} "
                      f"(steps {pos['run'][0]}-{pos['run'][1]}), {since}")
     dyn = f", {v['dynamic']} dynamic" if v.get("dynamic") else ""
+    dyn += f", {v['forecast']} forecast" if v.get("forecast") else ""
+    extra = "".join(f" (+ {n})" for n in v.get("plan_inputs", []))
     lines.append(f"variant {vid}: {len(v['steps'])} steps, {v['compute']} compute, {v['reuse']} reuse, "
-                 f"{v['partial']} partial{dyn}; reads {len(v['reads'])} caches, writes {len(v['writes'])}")
+                 f"{v['partial']} partial{dyn}; reads {len(v['reads'])} caches{extra}, writes {len(v['writes'])}")
     lines.append("")
     lines.append(f"{'block':>5}  {'attn':<14}{'mlp':<14}")
     for row in focus["blocks"]:
         lines.append(f"{row['block']:>5}  {row['attn']:<14}{row['mlp']:<14}")
+    if focus.get("forecast"):
+        lines += _forecast_lines(focus["forecast"], vid)
     side = _grid_side(info["num_tokens"])
     for row in focus["blocks"]:
         for br in BRANCHES:
@@ -162,6 +175,82 @@ def _format_focus(info: dict, focus: dict) -> list[str]:
     if len(nodes) > NODE_TABLE_LINES:
         lines.append(f"   … {len(nodes) - NODE_TABLE_LINES} more nodes (--json lists them all)")
     return lines
+
+
+def _memory_lines(m: dict, model_batch: int) -> list[str]:
+    """Cache memory of a forecast plan: total, split into caches / history / input caches, history per branch."""
+    shape = "[" + ", ".join("?" if d is None else str(d) for d in m["tensor_shape"]) + "]"
+
+    def part(key: str, label: str) -> str:
+        mb = "" if m[key]["bytes"] is None else f" ({m[key]['bytes'] / 2**20:.2f} MB)"
+        return f"{label} {m[key]['count']}{mb}"
+
+    total = ("hidden size unknown" if m["bytes"] is None
+             else f"{m['mb']:.2f} MB ({m['bytes']} bytes) for model batch {model_batch}")
+    lines = [f"cache mem  {total}, {m['tensors']} tensors of {shape} {m['dtype']}",
+             f"           {part('caches', 'caches')}, {part('history', 'history entries')}, "
+             f"{part('input_caches', 'input caches')}"]
+    per = m.get("history_per_branch") or {}
+    if per:
+        by_n: dict[int, list[str]] = {}
+        for name, n in per.items():
+            by_n.setdefault(n, []).append(name)
+        parts = [f"{n} on {len(names)} branch{'es' if len(names) > 1 else ''}"
+                 + (f" ({_names(names, 3)})" if len(by_n) > 1 else "")
+                 for n, names in sorted(by_n.items(), reverse=True)]
+        lines.append("history    entries per forecast branch (its cache included): " + "; ".join(parts))
+    return lines
+
+
+def _forecast_lines(fc: dict, vid: str) -> list[str]:
+    """A forecasting variant's weights: fed per step through forecast.w; with a step, its weights per branch."""
+    kinds: dict[int, int] = {}
+    for b in fc["branches"]:
+        kinds[b["points"]] = kinds.get(b["points"], 0) + 1
+    mix = ", ".join(f"F{p} x{n}" for p, n in sorted(kinds.items()))
+    steps = ", ".join(str(x) for x in fc["steps"][:12]) + (" …" if len(fc["steps"]) > 12 else "")
+    lines = ["",
+             f"forecast   {len(fc['branches'])} branches ({mix}) read {fc['size']} history tensors; weights are per "
+             "step, not graph constants:",
+             f"           each step feeds its own through {fc['input']} ({fc['size']} floats: block order, "
+             "newest history entry first)",
+             f"           steps running {vid}: {steps} ({fc['distinct_weight_sets']} distinct weight "
+             f"set{'s' if fc['distinct_weight_sets'] != 1 else ''})"]
+    if "weights" not in fc:
+        return lines
+    lines.append(f"weights at step {fc['step']}:")
+    rows = fc["weights"]
+    if len(rows) <= FORECAST_LINES:
+        for r in rows:
+            lines.append(f"  {'block ' + str(r['block']) + ' ' + r['branch']:<14}{_forecast_line(r)}")
+        return lines
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:  # equal weights on equal steps share a line (a Taylor plan: one line)
+        groups.setdefault((r["points"], tuple(r["weights"]), tuple(r["history_steps"])), []).append(r)
+    shown = list(groups.values())
+    for g in shown[:FORECAST_LINES]:
+        lines.append(f"  {_branch_set(g):<22}{_forecast_line(g[0])}")
+    if len(shown) > FORECAST_LINES:
+        lines.append(f"  … {len(shown) - FORECAST_LINES} more weight sets (--json lists every branch)")
+    return lines
+
+
+def _forecast_line(r: dict) -> str:
+    w = ", ".join(f"{x:+.3f}" for x in r["weights"])
+    return f"F{r['points']}  w = [{w}] on steps {list(r['history_steps'])}"
+
+
+def _branch_set(rows: list[dict]) -> str:
+    """`block 3 attn`, `blocks 0-27 attn+mlp`, or `attn blocks 0-3, mlp blocks 1,5`."""
+    if len(rows) == 1:
+        return f"block {rows[0]['block']} {rows[0]['branch']}"
+    per = {br: [r["block"] for r in rows if r["branch"] == br] for br in BRANCHES}
+    per = {br: b for br, b in per.items() if b}
+    blocks = {tuple(b) for b in per.values()}
+    if len(blocks) == 1:
+        b = list(blocks.pop())
+        return f"block{'s' if len(b) > 1 else ''} {_ranges(b).rsplit(' ', 1)[0]} {'+'.join(per)}"
+    return ", ".join(f"{br} blocks {_ranges(b).rsplit(' ', 1)[0]}" for br, b in per.items())
 
 
 def _group_units(units: dict) -> list[tuple[str, dict, int]]:

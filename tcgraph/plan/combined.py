@@ -33,8 +33,10 @@ from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig, make_l2c
 from tcgraph.plan.learning import cache_steps, calibration_split, candidate_intervals, require_weights
-from tcgraph.plan.options import calib_images_option, max_variants_option, option
+from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, max_cache_mb_option,
+                                  max_variants_option, option)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.plan.select import finish_learned
 from tcgraph.plan.predictor import PredictorResult
 from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor
 from tcgraph.plan.tprr import select_blocks
@@ -59,6 +61,9 @@ class CombinedConfig:
     epochs: int | None = option(None, "training epochs of both learners", type=int,
                                 default_help="each learner's own")
     seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
+    forecast: bool = forecast_option()
+    compete: bool = compete_option()
+    max_cache_mb: float | None = max_cache_mb_option()
 
     def __post_init__(self) -> None:
         if not self.target_speedup > 1.0:
@@ -123,9 +128,9 @@ def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tens
 
 def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                   weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
-                  learned: tuple[PredictorResult, list[float]] | None = None) -> Plan:
-    """The tokencache+l2c planner (see the module docstring); `traj`/`learned` as in
-    `tokencache.make_tokencache`."""
+                  learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True) -> Plan:
+    """The tokencache+l2c planner (see the module docstring), then `select.finish_learned`;
+    `traj`/`learned`/`finish` as in `tokencache.make_tokencache`."""
     model = require_weights(weights, model_config, "a combined plan")
     mcfg = model.config
     S, n = settings.num_steps, mcfg.num_tokens
@@ -143,7 +148,7 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
         l2c_target = cfg.target_speedup ** share
         lcfg = L2CConfig(target_speedup=l2c_target, max_variants=cfg.max_variants, calib_images=cfg.calib_images,
                          interval=interval, seed=cfg.seed, **epochs)
-        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj)
+        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj, finish=False)
         pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup)
         if pruned is None:
             table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
@@ -171,4 +176,9 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
         "search": table,
         "calibration": {"images": cfg.calib_images, "held_out": tcfg.num_held_out, "seed": cfg.seed},
     }
-    return Plan(f"tokencache+l2c:{cfg.target_speedup}x", settings, recipes, n, params=params)
+    name = f"tokencache+l2c:{cfg.target_speedup}x"
+    if not finish:
+        return Plan(name, settings, recipes, n, params=params)
+    return finish_learned(model, train, held, name, recipes, params,
+                          forecast=cfg.forecast, max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
+                          compete=cfg.compete, progress=progress)

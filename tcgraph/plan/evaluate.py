@@ -6,6 +6,14 @@
   teacher-forced (each step starts from the full model's state), caches carried from step
   to step as the graphs carry them; full steps count 0. Every learned planner scores its
   candidates with it.
+- `free_running_samples`: the samples a plan makes along a whole sampling run from given
+  noise (no teacher forcing): how learned planners choose their final plan, since the
+  per-step error can rank plans opposite to their final quality (DESIGN.md, measured facts).
+
+Both run a plan through `PlanState`: the caches and, for forecast branches, the history a
+plan's graphs carry (the newest computed output first), with `calibrate.mixed_step` doing
+the model's work. A forecast branch is `mixed_step`'s reuse of a value computed beforehand,
+Σ_j w_j H_j: a forecast does not depend on the step's input.
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
-from tcgraph.plan.plan import COMPUTE, Recipe
+from tcgraph.plan.plan import COMPUTE, Plan, Recipe
+from tcgraph.sampling import sampler_for
 
 
 def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe]) -> float:
@@ -37,25 +46,71 @@ def recipe_weights(recipe: Recipe, num_tokens: int) -> dict[str, float | torch.T
     """`mixed_step` weights that run `recipe` exactly: 1.0 compute, 0.0 reuse, a 0/1 token mask for partial."""
     out: dict[str, float | torch.Tensor] = {}
     for l, br, a in recipe.items():
-        if a.kind not in ("compute", "reuse", "partial"):
+        if a.kind not in ("compute", "reuse", "partial", "forecast"):
             raise TcgraphError(f"block {l} {br}: {a.kind} actions have no static token mask to evaluate")
-        out[cache_name(l, br)] = 1.0 if a.kind == "compute" else (0.0 if a.kind == "reuse" else
+        out[cache_name(l, br)] = 1.0 if a.kind == "compute" else (0.0 if a.kind in ("reuse", "forecast") else
                                                                   token_mask(a.indices, num_tokens))
     return out
 
 
+class PlanState:
+    """The caches and history a plan carries from step to step, for `mixed_step`.
+
+    `step(model, s, x, t, y)` runs step s of the plan's recipes and returns the model output;
+    `weights` are the plan's forecast weights (`Plan.weights`)."""
+
+    def __init__(self, recipes: Sequence[Recipe], weights: dict | None = None, num_tokens: int | None = None):
+        self.recipes, self.weights = list(recipes), weights or {}
+        self.num_tokens = num_tokens
+        self.history: dict[str, list[torch.Tensor]] = {}  # cache name -> computed outputs, newest first
+        self.depth = {cache_name(*k): max(p, 1) for r in self.recipes for k, p in r.forecasts()}
+
+    def step(self, model: DiT, s: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        recipe = self.recipes[s]
+        n = self.num_tokens or model.config.num_tokens
+        if recipe.is_full:
+            out, used = mixed_step(model, x, t, y, {}, {})
+        else:
+            caches = {}
+            for block, branch, a in recipe.items():
+                name = cache_name(block, branch)
+                if a.kind == "forecast":
+                    w = self.weights[s][(block, branch)]
+                    caches[name] = sum(wj * h for wj, h in zip(w, self.history[name]))
+                elif a.reads_cache:
+                    caches[name] = self.history[name][0]
+            out, used = mixed_step(model, x, t, y, recipe_weights(recipe, n), caches)
+        for block, branch, a in recipe.items():
+            if a.computes:
+                name = cache_name(block, branch)
+                entries = self.history.setdefault(name, [])
+                entries.insert(0, used[name])
+                del entries[self.depth.get(name, 1):]
+        return out
+
+
 @torch.no_grad()
-def plan_error(model: DiT, traj: Trajectories, recipes: Sequence[Recipe]) -> float:
-    """Mean eps MSE per step of a hard plan on `traj` (see the module docstring)."""
+def plan_error(model: DiT, traj: Trajectories, recipes: Sequence[Recipe], weights: dict | None = None) -> float:
+    """Mean eps MSE per step of a hard plan on `traj` (see the module docstring); `weights`:
+    the forecast weights of a plan that forecasts."""
     rows = torch.arange(traj.num_images)
-    n = model.config.num_tokens
-    caches: dict[str, torch.Tensor] = {}
+    state = PlanState(recipes, weights)
     total = 0.0
     for s, recipe in enumerate(recipes):
-        if recipe.is_full:
-            _, used = mixed_step(model, *traj.model_inputs(s, rows), {}, {})
-        else:
-            out, used = mixed_step(model, *traj.model_inputs(s, rows), recipe_weights(recipe, n), caches)
+        out = state.step(model, s, *traj.model_inputs(s, rows))
+        if not recipe.is_full:
             total += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
-        caches = dict(used)
     return total / len(recipes)
+
+
+@torch.no_grad()
+def free_running_samples(model: DiT, plan: Plan, noise: torch.Tensor, y: torch.Tensor,
+                         chunk: int = 32) -> torch.Tensor:
+    """Samples of `plan` along whole sampling runs from `noise` and labels `y` (eager, in chunks)."""
+    sampler = sampler_for(plan.settings, model.config)
+    parts = []
+    for lo in range(0, noise.shape[0], chunk):
+        state = PlanState(plan.recipes, plan.weights)
+        parts.append(sampler.sample(lambda s, x, t, yy: state.step(model, s, x, t, yy),
+                                    noise[lo:lo + chunk], y[lo:lo + chunk]))
+    return torch.cat(parts)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.options import option
-from tcgraph.plan.forecast import taylor_weights
+from tcgraph.plan.extrapolate import taylor_weights
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, REUSE, Plan, Recipe, forecast
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings

@@ -54,8 +54,10 @@ from tcgraph.plan.learning import (
     round_loss,
     rounds,
 )
-from tcgraph.plan.options import calib_images_option, held_out_option, max_variants_option, option, tuning
+from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
+                                  max_cache_mb_option, max_variants_option, option, tuning)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+from tcgraph.plan.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
 
@@ -66,7 +68,7 @@ DEFAULT_TARGET = 2.0  # FLOP-predicted speedup learned for when neither a target
 LAMBDA_THRESHOLD = 0.5  # sigmoid(g) above which a branch computes in λ mode
 LAMBDA_GRID = (0.1, 1.0)  # multiples of the data's own λ unit (see `lambda_unit`)
 # Fields that only apply to learning a router, not to importing one (`router`).
-_LEARNING_FIELDS = ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs")
+_LEARNING_FIELDS = ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs", "max_cache_mb")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class L2CConfig:
     batch_images: int = tuning(8, "images per training round")
     lr: float = tuning(0.1, "Adam learning rate of the logits")
     seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
+    forecast: bool = forecast_option()
+    compete: bool = compete_option()
+    max_cache_mb: float | None = max_cache_mb_option()
 
     def __post_init__(self) -> None:
         if self.router is not None:
@@ -264,12 +269,15 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
 
 
 def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
-             progress: Progress = QUIET, traj: Trajectories | None = None) -> Plan:
+             progress: Progress = QUIET, traj: Trajectories | None = None, finish: bool = True) -> Plan:
     """The l2c planner: import `cfg.router`, or calibrate, train the router(s) and turn the
-    best into a plan (see the module docstring).
+    best into a plan (see the module docstring), then `select.finish_learned`: forecasting
+    where it helps (`cfg.forecast`), and the final choice by whole sampling runs against the
+    fixed-interval plans.
 
     `traj` reuses calibration trajectories made for the same settings (benchmarks compare
-    several targets on one calibration); by default they are made here.
+    several targets on one calibration); by default they are made here. `finish=False`
+    returns the router's own plan (what the combined planner builds on).
     """
     if cfg.router is not None:
         return load_published_router_plan(cfg.router, model_config, settings,
@@ -325,7 +333,11 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
         "router_probs": _probs_record(res.probs(), k),
     }
     name = f"l2c:{cfg.target_speedup}x" if cfg.target_speedup is not None else "l2c"
-    return Plan(name, settings, recipes, mcfg.num_tokens, params=params)
+    if not finish:
+        return Plan(name, settings, recipes, mcfg.num_tokens, params=params)
+    return finish_learned(model, train, held, name, recipes, params, forecast=cfg.forecast,
+                          max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
+                          compete=cfg.compete, progress=progress)
 
 
 def _threshold(cfg: L2CConfig) -> float:

@@ -51,6 +51,35 @@ def held_out_option() -> Any:
                   default_help="a third of --calib-images")
 
 
+def on_off(value) -> bool:
+    """`on`/`off` (also yes/no, true/false, 1/0, or a bool) as a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "yes", "true", "1"):
+        return True
+    if text in ("off", "no", "false", "0"):
+        return False
+    raise UsageError(f"expected on or off, got {value!r}")
+
+
+def forecast_option() -> Any:
+    return option(True, "let cached branches forecast from their history (least-squares weights) where that is "
+                        "better on held-out calibration; off: reuse only, for ablations",
+                  type=str, parse=on_off, metavar="on|off")
+
+
+def compete_option() -> Any:
+    return option(True, "let the fixed-interval plans (fora:N, taylor:N) of at least the target's speedup compete in "
+                        "the final choice by held-out sampling runs; off: keep the learned plan",
+                  type=str, parse=on_off, metavar="on|off")
+
+
+def max_cache_mb_option() -> Any:
+    return option(None, "cap on the plan's cache and history memory in MB for its batch (learned planners)",
+                  type=float, default_help="no cap")
+
+
 def option_fields(config_type: type) -> list[Field]:
     """The user-facing fields of a config class, in declaration order."""
     return [f for f in fields(config_type) if f.metadata.get("option")]

@@ -196,13 +196,24 @@ class Plan:
     num_tokens: int
     params: dict = field(default_factory=dict, compare=False)  # planner inputs, for the record
     # forecast weights: step -> {(block, branch): (w_1, ..., w_n)}, newest history entry first
-    weights: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.recipes) != self.settings.num_steps:
             raise TcgraphError(
                 f"plan has {len(self.recipes)} recipes but its sampler settings say {self.settings.num_steps} steps"
             )
+        if isinstance(self.weights, dict):  # one form: int steps, float tuples, no empty steps
+            extra = sorted(s for s in self.weights if not (isinstance(s, int) and 0 <= s < len(self.recipes)))
+            if extra:
+                raise TcgraphError(f"forecast weights for steps {extra}, which the plan does not have")
+            try:
+                object.__setattr__(self, "weights", {
+                    int(step): {tuple(k): tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                                                for v in w) for k, w in per.items()}
+                    for step, per in self.weights.items() if per})
+            except (TypeError, ValueError, AttributeError) as e:
+                raise TcgraphError(f"plan weights must map step -> {{(block, branch): weights}}: {e}") from None
         depths = {r.depth for r in self.recipes}
         if len(depths) != 1:
             raise TcgraphError(f"recipes disagree on the number of blocks: {sorted(depths)}")

@@ -34,8 +34,10 @@ from tcgraph.plan.learning import (
     require_weights,
     rounds,
 )
-from tcgraph.plan.options import calib_images_option, held_out_option, max_variants_option, option, tuning
+from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
+                                  max_cache_mb_option, max_variants_option, option, tuning)
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
+from tcgraph.plan.select import finish_learned
 from tcgraph.plan.predictor import PredictorResult, block_sensitivity, init_predictor, mu_unit, train_predictor
 from tcgraph.plan.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
 from tcgraph.progress import QUIET, Progress
@@ -79,6 +81,9 @@ class TokenCacheConfig:
     mu: float = tuning(10.0, "keep-ratio penalty, in units of the reuse-everything eps MSE")
     train_window: int = tuning(3, "training rounds: a full step then train_window - 1 cache steps")
     seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
+    forecast: bool = forecast_option()
+    compete: bool = compete_option()
+    max_cache_mb: float | None = max_cache_mb_option()
 
     def __post_init__(self) -> None:
         if not self.target_speedup > 1.0:
@@ -119,13 +124,15 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
 
 def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                     weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
-                    learned: tuple[PredictorResult, list[float]] | None = None) -> Plan:
+                    learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True) -> Plan:
     """The tokencache planner: calibrate, train the Cache Predictor, measure block
-    sensitivities, pick the TPRR schedule and the block keep counts for the target, and
-    return the plan (see the module docstring).
+    sensitivities, pick the TPRR schedule and the block keep counts for the target, then
+    `select.finish_learned` (forecasting where it helps, the final choice by whole sampling
+    runs against the fixed-interval plans); see the module docstring.
 
     `traj` and `learned` (from `learn_predictor` on the same trajectories and keep ratio) let
-    benchmarks plan several targets from one calibration and one predictor."""
+    benchmarks plan several targets from one calibration and one predictor. `finish=False`
+    returns the TPRR plan itself (what `dynamic` turns into per-sample token choices)."""
     model = require_weights(weights, model_config, "a TokenCache plan")
     mcfg = model.config
     S, n, depth = settings.num_steps, mcfg.num_tokens, mcfg.depth
@@ -184,7 +191,11 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: Sa
                         "batch_images": cfg.batch_images},
         "search": table,
     }
-    return Plan(f"tokencache:{target}x", settings, recipes, n, params=params)
+    if not finish:
+        return Plan(f"tokencache:{target}x", settings, recipes, n, params=params)
+    return finish_learned(model, train, held, f"tokencache:{target}x", recipes, params, forecast=cfg.forecast,
+                          max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
+                          compete=cfg.compete, progress=progress)
 
 
 def to_dynamic(plan: Plan) -> Plan:
@@ -203,5 +214,7 @@ def to_dynamic(plan: Plan) -> Plan:
 def make_dynamic(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                  weights: DiT | None = None, progress: Progress = QUIET,
                  traj: Trajectories | None = None) -> Plan:
-    """The dynamic planner: `to_dynamic` of the tokencache plan for `cfg`."""
-    return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj))
+    """The dynamic planner: `to_dynamic` of the tokencache plan for `cfg` (its TPRR plan, without
+    forecasting or the final choice among fixed plans: those are made for static tokens)."""
+    return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
+                                      finish=False))

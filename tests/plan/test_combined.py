@@ -58,7 +58,7 @@ def test_prune_to_target_is_greedy_block_selection(tiny_config):
 def test_combined_plan_end_to_end(tiny_model, tmp_path):
     s = SamplerSettings(num_steps=8, cfg_scale=2.0, batch=2, resolution=8)
     plan = make_plan("tokencache+l2c:1.8", tiny_model.config, s, weights=tiny_model, calib_images=6, epochs=1,
-                     max_variants=3)
+                     max_variants=3, compete="off")
     p = plan.params
     assert speedup_of(tiny_model.config, plan.recipes) >= 1.8
     assert len(plan.variants()) <= 3

@@ -18,6 +18,23 @@ class TestFora(PlannerTesterMixin):
     planner, spec = "fora", "fora:3"
 
 
+class TestTaylor(PlannerTesterMixin):
+    planner, spec = "taylor", "taylor:3"
+
+    def test_forecasts_between_full_steps(self, plan):
+        # full every 3 steps; reuse while one compute exists; forecast(2) (order 1) after
+        assert [r.short().split()[0] for r in plan.recipes] == ["CC", "RR", "RR", "CC", "F2F2", "F2F2", "CC", "F2F2"]
+        assert sorted(plan.weights) == [4, 5, 7] and len(plan.variants()) == 3
+
+
+class TestTaylorOrder2(PlannerTesterMixin):
+    planner, spec = "taylor", "taylor:2:2"
+
+    def test_forecasts_between_full_steps(self, plan):
+        assert [r.short().split()[0] for r in plan.recipes] == ["CC", "RR", "CC", "F2F2", "CC", "F3F3", "CC", "F3F3"]
+        assert plan.history((0, "attn")) == 3 and len(plan.variants()) == 4
+
+
 class TestL2CTarget(PlannerTesterMixin):
     planner, spec, target = "l2c", "l2c:1.6", 1.6
     options = {**SMALL, "max_variants": 3}

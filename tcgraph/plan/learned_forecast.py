@@ -1,0 +1,181 @@
+"""Forecasting inside the learned planners: which cached branches forecast, with which weights.
+
+A learned planner (l2c, tokencache, tokencache+l2c) first chooses what each branch does at
+each step with reuse and partial actions only. Here every such cached (step, block, branch)
+whose branch has at least two computed outputs before it may become `forecast(n)`
+(n = min(`points`, outputs so far)), with least-squares weights per (step, block, branch)
+fitted on the training trajectories, where that is better on the held-out trajectories.
+
+Everything needed is in the **output Grams** of each branch: with O_s the full model's
+pre-gate branch output at step s (teacher-forced along the calibration trajectories),
+`G[s, s', i] = Σ_{rows, D} O_s[·, i, ·] · O_{s'}[·, i, ·]` per token i, an S × S × N tensor per
+branch accumulated over calibration chunks. Summed over tokens it gives the normal equations
+of any forecast (history steps h, target s: `G[h, h] w = G[h, s]`) and its squared error
+`G[s,s] − 2 wᵀG[h,s] + wᵀG[h,h]w`; reuse is w = 1 on the newest entry; a partial step's error
+counts only the tokens it does not recompute. So trying every forecast costs one forward per
+step and image, and no branch output is stored (the S × S × N Grams are small).
+
+Decisions are per branch (a branch's history does not depend on other branches) and per
+recipe (every step of one recipe decides alike, so forecasting adds no variant), scored over
+the whole schedule: a forecast step is not a computing step, so it is not a history entry of
+later forecasts. `--max-cache-mb` caps the history memory: branches whose forecasts gain least
+per extra history byte go back to their original actions until the plan fits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tcgraph.calibrate import Trajectories, mixed_step
+from tcgraph.errors import TcgraphError
+from tcgraph.models.dit import DiT
+from tcgraph.names import BRANCHES, CacheKey, cache_name
+from tcgraph.plan.extrapolate import solve_weights
+from tcgraph.plan.plan import Action, Recipe, forecast
+from tcgraph.progress import SILENT, Phase
+
+MARGIN = 0.02  # a forecast replaces an action only if its held-out error is this much lower (relative)
+
+
+@torch.no_grad()
+def output_grams(model: DiT, traj: Trajectories, *, chunk: int = 4, phase: Phase = SILENT) -> dict[CacheKey, torch.Tensor]:
+    """(block, branch) -> G [S, S, N] (float64) of the full model's branch outputs on `traj` (see the module docstring)."""
+    S, depth = traj.num_steps, model.config.depth
+    keys = [(l, br) for l in range(depth) for br in BRANCHES]
+    grams: dict[CacheKey, torch.Tensor] = {}
+    for lo in range(0, traj.num_images, chunk):
+        rows = torch.arange(lo, min(lo + chunk, traj.num_images))
+        outs: dict[CacheKey, list[torch.Tensor]] = {k: [] for k in keys}
+        for s in range(S):
+            _, used = mixed_step(model, *traj.model_inputs(s, rows), {}, {})
+            for k in keys:
+                outs[k].append(used[cache_name(*k)])
+            phase.tick()
+        for k in keys:
+            o = torch.stack(outs[k]).permute(2, 0, 1, 3).flatten(2)  # [N, S, R·D]
+            g = torch.bmm(o, o.transpose(1, 2)).permute(1, 2, 0).double()  # [S, S, N], one chunk in float32
+            grams[k] = g if k not in grams else grams[k] + g
+    return grams
+
+
+@dataclass
+class Choice:
+    step: int
+    key: CacheKey
+    action: Action  # the forecast
+    replaced: Action  # what it replaces
+    weights: tuple[float, ...]
+    held_error: float  # held-out squared error of the forecast (summed over rows, tokens, D)
+    replaced_error: float  # ... of reusing the newest history entry instead
+
+
+def _error(g: torch.Tensor, hist: list[int], s: int, w: torch.Tensor) -> float:
+    """Σ ||Σ_j w_j O_hist[j] − O_s||² from a token-summed Gram `g` [S, S]."""
+    h = torch.tensor(hist)
+    return float(g[s, s] - 2 * w @ g[h, s] + w @ g[h][:, h] @ w)
+
+
+def _current_error(gt: torch.Tensor, newest: int, s: int, action: Action) -> float:
+    """Held-out error of reuse / partial at step s with the newest history entry at `newest` ([S, S, N] Gram)."""
+    per_token = gt[newest, newest] - 2 * gt[newest, s] + gt[s, s]  # [N]
+    if action.kind == "partial":
+        keep = torch.zeros_like(per_token, dtype=torch.bool)
+        keep[list(action.indices)] = True
+        per_token = per_token.masked_fill(keep, 0.0)
+    return float(per_token.sum())
+
+
+def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor], held: dict[CacheKey, torch.Tensor],
+                     *, points: int) -> list[Choice]:
+    """The forecasts that lower a branch's held-out error, decided per (recipe, branch): all steps
+    that share a recipe keep sharing one, so the plan has no more variants than before.
+
+    For each branch, the distinct cache recipes are tried in order of first use: forecasting
+    the branch at every step of that recipe, from min(`points`, computed outputs before its
+    first such step) history points, replaces its reuse or partial action there if the
+    branch's held-out error summed over the whole schedule drops (a partial step that becomes
+    a forecast is no history entry any more, so later steps are counted too)."""
+    if points < 2:
+        raise TcgraphError(f"a forecast needs at least 2 history points, got {points}")
+    order = list(dict.fromkeys(recipes))
+    choices: list[Choice] = []
+    for key in sorted(train, key=lambda k: (k[0], BRANCHES.index(k[1]))):
+        actions = [r.action(*key) for r in recipes]
+        best, _ = _schedule_error(actions, train[key], held[key])
+        for group in order:
+            steps = [s for s, r in enumerate(recipes) if r == group]
+            if actions[steps[0]].kind not in ("reuse", "partial"):
+                continue
+            available = sum(1 for a in actions[:steps[0]] if a.computes)
+            n = min(points, available)
+            if n < 2:
+                continue
+            trial = list(actions)
+            for s in steps:
+                trial[s] = forecast(n)
+            err, _ = _schedule_error(trial, train[key], held[key])
+            if err < best * (1 - MARGIN):
+                best, actions = err, trial
+        _, per_step = _schedule_error(actions, train[key], held[key])
+        original = [r.action(*key) for r in recipes]
+        for s, (w, err, cur) in per_step.items():
+            choices.append(Choice(s, key, actions[s], original[s], w, err, cur))
+    return choices
+
+
+def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tensor
+                    ) -> tuple[float, dict[int, tuple[tuple[float, ...], float, float]]]:
+    """A branch's held-out squared error summed over its cached steps, and per forecast step
+    (weights fitted on `train`, its held-out error, the held-out error reuse would have)."""
+    gt, gh = train.sum(-1), held.sum(-1)
+    history: list[int] = []
+    total, per_step = 0.0, {}
+    for s, action in enumerate(actions):
+        if action.kind == "forecast":
+            if len(history) < action.points:  # an earlier forecast took a history entry this one needs
+                return math.inf, {}
+            hist = history[:action.points]
+            h = torch.tensor(hist)
+            w = torch.tensor(solve_weights(gt[h][:, h], gt[h, s]), dtype=torch.float64)
+            err = _error(gh, hist, s, w)
+            per_step[s] = (tuple(float(v) for v in w), err, _current_error(held, history[0], s, Action("reuse")))
+            total += err
+        elif action.kind in ("reuse", "partial"):
+            total += _current_error(held, history[0], s, action)
+        if action.computes:
+            history.insert(0, s)
+    return total, per_step
+
+
+def apply_choices(recipes: list[Recipe], choices: list[Choice]) -> tuple[tuple[Recipe, ...], dict]:
+    """The recipes with `choices` made, and their forecast weights (`Plan.weights`)."""
+    actions = [[list(pair) for pair in r.actions] for r in recipes]
+    weights: dict = {}
+    for c in choices:
+        actions[c.step][c.key[0]][BRANCHES.index(c.key[1])] = c.action
+        weights.setdefault(c.step, {})[c.key] = c.weights
+    return tuple(Recipe(tuple(tuple(pair) for pair in r)) for r in actions), weights
+
+
+def cap_history(choices: list[Choice], slot_bytes: int, budget: int | None) -> list[Choice]:
+    """Drop whole branches' forecasts, least held-out gain per extra history byte first, until the
+    extra history memory (slots beyond the cache itself, `slot_bytes` each) fits `budget` bytes."""
+    if budget is None:
+        return choices
+    by_key: dict[CacheKey, list[Choice]] = {}
+    for c in choices:
+        by_key.setdefault(c.key, []).append(c)
+
+    def extra(cs: list[Choice]) -> int:
+        return (max(c.action.points for c in cs) - 1) * slot_bytes
+
+    def gain(cs: list[Choice]) -> float:
+        return sum(c.replaced_error - c.held_error for c in cs)
+
+    kept = dict(by_key)
+    while kept and sum(extra(cs) for cs in kept.values()) > budget:
+        worst = min(kept, key=lambda k: gain(kept[k]) / max(extra(kept[k]), 1))
+        del kept[worst]
+    return [c for c in choices if c.key in kept]
