@@ -1,4 +1,4 @@
-"""`tcgraph transform | sample | inspect` — see README.md for a tour."""
+"""`tcgraph transform | sample | inspect | export-triton | serve` — see README.md for a tour."""
 from __future__ import annotations
 
 import argparse
@@ -72,7 +72,29 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--step", help="focus on the variant that this step runs")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--out", type=Path, help="write pictures here: schedule heatmap PNG, token masks, variant DOT/SVG")
+    _add_serve_parsers(sub)
     return p
+
+
+def _add_serve_parsers(sub) -> None:
+    """`export-triton` and `serve` (tcgraph/serve; the serve extra)."""
+    from tcgraph.serve.config import DEFAULT_QUEUE_DELAY_US
+
+    e = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for an artifact")
+    e.add_argument("artifact", type=Path)
+    e.add_argument("repo", type=Path, help="the repository folder to write (new, or a tcgraph one with --force)")
+    s = sub.add_parser("serve", help="serve an artifact with Triton Inference Server on localhost (Ctrl-C stops)")
+    s.add_argument("artifact", type=Path)
+    s.add_argument("--port", type=int, default=8000, help="HTTP port; gRPC uses port+1, metrics port+2 (default 8000)")
+    for q in (e, s):
+        q.add_argument("--name", help="model name (default: the artifact folder's name)")
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default="ort", help="tcgraph backend of the model (default ort)")
+        q.add_argument("--device", choices=["cpu", "cuda"], help="cuda: one instance group on the GPUs (KIND_GPU)")
+        q.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda; default 1)")
+        q.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                       help=f"dynamic batcher's wait for a full batch (default {DEFAULT_QUEUE_DELAY_US})")
+    e.add_argument("--no-dynamic-batching", action="store_true", help="one request per model call")
+    e.add_argument("--force", action="store_true", help="replace an existing tcgraph model repository")
 
 
 def _runner_options(args) -> dict:
@@ -171,7 +193,22 @@ def _run(argv: list[str] | None) -> int:
         if args.out is not None:
             written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
             print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
+    elif args.command in ("export-triton", "serve"):
+        return _serve_command(args)
     sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+    return 0
+
+
+def _serve_command(args) -> int:
+    from tcgraph.serve import launch
+
+    options = {"name": args.name, "backend": args.backend, "device": args.device, "instances": args.instances,
+               "max_queue_delay_us": args.max_queue_delay_us}
+    if args.command == "serve":
+        return launch.serve(args.artifact, port=args.port, **options)
+    repo = launch.export_triton(args.artifact, args.repo, force=args.force,
+                                dynamic_batching=not args.no_dynamic_batching, **options)
+    print(f"wrote {repo}")
     return 0
 
 

@@ -33,7 +33,9 @@ LAYERS: dict[str, set[str]] = {
     "inspection": {"errors", "names", "files", "models", "sampling", "plan", "export"},
     "api": {"errors", "names", "progress", "version", "files", "models", "sampling", "calibrate", "plan", "passes", "compile",
             "export", "runtime", "inspection", "eval"},
-    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api"},
+    # serving on Triton: the artifact, the runtime and the sampling functions of the public API
+    "serve": {"errors", "progress", "version", "files", "export", "runtime", "api"},
+    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api", "serve"},
     "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},
 }

@@ -116,9 +116,9 @@ def parse_number(text: str, what: str, spec: str, kind: type = float) -> Any:
         raise UsageError(f"plan {spec!r}: {text!r} is not {noun} ({what})") from None
 
 
-def check_options(name: str, config_type: type, options: dict) -> None:
-    """Every option name must be a plan option of the planner `name`."""
-    known = [f.name for f in option_fields(config_type)]
+def check_options(name: str, config_type: type, options: dict, skip: tuple[str, ...] = ()) -> None:
+    """Every option name must be a plan option of the planner `name` (less the config fields it `skip`s)."""
+    known = [f.name for f in option_fields(config_type) if f.name not in skip]
     unknown = sorted(set(options) - set(known))
     if unknown:
         valid = f"its options are {', '.join(known)}" if known else "it takes no options"

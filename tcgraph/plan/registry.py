@@ -46,6 +46,7 @@ class Planner:
     summary: str  # one line; `{field}` is replaced by that field's default
     short: tuple[str, ...] = ()  # the config fields that the spec's `:` parts fill, in order
     learned: bool = False  # needs the model's weights (and calibrates) unless its config says otherwise
+    skip: tuple[str, ...] = ()  # options of its (shared) config that this planner does not use
 
     def help(self) -> str:
         config = self.config()
@@ -55,7 +56,7 @@ class Planner:
     def configure(self, spec: str, args: list[str], options: dict[str, Any]) -> Any:
         """The config for `spec`'s `:` parts `args` and the given `options` (None = not given)."""
         given = {k: v for k, v in options.items() if v is not None}
-        check_options(self.name, self.config, given)
+        check_options(self.name, self.config, given, self.skip)
         if len(args) > len(self.short):
             raise UsageError(f"plan {spec!r}: expected {self.usage}, with at most {len(self.short)} ':' part"
                              f"{'s' if len(self.short) != 1 else ''}")
@@ -103,7 +104,7 @@ register(Planner("tokencache+l2c", CombinedConfig, make_combined, "tokencache+l2
                  short=("target_speedup",), learned=True))
 register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
                  "tokencache's schedule and token counts, tokens chosen per sample in the graph",
-                 short=("target_speedup",), learned=True))
+                 short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb")))
 
 
 def plan_help() -> str:
@@ -146,7 +147,8 @@ def plan_option_fields() -> dict[str, list[tuple[str, Field]]]:
     out: dict[str, list[tuple[str, Field]]] = {}
     for p in PLANNERS.values():
         for f in option_fields(p.config):
-            out.setdefault(f.name, []).append((p.name, f))
+            if f.name not in p.skip:
+                out.setdefault(f.name, []).append((p.name, f))
     return out
 
 

@@ -17,10 +17,10 @@ from tcgraph.errors import TcgraphError
 from tcgraph.serve.requests import BadRequest, Request, check_request
 from tcgraph.serve.sampler import ServeSampler
 
-Answer = "np.ndarray | str"  # the images of a request, or the message of its error
-
 
 class BatchHandler:
+    """One model instance's sampler (artifact loaded and hash-checked once), answering batches."""
+
     def __init__(self, artifact: str | Path, backend: str = "ort", device: str | None = None,
                  runner_options: dict | None = None):
         self.sampler = ServeSampler(artifact, backend, device, runner_options).__enter__()

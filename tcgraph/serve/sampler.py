@@ -63,7 +63,7 @@ class ServeSampler:
 
     def __enter__(self) -> "ServeSampler":
         self._runner.__enter__()
-        self._dispatch = ScheduleDispatcher.for_runner(self._runner, self.artifact.plan.schedule())
+        self._dispatch = ScheduleDispatcher.for_plan(self._runner, self.artifact.plan)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -65,15 +65,6 @@ def find_triton() -> TritonDist:
     return dist
 
 
-def check_client() -> None:
-    """tritonclient (HTTP and gRPC) is part of the serve extra too; the launcher's own checks need none."""
-    try:
-        import tritonclient.grpc  # noqa: F401
-        import tritonclient.http  # noqa: F401
-    except ImportError:
-        raise TcgraphError(f"tritonclient is not installed; {INSTALL_HINT}") from None
-
-
 def backend_folder(dist: TritonDist, into: Path) -> Path:
     """`into/backends/python`: the Python backend with the stub of this Python beside it (the
     backend looks for `triton_python_backend_stub` in its own folder). Links where possible."""
@@ -111,11 +102,9 @@ def package_paths() -> list[str]:
     """The folders this interpreter imports packages from, without its standard library: site
     folders (a venv's included), the folder holding tcgraph (an editable install) and the
     other sys.path entries outside the interpreter's prefix."""
-    import tcgraph
-
     stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
     found: list[str] = []
-    candidates = [str(Path(tcgraph.__file__).resolve().parent.parent)]
+    candidates = [str(Path(__file__).resolve().parents[2])]  # the folder holding tcgraph/
     candidates += list(site.getsitepackages()) + [site.getusersitepackages()]
     candidates += [p for p in sys.path if p]
     for p in candidates:
