@@ -35,11 +35,13 @@ import torch  # noqa: E402
 from bench_plans import compare_plans  # noqa: E402
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import make_plan  # noqa: E402
 from tcgraph.plan.combined import CombinedConfig, make_combined  # noqa: E402
 from tcgraph.plan.evaluate import speedup_of  # noqa: E402
 from tcgraph.plan.l2c import L2CConfig, make_l2c  # noqa: E402
 from tcgraph.plan.plan import Plan  # noqa: E402
+from tcgraph.plan.learned_forecast import output_grams  # noqa: E402
 from tcgraph.plan.select import finish_learned  # noqa: E402
 from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, make_tokencache  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
@@ -59,34 +61,58 @@ def fixed_intervals(cfg, settings, target: float) -> list[int]:
     return out
 
 
-def learn_plans(model, settings, targets: list[float], planners: list[str], plans_dir: Path) -> None:
-    """Learn every learned plan (forecast on and off) and save it as plan JSON under `plans_dir`."""
+def learn_plans(model, settings, targets: list[float], planners: list[str], plans_dir: Path,
+                epochs: int | None = None, share: float | None = None) -> None:
+    """Learn every learned plan (forecast on and off) and save it as plan JSON under `plans_dir`;
+    `epochs` (L2C routers, default the planner's 12) and `share` (combined: L2C's share of the
+    budget, default searched) trade planning time for plan quality."""
     cfg = model.config
     tcfg = TokenCacheConfig()
     t0 = time.time()
     traj = calibrate(model, settings, tcfg.calib_images, seed=tcfg.seed)
     train, held = traj.split(tcfg.num_held_out)
     learned = learn_predictor(tcfg, model, train, held) if {"tokencache", "tokencache+l2c"} & set(planners) else None
-    print(f"calibration and predictor: {time.time() - t0:.0f} s", flush=True)
+    grams = output_grams(model, train), output_grams(model, held)
+    print(f"calibration, predictor and output Grams: {time.time() - t0:.0f} s", flush=True)
     plans_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
         for name in planners:
             t0 = time.time()
-            if name == "l2c":
-                base = make_l2c(L2CConfig(target_speedup=target), cfg, settings, weights=model, traj=traj, finish=False)
-            elif name == "tokencache":
-                base = make_tokencache(TokenCacheConfig(target_speedup=target), cfg, settings, weights=model,
-                                       traj=traj, learned=learned, finish=False)
+            labels = [f"{name}:{target}", f"{name}:{target} reuse-only"]
+            base_file = plans_dir / _file(f"{name}:{target} base")
+            if base_file.exists():  # the planner's own plan, before forecasting and the final choice
+                saved = json.loads(base_file.read_text())
+                if "unreachable" in saved:
+                    print(f"{labels[0]}: {saved['unreachable']}", flush=True)
+                    continue
+                base = Plan.from_dict(saved)
             else:
-                base = make_combined(CombinedConfig(target_speedup=target), cfg, settings, weights=model, traj=traj,
-                                     learned=learned, finish=False)
-            for forecast in (True, False):
+                try:
+                    base = _learned_base(name, target, cfg, settings, model, traj, learned, epochs, share)
+                except TcgraphError as e:  # a target out of this planner's reach: recorded, not fatal
+                    for label in labels + [f"{name}:{target} base"]:
+                        (plans_dir / _file(label)).write_text(json.dumps({"unreachable": str(e)}))
+                    print(f"{labels[0]}: {e}", flush=True)
+                    continue
+                base_file.write_text(base.to_json())
+            for forecast, label in zip((True, False), labels):
                 plan = finish_learned(model, train, held, base.planner, base.recipes, base.params, forecast=forecast,
-                                      max_cache_mb=None, max_variants=base.params.get("max_variants"))
-                label = f"{name}:{target}" + ("" if forecast else " reuse-only")
+                                      max_cache_mb=None, max_variants=base.params.get("max_variants"), grams=grams)
                 (plans_dir / _file(label)).write_text(plan.to_json())
                 print(f"{label}: selected {plan.params['selected']}, predicted {plan.params['predicted_speedup']}x, "
                       f"{len(plan.variants())} variants ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _learned_base(name, target, cfg, settings, model, traj, learned, epochs, share) -> Plan:
+    """The plan a learned planner makes before `finish_learned`."""
+    if name == "l2c":
+        return make_l2c(L2CConfig(target_speedup=target, epochs=epochs), cfg, settings, weights=model, traj=traj,
+                        finish=False)
+    if name == "tokencache":
+        return make_tokencache(TokenCacheConfig(target_speedup=target), cfg, settings, weights=model, traj=traj,
+                               learned=learned, finish=False)
+    return make_combined(CombinedConfig(target_speedup=target, epochs=epochs, l2c_share=share), cfg, settings,
+                         weights=model, traj=traj, learned=learned, finish=False)
 
 
 def _file(label: str) -> str:
@@ -100,14 +126,18 @@ def measure(model, settings, targets, planners, plans_dir: Path, labels, repeats
                          "threads": torch.get_num_threads(), "command": "python benchmarks/bench_forecast.py "
                          + " ".join(argv)}, "targets": {}}
     for target in targets:
-        plans = {"full": make_plan("full", cfg, settings)}
+        plans, unreachable = {"full": make_plan("full", cfg, settings)}, {}
         for n in fixed_intervals(cfg, settings, target):
             for spec in (f"fora:{n}", f"taylor:{n}:1", f"taylor:{n}:2"):
                 plans[spec] = make_plan(spec, cfg, settings)
         for name in planners:
             for suffix in ("", " reuse-only"):
                 label = f"{name}:{target}{suffix}"
-                plans[label] = Plan.from_json((plans_dir / _file(label)).read_text())
+                text = (plans_dir / _file(label)).read_text()
+                if "unreachable" in json.loads(text):
+                    unreachable[label] = json.loads(text)["unreachable"]
+                else:
+                    plans[label] = Plan.from_json(text)
         print(f"--- target {target}x: {', '.join(plans)}", flush=True)
         out = compare_plans(model, settings, plans, labels, dict(result["config"]), repeats=repeats, digits=True)
         for row in out["rows"]:
@@ -115,7 +145,8 @@ def measure(model, settings, targets, planners, plans_dir: Path, labels, repeats
             row["cache_mb"] = plan.cache_bytes(cfg.hidden_size) / 2**20
             row["selected"] = plan.params.get("selected")
             row["forecast_steps"] = sum(1 for r in plan.recipes for _, _, a in r.items() if a.kind == "forecast")
-        result["targets"][str(target)] = {"eager_full_median_s": out["eager_full_median_s"], "rows": out["rows"]}
+        result["targets"][str(target)] = {"eager_full_median_s": out["eager_full_median_s"], "rows": out["rows"],
+                                          "unreachable": unreachable}
     result["goals"] = goals(result)
     return result
 
@@ -175,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--planners", default=",".join(LEARNED))
     ap.add_argument("--per-class", type=int, default=4, help="images per class, 10 classes (default 4: 40 images)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--l2c-epochs", type=int, default=None, help="router epochs (l2c, combined; default 12)")
+    ap.add_argument("--l2c-share", type=float, default=None, help="combined: L2C's share (default searched)")
     ap.add_argument("--plans-dir", type=Path, default=RESULTS / "forecast-plans")
     ap.add_argument("--out", type=Path, default=RESULTS / "forecast-digits.json")
     args = ap.parse_args(argv)
@@ -183,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     targets = [float(t) for t in args.targets.split(",")]
     planners = [p for p in args.planners.split(",") if p]
     if args.stage in ("plan", "all"):
-        learn_plans(model, settings, targets, planners, args.plans_dir)
+        learn_plans(model, settings, targets, planners, args.plans_dir, args.l2c_epochs, args.l2c_share)
     if args.stage == "plan":
         return None
     labels = [c for c in range(10) for _ in range(args.per_class)]

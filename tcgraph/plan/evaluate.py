@@ -76,7 +76,7 @@ class PlanState:
                 name = cache_name(block, branch)
                 if a.kind == "forecast":
                     w = self.weights[s][(block, branch)]
-                    caches[name] = sum(wj * h for wj, h in zip(w, self.history[name]))
+                    caches[name] = sum(wj * h for wj, h in zip(w, self.history[name]))  # missing entries: w = 0
                 elif a.reads_cache:
                     caches[name] = self.history[name][0]
             out, used = mixed_step(model, x, t, y, recipe_weights(recipe, n), caches)

@@ -2,8 +2,8 @@
 
 A learned planner (l2c, tokencache, tokencache+l2c) first chooses what each branch does at
 each step with reuse and partial actions only. Here every such cached (step, block, branch)
-whose branch has at least two computed outputs before it may become `forecast(n)`
-(n = min(`points`, outputs so far)), with least-squares weights per (step, block, branch)
+whose branch has a computed output before it may become `forecast(n)`
+(n ≤ `points`; where fewer outputs exist yet, the missing entries get weight 0), with least-squares weights per (step, block, branch)
 fitted on the training trajectories, where that is better on the held-out trajectories.
 
 Everything needed is in the **output Grams** of each branch: with O_s the full model's
@@ -93,8 +93,9 @@ def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor],
     that share a recipe keep sharing one, so the plan has no more variants than before.
 
     For each branch, the distinct cache recipes are tried in order of first use: forecasting
-    the branch at every step of that recipe, from min(`points`, computed outputs before its
-    first such step) history points, replaces its reuse or partial action there if the
+    the branch at every step of that recipe, from min(`points`, the most computed outputs any
+    of those steps has) history points (steps with fewer fit weights on the entries they have,
+    the others 0), replaces its reuse or partial action there if the
     branch's held-out error summed over the whole schedule drops (a partial step that becomes
     a forecast is no history entry any more, so later steps are counted too)."""
     if points < 2:
@@ -108,10 +109,9 @@ def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor],
             steps = [s for s, r in enumerate(recipes) if r == group]
             if actions[steps[0]].kind not in ("reuse", "partial"):
                 continue
-            available = sum(1 for a in actions[:steps[0]] if a.computes)
-            n = min(points, available)
-            if n < 2:
+            if not any(a.computes for a in actions[:steps[0]]):
                 continue
+            n = min(points, max(sum(1 for a in actions[:s] if a.computes) for s in steps))
             trial = list(actions)
             for s in steps:
                 trial[s] = forecast(n)
@@ -134,13 +134,14 @@ def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tens
     total, per_step = 0.0, {}
     for s, action in enumerate(actions):
         if action.kind == "forecast":
-            if len(history) < action.points:  # an earlier forecast took a history entry this one needs
+            if not history:  # an earlier forecast took the only entry this one would have
                 return math.inf, {}
-            hist = history[:action.points]
+            hist = history[:action.points]  # fewer while fewer exist: the missing ones get weight 0
             h = torch.tensor(hist)
             w = torch.tensor(solve_weights(gt[h][:, h], gt[h, s]), dtype=torch.float64)
             err = _error(gh, hist, s, w)
-            per_step[s] = (tuple(float(v) for v in w), err, _current_error(held, history[0], s, Action("reuse")))
+            padded = tuple(float(v) for v in w) + (0.0,) * (action.points - len(hist))
+            per_step[s] = (padded, err, _current_error(held, history[0], s, Action("reuse")))
             total += err
         elif action.kind in ("reuse", "partial"):
             total += _current_error(held, history[0], s, action)

@@ -29,7 +29,10 @@ branch's cache `cache.<l>.<branch>` itself; older ones are `cache.<l>.<branch>.h
 the recipe: a variant is one recipe *structure*, and the dispatcher feeds each step's
 weights as one small graph input, `forecast.w` (float32, the recipe's forecast branches in
 block order, n weights each, newest first), so learned weights that differ at every step
-need no extra variants. A forecast step computes nothing and writes no history.
+need no extra variants. A forecast step computes nothing and writes no history. Early in a
+run a branch may have fewer computed outputs than its forecast reads: the weights of the
+entries that do not exist yet are 0 (the dispatcher feeds the oldest entry there), so one
+recipe serves the first rounds too.
 """
 from __future__ import annotations
 
@@ -233,10 +236,13 @@ class Plan:
         for step, recipe in enumerate(self.recipes):
             for block, branch, action in recipe.items():
                 kinds.setdefault((block, branch), set()).add(action.kind)
-                if action.kind == "forecast" and computed.get((block, branch), 0) < action.points:
+                have = computed.get((block, branch), 0)
+                if action.kind == "forecast" and (have == 0 or any(
+                        w != 0.0 for w in self.weights[step][(block, branch)][have:])):
                     raise TcgraphError(
                         f"step {step} forecasts {cache_name(block, branch)} from {action.points} history points but "
-                        f"only {computed.get((block, branch), 0)} earlier steps computed it"
+                        f"only {have} earlier steps computed it; a forecast needs one computed output, and the "
+                        "weights of entries that do not exist yet must be 0"
                     )
                 if action.kind == "dynamic" and not 1 <= action.size <= self.num_tokens:
                     raise TcgraphError(

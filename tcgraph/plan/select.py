@@ -49,8 +49,10 @@ def cache_mb(plan: Plan, hidden_size: int) -> float:
 
 def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: str, recipes, params: dict, *,
                    forecast: bool, max_cache_mb: float | None, max_variants: int | None = None,
-                   compete: bool = True, progress: Progress = QUIET) -> Plan:
-    """The plan a learned planner returns (see the module docstring); `params` are its own record."""
+                   compete: bool = True, grams: tuple | None = None, progress: Progress = QUIET) -> Plan:
+    """The plan a learned planner returns (see the module docstring); `params` are its own record.
+    `grams`: (train, held) output Grams of `learned_forecast.output_grams` on the same trajectories,
+    to share between several calls (benchmarks)."""
     settings, cfg = train.settings, model.config
     base = Plan(name, settings, tuple(recipes), cfg.num_tokens, params=dict(params))
     hidden = cfg.hidden_size
@@ -61,10 +63,11 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     candidates: list[tuple[str, Plan]] = [("learned", base)]
     record: dict = {}
     if forecast:
-        with progress.phase("forecast weights", (train.num_images + 3) // 4 * settings.num_steps
-                            + (held.num_images + 3) // 4 * settings.num_steps) as phase:
-            g_train = output_grams(model, train, phase=phase)
-            g_held = output_grams(model, held, phase=phase)
+        if grams is None:
+            with progress.phase("forecast weights", (train.num_images + 3) // 4 * settings.num_steps
+                                + (held.num_images + 3) // 4 * settings.num_steps) as phase:
+                grams = output_grams(model, train, phase=phase), output_grams(model, held, phase=phase)
+        g_train, g_held = grams
         choices = choose_forecasts(list(base.recipes), g_train, g_held, points=FORECAST_POINTS)
         slot = settings.model_batch * cfg.num_tokens * hidden * 4
         budget = None if max_cache_mb is None else int(max_cache_mb * 2**20) - base.cache_bytes(hidden)

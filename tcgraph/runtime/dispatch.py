@@ -5,7 +5,8 @@ they never round-trip through numpy; only `out` is turned into a torch tensor fo
 sampler's update.
 
 History (forecast branches, DESIGN.md "Forecast actions"). A branch that some variant
-forecasts from r points keeps its last r computed outputs, newest first: the variant
+forecasts from r points keeps its last r computed outputs, newest first (until r exist, the
+missing older ones are fed the oldest there is: their weights are 0): the variant
 inputs `cache.<l>.<branch>` (newest), `cache.<l>.<branch>.h1`, … A step that writes
 `cache.<l>.<branch>` makes its output the newest entry; the oldest drops out. The entries
 are references to the values the backend returned, so a new entry moves no tensor: which
@@ -74,7 +75,8 @@ class ScheduleDispatcher:
         base, j = history_index(name)
         if base in self.depth:
             entries = self.history.get(base, [])
-            return entries[j] if j < len(entries) else None
+            # an entry that does not exist yet has weight 0 (Plan.validate): any finite tensor will do
+            return entries[min(j, len(entries) - 1)] if entries else None
         return self.caches.get(name)
 
     def _write(self, name: str, value: Any) -> None:

@@ -205,9 +205,11 @@ def _u(a, m=None):
 
 
 def test_forecast_needs_enough_earlier_computes():
+    """A forecast needs one computed output; entries that do not exist yet must have weight 0."""
     s = settings(3)
     with pytest.raises(TcgraphError, match=r"step 1 forecasts cache.0.attn from 2 history points but only 1 "):
         Plan("p", s, (_u(C), _u(F2, R), _u(C)), 16, weights={1: {(0, "attn"): (2.0, -1.0)}})
+    Plan("p", s, (_u(C), _u(F2, R), _u(C)), 16, weights={1: {(0, "attn"): (1.25, 0.0)}})  # a scaled reuse
     # reuse and forecast steps do not count as history entries
     with pytest.raises(TcgraphError, match=r"step 2 forecasts cache.0.attn from 2 history points but only 1 "):
         Plan("p", s, (_u(C), _u(R), _u(F2, R)), 16, weights={2: {(0, "attn"): (2.0, -1.0)}})
