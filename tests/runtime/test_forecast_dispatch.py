@@ -366,3 +366,23 @@ def test_serve_sampler_feeds_the_forecast_weights(model, artifacts):
     with ServeSampler(path) as server:
         got = server.samples([Request(labels=(1, 4), seed=3)])[0]
     assert torch.equal(got, want)
+
+
+def test_entries_that_do_not_exist_yet_are_fed_the_oldest_with_weight_zero():
+    """A forecast(3) right after the first compute: its missing entries weigh 0 (Plan.validate), the
+    dispatcher feeds the oldest entry there, and the eager PlanState agrees with the fed values."""
+    s = SamplerSettings(num_steps=5, cfg_scale=1.0, batch=1, resolution=8)
+    f3 = Recipe(((forecast(3), C), (C, C)))
+    recipes = (Recipe.uniform(2, C), f3, Recipe.uniform(2, C), f3, f3)
+    weights = {1: {(0, "attn"): (1.25, 0.0, 0.0)}, 3: {(0, "attn"): (2.0, -1.0, 0.0)},
+               4: {(0, "attn"): (3.0, -3.0, 0.0)}}
+    plan = Plan("p", s, recipes, 16, weights=weights)
+    with pytest.raises(TcgraphError, match="weights of entries that do not exist yet must be 0"):
+        Plan("p", s, recipes, 16, weights={**weights, 1: {(0, "attn"): (1.0, 0.5, 0.0)}})
+    run, _ = drive(plan)
+    name = "cache.0.attn"
+    fed = {i: [float(run.fed[i][n][0]) for n in (name, name + ".h1", name + ".h2")] for i in (1, 3, 4)}
+    t0, t2 = tag(0, name), tag(2, name)
+    assert fed[1] == [t0, t0, t0]  # one entry: all three inputs see it, only the first weighs
+    assert fed[3] == fed[4] == [t2, t0, t0]
+    assert [float(run.fed[i]["forecast.w"][0]) for i in (1, 3, 4)] == [1.25, 2.0, 3.0]
