@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -328,3 +329,15 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_folder_json(folder: Path, name: str):
+    """The JSON value of `folder/name` where `folder` is a real folder (no link), else None
+    (missing, unreadable or not JSON): how tcgraph recognises the folders it wrote."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return None

@@ -29,6 +29,7 @@ from tcgraph.files import (
     check_can_create,
     leftovers,
     pid_alive,
+    read_folder_json,
     remove_path,
     remove_stale_temporaries,
     temporary_path,
@@ -51,13 +52,7 @@ def utc_now() -> str:
 
 def is_tcgraph_artifact(folder: Path) -> bool:
     """A real folder (no link) holding a manifest.json that tcgraph wrote (its version keys)."""
-    folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return False
+    manifest = read_folder_json(folder, MANIFEST_NAME)
     return isinstance(manifest, dict) and all(k in manifest for k in TCGRAPH_KEYS)
 
 

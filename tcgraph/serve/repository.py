@@ -30,6 +30,7 @@ from tcgraph.export.folder import recover_interrupted_swap, swap_into_place
 from tcgraph.files import (
     atomic_write_text,
     check_can_create,
+    read_folder_json,
     remove_path,
     remove_stale_temporaries,
     temporary_path,
@@ -135,13 +136,7 @@ def _sha256(path: Path) -> str:
 
 def read_marker(repo: Path) -> dict | None:
     """The marker of a tcgraph repository (a real folder, no link), or None."""
-    repo = Path(repo)
-    if repo.is_symlink() or not repo.is_dir():
-        return None
-    try:
-        marker = json.loads((repo / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+    marker = read_folder_json(repo, MARKER)
     return marker if isinstance(marker, dict) and marker.get("kind") == MARKER_KIND else None
 
 
