@@ -10,6 +10,8 @@
     # (`full` runs in every group: realized speedups never mix runs; `vs eager` may)
     python benchmarks/bench_gpu.py --prepare-only
     python benchmarks/bench_gpu.py --backends eager,torch,torch-nograph
+    # (--prepare-only makes only the plans named: one process per plan, in parallel, as
+    # benchmarks/gpu_check.sh does: `--prepare-only --backends torch --plans fora:2`)
     python benchmarks/bench_gpu.py --backends ort,trt --merge
 
     # CPU smoke run (what tests/test_bench_gpu.py runs): the demo model, every CUDA part skipped
@@ -117,7 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8, help="images per sampling run (guidance doubles the rows)")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--plans", default=DEFAULT_PLANS, help="comma list; `full` is always included, first")
+    ap.add_argument("--plans", default=DEFAULT_PLANS,
+                    help="comma list; `full` is always included, first (--prepare-only makes only the plans named, "
+                         "so that several processes can prepare different plans at once)")
     ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list of {', '.join(BACKENDS)}")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise TcgraphError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     specs = [p.strip() for p in args.plans.split(",") if p.strip()]
-    specs = ["full"] + [p for p in specs if p != "full"]
+    if not args.prepare_only:  # realized speedups need the backend's own `full`, measured in this run
+        specs = ["full"] + [p for p in specs if p != "full"]
 
     model = build_dit(args.model, args.resolution, args.seed)
     cfg = model.config

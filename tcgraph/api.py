@@ -43,6 +43,7 @@ def transform(
     guidance: float = 2.0,
     eta: float = 0.0,
     batch: int = 8,
+    clip_x0: bool | None = None,
     force: bool = False,
     check: bool = True,
     progress: bool | Progress = True,
@@ -52,6 +53,8 @@ def transform(
 ) -> Path:
     """Plan, rewrite, check and export a model into an artifact folder; returns its path.
 
+    `clip_x0`: whether DDIM clips x0 to [-1, 1] (None: the model's default, on for pixel-space
+    models such as the demo; see `SamplerSettings`).
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
     `check=False` skips both numerical checks: rewritten graphs against the eager
@@ -66,7 +69,7 @@ def transform(
     # sampler settings exactly as `sample` will check them: no artifact is written that
     # cannot be run. The resolution is the model's, filled in once it is loaded.
     settings = _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options,
-                                    backend, engine_options)
+                                    backend, engine_options, clip_x0)
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
     if isinstance(plan, Plan) and options:
@@ -115,7 +118,7 @@ MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
 
 
 def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,
-                         engine_options) -> SamplerSettings:
+                         engine_options, clip_x0=None) -> SamplerSettings:
     """The types of `transform`'s arguments, and its sampler settings (resolution still the default)."""
     if not isinstance(model, (str, os.PathLike, DiT)):
         raise UsageError(f"model must be a model name ('digits'), a checkpoint path or a DiT, got "
@@ -131,7 +134,7 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
     for name, value in (("plan_options", plan_options), ("engine_options", engine_options)):
         if value is not None and not isinstance(value, dict):
             raise UsageError(f"{name} must be a dict of option names to values or None, got {type(value).__name__}")
-    return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch)
+    return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)
 
 
 def _check_plan_spec(spec: str, options: dict) -> None:

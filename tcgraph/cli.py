@@ -29,6 +29,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     t.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, 1 = none (default 2)")
     t.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    t.add_argument("--clip-x0", choices=("auto", "on", "off"), default="auto",
+                   help="DDIM clips its x0 estimate to [-1, 1] at every step; auto (default): on for pixel-space "
+                        "models such as the demo, off for latent models")
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks (rewritten graphs vs eager, ONNX vs graphs)")
@@ -173,6 +176,7 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "transform":
         path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
+                             clip_x0={"auto": None, "on": True, "off": False}[args.clip_x0],
                              check=not args.no_check, progress=progress,
                              plan_options=plan_options(args),
                              backend=args.backend, engine_options={

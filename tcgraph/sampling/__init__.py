@@ -9,10 +9,10 @@ from tcgraph.sampling.diffusion import (
     model_step_fn,
     space_timesteps,
 )
-from tcgraph.sampling.runs import make_noise, run_batches, sampler_for
+from tcgraph.sampling.runs import is_pixel_space, make_noise, run_batches, sampler_for
 from tcgraph.sampling.settings import SamplerSettings
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "DDIMSampler", "DDIMSchedule", "SamplerSettings", "StepFn", "guided_eps", "linear_betas",
-    "make_noise", "model_step_fn", "run_batches", "sampler_for", "space_timesteps",
+    "is_pixel_space", "make_noise", "model_step_fn", "run_batches", "sampler_for", "space_timesteps",
 ]

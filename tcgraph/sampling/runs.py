@@ -15,9 +15,24 @@ if TYPE_CHECKING:
 
 
 def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> DDIMSampler:
-    """The DDIM sampler of `settings` for a model with `cfg`'s channels and null class."""
+    """The DDIM sampler of `settings` for a model with `cfg`'s channels and null class; x0 is
+    clipped as `settings.clip_x0` says, or by default where the model is pixel-space."""
+    clip = settings.clip_x0 if settings.clip_x0 is not None else is_pixel_space(cfg)
     return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
-                       in_channels=cfg.in_channels, null_class=cfg.num_classes)
+                       in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip)
+
+
+def is_pixel_space(cfg: "DiTConfig") -> bool:
+    """Whether a DiT denoises pixels (values in [-1, 1]) rather than latents.
+
+    Every official DiT checkpoint denoises the 4-channel latents of Stable Diffusion's VAE;
+    tcgraph's demo models denoise pixels (1 channel). A config is taken as pixel-space when
+    it has another channel count than 4; `SamplerSettings.clip_x0` overrides the default.
+    """
+    return cfg.in_channels != LATENT_CHANNELS
+
+
+LATENT_CHANNELS = 4  # Stable Diffusion's VAE, which every official DiT checkpoint denoises in
 
 
 def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:

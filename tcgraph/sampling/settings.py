@@ -32,7 +32,10 @@ class SamplerSettings:
     number in [0, 1] (`--eta`; 0 = deterministic DDIM, 1 = DDPM-like; above 1 the update
     takes the square root of a negative number), `batch` an int in 1..4096 (`--batch`),
     `resolution` an int in 1..4096 (the model's input size; `make_plan` and `load_artifact`
-    check that it is).
+    check that it is), `clip_x0` True, False or None (`--clip-x0 on|off|auto`): whether DDIM
+    clips its estimate of x0 to [-1, 1] at every step; None takes the model's default
+    (`sampler_for`: on for pixel-space models, where values outside [-1, 1] are isolated
+    white or black pixels, off for latent models, whose latents are not bounded).
     """
 
     sampler: str = "ddim"
@@ -41,6 +44,7 @@ class SamplerSettings:
     eta: float = 0.0
     batch: int = 8  # images per sampling run; the graphs see 2x with guidance
     resolution: int = 16  # model input side (latent side for latent models)
+    clip_x0: bool | None = None  # None: the model's default (on in pixel space)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -56,6 +60,9 @@ class SamplerSettings:
                                     why=" images per sampling run (the graphs are static in it)"),
             "resolution": checks.integer(self.resolution, "resolution", "--resolution", lo=1, hi=MAX_RESOLUTION),
         }
+        if self.clip_x0 is not None and not isinstance(self.clip_x0, bool):
+            raise UsageError(f"clip_x0 (--clip-x0) must be True, False or None (the model's default), "
+                             f"got {self.clip_x0!r}")
         for name, value in fixed.items():  # numpy numbers become Python ones (for JSON); others stay as given
             if type(getattr(self, name)) not in (int, float):
                 object.__setattr__(self, name, value)

@@ -13,9 +13,11 @@ from tcgraph.runtime import make_runner
 from tcgraph.runtime.ort import OrtRunner, SessionsFromArtifact
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["shared", "plain"])
+@pytest.fixture(scope="module", params=["one", "shared", "plain"])
 def runner(request, artifact):
-    with OrtRunner(artifact, share_weights=request.param, intra_op_threads=1) as r:
+    """The default (one session for all variants), and one session per variant with and without shared weights."""
+    options = {"one": {}, "shared": {"one_session": False}, "plain": {"one_session": False, "share_weights": False}}
+    with OrtRunner(artifact, intra_op_threads=1, **options[request.param]) as r:
         yield r
 
 
@@ -72,14 +74,14 @@ def test_shared_weights_are_created_once(artifact):
     names = set()
     for vid in artifact.variant_ids():
         names |= set(read_external_initializers(artifact.variant_path(vid)))
-    loader = SessionsFromArtifact(artifact, share_weights=True, intra_op_threads=1)
+    loader = SessionsFromArtifact(artifact, share_weights=True, intra_op_threads=1, one_session=False)
     with OrtRunner(artifact, sessions=loader) as r:
         assert set(loader._shared) == names  # one OrtValue per tensor of weights.bin, for all sessions
         mapped = loader._weights_map
         for name, value in loader._shared.items():  # views of the mapped file, not copies
             assert mapped.ctypes.data <= value.data_ptr() < mapped.ctypes.data + mapped.size
     assert loader._shared == {} and loader._weights_map is None and r._sessions == {}
-    loader = SessionsFromArtifact(artifact, share_weights=False, intra_op_threads=1)
+    loader = SessionsFromArtifact(artifact, share_weights=False, intra_op_threads=1, one_session=False)
     with OrtRunner(artifact, sessions=loader):
         assert loader._shared == {}
 

@@ -231,3 +231,61 @@ def test_bad_eta_or_guidance(kwargs):
 def test_make_noise_is_seeded():
     assert torch.equal(make_noise(2, 1, 4, seed=5), make_noise(2, 1, 4, seed=5))
     assert not torch.equal(make_noise(2, 1, 4, seed=5), make_noise(2, 1, 4, seed=6))
+
+
+#################################################################################
+#                              Clipping x0                                      #
+#################################################################################
+
+
+def test_clipped_two_steps_by_hand():
+    """clip_denoised: x0 clamped to [-1, 1], eps re-derived from it, at every step."""
+    base = base_alphas_cumprod()
+    x = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]]]], dtype=torch.float64)
+    got = DDIMSampler(num_steps=2, eta=0.0, in_channels=1, clip_denoised=True).sample(half_x, x, torch.tensor([0]))
+    ref = x.clone()
+    for a, a_prev in [(base[999], base[0]), (base[0], 1.0)]:
+        eps = 0.5 * ref
+        x0 = ((ref - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        eps = (ref - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        ref = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    # the last step lands on x0 itself (a_prev = 1): clipped samples stay in [-1, 1], unclipped do not
+    assert got.abs().max() <= 1.0
+    plain = DDIMSampler(num_steps=2, eta=0.0, in_channels=1).sample(half_x, x, torch.tensor([0]))
+    assert plain.abs().max() > 1.5
+
+
+def test_clip_x0_default_follows_the_model_space():
+    from tcgraph.models.dit import make_config
+    from tcgraph.sampling import SamplerSettings, is_pixel_space, sampler_for
+
+    digits, latent = make_config("digits"), make_config("DiT-S/2")
+    assert is_pixel_space(digits) and not is_pixel_space(latent)
+    assert sampler_for(SamplerSettings(), digits).clip_denoised is True
+    assert sampler_for(SamplerSettings(), latent).clip_denoised is False
+    assert sampler_for(SamplerSettings(clip_x0=False), digits).clip_denoised is False
+    assert sampler_for(SamplerSettings(clip_x0=True), latent).clip_denoised is True
+
+
+def test_clip_x0_must_be_a_bool_or_none():
+    from tcgraph.errors import UsageError
+    from tcgraph.sampling import SamplerSettings
+
+    with pytest.raises(UsageError, match=r"clip_x0 \(--clip-x0\) must be True, False or None.*got 'yes'"):
+        SamplerSettings(clip_x0="yes")
+
+
+def test_clip_x0_survives_the_plan_json():
+    from tcgraph.models.dit import make_config
+    from tcgraph.plan import Plan, make_plan
+    from tcgraph.sampling import SamplerSettings
+
+    cfg = make_config("digits")
+    for clip in (None, True, False):
+        plan = make_plan("fora:2", cfg, SamplerSettings(num_steps=6, clip_x0=clip))
+        assert Plan.from_json(plan.to_json()).settings.clip_x0 is clip
+    # a plan written before the setting existed takes the model's default
+    d = make_plan("full", cfg, SamplerSettings(num_steps=6)).to_dict()
+    del d["settings"]["clip_x0"]
+    assert Plan.from_dict(d).settings.clip_x0 is None

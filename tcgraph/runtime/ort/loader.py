@@ -1,5 +1,9 @@
 """Sessions for the variants of an artifact folder: a loader, called when a runner activates.
 
+One session for all variants (default, `one_session=True`): the variants behind `If` nodes
+in one model (combined.py), so one thread pool, one arena and one pre-packed copy of the
+weights serve every variant. `one_session=False` gives one session per variant:
+
 Weight sharing (DESIGN.md, "Weights once"): every variant reads the same tensors from
 `variants/weights.bin`. With `share_weights=True` each of them is wrapped ONCE as an
 `OrtValue` over a read-only memory map of that file and handed to every session with
@@ -18,6 +22,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.export.onnx import read_external_initializers
+from tcgraph.runtime.ort.combined import SELECTOR, CombinedModel, combine_variants, output_name
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -48,8 +53,10 @@ class SessionsFromArtifact:
     """
 
     def __init__(self, artifact: Artifact, *, providers: list | None = None, share_weights: bool = True,
-                 intra_op_threads: int | None = None, allow_spinning: bool = False, cpu_arena: bool = True):
+                 intra_op_threads: int | None = None, allow_spinning: bool = False, cpu_arena: bool = True,
+                 one_session: bool = True):
         self.artifact = artifact
+        self.one_session = one_session
         self.providers = list(providers) if providers is not None else None
         self.share_weights = share_weights
         self.intra_op_threads = intra_op_threads
@@ -62,13 +69,11 @@ class SessionsFromArtifact:
     def __call__(self) -> dict[str, Any]:
         ort = self._ort = import_onnxruntime()
         providers = self.choose_providers(ort)
+        if self.one_session:
+            return self._one_session(ort, providers)
         sessions: dict[str, Any] = {}
         for vid in self.artifact.variant_ids():
-            options = ort.SessionOptions()
-            if self.intra_op_threads is not None:
-                options.intra_op_num_threads = int(self.intra_op_threads)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
-            options.enable_cpu_mem_arena = self.cpu_arena
+            options = self._options(ort)
             if self.share_weights:
                 for name, value in self._shared_initializers(vid).items():
                     options.add_initializer(name, value)
@@ -85,15 +90,45 @@ class SessionsFromArtifact:
                     f"ONNX Runtime cannot load variant {vid} ({path}): {e}; check that the artifact is complete "
                     "(load_artifact verifies hashes) and that this onnxruntime supports its opset"
                 ) from e
-            used = sessions[vid].get_providers()
-            if provider_name(providers[0]) == CUDA and CUDA not in used:  # ONNX Runtime only warns, runs on the CPU
-                sessions.clear()
-                self.release()
-                raise TcgraphError(
-                    f"onnxruntime's CUDA provider did not load (the session runs on {used}); check that "
-                    "onnxruntime-gpu matches this machine's CUDA and cuDNN versions, or use device 'cpu'"
-                )
+            self._check_provider(sessions[vid], providers, sessions)
         return sessions
+
+    def _options(self, ort):
+        options = ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = int(self.intra_op_threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        options.enable_cpu_mem_arena = self.cpu_arena
+        return options
+
+    def _one_session(self, ort, providers) -> dict[str, Any]:
+        """Every variant a view of one session over the combined model (weights read by ONNX
+        Runtime from weights.bin once, pre-packed once)."""
+        combined = combine_variants(self.artifact)
+        options = self._options(ort)
+        # The model is handed over as bytes: its external data is found through this folder.
+        folder = self.artifact.weights_path.parent
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        try:
+            session = ort.InferenceSession(combined.model.SerializeToString(), options, providers=providers)
+        except Exception as e:
+            raise TcgraphError(
+                f"ONNX Runtime cannot load the variants of {self.artifact.root} as one session: {e}; check that "
+                "the artifact is complete (load_artifact verifies hashes) and that this onnxruntime supports its "
+                "opset, or load one session per variant (one_session=False)"
+            ) from e
+        self._check_provider(session, providers, {})
+        return {vid: VariantOfSession(session, combined, vid, ort) for vid in combined.variant_ids}
+
+    def _check_provider(self, session, providers, sessions: dict) -> None:
+        used = session.get_providers()
+        if provider_name(providers[0]) == CUDA and CUDA not in used:  # ONNX Runtime only warns, runs on the CPU
+            sessions.clear()
+            self.release()
+            raise TcgraphError(
+                f"onnxruntime's CUDA provider did not load (the session runs on {used}); check that "
+                "onnxruntime-gpu matches this machine's CUDA and cuDNN versions, or use device 'cpu'"
+            )
 
     def release(self) -> None:
         """Drop the shared OrtValues and the memory map (after the sessions that use them)."""
@@ -137,3 +172,33 @@ class SessionsFromArtifact:
                 self._shared[name] = self._ort.OrtValue.ortvalue_from_numpy(array)
             result[name] = self._shared[name]
         return result
+
+
+class VariantOfSession:
+    """One variant of the combined session, with the part of InferenceSession's API the runner
+    uses: `io_binding()` comes with the variant's selector and its 0-element feeds bound, and
+    `output_name` maps a manifest output to the combined graph's."""
+
+    def __init__(self, session, combined: CombinedModel, vid: str, ort):
+        self.session = session
+        self.vid = vid
+        # Fixed for the variant: made once, bound at every run (OrtValues keep their buffers alive).
+        self._fixed = {SELECTOR: ort.OrtValue.ortvalue_from_numpy(np.array(combined.index(vid), dtype=np.int64))}
+        self._fixed.update({name: ort.OrtValue.ortvalue_from_numpy(zero)
+                            for name, zero in combined.zero_feeds(vid).items()})
+
+    def io_binding(self):
+        binding = self.session.io_binding()
+        for name, value in self._fixed.items():
+            binding.bind_ortvalue_input(name, value)
+        return binding
+
+    def run_with_iobinding(self, binding) -> None:
+        self.session.run_with_iobinding(binding)
+
+    def get_providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @staticmethod
+    def output_name(spec) -> str:
+        return output_name(spec.name)

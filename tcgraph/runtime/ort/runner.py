@@ -1,7 +1,7 @@
-"""ONNX Runtime runner: one InferenceSession per variant, weights shared between them.
+"""ONNX Runtime runner: one InferenceSession for all variants (or one per variant), weights once.
 
-The sessions come from a loader (`SessionsFromArtifact`, see loader.py for weight
-sharing), called on `activate`; pass `sessions=` (a loader, or a dict of ready sessions)
+The sessions come from a loader (`SessionsFromArtifact`, see loader.py for the one-session
+model and for weight sharing between per-variant sessions), called on `activate`; pass `sessions=` (a loader, or a dict of ready sessions)
 to run others. Inputs and outputs go through IOBinding: numpy / CPU torch feeds are bound
 without a copy, outputs stay `OrtValue`s on the session's device, and an `OrtValue`
 returned by one run can be fed to the next as is (caches never make a numpy round trip
@@ -45,9 +45,13 @@ class OrtRunner(Runner):
     Options:
         providers: execution providers in priority order; default CUDA if onnxruntime
             offers it, else CPU.
-        share_weights: one in-memory copy of the weights for all sessions (default True);
-            False gives plain sessions (each with its own, pre-packed copy: faster
-            matrix products, one copy of the weights per variant).
+        one_session: one session runs every variant (default True): the variants behind
+            `If` nodes in one model (runtime/ort/combined.py), so one thread pool, one
+            memory arena and one pre-packed copy of the weights; False: one session per
+            variant (see share_weights).
+        share_weights: with one session per variant, one in-memory copy of the weights for
+            all sessions (default True); False gives plain sessions (each with its own,
+            pre-packed copy: faster matrix products, one copy of the weights per variant).
         intra_op_threads: threads per session (default: ONNX Runtime's choice).
         allow_spinning: whether idle intra-op threads spin-wait for work (default False).
             Every session owns a thread pool; when steps alternate between sessions, the
@@ -79,6 +83,7 @@ class OrtRunner(Runner):
         intra_op_threads: int | None = None,
         allow_spinning: bool = False,
         cpu_arena: bool = True,
+        one_session: bool = True,
         device: str | None = None,
         sessions: Sessions | None = None,
         **options: Any,
@@ -92,7 +97,7 @@ class OrtRunner(Runner):
                 raise TcgraphError(f"the 'ort' runner runs on 'cpu' or 'cuda', not {device!r}")
             providers = [CUDA, CPU] if kind == "cuda" else [CPU]
         loader_options = dict(providers=providers, share_weights=share_weights, intra_op_threads=intra_op_threads,
-                              allow_spinning=allow_spinning, cpu_arena=cpu_arena)
+                              allow_spinning=allow_spinning, cpu_arena=cpu_arena, one_session=one_session)
         if sessions is not None:
             given = [k for k, v in loader_options.items() if v != SESSION_DEFAULTS[k]]
             if given:
@@ -151,7 +156,7 @@ class OrtRunner(Runner):
             values = {}
             for out in outputs:
                 value = torch.empty(out.shape, dtype=torch_dtype(out.dtype), device="cuda")
-                binding.bind_output(out.onnx_name, "cuda", value.device.index or 0, _numpy_dtype(value),
+                binding.bind_output(_onnx_output(session, out), "cuda", value.device.index or 0, _numpy_dtype(value),
                                     tuple(value.shape), value.data_ptr())
                 values[out.name] = value
             # ONNX Runtime works on its own CUDA stream: the inputs torch just computed on
@@ -160,7 +165,7 @@ class OrtRunner(Runner):
             session.run_with_iobinding(binding)
             return values
         for out in outputs:
-            binding.bind_output(out.onnx_name, self._device)
+            binding.bind_output(_onnx_output(session, out), self._device)
         session.run_with_iobinding(binding)
         return {out.name: value for out, value in zip(outputs, binding.get_outputs())}
 
@@ -183,9 +188,15 @@ class OrtRunner(Runner):
         return torch.from_numpy(value.numpy())
 
 
+def _onnx_output(session, spec) -> str:
+    """The name to bind output `spec` to: the variant file's, or the combined session's."""
+    name_of = getattr(session, "output_name", None)
+    return name_of(spec) if name_of is not None else spec.onnx_name
+
+
 def _numpy_dtype(t: torch.Tensor):
     return torch.empty((), dtype=t.dtype).numpy().dtype
 
 
 SESSION_DEFAULTS = {"providers": None, "share_weights": True, "intra_op_threads": None, "allow_spinning": False,
-                    "cpu_arena": True}
+                    "cpu_arena": True, "one_session": True}

@@ -1,0 +1,225 @@
+"""Runtime overhead on CPU: ONNX Runtime with one session for all variants vs one per variant.
+
+    python benchmarks/bench_runtime.py                                   # demo model
+    python benchmarks/bench_runtime.py --model DiT-S/2 --batch 2 --images 2   # 256 tokens, random weights
+
+One process, every plan's artifact folder loaded under every mode at once, timed
+round-robin (eager PyTorch, then each (mode, plan) pair, then again): a shared machine
+drifts, and interleaving spreads the drift over all rows alike. Medians of `--repeats`.
+
+Modes (`--modes`): `one` (OrtRunner's default: the variants behind `If` nodes in one
+session, runtime/ort/combined.py), `per-variant` (one session per variant over shared
+weights, the runner's default before), `plain` (one session per variant, each with its own
+pre-packed weights), `torch` (the variants' torch programs: the reference for how little
+alternating between variants should cost).
+
+Measured:
+- the alternation penalty, directly: the step time of the fora:2 plan's computing variant
+  run alone (the same feeds again and again) vs alternating with its reusing variant (only
+  the computing variant's calls are timed); median of `--calls` calls;
+- whole sampling runs of every plan (`run_batches`, as `tcgraph sample` runs them):
+  realized speedup = the same mode's `full` / the plan's median, predicted = the plan's FLOP
+  ratio (`plan_flops`), and their ratio;
+- eager PyTorch `full` (tcgraph's own DiT, same sampler, noise, labels) beside it, and each
+  mode's `full` relative to it.
+
+Plans: `full` and `fora:N` from `make_plan`; learned-planner names (`l2c:X`, `tokencache:X`,
+`dynamic:X`, `tokencache+l2c:X`) are the planners' structural plans (their shapes without
+learning, benchmarks/bench_tokencache.structural_plans): speed depends on the shape only.
+Writes JSON and a markdown table (`--out` without suffix).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_tokencache import structural_plans  # noqa: E402
+
+from tcgraph import api  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
+from tcgraph.export.artifact import load_artifact  # noqa: E402
+from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights  # noqa: E402
+from tcgraph.plan import make_plan, plan_flops  # noqa: E402
+from tcgraph.runtime.dispatch import ScheduleDispatcher  # noqa: E402
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for  # noqa: E402
+
+DEFAULT_PLANS = "full,fora:2,fora:3,l2c:2,tokencache:2,dynamic:2,tokencache+l2c:2"
+MODES = {
+    "one": ("ort", {}),
+    "per-variant": ("ort", {"one_session": False}),
+    "plain": ("ort", {"one_session": False, "share_weights": False}),
+    "torch": ("torch", {}),
+}
+
+
+def make_plans(model, settings: SamplerSettings, names: list[str]) -> dict:
+    structural_targets = sorted({float(n.split(":")[1]) for n in names if not n.startswith(("full", "fora"))})
+    learned = structural_plans(model, settings, structural_targets) if structural_targets else {}
+    plans = {}
+    for name in names:
+        if name == "full" or name.startswith("fora:"):
+            plans[name] = make_plan(name, model.config, settings)
+            continue
+        kind, _, target = name.partition(":")
+        key = f"{kind}:{float(target)}"  # structural_plans' keys: targets as floats
+        if key not in learned:
+            raise TcgraphError(f"no structural plan {name!r} (have {sorted(learned)}); use full, fora:N or "
+                               "l2c/tokencache/dynamic/tokencache+l2c:X")
+        plans[name] = learned[key]
+    return plans
+
+
+def alternation(runner, plan, calls: int) -> dict:
+    """Step time of the computing variant alone vs alternating with the reusing one (fora:2)."""
+    schedule = plan.schedule()
+    first, second = schedule[0], schedule[1]
+    dispatch = ScheduleDispatcher.for_plan(runner, plan)
+    cfg = runner.artifact.model_config
+    b = plan.settings.model_batch
+    x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size)
+    t = torch.full((b,), 500)
+    y = torch.zeros(b, dtype=torch.long)
+    dispatch.reset()
+    dispatch(0, x, t, y)  # writes the caches the reusing variant reads
+    inputs = runner.io_names()
+    feeds_first = {"x": x, "t": t, "y": y}
+    feeds_second = {**feeds_first, **{n: dispatch.caches[n] for n in inputs[second][0][3:]}}
+
+    def timed(alternate: bool) -> float:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            runner.run(first, feeds_first)
+            times.append(time.perf_counter() - t0)
+            if alternate:
+                runner.run(second, feeds_second)
+        return statistics.median(times) * 1e3
+
+    timed(True)  # warm-up
+    alone, alternating = timed(False), timed(True)
+    return {"alone_ms": alone, "alternating_ms": alternating, "penalty": alternating / alone}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits", help="'digits' (trained) or a config name (random weights)")
+    ap.add_argument("--plans", default=DEFAULT_PLANS)
+    ap.add_argument("--modes", default="one,per-variant,torch", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--images", type=int, default=8, help="images per timed run (whole batches)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=30, help="timed calls for the alternation penalty")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output path without suffix (default benchmarks/results/runtime-<model>)")
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise TcgraphError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+
+    if args.model == "digits":
+        model = api.load_dit("digits")
+    elif args.model in CONFIGS:
+        model = randomize_weights(DiT(make_config(args.model)), seed=args.seed)
+    else:
+        raise TcgraphError(f"unknown model {args.model!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+    cfg = model.config
+    settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
+                               resolution=cfg.input_size)
+    names = [p.strip() for p in args.plans.split(",")]
+    if names[0] != "full":
+        names = ["full"] + [n for n in names if n != "full"]
+    if "fora:2" not in names:
+        names.append("fora:2")  # the alternation penalty is measured on it
+    plans = make_plans(model, settings, names)
+    config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
+              "images": args.images, "repeats": args.repeats, "calls": args.calls, "modes": modes,
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "python": sys.version.split()[0], "torch": torch.__version__,
+              "command": "python benchmarks/bench_runtime.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(config), flush=True)
+
+    sampler = sampler_for(settings, cfg)
+    labels = [i % cfg.num_classes for i in range(args.images)]
+    noise = make_noise(len(labels), cfg.in_channels, settings.resolution, args.seed)
+    rows, runs, penalties = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for i, (name, plan) in enumerate(plans.items()):
+            art = load_artifact(api.transform(model, plan, Path(tmp) / f"p{i}", progress=False, check=False))
+            predicted = plan_flops(cfg, plan)["predicted_speedup"]
+            for mode in modes:
+                backend, options = MODES[mode]
+                runner = stack.enter_context(api.make_runner(backend, art, **options))
+                dispatch = ScheduleDispatcher.for_plan(runner, plan)
+                run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, labels, noise,
+                                        settings.batch, args.seed)
+                run()  # warm-up
+                runs[(mode, name)] = run
+                rows.append({"mode": mode, "plan": name, "variants": len(plan.variants()),
+                             "predicted_speedup": predicted})
+                if name == "fora:2":
+                    penalties[mode] = alternation(runner, plan, args.calls)
+                    print(json.dumps({"mode": mode, "alternation": penalties[mode]}), flush=True)
+        runs[("eager", "full")] = lambda: api.sample_eager(model, settings, labels, args.seed)
+        times = {key: [] for key in runs}
+        for r in range(args.repeats):
+            for key, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
+            print(f"round {r + 1}/{args.repeats} done", flush=True)
+    eager = statistics.median(times[("eager", "full")])
+    for row in rows:
+        row["median_s"] = statistics.median(times[(row["mode"], row["plan"])])
+        row["times_s"] = times[(row["mode"], row["plan"])]
+    full = {row["mode"]: row["median_s"] for row in rows if row["plan"] == "full"}
+    for row in rows:
+        row["realized_speedup"] = full[row["mode"]] / row["median_s"]
+        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
+        row["vs_eager_full"] = row["median_s"] / eager
+    result = {"config": config, "eager_full_median_s": eager, "eager_times_s": times[("eager", "full")],
+              "alternation": penalties, "rows": rows}
+    out = args.out or Path(__file__).parent / "results" / f"runtime-{args.model.replace('/', '')}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = format_table(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out.with_suffix('.json')} and .md")
+    return result
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    lines = [f"Runtime overhead, {c['model']}: DDIM {c['steps']}, guidance {c['guidance']}, batch {c['batch']}, "
+             f"{c['images']} images, median of {c['repeats']} interleaved runs, {c['threads']} threads "
+             f"({c['machine']}); eager PyTorch `full` {result['eager_full_median_s']:.3f} s",
+             f"`{c['command']}`", "",
+             "| mode | alone (ms/step) | alternating (ms/step) | penalty |", "|---|---|---|---|"]
+    for mode, a in result["alternation"].items():
+        lines.append(f"| {mode} | {a['alone_ms']:.2f} | {a['alternating_ms']:.2f} | {a['penalty']:.2f}x |")
+    lines += ["", "| mode | plan | variants | time (s) | vs eager full | realized | predicted | realized/predicted |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['plan']} | {r['variants']} | {r['median_s']:.3f} | {r['vs_eager_full']:.2f}x "
+                     f"| {r['realized_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
+                     f"{r['realized_over_predicted']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

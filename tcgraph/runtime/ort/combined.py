@@ -1,0 +1,201 @@
+"""One ONNX Runtime session for every variant of an artifact: the variants behind `If` nodes.
+
+Why (issue 15, measured in benchmarks/bench_runtime.py): one InferenceSession per variant
+means one intra-op thread pool per variant and, for the weights to exist once, shared
+initializers without pre-packing (slower matrix products). A single model whose graph
+holds every variant as a branch of a chain of `If` nodes, chosen by one int64 input,
+has one thread pool, one memory arena and each weight once by construction, so ONNX
+Runtime may pre-pack it.
+
+The combined model is assembled in memory when the runner activates, from the variant
+files as they are written (nothing new in the artifact folder, and folders written
+before it work unchanged):
+
+    inputs   tcgraph.variant (int64 scalar: the variant's index in the manifest), then the
+             union of the variants' inputs by name
+    weights  the variants' external initializers (canonical names, `weights.bin`), once,
+             in the top graph, where every branch reads them as outer-scope values
+    body     If(variant == 0, then=v0, else=If(variant == 1, then=v1, else=...))
+    outputs  `next/<name>` for the union of the variants' outputs; a variant's branch
+             gives a 0-element tensor for the outputs it does not have
+
+An input that every variant reads with the same shape keeps its static shape; any other
+input gets named free dimensions, and a variant that does not read it is fed a 0-element
+tensor (`ZERO_FEEDS`). Inside a branch, node outputs and local initializers are prefixed
+with the variant id, so no name of one branch can shadow another's or the top graph's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import Artifact
+
+SELECTOR = "tcgraph.variant"  # int64 scalar input: which variant runs
+OUTPUT_PREFIX = "next/"
+
+
+@dataclass
+class CombinedModel:
+    """The combined ModelProto and how a variant's feeds and outputs map onto it."""
+
+    model: object  # onnx.ModelProto, external data still referring to weights.bin
+    variant_ids: list[str]
+    inputs: dict[str, tuple[tuple[int, ...], str]]  # union of inputs: name -> (shape of a reader, dtype)
+    outputs: list[str]  # union of outputs (manifest names), in graph output order
+    readers: dict[str, set[str]] = field(default_factory=dict)  # input name -> variant ids reading it
+
+    def index(self, vid: str) -> int:
+        return self.variant_ids.index(vid)
+
+    def zero_feeds(self, vid: str) -> dict[str, np.ndarray]:
+        """0-element tensors for the inputs variant `vid` does not read (shape (0, ..., 0))."""
+        return {name: np.zeros((0,) * len(shape), dtype=dtype)
+                for name, (shape, dtype) in self.inputs.items() if vid not in self.readers[name]}
+
+
+def output_name(name: str) -> str:
+    """The combined graph's output for a variant output `name` (manifest name)."""
+    return OUTPUT_PREFIX + name
+
+
+def combine_variants(artifact: Artifact) -> CombinedModel:
+    """Assemble the combined model of `artifact`'s variants (see the module docstring)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    variants = list(artifact.variants)
+    if not variants:
+        raise TcgraphError(f"{artifact.root} has no variants to combine")
+    models = []
+    for v in variants:
+        path = artifact.variant_path(v.id)
+        try:
+            models.append(onnx.load(str(path), load_external_data=False))
+        except Exception as e:  # a damaged file; load_artifact's hashes usually catch it first
+            raise TcgraphError(f"cannot read variant {v.id} ({path}): {e}; re-run `tcgraph transform`") from e
+
+    inputs: dict[str, tuple[tuple[int, ...], str]] = {}
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    readers: dict[str, set[str]] = {}
+    out_dtypes: dict[str, str] = {}
+    out_ranks: dict[str, int] = {}
+    for v in variants:
+        for spec in v.inputs:
+            inputs.setdefault(spec.name, (tuple(spec.shape), spec.dtype))
+            shapes.setdefault(spec.name, set()).add(tuple(spec.shape))
+            readers.setdefault(spec.name, set()).add(v.id)
+            if inputs[spec.name][1] != spec.dtype:
+                raise TcgraphError(f"variants disagree on the dtype of input {spec.name} ({inputs[spec.name][1]} "
+                                   f"vs {spec.dtype} in {v.id}); re-run `tcgraph transform`")
+        for spec in v.outputs:
+            out_dtypes.setdefault(spec.name, spec.dtype)
+            out_ranks.setdefault(spec.name, len(spec.shape))
+    if SELECTOR in inputs:
+        raise TcgraphError(f"a variant has an input named {SELECTOR!r}, which the combined session reserves")
+    outputs = list(out_dtypes)
+
+    def elem(dtype: str) -> int:
+        return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+    def output_info(value: str, name: str):
+        """An output of a chain graph or branch: its dtype, its rank, every dimension free."""
+        return helper.make_tensor_value_info(value, elem(out_dtypes[name]),
+                                             [f"{name}/d{i}" for i in range(out_ranks[name])])
+
+    shared: dict[str, object] = {}  # external initializers, once for all branches
+    branches = []
+    for v, m in zip(variants, models):
+        branches.append(_branch(v, m.graph, outputs, output_info, shared))
+
+    def chain(k: int):
+        """The graph choosing among variants k, k+1, ...; the last is its own branch."""
+        if k == len(branches) - 1:
+            return branches[k]
+        const, cond = f"select/{k}", f"select/{k}/is"
+        result = [f"select/{k}/{name}" for name in outputs]
+        nodes = [
+            helper.make_node("Constant", [], [const], name=const,
+                             value=helper.make_tensor(const, TensorProto.INT64, [], [k])),
+            helper.make_node("Equal", [SELECTOR, const], [cond], name=cond),
+            helper.make_node("If", [cond], result, name=f"select/{k}/if",
+                             then_branch=branches[k], else_branch=chain(k + 1)),
+        ]
+        return helper.make_graph(nodes, f"select_{k}", [], [output_info(r, n) for r, n in zip(result, outputs)])
+
+    top = chain(0)
+    if len(branches) == 1:  # one variant: its branch is the whole graph, outputs renamed below
+        top = branches[0]
+    graph_inputs = [helper.make_tensor_value_info(SELECTOR, TensorProto.INT64, [])]
+    for name, (shape, dtype) in inputs.items():
+        static = len(shapes[name]) == 1 and len(readers[name]) == len(variants)
+        dims = list(shape) if static else [f"{name}/d{i}" for i in range(len(shape))]
+        graph_inputs.append(helper.make_tensor_value_info(name, elem(dtype), dims))
+    nodes = list(top.node)
+    graph_outputs = []
+    for produced, name in zip(top.output, outputs):
+        nodes.append(helper.make_node("Identity", [produced.name], [output_name(name)], name=f"result/{name}"))
+        graph_outputs.append(output_info(output_name(name), name))
+    initializers = list(shared.values()) + (list(top.initializer) if len(branches) == 1 else [])
+    graph = helper.make_graph(nodes, "tcgraph_variants", graph_inputs, graph_outputs, initializer=initializers)
+    first = models[0]
+    opsets = {o.domain: o.version for m in models for o in m.opset_import}
+    model = helper.make_model(graph, ir_version=first.ir_version,
+                              opset_imports=[helper.make_opsetid(d, n) for d, n in opsets.items()])
+    return CombinedModel(model, [v.id for v in variants], inputs, outputs, readers)
+
+
+def _branch(variant, graph, outputs: list[str], output_info, shared: dict):
+    """One variant's graph as an `If` branch: no inputs (it reads the top graph's by name), its
+    external initializers moved to `shared`, every union output produced (0 elements, the same
+    rank, if absent)."""
+    from onnx import TensorProto, helper
+
+    vid = variant.id
+    prefix = f"{vid}/"
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        raise TcgraphError(f"variant {vid} already holds a subgraph; the combined session cannot nest it")
+    rename: dict[str, str] = {}
+    local = []
+    for init in graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            shared.setdefault(init.name, init)  # canonical names: the same tensor in every variant
+        else:
+            copy = type(init)()
+            copy.CopyFrom(init)
+            rename[init.name] = copy.name = prefix + init.name
+            local.append(copy)
+    for node in graph.node:
+        for out in node.output:
+            if out:
+                rename[out] = prefix + out
+    nodes = []
+    for node in graph.node:
+        copy = type(node)()
+        copy.CopyFrom(node)
+        del copy.input[:]
+        copy.input.extend(rename.get(i, i) for i in node.input)
+        del copy.output[:]
+        copy.output.extend(rename.get(o, o) for o in node.output)
+        copy.name = prefix + (node.name or node.op_type)
+        nodes.append(copy)
+    graph_outputs = {o.name for o in graph.output}
+    missing = [spec.onnx_name for spec in variant.outputs if spec.onnx_name not in graph_outputs]
+    if missing:
+        raise TcgraphError(f"variant {vid}'s ONNX file has no outputs {missing}, which its manifest lists; "
+                           "re-run `tcgraph transform`")
+    produced = {spec.name: rename.get(spec.onnx_name, spec.onnx_name) for spec in variant.outputs}
+    results = []
+    for name in outputs:
+        result = f"{prefix}result/{name}"
+        if name in produced:  # Identity: a branch output must be a value of its own
+            nodes.append(helper.make_node("Identity", [produced[name]], [result], name=result))
+        else:
+            info = output_info(result, name)
+            rank = len(info.type.tensor_type.shape.dim)
+            nodes.append(helper.make_node("Constant", [], [result], name=result, value=helper.make_tensor(
+                result, info.type.tensor_type.elem_type, [0] * rank, [])))
+        results.append(output_info(result, name))
+    return helper.make_graph(nodes, f"variant_{vid}", [], results, initializer=local)

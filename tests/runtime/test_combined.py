@@ -1,0 +1,131 @@
+"""One ONNX Runtime session for all variants (runtime/ort/combined.py): the same numbers as one
+session per variant for every kind of action, each weight once, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tcgraph import api
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import load_artifact
+from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.plan import COMPUTE as C
+from tcgraph.plan import REUSE as R
+from tcgraph.plan import Plan, Recipe, dynamic, partial
+from tcgraph.plan import forecast
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tcgraph.runtime.ort import OrtRunner
+from tcgraph.runtime.ort.combined import SELECTOR, combine_variants, output_name
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+
+FULL = Recipe.uniform(2, C)
+P = Recipe(((C, partial(range(5))), (partial(range(3, 16)), R)))  # token-pruned branches
+D = Recipe(((dynamic(6), R), (C, dynamic(4))))  # dynamic tokens: branch-input caches too
+F = Recipe(((forecast(2), R), (R, forecast(2))))  # forecast: history entries and forecast.w
+STEPS = [FULL, FULL, P, D, F, FULL, D, F]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = make_config("DiT-S/2", input_size=8, depth=2, hidden_size=32, num_heads=2, in_channels=2,
+                      num_classes=5, learn_sigma=True)
+    return randomize_weights(DiT(cfg), std=0.05)
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    s = SamplerSettings(num_steps=len(STEPS), batch=1, cfg_scale=2.0, resolution=8)
+    weights = {step: {key: (0.7, 0.3) for key, _ in r.forecasts()} for step, r in enumerate(STEPS) if r.forecasts()}
+    plan = Plan("mixed", s, tuple(STEPS), 16, weights=weights)
+    path = api.transform(model, plan, tmp_path_factory.mktemp("combined") / "art", check=False, progress=False)
+    return load_artifact(path)
+
+
+def sample(art, **options):
+    plan, cfg = art.plan, art.model_config
+    with OrtRunner(art, intra_op_threads=1, **options) as runner:
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
+        steps = []
+
+        def step(i, x, t, y):
+            out = dispatch(i, x, t, y)
+            steps.append(out.clone())
+            return out
+
+        samples = run_batches(step, dispatch.reset, sampler_for(plan.settings, cfg), [1, 3],
+                              make_noise(2, cfg.in_channels, 8, 0), plan.settings.batch, 0)
+        assert dispatch.calls == plan.schedule()[-len(dispatch.calls):]
+    return samples, steps
+
+
+def test_one_session_samples_equal_one_session_per_variant(artifact):
+    """Every step's output and the samples: one session vs per-variant sessions (plain: pre-packed
+    weights as in the one session, so the same kernels run)."""
+    assert len(artifact.variants) == 4
+    one, one_steps = sample(artifact)
+    plain, plain_steps = sample(artifact, one_session=False, share_weights=False)
+    worst = max(((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item() for a, b in zip(one_steps, plain_steps))
+    assert worst <= 1e-5, worst
+    assert torch.allclose(one, plain, rtol=1e-5, atol=1e-5), (one - plain).abs().max()
+
+
+def test_the_combined_model_holds_each_weight_once(artifact, monkeypatch):
+    combined = combine_variants(artifact)
+    graph = combined.model.graph
+    names = [i.name for i in graph.initializer]
+    assert len(names) == len(set(names))
+    external = set()
+    for v in artifact.variants:
+        external |= set(v.external_initializers)
+    assert set(names) == external  # every shared weight in the top graph, none in a branch
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer)
+    # inputs: the selector, then the union; x, t, y static (every variant reads them alike)
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert list(inputs)[0] == SELECTOR and inputs[SELECTOR] == []
+    assert inputs["x"] == [2, 2, 8, 8] and inputs["t"] == [2]
+    union = {n for v in artifact.variants for n in v.input_names}
+    assert set(inputs) == union | {SELECTOR}
+    assert all(isinstance(d, str) for d in inputs["forecast.w"])  # not read by every variant: free dimensions
+    assert [o.name for o in graph.output] == [output_name(n) for n in combined.outputs]
+    monkeypatch.chdir(artifact.weights_path.parent)  # the checker finds weights.bin from here
+    onnx.checker.check_model(combined.model)
+
+
+def test_zero_feeds_are_the_inputs_a_variant_does_not_read(artifact):
+    combined = combine_variants(artifact)
+    for v in artifact.variants:
+        zeros = combined.zero_feeds(v.id)
+        assert set(zeros) == set(combined.inputs) - set(v.input_names)
+        assert all(z.size == 0 and z.ndim == len(combined.inputs[n][0]) for n, z in zeros.items())
+
+
+def test_outputs_a_variant_does_not_have_are_not_returned(artifact):
+    vid = next(v.id for v in artifact.variants if v.output_names == ("out",))
+    spec = artifact.variant(vid)
+    with OrtRunner(artifact, intra_op_threads=1) as runner:
+        feeds = {i.name: np.zeros(i.shape, dtype=i.dtype) for i in spec.inputs}
+        got = runner.run(vid, feeds)
+    assert list(got) == ["out"] and tuple(got["out"].shape()) == tuple(spec.outputs[0].shape)
+
+
+def test_a_reserved_input_name_is_refused(artifact, monkeypatch):
+    import dataclasses
+
+    first = artifact.variants[0]
+    renamed = dataclasses.replace(first, inputs=first.inputs + (dataclasses.replace(first.inputs[0], name=SELECTOR),))
+    fake = dataclasses.replace(artifact, variants=(renamed,) + artifact.variants[1:])
+    with pytest.raises(TcgraphError, match="has an input named 'tcgraph.variant', which the combined session"):
+        combine_variants(fake)
+
+
+def test_a_damaged_variant_file_is_one_clear_error(artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifact.root, copy)
+    (copy / artifact.variants[1].file).write_bytes(b"not onnx")
+    damaged = load_artifact(copy, verify_hashes=False)  # the hashes would refuse it first
+    with pytest.raises(TcgraphError, match=r"cannot read variant v1 .*re-run `tcgraph transform`"):
+        combine_variants(damaged)
