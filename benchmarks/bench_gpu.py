@@ -10,9 +10,9 @@
     # (`full` runs in every group: realized speedups never mix runs; `vs eager` may)
     python benchmarks/bench_gpu.py --prepare-only
     python benchmarks/bench_gpu.py --backends eager,torch,torch-nograph
-    # (--prepare-only makes only the plans named: one process per plan, in parallel, as
-    # benchmarks/gpu_check.sh does: `--prepare-only --backends torch --plans fora:2`)
     python benchmarks/bench_gpu.py --backends ort,trt --merge
+    # --prepare-only makes only the plans named: one process per plan, in parallel, as
+    # benchmarks/gpu_check.sh (the 8-minute GPU check) does: --prepare-only --backends torch --plans fora:2
 
     # CPU smoke run (what tests/test_bench_gpu.py runs): the demo model, every CUDA part skipped
     OMP_NUM_THREADS=1 python benchmarks/bench_gpu.py --model digits --device cpu --steps 4 --batch 2 \\
@@ -51,7 +51,9 @@ the GPU (runners are released and the CUDA cache emptied between them):
 - host<->device copies: `torch.profiler` (CPU + CUDA activities) over one sampling loop
   alone (inputs already on the device) and over one whole run; the CUDA memcpy events
   are counted by kind (HtoD, DtoH, DtoD, ...). Expected: nothing between host and device
-  inside the loop; the whole run adds the noise and labels (2 HtoD) and the sample (1 DtoH);
+  inside the loop; the whole run adds the noise and labels (2 HtoD) and the sample (1 DtoH).
+  Two more runs and the profiler's own processing per row: --profile-backends and
+  --profile-plans keep them to some rows, --no-profile drops them;
 - speedups: realized = the same backend's `full` median / the plan's median; predicted =
   the plan's FLOP ratio (`plan_flops`, equal to `plan.evaluate.speedup_of`); their ratio
   shows runtime overhead; `vs_eager` = eager `full` median / the row's median.
@@ -137,6 +139,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=Path("tcgraph-out/bench-gpu"), help="artifact folders (reused)")
     ap.add_argument("--rebuild", action="store_true", help="transform again even where a matching folder exists")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled runs that count memcpy events")
+    ap.add_argument("--profile-backends", default=None,
+                    help="comma list: only these backends' rows get the profiled runs (default: every row's)")
+    ap.add_argument("--profile-plans", default=None,
+                    help="comma list: only these plans' rows get the profiled runs (default: every row's; "
+                         "each profiled row costs two more runs and the profiler's processing)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars from transform")
     ap.add_argument("--prepare-only", action="store_true",
                     help="make the plans and artifact folders (and engines), measure nothing")
@@ -163,6 +170,14 @@ def run_config(args: argparse.Namespace, argv: list[str] | None, model: DiT, set
         "versions": versions(), "machine": platform.node() + " " + (platform.processor() or platform.machine()),
         "command": "python benchmarks/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+
+
+def profiled(args: argparse.Namespace, backend: str, spec: str) -> bool:
+    """Whether the (backend, plan) row gets the profiled runs that count memcpy events."""
+    def named(csv: str | None, name: str) -> bool:
+        return csv is None or name in [x.strip() for x in csv.split(",")]
+
+    return not args.no_profile and named(args.profile_backends, backend) and named(args.profile_plans, spec)
 
 
 def image_side(model_name: str, cfg) -> int:
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         schedule = ["eager"] * args.steps if backend == "eager" else plan.schedule()
         try:
             row, samples = measure(session, schedule, sampler, labels, noise, args.seed, device, args.repeats,
-                                   not args.no_profile)
+                                   profiled(args, backend, spec))
         except TcgraphError as e:
             result["skipped"].append({"backend": backend, "plan": spec, "reason": str(e)})
             log(f"{backend} × {spec}: skipped: {e}")

@@ -8,7 +8,8 @@ round-robin (eager PyTorch, then each (mode, plan) pair, then again): a shared m
 drifts, and interleaving spreads the drift over all rows alike. Medians of `--repeats`.
 
 Modes (`--modes`): `one` (OrtRunner's default: the variants behind `If` nodes in one
-session, runtime/ort/combined.py), `per-variant` (one session per variant over shared
+session, runtime/ort/combined.py), `one-lean` (the same without pre-packed weights),
+`per-variant` (one session per variant over shared
 weights, the runner's default before), `plain` (one session per variant, each with its own
 pre-packed weights), `torch` (the variants' torch programs: the reference for how little
 alternating between variants should cost).
@@ -57,6 +58,7 @@ from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_f
 DEFAULT_PLANS = "full,fora:2,fora:3,l2c:2,tokencache:2,dynamic:2,tokencache+l2c:2"
 MODES = {
     "one": ("ort", {}),
+    "one-lean": ("ort", {"prepack": False}),
     "per-variant": ("ort", {"one_session": False}),
     "plain": ("ort", {"one_session": False, "share_weights": False}),
     "torch": ("torch", {}),
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits", help="'digits' (trained) or a config name (random weights)")
     ap.add_argument("--plans", default=DEFAULT_PLANS)
-    ap.add_argument("--modes", default="one,per-variant,torch", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="one,one-lean,per-variant,torch", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=8)

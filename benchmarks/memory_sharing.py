@@ -1,17 +1,27 @@
-"""Memory of ONNX Runtime sessions with and without shared weights, 1 variant vs N.
+"""Memory of ONNX Runtime's sessions for 1, 2, 4, 6 variants: one session for all, or one per variant.
 
     python benchmarks/memory_sharing.py                          # DiT-B/2, 4 variants, batch 2, 32x32
     python benchmarks/memory_sharing.py --model DiT-S/2 --variants 3 --out mem.json
+    # a real plan's variants (learned names: their structural shapes), loaded 1, 2, 4, 6 at a time
+    python benchmarks/memory_sharing.py --model DiT-S/2 --plan tokencache+l2c:2 --counts 1,2,4,6 \
+        --modes one,per-variant,plain --out benchmarks/results/memory-DiT-S2.json
 
-Exports `--variants` copies of the same full DiT graph (distinct ids; random weights, so
-that content deduplication cannot merge the adaLN-Zero zeros) into one artifact folder
-(its plan names N distinct recipes, so that the folder loads; every variant file holds the
-full graph, because what is measured is the memory of N sessions over one weights file),
-then, for share_weights in (True, False) and for 1 and N loaded variants, starts a
-fresh Python process that loads the artifact with `OrtRunner`, and reports:
+Without `--plan`, exports `--variants` copies of the same full DiT graph (distinct ids;
+random weights, so that content deduplication cannot merge the adaLN-Zero zeros) into one
+artifact folder (its plan names N distinct recipes, so that the folder loads; every
+variant file holds the full graph, because what is measured is the memory of N sessions
+over one weights file). With `--plan`, the folder is `tcgraph transform`'s for that plan
+(`fora:N`, or a learned planner's structural plan, benchmarks/bench_tokencache.py), and
+its first n variants are loaded. Then, for each mode (`one`: the runner's default, every
+variant in one session; `per-variant`: one session per variant over shared weights;
+`plain`: one session per variant, each with its own weights) and each count n of loaded
+variants (`--counts`, default 1 and N), a fresh Python process loads the artifact with
+`OrtRunner`, and reports:
 
 - resident memory (VmRSS, and its anonymous/file-mapped split) before loading, after
-  activating the sessions, and after one run of every loaded variant (arenas grown);
+  activating the sessions, and after one run of every loaded variant (arenas grown; the
+  runs' random feeds and outputs freed and `malloc_trim` called first, so that what is
+  counted is the sessions' own memory, not garbage glibc keeps);
 - the process peak (VmHWM);
 - the median latency of one run of the first variant (after warm-up).
 
@@ -21,6 +31,8 @@ and prints a table with the configuration beside it.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import dataclasses
 import json
 import platform
@@ -31,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 MIB = 1024 * 1024
 
@@ -53,7 +67,11 @@ def proc_status() -> dict[str, float]:
     return result
 
 
-def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, warmup: int) -> dict:
+MODES = {"one": {}, "one-lean": {"prepack": False}, "per-variant": {"one_session": False},
+         "plain": {"one_session": False, "share_weights": False}}
+
+
+def measure(artifact_dir: str, mode: str, n: int, threads: int, repeats: int, warmup: int) -> dict:
     import numpy as np
     import torch
 
@@ -65,21 +83,20 @@ def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, 
     # A runner over the first n variants only: the same artifact with a shorter variant list.
     art = dataclasses.replace(art, variants=art.variants[:n])
     rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in art.variants[0].inputs:
-        if spec.dtype == "int64":
-            feeds[spec.name] = rng.integers(0, 10, size=spec.shape).astype(np.int64)
-        else:
-            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+    feeds = variant_feeds(art.variants[0], rng)
 
     before = proc_status()
     t0 = time.perf_counter()
-    runner = OrtRunner(art, share_weights=share, intra_op_threads=threads)
+    runner = OrtRunner(art, intra_op_threads=threads, **MODES[mode])
     runner.activate()
     activate_s = time.perf_counter() - t0
     activated = proc_status()
     for vid in runner.variant_ids():
-        runner.run(vid, feeds)
+        runner.run(vid, variant_feeds(art.variant(vid), rng))
+    # The feeds and outputs of those runs are garbage now; glibc keeps freed memory unless
+    # asked to return it. What stays is the sessions' own: weights, kernels, arenas.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     after_runs = proc_status()
     first = runner.variant_ids()[0]
     for _ in range(warmup):
@@ -90,7 +107,8 @@ def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, 
         runner.run(first, feeds)
         times.append(time.perf_counter() - t0)
     return {
-        "share_weights": share,
+        "mode": mode,
+        "share_weights": MODES[mode].get("share_weights", True),
         "loaded_variants": n,
         "before": before,
         "activated": activated,
@@ -99,6 +117,19 @@ def measure(artifact_dir: str, share: bool, n: int, threads: int, repeats: int, 
         "latency_ms": [t * 1000 for t in times],
         "median_latency_ms": statistics.median(times) * 1000,
     }
+
+
+def variant_feeds(spec, rng) -> dict:
+    """Random feeds of a variant's shapes (token indices in range: kept token ids are 0..k-1)."""
+    import numpy as np
+
+    feeds = {}
+    for t in spec.inputs:
+        if t.dtype == "int64":
+            feeds[t.name] = rng.integers(0, 10, size=t.shape).astype(np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+    return feeds
 
 
 #################################################################################
@@ -159,8 +190,31 @@ def build_artifact(
     return Path(out), params, time.perf_counter() - t0
 
 
-def run_child(artifact: Path, share: bool, n: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(artifact), "--share", str(int(share)), "--n", str(n),
+def plan_artifact(out: Path, model_name: str, spec: str, batch: int, input_size: int, seed: int
+                  ) -> tuple[Path, int, float]:
+    """`tcgraph transform`'s folder for a plan (learned names: their structural plans)."""
+    from bench_tokencache import structural_plans
+
+    from tcgraph import api
+    from tcgraph.models.dit import build_model, randomize_weights
+    from tcgraph.plan import make_plan
+    from tcgraph.sampling import SamplerSettings
+
+    model = randomize_weights(build_model(model_name, input_size=input_size), seed=seed)
+    settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=batch, resolution=model.config.input_size)
+    if spec == "full" or spec.startswith("fora:"):
+        plan = make_plan(spec, model.config, settings)
+    else:
+        kind, _, target = spec.partition(":")
+        plan = structural_plans(model, settings, [float(target)])[f"{kind}:{float(target)}"]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    t0 = time.perf_counter()
+    api.transform(model, plan, out, check=False, progress=False, force=True)
+    return Path(out), params, time.perf_counter() - t0
+
+
+def run_child(artifact: Path, mode: str, n: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(artifact), "--mode", mode, "--n", str(n),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -168,28 +222,25 @@ def run_child(artifact: Path, share: bool, n: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: list[dict], n: int) -> str:
+def table(results: list[dict]) -> str:
+    """One row per (mode, count); `added` = RSS after runs - RSS before loading, `x one` = that
+    over the same mode's one-variant row."""
     lines = [
-        "| share_weights | variants loaded | RSS before | RSS activated | RSS after runs (anon / file) | peak (VmHWM) "
-        "| median latency |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | variants loaded | RSS before | RSS activated | RSS after runs (anon / file) | added | x one "
+        "| peak (VmHWM) | median latency |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         a = r["after_runs"]
+        one = next(o for o in results if o["mode"] == r["mode"] and o["loaded_variants"] == 1)
+        added = a["VmRSS"] - r["before"]["VmRSS"]
+        base = one["after_runs"]["VmRSS"] - one["before"]["VmRSS"]
+        r["added_mib"], r["over_one"] = added, added / base
         lines.append(
-            f"| {r['share_weights']} | {r['loaded_variants']} | {r['before']['VmRSS']:.0f} MiB "
+            f"| {r['mode']} | {r['loaded_variants']} | {r['before']['VmRSS']:.0f} MiB "
             f"| {r['activated']['VmRSS']:.0f} MiB | {a['VmRSS']:.0f} MiB ({a['RssAnon']:.0f} / {a['RssFile']:.0f}) "
-            f"| {a['VmHWM']:.0f} MiB | {r['median_latency_ms']:.1f} ms |"
+            f"| {added:.0f} MiB | {added / base:.2f} | {a['VmHWM']:.0f} MiB | {r['median_latency_ms']:.1f} ms |"
         )
-    lines.append("")
-    for share in (True, False):
-        one = next(r for r in results if r["share_weights"] == share and r["loaded_variants"] == 1)
-        many = next(r for r in results if r["share_weights"] == share and r["loaded_variants"] == n)
-        if n > 1:
-            extra = (many["after_runs"]["VmRSS"] - one["after_runs"]["VmRSS"]) / (n - 1)
-            extra_peak = (many["after_runs"]["VmHWM"] - one["after_runs"]["VmHWM"]) / (n - 1)
-            lines.append(f"share_weights={share}: each extra variant costs {extra:.0f} MiB RSS "
-                         f"({extra_peak:.0f} MiB peak)")
     return "\n".join(lines)
 
 
@@ -197,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-B/2")
     p.add_argument("--variants", type=int, default=4, help="N: copies of the full graph, distinct ids")
+    p.add_argument("--plan", default=None, help="measure this plan's variants instead of N copies of the full graph")
+    p.add_argument("--counts", default=None, help="comma list of loaded-variant counts (default: 1 and N)")
+    p.add_argument("--modes", default="one,per-variant,plain", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256x256 images)")
     p.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
@@ -208,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     # internal: a measurement in a fresh process
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="one", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.child, bool(args.share), args.n, args.threads, args.repeats, args.warmup)))
+        print(json.dumps(measure(args.child, args.mode, args.n, args.threads, args.repeats, args.warmup)))
         return 0
 
     import onnxruntime
@@ -221,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     config = {
-        "model": args.model, "variants": args.variants, "batch": args.batch, "input_size": args.input_size,
+        "model": args.model, "variants": args.variants, "plan": args.plan, "modes": args.modes, "batch": args.batch, "input_size": args.input_size,
         "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
@@ -234,11 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and (artifact / "manifest.json").is_file():
             params, export_s = None, None
             print(f"reusing {artifact}", flush=True)
+        elif args.plan:
+            print(f"transforming {args.model} for {args.plan} into {artifact}", flush=True)
+            artifact, params, export_s = plan_artifact(artifact, args.model, args.plan, args.batch, args.input_size,
+                                                       args.seed)
         else:
             print(f"exporting {args.variants} variants of {args.model} to {artifact}", flush=True)
             artifact, params, export_s = build_artifact(
                 artifact, args.model, args.variants, args.batch, args.input_size, args.seed
             )
+        available = len(json.loads((artifact / "manifest.json").read_text())["variants"])
+        counts = sorted({int(c) for c in args.counts.split(",")} if args.counts else {1, available})
+        if max(counts) > available:
+            raise SystemExit(f"--counts {args.counts}: the artifact has {available} variants")
+        config["counts"] = counts
         weights = artifact / "variants" / "weights.bin"
         sizes = {
             "weights_bin_mib": weights.stat().st_size / MIB,
@@ -248,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         print("sizes: " + ", ".join(f"{k}={v:.1f}" for k, v in sizes.items() if v is not None), flush=True)
         results = []
-        for share in (True, False):
-            for n in sorted({1, args.variants}):
-                print(f"measuring share_weights={share}, {n} variant(s) ...", flush=True)
-                results.append(run_child(artifact, share, n, args))
-    report = table(results, args.variants)
+        for mode in args.modes.split(","):
+            if mode not in MODES:
+                raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            for n in counts:
+                print(f"measuring {mode}, {n} variant(s) ...", flush=True)
+                results.append(run_child(artifact, mode, n, args))
+    report = table(results)
     print()
     print(report)
     if args.out:

@@ -18,6 +18,7 @@ from tcgraph.sampling import run_batches
 
 MEMCPY = re.compile(r"Memcpy (\w+)\b")  # Kineto names: "Memcpy HtoD (Pageable -> Device)", ...
 NO_CUDA = "not measured (no CUDA)"
+NOT_PROFILED = "not measured (not a profiled row: see --no-profile, --profile-backends, --profile-plans)"
 MIB = 1 << 20
 
 
@@ -138,6 +139,6 @@ def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: 
             row["copies_in_loop"] = count_copies(loop_only, device)
             row["copies_whole_run"] = count_copies(one_run, device)
         else:
-            reason = NO_CUDA if not cuda else "not measured (--no-profile)"
+            reason = NO_CUDA if not cuda else NOT_PROFILED
             row["copies_in_loop"] = row["copies_whole_run"] = reason
     return row, samples

@@ -21,11 +21,20 @@ before it work unchanged):
 
 An input that every variant reads with the same shape keeps its static shape; any other
 input gets named free dimensions, and a variant that does not read it is fed a 0-element
-tensor (`ZERO_FEEDS`). Inside a branch, node outputs and local initializers are prefixed
-with the variant id, so no name of one branch can shadow another's or the top graph's.
+tensor (`CombinedModel.zero_feeds`). Inside a branch, node outputs and local initializers
+are prefixed with the variant id, so no name of one branch can shadow another's or the top
+graph's.
+
+Work on weights alone is hoisted (`ConstantWork`): a node of a branch whose inputs are all
+weights, constants or such nodes' outputs (the Transpose and Slices of a token-pruned
+attention's q/k/v weight, emit.split_in_proj) moves to the top graph, once for all
+branches that do the same. ONNX Runtime folds such nodes into tensors when it loads the
+model; left in the branches, every variant that prunes a block's attention would hold its
+own copy of that block's q/k/v weight.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,9 +115,10 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
                                              [f"{name}/d{i}" for i in range(out_ranks[name])])
 
     shared: dict[str, object] = {}  # external initializers, once for all branches
+    hoisted = ConstantWork()
     branches = []
     for v, m in zip(variants, models):
-        branches.append(_branch(v, m.graph, outputs, output_info, shared))
+        branches.append(_branch(v, m.graph, outputs, output_info, shared, hoisted))
 
     def chain(k: int):
         """The graph choosing among variants k, k+1, ...; the last is its own branch."""
@@ -133,12 +143,13 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
         static = len(shapes[name]) == 1 and len(readers[name]) == len(variants)
         dims = list(shape) if static else [f"{name}/d{i}" for i in range(len(shape))]
         graph_inputs.append(helper.make_tensor_value_info(name, elem(dtype), dims))
-    nodes = list(top.node)
+    nodes = hoisted.nodes + list(top.node)
     graph_outputs = []
     for produced, name in zip(top.output, outputs):
         nodes.append(helper.make_node("Identity", [produced.name], [output_name(name)], name=f"result/{name}"))
         graph_outputs.append(output_info(output_name(name), name))
-    initializers = list(shared.values()) + (list(top.initializer) if len(branches) == 1 else [])
+    initializers = (list(shared.values()) + hoisted.initializers
+                    + (list(top.initializer) if len(branches) == 1 else []))
     graph = helper.make_graph(nodes, "tcgraph_variants", graph_inputs, graph_outputs, initializer=initializers)
     first = models[0]
     opsets = {o.domain: o.version for m in models for o in m.opset_import}
@@ -147,7 +158,57 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
     return CombinedModel(model, [v.id for v in variants], inputs, outputs, readers)
 
 
-def _branch(variant, graph, outputs: list[str], output_info, shared: dict):
+# Ops that ONNX Runtime folds when every input is constant, and that are safe to compute once
+# in the top graph for every branch that asks for the same (no randomness, no subgraphs).
+HOISTABLE = frozenset({"Constant", "Transpose", "Slice", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast",
+                       "Identity", "Split", "Gather"})
+
+
+class ConstantWork:
+    """Top-graph nodes computed from weights and constants alone, deduplicated across branches.
+
+    A value is keyed by what it is: a weight by its canonical name, a branch's own constant
+    tensor by its content, a node's output by (op, domain, attributes, input keys, index), so
+    two branches asking for the same slice of the same weight get one top-graph value."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.initializers: list = []
+        self._names: dict[tuple, str] = {}  # value key -> top-graph name
+
+    def constant(self, init) -> tuple[tuple, str]:
+        """(key, top-graph name) of a branch's own (embedded) constant tensor."""
+        key = ("tensor", init.data_type, tuple(init.dims), hashlib.sha256(init.SerializePartialToString()
+                                                                          if not init.raw_data else
+                                                                          init.raw_data).hexdigest())
+        if key not in self._names:
+            copy = type(init)()
+            copy.CopyFrom(init)
+            copy.name = self._names[key] = f"shared/c{len(self.initializers)}"
+            self.initializers.append(copy)
+        return key, self._names[key]
+
+    def node(self, node, input_keys: list[tuple], input_names: list[str]) -> list[tuple[tuple, str]]:
+        """(key, top-graph name) of each output of `node`, added once per distinct key."""
+        base = ("node", node.domain, node.op_type, tuple(a.SerializeToString() for a in node.attribute),
+                tuple(input_keys))
+        keys = [base + (j,) for j in range(len(node.output))]
+        if keys[0] not in self._names:
+            k = len(self.nodes)
+            outs = [f"shared/n{k}/{j}" for j in range(len(node.output))]
+            copy = type(node)()
+            copy.CopyFrom(node)
+            del copy.input[:]
+            copy.input.extend(input_names)
+            del copy.output[:]
+            copy.output.extend(outs)
+            copy.name = f"shared/n{k}"
+            self.nodes.append(copy)
+            self._names.update(zip(keys, outs))
+        return [(key, self._names[key]) for key in keys]
+
+
+def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoisted: ConstantWork):
     """One variant's graph as an `If` branch: no inputs (it reads the top graph's by name), its
     external initializers moved to `shared`, every union output produced (0 elements, the same
     rank, if absent)."""
@@ -159,20 +220,35 @@ def _branch(variant, graph, outputs: list[str], output_info, shared: dict):
         raise TcgraphError(f"variant {vid} already holds a subgraph; the combined session cannot nest it")
     rename: dict[str, str] = {}
     local = []
+    constant: dict[str, tuple] = {}  # branch value -> its key in `hoisted`, for values known at load time
+    top: dict[str, str] = {}  # branch value -> its name in the top graph, for those there
+    embedded = {}
     for init in graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             shared.setdefault(init.name, init)  # canonical names: the same tensor in every variant
+            constant[init.name], top[init.name] = ("weight", init.name), init.name
         else:
+            embedded[init.name] = init
             copy = type(init)()
             copy.CopyFrom(init)
             rename[init.name] = copy.name = prefix + init.name
             local.append(copy)
+            constant[init.name] = ("local", init.name)  # a real key once a hoisted node reads it
     for node in graph.node:
         for out in node.output:
             if out:
                 rename[out] = prefix + out
     nodes = []
     for node in graph.node:
+        if node.op_type in HOISTABLE and not node.domain and all(i in constant for i in node.input if i) \
+                and all(node.input):
+            for i in node.input:
+                if constant[i][0] == "local":  # a branch's own constant: into the top graph by content
+                    constant[i], top[i] = hoisted.constant(embedded[i])
+            keys, names = [constant[i] for i in node.input], [top[i] for i in node.input]
+            for out, (key, name) in zip(node.output, hoisted.node(node, keys, names)):
+                constant[out], rename[out], top[out] = key, name, name
+            continue
         copy = type(node)()
         copy.CopyFrom(node)
         del copy.input[:]

@@ -54,9 +54,10 @@ class SessionsFromArtifact:
 
     def __init__(self, artifact: Artifact, *, providers: list | None = None, share_weights: bool = True,
                  intra_op_threads: int | None = None, allow_spinning: bool = False, cpu_arena: bool = True,
-                 one_session: bool = True):
+                 one_session: bool = True, prepack: bool = True):
         self.artifact = artifact
         self.one_session = one_session
+        self.prepack = prepack
         self.providers = list(providers) if providers is not None else None
         self.share_weights = share_weights
         self.intra_op_threads = intra_op_threads
@@ -106,6 +107,8 @@ class SessionsFromArtifact:
         Runtime from weights.bin once, pre-packed once)."""
         combined = combine_variants(self.artifact)
         options = self._options(ort)
+        if not self.prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         # The model is handed over as bytes: its external data is found through this folder.
         folder = self.artifact.weights_path.parent
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))

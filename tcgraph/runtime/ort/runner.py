@@ -49,6 +49,11 @@ class OrtRunner(Runner):
             `If` nodes in one model (runtime/ort/combined.py), so one thread pool, one
             memory arena and one pre-packed copy of the weights; False: one session per
             variant (see share_weights).
+        prepack: with one session, let ONNX Runtime pre-pack the weights of its matrix
+            products (default True: faster products). Each kernel packs its own copy, so a
+            weight that several variants multiply by is packed once per variant that does;
+            False keeps one copy of every weight (the file's) at some speed (see README,
+            "Runtime overhead", for both measured).
         share_weights: with one session per variant, one in-memory copy of the weights for
             all sessions (default True); False gives plain sessions (each with its own,
             pre-packed copy: faster matrix products, one copy of the weights per variant).
@@ -84,6 +89,7 @@ class OrtRunner(Runner):
         allow_spinning: bool = False,
         cpu_arena: bool = True,
         one_session: bool = True,
+        prepack: bool = True,
         device: str | None = None,
         sessions: Sessions | None = None,
         **options: Any,
@@ -97,7 +103,8 @@ class OrtRunner(Runner):
                 raise TcgraphError(f"the 'ort' runner runs on 'cpu' or 'cuda', not {device!r}")
             providers = [CUDA, CPU] if kind == "cuda" else [CPU]
         loader_options = dict(providers=providers, share_weights=share_weights, intra_op_threads=intra_op_threads,
-                              allow_spinning=allow_spinning, cpu_arena=cpu_arena, one_session=one_session)
+                              allow_spinning=allow_spinning, cpu_arena=cpu_arena, one_session=one_session,
+                              prepack=prepack)
         if sessions is not None:
             given = [k for k, v in loader_options.items() if v != SESSION_DEFAULTS[k]]
             if given:
@@ -199,4 +206,4 @@ def _numpy_dtype(t: torch.Tensor):
 
 
 SESSION_DEFAULTS = {"providers": None, "share_weights": True, "intra_op_threads": None, "allow_spinning": False,
-                    "cpu_arena": True, "one_session": True}
+                    "cpu_arena": True, "one_session": True, "prepack": True}
