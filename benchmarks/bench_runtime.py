@@ -17,7 +17,8 @@ alternating between variants should cost).
 Measured:
 - the alternation penalty, directly: the step time of the fora:2 plan's computing variant
   run alone (the same feeds again and again) vs alternating with its reusing variant (only
-  the computing variant's calls are timed); median of `--calls` calls;
+  the computing variant's calls are timed); medians of 4 blocks of `--calls` calls of
+  each kind, in turn;
 - whole sampling runs of every plan (`run_batches`, as `tcgraph sample` runs them):
   realized speedup = the same mode's `full` / the plan's median, predicted = the plan's FLOP
   ratio (`plan_flops`), and their ratio;
@@ -82,8 +83,12 @@ def make_plans(model, settings: SamplerSettings, names: list[str]) -> dict:
     return plans
 
 
+BLOCKS = 4  # alternation penalty: blocks of `calls` calls of each kind, interleaved
+
+
 def alternation(runner, plan, calls: int) -> dict:
-    """Step time of the computing variant alone vs alternating with the reusing one (fora:2)."""
+    """Step time of the computing variant alone vs alternating with the reusing one (fora:2):
+    medians over BLOCKS blocks of each kind in turn."""
     schedule = plan.schedule()
     first, second = schedule[0], schedule[1]
     dispatch = ScheduleDispatcher.for_plan(runner, plan)
@@ -98,7 +103,7 @@ def alternation(runner, plan, calls: int) -> dict:
     feeds_first = {"x": x, "t": t, "y": y}
     feeds_second = {**feeds_first, **{n: dispatch.caches[n] for n in inputs[second][0][3:]}}
 
-    def timed(alternate: bool) -> float:
+    def timed(alternate: bool) -> list[float]:
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -106,10 +111,14 @@ def alternation(runner, plan, calls: int) -> dict:
             times.append(time.perf_counter() - t0)
             if alternate:
                 runner.run(second, feeds_second)
-        return statistics.median(times) * 1e3
+        return times
 
     timed(True)  # warm-up
-    alone, alternating = timed(False), timed(True)
+    alone, alternating = [], []
+    for _ in range(BLOCKS):  # blocks of each kind in turn: the machine's drift hits both alike
+        alone += timed(False)
+        alternating += timed(True)
+    alone, alternating = statistics.median(alone) * 1e3, statistics.median(alternating) * 1e3
     return {"alone_ms": alone, "alternating_ms": alternating, "penalty": alternating / alone}
 
 
@@ -127,7 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None,
                     help="output path without suffix (default benchmarks/results/runtime-<model>)")
+    ap.add_argument("--report", type=Path, default=None, help="only rewrite the table of this earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.report:
+        rewrite(args.report)
+        return json.loads(args.report.read_text())
     modes = [m.strip() for m in args.modes.split(",")]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -184,17 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
                 run()
                 times[key].append(time.perf_counter() - t0)
             print(f"round {r + 1}/{args.repeats} done", flush=True)
-    eager = statistics.median(times[("eager", "full")])
     for row in rows:
-        row["median_s"] = statistics.median(times[(row["mode"], row["plan"])])
         row["times_s"] = times[(row["mode"], row["plan"])]
-    full = {row["mode"]: row["median_s"] for row in rows if row["plan"] == "full"}
-    for row in rows:
-        row["realized_speedup"] = full[row["mode"]] / row["median_s"]
-        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
-        row["vs_eager_full"] = row["median_s"] / eager
-    result = {"config": config, "eager_full_median_s": eager, "eager_times_s": times[("eager", "full")],
-              "alternation": penalties, "rows": rows}
+    result = derive({"config": config, "eager_times_s": times[("eager", "full")], "alternation": penalties,
+                     "rows": rows})
     out = args.out or Path(__file__).parent / "results" / f"runtime-{args.model.replace('/', '')}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -202,6 +208,27 @@ def main(argv: list[str] | None = None) -> dict:
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"\nwrote {out.with_suffix('.json')} and .md")
+    return result
+
+
+def derive(result: dict) -> dict:
+    """Medians and speedups from the raw times. `realized_speedup` = the mode's `full` median over
+    the plan's; `paired_speedup` = the median over rounds of (that round's `full` / that round's
+    plan): the machine drifts between rounds, and a round's rows ran minutes apart at most."""
+    eager = result["eager_times_s"]
+    result["eager_full_median_s"] = statistics.median(eager)
+    rows = result["rows"]
+    full = {row["mode"]: row["times_s"] for row in rows if row["plan"] == "full"}
+    for row in rows:
+        times, ref = row["times_s"], full[row["mode"]]
+        row["median_s"] = statistics.median(times)
+        row["realized_speedup"] = statistics.median(ref) / row["median_s"]
+        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
+        row["paired_speedup"] = statistics.median(f / t for f, t in zip(ref, times))
+        row["paired_over_predicted"] = row["paired_speedup"] / row["predicted_speedup"]
+        row["vs_eager_full"] = row["median_s"] / result["eager_full_median_s"]
+        row["paired_vs_eager"] = statistics.median(t / e for t, e in zip(times, eager))
+        row["spread"] = (max(times) - min(times)) / row["median_s"]
     return result
 
 
@@ -214,13 +241,24 @@ def format_table(result: dict) -> str:
              "| mode | alone (ms/step) | alternating (ms/step) | penalty |", "|---|---|---|---|"]
     for mode, a in result["alternation"].items():
         lines.append(f"| {mode} | {a['alone_ms']:.2f} | {a['alternating_ms']:.2f} | {a['penalty']:.2f}x |")
-    lines += ["", "| mode | plan | variants | time (s) | vs eager full | realized | predicted | realized/predicted |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| mode | plan | variants | time (s) | spread | vs eager full (paired) | realized | paired | "
+              "predicted | realized/predicted | paired/predicted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['plan']} | {r['variants']} | {r['median_s']:.3f} | {r['vs_eager_full']:.2f}x "
-                     f"| {r['realized_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
-                     f"{r['realized_over_predicted']:.2f} |")
+        lines.append(f"| {r['mode']} | {r['plan']} | {r['variants']} | {r['median_s']:.3f} | {r['spread']:.0%} "
+                     f"| {r['vs_eager_full']:.2f}x ({r['paired_vs_eager']:.2f}x) | {r['realized_speedup']:.2f}x "
+                     f"| {r['paired_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
+                     f"{r['realized_over_predicted']:.2f} | {r['paired_over_predicted']:.2f} |")
+    lines += ["", "spread = (slowest - fastest) / median of the row's runs; paired = the median over rounds of the "
+              "round's ratio (drift between rounds cancels)."]
     return "\n".join(lines)
+
+
+def rewrite(path: Path) -> None:
+    """Recompute the derived columns and the table of an earlier run's JSON (`--report`)."""
+    result = derive(json.loads(path.read_text()))
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(format_table(result) + "\n")
+    print(format_table(result))
 
 
 if __name__ == "__main__":

@@ -274,4 +274,6 @@ def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoist
             nodes.append(helper.make_node("Constant", [], [result], name=result, value=helper.make_tensor(
                 result, info.type.tensor_type.elem_type, [0] * rank, [])))
         results.append(output_info(result, name))
+    used = {i for node in nodes for i in node.input}
+    local = [init for init in local if init.name in used]  # those only hoisted nodes read went with them
     return helper.make_graph(nodes, f"variant_{vid}", [], results, initializer=local)
