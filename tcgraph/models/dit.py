@@ -98,6 +98,10 @@ CONFIGS["digits"] = DiTConfig(
 )
 
 
+# Registered configs whose models denoise pixels in [-1, 1] (DDIM clips x0 for them by default).
+PIXEL_SPACE = ("digits",)
+
+
 def make_config(name: str, **overrides) -> DiTConfig:
     """Look up a registered config by the paper's name; `overrides` replace fields."""
     if name not in CONFIGS:

@@ -25,14 +25,15 @@ def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> DDIMSampler:
 def is_pixel_space(cfg: "DiTConfig") -> bool:
     """Whether a DiT denoises pixels (values in [-1, 1]) rather than latents.
 
-    Every official DiT checkpoint denoises the 4-channel latents of Stable Diffusion's VAE;
-    tcgraph's demo models denoise pixels (1 channel). A config is taken as pixel-space when
-    it has another channel count than 4; `SamplerSettings.clip_x0` overrides the default.
+    Every official DiT checkpoint denoises the latents of Stable Diffusion's VAE, which are
+    not bounded; tcgraph's demo model denoises pixels. A config is pixel-space when it is a
+    registered pixel-space config (`models.dit.PIXEL_SPACE`: the demo's); any other (an
+    official checkpoint, a random test model) is taken as latent. `SamplerSettings.clip_x0`
+    overrides the default either way.
     """
-    return cfg.in_channels != LATENT_CHANNELS
+    from tcgraph.models.dit import CONFIGS, PIXEL_SPACE
 
-
-LATENT_CHANNELS = 4  # Stable Diffusion's VAE, which every official DiT checkpoint denoises in
+    return any(cfg == CONFIGS[name] for name in PIXEL_SPACE)
 
 
 def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:

@@ -262,6 +262,7 @@ def test_clip_x0_default_follows_the_model_space():
 
     digits, latent = make_config("digits"), make_config("DiT-S/2")
     assert is_pixel_space(digits) and not is_pixel_space(latent)
+    assert not is_pixel_space(make_config("digits", in_channels=2))  # a random test model: latent unless told
     assert sampler_for(SamplerSettings(), digits).clip_denoised is True
     assert sampler_for(SamplerSettings(), latent).clip_denoised is False
     assert sampler_for(SamplerSettings(clip_x0=False), digits).clip_denoised is False
