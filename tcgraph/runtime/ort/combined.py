@@ -135,9 +135,7 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
         ]
         return helper.make_graph(nodes, f"select_{k}", [], [output_info(r, n) for r, n in zip(result, outputs)])
 
-    top = chain(0)
-    if len(branches) == 1:  # one variant: its branch is the whole graph, outputs renamed below
-        top = branches[0]
+    top = chain(0)  # with one variant, its branch itself (its own constants then move to the top graph)
     graph_inputs = [helper.make_tensor_value_info(SELECTOR, TensorProto.INT64, [])]
     for name, (shape, dtype) in inputs.items():
         static = len(shapes[name]) == 1 and len(readers[name]) == len(variants)
@@ -148,8 +146,7 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
     for produced, name in zip(top.output, outputs):
         nodes.append(helper.make_node("Identity", [produced.name], [output_name(name)], name=f"result/{name}"))
         graph_outputs.append(output_info(output_name(name), name))
-    initializers = (list(shared.values()) + hoisted.initializers
-                    + (list(top.initializer) if len(branches) == 1 else []))
+    initializers = list(shared.values()) + hoisted.initializers + list(top.initializer)
     graph = helper.make_graph(nodes, "tcgraph_variants", graph_inputs, graph_outputs, initializer=initializers)
     first = models[0]
     opsets = {o.domain: o.version for m in models for o in m.opset_import}
