@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model == "digits":
-        model = api.load_dit("digits")
-    elif args.model in CONFIGS:
-        model = randomize_weights(DiT(make_config(args.model)), seed=args.seed)
-    else:
-        raise TcgraphError(f"unknown model {args.model!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+    model = benchmark_model(args.model, args.seed)
     cfg = model.config
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
                                resolution=cfg.input_size)
@@ -113,6 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(result))
     print(f"\nwrote {out}")
     return result
+
+
+def benchmark_model(name: str, seed: int = 0) -> DiT:
+    """'digits' (the trained demo model) or a registered config with random weights (speed only)."""
+    if name == "digits":
+        return api.load_dit("digits")
+    if name in CONFIGS:
+        return randomize_weights(DiT(make_config(name)), seed=seed)
+    raise TcgraphError(f"unknown model {name!r}; use 'digits' or one of {', '.join(CONFIGS)}")
 
 
 def labels_for(classes: str | None, per_class: int, num_classes: int) -> list[int]:

@@ -46,12 +46,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_plans import benchmark_model  # noqa: E402
 from bench_tokencache import structural_plans  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
-from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.plan import make_plan, plan_flops  # noqa: E402
 from tcgraph.runtime.dispatch import ScheduleDispatcher  # noqa: E402
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for  # noqa: E402
@@ -146,12 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise TcgraphError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
 
-    if args.model == "digits":
-        model = api.load_dit("digits")
-    elif args.model in CONFIGS:
-        model = randomize_weights(DiT(make_config(args.model)), seed=args.seed)
-    else:
-        raise TcgraphError(f"unknown model {args.model!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+    model = benchmark_model(args.model, args.seed)
     cfg = model.config
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
                                resolution=cfg.input_size)
