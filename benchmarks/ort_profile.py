@@ -1,0 +1,135 @@
+"""Where ONNX Runtime's time and memory go, per variant: op times and folded tensors.
+
+    python benchmarks/ort_profile.py                                  # demo model, tokencache:2 shape
+    python benchmarks/ort_profile.py --model DiT-S/2 --plan tokencache+l2c:2 --batch 2
+
+Transforms the model for the plan (learned-planner names: their structural plans, see
+bench_tokencache.structural_plans) and then:
+- per variant, in a session of its own with ONNX Runtime's profiler on: the median latency
+  of `--runs` runs on random feeds, and the kernel time per op type per run (the top
+  `--top`), with the node count;
+- the combined session of all variants (runtime/ort/combined.py), as ONNX Runtime optimizes
+  it: the MiB of tensors its optimizer folded into each branch and into the top graph (work
+  on weights alone; the shared weights themselves are external and not counted).
+Prints JSON lines; writes nothing but the profiler's files in a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_plans import benchmark_model  # noqa: E402
+from bench_tokencache import structural_plans  # noqa: E402
+
+from tcgraph import api  # noqa: E402
+from tcgraph.export.artifact import load_artifact  # noqa: E402
+from tcgraph.plan import make_plan  # noqa: E402
+from tcgraph.sampling import SamplerSettings  # noqa: E402
+
+
+def random_feeds(spec, rng) -> dict:
+    return {t.name: (rng.integers(0, 10, t.shape) if t.dtype == "int64" else rng.standard_normal(t.shape))
+            .astype(t.dtype) for t in spec.inputs}
+
+
+def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: str) -> dict:
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(folder) / spec.id)
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(art.variant_path(spec.id)), options, providers=["CPUExecutionProvider"])
+    feeds = random_feeds(spec, np.random.default_rng(0))
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    total_runs = runs + 3
+    by_op, count = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    ops = sorted(by_op, key=by_op.get, reverse=True)[:top]
+    return {"variant": spec.id, "median_ms": statistics.median(times) * 1e3,
+            "kernel_ms_per_run": sum(by_op.values()) / total_runs / 1e3,
+            "nodes_per_run": sum(count.values()) // total_runs,
+            "top_ops": {op: {"ms": by_op[op] / total_runs / 1e3, "nodes": count[op] // total_runs} for op in ops}}
+
+
+def folded_tensors(ort, art, folder: str) -> dict:
+    """MiB of tensors embedded in each graph of the combined model after ONNX Runtime's optimizer."""
+    import onnx
+
+    from tcgraph.runtime.ort.combined import combine_variants
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(art.weights_path.parent))
+    options.optimized_model_filepath = str(Path(folder) / "combined.onnx")
+    # keep the weights external in the written model: only what the optimizer made is embedded
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "combined.bin")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     str(1 << 40))
+    ort.InferenceSession(combine_variants(art).model.SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
+    model = onnx.load(str(Path(folder) / "combined.onnx"), load_external_data=False)
+    top_weights = {i.name for i in combine_variants(art).model.graph.initializer
+                   if i.data_location == onnx.TensorProto.EXTERNAL}
+    result = {}
+
+    def walk(graph, name: str) -> None:
+        embedded = [i for i in graph.initializer if i.name not in top_weights]
+        result[name] = sum(len(i.raw_data) for i in embedded) / (1 << 20)
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH and a.g.name.startswith("variant_"):
+                    walk(a.g, a.g.name.removeprefix("variant_"))
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g, name)  # a chain graph: what it holds is counted with its parent's
+    walk(model.graph, "top")
+    return {"folded_mib": result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits")
+    ap.add_argument("--plan", default="tokencache:2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--top", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    model = benchmark_model(args.model)
+    settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=args.batch, resolution=model.config.input_size)
+    if args.plan == "full" or args.plan.startswith("fora:"):
+        plan = make_plan(args.plan, model.config, settings)
+    else:
+        kind, _, target = args.plan.partition(":")
+        plan = structural_plans(model, settings, [float(target)])[f"{kind}:{float(target)}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        art = load_artifact(api.transform(model, plan, Path(tmp) / "art", check=False, progress=False))
+        steps = collections.Counter(plan.schedule())
+        for spec in art.variants:
+            row = profile_variant(ort, art, spec, args.runs, args.top, args.threads, tmp)
+            print(json.dumps({"steps": steps[spec.id], **row}), flush=True)
+        print(json.dumps(folded_tensors(ort, art, tmp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
