@@ -1,17 +1,13 @@
-"""Where ONNX Runtime's time and memory go, per variant: op times and folded tensors.
+"""Where ONNX Runtime's time goes, per variant: op times from its profiler.
 
     python benchmarks/ort_profile.py                                  # demo model, tokencache:2 shape
     python benchmarks/ort_profile.py --model DiT-S/2 --plan tokencache+l2c:2 --batch 2
 
 Transforms the model for the plan (learned-planner names: their structural plans, see
-bench_tokencache.structural_plans) and then:
-- per variant, in a session of its own with ONNX Runtime's profiler on: the median latency
-  of `--runs` runs on random feeds, and the kernel time per op type per run (the top
-  `--top`), with the node count;
-- the combined session of all variants (runtime/ort/combined.py), as ONNX Runtime optimizes
-  it: the MiB of tensors its optimizer folded into each branch and into the top graph (work
-  on weights alone; the shared weights themselves are external and not counted).
-Prints JSON lines; writes nothing but the profiler's files in a temporary folder.
+bench_tokencache.structural_plans) and then, per variant, in a session of its own with ONNX
+Runtime's profiler on: the median latency of `--runs` runs on random feeds, and the kernel
+time per op type per run (the top `--top`), with the node count. Prints JSON lines; writes
+nothing but the profiler's files in a temporary folder.
 """
 from __future__ import annotations
 
@@ -70,40 +66,6 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
             "top_ops": {op: {"ms": by_op[op] / total_runs / 1e3, "nodes": count[op] // total_runs} for op in ops}}
 
 
-def folded_tensors(ort, art, folder: str) -> dict:
-    """MiB of tensors embedded in each graph of the combined model after ONNX Runtime's optimizer."""
-    import onnx
-
-    from tcgraph.runtime.ort.combined import combine_variants
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(art.weights_path.parent))
-    options.optimized_model_filepath = str(Path(folder) / "combined.onnx")
-    # keep the weights external in the written model: only what the optimizer made is embedded
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "combined.bin")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                     str(1 << 40))
-    ort.InferenceSession(combine_variants(art).model.SerializeToString(), options,
-                         providers=["CPUExecutionProvider"])
-    model = onnx.load(str(Path(folder) / "combined.onnx"), load_external_data=False)
-    top_weights = {i.name for i in combine_variants(art).model.graph.initializer
-                   if i.data_location == onnx.TensorProto.EXTERNAL}
-    result = {}
-
-    def walk(graph, name: str) -> None:
-        embedded = [i for i in graph.initializer if i.name not in top_weights]
-        result[name] = sum(len(i.raw_data) for i in embedded) / (1 << 20)
-        for node in graph.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH and a.g.name.startswith("variant_"):
-                    walk(a.g, a.g.name.removeprefix("variant_"))
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g, name)  # a chain graph: what it holds is counted with its parent's
-    walk(model.graph, "top")
-    return {"folded_mib": result}
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits")
@@ -128,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
         for spec in art.variants:
             row = profile_variant(ort, art, spec, args.runs, args.top, args.threads, tmp)
             print(json.dumps({"steps": steps[spec.id], **row}), flush=True)
-        print(json.dumps(folded_tensors(ort, art, tmp)), flush=True)
 
 
 if __name__ == "__main__":
