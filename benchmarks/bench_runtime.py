@@ -47,12 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_plans import benchmark_model  # noqa: E402
-from bench_tokencache import structural_plans  # noqa: E402
+from bench_tokencache import speed_plans  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
-from tcgraph.plan import make_plan, plan_flops  # noqa: E402
+from tcgraph.plan import plan_flops  # noqa: E402
 from tcgraph.runtime.dispatch import ScheduleDispatcher  # noqa: E402
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for  # noqa: E402
 
@@ -64,23 +64,6 @@ MODES = {
     "plain": ("ort", {"one_session": False, "share_weights": False}),
     "torch": ("torch", {}),
 }
-
-
-def make_plans(model, settings: SamplerSettings, names: list[str]) -> dict:
-    structural_targets = sorted({float(n.split(":")[1]) for n in names if not n.startswith(("full", "fora"))})
-    learned = structural_plans(model, settings, structural_targets) if structural_targets else {}
-    plans = {}
-    for name in names:
-        if name == "full" or name.startswith("fora:"):
-            plans[name] = make_plan(name, model.config, settings)
-            continue
-        kind, _, target = name.partition(":")
-        key = f"{kind}:{float(target)}"  # structural_plans' keys: targets as floats
-        if key not in learned:
-            raise TcgraphError(f"no structural plan {name!r} (have {sorted(learned)}); use full, fora:N or "
-                               "l2c/tokencache/dynamic/tokencache+l2c:X")
-        plans[name] = learned[key]
-    return plans
 
 
 BLOCKS = 4  # alternation penalty: blocks of `calls` calls of each kind, interleaved
@@ -155,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         names = ["full"] + [n for n in names if n != "full"]
     if "fora:2" not in names:
         names.append("fora:2")  # the alternation penalty is measured on it
-    plans = make_plans(model, settings, names)
+    plans = speed_plans(model, settings, names)
     config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
               "images": args.images, "repeats": args.repeats, "calls": args.calls, "modes": modes,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

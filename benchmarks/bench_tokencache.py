@@ -205,6 +205,28 @@ def structural_plans(model, settings, targets) -> dict:
     return plans
 
 
+def speed_plans(model, settings, names: list[str]) -> dict:
+    """Plans by name for speed measurements: `full` and `fora:N` as `make_plan` makes them, the
+    learned planners' names (`l2c:X`, `tokencache:X`, `dynamic:X`, `tokencache+l2c:X`) as their
+    structural plans (`structural_plans`: shapes without learning)."""
+    from tcgraph.plan import make_plan
+
+    targets = sorted({float(n.partition(":")[2]) for n in names if n != "full" and not n.startswith("fora:")})
+    learned = structural_plans(model, settings, targets) if targets else {}
+    plans = {}
+    for name in names:
+        if name == "full" or name.startswith("fora:"):
+            plans[name] = make_plan(name, model.config, settings)
+            continue
+        kind, _, target = name.partition(":")
+        key = f"{kind}:{float(target)}"  # structural_plans' keys: targets as floats
+        if key not in learned:
+            raise TcgraphError(f"no structural plan {name!r} (have {sorted(learned)}); use full, fora:N or "
+                               "l2c/tokencache/dynamic/tokencache+l2c:X")
+        plans[name] = learned[key]
+    return plans
+
+
 def args_model(cfg) -> str:
     return f"a {cfg.depth}-block model with {cfg.num_tokens} tokens"
 

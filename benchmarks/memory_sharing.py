@@ -99,13 +99,10 @@ def measure(artifact_dir: str, mode: str, n: int, threads: int, repeats: int, wa
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     after_runs = proc_status()
     first = runner.variant_ids()[0]
-    for _ in range(warmup):
-        runner.run(first, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.run(first, feeds)
-        times.append(time.perf_counter() - t0)
+    from bench_plans import time_runs
+
+    time_runs(lambda: runner.run(first, feeds), warmup)
+    times = time_runs(lambda: runner.run(first, feeds), repeats)
     return {
         "mode": mode,
         "share_weights": MODES[mode].get("share_weights", True),
@@ -193,20 +190,15 @@ def build_artifact(
 def plan_artifact(out: Path, model_name: str, spec: str, batch: int, input_size: int, seed: int
                   ) -> tuple[Path, int, float]:
     """`tcgraph transform`'s folder for a plan (learned names: their structural plans)."""
-    from bench_tokencache import structural_plans
+    from bench_tokencache import speed_plans
 
     from tcgraph import api
     from tcgraph.models.dit import build_model, randomize_weights
-    from tcgraph.plan import make_plan
     from tcgraph.sampling import SamplerSettings
 
     model = randomize_weights(build_model(model_name, input_size=input_size), seed=seed)
     settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=batch, resolution=model.config.input_size)
-    if spec == "full" or spec.startswith("fora:"):
-        plan = make_plan(spec, model.config, settings)
-    else:
-        kind, _, target = spec.partition(":")
-        plan = structural_plans(model, settings, [float(target)])[f"{kind}:{float(target)}"]
+    plan = speed_plans(model, settings, [spec])[spec]
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     t0 = time.perf_counter()
     api.transform(model, plan, out, check=False, progress=False, force=True)

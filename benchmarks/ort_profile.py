@@ -17,24 +17,18 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_plans import benchmark_model  # noqa: E402
-from bench_tokencache import structural_plans  # noqa: E402
+from bench_plans import benchmark_model, time_runs  # noqa: E402
+from bench_tokencache import speed_plans  # noqa: E402
+from memory_sharing import variant_feeds  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
-from tcgraph.plan import make_plan  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
-
-
-def random_feeds(spec, rng) -> dict:
-    return {t.name: (rng.integers(0, 10, t.shape) if t.dtype == "int64" else rng.standard_normal(t.shape))
-            .astype(t.dtype) for t in spec.inputs}
 
 
 def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: str) -> dict:
@@ -44,14 +38,9 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(art.variant_path(spec.id)), options, providers=["CPUExecutionProvider"])
-    feeds = random_feeds(spec, np.random.default_rng(0))
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - t0)
+    feeds = variant_feeds(spec, np.random.default_rng(0))
+    time_runs(lambda: session.run(None, feeds), 3)  # warm-up
+    times = time_runs(lambda: session.run(None, feeds), runs)
     events = json.loads(Path(session.end_profiling()).read_text())
     total_runs = runs + 3
     by_op, count = collections.defaultdict(float), collections.Counter()
@@ -79,11 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = benchmark_model(args.model)
     settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=args.batch, resolution=model.config.input_size)
-    if args.plan == "full" or args.plan.startswith("fora:"):
-        plan = make_plan(args.plan, model.config, settings)
-    else:
-        kind, _, target = args.plan.partition(":")
-        plan = structural_plans(model, settings, [float(target)])[f"{kind}:{float(target)}"]
+    plan = speed_plans(model, settings, [args.plan])[args.plan]
     with tempfile.TemporaryDirectory() as tmp:
         art = load_artifact(api.transform(model, plan, Path(tmp) / "art", check=False, progress=False))
         steps = collections.Counter(plan.schedule())
