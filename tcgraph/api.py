@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from tcgraph.errors import UsageError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT, DiTConfig, is_model
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
@@ -26,7 +26,9 @@ def default_out(model: str, plan: str) -> Path:
 
 
 def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = None) -> DiT:
-    if isinstance(model, DiT):
+    """A model tcgraph can transform: `model` itself if it is one (a DiT or a wrapped diffusers DiT),
+    else what `tcgraph.models.load_model` loads from its name, checkpoint or diffusers folder."""
+    if is_model(model):
         return model.eval()
     from tcgraph.models import load_model
 
@@ -85,7 +87,7 @@ def transform(
     check_output_folder(out, force)  # before planning, which may take minutes; --force replaces artifacts only
     engines = _engine_builder(backend, engine_options or {})
     dit = load_dit(model, config)
-    if isinstance(model, DiT):  # a checkpoint's weights are checked as it loads
+    if is_model(model):  # a checkpoint's weights are checked as it loads
         from tcgraph.models.checkpoint import check_finite
 
         check_finite(dit.state_dict(), "the model passed to transform")
@@ -120,8 +122,8 @@ MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
 def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,
                          engine_options, clip_x0=None) -> SamplerSettings:
     """The types of `transform`'s arguments, and its sampler settings (resolution still the default)."""
-    if not isinstance(model, (str, os.PathLike, DiT)):
-        raise UsageError(f"model must be a model name ('digits'), a checkpoint path or a DiT, got "
+    if not isinstance(model, (str, os.PathLike)) and not is_model(model):
+        raise UsageError(f"model must be a model name ('digits'), a checkpoint path, a diffusers folder or a DiT, got "
                          f"{type(model).__name__}")
     if not isinstance(plan, (str, Plan)):
         raise UsageError(f"plan (--plan) must be a plan spec such as 'fora:3' or a Plan, got {type(plan).__name__}")
@@ -278,7 +280,7 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed:
     from tcgraph.models import check_class_ids
     from tcgraph.sampling import model_step_fn
 
-    if not isinstance(model, DiT):
+    if not is_model(model):
         raise UsageError(f"model must be a tcgraph DiT (tcgraph.load_dit), got {type(model).__name__}")
     if not isinstance(settings, SamplerSettings):
         raise UsageError(f"settings must be a tcgraph SamplerSettings, got {type(settings).__name__}")

@@ -79,7 +79,7 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
     g = torch.Generator().manual_seed(seed)
     feeds = {
         "x": torch.randn(b, cfg.in_channels, s.resolution, s.resolution, generator=g),
-        "t": torch.randint(0, 1000, (b,), generator=g),
+        "t": torch.randint(0, 1000, (b,), generator=g).to(s.timestep_dtype),  # float32 under flow matching
         "y": torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g),
     }
     for name in names:

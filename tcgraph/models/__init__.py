@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.models.diffusers_config import SUPPORTED as SUPPORTED_DIFFUSERS, is_diffusers_folder
 from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
 from tcgraph.models.checkpoint import (
     config_candidates,
@@ -24,7 +26,8 @@ from tcgraph.models.checkpoint import (
     load_state_dict_file,
     save_checkpoint,
 )
-from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, build_model, make_config
+from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, make_config
+from tcgraph.models.dit import build_model as build_official
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -72,6 +75,8 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
     checkpoint's shapes and must then match exactly one registered config.
     """
+    if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
+        return load_diffusers(name_or_path, config)
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
         path, own_config = PRETRAINED[name_or_path]
         if not path.exists():
@@ -101,6 +106,30 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
         model = DiT(cfg)
     load_checkpoint_into(model, sd, source=str(path))
     return model.eval()
+
+
+def build_model(config: DiTConfig | str, **overrides):
+    """A freshly initialised model in eval mode from a config or a registered name; a config with
+    layout "diffusers" builds diffusers' DiTTransformer2DModel (`tcgraph.models.diffusers_dit`,
+    needs diffusers), any other tcgraph's DiT."""
+    if isinstance(config, DiTConfig) and config.layout == "diffusers" and not overrides:
+        from tcgraph.models.diffusers_dit import build_diffusers_dit
+
+        return build_diffusers_dit(config)
+    return build_official(config, **overrides)
+
+
+def load_diffusers(path: str | os.PathLike, config=None):
+    """The diffusers model in a model folder (config.json + safetensors) or a pipeline folder
+    (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json."""
+    from tcgraph.models.diffusers_config import read_folder
+
+    if config is not None:
+        raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "
+                         "(--config) argument")
+    folder = read_folder(path)
+    module = SUPPORTED_DIFFUSERS[folder.class_name]
+    return importlib.import_module(module).load(folder)
 
 
 def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_classes: int) -> torch.Tensor:
@@ -134,6 +163,7 @@ __all__ = [
     "check_class_ids",
     "infer_config",
     "load_checkpoint_into",
+    "load_diffusers",
     "load_model",
     "load_state_dict_file",
     "make_config",

@@ -38,15 +38,30 @@ from tcgraph.names import BRANCHES
 class AttentionSpec:
     """Where token pruning finds the parts of a multi-head self-attention branch.
 
-    Names are attributes of the branch module. `in_proj` is one linear layer whose output
-    columns are q, k, v in that order, each split into `num_heads` heads of `head_dim`
-    (timm's and the official DiT's layout); `out_proj` is the output projection.
+    Names are module paths inside the branch module. Either `in_proj`, one linear layer
+    whose output columns are q, k, v in that order, each split into `num_heads` heads of
+    `head_dim` (timm's and the official DiT's layout), or three linear layers `q_proj`,
+    `k_proj`, `v_proj` (diffusers' `to_q`, `to_k`, `to_v`); `out_proj` is the output
+    projection. `head_dim` is an int attribute of the branch module, or None for
+    width / heads.
     """
 
-    in_proj: str
     out_proj: str
     num_heads: str  # int attribute of the branch module
-    head_dim: str  # int attribute of the branch module
+    in_proj: str | None = None
+    head_dim: str | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+
+    def __post_init__(self) -> None:
+        separate = [p is not None for p in (self.q_proj, self.k_proj, self.v_proj)]
+        if not ((self.in_proj is not None and not any(separate)) or (self.in_proj is None and all(separate))):
+            raise TcgraphError("an AttentionSpec names either a fused in_proj or all of q_proj, k_proj, v_proj")
+
+    @property
+    def fused(self) -> bool:
+        return self.in_proj is not None
 
 
 @dataclass(frozen=True)
@@ -98,11 +113,13 @@ class ModelAdapter:
     model_type: type  # the registry key
     block_type: type  # a leaf module of the fx capture
     blocks: str  # module path of the blocks' container (an nn.ModuleList), e.g. "blocks"
-    modulation: str  # attribute of a block: c -> [B, chunks * D], split into `chunks` along dim 1
+    modulation: str  # attribute of a block: (*cond) -> [B, chunks * D], split into `chunks` along dim 1
     chunks: int
     branches: tuple[BranchSpec, ...]
-    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    final: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, h, c) -> output
+    # (model, x, t, y) -> (h, cond): cond is the conditioning the blocks' modulation and `final` take,
+    # one tensor (DiT's c) or a tuple of them (passed as separate arguments)
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, object]]
+    final: Callable[..., torch.Tensor]  # (model, h, *cond) -> output
     dims: Callable[[nn.Module], ModelDims]
 
     def __post_init__(self) -> None:
@@ -145,13 +162,14 @@ class ModelAdapter:
         With `branch_fn = lambda l, b, u, fn: fn(u())` this is the model itself. The op
         order is fixed here once; the reference and calibration share it.
         """
-        h, c = self.embed(model, x, t, y)
+        h, cond = self.embed(model, x, t, y)
+        cond = cond if isinstance(cond, tuple) else (cond,)
         for l, block in enumerate(model.get_submodule(self.blocks)):
-            mod = getattr(block, self.modulation)(c).chunk(self.chunks, dim=1)
+            mod = getattr(block, self.modulation)(*cond).chunk(self.chunks, dim=1)
             for spec in self.branches:
-                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h), getattr(block, spec.module))
+                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h), block.get_submodule(spec.module))
                 h = h + mod[spec.gate].unsqueeze(1) * value if spec.gate is not None else h + value
-        return self.final(model, h, c)
+        return self.final(model, h, *cond)
 
 
 def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
@@ -159,7 +177,7 @@ def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
     """u of one branch, formed only when asked for (h bound now, not when called)."""
 
     def u() -> torch.Tensor:
-        v = getattr(block, spec.norm)(h) if spec.norm is not None else h
+        v = block.get_submodule(spec.norm)(h) if spec.norm is not None else h
         if spec.shift is not None:
             v = modulate(v, mod[spec.shift], mod[spec.scale])
         return v

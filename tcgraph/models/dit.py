@@ -39,8 +39,15 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the null class used by guidance
     num_classes: int = 1000
     learn_sigma: bool = True
+    # Parameter layout and its forward: "official" (facebookresearch/DiT, `DiT` below) or
+    # "diffusers" (diffusers' DiTTransformer2DModel, `tcgraph.models.diffusers_dit`), whose
+    # timestep features use a frequency shift of 1 and whose MLP norm uses `norm_eps`.
+    layout: str = "official"
+    norm_eps: float = 1e-6  # eps of the norm before the MLP (official: 1e-6 everywhere)
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise TcgraphError(f"unknown DiT layout {self.layout!r}; layouts: {', '.join(LAYOUTS)}")
         if self.input_size % self.patch_size:
             raise TcgraphError(
                 f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}; "
@@ -64,7 +71,17 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; `layout` and `norm_eps` only where they differ from the official
+        DiT's, so that configs (and manifest hashes) written before they existed stay the same."""
+        d = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
+
+
+LAYOUTS = ("official", "diffusers")
+_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6}  # fields added after manifests existed
 
 
 def _paper(depth: int, hidden: int, heads: int, patch: int) -> DiTConfig:
@@ -108,7 +125,7 @@ def make_config(name: str, **overrides) -> DiTConfig:
         raise TcgraphError(
             f"unknown model config {name!r}; valid names: {', '.join(CONFIGS)}"
         )
-    base = CONFIGS[name].to_dict()
+    base = asdict(CONFIGS[name])
     unknown = set(overrides) - set(base)
     if unknown:
         raise TcgraphError(
@@ -269,6 +286,11 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
+        if config.layout != "official" or config.norm_eps != 1e-6:
+            raise TcgraphError(
+                f"DiT builds the official layout (norm eps 1e-6); this config has layout {config.layout!r}, "
+                f"norm eps {config.norm_eps}: use tcgraph.models.build_model, which builds every layout"
+            )
         self.config = config
         self.learn_sigma = config.learn_sigma
         self.in_channels = config.in_channels
@@ -375,10 +397,17 @@ def randomize_weights(model: DiT, std: float = 0.02, seed: int = 0) -> DiT:
     return model.eval()
 
 
+def is_model(obj) -> bool:
+    """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
+    diffusers' DiTTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT` wraps it)."""
+    return isinstance(obj, nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
+
+
 def build_model(config: DiTConfig | str, **overrides) -> DiT:
-    """A freshly initialised DiT in eval mode from a config or a registered name."""
+    """A freshly initialised DiT in eval mode from a config or a registered name (the official
+    layout; `tcgraph.models.build_model` builds either layout)."""
     if isinstance(config, str):
         config = make_config(config, **overrides)
     elif overrides:
-        config = DiTConfig(**{**config.to_dict(), **overrides})
+        config = DiTConfig(**{**asdict(config), **overrides})
     return DiT(config).eval()

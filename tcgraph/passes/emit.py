@@ -79,22 +79,31 @@ def attention_rows(emit: Emitter, node: fx.Node, kept: fx.Node, k: int, spec: At
     """Attention with queries from the kept rows `kept` ([B, k, D], taken from the branch
     input u) and keys/values from all tokens of u; the rows of the branch output, [B, k, D].
 
-    `node` is the attention branch's call_module node; `spec` says where its fused q/k/v
-    projection and output projection are. The ops follow the branch's own forward."""
+    `node` is the attention branch's call_module node; `spec` says where its q/k/v
+    projections (one fused layer, or three) and output projection are. The ops follow the
+    branch's own forward."""
     attn = emit.gm.get_submodule(node.target)
     proj = f"{node.target}.{spec.out_proj}"
     d = emit.gm.get_submodule(proj).in_features
-    heads, head_dim = getattr(attn, spec.num_heads), getattr(attn, spec.head_dim)
+    heads = getattr(attn, spec.num_heads)
+    head_dim = getattr(attn, spec.head_dim) if spec.head_dim is not None else d // heads
     (u,) = node.args
     batch = emit.batch(u)
-    wq, bq, wkv, bkv = split_in_proj(emit, f"{node.target}.{spec.in_proj}", d)
-    q = emit.fn(operator.add, emit.fn(torch.matmul, kept, wq, name="q"), bq, name="q")
-    kv = emit.fn(operator.add, emit.fn(torch.matmul, u, wkv, name="kv"), bkv, name="kv")  # [B, N, 2D]
+    if spec.fused:
+        wq, bq, wkv, bkv = split_in_proj(emit, f"{node.target}.{spec.in_proj}", d)
+        q = emit.fn(operator.add, emit.fn(torch.matmul, kept, wq, name="q"), bq, name="q")
+        kv = emit.fn(operator.add, emit.fn(torch.matmul, u, wkv, name="kv"), bkv, name="kv")  # [B, N, 2D]
+        kv = emit("call_method", "reshape", kv, batch, -1, 2, heads, head_dim, name="kv")
+        kv = emit("call_method", "permute", kv, 2, 0, 3, 1, 4, name="kv")  # [2, B, h, N, d]
+        key, value = (emit.fn(operator.getitem, kv, i, name=n) for i, n in ((0, "k"), (1, "v")))
+    else:  # three projections: queries of the kept rows, keys and values of all rows, no weight slicing
+        q = emit("call_module", f"{node.target}.{spec.q_proj}", kept, name="q")
+        key, value = (emit("call_method", "transpose", emit(
+            "call_method", "reshape", emit("call_module", f"{node.target}.{path}", u, name=n),
+            batch, -1, heads, head_dim, name=n), 1, 2, name=n)
+            for path, n in ((spec.k_proj, "k"), (spec.v_proj, "v")))  # [B, h, N, d]
     q = emit("call_method", "reshape", q, batch, k, heads, head_dim, name="q")
     q = emit("call_method", "transpose", q, 1, 2, name="q")  # [B, h, k, d]
-    kv = emit("call_method", "reshape", kv, batch, -1, 2, heads, head_dim, name="kv")
-    kv = emit("call_method", "permute", kv, 2, 0, 3, 1, 4, name="kv")  # [2, B, h, N, d]
-    key, value = (emit.fn(operator.getitem, kv, i, name=n) for i, n in ((0, "k"), (1, "v")))
     out = emit.fn(F.scaled_dot_product_attention, q, key, value, name="sdpa")  # [B, h, k, d]
     out = emit("call_method", "transpose", out, 1, 2, name="mix")
     out = emit("call_method", "reshape", out, batch, k, d, name="mix")  # [B, k, D]

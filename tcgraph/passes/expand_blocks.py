@@ -9,7 +9,10 @@ residual update. Inlined nodes are named `<block path>_<op>` (`blocks_3_norm1`) 
 """
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
+import torch.nn as nn
 
 from tcgraph.models.adapter import ModelAdapter
 from tcgraph.passes.capture import trace
@@ -28,8 +31,26 @@ def expand_blocks(gm: fx.GraphModule) -> fx.GraphModule:
     # The captured graph held each block by reference; later passes delete unused
     # submodules, which must never reach into the user's model.
     expanded = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    # fx gives the graph its own containers only down to the modules it calls; a called leaf
+    # (a branch module) is still the user's object, and a pass that stops calling it whole
+    # (token pruning calls its projections) would delete its unused children from the
+    # user's model. Each called module gets its own tree of containers (weights shared).
+    for node in graph.nodes:
+        if node.op == "call_module":
+            parent, _, name = node.target.rpartition(".")
+            setattr(expanded.get_submodule(parent), name, _own_tree(expanded.get_submodule(node.target)))
     expanded.meta.update(gm.meta)
     return expanded
+
+
+def _own_tree(module: nn.Module) -> nn.Module:
+    """A shallow copy of `module` whose submodule containers are copies too; parameters and
+    buffers are the same tensors."""
+    clone = copy.copy(module)
+    clone._modules = {n: (None if c is None else _own_tree(c)) for n, c in module._modules.items()}
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter) -> None:

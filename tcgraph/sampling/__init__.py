@@ -1,4 +1,4 @@
-"""Samplers and sampling runs: noise schedule, DDIM, the settings a plan is made for."""
+"""Samplers and sampling runs: noise schedule, DDIM, diffusers' schedulers, the settings a plan is made for."""
 from tcgraph.sampling.diffusion import (
     NUM_TRAIN_TIMESTEPS,
     DDIMSampler,
@@ -9,10 +9,17 @@ from tcgraph.sampling.diffusion import (
     model_step_fn,
     space_timesteps,
 )
-from tcgraph.sampling.runs import is_pixel_space, make_noise, run_batches, sampler_for
+from tcgraph.sampling.runs import Sampler, is_pixel_space, make_noise, run_batches, sampler_for
+from tcgraph.sampling.schedulers import (
+    SUPPORTED_SCHEDULERS,
+    DiffusersSampler,
+    DiffusersSchedule,
+    scheduler_config_from_folder,
+)
 from tcgraph.sampling.settings import SamplerSettings
 
 __all__ = [
-    "NUM_TRAIN_TIMESTEPS", "DDIMSampler", "DDIMSchedule", "SamplerSettings", "StepFn", "guided_eps", "linear_betas",
-    "is_pixel_space", "make_noise", "model_step_fn", "run_batches", "sampler_for", "space_timesteps",
+    "NUM_TRAIN_TIMESTEPS", "SUPPORTED_SCHEDULERS", "DDIMSampler", "DDIMSchedule", "DiffusersSampler",
+    "DiffusersSchedule", "Sampler", "SamplerSettings", "StepFn", "guided_eps", "linear_betas", "is_pixel_space",
+    "make_noise", "model_step_fn", "run_batches", "sampler_for", "scheduler_config_from_folder", "space_timesteps",
 ]

@@ -8,15 +8,26 @@ import torch
 
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling.diffusion import DDIMSampler, StepFn
+from tcgraph.sampling.schedulers import DiffusersSampler
 from tcgraph.sampling.settings import SamplerSettings
 
 if TYPE_CHECKING:
     from tcgraph.models.dit import DiTConfig
 
+# What calibration, evaluation and sampling runs use of a sampler is the same for both.
+Sampler = DDIMSampler | DiffusersSampler
 
-def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> DDIMSampler:
-    """The DDIM sampler of `settings` for a model with `cfg`'s channels and null class; x0 is
-    clipped as `settings.clip_x0` says, or by default where the model is pixel-space."""
+
+def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> Sampler:
+    """The sampler of `settings` for a model with `cfg`'s channels and null class.
+
+    With a diffusers scheduler config (`settings.scheduler`), a `DiffusersSampler` runs that
+    scheduler (diffusers imported now). Otherwise tcgraph's DDIM, which clips x0 as
+    `settings.clip_x0` says, or by default where the model is pixel-space."""
+    if settings.scheduler is not None:
+        return DiffusersSampler(settings.scheduler, settings.num_steps, cfg_scale=settings.cfg_scale,
+                                in_channels=cfg.in_channels, null_class=cfg.num_classes,
+                                num_tokens=getattr(cfg, "num_tokens", None))
     clip = settings.clip_x0 if settings.clip_x0 is not None else is_pixel_space(cfg)
     return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
                        in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip)
@@ -43,7 +54,7 @@ def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, channels, size, size, generator=g)
 
 
-def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: DDIMSampler, labels: list[int],
+def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: Sampler, labels: list[int],
                 noise: torch.Tensor, batch: int, seed: int, progress: Progress = QUIET,
                 device: str | torch.device = "cpu") -> torch.Tensor:
     """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped).

@@ -7,13 +7,18 @@ refused on load), and `sample` runs only settings that passed. Each refusal is a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from tcgraph.errors import UsageError
 from tcgraph.sampling import checks
 from tcgraph.sampling.diffusion import NUM_TRAIN_TIMESTEPS
+from tcgraph.sampling.schedulers import CLASS_KEY, check_scheduler_config, timestep_dtype
 
-SAMPLERS = ("ddim",)
+# "ddim": tcgraph's own DDIM (DiT's schedule, ADM respacing); "diffusers": the diffusers
+# scheduler class that `scheduler` (a pipeline's scheduler_config.json) names.
+SAMPLERS = ("ddim", "diffusers")
 # DDIM respaces the 1000 training timesteps: at most one step per timestep.
 MAX_STEPS = NUM_TRAIN_TIMESTEPS
 # Images per sampling run. The graphs are static in it (2x with guidance), and every cache
@@ -36,6 +41,12 @@ class SamplerSettings:
     clips its estimate of x0 to [-1, 1] at every step; None takes the model's default
     (`sampler_for`: on for pixel-space models, where values outside [-1, 1] are isolated
     white or black pixels, off for latent models, whose latents are not bounded).
+
+    `scheduler` is the contents of a diffusers `scheduler_config.json` (see
+    `tcgraph.sampling.schedulers.scheduler_config_from_folder`), set exactly when `sampler`
+    is "diffusers": the deterministic diffusers scheduler it names samples then. Such a
+    scheduler is deterministic by itself, so `eta` must be 0, and its config decides any
+    clipping (`clip_sample`, `thresholding`), so `clip_x0` must be None.
     """
 
     sampler: str = "ddim"
@@ -45,13 +56,18 @@ class SamplerSettings:
     batch: int = 8  # images per sampling run; the graphs see 2x with guidance
     resolution: int = 16  # model input side (latent side for latent models)
     clip_x0: bool | None = None  # None: the model's default (on in pixel space)
+    # a diffusers scheduler_config.json (plain JSON); not hashed: a dict has no hash
+    scheduler: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r}; supported samplers: {', '.join(SAMPLERS)}")
         fixed = {
             "num_steps": checks.integer(self.num_steps, "steps", "--steps", lo=1, hi=MAX_STEPS,
-                                        why=f" (DDIM respaces the model's {NUM_TRAIN_TIMESTEPS} training timesteps)"),
+                                        why=f" (DDIM respaces the model's {NUM_TRAIN_TIMESTEPS} training timesteps)"
+                                        if self.sampler == "ddim" else
+                                        f" (at most one step per training timestep; the model has "
+                                        f"{NUM_TRAIN_TIMESTEPS})"),
             "cfg_scale": checks.real(self.cfg_scale, "guidance", "--guidance", lo=1.0,
                                      why=" (1 = no guidance; classifier-free guidance scales are >= 1)"),
             "eta": checks.real(self.eta, "eta", "--eta", lo=0.0, hi=1.0,
@@ -66,7 +82,33 @@ class SamplerSettings:
         for name, value in fixed.items():  # numpy numbers become Python ones (for JSON); others stay as given
             if type(getattr(self, name)) not in (int, float):
                 object.__setattr__(self, name, value)
+        self._check_scheduler()
+
+    def _check_scheduler(self) -> None:
+        if self.sampler == "ddim":
+            if self.scheduler is not None:
+                raise UsageError('a diffusers scheduler config was given with sampler "ddim"; pass '
+                                 'sampler="diffusers" to sample with it, or scheduler=None for tcgraph\'s DDIM')
+            return
+        if self.scheduler is None:
+            raise UsageError('sampler "diffusers" needs scheduler: the contents of the pipeline\'s '
+                             'scheduler/scheduler_config.json (tcgraph.sampling.scheduler_config_from_folder reads it)')
+        scheduler = check_scheduler_config(self.scheduler, where="scheduler")
+        name = scheduler[CLASS_KEY]
+        if self.eta != 0:
+            raise UsageError(f"eta (--eta) must be 0 with the diffusers scheduler {name}, got {self.eta!r}: "
+                             "tcgraph runs only deterministic schedulers")
+        if self.clip_x0 is not None:
+            raise UsageError(f"clip_x0 (--clip-x0) must be None (auto) with the diffusers scheduler {name}, got "
+                             f"{self.clip_x0!r}: its config decides clipping (clip_sample, thresholding); "
+                             "edit scheduler_config.json instead")
+        object.__setattr__(self, "scheduler", scheduler)  # a plain-JSON copy: the caller's dict may change
 
     @property
     def model_batch(self) -> int:
         return 2 * self.batch if self.cfg_scale > 1.0 else self.batch
+
+    @property
+    def timestep_dtype(self) -> torch.dtype:
+        """The dtype of the graphs' `t` input: int64, float32 under a flow-matching scheduler."""
+        return torch.int64 if self.scheduler is None else timestep_dtype(self.scheduler)
