@@ -46,6 +46,7 @@ def transform(
     eta: float = 0.0,
     batch: int = 8,
     clip_x0: bool | None = None,
+    scheduler: str | os.PathLike | dict | None = "auto",
     force: bool = False,
     check: bool = True,
     progress: bool | Progress = True,
@@ -57,6 +58,9 @@ def transform(
 
     `clip_x0`: whether DDIM clips x0 to [-1, 1] (None: the model's default, on for pixel-space
     models such as the demo; see `SamplerSettings`).
+    `scheduler`: "auto" (default: the pipeline's own scheduler when `model` is a diffusers
+    pipeline folder with a `scheduler/`, else tcgraph's DDIM), "ddim" (tcgraph's DDIM), a
+    diffusers scheduler folder or `scheduler_config.json`, or that file's contents as a dict.
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
     `check=False` skips both numerical checks: rewritten graphs against the eager
@@ -71,7 +75,7 @@ def transform(
     # sampler settings exactly as `sample` will check them: no artifact is written that
     # cannot be run. The resolution is the model's, filled in once it is loaded.
     settings = _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options,
-                                    backend, engine_options, clip_x0)
+                                    backend, engine_options, clip_x0, scheduler)
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
     if isinstance(plan, Plan) and options:
@@ -96,6 +100,7 @@ def transform(
         the_plan = plan
     else:
         settings = dataclasses.replace(settings, resolution=dit.config.input_size)
+        sampler_for(settings, dit.config)  # a diffusers scheduler's config is checked by diffusers, before planning
         _check_graph_memory(settings, dit.config)
         the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=prog, **options)
     variants = build_variants(dit, the_plan, check=check, progress=prog)
@@ -120,7 +125,7 @@ MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
 
 
 def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,
-                         engine_options, clip_x0=None) -> SamplerSettings:
+                         engine_options, clip_x0=None, scheduler="auto") -> SamplerSettings:
     """The types of `transform`'s arguments, and its sampler settings (resolution still the default)."""
     if not isinstance(model, (str, os.PathLike)) and not is_model(model):
         raise UsageError(f"model must be a model name ('digits'), a checkpoint path, a diffusers folder or a DiT, got "
@@ -136,7 +141,30 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
     for name, value in (("plan_options", plan_options), ("engine_options", engine_options)):
         if value is not None and not isinstance(value, dict):
             raise UsageError(f"{name} must be a dict of option names to values or None, got {type(value).__name__}")
-    return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)
+    config = _scheduler_config(scheduler, model)
+    if config is None:
+        return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)
+    return SamplerSettings(sampler="diffusers", scheduler=config, num_steps=steps, cfg_scale=guidance, eta=eta,
+                           batch=batch, clip_x0=clip_x0)
+
+
+def _scheduler_config(scheduler, model) -> dict | None:
+    """The diffusers scheduler config `transform` samples with, or None for tcgraph's DDIM."""
+    from tcgraph.sampling.schedulers import scheduler_config_from_folder
+
+    if isinstance(scheduler, dict):
+        return scheduler
+    if scheduler is None or scheduler == "ddim":
+        return None
+    if scheduler == "auto":
+        if isinstance(model, (str, os.PathLike)) and (Path(model) / "model_index.json").is_file() \
+                and (Path(model) / "scheduler").is_dir():
+            return scheduler_config_from_folder(model)
+        return None
+    if not isinstance(scheduler, (str, os.PathLike)):
+        raise UsageError(f"scheduler (--scheduler) must be 'auto', 'ddim', a diffusers scheduler folder or "
+                         f"scheduler_config.json, or its contents as a dict, got {type(scheduler).__name__}")
+    return scheduler_config_from_folder(scheduler)
 
 
 def _check_plan_spec(spec: str, options: dict) -> None:

@@ -22,7 +22,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("transform", help="plan, rewrite and export a model into an artifact folder")
-    t.add_argument("--model", default="digits", help="'digits' (the embedded demo model) or a checkpoint path")
+    t.add_argument("--model", default="digits",
+                   help="'digits' (the embedded demo model), a checkpoint path, or a diffusers model or pipeline "
+                        "folder (DiTTransformer2DModel)")
     t.add_argument("--config", choices=list(CONFIGS), help="config of a checkpoint (inferred when omitted)")
     t.add_argument("--plan", default="full", help=PLAN_HELP)
     t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
@@ -32,6 +34,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-x0", choices=("auto", "on", "off"), default="auto",
                    help="DDIM clips its x0 estimate to [-1, 1] at every step; auto (default): on for pixel-space "
                         "models such as the demo, off for latent models")
+    t.add_argument("--scheduler", default="auto",
+                   help="auto (default): a diffusers pipeline's own scheduler, else tcgraph's DDIM; ddim; or a "
+                        "diffusers scheduler folder / scheduler_config.json (DDIM, DPM-Solver multistep, "
+                        "flow-matching Euler)")
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks (rewritten graphs vs eager, ONNX vs graphs)")
@@ -177,6 +183,7 @@ def _run(argv: list[str] | None) -> int:
         path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
                              clip_x0={"auto": None, "on": True, "off": False}[args.clip_x0],
+                             scheduler=args.scheduler,
                              check=not args.no_check, progress=progress,
                              plan_options=plan_options(args),
                              backend=args.backend, engine_options={

@@ -40,7 +40,11 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
     if m:
         lines.append(f"model      {m.get('source') or 'model'}: depth {m['depth']}, hidden {m['hidden_size']}, "
                      f"heads {m['num_heads']}, {info['num_tokens']} tokens, {m['num_classes']} classes")
-    lines.append(f"sampler    {s['sampler']} {s['num_steps']} steps, guidance {s['cfg_scale']}, eta {s['eta']}, "
+    sampler = f"diffusers {s['scheduler']}" if s.get("scheduler") else s["sampler"]
+    layout = f" ({m['layout']} layout)" if m and m.get("layout") else ""
+    if layout:
+        lines[-1] += layout
+    lines.append(f"sampler    {sampler} {s['num_steps']} steps, guidance {s['cfg_scale']}, eta {s['eta']}, "
                  f"batch {s['batch']} (model batch {s['model_batch']}), resolution {s['resolution']}")
     plan_line = f"plan       {info['planner']}: {len(info['variants'])} variants"
     if info.get("predicted_speedup") is not None:

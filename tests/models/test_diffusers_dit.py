@@ -209,3 +209,34 @@ def test_transform_and_sample_a_diffusers_folder_with_fora(tmp_path):
     assert 0 < (a - b).abs().max().item()
     info = api.inspect(fora)
     assert info["model"]["layout"] == "diffusers"
+
+
+def test_a_pipeline_folder_samples_with_its_own_scheduler_by_default(tmp_path):
+    """`scheduler="auto"` takes the pipeline's scheduler/ (here DPM-Solver++); the artifact samples
+    the same as the eager model along that scheduler, and inspect names it."""
+    from tcgraph.sampling.schedulers import scheduler_config_from_folder
+
+    pipe = save_pipeline(tmp_path, tiny_diffusers(seed=4))
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+         "algorithm_type": "dpmsolver++", "solver_order": 2}))
+    art = api.transform(str(pipe), "fora:2", tmp_path / "art", steps=5, guidance=2.0, batch=2, progress=False)
+    s = load_artifact(art).plan.settings
+    assert s.sampler == "diffusers" and s.scheduler == scheduler_config_from_folder(pipe)
+    got, _ = api.sample(art, classes=[0, 3], per_class=1, seed=1, progress=False)
+    caches: dict = {}
+    from tcgraph.passes import reference_step
+    from tcgraph.sampling import make_noise, run_batches, sampler_for
+
+    model, plan = load_model(pipe), load_artifact(art).plan
+
+    def step(i, x, t, y):
+        out, fresh = reference_step(model, x, t, y, plan.recipes[i], caches)
+        caches.update(fresh)
+        return out
+
+    ref = run_batches(step, caches.clear, sampler_for(s, model.config), [0, 3], make_noise(2, 2, 8, 1), 2, 1)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item() + 1e-5  # samples ~ 250: float32 rounding
+    assert "diffusers DPMSolverMultistepScheduler 5 steps" in api.format_inspect(api.inspect(art))
+    ddim = api.transform(str(pipe), "full", tmp_path / "ddim", steps=5, batch=2, scheduler="ddim", progress=False)
+    assert load_artifact(ddim).plan.settings.sampler == "ddim"
