@@ -1,0 +1,193 @@
+"""Run a diffusers pipeline with a tcgraph artifact in place of its transformer.
+
+    pipe = DiTPipeline.from_pretrained("local/dit-pipeline")      # VAE, scheduler, ... as usual
+    art = tcgraph.transform("local/dit-pipeline", "fora:2", steps=25, guidance=4.0, batch=2)
+    with tcgraph.diffusers.use(pipe, art):
+        images = pipe(class_labels=[207, 360], num_inference_steps=25, guidance_scale=4.0).images
+
+`use` swaps `pipe.transformer` for an `ArtifactTransformer`: a module that answers the
+pipeline's transformer calls by running the artifact's variants along its schedule. Each
+call's timestep says which step of the plan it is, so the caches carried from step to step
+are the artifact's. Everything else (latents, scheduler, guidance arithmetic, VAE) is the
+pipeline's own. Leaving the `with` block (or `restore()`) puts the original back.
+
+The artifact fixes what its graphs and plan were made for, and a call that does not fit is
+one clear error: the step count and scheduler (the timesteps must be the plan's, in order),
+the batch (`--batch`, twice that with guidance), the resolution, and guidance on or off. The
+guidance *scale* never reaches the transformer, so it cannot be checked here; a plan made
+for another scale still runs, with the quality its calibration gave for its own.
+
+DiTPipeline labels the unconditional half with class 1000, ImageNet's null class; for a
+model with fewer classes, that id is read as the model's own null class.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from tcgraph.errors import TcgraphError, UsageError
+
+PIPELINE_NULL_CLASS = 1000  # what DiTPipeline passes for the unconditional half
+
+
+class ArtifactTransformer(nn.Module):
+    """A stand-in for a pipeline's DiTTransformer2DModel that runs a tcgraph artifact."""
+
+    def __init__(self, artifact, runner, original: nn.Module | None = None):
+        super().__init__()
+        from tcgraph.runtime.dispatch import ScheduleDispatcher
+        from tcgraph.sampling import sampler_for
+
+        self.artifact, self.runner = artifact, runner
+        cfg, settings = artifact.model_config, artifact.plan.settings
+        self.model_config, self.settings = cfg, settings
+        self.dispatch = ScheduleDispatcher.for_plan(runner, artifact.plan)
+        sampler = sampler_for(settings, cfg)
+        order = sampler.schedule.generation_order()
+        self.timesteps = [float(sampler.schedule.timesteps[i]) for i in order]  # step s -> its timestep
+        self.config = SimpleNamespace(sample_size=cfg.input_size, in_channels=cfg.in_channels,
+                                      out_channels=cfg.out_channels, patch_size=cfg.patch_size)
+        self._original = [original]  # not a submodule: its weights are not this module's
+        self._next = 0  # the step the next call must be
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the pipeline's latents live; the runner moves them to its device
+
+    def forward(self, hidden_states: torch.Tensor, timestep=None, class_labels=None, return_dict: bool = True,
+                **unused):
+        step = self._step_of(timestep)
+        x, t, y = self._inputs(hidden_states, timestep, class_labels, step)
+        if step == 0:
+            self.dispatch.reset()
+        out = self.dispatch(step, x, t, y)
+        self._next = step + 1 if step + 1 < len(self.timesteps) else 0
+        out = out.to(hidden_states.device)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+    def _step_of(self, timestep) -> int:
+        if timestep is None:
+            raise UsageError("the artifact's transformer needs the step's timestep; the pipeline passed none")
+        value = float(torch.as_tensor(timestep).reshape(-1)[0])
+        expected = self.timesteps[self._next]
+        if value == expected:
+            return self._next
+        if value == self.timesteps[0]:  # a new run after an interrupted one
+            return 0
+        s = self.settings
+        which = (f"the diffusers scheduler {s.scheduler['_class_name']}" if s.scheduler else "tcgraph's DDIM")
+        raise UsageError(
+            f"the pipeline's timestep {value:g} is not step {self._next} of the artifact's plan (timestep "
+            f"{expected:g}): the artifact was made for {s.num_steps} steps of {which}, timesteps "
+            f"{_short(self.timesteps)}; call the pipeline with num_inference_steps={s.num_steps} and the scheduler "
+            "the artifact was made with, or transform the pipeline again for these settings")
+
+    def _inputs(self, hidden_states, timestep, class_labels, step):
+        s, cfg = self.settings, self.model_config
+        if class_labels is None:
+            raise UsageError("the artifact is class-conditional; the pipeline passed no class_labels")
+        x = hidden_states.detach().to("cpu", torch.float32)
+        want = (s.model_batch, cfg.in_channels, s.resolution, s.resolution)
+        if tuple(x.shape) != want:
+            guided = " (guidance doubles it)" if s.model_batch > s.batch else ""
+            raise UsageError(
+                f"the pipeline gave the transformer latents of shape {list(x.shape)}, the artifact's graphs take "
+                f"{list(want)}: batch {s.batch}{guided}, {cfg.in_channels} channels, resolution {s.resolution}; "
+                f"call the pipeline with {s.batch} class labels per call (and guidance "
+                f"{'on' if s.model_batch > s.batch else 'off'}), or transform again with --batch for yours")
+        y = torch.as_tensor(class_labels).reshape(-1).to("cpu", torch.long).clone()
+        null = cfg.num_classes
+        y[y == PIPELINE_NULL_CLASS] = null
+        guided_call = s.model_batch > s.batch
+        uncond = y[s.batch:] if guided_call else y[:0]
+        if guided_call and not bool((uncond == null).all()):
+            raise UsageError("the artifact was made with guidance, but the second half of the pipeline's batch is "
+                             "not the null class: call the pipeline with guidance_scale > 1, or transform with "
+                             "--guidance 1")
+        if not guided_call and bool((y == null).any()):
+            raise UsageError("the artifact was made without guidance (--guidance 1), but the pipeline batched "
+                             "unconditional rows: call it with guidance_scale=1, or transform with guidance")
+        bad = y[(y < 0) | (y > null)]
+        if bad.numel():
+            raise UsageError(f"class labels {bad[:5].tolist()} are out of range for the model's {null} classes")
+        t = torch.as_tensor(timestep).reshape(-1).to("cpu")
+        t = (t.expand(x.shape[0]) if t.numel() == 1 else t).to(s.timestep_dtype)
+        return x, t, y
+
+
+class Swap:
+    """What `use` returns: the pipeline runs the artifact until `restore()` (or the `with` ends)."""
+
+    def __init__(self, pipe, transformer: ArtifactTransformer, original):
+        self.pipe, self.transformer, self.original = pipe, transformer, original
+
+    def restore(self) -> None:
+        if self.pipe.transformer is self.transformer:
+            _set_transformer(self.pipe, self.original)
+            self.transformer.runner.deactivate()
+
+    def __enter__(self):
+        return self.pipe
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_options) -> Swap:
+    """Put the tcgraph artifact at `artifact` in place of `pipe.transformer` (see the module doc).
+
+    The artifact must be of the pipeline's model: its config must equal what the pipeline's
+    transformer config says (sizes, classes). Returns a `Swap`; use it in a `with` block or
+    call `restore()`."""
+    from tcgraph import api
+    from tcgraph.export.artifact import load_artifact
+
+    original = getattr(pipe, "transformer", None)
+    if original is None:
+        raise UsageError(f"{type(pipe).__name__} has no transformer to replace; tcgraph.diffusers.use takes a "
+                         "pipeline with a `transformer` component, such as DiTPipeline")
+    if isinstance(original, ArtifactTransformer):
+        raise UsageError("this pipeline already runs a tcgraph artifact; restore() it first")
+    art = load_artifact(Path(artifact))
+    _check_same_model(original, art.model_config, artifact)
+    runner = api.make_runner(backend, art, **runner_options)
+    runner.activate()
+    transformer = ArtifactTransformer(art, runner, original)
+    _set_transformer(pipe, transformer)
+    return Swap(pipe, transformer, original)
+
+
+def _check_same_model(original, config, where) -> None:
+    from tcgraph.models.diffusers_config import config_from_diffusers
+
+    raw = getattr(original, "config", None)
+    if raw is None:
+        return
+    try:
+        theirs = config_from_diffusers(dict(raw), where="the pipeline's transformer")
+    except TcgraphError as e:
+        raise UsageError(f"{e}; tcgraph.diffusers.use runs DiT pipelines") from None
+    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma")
+    differ = [f"{k} {getattr(config, k)} vs {getattr(theirs, k)}" for k in keys if getattr(config, k) != getattr(theirs, k)]
+    if differ:
+        raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
+                         f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+
+
+def _set_transformer(pipe, module) -> None:
+    # DiffusionPipeline.__setattr__ records a registered component's class in the pipeline's config;
+    # the stand-in is no diffusers class, so set it without touching the config.
+    object.__setattr__(pipe, "transformer", module)
+
+
+def _short(values: list[float]) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:4])
+    return f"[{shown}{', …' if len(values) > 4 else ''}]"
