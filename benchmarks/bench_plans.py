@@ -59,7 +59,7 @@ def time_runs(fn, repeats: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="digits", help="'digits' (trained) or a config name (random weights)")
+    ap.add_argument("--model", default="digits", help="'digits' (trained), 'digits-diffusers' (the same weights in diffusers' layout), a diffusers folder, or a config name (random weights)")
     ap.add_argument("--plans", default="full,fora:2,fora:3")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=2.0)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = benchmark_model(args.model, args.seed)
     cfg = model.config
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
-                               resolution=cfg.input_size)
+                               resolution=cfg.input_size, clip_x0=True if is_digits(args.model) else None)
     plans = [p.strip() for p in args.plans.split(",")]
     if plans[0] != "full":
         plans.insert(0, "full")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         runner_opts["intra_op_threads"] = args.threads
     result = compare_plans(model, settings, named, labels, config, seed=args.seed, repeats=args.repeats,
-                           runner_opts=runner_opts, digits=args.model == "digits")
+                           runner_opts=runner_opts, digits=is_digits(args.model))
     out = args.out or Path(__file__).parent / "results" / f"plans-{args.model.replace('/', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -111,12 +111,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def benchmark_model(name: str, seed: int = 0) -> DiT:
-    """'digits' (the trained demo model) or a registered config with random weights (speed only)."""
+    """'digits' (the trained demo model), 'digits-diffusers' (the demo's weights converted to
+    diffusers' DiTTransformer2DModel), a diffusers folder, or a registered config with random
+    weights (speed only)."""
     if name == "digits":
         return api.load_dit("digits")
+    if name == "digits-diffusers":
+        from tcgraph.models.diffusers_dit import save_as_diffusers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return api.load_dit(str(save_as_diffusers(api.load_dit("digits"), Path(tmp) / "m")))
     if name in CONFIGS:
         return randomize_weights(DiT(make_config(name)), seed=seed)
-    raise TcgraphError(f"unknown model {name!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+    if Path(name).is_dir():
+        return api.load_dit(name)
+    raise TcgraphError(f"unknown model {name!r}; use 'digits', 'digits-diffusers', a diffusers folder or one of "
+                       f"{', '.join(CONFIGS)}")
+
+
+def is_digits(name: str) -> bool:
+    """Whether the model is the demo's weights (either layout): judged by the digits classifier."""
+    return name in ("digits", "digits-diffusers")
 
 
 def labels_for(classes: str | None, per_class: int, num_classes: int) -> list[int]:
