@@ -35,6 +35,7 @@ LAYERS: dict[str, set[str]] = {
             "export", "runtime", "inspection", "eval"},
     # serving on Triton: the artifact, the runtime and the sampling functions of the public API
     "serve": {"errors", "progress", "version", "files", "export", "runtime", "api"},
+    "diffusers": {"errors", "models", "sampling", "export", "runtime", "api"},
     "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api", "serve"},
     "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},

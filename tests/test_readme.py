@@ -1,4 +1,5 @@
 """The README's set-up commands are run here, so they cannot rot."""
+import json
 import re
 import shlex
 import shutil
@@ -6,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,24 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 100
     out = capsys.readouterr().out
     assert "step 4 of 0..49: runs v0" in out and "predicted speedup 1.98x" in out
+
+
+def test_diffusers_commands_run(tmp_path):
+    """The README's diffusers block: the demo written as a diffusers pipeline, transformed, sampled."""
+    pytest.importorskip("diffusers")
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-test: diffusers -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README.md lost its marked diffusers block"
+    exe = shutil.which("tcgraph")
+    for line in (ln for ln in block.group(1).splitlines() if ln.strip()):
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        else:
+            assert argv[0] == "tcgraph", line
+            argv = ([exe] if exe else [sys.executable, "-m", "tcgraph"]) + argv[1:]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "diffusers.png").stat().st_size > 100
+    manifest = json.loads(next((tmp_path / "tcgraph-out").glob("*/manifest.json")).read_text())
+    assert manifest["model_config"]["layout"] == "diffusers"
