@@ -195,22 +195,6 @@ def test_transformed_plan_of_every_action_equals_the_eager_reference_loop(tmp_pa
     assert [name for name, _ in model.named_modules()] == before
 
 
-def test_transform_and_sample_a_diffusers_folder_with_fora(tmp_path):
-    """The API end to end from a folder: fora:2 samples close to full from the same noise."""
-    folder = tmp_path / "model"
-    tiny_diffusers(seed=5).save_pretrained(str(folder), safe_serialization=True)
-    kw = dict(steps=6, guidance=2.0, batch=2, progress=False)
-    full = api.transform(str(folder), "full", tmp_path / "full", **kw)
-    fora = api.transform(str(folder), "fora:2", tmp_path / "fora", **kw)
-    a, _ = api.sample(full, classes=[1, 2], per_class=1, seed=0, progress=False)
-    b, _ = api.sample(fora, classes=[1, 2], per_class=1, seed=0, progress=False)
-    ref = api.sample_eager(load_model(folder), load_artifact(full).plan.settings, [1, 2], seed=0)
-    assert (a - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
-    assert 0 < (a - b).abs().max().item()
-    info = api.inspect(fora)
-    assert info["model"]["layout"] == "diffusers"
-
-
 def test_a_pipeline_folder_samples_with_its_own_scheduler_by_default(tmp_path):
     """`scheduler="auto"` takes the pipeline's scheduler/ (here DPM-Solver++); the artifact samples
     the same as the eager model along that scheduler, and inspect names it."""
