@@ -4,6 +4,7 @@ and every plan kind sampled through ONNX Runtime against the eager reference loo
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -224,3 +225,27 @@ def test_a_pipeline_folder_samples_with_its_own_scheduler_by_default(tmp_path):
     assert "diffusers DPMSolverMultistepScheduler 5 steps" in api.format_inspect(api.inspect(art))
     ddim = api.transform(str(pipe), "full", tmp_path / "ddim", steps=5, batch=2, scheduler="ddim", progress=False)
     assert load_artifact(ddim).plan.settings.sampler == "ddim"
+
+
+@pytest.mark.skipif(not os.environ.get("TCGRAPH_DIFFUSERS_DIT"),
+                    reason="set TCGRAPH_DIFFUSERS_DIT to a local DiTTransformer2DModel folder (or pipeline) to check "
+                           "real weights; none can be downloaded here")
+def test_real_weights_from_a_local_folder_equal_diffusers_forward():
+    """With real weights (e.g. facebook/DiT-XL-2-256 saved locally): tcgraph's wrapper and its
+    `full` graph equal diffusers' own forward within 1e-4, float32."""
+    from tcgraph.models.diffusers_config import read_folder
+
+    path = os.environ["TCGRAPH_DIFFUSERS_DIT"]
+    model = load_model(path)
+    reference = DiTTransformer2DModel.from_pretrained(str(read_folder(path).model_dir)).float().eval()
+    cfg = model.config
+    x, t, y = inputs(2, cfg.in_channels, cfg.input_size, cfg.num_classes)
+    x, t, y = x[:2], t[:2], y[:2]
+    plan = Plan("full", SamplerSettings(num_steps=1, batch=2, cfg_scale=1.0, resolution=cfg.input_size),
+                (Recipe.uniform(cfg.depth, COMPUTE),), cfg.num_tokens)
+    (variant,) = build_variants(model, plan)
+    with torch.no_grad():
+        ref = reference(x, t, y).sample
+        got = variant.gm(x, t, y)
+    got = got[0] if isinstance(got, tuple) else got
+    assert (got - ref).abs().max().item() <= 1e-4
