@@ -110,6 +110,63 @@ def attention_rows(emit: Emitter, node: fx.Node, kept: fx.Node, k: int, spec: At
     return emit("call_module", proj, out, name="proj")  # [B, k, D]
 
 
+# Ops that act on each token row alone, with operands broadcast over the token axis.
+_ROW_WISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub}
+
+
+def kept_input_rows(emit: Emitter, u: fx.Node, block_path: str, norm: str | None, idx: fx.Node) -> fx.Node | None:
+    """u's rows `idx`, formed from the kept rows of the hidden state h: `norm` and the adaLN
+    modulation of those rows only, [B, k, D]; None where that is not safe.
+
+    u = modulate(norm(h), shift, scale) is row-wise in h: the norm module (at `block_path`.`norm`)
+    acts on each row, and every other operand broadcasts over the token axis (an
+    `unsqueeze(…, 1)` of the modulation, or a number). The nodes from the norm to u are
+    emitted again on `index_select(h, 1, idx)`. None when u has readers besides the branch,
+    the branch has no norm, or any node between h and u is not of that form."""
+    if norm is None or len(u.users) != 1:
+        return None
+    target = f"{block_path}.{norm}"
+    chain: list[fx.Node] = []  # nodes from the norm to u, in graph order
+
+    def depends(n) -> bool:
+        if not isinstance(n, fx.Node):
+            return False
+        if n.op == "call_module" and n.target == target:
+            return True
+        return n.op != "placeholder" and any(depends(a) for a in n.all_input_nodes)
+
+    def broadcasts_over_tokens(n) -> bool:
+        if not isinstance(n, fx.Node):
+            return isinstance(n, (int, float))
+        if n.op == "call_method" and n.target == "unsqueeze" and n.args[1:] == (1,):
+            return True
+        return n.op == "call_function" and n.target in _ROW_WISE and all(map(broadcasts_over_tokens, n.args))
+
+    def collect(n: fx.Node) -> bool:
+        if n in chain:
+            return True
+        if n.op == "call_module" and n.target == target:
+            chain.append(n)
+            return True
+        if n.op != "call_function" or n.target not in _ROW_WISE or n.kwargs:
+            return False
+        inner = [a for a in n.args if depends(a)]
+        if len(inner) != 1 or not all(broadcasts_over_tokens(a) for a in n.args if a is not inner[0]):
+            return False
+        if not collect(inner[0]):
+            return False
+        chain.append(n)
+        return True
+
+    if not collect(u) or chain[0].op != "call_module":
+        return None
+    (h,) = chain[0].args
+    env = {chain[0]: emit("call_module", target, emit.gather(h, idx), name="norm")}
+    for n in chain[1:]:
+        env[n] = emit.fn(n.target, *fx.map_arg(n.args, lambda a: env.get(a, a)), name="modulate")
+    return env[chain[-1]]
+
+
 def split_in_proj(emit: Emitter, in_proj: str, d: int) -> tuple[fx.Node, ...]:
     """Wq [D, D], bq [D], Wkv [D, 2D], bkv [2D]: column slices of the fused q/k/v weight's
     transpose and of the bias of the linear layer at module path `in_proj`. (The node names

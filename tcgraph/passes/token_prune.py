@@ -7,7 +7,7 @@ when the plan reads it later, its output). Each partial branch's kept-token indi
 
     u    = modulate(norm(h), shift, scale)            # [B, N, D], the branch input, unchanged
     row-wise branch (mlp):
-           rows = mlp(index_select(u, 1, idx))        # [B, k, D]
+           rows = mlp(modulate(norm(index_select(h, 1, idx)), shift, scale))   # [B, k, D]
     attention branch (attn):
            q    = index_select(u, 1, idx) @ Wq + bq   # [B, k, D]  queries: kept tokens only
            kv   = u @ Wkv + bkv                       # [B, N, 2D] keys/values: all tokens
@@ -15,7 +15,10 @@ when the plan reads it later, its output). Each partial branch's kept-token indi
     new  = cache with rows idx replaced by `rows`     # [B, N, D]
     h    = h + gate * new                             # the unchanged gated residual
 
-`new` takes the place of the branch node, so the fresh gate multiplies it and the cache
+A row-wise branch gathers h before its norm and modulation, which are row-wise too, so
+they run on k rows, not N (`emit.kept_input_rows`); where u has another reader (a branch-input
+cache) or is not formed that way, it gathers u itself. An attention branch needs u of every
+token for its keys and values. `new` takes the place of the branch node, so the fresh gate multiplies it and the cache
 output (if any) is it. Which branch is an attention, and where its q/k/v weight is, the
 model adapter says; the weight split is `tcgraph.passes.emit.split_in_proj` (why it is one
 shared initializer plus two Slices is told there).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tcgraph.names import cache_name
-from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix
+from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix, kept_input_rows
 from tcgraph.passes.meta import adapter_of, branch_nodes, finish, graph_inputs
 from tcgraph.passes.spec import RewriteSpec
 
@@ -49,8 +52,10 @@ def token_prune(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
         attention = adapter.branch(branch).attention
         if attention is not None:
             rows = attention_rows(emit, node, emit.gather(node.args[0], idx), k, attention)
-        else:  # row-wise: the branch node itself now reads the gathered rows
-            node.args = (emit.gather(node.args[0], idx), *node.args[1:])
+        else:  # row-wise: the branch node itself now reads the kept rows of its input
+            u = node.args[0]
+            kept = kept_input_rows(emit, u, adapter.block_path(block), adapter.branch(branch).norm, idx)
+            node.args = (kept if kept is not None else emit.gather(u, idx), *node.args[1:])
             rows = node  # [B, k, D]
         new = emit.scatter(inputs[cache_name(block, branch)], idx, rows)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

@@ -115,3 +115,16 @@ def test_partial_attention_stores_no_second_copy_of_qkv(tmp_path):
     """Scatter indices are the only constants a partial variant adds to weights.bin."""
     check_qkv_stored_once(tmp_path, lambda n: Recipe(((partial(range(0, n, 4)), partial(range(0, n, 2))),
                                                       (COMPUTE, COMPUTE))))
+
+
+def test_norm_before_a_partial_mlp_runs_on_the_kept_rows(exported):
+    """A partial MLP gathers h before its LayerNorm and modulation: its norm output has k rows.
+    PARTIAL prunes the MLP of block 0 (5 rows) and block 1 (1 row); block 2 reuses it."""
+    _, entries, out = exported
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / entries[1]["file"]), load_external_data=False))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    norms = [shapes.get(n.output[0]) for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert [B, K_MLP, D] in norms and [B, 1, D] in norms
+    # N rows: norm1 of blocks 0 and 2 (attention needs every row for its keys and values; block 1
+    # reuses its attention and forms no input) and the final layer's norm
+    assert sum(s == [B, N, D] for s in norms) == 3 and len(norms) == 5, norms

@@ -14,7 +14,7 @@ from tcgraph.eval.metrics import psnr
 from tcgraph.export.artifact import load_artifact
 from tcgraph.export.onnx import WEIGHTS_PATH
 from tcgraph.models import load_model
-from tcgraph.models.dit import DiT
+from tcgraph.models.dit import DiT, build_model, make_config, randomize_weights
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
@@ -347,3 +347,18 @@ def test_torch_compile_gives_the_same_samples(mixed):
     compiled, _ = api.sample(path, classes=[1, 4], per_class=1, seed=3, backend="torch",
                              runner_options={"compile": True}, progress=False)
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-3), (compiled - eager).abs().max()
+
+
+def test_low_precision_keeps_a_float_timestep_in_float32(tmp_path):
+    """Under a flow-matching scheduler t is a float32 graph input (e.g. 999.6); the bf16 runner casts
+    x, weights and caches to bf16 but not t, which bf16 would round (999.0 and 999.6 both to 1000)."""
+    settings = SamplerSettings(sampler="diffusers", scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"},
+                               num_steps=2, cfg_scale=1.0, batch=2, resolution=8)
+    model = randomize_weights(build_model(make_config("DiT-S/2", input_size=8, depth=1, hidden_size=32, num_heads=2,
+                                                      in_channels=2, num_classes=5, learn_sigma=False)), std=0.05)
+    plan = Plan("full", settings, (Recipe.uniform(1, COMPUTE),) * 2, model.config.num_tokens)
+    art = load_artifact(api.transform(model, plan, tmp_path / "art", progress=False))
+    x, y = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
+    with make_runner("torch", art, precision="bf16") as runner:
+        a, b = (runner.run("v0", {"x": x, "t": torch.full((2,), v), "y": y})["out"] for v in (999.0, 999.6))
+    assert not torch.equal(a, b)

@@ -23,7 +23,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
-from tcgraph.names import MODEL_INPUTS, OUT, is_cache
+from tcgraph.names import MODEL_INPUTS, OUT, T, is_cache
 from tcgraph.runtime.bank import CacheBank, load_into, static_buffers, step_input_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
 from tcgraph.runtime.torch.loader import ProgramsFromArtifact
@@ -121,9 +121,10 @@ class TorchRunner(Runner):
     def _capture(self) -> None:
         variants = self.specs.values()
         self._bank = CacheBank(variants, self._dev, self._low)
-        # x in the graphs' precision, out in float32 for the sampler
-        self._static = static_buffers(variants, self._dev,
-                                      lambda name, dtype: torch.float32 if name == OUT else self._low(dtype))
+        # x in the graphs' precision, out in float32 for the sampler, t as the manifest says (a
+        # flow-matching t such as 999.6 would round to 1000 in bf16)
+        self._static = static_buffers(variants, self._dev, lambda name, dtype: torch.float32 if name == OUT
+                                      else torch_dtype(dtype) if name == T else self._low(dtype))
         self._step_inputs = step_input_buffers(variants, self._dev, lambda name, dtype: self._low(dtype))
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self._dev)
@@ -182,7 +183,7 @@ class TorchRunner(Runner):
         args = []
         for name in inputs:
             value = torch.as_tensor(feeds[name]) if isinstance(feeds[name], np.ndarray) else feeds[name]
-            dtype = self.dtype if value.is_floating_point() else value.dtype
+            dtype = self.dtype if value.is_floating_point() and name != T else value.dtype  # t: as given
             args.append(value.to(self._dev, dtype))
         result = _as_tuple(self._programs[variant_id](*args))
         values = {OUT: result[0].float()}
