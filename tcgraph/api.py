@@ -12,11 +12,13 @@ import numpy as np
 import torch
 
 from tcgraph.errors import UsageError
-from tcgraph.models.dit import DiT, DiTConfig, is_model
+from tcgraph.models import is_model
+from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
 from tcgraph.sampling import SamplerSettings, checks, make_noise, run_batches, sampler_for
+from tcgraph.sampling.schedulers import scheduler_for_transform
 
 DEFAULT_MODEL = "digits"
 
@@ -141,30 +143,11 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
     for name, value in (("plan_options", plan_options), ("engine_options", engine_options)):
         if value is not None and not isinstance(value, dict):
             raise UsageError(f"{name} must be a dict of option names to values or None, got {type(value).__name__}")
-    config = _scheduler_config(scheduler, model)
+    config = scheduler_for_transform(scheduler, model)
     if config is None:
         return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)
     return SamplerSettings(sampler="diffusers", scheduler=config, num_steps=steps, cfg_scale=guidance, eta=eta,
                            batch=batch, clip_x0=clip_x0)
-
-
-def _scheduler_config(scheduler, model) -> dict | None:
-    """The diffusers scheduler config `transform` samples with, or None for tcgraph's DDIM."""
-    from tcgraph.sampling.schedulers import scheduler_config_from_folder
-
-    if isinstance(scheduler, dict):
-        return scheduler
-    if scheduler is None or scheduler == "ddim":
-        return None
-    if scheduler == "auto":
-        if isinstance(model, (str, os.PathLike)) and (Path(model) / "model_index.json").is_file() \
-                and (Path(model) / "scheduler").is_dir():
-            return scheduler_config_from_folder(model)
-        return None
-    if not isinstance(scheduler, (str, os.PathLike)):
-        raise UsageError(f"scheduler (--scheduler) must be 'auto', 'ddim', a diffusers scheduler folder or "
-                         f"scheduler_config.json, or its contents as a dict, got {type(scheduler).__name__}")
-    return scheduler_config_from_folder(scheduler)
 
 
 def _check_plan_spec(spec: str, options: dict) -> None:

@@ -108,6 +108,12 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     return model.eval()
 
 
+def is_model(obj) -> bool:
+    """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
+    diffusers' DiTTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT` wraps it)."""
+    return isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
+
+
 def build_model(config: DiTConfig | str, **overrides):
     """A freshly initialised model in eval mode from a config or a registered name; a config with
     layout "diffusers" builds diffusers' DiTTransformer2DModel (`tcgraph.models.diffusers_dit`,
@@ -163,6 +169,7 @@ __all__ = [
     "check_class_ids",
     "infer_config",
     "load_checkpoint_into",
+    "is_model",
     "load_diffusers",
     "load_model",
     "load_state_dict_file",

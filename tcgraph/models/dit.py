@@ -397,12 +397,6 @@ def randomize_weights(model: DiT, std: float = 0.02, seed: int = 0) -> DiT:
     return model.eval()
 
 
-def is_model(obj) -> bool:
-    """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
-    diffusers' DiTTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT` wraps it)."""
-    return isinstance(obj, nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
-
-
 def build_model(config: DiTConfig | str, **overrides) -> DiT:
     """A freshly initialised DiT in eval mode from a config or a registered name (the official
     layout; `tcgraph.models.build_model` builds either layout)."""

@@ -112,7 +112,46 @@ def guided_eps(model_out: torch.Tensor, in_channels: int, cfg_scale: float) -> t
     return uncond + cfg_scale * (cond - uncond)
 
 
-class DDIMSampler:
+class GuidedSteps:
+    """What every sampler shares: the guidance batch of each step and the guided epsilon.
+
+    A subclass sets `schedule` (with `timesteps` and `num_steps`), `cfg_scale`,
+    `in_channels`, `null_class` and `timestep_dtype` (the dtype of the graphs' `t`).
+    `cfg_scale > 1` runs the conditional and unconditional halves in one batch of 2N
+    (labels `y` then the null class); otherwise the batch is N and purely conditional.
+    """
+
+    timestep_dtype = torch.long
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def model_batch(self, batch: int) -> int:
+        """Rows the model sees per step: the CFG halves are batched together."""
+        return 2 * batch if self.use_cfg else batch
+
+    def model_inputs(self, x: torch.Tensor, index: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, t, y) as the model sees them at schedule index `index`."""
+        t = torch.full((x.shape[0],), self.schedule.timesteps[index].item(), dtype=self.timestep_dtype,
+                       device=x.device)
+        if self.use_cfg:
+            null = torch.full_like(y, self.null_class)
+            return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+        return x, t, y
+
+    def eps_from_output(self, model_out: torch.Tensor) -> torch.Tensor:
+        """The (guided) epsilon: the first `in_channels` channels of the model output."""
+        if self.use_cfg:
+            return guided_eps(model_out, self.in_channels, self.cfg_scale)
+        return model_out[:, : self.in_channels]
+
+
+class DDIMSampler(GuidedSteps):
     """DDIM (Song et al.) over a respaced DiT schedule, with optional guidance and eta.
 
     `cfg_scale > 1` runs the conditional and unconditional halves in one batch of 2N
@@ -139,31 +178,6 @@ class DDIMSampler:
         self.in_channels = in_channels
         self.null_class = null_class
         self.clip_denoised = clip_denoised
-
-    @property
-    def use_cfg(self) -> bool:
-        return self.cfg_scale > 1.0
-
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
-    def model_batch(self, batch: int) -> int:
-        """Rows the model sees per step: the CFG halves are batched together."""
-        return 2 * batch if self.use_cfg else batch
-
-    def model_inputs(self, x: torch.Tensor, index: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, t, y) as the model sees them at respaced index `index`."""
-        t = torch.full((x.shape[0],), int(self.schedule.timesteps[index]), dtype=torch.long, device=x.device)
-        if self.use_cfg:
-            null = torch.full_like(y, self.null_class)
-            return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-        return x, t, y
-
-    def eps_from_output(self, model_out: torch.Tensor) -> torch.Tensor:
-        if self.use_cfg:
-            return guided_eps(model_out, self.in_channels, self.cfg_scale)
-        return model_out[:, : self.in_channels]
 
     def ddim_update(
         self, x: torch.Tensor, eps: torch.Tensor, index: int, noise: torch.Tensor | None

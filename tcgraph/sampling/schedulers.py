@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.progress import SILENT, Phase
-from tcgraph.sampling.diffusion import StepFn, guided_eps
+from tcgraph.sampling.diffusion import GuidedSteps, StepFn
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 SCHEDULER_FOLDER = "scheduler"
@@ -189,7 +190,7 @@ class DiffusersSchedule:
         return list(range(self.num_steps - 1, -1, -1))
 
 
-class DiffusersSampler:
+class DiffusersSampler(GuidedSteps):
     """A diffusers scheduler run with tcgraph's loop, guidance as in `DDIMSampler`.
 
     At step s the model sees `x` (through the scheduler's `scale_model_input` where it has
@@ -255,33 +256,6 @@ class DiffusersSampler:
             scheduler.set_begin_index(0)  # step index from the start, not looked up from t (a host sync)
         return scheduler
 
-    @property
-    def use_cfg(self) -> bool:
-        return self.cfg_scale > 1.0
-
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
-    def model_batch(self, batch: int) -> int:
-        """Rows the model sees per step: the CFG halves are batched together."""
-        return 2 * batch if self.use_cfg else batch
-
-    def model_inputs(self, x: torch.Tensor, index: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, t, y) as the model sees them at schedule index `index`; `x` is already the model's input."""
-        t = torch.full((x.shape[0],), self.schedule.timesteps[index].item(), dtype=self.timestep_dtype,
-                       device=x.device)
-        if self.use_cfg:
-            null = torch.full_like(y, self.null_class)
-            return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-        return x, t, y
-
-    def eps_from_output(self, model_out: torch.Tensor) -> torch.Tensor:
-        """What the scheduler is given: the (guided) first `in_channels` channels of the output."""
-        if self.use_cfg:
-            return guided_eps(model_out, self.in_channels, self.cfg_scale)
-        return model_out[:, : self.in_channels]
-
     def sample(
         self,
         step_fn: StepFn,
@@ -303,3 +277,21 @@ class DiffusersSampler:
             x = scheduler.step(self.eps_from_output(out), t, x, return_dict=False)[0]
             phase.tick()
         return x
+
+
+def scheduler_for_transform(scheduler, model) -> dict | None:
+    """The diffusers scheduler config that `transform(model, scheduler=...)` samples with, or None
+    for tcgraph's DDIM: "auto" takes a diffusers pipeline folder's own `scheduler/`."""
+    if isinstance(scheduler, dict):
+        return scheduler
+    if scheduler is None or scheduler == "ddim":
+        return None
+    if scheduler == "auto":
+        if isinstance(model, (str, os.PathLike)) and (Path(model) / "model_index.json").is_file() \
+                and (Path(model) / "scheduler").is_dir():
+            return scheduler_config_from_folder(model)
+        return None
+    if not isinstance(scheduler, (str, os.PathLike)):
+        raise UsageError(f"scheduler (--scheduler) must be 'auto', 'ddim', a diffusers scheduler folder or "
+                         f"scheduler_config.json, or its contents as a dict, got {type(scheduler).__name__}")
+    return scheduler_config_from_folder(scheduler)
