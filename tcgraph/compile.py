@@ -140,7 +140,13 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
 
     Reports one phase, `rewrite`, with one tick per variant."""
     model = model.eval()
-    dims = adapter_for(model).dims(model)
+    adapter = adapter_for(model)
+    dims = adapter.dims(model)
+    if plan.branches != adapter.branch_names:
+        raise TcgraphError(
+            f"plan is for blocks with branches {list(plan.branches)} but {adapter.name} blocks have "
+            f"{list(adapter.branch_names)}; make the plan for this model"
+        )
     if plan.depth != dims.depth or plan.num_tokens != dims.num_tokens:
         raise TcgraphError(
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "

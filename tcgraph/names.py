@@ -11,6 +11,10 @@ nothing of tcgraph, so every layer may use it.
 from __future__ import annotations
 
 BRANCHES = ("attn", "mlp")  # the branches of a DiT block, in the order recipes list them
+# Every branch name a model adapter may use, in the one order that recipes list a block's
+# branches and graph I/O lists caches: self-attention, cross-attention to the text, MLP. A
+# model's branches are a subsequence (DiT: attn, mlp; PixArt's blocks: attn, cross, mlp).
+BRANCH_ORDER = ("attn", "cross", "mlp")
 
 CacheKey = tuple[int, str]  # (block, branch)
 
@@ -20,6 +24,11 @@ MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph, before its caches
 CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
 FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast weights, block order
+
+
+def branch_key(key: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a (block, branch) pair: by block, then branch in `BRANCH_ORDER`."""
+    return key[0], BRANCH_ORDER.index(key[1])
 
 
 def cache_name(block: int, branch: str) -> str:

@@ -118,7 +118,7 @@ def read_json(path: Path):
 
 def _cache_key(name: str) -> tuple[int, str] | None:
     """(block, branch) of `cache.<l>.<branch>`, `….in` or a history entry `….h<j>`; None if malformed."""
-    from tcgraph.names import BRANCHES, CACHE_PREFIX, INPUT_SUFFIX, history_index
+    from tcgraph.names import BRANCH_ORDER, CACHE_PREFIX, INPUT_SUFFIX, history_index
     from tcgraph.plan.plan import MAX_HISTORY
 
     name, j = history_index(name)
@@ -128,7 +128,7 @@ def _cache_key(name: str) -> tuple[int, str] | None:
     if body.endswith(INPUT_SUFFIX):
         body = body[: -len(INPUT_SUFFIX)]
     block, _, branch = body.partition(".")
-    if not block.isdigit() or branch not in BRANCHES:
+    if not block.isdigit() or branch not in BRANCH_ORDER:
         return None
     return int(block), branch
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, INPUT_SUFFIX, history_index, is_cache
+from tcgraph.names import BRANCH_ORDER, FORECAST_WEIGHTS, INPUT_SUFFIX, history_index, is_cache
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 _BLOCK_NAME = re.compile(r"^(?:blocks|cache)\.(\d+)\.")
@@ -189,7 +189,7 @@ def _forecast_nodes(nodes, inputs: dict, producer: dict[str, int], consumers: di
         if name not in inputs or not is_cache(name) or name.endswith(INPUT_SUFFIX):
             return None
         parts = history_index(name)[0].split(".")  # cache.<l>.<br>
-        return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() and parts[2] in BRANCHES \
+        return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() and parts[2] in BRANCH_ORDER \
             else None
 
     for i, n in enumerate(nodes):

@@ -292,7 +292,7 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
     prev = "embed"
     for block, pair in enumerate(recipe.actions):
         lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
-        for branch, action in zip(BRANCHES, pair):
+        for branch, action in zip(recipe.branches, pair):
             node = f"b{block}_{branch}"
             label = f"{branch}\\n{_dot_label(action)}"
             fill = _DOT_FILL.get(action.kind) or (_hex(action_color(action, plan.num_tokens))
@@ -305,7 +305,7 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
         lines.append("  }")
         lines.append(f"  {prev} -> b{block}_attn;")
         prev = f"b{block}_mlp"
-        for branch, action in zip(BRANCHES, pair):
+        for branch, action in zip(recipe.branches, pair):
             name = cache_name(block, branch)
             node = f"b{block}_{branch}"
             names = (name, input_cache_name(block, branch))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
 from tcgraph.models.dit import DiTConfig
-from tcgraph.names import (BRANCHES, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
+from tcgraph.names import (branch_key, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
                            is_cache)
 from tcgraph.plan.plan import Plan, Recipe
 
@@ -39,7 +39,7 @@ def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
     rows = []
     for block, pair in enumerate(recipe.actions):
         row: dict = {"block": block}
-        for branch, action in zip(BRANCHES, pair):
+        for branch, action in zip(recipe.branches, pair):
             row[branch] = action_label(action)
             if action.kind == "partial":
                 row[f"{branch}_tokens"] = list(action.indices)
@@ -84,7 +84,7 @@ def cache_memory(plan: Plan, hidden_size: int | None, itemsize: int = 4) -> dict
         else:
             groups["caches"].append(n)
     forecast_keys = sorted({k for r in plan.recipes for k, _ in r.forecasts()},
-                           key=lambda k: (k[0], BRANCHES.index(k[1])))
+                           key=branch_key)
     per = None if hidden_size is None else plan.settings.model_batch * plan.num_tokens * hidden_size * itemsize
     total = None if per is None else plan.cache_bytes(hidden_size, itemsize)
     return {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES
+from tcgraph.names import BRANCH_ORDER
 
 NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
 FORECAST_LINES = 12  # forecast branches printed one per line for a step; beyond, equal weights share a line
@@ -136,7 +136,7 @@ def _format_focus(info: dict, focus: dict) -> list[str]:
         lines += _forecast_lines(focus["forecast"], vid)
     side = _grid_side(info["num_tokens"])
     for row in focus["blocks"]:
-        for br in BRANCHES:
+        for br in BRANCH_ORDER:
             tokens = row.get(f"{br}_tokens")
             if tokens is not None:
                 lines.append(f"  block {row['block']} {br}: keeps tokens {_ranges(tokens)}")
@@ -248,7 +248,7 @@ def _branch_set(rows: list[dict]) -> str:
     """`block 3 attn`, `blocks 0-27 attn+mlp`, or `attn blocks 0-3, mlp blocks 1,5`."""
     if len(rows) == 1:
         return f"block {rows[0]['block']} {rows[0]['branch']}"
-    per = {br: [r["block"] for r in rows if r["branch"] == br] for br in BRANCHES}
+    per = {br: [r["block"] for r in rows if r["branch"] == br] for br in BRANCH_ORDER}
     per = {br: b for br, b in per.items() if b}
     blocks = {tuple(b) for b in per.values()}
     if len(blocks) == 1:

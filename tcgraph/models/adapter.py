@@ -5,7 +5,7 @@ blended step never name a module of an architecture (DESIGN.md, "Models and adap
 They ask the model's `ModelAdapter`:
 
 - which module class is a block (a leaf of the fx capture) and where the blocks are, in order;
-- each block's branches, in recipe order (`tcgraph.names.BRANCHES`), with how the branch
+- each block's branches, in recipe order (names from `tcgraph.names.BRANCH_ORDER`), with how the branch
   input u is formed from the hidden state h (norm, then adaLN shift/scale from the block's
   modulation), the gate that scales the branch output into the residual, the branch module,
   and, for an attention branch, where its fused q/k/v and output projection are;
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import Attention, DiT, DiTBlock, Mlp, modulate
-from tcgraph.names import BRANCHES
+from tcgraph.names import BRANCH_ORDER
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,17 @@ class ModelAdapter:
     dims: Callable[[nn.Module], ModelDims]
 
     def __post_init__(self) -> None:
-        names = tuple(b.name for b in self.branches)
-        if names != BRANCHES:
+        names = self.branch_names
+        if not names or names != tuple(b for b in BRANCH_ORDER if b in names):
             raise TcgraphError(
-                f"adapter {self.name}: branches {names} must be {BRANCHES}, in that order: recipes list one "
-                "action per branch in that order"
+                f"adapter {self.name}: branches {names} must be distinct names of {BRANCH_ORDER}, in that order: "
+                "recipes list one action per branch in that order"
             )
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        """The branches' names in recipe order (a DiT's: `tcgraph.names.BRANCHES`)."""
+        return tuple(b.name for b in self.branches)
 
     # ---- structure ------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, OUT, cache_name, history_name, input_cache_name
+from tcgraph.names import FORECAST_WEIGHTS, OUT, cache_name, history_name, input_cache_name
 from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, branch_nodes, finish, output_node
 from tcgraph.passes.spec import RewriteSpec
 
@@ -30,9 +30,9 @@ def cache_io(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
     recipe = spec.recipe
     graph = gm.graph
     nodes = branch_nodes(gm)
-    if len(nodes) != len(BRANCHES) * recipe.depth:
+    if len(nodes) != len(recipe.branches) * recipe.depth:
         raise TcgraphError(
-            f"recipe has {recipe.depth} blocks but the graph has {len(nodes) // len(BRANCHES)} expanded blocks; "
+            f"recipe has {recipe.depth} blocks but the graph has {len(nodes) // len(recipe.branches)} expanded blocks; "
             "run expand_blocks on a capture of the same model"
         )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

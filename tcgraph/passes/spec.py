@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCHES, CacheKey, cache_name, input_cache_name
+from tcgraph.names import CacheKey, branch_key, cache_name, input_cache_name
 from tcgraph.plan.plan import Plan, Recipe
 
 
 def block_order(keys) -> list[CacheKey]:
     """`keys` sorted by block, then branch in recipe order (the order of graph I/O)."""
-    return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+    return sorted(keys, key=branch_key)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class RewriteSpec:
                     f"(got {list(action.indices)[:8]}); use `reuse` to recompute no token"
                 )
         for block, branch in self.writes:
-            if not (0 <= block < recipe.depth and branch in BRANCHES):
+            if not (0 <= block < recipe.depth and branch in recipe.branches):
                 raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe has {recipe.depth} blocks")
             if not recipe.action(block, branch).computes:
                 raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe does not compute it")

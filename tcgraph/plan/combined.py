@@ -96,7 +96,7 @@ def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int
             order = sorted(range(n), key=lambda i: (-mean[l, i].item(), i))
             act = REUSE if k == 0 else partial(order[:k])
             actions.append(tuple(act if a.computes else a for a in pair))
-        new = Recipe(tuple(actions))
+        new = Recipe(tuple(actions), recipe.branches)
         for s in steps:
             out[s] = new
     return tuple(out)

@@ -31,7 +31,7 @@ import torch
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
-from tcgraph.names import BRANCHES, CacheKey, cache_name
+from tcgraph.names import BRANCHES, CacheKey, branch_key, cache_name
 from tcgraph.plan.extrapolate import solve_weights
 from tcgraph.plan.plan import Action, Recipe, forecast
 from tcgraph.progress import SILENT, Phase
@@ -102,7 +102,7 @@ def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor],
         raise TcgraphError(f"a forecast needs at least 2 history points, got {points}")
     order = list(dict.fromkeys(recipes))
     choices: list[Choice] = []
-    for key in sorted(train, key=lambda k: (k[0], BRANCHES.index(k[1]))):
+    for key in sorted(train, key=branch_key):
         actions = [r.action(*key) for r in recipes]
         best, _ = _schedule_error(actions, train[key], held[key])
         for group in order:

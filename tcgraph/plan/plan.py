@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (BRANCHES, FORECAST_WEIGHTS, MODEL_INPUTS, OUT, CacheKey, cache_name, history_name,
-                           input_cache_name)
+from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, MODEL_INPUTS, OUT, CacheKey, branch_key,
+                           cache_name, history_name, input_cache_name)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
 from tcgraph.sampling.settings import SamplerSettings
@@ -53,24 +53,35 @@ PLAN_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Recipe:
-    """Actions of one step: `actions[block][0]` is attention, `[1]` is the MLP."""
+    """Actions of one step: `actions[block][i]` is what branch `branches[i]` of that block does
+    (a DiT's: 0 attention, 1 MLP)."""
 
-    actions: tuple[tuple[Action, Action], ...]
+    actions: tuple[tuple[Action, ...], ...]
+    branches: tuple[str, ...] = BRANCHES  # the model's branches, in BRANCH_ORDER
+
+    def __post_init__(self) -> None:
+        if tuple(b for b in BRANCH_ORDER if b in self.branches) != tuple(self.branches) or not self.branches:
+            raise TcgraphError(f"recipe branches {list(self.branches)} must be distinct names of {list(BRANCH_ORDER)}, "
+                               "in that order")
+        bad = [l for l, acts in enumerate(self.actions) if len(acts) != len(self.branches)]
+        if bad:
+            raise TcgraphError(f"recipe block {bad[0]} has {len(self.actions[bad[0]])} actions, not one per branch "
+                               f"{list(self.branches)}")
 
     @classmethod
-    def uniform(cls, depth: int, action: Action) -> "Recipe":
-        return cls(tuple((action, action) for _ in range(depth)))
+    def uniform(cls, depth: int, action: Action, branches: tuple[str, ...] = BRANCHES) -> "Recipe":
+        return cls(tuple(tuple(action for _ in branches) for _ in range(depth)), tuple(branches))
 
     @property
     def depth(self) -> int:
         return len(self.actions)
 
     def action(self, block: int, branch: str) -> Action:
-        return self.actions[block][BRANCHES.index(branch)]
+        return self.actions[block][self.branches.index(branch)]
 
     def items(self) -> Iterable[tuple[int, str, Action]]:
-        for block, pair in enumerate(self.actions):
-            for branch, action in zip(BRANCHES, pair):
+        for block, acts in enumerate(self.actions):
+            for branch, action in zip(self.branches, acts):
                 yield block, branch, action
 
     def reads(self) -> list[CacheKey]:
@@ -89,15 +100,15 @@ class Recipe:
         return all(a.kind == "compute" for _, _, a in self.items())
 
     def short(self) -> str:
-        """One line: per block the attn/mlp letters, e.g. `CC CR RR`."""
-        return " ".join(a.short() + m.short() for a, m in self.actions)
+        """One line: per block one letter per branch, e.g. `CC CR RR`."""
+        return " ".join("".join(a.short() for a in acts) for acts in self.actions)
 
     def to_json(self) -> list:
-        return [[a.to_json(), m.to_json()] for a, m in self.actions]
+        return [[a.to_json() for a in acts] for acts in self.actions]
 
     @classmethod
-    def from_json(cls, obj) -> "Recipe":
-        return cls(tuple((Action.from_json(a), Action.from_json(m)) for a, m in obj))
+    def from_json(cls, obj, branches: tuple[str, ...] = BRANCHES) -> "Recipe":
+        return cls(tuple(tuple(Action.from_json(a) for a in acts) for acts in obj), tuple(branches))
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,18 @@ class Plan:
         depths = {r.depth for r in self.recipes}
         if len(depths) != 1:
             raise TcgraphError(f"recipes disagree on the number of blocks: {sorted(depths)}")
+        if len({r.branches for r in self.recipes}) != 1:
+            raise TcgraphError(f"recipes disagree on the branches: {sorted({r.branches for r in self.recipes})}")
         self.validate()
 
     @property
     def depth(self) -> int:
         return self.recipes[0].depth
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The model's branches, in the order each recipe lists them."""
+        return self.recipes[0].branches
 
     def validate(self) -> None:
         """Every cache read must follow a step that computed that branch; token indices and
@@ -232,7 +250,7 @@ class Plan:
     def cache_keys(self) -> list[CacheKey]:
         """Every (block, branch) that some step reads, in block order."""
         keys = {k for r in self.recipes for k in r.reads()}
-        return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+        return sorted(keys, key=branch_key)
 
     def writes(self, recipe: Recipe) -> list[CacheKey]:
         """Caches a recipe outputs: the branches it computes that any step reads."""
@@ -242,7 +260,7 @@ class Plan:
     def input_cache_keys(self) -> list[CacheKey]:
         """Every (block, branch) some step is dynamic on: they carry `cache.<l>.<branch>.in` too."""
         keys = {k for r in self.recipes for k in r.input_reads()}
-        return sorted(keys, key=lambda k: (k[0], BRANCHES.index(k[1])))
+        return sorted(keys, key=branch_key)
 
     def input_writes(self, recipe: Recipe) -> list[CacheKey]:
         """Input caches a recipe outputs: the branches it computes that any step is dynamic on.
@@ -299,6 +317,7 @@ class Plan:
             "params": self.params,
             "settings": asdict(self.settings),
             "depth": self.depth,
+            **({"branches": list(self.branches)} if self.branches != BRANCHES else {}),
             "num_tokens": self.num_tokens,
             "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
             "schedule": self.schedule(),
@@ -320,7 +339,8 @@ class Plan:
                 "upgrade tcgraph"
             )
         try:
-            recipes = {vid: Recipe.from_json(r) for vid, r in d["variants"].items()}
+            branches = tuple(d.get("branches", BRANCHES))
+            recipes = {vid: Recipe.from_json(r, branches) for vid, r in d["variants"].items()}
             missing = sorted(set(d["schedule"]) - set(recipes))
             if missing:
                 raise TcgraphError(f"plan schedule names variants {missing} that the plan does not define")
@@ -356,7 +376,7 @@ def _read_weights(obj) -> dict:
         entry = weights.setdefault(int(step), {})
         for name, w in per.items():
             parts = name.split(".")
-            if len(parts) != 3 or parts[0] != "cache" or parts[2] not in BRANCHES or not parts[1].isdigit():
+            if len(parts) != 3 or parts[0] != "cache" or parts[2] not in BRANCH_ORDER or not parts[1].isdigit():
                 raise TcgraphError(f"malformed plan: forecast weights name {name!r}; expected cache.<block>.<branch>")
             entry[(int(parts[1]), parts[2])] = tuple(float(v) for v in w)
     return weights

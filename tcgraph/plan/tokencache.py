@@ -206,7 +206,7 @@ def to_dynamic(plan: Plan) -> Plan:
     def swap(a: Action) -> Action:
         return dynamic(a.k) if a.kind == "partial" else a
 
-    recipes = tuple(Recipe(tuple(tuple(swap(a) for a in pair) for pair in r.actions)) for r in plan.recipes)
+    recipes = tuple(Recipe(tuple(tuple(swap(a) for a in acts) for acts in r.actions), r.branches) for r in plan.recipes)
     params = {**plan.params, "token_choice": "dynamic: per-sample TopK of the branch-input change"}
     return Plan(plan.planner.replace("tokencache", "dynamic", 1), plan.settings, recipes, plan.num_tokens, params)
 

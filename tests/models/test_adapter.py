@@ -263,3 +263,15 @@ def test_no_dit_module_is_named_outside_the_models_layer():
     files = [f for part in SEAM for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])]
     named = {f"{f.relative_to(root)}: {name}" for f in files for name in _code_names(f) if name in DIT_NAMES}
     assert files and not named, sorted(named)
+
+
+def test_a_plan_for_other_branches_is_refused_before_any_rewrite(tiny_model):
+    from tcgraph.compile import build_variants
+    from tcgraph.names import BRANCH_ORDER
+    from tcgraph.plan import COMPUTE, Plan, Recipe
+    from tcgraph.sampling import SamplerSettings
+
+    plan = Plan("p", SamplerSettings(num_steps=1, batch=1, cfg_scale=1.0, resolution=8),
+                (Recipe.uniform(3, COMPUTE, BRANCH_ORDER),), tiny_model.config.num_tokens)
+    with pytest.raises(TcgraphError, match=r"branches \['attn', 'cross', 'mlp'\] but DiT blocks have \['attn', 'mlp'\]"):
+        build_variants(tiny_model, plan)

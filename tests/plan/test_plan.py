@@ -89,3 +89,25 @@ def test_bad_plans_are_refused(tiny_config):
         Plan("p", settings(steps=2), (Recipe.uniform(3, COMPUTE), Recipe(((partial([99]), COMPUTE),) * 3)), 16)
     with pytest.raises(TcgraphError):
         Action("skip")
+
+
+def test_recipes_of_a_three_branch_model_round_trip_and_order_their_caches():
+    """A model whose blocks have attn, cross and mlp (PixArt's): one action per branch, caches in
+    block then BRANCH_ORDER order, branches kept through JSON; a wrong count or order is refused."""
+    from tcgraph.names import BRANCH_ORDER
+
+    three = BRANCH_ORDER
+    full = Recipe.uniform(2, COMPUTE, three)
+    cached = Recipe(((REUSE, COMPUTE, REUSE), (COMPUTE, REUSE, partial([0, 2]))), three)
+    plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=8), (full, cached), 4)
+    assert plan.branches == three and cached.action(0, "cross") == COMPUTE and cached.short() == "RCR CRP2"  # partial(k) shows k
+    assert plan.cache_names() == ["cache.0.attn", "cache.0.mlp", "cache.1.cross", "cache.1.mlp"]
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.branches == three
+    assert "branches" not in Plan("d", plan.settings, (Recipe.uniform(2, COMPUTE),) * 2, 4).to_dict()
+    with pytest.raises(TcgraphError, match="not one per branch"):
+        Recipe(((COMPUTE, COMPUTE),), three)
+    with pytest.raises(TcgraphError, match="in that order"):
+        Recipe(((COMPUTE, COMPUTE),), ("mlp", "attn"))
+    with pytest.raises(TcgraphError, match="disagree on the branches"):
+        Plan("p", plan.settings, (full, Recipe.uniform(2, COMPUTE)), 4)
