@@ -37,7 +37,7 @@ PIPELINE_NULL_CLASS = 1000  # what DiTPipeline passes for the unconditional half
 class ArtifactTransformer(nn.Module):
     """A stand-in for a pipeline's DiTTransformer2DModel that runs a tcgraph artifact."""
 
-    def __init__(self, artifact, runner, original: nn.Module | None = None):
+    def __init__(self, artifact, runner):
         super().__init__()
         from tcgraph.runtime.dispatch import ScheduleDispatcher
         from tcgraph.sampling import sampler_for
@@ -51,7 +51,6 @@ class ArtifactTransformer(nn.Module):
         self.timesteps = [float(sampler.schedule.timesteps[i]) for i in order]  # step s -> its timestep
         self.config = SimpleNamespace(sample_size=cfg.input_size, in_channels=cfg.in_channels,
                                       out_channels=cfg.out_channels, patch_size=cfg.patch_size)
-        self._original = [original]  # not a submodule: its weights are not this module's
         self._next = 0  # the step the next call must be
 
     @property
@@ -160,7 +159,11 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
     _check_same_model(original, art.model_config, artifact)
     runner = api.make_runner(backend, art, **runner_options)
     runner.activate()
-    transformer = ArtifactTransformer(art, runner, original)
+    try:
+        transformer = ArtifactTransformer(art, runner)
+    except BaseException:
+        runner.deactivate()
+        raise
     _set_transformer(pipe, transformer)
     return Swap(pipe, transformer, original)
 
