@@ -106,12 +106,6 @@ class DiffusersFolder:
     def class_name(self) -> str:
         return self.config["_class_name"]
 
-    @property
-    def scheduler_dir(self) -> Path | None:
-        if self.pipeline_dir is None or not (self.pipeline_dir / "scheduler").is_dir():
-            return None
-        return self.pipeline_dir / "scheduler"
-
 
 def is_diffusers_folder(path: Path) -> bool:
     """Whether `path` looks like a diffusers model or pipeline folder (it need not be a valid one)."""

@@ -105,7 +105,6 @@ class DiffusersDiT(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.config = config_from_diffusers(dict(model.config), where=CLASS_NAME)
-        self.diffusers_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         cfg = self.config
         _check_blocks(model, cfg)
         self.patch_size, self.out_channels = cfg.patch_size, cfg.out_channels
