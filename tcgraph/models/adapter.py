@@ -73,6 +73,9 @@ class BranchSpec:
     of None takes h itself. The cached value is the branch output before its gate.
     `attention` says where q/k/v and the output projection are (None: the branch works on
     each token alone, like an MLP, so it may run on a subset of the token rows).
+    `context` indexes the conditioning tuple for extra arguments of the branch function after
+    u: a cross-attention branch reads the text and its mask bias as `module(u, text, bias)`
+    (its rows still depend on their own query alone, so it runs row-wise like an MLP).
     """
 
     name: str  # the recipe's branch name: "attn", "mlp"
@@ -83,6 +86,7 @@ class BranchSpec:
     scale: int | None
     gate: int | None
     attention: AttentionSpec | None = None
+    context: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,12 @@ class BranchFn(Protocol):
     """What a caller of `run_blocks` decides for each branch: its pre-gate output.
 
     `u()` computes the branch input (only call it when the branch is evaluated: a reused
-    branch never forms its input); `fn` is the branch module.
+    branch never forms its input); `fn(u)` is the branch function (the branch module, with
+    its context arguments bound).
     """
 
-    def __call__(self, block: int, branch: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor: ...
+    def __call__(self, block: int, branch: str, u: Callable[[], torch.Tensor],
+                 fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,9 @@ class ModelAdapter:
     modulation: str  # attribute of a block: (*cond) -> [B, chunks * D], split into `chunks` along dim 1
     chunks: int
     branches: tuple[BranchSpec, ...]
-    # (model, x, t, y) -> (h, cond): cond is the conditioning the blocks' modulation and `final` take,
-    # one tensor (DiT's c) or a tuple of them (passed as separate arguments)
+    # (model, x, t, y) -> (h, cond): y is the model's conditioning input (class ids, or a tuple of
+    # tensors such as (text embeddings, mask)); cond is the conditioning the blocks' modulation and
+    # `final` take, one tensor (DiT's c) or a tuple of them (passed as separate arguments)
     embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, object]]
     final: Callable[..., torch.Tensor]  # (model, h, *cond) -> output
     dims: Callable[[nn.Module], ModelDims]
@@ -172,7 +179,8 @@ class ModelAdapter:
         for l, block in enumerate(model.get_submodule(self.blocks)):
             mod = getattr(block, self.modulation)(*cond).chunk(self.chunks, dim=1)
             for spec in self.branches:
-                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h), block.get_submodule(spec.module))
+                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h),
+                                  _function_of(block.get_submodule(spec.module), [cond[i] for i in spec.context]))
                 h = h + mod[spec.gate].unsqueeze(1) * value if spec.gate is not None else h + value
         return self.final(model, h, *cond)
 
@@ -188,6 +196,11 @@ def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
         return v
 
     return u
+
+
+def _function_of(module: nn.Module, context: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The branch function u -> module(u, *context)."""
+    return (lambda u: module(u, *context)) if context else module
 
 
 # ---- registry ---------------------------------------------------------------------------

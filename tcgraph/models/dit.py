@@ -42,8 +42,16 @@ class DiTConfig:
     # Parameter layout and its forward: "official" (facebookresearch/DiT, `DiT` below) or
     # "diffusers" (diffusers' DiTTransformer2DModel, `tcgraph.models.diffusers_dit`), whose
     # timestep features use a frequency shift of 1 and whose MLP norm uses `norm_eps`.
+    # "pixart": diffusers' PixArtTransformer2DModel (`tcgraph.models.diffusers_pixart`), conditioned
+    # on text embeddings of width `caption_channels` instead of class ids (num_classes 0).
     layout: str = "official"
     norm_eps: float = 1e-6  # eps of the norm before the MLP (official: 1e-6 everywhere)
+    caption_channels: int = 0  # width of the text embeddings a text-conditioned model reads; 0: class ids
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the model reads text embeddings (`encoder_hidden_states`) rather than class ids."""
+        return self.caption_channels > 0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -71,7 +79,7 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_dict(self) -> dict:
-        """The fields as a dict; `layout` and `norm_eps` only where they differ from the official
+        """The fields as a dict; `layout`, `norm_eps` and `caption_channels` only where they differ from the official
         DiT's, so that configs (and manifest hashes) written before they existed stay the same."""
         d = asdict(self)
         for name, default in _LATER_FIELDS.items():
@@ -80,8 +88,8 @@ class DiTConfig:
         return d
 
 
-LAYOUTS = ("official", "diffusers")
-_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6}  # fields added after manifests existed
+LAYOUTS = ("official", "diffusers", "pixart")
+_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6, "caption_channels": 0}  # fields added after manifests existed
 
 
 def _paper(depth: int, hidden: int, heads: int, patch: int) -> DiTConfig:
