@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import FORECAST_WEIGHTS, MODEL_INPUTS, OUT, is_cache
+from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -73,15 +73,22 @@ class VariantGraph:
 def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0,
                    recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
     """Sample inputs with the plan's static shapes: noise, a mid timestep, labels incl. the null class
-    (and, for a `recipe` that forecasts, random weights `forecast.w` around the Taylor ones' size)."""
+    (a text-conditioned model: random text embeddings, a mask with padding in every other row), and,
+    for a `recipe` that forecasts, random weights `forecast.w` around the Taylor ones' size."""
     cfg, s = model.config, plan.settings
     b = s.model_batch
     g = torch.Generator().manual_seed(seed)
     feeds = {
         "x": torch.randn(b, cfg.in_channels, s.resolution, s.resolution, generator=g),
         "t": torch.randint(0, 1000, (b,), generator=g).to(s.timestep_dtype),  # float32 under flow matching
-        "y": torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g),
     }
+    if s.text_length:
+        feeds[TEXT] = torch.randn(b, s.text_length, cfg.caption_channels, generator=g)
+        mask = torch.ones(b, s.text_length)
+        mask[1::2, (s.text_length + 1) // 2:] = 0  # padded prompts: the mask must matter
+        feeds[TEXT_MASK] = mask
+    else:
+        feeds["y"] = torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g)
     for name in names:
         if is_cache(name):
             feeds[name] = torch.randn(b, cfg.num_tokens, cfg.hidden_size, generator=g)
@@ -91,6 +98,11 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
         size = sum(points for _, points in recipe.forecasts())
         feeds[FORECAST_WEIGHTS] = torch.randn(size, generator=g)
     return {n: feeds[n] for n in names}
+
+
+def conditioning_of(feeds: dict[str, torch.Tensor]):
+    """The model's conditioning in a variant's feeds: class ids `y`, or (text embeddings, mask)."""
+    return (feeds[TEXT], feeds[TEXT_MASK]) if TEXT in feeds else feeds["y"]
 
 
 def rewrite(model: nn.Module, spec: RewriteSpec, pipeline: tuple[Pass, ...] = PIPELINE) -> fx.GraphModule:
@@ -113,8 +125,9 @@ def check_variant(model: nn.Module, gm: fx.GraphModule, recipe: Recipe, feeds: d
     inputs, outputs = io_names(gm)
     got = gm(*[feeds[n] for n in inputs])
     got = got if isinstance(got, tuple) else (got,)
-    caches = {n: v for n, v in feeds.items() if n not in MODEL_INPUTS}
-    ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], feeds["y"], recipe, caches, keep_inputs=True)
+    caches = {n: v for n, v in feeds.items() if not is_model_input(n)}
+    ref_out, fresh = reference_step(model, feeds["x"], feeds["t"], conditioning_of(feeds), recipe, caches,
+                                    keep_inputs=True)
     worst = 0.0
     for name, value in zip(outputs, got):
         ref = ref_out if name == OUT else fresh[name]

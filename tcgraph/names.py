@@ -19,7 +19,11 @@ BRANCH_ORDER = ("attn", "cross", "mlp")
 CacheKey = tuple[int, str]  # (block, branch)
 
 X, T, Y, OUT = "x", "t", "y", "out"
-MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph, before its caches
+MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph of a class-conditional model, before its caches
+# A text-conditioned model (PixArt) reads text embeddings [B, L, D_text] and their mask [B, L]
+# (float32, 1 = a token, 0 = padding) in place of class ids; L is a plan setting.
+TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_attention_mask"
+TEXT_INPUTS = (X, T, TEXT, TEXT_MASK)
 
 CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
@@ -56,3 +60,16 @@ def history_index(name: str) -> tuple[str, int]:
 
 def is_cache(name: str) -> bool:
     return name.startswith(CACHE_PREFIX)
+
+
+def is_model_input(name: str) -> bool:
+    """Whether a graph input is one of the model's own (x, t, its conditioning), not a cache or a plan input."""
+    return not is_cache(name) and name != FORECAST_WEIGHTS
+
+
+def model_input_count(inputs) -> int:
+    """How many of a variant's inputs are the model's own: they come first (DESIGN.md)."""
+    count = 0
+    while count < len(inputs) and is_model_input(inputs[count]):
+        count += 1
+    return count

@@ -24,6 +24,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.progress import SILENT, Phase
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.sampling import DDIMSampler, SamplerSettings, sampler_for
+from tcgraph.sampling.conditioning import Text, as_inputs, nbytes, take
 
 FLOAT_BYTES = 4
 
@@ -33,7 +34,7 @@ class Trajectories:
     settings: SamplerSettings
     config: DiTConfig
     x: torch.Tensor  # (S, R, C, H, W) sampler state entering each step
-    y: torch.Tensor  # (R,) class ids
+    y: torch.Tensor | Text  # (R,) class ids, or the R images' text conditioning
     eps: torch.Tensor  # (S, R, C, H, W) full model's guided epsilon at each step
 
     @property
@@ -46,7 +47,7 @@ class Trajectories:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.eps))
+        return sum(t.numel() * t.element_size() for t in (self.x, self.eps)) + nbytes(self.y)
 
     def sampler(self) -> DDIMSampler:
         return sampler_for(self.settings, self.config)
@@ -56,7 +57,7 @@ class Trajectories:
         rows = torch.arange(self.num_images) if rows is None else rows
         sampler = self.sampler()
         index = sampler.schedule.generation_order()[step]
-        return sampler.model_inputs(self.x[step, rows], index, self.y[rows])
+        return sampler.model_inputs(self.x[step, rows], index, take(self.y, rows))
 
     def eps_of(self, model_out: torch.Tensor) -> torch.Tensor:
         """The guided epsilon of a model output (what `eps` holds for the full model)."""
@@ -67,22 +68,30 @@ class Trajectories:
         if not 0 < held_out < self.num_images:
             raise TcgraphError(f"cannot hold out {held_out} of {self.num_images} calibration images")
         cut = self.num_images - held_out
-        part = lambda sl: Trajectories(self.settings, self.config, self.x[:, sl], self.y[sl], self.eps[:, sl])  # noqa: E731
+        part = lambda sl: Trajectories(self.settings, self.config, self.x[:, sl], take(self.y, sl), self.eps[:, sl])  # noqa: E731
         return part(slice(0, cut)), part(slice(cut, None))
 
 
 @torch.no_grad()
 def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, seed: int = 0, chunk: int = 32,
-              phase: Phase = SILENT) -> Trajectories:
+              phase: Phase = SILENT, text: Text | None = None) -> Trajectories:
     """Run the full model along the sampler from random noise and labels; `phase` ticks once per
-    step of each chunk of `chunk` images."""
+    step of each chunk of `chunk` images. A text-conditioned model is conditioned on `text`
+    instead (its prompts cycled to `num_images`): calibration prompts, which only the user has."""
     cfg = model.config
     if num_images < 2:
         raise TcgraphError(f"calibration needs at least 2 images, got {num_images}")
     if settings.resolution != cfg.input_size:
         raise TcgraphError(f"resolution {settings.resolution} does not match the model's input size {cfg.input_size}")
     g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, cfg.num_classes, (num_images,), generator=g)
+    if getattr(cfg, "text_conditioned", False):
+        if text is None:
+            raise TcgraphError("calibrating a text-conditioned model needs prompt embeddings (calibration_text=, "
+                               "`--calibration-embeddings FILE`): their prompts decide which branches change")
+        text.check(settings.text_length, cfg.caption_channels)
+        y = text.repeat_to(num_images)
+    else:
+        y = torch.randint(0, cfg.num_classes, (num_images,), generator=g)
     noise = torch.randn(num_images, cfg.in_channels, settings.resolution, settings.resolution, generator=g)
     sampler = sampler_for(settings, cfg)
     S = sampler.num_steps
@@ -93,12 +102,12 @@ def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, se
         sl = slice(lo, min(lo + chunk, num_images))
 
         def step_fn(step, x, t, yy, sl=sl):
-            out = model(x, t, yy)
+            out = model(x, t, *as_inputs(yy))
             xs[step, sl] = x[: x.shape[0] // 2] if sampler.use_cfg else x
             eps[step, sl] = sampler.eps_from_output(out)
             return out
 
-        sampler.sample(step_fn, noise[sl], y[sl], generator=torch.Generator().manual_seed(seed + 1 + lo),
+        sampler.sample(step_fn, noise[sl], take(y, sl), generator=torch.Generator().manual_seed(seed + 1 + lo),
                        phase=phase)
     return Trajectories(settings, cfg, xs, y, eps)
 

@@ -135,26 +135,30 @@ def _cache_key(name: str) -> tuple[int, str] | None:
 
 def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: str, todo: str) -> None:
     """Every variant's graph I/O as the plan's settings and the model config fix it (DESIGN.md,
-    "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B], `out` [B, C_out, H, W],
+    "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B] (a text-conditioned model:
+    `encoder_hidden_states` [B, L, D_text] and `encoder_attention_mask` [B, L] for `y`), `out` [B, C_out, H, W],
     each cache `cache.<l>.<branch>` (`….in`, history `….h<j>`) [B, N, D] with l a block of the
     model, where B is the model batch (2x with guidance), `forecast.w` 1-D (one weight per history
     point it reads); and every cache a variant reads is written by some variant (a history
     entry by the writes of its branch's cache). A manifest edited to another model (its hash updated to match) fails here, since
     the ONNX files it lists keep the shapes they were exported with."""
-    from tcgraph.names import FORECAST_WEIGHTS, MODEL_INPUTS, OUT, history_index, is_cache
+    from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, history_index, is_cache
     from tcgraph.plan.plan import MAX_HISTORY
 
     s = plan.settings
     b, side = s.model_batch, s.resolution
-    expected = {"x": (b, config.in_channels, side, side), "t": (b,), "y": (b,),
+    model_inputs = s.model_inputs
+    conditioning = ({TEXT: (b, s.text_length, config.caption_channels), TEXT_MASK: (b, s.text_length)}
+                    if s.text_length else {"y": (b,)})
+    expected = {"x": (b, config.in_channels, side, side), "t": (b,), **conditioning,
                 OUT: (b, config.out_channels, side, side)}
     cache_shape = (b, config.num_tokens, config.hidden_size)
     written = {o.name for v in variants for o in v.outputs}
     for v in variants:
-        if tuple(v.input_names[: len(MODEL_INPUTS)]) != MODEL_INPUTS or v.output_names[:1] != (OUT,):
+        if tuple(v.input_names[: len(model_inputs)]) != model_inputs or v.output_names[:1] != (OUT,):
             raise TcgraphError(
                 f"{where}: variant {v.id} has inputs {list(v.input_names)} and outputs {list(v.output_names)}; every "
-                f"variant reads {', '.join(MODEL_INPUTS)} first and writes {OUT} first; {todo}")
+                f"variant reads {', '.join(model_inputs)} first and writes {OUT} first; {todo}")
         for kind, specs in (("input", v.inputs), ("output", v.outputs)):
             for spec in specs:
                 if is_cache(spec.name):
@@ -165,7 +169,7 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
                             f"{config.depth} blocks; {todo}")
                     want = cache_shape
                 elif spec.name == FORECAST_WEIGHTS and kind == "input":
-                    limit = 2 * config.depth * MAX_HISTORY  # every branch forecast from the longest history
+                    limit = len(plan.branches) * config.depth * MAX_HISTORY  # every branch forecast from the longest history
                     want = tuple(spec.shape) if len(spec.shape) == 1 and 1 <= spec.shape[0] <= limit else (f"1..{limit}",)
                 elif spec.name in expected and (kind == "output") == (spec.name == OUT):
                     want = expected[spec.name]

@@ -110,18 +110,24 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
 
 def is_model(obj) -> bool:
     """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
-    diffusers' DiTTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT` wraps it)."""
+    diffusers' DiTTransformer2DModel / PixArtTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT`
+    / `tcgraph.models.diffusers_pixart.DiffusersPixArt` wrap them)."""
     return isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
 
 
 def build_model(config: DiTConfig | str, **overrides):
     """A freshly initialised model in eval mode from a config or a registered name; a config with
-    layout "diffusers" builds diffusers' DiTTransformer2DModel (`tcgraph.models.diffusers_dit`,
-    needs diffusers), any other tcgraph's DiT."""
+    layout "diffusers" builds diffusers' DiTTransformer2DModel (`tcgraph.models.diffusers_dit`),
+    one with layout "pixart" its PixArtTransformer2DModel (`tcgraph.models.diffusers_pixart`),
+    both needing diffusers; any other tcgraph's DiT."""
     if isinstance(config, DiTConfig) and config.layout == "diffusers" and not overrides:
         from tcgraph.models.diffusers_dit import build_diffusers_dit
 
         return build_diffusers_dit(config)
+    if isinstance(config, DiTConfig) and config.layout == "pixart" and not overrides:
+        from tcgraph.models.diffusers_pixart import build_diffusers_pixart
+
+        return build_diffusers_pixart(config)
     return build_official(config, **overrides)
 
 

@@ -207,7 +207,7 @@ def _shapes_cached(config: DiTConfig) -> tuple[tuple[str, tuple[int, ...]], ...]
 
 def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     """{parameter name: shape} of a DiT built from `config` (either layout), without allocating it."""
-    if config.layout == "diffusers":
+    if config.layout in ("diffusers", "pixart"):
         from tcgraph.models.diffusers_config import state_dict_shapes as diffusers_shapes
 
         return diffusers_shapes(config)

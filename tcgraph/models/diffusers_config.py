@@ -1,9 +1,12 @@
-"""diffusers DiT configs and parameter shapes, without importing diffusers.
+"""diffusers DiT and PixArt configs and parameter shapes, without importing diffusers.
 
 `config_from_diffusers` turns a `DiTTransformer2DModel` config (its `config.json`) into
-tcgraph's `DiTConfig` with `layout="diffusers"`; `diffusers_kwargs` goes back;
-`state_dict_shapes` lists the parameters of `tcgraph.models.diffusers_dit.DiffusersDiT`,
-which artifact loading checks without needing diffusers itself.
+tcgraph's `DiTConfig` with `layout="diffusers"`, `pixart_config_from_diffusers` a
+`PixArtTransformer2DModel` config into one with `layout="pixart"`; `diffusers_kwargs` and
+`pixart_kwargs` go back; `state_dict_shapes` lists the parameters of
+`tcgraph.models.diffusers_dit.DiffusersDiT` or `tcgraph.models.diffusers_pixart.DiffusersPixArt`,
+which artifact loading checks without needing diffusers itself. `load_weights_into` reads a
+model folder's safetensors weights into the diffusers class both loaders build.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiTConfig
 
 CLASS_NAME = "DiTTransformer2DModel"
+PIXART_CLASS_NAME = "PixArtTransformer2DModel"
 ACTIVATIONS = ("gelu-approximate", "gelu")  # FeedForward's 4x MLP: what the FLOP count assumes
 TIME_FEATURES = 256  # CombinedTimestepLabelEmbeddings' sinusoid width
 
@@ -65,7 +69,12 @@ def diffusers_kwargs(config: DiTConfig) -> dict:
 
 
 def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of `DiffusersDiT(config)`'s state dict, without diffusers or memory."""
+    """{name: shape} of `DiffusersDiT(config)`'s state dict (layout "diffusers") or of
+    `DiffusersPixArt(config)`'s (layout "pixart"), without diffusers or memory."""
+    if config.layout == "pixart":
+        return pixart_state_dict_shapes(config)
+    if config.layout != "diffusers":
+        raise TcgraphError(f"config has layout {config.layout!r}, not a diffusers one ('diffusers', 'pixart')")
     d, n, p, c = config.hidden_size, config.num_tokens, config.patch_size, config.in_channels
     out = {"pos_embed.proj.weight": (d, c, p, p), "pos_embed.proj.bias": (d,), "pos_table": (1, n, d)}
     per_block = {
@@ -87,10 +96,107 @@ def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# ---- PixArtTransformer2DModel ----------------------------------------------------------------
+
+PIXART_ACTIVATION = "gelu-approximate"  # FeedForward's activation in every PixArt checkpoint
+
+
+def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
+    """The `DiTConfig` (layout "pixart") of a PixArtTransformer2DModel config dict; refuses, naming
+    each, the settings whose forward `tcgraph.models.diffusers_pixart.DiffusersPixArt` does not run."""
+    get = raw.get
+    heads, head_dim = int(get("num_attention_heads", 16)), int(get("attention_head_dim", 72))
+    hidden = heads * head_dim
+    in_ch = int(get("in_channels", 4))
+    out_ch = get("out_channels", 8)  # PixArt's default: learned sigma for 4 latent channels
+    out_ch = in_ch if out_ch is None else int(out_ch)
+    sample_size = int(get("sample_size", 128))
+    extra = get("use_additional_conditions")
+    if extra is None:  # diffusers' own rule: PixArt-alpha's 1024px models (sample_size 128) read them
+        extra = sample_size == 128
+    cross_dim = get("cross_attention_dim", 1152)
+    caption = get("caption_channels")
+    scale = get("interpolation_scale")
+    refusals = []
+    if get("norm_type", "ada_norm_single") != "ada_norm_single":
+        refusals.append(f"norm_type {get('norm_type')!r} (PixArt blocks use 'ada_norm_single')")
+    if get("num_embeds_ada_norm", 1000) is None:
+        refusals.append("num_embeds_ada_norm null (diffusers needs it with 'ada_norm_single')")
+    if extra:
+        why = (" (diffusers turns them on when use_additional_conditions is unset and sample_size is 128; "
+               "set it to false if the model was not trained with them)" if get("use_additional_conditions") is None
+               else "")
+        refusals.append("use_additional_conditions true: resolution/aspect-ratio micro-conditions are not "
+                        f"supported yet{why}")
+    if caption is None or int(caption) <= 0:
+        refusals.append("caption_channels null (tcgraph runs PixArt with its caption projection of the text embeddings)")
+    if get("activation_fn", PIXART_ACTIVATION) != PIXART_ACTIVATION:
+        refusals.append(f"activation_fn {get('activation_fn')!r} (supported: {PIXART_ACTIVATION})")
+    if get("norm_elementwise_affine", False):
+        refusals.append("norm_elementwise_affine true (PixArt's norms have no weights)")
+    if not get("attention_bias", True):
+        refusals.append("attention_bias false (PixArt's q/k/v projections have biases)")
+    if cross_dim is None or int(cross_dim) != hidden:
+        refusals.append(f"cross_attention_dim {cross_dim} with hidden size {hidden} (the projected captions the "
+                        "cross-attention reads have the hidden size)")
+    if get("attention_type", "default") != "default":
+        refusals.append(f"attention_type {get('attention_type')!r} (supported: 'default')")
+    if out_ch not in (in_ch, 2 * in_ch):
+        refusals.append(f"out_channels {out_ch} with in_channels {in_ch} (tcgraph reads epsilon from the first "
+                        "in_channels outputs, with or without as many variance channels after them)")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        refusals.append(f"interpolation_scale {scale!r} (a positive number or null)")
+    if refusals:
+        raise TcgraphError(f"{where}: tcgraph cannot run this {PIXART_CLASS_NAME}: {'; '.join(refusals)}")
+    return DiTConfig(
+        input_size=sample_size, patch_size=int(get("patch_size", 2)), in_channels=in_ch, hidden_size=hidden,
+        depth=int(get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=0,
+        learn_sigma=out_ch == 2 * in_ch, layout="pixart", norm_eps=float(get("norm_eps", 1e-6)),
+        caption_channels=int(caption),
+    )
+
+
+def pixart_kwargs(config: DiTConfig) -> dict:
+    """The PixArtTransformer2DModel arguments of a `DiTConfig` with layout "pixart" (the position
+    table at diffusers' default interpolation scale, no micro-conditions)."""
+    if config.layout != "pixart":
+        raise TcgraphError(f"config has layout {config.layout!r}, not 'pixart'")
+    if config.mlp_ratio != 4.0 or config.num_classes != 0 or config.caption_channels <= 0:
+        raise TcgraphError("a PixArt model has mlp_ratio 4, no classes (num_classes 0) and caption_channels > 0")
+    return dict(num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
+                in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
+                cross_attention_dim=config.hidden_size, sample_size=config.input_size, patch_size=config.patch_size,
+                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=config.norm_eps,
+                activation_fn=PIXART_ACTIVATION, attention_type="default", use_additional_conditions=False,
+                caption_channels=config.caption_channels)
+
+
+def pixart_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of `DiffusersPixArt(config)`'s state dict: diffusers' own plus `pos_table`."""
+    d, n, p, c = config.hidden_size, config.num_tokens, config.patch_size, config.in_channels
+    linear = lambda name, out, inp: {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}  # noqa: E731
+    out = {"pos_embed.proj.weight": (d, c, p, p), "pos_embed.proj.bias": (d,), "pos_table": (1, n, d)}
+    per_block = {"scale_shift_table": (6, d)}
+    for attn in ("attn1", "attn2"):
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            per_block.update(linear(f"{attn}.{proj}", d, d))
+    per_block.update({**linear("ff.net.0.proj", 4 * d, d), **linear("ff.net.2", d, 4 * d)})
+    for i in range(config.depth):
+        out.update({f"transformer_blocks.{i}.{k}": v for k, v in per_block.items()})
+    out.update({**linear("adaln_single.emb.timestep_embedder.linear_1", d, TIME_FEATURES),
+                **linear("adaln_single.emb.timestep_embedder.linear_2", d, d),
+                **linear("adaln_single.linear", 6 * d, d),
+                **linear("caption_projection.linear_1", d, config.caption_channels),
+                **linear("caption_projection.linear_2", d, d),
+                **linear("proj_out", p * p * config.out_channels, d),
+                "scale_shift_table": (2, d)})
+    return out
+
+
 # ---- folders that diffusers' save_pretrained writes ----------------------------------------
 
 # diffusers model classes tcgraph transforms -> the tcgraph module that wraps them
-SUPPORTED = {CLASS_NAME: "tcgraph.models.diffusers_dit"}
+SUPPORTED = {CLASS_NAME: "tcgraph.models.diffusers_dit", PIXART_CLASS_NAME: "tcgraph.models.diffusers_pixart"}
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
@@ -162,6 +268,42 @@ def weight_files(model_dir: Path) -> list[Path]:
             "with safe_serialization=True" if others else "")
     what = f"{len(found)} safetensors files and no index" if found else "no safetensors weights"
     raise TcgraphError(f"{model_dir} has {what} ({WEIGHTS_NAME}.safetensors expected){hint}")
+
+
+def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str):
+    """A `model_cls` (a diffusers model class) built from `folder`'s config.json with its safetensors
+    weights, in float32; refuses damaged files, weights that do not fit the config, and non-finite values.
+    The caller checks the config first (before any weights are read)."""
+    from safetensors.torch import load_file  # only with diffusers installed, as its callers are
+
+    from tcgraph.models.checkpoint import check_finite
+
+    where = folder.model_dir / "config.json"
+    state: dict = {}
+    for path in weight_files(folder.model_dir):
+        try:
+            state.update(load_file(str(path)))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise TcgraphError(f"cannot read the weights {path}: {type(e).__name__}: {e}; the file is damaged or "
+                               "not safetensors: save the model again") from None
+    try:
+        model = model_cls.from_config(folder.config)
+    except Exception as e:  # diffusers validates its own config
+        raise TcgraphError(f"diffusers cannot build a {class_name} from {where}: {type(e).__name__}: {e}") from None
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k].shape)}" for k in want
+              if k in state and state[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})" if extra else "",
+                 f"{len(shapes)} with other shapes (e.g. {', '.join(shapes[:2])})" if shapes else ""]
+        raise TcgraphError(f"the weights in {folder.model_dir} do not fit its config.json: "
+                           f"{'; '.join(p for p in parts if p)}; save the model again with save_pretrained")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    check_finite(model.state_dict(), str(folder.model_dir))
+    return model.float()
 
 
 def _read_json(path: Path, what: str) -> dict:

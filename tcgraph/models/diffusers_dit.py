@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
-from tcgraph.models.checkpoint import check_finite
 from tcgraph.models.diffusers_config import (
     CLASS_NAME,
     TIME_FEATURES,
@@ -40,8 +39,8 @@ from tcgraph.models.diffusers_config import (
     config_from_diffusers,
     diffusers_kwargs,
     diffusers_layout_of,
+    load_weights_into,
     official_to_diffusers,
-    weight_files,
 )
 from tcgraph.models.dit import DiTConfig, modulate
 
@@ -49,7 +48,6 @@ try:
     from diffusers import DiTTransformer2DModel
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
-    from safetensors.torch import load_file
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise TcgraphError(
         f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
@@ -160,33 +158,8 @@ def save_as_diffusers(model: nn.Module, path: str | Path, norm_eps: float = 1e-5
 
 def load_diffusers_dit(folder: DiffusersFolder) -> DiffusersDiT:
     """The DiTTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
-    where = folder.model_dir / "config.json"
-    config_from_diffusers(folder.config, where=str(where))  # refuse what tcgraph cannot run before reading weights
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder.model_dir):
-        try:
-            state.update(load_file(str(path)))
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise TcgraphError(f"cannot read the weights {path}: {type(e).__name__}: {e}; the file is damaged or "
-                               "not safetensors: save the model again") from None
-    try:
-        model = DiTTransformer2DModel.from_config(folder.config)
-    except Exception as e:  # diffusers validates its own config
-        raise TcgraphError(f"diffusers cannot build a {CLASS_NAME} from {where}: {type(e).__name__}: {e}") from None
-    want = model.state_dict()
-    missing = [k for k in want if k not in state]
-    extra = [k for k in state if k not in want]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k].shape)}" for k in want
-              if k in state and state[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})" if extra else "",
-                 f"{len(shapes)} with other shapes (e.g. {', '.join(shapes[:2])})" if shapes else ""]
-        raise TcgraphError(f"the weights in {folder.model_dir} do not fit its config.json: "
-                           f"{'; '.join(p for p in parts if p)}; save the model again with save_pretrained")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    check_finite(model.state_dict(), str(folder.model_dir))
-    return DiffusersDiT(model.float()).eval()
+    config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # refuse before reading weights
+    return DiffusersDiT(load_weights_into(folder, DiTTransformer2DModel, CLASS_NAME)).eval()
 
 
 def _check_blocks(model: nn.Module, cfg: DiTConfig) -> None:

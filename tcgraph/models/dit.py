@@ -53,6 +53,11 @@ class DiTConfig:
         """Whether the model reads text embeddings (`encoder_hidden_states`) rather than class ids."""
         return self.caption_channels > 0
 
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Each block's branches in recipe order: DiT's attn, mlp; PixArt's attn, cross, mlp."""
+        return ("attn", "cross", "mlp") if self.layout == "pixart" else ("attn", "mlp")
+
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise TcgraphError(f"unknown DiT layout {self.layout!r}; layouts: {', '.join(LAYOUTS)}")

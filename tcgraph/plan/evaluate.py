@@ -28,12 +28,14 @@ from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe
 from tcgraph.sampling import sampler_for
+from tcgraph.sampling.conditioning import take
 
 
-def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe]) -> float:
-    """FLOP-predicted speedup of `recipes` (one per step) over computing everything."""
-    full = recipe_flops(cfg, Recipe.uniform(recipes[0].depth, COMPUTE), 1)
-    return full * len(recipes) / sum(recipe_flops(cfg, r, 1) for r in recipes)
+def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe], text_length: int = 0) -> float:
+    """FLOP-predicted speedup of `recipes` (one per step) over computing everything (`text_length`:
+    the plan's, for a text-conditioned model)."""
+    full = recipe_flops(cfg, Recipe.uniform(recipes[0].depth, COMPUTE, recipes[0].branches), 1, text_length)
+    return full * len(recipes) / sum(recipe_flops(cfg, r, 1, text_length) for r in recipes)
 
 
 def token_mask(indices: Sequence[int], n: int) -> torch.Tensor:
@@ -112,5 +114,5 @@ def free_running_samples(model: DiT, plan: Plan, noise: torch.Tensor, y: torch.T
     for lo in range(0, noise.shape[0], chunk):
         state = PlanState(plan.recipes, plan.weights)
         parts.append(sampler.sample(lambda s, x, t, yy: state.step(model, s, x, t, yy),
-                                    noise[lo:lo + chunk], y[lo:lo + chunk]))
+                                    noise[lo:lo + chunk], take(y, slice(lo, lo + chunk))))
     return torch.cat(parts)

@@ -50,13 +50,15 @@ class TaylorConfig:
 
 def make_full(cfg: FullConfig, model_config: DiTConfig, settings: SamplerSettings, *,
               weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
-    recipes = tuple(Recipe.uniform(model_config.depth, COMPUTE) for _ in range(settings.num_steps))
+    full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
+    recipes = tuple(full for _ in range(settings.num_steps))
     return Plan("full", settings, recipes, model_config.num_tokens, params={})
 
 
 def make_fora(cfg: ForaConfig, model_config: DiTConfig, settings: SamplerSettings, *,
               weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
-    full, cached = Recipe.uniform(model_config.depth, COMPUTE), Recipe.uniform(model_config.depth, REUSE)
+    full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
+    cached = Recipe.uniform(model_config.depth, REUSE, model_config.branches)
     recipes = tuple(full if s % cfg.interval == 0 else cached for s in range(settings.num_steps))
     return Plan(f"fora:{cfg.interval}", settings, recipes, model_config.num_tokens,
                 params={"interval": cfg.interval})
@@ -64,8 +66,8 @@ def make_fora(cfg: ForaConfig, model_config: DiTConfig, settings: SamplerSetting
 
 def make_taylor(cfg: TaylorConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                 weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
-    depth = model_config.depth
-    full = Recipe.uniform(depth, COMPUTE)
+    depth, branches = model_config.depth, model_config.branches
+    full = Recipe.uniform(depth, COMPUTE, branches)
     recipes, plan_weights, computed = [], {}, []
     for s in range(settings.num_steps):
         if s % cfg.interval == 0:
@@ -74,9 +76,9 @@ def make_taylor(cfg: TaylorConfig, model_config: DiTConfig, settings: SamplerSet
             continue
         points = min(cfg.order + 1, len(computed))
         if points == 1:
-            recipes.append(Recipe.uniform(depth, REUSE))
+            recipes.append(Recipe.uniform(depth, REUSE, branches))
             continue
-        recipes.append(Recipe.uniform(depth, forecast(points)))
+        recipes.append(Recipe.uniform(depth, forecast(points), branches))
         w = taylor_weights(s, computed, points - 1)
         plan_weights[s] = {(block, branch): w for block, branch, _ in recipes[-1].items()}
     return Plan(f"taylor:{cfg.interval}:{cfg.order}", settings, tuple(recipes), model_config.num_tokens,

@@ -8,6 +8,10 @@ A `dynamic(k)` branch counts as `partial` with k tokens plus its token score,
 ||u - u_cached||² summed over D for all N tokens: one multiply-add per element, 2·N·D
 per branch per sample (the subtraction, TopK, gathers and scatters are not counted).
 
+A `cross` branch (cross-attention to L text tokens, PixArt) counts q and the output
+projection for its k query rows, keys and values of the L text tokens, and k × L scores; L
+is the plan's `text_length`.
+
 A `forecast(n)` branch runs no matrix product: it counts 0, like `reuse`. Its weighted sum
 of n history tensors (n multiply-adds per element) is element-wise work like the gates and
 norms left out above, so it shows in the realized/predicted ratio, which the benchmarks
@@ -19,13 +23,16 @@ from tcgraph.models.dit import DiTConfig
 from tcgraph.plan.plan import Action, Plan, Recipe
 
 
-def branch_flops(cfg: DiTConfig, branch: str, action: Action) -> int:
-    """FLOPs of one branch for one sample."""
+def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int = 0) -> int:
+    """FLOPs of one branch for one sample (`text_length`: the text tokens a cross branch attends to)."""
     n, d, m = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
     if action.kind in ("reuse", "forecast"):
         return 0
     k = n if action.kind == "compute" else action.k
     score = 2 * n * d if action.kind == "dynamic" else 0
+    if branch == "cross":
+        # q and the output projection for the k query rows; k and v for the text; k x L scores and mix.
+        return 2 * k * d * d * 2 + 2 * text_length * d * 2 * d + 2 * 2 * k * text_length * d + score
     if branch == "attn":
         # q for the k kept tokens; k and v for every token (queries attend to all keys).
         qkv = 2 * k * d * d + 2 * n * d * 2 * d if k < n else 2 * n * d * 3 * d
@@ -35,27 +42,34 @@ def branch_flops(cfg: DiTConfig, branch: str, action: Action) -> int:
     return 2 * 2 * k * d * m + score
 
 
-def fixed_flops(cfg: DiTConfig) -> int:
-    """FLOPs every step spends whatever the recipe: embeddings, adaLN, final layer."""
+def fixed_flops(cfg: DiTConfig, text_length: int = 0) -> int:
+    """FLOPs every step spends whatever the recipe: embeddings, adaLN, final layer (and a text
+    model's caption projection of its `text_length` tokens)."""
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     patch = 2 * n * p * p * cfg.in_channels * d
     t_embed = 2 * 256 * d + 2 * d * d
-    adaln = cfg.depth * 2 * d * 6 * d + 2 * d * 2 * d
+    if cfg.layout == "pixart":  # one adaLN-single linear shared by the blocks; a table-only final modulation
+        adaln = 2 * d * 6 * d
+        caption = 2 * text_length * (cfg.caption_channels * d + d * d)
+    else:
+        adaln = cfg.depth * 2 * d * 6 * d + 2 * d * 2 * d
+        caption = 0
     final = 2 * n * d * p * p * cfg.out_channels
-    return patch + t_embed + adaln + final
+    return patch + t_embed + adaln + caption + final
 
 
-def recipe_flops(cfg: DiTConfig, recipe: Recipe, batch: int) -> int:
+def recipe_flops(cfg: DiTConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:
     """FLOPs of one step of `recipe` for a model batch of `batch` rows."""
-    per_sample = fixed_flops(cfg) + sum(branch_flops(cfg, br, a) for _, br, a in recipe.items())
+    per_sample = fixed_flops(cfg, text_length) + sum(branch_flops(cfg, br, a, text_length)
+                                                      for _, br, a in recipe.items())
     return per_sample * batch
 
 
 def plan_flops(cfg: DiTConfig, plan: Plan) -> dict:
     """Per-variant and whole-run FLOPs, and the predicted speedup over computing everything."""
-    batch = plan.settings.model_batch
-    full = recipe_flops(cfg, Recipe.uniform(plan.depth, Action("compute")), batch)
-    per_variant = {f"v{i}": recipe_flops(cfg, r, batch) for i, r in enumerate(plan.variants())}
+    batch, length = plan.settings.model_batch, plan.settings.text_length
+    full = recipe_flops(cfg, Recipe.uniform(plan.depth, Action("compute"), plan.branches), batch, length)
+    per_variant = {f"v{i}": recipe_flops(cfg, r, batch, length) for i, r in enumerate(plan.variants())}
     total = sum(per_variant[v] for v in plan.schedule())
     full_total = full * plan.settings.num_steps
     return {

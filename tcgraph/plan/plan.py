@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, MODEL_INPUTS, OUT, CacheKey, branch_key,
+from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, OUT, CacheKey, branch_key,
                            cache_name, history_name, input_cache_name)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
@@ -297,7 +297,7 @@ class Plan:
         followed by its input cache `….in` where the recipe reads (dynamic) or writes it."""
         in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
         points = dict(recipe.forecasts())
-        inputs = list(MODEL_INPUTS) + [n for b, br in recipe.reads()
+        inputs = list(self.settings.model_inputs) + [n for b, br in recipe.reads()
                                     for n in [history_name(b, br, j) for j in range(points.get((b, br), 1))]
                                     + ([input_cache_name(b, br)] if (b, br) in in_reads else [])]
         if points:
@@ -315,7 +315,7 @@ class Plan:
             "schema_version": PLAN_SCHEMA_VERSION,
             "planner": self.planner,
             "params": self.params,
-            "settings": asdict(self.settings),
+            "settings": self.settings.to_dict(),
             "depth": self.depth,
             **({"branches": list(self.branches)} if self.branches != BRANCHES else {}),
             "num_tokens": self.num_tokens,

@@ -30,6 +30,7 @@ from tcgraph.plan.fixed import ForaConfig, TaylorConfig, make_fora, make_taylor
 from tcgraph.plan.learned_forecast import apply_choices, cap_history, choose_forecasts, output_grams
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe
 from tcgraph.progress import QUIET, Progress
+from tcgraph.sampling.conditioning import take
 
 FASTEST_FIXED = 1.3  # fixed plans up to this multiple of the learned plan's predicted speedup compete
 FORECAST_POINTS = 3  # history points a learned forecast may use (r <= 4)
@@ -90,10 +91,10 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
                 candidates.append((plan.planner, plan))
         if speedup_of(cfg, fixed[0].recipes) > FASTEST_FIXED * target:
             break
-    noise, labels = held.x[0, :SELECTION_IMAGES], held.y[:SELECTION_IMAGES]
+    noise, labels = held.x[0, :SELECTION_IMAGES], take(held.y, slice(0, SELECTION_IMAGES))
     scored = []
     with progress.phase("choose by sampling runs", len(candidates) + 1) as phase:
-        full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE) for _ in range(settings.num_steps)),
+        full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches) for _ in range(settings.num_steps)),
                     cfg.num_tokens)
         reference = free_running_samples(model, full, noise, labels)
         phase.tick("full")
@@ -106,7 +107,7 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
         "selection": [{"candidate": label, "predicted_speedup": round(speedup_of(cfg, plan.recipes), 4),
                        "held_out_psnr": round(p, 3) if math.isfinite(p) else None,
                        "cache_mb": round(cache_mb(plan, hidden), 3)} for p, label, plan in scored],
-        "selection_images": int(labels.shape[0]),
+        "selection_images": len(labels),
     })
     out = dict(params)
     out.update(record)

@@ -19,7 +19,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.specs import VariantSpec
-from tcgraph.names import MODEL_INPUTS, OUT, is_cache
+from tcgraph.names import OUT, X, T, is_cache, is_model_input
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -60,22 +60,29 @@ def cache_specs(variants: Variants) -> dict[str, tuple[list[int], str]]:
     return specs
 
 
-STATIC = (*MODEL_INPUTS, OUT)  # the same shape in every variant of an artifact
+def is_static(name: str) -> bool:
+    """The model's inputs (x, t, its conditioning) and `out`: the same shape in every variant of an artifact."""
+    return name == OUT or is_model_input(name)
 
 
 def static_buffers(variants: Variants, device: torch.device | str,
                    dtype_for: Callable[[str, str], torch.dtype]) -> dict[str, torch.Tensor]:
-    """Zero buffers for `x`, `t`, `y` and `out`, one set for every variant (checked to agree).
+    """Zero buffers for the model's inputs (`x`, `t`, its conditioning) and `out`, one set for every
+    variant (checked to agree).
 
     `dtype_for(name, manifest dtype)` picks each buffer's dtype.
     """
     specs: dict[str, tuple[list[int], str]] = {}
+    first: list[str] | None = None
     for variant in variants:
-        ios = [io for io in (*variant.inputs, *variant.outputs) if io.name in STATIC]
-        if len(ios) != len(STATIC):
+        ios = [io for io in (*variant.inputs, *variant.outputs) if is_static(io.name)]
+        names = sorted(io.name for io in ios)
+        first = names if first is None else first
+        if not {X, T, OUT} <= set(names) or names != first:
             raise TcgraphError(
-                f"variant {variant.id} lacks one of {list(STATIC)}, which every variant has (DESIGN.md, 'Graph "
-                "interface of a variant'); the manifest is damaged: re-run `tcgraph transform`"
+                f"variant {variant.id} reads and writes {names}, not x, t, the model's conditioning and out as "
+                f"every variant does ({first}; DESIGN.md, 'Graph interface of a variant'); the manifest is damaged: "
+                "re-run `tcgraph transform`"
             )
         for io in ios:
             spec = (list(io.shape), io.dtype)
@@ -93,7 +100,7 @@ def step_input_buffers(variants: Variants, device: torch.device | str,
     """variant id -> zero buffers for its inputs that are neither model inputs nor caches: the
     plan's per-step inputs (`forecast.w`), whose shape differs from variant to variant."""
     return {variant.id: {io.name: torch.zeros(list(io.shape), dtype=dtype_for(io.name, io.dtype), device=device)
-                         for io in variant.inputs if io.name not in STATIC and not is_cache(io.name)}
+                         for io in variant.inputs if not is_static(io.name) and not is_cache(io.name)}
             for variant in variants}
 
 

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import MODEL_INPUTS, history_index, is_cache
+from tcgraph.names import history_index, is_cache, model_input_count
+from tcgraph.sampling.conditioning import as_inputs
 
 RunFn = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -87,14 +88,21 @@ class ScheduleDispatcher:
         entries.insert(0, value.clone() if self.copy_history else value)  # a runner's buffer is overwritten next run
         del entries[self.depth[name]:]
 
-    def __call__(self, step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: int, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        """One step; `y` is the model's conditioning (class ids, or the tuple (text embeddings, mask))."""
         if not 0 <= step < len(self.schedule):
             raise TcgraphError(f"step {step} is outside the plan's {len(self.schedule)} steps")
         vid = self.schedule[step]
         inputs, outputs = self.io[vid]
-        feeds: dict[str, Any] = {"x": x, "t": t, "y": y}
+        own = model_input_count(inputs)
+        values = (x, t, *as_inputs(y))
+        if len(values) != own:
+            raise TcgraphError(f"variant {vid} reads {own} model inputs ({', '.join(inputs[:own])}); the step got "
+                               f"{len(values)}: pass class ids to a class-conditional model, (embeddings, mask) "
+                               "to a text-conditioned one")
+        feeds: dict[str, Any] = dict(zip(inputs[:own], values))
         given = self.step_feeds[step]
-        for name in inputs[len(MODEL_INPUTS):]:
+        for name in inputs[own:]:
             value = given[name] if name in given else self._read(name)
             if value is None:
                 raise TcgraphError(

@@ -3,7 +3,9 @@
 The sampler never calls the model directly: it calls a *step function*
 `step_fn(step, x, t, y) -> model output` once per denoising step, so that the runtime can
 run a different exported graph at each step. `step` is the index in generation order
-(0 = noisiest); `t` holds the original (un-respaced) timesteps the model was trained on.
+(0 = noisiest); `t` holds the original (un-respaced) timesteps the model was trained on;
+`y` is the model's conditioning: class ids, or for a text-conditioned model the tuple
+(text embeddings, mask) (`tcgraph.sampling.conditioning`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.progress import SILENT, Phase
+from tcgraph.sampling.conditioning import as_inputs, model_conditioning
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -118,7 +121,8 @@ class GuidedSteps:
     A subclass sets `schedule` (with `timesteps` and `num_steps`), `cfg_scale`,
     `in_channels`, `null_class` and `timestep_dtype` (the dtype of the graphs' `t`).
     `cfg_scale > 1` runs the conditional and unconditional halves in one batch of 2N
-    (labels `y` then the null class); otherwise the batch is N and purely conditional.
+    (labels `y` then the null class, or a `Text`'s prompts then its negative prompts);
+    otherwise the batch is N and purely conditional.
     """
 
     timestep_dtype = torch.long
@@ -135,14 +139,15 @@ class GuidedSteps:
         """Rows the model sees per step: the CFG halves are batched together."""
         return 2 * batch if self.use_cfg else batch
 
-    def model_inputs(self, x: torch.Tensor, index: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, t, y) as the model sees them at schedule index `index`."""
+    def model_inputs(self, x: torch.Tensor, index: int, y) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(x, t, y) as the model sees them at schedule index `index`; `y` is class ids or a `Text`
+        (the model then sees the tuple (embeddings, mask))."""
         t = torch.full((x.shape[0],), self.schedule.timesteps[index].item(), dtype=self.timestep_dtype,
                        device=x.device)
+        cond = model_conditioning(y, self.use_cfg, self.null_class)
         if self.use_cfg:
-            null = torch.full_like(y, self.null_class)
-            return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-        return x, t, y
+            return torch.cat([x, x]), torch.cat([t, t]), cond
+        return x, t, cond
 
     def eps_from_output(self, model_out: torch.Tensor) -> torch.Tensor:
         """The (guided) epsilon: the first `in_channels` channels of the model output."""
@@ -203,7 +208,8 @@ class DDIMSampler(GuidedSteps):
         generator: torch.Generator | None = None,
         phase: Phase = SILENT,
     ) -> torch.Tensor:
-        """Denoise `noise` (N, C, H, W) for labels `y` (N,) with `step_fn` at every step; `phase` ticks once per step."""
+        """Denoise `noise` (N, C, H, W) for labels `y` (N,) or a `Text` of N prompts with `step_fn` at every step;
+        `phase` ticks once per step."""
         x = noise
         for step, index in enumerate(self.schedule.generation_order()):
             xin, tin, yin = self.model_inputs(x, index, y)
@@ -221,7 +227,7 @@ def model_step_fn(model: torch.nn.Module) -> StepFn:
     """The plain step function: the same eager model at every step."""
 
     @torch.no_grad()
-    def step(_step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, t, y)
+    def step(_step: int, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        return model(x, t, *as_inputs(y))
 
     return step

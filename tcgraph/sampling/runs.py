@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from tcgraph.progress import QUIET, Progress
+from tcgraph.sampling.conditioning import Text, take
 from tcgraph.sampling.diffusion import DDIMSampler, StepFn
 from tcgraph.sampling.schedulers import DiffusersSampler
 from tcgraph.sampling.settings import SamplerSettings
@@ -54,10 +55,11 @@ def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, channels, size, size, generator=g)
 
 
-def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: Sampler, labels: list[int],
+def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: Sampler, labels: list[int] | Text,
                 noise: torch.Tensor, batch: int, seed: int, progress: Progress = QUIET,
                 device: str | torch.device = "cpu") -> torch.Tensor:
-    """Sample `labels` in runs of exactly `batch` images (the last run padded, padding dropped).
+    """Sample `labels` (class ids, or a `Text` of one prompt per image) in runs of exactly `batch`
+    images (the last run padded, padding dropped).
 
     `reset()` is called before each run (a dispatcher forgets its caches). The sampler runs
     on `device` (where the step function returns its output): each run's noise and labels
@@ -69,7 +71,7 @@ def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: Sampler, la
         for r in range(runs):
             idx = list(range(r * batch, min((r + 1) * batch, len(labels))))
             pad = batch - len(idx)
-            y = torch.tensor([labels[i] for i in idx] + [labels[idx[0]]] * pad)
+            y = take(labels, idx + [idx[0]] * pad)
             x = torch.cat([noise[idx], noise[idx[:1]].expand(pad, *noise.shape[1:])])
             reset()
             g = torch.Generator().manual_seed(seed + 1 + r)

@@ -260,11 +260,11 @@ class DiffusersSampler(GuidedSteps):
         self,
         step_fn: StepFn,
         noise: torch.Tensor,
-        y: torch.Tensor,
+        y,
         generator: torch.Generator | None = None,
         phase: Phase = SILENT,
     ) -> torch.Tensor:
-        """Denoise `noise` (N, C, H, W) for labels `y` (N,); `phase` ticks once per step.
+        """Denoise `noise` (N, C, H, W) for labels `y` (N,) or a `Text`; `phase` ticks once per step.
         `generator` is not used: every supported scheduler is deterministic."""
         scheduler = self.fresh_scheduler(noise.device)
         sigma = getattr(scheduler, "init_noise_sigma", 1.0)

@@ -7,11 +7,12 @@ refused on load), and `sample` runs only settings that passed. Each refusal is a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from tcgraph.errors import UsageError
+from tcgraph.names import MODEL_INPUTS, TEXT_INPUTS
 from tcgraph.sampling import checks
 from tcgraph.sampling.diffusion import NUM_TRAIN_TIMESTEPS
 from tcgraph.sampling.schedulers import CLASS_KEY, check_scheduler_config, timestep_dtype
@@ -26,6 +27,8 @@ MAX_STEPS = NUM_TRAIN_TIMESTEPS
 MAX_BATCH = 4096
 # Model input side; DiT-XL/2 at 512x512 has 64 (latent), pixel models a few hundred.
 MAX_RESOLUTION = 4096
+# Text tokens a text-conditioned model reads (PixArt-alpha: 120, PixArt-Sigma: 300; T5 allows 512).
+MAX_TEXT_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class SamplerSettings:
     clips its estimate of x0 to [-1, 1] at every step; None takes the model's default
     (`sampler_for`: on for pixel-space models, where values outside [-1, 1] are isolated
     white or black pixels, off for latent models, whose latents are not bounded).
+
+    `text_length` is the number of text tokens of a text-conditioned model (its graphs read
+    `encoder_hidden_states` [B, L, D_text] and `encoder_attention_mask` [B, L]; prompts are
+    padded to L), an int in 1..4096 (`--text-length`); 0 for a class-conditional model (the
+    graphs read class ids `y`).
 
     `scheduler` is the contents of a diffusers `scheduler_config.json` (see
     `tcgraph.sampling.schedulers.scheduler_config_from_folder`), set exactly when `sampler`
@@ -58,6 +66,7 @@ class SamplerSettings:
     clip_x0: bool | None = None  # None: the model's default (on in pixel space)
     # a diffusers scheduler_config.json (plain JSON); not hashed: a dict has no hash
     scheduler: dict | None = field(default=None, hash=False)
+    text_length: int = 0  # text tokens of a text-conditioned model; 0: class ids
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -75,6 +84,8 @@ class SamplerSettings:
             "batch": checks.integer(self.batch, "batch", "--batch", lo=1, hi=MAX_BATCH,
                                     why=" images per sampling run (the graphs are static in it)"),
             "resolution": checks.integer(self.resolution, "resolution", "--resolution", lo=1, hi=MAX_RESOLUTION),
+            "text_length": checks.integer(self.text_length, "text length", "--text-length", lo=0, hi=MAX_TEXT_LENGTH,
+                                          why=" (0 for a class-conditional model)"),
         }
         if self.clip_x0 is not None and not isinstance(self.clip_x0, bool):
             raise UsageError(f"clip_x0 (--clip-x0) must be True, False or None (the model's default), "
@@ -103,6 +114,19 @@ class SamplerSettings:
                              f"{self.clip_x0!r}: its config decides clipping (clip_sample, thresholding); "
                              "edit scheduler_config.json instead")
         object.__setattr__(self, "scheduler", scheduler)  # a plain-JSON copy: the caller's dict may change
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON; `text_length` only when set, so that plans of class-conditional
+        models written before it existed read (and hash) the same."""
+        d = asdict(self)
+        if not d["text_length"]:
+            del d["text_length"]
+        return d
+
+    @property
+    def model_inputs(self) -> tuple[str, ...]:
+        """The model's own inputs of every variant graph: x, t, then its conditioning."""
+        return TEXT_INPUTS if self.text_length else MODEL_INPUTS
 
     @property
     def model_batch(self) -> int:

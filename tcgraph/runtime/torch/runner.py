@@ -23,7 +23,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
-from tcgraph.names import MODEL_INPUTS, OUT, T, is_cache
+from tcgraph.names import OUT, T, is_cache, is_model_input, model_input_count
 from tcgraph.runtime.bank import CacheBank, load_into, static_buffers, step_input_buffers, torch_dtype
 from tcgraph.runtime.base import Runner
 from tcgraph.runtime.torch.loader import ProgramsFromArtifact
@@ -146,7 +146,7 @@ class TorchRunner(Runner):
     def _body(self, vid: str, program):
         inputs, outputs = self._io[vid]
         bank, static, own = self._bank, self._static, self._step_inputs[vid]
-        model_inputs = len(MODEL_INPUTS)
+        model_inputs = model_input_count(inputs)
         args = [static[n] for n in inputs[:model_inputs]] + [own[n] if n in own else bank[n]
                                                              for n in inputs[model_inputs:]]
 
@@ -161,7 +161,7 @@ class TorchRunner(Runner):
     # ---------------------------------------------------------------- running
 
     def _feed_dtype(self, name: str, manifest_dtype: str) -> str:
-        if is_cache(name) or name not in (*MODEL_INPUTS, OUT):
+        if not is_model_input(name) and name != OUT:
             return str(self._low(manifest_dtype)).removeprefix("torch.")
         return manifest_dtype
 
@@ -169,7 +169,7 @@ class TorchRunner(Runner):
     def _run_impl(self, variant_id: str, feeds: dict[str, Any]) -> dict[str, Any]:
         inputs, outputs = self._io[variant_id]
         if self.cuda_graphs:
-            model_inputs = len(MODEL_INPUTS)
+            model_inputs = model_input_count(inputs)
             for name in inputs[:model_inputs]:
                 load_into(self._static[name], feeds[name])
             own = self._step_inputs[variant_id]

@@ -1,0 +1,256 @@
+"""diffusers' `PixArtTransformer2DModel`, as tcgraph traces, rewrites and exports it.
+
+As with `tcgraph.models.diffusers_dit`, diffusers' own forward cannot be traced by torch.fx
+(shape reads into Python ints, grad-mode checks, optional arguments), so `DiffusersPixArt`
+wraps the diffusers model's own modules, unchanged, with a forward written for tracing: the
+same operations in the same order, with the patch grid and the timestep features' constants
+fixed when it is built. `tests/models/test_diffusers_pixart.py` checks it against diffusers'
+forward.
+
+The model is conditioned on text embeddings, not class ids:
+`forward(x, t, encoder_hidden_states, encoder_attention_mask)` with the text embeddings
+[B, L, caption_channels] and their mask [B, L] (1 keep, 0 drop; float, int or bool). The
+conditioning the blocks read is the tuple `(t6, emb_t, text, bias)`:
+- `emb_t` [B, D]: the timestep embedding (adaLN-single's `emb`), which the output layer reads;
+- `t6` [B, 6D]: adaLN-single's linear of it, shared by every block, each adding its own
+  `scale_shift_table` (6, D) to get shift, scale, gate of the attention and of the MLP;
+- `text` [B, L, D]: the caption projection of the text embeddings;
+- `bias` [B, 1, L]: the cross-attention bias of the mask, (1 - mask) * -10000.
+None of them changes within a sampling run except `t6` and `emb_t` (per step).
+
+Each block has three branches: `attn` (gated self-attention of the modulated norm1 of h),
+`cross` (ungated cross-attention to the text, whose input is h itself: PixArt applies no
+norm before it), and `mlp` (gated FeedForward of the modulated norm2 of h).
+
+Parameter names are diffusers' own (`transformer_blocks.3.attn2.to_k.weight`), plus
+`pos_table`, the fixed sin-cos position table that diffusers keeps as a non-persistent
+buffer. The config is a `DiTConfig` with `layout="pixart"` (num_classes 0, caption_channels
+the text width).
+
+Not run (refused when the model has them): resolution/aspect-ratio micro-conditions
+(`use_additional_conditions`, PixArt-alpha 1024px), a self-attention mask, q/k norms and the
+other `Attention` options that PixArt checkpoints do not use.
+
+diffusers is imported when this module is: it is an optional dependency (`.[diffusers]`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
+from tcgraph.models.diffusers_config import (
+    PIXART_CLASS_NAME,
+    DiffusersFolder,
+    load_weights_into,
+    pixart_config_from_diffusers,
+    pixart_kwargs,
+)
+from tcgraph.models.dit import DiTConfig, modulate
+
+try:
+    from diffusers import PixArtTransformer2DModel
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from tcgraph.models.diffusers_dit import timestep_features
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise TcgraphError(
+        f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
+        "or `pip install 'tcgraph[diffusers]'`"
+    ) from None
+
+MASK_BIAS = -10000.0  # what diffusers adds to the attention scores of a dropped text token
+
+
+class DiffusersPixArtBlock(nn.Module):
+    """One diffusers `BasicTransformerBlock` (norm_type "ada_norm_single", with cross-attention),
+    holding its modules under their diffusers names, with a traceable forward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.norm1 = block.norm1  # LayerNorm (eps norm_eps, no weights) before the self-attention
+        self.attn1 = block.attn1
+        self.attn2 = block.attn2  # cross-attention: queries h itself, keys/values the projected text
+        self.norm2 = block.norm2  # LayerNorm before the MLP (PixArt has no norm before attn2)
+        self.ff = block.ff
+        self.scale_shift_table = block.scale_shift_table  # (6, D), added to adaLN-single's shared t6
+        self.dim = int(block.scale_shift_table.shape[1])
+
+    def modulation(self, t6: torch.Tensor, emb_t: torch.Tensor, text: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+        """[B, 6D]: shift, scale, gate of the self-attention, then of the MLP (only t6 is read)."""
+        d = self.dim
+        return (self.scale_shift_table[None] + t6.reshape(-1, 6, d)).reshape(-1, 6 * d)
+
+    def forward(self, h: torch.Tensor, t6: torch.Tensor, emb_t: torch.Tensor, text: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(t6, emb_t, text, bias).chunk(6, dim=1)
+        h = h + gate1.unsqueeze(1) * self.attn1(modulate(self.norm1(h), shift1, scale1))
+        h = h + self.attn2(h, text, bias)  # Attention.forward(hidden_states, encoder_hidden_states, attention_mask)
+        return h + gate2.unsqueeze(1) * self.ff(modulate(self.norm2(h), shift2, scale2))
+
+
+class DiffusersPixArt(nn.Module):
+    """A diffusers `PixArtTransformer2DModel`;
+    `forward(x, t, encoder_hidden_states, encoder_attention_mask)` -> its output `sample`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.config = pixart_config_from_diffusers(dict(model.config), where=PIXART_CLASS_NAME)
+        cfg = self.config
+        _check_model(model, cfg)
+        self.patch_size, self.out_channels = cfg.patch_size, cfg.out_channels
+        self.grid = cfg.input_size // cfg.patch_size
+        proj = model.adaln_single.emb.time_proj  # diffusers' Timesteps: PixArt's has shift 0, cos first
+        self.time_features = dict(dim=int(proj.num_channels), shift=float(proj.downscale_freq_shift),
+                                  scale=float(proj.scale), flip_sin_to_cos=bool(proj.flip_sin_to_cos))
+        self.pos_embed = model.pos_embed  # PatchEmbed: only its conv `proj` runs here
+        self.register_buffer("pos_table", model.pos_embed.pos_embed.detach().clone().float())  # [1, N, D]
+        self.transformer_blocks = nn.ModuleList(DiffusersPixArtBlock(b) for b in model.transformer_blocks)
+        self.adaln_single = model.adaln_single
+        self.caption_projection = model.caption_projection
+        self.norm_out = model.norm_out
+        self.proj_out = model.proj_out
+        self.scale_shift_table = model.scale_shift_table  # (2, D): the output layer's shift, scale
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              encoder_attention_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(hidden state [B, N, D], (t6 [B, 6D], emb_t [B, D], text [B, L, D], bias [B, 1, L]))."""
+        h = self.pos_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_table
+        emb_t = self.adaln_single.emb.timestep_embedder(timestep_features(t, **self.time_features))
+        t6 = self.adaln_single.linear(self.adaln_single.silu(emb_t))
+        text = self.caption_projection(encoder_hidden_states)
+        bias = ((1 - encoder_attention_mask.to(torch.float32)) * MASK_BIAS).unsqueeze(1)
+        return h, (t6, emb_t, text, bias)
+
+    def final(self, h: torch.Tensor, t6: torch.Tensor, emb_t: torch.Tensor, text: torch.Tensor,
+              bias: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + emb_t[:, None]).chunk(2, dim=1)  # [B, 1, D] each
+        h = self.proj_out(self.norm_out(h) * (1 + scale) + shift)  # [B, N, p*p*C_out]
+        c_out, p, g = self.out_channels, self.patch_size, self.grid
+        h = h.reshape(-1, g, g, p, p, c_out).permute(0, 5, 1, 3, 2, 4)  # einsum nhwpqc->nchpwq
+        return h.reshape(-1, c_out, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+        h, cond = self.embed(x, t, encoder_hidden_states, encoder_attention_mask)
+        for block in self.transformer_blocks:
+            h = block(h, *cond)
+        return self.final(h, *cond)
+
+
+def build_diffusers_pixart(config: DiTConfig, seed: int | None = None) -> DiffusersPixArt:
+    """A PixArtTransformer2DModel with diffusers' random initialisation (seeded when `seed` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DiffusersPixArt(PixArtTransformer2DModel(**pixart_kwargs(config))).eval()
+
+
+def load_diffusers_pixart(folder: DiffusersFolder) -> DiffusersPixArt:
+    """The PixArtTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
+    pixart_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before reading weights
+    return DiffusersPixArt(load_weights_into(folder, PixArtTransformer2DModel, PIXART_CLASS_NAME)).eval()
+
+
+def save_pixart(model: nn.Module, path: str | Path) -> Path:
+    """Save a PixArtTransformer2DModel, or a `DiffusersPixArt`, as the folder `save_pretrained` writes
+    (config.json + safetensors). A wrapper is saved as diffusers' model of its config; its position
+    table must be the one diffusers builds for it (the default interpolation scale)."""
+    if not isinstance(model, DiffusersPixArt):
+        if not isinstance(model, PixArtTransformer2DModel):
+            raise TcgraphError(f"save_pixart saves a PixArtTransformer2DModel or a DiffusersPixArt, "
+                               f"not a {type(model).__name__}")
+        model.save_pretrained(str(path), safe_serialization=True)
+        return Path(path)
+    target = PixArtTransformer2DModel(**pixart_kwargs(model.config))
+    state = {k: v for k, v in model.state_dict().items() if k != "pos_table"}
+    target.load_state_dict(state)
+    if not torch.equal(target.pos_embed.pos_embed.float(), model.pos_table):
+        raise TcgraphError("save_pixart: the model's position table is not the one diffusers builds from its config "
+                           "(another interpolation_scale): save the diffusers model itself with save_pretrained")
+    target.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+def _check_model(model: nn.Module, cfg: DiTConfig) -> None:
+    """The model is what the traceable forward assumes; refuses, naming them, the parts it does not run."""
+    if getattr(model, "use_additional_conditions", False) or getattr(model.adaln_single.emb,
+                                                                     "use_additional_conditions", False):
+        raise TcgraphError(f"{PIXART_CLASS_NAME} uses resolution/aspect-ratio micro-conditions "
+                           "(use_additional_conditions): they are not supported yet")
+    if model.caption_projection is None:
+        raise TcgraphError(f"{PIXART_CLASS_NAME} has no caption projection (caption_channels null): tcgraph's "
+                           "PixArt adapter projects the text embeddings")
+    for i, block in enumerate(model.transformer_blocks):
+        odd = [what for what, bad in (
+            ("a norm type other than 'ada_norm_single'", getattr(block, "norm_type", None) != "ada_norm_single"),
+            ("no cross-attention (attn2)", getattr(block, "attn2", None) is None),
+            ("only cross-attention", bool(getattr(block, "only_cross_attention", False))),
+            ("two self-attentions (double_self_attention)", bool(getattr(block, "double_self_attention", False))),
+            ("positional embeddings inside the block", getattr(block, "pos_embed", None) is not None),
+            ("a GLIGEN fuser (attention_type gated)", getattr(block, "fuser", None) is not None),
+        ) if bad]
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name, None)
+            if attn is None:
+                continue
+            odd += [f"{name} with {what}" for what, bad in (
+                ("q/k norms", getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None),
+                ("a residual connection", bool(getattr(attn, "residual_connection", False))),
+                ("an output rescale factor", float(getattr(attn, "rescale_output_factor", 1.0)) != 1.0),
+                ("a spatial or group norm", getattr(attn, "spatial_norm", None) is not None
+                 or getattr(attn, "group_norm", None) is not None),
+                ("a norm of the text (cross_attention_norm)", getattr(attn, "norm_cross", None) is not None),
+                ("added key/value projections", getattr(attn, "add_k_proj", None) is not None),
+                (f"the attention processor {type(getattr(attn, 'processor', None)).__name__} (tcgraph runs "
+                 "diffusers' default AttnProcessor2_0 / AttnProcessor)",
+                 not isinstance(getattr(attn, "processor", None), (AttnProcessor2_0, AttnProcessor))),
+                ("fused projections", getattr(attn, "fused_projections", False)),
+            ) if bad]
+        if bool(getattr(block.attn1, "is_cross_attention", False)):
+            odd.append("attn1 as a cross-attention")
+        if odd:
+            raise TcgraphError(f"{PIXART_CLASS_NAME} block {i} has {', '.join(odd)}: tcgraph's PixArt adapter "
+                               "does not run it")
+    pe = model.pos_embed
+    if (getattr(pe, "pos_embed", None) is None or getattr(pe, "layer_norm", False)
+            or getattr(pe, "pos_embed_max_size", None) or not getattr(pe, "flatten", True)
+            or tuple(pe.pos_embed.shape) != (1, cfg.num_tokens, cfg.hidden_size)):
+        raise TcgraphError(f"{PIXART_CLASS_NAME}: tcgraph runs the fixed sin-cos position table of PatchEmbed only, "
+                           f"one row per token of a {cfg.input_size}x{cfg.input_size} input")
+
+
+def _embed(model: DiffusersPixArt, x: torch.Tensor, t: torch.Tensor,
+           y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    encoder_hidden_states, encoder_attention_mask = y
+    return model.embed(x, t, encoder_hidden_states, encoder_attention_mask)
+
+
+def _dims(model: DiffusersPixArt) -> ModelDims:
+    cfg = model.config
+    return ModelDims(cfg.depth, cfg.num_tokens, cfg.hidden_size, cfg.num_heads)
+
+
+PIXART = register_adapter(ModelAdapter(
+    name=PIXART_CLASS_NAME,
+    model_type=DiffusersPixArt,
+    block_type=DiffusersPixArtBlock,
+    blocks="transformer_blocks",
+    modulation="modulation",  # (t6, emb_t, text, bias) -> shift, scale, gate of attn, then of mlp
+    chunks=6,
+    branches=(
+        BranchSpec("attn", "attn1", Attention, "norm1", 0, 1, 2,
+                   AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
+        BranchSpec("cross", "attn2", Attention, None, None, None, None, context=(2, 3)),  # attn2(h, text, bias)
+        BranchSpec("mlp", "ff", FeedForward, "norm2", 3, 4, 5),
+    ),
+    embed=_embed,  # y is the tuple (encoder_hidden_states, encoder_attention_mask)
+    final=lambda model, h, *cond: model.final(h, *cond),
+    dims=_dims,
+))
+
+load = load_diffusers_pixart  # what `tcgraph.models.load_diffusers` calls for this class
