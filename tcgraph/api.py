@@ -49,6 +49,8 @@ def transform(
     batch: int = 8,
     clip_x0: bool | None = None,
     scheduler: str | os.PathLike | dict | None = "auto",
+    text_length: int | None = None,
+    calibration_text=None,
     force: bool = False,
     check: bool = True,
     progress: bool | Progress = True,
@@ -63,6 +65,10 @@ def transform(
     `scheduler`: "auto" (default: the pipeline's own scheduler when `model` is a diffusers
     pipeline folder with a `scheduler/`, else tcgraph's DDIM), "ddim" (tcgraph's DDIM), a
     diffusers scheduler folder or `scheduler_config.json`, or that file's contents as a dict.
+    `text_length`: the text tokens a text-conditioned model's graphs read (prompts are padded to
+    it); None takes `calibration_text`'s. `calibration_text`: prompt embeddings (a
+    `tcgraph.sampling.conditioning.Text`, or an embeddings file, see `load_text`) that learned
+    planners calibrate a text-conditioned model on.
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
     `check=False` skips both numerical checks: rewritten graphs against the eager
@@ -78,6 +84,11 @@ def transform(
     # cannot be run. The resolution is the model's, filled in once it is loaded.
     settings = _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options,
                                     backend, engine_options, clip_x0, scheduler)
+    calibration_text = _text_argument(calibration_text, "calibration_text", "--calibration-embeddings")
+    if text_length is None and calibration_text is not None:
+        text_length = calibration_text.length
+    if text_length is not None:
+        settings = dataclasses.replace(settings, text_length=text_length)
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
     if isinstance(plan, Plan) and options:
@@ -100,10 +111,14 @@ def transform(
     prog = bars(progress)
     if isinstance(plan, Plan):
         the_plan = plan
+        _check_conditioning(the_plan.settings, dit.config, None)
     else:
         settings = dataclasses.replace(settings, resolution=dit.config.input_size)
+        _check_conditioning(settings, dit.config, calibration_text)
         sampler_for(settings, dit.config)  # a diffusers scheduler's config is checked by diffusers, before planning
         _check_graph_memory(settings, dit.config)
+        if calibration_text is not None:
+            options["calibration_text"] = calibration_text
         the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=prog, **options)
     variants = build_variants(dit, the_plan, check=check, progress=prog)
     path = write_artifact(
@@ -148,6 +163,31 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
         return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)
     return SamplerSettings(sampler="diffusers", scheduler=config, num_steps=steps, cfg_scale=guidance, eta=eta,
                            batch=batch, clip_x0=clip_x0)
+
+
+def _text_argument(text, name: str, option: str):
+    """A `Text`, an embeddings file read into one, or None."""
+    from tcgraph.sampling.conditioning import Text, load_text
+
+    if text is None or isinstance(text, Text):
+        return text
+    if isinstance(text, (str, os.PathLike)):
+        return load_text(text)
+    raise UsageError(f"{name} ({option}) must be a tcgraph Text or the path of an embeddings file, got "
+                     f"{type(text).__name__}")
+
+
+def _check_conditioning(settings: SamplerSettings, cfg: DiTConfig, text) -> None:
+    """A text-conditioned model needs a text length (and text of its width); a class-conditional one none."""
+    if cfg.text_conditioned and not settings.text_length:
+        raise UsageError(f"this model is text-conditioned (text embeddings of width {cfg.caption_channels}): give the "
+                         "text length its graphs read, text_length= (--text-length; PixArt-alpha's prompts have 120 "
+                         "tokens, PixArt-Sigma's 300), or calibration embeddings, whose length is taken")
+    if not cfg.text_conditioned and settings.text_length:
+        raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
+                         f"{settings.text_length}) and the text embeddings")
+    if text is not None:
+        text.check(settings.text_length, cfg.caption_channels)
 
 
 def _check_plan_spec(spec: str, options: dict) -> None:
@@ -234,8 +274,13 @@ def sample(
     npy: str | Path | None = None,
     progress: bool | Progress = True,
     runner_options: dict | None = None,
+    text=None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run the optimized sampler from an artifact folder; returns (samples, labels).
+
+    A text-conditioned model samples `per_class` images for each prompt of `text` (a
+    `tcgraph.sampling.conditioning.Text` or an embeddings file, `--embeddings`; with guidance it
+    needs the negative prompt's embeddings too); its labels are the prompt indices.
 
     `device` ("cpu", "cuda") goes to the runner; left out, each backend picks its own
     (ort: CUDA where onnxruntime-gpu has it, else CPU; torch: CPU; trt: CUDA). The
@@ -265,10 +310,22 @@ def sample(
     if resolution is not None and resolution != s.resolution:
         raise UsageError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
                            "transform again for another resolution")
-    ids = parse_classes(classes, cfg.num_classes)
+    text = _text_argument(text, "text", "--embeddings")
+    if cfg.text_conditioned:
+        if text is None or classes is not None:
+            raise UsageError("this artifact's model is text-conditioned: give prompt embeddings (text=, --embeddings "
+                             "FILE, or --prompt with a pipeline's text encoder) instead of class ids")
+        text.check(s.text_length, cfg.caption_channels)
+        ids, what = list(range(len(text))), "prompts"
+    else:
+        if text is not None:
+            raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes) "
+                             "and drop the text embeddings")
+        ids, what = parse_classes(classes, cfg.num_classes), "classes"
     checks.sample_memory(len(ids) * per_class, cfg.in_channels, s.resolution, name="per_class", option="--per-class",
-                         detail=f"{len(ids)} classes x {per_class} per class")
+                         detail=f"{len(ids)} {what} x {per_class} per class")
     labels = [c for c in ids for _ in range(per_class)]
+    conditioning = labels if text is None else text.take(labels)
     noise = make_noise(len(labels), cfg.in_channels, s.resolution, seed)
     options = dict(runner_options or {})
     if device is not None:
@@ -276,7 +333,7 @@ def sample(
     runner = make_runner(backend, art, **options)
     with runner:
         dispatch = ScheduleDispatcher.for_plan(runner, plan)
-        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), labels, noise, s.batch, seed,
+        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), conditioning, noise, s.batch, seed,
                               bars(progress), device=runner.device)
     if png is not None:
         save_grid(samples, png, nrow=per_class)
@@ -285,9 +342,12 @@ def sample(
     return samples, labels
 
 
-def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed: int = 0,
+def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,
                  progress: bool | Progress = False) -> torch.Tensor:
-    """The uncached PyTorch reference: the same noise, batching and sampler as `sample`."""
+    """The uncached PyTorch reference: the same noise, batching and sampler as `sample`; `labels`
+    are class ids, or a `Text` of one prompt per image for a text-conditioned model."""
+    from tcgraph.sampling.conditioning import Text
+
     from tcgraph.models import check_class_ids
     from tcgraph.sampling import model_step_fn
 
@@ -298,10 +358,13 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels: list[int], seed:
     if settings.resolution != model.config.input_size:
         raise UsageError(f"settings.resolution {settings.resolution} does not match the model's input size "
                          f"{model.config.input_size}; make the settings with resolution={model.config.input_size}")
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+    if isinstance(labels, Text):
+        _check_conditioning(settings, model.config, labels)
+    elif isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise UsageError(f"labels must be a list of class ids, got {type(labels).__name__}")
-    labels = check_class_ids(checks.class_ids(labels, "labels", None), model.config.num_classes).tolist()
-    if not labels:
+    else:
+        labels = check_class_ids(checks.class_ids(labels, "labels", None), model.config.num_classes).tolist()
+    if not len(labels):
         raise UsageError("labels is empty; give at least one class id")
     seed = _seed(seed)
     checks.sample_memory(len(labels), model.config.in_channels, settings.resolution, name="labels", option=None,

@@ -165,7 +165,7 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "
             f"{dims.depth} blocks x {dims.num_tokens} tokens; make the plan for this model"
         )
-    if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0:
+    if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0 and not model.config.text_conditioned:
         raise TcgraphError(
             f"guidance {plan.settings.cfg_scale} needs the model's null class, but this model was built with "
             "class_dropout_prob=0 (no null class); use guidance 1 (--guidance 1)"

@@ -1,0 +1,164 @@
+"""diffusers' PixArtTransformer2DModel transformed: its `full` graph against diffusers' own
+forward, and plans of every action on its three branches (attn, cross, mlp), exported and
+sampled with ONNX Runtime on text embeddings, against the eager reference loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import PixArtTransformer2DModel  # noqa: E402
+
+from tcgraph import api  # noqa: E402
+from tcgraph.compile import build_variants  # noqa: E402
+from tcgraph.errors import TcgraphError, UsageError  # noqa: E402
+from tcgraph.export.artifact import load_artifact  # noqa: E402
+from tcgraph.models.diffusers_pixart import DiffusersPixArt  # noqa: E402
+from tcgraph.passes import reference_step  # noqa: E402
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, forecast, partial  # noqa: E402
+from tcgraph.plan.flops import plan_flops  # noqa: E402
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for  # noqa: E402
+from tcgraph.sampling.conditioning import Text  # noqa: E402
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=2, out_channels=4, num_layers=3,
+            sample_size=8, patch_size=2, caption_channels=24, cross_attention_dim=32,
+            use_additional_conditions=False)  # 16 tokens, hidden 32, learn sigma
+LENGTH, WIDTH = 7, 24
+BRANCHES = ("attn", "cross", "mlp")
+
+
+def tiny_pixart(seed: int = 0) -> DiffusersPixArt:
+    """Random weights of std 0.05 (diffusers zero-initialises the gates and tables), the position table kept."""
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return DiffusersPixArt(model).eval()
+
+
+def text(n: int, seed: int = 5, negatives: bool = True) -> Text:
+    """n prompts of LENGTH tokens, each padded after a different count (mask zeros); an empty negative."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, LENGTH)
+    for i in range(n):
+        mask[i, 2 + i % (LENGTH - 2):] = 0
+    neg_mask = torch.zeros(n, LENGTH)
+    neg_mask[:, 0] = 1
+    if not negatives:
+        return Text(torch.randn(n, LENGTH, WIDTH, generator=g), mask)
+    return Text(torch.randn(n, LENGTH, WIDTH, generator=g), mask,
+                torch.randn(1, LENGTH, WIDTH, generator=g).expand(n, -1, -1), neg_mask)
+
+
+def settings(steps: int, **kw) -> SamplerSettings:
+    return SamplerSettings(**{"num_steps": steps, "batch": 2, "cfg_scale": 2.0, "resolution": 8,
+                              "text_length": LENGTH, **kw})
+
+
+def test_full_variant_graph_equals_diffusers_forward():
+    """The rewritten `full` graph reads x, t, the text and its mask, and equals diffusers' forward
+    (1e-4); the mask matters (a zero changes the output)."""
+    model = tiny_pixart()
+    plan = Plan("full", settings(1), (Recipe.uniform(3, COMPUTE, BRANCHES),), model.config.num_tokens)
+    (variant,) = build_variants(model, plan)
+    assert variant.input_names == ["x", "t", "encoder_hidden_states", "encoder_attention_mask"]
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 2, 8, 8, generator=g), torch.tensor([0, 333, 666, 999])
+    cond = text(4)
+    ehs, mask = cond.model_inputs(guided=True)
+    ehs, mask = ehs[:4], mask[:4]
+    with torch.no_grad():
+        out = variant.gm(x, t, ehs, mask)
+        out = out[0] if isinstance(out, tuple) else out
+        diffusers_model = PixArtTransformer2DModel(**TINY).eval()
+        diffusers_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "pos_table"})
+        ref = diffusers_model(x, encoder_hidden_states=ehs, timestep=t, encoder_attention_mask=mask,
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        unmasked = variant.gm(x, t, ehs, torch.ones_like(mask))
+        unmasked = unmasked[0] if isinstance(unmasked, tuple) else unmasked
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert (unmasked - out).abs().max().item() > 1e-3
+
+
+def test_plan_of_every_action_on_three_branches_equals_the_eager_reference_loop(tmp_path):
+    """compute, reuse, partial, dynamic and forecast steps on attn, cross and mlp, through ONNX
+    Runtime with guidance on text, equal an eager reference loop with caches carried step to step;
+    the plan carries 3 caches per block and its FLOPs count the cross branch."""
+    torch.set_num_threads(1)
+    model = tiny_pixart(seed=2)
+    full = Recipe.uniform(3, COMPUTE, BRANCHES)
+    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE, partial([1, 2])), (REUSE, partial([1, 2, 3]), REUSE),
+                (COMPUTE, REUSE, dynamic(4))), BRANCHES)
+    b = Recipe(((REUSE, dynamic(8), REUSE), (partial(range(15)), REUSE, forecast(2)), (dynamic(2), REUSE, REUSE)),
+               BRANCHES)
+    s = settings(6)
+    weights = {2: {(1, "mlp"): (1.0, 0.0)}, 5: {(1, "mlp"): (1.5, -0.5)}}  # one output computed by step 2
+    plan = Plan("tokens", s, (full, a, b, full, a, b), model.config.num_tokens, weights=weights)
+    path = api.transform(model, plan, tmp_path / "art", progress=False)
+    prompts = text(3)
+    got, labels = api.sample(path, text=prompts, per_class=1, seed=3, progress=False)
+    assert labels == [0, 1, 2]
+
+    caches: dict = {}
+    history: list = []  # computed outputs of block 1's mlp, newest first: what its forecast reads
+
+    def eager_step(step, x, t, y):
+        feeds = dict(caches)
+        if step in weights:
+            feeds["forecast.w"] = torch.tensor([w for _, ws in sorted(weights[step].items()) for w in ws])
+            feeds["cache.1.mlp.h1"] = history[min(1, len(history) - 1)]
+        out, fresh = reference_step(model, x, t, y, plan.recipes[step], feeds, keep_inputs=True)
+        caches.update(fresh)
+        if "cache.1.mlp" in fresh:
+            history.insert(0, fresh["cache.1.mlp"])
+        return out
+
+    def reset():
+        caches.clear()
+        history.clear()
+
+    eager = run_batches(eager_step, reset, sampler_for(s, model.config), prompts,
+                        make_noise(3, 2, 8, 3), s.batch, 3)
+    assert got.shape == eager.shape == (3, 2, 8, 8)
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), (got - eager).abs().max().item()
+    uncached = api.sample_eager(model, s, prompts, seed=3)
+    assert (uncached - eager).abs().max().item() > 1e-3
+    other = text(3, seed=9)
+    got_other, _ = api.sample(path, text=other, per_class=1, seed=3, progress=False)
+    assert (got_other - got).abs().max().item() > 1e-3  # the prompts reach the graphs
+
+    art = load_artifact(path)
+    caches_read = {n for v in art.variants for n in v.input_names if n.startswith("cache.")}
+    assert {"cache.0.cross", "cache.1.cross", "cache.2.cross"} <= caches_read
+    flops = plan_flops(model.config, plan)
+    d, n, L = 32, 16, LENGTH
+    cross_full = 2 * n * d * d * 2 + 2 * L * d * 2 * d + 2 * 2 * n * L * d
+    assert flops["full_step"] > 4 * 3 * cross_full  # batch 4 (guidance), 3 blocks, cross included
+
+
+def test_text_conditioning_errors_are_clear(tmp_path):
+    model = tiny_pixart()
+    with pytest.raises(UsageError, match="text length"):
+        api.transform(model, "fora:2", tmp_path / "a", steps=4, batch=2, progress=False)
+    path = api.transform(model, "fora:2", tmp_path / "b", steps=4, batch=2, text_length=LENGTH, progress=False)
+    assert load_artifact(path).plan.settings.text_length == LENGTH
+    with pytest.raises(UsageError, match="text-conditioned"):
+        api.sample(path, classes=[0], progress=False)
+    with pytest.raises(UsageError, match="negative prompt"):
+        api.sample(path, text=text(2, negatives=False), progress=False)
+    short = Text(torch.randn(2, 5, WIDTH), torch.ones(2, 5))
+    with pytest.raises(UsageError, match="pad or cut the prompts to 7"):
+        api.sample(path, text=short, progress=False)
+    with pytest.raises(TcgraphError, match="calibration prompts"):  # a learned planner without them
+        api.transform(model, "l2c:1.5", tmp_path / "c", steps=4, batch=2, text_length=LENGTH, progress=False)
+    with pytest.raises(UsageError, match="class ids, not text"):
+        from tcgraph.models import build_model
+        from tcgraph.models.dit import make_config
+
+        api.transform(build_model(make_config("digits", depth=1)), "full", tmp_path / "d", steps=2, batch=1,
+                      text_length=4, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    with pytest.raises(TcgraphError):
+        Text(torch.randn(2, 5, WIDTH), torch.ones(2, 4))
