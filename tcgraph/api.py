@@ -275,12 +275,16 @@ def sample(
     progress: bool | Progress = True,
     runner_options: dict | None = None,
     text=None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str = "",
 ) -> tuple[torch.Tensor, list[int]]:
     """Run the optimized sampler from an artifact folder; returns (samples, labels).
 
     A text-conditioned model samples `per_class` images for each prompt of `text` (a
     `tcgraph.sampling.conditioning.Text` or an embeddings file, `--embeddings`; with guidance it
-    needs the negative prompt's embeddings too); its labels are the prompt indices.
+    needs the negative prompt's embeddings too); its labels are the prompt indices. `prompts`
+    (with `negative_prompt`) are encoded by the model's own text encoder where tcgraph has one
+    (the digits-text demo's).
 
     `device` ("cpu", "cuda") goes to the runner; left out, each backend picks its own
     (ort: CUDA where onnxruntime-gpu has it, else CPU; torch: CPU; trt: CUDA). The
@@ -311,6 +315,10 @@ def sample(
         raise UsageError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
                            "transform again for another resolution")
     text = _text_argument(text, "text", "--embeddings")
+    if prompts is not None:
+        if text is not None:
+            raise UsageError("give prompts or text embeddings, not both")
+        text = _encode_prompts(art, prompts, negative_prompt)
     if cfg.text_conditioned:
         if text is None or classes is not None:
             raise UsageError("this artifact's model is text-conditioned: give prompt embeddings (text=, --embeddings "
@@ -340,6 +348,24 @@ def sample(
     if npy is not None:
         _atomic_save_npy(npy, samples.numpy())
     return samples, labels
+
+
+def _encode_prompts(art, prompts, negative_prompt: str):
+    """The prompts as the artifact's model's own text encoder embeds them."""
+    from tcgraph.models.digits_text import prompt_encoder_for
+
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise UsageError("prompts (--prompt) must be a non-empty list of strings")
+    if not art.model_config.text_conditioned:
+        raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
+    source = art.extra.get("model", "in-memory")
+    encoder = prompt_encoder_for(source)
+    if encoder is None:
+        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (only the digits-text demo's): embed "
+                         "the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass "
+                         "them as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, "
+                         "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)")
+    return encoder.encode(list(prompts), negative=negative_prompt, length=art.plan.settings.text_length)
 
 
 def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,

@@ -39,6 +39,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         "diffusers scheduler folder / scheduler_config.json (DDIM, DPM-Solver multistep, "
                         "flow-matching Euler)")
     t.add_argument("--batch", type=int, default=8, help="images per sampling run; graphs are static (default 8)")
+    t.add_argument("--text-length", type=int,
+                   help="text-conditioned models (PixArt): text tokens the graphs read, prompts padded to it "
+                        "(default: the calibration embeddings' length, or the demo encoder's)")
+    t.add_argument("--calibration-embeddings", type=Path,
+                   help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "
+                        "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask) that learned "
+                        "planners calibrate on")
     t.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     t.add_argument("--no-check", action="store_true", help="skip the numerical checks (rewritten graphs vs eager, ONNX vs graphs)")
     t.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
@@ -55,7 +62,16 @@ def _build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images with an artifact folder")
     s.add_argument("artifact", type=Path)
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
-    s.add_argument("--per-class", type=int, default=4, help="images per class; one grid row per class (default 4)")
+    s.add_argument("--prompt", action="append",
+                   help="text-conditioned models with a text encoder (the digits-text demo): a prompt; repeat for "
+                        "several, one grid row each")
+    s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
+    s.add_argument("--embeddings", type=Path,
+                   help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "
+                        "prompt_attention_mask and, for guidance, negative_prompt_embeds, "
+                        "negative_prompt_attention_mask), e.g. from a diffusers pipeline's encode_prompt")
+    s.add_argument("--per-class", type=int, default=4,
+                   help="images per class (or prompt); one grid row per class (default 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
                    help="ort (ONNX Runtime, the default), torch (the variant graphs in PyTorch; CUDA graphs on GPU) "
@@ -183,7 +199,8 @@ def _run(argv: list[str] | None) -> int:
         path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
                              clip_x0={"auto": None, "on": True, "off": False}[args.clip_x0],
-                             scheduler=args.scheduler,
+                             scheduler=args.scheduler, text_length=args.text_length,
+                             calibration_text=args.calibration_embeddings,
                              check=not args.no_check, progress=progress,
                              plan_options=plan_options(args),
                              backend=args.backend, engine_options={
@@ -192,7 +209,10 @@ def _run(argv: list[str] | None) -> int:
         print(api.format_inspect(api.inspect(path, verify=False)))
         print(f"\nwrote {path}")
     elif args.command == "sample":
+        if args.prompt and args.embeddings:
+            raise UsageError("give --prompt or --embeddings, not both")
         samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
+                                     text=args.embeddings, prompts=args.prompt, negative_prompt=args.negative_prompt,
                                      seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
                                      resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
                                      runner_options=_runner_options(args))

@@ -210,7 +210,7 @@ def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, va
         "settings": {"sampler": plan.settings.sampler, "num_steps": plan.settings.num_steps,
                      "cfg_scale": plan.settings.cfg_scale, "eta": plan.settings.eta,
                      "batch": plan.settings.batch, "model_batch": plan.settings.model_batch,
-                     "resolution": plan.settings.resolution,
+                     "resolution": plan.settings.resolution, "text_length": plan.settings.text_length,
                      "scheduler": (plan.settings.scheduler or {}).get("_class_name")},
         "depth": plan.depth,
         "num_tokens": plan.num_tokens,

@@ -38,8 +38,10 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         lines.append(f"artifact   {info['path']}")
     m = info.get("model")
     if m:
+        conditioning = (f"text {s['text_length']} tokens x {m['caption_channels']}" if m.get("caption_channels")
+                        else f"{m['num_classes']} classes")
         lines.append(f"model      {m.get('source') or 'model'}: depth {m['depth']}, hidden {m['hidden_size']}, "
-                     f"heads {m['num_heads']}, {info['num_tokens']} tokens, {m['num_classes']} classes")
+                     f"heads {m['num_heads']}, {info['num_tokens']} tokens, {conditioning}")
     sampler = f"diffusers {s['scheduler']}" if s.get("scheduler") else s["sampler"]
     layout = f" ({m['layout']} layout)" if m and m.get("layout") else ""
     if layout:

@@ -162,3 +162,35 @@ def test_text_conditioning_errors_are_clear(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
     with pytest.raises(TcgraphError):
         Text(torch.randn(2, 5, WIDTH), torch.ones(2, 4))
+
+
+def test_cli_transforms_a_pixart_folder_and_samples_from_an_embeddings_file(tmp_path, capsys):
+    """`tcgraph transform --model FOLDER --text-length L` and `tcgraph sample --embeddings FILE`
+    give the same samples as the Python API; a missing key in the file is one clear error."""
+    from safetensors.torch import save_file
+
+    from tcgraph.cli import main
+    from tcgraph.models.diffusers_pixart import save_pixart
+
+    folder = save_pixart(tiny_pixart(seed=3), tmp_path / "pixart")
+    art = tmp_path / "art"
+    assert main(["transform", "--model", str(folder), "--plan", "fora:2", "--steps", "4", "--batch", "2",
+                 "--text-length", str(LENGTH), "--out", str(art)]) == 0
+    assert f"text {LENGTH} tokens x {WIDTH}" in capsys.readouterr().out
+    prompts = text(2)
+    file = tmp_path / "prompts.safetensors"
+    save_file({"prompt_embeds": prompts.embeddings, "prompt_attention_mask": prompts.mask,
+               "negative_prompt_embeds": prompts.negative_embeddings[:1].contiguous(),
+               "negative_prompt_attention_mask": prompts.negative_mask[:1].contiguous()}, str(file))
+    npy = tmp_path / "s.npy"
+    assert main(["sample", str(art), "--embeddings", str(file), "--per-class", "1", "--seed", "2",
+                 "--png", str(tmp_path / "s.png"), "--npy", str(npy)]) == 0
+    import numpy as np
+
+    want, _ = api.sample(art, text=prompts, per_class=1, seed=2, progress=False)
+    assert np.array_equal(np.load(npy), want.numpy())
+    save_file({"prompt_embeds": prompts.embeddings}, str(tmp_path / "bad.safetensors"))
+    assert main(["sample", str(art), "--embeddings", str(tmp_path / "bad.safetensors"),
+                 "--png", str(tmp_path / "t.png")]) != 0
+    assert "lacks prompt_attention_mask" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()
