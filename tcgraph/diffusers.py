@@ -19,6 +19,12 @@ for another scale still runs, with the quality its calibration gave for its own.
 
 DiTPipeline labels the unconditional half with class 1000, ImageNet's null class; for a
 model with fewer classes, that id is read as the model's own null class.
+
+PixArt pipelines (`PixArtAlphaPipeline`, `PixArtSigmaPipeline`) pass the text embeddings and
+their mask; the artifact's graphs read them at its `text_length` (call the pipeline with
+`max_sequence_length` equal to it, or precomputed embeddings of that length). They batch the
+negative prompts first, DiTPipeline its conditional half first; the graphs compute every row
+alike, so either order runs.
 """
 from __future__ import annotations
 
@@ -61,10 +67,13 @@ class ArtifactTransformer(nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")  # where the pipeline's latents live; the runner moves them to its device
 
-    def forward(self, hidden_states: torch.Tensor, timestep=None, class_labels=None, return_dict: bool = True,
-                **unused):
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None, class_labels=None,
+                encoder_attention_mask=None, return_dict: bool = True, **unused):
         step = self._step_of(timestep)
-        x, t, y = self._inputs(hidden_states, timestep, class_labels, step)
+        if self.model_config.text_conditioned:
+            x, t, y = self._text_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
+        else:
+            x, t, y = self._inputs(hidden_states, timestep, class_labels, step)
         if step == 0:
             self.dispatch.reset()
         out = self.dispatch(step, x, t, y)
@@ -89,10 +98,8 @@ class ArtifactTransformer(nn.Module):
             f"{_short(self.timesteps)}; call the pipeline with num_inference_steps={s.num_steps} and the scheduler "
             "the artifact was made with, or transform the pipeline again for these settings")
 
-    def _inputs(self, hidden_states, timestep, class_labels, step):
+    def _latents(self, hidden_states, per_call: str) -> torch.Tensor:
         s, cfg = self.settings, self.model_config
-        if class_labels is None:
-            raise UsageError("the artifact is class-conditional; the pipeline passed no class_labels")
         x = hidden_states.detach().to("cpu", torch.float32)
         want = (s.model_batch, cfg.in_channels, s.resolution, s.resolution)
         if tuple(x.shape) != want:
@@ -100,8 +107,35 @@ class ArtifactTransformer(nn.Module):
             raise UsageError(
                 f"the pipeline gave the transformer latents of shape {list(x.shape)}, the artifact's graphs take "
                 f"{list(want)}: batch {s.batch}{guided}, {cfg.in_channels} channels, resolution {s.resolution}; "
-                f"call the pipeline with {s.batch} class labels per call (and guidance "
+                f"call the pipeline with {s.batch} {per_call} per call (and guidance "
                 f"{'on' if s.model_batch > s.batch else 'off'}), or transform again with --batch for yours")
+        return x
+
+    def _timesteps(self, timestep, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(timestep).reshape(-1).to("cpu")
+        return (t.expand(batch) if t.numel() == 1 else t).to(self.settings.timestep_dtype)
+
+    def _text_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        s, cfg = self.settings, self.model_config
+        if encoder_hidden_states is None:
+            raise UsageError("the artifact is text-conditioned; the pipeline passed no encoder_hidden_states")
+        x = self._latents(hidden_states, "prompts")
+        text = encoder_hidden_states.detach().to("cpu", torch.float32)
+        want = (s.model_batch, s.text_length, cfg.caption_channels)
+        if tuple(text.shape) != want:
+            raise UsageError(
+                f"the pipeline gave text embeddings of shape {list(text.shape)}, the artifact's graphs take "
+                f"{list(want)} (text length {s.text_length} is a plan setting): call the pipeline with "
+                f"max_sequence_length={s.text_length}, or transform again with --text-length {text.shape[1]}")
+        mask = (torch.ones(want[:2]) if encoder_attention_mask is None
+                else torch.as_tensor(encoder_attention_mask).detach().to("cpu", torch.float32).reshape(want[:2]))
+        return x, self._timesteps(timestep, x.shape[0]), (text, mask)
+
+    def _inputs(self, hidden_states, timestep, class_labels, step):
+        s, cfg = self.settings, self.model_config
+        if class_labels is None:
+            raise UsageError("the artifact is class-conditional; the pipeline passed no class_labels")
+        x = self._latents(hidden_states, "class labels")
         y = torch.as_tensor(class_labels).reshape(-1).to("cpu", torch.long).clone()
         null = cfg.num_classes
         y[y == PIPELINE_NULL_CLASS] = null
@@ -117,9 +151,7 @@ class ArtifactTransformer(nn.Module):
         bad = y[(y < 0) | (y > null)]
         if bad.numel():
             raise UsageError(f"class labels {bad[:5].tolist()} are out of range for the model's {null} classes")
-        t = torch.as_tensor(timestep).reshape(-1).to("cpu")
-        t = (t.expand(x.shape[0]) if t.numel() == 1 else t).to(s.timestep_dtype)
-        return x, t, y
+        return x, self._timesteps(timestep, x.shape[0]), y
 
 
 class Swap:
@@ -169,16 +201,19 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
 
 
 def _check_same_model(original, config, where) -> None:
-    from tcgraph.models.diffusers_config import config_from_diffusers
+    from tcgraph.models.diffusers_config import config_from_diffusers, pixart_config_from_diffusers
 
     raw = getattr(original, "config", None)
     if raw is None:
         return
+    read = pixart_config_from_diffusers if config.layout == "pixart" else config_from_diffusers
     try:
-        theirs = config_from_diffusers(dict(raw), where="the pipeline's transformer")
+        theirs = read(dict(raw), where="the pipeline's transformer")
     except TcgraphError as e:
-        raise UsageError(f"{e}; tcgraph.diffusers.use runs DiT pipelines") from None
-    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma")
+        raise UsageError(f"{e}; the artifact {where} is a {config.layout}-layout model: use it with that model's "
+                         "pipeline") from None
+    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma",
+            "caption_channels")
     differ = [f"{k} {getattr(config, k)} vs {getattr(theirs, k)}" for k in keys if getattr(config, k) != getattr(theirs, k)]
     if differ:
         raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
