@@ -1,0 +1,164 @@
+"""PixArt at PixArt-alpha's width on CPU: full vs cached plans, ONNX Runtime, whole sampling runs.
+
+    python benchmarks/bench_pixart.py                      # hidden 1152, 16 heads, 256 tokens, depth 4
+    python benchmarks/bench_pixart.py --depth 2 --steps 6 --repeats 2 --out /tmp/x   # a quick look
+
+A random `PixArtTransformer2DModel` of PixArt-alpha 256px's shapes (hidden 1152, 16 heads of
+72, 32x32 latents of 4 channels in patches of 2: 256 tokens, T5-XXL's text width 4096 at 120
+tokens), with fewer blocks than its 28 so that this 2-core CPU can time it (`--depth`,
+stated in the results). Weights are random: speed depends on the shapes only.
+
+One process; every plan's artifact loaded at once and timed round-robin (eager PyTorch
+`full`, then each plan, then again), so that the machine's drift spreads over all rows
+alike; medians of `--repeats`. Realized speedup = ORT `full` / the plan's median, predicted =
+the plan's FLOP ratio (`plan_flops`, cross-attention to the text counted), and their ratio.
+Writes JSON and a markdown table (`--out` without suffix).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tcgraph import api
+from tcgraph.export.artifact import load_artifact
+from tcgraph.plan import make_plan, plan_flops
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+from tcgraph.sampling.conditioning import Text
+
+DEFAULT_PLANS = "full,fora:2,fora:3,taylor:3:1"
+
+
+def pixart_model(depth: int, hidden: int, heads: int, side: int, caption: int, seed: int):
+    """A random PixArtTransformer2DModel (std-0.02 weights, the position table kept), wrapped."""
+    from diffusers import PixArtTransformer2DModel
+
+    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
+                                     out_channels=8, num_layers=depth, sample_size=side, patch_size=2,
+                                     caption_channels=caption, cross_attention_dim=hidden,
+                                     use_additional_conditions=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    return DiffusersPixArt(model).eval()
+
+
+def prompts(n: int, length: int, width: int, seed: int) -> Text:
+    """n random prompt embeddings, padded after 20..length tokens, and an empty negative prompt."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, length)
+    for i in range(n):
+        mask[i, : 20 + (i * 37) % (length - 20)] = 1
+    neg = torch.zeros(n, length)
+    neg[:, 0] = 1
+    return Text(torch.randn(n, length, width, generator=g), mask,
+                torch.randn(1, length, width, generator=g).expand(n, -1, -1).clone(), neg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", default=DEFAULT_PLANS)
+    ap.add_argument("--depth", type=int, default=4, help="blocks (PixArt-alpha has 28)")
+    ap.add_argument("--hidden", type=int, default=1152)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--side", type=int, default=32, help="latent side (32: 256 tokens)")
+    ap.add_argument("--caption", type=int, default=4096, help="text embedding width (T5-XXL: 4096)")
+    ap.add_argument("--text-length", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output path without suffix (default benchmarks/results/pixart-width-d<depth>)")
+    args = ap.parse_args(argv)
+
+    model = pixart_model(args.depth, args.hidden, args.heads, args.side, args.caption, args.seed)
+    cfg = model.config
+    settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
+                               resolution=cfg.input_size, text_length=args.text_length)
+    names = [p.strip() for p in args.plans.split(",")]
+    names = ["full"] + [n for n in names if n != "full"]
+    plans = {name: make_plan(name, cfg, settings) for name in names}
+    config = {"model": f"PixArt (random) depth {args.depth}, hidden {args.hidden}, heads {args.heads}, "
+                       f"{cfg.num_tokens} tokens, text {args.text_length} x {args.caption}",
+              "steps": args.steps, "guidance": args.guidance, "batch": args.batch, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "python": sys.version.split()[0], "torch": torch.__version__,
+              "command": "python benchmarks/bench_pixart.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(config), flush=True)
+
+    sampler = sampler_for(settings, cfg)
+    text = prompts(args.batch, args.text_length, args.caption, args.seed)
+    noise = make_noise(args.batch, cfg.in_channels, settings.resolution, args.seed)
+    rows, runs = [], {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for i, (name, plan) in enumerate(plans.items()):
+            t0 = time.perf_counter()
+            art = load_artifact(api.transform(model, plan, Path(tmp) / f"p{i}", progress=False, check=False))
+            runner = stack.enter_context(api.make_runner("ort", art))
+            dispatch = ScheduleDispatcher.for_plan(runner, plan)
+            run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, text, noise, settings.batch,
+                                    args.seed)
+            run()  # warm-up
+            runs[name] = run
+            rows.append({"plan": name, "variants": len(plan.variants()),
+                         "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"]})
+            print(json.dumps({"plan": name, "ready_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        runs["eager full"] = lambda: api.sample_eager(model, settings, text, args.seed)
+        times = {key: [] for key in runs}
+        for r in range(args.repeats):
+            for key, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
+            print(f"round {r + 1}/{args.repeats} done", flush=True)
+    full = statistics.median(times["full"])
+    for row in rows:
+        row["times_s"] = times[row["plan"]]
+        row["median_s"] = statistics.median(row["times_s"])
+        row["realized_speedup"] = full / row["median_s"]
+        row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
+    eager = statistics.median(times["eager full"])
+    result = {"config": config, "eager_times_s": times["eager full"], "eager_median_s": eager,
+              "ort_full_over_eager": full / eager, "rows": rows}
+    out = args.out or Path(__file__).parent / "results" / f"pixart-width-d{args.depth}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = format_table(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out.with_suffix('.json')} and .md")
+    return result
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    lines = [f"# {c['model']}", "",
+             f"{c['steps']} steps, guidance {c['guidance']}, batch {c['batch']}, ONNX Runtime (CPU, "
+             f"{c['threads']} threads), medians of {c['repeats']}; `{c['command']}`", "",
+             f"eager PyTorch full: {result['eager_median_s']:.2f} s; ORT full / eager: "
+             f"{result['ort_full_over_eager']:.2f}", "",
+             "| plan | variants | median s | realized | predicted | realized/predicted |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['plan']} | {r['variants']} | {r['median_s']:.2f} | {r['realized_speedup']:.2f}x | "
+                     f"{r['predicted_speedup']:.2f}x | {r['realized_over_predicted']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
