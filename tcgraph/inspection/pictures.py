@@ -1,5 +1,6 @@
-"""Pictures of a plan, Pillow only: the schedule heatmap (steps x (block, branch),
-coloured by action; forecasts in a purple ramp by their history points), kept-token masks
+"""Pictures of a plan, Pillow only: the schedule heatmap (steps x (block, branch), one
+column per branch of the plan's model (`Plan.branches`: DiT's attn, mlp; PixArt's attn, cross,
+mlp), coloured by action; forecasts in a purple ramp by their history points), kept-token masks
 on the patch grid for token plans, and a block-level drawing of one variant as Graphviz DOT
 text (rendered where `dot` is installed).
 
@@ -62,7 +63,8 @@ def _save_png(img, path: Path) -> Path:
 
 @dataclass(frozen=True)
 class HeatmapLayout:
-    """Where each (step, block, branch) cell is: rows are steps, columns (block, branch)."""
+    """Where each (step, block, branch) cell is: rows are steps, columns (block, branch), one per
+    branch of `branches` (the plan's) in each block."""
 
     num_steps: int
     depth: int
@@ -71,10 +73,11 @@ class HeatmapLayout:
     block_gap: int = 2  # white gap between blocks
     left: int = 36  # step labels
     top: int = 22  # block labels
+    branches: tuple[str, ...] = BRANCHES
 
     def cell_box(self, step: int, block: int, branch: str) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), x1/y1 exclusive."""
-        col = 2 * block + BRANCHES.index(branch)
+        col = len(self.branches) * block + _branch_index(self.branches, branch)
         x0 = self.left + col * self.cell_w + block * self.block_gap
         y0 = self.top + step * self.cell_h
         return x0, y0, x0 + self.cell_w, y0 + self.cell_h
@@ -85,7 +88,7 @@ class HeatmapLayout:
 
     @property
     def grid_width(self) -> int:
-        return self.left + 2 * self.depth * self.cell_w + (self.depth - 1) * self.block_gap
+        return self.left + len(self.branches) * self.depth * self.cell_w + (self.depth - 1) * self.block_gap
 
     @property
     def grid_height(self) -> int:
@@ -101,8 +104,14 @@ class HeatmapLayout:
         return (x0 + x1) // 2, (y0 + y1) // 2
 
 
+def _branch_index(branches: tuple[str, ...], branch: str) -> int:
+    if branch not in branches:
+        raise TcgraphError(f"no branch {branch!r} in this plan's blocks; its branches are {', '.join(branches)}")
+    return branches.index(branch)
+
+
 def heatmap_layout(plan: Plan) -> HeatmapLayout:
-    return HeatmapLayout(plan.settings.num_steps, plan.depth)
+    return HeatmapLayout(plan.settings.num_steps, plan.depth, branches=plan.branches)
 
 
 def legend_entries(plan: Plan) -> list[tuple[tuple[int, int, int], str]]:
@@ -145,9 +154,9 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
     label_every = max(1, -(-10 // lay.cell_h))  # a step label every ~10 px
     for step in range(0, lay.num_steps, label_every):
         d.text((2, lay.top + step * lay.cell_h - 2), str(step), fill=TEXT_RGB, font=font)
-    block_every = max(1, -(-18 // (2 * lay.cell_w + lay.block_gap)))
+    block_every = max(1, -(-18 // (len(lay.branches) * lay.cell_w + lay.block_gap)))
     for block in range(0, lay.depth, block_every):
-        x0, _, _, _ = lay.cell_box(0, block, "attn")
+        x0, _, _, _ = lay.cell_box(0, block, lay.branches[0])
         d.text((x0, 2), str(block), fill=TEXT_RGB, font=font)
     d.text((2, 2), "step", fill=TEXT_RGB, font=font)
     # Legend.
@@ -157,7 +166,7 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
         d.rectangle([lx, ly, lx + 10, ly + 10], fill=color, outline=TEXT_RGB)
         d.text((lx + 16, ly - 1), text, fill=TEXT_RGB, font=font)
         ly += 16
-    d.text((lx, ly + 4), "columns: block attn|mlp", fill=TEXT_RGB, font=font)
+    d.text((lx, ly + 4), f"columns: block {'|'.join(lay.branches)}", fill=TEXT_RGB, font=font)
     d.text((lx, ly + 20), f"{plan.planner}", fill=TEXT_RGB, font=font)
     return _save_png(img, Path(path))
 
@@ -169,8 +178,9 @@ def draw_heatmap(plan: Plan, path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class MaskLayout:
-    """A grid of masks: one row per step with a partial action, one column per (block, branch);
-    each cell is the patch grid (`side` x `side` tokens, `px` pixels each)."""
+    """A grid of masks: one row per step with a partial action, one column per (block, branch)
+    (the plan's `branches` in each block); each cell is the patch grid (`side` x `side` tokens,
+    `px` pixels each)."""
 
     steps: tuple[int, ...]
     depth: int
@@ -179,6 +189,7 @@ class MaskLayout:
     gap: int = 3
     left: int = 30
     top: int = 18
+    branches: tuple[str, ...] = BRANCHES
 
     @property
     def cell(self) -> int:
@@ -188,7 +199,7 @@ class MaskLayout:
         if step not in self.steps:
             raise TcgraphError(f"step {step} has no partial action; the mask grid shows steps {list(self.steps)}")
         row = self.steps.index(step)
-        col = 2 * block + BRANCHES.index(branch)
+        col = len(self.branches) * block + _branch_index(self.branches, branch)
         return self.left + col * (self.cell + self.gap) + block * self.gap, self.top + row * (self.cell + self.gap)
 
     def token_box(self, step: int, block: int, branch: str, token: int) -> tuple[int, int, int, int]:
@@ -202,7 +213,7 @@ class MaskLayout:
 
     @property
     def width(self) -> int:
-        return self.left + 2 * self.depth * (self.cell + self.gap) + self.depth * self.gap
+        return self.left + len(self.branches) * self.depth * (self.cell + self.gap) + self.depth * self.gap
 
     @property
     def height(self) -> int:
@@ -222,7 +233,7 @@ def mask_layout(plan: Plan) -> MaskLayout | None:
     if side * side != plan.num_tokens:
         raise TcgraphError(f"{plan.num_tokens} tokens do not form a square patch grid; cannot draw token masks")
     px = max(1, min(4, 48 // side))
-    return MaskLayout(tuple(steps), plan.depth, side, px=px)
+    return MaskLayout(tuple(steps), plan.depth, side, px=px, branches=plan.branches)
 
 
 def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
@@ -237,7 +248,7 @@ def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
     d = ImageDraw.Draw(img)
     for step in lay.steps:
         recipe = plan.recipes[step]
-        y = lay.cell_origin(step, 0, "attn")[1]
+        y = lay.cell_origin(step, 0, lay.branches[0])[1]
         d.text((2, y), str(step), fill=TEXT_RGB, font=font)
         for block, branch, action in recipe.items():
             x0, y0 = lay.cell_origin(step, block, branch)
@@ -249,9 +260,10 @@ def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
             else:  # dynamic: no fixed tokens, the cell takes the heatmap shade of k/N
                 fill = {"compute": KEPT_RGB, "reuse": REUSED_RGB}.get(action.kind) or action_color(action, plan.num_tokens)
                 d.rectangle([x0, y0, x0 + lay.cell - 1, y0 + lay.cell - 1], fill=fill)
+    letters = "|".join(br[0] for br in lay.branches)  # a|m, a|c|m
     for block in range(plan.depth):
-        x0, _ = lay.cell_origin(lay.steps[0], block, "attn")
-        d.text((x0, 2), f"b{block}" if lay.cell < 24 else f"b{block} a|m", fill=TEXT_RGB, font=font)
+        x0, _ = lay.cell_origin(lay.steps[0], block, lay.branches[0])
+        d.text((x0, 2), f"b{block}" if lay.cell < 24 else f"b{block} {letters}", fill=TEXT_RGB, font=font)
     d.text((2, lay.height + 2), "blue: recomputed token, grey: from cache; rows: steps with partial", fill=TEXT_RGB,
            font=font)
     return _save_png(img, Path(path))
@@ -282,17 +294,20 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
     in_writes = set(plan.input_writes(recipe))
     lines = [f'digraph "{vid}" {{', "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
              f'  label="{vid}: {recipe.short()}"; labelloc=t;',
-             '  inputs [shape=box, label="x, t, y"];',
-             '  embed [shape=box, label="patch + t/y embed"];', "  inputs -> embed;"]
+             f'  inputs [shape=box, label="{", ".join(plan.settings.model_inputs)}"];',
+             '  embed [shape=box, label="'
+             + ("patch + t embed, text projection" if plan.settings.text_length else "patch + t/y embed") + '"];',
+             "  inputs -> embed;"]
     layout = recipe.forecasts()
     if layout:
         size = sum(p for _, p in layout)
         lines.append(f'  "in:{FORECAST_WEIGHTS}" [shape=note, style=filled, fillcolor="#e7d4e8", '
                      f'label="{FORECAST_WEIGHTS} ({size} floats, per step)"];')
     prev = "embed"
-    for block, pair in enumerate(recipe.actions):
+    first, last = recipe.branches[0], recipe.branches[-1]
+    for block, acts in enumerate(recipe.actions):
         lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
-        for branch, action in zip(recipe.branches, pair):
+        for branch, action in zip(recipe.branches, acts):
             node = f"b{block}_{branch}"
             label = f"{branch}\\n{_dot_label(action)}"
             fill = _DOT_FILL.get(action.kind) or (_hex(action_color(action, plan.num_tokens))
@@ -301,11 +316,12 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
                 else "black"
             lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
                          f'label="{label}"];')
-        lines.append(f'    b{block}_attn -> b{block}_mlp;')
+        for a, b in zip(recipe.branches, recipe.branches[1:]):  # the branches in residual order
+            lines.append(f'    b{block}_{a} -> b{block}_{b};')
         lines.append("  }")
-        lines.append(f"  {prev} -> b{block}_attn;")
-        prev = f"b{block}_mlp"
-        for branch, action in zip(recipe.branches, pair):
+        lines.append(f"  {prev} -> b{block}_{first};")
+        prev = f"b{block}_{last}"
+        for branch, action in zip(recipe.branches, acts):
             name = cache_name(block, branch)
             node = f"b{block}_{branch}"
             names = (name, input_cache_name(block, branch))

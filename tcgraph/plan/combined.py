@@ -18,6 +18,12 @@ Definition (the project's; the papers do not combine them):
 
 Full steps stay full: they refresh every cache. `l2c_share` is searched over
 `SHARES` unless given, keeping the plan with the lowest held-out error.
+
+Branches are the model's (`DiTConfig.branches`): the router has one logit per branch of
+every block, and step 4 makes every computed branch of a pruned block partial, PixArt's
+cross-attention like its MLP (row-wise in the image tokens; see `tcgraph.plan.tprr`). FLOPs
+count a cross branch at the plan's `text_length`; a text-conditioned model calibrates on the
+prompts `calibration_text`.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor
 from tcgraph.plan.tprr import select_blocks
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling.conditioning import Text
 
 SHARES = (0.5, 0.75)
 
@@ -78,7 +85,8 @@ def token_floor(num_tokens: int, min_keep: float) -> int:
 
 
 def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int]) -> tuple[Recipe, ...]:
-    """`base` with every computed branch of block l at a non-full step made partial(top keep[l])."""
+    """`base` with every computed branch (whatever its name) of block l at a non-full step made
+    partial(top keep[l])."""
     n = scores.shape[-1]
     groups: dict[Recipe, list[int]] = {}
     for s, r in enumerate(base):
@@ -88,58 +96,61 @@ def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int
     for recipe, steps in groups.items():
         mean = scores[steps].mean(0)  # (depth, N)
         actions = []
-        for l, pair in enumerate(recipe.actions):
+        for l, acts in enumerate(recipe.actions):
             k = keep[l]
             if k >= n:
-                actions.append(pair)
+                actions.append(acts)
                 continue
             order = sorted(range(n), key=lambda i: (-mean[l, i].item(), i))
             act = REUSE if k == 0 else partial(order[:k])
-            actions.append(tuple(act if a.computes else a for a in pair))
+            actions.append(tuple(act if a.computes else a for a in acts))
         new = Recipe(tuple(actions), recipe.branches)
         for s in steps:
             out[s] = new
     return tuple(out)
 
 
-def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int, margin: float = 1.03) -> int:
+def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int, margin: float = 1.03, *,
+                      text_length: int = 0) -> int:
     """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`
     (token pruning alone could meet the budget there, and branch reuse adds on top); where no
     K does, the longest interval Learning-to-Cache would try for `target`."""
-    full = Recipe.uniform(cfg.depth, COMPUTE)
-    pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE)
+    full = Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
+    pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE, cfg.branches)
     for k in range(2, num_steps + 1):
         cs = set(cache_steps(num_steps, k))
-        if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)]) >= target * margin:
+        if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)], text_length) >= target * margin:
             return k
     # Pruning alone cannot get there (keys and values of every token are still projected):
     # take the longest interval L2C would consider for the whole target, where reuse has room.
-    return candidate_intervals(cfg, num_steps, target)[-1]
+    return candidate_intervals(cfg, num_steps, target, text_length=text_length)[-1]
 
 
 def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tensor, sensitivity: Sequence[float],
-                    floor: int, target: float) -> tuple[list[int], tuple[Recipe, ...]] | None:
+                    floor: int, target: float, *, text_length: int = 0) -> tuple[list[int], tuple[Recipe, ...]] | None:
     """(keep counts, recipes): `base` pruned by greedy block selection until `target` is met, or
     None where pruning every block to `floor` cannot get there. Pure."""
     n = cfg.num_tokens
-    keep = select_blocks(sensitivity, n, floor, lambda k: speedup_of(cfg, prune_recipes(base, scores, k)), target)
+    keep = select_blocks(sensitivity, n, floor,
+                         lambda k: speedup_of(cfg, prune_recipes(base, scores, k), text_length), target)
     return None if keep is None else (keep, prune_recipes(base, scores, keep))
 
 
 def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                   weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
-                  learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True) -> Plan:
+                  learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True,
+                  calibration_text: Text | None = None) -> Plan:
     """The tokencache+l2c planner (see the module docstring), then `select.finish_learned`;
-    `traj`/`learned`/`finish` as in `tokencache.make_tokencache`."""
+    `traj`/`learned`/`finish`/`calibration_text` as in `tokencache.make_tokencache`."""
     model = require_weights(weights, model_config, "a combined plan")
     mcfg = model.config
-    S, n = settings.num_steps, mcfg.num_tokens
+    S, n, length = settings.num_steps, mcfg.num_tokens, settings.text_length
     epochs = {"epochs": cfg.epochs} if cfg.epochs else {}
     tcfg = TokenCacheConfig(target_speedup=cfg.target_speedup, keep_ratio=cfg.keep_ratio, min_keep=cfg.min_keep,
                             calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
     floor = token_floor(n, cfg.min_keep)
-    interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor)  # before the expensive part
-    train, held = calibration_split(model, settings, tcfg, traj, progress)
+    interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor, text_length=length)  # before the expensive part
+    train, held = calibration_split(model, settings, tcfg, traj, progress, calibration_text)
 
     pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, progress)
 
@@ -148,15 +159,17 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
         l2c_target = cfg.target_speedup ** share
         lcfg = L2CConfig(target_speedup=l2c_target, max_variants=cfg.max_variants, calib_images=cfg.calib_images,
                          interval=interval, seed=cfg.seed, **epochs)
-        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj, finish=False)
-        pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup)
+        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj, finish=False,
+                        calibration_text=calibration_text)
+        pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup,
+                                 text_length=length)
         if pruned is None:
             table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
             continue
         keep, recipes = pruned
         err = plan_error(model, held, recipes)
         table.append({"l2c_share": share, "l2c_target": round(l2c_target, 4), "interval": base.params["interval"],
-                      "keep_counts": keep, "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+                      "keep_counts": keep, "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4),
                       "held_out_error": err, "variants": len(set(recipes))})
         found.append((err, share, base, keep, recipes))
     if not found:
@@ -167,7 +180,7 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
         "method": "tokencache+l2c",
         "target_speedup": cfg.target_speedup,
         "l2c_share": share,
-        "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+        "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4),
         "held_out_error": err,
         "keep_counts": keep,
         "sensitivity": sens,

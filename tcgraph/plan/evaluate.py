@@ -28,7 +28,7 @@ from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe
 from tcgraph.sampling import sampler_for
-from tcgraph.sampling.conditioning import take
+from tcgraph.sampling.conditioning import Text, take
 
 
 def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe], text_length: int = 0) -> float:
@@ -58,8 +58,9 @@ def recipe_weights(recipe: Recipe, num_tokens: int) -> dict[str, float | torch.T
 class PlanState:
     """The caches and history a plan carries from step to step, for `mixed_step`.
 
-    `step(model, s, x, t, y)` runs step s of the plan's recipes and returns the model output;
-    `weights` are the plan's forecast weights (`Plan.weights`)."""
+    `step(model, s, x, t, y)` runs step s of the plan's recipes and returns the model output
+    (`y`: the model's conditioning, class ids or a text model's (embeddings, mask)); `weights`
+    are the plan's forecast weights (`Plan.weights`). The recipes may be of any model's branches."""
 
     def __init__(self, recipes: Sequence[Recipe], weights: dict | None = None, num_tokens: int | None = None):
         self.recipes, self.weights = list(recipes), weights or {}
@@ -67,7 +68,7 @@ class PlanState:
         self.history: dict[str, list[torch.Tensor]] = {}  # cache name -> computed outputs, newest first
         self.depth = {cache_name(*k): max(p, 1) for r in self.recipes for k, p in r.forecasts()}
 
-    def step(self, model: DiT, s: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, model: DiT, s: int, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         recipe = self.recipes[s]
         n = self.num_tokens or model.config.num_tokens
         if recipe.is_full:
@@ -106,9 +107,10 @@ def plan_error(model: DiT, traj: Trajectories, recipes: Sequence[Recipe], weight
 
 
 @torch.no_grad()
-def free_running_samples(model: DiT, plan: Plan, noise: torch.Tensor, y: torch.Tensor,
+def free_running_samples(model: DiT, plan: Plan, noise: torch.Tensor, y: torch.Tensor | Text,
                          chunk: int = 32) -> torch.Tensor:
-    """Samples of `plan` along whole sampling runs from `noise` and labels `y` (eager, in chunks)."""
+    """Samples of `plan` along whole sampling runs from `noise` and conditioning `y` (eager, in
+    chunks): class ids, or a text-conditioned model's `Text` (e.g. its calibration trajectories' `y`)."""
     sampler = sampler_for(plan.settings, model.config)
     parts = []
     for lo in range(0, noise.shape[0], chunk):

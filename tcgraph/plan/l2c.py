@@ -2,8 +2,10 @@
 
 The plan has a skeleton: every `interval`-th step (0, K, 2K, …) is a full step, the
 others are *cache steps*. A router holds one logit `g[s, l, b]` per cache step, block and
-branch. Training follows DESIGN.md's L2C section, on calibration trajectories of the model
-itself (random noise and labels, no data set):
+branch, for the model's own branches (`DiTConfig.branches`: DiT's attn, mlp; PixArt's attn,
+cross, mlp; the router is `[S, depth, len(branches)]`, branch b in that order). Training
+follows DESIGN.md's L2C section, on calibration trajectories of the model itself (random
+noise and labels, no data set; a text-conditioned model on the prompts `calibration_text`):
 
 - a round is one full step followed by its K − 1 cache steps; the full step fills every
   cache with its pre-gate branch outputs (no grad);
@@ -23,7 +25,8 @@ similar probabilities (Ward linkage) into one shared recipe, so the number of di
 graphs stays bounded while the FLOP target is still met.
 
 `router=FILE` imports a router published with the L2C code instead (`l2c_import`); no
-calibration, no weights needed. The round skeleton, the calibration split and the logit
+calibration, no weights needed. Published routers are DiT's (attn, mlp per block): a model
+with other branches is refused there. The round skeleton, the calibration split and the logit
 trainer are shared with TokenCache (`tcgraph.plan.learning`).
 """
 from __future__ import annotations
@@ -60,6 +63,7 @@ from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.plan.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling.conditioning import Text
 
 # Variant cap used when the user gives none (full step + 5 cache recipes); chosen from the
 # sweep in benchmarks/bench_l2c.py (see README, Learning-to-Cache).
@@ -137,30 +141,40 @@ class L2CConfig:
 class RouterResult:
     interval: int
     lam: float
-    logits: torch.Tensor  # (S, depth, 2); rows of full steps are unused
+    logits: torch.Tensor  # (S, depth, branches); rows of full steps are unused
     history: list[float] = field(default_factory=list)  # mean training loss per epoch
 
     def probs(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)
 
 
-def init_logits(num_steps: int, depth: int, seed: int = 0) -> torch.Tensor:
-    """Untrained router: sigmoid ≈ 0.5 with a tiny seeded jitter (a random ranking)."""
+def init_logits(num_steps: int, depth: int, seed: int = 0, num_branches: int = len(BRANCHES)) -> torch.Tensor:
+    """Untrained router `[S, depth, num_branches]`: sigmoid ≈ 0.5 with a tiny seeded jitter (a random ranking)."""
     g = torch.Generator().manual_seed(seed)
-    return 0.01 * torch.randn(num_steps, depth, 2, generator=g)
+    return 0.01 * torch.randn(num_steps, depth, num_branches, generator=g)
 
 
-def _weights(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {cache_name(l, br): p[l, j] for l in range(p.shape[0]) for j, br in enumerate(BRANCHES)}
+def _weights(p: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """`mixed_step` weights of one step's router probabilities `p` [depth, len(branches)]."""
+    return {cache_name(l, br): p[l, j] for l in range(p.shape[0]) for j, br in enumerate(branches)}
+
+
+def _branches_of(probs: torch.Tensor, branches: tuple[str, ...]) -> tuple[str, ...]:
+    if probs.shape[-1] != len(branches):
+        raise TcgraphError(f"router probabilities have {probs.shape[-1]} entries per block, the model's branches "
+                           f"are {list(branches)}")
+    return tuple(branches)
 
 
 def train_router(model: DiT, traj: Trajectories, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
                  lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
                  phase: Phase = SILENT) -> RouterResult:
     """Learn router logits on `traj` (L2C objective: eps MSE + λ·Σ sigmoid(g))."""
-    init = init if init is not None else init_logits(traj.num_steps, model.config.depth, seed)
+    branches = model.config.branches
+    init = init if init is not None else init_logits(traj.num_steps, model.config.depth, seed, len(branches))
+    _branches_of(init, branches)
     work = [(s0, cs) for s0, cs in rounds(traj.num_steps, interval) if cs]
-    logits, history = fit_logits(model, traj, init, work, lambda w, s: _weights(w[s]),
+    logits, history = fit_logits(model, traj, init, work, lambda w, s: _weights(w[s], branches),
                                  lambda w, cs: lam * w[cs].sum(), epochs=epochs, batch_images=batch_images,
                                  lr=lr, seed=seed, phase=phase)
     return RouterResult(interval, lam, logits, history)
@@ -170,11 +184,12 @@ def train_router(model: DiT, traj: Trajectories, interval: int, lam: float, *, e
 def soft_loss(model: DiT, traj: Trajectories, interval: int, logits: torch.Tensor, lam: float) -> float:
     """The training objective on `traj` (all images), per cache step."""
     probs = torch.sigmoid(logits)
+    branches = _branches_of(probs, model.config.branches)
     rows = torch.arange(traj.num_images)
     total, count = 0.0, 0
     for s0, cs in rounds(traj.num_steps, interval):
         if cs:
-            mse, n = round_loss(model, traj, s0, cs, lambda s: _weights(probs[s]), rows)
+            mse, n = round_loss(model, traj, s0, cs, lambda s: _weights(probs[s], branches), rows)
             total += mse.item() + lam * probs[cs].sum().item()
             count += n
     return total / count
@@ -211,42 +226,50 @@ def group_steps(probs: torch.Tensor, steps: list[int], max_groups: int | None) -
 
 
 def _recipes_from_groups(depth: int, num_steps: int, groups: list[list[int]],
-                         computes: dict[int, set[tuple[int, int]]]) -> tuple[Recipe, ...]:
-    full = Recipe.uniform(depth, COMPUTE)
+                         computes: dict[int, set[tuple[int, int]]], branches: tuple[str, ...]) -> tuple[Recipe, ...]:
+    """Full steps everywhere but at the cache steps of `groups`, which compute the (block, branch
+    index) pairs of `computes[group]` and reuse the others."""
+    full = Recipe.uniform(depth, COMPUTE, branches)
     recipes = [full] * num_steps
     for gi, gr in enumerate(groups):
-        rec = Recipe(tuple(tuple(COMPUTE if (l, j) in computes[gi] else REUSE for j in range(2)) for l in range(depth)))
+        rec = Recipe(tuple(tuple(COMPUTE if (l, j) in computes[gi] else REUSE for j in range(len(branches)))
+                           for l in range(depth)), branches)
         for s in gr:
             recipes[s] = rec
     return tuple(recipes)
 
 
 def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
-                          max_variants: int | None = None) -> tuple[Recipe, ...]:
-    """Compute a branch where the (group-mean) probability exceeds `threshold`."""
+                          max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES
+                          ) -> tuple[Recipe, ...]:
+    """Compute a branch where the (group-mean) probability exceeds `threshold`; `probs` is
+    `[S, depth, len(branches)]`, `branches` the model's (`DiTConfig.branches`)."""
     S, depth = probs.shape[0], probs.shape[1]
+    branches = _branches_of(probs, branches)
     groups = group_steps(probs, cache_steps(S, interval), None if max_variants is None else max_variants - 1)
     computes = {}
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
-        computes[gi] = {(l, j) for l in range(depth) for j in range(2) if m[l, j].item() > threshold}
-    return _recipes_from_groups(depth, S, groups, computes)
+        computes[gi] = {(l, j) for l in range(depth) for j in range(len(branches)) if m[l, j].item() > threshold}
+    return _recipes_from_groups(depth, S, groups, computes, branches)
 
 
 def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, target: float,
-                       max_variants: int | None = None) -> tuple[Recipe, ...]:
-    """Reuse the least important (group, block, branch) first until the predicted speedup reaches `target`."""
+                       max_variants: int | None = None, *, text_length: int = 0) -> tuple[Recipe, ...]:
+    """Reuse the least important (group, block, branch) first until the predicted speedup reaches `target`
+    (FLOPs of the model's branches, a cross branch's at `text_length` text tokens)."""
     S, depth = probs.shape[0], probs.shape[1]
+    branches = _branches_of(probs, cfg.branches)
     groups = group_steps(probs, cache_steps(S, interval), None if max_variants is None else max_variants - 1)
-    per_branch = [branch_flops(cfg, br, COMPUTE) for br in BRANCHES]
-    full_step = fixed_flops(cfg) + depth * sum(per_branch)
+    per_branch = [branch_flops(cfg, br, COMPUTE, text_length) for br in branches]
+    full_step = fixed_flops(cfg, text_length) + depth * sum(per_branch)
     budget = full_step * S / target  # total FLOPs allowed
     total = full_step * S
     items = []
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
-        items += [(m[l, j].item(), gi, l, j) for l in range(depth) for j in range(2)]
-    computes = {gi: {(l, j) for l in range(depth) for j in range(2)} for gi in range(len(groups))}
+        items += [(m[l, j].item(), gi, l, j) for l in range(depth) for j in range(len(branches))]
+    computes = {gi: {(l, j) for l in range(depth) for j in range(len(branches))} for gi in range(len(groups))}
     for _, gi, l, j in sorted(items):
         if total <= budget * (1 + 1e-12):
             break
@@ -254,8 +277,8 @@ def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, targe
         total -= per_branch[j] * len(groups[gi])
     if total > budget * (1 + 1e-12):
         raise TcgraphError(f"interval {interval} cannot reach a predicted {target}x even reusing every branch "
-                           f"(at most {max_speedup(cfg, S, interval):.2f}x); use a longer interval")
-    return _recipes_from_groups(depth, S, groups, computes)
+                           f"(at most {max_speedup(cfg, S, interval, text_length):.2f}x); use a longer interval")
+    return _recipes_from_groups(depth, S, groups, computes, branches)
 
 
 #################################################################################
@@ -269,31 +292,34 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
 
 
 def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
-             progress: Progress = QUIET, traj: Trajectories | None = None, finish: bool = True) -> Plan:
+             progress: Progress = QUIET, traj: Trajectories | None = None, finish: bool = True,
+             calibration_text: Text | None = None) -> Plan:
     """The l2c planner: import `cfg.router`, or calibrate, train the router(s) and turn the
     best into a plan (see the module docstring), then `select.finish_learned`: forecasting
     where it helps (`cfg.forecast`), and the final choice by whole sampling runs against the
     fixed-interval plans.
 
     `traj` reuses calibration trajectories made for the same settings (benchmarks compare
-    several targets on one calibration); by default they are made here. `finish=False`
-    returns the router's own plan (what the combined planner builds on).
+    several targets on one calibration); by default they are made here, a text-conditioned
+    model's on the prompts `calibration_text`. `finish=False` returns the router's own plan
+    (what the combined planner builds on).
     """
     if cfg.router is not None:
         return load_published_router_plan(cfg.router, model_config, settings,
                                           ROUTER_THRESHOLD if cfg.threshold is None else cfg.threshold)
     model = require_weights(weights, model_config, "a Learning-to-Cache router")
     mcfg = model.config
-    S = settings.num_steps
+    S, length = settings.num_steps, settings.text_length
     if S < 2:
         raise TcgraphError(f"Learning-to-Cache needs at least 2 steps, got {S}; sample with more steps")
     if cfg.target_speedup is not None:  # an unreachable target fails before minutes of calibration
-        intervals = [cfg.interval] if cfg.interval else candidate_intervals(mcfg, S, cfg.target_speedup)
+        intervals = ([cfg.interval] if cfg.interval
+                     else candidate_intervals(mcfg, S, cfg.target_speedup, text_length=length))
         for k in intervals:
-            if max_speedup(mcfg, S, k) < cfg.target_speedup:
-                raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k):.2f}x, below the target "
-                                   f"{cfg.target_speedup}x; use a longer interval")
-    train, held = calibration_split(model, settings, cfg, traj, progress)
+            if max_speedup(mcfg, S, k, length) < cfg.target_speedup:
+                raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k, length):.2f}x, below the "
+                                   f"target {cfg.target_speedup}x; use a longer interval")
+    train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
 
     if cfg.target_speedup is not None:
         lams = None
@@ -311,9 +337,10 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
                                    lr=cfg.lr, seed=cfg.seed, phase=phase)
                 probs = res.probs()
                 if cfg.target_speedup is not None:
-                    recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants)
+                    recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants,
+                                                 text_length=length)
                 else:
-                    recipes = recipes_for_threshold(probs, k, _threshold(cfg), cfg.max_variants)
+                    recipes = recipes_for_threshold(probs, k, _threshold(cfg), cfg.max_variants, mcfg.branches)
                 err = plan_error(model, held, recipes)
                 candidates.append((err, k, lam, res, recipes))
     err, k, lam, res, recipes = min(candidates, key=lambda c: c[0])
@@ -324,7 +351,7 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
         "target_speedup": cfg.target_speedup,
         "threshold": None if cfg.target_speedup is not None else _threshold(cfg),
         "max_variants": cfg.max_variants,
-        "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+        "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4),
         "held_out_error": err,
         "calibration": {"images": cfg.calib_images, "held_out": cfg.num_held_out, "seed": cfg.seed,
                         "epochs": cfg.epochs, "batch_images": cfg.batch_images, "lr": cfg.lr},

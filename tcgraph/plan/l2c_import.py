@@ -17,6 +17,10 @@ i are *full* steps: every branch is computed and every cache refreshed. Routers 
 i are *cache* steps: a branch is computed when sigmoid(logit) > threshold (strictly) and
 its cached output is reused otherwise. The L2C sampling scripts use threshold 0.1.
 
+Published routers are DiT's: two logits per block (attention, MLP). A model whose blocks
+have other branches (PixArt: attn, cross, mlp) has no published router format, and is refused
+with a clear error (learn a router for it instead: `l2c[:X]` without `--router`).
+
 The file is read with `torch.load(weights_only=True)` and only `argparse.Namespace` added
 to torch's allow-list, so a file that pickles any other Python object is refused before
 that object is built; no pickled code runs.
@@ -32,6 +36,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiTConfig
+from tcgraph.names import BRANCHES
 from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe
 from tcgraph.sampling import SamplerSettings
 
@@ -162,6 +167,12 @@ def read_published_router(path: str | os.PathLike) -> torch.Tensor:
 
 def _check_inputs(logits: torch.Tensor, model_cfg: DiTConfig, settings: SamplerSettings,
                   threshold: float) -> None:
+    if tuple(model_cfg.branches) != BRANCHES:
+        raise TcgraphError(
+            f"published L2C routers hold one logit per DiT branch ({', '.join(BRANCHES)}) of every block; this "
+            f"model's blocks have the branches {', '.join(model_cfg.branches)}, which no router file describes: "
+            "learn a router for it instead (plan l2c[:X] without --router, with calibration prompts)"
+        )
     if not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
         raise TcgraphError(
             f"L2C threshold must lie strictly between 0 and 1, got {threshold!r}; "
@@ -198,7 +209,7 @@ def _cache_step_recipe(step_logits: torch.Tensor, threshold: float) -> Recipe:
     probs = torch.sigmoid(step_logits.to(torch.float64)).tolist()
     return Recipe(tuple(
         (_branch_action(attn, threshold), _branch_action(mlp, threshold)) for attn, mlp in probs
-    ))
+    ), BRANCHES)
 
 
 def plan_from_published_router(
@@ -220,7 +231,7 @@ def plan_from_published_router(
     _check_inputs(logits, model_cfg, settings, threshold)
     threshold = float(threshold)
     steps, depth = int(logits.shape[0]), int(logits.shape[1])
-    full = Recipe.uniform(depth, COMPUTE)
+    full = Recipe.uniform(depth, COMPUTE, model_cfg.branches)  # DiT's branches (`_check_inputs`)
     recipes = []
     for s in range(steps):
         i = steps - 1 - s

@@ -31,7 +31,7 @@ import torch
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
-from tcgraph.names import BRANCHES, CacheKey, branch_key, cache_name
+from tcgraph.names import CacheKey, branch_key, cache_name
 from tcgraph.plan.extrapolate import solve_weights
 from tcgraph.plan.plan import Action, Recipe, forecast
 from tcgraph.progress import SILENT, Phase
@@ -41,9 +41,10 @@ MARGIN = 0.02  # a forecast replaces an action only if its held-out error is thi
 
 @torch.no_grad()
 def output_grams(model: DiT, traj: Trajectories, *, chunk: int = 4, phase: Phase = SILENT) -> dict[CacheKey, torch.Tensor]:
-    """(block, branch) -> G [S, S, N] (float64) of the full model's branch outputs on `traj` (see the module docstring)."""
+    """(block, branch) -> G [S, S, N] (float64) of the full model's branch outputs on `traj` (see the module
+    docstring), for every branch of the model's blocks (`DiTConfig.branches`)."""
     S, depth = traj.num_steps, model.config.depth
-    keys = [(l, br) for l in range(depth) for br in BRANCHES]
+    keys = [(l, br) for l in range(depth) for br in model.config.branches]
     grams: dict[CacheKey, torch.Tensor] = {}
     for lo in range(0, traj.num_images, chunk):
         rows = torch.arange(lo, min(lo + chunk, traj.num_images))
@@ -152,12 +153,12 @@ def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tens
 
 def apply_choices(recipes: list[Recipe], choices: list[Choice]) -> tuple[tuple[Recipe, ...], dict]:
     """The recipes with `choices` made, and their forecast weights (`Plan.weights`)."""
-    actions = [[list(pair) for pair in r.actions] for r in recipes]
+    actions = [[list(acts) for acts in r.actions] for r in recipes]
     weights: dict = {}
     for c in choices:
-        actions[c.step][c.key[0]][BRANCHES.index(c.key[1])] = c.action
+        actions[c.step][c.key[0]][recipes[c.step].branches.index(c.key[1])] = c.action
         weights.setdefault(c.step, {})[c.key] = c.weights
-    return tuple(Recipe(tuple(tuple(pair) for pair in r)) for r in actions), weights
+    return tuple(Recipe(tuple(tuple(acts) for acts in a), r.branches) for a, r in zip(actions, recipes)), weights
 
 
 def cap_history(choices: list[Choice], slot_bytes: int, budget: int | None) -> list[Choice]:

@@ -4,6 +4,12 @@ and one trainer of input-invariant logits.
 Learning-to-Cache (`l2c`), TokenCache (`tokencache`, `dynamic`) and the combined planner
 learn on calibration trajectories of the model itself (random noise and labels, no data
 set, `tcgraph.calibrate`), teacher-forced: every step starts from the full model's state.
+A text-conditioned model (PixArt) is calibrated on prompts the user gives instead of random
+labels (`calibration_text`, a `tcgraph.sampling.conditioning.Text`): `calibration_split`
+refuses to learn without them.
+
+Everything here follows the model's own branches (`DiTConfig.branches`: DiT's attn, mlp;
+PixArt's attn, cross, mlp) and counts FLOPs at the plan's `text_length`.
 A *round* is one full step, which fills every cache with its pre-gate branch outputs (no
 grad), followed by cache steps that blend `w·fresh + (1 − w)·cached` per branch
 (`calibrate.mixed_step`); `fit_logits` moves only the logits behind `w`, the model stays
@@ -19,11 +25,12 @@ import torch
 from tcgraph.calibrate import Trajectories, calibrate, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
-from tcgraph.names import BRANCHES, cache_name
+from tcgraph.names import cache_name
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
 from tcgraph.progress import SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling.conditioning import Text
 
 CALIBRATION_CHUNK = 32  # images per calibration pass (calibrate's default chunk), for the progress total
 
@@ -48,14 +55,28 @@ def held_out_count(calib_images: int, held_out: int | None) -> int:
     return held_out if held_out is not None else max(1, calib_images // 3)
 
 
+def check_calibration_text(model_config: DiTConfig, text: Text | None, what: str) -> None:
+    """Learning on a text-conditioned model needs calibration prompts; a class-conditional one takes none."""
+    if model_config.text_conditioned and text is None:
+        raise TcgraphError(
+            f"learning {what} for a text-conditioned model needs calibration prompts: pass "
+            "calibration_text=<a tcgraph.sampling.conditioning.Text of prompt embeddings> to make_plan "
+            "(`tcgraph transform --calibration-embeddings FILE`); the prompts decide which branches change")
+    if not model_config.text_conditioned and text is not None:
+        raise TcgraphError(f"calibration_text is for text-conditioned models; this model is conditioned on class "
+                           f"ids, and {what} calibrates it on random labels: drop calibration_text")
+
+
 def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
-                      progress: Progress) -> tuple[Trajectories, Trajectories]:
+                      progress: Progress, text: Text | None = None) -> tuple[Trajectories, Trajectories]:
     """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
-    `seed`, `num_held_out`): calibrated here, or the given `traj` checked to match."""
+    `seed`, `num_held_out`): calibrated here (a text-conditioned model on the prompts `text`),
+    or the given `traj` checked to match."""
     if traj is None:
+        check_calibration_text(model.config, text, "a plan")
         total = settings.num_steps * math.ceil(cfg.calib_images / CALIBRATION_CHUNK)
         with progress.phase("calibrate", total) as phase:
-            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, phase=phase)
+            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, phase=phase, text=text)
     elif traj.settings != settings or traj.num_images != cfg.calib_images:
         raise TcgraphError(
             f"the given calibration trajectories were made for {traj.num_images} images and {traj.settings}; "
@@ -88,19 +109,20 @@ def cache_steps(num_steps: int, interval: int) -> list[int]:
     return [s for _, cs in rounds(num_steps, interval) for s in cs]
 
 
-def max_speedup(cfg: DiTConfig, num_steps: int, interval: int) -> float:
+def max_speedup(cfg: DiTConfig, num_steps: int, interval: int, text_length: int = 0) -> float:
     """The speedup of reusing every branch at every cache step (FORA with this interval)."""
-    full, reuse = Recipe.uniform(cfg.depth, COMPUTE), Recipe.uniform(cfg.depth, REUSE)
+    full, reuse = Recipe.uniform(cfg.depth, COMPUTE, cfg.branches), Recipe.uniform(cfg.depth, REUSE, cfg.branches)
     cs = set(cache_steps(num_steps, interval))
-    return speedup_of(cfg, [reuse if s in cs else full for s in range(num_steps)])
+    return speedup_of(cfg, [reuse if s in cs else full for s in range(num_steps)], text_length)
 
 
-def candidate_intervals(cfg: DiTConfig, num_steps: int, target: float, margin: float = 1.03) -> list[int]:
+def candidate_intervals(cfg: DiTConfig, num_steps: int, target: float, margin: float = 1.03, *,
+                        text_length: int = 0) -> list[int]:
     """The smallest interval that reaches `target` with some slack, and the next one."""
     for k in range(2, num_steps + 1):
-        if max_speedup(cfg, num_steps, k) >= target * margin:
+        if max_speedup(cfg, num_steps, k, text_length) >= target * margin:
             return [k, k + 1] if k + 1 <= num_steps else [k]
-    best = max_speedup(cfg, num_steps, num_steps)
+    best = max_speedup(cfg, num_steps, num_steps, text_length)
     raise TcgraphError(f"a predicted speedup of {target}x is out of reach for {num_steps} steps of this model "
                        f"(at most {best:.2f}x with one full step); ask for less")
 
@@ -164,13 +186,13 @@ def fit_logits(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[
 
 def lambda_unit(model: DiT, traj: Trajectories, interval: int, rows: int = 8) -> float:
     """The data's scale for λ: the eps MSE of reusing everything at a cache step, per branch."""
-    depth = model.config.depth
+    depth, branches = model.config.depth, model.config.branches
     sub = torch.arange(min(rows, traj.num_images))
-    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in BRANCHES}
+    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in branches}
     total, count = 0.0, 0
     with torch.no_grad():
         for s0, cs in rounds(traj.num_steps, interval):
             if cs:
                 mse, n = round_loss(model, traj, s0, cs[:1], lambda s: reuse_all, sub)
                 total, count = total + mse.item(), count + n
-    return total / max(count, 1) / (2 * depth)
+    return total / max(count, 1) / (len(branches) * depth)

@@ -1,15 +1,16 @@
 """TokenCache's Cache Predictor (Lou et al. 2024, arXiv 2409.18523) and the block probes.
 
 **Cache Predictor.** Input-invariant, timestep-variant importance logits `g[s, l, i]`, one
-per (step, block, token), shape `[S, depth, N]`. One score per token is *shared by both
-branches of a block* (attention and MLP of block l keep the same tokens), so a pruned
-block is one token set per step. Training reuses Learning-to-Cache's machinery
+per (step, block, token), shape `[S, depth, N]`. One score per token is *shared by all
+branches of a block* (attention and MLP of block l keep the same tokens; in PixArt's blocks
+the cross-attention too: it is row-wise in the image tokens, its keys and values being the
+text, so it is pruned like the MLP), so a pruned block is one token set per step. Training reuses Learning-to-Cache's machinery
 (`learning.fit_logits` and `learning.round_loss`, teacher-forced calibration trajectories, `calibrate.mixed_step`): a
 training round is one full step `s0` (fills every cache, no grad) followed by the next
 `train_window − 1` steps, for every `s0` in 0 … S−2, so every step s >= 1 is trained as a
 cache step. At a cache step every branch of every block blends per token (the
 superposition objective), `used = w ⊙ fresh + (1 − w) ⊙ cache` with
-`w = sigmoid(g[s, l])` of shape `(N, 1)`, and
+`w = sigmoid(g[s, l])` of shape `(N, 1)` (the same for every branch of block l), and
 
     loss = Σ_s MSE(guided eps, traj.eps[s]) / n + μ · Σ_{s, l} (mean_i w[s, l, i] − r)² / n
 
@@ -31,7 +32,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.models.dit import DiT
-from tcgraph.names import BRANCHES, cache_name
+from tcgraph.names import cache_name
 from tcgraph.plan.evaluate import token_mask
 from tcgraph.plan.learning import fit_logits, lambda_unit, rounds
 from tcgraph.plan.tprr import token_order
@@ -61,14 +62,14 @@ def training_rounds(num_steps: int, window: int) -> list[tuple[int, list[int]]]:
     return [(s0, list(range(s0 + 1, min(s0 + window, num_steps)))) for s0 in range(num_steps - 1)]
 
 
-def _token_weights(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(depth, N) weights -> per-branch `(N, 1)` weights, one set per block for both branches."""
-    return {cache_name(l, br): w[l].unsqueeze(-1) for l in range(w.shape[0]) for br in BRANCHES}
+def _token_weights(w: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """(depth, N) weights -> per-branch `(N, 1)` weights, one set per block for all its branches."""
+    return {cache_name(l, br): w[l].unsqueeze(-1) for l in range(w.shape[0]) for br in branches}
 
 
 def mu_unit(model: DiT, traj: Trajectories) -> float:
     """The eps MSE of reusing every branch at a cache step (L2C's λ unit summed over branches)."""
-    return lambda_unit(model, traj, 2) * 2 * model.config.depth
+    return lambda_unit(model, traj, 2) * len(model.config.branches) * model.config.depth
 
 
 def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float, *, window: int = 3, epochs: int = 8,
@@ -77,8 +78,10 @@ def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float
     """Learn the predictor's logits on `traj` with the superposition objective (eps MSE +
     μ·Σ (mean w − r)²); only the logits move."""
     S, depth, n = traj.num_steps, model.config.depth, model.config.num_tokens
+    branches = model.config.branches
     init = init if init is not None else init_predictor(S, depth, n, keep_ratio, seed)
-    logits, history = fit_logits(model, traj, init, training_rounds(S, window), lambda w, s: _token_weights(w[s]),
+    logits, history = fit_logits(model, traj, init, training_rounds(S, window),
+                                 lambda w, s: _token_weights(w[s], branches),
                                  lambda w, cs: mu * ((w[cs].mean(-1) - keep_ratio) ** 2).sum(), epochs=epochs,
                                  batch_images=batch_images, lr=lr, seed=seed, phase=phase)
     return PredictorResult(keep_ratio, mu, logits, history)
@@ -94,8 +97,8 @@ def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float
 def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep_ratio: float,
                       phase: Phase = SILENT) -> list[float]:
     """Per block: eps MSE per cache step when only that block keeps its top round(keep_ratio·N)
-    tokens (both branches) at the cache steps of `learning.rounds(S, 2)`, everything else computed."""
-    depth, n = model.config.depth, model.config.num_tokens
+    tokens (every branch of it) at the cache steps of `learning.rounds(S, 2)`, everything else computed."""
+    depth, n, branches = model.config.depth, model.config.num_tokens, model.config.branches
     k = min(max(round(keep_ratio * n), 1), n - 1)
     rows = torch.arange(traj.num_images)
     err, count = [0.0] * depth, 0
@@ -107,7 +110,7 @@ def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep
             count += 1
             for l in range(depth):
                 m = token_mask(token_order(scores[s, l])[:k], n)
-                out, _ = mixed_step(model, *traj.model_inputs(s, rows), {cache_name(l, br): m for br in BRANCHES},
+                out, _ = mixed_step(model, *traj.model_inputs(s, rows), {cache_name(l, br): m for br in branches},
                                     caches)
                 err[l] += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
                 phase.tick()

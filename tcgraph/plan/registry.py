@@ -3,7 +3,9 @@
 Each planner is one registered `Planner`: its name, a frozen config dataclass whose fields
 are documented where they are declared (`plan.options.option`), which config fields the
 spec's `:` parts fill (`fora:3` is interval 3, `l2c:2.5` a target speedup of 2.5), a one-line
-help, and one `make(config, model_config, settings, *, weights, progress) -> Plan`.
+help, and one `make(config, model_config, settings, *, weights, progress) -> Plan`; a learned
+planner's `make` also takes `calibration_text` (the prompts a text-conditioned model
+calibrates on, a `tcgraph.sampling.conditioning.Text`, or None).
 
 Everything user-facing is derived from the registry: `make_plan`'s options, the CLI flags
 (`add_plan_arguments`, `plan_options`), their help and defaults, and `PLAN_HELP`.
@@ -32,8 +34,9 @@ from tcgraph.plan.plan import Plan
 from tcgraph.plan.tokencache import TokenCacheConfig, make_dynamic, make_tokencache
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling.conditioning import Text
 
-# make(config, model_config, settings, *, weights, progress) -> Plan
+# make(config, model_config, settings, *, weights, progress[, calibration_text for learned planners]) -> Plan
 MakeFn = Callable[..., Plan]
 
 
@@ -45,7 +48,8 @@ class Planner:
     usage: str  # the spec's form, e.g. "fora:N"
     summary: str  # one line; `{field}` is replaced by that field's default
     short: tuple[str, ...] = ()  # the config fields that the spec's `:` parts fill, in order
-    learned: bool = False  # needs the model's weights (and calibrates) unless its config says otherwise
+    learned: bool = False  # needs the model's weights (and calibrates) unless its config says otherwise;
+    # its `make` takes `calibration_text` too
     skip: tuple[str, ...] = ()  # options of its (shared) config that this planner does not use
 
     def help(self) -> str:
@@ -115,10 +119,12 @@ PLAN_HELP = plan_help()
 
 
 def make_plan(spec: str, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
-              progress: Progress = QUIET, **options) -> Plan:
+              progress: Progress = QUIET, calibration_text: Text | None = None, **options) -> Plan:
     """Build a plan from a spec such as `full`, `fora:3` or `l2c:2.5`.
 
-    `weights` is the DiT itself, which learned planners need; `options` are plan options,
+    `weights` is the DiT itself, which learned planners need; `calibration_text` the prompt
+    embeddings a learned planner calibrates a text-conditioned model on (required there; the
+    planners that do not calibrate ignore it); `options` are plan options,
     the user-facing fields of the planner's config (None = not given; see `PLAN_OPTIONS`),
     e.g. `target_speedup`, `lam`, `max_variants`, `router` for l2c; `target_speedup`, `tprr`,
     `keep_ratio`, `min_keep`, `max_stale`, `max_variants` for tokencache.
@@ -132,9 +138,13 @@ def make_plan(spec: str, model_config: DiTConfig, settings: SamplerSettings, *, 
         raise TcgraphError(
             f"resolution {settings.resolution} does not match the model's input size {model_config.input_size}"
         )
+    if calibration_text is not None and not isinstance(calibration_text, Text):
+        raise TypeError(f"calibration_text must be a tcgraph.sampling.conditioning.Text, got "
+                        f"{type(calibration_text).__name__}")
     planner = PLANNERS[name]
     config = planner.configure(spec, args, options)
-    return planner.make(config, model_config, settings, weights=weights, progress=progress)
+    extra = {"calibration_text": calibration_text} if planner.learned else {}
+    return planner.make(config, model_config, settings, weights=weights, progress=progress, **extra)
 
 
 #################################################################################

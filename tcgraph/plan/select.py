@@ -8,13 +8,15 @@
    and 2) whose predicted speedup is at least the learned plan's (so the plan returned still
    meets its target) and at most `FASTEST_FIXED` times it, and that fit the memory and
    variant caps (`compete=False` leaves them out);
-3. samples each candidate eagerly from the noise and labels of (up to `SELECTION_IMAGES`)
-   held-out calibration images
+3. samples each candidate eagerly from the noise and conditioning (class ids, or a
+   text-conditioned model's calibration prompts) of (up to `SELECTION_IMAGES`) held-out
+   calibration images
    along the whole schedule (`evaluate.free_running_samples`), compares with the full
    model's samples from the same noise (PSNR over images in [-1, 1]), and keeps the best.
 
 So a learned plan never loses to a fixed-interval plan of at least its predicted speedup on
 its held-out calibration images; the plan's params record every candidate and its score.
+Speedups are FLOP-predicted at the plan's `text_length` (a cross branch's FLOPs depend on it).
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
                                                         params=dict(params), weights=weights)))
         record = {"forecast_branch_steps": len(kept), "forecast_candidates": len(choices),
                   "forecast_dropped_by_memory_cap": len(choices) - len(kept)}
-    target = speedup_of(cfg, base.recipes)
+    length = settings.text_length
+    target = speedup_of(cfg, base.recipes, length)
     for interval in range(2, settings.num_steps + 1 if compete else 2):
         fixed = [make_fora(ForaConfig(interval), cfg, settings)]
         if forecast:
@@ -87,10 +90,11 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
         for plan in fixed:
             fits = ((max_cache_mb is None or cache_mb(plan, hidden) <= max_cache_mb)
                     and (max_variants is None or len(plan.variants()) <= max_variants))
-            if fits and target <= speedup_of(cfg, plan.recipes) <= FASTEST_FIXED * target:
+            if fits and target <= speedup_of(cfg, plan.recipes, length) <= FASTEST_FIXED * target:
                 candidates.append((plan.planner, plan))
-        if speedup_of(cfg, fixed[0].recipes) > FASTEST_FIXED * target:
+        if speedup_of(cfg, fixed[0].recipes, length) > FASTEST_FIXED * target:
             break
+    # the held-out images' own conditioning: class ids, or a text model's prompts (a `Text`)
     noise, labels = held.x[0, :SELECTION_IMAGES], take(held.y, slice(0, SELECTION_IMAGES))
     scored = []
     with progress.phase("choose by sampling runs", len(candidates) + 1) as phase:
@@ -104,14 +108,14 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     best_psnr, best_label, best = max(scored, key=lambda c: (c[0], c[1] == "learned+forecast", c[1] == "learned"))
     record.update({
         "selected": best_label,
-        "selection": [{"candidate": label, "predicted_speedup": round(speedup_of(cfg, plan.recipes), 4),
+        "selection": [{"candidate": label, "predicted_speedup": round(speedup_of(cfg, plan.recipes, length), 4),
                        "held_out_psnr": round(p, 3) if math.isfinite(p) else None,
                        "cache_mb": round(cache_mb(plan, hidden), 3)} for p, label, plan in scored],
         "selection_images": len(labels),
     })
     out = dict(params)
     out.update(record)
-    out["predicted_speedup"] = round(speedup_of(cfg, best.recipes), 4)
+    out["predicted_speedup"] = round(speedup_of(cfg, best.recipes, length), 4)
     if best_label not in ("learned", "learned+forecast"):
         out["method"] = f"{params.get('method', name)}, replaced by the fixed plan {best_label}"
     return Plan(name, settings, best.recipes, cfg.num_tokens, params=out, weights=best.weights)

@@ -18,6 +18,13 @@ exactly the partial semantics of `passes.reference`.
 
 `dynamic` is the same plan with every `partial(indices)` made `dynamic(k)` (`to_dynamic`):
 the same schedule and token counts, the tokens chosen per sample in the graph (ToCa-style).
+
+Branches: TokenCache prunes blocks, and a pruned block prunes every branch of the model's
+blocks alike (`DiTConfig.branches`). The paper's DiT blocks have attention and MLP; for
+PixArt's cross-attention the project chose the same rule: it is row-wise in the image tokens
+(its keys and values are the text), so it is partial on the block's kept tokens like the MLP,
+and the Cache Predictor's one score per token is shared by all three branches. A
+text-conditioned model calibrates on the prompts `calibration_text`.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from tcgraph.plan.predictor import PredictorResult, block_sensitivity, init_pred
 from tcgraph.plan.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling.conditioning import Text
 
 DEFAULT_TARGET = 1.5
 DEFAULT_MAX_VARIANTS = 8  # full step + 7 cache recipes
@@ -124,7 +132,8 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
 
 def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                     weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
-                    learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True) -> Plan:
+                    learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True,
+                    calibration_text: Text | None = None) -> Plan:
     """The tokencache planner: calibrate, train the Cache Predictor, measure block
     sensitivities, pick the TPRR schedule and the block keep counts for the target, then
     `select.finish_learned` (forecasting where it helps, the final choice by whole sampling
@@ -132,22 +141,23 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: Sa
 
     `traj` and `learned` (from `learn_predictor` on the same trajectories and keep ratio) let
     benchmarks plan several targets from one calibration and one predictor. `finish=False`
-    returns the TPRR plan itself (what `dynamic` turns into per-sample token choices)."""
+    returns the TPRR plan itself (what `dynamic` turns into per-sample token choices).
+    `calibration_text`: the prompts a text-conditioned model calibrates on."""
     model = require_weights(weights, model_config, "a TokenCache plan")
     mcfg = model.config
-    S, n, depth = settings.num_steps, mcfg.num_tokens, mcfg.depth
+    S, n, depth, length = settings.num_steps, mcfg.num_tokens, mcfg.depth, settings.text_length
     if S < 2:
         raise TcgraphError(f"TokenCache needs at least 2 steps, got {S}; sample with more steps")
     target = cfg.target_speedup
     # out-of-reach targets and impossible schedules are refused before the expensive part
     candidates = tprr_search_space(mcfg, S, target, min_keep=cfg.min_keep, max_stale=cfg.max_stale,
-                                   max_variants=cfg.max_variants, tprr=cfg.tprr)
-    train, held = calibration_split(model, settings, cfg, traj, progress)
+                                   max_variants=cfg.max_variants, tprr=cfg.tprr, text_length=length)
+    train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
     pred, sens = learned if learned is not None else learn_predictor(cfg, model, train, held, progress)
     scores = pred.logits
 
     choices = tprr_choices(mcfg, scores, sens, target, candidates, min_keep=cfg.min_keep, max_stale=cfg.max_stale,
-                           max_variants=cfg.max_variants)
+                           max_variants=cfg.max_variants, text_length=length)
     table, found = [], []
     with progress.phase("TPRR search", len(choices)) as phase:
         for c in choices:
@@ -161,18 +171,20 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: Sa
                 found.append((err, c.tprr, c.keep, c.recipes))
             phase.tick()
     if not found:
-        raise unreachable(mcfg, S, target, cfg.min_keep, cfg.max_stale, cfg.max_variants, cfg.tprr)
+        raise unreachable(mcfg, S, target, cfg.min_keep, cfg.max_stale, cfg.max_variants, cfg.tprr,
+                          text_length=length)
     err, tp, keep, recipes = min(found, key=lambda c: c[0])
     random_scores = init_predictor(S, depth, n, cfg.keep_ratio, cfg.seed)
     random_err = plan_error(
-        model, held, tprr_recipes(random_scores, keep, *tp, max_stale=cfg.max_stale, max_variants=cfg.max_variants))
+        model, held, tprr_recipes(random_scores, keep, *tp, max_stale=cfg.max_stale, max_variants=cfg.max_variants,
+                                  branches=mcfg.branches))
     w = pred.weights()[1:]
     params = {
         "method": "tokencache",
         "b": tp[0], "K1": tp[1], "K2": tp[2],
         "tprr_given": cfg.tprr is not None,
         "target_speedup": target,
-        "predicted_speedup": round(speedup_of(mcfg, recipes), 4),
+        "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4),
         "keep_counts": keep,
         "keep_ratios": [round(k / n, 4) for k in keep],
         "pruned_blocks": [l for l in range(depth) if keep[l] < n],
@@ -186,7 +198,9 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: Sa
         "predictor": {"mu": pred.mu, "mean_weight": round(w.mean().item(), 4), "epochs": cfg.epochs,
                       "final_train_loss": pred.history[-1] if pred.history else None,
                       "first_train_loss": pred.history[0] if pred.history else None, "lr": cfg.lr,
-                      "train_window": cfg.train_window, "shared_by": "both branches of a block"},
+                      "train_window": cfg.train_window,
+                      "shared_by": "both branches of a block" if len(mcfg.branches) == 2
+                      else f"all {len(mcfg.branches)} branches of a block ({', '.join(mcfg.branches)})"},
         "calibration": {"images": cfg.calib_images, "held_out": cfg.num_held_out, "seed": cfg.seed,
                         "batch_images": cfg.batch_images},
         "search": table,
@@ -213,8 +227,8 @@ def to_dynamic(plan: Plan) -> Plan:
 
 def make_dynamic(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
                  weights: DiT | None = None, progress: Progress = QUIET,
-                 traj: Trajectories | None = None) -> Plan:
+                 traj: Trajectories | None = None, calibration_text: Text | None = None) -> Plan:
     """The dynamic planner: `to_dynamic` of the tokencache plan for `cfg` (its TPRR plan, without
     forecasting or the final choice among fixed plans: those are made for static tokens)."""
     return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
-                                      finish=False))
+                                      finish=False, calibration_text=calibration_text))

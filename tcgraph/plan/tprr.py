@@ -13,7 +13,16 @@ target, where floor = `ceil(min_keep · N)`; if even the floor misses, it stays 
 and the next block is taken. So the least sensitive blocks are pruned first and hardest,
 at most one block ends between the floor and N, and the plan prunes no more than the target
 needs. FLOPs are `branch_flops` (a partial branch counts attention q/proj/scores on k rows,
-K/V on all N rows, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is reused.
+K/V on all N rows, cross-attention q/proj/scores on k rows with K/V of the plan's
+`text_length` text tokens, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is reused.
+
+**Branches.** A block is pruned as a whole: every branch of the model's blocks
+(`DiTConfig.branches`; DiT: attn, mlp; PixArt: attn, cross, mlp) gets the block's action.
+The project's choice for cross-attention (the paper's DiT has none): it is row-wise in the
+image tokens, its keys and values being the text, so `partial(kept)` recomputes its kept
+rows exactly as for the MLP, and the block's one token set (one Cache Predictor score per
+token, shared by all branches) applies to it too. Sensitivities (`predictor.block_sensitivity`)
+are measured with every branch of the probed block pruned alike.
 
 
 **TPRR** (DESIGN.md), with the project's exact formula:
@@ -22,8 +31,9 @@ K/V on all N rows, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is 
   at b; phase 2 has rounds starting at b, b + K2, …, the last cut at S. A round is its full
   step then its cache steps (C = the round's length − 1). b = 0 means one phase of K2;
   b = S one phase of K1. Every step is in exactly one round, and step 0 is a full step.
-- what a cache step does: unpruned blocks compute both branches; a pruned block l makes
-  both branches `partial(kept)`, `reuse` if `kept` is empty.
+- what a cache step does: unpruned blocks compute every branch; a pruned block l makes
+  every branch (both of a DiT's, the three of PixArt's) `partial(kept)`, `reuse` if `kept`
+  is empty.
 - the cache "bears" `max_stale` cache steps. A round with C <= max_stale cache steps uses
   the predictor's top-k_l at each cache step (no rotation; the full step refreshes every
   token at least every C + 1 steps).
@@ -170,9 +180,10 @@ def token_order(scores: torch.Tensor) -> list[int]:
 
 
 def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2: int, *, max_stale: int = 2,
-                 max_variants: int | None = None) -> tuple[Recipe, ...]:
+                 max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES) -> tuple[Recipe, ...]:
     """The recipes of a TPRR schedule: `scores` `[S, depth, N]` predictor logits, `keep[l]` the
-    keep count of block l (N = unpruned). Pure: the same inputs give the same recipes."""
+    keep count of block l (N = unpruned), `branches` the model's (`DiTConfig.branches`), every
+    one of a block taking the block's action. Pure: the same inputs give the same recipes."""
     S, depth, n = scores.shape
     if len(keep) != depth or any(not 0 <= k <= n for k in keep):
         raise TcgraphError(f"need one keep count in 0..{n} per block ({depth}), got {list(keep)}")
@@ -181,7 +192,7 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
     for sl in slots:
         members.setdefault(sl.rank, []).append(sl.step)
     orders = {key: [token_order(scores[steps, l].mean(0)) for l in range(depth)] for key, steps in members.items()}
-    full = Recipe.uniform(depth, COMPUTE)
+    full = Recipe.uniform(depth, COMPUTE, branches)
     recipes = [full] * S
     made: dict[tuple, Recipe] = {}
     for sl in slots:
@@ -190,8 +201,8 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
             for l in range(depth):
                 kept = kept_tokens(orders[sl.rank][l], keep[l], sl.rotate, sl.position)
                 a = COMPUTE if kept is None else (partial(kept) if kept else REUSE)
-                acts.append((a, a))
-            made[sl.group] = Recipe(tuple(acts))
+                acts.append(tuple(a for _ in branches))
+            made[sl.group] = Recipe(tuple(acts), tuple(branches))
         recipes[sl.step] = made[sl.group]
     return tuple(recipes)
 
@@ -202,23 +213,25 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
 #################################################################################
 
 
-def _block_flops(cfg: DiTConfig, k: int) -> int:
+def _block_flops(cfg: DiTConfig, k: int, text_length: int = 0) -> int:
+    """FLOPs of one block with every branch kept at k tokens (N: computed, 0: reused)."""
     n = cfg.num_tokens
     a = COMPUTE if k >= n else (REUSE if k == 0 else Action("partial", tuple(range(k))))
-    return sum(branch_flops(cfg, br, a) for br in BRANCHES)
+    return sum(branch_flops(cfg, br, a, text_length) for br in cfg.branches)
 
 
-def layout_speedup(cfg: DiTConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int]) -> float:
+def layout_speedup(cfg: DiTConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int],
+                   text_length: int = 0) -> float:
     """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built)."""
     n = cfg.num_tokens
     memo: dict[int, int] = {}
 
     def bf(k):
         if k not in memo:
-            memo[k] = _block_flops(cfg, k)
+            memo[k] = _block_flops(cfg, k, text_length)
         return memo[k]
 
-    fixed = fixed_flops(cfg)
+    fixed = fixed_flops(cfg, text_length)
     full = fixed + cfg.depth * bf(n)
     per_rot: dict[int, int] = {}
     total = full * (num_steps - len(slots))
@@ -266,23 +279,24 @@ def keep_floor(cfg: DiTConfig, min_keep: float) -> int:
 
 
 def floor_speedup(cfg: DiTConfig, num_steps: int, tprr: TPRR, min_keep: float, max_stale: int,
-                  max_variants: int | None) -> float:
+                  max_variants: int | None, text_length: int = 0) -> float:
     """The most a TPRR schedule can reach: every block at the floor (0.0 when over the variant cap)."""
     try:
         slots = tprr_layout(num_steps, *tprr, max_stale, max_variants)
     except TcgraphError:
         return 0.0
-    return layout_speedup(cfg, num_steps, slots, [keep_floor(cfg, min_keep)] * cfg.depth)
+    return layout_speedup(cfg, num_steps, slots, [keep_floor(cfg, min_keep)] * cfg.depth, text_length)
 
 
 def tprr_candidates(cfg: DiTConfig, num_steps: int, target: float, min_keep: float, max_stale: int,
-                    max_variants: int | None) -> list[tuple[int, int, int]]:
+                    max_variants: int | None, text_length: int = 0) -> list[tuple[int, int, int]]:
     """(b, K1, K2) to try: K around the smallest single-phase K that reaches `target` at the floor."""
     S = num_steps
     kf = next((k for k in range(2, S + 1)
-               if floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants) >= target), None)
+               if floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants, text_length) >= target),
+              None)
     if kf is None:
-        raise unreachable(cfg, S, target, min_keep, max_stale, max_variants)
+        raise unreachable(cfg, S, target, min_keep, max_stale, max_variants, text_length=text_length)
     ks = [k for k in (kf - 1, kf, kf + 1, kf + 2) if 2 <= k <= S]
     out = [(0, k, k) for k in ks]
     for k1 in ks:
@@ -297,25 +311,26 @@ def tprr_candidates(cfg: DiTConfig, num_steps: int, target: float, min_keep: flo
 
 
 def tprr_search_space(cfg: DiTConfig, num_steps: int, target: float, *, min_keep: float, max_stale: int,
-                      max_variants: int | None, tprr: TPRR | None = None) -> list[TPRR]:
+                      max_variants: int | None, tprr: TPRR | None = None, text_length: int = 0) -> list[TPRR]:
     """The TPRR candidates a planner tries: the given `tprr` (checked: within the variant cap and
     able to reach `target` at the floor) or `tprr_candidates`. Cheap: call it before learning."""
     if tprr is None:
-        return tprr_candidates(cfg, num_steps, target, min_keep, max_stale, max_variants)
+        return tprr_candidates(cfg, num_steps, target, min_keep, max_stale, max_variants, text_length)
     tprr_layout(num_steps, *tprr, max_stale, max_variants)
-    if floor_speedup(cfg, num_steps, tprr, min_keep, max_stale, max_variants) < target:
-        raise unreachable(cfg, num_steps, target, min_keep, max_stale, max_variants, tprr)
+    if floor_speedup(cfg, num_steps, tprr, min_keep, max_stale, max_variants, text_length) < target:
+        raise unreachable(cfg, num_steps, target, min_keep, max_stale, max_variants, tprr, text_length=text_length)
     return [tuple(tprr)]
 
 
 def unreachable(cfg: DiTConfig, S: int, target: float, min_keep: float, max_stale: int, max_variants: int | None,
-                tprr: TPRR | None = None) -> TcgraphError:
+                tprr: TPRR | None = None, *, text_length: int = 0) -> TcgraphError:
     """The error for a target no TPRR schedule (or the given one) reaches with every block at the floor."""
     if tprr is not None:
-        best = floor_speedup(cfg, S, tprr, min_keep, max_stale, max_variants)
+        best = floor_speedup(cfg, S, tprr, min_keep, max_stale, max_variants, text_length)
         where = f"TPRR b={tprr[0]}, K1={tprr[1]}, K2={tprr[2]}"
     else:
-        best = max(floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants) for k in range(1, S + 1))
+        best = max(floor_speedup(cfg, S, (0, k, k), min_keep, max_stale, max_variants, text_length)
+                   for k in range(1, S + 1))
         where = f"{S} steps of this model"
     return TcgraphError(f"a predicted speedup of {target}x is out of reach for {where} with every block kept at "
                         f"min_keep={min_keep} (at most {best:.2f}x); ask for less, lower --min-keep or use longer "
@@ -340,10 +355,11 @@ class TprrChoice:
 
 def tprr_choices(cfg: DiTConfig, scores: torch.Tensor, sensitivity: Sequence[float], target: float,
                  candidates: Sequence[TPRR], *, min_keep: float, max_stale: int,
-                 max_variants: int | None) -> list[TprrChoice]:
+                 max_variants: int | None, text_length: int = 0) -> list[TprrChoice]:
     """Per candidate (b, K1, K2): greedy block selection for `target` from `sensitivity`, then the
-    TPRR recipes of `scores` (`[S, depth, N]` predictor logits). Pure; a candidate over the
-    variant cap or out of reach at the floor comes back with `skipped` set."""
+    TPRR recipes of `scores` (`[S, depth, N]` predictor logits) for the model's branches, FLOPs at
+    `text_length` text tokens. Pure; a candidate over the variant cap or out of reach at the floor
+    comes back with `skipped` set."""
     S, n = scores.shape[0], cfg.num_tokens
     floor = keep_floor(cfg, min_keep)
     out = []
@@ -353,12 +369,14 @@ def tprr_choices(cfg: DiTConfig, scores: torch.Tensor, sensitivity: Sequence[flo
         except TcgraphError as e:
             out.append(TprrChoice(tuple(tp), skipped=str(e)))
             continue
-        keep = select_blocks(sensitivity, n, floor, lambda k, sl=slots: layout_speedup(cfg, S, sl, k), target)
+        keep = select_blocks(sensitivity, n, floor,
+                             lambda k, sl=slots: layout_speedup(cfg, S, sl, k, text_length), target)
         if keep is None:
             out.append(TprrChoice(tuple(tp), skipped="out of reach with every block at the floor"))
             continue
-        recipes = tprr_recipes(scores, keep, *tp, max_stale=max_stale, max_variants=max_variants)
-        sp = speedup_of(cfg, recipes)
+        recipes = tprr_recipes(scores, keep, *tp, max_stale=max_stale, max_variants=max_variants,
+                               branches=cfg.branches)
+        sp = speedup_of(cfg, recipes, text_length)
         if sp < target * (1 - 1e-9):
             raise TcgraphError(f"TPRR {tuple(tp)}: the recipes reach {sp}x but the layout predicted >= {target}x; "
                                "this is a tcgraph bug: please report it with the plan options")
