@@ -114,6 +114,8 @@ def transform(
         _check_conditioning(the_plan.settings, dit.config, None)
     else:
         settings = dataclasses.replace(settings, resolution=dit.config.input_size)
+        if dit.config.text_conditioned and not settings.text_length:
+            settings, calibration_text = _encoder_defaults(model, settings, calibration_text)
         _check_conditioning(settings, dit.config, calibration_text)
         sampler_for(settings, dit.config)  # a diffusers scheduler's config is checked by diffusers, before planning
         _check_graph_memory(settings, dit.config)
@@ -175,6 +177,20 @@ def _text_argument(text, name: str, option: str):
         return load_text(text)
     raise UsageError(f"{name} ({option}) must be a tcgraph Text or the path of an embeddings file, got "
                      f"{type(text).__name__}")
+
+
+def _encoder_defaults(model, settings: SamplerSettings, calibration_text):
+    """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
+    (every template of every digit) for calibration unless some were given."""
+    from tcgraph.models.digits_text import PROMPTS, prompt_encoder_for
+
+    encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
+    if encoder is None:
+        return settings, calibration_text
+    if calibration_text is None:
+        prompts = [p for template in range(len(PROMPTS[0])) for d in range(10) for p in [PROMPTS[d][template]]]
+        calibration_text = encoder.encode(prompts, negative="")
+    return dataclasses.replace(settings, text_length=encoder.length), calibration_text
 
 
 def _check_conditioning(settings: SamplerSettings, cfg: DiTConfig, text) -> None:

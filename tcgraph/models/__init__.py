@@ -32,12 +32,15 @@ from tcgraph.models.dit import build_model as build_official
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Pretrained models that ship with tcgraph: name -> (weights file, registered config).
+# "digits-text" is a folder (transformer/ + text_encoder/, `tcgraph.models.digits_text`) whose
+# config is its transformer/config.json, hence no registered config.
 # Official DiT weights cannot be downloaded here; pass their path to `load_model`.
-PRETRAINED: dict[str, tuple[Path, str]] = {
+PRETRAINED: dict[str, tuple[Path, str | None]] = {
     "digits": (WEIGHTS_DIR / "digits.safetensors", "digits"),
+    "digits-text": (WEIGHTS_DIR / "digits_text", None),
 }
 # What makes each pretrained weights file, told to the user when it is missing.
-_MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py"}
+_MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py", "digits-text": "python scripts/train_text_demo.py"}
 
 
 def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor], source: Path) -> DiTConfig:
@@ -69,12 +72,20 @@ def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor],
 def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None) -> DiT:
     """A DiT with loaded weights, in eval mode.
 
-    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`) or the
+    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`; "digits-text" is
+    text-conditioned, a `DiffusersPixArt`, needing diffusers) or the
     path of a checkpoint (`.safetensors`, `.pt`, `.pth`, `.bin`; official DiT release
     and training checkpoints included). `config` is a registered config name or a
     `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
     checkpoint's shapes and must then match exactly one registered config.
     """
+    if name_or_path == "digits-text":  # a DiffusersPixArt; its prompt encoder: digits_text.prompt_encoder_for
+        if config is not None:
+            raise UsageError("'digits-text' is a diffusers model whose config.json says what it is; drop the "
+                             "config (--config) argument")
+        from tcgraph.models.digits_text import load_transformer
+
+        return load_transformer()
     if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
         return load_diffusers(name_or_path, config)
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:

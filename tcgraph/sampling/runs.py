@@ -39,13 +39,14 @@ def is_pixel_space(cfg: "DiTConfig") -> bool:
 
     Every official DiT checkpoint denoises the latents of Stable Diffusion's VAE, which are
     not bounded; tcgraph's demo model denoises pixels. A config is pixel-space when it is a
-    registered pixel-space config (`models.dit.PIXEL_SPACE`: the demo's); any other (an
+    registered pixel-space config (`models.dit.PIXEL_SPACE`: the demo's, and the text demo's
+    `TEXT_DEMO`); any other (an
     official checkpoint, a random test model) is taken as latent. `SamplerSettings.clip_x0`
     overrides the default either way.
     """
-    from tcgraph.models.dit import CONFIGS, PIXEL_SPACE
+    from tcgraph.models.dit import CONFIGS, PIXEL_SPACE, TEXT_DEMO
 
-    return any(cfg == CONFIGS[name] for name in PIXEL_SPACE)
+    return cfg == TEXT_DEMO or any(cfg == CONFIGS[name] for name in PIXEL_SPACE)
 
 
 def make_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
