@@ -75,3 +75,25 @@ def test_diffusers_commands_run(tmp_path):
     assert (tmp_path / "diffusers.png").stat().st_size > 100
     manifest = json.loads(next((tmp_path / "tcgraph-out").glob("*/manifest.json")).read_text())
     assert manifest["model_config"]["layout"] == "diffusers"
+
+
+def test_text_demo_commands_run(tmp_path):
+    """The README's text block: the digits-text demo transformed and sampled from prompts."""
+    pytest.importorskip("diffusers")
+    from tcgraph.models.digits_text import weights_dir
+
+    if not (weights_dir() / "transformer" / "config.json").is_file():
+        pytest.skip(f"the digits-text weights are missing at {weights_dir()}: python scripts/train_text_demo.py")
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-test: text -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README.md lost its marked text block"
+    exe = shutil.which("tcgraph")
+    for line in (ln for ln in block.group(1).splitlines() if ln.strip()):
+        argv = shlex.split(line)
+        assert argv[0] == "tcgraph", line
+        argv = ([exe] if exe else [sys.executable, "-m", "tcgraph"]) + argv[1:]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "text.png").stat().st_size > 100
+    manifest = json.loads(next((tmp_path / "tcgraph-out").glob("*/manifest.json")).read_text())
+    assert manifest["model_config"]["layout"] == "pixart" and manifest["plan"]["settings"]["text_length"] == 8
