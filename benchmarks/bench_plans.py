@@ -32,6 +32,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
 from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights
 from tcgraph.plan import make_plan, plan_flops
+from tcgraph.plan.registry import PLANNERS
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 
@@ -79,12 +80,21 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     model = benchmark_model(args.model, args.seed)
     cfg = model.config
+    text_length, conditioning, calibration = 0, None, None
+    if args.model == "digits-text":  # prompts "a handwritten <digit>", judged as that digit
+        from tcgraph.models.digits_text import calibration_prompts, load_prompt_encoder, prompt_for
+
+        encoder = load_prompt_encoder()
+        text_length, calibration = encoder.length, calibration_prompts(encoder)
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
-                               resolution=cfg.input_size, clip_x0=True if is_digits(args.model) else None)
+                               resolution=cfg.input_size, clip_x0=True if is_digits(args.model) else None,
+                               text_length=text_length)
     plans = [p.strip() for p in args.plans.split(",")]
     if plans[0] != "full":
         plans.insert(0, "full")
-    labels = labels_for(args.classes, args.per_class, cfg.num_classes)
+    labels = labels_for(args.classes, args.per_class, 10 if cfg.text_conditioned else cfg.num_classes)
+    if cfg.text_conditioned:
+        conditioning = encoder.encode([prompt_for(d) for d in labels], negative="")
     config = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
               "images": len(labels), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "backend": "ort-cpu", "share_weights": not args.no_share_weights,
@@ -95,13 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     named = {}
     for spec in plans:
-        named[spec] = make_plan(spec, cfg, settings, weights=model)
+        named[spec] = make_plan(spec, cfg, settings, weights=model,
+                                **({"calibration_text": calibration} if calibration is not None and
+                                   PLANNERS[spec.partition(":")[0]].learned else {}))
     runner_opts = {"share_weights": not args.no_share_weights, "cpu_arena": not args.no_cpu_arena,
                    "allow_spinning": args.allow_spinning}
     if args.threads:
         runner_opts["intra_op_threads"] = args.threads
     result = compare_plans(model, settings, named, labels, config, seed=args.seed, repeats=args.repeats,
-                           runner_opts=runner_opts, digits=is_digits(args.model))
+                           runner_opts=runner_opts, digits=is_digits(args.model), conditioning=conditioning)
     out = args.out or Path(__file__).parent / "results" / f"plans-{args.model.replace('/', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -114,8 +126,8 @@ def benchmark_model(name: str, seed: int = 0) -> DiT:
     """'digits' (the trained demo model), 'digits-diffusers' (the demo's weights converted to
     diffusers' DiTTransformer2DModel), a diffusers folder, or a registered config with random
     weights (speed only)."""
-    if name == "digits":
-        return api.load_dit("digits")
+    if name in ("digits", "digits-text"):
+        return api.load_dit(name)
     if name == "digits-diffusers":
         from tcgraph.models.diffusers_dit import save_as_diffusers
 
@@ -131,7 +143,7 @@ def benchmark_model(name: str, seed: int = 0) -> DiT:
 
 def is_digits(name: str) -> bool:
     """Whether the model is the demo's weights (either layout): judged by the digits classifier."""
-    return name in ("digits", "digits-diffusers")
+    return name in ("digits", "digits-diffusers", "digits-text")
 
 
 def labels_for(classes: str | None, per_class: int, num_classes: int) -> list[int]:
@@ -146,9 +158,12 @@ def with_baselines(cfg, settings: SamplerSettings, fora: str, learned: dict) -> 
 
 
 def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[int], config: dict, *, seed: int = 0,
-                  repeats: int = 3, runner_opts: dict | None = None, digits: bool = False) -> dict:
+                  repeats: int = 3, runner_opts: dict | None = None, digits: bool = False, conditioning=None) -> dict:
     """Transform and load every plan (the first must be `full`), then time all of them and eager
-    PyTorch round-robin; quality of each against the first plan's samples."""
+    PyTorch round-robin; quality of each against the first plan's samples. `conditioning` (a `Text`
+    of one prompt per label, for a text-conditioned model) is what the sampler is conditioned on;
+    `labels` are then the digits the prompts ask for."""
+    conditioning = labels if conditioning is None else conditioning
     # Load every plan first, then time them round-robin (eager, full, plan 2, …, eager, full, …):
     # a shared machine drifts, and interleaving spreads the drift over all plans alike.
     cfg = model.config
@@ -162,7 +177,7 @@ def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[in
             rss_before = rss_mib()
             runner = stack.enter_context(api.make_runner("ort", art, **(runner_opts or {})))
             dispatch = ScheduleDispatcher.for_plan(runner, plan)
-            run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, labels, noise,
+            run = functools.partial(run_batches, dispatch, dispatch.reset, sampler, conditioning, noise,
                                     settings.batch, seed)
             samples = run()  # warm-up, and the samples we judge
             rss_loaded = rss_mib() - rss_before  # after a run: mapped weights are resident once touched
@@ -170,7 +185,7 @@ def compare_plans(model, settings: SamplerSettings, plans: dict, labels: list[in
             rows.append({"plan": name, "variants": len(plan.variants()),
                          "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"],
                          "sessions_rss_mib": rss_loaded, "samples": samples})
-        runs["eager"] = lambda: api.sample_eager(model, settings, labels, seed)
+        runs["eager"] = lambda: api.sample_eager(model, settings, conditioning, seed)
         times = {name: [] for name in runs}
         for _ in range(repeats):
             for name, run in runs.items():

@@ -182,14 +182,13 @@ def _text_argument(text, name: str, option: str):
 def _encoder_defaults(model, settings: SamplerSettings, calibration_text):
     """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
     (every template of every digit) for calibration unless some were given."""
-    from tcgraph.models.digits_text import PROMPTS, prompt_encoder_for
+    from tcgraph.models.digits_text import calibration_prompts, prompt_encoder_for
 
     encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
     if encoder is None:
         return settings, calibration_text
     if calibration_text is None:
-        prompts = [p for template in range(len(PROMPTS[0])) for d in range(10) for p in [PROMPTS[d][template]]]
-        calibration_text = encoder.encode(prompts, negative="")
+        calibration_text = calibration_prompts(encoder)
     return dataclasses.replace(settings, text_length=encoder.length), calibration_text
 
 

@@ -212,6 +212,13 @@ def load_digits_text(folder: str | Path | None = None):
     return load_transformer(folder), load_prompt_encoder(folder)
 
 
+def calibration_prompts(encoder: PromptEncoder) -> Text:
+    """The prompts learned planners calibrate the demo on: every template of every digit, digits
+    cycling fastest (so that any first n cover the digits evenly), the empty prompt as negative."""
+    prompts = [PROMPTS[d][template] for template in range(len(TEMPLATES)) for d in range(10)]
+    return encoder.encode(prompts, negative="")
+
+
 def prompt_encoder_for(model) -> PromptEncoder | None:
     """The prompt encoder of a model name or folder: "digits-text", its folder, or the folder's
     `transformer/`; None for any other model (whose prompts must come as embeddings)."""
@@ -228,4 +235,4 @@ def prompt_encoder_for(model) -> PromptEncoder | None:
 
 
 __all__ = ["LENGTH", "CAPTION", "NAME", "PROMPTS", "TEMPLATES", "VOCABULARY", "PromptEncoder", "load_digits_text",
-           "load_prompt_encoder", "load_transformer", "prompt_encoder_for", "prompt_for", "split_words"]
+           "load_prompt_encoder", "load_transformer", "calibration_prompts", "prompt_encoder_for", "prompt_for", "split_words"]
