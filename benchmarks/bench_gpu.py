@@ -86,9 +86,11 @@ from gpu.prepare import (  # noqa: E402
     DEFAULT_BACKENDS,
     DEFAULT_MODEL,
     DEFAULT_PLANS,
+    PIXART_TEXT_LENGTH,
     PIXELS_PER_LATENT,
     TRT_PRECISION,
     artifact_for,
+    conditioning_for,
     build_dit,
     eager_session,
     log,
@@ -115,9 +117,12 @@ from tcgraph.sampling import SamplerSettings, make_noise, sampler_for  # noqa: E
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"a config name (random weights, speed only; default {DEFAULT_MODEL}) or 'digits'")
+                    help=f"a config name (random weights, speed only; default {DEFAULT_MODEL}), 'digits', or "
+                         "'PixArt-alpha' (PixArt-alpha 256px's transformer, random weights, text 120 x 4096; "
+                         "plans full, fora:N, taylor:N:K)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="image side in pixels (latent = side/8; default: the config's, 256 for DiT-XL/2)")
+    ap.add_argument("--depth", type=int, default=None, help="blocks (default: the model's; fewer for a quick look)")
     ap.add_argument("--batch", type=int, default=8, help="images per sampling run (guidance doubles the rows)")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=50)
@@ -199,10 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.prepare_only:  # realized speedups need the backend's own `full`, measured in this run
         specs = ["full"] + [p for p in specs if p != "full"]
 
-    model = build_dit(args.model, args.resolution, args.seed)
+    model = build_dit(args.model, args.resolution, args.seed, args.depth)
     cfg = model.config
     settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
-                               resolution=cfg.input_size)
+                               resolution=cfg.input_size, text_length=PIXART_TEXT_LENGTH if cfg.text_conditioned else 0)
     device_name = torch.cuda.get_device_name(device) if cuda_ok else f"CPU ({platform.machine()})"
     out = args.out or (Path(__file__).parent / "results" / "-".join(
         ["gpu", slug(device_name if cuda_ok else "cpu")] + ([] if args.model == DEFAULT_MODEL else [slug(args.model)])))
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     plans = make_plans(model, settings, specs) if runnable else {}
 
     sampler = sampler_for(settings, cfg)
-    labels = [i % cfg.num_classes for i in range(args.batch)]
+    labels = conditioning_for(model, args.batch, args.seed)
     noise = make_noise(args.batch, cfg.in_channels, settings.resolution, args.seed)
 
     def record(backend: str, spec: str, art: Artifact | None, session) -> None:

@@ -88,10 +88,11 @@ def count_copies(run: Callable[[], Any], device: torch.device) -> dict[str, int]
     return dict(counts)
 
 
-def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: list[str], sampler, labels: list[int],
+def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: list[str], sampler, labels,
             noise: torch.Tensor, seed: int, device: torch.device, repeats: int,
             profile_copies: bool) -> tuple[dict, torch.Tensor]:
-    """Time, step latencies, memory and copies of one (backend, plan); the samples of its warm-up run."""
+    """Time, step latencies, memory and copies of one (backend, plan); the samples of its warm-up run.
+    `labels`: class ids, or a text model's `Text` (one prompt per image)."""
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -129,7 +130,8 @@ def measure(session: Callable[[], contextlib.AbstractContextManager], schedule: 
         row["outside_steps_ms"] = wall_ms - sum(ms for v in per_variant.values() for ms in v)
 
         if cuda and profile_copies:
-            x, y = noise[:batch].to(run_device), torch.tensor(labels).to(run_device)
+            x = noise[:batch].to(run_device)
+            y = labels.to(run_device) if hasattr(labels, "model_inputs") else torch.tensor(labels).to(run_device)
             sync(device)
 
             def loop_only() -> None:

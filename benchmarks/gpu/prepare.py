@@ -29,6 +29,14 @@ DEFAULT_BACKENDS = "eager,torch,torch-nograph,ort,trt"
 BACKENDS = ("eager", "torch", "torch-nograph", "torch-compile", "ort", "trt")
 STRUCTURAL = ("tokencache", "dynamic", "l2c", "tokencache+l2c")  # learned planners: their shapes, untrained
 PIXELS_PER_LATENT = 8  # the SD VAE of the DiT checkpoints: 256x256 images <-> 32x32 latents
+# PixArt-alpha 256px's transformer (random weights, speed only): 28 blocks of hidden 1152, 16 heads,
+# 32x32 latents in patches of 2 (256 tokens), cross-attention to T5-XXL's 4096-wide text of 120 tokens.
+PIXART = "PixArt-alpha"
+PIXART_SHAPES = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                     sample_size=32, patch_size=2, caption_channels=4096, cross_attention_dim=1152,
+                     use_additional_conditions=False)
+PIXART_TEXT_LENGTH = 120
+PIXART_PLANS = "full,fora:2,fora:3,taylor:3:1"  # the structural (untrained) learned plans are DiT's two-branch shapes
 # --dtype -> the precision words of the torch runner and the TensorRT engines
 PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TRT_PRECISION = PRECISION
@@ -48,23 +56,67 @@ def slug(text: str) -> str:
 #################################################################################
 
 
-def build_dit(name: str, resolution: int | None, seed: int) -> DiT:
-    """The demo model (trained), or a registered config with random weights (speed only)."""
+def build_dit(name: str, resolution: int | None, seed: int, depth: int | None = None) -> DiT:
+    """The demo model (trained), or a registered config (or PixArt-alpha's shapes) with random weights
+    (speed only), `depth` blocks where given."""
     if name == "digits":
         model = api.load_dit("digits")
         if resolution not in (None, model.config.input_size):
             raise TcgraphError(f"the digits model samples {model.config.input_size}x{model.config.input_size} "
                                f"pixels only; omit --resolution")
         return model
+    if name == PIXART:
+        return pixart_model(resolution, seed, depth)
     if name not in CONFIGS:
-        raise TcgraphError(f"unknown model {name!r}; use 'digits' or one of {', '.join(CONFIGS)}")
+        raise TcgraphError(f"unknown model {name!r}; use 'digits', {PIXART!r} or one of {', '.join(CONFIGS)}")
     overrides = {}
     if resolution is not None:
         if resolution % PIXELS_PER_LATENT:
             raise TcgraphError(f"--resolution {resolution} is not a multiple of {PIXELS_PER_LATENT} "
                                "(image side; the latent is 1/8 of it)")
         overrides["input_size"] = resolution // PIXELS_PER_LATENT
+    if depth is not None:
+        overrides["depth"] = depth
     return randomize_weights(build_model(name, **overrides), seed=seed)
+
+
+def pixart_model(resolution: int | None, seed: int, depth: int | None = None):
+    """A random PixArtTransformer2DModel of PixArt-alpha 256px's shapes (std-0.02 weights), wrapped for tcgraph."""
+    from diffusers import PixArtTransformer2DModel
+
+    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+
+    shapes = dict(PIXART_SHAPES)
+    if resolution is not None:
+        if resolution % PIXELS_PER_LATENT:
+            raise TcgraphError(f"--resolution {resolution} is not a multiple of {PIXELS_PER_LATENT}")
+        shapes["sample_size"] = resolution // PIXELS_PER_LATENT
+    if depth is not None:
+        shapes["num_layers"] = depth
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**shapes).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    return DiffusersPixArt(model).eval()
+
+
+def conditioning_for(model, batch: int, seed: int):
+    """What every backend samples for: class ids 0, 1, ... or, for a text model, random prompt
+    embeddings (padded after 20.. tokens) with an empty negative prompt."""
+    from tcgraph.sampling.conditioning import Text
+
+    cfg = model.config
+    if not cfg.text_conditioned:
+        return [i % cfg.num_classes for i in range(batch)]
+    g = torch.Generator().manual_seed(seed)
+    mask, neg = torch.zeros(batch, PIXART_TEXT_LENGTH), torch.zeros(batch, PIXART_TEXT_LENGTH)
+    for i in range(batch):
+        mask[i, : 20 + (i * 37) % (PIXART_TEXT_LENGTH - 20)] = 1
+    neg[:, 0] = 1
+    width = cfg.caption_channels
+    return Text(torch.randn(batch, PIXART_TEXT_LENGTH, width, generator=g), mask,
+                torch.randn(1, PIXART_TEXT_LENGTH, width, generator=g).expand(batch, -1, -1).clone(), neg)
 
 
 def make_plans(model: DiT, settings: SamplerSettings, specs: list[str]) -> dict[str, tuple[Plan, str]]:
@@ -74,6 +126,9 @@ def make_plans(model: DiT, settings: SamplerSettings, specs: list[str]) -> dict[
     for spec in specs:
         kind, _, arg = spec.partition(":")
         if kind in STRUCTURAL:
+            if model.config.text_conditioned:
+                raise TcgraphError(f"plan {spec!r}: the structural learned plans are DiT's two-branch shapes; for "
+                                   f"{PIXART} use {PIXART_PLANS}")
             try:
                 target = float(arg)
             except ValueError:
@@ -190,10 +245,12 @@ def eager_session(model: DiT, device: torch.device, dtype: torch.dtype) -> Itera
     """(step_fn, reset, device) of the uncached model, moved to `device` for the session."""
     autocast = dtype != torch.float32
 
+    from tcgraph.sampling.conditioning import as_inputs
+
     @torch.inference_mode()
-    def step(_step: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(_step: int, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            return model(x, t, y).float()
+            return model(x, t, *as_inputs(y)).float()
 
     model.to(device)
     try:
