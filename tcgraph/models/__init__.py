@@ -80,12 +80,11 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     checkpoint's shapes and must then match exactly one registered config.
     """
     if name_or_path == "digits-text":  # a DiffusersPixArt; its prompt encoder: digits_text.prompt_encoder_for
-        if config is not None:
-            raise UsageError("'digits-text' is a diffusers model whose config.json says what it is; drop the "
-                             "config (--config) argument")
-        from tcgraph.models.digits_text import load_transformer
-
-        return load_transformer()
+        folder = PRETRAINED["digits-text"][0] / "transformer"
+        if not (folder / "config.json").is_file():
+            raise TcgraphError(f"the pretrained model 'digits-text' has no weights yet: {folder / 'config.json'} is "
+                               f"missing; create them with `{_MAKE_WEIGHTS['digits-text']}`")
+        return load_diffusers(folder, config)
     if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
         return load_diffusers(name_or_path, config)
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:

@@ -272,11 +272,10 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str):
     """A `model_cls` (a diffusers model class) built from `folder`'s config.json with its safetensors
-    weights, in float32; refuses damaged files, weights that do not fit the config, and non-finite values.
-    The caller checks the config first (before any weights are read)."""
+    weights, in float32; refuses damaged files and weights that do not fit the config. The caller checks
+    the config first (before any weights are read) and the weights' values after
+    (`tcgraph.models.checkpoint.check_finite`)."""
     from safetensors.torch import load_file  # only with diffusers installed, as its callers are
-
-    from tcgraph.models.checkpoint import check_finite
 
     where = folder.model_dir / "config.json"
     state: dict = {}
@@ -302,7 +301,6 @@ def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str)
         raise TcgraphError(f"the weights in {folder.model_dir} do not fit its config.json: "
                            f"{'; '.join(p for p in parts if p)}; save the model again with save_pretrained")
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    check_finite(model.state_dict(), str(folder.model_dir))
     return model.float()
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
+from tcgraph.models.checkpoint import check_finite
 from tcgraph.models.diffusers_config import (
     CLASS_NAME,
     TIME_FEATURES,
@@ -159,7 +160,9 @@ def save_as_diffusers(model: nn.Module, path: str | Path, norm_eps: float = 1e-5
 def load_diffusers_dit(folder: DiffusersFolder) -> DiffusersDiT:
     """The DiTTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
     config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # refuse before reading weights
-    return DiffusersDiT(load_weights_into(folder, DiTTransformer2DModel, CLASS_NAME)).eval()
+    model = load_weights_into(folder, DiTTransformer2DModel, CLASS_NAME)
+    check_finite(model.state_dict(), str(folder.model_dir))
+    return DiffusersDiT(model).eval()
 
 
 def _check_blocks(model: nn.Module, cfg: DiTConfig) -> None:

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
+from tcgraph.models.checkpoint import check_finite
 from tcgraph.models.diffusers_config import (
     PIXART_CLASS_NAME,
     DiffusersFolder,
@@ -153,7 +154,9 @@ def build_diffusers_pixart(config: DiTConfig, seed: int | None = None) -> Diffus
 def load_diffusers_pixart(folder: DiffusersFolder) -> DiffusersPixArt:
     """The PixArtTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
     pixart_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before reading weights
-    return DiffusersPixArt(load_weights_into(folder, PixArtTransformer2DModel, PIXART_CLASS_NAME)).eval()
+    model = load_weights_into(folder, PixArtTransformer2DModel, PIXART_CLASS_NAME)
+    check_finite(model.state_dict(), str(folder.model_dir))
+    return DiffusersPixArt(model).eval()
 
 
 def save_pixart(model: nn.Module, path: str | Path) -> Path:

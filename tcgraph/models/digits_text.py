@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.sampling.conditioning import Text
+from tcgraph.models.text import Text
 
 NAME = "digits-text"
 MAKE_WEIGHTS = "python scripts/train_text_demo.py"

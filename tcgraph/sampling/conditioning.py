@@ -13,87 +13,16 @@ do the keys of an embeddings file (`load_text`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.models.text import Text  # noqa: F401  (re-exported: the sampler's conditioning)
 
 # Keys of an embeddings file (safetensors), as diffusers' PixArt pipeline names its arguments.
 EMBEDS, MASK = "prompt_embeds", "prompt_attention_mask"
 NEG_EMBEDS, NEG_MASK = "negative_prompt_embeds", "negative_prompt_attention_mask"
-
-
-@dataclass(frozen=True)
-class Text:
-    """Text conditioning of N images. `negative_*` are None without guidance; with guidance they
-    are [N, L, D] and [N, L] (one negative prompt repeated, as pipelines do, or one per image)."""
-
-    embeddings: torch.Tensor  # [N, L, D_text] float
-    mask: torch.Tensor  # [N, L] float32, 1 = token, 0 = padding
-    negative_embeddings: torch.Tensor | None = None
-    negative_mask: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        e, m = self.embeddings, self.mask
-        if e.dim() != 3 or m.shape != e.shape[:2]:
-            raise UsageError(f"text embeddings must be [N, L, D] with a mask [N, L]; got embeddings {list(e.shape)} "
-                             f"and mask {list(m.shape)}")
-        if (self.negative_embeddings is None) != (self.negative_mask is None):
-            raise UsageError("give both the negative embeddings and their mask, or neither")
-        if self.negative_embeddings is not None and (self.negative_embeddings.shape != e.shape
-                                                     or self.negative_mask.shape != m.shape):
-            raise UsageError(f"negative text embeddings {list(self.negative_embeddings.shape)} and mask "
-                             f"{list(self.negative_mask.shape)} must have the prompts' shapes {list(e.shape)}, "
-                             f"{list(m.shape)}")
-        object.__setattr__(self, "mask", m.float())
-        if self.negative_mask is not None:
-            object.__setattr__(self, "negative_mask", self.negative_mask.float())
-
-    def __len__(self) -> int:
-        return self.embeddings.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.embeddings.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.embeddings.shape[2]
-
-    def take(self, rows) -> "Text":
-        """The conditioning of images `rows`: a list or tensor of indices (repeats allowed: a padded
-        batch) or a slice."""
-        idx = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
-        pick = (lambda v: None if v is None else v[idx])
-        return Text(self.embeddings[idx], self.mask[idx], pick(self.negative_embeddings), pick(self.negative_mask))
-
-    def to(self, device) -> "Text":
-        move = (lambda v: None if v is None else v.to(device))
-        return Text(self.embeddings.to(device), self.mask.to(device), move(self.negative_embeddings),
-                    move(self.negative_mask))
-
-    def model_inputs(self, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder_hidden_states, encoder_attention_mask) of one step: [prompts; negatives] with guidance."""
-        if not guided:
-            return self.embeddings, self.mask
-        if self.negative_embeddings is None:
-            raise UsageError("guidance (scale > 1) needs the negative prompt's embeddings: give negative_embeddings "
-                             "and negative_mask (an empty prompt's, as pipelines use), or sample with guidance 1")
-        return (torch.cat([self.embeddings, self.negative_embeddings]),
-                torch.cat([self.mask, self.negative_mask]))
-
-    def check(self, length: int, width: int) -> None:
-        """Refuse text of another length or width than the artifact's graphs read."""
-        if self.length != length or self.width != width:
-            raise UsageError(f"the text embeddings are [N, {self.length}, {self.width}], but this model's graphs read "
-                             f"[N, {length}, {width}] (text length {length} is a plan setting): pad or cut the prompts "
-                             f"to {length} tokens, or re-run `tcgraph transform --text-length {self.length}`")
-
-    def repeat_to(self, n: int) -> "Text":
-        """N copies cycled to n images (one prompt for many images)."""
-        return self.take([i % len(self) for i in range(n)])
 
 
 def load_text(path: str | Path) -> Text:
