@@ -41,11 +41,18 @@ def all_cases() -> list[Case]:
         + process_cases()
 
 
-def run_battery(quick: bool = False, only: str | None = None) -> list[dict]:
+def run_battery(quick: bool = False, only: str | None = None, artifact: Path | None = None) -> list[dict]:
+    """`artifact`: an artifact folder made as `make_artifact` makes it (`tcgraph transform --plan
+    fora:2 --steps 6 --batch 4`), copied in as the shared artifact instead of transforming one
+    (tests/test_fault_battery.py passes the one its session already made); by default made here."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        art = make_artifact(root)
+        if artifact is None:
+            art = make_artifact(root)
+        else:
+            art = root / "shared-art"
+            shutil.copytree(artifact, art, symlinks=True)
         for i, case in enumerate(c for c in all_cases() if (c.quick or not quick) and (only is None or only in c.name)):
             folder = root / f"case{i:03d}"
             folder.mkdir()

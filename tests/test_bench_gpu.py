@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,18 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def smoke(bench, tmp_path_factory):
+def smoke(bench, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("bench_gpu")
     out, work = tmp / "gpu-smoke", tmp / "work"
+    if any("gpu_check_smoke" in item.fixturenames for item in request.session.items):
+        # tests/test_gpu_check.py runs `gpu_check.sh --cpu-smoke` in this session anyway (once,
+        # tests/conftest.py): its prepare stage made the folders this run wants (bench_gpu.py
+        # --prepare-only, digits, full and fora:2, these steps, batch, guidance and seed 0), so a
+        # copy of its work folder is reused here (`reusing ...`, matched by plan and model config)
+        # instead of transforming both again. Alone, this file transforms them itself.
+        _, _, made = request.getfixturevalue("gpu_check_smoke")
+        if made.is_dir():
+            shutil.copytree(made, work, symlinks=True)
     argv = ["--model", "digits", "--device", "cpu", "--steps", str(STEPS), "--batch", str(BATCH),
             "--guidance", str(GUIDANCE), "--repeats", "1", "--plans", "full,fora:2",
             "--backends", "eager,torch,torch-nograph,ort,trt", "--out", str(out), "--work", str(work), "--quiet"]

@@ -29,8 +29,11 @@ def test_the_battery_is_broad(battery):
                                         "API types", "process"}
 
 
-def test_fast_cases_are_clear_errors_or_handled(battery):
-    rows = battery.run_battery(quick=True)
+def test_fast_cases_are_clear_errors_or_handled(battery, demo_fora2_artifact):
+    # the shared artifact is the session's (tests/conftest.py), made by the same command as the
+    # battery's make_artifact (fora:2, --steps 6 --batch 4); the battery works on its own copy
+    assert sys.modules["faults.harness"].STEPS == ["--steps", "6", "--batch", "4"]
+    rows = battery.run_battery(quick=True, artifact=demo_fora2_artifact)
     bad = [f"{r['verdict']}: {r['case']}: {r['detail']}" for r in rows if r["verdict"] in ("traceback", "wrong")]
     assert not bad, "\n".join(bad)
     assert len(rows) >= 140

@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.sh and benchmarks/gpu_memory.py, on the CPU.
 
 - The script's CPU smoke path (`--cpu-smoke`: the demo model, every CUDA part skipped), run
-  once for the module (~40-70 s here: two artifact folders are transformed), checked by the
+  once per session (~40-70 s here: two artifact folders are transformed; tests/conftest.py's
+  `gpu_check_smoke`, whose folders tests/test_bench_gpu.py reuses), checked by the
   numbers it wrote: the JSON rows, the speedup columns, the stage and skip lines of the summary.
 - Its GPU defaults, read from `--dry-run` with bench_gpu.py's own argument parser: the
   settings issue 15 asks for.
@@ -13,18 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tcgraph.models.dit import CONFIGS
+from tests.conftest import run_gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 BENCH = ROOT / "benchmarks" / "bench_gpu.py"
 SMOKE_FILES = ["bench.log", "gpu-bench.json", "gpu-bench.md", "pytest-gpu.log", "summary.txt"]
 
@@ -41,11 +40,7 @@ def bench():
     return _load(BENCH, "bench_gpu")
 
 
-def _script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_CHECK_CPU_SMOKE", "OMP_NUM_THREADS")}
-    env["PYTHON"] = sys.executable
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=ROOT)
+_script = run_gpu_check  # bash benchmarks/gpu_check.sh ARGS (tests/conftest.py)
 
 
 #################################################################################
@@ -54,11 +49,10 @@ def _script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_check")
-    out, work = tmp / "out", tmp / "work"
-    proc = _script("--cpu-smoke", "--out", str(out), "--work", str(work))
-    return proc, out, work
+def smoke(gpu_check_smoke):
+    # `gpu_check.sh --cpu-smoke --out OUT --work WORK`, run once per session (tests/conftest.py):
+    # tests/test_bench_gpu.py reuses its two artifact folders (a copy) instead of transforming them again
+    return gpu_check_smoke
 
 
 def _result(out: Path) -> dict:
