@@ -1,6 +1,9 @@
 """Train the text-conditioned demo model ("digits-text") on scikit-learn's digits; writes the committed weights.
 
-    python scripts/train_text_demo.py --threads 1     # 1200 steps: ~25 min on 2 idle CPU cores
+    python scripts/train_text_demo.py             # 1200 steps: ~25 min on 2 idle CPU cores (estimated)
+    python scripts/train_text_demo.py --threads 1 # on a shared machine: the committed run, 75 min at load ~3.5
+
+(A step costs ~1.4x a step of scripts/train_demo.py's DiT: the cross-attention and the text.)
 
 A small diffusers PixArtTransformer2DModel (16x16 pixels, patch 2 -> 64 tokens, 6 blocks,
 hidden 128, 4 heads, captions of width 32) and `tcgraph.models.digits_text.PromptEncoder`, the
@@ -25,6 +28,12 @@ each cross-attention's value and output projections. With PyTorch's default Line
 and the prompt-dependent part of a cross-attention output is ~2 % of the residual stream; a
 1200-step run with that init was learning to ignore its prompts (cond gap falling from 0.018 at
 step 100 to 0.008 at step 350, where it was stopped). Variance-preserving, that part is ~20 %.
+
+The committed run (seed 0, 1200 steps): final loss 0.0295, cond gap 0.047 and still rising.
+Sampled with DDIM 50 and x0 clipping, 8 images per digit of "a handwritten <digit>", the
+prompted digit is what the classifier sees in 30 % of them without guidance, 51 % at
+guidance 2 and 78 % at guidance 4 (digits-FD 113, 98, 134; the "digits" DiT: 100 %, FD 55 on
+the same protocol): the text steers, but more weakly than the DiT's class labels.
 
 Writes tcgraph/models/weights/digits_text/ (transformer/, text_encoder/, train_info.json), all
 at once: the new folder replaces the old one only when complete.
