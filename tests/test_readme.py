@@ -56,12 +56,12 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert "step 4 of 0..49: runs v0" in out and "predicted speedup 1.98x" in out
 
 
-def test_diffusers_commands_run(tmp_path):
-    """The README's diffusers block: the demo written as a diffusers pipeline, transformed, sampled."""
-    pytest.importorskip("diffusers")
+def run_marked_block(marker: str, cwd) -> None:
+    """Run the README's `<!-- readme-test: MARKER -->` sh block line by line in `cwd` (tcgraph and
+    python scripts of this repository), each line exiting 0."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- readme-test: diffusers -->\s*```sh\n(.*?)```", text, re.S)
-    assert block, "README.md lost its marked diffusers block"
+    block = re.search(rf"<!-- readme-test: {marker} -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, f"README.md lost its marked {marker} block"
     exe = shutil.which("tcgraph")
     for line in (ln for ln in block.group(1).splitlines() if ln.strip()):
         argv = shlex.split(line)
@@ -70,8 +70,14 @@ def test_diffusers_commands_run(tmp_path):
         else:
             assert argv[0] == "tcgraph", line
             argv = ([exe] if exe else [sys.executable, "-m", "tcgraph"]) + argv[1:]
-        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_diffusers_commands_run(tmp_path):
+    """The README's diffusers block: the demo written as a diffusers pipeline, transformed, sampled."""
+    pytest.importorskip("diffusers")
+    run_marked_block("diffusers", tmp_path)
     assert (tmp_path / "diffusers.png").stat().st_size > 100
     manifest = json.loads(next((tmp_path / "tcgraph-out").glob("*/manifest.json")).read_text())
     assert manifest["model_config"]["layout"] == "diffusers"
@@ -84,16 +90,7 @@ def test_text_demo_commands_run(tmp_path):
 
     if not (weights_dir() / "transformer" / "config.json").is_file():
         pytest.skip(f"the digits-text weights are missing at {weights_dir()}: python scripts/train_text_demo.py")
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- readme-test: text -->\s*```sh\n(.*?)```", text, re.S)
-    assert block, "README.md lost its marked text block"
-    exe = shutil.which("tcgraph")
-    for line in (ln for ln in block.group(1).splitlines() if ln.strip()):
-        argv = shlex.split(line)
-        assert argv[0] == "tcgraph", line
-        argv = ([exe] if exe else [sys.executable, "-m", "tcgraph"]) + argv[1:]
-        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-2000:]
+    run_marked_block("text", tmp_path)
     assert (tmp_path / "text.png").stat().st_size > 100
     manifest = json.loads(next((tmp_path / "tcgraph-out").glob("*/manifest.json")).read_text())
     assert manifest["model_config"]["layout"] == "pixart" and manifest["plan"]["settings"]["text_length"] == 8
