@@ -17,7 +17,7 @@ from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
-from tcgraph.sampling import SamplerSettings, checks, make_noise, run_batches, sampler_for
+from tcgraph.sampling import SamplerSettings, checks, conditioning, make_noise, run_batches, sampler_for
 from tcgraph.sampling.schedulers import scheduler_for_transform
 
 DEFAULT_MODEL = "digits"
@@ -84,7 +84,7 @@ def transform(
     # cannot be run. The resolution is the model's, filled in once it is loaded.
     settings = _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options,
                                     backend, engine_options, clip_x0, scheduler)
-    calibration_text = _text_argument(calibration_text, "calibration_text", "--calibration-embeddings")
+    calibration_text = conditioning.text_argument(calibration_text, "calibration_text", "--calibration-embeddings")
     if text_length is None and calibration_text is not None:
         text_length = calibration_text.length
     if text_length is not None:
@@ -111,12 +111,12 @@ def transform(
     prog = bars(progress)
     if isinstance(plan, Plan):
         the_plan = plan
-        _check_conditioning(the_plan.settings, dit.config, None)
+        conditioning.check_conditioning(the_plan.settings, dit.config, None)
     else:
         settings = dataclasses.replace(settings, resolution=dit.config.input_size)
         if dit.config.text_conditioned and not settings.text_length:
-            settings, calibration_text = _encoder_defaults(model, settings, calibration_text)
-        _check_conditioning(settings, dit.config, calibration_text)
+            settings, calibration_text = conditioning.encoder_defaults(model, settings, calibration_text)
+        conditioning.check_conditioning(settings, dit.config, calibration_text)
         sampler_for(settings, dit.config)  # a diffusers scheduler's config is checked by diffusers, before planning
         _check_graph_memory(settings, dit.config)
         if calibration_text is not None:
@@ -167,42 +167,10 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
                            batch=batch, clip_x0=clip_x0)
 
 
-def _text_argument(text, name: str, option: str):
-    """A `Text`, an embeddings file read into one, or None."""
-    from tcgraph.sampling.conditioning import Text, load_text
-
-    if text is None or isinstance(text, Text):
-        return text
-    if isinstance(text, (str, os.PathLike)):
-        return load_text(text)
-    raise UsageError(f"{name} ({option}) must be a tcgraph Text or the path of an embeddings file, got "
-                     f"{type(text).__name__}")
 
 
-def _encoder_defaults(model, settings: SamplerSettings, calibration_text):
-    """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
-    (every template of every digit) for calibration unless some were given."""
-    from tcgraph.models.digits_text import calibration_prompts, prompt_encoder_for
-
-    encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
-    if encoder is None:
-        return settings, calibration_text
-    if calibration_text is None:
-        calibration_text = calibration_prompts(encoder)
-    return dataclasses.replace(settings, text_length=encoder.length), calibration_text
 
 
-def _check_conditioning(settings: SamplerSettings, cfg: DiTConfig, text) -> None:
-    """A text-conditioned model needs a text length (and text of its width); a class-conditional one none."""
-    if cfg.text_conditioned and not settings.text_length:
-        raise UsageError(f"this model is text-conditioned (text embeddings of width {cfg.caption_channels}): give the "
-                         "text length its graphs read, text_length= (--text-length; PixArt-alpha's prompts have 120 "
-                         "tokens, PixArt-Sigma's 300), or calibration embeddings, whose length is taken")
-    if not cfg.text_conditioned and settings.text_length:
-        raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
-                         f"{settings.text_length}) and the text embeddings")
-    if text is not None:
-        text.check(settings.text_length, cfg.caption_channels)
 
 
 def _check_plan_spec(spec: str, options: dict) -> None:
@@ -329,11 +297,11 @@ def sample(
     if resolution is not None and resolution != s.resolution:
         raise UsageError(f"this artifact was built for resolution {s.resolution}, not {resolution}; "
                            "transform again for another resolution")
-    text = _text_argument(text, "text", "--embeddings")
+    text = conditioning.text_argument(text, "text", "--embeddings")
     if prompts is not None:
         if text is not None:
             raise UsageError("give prompts or text embeddings, not both")
-        text = _encode_prompts(art, prompts, negative_prompt)
+        text = conditioning.encode_prompts(art, prompts, negative_prompt)
     if cfg.text_conditioned:
         if text is None or classes is not None:
             raise UsageError("this artifact's model is text-conditioned: give prompt embeddings (text=, --embeddings "
@@ -348,7 +316,7 @@ def sample(
     checks.sample_memory(len(ids) * per_class, cfg.in_channels, s.resolution, name="per_class", option="--per-class",
                          detail=f"{len(ids)} {what} x {per_class} per class")
     labels = [c for c in ids for _ in range(per_class)]
-    conditioning = labels if text is None else text.take(labels)
+    cond = labels if text is None else text.take(labels)
     noise = make_noise(len(labels), cfg.in_channels, s.resolution, seed)
     options = dict(runner_options or {})
     if device is not None:
@@ -356,7 +324,7 @@ def sample(
     runner = make_runner(backend, art, **options)
     with runner:
         dispatch = ScheduleDispatcher.for_plan(runner, plan)
-        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), conditioning, noise, s.batch, seed,
+        samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), cond, noise, s.batch, seed,
                               bars(progress), device=runner.device)
     if png is not None:
         save_grid(samples, png, nrow=per_class)
@@ -365,22 +333,6 @@ def sample(
     return samples, labels
 
 
-def _encode_prompts(art, prompts, negative_prompt: str):
-    """The prompts as the artifact's model's own text encoder embeds them."""
-    from tcgraph.models.digits_text import prompt_encoder_for
-
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
-        raise UsageError("prompts (--prompt) must be a non-empty list of strings")
-    if not art.model_config.text_conditioned:
-        raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
-    source = art.extra.get("model", "in-memory")
-    encoder = prompt_encoder_for(source)
-    if encoder is None:
-        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (only the digits-text demo's): embed "
-                         "the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass "
-                         "them as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, "
-                         "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)")
-    return encoder.encode(list(prompts), negative=negative_prompt, length=art.plan.settings.text_length)
 
 
 def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,
@@ -400,7 +352,7 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,
         raise UsageError(f"settings.resolution {settings.resolution} does not match the model's input size "
                          f"{model.config.input_size}; make the settings with resolution={model.config.input_size}")
     if isinstance(labels, Text):
-        _check_conditioning(settings, model.config, labels)
+        conditioning.check_conditioning(settings, model.config, labels)
     elif isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise UsageError(f"labels must be a list of class ids, got {type(labels).__name__}")
     else:

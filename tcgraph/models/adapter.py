@@ -246,7 +246,8 @@ def _dit_final(model: DiT, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return model.unpatchify(model.final_layer(h, c))  # (N, C_out, H, W)
 
 
-def _dit_dims(model: DiT) -> ModelDims:
+def config_dims(model: nn.Module) -> ModelDims:
+    """The block table's sizes from a model's `DiTConfig` (every adapter's models carry one)."""
     cfg = model.config
     return ModelDims(cfg.depth, cfg.num_tokens, cfg.hidden_size, cfg.num_heads)
 
@@ -265,5 +266,5 @@ DIT = register_adapter(ModelAdapter(
     ),
     embed=_dit_embed,
     final=_dit_final,
-    dims=_dit_dims,
+    dims=config_dims,
 ))

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
+from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.checkpoint import check_finite
 from tcgraph.models.diffusers_config import (
     CLASS_NAME,
@@ -191,11 +191,6 @@ def _embed(model: DiffusersDiT, x: torch.Tensor, t: torch.Tensor,
     return h, (tf, y)  # every block embeds (t, y) itself
 
 
-def _dims(model: DiffusersDiT) -> ModelDims:
-    cfg = model.config
-    return ModelDims(cfg.depth, cfg.num_tokens, cfg.hidden_size, cfg.num_heads)
-
-
 DIFFUSERS_DIT = register_adapter(ModelAdapter(
     name=CLASS_NAME,
     model_type=DiffusersDiT,
@@ -210,7 +205,7 @@ DIFFUSERS_DIT = register_adapter(ModelAdapter(
     ),
     embed=_embed,
     final=lambda model, h, tf, y: model.final(h, tf, y),
-    dims=_dims,
+    dims=config_dims,
 ))
 
 load = load_diffusers_dit  # what `tcgraph.models.load_diffusers` calls for this class

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, ModelDims, register_adapter
+from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.checkpoint import check_finite
 from tcgraph.models.diffusers_config import (
     PIXART_CLASS_NAME,
@@ -233,11 +233,6 @@ def _embed(model: DiffusersPixArt, x: torch.Tensor, t: torch.Tensor,
     return model.embed(x, t, encoder_hidden_states, encoder_attention_mask)
 
 
-def _dims(model: DiffusersPixArt) -> ModelDims:
-    cfg = model.config
-    return ModelDims(cfg.depth, cfg.num_tokens, cfg.hidden_size, cfg.num_heads)
-
-
 PIXART = register_adapter(ModelAdapter(
     name=PIXART_CLASS_NAME,
     model_type=DiffusersPixArt,
@@ -253,7 +248,7 @@ PIXART = register_adapter(ModelAdapter(
     ),
     embed=_embed,  # y is the tuple (encoder_hidden_states, encoder_attention_mask)
     final=lambda model, h, *cond: model.final(h, *cond),
-    dims=_dims,
+    dims=config_dims,
 ))
 
 load = load_diffusers_pixart  # what `tcgraph.models.load_diffusers` calls for this class

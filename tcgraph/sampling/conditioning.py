@@ -13,12 +13,18 @@ do the keys of an embeddings file (`load_text`).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.text import Text  # noqa: F401  (re-exported: the sampler's conditioning)
+
+if TYPE_CHECKING:
+    from tcgraph.models.dit import DiTConfig
 
 # Keys of an embeddings file (safetensors), as diffusers' PixArt pipeline names its arguments.
 EMBEDS, MASK = "prompt_embeds", "prompt_attention_mask"
@@ -80,3 +86,60 @@ def nbytes(y) -> int:
 def as_inputs(y) -> tuple[torch.Tensor, ...]:
     """The conditioning of one model call as a tuple of graph inputs: (y,) or (embeddings, mask)."""
     return tuple(y) if isinstance(y, tuple) else (y,)
+
+
+# ---- what the API checks and fills in about a model's conditioning ----
+
+
+def text_argument(text, name: str, option: str):
+    """A `Text`, an embeddings file read into one, or None."""
+    if text is None or isinstance(text, Text):
+        return text
+    if isinstance(text, (str, os.PathLike)):
+        return load_text(text)
+    raise UsageError(f"{name} ({option}) must be a tcgraph Text or the path of an embeddings file, got "
+                     f"{type(text).__name__}")
+
+
+def encoder_defaults(model, settings, calibration_text):
+    """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
+    (every template of every digit) for calibration unless some were given."""
+    from tcgraph.models.digits_text import calibration_prompts, prompt_encoder_for
+
+    encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
+    if encoder is None:
+        return settings, calibration_text
+    if calibration_text is None:
+        calibration_text = calibration_prompts(encoder)
+    return dataclasses.replace(settings, text_length=encoder.length), calibration_text
+
+
+def check_conditioning(settings, cfg: DiTConfig, text) -> None:
+    """A text-conditioned model needs a text length (and text of its width); a class-conditional one none."""
+    if cfg.text_conditioned and not settings.text_length:
+        raise UsageError(f"this model is text-conditioned (text embeddings of width {cfg.caption_channels}): give the "
+                         "text length its graphs read, text_length= (--text-length; PixArt-alpha's prompts have 120 "
+                         "tokens, PixArt-Sigma's 300), or calibration embeddings, whose length is taken")
+    if not cfg.text_conditioned and settings.text_length:
+        raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
+                         f"{settings.text_length}) and the text embeddings")
+    if text is not None:
+        text.check(settings.text_length, cfg.caption_channels)
+
+
+def encode_prompts(art, prompts, negative_prompt: str):
+    """The prompts as the artifact's model's own text encoder embeds them."""
+    from tcgraph.models.digits_text import prompt_encoder_for
+
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise UsageError("prompts (--prompt) must be a non-empty list of strings")
+    if not art.model_config.text_conditioned:
+        raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
+    source = art.extra.get("model", "in-memory")
+    encoder = prompt_encoder_for(source)
+    if encoder is None:
+        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (only the digits-text demo's): embed "
+                         "the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass "
+                         "them as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, "
+                         "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)")
+    return encoder.encode(list(prompts), negative=negative_prompt, length=art.plan.settings.text_length)
