@@ -13,11 +13,17 @@ One process; every plan's artifact loaded at once and timed round-robin (eager P
 alike; medians of `--repeats`. Realized speedup = ORT `full` / the plan's median, predicted =
 the plan's FLOP ratio (`plan_flops`, cross-attention to the text counted), and their ratio.
 Writes JSON and a markdown table (`--out` without suffix).
+
+Plans carry the text's keys and values (projected at step 0, read after; `Plan.carry_constants`).
+A plan name ending in `@recompute` is the same plan projecting them at every step, as the
+model's own forward does: `full@recompute` against `full` measures what carrying them gains.
+Every row's prediction is against `full` (carried): FLOPs of its run over the row's.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import platform
@@ -36,7 +42,8 @@ from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.sampling.conditioning import Text
 
-DEFAULT_PLANS = "full,fora:2,fora:3,taylor:3:1"
+DEFAULT_PLANS = "full,full@recompute,fora:2,fora:2@recompute,fora:3,taylor:3:1"
+RECOMPUTE = "@recompute"
 
 
 def pixart_model(depth: int, hidden: int, heads: int, side: int, caption: int, seed: int):
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-eager", action="store_true", help="do not time eager PyTorch full")
     ap.add_argument("--out", type=Path, default=None,
                     help="output path without suffix (default benchmarks/results/pixart-width-d<depth>)")
     args = ap.parse_args(argv)
@@ -92,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
                                resolution=cfg.input_size, text_length=args.text_length)
     names = [p.strip() for p in args.plans.split(",")]
     names = ["full"] + [n for n in names if n != "full"]
-    plans = {name: make_plan(name, cfg, settings) for name in names}
+    plans = {name: make_plan(name.removesuffix(RECOMPUTE), cfg, settings) for name in names}
+    plans = {name: dataclasses.replace(plan, carry_constants=False) if name.endswith(RECOMPUTE) else plan
+             for name, plan in plans.items()}
+    full_flops = plan_flops(cfg, plans["full"])["total"]
     config = {"model": f"PixArt (random) depth {args.depth}, hidden {args.hidden}, heads {args.heads}, "
                        f"{cfg.num_tokens} tokens, text {args.text_length} x {args.caption}",
               "steps": args.steps, "guidance": args.guidance, "batch": args.batch, "repeats": args.repeats,
@@ -115,10 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
                                     args.seed)
             run()  # warm-up
             runs[name] = run
-            rows.append({"plan": name, "variants": len(plan.variants()),
-                         "predicted_speedup": plan_flops(cfg, plan)["predicted_speedup"]})
+            flops = plan_flops(cfg, plan)
+            rows.append({"plan": name, "variants": len(plan.variants()), "carry_constants": plan.carry_constants,
+                         "predicted_speedup": full_flops / flops["total"],
+                         "constants_speedup": flops["constants_speedup"]})
             print(json.dumps({"plan": name, "ready_s": round(time.perf_counter() - t0, 1)}), flush=True)
-        runs["eager full"] = lambda: api.sample_eager(model, settings, text, args.seed)
+        if not args.no_eager:
+            runs["eager full"] = lambda: api.sample_eager(model, settings, text, args.seed)
         times = {key: [] for key in runs}
         for r in range(args.repeats):
             for key, run in runs.items():
@@ -132,9 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
         row["median_s"] = statistics.median(row["times_s"])
         row["realized_speedup"] = full / row["median_s"]
         row["realized_over_predicted"] = row["realized_speedup"] / row["predicted_speedup"]
-    eager = statistics.median(times["eager full"])
-    result = {"config": config, "eager_times_s": times["eager full"], "eager_median_s": eager,
-              "ort_full_over_eager": full / eager, "rows": rows}
+    eager = statistics.median(times["eager full"]) if "eager full" in times else None
+    result = {"config": config, "eager_times_s": times.get("eager full"), "eager_median_s": eager,
+              "ort_full_over_eager": None if eager is None else full / eager, "rows": rows}
+    by_name = {r["plan"]: r for r in rows}
+    if "full" + RECOMPUTE in by_name:  # what carrying the text's keys and values gains, full vs full
+        recomputed = by_name["full" + RECOMPUTE]
+        result["constants_gain"] = {"measured": recomputed["median_s"] / full,
+                                    "predicted": by_name["full"]["constants_speedup"]}
     out = args.out or Path(__file__).parent / "results" / f"pixart-width-d{args.depth}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -150,10 +169,14 @@ def format_table(result: dict) -> str:
     lines = [f"# {c['model']}", "",
              f"{c['steps']} steps, guidance {c['guidance']}, batch {c['batch']}, ONNX Runtime (CPU, "
              f"{c['threads']} threads), medians of {c['repeats']}; `{c['command']}`", "",
-             f"eager PyTorch full: {result['eager_median_s']:.2f} s; ORT full / eager: "
-             f"{result['ort_full_over_eager']:.2f}", "",
-             "| plan | variants | median s | realized | predicted | realized/predicted |",
-             "|---|---|---|---|---|---|"]
+             (f"eager PyTorch full: {result['eager_median_s']:.2f} s; ORT full / eager: "
+              f"{result['ort_full_over_eager']:.2f}" if result.get("eager_median_s") else "eager PyTorch: not timed"),
+             ""]
+    if result.get("constants_gain"):
+        g = result["constants_gain"]
+        lines += [f"carrying the text's keys and values (full@recompute / full): {g['measured']:.3f}x measured, "
+                  f"{g['predicted']:.3f}x predicted", ""]
+    lines += ["| plan | variants | median s | realized | predicted | realized/predicted |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['plan']} | {r['variants']} | {r['median_s']:.2f} | {r['realized_speedup']:.2f}x | "
                      f"{r['predicted_speedup']:.2f}x | {r['realized_over_predicted']:.2f} |")

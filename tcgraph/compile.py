@@ -5,7 +5,8 @@ model adapter names them), expand the blocks, then run the rewrite passes of `PI
 in order, each given the variant's `RewriteSpec` (the recipe, and the caches and input
 caches it writes, from the plan):
 
-    cache_io       graph inputs/outputs: `cache.<l>.<branch>` (and `….in` for dynamic branches)
+    cache_io       graph inputs/outputs: `cache.<l>.<branch>` (and `….in` for dynamic branches, run constants)
+    run_constants  a later step's cross branch reads the text's keys and values (`cache.<l>.cross.k`/`.v`)
     reuse          a reused branch reads its cache input
     forecast       a forecast branch is a weighted sum of its history inputs (weights: input `forecast.w`)
     token_prune    a partial branch recomputes its constant kept tokens
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
+from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_constant, is_model_input
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -36,6 +37,7 @@ from tcgraph.passes import (
     io_names,
     reference_step,
     reuse,
+    run_constants,
     token_dynamic,
     token_prune,
 )
@@ -48,7 +50,7 @@ Pass = Callable[[fx.GraphModule, RewriteSpec], fx.GraphModule]
 
 # The rewrite passes, in the order they run. cache_io comes first: the others connect the
 # cache inputs it adds.
-PIPELINE: tuple[Pass, ...] = (cache_io, reuse, forecast, token_prune, token_dynamic)
+PIPELINE: tuple[Pass, ...] = (cache_io, run_constants, reuse, forecast, token_prune, token_dynamic)
 
 
 @dataclass
@@ -90,8 +92,9 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
     else:
         feeds["y"] = torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g)
     for name in names:
-        if is_cache(name):
-            feeds[name] = torch.randn(b, cfg.num_tokens, cfg.hidden_size, generator=g)
+        if is_cache(name):  # a branch cache [B, N, D], or a run constant (the text's keys, values) [B, L, D]
+            rows = s.text_length if is_constant(name) else cfg.num_tokens
+            feeds[name] = torch.randn(b, rows, cfg.hidden_size, generator=g)
     if FORECAST_WEIGHTS in names:
         if recipe is None:
             raise TcgraphError("example inputs of a forecasting variant need its recipe (the layout of forecast.w)")
@@ -164,6 +167,12 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
         raise TcgraphError(
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "
             f"{dims.depth} blocks x {dims.num_tokens} tokens; make the plan for this model"
+        )
+    missing = sorted({br for _, br in plan.constant_keys() if adapter.branch(br).prepare is None})
+    if missing:
+        raise TcgraphError(
+            f"plan carries run constants of the {', '.join(missing)} branch but {adapter.name}'s does not make "
+            "them apart from its forward; make the plan with carry_constants=False"
         )
     if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0 and not model.config.text_conditioned:
         raise TcgraphError(

@@ -5,7 +5,10 @@ model's conditioning (`y` for class-conditional DiTs) and one `cache.<block>.<br
 cache it reuses; it writes `out` and the caches it refreshes. Dynamic-token branches carry
 a second cache, their branch input, `cache.<block>.<branch>.in`. Forecast branches keep
 their older history entries as `cache.<block>.<branch>.h<j>` (j >= 1; the newest is the
-cache itself) and a forecasting variant reads its weights as `forecast.w`. This module imports
+cache itself) and a forecasting variant reads its weights as `forecast.w`. Run constants,
+which depend on the conditioning alone (a cross-attention branch's keys and values of the
+text), are caches too: `cache.<block>.cross.k`, `cache.<block>.cross.v` ([B, L, D]), written
+by a run's first step and read by the others. This module imports
 nothing of tcgraph, so every layer may use it.
 """
 from __future__ import annotations
@@ -29,6 +32,11 @@ CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
 FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast weights, block order
 
+# Branches with run constants, and the constants' names: what a branch's function reads that
+# depends on the conditioning alone, so a sampling run computes it once. A cross-attention
+# branch's keys and values of the text, each [B, L, D] (before the split into heads).
+RUN_CONSTANTS = {"cross": ("k", "v")}
+
 
 def branch_key(key: tuple[int, str]) -> tuple[int, int]:
     """Sort key of a (block, branch) pair: by block, then branch in `BRANCH_ORDER`."""
@@ -43,6 +51,18 @@ def cache_name(block: int, branch: str) -> str:
 def input_cache_name(block: int, branch: str) -> str:
     """Graph I/O name of a branch-input cache (`cache.3.attn.in`), read and written by dynamic actions."""
     return cache_name(block, branch) + INPUT_SUFFIX
+
+
+def constant_name(block: int, branch: str, what: str) -> str:
+    """Graph I/O name of one run constant of a branch (`cache.3.cross.k`)."""
+    return f"{cache_name(block, branch)}.{what}"
+
+
+def is_constant(name: str) -> bool:
+    """Whether a cache name is a run constant (`cache.<l>.<branch>.<what>`, `what` of RUN_CONSTANTS)."""
+    parts = name.split(".")
+    return (len(parts) == 4 and parts[0] + "." == CACHE_PREFIX and parts[1].isdigit()
+            and parts[3] in RUN_CONSTANTS.get(parts[2], ()))
 
 
 def history_name(block: int, branch: str, j: int) -> str:

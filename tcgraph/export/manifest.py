@@ -117,10 +117,13 @@ def read_json(path: Path):
 
 
 def _cache_key(name: str) -> tuple[int, str] | None:
-    """(block, branch) of `cache.<l>.<branch>`, `….in` or a history entry `….h<j>`; None if malformed."""
-    from tcgraph.names import BRANCH_ORDER, CACHE_PREFIX, INPUT_SUFFIX, history_index
+    """(block, branch) of `cache.<l>.<branch>`, `….in`, a history entry `….h<j>` or a run constant
+    (`cache.<l>.cross.k`); None if malformed."""
+    from tcgraph.names import BRANCH_ORDER, CACHE_PREFIX, INPUT_SUFFIX, history_index, is_constant
     from tcgraph.plan.plan import MAX_HISTORY
 
+    if is_constant(name):
+        name = name.rpartition(".")[0]
     name, j = history_index(name)
     if j >= MAX_HISTORY:
         return None
@@ -138,11 +141,11 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
     "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B] (a text-conditioned model:
     `encoder_hidden_states` [B, L, D_text] and `encoder_attention_mask` [B, L] for `y`), `out` [B, C_out, H, W],
     each cache `cache.<l>.<branch>` (`….in`, history `….h<j>`) [B, N, D] with l a block of the
-    model, where B is the model batch (2x with guidance), `forecast.w` 1-D (one weight per history
+    model, each run constant `cache.<l>.cross.k`/`.v` [B, L, D], where B is the model batch (2x with guidance), `forecast.w` 1-D (one weight per history
     point it reads); and every cache a variant reads is written by some variant (a history
     entry by the writes of its branch's cache). A manifest edited to another model (its hash updated to match) fails here, since
     the ONNX files it lists keep the shapes they were exported with."""
-    from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, history_index, is_cache
+    from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, history_index, is_cache, is_constant
     from tcgraph.plan.plan import MAX_HISTORY
 
     s = plan.settings
@@ -167,7 +170,7 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
                         raise TcgraphError(
                             f"{where}: variant {v.id} has {kind} {spec.name}, not a cache of this model's "
                             f"{config.depth} blocks; {todo}")
-                    want = cache_shape
+                    want = (b, s.text_length, config.hidden_size) if is_constant(spec.name) else cache_shape
                 elif spec.name == FORECAST_WEIGHTS and kind == "input":
                     limit = len(plan.branches) * config.depth * MAX_HISTORY  # every branch forecast from the longest history
                     want = tuple(spec.shape) if len(spec.shape) == 1 and 1 <= spec.shape[0] <= limit else (f"1..{limit}",)

@@ -72,8 +72,10 @@ def cache_memory(plan: Plan, hidden_size: int | None, itemsize: int = 4) -> dict
     [model batch, N, D] float32 tensor (`Plan.cache_names`), split into output caches
     (`cache.<l>.<br>`, the newest history entry of a forecast branch), older history entries
     (`….h<j>`) and input caches of dynamic branches (`….in`). `history_per_branch`: the
-    entries (the cache included) each forecast branch keeps, `Plan.history`. Bytes are None
-    without the model's hidden size; `mb` counts 2**20 bytes, as `--max-cache-mb` does."""
+    entries (the cache included) each forecast branch keeps, `Plan.history`. `constants`: the run
+    constants (the text's keys and values, `Plan.constant_names`), each [model batch, L, D]; `bytes`
+    counts them too. Bytes are None without the model's hidden size; `mb` counts 2**20 bytes, as
+    `--max-cache-mb` does."""
     names = plan.cache_names()
     groups = {"caches": [], "history": [], "input_caches": []}
     for n in names:
@@ -96,6 +98,10 @@ def cache_memory(plan: Plan, hidden_size: int | None, itemsize: int = 4) -> dict
         "mb": None if total is None else total / 2**20,
         **{k: {"count": len(v), "bytes": None if per is None else per * len(v)} for k, v in groups.items()},
         "history_per_branch": {cache_name(*k): plan.history(k) for k in forecast_keys},
+        "constants": {"count": len(plan.constant_names()),
+                      "tensor_shape": [plan.settings.model_batch, plan.settings.text_length, hidden_size],
+                      "bytes": None if hidden_size is None else len(plan.constant_names()) * plan.settings.model_batch
+                      * plan.settings.text_length * hidden_size * itemsize},
     }
 
 

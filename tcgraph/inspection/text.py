@@ -65,6 +65,7 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
                  f"(steps x blocks x branches = {sum(c.values())})")
     if c.get("forecast") and info.get("memory"):
         lines += _memory_lines(info["memory"], s["model_batch"])
+    lines += _constants_line(info.get("memory"))
     if "weights" in info:
         n_onnx = sum(v.get("onnx_bytes") or 0 for v in info["variants"])
         lines.append(f"weights    {info['weights']['bytes'] / 2**20:.1f} MiB on disk in {info['weights']['file']} "
@@ -206,6 +207,17 @@ def _memory_lines(m: dict, model_batch: int) -> list[str]:
                  for n, names in sorted(by_n.items(), reverse=True)]
         lines.append("history    entries per forecast branch (its cache included): " + "; ".join(parts))
     return lines
+
+
+def _constants_line(m: dict | None) -> list[str]:
+    """The run constants a text-conditioned plan carries (the text's keys and values), if any."""
+    c = (m or {}).get("constants") or {}
+    if not c.get("count"):
+        return []
+    shape = "[" + ", ".join("?" if d is None else str(d) for d in c["tensor_shape"]) + "]"
+    mb = "" if c["bytes"] is None else f" ({c['bytes'] / 2**20:.2f} MB)"
+    return [f"constants  {c['count']} tensors of {shape}{mb}: the text's keys and values, written by step 0 "
+            "and read by the later steps"]
 
 
 def _forecast_lines(fc: dict, vid: str) -> list[str]:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import Attention, DiT, DiTBlock, Mlp, modulate
-from tcgraph.names import BRANCH_ORDER
+from tcgraph.names import BRANCH_ORDER, RUN_CONSTANTS
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,14 @@ class BranchSpec:
     `attention` says where q/k/v and the output projection are (None: the branch works on
     each token alone, like an MLP, so it may run on a subset of the token rows).
     `context` indexes the conditioning tuple for extra arguments of the branch function after
-    u: a cross-attention branch reads the text and its mask bias as `module(u, text, bias)`
-    (its rows still depend on their own query alone, so it runs row-wise like an MLP).
+    u: a cross-attention branch reads the text and its mask bias (its rows still depend on
+    their own query alone, so it runs row-wise like an MLP). With `prepare`, a method of the
+    branch module, those arguments go through it first: the branch function is
+    `module(u, *module.prepare(*context))`, and the first `len(constants)` values prepare
+    returns are run constants (they depend on the conditioning alone: a sampling run computes
+    them once and carries them as caches `cache.<l>.<branch>.<name>`; names as
+    `tcgraph.names.RUN_CONSTANTS` fixes them). PixArt's cross branch: prepare(text, bias) ->
+    (k, v, bias), the keys and values of the text.
     """
 
     name: str  # the recipe's branch name: "attn", "mlp"
@@ -87,6 +93,14 @@ class BranchSpec:
     gate: int | None
     attention: AttentionSpec | None = None
     context: tuple[int, ...] = ()
+    prepare: str | None = None
+    constants: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.prepare is not None or self.constants) and self.constants != RUN_CONSTANTS.get(self.name):
+            raise TcgraphError(f"branch {self.name}: run constants {list(self.constants)} with prepare={self.prepare!r}; "
+                               f"a branch's constants are named {list(RUN_CONSTANTS.get(self.name, ()))} and need a "
+                               "prepare method")
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,19 @@ class BranchFn(Protocol):
 
     def __call__(self, block: int, branch: str, u: Callable[[], torch.Tensor],
                  fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+class ConstantsFn(Protocol):
+    """What a caller of `run_blocks` decides for a branch with run constants (`BranchSpec.prepare`):
+    the arguments of its function after u. `prepare()` computes them from the conditioning; the
+    first ones are the run constants, which a caller may take from elsewhere (a cache)."""
+
+    def __call__(self, block: int, branch: str,
+                 prepare: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]: ...
+
+
+def _prepared(block: int, branch: str, prepare: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    return prepare()
 
 
 @dataclass(frozen=True)
@@ -168,8 +195,9 @@ class ModelAdapter:
     # ---- eager evaluation -------------------------------------------------------------
 
     def run_blocks(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   branch_fn: BranchFn) -> torch.Tensor:
-        """The model's forward with every branch's pre-gate output decided by `branch_fn`.
+                   branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared) -> torch.Tensor:
+        """The model's forward with every branch's pre-gate output decided by `branch_fn`
+        (and the arguments of a branch with run constants by `constants_fn`).
 
         With `branch_fn = lambda l, b, u, fn: fn(u())` this is the model itself. The op
         order is fixed here once; the reference and calibration share it.
@@ -180,7 +208,8 @@ class ModelAdapter:
             mod = getattr(block, self.modulation)(*cond).chunk(self.chunks, dim=1)
             for spec in self.branches:
                 value = branch_fn(l, spec.name, _input_of(block, spec, mod, h),
-                                  _function_of(block.get_submodule(spec.module), [cond[i] for i in spec.context]))
+                                  _function_of(block.get_submodule(spec.module), spec, [cond[i] for i in spec.context],
+                                               lambda prepare, l=l, name=spec.name: constants_fn(l, name, prepare)))
                 h = h + mod[spec.gate].unsqueeze(1) * value if spec.gate is not None else h + value
         return self.final(model, h, *cond)
 
@@ -198,8 +227,13 @@ def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
     return u
 
 
-def _function_of(module: nn.Module, context: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The branch function u -> module(u, *context)."""
+def _function_of(module: nn.Module, spec: BranchSpec, context: list[torch.Tensor],
+                 constants: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The branch function u -> module(u, *context), or module(u, *prepare(*context)) for a
+    branch with run constants, its arguments asked of `constants` when the branch runs."""
+    if spec.prepare is not None:
+        prepare = getattr(module, spec.prepare)
+        return lambda u: module(u, *constants(lambda: prepare(*context)))
     return (lambda u: module(u, *context)) if context else module
 
 
@@ -228,9 +262,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 
 def run_blocks(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               branch_fn: BranchFn) -> torch.Tensor:
+               branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared) -> torch.Tensor:
     """`adapter_for(model).run_blocks(...)`: one eager forward, branches decided by `branch_fn`."""
-    return adapter_for(model).run_blocks(model, x, t, y, branch_fn)
+    return adapter_for(model).run_blocks(model, x, t, y, branch_fn, constants_fn)
 
 
 # ---- tcgraph's DiT (official facebookresearch/DiT layout) --------------------------------

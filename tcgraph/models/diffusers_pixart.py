@@ -22,6 +22,11 @@ Each block has three branches: `attn` (gated self-attention of the modulated nor
 `cross` (ungated cross-attention to the text, whose input is h itself: PixArt applies no
 norm before it), and `mlp` (gated FeedForward of the modulated norm2 of h).
 
+The cross branch is `TextCrossAttention`, diffusers' attn2 modules with the keys and values
+of the text projected outside its forward (`prepare`), in the block body: they depend on the
+text alone, so a plan carries them as run constants (`cache.<l>.cross.k`/`.v`, see
+`tcgraph.plan.plan`) and a sampling run projects the text once, not at every step.
+
 Parameter names are diffusers' own (`transformer_blocks.3.attn2.to_k.weight`), plus
 `pos_table`, the fixed sin-cos position table that diffusers keeps as a non-persistent
 buffer. The config is a `DiTConfig` with `layout="pixart"` (num_classes 0, caption_channels
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
@@ -67,6 +73,31 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 MASK_BIAS = -10000.0  # what diffusers adds to the attention scores of a dropped text token
 
 
+class TextCrossAttention(nn.Module):
+    """diffusers' cross-attention (a block's attn2, an `Attention` with AttnProcessor2_0), its
+    modules under their diffusers names: `prepare(text, bias)` -> (keys, values, bias), then
+    `forward(u, k, v, bias)`: queries from u [B, N, D], keys/values [B, L, D] of the text, the
+    mask bias [B, 1, L] added to every head's scores, as the processor computes it."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
+        self.heads = int(attn.heads)
+
+    def prepare(self, text: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.to_k(text), self.to_v(text), bias
+
+    def forward(self, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, heads = u.shape[0], self.heads
+        head_dim = k.shape[-1] // heads
+        q = self.to_q(u).view(b, -1, heads, head_dim).transpose(1, 2)  # [B, h, N, d]
+        k = k.view(b, -1, heads, head_dim).transpose(1, 2)  # [B, h, L, d]
+        v = v.view(b, -1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))  # bias [B, 1, 1, L]
+        out = out.transpose(1, 2).reshape(b, -1, heads * head_dim)
+        return self.to_out[1](self.to_out[0](out))  # projection, dropout
+
+
 class DiffusersPixArtBlock(nn.Module):
     """One diffusers `BasicTransformerBlock` (norm_type "ada_norm_single", with cross-attention),
     holding its modules under their diffusers names, with a traceable forward."""
@@ -75,7 +106,7 @@ class DiffusersPixArtBlock(nn.Module):
         super().__init__()
         self.norm1 = block.norm1  # LayerNorm (eps norm_eps, no weights) before the self-attention
         self.attn1 = block.attn1
-        self.attn2 = block.attn2  # cross-attention: queries h itself, keys/values the projected text
+        self.attn2 = TextCrossAttention(block.attn2)  # queries h itself, keys/values the projected text
         self.norm2 = block.norm2  # LayerNorm before the MLP (PixArt has no norm before attn2)
         self.ff = block.ff
         self.scale_shift_table = block.scale_shift_table  # (6, D), added to adaLN-single's shared t6
@@ -91,7 +122,8 @@ class DiffusersPixArtBlock(nn.Module):
                 bias: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(t6, emb_t, text, bias).chunk(6, dim=1)
         h = h + gate1.unsqueeze(1) * self.attn1(modulate(self.norm1(h), shift1, scale1))
-        h = h + self.attn2(h, text, bias)  # Attention.forward(hidden_states, encoder_hidden_states, attention_mask)
+        k, v, bias = self.attn2.prepare(text, bias)  # run constants: the text's keys and values
+        h = h + self.attn2(h, k, v, bias)
         return h + gate2.unsqueeze(1) * self.ff(modulate(self.norm2(h), shift2, scale2))
 
 
@@ -213,6 +245,7 @@ def _check_model(model: nn.Module, cfg: DiTConfig) -> None:
                  "diffusers' default AttnProcessor2_0 / AttnProcessor)",
                  not isinstance(getattr(attn, "processor", None), (AttnProcessor2_0, AttnProcessor))),
                 ("fused projections", getattr(attn, "fused_projections", False)),
+                ("unscaled scores (scale_qk false)", not getattr(attn, "scale_qk", True)),
             ) if bad]
         if bool(getattr(block.attn1, "is_cross_attention", False)):
             odd.append("attn1 as a cross-attention")
@@ -243,7 +276,8 @@ PIXART = register_adapter(ModelAdapter(
     branches=(
         BranchSpec("attn", "attn1", Attention, "norm1", 0, 1, 2,
                    AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
-        BranchSpec("cross", "attn2", Attention, None, None, None, None, context=(2, 3)),  # attn2(h, text, bias)
+        BranchSpec("cross", "attn2", TextCrossAttention, None, None, None, None, context=(2, 3),
+                   prepare="prepare", constants=("k", "v")),  # attn2(h, *attn2.prepare(text, bias))
         BranchSpec("mlp", "ff", FeedForward, "norm2", 3, 4, 5),
     ),
     embed=_embed,  # y is the tuple (encoder_hidden_states, encoder_attention_mask)

@@ -19,6 +19,10 @@ in the score are broken as torch.topk breaks them (the graph's TopK may differ t
 A forecast(n) branch is Σ_j w_j · H_j over its history `cache.<l>.<branch>` (H_0),
 `cache.<l>.<branch>.h<j>`, with the weights read from `caches["forecast.w"]` (the recipe's
 forecast branches in block order, n each); it computes nothing and returns nothing fresh.
+
+Run constants (a cross branch's keys and values of the text): a recipe that reads them
+(`Recipe.constant_reads`) takes them from `caches["cache.<l>.cross.k"]` and `….v`; one that
+writes them (a plan's first step) returns what it computed in `fresh` under those names.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch.nn as nn
 
 from tcgraph.models.adapter import run_blocks
 from tcgraph.plan.plan import Recipe
-from tcgraph.names import FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
+from tcgraph.names import FORECAST_WEIGHTS, RUN_CONSTANTS, cache_name, constant_name, history_name, input_cache_name
 
 
 @torch.no_grad()
@@ -80,7 +84,18 @@ def reference_step(
             fresh[key] = value
         return fresh[key]
 
-    out = run_blocks(model, x, t, y, branch)
+    reads = set(recipe.constant_reads())
+
+    def constants(block: int, name: str, prepare: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        whats = RUN_CONSTANTS[name]
+        args = prepare()
+        if (block, name) in reads:
+            return tuple(caches[constant_name(block, name, what)] for what in whats) + tuple(args[len(whats):])
+        if recipe.constants == "write":
+            fresh.update((constant_name(block, name, what), value) for what, value in zip(whats, args))
+        return args
+
+    out = run_blocks(model, x, t, y, branch, constants)
     return out, fresh
 
 

@@ -2,8 +2,10 @@
 
 A `RewriteSpec` is a recipe (one action per block and branch) plus what the plan needs the
 variant to hand on to later steps: `writes`, the caches it outputs (`cache.<l>.<branch>`),
-and `input_writes`, the branch-input caches it outputs (`cache.<l>.<branch>.in`, for
-branches that some step is dynamic on). compile builds it from the plan
+`input_writes`, the branch-input caches it outputs (`cache.<l>.<branch>.in`, for
+branches that some step is dynamic on), and `constant_writes`, the branches whose run
+constants it outputs (`cache.<l>.cross.k`/`.v`: the first step of a plan that carries them;
+which run constants a step reads, its recipe says). compile builds it from the plan
 (`RewriteSpec.of(plan, recipe)`); a pass never sees the plan itself, so a pass can be run
 and tested on one variant alone. The checks that need no graph are made here, once.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import CacheKey, branch_key, cache_name, input_cache_name
+from tcgraph.names import RUN_CONSTANTS, CacheKey, branch_key, cache_name, input_cache_name
 from tcgraph.plan.plan import Plan, Recipe
 
 
@@ -28,10 +30,12 @@ class RewriteSpec:
     recipe: Recipe
     writes: tuple[CacheKey, ...] = ()
     input_writes: tuple[CacheKey, ...] = ()
+    constant_writes: tuple[CacheKey, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "writes", tuple(block_order(set(map(tuple, self.writes)))))
         object.__setattr__(self, "input_writes", tuple(block_order(set(map(tuple, self.input_writes)))))
+        object.__setattr__(self, "constant_writes", tuple(block_order(set(map(tuple, self.constant_writes)))))
         recipe = self.recipe
         for block, branch, action in recipe.items():
             if action.kind == "dynamic" and action.size < 1:
@@ -49,6 +53,14 @@ class RewriteSpec:
                 raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe has {recipe.depth} blocks")
             if not recipe.action(block, branch).computes:
                 raise TcgraphError(f"cannot write {cache_name(block, branch)}: the recipe does not compute it")
+        for block, branch in self.constant_writes:
+            if not (0 <= block < recipe.depth and branch in recipe.branches and branch in RUN_CONSTANTS):
+                raise TcgraphError(f"cannot write run constants of block {block} {branch}: the recipe has "
+                                   f"{recipe.depth} blocks with branches {list(recipe.branches)}, and only "
+                                   f"{list(RUN_CONSTANTS)} branches have run constants")
+            if recipe.constants != "write" or recipe.action(block, branch).kind != "compute":
+                raise TcgraphError(f"cannot write the run constants of block {block} {branch}: only a plan's "
+                                   "first step, computing the branch, writes them")
         alone = [k for k in self.input_writes if k not in self.writes]
         if alone:
             raise TcgraphError(
@@ -59,4 +71,5 @@ class RewriteSpec:
     @classmethod
     def of(cls, plan: Plan, recipe: Recipe) -> "RewriteSpec":
         """The spec of `recipe` as a step of `plan`: it writes what later steps of the plan read."""
-        return cls(recipe, tuple(plan.writes(recipe)), tuple(plan.input_writes(recipe)))
+        return cls(recipe, tuple(plan.writes(recipe)), tuple(plan.input_writes(recipe)),
+                   tuple(plan.constant_writes(recipe)))

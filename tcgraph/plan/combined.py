@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -84,13 +84,15 @@ def token_floor(num_tokens: int, min_keep: float) -> int:
     return max(1, math.ceil(min_keep * num_tokens)) if min_keep > 0 else 0
 
 
-def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int]) -> tuple[Recipe, ...]:
-    """`base` with every computed branch (whatever its name) of block l at a non-full step made
-    partial(top keep[l])."""
+def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int],
+                  steps: Collection[int] | None = None) -> tuple[Recipe, ...]:
+    """`base` with every computed branch (whatever its name) of block l at a cache step made
+    partial(top keep[l]). `steps`: the skeleton's cache steps (where L2C may reuse; a cache step
+    at which L2C computes every branch is pruned too); None takes the steps whose recipe is not full."""
     n = scores.shape[-1]
     groups: dict[Recipe, list[int]] = {}
     for s, r in enumerate(base):
-        if not r.is_full:
+        if (s in steps) if steps is not None else not r.is_full:
             groups.setdefault(r, []).append(s)
     out = list(base)
     for recipe, steps in groups.items():
@@ -127,13 +129,14 @@ def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int,
 
 
 def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tensor, sensitivity: Sequence[float],
-                    floor: int, target: float, *, text_length: int = 0) -> tuple[list[int], tuple[Recipe, ...]] | None:
-    """(keep counts, recipes): `base` pruned by greedy block selection until `target` is met, or
-    None where pruning every block to `floor` cannot get there. Pure."""
+                    floor: int, target: float, *, text_length: int = 0,
+                    steps: Collection[int] | None = None) -> tuple[list[int], tuple[Recipe, ...]] | None:
+    """(keep counts, recipes): `base` pruned at its cache `steps` (`prune_recipes`) by greedy block
+    selection until `target` is met, or None where pruning every block to `floor` cannot get there. Pure."""
     n = cfg.num_tokens
     keep = select_blocks(sensitivity, n, floor,
-                         lambda k: speedup_of(cfg, prune_recipes(base, scores, k), text_length), target)
-    return None if keep is None else (keep, prune_recipes(base, scores, keep))
+                         lambda k: speedup_of(cfg, prune_recipes(base, scores, k, steps), text_length), target)
+    return None if keep is None else (keep, prune_recipes(base, scores, keep, steps))
 
 
 def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: SamplerSettings, *,
@@ -162,7 +165,7 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
         base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj, finish=False,
                         calibration_text=calibration_text)
         pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup,
-                                 text_length=length)
+                                 text_length=length, steps=set(cache_steps(S, base.params["interval"])))
         if pruned is None:
             table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
             continue

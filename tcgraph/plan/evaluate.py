@@ -17,6 +17,7 @@ the model's work. A forecast branch is `mixed_step`'s reuse of a value computed 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -26,16 +27,20 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
-from tcgraph.plan.plan import COMPUTE, Plan, Recipe
+from tcgraph.plan.plan import COMPUTE, Plan, Recipe, constant_roles
 from tcgraph.sampling import sampler_for
 from tcgraph.sampling.conditioning import Text, take
 
 
 def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe], text_length: int = 0) -> float:
     """FLOP-predicted speedup of `recipes` (one per step) over computing everything (`text_length`:
-    the plan's, for a text-conditioned model)."""
-    full = recipe_flops(cfg, Recipe.uniform(recipes[0].depth, COMPUTE, recipes[0].branches), 1, text_length)
-    return full * len(recipes) / sum(recipe_flops(cfg, r, 1, text_length) for r in recipes)
+    the plan's, for a text-conditioned model), with the run constants as a `Plan` of them carries
+    them: `plan_flops(...)["predicted_speedup"]` of that plan."""
+    roles = constant_roles(recipes[0].branches, len(recipes))
+    full = Recipe.uniform(recipes[0].depth, COMPUTE, recipes[0].branches)
+    baseline = sum(recipe_flops(cfg, replace(full, constants=role), 1, text_length) for role in roles)
+    return baseline / sum(recipe_flops(cfg, replace(r, constants=role), 1, text_length)
+                          for r, role in zip(recipes, roles))
 
 
 def token_mask(indices: Sequence[int], n: int) -> torch.Tensor:

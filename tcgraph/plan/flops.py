@@ -10,7 +10,9 @@ per branch per sample (the subtraction, TopK, gathers and scatters are not count
 
 A `cross` branch (cross-attention to L text tokens, PixArt) counts q and the output
 projection for its k query rows, keys and values of the L text tokens, and k × L scores; L
-is the plan's `text_length`.
+is the plan's `text_length`. Keys and values of the text are run constants (tcgraph.plan.plan):
+where the plan carries them, only its first step projects them (and the caption), and a
+later step's cross branch counts q, the output projection and the scores alone.
 
 A `forecast(n)` branch runs no matrix product: it counts 0, like `reuse`. Its weighted sum
 of n history tensors (n multiply-adds per element) is element-wise work like the gates and
@@ -19,12 +21,15 @@ report for forecast plans.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tcgraph.models.dit import DiTConfig
 from tcgraph.plan.plan import Action, Plan, Recipe
 
 
-def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int = 0) -> int:
-    """FLOPs of one branch for one sample (`text_length`: the text tokens a cross branch attends to)."""
+def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int = 0, constants_read: bool = False) -> int:
+    """FLOPs of one branch for one sample (`text_length`: the text tokens a cross branch attends to;
+    `constants_read`: its keys and values of the text are read, not projected)."""
     n, d, m = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
     if action.kind in ("reuse", "forecast"):
         return 0
@@ -32,7 +37,8 @@ def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int =
     score = 2 * n * d if action.kind == "dynamic" else 0
     if branch == "cross":
         # q and the output projection for the k query rows; k and v for the text; k x L scores and mix.
-        return 2 * k * d * d * 2 + 2 * text_length * d * 2 * d + 2 * 2 * k * text_length * d + score
+        kv = 0 if constants_read else 2 * text_length * d * 2 * d
+        return 2 * k * d * d * 2 + kv + 2 * 2 * k * text_length * d + score
     if branch == "attn":
         # q for the k kept tokens; k and v for every token (queries attend to all keys).
         qkv = 2 * k * d * d + 2 * n * d * 2 * d if k < n else 2 * n * d * 3 * d
@@ -42,15 +48,15 @@ def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int =
     return 2 * 2 * k * d * m + score
 
 
-def fixed_flops(cfg: DiTConfig, text_length: int = 0) -> int:
+def fixed_flops(cfg: DiTConfig, text_length: int = 0, constants_read: bool = False) -> int:
     """FLOPs every step spends whatever the recipe: embeddings, adaLN, final layer (and a text
-    model's caption projection of its `text_length` tokens)."""
+    model's caption projection of its `text_length` tokens, unless the step reads the run constants)."""
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     patch = 2 * n * p * p * cfg.in_channels * d
     t_embed = 2 * 256 * d + 2 * d * d
     if cfg.layout == "pixart":  # one adaLN-single linear shared by the blocks; a table-only final modulation
         adaln = 2 * d * 6 * d
-        caption = 2 * text_length * (cfg.caption_channels * d + d * d)
+        caption = 0 if constants_read else 2 * text_length * (cfg.caption_channels * d + d * d)
     else:
         adaln = cfg.depth * 2 * d * 6 * d + 2 * d * 2 * d
         caption = 0
@@ -60,23 +66,33 @@ def fixed_flops(cfg: DiTConfig, text_length: int = 0) -> int:
 
 def recipe_flops(cfg: DiTConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:
     """FLOPs of one step of `recipe` for a model batch of `batch` rows."""
-    per_sample = fixed_flops(cfg, text_length) + sum(branch_flops(cfg, br, a, text_length)
-                                                      for _, br, a in recipe.items())
+    read = recipe.constants == "read"
+    per_sample = fixed_flops(cfg, text_length, read) + sum(branch_flops(cfg, br, a, text_length, read)
+                                                            for _, br, a in recipe.items())
     return per_sample * batch
 
 
 def plan_flops(cfg: DiTConfig, plan: Plan) -> dict:
-    """Per-variant and whole-run FLOPs, and the predicted speedup over computing everything."""
+    """Per-variant and whole-run FLOPs, and the predicted speedup over computing everything.
+
+    `full_total` is the `full` plan's run with the same run constants (carried or not), the baseline
+    the benchmarks time against; `recomputed_total` computes every step whole, text keys and values
+    included (what the model's own forward does), and `constants_speedup` is their ratio."""
     batch, length = plan.settings.model_batch, plan.settings.text_length
-    full = recipe_flops(cfg, Recipe.uniform(plan.depth, Action("compute"), plan.branches), batch, length)
+    full_recipe = Recipe.uniform(plan.depth, Action("compute"), plan.branches)
+    full = recipe_flops(cfg, full_recipe, batch, length)
     per_variant = {f"v{i}": recipe_flops(cfg, r, batch, length) for i, r in enumerate(plan.variants())}
     total = sum(per_variant[v] for v in plan.schedule())
-    full_total = full * plan.settings.num_steps
+    full_total = sum(recipe_flops(cfg, replace(full_recipe, constants=r.constants), batch, length)
+                     for r in plan.recipes)
+    recomputed_total = full * plan.settings.num_steps
     return {
         "full_step": full,
         "per_variant": per_variant,
         "fraction": {v: f / full for v, f in per_variant.items()},
         "total": total,
         "full_total": full_total,
+        "recomputed_total": recomputed_total,
+        "constants_speedup": recomputed_total / full_total,
         "predicted_speedup": full_total / total,
     }

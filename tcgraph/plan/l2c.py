@@ -59,7 +59,7 @@ from tcgraph.plan.learning import (
 )
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
                                   max_cache_mb_option, max_variants_option, option, tuning)
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, constant_roles
 from tcgraph.plan.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
@@ -257,14 +257,15 @@ def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
 def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, target: float,
                        max_variants: int | None = None, *, text_length: int = 0) -> tuple[Recipe, ...]:
     """Reuse the least important (group, block, branch) first until the predicted speedup reaches `target`
-    (FLOPs of the model's branches, a cross branch's at `text_length` text tokens)."""
+    (FLOPs of the model's branches, a cross branch's at `text_length` text tokens, its keys and values
+    of the text projected at step 0 only, as the plan carries them)."""
     S, depth = probs.shape[0], probs.shape[1]
     branches = _branches_of(probs, cfg.branches)
     groups = group_steps(probs, cache_steps(S, interval), None if max_variants is None else max_variants - 1)
-    per_branch = [branch_flops(cfg, br, COMPUTE, text_length) for br in branches]
-    full_step = fixed_flops(cfg, text_length) + depth * sum(per_branch)
-    budget = full_step * S / target  # total FLOPs allowed
-    total = full_step * S
+    reads = [role == "read" for role in constant_roles(branches, S)]
+    per_branch = {read: [branch_flops(cfg, br, COMPUTE, text_length, read) for br in branches] for read in (False, True)}
+    total = sum(fixed_flops(cfg, text_length, read) + depth * sum(per_branch[read]) for read in reads)
+    budget = total / target  # total FLOPs allowed
     items = []
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
@@ -274,7 +275,7 @@ def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, targe
         if total <= budget * (1 + 1e-12):
             break
         computes[gi].discard((l, j))
-        total -= per_branch[j] * len(groups[gi])
+        total -= sum(per_branch[reads[s]][j] for s in groups[gi])
     if total > budget * (1 + 1e-12):
         raise TcgraphError(f"interval {interval} cannot reach a predicted {target}x even reusing every branch "
                            f"(at most {max_speedup(cfg, S, interval, text_length):.2f}x); use a longer interval")

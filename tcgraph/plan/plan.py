@@ -33,22 +33,33 @@ need no extra variants. A forecast step computes nothing and writes no history. 
 run a branch may have fewer computed outputs than its forecast reads: the weights of the
 entries that do not exist yet are 0 (the dispatcher feeds the oldest entry there), so one
 recipe serves the first rounds too.
+
+Run constants (DESIGN.md: conditioning that does not change within a run is computed once).
+A branch named in `tcgraph.names.RUN_CONSTANTS` (`cross`: the keys and values of the text)
+reads tensors that depend on the conditioning alone. With `carry_constants` (the default),
+a plan's first step computes them and outputs them as caches `cache.<l>.cross.k`/`.v`, and
+every later step that runs the branch reads them instead of projecting the text again.
+`Recipe.constants` says which role a step plays ("write" at step 0, "read" after, "" for a
+model without such branches or a plan that does not carry them); the plan sets it, so the
+first step is a variant of its own even when a later step has the same actions (a `fora`
+plan's full steps after the first read the constants: they are another graph).
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, OUT, CacheKey, branch_key,
-                           cache_name, history_name, input_cache_name)
+from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, OUT, RUN_CONSTANTS, CacheKey, branch_key,
+                           cache_name, constant_name, history_name, input_cache_name)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
 from tcgraph.sampling.settings import SamplerSettings
 
 PLAN_SCHEMA_VERSION = 1
+CONSTANT_ROLES = ("", "write", "read")  # Recipe.constants
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,13 @@ class Recipe:
 
     actions: tuple[tuple[Action, ...], ...]
     branches: tuple[str, ...] = BRANCHES  # the model's branches, in BRANCH_ORDER
+    # run constants (module docstring): "" none, "write" (a run's first step), "read" (the later
+    # steps); set by the Plan, not stored in plan JSON
+    constants: str = ""
 
     def __post_init__(self) -> None:
+        if self.constants not in CONSTANT_ROLES:
+            raise TcgraphError(f"recipe constants role {self.constants!r}; expected one of {list(CONSTANT_ROLES)}")
         if tuple(b for b in BRANCH_ORDER if b in self.branches) != tuple(self.branches) or not self.branches:
             raise TcgraphError(f"recipe branches {list(self.branches)} must be distinct names of {list(BRANCH_ORDER)}, "
                                "in that order")
@@ -91,6 +107,12 @@ class Recipe:
         """Branches whose input cache `cache.<l>.<branch>.in` this recipe reads: the dynamic ones."""
         return [(b, br) for b, br, a in self.items() if a.kind == "dynamic"]
 
+    def constant_reads(self) -> list[CacheKey]:
+        """Branches whose run constants this recipe reads: those it runs, when it is a later step."""
+        if self.constants != "read":
+            return []
+        return [(b, br) for b, br, a in self.items() if br in RUN_CONSTANTS and a.computes]
+
     def forecasts(self) -> list[tuple[CacheKey, int]]:
         """((block, branch), points) of the forecast branches, in block order: the layout of `forecast.w`."""
         return [((b, br), a.points) for b, br, a in self.items() if a.kind == "forecast"]
@@ -100,8 +122,10 @@ class Recipe:
         return all(a.kind == "compute" for _, _, a in self.items())
 
     def short(self) -> str:
-        """One line: per block one letter per branch, e.g. `CC CR RR`."""
-        return " ".join("".join(a.short() for a in acts) for acts in self.actions)
+        """One line: per block one letter per branch, e.g. `CC CR RR`; a recipe that writes or reads
+        run constants ends in ` +K/V` or ` K/V`."""
+        mark = {"write": " +K/V", "read": " K/V" if self.constant_reads() else ""}.get(self.constants, "")
+        return " ".join("".join(a.short() for a in acts) for acts in self.actions) + mark
 
     def to_json(self) -> list:
         return [[a.to_json() for a in acts] for acts in self.actions]
@@ -120,6 +144,7 @@ class Plan:
     params: dict = field(default_factory=dict, compare=False)  # planner inputs, for the record
     # forecast weights: step -> {(block, branch): (w_1, ..., w_n)}, newest history entry first
     weights: dict = field(default_factory=dict, hash=False)
+    carry_constants: bool = True  # run constants computed at step 0 and read after (module docstring)
 
     def __post_init__(self) -> None:
         if len(self.recipes) != self.settings.num_steps:
@@ -142,7 +167,13 @@ class Plan:
             raise TcgraphError(f"recipes disagree on the number of blocks: {sorted(depths)}")
         if len({r.branches for r in self.recipes}) != 1:
             raise TcgraphError(f"recipes disagree on the branches: {sorted({r.branches for r in self.recipes})}")
+        roles = self._constant_roles()
+        object.__setattr__(self, "recipes", tuple(r if r.constants == role else replace(r, constants=role)
+                                                  for r, role in zip(self.recipes, roles)))
         self.validate()
+
+    def _constant_roles(self) -> list[str]:
+        return constant_roles(self.recipes[0].branches, len(self.recipes), self.carry_constants)
 
     @property
     def depth(self) -> int:
@@ -277,9 +308,24 @@ class Plan:
                 for n in [history_name(b, br, j) for j in range(self.history((b, br)))]
                 + ([input_cache_name(b, br)] if (b, br) in dyn else [])]
 
+    def constant_keys(self) -> list[CacheKey]:
+        """Every (block, branch) whose run constants some step reads, in block order."""
+        keys = {k for r in self.recipes for k in r.constant_reads()}
+        return sorted(keys, key=branch_key)
+
+    def constant_writes(self, recipe: Recipe) -> list[CacheKey]:
+        """Branches whose run constants `recipe` outputs: every one a later step reads, if it is the first step."""
+        return self.constant_keys() if recipe.constants == "write" else []
+
+    def constant_names(self) -> list[str]:
+        """The run constants the plan carries (`cache.<l>.cross.k`, …), each one [B, L, D] tensor."""
+        return [constant_name(b, br, what) for b, br in self.constant_keys() for what in RUN_CONSTANTS[br]]
+
     def cache_bytes(self, hidden_size: int, itemsize: int = 4) -> int:
-        """Memory of every cache tensor the plan carries, for its model batch (float32 by default)."""
-        return len(self.cache_names()) * self.settings.model_batch * self.num_tokens * hidden_size * itemsize
+        """Memory of every cache tensor the plan carries, for its model batch (float32 by default):
+        the [B, N, D] branch caches and the [B, L, D] run constants."""
+        rows = len(self.cache_names()) * self.num_tokens + len(self.constant_names()) * self.settings.text_length
+        return rows * self.settings.model_batch * hidden_size * itemsize
 
     def variants(self) -> list[Recipe]:
         """Distinct recipes in order of first use; variant id `v<i>` is the i-th."""
@@ -294,17 +340,20 @@ class Plan:
 
     def variant_io(self, recipe: Recipe) -> tuple[list[str], list[str]]:
         """(input names, output names) of the variant graph for `recipe`: each cache name is
-        followed by its input cache `….in` where the recipe reads (dynamic) or writes it."""
+        followed by its input cache `….in` where the recipe reads (dynamic) or writes it; the run
+        constants it reads or writes come after the branch caches, in block order."""
         in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
         points = dict(recipe.forecasts())
         inputs = list(self.settings.model_inputs) + [n for b, br in recipe.reads()
                                     for n in [history_name(b, br, j) for j in range(points.get((b, br), 1))]
                                     + ([input_cache_name(b, br)] if (b, br) in in_reads else [])]
+        inputs += [constant_name(b, br, what) for b, br in recipe.constant_reads() for what in RUN_CONSTANTS[br]]
         if points:
             inputs.append(FORECAST_WEIGHTS)
         outputs = [OUT] + [n for b, br in self.writes(recipe)
                              for n in (cache_name(b, br),) + ((input_cache_name(b, br),)
                                                              if (b, br) in in_writes else ())]
+        outputs += [constant_name(b, br, what) for b, br in self.constant_writes(recipe) for what in RUN_CONSTANTS[br]]
         return inputs, outputs
 
     # ---- JSON ---------------------------------------------------------------------
@@ -318,6 +367,7 @@ class Plan:
             "settings": self.settings.to_dict(),
             "depth": self.depth,
             **({"branches": list(self.branches)} if self.branches != BRANCHES else {}),
+            **({"carry_constants": False} if not self.carry_constants else {}),
             "num_tokens": self.num_tokens,
             "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
             "schedule": self.schedule(),
@@ -351,6 +401,7 @@ class Plan:
                 num_tokens=int(d["num_tokens"]),
                 params=dict(d.get("params", {})),
                 weights=_read_weights(d.get("forecast_weights", {})),
+                carry_constants=_read_flag(d.get("carry_constants", True), "carry_constants"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None
@@ -361,6 +412,20 @@ class Plan:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise TcgraphError(f"plan is not valid JSON: {e}") from None
+
+
+def constant_roles(branches: tuple[str, ...], steps: int, carry: bool = True) -> list[str]:
+    """Each step's `Recipe.constants` in a plan of `steps` steps: step 0 writes, the others read,
+    where the blocks have a branch with run constants and the plan carries them; else ""."""
+    if carry and steps > 1 and any(b in RUN_CONSTANTS for b in branches):
+        return ["write"] + ["read"] * (steps - 1)
+    return [""] * steps
+
+
+def _read_flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TcgraphError(f"malformed plan: {what} must be true or false, got {value!r}")
+    return value
 
 
 def _key_name(key: CacheKey) -> str:

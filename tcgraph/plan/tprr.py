@@ -84,7 +84,7 @@ from tcgraph.models.dit import DiTConfig
 from tcgraph.names import BRANCHES
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, partial
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, constant_roles, partial
 
 TPRR = tuple[int, int, int]  # (b, K1, K2)
 
@@ -213,34 +213,37 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
 #################################################################################
 
 
-def _block_flops(cfg: DiTConfig, k: int, text_length: int = 0) -> int:
+def _block_flops(cfg: DiTConfig, k: int, text_length: int = 0, constants_read: bool = False) -> int:
     """FLOPs of one block with every branch kept at k tokens (N: computed, 0: reused)."""
     n = cfg.num_tokens
     a = COMPUTE if k >= n else (REUSE if k == 0 else Action("partial", tuple(range(k))))
-    return sum(branch_flops(cfg, br, a, text_length) for br in cfg.branches)
+    return sum(branch_flops(cfg, br, a, text_length, constants_read) for br in cfg.branches)
 
 
 def layout_speedup(cfg: DiTConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int],
                    text_length: int = 0) -> float:
-    """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built)."""
+    """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built), the
+    run constants carried as a plan carries them (step 0 projects the text, a full step)."""
     n = cfg.num_tokens
-    memo: dict[int, int] = {}
+    memo: dict[tuple[int, bool], int] = {}
 
-    def bf(k):
-        if k not in memo:
-            memo[k] = _block_flops(cfg, k, text_length)
-        return memo[k]
+    def bf(k, read):
+        if (k, read) not in memo:
+            memo[(k, read)] = _block_flops(cfg, k, text_length, read)
+        return memo[(k, read)]
 
-    fixed = fixed_flops(cfg, text_length)
-    full = fixed + cfg.depth * bf(n)
-    per_rot: dict[int, int] = {}
-    total = full * (num_steps - len(slots))
+    reads = [role == "read" for role in constant_roles(cfg.branches, num_steps)]
+    full = {read: fixed_flops(cfg, text_length, read) + cfg.depth * bf(n, read) for read in (False, True)}
+    per_rot: dict[tuple[int, bool], int] = {}
+    cached = {sl.step for sl in slots}
+    total = sum(full[reads[s]] for s in range(num_steps) if s not in cached)
     for sl in slots:
-        if sl.rotate not in per_rot:
+        key = (sl.rotate, reads[sl.step])
+        if key not in per_rot:
             ks = [k if k >= n or not sl.rotate else rotation(n, k, sl.rotate)[0] for k in keep]
-            per_rot[sl.rotate] = fixed + sum(bf(k) for k in ks)
-        total += per_rot[sl.rotate]
-    return full * num_steps / total
+            per_rot[key] = fixed_flops(cfg, text_length, key[1]) + sum(bf(k, key[1]) for k in ks)
+        total += per_rot[key]
+    return sum(full[read] for read in reads) / total
 
 
 def select_blocks(sensitivity: Sequence[float], num_tokens: int, floor: int,

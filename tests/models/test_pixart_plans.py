@@ -194,3 +194,42 @@ def test_cli_transforms_a_pixart_folder_and_samples_from_an_embeddings_file(tmp_
                  "--png", str(tmp_path / "t.png")]) != 0
     assert "lacks prompt_attention_mask" in capsys.readouterr().err
     assert not (tmp_path / "t.png").exists()
+
+
+def test_carried_text_keys_and_values_give_the_recomputed_samples(tmp_path):
+    """A plan that carries the text's keys and values (its first step projects them, later steps read
+    them) samples what the same plan recomputing them at every step samples; the first step's outputs
+    are the projections of the text, and the later steps' graphs hold no text projection at all."""
+    torch.set_num_threads(1)
+    model = tiny_pixart(seed=4)
+    s = settings(4)
+    a = Recipe(((REUSE, partial([1, 5, 9]), REUSE), (COMPUTE, REUSE, REUSE), (REUSE, dynamic(3), COMPUTE)), BRANCHES)
+    full = Recipe.uniform(3, COMPUTE, BRANCHES)
+    carried = Plan("kv", s, (full, a, full, a), model.config.num_tokens)
+    recomputed = Plan("kv", s, (full, a, full, a), model.config.num_tokens, carry_constants=False)
+    assert len(carried.variants()) == 3 and len(recomputed.variants()) == 2
+    prompts = text(2)
+    samples = {}
+    for name, plan in (("carried", carried), ("recomputed", recomputed)):
+        path = api.transform(model, plan, tmp_path / name, progress=False)
+        samples[name], _ = api.sample(path, text=prompts, per_class=1, seed=1, progress=False)
+    assert torch.allclose(samples["carried"], samples["recomputed"], rtol=1e-5, atol=1e-5), \
+        (samples["carried"] - samples["recomputed"]).abs().max().item()
+
+    variants = {v.id: v for v in build_variants(model, carried)}
+    first = variants["v0"]
+    feeds = first.example_inputs
+    outs = dict(zip(first.output_names, first.gm(*[feeds[n] for n in first.input_names])))
+    with torch.no_grad():
+        projected = model.caption_projection(feeds["encoder_hidden_states"])
+        for l, block in enumerate(model.transformer_blocks):
+            assert torch.allclose(outs[f"cache.{l}.cross.k"], block.attn2.to_k(projected), atol=1e-6)
+            assert torch.allclose(outs[f"cache.{l}.cross.v"], block.attn2.to_v(projected), atol=1e-6)
+    art = load_artifact(tmp_path / "carried")
+    for vid in ("v0", "v1", "v2"):  # the weights each ONNX graph reads from the shared file
+        used = " ".join(art.variant(vid).external_initializers)
+        assert ("caption_projection" in used and "attn2.to_k" in used and "attn2.to_v" in used) == (vid == "v0"), vid
+        assert "attn2.to_q" in used  # the cross branches still run
+    assert [n for n in art.variant("v2").input_names if n.endswith((".k", ".v"))] == \
+        [f"cache.{l}.cross.{w}" for l in range(3) for w in ("k", "v")]
+    assert art.variant("v2").input("cache.0.cross.k").shape == (4, LENGTH, 32)  # [B with guidance, L, D]

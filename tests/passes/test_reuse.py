@@ -8,7 +8,7 @@ import torch
 from tcgraph.compile import PIPELINE, build_variants, check_variant, example_inputs, rewrite, rewrite_variant
 from tcgraph.errors import TcgraphError
 from tcgraph.passes import (RewriteSpec, cache_io, capture, expand_blocks, forecast, io_names, reference_step, reuse,
-                            token_prune)
+                            run_constants, token_prune)
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, partial
 from tcgraph.sampling import SamplerSettings
 
@@ -123,7 +123,7 @@ def test_passes_are_independent_steps(tiny_model):
         check_variant(tiny_model, gm, recipe, feeds)
     gm = token_prune(gm, spec)
     assert check_variant(tiny_model, gm, recipe, feeds) <= 1e-4
-    assert PIPELINE[:4] == (cache_io, reuse, forecast, token_prune)
+    assert PIPELINE[:5] == (cache_io, run_constants, reuse, forecast, token_prune)
     full = rewrite(tiny_model, spec)
     assert full.code == gm.code  # token_dynamic has nothing to do here
 

@@ -5,6 +5,8 @@ planners calibrate on the given prompts and refuse without them, and the picture
 columns per block."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -101,12 +103,17 @@ def test_fora_speedup_counts_the_cross_attention_by_hand():
              + 2 * t * (24 * d + d * d)  # caption projection of the text tokens
              + 2 * n * d * p * p * c)  # final layer
     full = fixed + 3 * (attn + cross + mlp)
-    want = 8 * full / (4 * full + 4 * fixed)  # fora:2 over 8 steps: 4 full steps, 4 that reuse every branch
-    flops = plan_flops(PIXART, make_plan("fora:2", PIXART, SETTINGS))
+    recomputed = 8 * full / (4 * full + 4 * fixed)  # fora:2 over 8 steps: 4 full steps, 4 that reuse every branch
+    plan = make_plan("fora:2", PIXART, SETTINGS)
+    flops = plan_flops(PIXART, dataclasses.replace(plan, carry_constants=False))
     assert flops["full_step"] == full * SETTINGS.model_batch
-    assert flops["predicted_speedup"] == pytest.approx(want, rel=1e-12)
+    assert flops["predicted_speedup"] == pytest.approx(recomputed, rel=1e-12)
     without_cross = fixed + 3 * (attn + mlp)
-    assert abs(want - 8 * without_cross / (4 * without_cross + 4 * fixed)) > 0.01  # the cross FLOPs matter
+    assert abs(recomputed - 8 * without_cross / (4 * without_cross + 4 * fixed)) > 0.01  # the cross FLOPs matter
+    # carried (the default): only step 0 projects the text (caption, keys and values); `full` likewise
+    saved = 2 * t * (24 * d + d * d) + 3 * 2 * t * d * 2 * d
+    carried = (full + 7 * (full - saved)) / (full + 3 * (full - saved) + 4 * (fixed - saved + 3 * 2 * t * d * 2 * d))
+    assert plan_flops(PIXART, plan)["predicted_speedup"] == pytest.approx(carried, rel=1e-12)
 
 
 @pytest.mark.parametrize("spec", LEARNED)
