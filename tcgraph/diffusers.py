@@ -68,8 +68,9 @@ class ArtifactTransformer(nn.Module):
         return torch.device("cpu")  # where the pipeline's latents live; the runner moves them to its device
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None, timestep=None, class_labels=None,
-                encoder_attention_mask=None, return_dict: bool = True, **unused):
+                encoder_attention_mask=None, added_cond_kwargs=None, return_dict: bool = True, **unused):
         step = self._step_of(timestep)
+        self._check_micro_conditions(added_cond_kwargs)
         if self.model_config.text_conditioned:
             x, t, y = self._text_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
         else:
@@ -97,6 +98,23 @@ class ArtifactTransformer(nn.Module):
             f"{expected:g}): the artifact was made for {s.num_steps} steps of {which}, timesteps "
             f"{_short(self.timesteps)}; call the pipeline with num_inference_steps={s.num_steps} and the scheduler "
             "the artifact was made with, or transform the pipeline again for these settings")
+
+    def _check_micro_conditions(self, added_cond_kwargs) -> None:
+        """PixArt-alpha 1024's resolution and aspect ratio are graph constants: the pipeline must pass those."""
+        size = self.model_config.micro_size
+        if not size:
+            return
+        given = added_cond_kwargs or {}
+        resolution, ratio = given.get("resolution"), given.get("aspect_ratio")
+        ok = (resolution is not None and ratio is not None
+              and bool((torch.as_tensor(resolution).float() == size).all())
+              and bool((torch.as_tensor(ratio).float() == 1.0).all()))
+        if not ok:
+            raise UsageError(
+                f"the artifact's graphs fix PixArt's micro-conditions to a {size}x{size} image (aspect ratio 1); the "
+                f"pipeline passed resolution {None if resolution is None else torch.as_tensor(resolution).tolist()[:2]}"
+                f" and aspect ratio {None if ratio is None else torch.as_tensor(ratio).reshape(-1).tolist()[:2]}: "
+                f"call it with height={size}, width={size}")
 
     def _latents(self, hidden_states, per_call: str) -> torch.Tensor:
         s, cfg = self.settings, self.model_config

@@ -99,6 +99,8 @@ def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 # ---- PixArtTransformer2DModel ----------------------------------------------------------------
 
 PIXART_ACTIVATION = "gelu-approximate"  # FeedForward's activation in every PixArt checkpoint
+# latent -> pixel side of PixArt's VAE (2 ** (len(block_out_channels) - 1)): what the micro-conditions name
+VAE_SCALE = 8
 
 
 def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
@@ -122,12 +124,9 @@ def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
         refusals.append(f"norm_type {get('norm_type')!r} (PixArt blocks use 'ada_norm_single')")
     if get("num_embeds_ada_norm", 1000) is None:
         refusals.append("num_embeds_ada_norm null (diffusers needs it with 'ada_norm_single')")
-    if extra:
-        why = (" (diffusers turns them on when use_additional_conditions is unset and sample_size is 128; "
-               "set it to false if the model was not trained with them)" if get("use_additional_conditions") is None
-               else "")
-        refusals.append("use_additional_conditions true: resolution/aspect-ratio micro-conditions are not "
-                        f"supported yet{why}")
+    if extra and hidden % 3:
+        refusals.append(f"use_additional_conditions with hidden size {hidden} (the micro-condition embeddings split "
+                        "it in thirds)")
     if caption is None or int(caption) <= 0:
         refusals.append("caption_channels null (tcgraph runs PixArt with its caption projection of the text embeddings)")
     if get("activation_fn", PIXART_ACTIVATION) != PIXART_ACTIVATION:
@@ -152,13 +151,13 @@ def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
         input_size=sample_size, patch_size=int(get("patch_size", 2)), in_channels=in_ch, hidden_size=hidden,
         depth=int(get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=0,
         learn_sigma=out_ch == 2 * in_ch, layout="pixart", norm_eps=float(get("norm_eps", 1e-6)),
-        caption_channels=int(caption),
+        caption_channels=int(caption), micro_size=sample_size * VAE_SCALE if extra else 0,
     )
 
 
 def pixart_kwargs(config: DiTConfig) -> dict:
     """The PixArtTransformer2DModel arguments of a `DiTConfig` with layout "pixart" (the position
-    table at diffusers' default interpolation scale, no micro-conditions)."""
+    table at diffusers' default interpolation scale; micro-conditions where `micro_size` is set)."""
     if config.layout != "pixart":
         raise TcgraphError(f"config has layout {config.layout!r}, not 'pixart'")
     if config.mlp_ratio != 4.0 or config.num_classes != 0 or config.caption_channels <= 0:
@@ -167,7 +166,8 @@ def pixart_kwargs(config: DiTConfig) -> dict:
                 in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
                 cross_attention_dim=config.hidden_size, sample_size=config.input_size, patch_size=config.patch_size,
                 norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=config.norm_eps,
-                activation_fn=PIXART_ACTIVATION, attention_type="default", use_additional_conditions=False,
+                activation_fn=PIXART_ACTIVATION, attention_type="default",
+                use_additional_conditions=config.micro_size > 0,
                 caption_channels=config.caption_channels)
 
 
@@ -186,6 +186,9 @@ def pixart_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     out.update({**linear("adaln_single.emb.timestep_embedder.linear_1", d, TIME_FEATURES),
                 **linear("adaln_single.emb.timestep_embedder.linear_2", d, d),
                 **linear("adaln_single.linear", 6 * d, d),
+                **({f"adaln_single.emb.{name}_embedder.{k}": v for name in ("resolution", "aspect_ratio")
+                    for k, v in {**linear("linear_1", d // 3, TIME_FEATURES), **linear("linear_2", d // 3, d // 3)}.items()}
+                   if config.micro_size else {}),
                 **linear("caption_projection.linear_1", d, config.caption_channels),
                 **linear("caption_projection.linear_2", d, d),
                 **linear("proj_out", p * p * config.out_channels, d),

@@ -32,9 +32,15 @@ Parameter names are diffusers' own (`transformer_blocks.3.attn2.to_k.weight`), p
 buffer. The config is a `DiTConfig` with `layout="pixart"` (num_classes 0, caption_channels
 the text width).
 
-Not run (refused when the model has them): resolution/aspect-ratio micro-conditions
-(`use_additional_conditions`, PixArt-alpha 1024px), a self-attention mask, q/k norms and the
-other `Attention` options that PixArt checkpoints do not use.
+PixArt-alpha 1024's resolution and aspect-ratio micro-conditions (`use_additional_conditions`)
+are constants of a static resolution: the pipeline passes the image's pixel height and width
+and their ratio, the same at every step of every run. The wrapper fixes them when it is built
+(`DiTConfig.micro_size`, the latent side times PixArt's VAE factor 8, aspect ratio 1: tcgraph's
+resolutions are square) and adds their embedding to the timestep's, as diffusers does;
+`tcgraph.diffusers.use` refuses a pipeline call with other values.
+
+Not run (refused when the model has them): a self-attention mask, q/k norms and the other
+`Attention` options that PixArt checkpoints do not use.
 
 diffusers is imported when this module is: it is an optional dependency (`.[diffusers]`).
 """
@@ -139,8 +145,11 @@ class DiffusersPixArt(nn.Module):
         self.patch_size, self.out_channels = cfg.patch_size, cfg.out_channels
         self.grid = cfg.input_size // cfg.patch_size
         proj = model.adaln_single.emb.time_proj  # diffusers' Timesteps: PixArt's has shift 0, cos first
-        self.time_features = dict(dim=int(proj.num_channels), shift=float(proj.downscale_freq_shift),
-                                  scale=float(proj.scale), flip_sin_to_cos=bool(proj.flip_sin_to_cos))
+        self.time_features = _features_of(proj)
+        if cfg.micro_size:  # [[height, width]] in pixels and [[height / width]]: constants of the resolution
+            self.size_features = _features_of(model.adaln_single.emb.additional_condition_proj)
+            self.register_buffer("micro_resolution", torch.tensor([float(cfg.micro_size)] * 2), persistent=False)
+            self.register_buffer("micro_aspect", torch.tensor([1.0]), persistent=False)
         self.pos_embed = model.pos_embed  # PatchEmbed: only its conv `proj` runs here
         self.register_buffer("pos_table", model.pos_embed.pos_embed.detach().clone().float())  # [1, N, D]
         self.transformer_blocks = nn.ModuleList(DiffusersPixArtBlock(b) for b in model.transformer_blocks)
@@ -155,10 +164,19 @@ class DiffusersPixArt(nn.Module):
         """(hidden state [B, N, D], (t6 [B, 6D], emb_t [B, D], text [B, L, D], bias [B, 1, L]))."""
         h = self.pos_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_table
         emb_t = self.adaln_single.emb.timestep_embedder(timestep_features(t, **self.time_features))
+        if self.config.micro_size:
+            emb_t = emb_t + self.micro_embedding()
         t6 = self.adaln_single.linear(self.adaln_single.silu(emb_t))
         text = self.caption_projection(encoder_hidden_states)
         bias = ((1 - encoder_attention_mask.to(torch.float32)) * MASK_BIAS).unsqueeze(1)
         return h, (t6, emb_t, text, bias)
+
+    def micro_embedding(self) -> torch.Tensor:
+        """[1, D]: the embedding of the resolution and aspect-ratio micro-conditions (a constant)."""
+        emb = self.adaln_single.emb
+        size = emb.resolution_embedder(timestep_features(self.micro_resolution, **self.size_features))  # [2, D/3]
+        ratio = emb.aspect_ratio_embedder(timestep_features(self.micro_aspect, **self.size_features))  # [1, D/3]
+        return torch.cat([size.reshape(1, -1), ratio.reshape(1, -1)], dim=1)
 
     def final(self, h: torch.Tensor, t6: torch.Tensor, emb_t: torch.Tensor, text: torch.Tensor,
               bias: torch.Tensor) -> torch.Tensor:
@@ -211,12 +229,18 @@ def save_pixart(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
+def _features_of(proj: nn.Module) -> dict:
+    """The arguments of `timestep_features` that make diffusers' `Timesteps` module `proj`'s features."""
+    return dict(dim=int(proj.num_channels), shift=float(proj.downscale_freq_shift), scale=float(proj.scale),
+                flip_sin_to_cos=bool(proj.flip_sin_to_cos))
+
+
 def _check_model(model: nn.Module, cfg: DiTConfig) -> None:
     """The model is what the traceable forward assumes; refuses, naming them, the parts it does not run."""
-    if getattr(model, "use_additional_conditions", False) or getattr(model.adaln_single.emb,
-                                                                     "use_additional_conditions", False):
-        raise TcgraphError(f"{PIXART_CLASS_NAME} uses resolution/aspect-ratio micro-conditions "
-                           "(use_additional_conditions): they are not supported yet")
+    uses = bool(getattr(model.adaln_single.emb, "use_additional_conditions", False))
+    if uses != bool(getattr(model, "use_additional_conditions", uses)) or uses != (cfg.micro_size > 0):
+        raise TcgraphError(f"{PIXART_CLASS_NAME}: its config and its modules disagree on use_additional_conditions "
+                           "(resolution/aspect-ratio micro-conditions); save and load the model with diffusers")
     if model.caption_projection is None:
         raise TcgraphError(f"{PIXART_CLASS_NAME} has no caption projection (caption_channels null): tcgraph's "
                            "PixArt adapter projects the text embeddings")

@@ -47,6 +47,7 @@ class DiTConfig:
     layout: str = "official"
     norm_eps: float = 1e-6  # eps of the norm before the MLP (official: 1e-6 everywhere)
     caption_channels: int = 0  # width of the text embeddings a text-conditioned model reads; 0: class ids
+    micro_size: int = 0  # PixArt-alpha 1024's micro-conditions: the square image side in pixels they name; 0: none
 
     @property
     def text_conditioned(self) -> bool:
@@ -84,7 +85,7 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_dict(self) -> dict:
-        """The fields as a dict; `layout`, `norm_eps` and `caption_channels` only where they differ from the official
+        """The fields as a dict; `layout`, `norm_eps`, `caption_channels`, `micro_size` only where they differ from the official
         DiT's, so that configs (and manifest hashes) written before they existed stay the same."""
         d = asdict(self)
         for name, default in _LATER_FIELDS.items():
@@ -94,7 +95,8 @@ class DiTConfig:
 
 
 LAYOUTS = ("official", "diffusers", "pixart")
-_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6, "caption_channels": 0}  # fields added after manifests existed
+_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6, "caption_channels": 0,
+                 "micro_size": 0}  # fields added after manifests existed
 
 
 def _paper(depth: int, hidden: int, heads: int, patch: int) -> DiTConfig:

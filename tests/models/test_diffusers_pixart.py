@@ -113,6 +113,54 @@ def test_state_dict_shapes_and_config_round_trip_without_diffusers():
     assert set(wrapped.state_dict()) == diffusers_keys | {"pos_table"}
 
 
+MICRO_TINY = {**TINY, "attention_head_dim": 12, "cross_attention_dim": 24}  # hidden 24: thirds for the micro-conditions
+
+
+def test_micro_conditions_are_constants_of_the_resolution(tmp_path):
+    """PixArt-alpha 1024's resolution and aspect-ratio micro-conditions: the wrapper and its graph fix
+    them to the square image of the latent side times 8 and equal diffusers' forward given those;
+    other values change the output; the config round-trips, folders load, parameter shapes hold."""
+    model = tiny_pixart(**MICRO_TINY, use_additional_conditions=True)
+    wrapped = DiffusersPixArt(model)
+    cfg = wrapped.config
+    assert cfg.micro_size == 64 and cfg.hidden_size == 24
+    x, t, text, mask = inputs()
+    square = {"resolution": torch.tensor([[64.0, 64.0]]).repeat(3, 1), "aspect_ratio": torch.ones(3, 1)}
+    wide = {"resolution": torch.tensor([[48.0, 96.0]]).repeat(3, 1), "aspect_ratio": torch.full((3, 1), 0.5)}
+    with torch.no_grad():
+        run = lambda extra: model(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,  # noqa: E731
+                                  added_cond_kwargs=extra).sample
+        ref, other = run(square), run(wide)
+        got = wrapped(x, t, text, mask)
+        traced = expand_blocks(capture(wrapped).gm)(x, t, text, mask)
+    for value in (got, traced):
+        assert (value - ref).abs().max().item() <= 1e-5
+    assert (other - ref).abs().max().item() > 1e-3  # the micro-conditions reach the output
+    assert pixart_config_from_diffusers(pixart_kwargs(cfg), "again") == cfg
+    assert state_dict_shapes(cfg) == {k: tuple(v.shape) for k, v in wrapped.state_dict().items()}
+    model.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config == cfg
+    with torch.no_grad():
+        assert (loaded(x, t, text, mask) - ref).abs().max().item() <= 1e-5
+
+
+def test_pipelines_must_pass_the_micro_conditions_the_graphs_fix():
+    from types import SimpleNamespace
+
+    from tcgraph.diffusers import ArtifactTransformer
+    from tcgraph.errors import UsageError
+
+    check = ArtifactTransformer._check_micro_conditions
+    stub = SimpleNamespace(model_config=pixart_config_from_diffusers(
+        {**MICRO_TINY, "use_additional_conditions": True}, "micro"))
+    check(stub, {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.ones(2, 1)})
+    for bad in ({"resolution": torch.tensor([[64.0, 128.0]] * 2), "aspect_ratio": torch.full((2, 1), 0.5)}, None):
+        with pytest.raises(UsageError, match="fix PixArt's micro-conditions to a 64x64 image.*height=64, width=64"):
+            check(stub, bad)
+    check(SimpleNamespace(model_config=pixart_config_from_diffusers(TINY, "plain")), None)  # nothing to check
+
+
 def save_pipeline(tmp_path, model: PixArtTransformer2DModel):
     root = tmp_path / "pipe"
     model.save_pretrained(str(root / "transformer"), safe_serialization=True)
@@ -161,8 +209,7 @@ def test_refusals_name_their_reason(tmp_path):
         with pytest.raises(TcgraphError, match=match):
             load_model(bad)
 
-    refused({"use_additional_conditions": True}, "micro-conditions are not supported yet", "extra")
-    refused({"sample_size": 128, "use_additional_conditions": None}, "micro-conditions.*sample_size is 128", "s128")
+    refused({"use_additional_conditions": True}, "use_additional_conditions with hidden size 32", "extra")
     refused({"norm_type": "ada_norm_zero"}, "norm_type 'ada_norm_zero'", "norm")
     with pytest.raises(TcgraphError) as e:
         pixart_config_from_diffusers({**TINY, "caption_channels": None, "activation_fn": "geglu",
@@ -172,6 +219,8 @@ def test_refusals_name_their_reason(tmp_path):
                    "cross_attention_dim 16 with hidden size 32", "attention_type 'gated'", "out_channels 3"):
         assert reason in str(e.value)
     assert pixart_config_from_diffusers({**TINY, "sample_size": 128, "use_additional_conditions": False}, "ok")
+    assert pixart_config_from_diffusers({**MICRO_TINY, "sample_size": 128, "use_additional_conditions": None},
+                                        "alpha 1024").micro_size == 1024  # diffusers' rule: sample_size 128 reads them
 
     bin_only = tmp_path / "bin"
     bin_only.mkdir()

@@ -233,3 +233,28 @@ def test_carried_text_keys_and_values_give_the_recomputed_samples(tmp_path):
     assert [n for n in art.variant("v2").input_names if n.endswith((".k", ".v"))] == \
         [f"cache.{l}.cross.{w}" for l in range(3) for w in ("k", "v")]
     assert art.variant("v2").input("cache.0.cross.k").shape == (4, LENGTH, 32)  # [B with guidance, L, D]
+
+
+def test_micro_conditioned_pixart_transforms_and_samples_on_both_runtimes(tmp_path):
+    """A PixArt with PixArt-alpha 1024's micro-conditions (fixed to its square resolution): the `full`
+    plan (its first step projecting the text, the others reading it) samples on ONNX Runtime and the
+    torch backend what the eager wrapper (equal to diffusers' forward) samples."""
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    model = PixArtTransformer2DModel(**{**TINY, "attention_head_dim": 12, "cross_attention_dim": 24,
+                                        "use_additional_conditions": True}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    wrapped = DiffusersPixArt(model).eval()
+    assert wrapped.config.micro_size == 64
+    s = settings(3)
+    plan = Plan("full", s, (Recipe.uniform(3, COMPUTE, BRANCHES),) * 3, wrapped.config.num_tokens)
+    assert len(plan.variants()) == 2
+    path = api.transform(wrapped, plan, tmp_path / "micro", progress=False)
+    prompts = text(2)
+    eager = api.sample_eager(wrapped, s, prompts, seed=2)
+    for backend in ("ort", "torch"):
+        got, _ = api.sample(path, text=prompts, per_class=1, seed=2, backend=backend, progress=False)
+        assert got.shape == eager.shape == (2, 2, 8, 8)
+        assert torch.allclose(got, eager, rtol=1e-4, atol=1e-4), (backend, (got - eager).abs().max().item())
