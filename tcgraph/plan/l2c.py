@@ -294,7 +294,7 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
 
 def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
              progress: Progress = QUIET, traj: Trajectories | None = None, finish: bool = True,
-             calibration_text: Text | None = None) -> Plan:
+             calibration_text: Text | None = None, routers: dict | None = None) -> Plan:
     """The l2c planner: import `cfg.router`, or calibrate, train the router(s) and turn the
     best into a plan (see the module docstring), then `select.finish_learned`: forecasting
     where it helps (`cfg.forecast`), and the final choice by whole sampling runs against the
@@ -304,6 +304,11 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
     several targets on one calibration); by default they are made here, a text-conditioned
     model's on the prompts `calibration_text`. `finish=False` returns the router's own plan
     (what the combined planner builds on).
+
+    `routers` (with `traj`): a dict that keeps every router trained here and the λ unit of each
+    interval, keyed by what they depend on, for later calls on the same `traj`: targets whose
+    searched intervals overlap (`l2c:2` and `l2c:3` both train interval 4) train each
+    (interval, λ) once. The plan is the same as without it.
     """
     if cfg.router is not None:
         return load_published_router_plan(cfg.router, model_config, settings,
@@ -321,6 +326,7 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
                 raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k, length):.2f}x, below the "
                                    f"target {cfg.target_speedup}x; use a longer interval")
     train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
+    memo = _router_memo(routers, traj, cfg)
 
     if cfg.target_speedup is not None:
         lams = None
@@ -332,10 +338,11 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
     with progress.phase("train router",
                         n_train * cfg.epochs * sum(1 for _, cs in rounds(S, max(intervals)) if cs)) as phase:
         for k in intervals:
-            unit = lambda_unit(model, train, k) if lams is None else None
+            unit = memo(("lambda_unit", k), lambda: lambda_unit(model, train, k)) if lams is None else None
             for lam in (lams or [m * unit for m in LAMBDA_GRID]):
-                res = train_router(model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images,
-                                   lr=cfg.lr, seed=cfg.seed, phase=phase)
+                res = memo(("router", k, lam), lambda: train_router(
+                    model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr,
+                    seed=cfg.seed, phase=phase))
                 probs = res.probs()
                 if cfg.target_speedup is not None:
                     recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants,
@@ -366,6 +373,26 @@ def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings,
     return finish_learned(model, train, held, name, recipes, params, forecast=cfg.forecast,
                           max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
                           compete=cfg.compete, progress=progress)
+
+
+def _router_memo(routers: dict | None, traj: Trajectories | None, cfg: L2CConfig):
+    """`memo(key, make)`: `make()` once per key and training setup in `routers` (see `make_l2c`),
+    or always `make()` when there is no `routers` dict."""
+    if routers is None:
+        return lambda key, make: make()
+    if traj is None:
+        raise UsageError("routers= keeps what was learned on given calibration trajectories: pass traj= too")
+    setup = (id(traj), cfg.num_held_out, cfg.epochs, cfg.batch_images, cfg.lr, cfg.seed)
+    if routers.setdefault("_trajectories", traj) is not traj:
+        raise UsageError("routers= was filled on other calibration trajectories: use one dict per traj")
+
+    def memo(key, make):
+        full = (*key, setup)
+        if full not in routers:
+            routers[full] = make()
+        return routers[full]
+
+    return memo
 
 
 def _threshold(cfg: L2CConfig) -> float:
