@@ -17,7 +17,10 @@ Writes JSON and a markdown table (`--out` without suffix).
 Plans carry the text's keys and values (projected at step 0, read after; `Plan.carry_constants`).
 A plan name ending in `@recompute` is the same plan projecting them at every step, as the
 model's own forward does: `full@recompute` against `full` measures what carrying them gains.
-Every row's prediction is against `full` (carried): FLOPs of its run over the row's.
+Every row's prediction is against `full` (carried): FLOPs of its run over the row's. Whole runs
+of 10 steps spread by several percent; `--step-repeats` also times one later full step of each
+(`full`: it reads the keys and values; `full@recompute`: it projects them), interleaved, on the
+same inputs, which isolates the per-step gain.
 """
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-eager", action="store_true", help="do not time eager PyTorch full")
+    ap.add_argument("--step-repeats", type=int, default=0,
+                    help="also time one later full step of `full` and `full@recompute` this many times each")
     ap.add_argument("--out", type=Path, default=None,
                     help="output path without suffix (default benchmarks/results/pixart-width-d<depth>)")
     args = ap.parse_args(argv)
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = sampler_for(settings, cfg)
     text = prompts(args.batch, args.text_length, args.caption, args.seed)
     noise = make_noise(args.batch, cfg.in_channels, settings.resolution, args.seed)
-    rows, runs = [], {}
+    rows, runs, dispatchers = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for i, (name, plan) in enumerate(plans.items()):
             t0 = time.perf_counter()
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     args.seed)
             run()  # warm-up
             runs[name] = run
+            dispatchers[name] = dispatch
             flops = plan_flops(cfg, plan)
             rows.append({"plan": name, "variants": len(plan.variants()), "carry_constants": plan.carry_constants,
                          "predicted_speedup": full_flops / flops["total"],
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
                 run()
                 times[key].append(time.perf_counter() - t0)
             print(f"round {r + 1}/{args.repeats} done", flush=True)
+        step_times = {}
+        if args.step_repeats and {"full", "full" + RECOMPUTE} <= set(dispatchers):
+            pair = {name: dispatchers[name] for name in ("full", "full" + RECOMPUTE)}
+            step_times = time_later_full_step(pair, plans, settings, cfg, text, args.step_repeats)
     full = statistics.median(times["full"])
     for row in rows:
         row["times_s"] = times[row["plan"]]
@@ -154,6 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
         recomputed = by_name["full" + RECOMPUTE]
         result["constants_gain"] = {"measured": recomputed["median_s"] / full,
                                     "predicted": by_name["full"]["constants_speedup"]}
+        if step_times:
+            f = {name: plan_flops(cfg, plans[name]) for name in step_times}
+            read_vid, recompute_vid = plans["full"].schedule()[1], plans["full" + RECOMPUTE].schedule()[1]
+            result["constants_gain"]["step"] = {
+                "times_s": step_times,
+                "median_s": {name: statistics.median(ts) for name, ts in step_times.items()},
+                "measured": statistics.median(step_times["full" + RECOMPUTE]) / statistics.median(step_times["full"]),
+                "predicted": f["full" + RECOMPUTE]["per_variant"][recompute_vid] / f["full"]["per_variant"][read_vid]}
     out = args.out or Path(__file__).parent / "results" / f"pixart-width-d{args.depth}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -162,6 +180,37 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(f"\nwrote {out.with_suffix('.json')} and .md")
     return result
+
+
+def time_later_full_step(dispatchers: dict, plans: dict, settings: SamplerSettings, cfg, text: Text,
+                         repeats: int) -> dict[str, list[float]]:
+    """Seconds of step 1 of each (full) plan's schedule, on the same inputs, interleaved: the
+    carried plan's variant reads the keys and values its step 0 wrote, the other projects them."""
+    from tcgraph.names import model_input_count
+    from tcgraph.sampling.conditioning import as_inputs
+
+    g = torch.Generator().manual_seed(0)
+    b = settings.model_batch
+    x = torch.randn(b, cfg.in_channels, settings.resolution, settings.resolution, generator=g)
+    t = torch.full((b,), 500, dtype=settings.timestep_dtype)
+    y = text.model_inputs(guided=settings.model_batch > settings.batch)
+    feeds = {}
+    for name, dispatch in dispatchers.items():
+        dispatch.reset()
+        dispatch(0, x, t, y)  # step 0: the carried plan writes its keys and values
+        vid = plans[name].schedule()[1]
+        inputs, _ = dispatch.io[vid]
+        own = model_input_count(inputs)
+        feeds[name] = (vid, {**dict(zip(inputs[:own], (x, t, *as_inputs(y)))),
+                             **{n: dispatch.caches[n] for n in inputs[own:]}})
+    times = {name: [] for name in dispatchers}
+    for _ in range(repeats):
+        for name, dispatch in dispatchers.items():
+            vid, f = feeds[name]
+            t0 = time.perf_counter()
+            dispatch.run(vid, f)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def format_table(result: dict) -> str:
@@ -175,7 +224,12 @@ def format_table(result: dict) -> str:
     if result.get("constants_gain"):
         g = result["constants_gain"]
         lines += [f"carrying the text's keys and values (full@recompute / full): {g['measured']:.3f}x measured, "
-                  f"{g['predicted']:.3f}x predicted", ""]
+                  f"{g['predicted']:.3f}x predicted (whole runs)", ""]
+        if g.get("step"):
+            st = g["step"]
+            lines += [f"one later full step, median of {len(st['times_s']['full'])} interleaved: "
+                      f"{st['median_s']['full@recompute'] * 1e3:.0f} ms projecting the text, {st['median_s']['full'] * 1e3:.0f} "
+                      f"ms reading its keys and values: {st['measured']:.3f}x measured, {st['predicted']:.3f}x predicted", ""]
     lines += ["| plan | variants | median s | realized | predicted | realized/predicted |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['plan']} | {r['variants']} | {r['median_s']:.2f} | {r['realized_speedup']:.2f}x | "
