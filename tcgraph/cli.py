@@ -63,8 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", type=Path)
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
     s.add_argument("--prompt", action="append",
-                   help="text-conditioned models with a text encoder (the digits-text demo): a prompt; repeat for "
-                        "several, one grid row each")
+                   help="text-conditioned models with a text encoder (the digits-text demo; a diffusers pipeline "
+                        "folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one grid row each")
     s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
     s.add_argument("--embeddings", type=Path,
                    help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "

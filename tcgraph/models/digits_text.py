@@ -228,8 +228,8 @@ def prompt_encoder_for(model) -> PromptEncoder | None:
         return None
     path = Path(model)
     for folder in (path, path.parent):
-        if (folder / ENCODER_DIR / ENCODER_CONFIG).is_file() and (folder / TRANSFORMER_DIR).is_dir() \
-                and (path == folder or path.name == TRANSFORMER_DIR):
+        if (folder / ENCODER_DIR / ENCODER_WEIGHTS).is_file() and (folder / TRANSFORMER_DIR).is_dir() \
+                and (path == folder or path.name == TRANSFORMER_DIR):  # a pipeline's T5 has other files
             return load_prompt_encoder(folder)
     return None
 

@@ -128,17 +128,20 @@ def check_conditioning(settings, cfg: DiTConfig, text) -> None:
 
 
 def encode_prompts(art, prompts, negative_prompt: str):
-    """The prompts as the artifact's model's own text encoder embeds them."""
+    """The prompts as the artifact's model's own text encoder embeds them: the digits-text demo's, or the
+    text encoder of the diffusers pipeline folder the artifact was transformed from."""
     from tcgraph.models.digits_text import prompt_encoder_for
+    from tcgraph.models.pipeline_text import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise UsageError("prompts (--prompt) must be a non-empty list of strings")
     if not art.model_config.text_conditioned:
         raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
     source = art.extra.get("model", "in-memory")
-    encoder = prompt_encoder_for(source)
+    encoder = prompt_encoder_for(source) or pipeline_text_encoder_for(art.extra.get("source", source))
     if encoder is None:
-        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (only the digits-text demo's): embed "
+        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (it has the digits-text demo's and a "
+                         "diffusers pipeline folder's text_encoder/ and tokenizer/): embed "
                          "the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass "
                          "them as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, "
                          "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)")
