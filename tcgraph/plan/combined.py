@@ -38,7 +38,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig, make_l2c
-from tcgraph.plan.learning import cache_steps, calibration_split, candidate_intervals, require_weights
+from tcgraph.plan.learning import cache_steps, calibration_of, candidate_intervals, require_weights
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, max_cache_mb_option,
                                   max_variants_option, option)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
@@ -153,7 +153,8 @@ def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: Sample
                             calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
     floor = token_floor(n, cfg.min_keep)
     interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor, text_length=length)  # before the expensive part
-    train, held = calibration_split(model, settings, tcfg, traj, progress, calibration_text)
+    traj = calibration_of(model, settings, tcfg, traj, progress, calibration_text)  # once, for every share's L2C
+    train, held = traj.split(tcfg.num_held_out)
 
     pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, progress)
 

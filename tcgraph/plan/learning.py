@@ -72,6 +72,12 @@ def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajecto
     """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
     `seed`, `num_held_out`): calibrated here (a text-conditioned model on the prompts `text`),
     or the given `traj` checked to match."""
+    return calibration_of(model, settings, cfg, traj, progress, text).split(cfg.num_held_out)
+
+
+def calibration_of(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
+                   progress: Progress, text: Text | None = None) -> Trajectories:
+    """The calibration trajectories of `calibration_split`, not split."""
     if traj is None:
         check_calibration_text(model.config, text, "a plan")
         total = settings.num_steps * math.ceil(cfg.calib_images / CALIBRATION_CHUNK)
@@ -81,7 +87,7 @@ def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajecto
         raise TcgraphError(
             f"the given calibration trajectories were made for {traj.num_images} images and {traj.settings}; "
             f"this plan asks for {cfg.calib_images} images and {settings}: calibrate again or pass matching options")
-    return traj.split(cfg.num_held_out)
+    return traj
 
 
 def require_weights(weights: DiT | None, model_config: DiTConfig, what: str) -> DiT:
