@@ -107,6 +107,7 @@ from tcgraph.export.artifact import Artifact  # noqa: E402
 from tcgraph.models.dit import DiT  # noqa: E402
 from tcgraph.plan import plan_flops  # noqa: E402
 from tcgraph.sampling import SamplerSettings, make_noise, sampler_for  # noqa: E402
+from tcgraph.sampling.schedulers import CLASS_KEY  # noqa: E402
 
 
 #################################################################################
@@ -169,7 +170,8 @@ def run_config(args: argparse.Namespace, argv: list[str] | None, model: DiT, set
         "model": args.model, "weights": "trained" if args.model == "digits" else f"random (seed {args.seed})",
         "parameters": sum(p.numel() for p in model.parameters()), "image_side": image_side(args.model, cfg),
         "input_size": cfg.input_size, "tokens": cfg.num_tokens, "batch": args.batch, "guidance": args.guidance,
-        "model_batch": settings.model_batch, "steps": args.steps, "sampler": "ddim", "device": str(device),
+        "model_batch": settings.model_batch, "steps": args.steps,
+        "sampler": settings.scheduler[CLASS_KEY] if settings.scheduler else settings.sampler, "device": str(device),
         "device_name": device_name, "dtype": dtype, "repeats": args.repeats, "seed": args.seed,
         "backends": backends, "plans": specs, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "versions": versions(), "machine": platform.node() + " " + (platform.processor() or platform.machine()),
