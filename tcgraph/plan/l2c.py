@@ -59,7 +59,7 @@ from tcgraph.plan.learning import (
 )
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
                                   max_cache_mb_option, max_variants_option, option, tuning)
-from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, constant_roles
+from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, cache_step_variants, constant_roles
 from tcgraph.plan.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
@@ -246,7 +246,7 @@ def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
     `[S, depth, len(branches)]`, `branches` the model's (`DiTConfig.branches`)."""
     S, depth = probs.shape[0], probs.shape[1]
     branches = _branches_of(probs, branches)
-    groups = group_steps(probs, cache_steps(S, interval), None if max_variants is None else max_variants - 1)
+    groups = group_steps(probs, cache_steps(S, interval), cache_step_variants(max_variants, branches, S))
     computes = {}
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
@@ -261,7 +261,7 @@ def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, targe
     of the text projected at step 0 only, as the plan carries them)."""
     S, depth = probs.shape[0], probs.shape[1]
     branches = _branches_of(probs, cfg.branches)
-    groups = group_steps(probs, cache_steps(S, interval), None if max_variants is None else max_variants - 1)
+    groups = group_steps(probs, cache_steps(S, interval), cache_step_variants(max_variants, branches, S))
     reads = [role == "read" for role in constant_roles(branches, S)]
     per_branch = {read: [branch_flops(cfg, br, COMPUTE, text_length, read) for br in branches] for read in (False, True)}
     total = sum(fixed_flops(cfg, text_length, read) + depth * sum(per_branch[read]) for read in reads)

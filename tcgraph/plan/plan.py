@@ -422,6 +422,19 @@ def constant_roles(branches: tuple[str, ...], steps: int, carry: bool = True) ->
     return [""] * steps
 
 
+def cache_step_variants(max_variants: int | None, branches: tuple[str, ...], steps: int) -> int | None:
+    """How many variants a planner may give its cache steps under `max_variants` (None: no cap): the
+    full steps take one, two where the plan carries run constants (its first step is its own variant)."""
+    if max_variants is None:
+        return None
+    reserved = 2 if constant_roles(branches, steps)[0] == "write" else 1
+    if max_variants <= reserved:
+        why = " (the first, which projects the text, and the later ones)" if reserved == 2 else ""
+        raise TcgraphError(f"max_variants {max_variants} leaves no variant for the cache steps: the full steps take "
+                           f"{reserved}{why}; ask for at least {reserved + 1}")
+    return max_variants - reserved
+
+
 def _read_flag(value, what: str) -> bool:
     if not isinstance(value, bool):
         raise TcgraphError(f"malformed plan: {what} must be true or false, got {value!r}")

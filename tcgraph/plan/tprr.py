@@ -84,7 +84,7 @@ from tcgraph.models.dit import DiTConfig
 from tcgraph.names import BRANCHES
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, constant_roles, partial
+from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, cache_step_variants, constant_roles, partial
 
 TPRR = tuple[int, int, int]  # (b, K1, K2)
 
@@ -127,8 +127,9 @@ class Slot:
 
 
 def tprr_layout(num_steps: int, b: int, k1: int, k2: int, max_stale: int = 2,
-                max_variants: int | None = None) -> list[Slot]:
-    """The cache steps of a TPRR schedule with their variant groups (see the module docstring)."""
+                max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES) -> list[Slot]:
+    """The cache steps of a TPRR schedule with their variant groups (see the module docstring);
+    `branches` the model's (a text model's full steps are two variants, `cache_step_variants`)."""
     slots = []
     for r in tprr_rounds(num_steps, b, k1, k2):
         c = len(r.cache)
@@ -136,13 +137,14 @@ def tprr_layout(num_steps: int, b: int, k1: int, k2: int, max_stale: int = 2,
         for j, s in enumerate(r.cache):
             group = (r.phase, rot, j)
             slots.append(Slot(s, r.phase, j, rot, group, (r.phase, rot) if rot else group))
-    cap = None if max_variants is None else max_variants - 1
+    cap = cache_step_variants(max_variants, branches, num_steps)
     if cap is not None and len({sl.group for sl in slots}) > cap:
         slots = [sl if sl.rotate else Slot(sl.step, sl.phase, sl.position, 0, (sl.phase, 0, -1), (sl.phase, 0, -1))
                  for sl in slots]
         n = len({sl.group for sl in slots})
         if n > cap:
-            raise TcgraphError(f"TPRR b={b}, K1={k1}, K2={k2} needs {n + 1} distinct variants (round-robin rotates "
+            raise TcgraphError(f"TPRR b={b}, K1={k1}, K2={k2} needs {n + max_variants - cap} distinct variants "
+                               "(round-robin rotates "
                                f"the kept tokens at every cache step of a round); max_variants is {max_variants}")
     return slots
 
@@ -187,7 +189,7 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
     S, depth, n = scores.shape
     if len(keep) != depth or any(not 0 <= k <= n for k in keep):
         raise TcgraphError(f"need one keep count in 0..{n} per block ({depth}), got {list(keep)}")
-    slots = tprr_layout(S, b, k1, k2, max_stale, max_variants)
+    slots = tprr_layout(S, b, k1, k2, max_stale, max_variants, branches)
     members: dict[tuple, list[int]] = {}
     for sl in slots:
         members.setdefault(sl.rank, []).append(sl.step)
@@ -285,7 +287,7 @@ def floor_speedup(cfg: DiTConfig, num_steps: int, tprr: TPRR, min_keep: float, m
                   max_variants: int | None, text_length: int = 0) -> float:
     """The most a TPRR schedule can reach: every block at the floor (0.0 when over the variant cap)."""
     try:
-        slots = tprr_layout(num_steps, *tprr, max_stale, max_variants)
+        slots = tprr_layout(num_steps, *tprr, max_stale, max_variants, cfg.branches)
     except TcgraphError:
         return 0.0
     return layout_speedup(cfg, num_steps, slots, [keep_floor(cfg, min_keep)] * cfg.depth, text_length)
@@ -319,7 +321,7 @@ def tprr_search_space(cfg: DiTConfig, num_steps: int, target: float, *, min_keep
     able to reach `target` at the floor) or `tprr_candidates`. Cheap: call it before learning."""
     if tprr is None:
         return tprr_candidates(cfg, num_steps, target, min_keep, max_stale, max_variants, text_length)
-    tprr_layout(num_steps, *tprr, max_stale, max_variants)
+    tprr_layout(num_steps, *tprr, max_stale, max_variants, cfg.branches)
     if floor_speedup(cfg, num_steps, tprr, min_keep, max_stale, max_variants, text_length) < target:
         raise unreachable(cfg, num_steps, target, min_keep, max_stale, max_variants, tprr, text_length=text_length)
     return [tuple(tprr)]
@@ -368,7 +370,7 @@ def tprr_choices(cfg: DiTConfig, scores: torch.Tensor, sensitivity: Sequence[flo
     out = []
     for tp in candidates:
         try:
-            slots = tprr_layout(S, *tp, max_stale, max_variants)
+            slots = tprr_layout(S, *tp, max_stale, max_variants, cfg.branches)
         except TcgraphError as e:
             out.append(TprrChoice(tuple(tp), skipped=str(e)))
             continue

@@ -114,3 +114,21 @@ def test_only_the_first_step_may_write_constants():
         RewriteSpec(later, constant_writes=((0, "cross"),))
     with pytest.raises(TcgraphError, match="only .*'cross'.* branches have run constants"):
         RewriteSpec(first, constant_writes=((0, "mlp"),))
+
+
+def test_a_variant_cap_counts_the_first_step_of_a_text_plan():
+    """max_variants caps the plan's variants, the text-projecting first step included."""
+    import torch
+
+    from tcgraph.plan.l2c import recipes_for_target
+    from tcgraph.plan.plan import cache_step_variants
+
+    probs = torch.rand(6, 3, 3, generator=torch.Generator().manual_seed(0))
+    for cap in (3, 4):
+        recipes = recipes_for_target(PIXART, probs, 2, 1.3, cap, text_length=L)
+        assert len(Plan("l2c", SETTINGS, recipes, 16).variants()) <= cap
+    assert len(Plan("l2c", SETTINGS, recipes_for_target(PIXART, probs, 2, 1.3, None, text_length=L), 16)
+               .variants()) == 5  # uncapped: both full variants and the 3 cache steps' own
+    assert cache_step_variants(3, BR, 6) == 1 and cache_step_variants(3, ("attn", "mlp"), 6) == 2
+    with pytest.raises(TcgraphError, match="max_variants 2 leaves no variant for the cache steps.*at least 3"):
+        cache_step_variants(2, BR, 6)
