@@ -258,3 +258,42 @@ def test_micro_conditioned_pixart_transforms_and_samples_on_both_runtimes(tmp_pa
         got, _ = api.sample(path, text=prompts, per_class=1, seed=2, backend=backend, progress=False)
         assert got.shape == eager.shape == (2, 2, 8, 8)
         assert torch.allclose(got, eager, rtol=1e-4, atol=1e-4), (backend, (got - eager).abs().max().item())
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("TCGRAPH_DIFFUSERS_PIXART"),
+                    reason="set TCGRAPH_DIFFUSERS_PIXART to a local PixArtTransformer2DModel folder (or pipeline) to "
+                           "check real weights; none can be downloaded here")
+def test_real_pixart_weights_from_a_local_folder_equal_diffusers_forward():
+    """With real weights (e.g. PixArt-alpha/PixArt-XL-2-512x512 saved locally): the `full` plan's
+    graphs (the first step projecting the text, a later one reading it) equal diffusers' own forward
+    within 1e-4, float32, micro-conditions included where the model has them."""
+    import os
+
+    from tcgraph.models import load_model
+    from tcgraph.models.diffusers_config import read_folder
+
+    path = os.environ["TCGRAPH_DIFFUSERS_PIXART"]
+    model = load_model(path)
+    reference = PixArtTransformer2DModel.from_pretrained(str(read_folder(path).model_dir)).float().eval()
+    cfg = model.config
+    length = 120
+    s = SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=cfg.input_size, text_length=length)
+    plan = Plan("full", s, (Recipe.uniform(cfg.depth, COMPUTE, BRANCHES),) * 2, cfg.num_tokens)
+    first, later = build_variants(model, plan)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = torch.tensor([500])
+    text = torch.randn(1, length, cfg.caption_channels, generator=g)
+    mask = torch.ones(1, length)
+    mask[:, 40:] = 0
+    extra = ({"resolution": torch.tensor([[float(cfg.micro_size)] * 2]), "aspect_ratio": torch.ones(1, 1)}
+             if cfg.micro_size else {"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        ref = reference(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
+                        added_cond_kwargs=extra).sample
+        outs = dict(zip(first.output_names, first.gm(x, t, text, mask)))
+        feeds = {"x": x, "t": t, "encoder_hidden_states": text, "encoder_attention_mask": mask, **outs}
+        got_later = later.gm(*[feeds[n] for n in later.input_names])
+    got_later = got_later[0] if isinstance(got_later, tuple) else got_later
+    assert (outs["out"] - ref).abs().max().item() <= 1e-4
+    assert (got_later - ref).abs().max().item() <= 1e-4
