@@ -66,8 +66,11 @@ def check_agree(plan: Plan, config: DiTConfig, variant_ids: Sequence[str], where
     if not variant_ids:
         raise TcgraphError(f"{where}: lists no variants, but the plan's schedule runs {scheduled}; {todo}")
     if len(set(variant_ids)) != len(variant_ids) or set(variant_ids) != set(scheduled):
+        older = (" (a text-conditioned artifact made before tcgraph carried the text's keys and values from the "
+                 "first step lacks that step's own variant)" if plan.constant_keys() and
+                 len(scheduled) == len(variant_ids) + 1 else "")
         raise TcgraphError(
-            f"{where}: the variants are {list(variant_ids)}, but the plan's schedule runs {scheduled}; {todo}"
+            f"{where}: the variants are {list(variant_ids)}, but the plan's schedule runs {scheduled}{older}; {todo}"
         )
 
 

@@ -234,6 +234,21 @@ def test_carried_text_keys_and_values_give_the_recomputed_samples(tmp_path):
         [f"cache.{l}.cross.{w}" for l in range(3) for w in ("k", "v")]
     assert art.variant("v2").input("cache.0.cross.k").shape == (4, LENGTH, 32)  # [B with guidance, L, D]
 
+    # An artifact made before the keys and values were carried: its plan JSON has no flag, so the plan
+    # now asks for a first-step variant the folder lacks. Refused, saying why, not run wrongly.
+    import hashlib
+    import json
+
+    old = tmp_path / "recomputed"
+    for name in ("plan.json", "manifest.json"):
+        data = json.loads((old / name).read_text())
+        (data if name == "plan.json" else data["plan"]).pop("carry_constants")
+        if name == "manifest.json":
+            data["files"]["plan.json"] = hashlib.sha256((old / "plan.json").read_bytes()).hexdigest()
+        (old / name).write_text(json.dumps(data))
+    with pytest.raises(TcgraphError, match="made before tcgraph carried the text's keys and values.*re-run"):
+        load_artifact(old)
+
 
 def test_micro_conditioned_pixart_transforms_and_samples_on_both_runtimes(tmp_path):
     """A PixArt with PixArt-alpha 1024's micro-conditions (fixed to its square resolution): the `full`
