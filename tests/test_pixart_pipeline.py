@@ -22,12 +22,12 @@ from tcgraph.export.artifact import load_artifact  # noqa: E402
 STEPS, BATCH, LENGTH, WIDTH = 4, 2, 6, 16
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    torch.manual_seed(0)
+def pipeline_parts(width: int = WIDTH) -> dict:
+    """A PixArt pipeline's transformer (tiny, std-0.05 random weights, text of `width`), VAE (tiny,
+    random) and scheduler (DPM-Solver++), as PixArtAlphaPipeline's keyword arguments."""
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                            out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                           caption_channels=WIDTH, cross_attention_dim=32,
+                                           caption_channels=width, cross_attention_dim=32,
                                            use_additional_conditions=False).eval()
     with torch.no_grad():
         for p in transformer.parameters():
@@ -36,8 +36,13 @@ def pipeline(tmp_path_factory):
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         layers_per_block=1, norm_num_groups=4, sample_size=8).eval()
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", algorithm_type="dpmsolver++")
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                               scheduler=scheduler)
+    return dict(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, **pipeline_parts())
     pipe.set_progress_bar_config(disable=True)
     root = tmp_path_factory.mktemp("pixart")
     pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)

@@ -10,8 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline  # noqa: E402
-from diffusers import PixArtTransformer2DModel  # noqa: E402
+from diffusers import PixArtAlphaPipeline  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel  # noqa: E402
 
@@ -20,6 +19,7 @@ from tcgraph.errors import UsageError  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
 from tcgraph.models.pipeline_text import PipelineTextEncoder, pipeline_text_encoder_for  # noqa: E402
 from tcgraph.sampling.conditioning import encode_prompts  # noqa: E402
+from tests.test_pixart_pipeline import pipeline_parts  # noqa: E402
 
 LENGTH, WIDTH = 6, 16
 WORDS = ["a", "red", "blue", "cube", "ball", "on", "the", "table"]
@@ -39,19 +39,7 @@ def pipeline(tmp_path_factory):
     torch.manual_seed(0)
     encoder = T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=WIDTH, d_kv=8, d_ff=32, num_layers=1,
                                       num_heads=2)).eval()
-    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                           out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                           caption_channels=WIDTH, cross_attention_dim=32,
-                                           use_additional_conditions=False).eval()
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        layers_per_block=1, norm_num_groups=4, sample_size=8).eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler(beta_schedule="linear",
-                                                                     algorithm_type="dpmsolver++"))
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer(), text_encoder=encoder, **pipeline_parts(WIDTH))
     root = tmp_path_factory.mktemp("pixart-t5")
     pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
     return pipe, root
