@@ -1,24 +1,13 @@
 """benchmarks/bench_plans.py's shared learning: the same plans as `make_plan`, calibrated once."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from tcgraph import api
 from tcgraph.plan import make_plan
 from tcgraph.progress import Recorder
 from tcgraph.sampling import SamplerSettings
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_plans.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_plans", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks import load_script
 
 
 @pytest.mark.slow  # ~10 s: each learned plan twice, at 3 steps and 3 calibration images
@@ -28,7 +17,7 @@ def test_shared_learning_makes_the_plans_of_make_plan():
     options = {"calib_images": 3, "epochs": 1}
     specs = ["fora:2", "l2c:2", "l2c:2.5", "tokencache:1.3", "tokencache:1.2"]
     recorder = Recorder()
-    sharing = _load().SharedLearning(model, settings, progress=recorder)
+    sharing = load_script("bench_plans").SharedLearning(model, settings, progress=recorder)
     got = {s: sharing.plan(s, **({} if s.startswith("fora") else options)) for s in specs}
     for s in specs:
         alone = make_plan(s, model.config, settings, weights=model, **({} if s.startswith("fora") else options))

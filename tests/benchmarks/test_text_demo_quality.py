@@ -1,25 +1,16 @@
 """benchmarks/text_demo_quality.py at tiny settings: the JSON it writes and its table (no timing asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "text_demo_quality.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("text_demo_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks import load_script
 
 
 def test_text_demo_quality_tiny(tmp_path, capsys):
     out = tmp_path / "q.json"
     argv = ["--steps", "2", "--per-class", "1", "--digits", "3,7", "--guidance", "2", "--batch", "2",
             "--out", str(out)]
-    result = _load().main(argv)
+    result = load_script("text_demo_quality").main(argv)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     assert written["command"] == "python benchmarks/text_demo_quality.py " + " ".join(argv)
