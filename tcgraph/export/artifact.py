@@ -7,7 +7,7 @@ Layout (DESIGN.md, "Artifact folder")::
       plan.json              the plan, verbatim
       variants/<id>.onnx     one static graph per variant
       variants/weights.bin   every large initializer of every variant, once
-      variants/<id>.pt2      torch program per variant (`tcgraph.export.programs`), with the parameter map
+      variants/<id>.program.safetensors  ATen graph per variant for the torch backend (no pickle)
       engines/<id>.plan      TensorRT engines, when they were built
 
 The folder is built in a hidden sibling and renamed into place only when complete

@@ -1,8 +1,8 @@
 """Torch programs of an artifact folder, ready to run: a loader, called when a runner activates.
 
 `ProgramsFromArtifact(artifact, device=..., precision=...)()` reads every variant's
-`torch.export` program (`variants/<id>.pt2`, written at transform time by
-`tcgraph.export.programs.write_programs`), maps the model's tensors in from the shared
+ATen graph (`variants/<id>.program.safetensors`, written at transform time by
+`tcgraph.export.programs.write_programs`; nothing in it is unpickled or evaluated), maps the model's tensors in from the shared
 `variants/weights.bin` through the artifact's parameter map, ONCE for all variants (cast
 to the precision and moved to the device once), and lowers each graph to the precision.
 Nothing is rebuilt and no pass runs: the folder alone is enough.
@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
-from tcgraph.export.programs import read_program
+from tcgraph.export.programs import Program, read_program
 from tcgraph.export.weights import load_parameters
 from tcgraph.runtime.torch.precision import lower_precision, precision_dtype
 
@@ -96,39 +95,38 @@ class ProgramsFromArtifact:
         loaded = {}
         for spec in art.variants:
             vid = spec.id
-            ep, info = read_program(art.file(files[vid]))
+            program = read_program(art.file(files[vid]), device)
+            info = program.info
             if (info.get("inputs"), info.get("outputs")) != (list(spec.input_names), list(spec.output_names)):
                 raise TcgraphError(
                     f"the torch program of variant {vid} has inputs/outputs {info.get('inputs')} -> "
                     f"{info.get('outputs')}, but manifest.json says {list(spec.input_names)} -> "
                     f"{list(spec.output_names)}; the folder is inconsistent: {REDO}"
                 )
-            if device.type != "cpu":  # devices the export traced with (arange(device=cpu), ...) move too
-                from torch.export.passes import move_to_device_pass
-
-                ep = move_to_device_pass(ep, {"cpu": str(device)})
-            loaded[vid] = (ep, info)
-        shared = load_weights(art, [n for _, info in loaded.values() for n in info.get("weights", [])],
+            loaded[vid] = program
+        shared = load_weights(art, [n for p in loaded.values() for n in p.info.get("weights", [])],
                               device=device, dtype=self.dtype)
-        return {vid: self._program(vid, ep, info, shared) for vid, (ep, info) in loaded.items()}
+        return {vid: self._program(vid, p, shared) for vid, p in loaded.items()}
 
-    def _program(self, vid: str, ep, info: dict, shared: dict[str, torch.Tensor]) -> TorchProgram:
-        mapped = set(info.get("weights", []))
-        weights, lifted = {}, []
-        for spec in ep.graph_signature.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
+    def _program(self, vid: str, program: Program, shared: dict[str, torch.Tensor]) -> TorchProgram:
+        mapped = set(program.info.get("weights", []))
+        weights, lifted, users = {}, [], []
+        for kind, name in program.inputs:
+            if kind == "user":
+                users.append(name)
                 continue
-            name = spec.target
-            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                tensor = shared[name] if name in mapped else _place(ep.state_dict[name], self.device, self.dtype)
-            elif spec.kind == InputKind.CONSTANT_TENSOR:
-                tensor = ep.constants[name].to(self.device)
+            if name in mapped and kind in ("parameter", "buffer"):
+                tensor = shared[name]
+            elif name in program.tensors:
+                own = program.tensors[name]
+                tensor = own.to(self.device) if kind == "constant" else _place(own, self.device, self.dtype)
             else:
-                raise TcgraphError(f"the torch program of variant {vid} takes a {spec.kind.name} input "
-                                   f"({name}), which tcgraph programs never have; {REDO}")
+                raise TcgraphError(f"the torch program of variant {vid} reads the tensor {name}, which neither its "
+                                   f"file nor the parameter map holds; the folder is inconsistent: {REDO}")
             weights[name] = tensor.detach()
             lifted.append(name)
-        if any(spec.kind != OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
-            raise TcgraphError(f"the torch program of variant {vid} mutates its inputs or buffers; {REDO}")
-        gm = lower_precision(ep.graph_module, self.dtype)
+        if users != list(program.info.get("inputs", [])):
+            raise TcgraphError(f"the torch program of variant {vid} takes the inputs {users}, but says "
+                               f"{program.info.get('inputs')}; the folder is inconsistent: {REDO}")
+        gm = lower_precision(program.gm, self.dtype)
         return TorchProgram(vid, gm.eval(), weights, lifted)

@@ -68,6 +68,10 @@ class EnginesFromArtifact:
                 f"incomplete: {REBUILD_HINT}"
             )
         self.runtime = trt.Runtime(trt_logger(trt))
+        if hasattr(self.runtime, "engine_host_code_allowed"):
+            # Artifacts are untrusted input: a version-compatible engine may embed host code (a lean
+            # runtime, plugins) that deserializing would run. TensorRT refuses it unless allowed; say so here.
+            self.runtime.engine_host_code_allowed = False
         engines = {}
         for spec in specs:
             vid = spec.id
