@@ -19,6 +19,7 @@ from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
 from tcgraph.sampling import SamplerSettings, checks, conditioning, make_noise, run_batches, sampler_for
 from tcgraph.sampling.schedulers import scheduler_for_transform
+from tcgraph.sampling.settings import MAX_TEXT_LENGTH
 
 DEFAULT_MODEL = "digits"
 
@@ -87,7 +88,8 @@ def transform(
     calibration_text = conditioning.text_argument(calibration_text, "calibration_text", "--calibration-embeddings")
     if text_length is None and calibration_text is not None:
         text_length = calibration_text.length
-    if text_length is not None:
+    if text_length is not None:  # given: 1..MAX (0 would silently mean "the model's default")
+        text_length = checks.integer(text_length, "text length", "--text-length", lo=1, hi=MAX_TEXT_LENGTH)
         settings = dataclasses.replace(settings, text_length=text_length)
     model_name = model if isinstance(model, str) else "in-memory"
     options = {k: v for k, v in (plan_options or {}).items() if v is not None}
@@ -368,9 +370,12 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,
                        settings.batch, seed, bars(progress))
 
 
+MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps the low 32 bits: larger seeds would repeat others
+
+
 def _seed(seed) -> int:
-    # torch generators take 64-bit seeds; each run r of a call uses seed + 1 + r.
-    return checks.integer(seed, "seed", "--seed", lo=-(2**63), hi=2**63 - 1)
+    # Every seed in range gives its own noise; each run r of a call uses seed + 1 + r.
+    return checks.integer(seed, "seed", "--seed", lo=0, hi=MAX_SEED)
 
 
 def to_images(samples: torch.Tensor) -> np.ndarray:
@@ -424,6 +429,7 @@ def inspect(artifact: str | Path, *, variant: str | None = None, step: int | str
     or `step`, that variant's block view, node table and diff against the full graph."""
     from tcgraph.inspection import inspect_artifact
 
+    checks.path(artifact, "artifact")
     return inspect_artifact(artifact, variant=variant, step=step, verify=verify)
 
 
@@ -438,4 +444,6 @@ def inspect_pictures(artifact: str | Path, out_dir: str | Path, *, variant: str 
     """Schedule heatmap, token masks (token plans) and a block-level DOT drawing into `out_dir`."""
     from tcgraph.inspection import write_pictures
 
+    checks.path(artifact, "artifact")
+    checks.path(out_dir, "out_dir", "--out")
     return write_pictures(artifact, out_dir, variant=variant)

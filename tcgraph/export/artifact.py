@@ -39,6 +39,7 @@ from tcgraph.export.manifest import (
     check_parameters,
     check_schema,
     check_variant_io,
+    inside_folder,
     config_hash,
     model_config_of,
     plan_of,
@@ -93,8 +94,8 @@ def write_artifact(
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise TcgraphError(
-            f"the output folder {out_dir} already exists; pass overwrite=True (`--force` on the command line) "
-            "to replace it, or choose another folder"
+            f"the output folder {out_dir} already exists; replace it (`--force` on the command line, force=True in "
+            "the API) or choose another folder"
         )
     config_dict = model_config.to_dict() if isinstance(model_config, DiTConfig) else model_config
     plan_dict = plan.to_dict() if isinstance(plan, Plan) else plan
@@ -228,12 +229,7 @@ class Artifact:
 
     def file(self, relative: str) -> Path:
         """`root / relative`, refusing a path that leaves the folder (absolute, `..`, a link out)."""
-        path = self.root / relative
-        root = self.root.resolve()
-        resolved = path.resolve()
-        if Path(relative).is_absolute() or (resolved != root and root not in resolved.parents):
-            raise TcgraphError(f"{relative!r} lies outside the artifact folder {self.root}; name a file inside it")
-        return path
+        return inside_folder(self.root, relative, "the artifact names")
 
     def variant_path(self, vid: str) -> Path:
         return self.file(self.variant(vid).file)

@@ -148,7 +148,9 @@ def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     except OSError as e:
         raise write_error(out_dir, e, CHOOSE, verb="rename the new folder to") from None
     if not overwrite:  # appeared while we were exporting
-        raise TcgraphError(f"the output folder {out_dir} appeared while writing; pass overwrite=True to replace it")
+        raise TcgraphError(f"another writer created {out_dir} while this one was exporting, and it was kept; choose "
+                           "another output folder, or replace it (`--force` on the command line, force=True in the "
+                           "API)")
     check_replaceable(out_dir)  # again: it may have changed during the minutes of export
     try:
         if _rename(tmp, out_dir, _RENAME_EXCHANGE):

@@ -89,13 +89,30 @@ def check_schema(manifest, root: Path) -> None:
         )
 
 
+def inside_folder(root: Path, rel: str, what: str = "manifest.json lists") -> Path:
+    """`root / rel`, refused with the real cause where it would leave the folder: an absolute path or
+    `..` (a damaged manifest), a link loop, or a link to somewhere outside (a copy made with links)."""
+    parts = Path(rel).parts
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in parts:
+        raise TcgraphError(f"{what} {rel!r}, a path outside the artifact folder {root}; the manifest is damaged; "
+                           f"{REDO}")
+    path = root / rel
+    try:
+        resolved_root, resolved = root.resolve(), path.resolve()
+    except (RuntimeError, OSError) as e:  # a loop of links: RuntimeError on Python 3.11-3.12, OSError later
+        raise TcgraphError(f"{rel} in {root} is a loop of symbolic links ({e}); replace it with the file itself "
+                           f"(copy the folder again without links), or {REDO}") from None
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise TcgraphError(f"{rel} in {root} is a link to {resolved}, outside the artifact folder; tcgraph reads "
+                           "only files inside an artifact folder: copy the folder with its files (cp -rL), or "
+                           f"{REDO}")
+    return path
+
+
 def check_files(root: Path, files: dict[str, str], verify_hashes: bool) -> None:
     """Every listed file lies inside the folder and exists; with `verify_hashes`, has its sha256."""
-    resolved_root = root.resolve()
     for rel, expected in files.items():
-        file = (root / rel).resolve()
-        if resolved_root not in file.parents:
-            raise TcgraphError(f"manifest.json lists {rel!r}, which lies outside {root}; the manifest is damaged; {REDO}")
+        file = inside_folder(root, rel)
         if not file.is_file():
             raise TcgraphError(f"missing file: {rel} in {root}; the folder is damaged (incomplete copy?); {REDO}")
         if verify_hashes:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -248,6 +249,9 @@ def _torch_export(v: ExportableVariant, path: Path, opset: int | None) -> None:
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many types; KeyboardInterrupt passes through
+        disk = _os_error_in(e)
+        if disk is not None:  # a full disk or a vanished folder, not the graph: the caller names the folder
+            raise disk from e
         summary = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TcgraphError(
             f"variant {v.id}: torch.onnx.export failed ({type(e).__name__}: {summary}); the variant graph "
@@ -357,3 +361,21 @@ def _verify(v: ExportableVariant, path: Path, entry: dict, atol: float) -> float
             )
         worst = max(worst, diff)
     return worst
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError (full disk, quota, a removed folder) behind an exporter's error, if one is its cause:
+    the exporter wraps it in its own types, which would blame the graph."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        text = str(e)
+        for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS):
+            if code is not None and os.strerror(code) in text:
+                return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None

@@ -79,6 +79,9 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
     checkpoint's shapes and must then match exactly one registered config.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or name_or_path == "":
+        raise TcgraphError(f"the model must be the name of a pretrained model ({', '.join(PRETRAINED)}) or the path of "
+                           f"a checkpoint or diffusers folder, got {type(name_or_path).__name__} {name_or_path!r:.60}")
     if name_or_path == "digits-text":  # a DiffusersPixArt; its prompt encoder: digits_text.prompt_encoder_for
         folder = PRETRAINED["digits-text"][0] / "transformer"
         if not (folder / "config.json").is_file():

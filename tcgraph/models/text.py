@@ -32,6 +32,9 @@ class Text:
             raise UsageError(f"negative text embeddings {list(self.negative_embeddings.shape)} and mask "
                              f"{list(self.negative_mask.shape)} must have the prompts' shapes {list(e.shape)}, "
                              f"{list(m.shape)}")
+        _check_values(e, m, "")
+        if self.negative_embeddings is not None:
+            _check_values(self.negative_embeddings, self.negative_mask, "negative ")
         object.__setattr__(self, "mask", m.float())
         if self.negative_mask is not None:
             object.__setattr__(self, "negative_mask", self.negative_mask.float())
@@ -70,8 +73,12 @@ class Text:
                 torch.cat([self.mask, self.negative_mask]))
 
     def check(self, length: int, width: int) -> None:
-        """Refuse text of another length or width than the artifact's graphs read."""
-        if self.length != length or self.width != width:
+        """Refuse text of another width (another text encoder) or length than the artifact's graphs read."""
+        if self.width != width:
+            raise UsageError(f"the text embeddings are [N, {self.length}, {self.width}]: {self.width} values per token, "
+                             f"but this model reads text of width {width} (its text encoder's): embed the prompts "
+                             "with the encoder of the model's own pipeline")
+        if self.length != length:
             raise UsageError(f"the text embeddings are [N, {self.length}, {self.width}], but this model's graphs read "
                              f"[N, {length}, {width}] (text length {length} is a plan setting): pad or cut the prompts "
                              f"to {length} tokens, or re-run `tcgraph transform --text-length {self.length}`")
@@ -79,3 +86,20 @@ class Text:
     def repeat_to(self, n: int) -> "Text":
         """N copies cycled to n images (one prompt for many images)."""
         return self.take([i % len(self) for i in range(n)])
+
+
+def _check_values(embeddings: torch.Tensor, mask: torch.Tensor, which: str) -> None:
+    """Text enters from files and callers: at least one prompt, finite embeddings, a 0/1 mask."""
+    if embeddings.shape[0] == 0:
+        raise UsageError(f"the {which}text embeddings hold 0 prompts ([0, {embeddings.shape[1]}, {embeddings.shape[2]}]): "
+                         "give at least one prompt")
+    if not embeddings.is_floating_point():
+        raise UsageError(f"the {which}text embeddings are {str(embeddings.dtype).removeprefix('torch.')}, not floats")
+    bad = ~torch.isfinite(embeddings).flatten(1).all(dim=1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise UsageError(f"the {which}text embeddings of {len(rows)} of {len(bad)} prompts (rows {rows[:5]}) hold NaN "
+                         "or infinite values; every sample from them would be NaN: embed those prompts again")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise UsageError(f"the {which}text mask must hold 1 (a token) or 0 (padding) only; it holds other values "
+                         f"(e.g. {mask[(mask != 0) & (mask != 1)].flatten()[0].item()!r})")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from tcgraph.errors import TcgraphError
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling.conditioning import Text, take
 from tcgraph.sampling.diffusion import DDIMSampler, StepFn
@@ -78,4 +79,17 @@ def run_batches(step_fn: StepFn, reset: Callable[[], None], sampler: Sampler, la
             g = torch.Generator().manual_seed(seed + 1 + r)
             res = sampler.sample(step_fn, x.to(device), y.to(device), generator=g, phase=phase)
             out.append(res[: len(idx)].cpu())
-    return torch.cat(out)
+    samples = torch.cat(out)
+    check_finite_samples(samples)
+    return samples
+
+
+def check_finite_samples(samples: torch.Tensor) -> None:
+    """A sample of NaN or inf is never a success: refuse the run (nothing is written) with what to check."""
+    bad = ~torch.isfinite(samples).flatten(1).all(dim=1)
+    if bad.any():
+        raise TcgraphError(
+            f"{int(bad.sum())} of {len(samples)} samples hold NaN or infinite values, so nothing was written; the "
+            "model's weights, the scheduler's settings or the conditioning are not finite or out of range: "
+            "check them (a `full` plan of the same model shows whether caching is the cause)"
+        )

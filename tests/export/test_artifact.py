@@ -116,7 +116,7 @@ def test_folder_layout_and_manifest(built, model):
     on_disk = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
     assert sorted(m["files"]) == [f for f in on_disk if f != "manifest.json"]
     assert {"plan.json", WEIGHTS_PATH, "variants/v0.onnx", "variants/v1.onnx"} <= set(m["files"])
-    assert m["programs"] == {"v0": "variants/v0.pt2", "v1": "variants/v1.pt2"}
+    assert m["programs"] == {"v0": "variants/v0.program.safetensors", "v1": "variants/v1.program.safetensors"}
     assert set(m["programs"].values()) <= set(m["files"])  # hashed like every other file
     for rel, sha in m["files"].items():
         assert file_sha256(built / rel) == sha
@@ -164,7 +164,7 @@ def test_loaded_artifact_is_typed(built, model):
     assert art.io_names() == {"v0": (["x", "t", "y"], ["out", "cache.0.attn"]),
                               "v1": (["x", "t", "y", "cache.0.attn"], ["out", "cache.0.attn"])}
     assert art.weights_path == built / WEIGHTS_PATH
-    assert art.programs == {"v0": "variants/v0.pt2", "v1": "variants/v1.pt2"}
+    assert art.programs == {"v0": "variants/v0.program.safetensors", "v1": "variants/v1.program.safetensors"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         art.plan = None
 
@@ -195,8 +195,22 @@ def test_file_refuses_paths_outside_the_folder(built):
     art = load_artifact(built)
     assert art.file("plan.json") == built / "plan.json"
     for bad in ("../elsewhere", "/etc/passwd", "variants/../../x"):
-        with pytest.raises(TcgraphError, match="lies outside the artifact folder"):
+        with pytest.raises(TcgraphError, match="outside the artifact folder"):
             art.file(bad)
+
+
+def test_links_out_of_the_folder_and_link_loops_name_their_cause(copy, tmp_path):
+    """A file that is a link leaving the folder is named as such (not "the manifest is damaged"); a loop of
+    links is one clear error, not a traceback; nothing of the folder changes."""
+    outside = tmp_path / "plan-elsewhere.json"
+    (copy / "plan.json").rename(outside)
+    (copy / "plan.json").symlink_to(outside)
+    with pytest.raises(TcgraphError, match=r"plan.json in .* is a link to .*plan-elsewhere.json, outside the artifact"):
+        load_artifact(copy)
+    (copy / "plan.json").unlink()
+    (copy / "plan.json").symlink_to("plan.json")
+    with pytest.raises(TcgraphError, match=r"plan.json in .* is a loop of symbolic links"):
+        load_artifact(copy)
 
 
 def test_copies_keep_the_artifact_unchanged(copy):
@@ -204,7 +218,7 @@ def test_copies_keep_the_artifact_unchanged(copy):
     art = load_artifact(copy)
     art.tensorrt["precision"] = "fp32"
     art.programs["v0"] = "elsewhere"
-    assert art.tensorrt == {"precision": "fp16", "engines": {}} and art.programs["v0"] == "variants/v0.pt2"
+    assert art.tensorrt == {"precision": "fp16", "engines": {}} and art.programs["v0"] == "variants/v0.program.safetensors"
 
 
 def test_old_folder_without_programs_or_parameters(copy):
@@ -246,8 +260,8 @@ def test_truncated_file_is_detected(copy):
 
 
 def test_edited_program_is_detected(copy):
-    (copy / "variants/v1.pt2").write_bytes(b"not a program")
-    with pytest.raises(TcgraphError, match=r"hash mismatch: variants/v1.pt2"):
+    (copy / "variants/v1.program.safetensors").write_bytes(b"not a program")
+    with pytest.raises(TcgraphError, match=r"hash mismatch: variants/v1.program.safetensors"):
         load_artifact(copy)
 
 
@@ -379,7 +393,7 @@ def test_engine_section_is_carried_and_its_files_hashed(tmp_path, model):
 
 def test_existing_folder_needs_overwrite(copy, model):
     before = (copy / "manifest.json").read_bytes()
-    with pytest.raises(TcgraphError, match=r"already exists; pass overwrite=True \(`--force`"):
+    with pytest.raises(TcgraphError, match=r"already exists; replace it \(`--force` on the command line, force=True in the API\)"):
         write_artifact(copy, model_config=model.config.to_dict(), plan=PLAN, variants=[])
     assert (copy / "manifest.json").read_bytes() == before
 
