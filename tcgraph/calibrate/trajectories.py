@@ -22,7 +22,8 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.progress import SILENT, Phase
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.sampling import DDIMSampler, SamplerSettings, sampler_for
 from tcgraph.sampling.conditioning import Text, as_inputs, nbytes, take
 
@@ -32,7 +33,7 @@ FLOAT_BYTES = 4
 @dataclass
 class Trajectories:
     settings: SamplerSettings
-    config: DiTConfig
+    config: ModelConfig
     x: torch.Tensor  # (S, R, C, H, W) sampler state entering each step
     y: torch.Tensor | Text  # (R,) class ids, or the R images' text conditioning
     eps: torch.Tensor  # (S, R, C, H, W) full model's guided epsilon at each step
@@ -112,13 +113,13 @@ def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, se
     return Trajectories(settings, cfg, xs, y, eps)
 
 
-def calibration_bytes(cfg: DiTConfig, settings: SamplerSettings, num_images: int) -> int:
+def calibration_bytes(cfg: ModelConfig, settings: SamplerSettings, num_images: int) -> int:
     """Memory of the trajectories tcgraph keeps: states and guided targets per image-step."""
     per = cfg.in_channels * settings.resolution**2 * FLOAT_BYTES
     return settings.num_steps * num_images * 2 * per + num_images * 8
 
 
-def branch_bytes(cfg: DiTConfig, settings: SamplerSettings, num_images: int) -> int:
+def branch_bytes(cfg: ModelConfig, settings: SamplerSettings, num_images: int) -> int:
     """Memory that storing every pre-gate branch output would take (model rows incl. CFG halves)."""
     rows = num_images * (2 if settings.cfg_scale > 1.0 else 1)
     return settings.num_steps * rows * 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size * FLOAT_BYTES

@@ -2,7 +2,7 @@
 
 `export_variants` turns variant GraphModules into ONNX files sharing one weights file;
 `write_artifact` / `load_artifact` handle the whole folder (manifest, plan, hashes), and a
-loaded `Artifact` is typed (`Plan`, `DiTConfig`, `VariantSpec`s) so that nothing else reads
+loaded `Artifact` is typed (`Plan`, the model config, `VariantSpec`s) so that nothing else reads
 manifest keys.
 """
 from tcgraph.export.artifact import SCHEMA_VERSION, Artifact, config_hash, load_artifact, write_artifact

@@ -15,7 +15,7 @@ The folder is built in a hidden sibling and renamed into place only when complet
 format's checks in `tcgraph.export.manifest`): it checks
 what is cheap (schema, hashes, the model config against its hash, the plan against the
 model and the variants) and returns an `Artifact` of typed parts — a `Plan`, a
-`DiTConfig`, `VariantSpec`s — so that no other module reads manifest keys.
+model config (its family's class), `VariantSpec`s — so that no other module reads manifest keys.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from tcgraph.export.onnx import WEIGHTS_PATH, ExportableVariant, export_each, fi
 from tcgraph.export.programs import write_programs
 from tcgraph.export.specs import REDO, ParameterSpec, TensorSpec, VariantSpec, parameter_specs, variant_spec
 from tcgraph.export.weights import map_parameters
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.plan import Plan
 from tcgraph.progress import QUIET, Phase, Progress
 from tcgraph.version import __version__
@@ -65,7 +65,7 @@ __all__ = ["SCHEMA_VERSION", "Artifact", "ParameterSpec", "TensorSpec", "Variant
 def write_artifact(
     out_dir: Path,
     *,
-    model_config: DiTConfig | dict,
+    model_config: ModelConfig | dict,
     plan: Plan | dict,
     variants: Sequence[ExportableVariant],
     extra: dict | None = None,
@@ -97,9 +97,9 @@ def write_artifact(
             f"the output folder {out_dir} already exists; replace it (`--force` on the command line, force=True in "
             "the API) or choose another folder"
         )
-    config_dict = model_config.to_dict() if isinstance(model_config, DiTConfig) else model_config
+    config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
     plan_dict = plan.to_dict() if isinstance(plan, Plan) else plan
-    where, todo = f"cannot write {out_dir}", "pass the model's DiTConfig and a tcgraph Plan made for it"
+    where, todo = f"cannot write {out_dir}", "pass the model's config and a tcgraph Plan made for it"
     typed_config, typed_plan = model_config_of(config_dict, where, todo), plan_of(plan_dict, where, todo)
     check_agree(typed_plan, typed_config, [v.id for v in variants], where,
                 "pass one variant graph per variant of the plan, with the plan's ids (v0, v1, ...)")
@@ -200,7 +200,7 @@ class Artifact:
 
     root: Path
     plan: Plan
-    model_config: DiTConfig
+    model_config: ModelConfig
     variants: tuple[VariantSpec, ...]
     parameters: tuple[ParameterSpec, ...] | None = None
     source_model: str | None = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from tcgraph.errors import TcgraphError
 from tcgraph.export.onnx import file_sha256
 from tcgraph.export.specs import REDO
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig, config_from_dict
 from tcgraph.plan.plan import Plan
 
 SCHEMA_VERSION = 1
@@ -30,13 +30,13 @@ def config_hash(model_config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_config_of(raw, where: str, todo: str) -> DiTConfig:
-    if isinstance(raw, DiTConfig):
+def model_config_of(raw, where: str, todo: str) -> ModelConfig:
+    if not isinstance(raw, dict) and hasattr(raw, "to_dict"):  # already typed
         return raw
     try:
-        return DiTConfig(**raw)
+        return config_from_dict(raw)
     except (TypeError, ValueError, ZeroDivisionError, TcgraphError) as e:
-        raise TcgraphError(f"{where}: the model config is not a DiT config ({e}); {todo}") from None
+        raise TcgraphError(f"{where}: the model config is not one tcgraph can build ({e}); {todo}") from None
 
 
 def plan_of(raw, where: str, todo: str) -> Plan:
@@ -50,7 +50,7 @@ def plan_of(raw, where: str, todo: str) -> Plan:
         raise TcgraphError(f"{where}: the plan cannot be read ({e}); {todo}") from None
 
 
-def check_agree(plan: Plan, config: DiTConfig, variant_ids: Sequence[str], where: str, todo: str) -> None:
+def check_agree(plan: Plan, config: ModelConfig, variant_ids: Sequence[str], where: str, todo: str) -> None:
     """The plan is for this model, and its schedule names exactly these variants."""
     if (plan.depth, plan.num_tokens) != (config.depth, config.num_tokens):
         raise TcgraphError(
@@ -156,7 +156,7 @@ def _cache_key(name: str) -> tuple[int, str] | None:
     return int(block), branch
 
 
-def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: str, todo: str) -> None:
+def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where: str, todo: str) -> None:
     """Every variant's graph I/O as the plan's settings and the model config fix it (DESIGN.md,
     "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B] (a text-conditioned model:
     `encoder_hidden_states` [B, L, D_text] and `encoder_attention_mask` [B, L] for `y`), `out` [B, C_out, H, W],
@@ -209,7 +209,7 @@ def check_variant_io(plan: Plan, config: DiTConfig, variants: Sequence, where: s
             raise TcgraphError(f"{where}: variant {v.id} reads {unread}, which no variant writes; {todo}")
 
 
-def check_parameters(parameters: Sequence, variants: Sequence, config: DiTConfig, where: str, todo: str) -> None:
+def check_parameters(parameters: Sequence, variants: Sequence, config: ModelConfig, where: str, todo: str) -> None:
     """The parameter map holds exactly the state dict of a DiT with `config` (names and shapes),
     and no variant reads the weights of a block the config does not have."""
     from tcgraph.models.checkpoint import state_dict_shapes

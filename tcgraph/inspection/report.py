@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig, config_from_dict
 from tcgraph.names import (branch_key, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
                            is_cache)
 from tcgraph.plan.plan import Plan, Recipe
@@ -182,14 +182,14 @@ def step_position(plan: Plan, step: int) -> dict:
     }
 
 
-def inspect_plan(plan: Plan, model_config: DiTConfig | dict | None = None, *, variant: str | None = None,
+def inspect_plan(plan: Plan, model_config: ModelConfig | dict | None = None, *, variant: str | None = None,
                  step: int | None = None) -> dict:
     """The plan-level part of `inspect_artifact` for a Plan object (no ONNX files needed);
-    `model_config` (a DiTConfig or its dict) adds the FLOP counts."""
+    `model_config` (a model config or its dict) adds the FLOP counts."""
     from tcgraph.plan.flops import plan_flops
 
     if isinstance(model_config, dict):
-        model_config = DiTConfig(**model_config)
+        model_config = config_from_dict(model_config)
     flops = plan_flops(model_config, plan) if model_config is not None else None
     schedule = plan.schedule()
     variants = []

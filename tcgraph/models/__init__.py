@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.diffusers_config import SUPPORTED as SUPPORTED_DIFFUSERS, is_diffusers_folder
+from tcgraph.models.diffusers_config import is_diffusers_folder
+from tcgraph.models.families import FAMILIES, Family, family, family_of_diffusers_class
 from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
 from tcgraph.models.checkpoint import (
     config_candidates,
@@ -129,18 +129,12 @@ def is_model(obj) -> bool:
 
 
 def build_model(config: DiTConfig | str, **overrides):
-    """A freshly initialised model in eval mode from a config or a registered name; a config with
-    layout "diffusers" builds diffusers' DiTTransformer2DModel (`tcgraph.models.diffusers_dit`),
-    one with layout "pixart" its PixArtTransformer2DModel (`tcgraph.models.diffusers_pixart`),
-    both needing diffusers; any other tcgraph's DiT."""
-    if isinstance(config, DiTConfig) and config.layout == "diffusers" and not overrides:
-        from tcgraph.models.diffusers_dit import build_diffusers_dit
-
-        return build_diffusers_dit(config)
-    if isinstance(config, DiTConfig) and config.layout == "pixart" and not overrides:
-        from tcgraph.models.diffusers_pixart import build_diffusers_pixart
-
-        return build_diffusers_pixart(config)
+    """A freshly initialised model in eval mode from a config or a registered name, built by the
+    config's family (`tcgraph.models.families`): tcgraph's DiT, or diffusers' DiTTransformer2DModel /
+    PixArtTransformer2DModel (these need diffusers). `overrides` change fields of a registered
+    config (official DiT only)."""
+    if isinstance(config, DiTConfig) and not overrides:
+        return config.family.build(config)
     return build_official(config, **overrides)
 
 
@@ -153,8 +147,7 @@ def load_diffusers(path: str | os.PathLike, config=None):
         raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "
                          "(--config) argument")
     folder = read_folder(path)
-    module = SUPPORTED_DIFFUSERS[folder.class_name]
-    return importlib.import_module(module).load(folder)
+    return family_of_diffusers_class(folder.class_name).load_folder(folder)
 
 
 def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_classes: int) -> torch.Tensor:
@@ -182,10 +175,13 @@ __all__ = [
     "PRETRAINED",
     "DiT",
     "DiTConfig",
+    "FAMILIES",
+    "Family",
     "ModelAdapter",
     "adapter_for",
     "build_model",
     "check_class_ids",
+    "family",
     "infer_config",
     "load_checkpoint_into",
     "is_model",

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
+from tcgraph.models.families import DEFAULT_FAMILY, Family, family
 
 #################################################################################
 #                                  Configs                                      #
@@ -44,7 +45,7 @@ class DiTConfig:
     # timestep features use a frequency shift of 1 and whose MLP norm uses `norm_eps`.
     # "pixart": diffusers' PixArtTransformer2DModel (`tcgraph.models.diffusers_pixart`), conditioned
     # on text embeddings of width `caption_channels` instead of class ids (num_classes 0).
-    layout: str = "official"
+    layout: str = DEFAULT_FAMILY  # the model family (`tcgraph.models.families`); the key older manifests use
     norm_eps: float = 1e-6  # eps of the norm before the MLP (official: 1e-6 everywhere)
     caption_channels: int = 0  # width of the text embeddings a text-conditioned model reads; 0: class ids
     micro_size: int = 0  # PixArt-alpha 1024's micro-conditions: the square image side in pixels they name; 0: none
@@ -55,13 +56,17 @@ class DiTConfig:
         return self.caption_channels > 0
 
     @property
+    def family(self) -> Family:
+        """The model family this config builds (`tcgraph.models.families`), named by `layout`."""
+        return family(self.layout)
+
+    @property
     def branches(self) -> tuple[str, ...]:
-        """Each block's branches in recipe order: DiT's attn, mlp; PixArt's attn, cross, mlp."""
-        return ("attn", "cross", "mlp") if self.layout == "pixart" else ("attn", "mlp")
+        """Each block's branches in recipe order, as the family has them: DiT's attn, mlp; PixArt's attn, cross, mlp."""
+        return self.family.branches
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise TcgraphError(f"unknown DiT layout {self.layout!r}; layouts: {', '.join(LAYOUTS)}")
+        family(self.layout)  # an unknown family is refused with the list
         if self.input_size % self.patch_size:
             raise TcgraphError(
                 f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}; "
@@ -94,8 +99,7 @@ class DiTConfig:
         return d
 
 
-LAYOUTS = ("official", "diffusers", "pixart")
-_LATER_FIELDS = {"layout": "official", "norm_eps": 1e-6, "caption_channels": 0,
+_LATER_FIELDS = {"layout": DEFAULT_FAMILY, "norm_eps": 1e-6, "caption_channels": 0,
                  "micro_size": 0}  # fields added after manifests existed
 
 
@@ -308,10 +312,10 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        if config.layout != "official" or config.norm_eps != 1e-6:
+        if config.family.module != __name__ or config.norm_eps != 1e-6:  # the family this module implements
             raise TcgraphError(
-                f"DiT builds the official layout (norm eps 1e-6); this config has layout {config.layout!r}, "
-                f"norm eps {config.norm_eps}: use tcgraph.models.build_model, which builds every layout"
+                f"DiT builds the official DiT (norm eps 1e-6); this config is of the family {config.family.title}, "
+                f"norm eps {config.norm_eps}: use tcgraph.models.build_model, which builds every family"
             )
         self.config = config
         self.learn_sigma = config.learn_sigma

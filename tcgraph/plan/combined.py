@@ -19,7 +19,7 @@ Definition (the project's; the papers do not combine them):
 Full steps stay full: they refresh every cache. `l2c_share` is searched over
 `SHARES` unless given, keeping the plan with the lowest held-out error.
 
-Branches are the model's (`DiTConfig.branches`): the router has one logit per branch of
+Branches are the model's (`ModelConfig.branches`): the router has one logit per branch of
 every block, and step 4 makes every computed branch of a pruned block partial, PixArt's
 cross-attention like its MLP (row-wise in the image tokens; see `tcgraph.plan.tprr`). FLOPs
 count a cross branch at the plan's `text_length`; a text-conditioned model calibrates on the
@@ -35,7 +35,8 @@ import torch
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.l2c import L2CConfig, make_l2c
 from tcgraph.plan.learning import cache_steps, calibration_of, candidate_intervals, require_weights
@@ -112,7 +113,7 @@ def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int
     return tuple(out)
 
 
-def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int, margin: float = 1.03, *,
+def skeleton_interval(cfg: ModelConfig, num_steps: int, target: float, floor: int, margin: float = 1.03, *,
                       text_length: int = 0) -> int:
     """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`
     (token pruning alone could meet the budget there, and branch reuse adds on top); where no
@@ -128,7 +129,7 @@ def skeleton_interval(cfg: DiTConfig, num_steps: int, target: float, floor: int,
     return candidate_intervals(cfg, num_steps, target, text_length=text_length)[-1]
 
 
-def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tensor, sensitivity: Sequence[float],
+def prune_to_target(cfg: ModelConfig, base: tuple[Recipe, ...], scores: torch.Tensor, sensitivity: Sequence[float],
                     floor: int, target: float, *, text_length: int = 0,
                     steps: Collection[int] | None = None) -> tuple[list[int], tuple[Recipe, ...]] | None:
     """(keep counts, recipes): `base` pruned at its cache `steps` (`prune_recipes`) by greedy block
@@ -139,7 +140,7 @@ def prune_to_target(cfg: DiTConfig, base: tuple[Recipe, ...], scores: torch.Tens
     return None if keep is None else (keep, prune_recipes(base, scores, keep, steps))
 
 
-def make_combined(cfg: CombinedConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: SamplerSettings, *,
                   weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
                   learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True,
                   calibration_text: Text | None = None) -> Plan:

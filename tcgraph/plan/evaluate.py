@@ -24,7 +24,8 @@ import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe, constant_roles
@@ -32,7 +33,7 @@ from tcgraph.sampling import sampler_for
 from tcgraph.sampling.conditioning import Text, take
 
 
-def speedup_of(cfg: DiTConfig, recipes: Sequence[Recipe], text_length: int = 0) -> float:
+def speedup_of(cfg: ModelConfig, recipes: Sequence[Recipe], text_length: int = 0) -> float:
     """FLOP-predicted speedup of `recipes` (one per step) over computing everything (`text_length`:
     the plan's, for a text-conditioned model), with the run constants as a `Plan` of them carries
     them: `plan_flops(...)["predicted_speedup"]` of that plan."""

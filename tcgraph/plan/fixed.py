@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.options import option
 from tcgraph.plan.extrapolate import taylor_weights
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, REUSE, Plan, Recipe, forecast
@@ -48,14 +49,14 @@ class TaylorConfig:
             raise TcgraphError(f"taylor order must be 1..{MAX_HISTORY - 1}, got {self.order}")
 
 
-def make_full(cfg: FullConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_full(cfg: FullConfig, model_config: ModelConfig, settings: SamplerSettings, *,
               weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
     full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
     recipes = tuple(full for _ in range(settings.num_steps))
     return Plan("full", settings, recipes, model_config.num_tokens, params={})
 
 
-def make_fora(cfg: ForaConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_fora(cfg: ForaConfig, model_config: ModelConfig, settings: SamplerSettings, *,
               weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
     full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
     cached = Recipe.uniform(model_config.depth, REUSE, model_config.branches)
@@ -64,7 +65,7 @@ def make_fora(cfg: ForaConfig, model_config: DiTConfig, settings: SamplerSetting
                 params={"interval": cfg.interval})
 
 
-def make_taylor(cfg: TaylorConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_taylor(cfg: TaylorConfig, model_config: ModelConfig, settings: SamplerSettings, *,
                 weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
     depth, branches = model_config.depth, model_config.branches
     full = Recipe.uniform(depth, COMPUTE, branches)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.plan import Action, Plan, Recipe
 
 
-def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int = 0, constants_read: bool = False) -> int:
+def branch_flops(cfg: ModelConfig, branch: str, action: Action, text_length: int = 0, constants_read: bool = False) -> int:
     """FLOPs of one branch for one sample (`text_length`: the text tokens a cross branch attends to;
     `constants_read`: its keys and values of the text are read, not projected)."""
     n, d, m = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
@@ -48,13 +48,13 @@ def branch_flops(cfg: DiTConfig, branch: str, action: Action, text_length: int =
     return 2 * 2 * k * d * m + score
 
 
-def fixed_flops(cfg: DiTConfig, text_length: int = 0, constants_read: bool = False) -> int:
+def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = False) -> int:
     """FLOPs every step spends whatever the recipe: embeddings, adaLN, final layer (and a text
     model's caption projection of its `text_length` tokens, unless the step reads the run constants)."""
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     patch = 2 * n * p * p * cfg.in_channels * d
     t_embed = 2 * 256 * d + 2 * d * d
-    if cfg.layout == "pixart":  # one adaLN-single linear shared by the blocks; a table-only final modulation
+    if cfg.family.shared_modulation:  # one adaLN-single linear shared by the blocks; a table-only final modulation
         adaln = 2 * d * 6 * d
         caption = 0 if constants_read else 2 * text_length * (cfg.caption_channels * d + d * d)
     else:
@@ -64,7 +64,7 @@ def fixed_flops(cfg: DiTConfig, text_length: int = 0, constants_read: bool = Fal
     return patch + t_embed + adaln + caption + final
 
 
-def recipe_flops(cfg: DiTConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:
+def recipe_flops(cfg: ModelConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:
     """FLOPs of one step of `recipe` for a model batch of `batch` rows."""
     read = recipe.constants == "read"
     per_sample = fixed_flops(cfg, text_length, read) + sum(branch_flops(cfg, br, a, text_length, read)
@@ -72,7 +72,7 @@ def recipe_flops(cfg: DiTConfig, recipe: Recipe, batch: int, text_length: int = 
     return per_sample * batch
 
 
-def plan_flops(cfg: DiTConfig, plan: Plan) -> dict:
+def plan_flops(cfg: ModelConfig, plan: Plan) -> dict:
     """Per-variant and whole-run FLOPs, and the predicted speedup over computing everything.
 
     `full_total` is the `full` plan's run with the same run constants (carried or not), the baseline

@@ -2,7 +2,7 @@
 
 The plan has a skeleton: every `interval`-th step (0, K, 2K, …) is a full step, the
 others are *cache steps*. A router holds one logit `g[s, l, b]` per cache step, block and
-branch, for the model's own branches (`DiTConfig.branches`: DiT's attn, mlp; PixArt's attn,
+branch, for the model's own branches (`ModelConfig.branches`: DiT's attn, mlp; PixArt's attn,
 cross, mlp; the router is `[S, depth, len(branches)]`, branch b in that order). Training
 follows DESIGN.md's L2C section, on calibration trajectories of the model itself (random
 noise and labels, no data set; a text-conditioned model on the prompts `calibration_text`):
@@ -38,7 +38,8 @@ import torch
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES, cache_name
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
@@ -243,7 +244,7 @@ def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
                           max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES
                           ) -> tuple[Recipe, ...]:
     """Compute a branch where the (group-mean) probability exceeds `threshold`; `probs` is
-    `[S, depth, len(branches)]`, `branches` the model's (`DiTConfig.branches`)."""
+    `[S, depth, len(branches)]`, `branches` the model's (`ModelConfig.branches`)."""
     S, depth = probs.shape[0], probs.shape[1]
     branches = _branches_of(probs, branches)
     groups = group_steps(probs, cache_steps(S, interval), cache_step_variants(max_variants, branches, S))
@@ -254,7 +255,7 @@ def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
     return _recipes_from_groups(depth, S, groups, computes, branches)
 
 
-def recipes_for_target(cfg: DiTConfig, probs: torch.Tensor, interval: int, target: float,
+def recipes_for_target(cfg: ModelConfig, probs: torch.Tensor, interval: int, target: float,
                        max_variants: int | None = None, *, text_length: int = 0) -> tuple[Recipe, ...]:
     """Reuse the least important (group, block, branch) first until the predicted speedup reaches `target`
     (FLOPs of the model's branches, a cross branch's at `text_length` text tokens, its keys and values
@@ -292,7 +293,7 @@ def _probs_record(probs: torch.Tensor, interval: int) -> dict:
             for s in cache_steps(probs.shape[0], interval)}
 
 
-def make_l2c(cfg: L2CConfig, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
+def make_l2c(cfg: L2CConfig, model_config: ModelConfig, settings: SamplerSettings, *, weights: DiT | None = None,
              progress: Progress = QUIET, traj: Trajectories | None = None, finish: bool = True,
              calibration_text: Text | None = None, routers: dict | None = None) -> Plan:
     """The l2c planner: import `cfg.router`, or calibrate, train the router(s) and turn the

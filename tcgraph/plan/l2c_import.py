@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES
 from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe
 from tcgraph.sampling import SamplerSettings
@@ -165,7 +165,7 @@ def read_published_router(path: str | os.PathLike) -> torch.Tensor:
 #################################################################################
 
 
-def _check_inputs(logits: torch.Tensor, model_cfg: DiTConfig, settings: SamplerSettings,
+def _check_inputs(logits: torch.Tensor, model_cfg: ModelConfig, settings: SamplerSettings,
                   threshold: float) -> None:
     if tuple(model_cfg.branches) != BRANCHES:
         raise TcgraphError(
@@ -214,7 +214,7 @@ def _cache_step_recipe(step_logits: torch.Tensor, threshold: float) -> Recipe:
 
 def plan_from_published_router(
     logits: torch.Tensor,
-    model_cfg: DiTConfig,
+    model_cfg: ModelConfig,
     settings: SamplerSettings,
     threshold: float = DEFAULT_THRESHOLD,
     source: str | os.PathLike = "",
@@ -245,7 +245,7 @@ def plan_from_published_router(
 
 def load_published_router_plan(
     path: str | os.PathLike,
-    model_cfg: DiTConfig,
+    model_cfg: ModelConfig,
     settings: SamplerSettings,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> Plan:

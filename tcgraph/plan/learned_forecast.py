@@ -42,7 +42,7 @@ MARGIN = 0.02  # a forecast replaces an action only if its held-out error is thi
 @torch.no_grad()
 def output_grams(model: DiT, traj: Trajectories, *, chunk: int = 4, phase: Phase = SILENT) -> dict[CacheKey, torch.Tensor]:
     """(block, branch) -> G [S, S, N] (float64) of the full model's branch outputs on `traj` (see the module
-    docstring), for every branch of the model's blocks (`DiTConfig.branches`)."""
+    docstring), for every branch of the model's blocks (`ModelConfig.branches`)."""
     S, depth = traj.num_steps, model.config.depth
     keys = [(l, br) for l in range(depth) for br in model.config.branches]
     grams: dict[CacheKey, torch.Tensor] = {}

@@ -8,7 +8,7 @@ A text-conditioned model (PixArt) is calibrated on prompts the user gives instea
 labels (`calibration_text`, a `tcgraph.sampling.conditioning.Text`): `calibration_split`
 refuses to learn without them.
 
-Everything here follows the model's own branches (`DiTConfig.branches`: DiT's attn, mlp;
+Everything here follows the model's own branches (`ModelConfig.branches`: DiT's attn, mlp;
 PixArt's attn, cross, mlp) and counts FLOPs at the plan's `text_length`.
 A *round* is one full step, which fills every cache with its pre-gate branch outputs (no
 grad), followed by cache steps that blend `w·fresh + (1 − w)·cached` per branch
@@ -24,7 +24,8 @@ import torch
 
 from tcgraph.calibrate import Trajectories, calibrate, mixed_step
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.names import cache_name
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
@@ -55,7 +56,7 @@ def held_out_count(calib_images: int, held_out: int | None) -> int:
     return held_out if held_out is not None else max(1, calib_images // 3)
 
 
-def check_calibration_text(model_config: DiTConfig, text: Text | None, what: str) -> None:
+def check_calibration_text(model_config: ModelConfig, text: Text | None, what: str) -> None:
     """Learning on a text-conditioned model needs calibration prompts; a class-conditional one takes none."""
     if model_config.text_conditioned and text is None:
         raise TcgraphError(
@@ -90,7 +91,7 @@ def calibration_of(model: DiT, settings: SamplerSettings, cfg, traj: Trajectorie
     return traj
 
 
-def require_weights(weights: DiT | None, model_config: DiTConfig, what: str) -> DiT:
+def require_weights(weights: DiT | None, model_config: ModelConfig, what: str) -> DiT:
     """The model itself, which learning needs; a clear error where only its config was given."""
     if weights is None:
         raise TcgraphError(f"learning {what} needs the model's weights, not only its config; "
@@ -115,14 +116,14 @@ def cache_steps(num_steps: int, interval: int) -> list[int]:
     return [s for _, cs in rounds(num_steps, interval) for s in cs]
 
 
-def max_speedup(cfg: DiTConfig, num_steps: int, interval: int, text_length: int = 0) -> float:
+def max_speedup(cfg: ModelConfig, num_steps: int, interval: int, text_length: int = 0) -> float:
     """The speedup of reusing every branch at every cache step (FORA with this interval)."""
     full, reuse = Recipe.uniform(cfg.depth, COMPUTE, cfg.branches), Recipe.uniform(cfg.depth, REUSE, cfg.branches)
     cs = set(cache_steps(num_steps, interval))
     return speedup_of(cfg, [reuse if s in cs else full for s in range(num_steps)], text_length)
 
 
-def candidate_intervals(cfg: DiTConfig, num_steps: int, target: float, margin: float = 1.03, *,
+def candidate_intervals(cfg: ModelConfig, num_steps: int, target: float, margin: float = 1.03, *,
                         text_length: int = 0) -> list[int]:
     """The smallest interval that reaches `target` with some slack, and the next one."""
     for k in range(2, num_steps + 1):

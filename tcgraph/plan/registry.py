@@ -17,7 +17,8 @@ from dataclasses import Field, dataclass, fields
 from typing import Any, Callable
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.combined import CombinedConfig, make_combined
 from tcgraph.plan.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor
 from tcgraph.plan.l2c import L2CConfig, make_l2c
@@ -118,7 +119,7 @@ def plan_help() -> str:
 PLAN_HELP = plan_help()
 
 
-def make_plan(spec: str, model_config: DiTConfig, settings: SamplerSettings, *, weights: DiT | None = None,
+def make_plan(spec: str, model_config: ModelConfig, settings: SamplerSettings, *, weights: DiT | None = None,
               progress: Progress = QUIET, calibration_text: Text | None = None, **options) -> Plan:
     """Build a plan from a spec such as `full`, `fora:3` or `l2c:2.5`.
 

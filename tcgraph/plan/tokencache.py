@@ -20,7 +20,7 @@ exactly the partial semantics of `passes.reference`.
 the same schedule and token counts, the tokens chosen per sample in the graph (ToCa-style).
 
 Branches: TokenCache prunes blocks, and a pruned block prunes every branch of the model's
-blocks alike (`DiTConfig.branches`). The paper's DiT blocks have attention and MLP; for
+blocks alike (`ModelConfig.branches`). The paper's DiT blocks have attention and MLP; for
 PixArt's cross-attention the project chose the same rule: it is row-wise in the image tokens
 (its keys and values are the text), so it is partial on the block's kept tokens like the MLP,
 and the Cache Predictor's one score per token is shared by all three branches. A
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.dit import DiT
+from tcgraph.models.families import ModelConfig
 from tcgraph.plan.evaluate import plan_error, speedup_of
 from tcgraph.plan.learning import (
     calibration_split,
@@ -130,7 +131,7 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
     return pred, sens
 
 
-def make_tokencache(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: SamplerSettings, *,
                     weights: DiT | None = None, progress: Progress = QUIET, traj: Trajectories | None = None,
                     learned: tuple[PredictorResult, list[float]] | None = None, finish: bool = True,
                     calibration_text: Text | None = None) -> Plan:
@@ -225,7 +226,7 @@ def to_dynamic(plan: Plan) -> Plan:
     return Plan(plan.planner.replace("tokencache", "dynamic", 1), plan.settings, recipes, plan.num_tokens, params)
 
 
-def make_dynamic(cfg: TokenCacheConfig, model_config: DiTConfig, settings: SamplerSettings, *,
+def make_dynamic(cfg: TokenCacheConfig, model_config: ModelConfig, settings: SamplerSettings, *,
                  weights: DiT | None = None, progress: Progress = QUIET,
                  traj: Trajectories | None = None, calibration_text: Text | None = None) -> Plan:
     """The dynamic planner: `to_dynamic` of the tokencache plan for `cfg` (its TPRR plan, without

@@ -17,7 +17,7 @@ K/V on all N rows, cross-attention q/proj/scores on k rows with K/V of the plan'
 `text_length` text tokens, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is reused.
 
 **Branches.** A block is pruned as a whole: every branch of the model's blocks
-(`DiTConfig.branches`; DiT: attn, mlp; PixArt: attn, cross, mlp) gets the block's action.
+(`ModelConfig.branches`; DiT: attn, mlp; PixArt: attn, cross, mlp) gets the block's action.
 The project's choice for cross-attention (the paper's DiT has none): it is row-wise in the
 image tokens, its keys and values being the text, so `partial(kept)` recomputes its kept
 rows exactly as for the MLP, and the block's one token set (one Cache Predictor score per
@@ -80,7 +80,7 @@ from typing import Callable, Sequence
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES
 from tcgraph.plan.evaluate import speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
@@ -184,7 +184,7 @@ def token_order(scores: torch.Tensor) -> list[int]:
 def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2: int, *, max_stale: int = 2,
                  max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES) -> tuple[Recipe, ...]:
     """The recipes of a TPRR schedule: `scores` `[S, depth, N]` predictor logits, `keep[l]` the
-    keep count of block l (N = unpruned), `branches` the model's (`DiTConfig.branches`), every
+    keep count of block l (N = unpruned), `branches` the model's (`ModelConfig.branches`), every
     one of a block taking the block's action. Pure: the same inputs give the same recipes."""
     S, depth, n = scores.shape
     if len(keep) != depth or any(not 0 <= k <= n for k in keep):
@@ -215,14 +215,14 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
 #################################################################################
 
 
-def _block_flops(cfg: DiTConfig, k: int, text_length: int = 0, constants_read: bool = False) -> int:
+def _block_flops(cfg: ModelConfig, k: int, text_length: int = 0, constants_read: bool = False) -> int:
     """FLOPs of one block with every branch kept at k tokens (N: computed, 0: reused)."""
     n = cfg.num_tokens
     a = COMPUTE if k >= n else (REUSE if k == 0 else Action("partial", tuple(range(k))))
     return sum(branch_flops(cfg, br, a, text_length, constants_read) for br in cfg.branches)
 
 
-def layout_speedup(cfg: DiTConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int],
+def layout_speedup(cfg: ModelConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int],
                    text_length: int = 0) -> float:
     """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built), the
     run constants carried as a plan carries them (step 0 projects the text, a full step)."""
@@ -278,12 +278,12 @@ def select_blocks(sensitivity: Sequence[float], num_tokens: int, floor: int,
 #################################################################################
 
 
-def keep_floor(cfg: DiTConfig, min_keep: float) -> int:
+def keep_floor(cfg: ModelConfig, min_keep: float) -> int:
     """The lowest keep count of a pruned block: ceil(min_keep · N), at most N − 1."""
     return min(math.ceil(min_keep * cfg.num_tokens - 1e-9), cfg.num_tokens - 1)
 
 
-def floor_speedup(cfg: DiTConfig, num_steps: int, tprr: TPRR, min_keep: float, max_stale: int,
+def floor_speedup(cfg: ModelConfig, num_steps: int, tprr: TPRR, min_keep: float, max_stale: int,
                   max_variants: int | None, text_length: int = 0) -> float:
     """The most a TPRR schedule can reach: every block at the floor (0.0 when over the variant cap)."""
     try:
@@ -293,7 +293,7 @@ def floor_speedup(cfg: DiTConfig, num_steps: int, tprr: TPRR, min_keep: float, m
     return layout_speedup(cfg, num_steps, slots, [keep_floor(cfg, min_keep)] * cfg.depth, text_length)
 
 
-def tprr_candidates(cfg: DiTConfig, num_steps: int, target: float, min_keep: float, max_stale: int,
+def tprr_candidates(cfg: ModelConfig, num_steps: int, target: float, min_keep: float, max_stale: int,
                     max_variants: int | None, text_length: int = 0) -> list[tuple[int, int, int]]:
     """(b, K1, K2) to try: K around the smallest single-phase K that reaches `target` at the floor."""
     S = num_steps
@@ -315,7 +315,7 @@ def tprr_candidates(cfg: DiTConfig, num_steps: int, target: float, min_keep: flo
     return out
 
 
-def tprr_search_space(cfg: DiTConfig, num_steps: int, target: float, *, min_keep: float, max_stale: int,
+def tprr_search_space(cfg: ModelConfig, num_steps: int, target: float, *, min_keep: float, max_stale: int,
                       max_variants: int | None, tprr: TPRR | None = None, text_length: int = 0) -> list[TPRR]:
     """The TPRR candidates a planner tries: the given `tprr` (checked: within the variant cap and
     able to reach `target` at the floor) or `tprr_candidates`. Cheap: call it before learning."""
@@ -327,7 +327,7 @@ def tprr_search_space(cfg: DiTConfig, num_steps: int, target: float, *, min_keep
     return [tuple(tprr)]
 
 
-def unreachable(cfg: DiTConfig, S: int, target: float, min_keep: float, max_stale: int, max_variants: int | None,
+def unreachable(cfg: ModelConfig, S: int, target: float, min_keep: float, max_stale: int, max_variants: int | None,
                 tprr: TPRR | None = None, *, text_length: int = 0) -> TcgraphError:
     """The error for a target no TPRR schedule (or the given one) reaches with every block at the floor."""
     if tprr is not None:
@@ -358,7 +358,7 @@ class TprrChoice:
     skipped: str | None = None
 
 
-def tprr_choices(cfg: DiTConfig, scores: torch.Tensor, sensitivity: Sequence[float], target: float,
+def tprr_choices(cfg: ModelConfig, scores: torch.Tensor, sensitivity: Sequence[float], target: float,
                  candidates: Sequence[TPRR], *, min_keep: float, max_stale: int,
                  max_variants: int | None, text_length: int = 0) -> list[TprrChoice]:
     """Per candidate (b, K1, K2): greedy block selection for `target` from `sensitivity`, then the

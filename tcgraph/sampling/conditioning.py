@@ -24,7 +24,7 @@ from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.text import Text  # noqa: F401  (re-exported: the sampler's conditioning)
 
 if TYPE_CHECKING:
-    from tcgraph.models.dit import DiTConfig
+    from tcgraph.models.families import ModelConfig
 
 # Keys of an embeddings file (safetensors), as diffusers' PixArt pipeline names its arguments.
 EMBEDS, MASK = "prompt_embeds", "prompt_attention_mask"
@@ -114,7 +114,7 @@ def encoder_defaults(model, settings, calibration_text):
     return dataclasses.replace(settings, text_length=encoder.length), calibration_text
 
 
-def check_conditioning(settings, cfg: DiTConfig, text) -> None:
+def check_conditioning(settings, cfg: ModelConfig, text) -> None:
     """A text-conditioned model needs a text length (and text of its width); a class-conditional one none."""
     if cfg.text_conditioned and not settings.text_length:
         raise UsageError(f"this model is text-conditioned (text embeddings of width {cfg.caption_channels}): give the "

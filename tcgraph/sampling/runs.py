@@ -14,13 +14,13 @@ from tcgraph.sampling.schedulers import DiffusersSampler
 from tcgraph.sampling.settings import SamplerSettings
 
 if TYPE_CHECKING:
-    from tcgraph.models.dit import DiTConfig
+    from tcgraph.models.families import ModelConfig
 
 # What calibration, evaluation and sampling runs use of a sampler is the same for both.
 Sampler = DDIMSampler | DiffusersSampler
 
 
-def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> Sampler:
+def sampler_for(settings: SamplerSettings, cfg: ModelConfig) -> Sampler:
     """The sampler of `settings` for a model with `cfg`'s channels and null class.
 
     With a diffusers scheduler config (`settings.scheduler`), a `DiffusersSampler` runs that
@@ -35,7 +35,7 @@ def sampler_for(settings: SamplerSettings, cfg: "DiTConfig") -> Sampler:
                        in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip)
 
 
-def is_pixel_space(cfg: "DiTConfig") -> bool:
+def is_pixel_space(cfg: ModelConfig) -> bool:
     """Whether a DiT denoises pixels (values in [-1, 1]) rather than latents.
 
     Every official DiT checkpoint denoises the latents of Stable Diffusion's VAE, which are

@@ -293,7 +293,7 @@ def test_model_config_that_is_not_a_dit_is_refused(copy):
         m["model_config"] = {"name": "tiny"}
         m["model_config_hash"] = config_hash(m["model_config"])
     _edit_manifest(copy, foreign)
-    with pytest.raises(TcgraphError, match=r"manifest.json: the model config is not a DiT config"):
+    with pytest.raises(TcgraphError, match=r"manifest.json: the model config is not one tcgraph can build"):
         load_artifact(copy)
 
 
@@ -356,10 +356,10 @@ def test_extra_files_are_fine(copy):
 
 def test_what_cannot_be_loaded_is_not_written(tmp_path, model):
     out = tmp_path / "art"
-    with pytest.raises(TcgraphError, match=r"cannot write .*: the plan cannot be read .*pass the model's DiTConfig "
+    with pytest.raises(TcgraphError, match=r"cannot write .*: the plan cannot be read .*pass the model's config "
                                            r"and a tcgraph Plan"):
         write_artifact(out, model_config=model.config, plan={"steps": 3}, variants=variants(model, ("full",)))
-    with pytest.raises(TcgraphError, match=r"cannot write .*: the model config is not a DiT config"):
+    with pytest.raises(TcgraphError, match=r"cannot write .*: the model config is not one tcgraph can build"):
         write_artifact(out, model_config={"name": "tiny"}, plan=PLAN, variants=variants(model, ("full",)))
     with pytest.raises(TcgraphError, match=r"the plan is for 2 blocks x 16 tokens, but the model config has 2 blocks"):
         write_artifact(out, model_config=model.config, plan=tiny_plan((FULL,), num_tokens=16),

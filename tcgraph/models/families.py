@@ -1,0 +1,137 @@
+"""Model families: one registry entry per architecture tcgraph transforms, in place of `if layout == ...`.
+
+A family says everything the rest of tcgraph asks of an architecture without naming its
+modules: how to build one from a config (random weights), how to load one from a diffusers
+folder, the shapes of its state dict (to infer or check a checkpoint's config), its blocks'
+branches in recipe order, how guidance reaches it, and which of its per-step costs are shared
+by all blocks. The adapter (`tcgraph.models.adapter`) tells the passes how its blocks are
+made; the family is how the model layer finds that adapter's model.
+
+A config names its family in the field that older manifests call `layout` (kept under that
+key, omitted for the default, so that configs and their hashes stay what they were).
+Everything here is data plus lazy imports: the registry loads no model code until a family
+is used, so `tcgraph.models.dit` can ask it about a config without an import cycle.
+
+To add a family: write its module (config reading, build, load, adapter registration) and
+add one `Family` to `FAMILIES`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from tcgraph.errors import TcgraphError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+GUIDANCE_MODES = ("cfg", "input", "none")  # a CFG-doubled batch, a guidance input (FLUX-dev), none
+
+
+class ModelConfig(Protocol):
+    """What plan/, export/ and sampling/ read of a model's config: sizes and the family, no modules."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    in_channels: int
+    input_size: int  # the static resolution (latent or pixel side)
+    patch_size: int
+
+    @property
+    def num_tokens(self) -> int: ...  # image tokens
+
+    @property
+    def family(self) -> "Family": ...
+
+    @property
+    def branches(self) -> tuple[str, ...]: ...
+
+    @property
+    def text_conditioned(self) -> bool: ...
+
+    def to_dict(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: where its code lives and the facts the generic code asks of it.
+
+    `module` holds `builder` (config -> a freshly initialised model) and, for a family read
+    from diffusers folders (`diffusers_class`), `load(folder)`; `shapes` names the function
+    (`module:function`) that gives {name: shape} of a config's state dict without memory.
+    """
+
+    name: str  # the value a config stores (under "layout"): "official", "diffusers", "pixart"
+    title: str  # for messages: what a user calls it
+    module: str
+    builder: str
+    shapes: str
+    branches: tuple[str, ...]  # every block's branches, in recipe order
+    diffusers_class: str | None = None
+    guidance: str = "cfg"
+    shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
+    text_conditioned: bool = False
+    config: str = "tcgraph.models.dit:DiTConfig"  # module:class of its config (to_dict / class(**dict))
+
+    def __post_init__(self) -> None:
+        if self.guidance not in GUIDANCE_MODES:
+            raise TcgraphError(f"family {self.name}: guidance {self.guidance!r}; use one of {GUIDANCE_MODES}")
+
+    def _function(self, module: str, name: str) -> Callable[..., Any]:
+        return getattr(importlib.import_module(module), name)
+
+    def build(self, config, **overrides) -> "nn.Module":
+        """A freshly initialised model of this family, in eval mode."""
+        return self._function(self.module, self.builder)(config, **overrides)
+
+    def load_folder(self, folder) -> "nn.Module":
+        """The model of a diffusers folder (`tcgraph.models.diffusers_config.read_folder`'s result)."""
+        if self.diffusers_class is None:
+            raise TcgraphError(f"{self.title} models are not read from diffusers folders")
+        return self._function(self.module, "load")(folder)
+
+    def config_class(self) -> type:
+        module, name = self.config.split(":")
+        return self._function(module, name)
+
+    def state_dict_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        module, name = self.shapes.split(":")
+        return self._function(module, name)(config)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("official", "DiT (facebookresearch/DiT)", "tcgraph.models.dit", "build_model",
+           "tcgraph.models.checkpoint:official_state_dict_shapes", ("attn", "mlp")),
+    Family("diffusers", "diffusers DiTTransformer2DModel", "tcgraph.models.diffusers_dit", "build_diffusers_dit",
+           "tcgraph.models.diffusers_config:dit_state_dict_shapes", ("attn", "mlp"),
+           diffusers_class="DiTTransformer2DModel"),
+    Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers_pixart",
+           "build_diffusers_pixart", "tcgraph.models.diffusers_config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
+           diffusers_class="PixArtTransformer2DModel", shared_modulation=True, text_conditioned=True),
+)}
+DEFAULT_FAMILY = "official"
+
+
+def family(name: str) -> Family:
+    """The registered family `name`; refuses an unknown one with the list."""
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise TcgraphError(f"unknown model family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_diffusers_class(class_name: str) -> Family | None:
+    """The family whose diffusers folders have `_class_name` == `class_name`, or None."""
+    return next((f for f in FAMILIES.values() if f.diffusers_class == class_name), None)
+
+
+def diffusers_classes() -> tuple[str, ...]:
+    return tuple(f.diffusers_class for f in FAMILIES.values() if f.diffusers_class is not None)
+
+
+def config_from_dict(raw: dict) -> ModelConfig:
+    """The config a `to_dict()` wrote (a manifest's `model_config`), built by its family's config class."""
+    if not isinstance(raw, dict):
+        raise TcgraphError(f"a model config is a dict of its fields, got {type(raw).__name__}")
+    return family(raw.get("layout", DEFAULT_FAMILY)).config_class()(**raw)
