@@ -11,6 +11,7 @@ model folder's safetensors weights into the diffusers class both loaders build.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,56 @@ CLASS_NAME = "DiTTransformer2DModel"
 PIXART_CLASS_NAME = "PixArtTransformer2DModel"
 ACTIVATIONS = ("gelu-approximate", "gelu")  # FeedForward's 4x MLP: what the FLOP count assumes
 TIME_FEATURES = 256  # CombinedTimestepLabelEmbeddings' sinusoid width
+# The integer config entries tcgraph reads, with the range it takes (far beyond any released model's: a
+# value outside is a damaged or crafted config.json, which would build a model too big for any memory)
+INT_RANGES = {"num_attention_heads": (1, 1024), "attention_head_dim": (1, 4096), "in_channels": (1, 4096),
+              "out_channels": (1, 8192), "num_layers": (1, 1024), "sample_size": (1, 4096), "patch_size": (1, 256),
+              "num_embeds_ada_norm": (1, 1_000_000), "caption_channels": (1, 65536),
+              "cross_attention_dim": (1, 4_194_304)}
+
+
+def config_int(raw: dict, key: str, default, where: str, nullable: bool = False):
+    """`raw[key]` (or `default` where absent; None where null is allowed), refused unless an integer in
+    `INT_RANGES[key]`: one TcgraphError naming `where`, the key, the value and the range."""
+    value = raw.get(key, default)
+    if value is None and (default is None or nullable):
+        return None
+    lo, hi = INT_RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TcgraphError(f"{where}: {key} = {_show(value)}: expected an integer from {lo} to {hi}; the config "
+                           "is damaged or was not written by diffusers: save the model again with save_pretrained")
+    return value
+
+
+def _show(value) -> str:
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
+
+
+def config_eps(raw: dict, default: float, where: str) -> float:
+    """`raw["norm_eps"]`, refused unless a finite number in (0, 1)."""
+    value = raw.get("norm_eps", default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value < 1
+    if not ok:
+        raise TcgraphError(f"{where}: norm_eps = {_show(value)}: expected a finite number between 0 and 1 "
+                           f"(diffusers' default {default:g}); save the model again with save_pretrained")
+    return float(value)
 
 
 def config_from_diffusers(raw: dict, where: str) -> DiTConfig:
     """The `DiTConfig` (layout "diffusers") of a DiTTransformer2DModel config dict; refuses settings
     tcgraph does not run, naming them."""
+    if not isinstance(raw, dict):
+        raise TcgraphError(f"{where}: a model config must be a JSON object, got a {type(raw).__name__}")
     get = raw.get
-    heads, head_dim = int(get("num_attention_heads", 16)), int(get("attention_head_dim", 72))
-    in_ch = int(get("in_channels", 4))
-    out_ch = get("out_channels")
-    out_ch = in_ch if out_ch is None else int(out_ch)
+    num = lambda key, default: config_int(raw, key, default, where)  # noqa: E731
+    heads, head_dim = num("num_attention_heads", 16), num("attention_head_dim", 72)
+    in_ch = num("in_channels", 4)
+    out_ch = num("out_channels", None)
+    out_ch = in_ch if out_ch is None else out_ch
+    classes = config_int(raw, "num_embeds_ada_norm", 1000, where, nullable=True)
     refusals = []
     if get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         refusals.append(f"norm_type {get('norm_type')!r} (DiT blocks use 'ada_norm_zero')")
@@ -40,20 +81,25 @@ def config_from_diffusers(raw: dict, where: str) -> DiTConfig:
         refusals.append("norm_elementwise_affine true (DiT's norms have no weights)")
     if not get("attention_bias", True):
         refusals.append("attention_bias false (DiT's q/k/v projections have biases)")
-    if get("num_embeds_ada_norm", 1000) is None:
+    if classes is None:
         refusals.append("num_embeds_ada_norm null (a class-conditional DiT needs its class count)")
     if out_ch not in (in_ch, 2 * in_ch):
         refusals.append(f"out_channels {out_ch} with in_channels {in_ch} (tcgraph reads epsilon from the first "
                         "in_channels outputs, with or without as many variance channels after them)")
     if refusals:
         raise TcgraphError(f"{where}: tcgraph cannot run this DiTTransformer2DModel: {'; '.join(refusals)}")
-    return DiTConfig(
-        input_size=int(get("sample_size", 32)), patch_size=int(get("patch_size", 2)), in_channels=in_ch,
-        hidden_size=heads * head_dim, depth=int(get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0,
-        class_dropout_prob=0.1,  # diffusers' CombinedTimestepLabelEmbeddings always has the null class
-        num_classes=int(get("num_embeds_ada_norm", 1000)), learn_sigma=out_ch == 2 * in_ch,
-        layout="diffusers", norm_eps=float(get("norm_eps", 1e-5)),
-    )
+    return _config(where, input_size=num("sample_size", 32), patch_size=num("patch_size", 2), in_channels=in_ch,
+                   hidden_size=heads * head_dim, depth=num("num_layers", 28), num_heads=heads, mlp_ratio=4.0,
+                   class_dropout_prob=0.1,  # diffusers' CombinedTimestepLabelEmbeddings always has the null class
+                   num_classes=classes or 0, learn_sigma=out_ch == 2 * in_ch, layout="diffusers",
+                   norm_eps=config_eps(raw, 1e-5, where))
+
+
+def _config(where: str, **fields) -> DiTConfig:
+    try:
+        return DiTConfig(**fields)
+    except TcgraphError as e:  # sizes that do not fit together (patch size and sample size, heads and width)
+        raise TcgraphError(f"{where}: {e}") from None
 
 
 def diffusers_kwargs(config: DiTConfig) -> dict:
@@ -106,28 +152,31 @@ VAE_SCALE = 8
 def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
     """The `DiTConfig` (layout "pixart") of a PixArtTransformer2DModel config dict; refuses, naming
     each, the settings whose forward `tcgraph.models.diffusers_pixart.DiffusersPixArt` does not run."""
+    if not isinstance(raw, dict):
+        raise TcgraphError(f"{where}: a model config must be a JSON object, got a {type(raw).__name__}")
     get = raw.get
-    heads, head_dim = int(get("num_attention_heads", 16)), int(get("attention_head_dim", 72))
+    num = lambda key, default: config_int(raw, key, default, where)  # noqa: E731
+    heads, head_dim = num("num_attention_heads", 16), num("attention_head_dim", 72)
     hidden = heads * head_dim
-    in_ch = int(get("in_channels", 4))
-    out_ch = get("out_channels", 8)  # PixArt's default: learned sigma for 4 latent channels
-    out_ch = in_ch if out_ch is None else int(out_ch)
-    sample_size = int(get("sample_size", 128))
+    in_ch = num("in_channels", 4)
+    out_ch = config_int(raw, "out_channels", 8, where, nullable=True)  # PixArt's default: learned sigma for 4 latent channels
+    out_ch = in_ch if out_ch is None else out_ch
+    sample_size = num("sample_size", 128)
     extra = get("use_additional_conditions")
     if extra is None:  # diffusers' own rule: PixArt-alpha's 1024px models (sample_size 128) read them
         extra = sample_size == 128
-    cross_dim = get("cross_attention_dim", 1152)
-    caption = get("caption_channels")
+    cross_dim = config_int(raw, "cross_attention_dim", 1152, where, nullable=True)
+    caption = num("caption_channels", None)
     scale = get("interpolation_scale")
     refusals = []
     if get("norm_type", "ada_norm_single") != "ada_norm_single":
         refusals.append(f"norm_type {get('norm_type')!r} (PixArt blocks use 'ada_norm_single')")
-    if get("num_embeds_ada_norm", 1000) is None:
+    if config_int(raw, "num_embeds_ada_norm", 1000, where, nullable=True) is None:
         refusals.append("num_embeds_ada_norm null (diffusers needs it with 'ada_norm_single')")
     if extra and hidden % 3:
         refusals.append(f"use_additional_conditions with hidden size {hidden} (the micro-condition embeddings split "
                         "it in thirds)")
-    if caption is None or int(caption) <= 0:
+    if caption is None:
         refusals.append("caption_channels null (tcgraph runs PixArt with its caption projection of the text embeddings)")
     if get("activation_fn", PIXART_ACTIVATION) != PIXART_ACTIVATION:
         refusals.append(f"activation_fn {get('activation_fn')!r} (supported: {PIXART_ACTIVATION})")
@@ -135,7 +184,7 @@ def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
         refusals.append("norm_elementwise_affine true (PixArt's norms have no weights)")
     if not get("attention_bias", True):
         refusals.append("attention_bias false (PixArt's q/k/v projections have biases)")
-    if cross_dim is None or int(cross_dim) != hidden:
+    if cross_dim != hidden:
         refusals.append(f"cross_attention_dim {cross_dim} with hidden size {hidden} (the projected captions the "
                         "cross-attention reads have the hidden size)")
     if get("attention_type", "default") != "default":
@@ -143,16 +192,18 @@ def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
     if out_ch not in (in_ch, 2 * in_ch):
         refusals.append(f"out_channels {out_ch} with in_channels {in_ch} (tcgraph reads epsilon from the first "
                         "in_channels outputs, with or without as many variance channels after them)")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-        refusals.append(f"interpolation_scale {scale!r} (a positive number or null)")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and 0 < scale <= 1024):
+        refusals.append(f"interpolation_scale {scale!r} (a positive number up to 1024, or null)")
+    if not isinstance(extra, bool):
+        refusals.append(f"use_additional_conditions {_show(extra)} (true, false or null)")
     if refusals:
         raise TcgraphError(f"{where}: tcgraph cannot run this {PIXART_CLASS_NAME}: {'; '.join(refusals)}")
-    return DiTConfig(
-        input_size=sample_size, patch_size=int(get("patch_size", 2)), in_channels=in_ch, hidden_size=hidden,
-        depth=int(get("num_layers", 28)), num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=0,
-        learn_sigma=out_ch == 2 * in_ch, layout="pixart", norm_eps=float(get("norm_eps", 1e-6)),
-        caption_channels=int(caption), micro_size=sample_size * VAE_SCALE if extra else 0,
-    )
+    return _config(where, input_size=sample_size, patch_size=num("patch_size", 2), in_channels=in_ch,
+                   hidden_size=hidden, depth=num("num_layers", 28), num_heads=heads, mlp_ratio=4.0,
+                   class_dropout_prob=0.0, num_classes=0, learn_sigma=out_ch == 2 * in_ch, layout="pixart",
+                   norm_eps=config_eps(raw, 1e-6, where), caption_channels=caption,
+                   micro_size=sample_size * VAE_SCALE if extra else 0)
 
 
 def pixart_kwargs(config: DiTConfig) -> dict:
@@ -221,13 +272,63 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "config.json").is_file() or (path / "model_index.json").is_file())
 
 
+def inside(folder: Path, entry, source: Path, what: str) -> Path:
+    """`folder / entry`, for the path `entry` that the file `source` names as `what`, refused unless it
+    stays inside `folder`: a relative path without `..` that, symlinks resolved, still lies below `folder`
+    (or is a blob of the Hugging Face cache that holds `folder`: every file of a cached snapshot is a
+    symlink to one). One TcgraphError names the file, the entry and why."""
+    why = None
+    if not isinstance(entry, str) or not entry.strip() or "\x00" in entry:
+        why = "is not a file name"
+    elif Path(entry).is_absolute() or Path(entry).anchor:
+        why = "is an absolute path"
+    elif ".." in Path(entry).parts:
+        why = "climbs out of the folder with '..'"
+    else:
+        real, root = (folder / entry).resolve(), folder.resolve()
+        if real != root and root not in real.parents and not _hub_blob(root, real):
+            why = f"is a symlink to {real}, outside the folder"
+    if why:
+        raise TcgraphError(f"{source}: {what} {_show(entry)} {why}; a path read from a file must stay inside "
+                           f"{folder}, so tcgraph reads nothing else: the folder is damaged or was made to read "
+                           "other files; save the model again with save_pretrained")
+    return folder / entry
+
+
+def _hub_blob(root: Path, real: Path) -> bool:
+    """Whether `real` is a file of `<repo>/blobs/` for a `root` below `<repo>/snapshots/<revision>/`."""
+    snapshot = next((a for a in (root, *root.parents) if a.parent.name == "snapshots"), None)
+    return snapshot is not None and real.parent == snapshot.parent.parent / "blobs"
+
+
+def check_pipeline_index(pipeline: Path, index: dict) -> None:
+    """A pipeline's model_index.json names its components, each a subfolder (diffusers' loader reads
+    `pipeline/<name>/`): every name must be a plain folder name, and tcgraph's components must stay inside."""
+    where = pipeline / "model_index.json"
+    for name, entry in index.items():
+        if name.startswith("_"):
+            continue  # _class_name, _diffusers_version, _name_or_path: metadata, no folder
+        if not name or Path(name).name != name or name in (".", ".."):
+            inside(pipeline, name, where, "the component")  # names why: absolute, '..' or not a name
+            raise TcgraphError(f"{where}: the component {_show(name)} is not a plain folder name; a component's "
+                               "folder lies directly in the pipeline folder: save the pipeline again")
+        if not (entry is None or isinstance(entry, list) and len(entry) == 2):
+            raise TcgraphError(f"{where}: the component {name!r} is {_show(entry)}, expected [library, class]; "
+                               "save the pipeline again with save_pretrained")
+    for name in ("transformer", "scheduler", "text_encoder", "tokenizer"):
+        if (pipeline / name).exists():
+            inside(pipeline, name, where, "the component")
+
+
 def read_folder(path: str | Path) -> DiffusersFolder:
     """The model folder of `path`: a model folder (`config.json` + weights), or a pipeline folder
-    (`model_index.json`, whose `transformer/` holds the model). Refuses an unsupported class by name."""
+    (`model_index.json`, whose `transformer/` holds the model). Refuses an unsupported class by name,
+    and a pipeline whose model_index.json names folders outside it (`check_pipeline_index`)."""
     path = Path(path)
     pipeline = None
     if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json", "the pipeline index")
+        index = read_json(path / "model_index.json", "the pipeline index")
+        check_pipeline_index(path, index)
         pipeline, path = path, path / "transformer"
         if not (path / "config.json").is_file():
             raise TcgraphError(
@@ -237,7 +338,7 @@ def read_folder(path: str | Path) -> DiffusersFolder:
     elif not (path / "config.json").is_file():
         raise TcgraphError(f"{path} is not a diffusers folder: it has neither config.json (a model folder) nor "
                            "model_index.json (a pipeline folder); pass what diffusers' save_pretrained wrote")
-    config = _read_json(path / "config.json", "the model config")
+    config = read_json(path / "config.json", "the model config")
     name = config.get("_class_name")
     if not isinstance(name, str):
         raise TcgraphError(f"{path / 'config.json'} has no _class_name; it is not a diffusers model config "
@@ -255,10 +356,11 @@ def weight_files(model_dir: Path) -> list[Path]:
         return [single]
     index = model_dir / f"{WEIGHTS_NAME}.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "the weights index").get("weight_map")
+        weight_map = read_json(index, "the weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise TcgraphError(f"{index} has no weight_map; it is damaged: save the model again")
-        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        files = list(dict.fromkeys(inside(model_dir, f, index, f"the weight_map entry of {_show(k)}")
+                                   for k, f in weight_map.items()))
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise TcgraphError(f"{model_dir}: the weights index names shards that are missing: {', '.join(missing[:3])}")
@@ -273,10 +375,10 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise TcgraphError(f"{model_dir} has {what} ({WEIGHTS_NAME}.safetensors expected){hint}")
 
 
-def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str):
+def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str, config: DiTConfig):
     """A `model_cls` (a diffusers model class) built from `folder`'s config.json with its safetensors
-    weights, in float32; refuses damaged files and weights that do not fit the config. The caller checks
-    the config first (before any weights are read) and the weights' values after
+    weights, in float32; refuses damaged files, and weights that do not fit `config` (what config.json
+    says, read by the caller) before the model is built. The caller checks the weights' values after
     (`tcgraph.models.checkpoint.check_finite`)."""
     from safetensors.torch import load_file  # only with diffusers installed, as its callers are
 
@@ -288,61 +390,33 @@ def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str)
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise TcgraphError(f"cannot read the weights {path}: {type(e).__name__}: {e}; the file is damaged or "
                                "not safetensors: save the model again") from None
-    try:
-        model = model_cls.from_config(folder.config)
-    except Exception as e:  # diffusers validates its own config
-        raise TcgraphError(f"diffusers cannot build a {class_name} from {where}: {type(e).__name__}: {e}") from None
-    want = model.state_dict()
+    want = {k: v for k, v in state_dict_shapes(config).items() if k != "pos_table"}  # pos_table: not saved
     missing = [k for k in want if k not in state]
     extra = [k for k in state if k not in want]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k].shape)}" for k in want
-              if k in state and state[k].shape != want[k].shape]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k])}" for k in want
+              if k in state and tuple(state[k].shape) != want[k]]
     if missing or extra or shapes:
         parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
                  f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})" if extra else "",
                  f"{len(shapes)} with other shapes (e.g. {', '.join(shapes[:2])})" if shapes else ""]
         raise TcgraphError(f"the weights in {folder.model_dir} do not fit its config.json: "
                            f"{'; '.join(p for p in parts if p)}; save the model again with save_pretrained")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    try:  # the sizes fit the weights (checked above), so building allocates no more than they hold
+        model = model_cls.from_config(folder.config)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as e:  # diffusers validates its own config
+        raise TcgraphError(f"diffusers cannot build a {class_name} from {where} with its weights: "
+                           f"{type(e).__name__}: {str(e)[:300]}") from None
     return model.float()
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path`; one TcgraphError naming `what` for anything else."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TcgraphError(f"cannot read {what} {path}: {e}; save the model again with diffusers' save_pretrained") from None
     if not isinstance(value, dict):
-        raise TcgraphError(f"{path}: {what} must be a JSON object, got a {type(value).__name__}")
+        raise TcgraphError(f"{path}: {what} must be a JSON object, got a {type(value).__name__}; save the model "
+                           "again with diffusers' save_pretrained")
     return value
-
-
-# ---- the official layout in diffusers' names -----------------------------------------------
-
-
-def diffusers_layout_of(config: DiTConfig, norm_eps: float = 1e-5) -> DiTConfig:
-    """The diffusers-layout config of an official-layout one (what diffusers' DiT conversion makes:
-    the same sizes, its default `norm_eps`)."""
-    fields = {**config.__dict__, "layout": "diffusers", "norm_eps": norm_eps}
-    return DiTConfig(**fields)
-
-
-def official_to_diffusers(state: dict, config: DiTConfig) -> dict:
-    """An official-layout DiT state dict (`tcgraph.models.dit.DiT`) in diffusers' names and split
-    (q/k/v apart, the timestep and label embedders copied into every block): the weights of the
-    DiTTransformer2DModel that diffusers' own conversion of the same checkpoint gives."""
-    d = config.hidden_size
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
-    embed = {"norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_2": "t_embedder.mlp.2"}
-    for i in range(config.depth):
-        to, of = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for new, old in {**embed, "norm1.linear": of + "adaLN_modulation.1", "attn1.to_out.0": of + "attn.proj",
-                         "ff.net.0.proj": of + "mlp.fc1", "ff.net.2": of + "mlp.fc2"}.items():
-            out[to + new + ".weight"], out[to + new + ".bias"] = state[old + ".weight"], state[old + ".bias"]
-        out[to + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
-        for j, name in enumerate(("to_q", "to_k", "to_v")):
-            out[f"{to}attn1.{name}.weight"] = state[of + "attn.qkv.weight"][j * d:(j + 1) * d]
-            out[f"{to}attn1.{name}.bias"] = state[of + "attn.qkv.bias"][j * d:(j + 1) * d]
-    for new, old in (("proj_out_1", "final_layer.adaLN_modulation.1"), ("proj_out_2", "final_layer.linear")):
-        out[new + ".weight"], out[new + ".bias"] = state[old + ".weight"], state[old + ".bias"]
-    return {k: v.clone().contiguous() for k, v in out.items()}

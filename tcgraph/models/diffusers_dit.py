@@ -39,9 +39,7 @@ from tcgraph.models.diffusers_config import (
     DiffusersFolder,
     config_from_diffusers,
     diffusers_kwargs,
-    diffusers_layout_of,
     load_weights_into,
-    official_to_diffusers,
 )
 from tcgraph.models.dit import DiTConfig, modulate
 
@@ -159,8 +157,8 @@ def save_as_diffusers(model: nn.Module, path: str | Path, norm_eps: float = 1e-5
 
 def load_diffusers_dit(folder: DiffusersFolder) -> DiffusersDiT:
     """The DiTTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
-    config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # refuse before reading weights
-    model = load_weights_into(folder, DiTTransformer2DModel, CLASS_NAME)
+    config = config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before the weights
+    model = load_weights_into(folder, DiTTransformer2DModel, CLASS_NAME, config)
     check_finite(model.state_dict(), str(folder.model_dir))
     return DiffusersDiT(model).eval()
 
@@ -209,3 +207,34 @@ DIFFUSERS_DIT = register_adapter(ModelAdapter(
 ))
 
 load = load_diffusers_dit  # what `tcgraph.models.load_diffusers` calls for this class
+
+
+# ---- the official layout in diffusers' names -----------------------------------------------
+
+
+def diffusers_layout_of(config: DiTConfig, norm_eps: float = 1e-5) -> DiTConfig:
+    """The diffusers-layout config of an official-layout one (what diffusers' DiT conversion makes:
+    the same sizes, its default `norm_eps`)."""
+    fields = {**config.__dict__, "layout": "diffusers", "norm_eps": norm_eps}
+    return DiTConfig(**fields)
+
+
+def official_to_diffusers(state: dict, config: DiTConfig) -> dict:
+    """An official-layout DiT state dict (`tcgraph.models.dit.DiT`) in diffusers' names and split
+    (q/k/v apart, the timestep and label embedders copied into every block): the weights of the
+    DiTTransformer2DModel that diffusers' own conversion of the same checkpoint gives."""
+    d = config.hidden_size
+    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
+    embed = {"norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_2": "t_embedder.mlp.2"}
+    for i in range(config.depth):
+        to, of = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for new, old in {**embed, "norm1.linear": of + "adaLN_modulation.1", "attn1.to_out.0": of + "attn.proj",
+                         "ff.net.0.proj": of + "mlp.fc1", "ff.net.2": of + "mlp.fc2"}.items():
+            out[to + new + ".weight"], out[to + new + ".bias"] = state[old + ".weight"], state[old + ".bias"]
+        out[to + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+        for j, name in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{to}attn1.{name}.weight"] = state[of + "attn.qkv.weight"][j * d:(j + 1) * d]
+            out[f"{to}attn1.{name}.bias"] = state[of + "attn.qkv.bias"][j * d:(j + 1) * d]
+    for new, old in (("proj_out_1", "final_layer.adaLN_modulation.1"), ("proj_out_2", "final_layer.linear")):
+        out[new + ".weight"], out[new + ".bias"] = state[old + ".weight"], state[old + ".bias"]
+    return {k: v.clone().contiguous() for k, v in out.items()}

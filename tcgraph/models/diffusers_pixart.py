@@ -203,8 +203,8 @@ def build_diffusers_pixart(config: DiTConfig, seed: int | None = None) -> Diffus
 
 def load_diffusers_pixart(folder: DiffusersFolder) -> DiffusersPixArt:
     """The PixArtTransformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
-    pixart_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before reading weights
-    model = load_weights_into(folder, PixArtTransformer2DModel, PIXART_CLASS_NAME)
+    config = pixart_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before weights
+    model = load_weights_into(folder, PixArtTransformer2DModel, PIXART_CLASS_NAME, config)
     check_finite(model.state_dict(), str(folder.model_dir))
     return DiffusersPixArt(model).eval()
 

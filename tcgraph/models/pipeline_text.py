@@ -8,22 +8,28 @@ is what `PipelineTextEncoder.encode` does, from the folder's `text_encoder/` and
 with the classes its `model_index.json` names (transformers'). Prompts are lowercased and
 stripped, as the pipelines do with `clean_caption=False` (their caption cleaning needs bs4 and
 ftfy, and without them they skip it too). Weights are read with safetensors only; nothing is
-downloaded. `tests/test_pixart_pipeline.py` checks the embeddings against the pipeline's own
+downloaded, and no path that the folder's files name may leave the folder (`check_paths`: the
+text encoder's shard index, the tokenizer's file entries). `tests/test_pixart_prompts.py` checks the embeddings against the pipeline's own
 `encode_prompt` on a tiny T5 and tokenizer made there.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.models.diffusers_config import check_pipeline_index, inside, read_json
 from tcgraph.models.text import Text
 
 INDEX = "model_index.json"
 PARTS = ("text_encoder", "tokenizer")
+# tokenizer_config.json entries that a tokenizer class opens as files (transformers before 4.57 took
+# them over the folder's own files); special_tokens_map_file is not opened, and old configs hold stale
+# absolute paths there
+TOKENIZER_FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "spm_file", "added_tokens_file",
+                       "chat_template_file", "fast_tokenizer_files")
 
 
 class PipelineTextEncoder:
@@ -31,7 +37,8 @@ class PipelineTextEncoder:
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        index = json.loads((folder / INDEX).read_text())
+        index = read_json(folder / INDEX, "the pipeline index")
+        check_paths(folder, index)
         try:
             import transformers
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -49,7 +56,7 @@ class PipelineTextEncoder:
             kwargs = {"use_safetensors": True} if part == "text_encoder" else {}
             try:
                 loaded[part] = cls.from_pretrained(str(folder / part), local_files_only=True, **kwargs)
-            except (OSError, ValueError, EnvironmentError) as e:
+            except Exception as e:  # noqa: BLE001 - transformers raises many types on damaged folders
                 raise TcgraphError(f"cannot load the pipeline's {part} from {folder / part} ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}); tcgraph reads safetensors weights "
                                    "only: save it with save_pretrained(..., safe_serialization=True), or pass the "
@@ -77,6 +84,24 @@ class PipelineTextEncoder:
             return Text(embeddings, mask)
         neg, neg_mask = self.embed([negative] * len(prompts), length)
         return Text(embeddings, mask, neg, neg_mask)
+
+
+def check_paths(folder: Path, index: dict) -> None:
+    """Refuse (TcgraphError naming the file and entry) a pipeline whose model_index.json, text encoder
+    shard index or tokenizer config names a path outside its folder (`..`, absolute, a symlink out)."""
+    check_pipeline_index(folder, index)
+    encoder, tok = folder / "text_encoder", folder / "tokenizer"
+    for shards in sorted(encoder.glob("*.index.json")):
+        weight_map = read_json(shards, "the text encoder's weights index").get("weight_map")
+        for key, name in (weight_map.items() if isinstance(weight_map, dict) else ()):
+            inside(encoder, name, shards, f"the weight_map entry of {key!r}")
+    config = tok / "tokenizer_config.json"
+    if config.is_file():
+        entries = read_json(config, "the tokenizer config")
+        for key in TOKENIZER_FILE_KEYS:
+            value = entries.get(key)
+            for name in (value if isinstance(value, list) else [] if value is None else [value]):
+                inside(tok, name, config, f"the entry {key}")
 
 
 def pipeline_text_encoder_for(source: str | Path | None) -> PipelineTextEncoder | None:
