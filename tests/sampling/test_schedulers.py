@@ -4,6 +4,7 @@ refusals, and the scheduler config's round trip through plan.json."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -231,6 +232,43 @@ def test_stochastic_schedulers_are_refused_with_the_reason(config, needle):
 def test_unsupported_or_malformed_configs_are_refused(config, needle):
     with pytest.raises(UsageError, match=needle):
         SamplerSettings(sampler="diffusers", scheduler=config)
+
+
+@pytest.mark.parametrize("config, key, value, expected", [
+    (DIT_DDIM, "beta_start", -0.5, "a finite number between 0 and 1, at most beta_end"),
+    (DIT_DDIM, "beta_end", 1.5, "a finite number between 0 and 1, at least beta_start"),
+    (DIT_DDIM, "beta_start", 0.03, r"at most beta_end \(0.02\)"),
+    (PIXART_DPM, "num_train_timesteps", 0, "an integer from 1 to 100000"),
+    (PIXART_DPM, "num_train_timesteps", 10 ** 9, "an integer from 1 to 100000"),
+    (PIXART_DPM, "beta_schedule", "cubic", "'linear', 'scaled_linear' or 'squaredcos_cap_v2'"),
+    (PIXART_DPM, "solver_order", 7, "1, 2 or 3"),
+    (PIXART_DPM, "trained_betas", [0.1, -0.2], "null or a list of num_train_timesteps numbers between 0 and 1"),
+    (PIXART_DPM, "trained_betas", [0.1, 0.2], r"1000 values \(num_train_timesteps\), got 2"),
+    (DIT_DDIM, "steps_offset", 1000, r"below num_train_timesteps \(1000\)"),
+    (DIT_DDIM, "clip_sample", "no", "true or false"),
+    (SD3_FLOW, "shift", 0, "a finite number > 0"),
+    (SD3_FLOW, "shift", -1.0, "a finite number > 0"),
+    ({**SD3_FLOW, "use_dynamic_shifting": True}, "base_image_seq_len", 4096, r"below max_image_seq_len \(4096\)"),
+])
+def test_scheduler_values_out_of_range_are_refused(config, key, value, expected):
+    """Each of these made diffusers sample NaN (negative or > 1 betas) or timesteps off the training
+    range (shift <= 0) without a word; a file's values name the file."""
+    shown = json.dumps(value)
+    with pytest.raises(UsageError, match=f"^scheduler: {key} = {re.escape(shown)}: expected {expected}"):
+        SamplerSettings(sampler="diffusers", scheduler={**config, key: value})
+
+
+def test_scheduler_values_are_checked_where_a_file_is_read(tmp_path, noise):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({**DIT_DDIM, "beta_start": -0.5}))
+    with pytest.raises(UsageError, match=f"^{re.escape(str(path))}: beta_start = -0.5: expected a finite number"):
+        scheduler_config_from_folder(tmp_path)
+    path.write_text(json.dumps({**DIT_DDIM, "beta_end": float("nan")}))
+    with pytest.raises(TcgraphError, match=f"^{re.escape(str(path))}: beta_end = nan is not a finite number"):
+        scheduler_config_from_folder(tmp_path)
+    # What the refusal prevents: diffusers' own DDIM turns negative betas into NaN samples.
+    scheduler = diffusers.DDIMScheduler.from_config({**DIT_DDIM, "beta_start": -0.5})
+    assert torch.isnan((1 - scheduler.alphas_cumprod).sqrt()).any()
 
 
 def test_sampler_and_scheduler_must_go_together():
