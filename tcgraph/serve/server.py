@@ -124,9 +124,10 @@ class TritonServer:
         reap_orphan_stubs(backends)  # those of a server of this folder that was killed
         self.log_path = self.workdir / "tritonserver.log"
         with open(self.log_path, "ab") as log:
+            env = stub_environment(self.dist, workdir=self.workdir)
             self.process = subprocess.Popen(self.command(backends), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=stub_environment(self.dist),
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s

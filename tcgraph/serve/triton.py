@@ -3,12 +3,16 @@
 The wheel carries a `tritonserver` binary, the Python backend (`libtriton_python.so`) and
 one backend *stub* per Python version (`python_backend_stubs/3.X/`). Triton runs each
 Python-backend model in a stub process, which embeds the libpython it was linked against
-and finds the packages through that library's prefix: it does not inherit the running
-interpreter or its virtual environment by itself. `backend_folder` therefore lays out a
-backend folder with the stub of *this* Python, and `stub_environment` points the stub at
-this interpreter's own libpython (LD_LIBRARY_PATH) and at its package folders and tcgraph
-(PYTHONPATH), so that `model.py` imports the same tcgraph, torch and onnxruntime as the
-process that wrote the repository.
+in *isolated* mode: it ignores PYTHONPATH and PYTHONHOME, and finds its prefix (standard
+library, site-packages, a venv's `pyvenv.cfg`) from the first `python3` on PATH, or,
+with none there, from the current folder or the prefix libpython was built for. So a
+server started with a bare environment (a service manager, cron, a container entry
+point, `env -i`) got another Python's standard library, or one without the venv's
+packages. `backend_folder` lays out a backend folder with the stub of *this* Python, and
+`stub_environment` makes the stub embed exactly this interpreter: its libpython first on
+LD_LIBRARY_PATH, its own folder (or a link to it named `python3`) first on PATH, and its
+package folders and tcgraph's in TCGRAPH_STUB_PATH, which `model.py` adds with
+`site.addsitedir` before it imports anything else.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from tcgraph.errors import TcgraphError
 
+STUB_PATH = "TCGRAPH_STUB_PATH"  # package folders model.py adds (the isolated stub ignores PYTHONPATH)
 INSTALL_HINT = "install the serve extra: pip install 'tcgraph[serve]' (nvidia-pytriton, tritonclient)"
 
 
@@ -84,18 +89,45 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def stub_environment(dist: TritonDist, base: dict | None = None) -> dict:
+def stub_environment(dist: TritonDist, base: dict | None = None, workdir: Path | None = None) -> dict:
     """The server's environment: the wheel's libraries and this interpreter's libpython first on
-    LD_LIBRARY_PATH, and this interpreter's package folders (and tcgraph's) on PYTHONPATH."""
+    LD_LIBRARY_PATH, a folder whose `python3` is this interpreter first on PATH, and this
+    interpreter's package folders (and tcgraph's) in TCGRAPH_STUB_PATH (and PYTHONPATH, for
+    stubs that do not run isolated)."""
     env = dict(os.environ if base is None else base)
     libs = [str(dist.libs)]
     libdir = sysconfig.get_config_var("LIBDIR")
     soname = sysconfig.get_config_var("INSTSONAME") or ""
     if libdir and soname and (Path(libdir) / soname).exists():
         libs.append(libdir)  # the stub then embeds this interpreter's build, with its prefix and stdlib
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
-    env["PYTHONPATH"] = os.pathsep.join(package_paths() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["LD_LIBRARY_PATH"] = _join(libs, env.get("LD_LIBRARY_PATH"))
+    path = env.get("PATH")
+    env["PATH"] = _join([str(python_folder(workdir))], path if path is not None else os.defpath)
+    paths = package_paths()
+    env[STUB_PATH] = os.pathsep.join(paths)
+    env["PYTHONPATH"] = _join(paths, env.get("PYTHONPATH"))
     return env
+
+
+def _join(first: list[str], rest: str | None) -> str:
+    return os.pathsep.join(first + [p for p in (rest or "").split(os.pathsep) if p and p not in first])
+
+
+def python_folder(workdir: Path | None = None) -> Path:
+    """A folder whose `python3` is this interpreter: its own (a venv's `bin/` included, so that the
+    stub finds `pyvenv.cfg`), or else `workdir/bin` with a `python3` link made to it."""
+    exe = Path(sys.executable)
+    own = exe.parent / "python3"
+    if exe.is_absolute() and own.is_file() and os.path.realpath(own) == os.path.realpath(exe):
+        return exe.parent
+    if workdir is None:
+        raise TcgraphError(f"this Python ({sys.executable}) has no python3 beside it; pass a work folder for a link")
+    folder = Path(workdir) / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "python3"
+    if not link.exists():
+        os.symlink(os.path.realpath(exe), link)
+    return folder
 
 
 def package_paths() -> list[str]:
