@@ -1,6 +1,8 @@
 """`tcgraph serve ART`: one artifact on a Triton server on localhost, until Ctrl-C or SIGTERM.
 
-Checks first, in a second (the serve extra, the artifact with its hashes, the ports), then
+Checks first, in a second (the serve extra, the artifact with its hashes, that the model can
+serve it, and here: TensorRT and its engines for `--backend trt`, a GPU for `--device cuda`;
+the ports), then
 writes a private model repository (the artifact's files hard-linked where possible) into a
 temporary folder, starts the server, waits until the model has loaded, prints the
 endpoints and waits. Ctrl-C and SIGTERM (the CLI turns both into KeyboardInterrupt) stop
@@ -19,7 +21,7 @@ from typing import Callable
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.export.artifact import load_artifact
 from tcgraph.serve.config import DEFAULT_QUEUE_DELAY_US, check_name, default_name
-from tcgraph.serve.repository import write_repository
+from tcgraph.serve.repository import check_servable, write_repository
 from tcgraph.serve.server import Ports, TritonServer, check_ports
 from tcgraph.serve.triton import find_triton
 
@@ -34,7 +36,9 @@ def serve(artifact: str | Path, *, port: int = DEFAULT_PORT, backend: str = "ort
         raise UsageError(f"port (--port) must be in 1..65533 (P, P+1 and P+2 are used), got {port!r}")
     dist = find_triton()  # the serve extra, before anything else
     artifact = Path(artifact)
-    load_artifact(artifact)  # missing or damaged: refused now, by file name
+    art = load_artifact(artifact)  # missing or damaged: refused now, by file name
+    check_servable(art, artifact, backend, device)
+    check_backend_here(art, backend, device)
     name = check_name(name if name is not None else default_name(artifact.resolve().name))
     ports = Ports.from_base(port)
     check_ports(ports)
@@ -64,6 +68,24 @@ def serve(artifact: str | Path, *, port: int = DEFAULT_PORT, backend: str = "ort
         return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_backend_here(art, backend: str, device: str | None) -> None:
+    """What the model will need when it loads on this machine, checked now: Triton would only
+    say it in its log, after the server started."""
+    if backend == "trt":
+        from tcgraph.runtime.trt import check_engines, cuda_device_info, import_tensorrt
+
+        trt = import_tensorrt()
+        info = cuda_device_info()
+        check_engines(art.tensorrt, tensorrt_version=str(trt.__version__), device_name=info["name"],
+                      compute_capability=info["compute_capability"])
+    elif device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TcgraphError(f"--device cuda: torch sees no CUDA device here (torch {torch.__version__}); serve on "
+                               "a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device cuda")
 
 
 def _wait(server: TritonServer) -> None:

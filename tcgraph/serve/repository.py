@@ -1,51 +1,40 @@
 """A Triton model repository for one artifact, written atomically, and its check.
 
-    REPO/
-      tcgraph-repository.json    marks the folder as tcgraph's: version, model, sha256 of the files below
+    REPO/                        a Triton model repository: other models in it are kept as they are
       NAME/config.pbtxt          tcgraph/serve/config.py
       NAME/1/model.py            the Python-backend model (tcgraph/serve/model_template.py)
       NAME/1/artifact/           the artifact folder, copied; its manifest has every file's sha256,
                                  checked when the model loads and by `check_repository`
+      NAME/tcgraph-model.json    the marker: sha256 of every file tcgraph wrote in NAME/ (marker.py)
 
-The whole repository is built in a hidden sibling (`tcgraph.files.temporary_path`), its copy
-of the artifact loaded and hash-checked, and only then renamed into place, so that an
-interrupted export leaves no half repository. An existing REPO is replaced only with
-`force` and only when it is a tcgraph repository (a real folder with the marker file):
-never a plain folder, a file, a link, the current folder or one that holds it. The old
-one is moved aside as `.REPO.old-<pid>-…` for the moment of the swap; a writer killed
-right there is undone by the next one (`tcgraph.export.folder.recover_interrupted_swap`).
+The model folder is built in a hidden temporary, its copy of the artifact loaded and
+hash-checked, and only then renamed into place (placement.py), so that an interrupted
+export leaves no half model. Only REPO/NAME is ever written or replaced: with `force`,
+and only when it is a model folder tcgraph wrote and nobody changed since.
+
+What can be served: class-conditioned artifacts (inputs CLASSES and SEED). A
+text-conditioned one (the digits-text demo, PixArt) is refused here, at export and serve
+time, rather than exported as a model that refuses every request; and `backend="trt"`
+needs the artifact's TensorRT engines.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.export.artifact import load_artifact
-from tcgraph.export.folder import recover_interrupted_swap, swap_into_place
-from tcgraph.files import (
-    atomic_write_text,
-    check_can_create,
-    read_folder_json,
-    remove_path,
-    remove_stale_temporaries,
-    temporary_path,
-    write_error,
-)
+from tcgraph.export.artifact import Artifact, load_artifact
+from tcgraph.files import atomic_write_text, remove_path, write_error
 from tcgraph.progress import QUIET, Progress
 from tcgraph.runtime import BACKENDS
 from tcgraph.serve.config import DEFAULT_QUEUE_DELAY_US, ModelConfig, check_name, default_name
-from tcgraph.version import __version__
+from tcgraph.serve.marker import MARKER, marker_text, own_model, read_marker
+from tcgraph.serve.placement import CHOOSE, check_target, make_temporary, put_in_place
 
-MARKER = "tcgraph-repository.json"
-MARKER_KIND = "tcgraph triton model repository"
 VERSION = "1"
 ARTIFACT = "artifact"
-CHOOSE = "choose another REPO"
 TEMPLATE = Path(__file__).with_name("model_template.py")
 
 
@@ -53,8 +42,8 @@ def write_repository(artifact: str | Path, repo: str | Path, *, name: str | None
                      max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, dynamic_batching: bool = True,
                      backend: str = "ort", device: str | None = None, force: bool = False, link: bool = False,
                      progress: Progress = QUIET, log: Callable[[str], None] = lambda line: None) -> Path:
-    """Write REPO for `artifact`; returns REPO. `link` hard-links the artifact's files instead of
-    copying them where the file system allows (`tcgraph serve`'s private repository)."""
+    """Write the model folder REPO/NAME for `artifact`; returns REPO. `link` hard-links the artifact's
+    files instead of copying them where the file system allows (`tcgraph serve`'s private repository)."""
     artifact, repo = Path(artifact), Path(repo)
     instances = _integer(instances, "instances", "--instances", lo=1, hi=1024)
     max_queue_delay_us = _integer(max_queue_delay_us, "max_queue_delay_us", "--max-queue-delay-us", lo=0,
@@ -65,30 +54,48 @@ def write_repository(artifact: str | Path, repo: str | Path, *, name: str | None
         raise UsageError(f"device (--device) must be cpu or cuda, got {device!r}")
     name = check_name(name if name is not None else default_name(artifact.resolve().name))
     art = load_artifact(artifact)  # a missing or damaged artifact is refused before anything is written
-    check_target(repo, force)
+    check_servable(art, artifact, backend, device)
+    check_target(artifact, repo, name, force)
     s = art.plan.settings
     channels = 3 if art.model_config.in_channels >= 3 else 1
     config = ModelConfig(name=name, batch=s.batch, image_shape=(s.resolution, s.resolution, channels),
                          instances=instances, max_queue_delay_us=max_queue_delay_us,
                          dynamic_batching=dynamic_batching, backend=backend, device=device or "")
-    tmp = _make_temporary(repo)
+    tmp = make_temporary(repo, name)
     try:
-        _fill(tmp, repo, artifact, config, link, progress, log)
+        _fill(tmp / name, repo, artifact, config, link, progress, log)
         log("checking the copy (sha256 of every file) …")
-        check_repository(tmp)
-        _put_in_place(tmp, repo, force)
-    except BaseException:
-        remove_path(tmp)
-        raise
+        check_model(tmp / name)
+        put_in_place(tmp, repo, name, force)
+    finally:
+        remove_path(tmp)  # what is left: nothing, the replaced model folder, or a failed export's files
     return repo
 
 
-def _fill(tmp: Path, repo: Path, artifact: Path, config: ModelConfig, link: bool, progress: Progress, log) -> None:
-    version = tmp / config.name / VERSION
+def check_servable(art: Artifact, path: Path, backend: str, device: str | None) -> None:
+    """Refuse, at export and serve time, an artifact the Triton model could never serve."""
+    cfg = art.model_config
+    if cfg.text_conditioned or not cfg.num_classes:
+        raise TcgraphError(f"{path} holds a text-conditioned model (it reads prompt embeddings, "
+                           "encoder_hidden_states, not class ids); tcgraph's Triton model serves class-conditioned "
+                           "artifacts only (inputs CLASSES and SEED: the digits demo, DiT checkpoints): sample this "
+                           "one with `tcgraph sample ART --prompt TEXT` or `--embeddings FILE`")
+    if backend == "trt":
+        if device == "cpu":
+            raise UsageError("--backend trt runs only on NVIDIA GPUs; drop --device cpu, or use --backend ort or torch")
+        if not art.tensorrt:
+            raise TcgraphError(f"{path} has no TensorRT engines (manifest.json has no 'tensorrt' section), so a trt "
+                               "model could never load; build them with `tcgraph transform ... --backend trt` on the "
+                               "GPU kind that will serve, or export with --backend ort or torch")
+
+
+def _fill(model: Path, repo: Path, artifact: Path, config: ModelConfig, link: bool, progress: Progress,
+          log) -> None:
+    version = model / VERSION
     files = sorted(p for p in artifact.rglob("*") if p.is_file() and not _hidden(p, artifact))
     size = sum(p.stat().st_size for p in files)
     log(f"{'linking' if link else 'copying'} {artifact} ({size / 2**20:.1f} MiB, {len(files)} files) "
-        f"into model {config.name!r} version {VERSION} …")
+        f"into model {config.name!r} version {VERSION} of {repo} …")
     try:
         with progress.phase("copy artifact", len(files)) as phase:
             for src in files:
@@ -97,14 +104,10 @@ def _fill(tmp: Path, repo: Path, artifact: Path, config: ModelConfig, link: bool
                 _copy(src, dst, link)
                 phase.tick(src.name)
         shutil.copyfile(TEMPLATE, version / "model.py")
-        (tmp / config.name / "config.pbtxt").write_text(config.text())
+        (model / "config.pbtxt").write_text(config.text())
     except OSError as e:
         raise write_error(repo, e, CHOOSE) from None
-    marker = {"kind": MARKER_KIND, "tcgraph_version": __version__, "model": config.name, "version": VERSION,
-              "artifact": str(artifact.resolve()),
-              "files": {rel: _sha256(tmp / rel) for rel in (f"{config.name}/config.pbtxt",
-                                                            f"{config.name}/{VERSION}/model.py")}}
-    atomic_write_text(tmp / MARKER, json.dumps(marker, indent=2) + "\n", choose=CHOOSE)
+    atomic_write_text(model / MARKER, marker_text(model, config.name, VERSION, artifact), choose=CHOOSE)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -121,100 +124,39 @@ def _copy(src: Path, dst: Path, link: bool) -> None:
     shutil.copy2(src, dst)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 #################################################################################
 #                             Reading and checking                              #
 #################################################################################
 
 
-def read_marker(repo: Path) -> dict | None:
-    """The marker of a tcgraph repository (a real folder, no link), or None."""
-    marker = read_folder_json(repo, MARKER)
-    return marker if isinstance(marker, dict) and marker.get("kind") == MARKER_KIND else None
-
-
-def check_repository(repo: str | Path) -> dict:
-    """Check a repository tcgraph wrote: the marker, the sha256 of config.pbtxt and model.py, and the
-    artifact copy (load_artifact: every file's sha256). Returns the marker; one TcgraphError names
-    the first damaged file."""
-    repo = Path(repo)
-    marker = read_marker(repo)
+def check_model(folder: str | Path) -> dict:
+    """Check a model folder tcgraph wrote: every file as its marker lists it (sha256), and the
+    artifact copy (load_artifact: its manifest, every file's sha256). Returns the marker; one
+    TcgraphError names the first damaged file."""
+    folder = Path(folder)
+    marker, problem = own_model(folder)
     if marker is None:
-        raise TcgraphError(f"{repo} is not a tcgraph model repository (no {MARKER} in it)")
-    for rel, digest in marker.get("files", {}).items():
-        path = repo / rel
-        if not path.is_file():
-            raise TcgraphError(f"the model repository {repo} is damaged: {rel} is missing; export it again")
-        if _sha256(path) != digest:
-            raise TcgraphError(f"the model repository {repo} is damaged: {rel} changed since it was written "
-                               "(sha256 differs); export it again")
-    load_artifact(repo / marker["model"] / marker["version"] / ARTIFACT)
+        raise TcgraphError(f"{folder} is not a model folder tcgraph wrote ({problem})")
+    if not problem and marker.get("version") != VERSION:
+        problem = f"its {MARKER} names version {marker.get('version')!r}, not {VERSION!r}"
+    if problem:
+        raise TcgraphError(f"the model folder {folder} is damaged: {problem}; remove it and export it again")
+    load_artifact(folder / VERSION / ARTIFACT)
     return marker
 
 
-#################################################################################
-#                                  The target                                   #
-#################################################################################
-
-
-def check_target(repo: Path, force: bool) -> None:
-    """Refuse, before any copying, a REPO that may not be written or replaced."""
-    recover_interrupted_swap(repo)
-    if os.path.lexists(repo):
-        is_ours = read_marker(repo) is not None
-        if not force:
-            what = "a tcgraph model repository" if is_ours else "and is not a tcgraph model repository"
-            hint = ("pass --force to replace it (only once the new one is complete)" if is_ours else
-                    f"tcgraph writes only new folders or replaces its own repositories: {CHOOSE}")
-            raise TcgraphError(f"{repo} already exists ({what}); {hint}")
-        if repo.is_symlink():
-            raise UsageError(f"{repo} is a symbolic link; --force never replaces a link or what it points to: "
-                             f"{CHOOSE}")
-        if not is_ours:
-            raise UsageError(f"{repo} is not a tcgraph model repository (no {MARKER} in it); --force replaces "
-                             f"only repositories tcgraph wrote: {CHOOSE}, or remove it yourself")
-        resolved, cwd = repo.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents:
-            raise UsageError(f"{repo} is the current folder or holds it; --force never replaces it: {CHOOSE}")
-    check_can_create(repo, CHOOSE)
-
-
-def _make_temporary(repo: Path) -> Path:
-    try:
-        repo.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(repo)
-        tmp = temporary_path(repo)
-        tmp.mkdir()
-    except OSError as e:
-        raise write_error(repo, e, CHOOSE) from None
-    return tmp
-
-
-def _put_in_place(tmp: Path, repo: Path, replace: bool) -> None:
-    """Rename the finished repository to REPO; an old tcgraph repository is moved aside first
-    (checked again now: it may have changed during the copy) and deleted once the new one is in."""
-    if not (replace and os.path.lexists(repo)):
-        swap_into_place(tmp, repo, overwrite=False)
-        return
-    check_target(repo, force=True)
-    old = temporary_path(repo, "old")
-    try:
-        os.rename(repo, old)
-    except OSError as e:
-        raise write_error(repo, e, CHOOSE, verb="replace") from None
-    try:
-        swap_into_place(tmp, repo, overwrite=False)
-    except BaseException:
-        os.rename(old, repo)
-        raise
-    remove_path(old)
+def check_repository(repo: str | Path, name: str | None = None) -> dict:
+    """`check_model` of REPO/NAME, or with no name of the one tcgraph model in REPO."""
+    repo = Path(repo)
+    if name is None:
+        names = sorted(p.name for p in repo.iterdir() if read_marker(p) is not None) if repo.is_dir() else []
+        if not names:
+            raise TcgraphError(f"{repo} holds no model folder tcgraph wrote (no NAME/{MARKER} in it)")
+        if len(names) > 1:
+            raise TcgraphError(f"{repo} holds {len(names)} model folders tcgraph wrote ({', '.join(names)}); "
+                               "name the one to check")
+        name = names[0]
+    return check_model(repo / name)
 
 
 def _integer(value, name: str, option: str, lo: int, hi: int) -> int:

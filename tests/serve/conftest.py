@@ -14,3 +14,14 @@ STEPS, BATCH = 4, 2
 def serve_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "digits-fora2"
     return tcgraph.transform("digits", "fora:2", out, steps=STEPS, batch=BATCH, progress=False, check=False)
+
+
+@pytest.fixture(scope="session")
+def text_artifact(tmp_path_factory):
+    """A text-conditioned artifact: a tiny random PixArt transformer, 2 steps, batch 1."""
+    pytest.importorskip("diffusers")
+    from tests.models.test_pixart_plans import LENGTH, tiny_pixart
+
+    out = tmp_path_factory.mktemp("serve-text") / "pixart"
+    return tcgraph.transform(tiny_pixart(), "full", out, steps=2, batch=1, text_length=LENGTH, progress=False,
+                             check=False)
