@@ -72,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "negative_prompt_attention_mask), e.g. from a diffusers pipeline's encode_prompt")
     s.add_argument("--per-class", type=int, default=4,
                    help="images per class (or prompt); one grid row per class (default 4)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="noise seed, 0..4294967295 (default 0)")
     s.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
                    help="ort (ONNX Runtime, the default), torch (the variant graphs in PyTorch; CUDA graphs on GPU) "
                         "or trt (TensorRT engines built by `transform --backend trt`)")

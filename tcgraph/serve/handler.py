@@ -8,6 +8,7 @@ through a real one (tests/serve/).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +17,16 @@ import numpy as np
 from tcgraph.errors import TcgraphError
 from tcgraph.serve.requests import BadRequest, Request, check_request
 from tcgraph.serve.sampler import ServeSampler
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The answer to a request that gets no images: `client` for a bad request (the client's to
+    fix: HTTP 400, gRPC INVALID_ARGUMENT; never worth retrying as is), else a failure of the
+    model while sampling (a server error)."""
+
+    message: str
+    client: bool = True
 
 
 class BatchHandler:
@@ -29,7 +40,7 @@ class BatchHandler:
         self.sampler.__exit__(None, None, None)
 
     def answer(self, inputs: Sequence[tuple[np.ndarray | None, np.ndarray | None]]) -> list:
-        """(CLASSES, SEED) of each request -> its uint8 images (n, H, W, C), or an error message."""
+        """(CLASSES, SEED) of each request -> its uint8 images (n, H, W, C), or a `Refusal`."""
         answers: list = [None] * len(inputs)
         good: list[tuple[int, Request]] = []
         for i, (classes, seed) in enumerate(inputs):
@@ -37,12 +48,12 @@ class BatchHandler:
                 good.append((i, check_request(classes, seed, num_classes=self.sampler.num_classes,
                                               max_images=self.sampler.batch)))
             except BadRequest as e:
-                answers[i] = str(e)
+                answers[i] = Refusal(str(e))
         if good:
             try:
                 images = self.sampler.images([r for _, r in good])
             except (TcgraphError, RuntimeError, ValueError) as e:  # the model keeps serving the next batch
-                images = [f"sampling failed: {e}"] * len(good)
+                images = [Refusal(f"sampling failed: {e}", client=False)] * len(good)
             for (i, _), img in zip(good, images):
                 answers[i] = img
         return answers

@@ -4,12 +4,25 @@ Triton runs this file as `<repository>/<model>/<version>/model.py`. It loads the
 folder beside it (`<version>/artifact`, every file's sha256 checked) with the tcgraph
 runtime, and answers each request of a batch with its images or a Triton error; a bad
 request never stops the model. What a request means: tcgraph/serve/requests.py.
-"""
-import numpy as np
-import triton_python_backend_utils as pb_utils
 
-from tcgraph.serve.handler import BatchHandler, model_parameters
-from tcgraph.serve.requests import CLASSES, IMAGES, SEED
+A bad request is answered as a client error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT)
+where this Triton's Python backend can say so, else as Triton's default (HTTP 500); a
+failure while sampling stays a server error. The stub runs Python isolated (no
+PYTHONPATH): the package folders `tcgraph serve` names in TCGRAPH_STUB_PATH are added first.
+"""
+import os
+import site
+import sys
+
+for _folder in os.environ.get("TCGRAPH_STUB_PATH", "").split(os.pathsep):
+    if _folder and _folder not in sys.path:
+        site.addsitedir(_folder)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from tcgraph.serve.handler import BatchHandler, Refusal, model_parameters  # noqa: E402
+from tcgraph.serve.requests import CLASSES, IMAGES, SEED  # noqa: E402
 
 
 class TritonPythonModel:
@@ -31,8 +44,8 @@ class TritonPythonModel:
             inputs.append(tuple(None if t is None else t.as_numpy() for t in tensors))
         responses = []
         for answer in self.handler.answer(inputs):
-            if isinstance(answer, str):
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(answer)))
+            if isinstance(answer, Refusal):
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(answer)))
             else:
                 out = pb_utils.Tensor(IMAGES, np.ascontiguousarray(answer))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
@@ -40,3 +53,11 @@ class TritonPythonModel:
 
     def finalize(self):
         self.handler.close()
+
+
+def _error(refusal):
+    """A TritonError; a client's mistake with INVALID_ARG where this backend has error codes."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if refusal.client else None
+    if code is None:
+        return pb_utils.TritonError(refusal.message)
+    return pb_utils.TritonError(refusal.message, code)

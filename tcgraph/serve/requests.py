@@ -3,13 +3,15 @@
 The model's inputs (DESIGN.md, "Serving"), Triton's batch dimension first (one row per image):
 
     CLASSES  INT64 [n, 1]  the class id of each image
-    SEED     INT64 [n, 1]  the request's seed, the same on every row
+    SEED     INT64 [n, 1]  the request's seed, the same on every row, in 0..2^32-1
 
 A request with CLASSES l_1 … l_n and SEED s returns exactly the images of
 `tcgraph sample ART --seed s` whose labels are l_1 … l_n: `--classes 3 --per-class 4` is
 CLASSES [3, 3, 3, 3], `--classes 1,3 --per-class 1` is [1, 3]. The seed is carried on every
 row because Triton batches every input along its first dimension; rows that disagree are
-refused (send one request per seed). `check_request` returns a `Request` or raises
+refused (send one request per seed), and so are seeds outside 0..2^32-1, which `sample`
+refuses too (`tcgraph.api.MAX_SEED`: torch's generator keeps the low 32 bits, so a larger or
+negative seed would silently repeat another's images). `check_request` returns a `Request` or raises
 `BadRequest` with a one-line message that the model sends back as the Triton error.
 """
 from __future__ import annotations
@@ -57,7 +59,18 @@ def check_request(classes, seed, *, num_classes: int, max_images: int) -> Reques
     if distinct.size != 1:
         raise BadRequest(f"{SEED} must be the same on every row of a request (one request = one seed), got "
                          f"{distinct.size} different values; send one request per seed")
-    return Request(labels=tuple(int(c) for c in classes), seed=int(distinct[0]))
+    return Request(labels=tuple(int(c) for c in classes), seed=check_seed(int(distinct[0])))
+
+
+def check_seed(seed: int) -> int:
+    """A request's seed, in the range `tcgraph sample --seed` takes (every seed its own noise)."""
+    from tcgraph.api import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"{SEED} must be in 0..{MAX_SEED} (the seeds `tcgraph sample --seed` takes: torch's "
+                         f"generator keeps only the low 32 bits, so {seed} would repeat another seed's images), "
+                         f"got {seed}")
+    return seed
 
 
 def _column(array, name: str) -> np.ndarray:

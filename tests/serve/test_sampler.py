@@ -8,7 +8,7 @@ import tcgraph
 from tcgraph.api import to_images
 from tcgraph.export import write_artifact
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe
-from tcgraph.serve.handler import BatchHandler
+from tcgraph.serve.handler import BatchHandler, Refusal
 from tcgraph.serve.requests import Request
 from tcgraph.serve.sampler import ServeSampler
 from tests.export.tiny_variants import BATCH, DEPTH, tiny_dit
@@ -28,7 +28,7 @@ def col(values):
 
 # Three requests of 1, 2 and 1 images: packed they fill two runs of the artifact's batch of 2,
 # each request at other positions than when it is sampled alone (where it is padded).
-REQUESTS = [Request((7,), 11), Request((3, 3), 4), Request((0,), -9)]
+REQUESTS = [Request((7,), 11), Request((3, 3), 4), Request((0,), 2**32 - 1)]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,23 @@ def test_handler_answers_each_request_bad_ones_with_their_message(serve_artifact
     finally:
         handler.close()
     assert np.array_equal(answers[0], to_images(sample(serve_artifact, (7,), 11)))
-    assert answers[1].startswith("unknown class id 10: this model has 10 classes")
+    assert answers[1] == Refusal("unknown class id 10: this model has 10 classes, valid ids are 0..9", client=True)
     assert np.array_equal(answers[2], to_images(sample(serve_artifact, (3, 3), 4)))
-    assert "SEED must be the same on every row" in answers[3]
+    assert answers[3].client and "SEED must be the same on every row" in answers[3].message
+
+
+def test_a_sampling_failure_is_a_server_error_not_the_clients(serve_artifact, monkeypatch):
+    handler = BatchHandler(serve_artifact)
+    try:
+        def broken(requests):
+            raise tcgraph.errors.TcgraphError("2 of 2 samples hold NaN or infinite values")
+
+        monkeypatch.setattr(handler.sampler, "images", broken)
+        answers = handler.answer([(col([7]), col([11])), (col([10]), col([0]))])
+    finally:
+        handler.close()
+    assert answers == [Refusal("sampling failed: 2 of 2 samples hold NaN or infinite values", client=False),
+                       Refusal("unknown class id 10: this model has 10 classes, valid ids are 0..9", client=True)]
 
 
 @pytest.fixture(scope="module")

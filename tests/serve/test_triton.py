@@ -1,14 +1,19 @@
-"""A real Triton server: `tcgraph serve` on 127.0.0.1, requests over HTTP and gRPC, the images
-compared with `tcgraph sample` bit for bit, bad requests answered with clear errors while the
-model keeps serving, and a clean stop on SIGTERM. Skipped, with the reason, without the serve extra."""
+"""A real Triton server: `tcgraph serve` started by its absolute path with an empty environment (as a
+service manager, cron or a container entry point starts it) on 127.0.0.1, requests over HTTP and
+gRPC, the images compared with `tcgraph sample` bit for bit, bad requests answered with clear client
+errors (HTTP 400, gRPC INVALID_ARGUMENT) while the model keeps serving, and a clean stop on SIGTERM.
+Skipped, with the reason, without the serve extra."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,22 +47,34 @@ def free_base_port() -> int:
     raise RuntimeError("no three consecutive free ports found")
 
 
+def serve_command() -> list[str]:
+    """`tcgraph serve` by absolute path: the environment's console script, else this Python with -m."""
+    script = Path(sys.executable).parent / "tcgraph"
+    return [str(script)] if script.is_file() and os.access(script, os.X_OK) else [sys.executable, "-m", "tcgraph"]
+
+
 @pytest.fixture(scope="module")
 def server(serve_artifact, tmp_path_factory):
-    """`tcgraph serve ART --port P` in a subprocess, until its endpoints are printed; SIGTERM after."""
+    """`tcgraph serve ART --port P` in a subprocess with an empty environment (no PATH: the environment's
+    bin/ is not on it) from a folder that holds `lib/python3.X/os.py`, as `/` does where a system
+    Python is installed: Triton's isolated stub, left to itself, takes such a folder for its prefix
+    and fails to start. Until its endpoints are printed; SIGTERM after."""
     port = free_base_port()
     logs = tmp_path_factory.mktemp("serve-logs")
+    decoy = tmp_path_factory.mktemp("cwd")
+    (decoy / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}").mkdir(parents=True)
+    (decoy / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "os.py").write_text("")
     out, err = open(logs / "out", "w+"), open(logs / "err", "w+")
-    cmd = [sys.executable, "-m", "tcgraph", "serve", str(serve_artifact), "--port", str(port),
+    cmd = [*serve_command(), "serve", str(serve_artifact), "--port", str(port),
            "--max-queue-delay-us", str(QUEUE_DELAY_US)]
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env={}, cwd=decoy)
     deadline = time.monotonic() + 240
     while "stop with Ctrl-C" not in Path(out.name).read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"tcgraph serve did not start: {Path(err.name).read_text()[-2000:]}")
         time.sleep(0.2)
-    info = {"proc": proc, "ports": Ports.from_base(port), "out": Path(out.name), "err": Path(err.name)}
+    info = {"proc": proc, "ports": Ports.from_base(port), "out": Path(out.name), "err": Path(err.name), "cmd": cmd}
     yield info
     if proc.poll() is None:
         proc.kill()
@@ -92,6 +109,7 @@ def expected(art, labels, seed) -> np.ndarray:
 
 
 def test_serve_prints_the_endpoints(server):
+    assert os.path.isabs(server["cmd"][0])
     p = server["ports"]
     out = server["out"].read_text()
     assert f"HTTP     http://127.0.0.1:{p.http}/v2/models/{MODEL}/infer" in out
@@ -114,8 +132,8 @@ def test_http_and_grpc_answer_as_tcgraph_sample(serve_artifact, clients):
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("IMAGES", "UINT8", [-1, 16, 16, 1])]
     got = h.infer(MODEL, inputs(http, [7], 11)).as_numpy("IMAGES")
     assert got.dtype == np.uint8 and np.array_equal(got, expected(serve_artifact, [7], 11))
-    got = g.infer(MODEL, inputs(grpc, [3, 3], -4)).as_numpy("IMAGES")
-    assert np.array_equal(got, expected(serve_artifact, [3, 3], -4))
+    got = g.infer(MODEL, inputs(grpc, [3, 3], 2**31 + 4)).as_numpy("IMAGES")
+    assert np.array_equal(got, expected(serve_artifact, [3, 3], 2**31 + 4))
 
 
 def test_concurrent_requests_are_batched_and_each_equals_tcgraph_sample(serve_artifact, clients):
@@ -124,7 +142,12 @@ def test_concurrent_requests_are_batched_and_each_equals_tcgraph_sample(serve_ar
     before = h.get_inference_statistics(MODEL)["model_stats"][0]
     pending = [h.async_infer(MODEL, inputs(http, labels, seed)) for labels, seed in asks]
     results = [p.get_result().as_numpy("IMAGES") for p in pending]
-    after = h.get_inference_statistics(MODEL)["model_stats"][0]
+    deadline = time.monotonic() + 10  # Triton may answer a request before it has counted it
+    while True:
+        after = h.get_inference_statistics(MODEL)["model_stats"][0]
+        if int(after["inference_count"]) - int(before["inference_count"]) >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for (labels, seed), got in zip(asks, results):
         assert np.array_equal(got, expected(serve_artifact, labels, seed)), (labels, seed)
     images = int(after["inference_count"]) - int(before["inference_count"])
@@ -132,11 +155,14 @@ def test_concurrent_requests_are_batched_and_each_equals_tcgraph_sample(serve_ar
     assert images == 8 and calls < len(asks), (images, calls)  # the dynamic batcher packed requests
 
 
+CLIENT_ERROR = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 BAD = [
     # (classes, seed, message): checked by the model (tcgraph/serve/requests.py) ...
     ([12], 0, "unknown class id 12: this model has 10 classes, valid ids are 0..9"),
     ([-1], 0, "unknown class id -1"),
     ([[1], [2]], [[0], [1]], "SEED must be the same on every row of a request"),
+    ([3], 2**32, "SEED must be in 0..4294967295 (the seeds `tcgraph sample --seed` takes"),
+    ([3], -2**63, "SEED must be in 0..4294967295"),
     # ... and by Triton itself, from the model's config.pbtxt, before the model sees them
     ([1.0], 0, "inference input 'CLASSES' data-type is 'FP32', but model 'digits-fora2' expects 'INT64'"),
     ([[1, 2]], [[0]], "unexpected shape for input 'CLASSES' for model 'digits-fora2'. Expected [-1,1], got [1,2]"),
@@ -147,19 +173,58 @@ BAD = [
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_bad_requests_get_a_clear_error_and_the_model_keeps_serving(serve_artifact, clients, protocol):
+def test_bad_requests_get_a_clear_client_error_and_the_model_keeps_serving(serve_artifact, clients, protocol):
     client, module = (clients[0], http) if protocol == "http" else (clients[1], grpc)
     for classes, seed, message in BAD:
         dtype = np.float32 if isinstance(classes, list) and isinstance(classes[0], float) else np.int64
         with pytest.raises(InferenceServerException) as e:
             client.infer(MODEL, inputs(module, classes, seed, dtype))
         assert message in e.value.message(), (classes, e.value.message())
+        assert e.value.status() == CLIENT_ERROR[protocol], (classes, e.value.status())  # not retried as a 500
     with pytest.raises(InferenceServerException) as e:
         client.infer(MODEL, inputs(module, [1], 0)[:1])
     assert "missing required input(s) ['SEED']" in e.value.message()
     assert client.is_model_ready(MODEL)
     got = client.infer(MODEL, inputs(module, [5], 8)).as_numpy("IMAGES")
     assert np.array_equal(got, expected(serve_artifact, [5], 8))
+
+
+def post(server, body: bytes) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{server['ports'].http}/v2/models/{MODEL}/infer"
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+
+
+def column(name, values):
+    return {"name": name, "shape": [len(values), 1], "datatype": "INT64", "data": values}
+
+
+# What Triton answers, before the model, to bodies it cannot use (README, "What a request means").
+RAW = [
+    (b"", 400, "Raw request must only have 1 input (found 1) to be deduced but got 2 inputs"),
+    (b"{}", 500, "Unable to parse 'inputs'"),
+    (json.dumps({"inputs": [column("CLASSES", [3]), column("SEED", [7]), column("STEPS", [9])]}).encode(), 400,
+     "expected 2 inputs but got 3 inputs for model 'digits-fora2'"),
+    (json.dumps({"inputs": [column("CLASSES", []), column("SEED", [])]}).encode(), 400, "input byte size mismatch"),
+    (json.dumps({"inputs": [column("CLASSES", [3]), column("SEED", [2**64 - 1])]}).encode(), 500,
+     "attempt to access JSON non-signed-integer as signed-integer"),
+]
+
+
+def test_http_bodies_triton_refuses_and_the_json_protocol(serve_artifact, server, clients):
+    for body, status, message in RAW:
+        assert post(server, body)[:1] == (status,) and message in post(server, body)[1], body
+    status, text = post(server, json.dumps({"inputs": [column("CLASSES", [12]), column("SEED", [0])]}).encode())
+    assert (status, text) == (400, "unknown class id 12: this model has 10 classes, valid ids are 0..9")
+    status, text = post(server, json.dumps({"inputs": [column("CLASSES", [4]), column("SEED", [2**32 - 1])]}).encode())
+    images = json.loads(text)["outputs"][0]
+    assert status == 200 and images["shape"] == [1, 16, 16, 1]
+    assert np.array_equal(np.array(images["data"], np.uint8).reshape(1, 16, 16, 1),
+                          expected(serve_artifact, [4], 2**32 - 1))
 
 
 def test_sigterm_stops_the_server_cleanly(server, clients):
