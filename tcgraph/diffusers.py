@@ -9,7 +9,9 @@
 pipeline's transformer calls by running the artifact's variants along its schedule. Each
 call's timestep says which step of the plan it is, so the caches carried from step to step
 are the artifact's. Everything else (latents, scheduler, guidance arithmetic, VAE) is the
-pipeline's own. Leaving the `with` block (or `restore()`) puts the original back.
+pipeline's own. Leaving the `with` block (or `restore()`) puts the original back. The pipeline's
+`save_pretrained` (and the stand-in's) saves the original transformer meanwhile: a pipeline saved
+inside the block loads back with `from_pretrained` as it was, and its config is left untouched.
 
 The artifact fixes what its graphs and plan were made for, and a call that does not fit is
 one clear error: the step count and scheduler (the timesteps must be the plan's, in order),
@@ -43,8 +45,9 @@ PIPELINE_NULL_CLASS = 1000  # what DiTPipeline passes for the unconditional half
 class ArtifactTransformer(nn.Module):
     """A stand-in for a pipeline's DiTTransformer2DModel that runs a tcgraph artifact."""
 
-    def __init__(self, artifact, runner):
+    def __init__(self, artifact, runner, original=None):
         super().__init__()
+        object.__setattr__(self, "original", original)  # not a submodule: its weights are not the artifact's
         from tcgraph.runtime.dispatch import ScheduleDispatcher
         from tcgraph.sampling import sampler_for
 
@@ -58,6 +61,13 @@ class ArtifactTransformer(nn.Module):
         self.config = SimpleNamespace(sample_size=cfg.input_size, in_channels=cfg.in_channels,
                                       out_channels=cfg.out_channels, patch_size=cfg.patch_size)
         self._next = 0  # the step the next call must be
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saves the pipeline's own transformer that this stand-in replaced (an artifact is no diffusers model)."""
+        if self.original is None or not hasattr(self.original, "save_pretrained"):
+            raise UsageError("the tcgraph artifact in place of the pipeline's transformer cannot be saved as a "
+                             "diffusers model; save the transformer itself (restore() the pipeline first)")
+        return self.original.save_pretrained(*args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,8 +187,26 @@ class Swap:
 
     def __init__(self, pipe, transformer: ArtifactTransformer, original):
         self.pipe, self.transformer, self.original = pipe, transformer, original
+        own = getattr(pipe, "save_pretrained", None)
+        self._save = self._saving(own) if callable(own) else None
+        if self._save is not None:  # an instance attribute: the pipeline's class is left alone
+            object.__setattr__(pipe, "save_pretrained", self._save)
+
+    def _saving(self, own):
+        def save_pretrained(*args, **kwargs):
+            """The pipeline's save_pretrained, with its own transformer in place while it writes (a
+            stand-in is no diffusers model: diffusers would skip it and mark the component None)."""
+            current = self.pipe.transformer
+            _set_transformer(self.pipe, self.original)
+            try:
+                return own(*args, **kwargs)
+            finally:
+                _set_transformer(self.pipe, current)
+        return save_pretrained
 
     def restore(self) -> None:
+        if self._save is not None and self.pipe.__dict__.get("save_pretrained") is self._save:
+            del self.pipe.__dict__["save_pretrained"]
         if self.pipe.transformer is self.transformer:
             _set_transformer(self.pipe, self.original)
             self.transformer.runner.deactivate()
@@ -199,18 +227,26 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
     from tcgraph import api
     from tcgraph.export.artifact import load_artifact
 
-    original = getattr(pipe, "transformer", None)
+    if not hasattr(pipe, "transformer") or isinstance(pipe, (str, os.PathLike)):
+        raise UsageError(f"tcgraph.diffusers.use(pipe, artifact) takes a diffusers pipeline object as `pipe` (a "
+                         f"{PIPELINES}, loaded with from_pretrained), got {_what(pipe)}")
+    if not isinstance(artifact, (str, os.PathLike)):
+        raise UsageError(f"tcgraph.diffusers.use(pipe, artifact) takes the path of a tcgraph artifact folder as "
+                         f"`artifact` (a str or os.PathLike, what tcgraph.transform returns), got {_what(artifact)}")
+    if not isinstance(backend, str):
+        raise UsageError(f"backend must be a backend name (a str such as 'ort'), got {_what(backend)}")
+    original = pipe.transformer
     if original is None:
         raise UsageError(f"{type(pipe).__name__} has no transformer to replace; tcgraph.diffusers.use takes a "
-                         "pipeline with a `transformer` component, such as DiTPipeline")
+                         f"pipeline with a `transformer` component: a {PIPELINES}")
     if isinstance(original, ArtifactTransformer):
         raise UsageError("this pipeline already runs a tcgraph artifact; restore() it first")
     art = load_artifact(Path(artifact))
-    _check_same_model(original, art.model_config, artifact)
+    _check_same_model(pipe, original, art.model_config, artifact)
     runner = api.make_runner(backend, art, **runner_options)
     runner.activate()
     try:
-        transformer = ArtifactTransformer(art, runner)
+        transformer = ArtifactTransformer(art, runner, original)
     except BaseException:
         runner.deactivate()
         raise
@@ -218,24 +254,43 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
     return Swap(pipe, transformer, original)
 
 
-def _check_same_model(original, config, where) -> None:
-    from tcgraph.models.diffusers_config import config_from_diffusers, pixart_config_from_diffusers
+def _check_same_model(pipe, original, config, where) -> None:
+    from tcgraph.models.diffusers_config import (CLASS_NAME, PIXART_CLASS_NAME, config_from_diffusers,
+                                                 pixart_config_from_diffusers)
 
     raw = getattr(original, "config", None)
     if raw is None:
         return
-    read = pixart_config_from_diffusers if config.layout == "pixart" else config_from_diffusers
+    pipeline, theirs = type(pipe).__name__, dict(raw).get("_class_name", type(original).__name__)
+    if config.text_conditioned:
+        fits = (PIXART_CLASS_NAME, f"text-conditioned (a {PIXART_CLASS_NAME}: its graphs read text embeddings)",
+                "a PixArtAlphaPipeline or PixArtSigmaPipeline")
+    else:
+        fits = (CLASS_NAME, "class-conditional (a DiT: its graphs read class labels)", "a DiTPipeline")
+    if theirs != fits[0]:
+        kind = {CLASS_NAME: "a class-conditional DiTTransformer2DModel",
+                PIXART_CLASS_NAME: "a text-conditioned PixArtTransformer2DModel"}.get(theirs, f"a {theirs}")
+        raise UsageError(f"the artifact {where} is {fits[1]}, but {pipeline}'s transformer is {kind}: use the "
+                         f"artifact with {fits[2]}, or transform this pipeline's own model (tcgraph transform "
+                         "--model <its pipeline folder>)")
+    read = pixart_config_from_diffusers if config.text_conditioned else config_from_diffusers
     try:
-        theirs = read(dict(raw), where="the pipeline's transformer")
+        theirs = read(dict(raw), where=f"{pipeline}'s transformer")
     except TcgraphError as e:
-        raise UsageError(f"{e}; the artifact {where} is a {config.layout}-layout model: use it with that model's "
-                         "pipeline") from None
+        raise UsageError(f"{e}; the artifact {where} cannot stand in for it") from None
     keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma",
             "caption_channels")
     differ = [f"{k} {getattr(config, k)} vs {getattr(theirs, k)}" for k in keys if getattr(config, k) != getattr(theirs, k)]
     if differ:
         raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
                          f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+
+
+PIPELINES = "DiTPipeline, PixArtAlphaPipeline or PixArtSigmaPipeline"
+
+
+def _what(value) -> str:
+    return "None" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
 
 
 def _set_transformer(pipe, module) -> None:

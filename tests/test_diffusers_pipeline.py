@@ -1,8 +1,11 @@
 """tcgraph.diffusers.use: a DiTPipeline assembled from local parts (a tiny random transformer,
 a tiny random VAE, its scheduler) samples through a tcgraph artifact in place of its
 transformer: `full` equals the pipeline's own result, a cached plan differs from it, and every
-mismatch of steps, batch, guidance or model is one clear error."""
+mismatch of steps, batch, guidance or model is one clear error. A pipeline saved inside `use`
+loads back with its own transformer, and arguments of the wrong type are named."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -103,3 +106,55 @@ def test_mismatches_are_clear_errors(pipeline, artifacts, tmp_path):
             tcd.use(pipe, artifacts["full"])
     finally:
         object.__setattr__(pipe, "transformer", original)
+
+
+def test_save_pretrained_inside_use_saves_the_pipelines_own_transformer(pipeline, artifacts, tmp_path):
+    """diffusers skips a component that is no diffusers model (and marks it None in the pipeline's config):
+    inside `use`, the pipeline saves its own transformer, and the folder loads back as it was."""
+    pipe, _ = pipeline
+    config = dict(pipe.config)
+    with tcd.use(pipe, artifacts["full"]) as swapped:
+        pipe.save_pretrained(str(tmp_path / "saved"), safe_serialization=True)
+        swapped.transformer.save_pretrained(str(tmp_path / "alone"), safe_serialization=True)
+        assert isinstance(pipe.transformer, tcd.ArtifactTransformer)  # still runs the artifact after saving
+    assert dict(pipe.config) == config and "save_pretrained" not in vars(pipe)
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    back = DiTPipeline.from_pretrained(str(tmp_path / "saved"))
+    back.set_progress_bar_config(disable=True)
+    alone = DiTTransformer2DModel.from_pretrained(str(tmp_path / "alone"))
+    ours = pipe.transformer.state_dict()
+    for theirs in (back.transformer.state_dict(), alone.state_dict()):
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert np.array_equal(run(back), run(pipe))
+
+
+def test_use_names_the_expected_types(pipeline, artifacts):
+    pipe, _ = pipeline
+    art = artifacts["full"]
+    for args, text in [((pipe, None), "takes the path of a tcgraph artifact folder as `artifact` .* got None$"),
+                       ((pipe, 123), "as `artifact` \\(a str or os.PathLike, what tcgraph.transform returns\\), "
+                                     "got int '123'"),
+                       ((None, art), "takes a diffusers pipeline object as `pipe` \\(a DiTPipeline, "
+                                     "PixArtAlphaPipeline or PixArtSigmaPipeline, loaded with from_pretrained\\), "
+                                     "got None$"),
+                       ((str(art), art), "as `pipe` .* got str")]:
+        with pytest.raises(UsageError, match=text):
+            tcd.use(*args)
+    with pytest.raises(UsageError, match="backend must be a backend name .* got list"):
+        tcd.use(pipe, art, backend=["ort"])
+    assert not isinstance(pipe.transformer, tcd.ArtifactTransformer)
+
+
+def test_a_class_conditional_artifact_in_a_pixart_pipeline_names_both_kinds(artifacts):
+    pytest.importorskip("transformers")
+    from diffusers import PixArtAlphaPipeline
+
+    from tests.test_pixart_pipeline import pipeline_parts
+
+    pixart = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, **pipeline_parts())
+    with pytest.raises(UsageError, match=f"the artifact {artifacts['full']} is class-conditional \\(a DiT: its graphs "
+                                         "read class labels\\), but PixArtAlphaPipeline's transformer is a "
+                                         "text-conditioned PixArtTransformer2DModel: use the artifact with a "
+                                         "DiTPipeline"):
+        tcd.use(pixart, artifacts["full"])

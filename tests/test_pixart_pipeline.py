@@ -109,3 +109,20 @@ def test_pixart_pipeline_mismatches_are_clear(pipeline, artifacts):
             run(pipe, num_inference_steps=3)
         with pytest.raises(UsageError, match="batch 2"):
             run(pipe, guidance_scale=1.0)
+
+
+def test_a_text_artifact_in_a_dit_pipeline_names_both_kinds(artifacts):
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    parts = pipeline_parts()
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    pipe = DiTPipeline(transformer=dit, vae=parts["vae"], scheduler=parts["scheduler"])
+    with pytest.raises(UsageError) as e:
+        tcd.use(pipe, artifacts["full"])
+    assert str(e.value) == (
+        f"the artifact {artifacts['full']} is text-conditioned (a PixArtTransformer2DModel: its graphs read text "
+        "embeddings), but DiTPipeline's transformer is a class-conditional DiTTransformer2DModel: use the artifact "
+        "with a PixArtAlphaPipeline or PixArtSigmaPipeline, or transform this pipeline's own model (tcgraph "
+        "transform --model <its pipeline folder>)")
+    assert pipe.transformer is dit
