@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_constant, is_model_input
+from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -78,29 +78,32 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
     (a text-conditioned model: random text embeddings, a mask with padding in every other row), and,
     for a `recipe` that forecasts, random weights `forecast.w` around the Taylor ones' size."""
     cfg, s = model.config, plan.settings
-    b = s.model_batch
     g = torch.Generator().manual_seed(seed)
-    feeds = {
-        "x": torch.randn(b, cfg.in_channels, s.resolution, s.resolution, generator=g),
-        "t": torch.randint(0, 1000, (b,), generator=g).to(s.timestep_dtype),  # float32 under flow matching
-    }
-    if s.text_length:
-        feeds[TEXT] = torch.randn(b, s.text_length, cfg.caption_channels, generator=g)
-        mask = torch.ones(b, s.text_length)
-        mask[1::2, (s.text_length + 1) // 2:] = 0  # padded prompts: the mask must matter
-        feeds[TEXT_MASK] = mask
-    else:
-        feeds["y"] = torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), (b,), generator=g)
+    feeds = {i.name: _example(i, cfg, g) for i in cfg.family.graph_inputs(cfg, s)}  # as the family declares them
     for name in names:
         if is_cache(name):  # a branch cache [B, N, D], or a run constant (the text's keys, values) [B, L, D]
-            rows = s.text_length if is_constant(name) else cfg.num_tokens
-            feeds[name] = torch.randn(b, rows, cfg.hidden_size, generator=g)
+            feeds[name] = torch.randn(plan.cache_shape(name, cfg.hidden_size), generator=g)
     if FORECAST_WEIGHTS in names:
         if recipe is None:
             raise TcgraphError("example inputs of a forecasting variant need its recipe (the layout of forecast.w)")
         size = sum(points for _, points in recipe.forecasts())
         feeds[FORECAST_WEIGHTS] = torch.randn(size, generator=g)
     return {n: feeds[n] for n in names}
+
+
+def _example(spec, cfg, g: torch.Generator) -> torch.Tensor:
+    """Sample values of one declared model input, of the kind it is."""
+    if spec.kind == "timestep":
+        return torch.randint(0, 1000, spec.shape, generator=g).to(getattr(torch, spec.dtype))
+    if spec.kind == "class":  # labels incl. the null class
+        return torch.randint(0, cfg.num_classes + (cfg.class_dropout_prob > 0), spec.shape, generator=g)
+    if spec.kind == "mask":
+        mask = torch.ones(spec.shape)
+        mask[1::2, (spec.shape[1] + 1) // 2:] = 0  # padded prompts: the mask must matter
+        return mask
+    if spec.kind in ("latent", "text", "pooled", "guidance"):
+        return torch.randn(spec.shape, generator=g)
+    raise TcgraphError(f"no example values for a model input of kind {spec.kind!r} ({spec.name})")
 
 
 def conditioning_of(feeds: dict[str, torch.Tensor]):

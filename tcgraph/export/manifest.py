@@ -165,17 +165,14 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
     point it reads); and every cache a variant reads is written by some variant (a history
     entry by the writes of its branch's cache). A manifest edited to another model (its hash updated to match) fails here, since
     the ONNX files it lists keep the shapes they were exported with."""
-    from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, history_index, is_cache, is_constant
+    from tcgraph.names import FORECAST_WEIGHTS, OUT, history_index, is_cache
     from tcgraph.plan.plan import MAX_HISTORY
 
     s = plan.settings
     b, side = s.model_batch, s.resolution
-    model_inputs = s.model_inputs
-    conditioning = ({TEXT: (b, s.text_length, config.caption_channels), TEXT_MASK: (b, s.text_length)}
-                    if s.text_length else {"y": (b,)})
-    expected = {"x": (b, config.in_channels, side, side), "t": (b,), **conditioning,
-                OUT: (b, config.out_channels, side, side)}
-    cache_shape = (b, config.num_tokens, config.hidden_size)
+    declared = config.family.graph_inputs(config, s)  # the family declares the model inputs
+    model_inputs = tuple(i.name for i in declared)
+    expected = {**{i.name: i.shape for i in declared}, OUT: config.family.graph_output_shape(config, s)}
     written = {o.name for v in variants for o in v.outputs}
     for v in variants:
         if tuple(v.input_names[: len(model_inputs)]) != model_inputs or v.output_names[:1] != (OUT,):
@@ -190,7 +187,7 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
                         raise TcgraphError(
                             f"{where}: variant {v.id} has {kind} {spec.name}, not a cache of this model's "
                             f"{config.depth} blocks; {todo}")
-                    want = (b, s.text_length, config.hidden_size) if is_constant(spec.name) else cache_shape
+                    want = plan.cache_shape(spec.name, config.hidden_size)
                 elif spec.name == FORECAST_WEIGHTS and kind == "input":
                     limit = len(plan.branches) * config.depth * MAX_HISTORY  # every branch forecast from the longest history
                     want = tuple(spec.shape) if len(spec.shape) == 1 and 1 <= spec.shape[0] <= limit else (f"1..{limit}",)

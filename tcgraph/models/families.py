@@ -29,6 +29,21 @@ if TYPE_CHECKING:
 GUIDANCE_MODES = ("cfg", "input", "none")  # a CFG-doubled batch, a guidance input (FLUX-dev), none
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """One model input of every variant graph, as a family declares it for given settings.
+
+    `kind` says what the values are, for whoever must make or check them: "latent" (noise),
+    "timestep", "class" (ids in 0..num_classes, the last the null class), "text" (embeddings),
+    "mask" (1 = a token, 0 = padding), "pooled" (pooled text embeddings), "guidance" (a scale).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name: "float32", "int64"
+    kind: str
+
+
 class ModelConfig(Protocol):
     """What plan/, export/ and sampling/ read of a model's config: sizes and the family, no modules."""
 
@@ -91,6 +106,28 @@ class Family:
         if self.diffusers_class is None:
             raise TcgraphError(f"{self.title} models are not read from diffusers folders")
         return self._function(self.module, "load")(folder)
+
+    def graph_inputs(self, config, settings) -> tuple[GraphInput, ...]:
+        """The model inputs every variant graph reads, in order, before its caches: the noisy
+        latent, the timestep, then the conditioning (class ids, or text embeddings and their mask),
+        with the static shapes of `settings` (its model batch counts both CFG halves)."""
+        from tcgraph.names import TEXT, TEXT_MASK, T, X, Y
+
+        b, side = settings.model_batch, settings.resolution
+        t_dtype = str(settings.timestep_dtype).removeprefix("torch.")
+        inputs = [GraphInput(X, (b, config.in_channels, side, side), "float32", "latent"),
+                  GraphInput(T, (b,), t_dtype, "timestep")]
+        if self.text_conditioned:
+            length = settings.text_length
+            inputs += [GraphInput(TEXT, (b, length, config.caption_channels), "float32", "text"),
+                       GraphInput(TEXT_MASK, (b, length), "float32", "mask")]
+        else:
+            inputs.append(GraphInput(Y, (b,), "int64", "class"))
+        return tuple(inputs)
+
+    def graph_output_shape(self, config, settings) -> tuple[int, ...]:
+        """Shape of a variant's `out`: the model output of the whole model batch."""
+        return settings.model_batch, config.out_channels, settings.resolution, settings.resolution
 
     def config_class(self) -> type:
         module, name = self.config.split(":")

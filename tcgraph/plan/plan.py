@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 from tcgraph.errors import TcgraphError
 from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, OUT, RUN_CONSTANTS, CacheKey, branch_key,
-                           cache_name, constant_name, history_name, input_cache_name)
+                           cache_name, constant_name, history_name, input_cache_name, is_constant)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
 from tcgraph.plan.recipe import (  # noqa: F401  (re-exported)
@@ -248,11 +248,20 @@ class Plan:
         """The run constants the plan carries (`cache.<l>.cross.k`, …), each one [B, L, D] tensor."""
         return [constant_name(b, br, what) for b, br in self.constant_keys() for what in RUN_CONSTANTS[br]]
 
+    def cache_rows(self, name: str) -> int:
+        """Rows of the cache tensor `name`: a branch cache (its input cache, history) has the rows of
+        what its branch writes, the image tokens N; a run constant the text tokens L."""
+        return self.settings.text_length if is_constant(name) else self.num_tokens
+
+    def cache_shape(self, name: str, hidden_size: int) -> tuple[int, int, int]:
+        """[B, rows, D] of the cache tensor `name` for the plan's model batch."""
+        return self.settings.model_batch, self.cache_rows(name), hidden_size
+
     def cache_bytes(self, hidden_size: int, itemsize: int = 4) -> int:
         """Memory of every cache tensor the plan carries, for its model batch (float32 by default):
-        the [B, N, D] branch caches and the [B, L, D] run constants."""
-        rows = len(self.cache_names()) * self.num_tokens + len(self.constant_names()) * self.settings.text_length
-        return rows * self.settings.model_batch * hidden_size * itemsize
+        the branch caches and the run constants, each `cache_shape`."""
+        return sum(math.prod(self.cache_shape(n, hidden_size)) * itemsize
+                   for n in self.cache_names() + self.constant_names())
 
     def variants(self) -> list[Recipe]:
         """Distinct recipes in order of first use; variant id `v<i>` is the i-th."""
