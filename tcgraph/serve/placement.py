@@ -53,7 +53,8 @@ def check_target(artifact: Path, repo: Path, name: str, force: bool) -> None:
     """Refuse, before any copying, a REPO or REPO/NAME that may not be written or replaced."""
     recover(repo, name)
     if os.path.lexists(repo) and not repo.is_dir():
-        raise TcgraphError(f"{repo} is a file, not a folder; REPO is a Triton model repository: a new folder or "
+        what = "a symbolic link that leads to no folder (broken, or a loop)" if repo.is_symlink() else "a file"
+        raise TcgraphError(f"{repo} is {what}, not a folder; REPO is a Triton model repository: a new folder or "
                            f"one that holds other models: {CHOOSE}")
     art = resolved(artifact)
     if _within(resolved(repo), art):

@@ -31,8 +31,9 @@ def test_a_good_request_is_its_labels_and_seed():
     (col(1, 2), col(0), "SEED has 1 rows and CLASSES 2: give the seed on every row"),
     (col(1, 2), col(5, 6), "SEED must be the same on every row of a request (one request = one seed), got 2"),
     (None, col(0), "input CLASSES is missing"),
-    (col(1), col(2**32), "SEED must be in 0..4294967295 (the seeds `tcgraph sample --seed` takes: torch's generator "
-                         "keeps only the low 32 bits, so 4294967296 would repeat another seed's images), got 4294967296"),
+    (col(1), col(2**32), "SEED must be in 0..4294967295 (the seeds `tcgraph sample --seed` takes: torch's "
+                         "generator keeps only the low 32 bits, so 4294967296 would repeat another seed's images), "
+                         "got 4294967296"),
     (col(1), col(-1), "SEED must be in 0..4294967295"),
     (col(1, 1), col(-2**63, -2**63), "got -9223372036854775808"),
 ])

@@ -76,9 +76,13 @@ def server(serve_artifact, tmp_path_factory):
         time.sleep(0.2)
     info = {"proc": proc, "ports": Ports.from_base(port), "out": Path(out.name), "err": Path(err.name), "cmd": cmd}
     yield info
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:  # a failed test skipped the SIGTERM test: stop it in order all the same
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     out.close()
     err.close()
 
