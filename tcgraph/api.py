@@ -125,12 +125,15 @@ def transform(
             options["calibration_text"] = calibration_text
         the_plan = make_plan(plan, dit.config, settings, weights=dit, progress=prog, **options)
     variants = build_variants(dit, the_plan, check=check, progress=prog)
+    from tcgraph.plan.costs import plan_costs, predict_flops
+
+    costs = plan_costs(dit, the_plan)  # measured, not named: inspect predicts from it without the model
     path = write_artifact(
         out,
         model_config=dit.config,
         plan=the_plan,
         variants=variants,
-        extra={"model": model_name, "flops": plan_flops(dit.config, the_plan),
+        extra={"model": model_name, "flops": predict_flops(costs, the_plan), "costs": costs.to_dict(),
                **({"source": str(Path(model).resolve())} if isinstance(model, str) and Path(model).is_dir() else {})},
         overwrite=force,
         progress=prog,

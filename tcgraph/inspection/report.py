@@ -183,14 +183,20 @@ def step_position(plan: Plan, step: int) -> dict:
 
 
 def inspect_plan(plan: Plan, model_config: ModelConfig | dict | None = None, *, variant: str | None = None,
-                 step: int | None = None) -> dict:
+                 step: int | None = None, costs: dict | None = None) -> dict:
     """The plan-level part of `inspect_artifact` for a Plan object (no ONNX files needed);
-    `model_config` (a model config or its dict) adds the FLOP counts."""
+    `model_config` (a model config or its dict) adds the FLOP counts, from the formulas of
+    `tcgraph.plan.flops`, or from `costs` (a measured `CostTable`'s dict, as artifacts store it)."""
     from tcgraph.plan.flops import plan_flops
 
     if isinstance(model_config, dict):
         model_config = config_from_dict(model_config)
-    flops = plan_flops(model_config, plan) if model_config is not None else None
+    if costs is not None:  # the cost table measured at transform time (tcgraph.plan.costs)
+        from tcgraph.plan.costs import CostTable, predict_flops
+
+        flops = predict_flops(CostTable.from_dict(costs), plan)
+    else:
+        flops = plan_flops(model_config, plan) if model_config is not None else None
     schedule = plan.schedule()
     variants = []
     for i, recipe in enumerate(plan.variants()):
@@ -281,7 +287,7 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
 
     art = load_artifact(Path(path), verify_hashes=verify)  # typed: the plan and the model are checked there
     plan = art.plan
-    info = inspect_plan(plan, art.model_config, variant=variant, step=step)
+    info = inspect_plan(plan, art.model_config, variant=variant, step=step, costs=art.extra.get("costs"))
     manifest_ids = art.variant_ids()
     info["path"] = str(art.root)
     info["model"] = {**art.model_config.to_dict(), "source": art.source_model, "num_tokens": plan.num_tokens}
