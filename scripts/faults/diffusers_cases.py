@@ -203,17 +203,18 @@ def _hub_snapshot(c: Ctx) -> Outcome:
 
 
 def _text_parts(rel: str, content: dict):
-    """A pipeline folder with text_encoder/ and tokenizer/ whose `rel` file holds `content`; its encoder is read."""
+    """A pipeline folder with text_encoder/ and tokenizer/ whose `rel` file holds `content` (model_index.json:
+    merged into it); its text encoder is read."""
     def run(c: Ctx) -> Outcome:
         from tcgraph.models.pipeline_text import PipelineTextEncoder
 
         root = c.root / "pipe"
         for part in ("text_encoder", "tokenizer"):
             (root / part).mkdir(parents=True)
-        (root / "model_index.json").write_text(json.dumps(
-            {"_class_name": "PixArtAlphaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "T5Tokenizer"]}))
-        (root / rel).write_text(json.dumps(content))
+        index = {"_class_name": "PixArtAlphaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+                 "tokenizer": ["transformers", "T5Tokenizer"]}
+        (root / "model_index.json").write_text(json.dumps(index))
+        (root / rel).write_text(json.dumps({**index, **content} if rel == "model_index.json" else content))
         return api(lambda: PipelineTextEncoder(root))
     return run
 
@@ -247,6 +248,9 @@ def folder_cases() -> list[Case]:
         Case("text encoder shard '../../x'", GROUP, _text_parts(
             "text_encoder/model.safetensors.index.json", {"weight_map": {"w": "../../x.safetensors"}}), "error",
             ("weight_map", "climbs out")),
+        Case("text encoder class 'pipeline'", GROUP, _text_parts(
+            "model_index.json", {"text_encoder": ["transformers", "pipeline"]}), "error",
+            ("text_encoder", "not a transformers pretrainedmodel class")),
     ]
 
 

@@ -7,6 +7,10 @@ tcgraph's `DiTConfig` with `layout="diffusers"`, `pixart_config_from_diffusers` 
 `tcgraph.models.diffusers_dit.DiffusersDiT` or `tcgraph.models.diffusers_pixart.DiffusersPixArt`,
 which artifact loading checks without needing diffusers itself. `load_weights_into` reads a
 model folder's safetensors weights into the diffusers class both loaders build.
+
+A folder's files are not trusted: config.json's numbers are checked (type and range, `config_int`),
+and no path a file names (a weights index's shards, model_index.json's components) may leave its
+folder (`inside`: no `..`, no absolute path, no symlink out, except into the Hugging Face cache's blobs).
 """
 from __future__ import annotations
 

@@ -45,14 +45,18 @@ class PipelineTextEncoder:
             raise TcgraphError(f"the pipeline's text encoder needs the transformers package ({e}); install it with "
                                "`pip install transformers`, or pass the prompts as an embeddings file (--embeddings)"
                                ) from None
-        loaded = {}
-        for part in PARTS:
+        classes, loaded = {}, {}
+        for part in PARTS:  # both classes checked before anything is read
             entry = index.get(part)
             name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
             cls = getattr(transformers, name, None) if isinstance(name, str) else None
-            if cls is None:
-                raise TcgraphError(f"{folder / INDEX} names {part} {entry!r}, not a transformers class; pass the "
-                                   "prompts as an embeddings file (--embeddings)")
+            base = transformers.PreTrainedModel if part == "text_encoder" else transformers.PreTrainedTokenizerBase
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TcgraphError(f"{folder / INDEX} names {part} {entry!r}, not a transformers {base.__name__} "
+                                   "class (such as T5EncoderModel, T5Tokenizer); pass the prompts as an embeddings "
+                                   "file (--embeddings)")
+            classes[part] = cls
+        for part, cls in classes.items():
             kwargs = {"use_safetensors": True} if part == "text_encoder" else {}
             try:
                 loaded[part] = cls.from_pretrained(str(folder / part), local_files_only=True, **kwargs)

@@ -174,3 +174,19 @@ def test_weights_that_do_not_fit_are_refused_before_the_model_is_built(sharded, 
     monkeypatch.setattr(DiTTransformer2DModel, "from_config", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(TcgraphError, match=r"do not fit its config.json: 18981 missing \(e.g. transformer_blocks.1.norm1"):
         load_diffusers(folder)
+
+
+@pytest.mark.parametrize("part, entry", [("text_encoder", ["transformers", "pipeline"]),
+                                         ("tokenizer", ["transformers", "T5EncoderModel"]),
+                                         ("tokenizer", ["transformers", "NoSuchClass"])])
+def test_text_parts_must_name_transformers_model_and_tokenizer_classes(tmp_path, part, entry):
+    pytest.importorskip("transformers")
+    root = tmp_path / "pipe"
+    for name in ("text_encoder", "tokenizer"):
+        (root / name).mkdir(parents=True)
+    index = {"_class_name": "PixArtAlphaPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "T5Tokenizer"], part: entry}
+    (root / "model_index.json").write_text(json.dumps(index))
+    base = "PreTrainedModel" if part == "text_encoder" else "PreTrainedTokenizerBase"
+    with pytest.raises(TcgraphError, match=f"names {part} {entry!r}, not a transformers {base} class".replace("[", r"\[")):
+        PipelineTextEncoder(root)
