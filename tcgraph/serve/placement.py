@@ -97,6 +97,7 @@ def make_temporary(repo: Path, name: str) -> Path:
     except OSError as e:
         raise write_error(repo, e, CHOOSE) from None
     remove_stale_temporaries(repo)
+    remove_stale_temporaries(repo / name)  # a killed writer's inside REPO, which Triton would take for a model
     tmp = temporary_path(repo)
     try:
         tmp.mkdir()
@@ -106,7 +107,6 @@ def make_temporary(repo: Path, name: str) -> Path:
     except OSError as e:
         if not repo.is_dir():
             raise write_error(repo, e, CHOOSE) from None
-    remove_stale_temporaries(repo / name)
     tmp = temporary_path(repo / name)  # inside REPO, hidden; Triton may see it while it exists
     try:
         tmp.mkdir()

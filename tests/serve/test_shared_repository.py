@@ -189,3 +189,24 @@ def test_serve_trt_checks_tensorrt_before_the_server(serve_artifact, monkeypatch
     with pytest.raises(TcgraphError, match="the TensorRT backend needs the `tensorrt` Python package"):
         launch.serve(serve_artifact, backend="trt", port=1)
     assert not started
+
+
+def test_a_writer_killed_between_two_renames_is_undone_and_the_fallback_swaps(serve_artifact, tmp_path, monkeypatch):
+    from tcgraph.serve import placement
+
+    repo = write_repository(serve_artifact, tmp_path / "r")
+    other_model(repo)
+    before = tree(repo)
+    # killed with the old model folder in its temporary (pid 4000000 is above pid_max: never running)
+    stale = tmp_path / ".r.tmp-4000000-0123abcd"
+    (stale / "old").mkdir(parents=True)
+    (repo / MODEL).rename(stale / "old" / MODEL)
+    (repo / ".second.tmp-4000000-89abcdef").mkdir()  # and a half-built "second" inside REPO
+    monkeypatch.setattr(placement, "_rename", lambda *a: False)  # no renameat2: the two-rename swap
+    assert export(serve_artifact, repo, "--name", "second")[0] == 0
+    assert {k: v for k, v in tree(repo).items() if not k.startswith("second")} == before  # put back as it was
+    assert export(serve_artifact, repo, "--force", "--instances", "3")[0] == 0
+    assert "count: 3" in (repo / MODEL / "config.pbtxt").read_text()
+    assert {k: v for k, v in tree(repo).items() if k.startswith("resnet")} == \
+        {k: v for k, v in before.items() if k.startswith("resnet")}
+    assert sorted(os.listdir(repo)) == sorted([MODEL, "resnet", "second"]) and os.listdir(tmp_path) == ["r"]
