@@ -37,13 +37,13 @@ from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import make_plan  # noqa: E402
-from tcgraph.plan.combined import CombinedConfig, make_combined  # noqa: E402
-from tcgraph.plan.evaluate import speedup_of  # noqa: E402
-from tcgraph.plan.l2c import L2CConfig, make_l2c  # noqa: E402
+from tcgraph.plan.planners.combined import CombinedConfig, make_combined  # noqa: E402
+from tcgraph.plan.learning.evaluate import speedup_of  # noqa: E402
+from tcgraph.plan.planners.l2c import L2CConfig, make_l2c  # noqa: E402
 from tcgraph.plan.plan import Plan  # noqa: E402
-from tcgraph.plan.learned_forecast import output_grams  # noqa: E402
-from tcgraph.plan.select import finish_learned  # noqa: E402
-from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, make_tokencache  # noqa: E402
+from tcgraph.plan.learning.forecast import output_grams  # noqa: E402
+from tcgraph.plan.learning.select import finish_learned  # noqa: E402
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor, make_tokencache  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

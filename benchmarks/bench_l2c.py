@@ -3,7 +3,7 @@
     python benchmarks/bench_l2c.py                       # targets 1.5, 2, 2.5, 2.89 (= fora:3)
 
 One calibration (random noise and labels, DDIM 50, guidance 2) serves every target. For
-each target the l2c planner searches interval and λ (`tcgraph.plan.l2c`); reported per
+each target the l2c planner searches interval and λ (`tcgraph.plan.planners.l2c`); reported per
 target: the chosen interval and λ, training time, the held-out error of the learned plan
 against an untrained router's plan at the same predicted speedup, the soft objective on
 held-out trajectories before and after training, and a variant-cap sweep (held-out
@@ -30,8 +30,8 @@ from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.inspection.pictures import draw_heatmap  # noqa: E402
 from tcgraph.plan import plan_flops  # noqa: E402
-from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
-from tcgraph.plan.l2c import (  # noqa: E402
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of  # noqa: E402
+from tcgraph.plan.planners.l2c import (  # noqa: E402
     DEFAULT_MAX_VARIANTS,
     L2CConfig,
     init_logits,

@@ -146,9 +146,9 @@ class SharedLearning:
         self._traj, self._grams, self._predictors, self._routers = {}, {}, {}, {}
 
     def plan(self, spec: str, **options) -> Plan:
-        from tcgraph.plan.l2c import make_l2c
-        from tcgraph.plan.select import finish_learned
-        from tcgraph.plan.tokencache import learn_predictor, make_tokencache
+        from tcgraph.plan.planners.l2c import make_l2c
+        from tcgraph.plan.learning.select import finish_learned
+        from tcgraph.plan.planners.tokencache import learn_predictor, make_tokencache
 
         name, *args = spec.split(":")
         planner = PLANNERS.get(name)
@@ -178,7 +178,7 @@ class SharedLearning:
     def trajectories(self, calib_images: int, seed: int):
         """The calibration `calibration_split` would make for these options (once per calib_images and seed)."""
         from tcgraph.calibrate import calibrate
-        from tcgraph.plan.learning import CALIBRATION_CHUNK, check_calibration_text
+        from tcgraph.plan.learning.common import CALIBRATION_CHUNK, check_calibration_text
 
         key = (calib_images, seed)
         if key not in self._traj:
@@ -191,7 +191,7 @@ class SharedLearning:
 
     def grams(self, traj, held_out: int, train, held) -> tuple:
         """`finish_learned`'s forecast Grams of (train, held) = traj.split(held_out), once per split."""
-        from tcgraph.plan.learned_forecast import output_grams
+        from tcgraph.plan.learning.forecast import output_grams
 
         key = (id(traj), held_out)
         if key not in self._grams:

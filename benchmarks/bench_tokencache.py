@@ -41,7 +41,7 @@ from tcgraph.calibrate import calibrate  # noqa: E402
 from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import Plan, plan_flops  # noqa: E402
-from tcgraph.plan.combined import (  # noqa: E402
+from tcgraph.plan.planners.combined import (  # noqa: E402
     SHARES,
     CombinedConfig,
     make_combined,
@@ -49,12 +49,12 @@ from tcgraph.plan.combined import (  # noqa: E402
     skeleton_interval,
     token_floor,
 )
-from tcgraph.plan.evaluate import plan_error, speedup_of  # noqa: E402
-from tcgraph.plan.l2c import L2CConfig, make_l2c, recipes_for_target  # noqa: E402
-from tcgraph.plan.learning import candidate_intervals  # noqa: E402
-from tcgraph.plan.predictor import init_predictor  # noqa: E402
-from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor, make_tokencache, to_dynamic  # noqa: E402
-from tcgraph.plan.tprr import (  # noqa: E402
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of  # noqa: E402
+from tcgraph.plan.planners.l2c import L2CConfig, make_l2c, recipes_for_target  # noqa: E402
+from tcgraph.plan.learning.common import candidate_intervals  # noqa: E402
+from tcgraph.plan.learning.predictor import init_predictor  # noqa: E402
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor, make_tokencache, to_dynamic  # noqa: E402
+from tcgraph.plan.learning.tprr import (  # noqa: E402
     keep_floor,
     layout_speedup,
     tprr_candidates,

@@ -72,7 +72,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT, DiTConfig, build_model
 from tcgraph.names import OUT
 from tcgraph.plan import Plan, make_plan, plan_flops
-from tcgraph.plan.l2c import candidate_intervals, recipes_for_target
+from tcgraph.plan.planners.l2c import candidate_intervals, recipes_for_target
 from tcgraph.plan.plan import Recipe
 from tcgraph.sampling import SamplerSettings
 

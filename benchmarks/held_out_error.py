@@ -14,8 +14,8 @@ from pathlib import Path
 from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.plan import make_plan
-from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.l2c import L2CConfig
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.planners.l2c import L2CConfig
 from tcgraph.sampling import SamplerSettings
 
 

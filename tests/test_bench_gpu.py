@@ -19,7 +19,7 @@ from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import make_plan, plan_flops
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.learning.evaluate import speedup_of
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 STEPS, BATCH, GUIDANCE = 4, 2, 4.0

@@ -111,7 +111,7 @@ def test_inspect_focus_and_pictures(art, tmp_path, capsys):
 
 
 def _router_file(path, logits):
-    """A router file in the layout published with the L2C code (see tcgraph.plan.l2c_import)."""
+    """A router file in the layout published with the L2C code (see tcgraph.plan.planners.l2c_import)."""
     import argparse
 
     import torch

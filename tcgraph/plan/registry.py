@@ -19,9 +19,9 @@ from typing import Any, Callable
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.plan.combined import CombinedConfig, make_combined
-from tcgraph.plan.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor
-from tcgraph.plan.l2c import L2CConfig, make_l2c
+from tcgraph.plan.planners.combined import CombinedConfig, make_combined
+from tcgraph.plan.planners.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor
+from tcgraph.plan.planners.l2c import L2CConfig, make_l2c
 from tcgraph.plan.options import (
     check_options,
     config_error,
@@ -32,7 +32,7 @@ from tcgraph.plan.options import (
     parse_option,
 )
 from tcgraph.plan.plan import Plan
-from tcgraph.plan.tokencache import TokenCacheConfig, make_dynamic, make_tokencache
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, make_dynamic, make_tokencache
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text

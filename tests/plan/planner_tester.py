@@ -14,7 +14,7 @@ import pytest
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.plan import PLANNERS, Plan, make_plan, plan_flops
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.learning.evaluate import speedup_of
 from tcgraph.progress import Recorder
 from tcgraph.sampling import SamplerSettings
 

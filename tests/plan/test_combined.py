@@ -8,8 +8,8 @@ from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.combined import CombinedConfig, prune_recipes, prune_to_target, token_floor
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.planners.combined import CombinedConfig, prune_recipes, prune_to_target, token_floor
+from tcgraph.plan.learning.evaluate import speedup_of
 
 
 def test_prune_recipes_follows_the_definition():

@@ -8,7 +8,7 @@ from tcgraph.calibrate import calibrate
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan, partial, plan_flops
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
 
 
 def settings(steps):

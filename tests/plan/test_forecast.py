@@ -2,7 +2,7 @@
 least-squares weight fit on synthetic histories, Plan validation, JSON, variant I/O, history
 bookkeeping and FLOPs of forecast branches, and the `taylor` planner's schedule and weights.
 
-Note: `tcgraph.plan.extrapolate` is the weights module (it shadows the action constructor in the
+Note: `tcgraph.plan.learning.extrapolate` is the weights module (it shadows the action constructor in the
 package namespace), so the constructor comes from `tcgraph.plan.plan`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import (COMPUTE, REUSE, Action, Plan, Recipe, branch_flops, make_plan, partial, plan_flops,
                           recipe_flops)
-from tcgraph.plan.extrapolate import fit_weights, lagrange_weights, normal_equations, solve_weights, taylor_weights
+from tcgraph.plan.learning.extrapolate import fit_weights, lagrange_weights, normal_equations, solve_weights, taylor_weights
 from tcgraph.plan.plan import MAX_HISTORY, forecast
 from tcgraph.sampling import SamplerSettings
 

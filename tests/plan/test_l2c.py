@@ -10,8 +10,8 @@ from tcgraph import api
 from tcgraph.calibrate import calibrate
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, plan_flops
-from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.l2c import (
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.planners.l2c import (
     L2CConfig,
     group_steps,
     init_logits,
@@ -19,7 +19,7 @@ from tcgraph.plan.l2c import (
     recipes_for_threshold,
     train_router,
 )
-from tcgraph.plan.learning import cache_steps, candidate_intervals, max_speedup, rounds
+from tcgraph.plan.learning.common import cache_steps, candidate_intervals, max_speedup, rounds
 from tcgraph.sampling import SamplerSettings
 
 

@@ -18,7 +18,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import make_config
 from tcgraph.plan import COMPUTE, REUSE, Plan
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.l2c_import import (
+from tcgraph.plan.planners.l2c_import import (
     load_published_router_plan,
     plan_from_published_router,
     read_published_router,

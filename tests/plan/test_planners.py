@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tcgraph.plan import PLANNERS
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.learning.evaluate import speedup_of
 
 from tests.plan.planner_tester import SMALL, PlannerTesterMixin
 

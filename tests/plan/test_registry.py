@@ -8,11 +8,11 @@ import pytest
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.plan import PLAN_HELP, PLAN_OPTIONS, PLANNERS, add_plan_arguments, make_plan, plan_options
-from tcgraph.plan.fixed import ForaConfig
-from tcgraph.plan.l2c import DEFAULT_TARGET, L2CConfig
+from tcgraph.plan.planners.fixed import ForaConfig
+from tcgraph.plan.planners.l2c import DEFAULT_TARGET, L2CConfig
 from tcgraph.plan.options import option_fields
 from tcgraph.plan.registry import Planner, register
-from tcgraph.plan.tokencache import TokenCacheConfig
+from tcgraph.plan.planners.tokencache import TokenCacheConfig
 from tcgraph.sampling import SamplerSettings
 
 # Today's CLI flags (their names are kept across the registry refactor).

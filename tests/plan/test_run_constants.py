@@ -120,7 +120,7 @@ def test_a_variant_cap_counts_the_first_step_of_a_text_plan():
     """max_variants caps the plan's variants, the text-projecting first step included."""
     import torch
 
-    from tcgraph.plan.l2c import recipes_for_target
+    from tcgraph.plan.planners.l2c import recipes_for_target
     from tcgraph.plan.plan import cache_step_variants
 
     probs = torch.rand(6, 3, 3, generator=torch.Generator().manual_seed(0))

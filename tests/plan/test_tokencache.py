@@ -13,10 +13,10 @@ from tcgraph.calibrate import calibrate
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, Plan, make_plan, plan_flops
-from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.predictor import block_sensitivity, init_predictor, mu_unit, train_predictor
-from tcgraph.plan.tokencache import TokenCacheConfig, make_tokencache
-from tcgraph.plan.tprr import (
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.predictor import block_sensitivity, init_predictor, mu_unit, train_predictor
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, make_tokencache
+from tcgraph.plan.learning.tprr import (
     keep_floor,
     kept_tokens,
     layout_speedup,
@@ -368,7 +368,7 @@ def test_to_dynamic_keeps_schedule_and_counts(tiny_config):
     from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
     from tcgraph.sampling import SamplerSettings
     from tcgraph.plan.flops import branch_flops
-    from tcgraph.plan.tokencache import to_dynamic
+    from tcgraph.plan.planners.tokencache import to_dynamic
 
     full = Recipe.uniform(3, COMPUTE)
     a = Recipe(((partial([0, 3, 5]), partial([0, 3, 5])), (COMPUTE, REUSE), (partial([1]), COMPUTE)))

@@ -23,7 +23,7 @@ from tcgraph.export.artifact import load_artifact
 from tcgraph.models.dit import DiT, make_config, randomize_weights
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, make_plan, partial
-from tcgraph.plan.extrapolate import taylor_weights
+from tcgraph.plan.learning.extrapolate import taylor_weights
 from tcgraph.plan.plan import forecast
 from tcgraph.runtime.dispatch import ScheduleDispatcher, history_depths
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for

@@ -5,10 +5,10 @@ Three parts, as DESIGN.md's TokenCache section names them; each module gives the
 definitions the code and the tests follow:
 
 - the **Cache Predictor** (input-invariant token scores, trained with the superposition
-  objective) and the block probes: `tcgraph.plan.predictor`;
+  objective) and the block probes: `tcgraph.plan.learning.predictor`;
 - **adaptive block selection** and the **TPRR** schedule, from scores to recipes:
-  `tcgraph.plan.tprr`;
-- this planner: calibrate (`tcgraph.plan.learning`), train the predictor, measure block
+  `tcgraph.plan.learning.tprr`;
+- this planner: calibrate (`tcgraph.plan.learning.common`), train the predictor, measure block
   sensitivities, then for each TPRR candidate select blocks for the FLOP target and keep
   the candidate with the lowest held-out error.
 
@@ -34,8 +34,8 @@ from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.learning import (
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.common import (
     calibration_split,
     check_learning_options,
     held_out_count,
@@ -45,9 +45,9 @@ from tcgraph.plan.learning import (
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
                                   max_cache_mb_option, max_variants_option, option, tuning)
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
-from tcgraph.plan.select import finish_learned
-from tcgraph.plan.predictor import PredictorResult, block_sensitivity, init_predictor, mu_unit, train_predictor
-from tcgraph.plan.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
+from tcgraph.plan.learning.select import finish_learned
+from tcgraph.plan.learning.predictor import PredictorResult, block_sensitivity, init_predictor, mu_unit, train_predictor
+from tcgraph.plan.learning.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text

@@ -27,7 +27,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import cache_name
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.learning.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
 from tcgraph.progress import SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings

@@ -8,7 +8,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.options import option
-from tcgraph.plan.extrapolate import taylor_weights
+from tcgraph.plan.learning.extrapolate import taylor_weights
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, REUSE, Plan, Recipe, forecast
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings

@@ -27,7 +27,7 @@ graphs stays bounded while the FLOP target is still met.
 `router=FILE` imports a router published with the L2C code instead (`l2c_import`); no
 calibration, no weights needed. Published routers are DiT's (attn, mlp per block): a model
 with other branches is refused there. The round skeleton, the calibration split and the logit
-trainer are shared with TokenCache (`tcgraph.plan.learning`).
+trainer are shared with TokenCache (`tcgraph.plan.learning.common`).
 """
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES, cache_name
-from tcgraph.plan.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.l2c_import import DEFAULT_THRESHOLD as ROUTER_THRESHOLD
-from tcgraph.plan.l2c_import import load_published_router_plan
-from tcgraph.plan.learning import (
+from tcgraph.plan.planners.l2c_import import DEFAULT_THRESHOLD as ROUTER_THRESHOLD
+from tcgraph.plan.planners.l2c_import import load_published_router_plan
+from tcgraph.plan.learning.common import (
     calibration_split,
     cache_steps,
     candidate_intervals,
@@ -61,7 +61,7 @@ from tcgraph.plan.learning import (
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
                                   max_cache_mb_option, max_variants_option, option, tuning)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, cache_step_variants, constant_roles
-from tcgraph.plan.select import finish_learned
+from tcgraph.plan.learning.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text

@@ -21,7 +21,7 @@ Full steps stay full: they refresh every cache. `l2c_share` is searched over
 
 Branches are the model's (`ModelConfig.branches`): the router has one logit per branch of
 every block, and step 4 makes every computed branch of a pruned block partial, PixArt's
-cross-attention like its MLP (row-wise in the image tokens; see `tcgraph.plan.tprr`). FLOPs
+cross-attention like its MLP (row-wise in the image tokens; see `tcgraph.plan.learning.tprr`). FLOPs
 count a cross branch at the plan's `text_length`; a text-conditioned model calibrates on the
 prompts `calibration_text`.
 """
@@ -37,16 +37,16 @@ from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.plan.evaluate import plan_error, speedup_of
-from tcgraph.plan.l2c import L2CConfig, make_l2c
-from tcgraph.plan.learning import cache_steps, calibration_of, candidate_intervals, require_weights
+from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.planners.l2c import L2CConfig, make_l2c
+from tcgraph.plan.learning.common import cache_steps, calibration_of, candidate_intervals, require_weights
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, max_cache_mb_option,
                                   max_variants_option, option)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
-from tcgraph.plan.select import finish_learned
-from tcgraph.plan.predictor import PredictorResult
-from tcgraph.plan.tokencache import TokenCacheConfig, learn_predictor
-from tcgraph.plan.tprr import select_blocks
+from tcgraph.plan.learning.select import finish_learned
+from tcgraph.plan.learning.predictor import PredictorResult
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor
+from tcgraph.plan.learning.tprr import select_blocks
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text

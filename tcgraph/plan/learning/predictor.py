@@ -20,7 +20,7 @@ frozen; only g moves. The kept tokens of a (step, block) at keep count k are the
 score (ties: lower token index first).
 
 
-The block sensitivities that adaptive block selection (`tcgraph.plan.tprr`) ranks blocks
+The block sensitivities that adaptive block selection (`tcgraph.plan.learning.tprr`) ranks blocks
 by are measured here too (`block_sensitivity`), with the predictor's scores.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.models.dit import DiT
 from tcgraph.names import cache_name
-from tcgraph.plan.evaluate import token_mask
-from tcgraph.plan.learning import fit_logits, lambda_unit, rounds
-from tcgraph.plan.tprr import token_order
+from tcgraph.plan.learning.evaluate import token_mask
+from tcgraph.plan.learning.common import fit_logits, lambda_unit, rounds
+from tcgraph.plan.learning.tprr import token_order
 from tcgraph.progress import SILENT, Phase
 
 

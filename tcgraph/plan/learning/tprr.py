@@ -1,6 +1,6 @@
 """TokenCache's schedule (Lou et al. 2024, arXiv 2409.18523): Two-Phase Round-Robin (TPRR),
 the FLOP budget and adaptive block selection, as pure functions of the Cache Predictor's
-scores and the blocks' sensitivities (`tcgraph.plan.predictor` learns both).
+scores and the blocks' sensitivities (`tcgraph.plan.learning.predictor` learns both).
 
 **Adaptive block selection.** The sensitivity of block l is the held-out eps MSE per cache
 step when *only* block l is pruned to the predictor's top `round(keep_ratio · N)` tokens at
@@ -82,7 +82,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES
-from tcgraph.plan.evaluate import speedup_of
+from tcgraph.plan.learning.evaluate import speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, cache_step_variants, constant_roles, partial
 
