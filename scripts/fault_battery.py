@@ -34,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the faults/ package 
 from faults.artifacts import api_cases, inspect_cases, process_cases, sample_cases  # noqa: E402
 from faults.harness import Case, Ctx, Outcome, make_artifact, verdict  # noqa: E402,F401
 from faults.inputs import checkpoint_cases, force_cases, settings_cases  # noqa: E402
+from faults.diffusers_cases import diffusers_cases  # noqa: E402
+from faults.serving import serving_cases  # noqa: E402
 from faults.tampered import new_surface_cases  # noqa: E402
 
 
 def all_cases() -> list[Case]:
     return settings_cases() + checkpoint_cases() + force_cases() + sample_cases() + inspect_cases() + api_cases() \
-        + process_cases() + new_surface_cases()
+        + process_cases() + new_surface_cases() + serving_cases() + diffusers_cases()
 
 
 def run_battery(quick: bool = False, only: str | None = None, artifact: Path | None = None) -> list[dict]:

@@ -266,14 +266,15 @@ def sample(
     text=None,
     prompts: Sequence[str] | None = None,
     negative_prompt: str = "",
+    text_encoder: str | Path | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run the optimized sampler from an artifact folder; returns (samples, labels).
 
     A text-conditioned model samples `per_class` images for each prompt of `text` (a
     `tcgraph.sampling.conditioning.Text` or an embeddings file, `--embeddings`; with guidance it
     needs the negative prompt's embeddings too); its labels are the prompt indices. `prompts`
-    (with `negative_prompt`) are encoded by the model's own text encoder where tcgraph has one
-    (the digits-text demo's).
+    (with `negative_prompt`) are encoded by the model's own text encoder: the digits-text demo's,
+    or that of the diffusers pipeline folder `text_encoder` (no path is read from the artifact).
 
     `device` ("cpu", "cuda") goes to the runner; left out, each backend picks its own
     (ort: CUDA where onnxruntime-gpu has it, else CPU; torch: CPU; trt: CUDA). The
@@ -307,7 +308,9 @@ def sample(
     if prompts is not None:
         if text is not None:
             raise UsageError("give prompts or text embeddings, not both")
-        text = conditioning.encode_prompts(art, prompts, negative_prompt)
+        text = conditioning.encode_prompts(art, prompts, negative_prompt, text_encoder)
+    elif text_encoder is not None:
+        raise UsageError("text_encoder (--text-encoder) embeds prompts: give prompts (--prompt) too")
     if cfg.text_conditioned:
         if text is None or classes is not None:
             raise UsageError("this artifact's model is text-conditioned: give prompt embeddings (text=, --embeddings "

@@ -66,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="text-conditioned models with a text encoder (the digits-text demo; a diffusers pipeline "
                         "folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one grid row each")
     s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
+    s.add_argument("--text-encoder", type=Path, metavar="FOLDER",
+                   help="with --prompt: the diffusers pipeline folder whose text_encoder/ and tokenizer/ embed the "
+                        "prompts (the one the artifact was transformed from; the digits-text demo needs none)")
     s.add_argument("--embeddings", type=Path,
                    help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "
                         "prompt_attention_mask and, for guidance, negative_prompt_embeds, "
@@ -213,6 +216,7 @@ def _run(argv: list[str] | None) -> int:
             raise UsageError("give --prompt or --embeddings, not both")
         samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
                                      text=args.embeddings, prompts=args.prompt, negative_prompt=args.negative_prompt,
+                                     text_encoder=args.text_encoder,
                                      seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
                                      resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
                                      runner_options=_runner_options(args))

@@ -179,15 +179,15 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "after-exchange":
-    real = folder._rename
+    real = folder.rename_with_flags
     def exchange(src, dst, flags):
         done = real(src, dst, flags)
-        if done and flags == folder._RENAME_EXCHANGE:
+        if done and flags == folder.RENAME_EXCHANGE:
             die()
         return done
-    folder._rename = exchange
+    folder.rename_with_flags = exchange
 else:  # the two-rename swap, as where renameat2 is missing
-    folder._rename = lambda src, dst, flags: False
+    folder.rename_with_flags = lambda src, dst, flags: False
     def rename(src, dst):
         real_rename(src, dst)
         if point == "after-aside" and ".old-" in os.fspath(dst):

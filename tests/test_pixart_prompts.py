@@ -63,10 +63,13 @@ def test_cli_prompts_sample_what_the_api_samples_from_their_embeddings(pipeline,
     _, root = pipeline
     art = api.transform(str(root / "pipe"), "fora:2", tmp_path / "art", steps=4, guidance=3.0, batch=2,
                         text_length=LENGTH, progress=False, check=False)
-    text = encode_prompts(load_artifact(art), PROMPTS, "")
+    with pytest.raises(UsageError, match=r"came from .*pipe.*tcgraph reads no path from an artifact.*--text-encoder"):
+        encode_prompts(load_artifact(art), PROMPTS, "")  # the recorded source is never read
+    text = encode_prompts(load_artifact(art), PROMPTS, "", root / "pipe")
     want, _ = api.sample(art, text=text, per_class=1, seed=2, progress=False)
     out = tmp_path / "x.npy"
-    cli.main(["sample", str(art), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--per-class", "1", "--seed", "2",
+    cli.main(["sample", str(art), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--text-encoder", str(root / "pipe"),
+              "--per-class", "1", "--seed", "2",
               "--npy", str(out), "--png", str(tmp_path / "x.png")])
     import numpy as np
 
@@ -75,5 +78,7 @@ def test_cli_prompts_sample_what_the_api_samples_from_their_embeddings(pipeline,
     moved = load_artifact(art)
     moved.extra.pop("source")
     moved.extra["model"] = "somewhere/else"
-    with pytest.raises(UsageError, match="no text encoder for the model 'somewhere/else'.*--embeddings"):
+    with pytest.raises(UsageError, match="came from somewhere/else.*--text-encoder FOLDER.*--embeddings"):
         encode_prompts(moved, PROMPTS, "")
+    with pytest.raises(UsageError, match="has no text encoder tcgraph can run.*--embeddings"):
+        encode_prompts(moved, PROMPTS, "", tmp_path)

@@ -140,7 +140,7 @@ def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished folder to `out_dir`, replacing an old artifact folder atomically."""
     try:
         if not os.path.lexists(out_dir):
-            if not _rename(tmp, out_dir, _RENAME_NOREPLACE):
+            if not rename_with_flags(tmp, out_dir, RENAME_NOREPLACE):
                 os.rename(tmp, out_dir)
             return
     except FileExistsError:
@@ -153,7 +153,7 @@ def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
                            "API)")
     check_replaceable(out_dir)  # again: it may have changed during the minutes of export
     try:
-        if _rename(tmp, out_dir, _RENAME_EXCHANGE):
+        if rename_with_flags(tmp, out_dir, RENAME_EXCHANGE):
             remove_path(tmp)  # the old folder, now under the temporary name
             return
         old = temporary_path(out_dir, "old")
@@ -168,11 +168,11 @@ def swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     remove_path(old)
 
 
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _renameat2 = None
 
 
-def _rename(src: Path, dst: Path, flags: int) -> bool:
+def rename_with_flags(src: Path, dst: Path, flags: int) -> bool:
     """Linux renameat2(src, dst, flags); False where the system or file system lacks it."""
     global _renameat2
     if not sys.platform.startswith("linux"):

@@ -206,11 +206,12 @@ def _shapes_cached(config: DiTConfig) -> tuple[tuple[str, tuple[int, ...]], ...]
 
 
 def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """{parameter name: shape} of a DiT built from `config` (either layout), without allocating it."""
-    if config.layout in ("diffusers", "pixart"):
-        from tcgraph.models.diffusers_config import state_dict_shapes as diffusers_shapes
+    """{parameter name: shape} of the model `config` builds (its family's), without allocating it."""
+    return config.family.state_dict_shapes(config)
 
-        return diffusers_shapes(config)
+
+def official_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of tcgraph's DiT built from `config`, without allocating it."""
     return dict(_shapes_cached(config))
 
 

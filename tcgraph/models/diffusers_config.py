@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.dit import DiTConfig
+from tcgraph.models.families import diffusers_classes, family_of_diffusers_class
 
 CLASS_NAME = "DiTTransformer2DModel"
 PIXART_CLASS_NAME = "PixArtTransformer2DModel"
@@ -108,8 +109,7 @@ def _config(where: str, **fields) -> DiTConfig:
 
 def diffusers_kwargs(config: DiTConfig) -> dict:
     """The DiTTransformer2DModel arguments of a `DiTConfig` with layout "diffusers"."""
-    if config.layout != "diffusers":
-        raise TcgraphError(f"config has layout {config.layout!r}, not 'diffusers'")
+    _require(config, CLASS_NAME)
     if config.mlp_ratio != 4.0 or config.class_dropout_prob <= 0:
         raise TcgraphError("a diffusers DiT has mlp_ratio 4 and a null class (class_dropout_prob > 0)")
     return dict(num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
@@ -119,12 +119,16 @@ def diffusers_kwargs(config: DiTConfig) -> dict:
 
 
 def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of `DiffusersDiT(config)`'s state dict (layout "diffusers") or of
-    `DiffusersPixArt(config)`'s (layout "pixart"), without diffusers or memory."""
-    if config.layout == "pixart":
-        return pixart_state_dict_shapes(config)
-    if config.layout != "diffusers":
-        raise TcgraphError(f"config has layout {config.layout!r}, not a diffusers one ('diffusers', 'pixart')")
+    """{name: shape} of the state dict of the diffusers model `config` builds (its family's), without
+    diffusers or memory."""
+    if config.family.diffusers_class is None:
+        raise TcgraphError(f"config is of the family {config.family.title}, not a diffusers one")
+    return config.family.state_dict_shapes(config)
+
+
+def dit_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of `DiffusersDiT(config)`'s state dict, without diffusers or memory."""
+    _require(config, CLASS_NAME)
     d, n, p, c = config.hidden_size, config.num_tokens, config.patch_size, config.in_channels
     out = {"pos_embed.proj.weight": (d, c, p, p), "pos_embed.proj.bias": (d,), "pos_table": (1, n, d)}
     per_block = {
@@ -213,8 +217,7 @@ def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
 def pixart_kwargs(config: DiTConfig) -> dict:
     """The PixArtTransformer2DModel arguments of a `DiTConfig` with layout "pixart" (the position
     table at diffusers' default interpolation scale; micro-conditions where `micro_size` is set)."""
-    if config.layout != "pixart":
-        raise TcgraphError(f"config has layout {config.layout!r}, not 'pixart'")
+    _require(config, PIXART_CLASS_NAME)
     if config.mlp_ratio != 4.0 or config.num_classes != 0 or config.caption_channels <= 0:
         raise TcgraphError("a PixArt model has mlp_ratio 4, no classes (num_classes 0) and caption_channels > 0")
     return dict(num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
@@ -254,7 +257,6 @@ def pixart_state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 # ---- folders that diffusers' save_pretrained writes ----------------------------------------
 
 # diffusers model classes tcgraph transforms -> the tcgraph module that wraps them
-SUPPORTED = {CLASS_NAME: "tcgraph.models.diffusers_dit", PIXART_CLASS_NAME: "tcgraph.models.diffusers_pixart"}
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
@@ -347,9 +349,9 @@ def read_folder(path: str | Path) -> DiffusersFolder:
     if not isinstance(name, str):
         raise TcgraphError(f"{path / 'config.json'} has no _class_name; it is not a diffusers model config "
                            "(save_pretrained writes one)")
-    if name not in SUPPORTED:
+    if family_of_diffusers_class(name) is None:  # the families registry says which classes tcgraph takes
         raise TcgraphError(f"{path}: tcgraph does not transform diffusers' {name}; supported classes: "
-                           f"{', '.join(SUPPORTED)}")
+                           f"{', '.join(diffusers_classes())}")
     return DiffusersFolder(path, config, pipeline)
 
 
@@ -424,3 +426,9 @@ def read_json(path: Path, what: str) -> dict:
         raise TcgraphError(f"{path}: {what} must be a JSON object, got a {type(value).__name__}; save the model "
                            "again with diffusers' save_pretrained")
     return value
+
+
+def _require(config: DiTConfig, class_name: str) -> None:
+    """Refuse a config of another family than the one whose diffusers folders are `class_name`."""
+    if config.family.diffusers_class != class_name:
+        raise TcgraphError(f"config is of the family {config.family.title}, not of {class_name}")

@@ -127,22 +127,37 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
         text.check(settings.text_length, cfg.caption_channels)
 
 
-def encode_prompts(art, prompts, negative_prompt: str):
-    """The prompts as the artifact's model's own text encoder embeds them: the digits-text demo's, or the
-    text encoder of the diffusers pipeline folder the artifact was transformed from."""
-    from tcgraph.models.digits_text import prompt_encoder_for
+def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
+    """The prompts as the artifact's model's own text encoder embeds them: the digits-text demo's
+    (shipped with tcgraph), or that of the diffusers pipeline folder `text_encoder` (`--text-encoder`).
+    An artifact's manifest records where it was transformed from, but tcgraph reads no path
+    from an artifact: the folder is the user's to name."""
+    from tcgraph.models.digits_text import NAME, load_prompt_encoder, prompt_encoder_for
     from tcgraph.models.pipeline_text import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise UsageError("prompts (--prompt) must be a non-empty list of strings")
     if not art.model_config.text_conditioned:
         raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
+    embed_with = ("embed the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass them "
+                  "as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, prompt_attention_mask, "
+                  "negative_prompt_embeds, negative_prompt_attention_mask)")
     source = art.extra.get("model", "in-memory")
-    encoder = prompt_encoder_for(source) or pipeline_text_encoder_for(art.extra.get("source", source))
-    if encoder is None:
-        raise UsageError(f"tcgraph has no text encoder for the model {source!r} (it has the digits-text demo's and a "
-                         "diffusers pipeline folder's text_encoder/ and tokenizer/): embed "
-                         "the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass "
-                         "them as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, "
-                         "prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)")
+    if text_encoder is not None:
+        if not isinstance(text_encoder, (str, os.PathLike)) or not str(text_encoder):
+            raise UsageError(f"text_encoder (--text-encoder) must be the path of a pipeline folder, got "
+                             f"{type(text_encoder).__name__}")
+        encoder = prompt_encoder_for(Path(text_encoder)) or pipeline_text_encoder_for(Path(text_encoder))
+        if encoder is None:
+            raise UsageError(f"{text_encoder} has no text encoder tcgraph can run (a diffusers pipeline folder with "
+                             f"model_index.json, text_encoder/ and tokenizer/, or the digits-text demo's folder); "
+                             f"{embed_with}")
+    elif source == NAME:  # the demo's encoder ships with tcgraph: no path is read from the artifact
+        encoder = load_prompt_encoder()
+    else:
+        recorded = art.extra.get("source") or (source if source != "in-memory" else None)
+        where = f" (its manifest says it came from {recorded})" if recorded else ""
+        raise UsageError(f"prompts need the text encoder of the pipeline this artifact was transformed from{where}; "
+                         "tcgraph reads no path from an artifact, so name the folder: --text-encoder FOLDER "
+                         f"(text_encoder= in the API), or {embed_with}")
     return encoder.encode(list(prompts), negative=negative_prompt, length=art.plan.settings.text_length)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.export.folder import _RENAME_EXCHANGE, _RENAME_NOREPLACE, _rename
+from tcgraph.export.folder import RENAME_EXCHANGE, RENAME_NOREPLACE, rename_with_flags
 from tcgraph.files import (
     check_can_create,
     leftovers,
@@ -123,14 +123,14 @@ def put_in_place(tmp: Path, repo: Path, name: str, force: bool) -> None:
     try:
         if not os.path.lexists(repo) and tmp.parent == repo.parent:
             try:
-                if not _rename(tmp, repo, _RENAME_NOREPLACE):
+                if not rename_with_flags(tmp, repo, RENAME_NOREPLACE):
                     os.rename(tmp, repo)
                 return
             except FileExistsError:
                 pass  # another writer made REPO meanwhile: add the model into it
         if not os.path.lexists(target):
             try:
-                if not _rename(new, target, _RENAME_NOREPLACE):
+                if not rename_with_flags(new, target, RENAME_NOREPLACE):
                     os.rename(new, target)
                 return
             except FileExistsError:
@@ -139,7 +139,7 @@ def put_in_place(tmp: Path, repo: Path, name: str, force: bool) -> None:
                 raise TcgraphError(f"another writer created {target} while this one was exporting, and it was kept; "
                                    "choose another --name, or pass --force to replace it")
         check_replaceable(target)  # again: it may have changed during the copy
-        if _rename(new, target, _RENAME_EXCHANGE):
+        if rename_with_flags(new, target, RENAME_EXCHANGE):
             return  # the old folder is now tmp/NAME
         (tmp / OLD).mkdir()
         os.rename(target, tmp / OLD / name)

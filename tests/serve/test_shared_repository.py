@@ -202,7 +202,7 @@ def test_a_writer_killed_between_two_renames_is_undone_and_the_fallback_swaps(se
     (stale / "old").mkdir(parents=True)
     (repo / MODEL).rename(stale / "old" / MODEL)
     (repo / ".second.tmp-4000000-89abcdef").mkdir()  # and a half-built "second" inside REPO
-    monkeypatch.setattr(placement, "_rename", lambda *a: False)  # no renameat2: the two-rename swap
+    monkeypatch.setattr(placement, "rename_with_flags", lambda *a: False)  # no renameat2: the two-rename swap
     assert export(serve_artifact, repo, "--name", "second")[0] == 0
     assert {k: v for k, v in tree(repo).items() if not k.startswith("second")} == before  # put back as it was
     assert export(serve_artifact, repo, "--force", "--instances", "3")[0] == 0
