@@ -1,6 +1,6 @@
 """Artifacts are untrusted input: a tampered folder whose hashes were recomputed (so that the damage
 checks pass) carries a payload that would create a marker file if anything ran it; no backend,
-`inspect` or `export-triton` runs it (serving: tests/serve/test_untrusted.py).
+`inspect` or `export-triton` runs it (serve: tests/serve/test_untrusted.py).
 
 The payloads: a torch.export archive (`.pt2`, the program format of earlier versions) whose pickled
 entry creates the marker when `torch.export.load` reads it (checked here first: the payload is real);

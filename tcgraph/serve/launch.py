@@ -80,7 +80,12 @@ def check_backend_here(art, backend: str, device: str | None) -> None:
         info = cuda_device_info()
         check_engines(art.tensorrt, tensorrt_version=str(trt.__version__), device_name=info["name"],
                       compute_capability=info["compute_capability"])
-    elif device == "cuda":
+    elif backend == "torch":  # every program is read now (data only, nothing runs): a refused one fails here
+        from tcgraph.export.programs import read_program
+
+        for vid, rel in art.programs.items():
+            read_program(art.file(rel))
+    if backend != "trt" and device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
