@@ -58,7 +58,7 @@ class VariantGraph:
     """One variant: a static fx graph and the names of its graph inputs and outputs.
 
     `gm` takes its placeholders in the order of `input_names` and returns one tensor or
-    a tuple in the order of `output_names`. Names follow DESIGN.md ("Graph interface of
+    a tuple in the order of `output_names`. Names follow docs/design.md ("Graph interface of
     a variant"): `x`, `t`, `y`, then `cache.<block>.<branch>` inputs; `out`, then cache
     outputs. `example_inputs` fixes the (static) shapes and is used to verify the export.
     Defined here, where variants are made; export reads it as a structural type

@@ -1,6 +1,6 @@
 """Names that the plan, the passes, export and the runtimes share: branches and graph I/O.
 
-DESIGN.md ("Graph interface of a variant") fixes them: a variant graph reads `x`, `t`, the
+docs/design.md ("Graph interface of a variant") fixes them: a variant graph reads `x`, `t`, the
 model's conditioning (`y` for class-conditional DiTs) and one `cache.<block>.<branch>` per
 cache it reuses; it writes `out` and the caches it refreshes. Dynamic-token branches carry
 a second cache, their branch input, `cache.<block>.<branch>.in`. Forecast branches keep
@@ -44,7 +44,7 @@ def branch_key(key: tuple[int, str]) -> tuple[int, int]:
 
 
 def cache_name(block: int, branch: str) -> str:
-    """Graph I/O name of a cache tensor, as DESIGN.md fixes it."""
+    """Graph I/O name of a cache tensor, as docs/design.md fixes it."""
     return f"{CACHE_PREFIX}{block}.{branch}"
 
 
@@ -88,7 +88,7 @@ def is_model_input(name: str) -> bool:
 
 
 def model_input_count(inputs) -> int:
-    """How many of a variant's inputs are the model's own: they come first (DESIGN.md)."""
+    """How many of a variant's inputs are the model's own: they come first (docs/design.md)."""
     count = 0
     while count < len(inputs) and is_model_input(inputs[count]):
         count += 1

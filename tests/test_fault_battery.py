@@ -1,7 +1,7 @@
 """The fault battery's fast cases (scripts/fault_battery.py --quick): no traceback, nothing wrong.
 
-The whole battery (169 cases, with the process cases: signals, closed pipes, concurrent
-writers) runs as `python scripts/fault_battery.py`; its slow cases are also covered by
+The whole battery (332 cases, with the process cases: signals, closed pipes, concurrent
+writers, and the cases that start a Triton server or build a text artifact) runs as `python scripts/fault_battery.py`; its slow cases are also covered by
 tests/test_files.py and tests/test_cli.py.
 """
 import importlib
@@ -24,9 +24,10 @@ def battery():
 
 def test_the_battery_is_broad(battery):
     cases = battery.all_cases()
-    assert len(cases) >= 150 and len({c.name for c in cases}) == len(cases)
+    assert len(cases) >= 300 and len({c.name for c in cases}) == len(cases)
     assert {c.group for c in cases} >= {"transform settings", "checkpoints", "--force and --out", "sample", "inspect",
-                                        "API types", "process"}
+                                        "API types", "process", "tampered artifacts", "links", "values",
+                                        "export-triton", "serve", "requests", "requests over HTTP", "diffusers"}
 
 
 def test_fast_cases_are_clear_errors_or_handled(battery, demo_fora2_artifact):
@@ -36,7 +37,7 @@ def test_fast_cases_are_clear_errors_or_handled(battery, demo_fora2_artifact):
     rows = battery.run_battery(quick=True, artifact=demo_fora2_artifact)
     bad = [f"{r['verdict']}: {r['case']}: {r['detail']}" for r in rows if r["verdict"] in ("traceback", "wrong")]
     assert not bad, "\n".join(bad)
-    assert len(rows) >= 140
+    assert len(rows) >= 290
 
 
 def test_a_traceback_and_a_wrong_success_are_caught(battery):

@@ -1,5 +1,5 @@
 """Calibration trajectories: the full model run along the sampler from random noise and
-random labels (no data set), as DESIGN.md's data flow fixes it.
+random labels (no data set), as docs/design.md's data flow fixes it.
 
 What is kept, per step `s` of generation order and per image:
 - `x[s]`: the sampler state entering step s (the model input before the CFG halves are

@@ -1,6 +1,6 @@
 """The artifact folder: everything `tcgraph transform` produces, written atomically, loaded typed.
 
-Layout (DESIGN.md, "Artifact folder")::
+Layout (docs/design.md, "Artifact folder")::
 
     <out_dir>/
       manifest.json          schema, versions, model config + hash, plan, variants, file hashes

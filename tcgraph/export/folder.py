@@ -1,7 +1,7 @@
 """Writing a folder atomically: build it in a hidden sibling, rename it into place when complete.
 
 An interrupted transform (an exception, Ctrl-C, SIGKILL, power loss) must never leave a half
-folder and never damage the folder it replaces (DESIGN.md, "Artifact folder"). The
+folder and never damage the folder it replaces (docs/design.md, "Artifact folder"). The
 temporary is `.<name>.tmp-<pid>-<random>` beside the target (`tcgraph.files`), so the
 rename stays on one file system, and its pid lets a later writer delete temporaries whose
 writer is gone.

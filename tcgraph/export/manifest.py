@@ -157,7 +157,7 @@ def _cache_key(name: str) -> tuple[int, str] | None:
 
 
 def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where: str, todo: str) -> None:
-    """Every variant's graph I/O as the plan's settings and the model config fix it (DESIGN.md,
+    """Every variant's graph I/O as the plan's settings and the model config fix it (docs/design.md,
     "Graph interface of a variant"): `x` [B, C, H, W], `t` and `y` [B] (a text-conditioned model:
     `encoder_hidden_states` [B, L, D_text] and `encoder_attention_mask` [B, L] for `y`), `out` [B, C_out, H, W],
     each cache `cache.<l>.<branch>` (`….in`, history `….h<j>`) [B, N, D] with l a block of the

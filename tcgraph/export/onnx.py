@@ -71,7 +71,7 @@ class ExportableVariant(Protocol):
     A structural type, so that export does not import the compile layer that builds the
     variants (`tcgraph.compile`). `gm` takes its placeholders in the order of
     `input_names` and returns one tensor or a tuple in the order of `output_names`. Names
-    follow DESIGN.md ("Graph interface of a variant"): `x`, `t`, `y`, then
+    follow docs/design.md ("Graph interface of a variant"): `x`, `t`, `y`, then
     `cache.<block>.<branch>` inputs; `out`, then cache outputs. `example_inputs` fixes the
     (static) shapes and is used to verify the export. `check_variant` checks all of it.
     """

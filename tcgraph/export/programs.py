@@ -20,7 +20,7 @@ no mutating or file-reading overload) and `operator.getitem`; anything else refu
 file. The result is a plain `fx.GraphModule` built from those parts: nothing in the file
 is imported, evaluated or unpickled.
 
-Weights once (DESIGN.md): a program file holds the graph, not the weights. The model's
+Weights once (docs/design.md): a program file holds the graph, not the weights. The model's
 tensors are read by name from the shared `variants/weights.bin` through the parameter map
 (`map_parameters`), once for all variants.
 """

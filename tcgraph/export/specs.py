@@ -1,6 +1,6 @@
 """Typed entries of an artifact manifest: a variant's graph I/O, its files, the parameter map.
 
-`manifest.json` stores plain JSON (DESIGN.md, "Artifact folder"); the runners, inspection
+`manifest.json` stores plain JSON (docs/design.md, "Artifact folder"); the runners, inspection
 and the benchmarks read these frozen records instead, so that a key or a type is checked
 once, when the folder is loaded (`tcgraph.export.artifact.load_artifact`), and a damaged
 entry is refused there with the file it came from, not deep inside a backend.
@@ -20,7 +20,7 @@ REDO = "re-run `tcgraph transform` to rebuild it"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output: its logical name (DESIGN.md, "Graph interface of a variant"),
+    """One graph input or output: its logical name (docs/design.md, "Graph interface of a variant"),
     static shape and dtype.
 
     `onnx_name` is the name inside the ONNX file; it differs from `name` only for an output

@@ -1,7 +1,7 @@
 """Model adapters: what one architecture is made of, told once, so that nothing else names its modules.
 
 The passes (capture, expand_blocks, token pruning), the eager reference and calibration's
-blended step never name a module of an architecture (DESIGN.md, "Models and adapters").
+blended step never name a module of an architecture (docs/design.md, "Models and adapters").
 They ask the model's `ModelAdapter`:
 
 - which module class is a block (a leaf of the fx capture) and where the blocks are, in order;

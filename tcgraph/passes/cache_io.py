@@ -1,6 +1,6 @@
 """Pass cache_io: give a block-expanded graph the graph interface of one variant.
 
-DESIGN.md ("Graph interface of a variant"): inputs `x, t, y`, then one placeholder per
+docs/design.md ("Graph interface of a variant"): inputs `x, t, y`, then one placeholder per
 cache the recipe reads, `cache.<l>.<branch>` (reused, partial, dynamic and forecast
 branches; a forecast(n) branch's older history `cache.<l>.<branch>.h1` … `.h<n-1>` and a
 dynamic branch's input cache `cache.<l>.<branch>.in` right after it), in block order, then

@@ -1,4 +1,4 @@
-"""Pass forecast: a forecast branch becomes a weighted sum of its history (DESIGN.md, "Forecast actions").
+"""Pass forecast: a forecast branch becomes a weighted sum of its history (docs/design.md, "Forecast actions").
 
 Runs after cache_io, which gave each `forecast(n)` branch its history inputs, newest first:
 `cache.<l>.<branch>` (H_0) and `cache.<l>.<branch>.h1` … `.h<n-1>`, and the variant its

@@ -4,7 +4,7 @@ Node meta (STYLE: analysis results in `node.meta["tcgraph.<key>"]`, never node a
 `tcgraph.block` (block index of every node inside a block, and of cache placeholders),
 `tcgraph.branch` (branch name on a branch's call_module node), `tcgraph.io_name` (graph
 input names on placeholders, the list of output names on the output node: `x`,
-`cache.3.attn`, … as DESIGN.md "Graph interface of a variant" fixes them).
+`cache.3.attn`, … as docs/design.md "Graph interface of a variant" fixes them).
 
 Graph meta: `gm.meta["tcgraph.adapter"]` holds the `ModelAdapter` of the captured model,
 set by capture and carried by expand_blocks, so that a later pass asks the adapter (for

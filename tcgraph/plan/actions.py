@@ -1,4 +1,4 @@
-"""Actions: what one branch does at one step (the vocabulary of shared/DESIGN.md).
+"""Actions: what one branch does at one step (the vocabulary of docs/design.md).
 
 `compute`, `reuse`, `partial(indices)` (TokenCache: constant token ids recomputed),
 `dynamic(k)` (k tokens chosen per sample in the graph) and `forecast(n)` (predicted from the
@@ -13,7 +13,7 @@ from typing import Iterable
 from tcgraph.errors import TcgraphError
 
 ACTION_KINDS = ("compute", "reuse", "partial", "dynamic", "forecast")
-MAX_HISTORY = 4  # most history entries a forecast reads (DESIGN.md: r <= 4)
+MAX_HISTORY = 4  # most history entries a forecast reads (docs/design.md: r <= 4)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """The plan: what every branch of every block does at every denoising step.
 
-Vocabulary (shared/DESIGN.md): an *action* per (step, block, branch) — `compute`,
+Vocabulary (docs/design.md): an *action* per (step, block, branch) — `compute`,
 `reuse`, `partial(k, indices)` (TokenCache: k constant token ids recomputed) or
 `dynamic(k)` (ToCa-style: k tokens recomputed, chosen per sample inside the graph); a
 *recipe* is the actions of one step; a *variant* is one distinct recipe (one static
 graph); the *schedule* maps steps to variant ids.
 
-Cache writes follow DESIGN.md: a recipe that computes a branch whose cache *any* step of
+Cache writes follow docs/design.md: a recipe that computes a branch whose cache *any* step of
 the plan reads also outputs that cache. The write set is therefore a function of the
 recipe and the plan, and one recipe is always one graph.
 
@@ -20,7 +20,7 @@ by the same rule as above, every recipe that computes a branch on which *any* st
 plan is dynamic also outputs that branch's `.in` (its u). A partial action keeps no `.in`,
 so a plan may not mix partial and dynamic actions on one (block, branch) (`validate`).
 
-Forecast actions (DESIGN.md, "Forecast actions"). `forecast(n)` predicts a branch's
+Forecast actions (docs/design.md, "Forecast actions"). `forecast(n)` predicts a branch's
 pre-gate output from its *history*, the outputs of its last n computing steps (compute,
 partial or dynamic), newest first: `ŷ = Σ_j w_j · H_j`. The newest history entry is the
 branch's cache `cache.<l>.<branch>` itself; older ones are `cache.<l>.<branch>.h<j>`
@@ -34,7 +34,7 @@ run a branch may have fewer computed outputs than its forecast reads: the weight
 entries that do not exist yet are 0 (the dispatcher feeds the oldest entry there), so one
 recipe serves the first rounds too.
 
-Run constants (DESIGN.md: conditioning that does not change within a run is computed once).
+Run constants (docs/design.md: conditioning that does not change within a run is computed once).
 A branch named in `tcgraph.names.RUN_CONSTANTS` (`cross`: the keys and values of the text)
 reads tensors that depend on the conditioning alone. With `carry_constants` (the default),
 a plan's first step computes them and outputs them as caches `cache.<l>.cross.k`/`.v`, and

@@ -81,7 +81,7 @@ def static_buffers(variants: Variants, device: torch.device | str,
         if not {X, T, OUT} <= set(names) or names != first:
             raise TcgraphError(
                 f"variant {variant.id} reads and writes {names}, not x, t, the model's conditioning and out as "
-                f"every variant does ({first}; DESIGN.md, 'Graph interface of a variant'); the manifest is damaged: "
+                f"every variant does ({first}; docs/design.md, 'Graph interface of a variant'); the manifest is damaged: "
                 "re-run `tcgraph transform`"
             )
         for io in ios:

@@ -4,7 +4,7 @@ Caches live in the backend's own values between steps (OrtValues for ONNX Runtim
 they never round-trip through numpy; only `out` is turned into a torch tensor for the
 sampler's update.
 
-History (forecast branches, DESIGN.md "Forecast actions"). A branch that some variant
+History (forecast branches, docs/design.md "Forecast actions"). A branch that some variant
 forecasts from r points keeps its last r computed outputs, newest first (until r exist, the
 missing older ones are fed the oldest there is: their weights are 0): the variant
 inputs `cache.<l>.<branch>` (newest), `cache.<l>.<branch>.h1`, … A step that writes

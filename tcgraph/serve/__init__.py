@@ -1,4 +1,4 @@
-"""Serving an artifact on Triton Inference Server (DESIGN.md, "Serving").
+"""Serving an artifact on Triton Inference Server (docs/design.md, "Serving").
 
 `write_repository` (repository.py) writes one model folder of an artifact into a Triton
 model repository, which other models may share: a `config.pbtxt` (config.py), the artifact as

@@ -1,6 +1,6 @@
 """What one inference request asks for, checked, and what it means.
 
-The model's inputs (DESIGN.md, "Serving"), Triton's batch dimension first (one row per image):
+The model's inputs (docs/design.md, "Serving"), Triton's batch dimension first (one row per image):
 
     CLASSES  INT64 [n, 1]  the class id of each image
     SEED     INT64 [n, 1]  the request's seed, the same on every row, in 0..2^32-1

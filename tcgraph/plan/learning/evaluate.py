@@ -8,7 +8,7 @@
   candidates with it.
 - `free_running_samples`: the samples a plan makes along a whole sampling run from given
   noise (no teacher forcing): how learned planners choose their final plan, since the
-  per-step error can rank plans opposite to their final quality (DESIGN.md, measured facts).
+  per-step error can rank plans opposite to their final quality (docs/design.md, measured facts).
 
 Both run a plan through `PlanState`: the caches and, for forecast branches, the history a
 plan's graphs carry (the newest computed output first), with `calibrate.mixed_step` doing

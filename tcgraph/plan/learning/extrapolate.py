@@ -1,6 +1,6 @@
 """Forecast weights: how a skipped branch's output is predicted from its history.
 
-DESIGN.md ("Forecast actions"): at step s a forecast branch outputs Σ_j w_j · H_j over its
+docs/design.md ("Forecast actions"): at step s a forecast branch outputs Σ_j w_j · H_j over its
 outputs H_1 … H_n at its last n computing steps s_1 > … > s_n (newest first; index j here
 is 1-based, the graph's `.h<j-1>`). Two ways to choose w:
 

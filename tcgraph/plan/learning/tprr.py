@@ -25,7 +25,7 @@ token, shared by all branches) applies to it too. Sensitivities (`predictor.bloc
 are measured with every branch of the probed block pruned alike.
 
 
-**TPRR** (DESIGN.md), with the project's exact formula:
+**TPRR** (docs/design.md), with the project's exact formula:
 
 - rounds (`tprr_rounds`): phase 1 has rounds starting at 0, K1, 2·K1, … below b, each cut
   at b; phase 2 has rounds starting at b, b + K2, …, the last cut at S. A round is its full

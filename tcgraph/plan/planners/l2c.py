@@ -4,7 +4,7 @@ The plan has a skeleton: every `interval`-th step (0, K, 2K, …) is a full step
 others are *cache steps*. A router holds one logit `g[s, l, b]` per cache step, block and
 branch, for the model's own branches (`ModelConfig.branches`: DiT's attn, mlp; PixArt's attn,
 cross, mlp; the router is `[S, depth, len(branches)]`, branch b in that order). Training
-follows DESIGN.md's L2C section, on calibration trajectories of the model itself (random
+follows docs/design.md's L2C section, on calibration trajectories of the model itself (random
 noise and labels, no data set; a text-conditioned model on the prompts `calibration_text`):
 
 - a round is one full step followed by its K − 1 cache steps; the full step fills every

@@ -12,7 +12,7 @@ DiT-XL/2) as a `torch.save` dict:
 
 Router i belongs to the i-th *smallest* timestep of the respaced schedule (the ascending
 order of `tcgraph.sampling.diffusion.space_timesteps`), so router S−1 is the noisiest one
-and generation step s (0 = noisiest, DESIGN.md) uses router i = S−1−s. Routers with odd
+and generation step s (0 = noisiest, docs/design.md) uses router i = S−1−s. Routers with odd
 i are *full* steps: every branch is computed and every cache refreshed. Routers with even
 i are *cache* steps: a branch is computed when sigmoid(logit) > threshold (strictly) and
 its cached output is reused otherwise. The L2C sampling scripts use threshold 0.1.

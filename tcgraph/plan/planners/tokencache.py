@@ -1,7 +1,7 @@
 """TokenCache (Lou et al. 2024, arXiv 2409.18523), learned data-free on one machine: the
 `tokencache` and `dynamic` planners.
 
-Three parts, as DESIGN.md's TokenCache section names them; each module gives the
+Three parts, as docs/design.md's TokenCache section names them; each module gives the
 definitions the code and the tests follow:
 
 - the **Cache Predictor** (input-invariant token scores, trained with the superposition

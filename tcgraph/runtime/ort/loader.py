@@ -4,7 +4,7 @@ One session for all variants (default, `one_session=True`): the variants behind 
 in one model (combined.py), so one thread pool, one arena and one pre-packed copy of the
 weights serve every variant. `one_session=False` gives one session per variant:
 
-Weight sharing (DESIGN.md, "Weights once"): every variant reads the same tensors from
+Weight sharing (docs/design.md, "Weights once"): every variant reads the same tensors from
 `variants/weights.bin`. With `share_weights=True` each of them is wrapped ONCE as an
 `OrtValue` over a read-only memory map of that file and handed to every session with
 `SessionOptions.add_initializer`, and pre-packing is disabled: otherwise each session

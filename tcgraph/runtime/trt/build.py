@@ -1,4 +1,4 @@
-"""TensorRT engines for the variants of an artifact folder (DESIGN.md, "Backends").
+"""TensorRT engines for the variants of an artifact folder (docs/design.md, "Backends").
 
 `build_engines` turns every `variants/<id>.onnx` into `engines/<id>.plan` with static
 shapes, one precision (fp16, bf16 or fp32) and ONE tactic timing cache shared by all
@@ -10,7 +10,7 @@ manifest's "tensorrt" section (`Artifact.tensorrt`), whose keys this module defi
 tensorrt_version, device {name, compute_capability}, precision, weight_stripped,
 timing_cache, engines {id: {file, bytes}}.
 
-Weights once (DESIGN.md): a plain engine holds its own copy of every weight, so N
+Weights once (docs/design.md): a plain engine holds its own copy of every weight, so N
 variants cost N copies on disk. `strip_weights=True` builds weight-stripped engines
 (`STRIP_PLAN` + `REFIT_IDENTICAL`: optimised for exactly these weights, stored without
 them) that the loader refits from the variant's ONNX file, i.e. from the one shared
