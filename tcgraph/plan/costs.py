@@ -339,9 +339,6 @@ def predict_flops(table: CostTable, plan: "Plan") -> dict:
     """`tcgraph.plan.flops.plan_flops` from a measured table: per-variant and whole-run FLOPs and the
     predicted speedup, the same keys (`full_step`, `per_variant`, `fraction`, `total`, `full_total`,
     `recomputed_total`, `constants_speedup`, `predicted_speedup`)."""
-    from tcgraph.plan.actions import COMPUTE
-    from tcgraph.plan.recipe import Recipe
-
     s = plan.settings
     want = {"model batch": (table.batch, s.model_batch), "tokens": (table.tokens, plan.num_tokens),
             "text length": (table.text_length, s.text_length), "blocks": (len(table.blocks), plan.depth),
@@ -350,19 +347,6 @@ def predict_flops(table: CostTable, plan: "Plan") -> dict:
     if bad:
         raise TcgraphError(f"cost table of {table.model} does not fit the plan {plan.planner}: {'; '.join(bad)}; "
                            "measure it with the plan's settings (tcgraph.plan.costs.plan_costs)")
-    full_recipe = Recipe.uniform(plan.depth, COMPUTE, plan.branches)
-    full = table.recipe_flops(full_recipe)
-    per_variant = {f"v{i}": table.recipe_flops(r) for i, r in enumerate(plan.variants())}
-    total = sum(per_variant[v] for v in plan.schedule())
-    full_total = sum(table.recipe_flops(replace(full_recipe, constants=r.constants)) for r in plan.recipes)
-    recomputed_total = full * s.num_steps
-    return {
-        "full_step": full,
-        "per_variant": per_variant,
-        "fraction": {v: f / full for v, f in per_variant.items()},
-        "total": total,
-        "full_total": full_total,
-        "recomputed_total": recomputed_total,
-        "constants_speedup": recomputed_total / full_total,
-        "predicted_speedup": full_total / total,
-    }
+    from tcgraph.plan.flops import run_flops
+
+    return run_flops(plan, table.recipe_flops)

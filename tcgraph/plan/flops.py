@@ -79,12 +79,17 @@ def plan_flops(cfg: ModelConfig, plan: Plan) -> dict:
     the benchmarks time against; `recomputed_total` computes every step whole, text keys and values
     included (what the model's own forward does), and `constants_speedup` is their ratio."""
     batch, length = plan.settings.model_batch, plan.settings.text_length
+    return run_flops(plan, lambda recipe: recipe_flops(cfg, recipe, batch, length))
+
+
+def run_flops(plan: Plan, step_flops) -> dict:
+    """`plan_flops`'s summary from any per-step cost `step_flops(recipe) -> FLOPs` (the formulas
+    here, or a measured cost table: `tcgraph.plan.costs.predict_flops`)."""
     full_recipe = Recipe.uniform(plan.depth, Action("compute"), plan.branches)
-    full = recipe_flops(cfg, full_recipe, batch, length)
-    per_variant = {f"v{i}": recipe_flops(cfg, r, batch, length) for i, r in enumerate(plan.variants())}
+    full = step_flops(full_recipe)
+    per_variant = {f"v{i}": step_flops(r) for i, r in enumerate(plan.variants())}
     total = sum(per_variant[v] for v in plan.schedule())
-    full_total = sum(recipe_flops(cfg, replace(full_recipe, constants=r.constants), batch, length)
-                     for r in plan.recipes)
+    full_total = sum(step_flops(replace(full_recipe, constants=r.constants)) for r in plan.recipes)
     recomputed_total = full * plan.settings.num_steps
     return {
         "full_step": full,
