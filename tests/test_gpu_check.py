@@ -290,7 +290,7 @@ def test_weights_a_variant_reads_match_its_torch_program(memory, smoke):
     art = load_artifact(folder, verify_hashes=False)
     names = dict(load_model("digits").named_parameters())
     for recipe, vid in zip(art.plan.variants(), art.variant_ids()):
-        _, info = read_program(art.file(art.programs[vid]))
+        info = read_program(art.file(art.programs[vid])).info
         assert set(info["weights"]) & set(names) == {n for n in names if memory.reads_parameter(n, recipe)}, vid
 
 
