@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = model.config
     text_length, conditioning, calibration = 0, None, None
     if args.model == "digits-text":  # prompts "a handwritten <digit>", judged as that digit
-        from tcgraph.models.digits_text import calibration_prompts, load_prompt_encoder, prompt_for
+        from tcgraph.demos.digits_text import calibration_prompts, load_prompt_encoder, prompt_for
 
         encoder = load_prompt_encoder()
         text_length, calibration = encoder.length, calibration_prompts(encoder)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tcgraph.models.digits_text import TEMPLATES, load_prompt_encoder, prompt_for
+    from tcgraph.demos.digits_text import TEMPLATES, load_prompt_encoder, prompt_for
 
     digits = parse_digits(args.digits)
     labels = [d for d in digits for _ in range(args.per_class)]

@@ -6,7 +6,7 @@
 (A step costs ~1.4x a step of scripts/train_demo.py's DiT: the cross-attention and the text.)
 
 A small diffusers PixArtTransformer2DModel (16x16 pixels, patch 2 -> 64 tokens, 6 blocks,
-hidden 128, 4 heads, captions of width 32) and `tcgraph.models.digits_text.PromptEncoder`, the
+hidden 128, 4 heads, captions of width 32) and `tcgraph.demos.digits_text.PromptEncoder`, the
 T5 stand-in, learned together. As scripts/train_demo.py: fixed seed and steps, epsilon-
 prediction MSE with uniform timesteps over the 1000-step linear schedule, AdamW with warmup
 and cosine decay, and an EMA of the weights whose decay warms up. Each image is captioned by
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from tcgraph.data import digits_split
-from tcgraph.models.digits_text import (CAPTION, ENCODER_DIR, LENGTH, PROMPTS, TEMPLATES, TRANSFORMER_DIR,
+from tcgraph.demos.digits_text import (CAPTION, ENCODER_DIR, LENGTH, PROMPTS, TEMPLATES, TRANSFORMER_DIR,
                                         PromptEncoder)
 from tcgraph.models.dit import DiTConfig
 from tcgraph.sampling import NUM_TRAIN_TIMESTEPS, linear_betas

@@ -17,7 +17,7 @@ from tcgraph import api
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models import load_model
-from tcgraph.models.text import Text
+from tcgraph.text.embeddings import Text
 from tcgraph.plan import Plan
 from tcgraph.sampling import SamplerSettings, make_noise
 from tcgraph.sampling.conditioning import load_text

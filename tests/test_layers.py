@@ -22,7 +22,9 @@ LAYERS: dict[str, set[str]] = {
     "files": {"errors"},
     "data": {"errors"},
     "models": {"errors", "names"},
-    "sampling": {"errors", "names", "progress", "models"},
+    "text": {"errors", "models"},  # prompt embeddings and a pipeline folder's text encoder
+    "demos": {"errors", "models", "text"},  # the text demo's prompt encoder
+    "sampling": {"errors", "names", "progress", "models", "text", "demos"},
     "eval": {"errors", "data", "models"},
     "calibrate": {"errors", "names", "progress", "models", "sampling"},
     "plan": {"errors", "names", "progress", "models", "sampling", "calibrate"},

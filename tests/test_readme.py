@@ -86,7 +86,7 @@ def test_diffusers_commands_run(tmp_path):
 def test_text_demo_commands_run(tmp_path):
     """The README's text block: the digits-text demo transformed and sampled from prompts."""
     pytest.importorskip("diffusers")
-    from tcgraph.models.digits_text import weights_dir
+    from tcgraph.demos.digits_text import weights_dir
 
     if not (weights_dir() / "transformer" / "config.json").is_file():
         pytest.skip(f"the digits-text weights are missing at {weights_dir()}: python scripts/train_text_demo.py")

@@ -206,7 +206,7 @@ def _text_parts(rel: str, content: dict):
     """A pipeline folder with text_encoder/ and tokenizer/ whose `rel` file holds `content` (model_index.json:
     merged into it); its text encoder is read."""
     def run(c: Ctx) -> Outcome:
-        from tcgraph.models.pipeline_text import PipelineTextEncoder
+        from tcgraph.text.pipeline import PipelineTextEncoder
 
         root = c.root / "pipe"
         for part in ("text_encoder", "tokenizer"):

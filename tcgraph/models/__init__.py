@@ -32,7 +32,7 @@ from tcgraph.models.dit import build_model as build_official
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Pretrained models that ship with tcgraph: name -> (weights file, registered config).
-# "digits-text" is a folder (transformer/ + text_encoder/, `tcgraph.models.digits_text`) whose
+# "digits-text" is a folder (transformer/ + text_encoder/, `tcgraph.demos.digits_text`) whose
 # config is its transformer/config.json, hence no registered config.
 # Official DiT weights cannot be downloaded here; pass their path to `load_model`.
 PRETRAINED: dict[str, tuple[Path, str | None]] = {

@@ -137,7 +137,7 @@ CONFIGS["digits"] = DiTConfig(
 # Registered configs whose models denoise pixels in [-1, 1] (DDIM clips x0 for them by default).
 PIXEL_SPACE = ("digits",)
 
-# The text-conditioned demo ("digits-text", `tcgraph.models.digits_text`): a PixArtTransformer2DModel
+# The text-conditioned demo ("digits-text", `tcgraph.demos.digits_text`): a PixArtTransformer2DModel
 # of the digits DiT's size, conditioned on a 32-wide prompt encoder; pixel space too. Not in CONFIGS
 # (which name the official layout's configs for checkpoints): its folder's config.json says it.
 TEXT_DEMO = DiTConfig(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4,

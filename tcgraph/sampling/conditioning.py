@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.text import Text  # noqa: F401  (re-exported: the sampler's conditioning)
+from tcgraph.text.embeddings import Text  # noqa: F401  (re-exported: the sampler's conditioning)
 
 if TYPE_CHECKING:
     from tcgraph.models.families import ModelConfig
@@ -104,7 +104,7 @@ def text_argument(text, name: str, option: str):
 def encoder_defaults(model, settings, calibration_text):
     """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
     (every template of every digit) for calibration unless some were given."""
-    from tcgraph.models.digits_text import calibration_prompts, prompt_encoder_for
+    from tcgraph.demos.digits_text import calibration_prompts, prompt_encoder_for
 
     encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
     if encoder is None:
@@ -132,8 +132,8 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
     (shipped with tcgraph), or that of the diffusers pipeline folder `text_encoder` (`--text-encoder`).
     An artifact's manifest records where it was transformed from, but tcgraph reads no path
     from an artifact: the folder is the user's to name."""
-    from tcgraph.models.digits_text import NAME, load_prompt_encoder, prompt_encoder_for
-    from tcgraph.models.pipeline_text import pipeline_text_encoder_for
+    from tcgraph.demos.digits_text import NAME, load_prompt_encoder, prompt_encoder_for
+    from tcgraph.text.pipeline import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise UsageError("prompts (--prompt) must be a non-empty list of strings")

@@ -7,8 +7,8 @@ import torch
 
 from tcgraph import models
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models import digits_text
-from tcgraph.models.digits_text import (CAPTION, END, LENGTH, PAD, PROMPTS, TEMPLATES, UNK, PromptEncoder,
+from tcgraph.demos import digits_text
+from tcgraph.demos.digits_text import (CAPTION, END, LENGTH, PAD, PROMPTS, TEMPLATES, UNK, PromptEncoder,
                                         prompt_encoder_for, prompt_for)
 from tcgraph.sampling.conditioning import Text
 

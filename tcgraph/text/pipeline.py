@@ -21,7 +21,7 @@ import torch
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.diffusers_config import check_pipeline_index, inside, read_json
-from tcgraph.models.text import Text
+from tcgraph.text.embeddings import Text
 
 INDEX = "model_index.json"
 PARTS = ("text_encoder", "tokenizer")

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.text import Text
+from tcgraph.text.embeddings import Text
 
 NAME = "digits-text"
 MAKE_WEIGHTS = "python scripts/train_text_demo.py"
