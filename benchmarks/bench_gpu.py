@@ -104,7 +104,7 @@ from gpu.report import format_table, merge_earlier, versions, write_outputs  # n
 
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.export.artifact import Artifact  # noqa: E402
-from tcgraph.models.dit import DiT  # noqa: E402
+from tcgraph.models.official.dit import DiT  # noqa: E402
 from tcgraph.plan import plan_flops  # noqa: E402
 from tcgraph.sampling import SamplerSettings, make_noise, sampler_for  # noqa: E402
 from tcgraph.sampling.schedulers import CLASS_KEY  # noqa: E402

@@ -53,7 +53,7 @@ def pixart_model(depth: int, hidden: int, heads: int, side: int, caption: int, s
     """A random PixArtTransformer2DModel (std-0.02 weights, the position table kept), wrapped."""
     from diffusers import PixArtTransformer2DModel
 
-    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+    from tcgraph.models.diffusers.pixart import DiffusersPixArt
 
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,

@@ -30,7 +30,7 @@ import torch
 from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import CONFIGS, DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import CONFIGS, DiT, make_config, randomize_weights
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.plan.registry import PLANNERS
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
@@ -219,7 +219,7 @@ def benchmark_model(name: str, seed: int = 0) -> DiT:
     if name in ("digits", "digits-text"):
         return api.load_dit(name)
     if name == "digits-diffusers":
-        from tcgraph.models.diffusers_dit import save_as_diffusers
+        from tcgraph.models.diffusers.dit import save_as_diffusers
 
         with tempfile.TemporaryDirectory() as tmp:
             return api.load_dit(str(save_as_diffusers(api.load_dit("digits"), Path(tmp) / "m")))

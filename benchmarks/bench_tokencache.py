@@ -38,7 +38,7 @@ from bench_plans import compare_plans, format_table, labels_for, with_baselines 
 
 from tcgraph import api  # noqa: E402
 from tcgraph.calibrate import calibrate  # noqa: E402
-from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import Plan, plan_flops  # noqa: E402
 from tcgraph.plan.planners.combined import (  # noqa: E402

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tcgraph import api  # noqa: E402
 from tcgraph.eval import compare_samples, digits_quality  # noqa: E402
-from tcgraph.models import diffusers_dit  # noqa: E402
-from tcgraph.models.diffusers_dit import save_as_diffusers  # noqa: E402
+from tcgraph.models.diffusers import dit as diffusers_dit  # noqa: E402
+from tcgraph.models.diffusers.dit import save_as_diffusers  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 

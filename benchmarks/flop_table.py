@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tcgraph.models.dit import DiT, DiTConfig, make_config
+from tcgraph.models.official.dit import DiT, DiTConfig, make_config
 from tcgraph.plan import COMPUTE, make_plan, partial
 from tcgraph.plan.costs import CONVENTION, CostTable, measure_costs, predict_flops
 from tcgraph.plan.flops import branch_flops, fixed_flops, plan_flops
@@ -56,10 +56,10 @@ MODELS = {
 def build_on_meta(cfg: DiTConfig) -> torch.nn.Module:
     with torch.device("meta"):
         if cfg.layout == "diffusers":
-            from tcgraph.models.diffusers_dit import build_diffusers_dit
+            from tcgraph.models.diffusers.dit import build_diffusers_dit
             return build_diffusers_dit(cfg)
         if cfg.layout == "pixart":
-            from tcgraph.models.diffusers_pixart import build_diffusers_pixart
+            from tcgraph.models.diffusers.pixart import build_diffusers_pixart
             return build_diffusers_pixart(cfg)
         return DiT(cfg).eval()
 

@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, DiTConfig, build_model
+from tcgraph.models.official.dit import DiT, DiTConfig, build_model
 from tcgraph.names import OUT
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.plan.planners.l2c import candidate_intervals, recipes_for_target

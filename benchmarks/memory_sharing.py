@@ -160,7 +160,7 @@ def build_artifact(
 
     from tcgraph.export.artifact import write_artifact
     from tcgraph.compile import VariantGraph
-    from tcgraph.models.dit import build_model, randomize_weights
+    from tcgraph.models.official.dit import build_model, randomize_weights
     from tcgraph.progress import Progress, Phase
 
     class Say(Progress):  # one line per tick, with the time since the export started
@@ -193,7 +193,7 @@ def plan_artifact(out: Path, model_name: str, spec: str, batch: int, input_size:
     from bench_tokencache import speed_plans
 
     from tcgraph import api
-    from tcgraph.models.dit import build_model, randomize_weights
+    from tcgraph.models.official.dit import build_model, randomize_weights
     from tcgraph.sampling import SamplerSettings
 
     model = randomize_weights(build_model(model_name, input_size=input_size), seed=seed)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tcgraph import api
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import make_plan
 from tcgraph.sampling import SamplerSettings
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tcgraph import api
 from tcgraph.errors import TcgraphError
-from tcgraph.models.diffusers_dit import save_as_diffusers
+from tcgraph.models.diffusers.dit import save_as_diffusers
 
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 SCHEDULERS = {

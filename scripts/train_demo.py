@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from tcgraph.data import digits_split
-from tcgraph.models.dit import build_model
+from tcgraph.models.official.dit import build_model
 from tcgraph.sampling import NUM_TRAIN_TIMESTEPS, linear_betas
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tcgraph" / "models" / "weights" / "digits.safetensors"

@@ -54,7 +54,7 @@ import torch
 from tcgraph.data import digits_split
 from tcgraph.demos.digits_text import (CAPTION, ENCODER_DIR, LENGTH, PROMPTS, TEMPLATES, TRANSFORMER_DIR,
                                         PromptEncoder)
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.official.dit import DiTConfig
 from tcgraph.sampling import NUM_TRAIN_TIMESTEPS, linear_betas
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tcgraph" / "models" / "weights" / "digits_text"
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads; use 1 when the machine is shared (oversubscribed threads crawl)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tcgraph.models.diffusers_pixart import build_diffusers_pixart, save_pixart  # needs diffusers
+    from tcgraph.models.diffusers.pixart import build_diffusers_pixart, save_pixart  # needs diffusers
 
     torch.manual_seed(args.seed)
     x_train, y_train = digits_split()["train"]

@@ -13,7 +13,7 @@ import torch
 
 from tcgraph.errors import UsageError
 from tcgraph.models import is_model
-from tcgraph.models.dit import DiT, DiTConfig
+from tcgraph.models.official.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
 from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
@@ -107,7 +107,7 @@ def transform(
     engines = _engine_builder(backend, engine_options or {})
     dit = load_dit(model, config)
     if is_model(model):  # a checkpoint's weights are checked as it loads
-        from tcgraph.models.checkpoint import check_finite
+        from tcgraph.models.official.checkpoint import check_finite
 
         check_finite(dit.state_dict(), "the model passed to transform")
     prog = bars(progress)

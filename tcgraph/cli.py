@@ -15,7 +15,7 @@ PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from tcgraph.models.dit import CONFIGS
+    from tcgraph.models.official.dit import CONFIGS
     from tcgraph.plan import PLAN_HELP, add_plan_arguments
 
     p = argparse.ArgumentParser(prog="tcgraph", description="Compile-time caching for diffusion transformers.")

@@ -255,7 +255,7 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
 
 
 def _check_same_model(pipe, original, config, where) -> None:
-    from tcgraph.models.diffusers_config import (CLASS_NAME, PIXART_CLASS_NAME, config_from_diffusers,
+    from tcgraph.models.diffusers.config import (CLASS_NAME, PIXART_CLASS_NAME, config_from_diffusers,
                                                  pixart_config_from_diffusers)
 
     raw = getattr(original, "config", None)

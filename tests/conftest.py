@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"

@@ -4,7 +4,7 @@ import torch
 
 from tcgraph import api
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import make_plan
 from tcgraph.sampling import SamplerSettings, sampler_for
 from tcgraph.passes import reference_step

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tcgraph.models.dit import CONFIGS
+from tcgraph.models.official.dit import CONFIGS
 from tests.conftest import run_gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]

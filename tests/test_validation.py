@@ -19,7 +19,7 @@ from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.export.artifact import config_hash, load_artifact
 from tcgraph.inspection import format_report, inspect_artifact
 from tcgraph.models import load_model, save_checkpoint
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import make_plan
 from tcgraph.plan.plan import Plan, Recipe
 from tcgraph.sampling import SamplerSettings

@@ -18,7 +18,7 @@ import torch
 from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact, load_artifact
-from tcgraph.models.dit import CONFIGS, DiT, build_model, randomize_weights
+from tcgraph.models.official.dit import CONFIGS, DiT, build_model, randomize_weights
 from tcgraph.plan import Plan, make_plan
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.sampling import SamplerSettings
@@ -84,7 +84,7 @@ def pixart_model(resolution: int | None, seed: int, depth: int | None = None):
     """A random PixArtTransformer2DModel of PixArt-alpha 256px's shapes (std-0.02 weights), wrapped for tcgraph."""
     from diffusers import PixArtTransformer2DModel
 
-    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+    from tcgraph.models.diffusers.pixart import DiffusersPixArt
 
     shapes = dict(PIXART_SHAPES)
     if resolution is not None:

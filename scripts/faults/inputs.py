@@ -86,7 +86,7 @@ def checkpoint_cases() -> list[Case]:
         return Case(name, "checkpoints", run, expect, tuple(words))
 
     def tiny_state():
-        from tcgraph.models.dit import DiT, make_config, randomize_weights
+        from tcgraph.models.official.dit import DiT, make_config, randomize_weights
         return randomize_weights(DiT(make_config("digits"))).state_dict()
 
     def save(obj, name):

@@ -22,7 +22,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.progress import SILENT, Phase
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.sampling import DDIMSampler, SamplerSettings, sampler_for
 from tcgraph.sampling.conditioning import Text, as_inputs, nbytes, take

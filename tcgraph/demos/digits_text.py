@@ -191,11 +191,11 @@ def _check_folder(folder: Path) -> None:
 
 def load_transformer(folder: str | Path | None = None):
     """The digits-text transformer, a `DiffusersPixArt` in eval mode (needs diffusers)."""
-    from tcgraph.models.diffusers_config import read_folder
+    from tcgraph.models.diffusers.config import read_folder
 
     folder = weights_dir() if folder is None else Path(folder)
     _check_folder(folder)
-    from tcgraph.models.diffusers_pixart import load_diffusers_pixart
+    from tcgraph.models.diffusers.pixart import load_diffusers_pixart
 
     return load_diffusers_pixart(read_folder(folder / TRANSFORMER_DIR))
 

@@ -209,7 +209,7 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
 def check_parameters(parameters: Sequence, variants: Sequence, config: ModelConfig, where: str, todo: str) -> None:
     """The parameter map holds exactly the state dict of a DiT with `config` (names and shapes),
     and no variant reads the weights of a block the config does not have."""
-    from tcgraph.models.checkpoint import state_dict_shapes
+    from tcgraph.models.official.checkpoint import state_dict_shapes
 
     want = state_dict_shapes(config)
     if parameters is not None:

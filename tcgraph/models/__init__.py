@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.diffusers_config import is_diffusers_folder
+from tcgraph.models.diffusers.config import is_diffusers_folder
 from tcgraph.models.families import FAMILIES, Family, family, family_of_diffusers_class
 from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
-from tcgraph.models.checkpoint import (
+from tcgraph.models.official.checkpoint import (
     config_candidates,
     config_argument,
     describe_state_dict,
@@ -26,8 +26,8 @@ from tcgraph.models.checkpoint import (
     load_state_dict_file,
     save_checkpoint,
 )
-from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, make_config
-from tcgraph.models.dit import build_model as build_official
+from tcgraph.models.official.dit import CONFIGS, DiT, DiTConfig, make_config
+from tcgraph.models.official.dit import build_model as build_official
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -123,8 +123,8 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
 
 def is_model(obj) -> bool:
     """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
-    diffusers' DiTTransformer2DModel / PixArtTransformer2DModel as `tcgraph.models.diffusers_dit.DiffusersDiT`
-    / `tcgraph.models.diffusers_pixart.DiffusersPixArt` wrap them)."""
+    diffusers' DiTTransformer2DModel / PixArtTransformer2DModel as `tcgraph.models.diffusers.dit.DiffusersDiT`
+    / `tcgraph.models.diffusers.pixart.DiffusersPixArt` wrap them)."""
     return isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
 
 
@@ -141,7 +141,7 @@ def build_model(config: DiTConfig | str, **overrides):
 def load_diffusers(path: str | os.PathLike, config=None):
     """The diffusers model in a model folder (config.json + safetensors) or a pipeline folder
     (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json."""
-    from tcgraph.models.diffusers_config import read_folder
+    from tcgraph.models.diffusers.config import read_folder
 
     if config is not None:
         raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "

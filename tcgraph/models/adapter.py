@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import Attention, DiT, DiTBlock, Mlp, modulate
+from tcgraph.models.official.dit import Attention, DiT, DiTBlock, Mlp, modulate
 from tcgraph.names import BRANCH_ORDER, RUN_CONSTANTS
 
 

@@ -10,7 +10,7 @@ made; the family is how the model layer finds that adapter's model.
 A config names its family in the field that older manifests call `layout` (kept under that
 key, omitted for the default, so that configs and their hashes stay what they were).
 Everything here is data plus lazy imports: the registry loads no model code until a family
-is used, so `tcgraph.models.dit` can ask it about a config without an import cycle.
+is used, so `tcgraph.models.official.dit` can ask it about a config without an import cycle.
 
 To add a family: write its module (config reading, build, load, adapter registration) and
 add one `Family` to `FAMILIES`.
@@ -88,7 +88,7 @@ class Family:
     guidance: str = "cfg"
     shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
     text_conditioned: bool = False
-    config: str = "tcgraph.models.dit:DiTConfig"  # module:class of its config (to_dict / class(**dict))
+    config: str = "tcgraph.models.official.dit:DiTConfig"  # module:class of its config (to_dict / class(**dict))
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -102,7 +102,7 @@ class Family:
         return self._function(self.module, self.builder)(config, **overrides)
 
     def load_folder(self, folder) -> "nn.Module":
-        """The model of a diffusers folder (`tcgraph.models.diffusers_config.read_folder`'s result)."""
+        """The model of a diffusers folder (`tcgraph.models.diffusers.config.read_folder`'s result)."""
         if self.diffusers_class is None:
             raise TcgraphError(f"{self.title} models are not read from diffusers folders")
         return self._function(self.module, "load")(folder)
@@ -139,13 +139,13 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("official", "DiT (facebookresearch/DiT)", "tcgraph.models.dit", "build_model",
-           "tcgraph.models.checkpoint:official_state_dict_shapes", ("attn", "mlp")),
-    Family("diffusers", "diffusers DiTTransformer2DModel", "tcgraph.models.diffusers_dit", "build_diffusers_dit",
-           "tcgraph.models.diffusers_config:dit_state_dict_shapes", ("attn", "mlp"),
+    Family("official", "DiT (facebookresearch/DiT)", "tcgraph.models.official.dit", "build_model",
+           "tcgraph.models.official.checkpoint:official_state_dict_shapes", ("attn", "mlp")),
+    Family("diffusers", "diffusers DiTTransformer2DModel", "tcgraph.models.diffusers.dit", "build_diffusers_dit",
+           "tcgraph.models.diffusers.config:dit_state_dict_shapes", ("attn", "mlp"),
            diffusers_class="DiTTransformer2DModel"),
-    Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers_pixart",
-           "build_diffusers_pixart", "tcgraph.models.diffusers_config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
+    Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers.pixart",
+           "build_diffusers_pixart", "tcgraph.models.diffusers.config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
            diffusers_class="PixArtTransformer2DModel", shared_modulation=True, text_conditioned=True),
 )}
 DEFAULT_FAMILY = "official"

@@ -273,7 +273,7 @@ def _fixed_flops(adapter: "ModelAdapter", model: "nn.Module", x, t, y) -> tuple[
 
 def _branch_cost(adapter: "ModelAdapter", block: "nn.Module", spec: "BranchSpec", h, cond: tuple,
                  rows: tuple[int, int]) -> BranchCost:
-    from tcgraph.models.dit import modulate
+    from tcgraph.models.official.dit import modulate
 
     mod = getattr(block, adapter.modulation)(*cond).chunk(adapter.chunks, dim=1)
     module = block.get_submodule(spec.module)

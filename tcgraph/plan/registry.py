@@ -17,7 +17,7 @@ from dataclasses import Field, dataclass, fields
 from typing import Any, Callable
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.planners.combined import CombinedConfig, make_combined
 from tcgraph.plan.planners.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor

@@ -45,7 +45,7 @@ def is_pixel_space(cfg: ModelConfig) -> bool:
     official checkpoint, a random test model) is taken as latent. `SamplerSettings.clip_x0`
     overrides the default either way.
     """
-    from tcgraph.models.dit import CONFIGS, PIXEL_SPACE, TEXT_DEMO
+    from tcgraph.models.official.dit import CONFIGS, PIXEL_SPACE, TEXT_DEMO
 
     return cfg == TEXT_DEMO or any(cfg == CONFIGS[name] for name in PIXEL_SPACE)
 

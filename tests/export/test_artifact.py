@@ -24,7 +24,7 @@ from tcgraph.export.artifact import (
 )
 from tcgraph.export.onnx import WEIGHTS_PATH, file_sha256
 from tcgraph.export.weights import load_parameters
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.official.dit import DiTConfig
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.progress import Recorder
 from tcgraph.sampling import SamplerSettings

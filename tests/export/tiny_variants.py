@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.compile import VariantGraph
-from tcgraph.models.dit import DiT, build_model, modulate
+from tcgraph.models.official.dit import DiT, build_model, modulate
 
 BATCH = 2
 DEPTH = 2  # 2 blocks keep each export at ~2 s on a busy 2-core machine

@@ -31,7 +31,7 @@ from tcgraph.inspection.pictures import (
     PARTIAL_LIGHT_RGB,
     REUSE_RGB,
 )
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.names import BRANCHES
 from tcgraph.plan import make_plan
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, forecast, partial

@@ -18,12 +18,12 @@ from tcgraph.inspection import (
     read_variant_graph,
     write_pictures,
 )
-from tcgraph.models.dit import DiT, make_config
+from tcgraph.models.official.dit import DiT, make_config
 from tcgraph.plan import make_plan, plan_flops
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.plan import Plan
 from tcgraph.names import BRANCHES
-from tcgraph.models.dit import randomize_weights
+from tcgraph.models.official.dit import randomize_weights
 
 STEPS = 4
 

@@ -21,7 +21,7 @@ from tcgraph.inspection import (
     write_plan_pictures,
 )
 from tcgraph.inspection.pictures import COMPUTE_RGB, KEPT_RGB, REUSE_RGB, REUSED_RGB
-from tcgraph.models.dit import make_config
+from tcgraph.models.official.dit import make_config
 from tcgraph.plan import make_plan
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial

@@ -21,7 +21,7 @@ from tcgraph.compile import build_variants, check_variant, example_inputs, rewri
 from tcgraph.errors import TcgraphError
 from tcgraph.models import adapter_for
 from tcgraph.models.adapter import ADAPTERS, DIT, AttentionSpec, BranchSpec, ModelAdapter, ModelDims, run_blocks
-from tcgraph.models.dit import DiT, DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
+from tcgraph.models.official.dit import DiT, DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
 from tcgraph.names import cache_name
 from tcgraph.passes import capture, expand_blocks, io_names, reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
@@ -235,7 +235,7 @@ def test_mixed_step_on_the_renamed_model(tiny_model, renamed):
     assert all(g.abs().sum() > 0 for g in results[0][1])
 
 
-# Module attributes of tcgraph's DiT: only tcgraph/models/dit.py and its adapter may name them.
+# Module attributes of tcgraph's DiT: only tcgraph/models/official/dit.py and its adapter may name them.
 DIT_NAMES = {"adaLN_modulation", "norm1", "norm2", "qkv", "proj", "x_embedder", "t_embedder", "y_embedder",
              "pos_embed", "final_layer", "blocks", "unpatchify", "fc1", "fc2"}
 SEAM = ["passes", "calibrate", "compile.py"]  # what must reach a model only through its adapter

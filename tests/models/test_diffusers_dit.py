@@ -18,11 +18,11 @@ from tcgraph.compile import build_variants  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
 from tcgraph.errors import TcgraphError, UsageError  # noqa: E402
 from tcgraph.models import build_model, load_model  # noqa: E402
-from tcgraph.models import diffusers_dit  # noqa: E402
-from tcgraph.models.checkpoint import state_dict_shapes  # noqa: E402
-from tcgraph.models.diffusers_config import config_from_diffusers  # noqa: E402
-from tcgraph.models.diffusers_dit import DiffusersDiT, save_as_diffusers  # noqa: E402
-from tcgraph.models.dit import DiT, DiTConfig, randomize_weights  # noqa: E402
+from tcgraph.models.diffusers import dit as diffusers_dit  # noqa: E402
+from tcgraph.models.official.checkpoint import state_dict_shapes  # noqa: E402
+from tcgraph.models.diffusers.config import config_from_diffusers  # noqa: E402
+from tcgraph.models.diffusers.dit import DiffusersDiT, save_as_diffusers  # noqa: E402
+from tcgraph.models.official.dit import DiT, DiTConfig, randomize_weights  # noqa: E402
 from tcgraph.passes import capture, expand_blocks  # noqa: E402
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
@@ -233,7 +233,7 @@ def test_a_pipeline_folder_samples_with_its_own_scheduler_by_default(tmp_path):
 def test_real_weights_from_a_local_folder_equal_diffusers_forward():
     """With real weights (e.g. facebook/DiT-XL-2-256 saved locally): tcgraph's wrapper and its
     `full` graph equal diffusers' own forward within 1e-4, float32."""
-    from tcgraph.models.diffusers_config import read_folder
+    from tcgraph.models.diffusers.config import read_folder
 
     path = os.environ["TCGRAPH_DIFFUSERS_DIT"]
     model = load_model(path)

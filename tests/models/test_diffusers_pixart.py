@@ -15,12 +15,12 @@ from diffusers import PixArtTransformer2DModel  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.models import build_model, load_model  # noqa: E402
 from tcgraph.models.adapter import adapter_for  # noqa: E402
-from tcgraph.models.diffusers_config import (  # noqa: E402
+from tcgraph.models.diffusers.config import (  # noqa: E402
     pixart_config_from_diffusers,
     pixart_kwargs,
     state_dict_shapes,
 )
-from tcgraph.models.diffusers_pixart import PIXART, DiffusersPixArt, save_pixart  # noqa: E402
+from tcgraph.models.diffusers.pixart import PIXART, DiffusersPixArt, save_pixart  # noqa: E402
 from tcgraph.passes import capture, expand_blocks  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=2, out_channels=4, num_layers=2,

@@ -114,7 +114,7 @@ def test_prompt_encoder_for_other_models_is_none():
 @needs_weights
 def test_load_model_is_a_text_conditioned_pixart():
     pytest.importorskip("diffusers")
-    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+    from tcgraph.models.diffusers.pixart import DiffusersPixArt
 
     model = models.load_model("digits-text")
     assert isinstance(model, DiffusersPixArt) and not model.training

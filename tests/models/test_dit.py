@@ -23,8 +23,8 @@ from tcgraph.models import (
     make_config,
     save_checkpoint,
 )
-from tcgraph.models.checkpoint import load_state_dict_file
-from tcgraph.models.dit import DiTBlock
+from tcgraph.models.official.checkpoint import load_state_dict_file
+from tcgraph.models.official.dit import DiTBlock
 
 
 XL2_PARAMS = 675_129_632  # the paper's "675M", pos_embed included

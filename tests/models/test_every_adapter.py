@@ -12,9 +12,9 @@ pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E402
 
 from tcgraph.models.adapter import ADAPTERS, DIT  # noqa: E402
-from tcgraph.models.diffusers_dit import DIFFUSERS_DIT, DiffusersDiT  # noqa: E402
-from tcgraph.models.diffusers_pixart import PIXART, DiffusersPixArt  # noqa: E402
-from tcgraph.models.dit import DiT, make_config, randomize_weights  # noqa: E402
+from tcgraph.models.diffusers.dit import DIFFUSERS_DIT, DiffusersDiT  # noqa: E402
+from tcgraph.models.diffusers.pixart import PIXART, DiffusersPixArt  # noqa: E402
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.models.families import FAMILIES  # noqa: E402
 from tests.models.adapter_tester import AdapterTester, import_every_family  # noqa: E402
 

@@ -14,7 +14,7 @@ from tcgraph import api  # noqa: E402
 from tcgraph.compile import build_variants  # noqa: E402
 from tcgraph.errors import TcgraphError, UsageError  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
-from tcgraph.models.diffusers_pixart import DiffusersPixArt  # noqa: E402
+from tcgraph.models.diffusers.pixart import DiffusersPixArt  # noqa: E402
 from tcgraph.passes import reference_step  # noqa: E402
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, forecast, partial  # noqa: E402
 from tcgraph.plan.flops import plan_flops  # noqa: E402
@@ -155,7 +155,7 @@ def test_text_conditioning_errors_are_clear(tmp_path):
         api.transform(model, "l2c:1.5", tmp_path / "c", steps=4, batch=2, text_length=LENGTH, progress=False)
     with pytest.raises(UsageError, match="class ids, not text"):
         from tcgraph.models import build_model
-        from tcgraph.models.dit import make_config
+        from tcgraph.models.official.dit import make_config
 
         api.transform(build_model(make_config("digits", depth=1)), "full", tmp_path / "d", steps=2, batch=1,
                       text_length=4, progress=False)
@@ -170,7 +170,7 @@ def test_cli_transforms_a_pixart_folder_and_samples_from_an_embeddings_file(tmp_
     from safetensors.torch import save_file
 
     from tcgraph.cli import main
-    from tcgraph.models.diffusers_pixart import save_pixart
+    from tcgraph.models.diffusers.pixart import save_pixart
 
     folder = save_pixart(tiny_pixart(seed=3), tmp_path / "pixart")
     art = tmp_path / "art"
@@ -285,7 +285,7 @@ def test_real_pixart_weights_from_a_local_folder_equal_diffusers_forward():
     import os
 
     from tcgraph.models import load_model
-    from tcgraph.models.diffusers_config import read_folder
+    from tcgraph.models.diffusers.config import read_folder
 
     path = os.environ["TCGRAPH_DIFFUSERS_PIXART"]
     model = load_model(path)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import CONFIGS, DiT, DiTBlock
+from tcgraph.models.official.dit import CONFIGS, DiT, DiTBlock
 from tcgraph.passes import capture, expand_blocks
 from tcgraph.passes.capture import trace
 

@@ -12,7 +12,7 @@ from tcgraph.compile import (
     rewrite_variant,
 )
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import modulate
+from tcgraph.models.official.dit import modulate
 from tcgraph.passes import RewriteSpec, io_names, reference_step
 from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic

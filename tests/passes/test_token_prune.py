@@ -10,7 +10,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from tcgraph.compile import build_variants, check_variant, example_inputs, rewrite_variant
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import modulate
+from tcgraph.models.official.dit import modulate
 from tcgraph.passes import RewriteSpec, io_names, reference_step
 from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, partial

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT, build_model, make_config
+from tcgraph.models.official.dit import DiT, build_model, make_config
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, make_plan, partial
 from tcgraph.plan.costs import BranchCost, CostTable, measure_costs, plan_costs, predict_flops
 from tcgraph.plan.flops import branch_flops, fixed_flops, plan_flops
@@ -97,7 +97,7 @@ def diffusers_dit():
     pytest.importorskip("diffusers")
     from diffusers import DiTTransformer2DModel
 
-    from tcgraph.models.diffusers_dit import DiffusersDiT
+    from tcgraph.models.diffusers.dit import DiffusersDiT
 
     model = DiffusersDiT(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=2,
                                                out_channels=4, num_layers=3, sample_size=8, patch_size=2,
@@ -124,7 +124,7 @@ def pixart():
     pytest.importorskip("diffusers")
     from diffusers import PixArtTransformer2DModel
 
-    from tcgraph.models.diffusers_pixart import DiffusersPixArt
+    from tcgraph.models.diffusers.pixart import DiffusersPixArt
 
     model = DiffusersPixArt(PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=2, out_channels=4, num_layers=2, sample_size=8,

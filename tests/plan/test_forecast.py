@@ -349,7 +349,7 @@ def test_history_bookkeeping_and_cache_memory():
 
 
 def _cfg():
-    from tcgraph.models.dit import make_config
+    from tcgraph.models.official.dit import make_config
 
     return make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
                        num_classes=5, learn_sigma=True)

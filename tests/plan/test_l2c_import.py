@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import make_config
+from tcgraph.models.official.dit import make_config
 from tcgraph.plan import COMPUTE, REUSE, Plan
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.planners.l2c_import import (

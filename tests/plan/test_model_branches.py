@@ -15,7 +15,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.inspection import action_color, heatmap_layout, mask_layout, variant_dot, write_plan_pictures
 from tcgraph.inspection.pictures import KEPT_RGB, REUSED_RGB
 from tcgraph.models import build_model
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.official.dit import DiTConfig
 from tcgraph.plan.flops import plan_flops
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.registry import PLANNERS, make_plan

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.official.dit import DiTConfig
 from tcgraph.names import constant_name, is_constant
 from tcgraph.passes import RewriteSpec
 from tcgraph.plan.flops import branch_flops, fixed_flops, plan_flops, recipe_flops

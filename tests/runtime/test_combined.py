@@ -10,7 +10,7 @@ import torch
 from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import COMPUTE as C
 from tcgraph.plan import REUSE as R
 from tcgraph.plan import Plan, Recipe, dynamic, partial

@@ -20,7 +20,7 @@ import torch
 from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
-from tcgraph.models.dit import DiT, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, make_plan, partial
 from tcgraph.plan.learning.extrapolate import taylor_weights

@@ -14,7 +14,7 @@ from tcgraph.eval.metrics import psnr
 from tcgraph.export.artifact import load_artifact
 from tcgraph.export.onnx import WEIGHTS_PATH
 from tcgraph.models import load_model
-from tcgraph.models.dit import DiT, build_model, make_config, randomize_weights
+from tcgraph.models.official.dit import DiT, build_model, make_config, randomize_weights
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
@@ -46,7 +46,7 @@ def _mixed_recipes(n: int) -> list[Recipe]:
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    from tcgraph.models.dit import make_config, randomize_weights
+    from tcgraph.models.official.dit import make_config, randomize_weights
 
     cfg = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
                       num_classes=5, learn_sigma=True)

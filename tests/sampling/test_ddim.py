@@ -257,7 +257,7 @@ def test_clipped_two_steps_by_hand():
 
 
 def test_clip_x0_default_follows_the_model_space():
-    from tcgraph.models.dit import make_config
+    from tcgraph.models.official.dit import make_config
     from tcgraph.sampling import SamplerSettings, is_pixel_space, sampler_for
 
     digits, latent = make_config("digits"), make_config("DiT-S/2")
@@ -278,7 +278,7 @@ def test_clip_x0_must_be_a_bool_or_none():
 
 
 def test_clip_x0_survives_the_plan_json():
-    from tcgraph.models.dit import make_config
+    from tcgraph.models.official.dit import make_config
     from tcgraph.plan import Plan, make_plan
     from tcgraph.sampling import SamplerSettings
 

@@ -24,7 +24,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories, calibrate, mixed_step
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import cache_name
 from tcgraph.plan.learning.evaluate import speedup_of

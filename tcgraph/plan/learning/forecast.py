@@ -30,7 +30,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.names import CacheKey, branch_key, cache_name
 from tcgraph.plan.learning.extrapolate import solve_weights
 from tcgraph.plan.plan import Action, Recipe, forecast

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.names import cache_name
 from tcgraph.plan.learning.evaluate import token_mask
 from tcgraph.plan.learning.common import fit_logits, lambda_unit, rounds

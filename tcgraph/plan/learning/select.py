@@ -26,7 +26,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.plan.learning.evaluate import free_running_samples, speedup_of
 from tcgraph.plan.planners.fixed import ForaConfig, TaylorConfig, make_fora, make_taylor
 from tcgraph.plan.learning.forecast import apply_choices, cap_history, choose_forecasts, output_grams

@@ -35,7 +35,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.learning.evaluate import plan_error, speedup_of
 from tcgraph.plan.planners.l2c import L2CConfig, make_l2c

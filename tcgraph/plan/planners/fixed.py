@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.options import option
 from tcgraph.plan.learning.extrapolate import taylor_weights

@@ -38,7 +38,7 @@ import torch
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES, cache_name
 from tcgraph.plan.learning.evaluate import plan_error, speedup_of

@@ -68,7 +68,7 @@ def _load_router_file(path: Path) -> object:
     if not path.is_file():
         raise TcgraphError(f"L2C router path {path} is not a file; pass the path of a router file "
                            "such as DDIM20_router.pt")
-    from tcgraph.models.checkpoint import restricted_torch_load
+    from tcgraph.models.official.checkpoint import restricted_torch_load
 
     return restricted_torch_load(path, "L2C router file",
                                  "Re-save only the routers: torch.save({'routers': routers.state_dict()}, path)")

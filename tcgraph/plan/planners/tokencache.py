@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.dit import DiT
+from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.learning.evaluate import plan_error, speedup_of
 from tcgraph.plan.learning.common import (

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import CONFIGS, DiT, DiTConfig, make_config
+from tcgraph.models.official.dit import CONFIGS, DiT, DiTConfig, make_config
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -144,7 +144,7 @@ def _unpickler_detail(message: str) -> str:
 
 def _read_torch(path: Path) -> object:
     return restricted_torch_load(path, "PyTorch checkpoint", "Re-save just the weights: "
-                                 "torch.save(model.state_dict(), path) or tcgraph.models.checkpoint.save_checkpoint")
+                                 "torch.save(model.state_dict(), path) or tcgraph.models.official.checkpoint.save_checkpoint")
 
 
 def _is_state_dict(obj: object) -> bool:

@@ -6,7 +6,7 @@ own modules, unchanged, with a forward written for tracing: the same operations 
 same order, with the patch grid and the timestep features' constants fixed when it is
 built. `tests/models/test_diffusers_dit.py` checks it against diffusers' forward.
 
-Where it differs from the official DiT (and so from `tcgraph.models.dit.DiT`), by design:
+Where it differs from the official DiT (and so from `tcgraph.models.official.dit.DiT`), by design:
 - every block has its own timestep and label embedders (`norm1.emb`), and the final
   layer's conditioning is block 0's; checkpoints converted from the official DiT hold the
   same weights in every block;
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
-from tcgraph.models.checkpoint import check_finite
-from tcgraph.models.diffusers_config import (
+from tcgraph.models.official.checkpoint import check_finite
+from tcgraph.models.diffusers.config import (
     CLASS_NAME,
     TIME_FEATURES,
     DiffusersFolder,
@@ -41,7 +41,7 @@ from tcgraph.models.diffusers_config import (
     diffusers_kwargs,
     load_weights_into,
 )
-from tcgraph.models.dit import DiTConfig, modulate
+from tcgraph.models.official.dit import DiTConfig, modulate
 
 try:
     from diffusers import DiTTransformer2DModel
@@ -220,7 +220,7 @@ def diffusers_layout_of(config: DiTConfig, norm_eps: float = 1e-5) -> DiTConfig:
 
 
 def official_to_diffusers(state: dict, config: DiTConfig) -> dict:
-    """An official-layout DiT state dict (`tcgraph.models.dit.DiT`) in diffusers' names and split
+    """An official-layout DiT state dict (`tcgraph.models.official.dit.DiT`) in diffusers' names and split
     (q/k/v apart, the timestep and label embedders copied into every block): the weights of the
     DiTTransformer2DModel that diffusers' own conversion of the same checkpoint gives."""
     d = config.hidden_size

@@ -1,6 +1,6 @@
 """diffusers' `PixArtTransformer2DModel`, as tcgraph traces, rewrites and exports it.
 
-As with `tcgraph.models.diffusers_dit`, diffusers' own forward cannot be traced by torch.fx
+As with `tcgraph.models.diffusers.dit`, diffusers' own forward cannot be traced by torch.fx
 (shape reads into Python ints, grad-mode checks, optional arguments), so `DiffusersPixArt`
 wraps the diffusers model's own modules, unchanged, with a forward written for tracing: the
 same operations in the same order, with the patch grid and the timestep features' constants
@@ -54,22 +54,22 @@ import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
-from tcgraph.models.checkpoint import check_finite
-from tcgraph.models.diffusers_config import (
+from tcgraph.models.official.checkpoint import check_finite
+from tcgraph.models.diffusers.config import (
     PIXART_CLASS_NAME,
     DiffusersFolder,
     load_weights_into,
     pixart_config_from_diffusers,
     pixart_kwargs,
 )
-from tcgraph.models.dit import DiTConfig, modulate
+from tcgraph.models.official.dit import DiTConfig, modulate
 
 try:
     from diffusers import PixArtTransformer2DModel
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    from tcgraph.models.diffusers_dit import timestep_features
+    from tcgraph.models.diffusers.dit import timestep_features
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise TcgraphError(
         f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "

@@ -4,7 +4,7 @@
 tcgraph's `DiTConfig` with `layout="diffusers"`, `pixart_config_from_diffusers` a
 `PixArtTransformer2DModel` config into one with `layout="pixart"`; `diffusers_kwargs` and
 `pixart_kwargs` go back; `state_dict_shapes` lists the parameters of
-`tcgraph.models.diffusers_dit.DiffusersDiT` or `tcgraph.models.diffusers_pixart.DiffusersPixArt`,
+`tcgraph.models.diffusers.dit.DiffusersDiT` or `tcgraph.models.diffusers.pixart.DiffusersPixArt`,
 which artifact loading checks without needing diffusers itself. `load_weights_into` reads a
 model folder's safetensors weights into the diffusers class both loaders build.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.dit import DiTConfig
+from tcgraph.models.official.dit import DiTConfig
 from tcgraph.models.families import diffusers_classes, family_of_diffusers_class
 
 CLASS_NAME = "DiTTransformer2DModel"
@@ -159,7 +159,7 @@ VAE_SCALE = 8
 
 def pixart_config_from_diffusers(raw: dict, where: str) -> DiTConfig:
     """The `DiTConfig` (layout "pixart") of a PixArtTransformer2DModel config dict; refuses, naming
-    each, the settings whose forward `tcgraph.models.diffusers_pixart.DiffusersPixArt` does not run."""
+    each, the settings whose forward `tcgraph.models.diffusers.pixart.DiffusersPixArt` does not run."""
     if not isinstance(raw, dict):
         raise TcgraphError(f"{where}: a model config must be a JSON object, got a {type(raw).__name__}")
     get = raw.get
@@ -385,7 +385,7 @@ def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str,
     """A `model_cls` (a diffusers model class) built from `folder`'s config.json with its safetensors
     weights, in float32; refuses damaged files, and weights that do not fit `config` (what config.json
     says, read by the caller) before the model is built. The caller checks the weights' values after
-    (`tcgraph.models.checkpoint.check_finite`)."""
+    (`tcgraph.models.official.checkpoint.check_finite`)."""
     from safetensors.torch import load_file  # only with diffusers installed, as its callers are
 
     where = folder.model_dir / "config.json"

@@ -41,9 +41,9 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     # Parameter layout and its forward: "official" (facebookresearch/DiT, `DiT` below) or
-    # "diffusers" (diffusers' DiTTransformer2DModel, `tcgraph.models.diffusers_dit`), whose
+    # "diffusers" (diffusers' DiTTransformer2DModel, `tcgraph.models.diffusers.dit`), whose
     # timestep features use a frequency shift of 1 and whose MLP norm uses `norm_eps`.
-    # "pixart": diffusers' PixArtTransformer2DModel (`tcgraph.models.diffusers_pixart`), conditioned
+    # "pixart": diffusers' PixArtTransformer2DModel (`tcgraph.models.diffusers.pixart`), conditioned
     # on text embeddings of width `caption_channels` instead of class ids (num_classes 0).
     layout: str = DEFAULT_FAMILY  # the model family (`tcgraph.models.families`); the key older manifests use
     norm_eps: float = 1e-6  # eps of the norm before the MLP (official: 1e-6 everywhere)
