@@ -216,6 +216,7 @@ def _resolve(name: str):
         target = getattr(packet, overload)
     except (AttributeError, RuntimeError) as e:
         raise _Refused(f"a node calls {name!r}, which this torch does not have") from e
+    # only an overload object passes (an attribute such as `__class__` is not one), and only a functional one
     if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
         raise _Refused(f"a node calls {name!r}, which is not a functional ATen operator")
     return target
