@@ -171,7 +171,8 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "
             f"{dims.depth} blocks x {dims.num_tokens} tokens; make the plan for this model"
         )
-    missing = sorted({br for _, br in plan.constant_keys() if adapter.branch(br).prepare is None})
+    missing = sorted({br for _, br in plan.constant_keys()
+                      if any(kind.branch(br).prepare is None for kind in adapter.kinds)})
     if missing:
         raise TcgraphError(
             f"plan carries run constants of the {', '.join(missing)} branch but {adapter.name}'s does not make "

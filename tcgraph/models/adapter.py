@@ -104,6 +104,36 @@ class BranchSpec:
 
 
 @dataclass(frozen=True)
+class BlockKind:
+    """One kind of block of a model: its class (a leaf of the fx capture), the container that holds
+    the blocks of this kind (an nn.ModuleList), the modulation that feeds its branches, and its
+    branches in recipe order. DiT and PixArt have one kind; a model whose blocks differ (FLUX's
+    double and single blocks, SD3's last block) lists one kind per block class, in the order the
+    forward runs them. Blocks are numbered globally across kinds."""
+
+    name: str
+    block_type: type
+    blocks: str  # module path of the container, e.g. "blocks"
+    modulation: str  # attribute of a block: (*cond) -> [B, chunks * D], split into `chunks` along dim 1
+    chunks: int
+    branches: tuple[BranchSpec, ...]
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.branches)
+
+    def branch(self, name: str) -> BranchSpec:
+        for spec in self.branches:
+            if spec.name == name:
+                return spec
+        raise TcgraphError(f"block kind {self.name} has no branch {name!r}; its branches: {list(self.branch_names)}")
+
+    def branch_of(self, relative_target: str) -> BranchSpec | None:
+        """The branch whose module is `relative_target` (a path inside the block), if any."""
+        return next((b for b in self.branches if b.module == relative_target), None)
+
+
+@dataclass(frozen=True)
 class ModelDims:
     """Sizes the block table records: token count and width of the hidden state, heads."""
 
@@ -144,11 +174,7 @@ class ModelAdapter:
 
     name: str  # shown in messages, e.g. "DiT"
     model_type: type  # the registry key
-    block_type: type  # a leaf module of the fx capture
-    blocks: str  # module path of the blocks' container (an nn.ModuleList), e.g. "blocks"
-    modulation: str  # attribute of a block: (*cond) -> [B, chunks * D], split into `chunks` along dim 1
-    chunks: int
-    branches: tuple[BranchSpec, ...]
+    kinds: tuple[BlockKind, ...]  # the model's block kinds, in the order its forward runs them
     # (model, x, t, y) -> (h, cond): y is the model's conditioning input (class ids, or a tuple of
     # tensors such as (text embeddings, mask)); cond is the conditioning the blocks' modulation and
     # `final` take, one tensor (DiT's c) or a tuple of them (passed as separate arguments)
@@ -157,40 +183,52 @@ class ModelAdapter:
     dims: Callable[[nn.Module], ModelDims]
 
     def __post_init__(self) -> None:
-        names = self.branch_names
-        if not names or names != tuple(b for b in BRANCH_ORDER if b in names):
-            raise TcgraphError(
-                f"adapter {self.name}: branches {names} must be distinct names of {BRANCH_ORDER}, in that order: "
-                "recipes list one action per branch in that order"
-            )
+        if not self.kinds or len({k.name for k in self.kinds}) != len(self.kinds) \
+                or len({k.block_type for k in self.kinds}) != len(self.kinds):
+            raise TcgraphError(f"adapter {self.name}: give one block kind or more, with distinct names and block classes")
+        for kind in self.kinds:
+            names = kind.branch_names
+            if not names or names != tuple(b for b in BRANCH_ORDER if b in names):
+                raise TcgraphError(
+                    f"adapter {self.name}: branches {names} of block kind {kind.name} must be distinct names of "
+                    f"{BRANCH_ORDER}, in that order: recipes list one action per branch in that order"
+                )
+        if len({k.branch_names for k in self.kinds}) > 1:
+            raise TcgraphError(f"adapter {self.name}: its block kinds have different branches "
+                               f"({[k.branch_names for k in self.kinds]}); a plan gives every block the same "
+                               "branches until plans carry per-block branch layouts")
 
     @property
     def branch_names(self) -> tuple[str, ...]:
-        """The branches' names in recipe order (a DiT's: `tcgraph.names.BRANCHES`)."""
-        return tuple(b.name for b in self.branches)
+        """The branches' names in recipe order, every block's (a DiT's: `tcgraph.names.BRANCHES`)."""
+        return self.kinds[0].branch_names
+
+    @property
+    def branches(self) -> tuple[BranchSpec, ...]:
+        """The branch specs of a one-kind adapter; a model of several kinds asks `block_kinds` per block."""
+        if len(self.kinds) != 1:
+            raise TcgraphError(f"adapter {self.name} has {len(self.kinds)} block kinds: ask for a block's kind")
+        return self.kinds[0].branches
 
     # ---- structure ------------------------------------------------------------------
 
-    def branch(self, name: str) -> BranchSpec:
-        for spec in self.branches:
-            if spec.name == name:
-                return spec
-        raise TcgraphError(f"adapter {self.name} has no branch {name!r}; its branches: {[b.name for b in self.branches]}")
-
-    def block_path(self, index: int) -> str:
-        """Module path of block `index`, e.g. `blocks.3`."""
-        return f"{self.blocks}.{index}"
+    def block_table(self, model: nn.Module) -> list[tuple[str, BlockKind]]:
+        """(module path, kind) of every block, in global order: the kinds' containers one after another."""
+        return [(f"{kind.blocks}.{i}", kind) for kind in self.kinds
+                for i in range(len(model.get_submodule(kind.blocks)))]
 
     def block_paths(self, model: nn.Module) -> list[str]:
-        return [self.block_path(i) for i in range(len(model.get_submodule(self.blocks)))]
+        return [path for path, _ in self.block_table(model)]
+
+    def kind_named(self, name: str) -> BlockKind:
+        for kind in self.kinds:
+            if kind.name == name:
+                return kind
+        raise TcgraphError(f"adapter {self.name} has no block kind {name!r}; kinds: {[k.name for k in self.kinds]}")
 
     def leaf_types(self) -> tuple[type, ...]:
-        """Module classes kept whole when a block body is traced: the branch functions."""
-        return tuple(dict.fromkeys(b.type for b in self.branches))
-
-    def branch_of(self, relative_target: str) -> BranchSpec | None:
-        """The branch whose module is `relative_target` (a path inside the block), if any."""
-        return next((b for b in self.branches if b.module == relative_target), None)
+        """Module classes kept whole when a block body is traced: the branch functions of every kind."""
+        return tuple(dict.fromkeys(b.type for kind in self.kinds for b in kind.branches))
 
     # ---- eager evaluation -------------------------------------------------------------
 
@@ -204,9 +242,10 @@ class ModelAdapter:
         """
         h, cond = self.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)
-        for l, block in enumerate(model.get_submodule(self.blocks)):
-            mod = getattr(block, self.modulation)(*cond).chunk(self.chunks, dim=1)
-            for spec in self.branches:
+        for l, (path, kind) in enumerate(self.block_table(model)):
+            block = model.get_submodule(path)
+            mod = getattr(block, kind.modulation)(*cond).chunk(kind.chunks, dim=1)
+            for spec in kind.branches:
                 value = branch_fn(l, spec.name, _input_of(block, spec, mod, h),
                                   _function_of(block.get_submodule(spec.module), spec, [cond[i] for i in spec.context],
                                                lambda prepare, l=l, name=spec.name: constants_fn(l, name, prepare)))
@@ -289,15 +328,18 @@ def config_dims(model: nn.Module) -> ModelDims:
 DIT = register_adapter(ModelAdapter(
     name="DiT",
     model_type=DiT,
-    block_type=DiTBlock,
-    blocks="blocks",
-    modulation="adaLN_modulation",  # shift, scale, gate of attn, then of mlp
-    chunks=6,
-    branches=(
-        BranchSpec("attn", "attn", Attention, "norm1", 0, 1, 2,
-                   AttentionSpec(in_proj="qkv", out_proj="proj", num_heads="num_heads", head_dim="head_dim")),
-        BranchSpec("mlp", "mlp", Mlp, "norm2", 3, 4, 5),
-    ),
+    kinds=(BlockKind(
+        name="block",
+        block_type=DiTBlock,
+        blocks="blocks",
+        modulation="adaLN_modulation",  # shift, scale, gate of attn, then of mlp
+        chunks=6,
+        branches=(
+            BranchSpec("attn", "attn", Attention, "norm1", 0, 1, 2,
+                       AttentionSpec(in_proj="qkv", out_proj="proj", num_heads="num_heads", head_dim="head_dim")),
+            BranchSpec("mlp", "mlp", Mlp, "norm2", 3, 4, 5),
+        ),
+    ),),
     embed=_dit_embed,
     final=_dit_final,
     dims=config_dims,

@@ -15,13 +15,14 @@ import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import ModelAdapter, adapter_for
-from tcgraph.passes.meta import META_ADAPTER, META_BLOCK, META_IO_NAME
+from tcgraph.passes.meta import META_ADAPTER, META_BLOCK, META_BLOCKS, META_IO_NAME
 
 
 @dataclass(frozen=True)
 class BlockInfo:
     index: int
     path: str  # module path, e.g. "blocks.3"
+    kind: str  # the adapter's block kind
     node: str  # fx node name in the captured graph
     hidden_size: int
     num_tokens: int
@@ -79,15 +80,17 @@ def trace(module: torch.nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModu
 def capture(model: torch.nn.Module) -> Captured:
     """Trace `model` with each of its blocks (as its adapter names them) as one call_module node."""
     adapter = adapter_for(model)
-    gm = trace(model.eval(), (adapter.block_type,))
-    paths = adapter.block_paths(model)
+    table = adapter.block_table(model)
+    gm = trace(model.eval(), tuple(kind.block_type for kind in adapter.kinds))
+    paths = [path for path, _ in table]
+    kinds = dict(table)
     dims = adapter.dims(model)
     wanted = set(paths)
     blocks: list[BlockInfo] = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in wanted:
             node.meta[META_BLOCK] = len(blocks)
-            blocks.append(BlockInfo(len(blocks), node.target, node.name,
+            blocks.append(BlockInfo(len(blocks), node.target, kinds[node.target].name, node.name,
                                     dims.hidden_size, dims.num_tokens, dims.num_heads))
     if [b.path for b in blocks] != paths:
         raise TcgraphError(
@@ -98,6 +101,7 @@ def capture(model: torch.nn.Module) -> Captured:
         if node.op == "placeholder":
             node.meta[META_IO_NAME] = node.target
     gm.meta[META_ADAPTER] = adapter
+    gm.meta[META_BLOCKS] = tuple((path, kind.name) for path, kind in table)
     gm.graph.lint()
     gm.recompile()
     return Captured(gm, blocks, adapter)

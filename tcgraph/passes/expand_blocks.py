@@ -14,9 +14,9 @@ import copy
 import torch.fx as fx
 import torch.nn as nn
 
-from tcgraph.models.adapter import ModelAdapter
+from tcgraph.models.adapter import BlockKind, ModelAdapter
 from tcgraph.passes.capture import trace
-from tcgraph.passes.meta import META_BLOCK, META_BRANCH, adapter_of
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH, adapter_of, block_of
 
 
 def expand_blocks(gm: fx.GraphModule) -> fx.GraphModule:
@@ -25,7 +25,7 @@ def expand_blocks(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     block_nodes = [n for n in graph.nodes if n.op == "call_module" and META_BLOCK in n.meta]
     for node in block_nodes:
-        _inline(gm, node, adapter)
+        _inline(gm, node, adapter, block_of(gm, node.meta[META_BLOCK])[1])
     graph.lint()
     # Rebuild so the module tree holds fresh containers down to the leaves the graph calls.
     # The captured graph held each block by reference; later passes delete unused
@@ -53,7 +53,7 @@ def _own_tree(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter) -> None:
+def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter, kind: BlockKind) -> None:
     prefix = node.target  # "blocks.3"
     block_index = node.meta[META_BLOCK]
     body = trace(gm.get_submodule(prefix), adapter.leaf_types()).graph
@@ -80,7 +80,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter) -> None:
             new.meta.update(n.meta)
             new.meta[META_BLOCK] = block_index
             if n.op == "call_module":
-                branch = adapter.branch_of(n.target)
+                branch = kind.branch_of(n.target)
                 if branch is not None:
                     new.meta[META_BRANCH] = branch.name
             env[n] = new

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import ModelAdapter
+from tcgraph.models.adapter import BlockKind, ModelAdapter
 from tcgraph.names import OUT, CacheKey
 
 META_BLOCK = "tcgraph.block"  # int: block index of a node
 META_BRANCH = "tcgraph.branch"  # "attn" | "mlp" on the branch's call_module node
 META_IO_NAME = "tcgraph.io_name"  # graph input/output names ("x", "cache.3.attn", …)
 META_ADAPTER = "tcgraph.adapter"  # gm.meta: the captured model's ModelAdapter
+META_BLOCKS = "tcgraph.block_table"  # gm.meta: (module path, kind name) of every block, in global order
 
 
 def adapter_of(gm: fx.GraphModule) -> ModelAdapter:
@@ -30,6 +31,15 @@ def adapter_of(gm: fx.GraphModule) -> ModelAdapter:
     if adapter is None:
         raise TcgraphError("this graph carries no model adapter: build it with capture (then expand_blocks) first")
     return adapter
+
+
+def block_of(gm: fx.GraphModule, index: int) -> tuple[str, BlockKind]:
+    """(module path, block kind) of block `index`, as capture recorded them."""
+    table = gm.meta.get(META_BLOCKS)
+    if table is None or not 0 <= index < len(table):
+        raise TcgraphError(f"this graph records no block {index}: build it with capture (then expand_blocks) first")
+    path, kind = table[index]
+    return path, adapter_of(gm).kind_named(kind)
 
 
 def branch_nodes(gm: fx.GraphModule) -> dict[CacheKey, fx.Node]:

@@ -34,22 +34,21 @@ import torch.fx as fx
 from tcgraph.models.adapter import AttentionSpec
 from tcgraph.names import cache_name, input_cache_name
 from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix
-from tcgraph.passes.meta import adapter_of, branch_nodes, finish, graph_inputs, output_node
+from tcgraph.passes.meta import block_of, branch_nodes, finish, graph_inputs, output_node
 from tcgraph.passes.spec import RewriteSpec
 
 
 def token_dynamic(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
     """Rewrite every dynamic branch of `spec.recipe` to recompute its k most changed tokens per sample."""
-    adapter = adapter_of(gm)
     nodes = branch_nodes(gm)
     inputs = graph_inputs(gm)
     for block, branch, action in spec.recipe.items():
         if action.kind != "dynamic":
             continue
-        emit = Emitter(gm, block, branch, nodes[(block, branch)],
-                       branch_prefix(adapter.block_path(block), branch, "dynamic"))
+        path, kind = block_of(gm, block)
+        emit = Emitter(gm, block, branch, nodes[(block, branch)], branch_prefix(path, branch, "dynamic"))
         _dynamic_branch(emit, action.size, inputs[cache_name(block, branch)],
-                        inputs[input_cache_name(block, branch)], adapter.branch(branch).attention)
+                        inputs[input_cache_name(block, branch)], kind.branch(branch).attention)
     return finish(gm)
 
 

@@ -33,28 +33,28 @@ import torch.fx as fx
 
 from tcgraph.names import cache_name
 from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix, kept_input_rows
-from tcgraph.passes.meta import adapter_of, branch_nodes, finish, graph_inputs
+from tcgraph.passes.meta import block_of, branch_nodes, finish, graph_inputs
 from tcgraph.passes.spec import RewriteSpec
 
 
 def token_prune(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
     """Rewrite every partial branch of `spec.recipe` to recompute its kept tokens only."""
-    adapter = adapter_of(gm)
     nodes = branch_nodes(gm)
     inputs = graph_inputs(gm)
     for block, branch, action in spec.recipe.items():
         if action.kind != "partial":
             continue
         node = nodes[(block, branch)]
-        emit = Emitter(gm, block, branch, node, branch_prefix(adapter.block_path(block), branch, "prune"))
+        path, kind = block_of(gm, block)
+        emit = Emitter(gm, block, branch, node, branch_prefix(path, branch, "prune"))
         idx = emit.constant_index(action.indices)
         k = len(action.indices)
-        attention = adapter.branch(branch).attention
+        attention = kind.branch(branch).attention
         if attention is not None:
             rows = attention_rows(emit, node, emit.gather(node.args[0], idx), k, attention)
         else:  # row-wise: the branch node itself now reads the kept rows of its input
             u = node.args[0]
-            kept = kept_input_rows(emit, u, adapter.block_path(block), adapter.branch(branch).norm, idx)
+            kept = kept_input_rows(emit, u, path, kind.branch(branch).norm, idx)
             node.args = (kept if kept is not None else emit.gather(u, idx), *node.args[1:])
             rows = node  # [B, k, D]
         new = emit.scatter(inputs[cache_name(block, branch)], idx, rows)

@@ -46,7 +46,7 @@ from tcgraph.errors import TcgraphError
 if TYPE_CHECKING:
     import torch.nn as nn
 
-    from tcgraph.models.adapter import BranchSpec, ModelAdapter
+    from tcgraph.models.adapter import BlockKind, BranchSpec, ModelAdapter
     from tcgraph.plan.plan import Action, Plan, Recipe
 
 SCHEMA = 1
@@ -183,9 +183,10 @@ def measure_costs(model: "nn.Module", batch: int, text_length: int = 0,
         step, run_constants = _fixed_flops(adapter, model, x, t, y)
         h, cond = adapter.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)
-        blocks = list(model.get_submodule(adapter.blocks))
+        table = adapter.block_table(model)
+        blocks = [model.get_submodule(path) for path, _ in table]
         kinds, first = _kinds(blocks)
-        costs = tuple(tuple(_branch_cost(adapter, blocks[l], spec, h, cond, rows) for spec in adapter.branches)
+        costs = tuple(tuple(_branch_cost(table[l][1], blocks[l], spec, h, cond, rows) for spec in table[l][1].branches)
                       for l in first)
     return CostTable(adapter.name, batch, n, text_length, tuple(rows), adapter.branch_names, kinds, costs,
                      step, run_constants)
@@ -271,11 +272,11 @@ def _fixed_flops(adapter: "ModelAdapter", model: "nn.Module", x, t, y) -> tuple[
     return int(split["step"]), int(split["constant"])
 
 
-def _branch_cost(adapter: "ModelAdapter", block: "nn.Module", spec: "BranchSpec", h, cond: tuple,
+def _branch_cost(kind: "BlockKind", block: "nn.Module", spec: "BranchSpec", h, cond: tuple,
                  rows: tuple[int, int]) -> BranchCost:
     from tcgraph.models.official.dit import modulate
 
-    mod = getattr(block, adapter.modulation)(*cond).chunk(adapter.chunks, dim=1)
+    mod = getattr(block, kind.modulation)(*cond).chunk(kind.chunks, dim=1)
     module = block.get_submodule(spec.module)
     context = [cond[i] for i in spec.context]
     constants, args = 0, context

@@ -228,9 +228,11 @@ class AdapterTester:
         cap = capture(model)
         paths = self.adapter.block_paths(model)
         assert len(paths) == model.config.depth and cap.adapter is self.adapter
+        kinds = tuple(kind.block_type for kind in self.adapter.kinds)
         calls = [n for n in cap.gm.graph.nodes if n.op == "call_module"
-                 and isinstance(cap.gm.get_submodule(n.target), self.adapter.block_type)]
+                 and isinstance(cap.gm.get_submodule(n.target), kinds)]
         assert [n.target for n in calls] == paths == [b.path for b in cap.blocks]
+        assert [b.kind for b in cap.blocks] == [kind.name for _, kind in self.adapter.block_table(model)]
         assert [b.index for b in cap.blocks] == list(range(len(paths)))
         expanded = expand_blocks(cap.gm)
         assert sorted(branch_nodes(expanded)) == sorted((l, br) for l in range(len(paths))

@@ -20,7 +20,8 @@ from tcgraph.calibrate import mixed_step
 from tcgraph.compile import build_variants, check_variant, example_inputs, rewrite_variant
 from tcgraph.errors import TcgraphError
 from tcgraph.models import adapter_for
-from tcgraph.models.adapter import ADAPTERS, DIT, AttentionSpec, BranchSpec, ModelAdapter, ModelDims, run_blocks
+from tcgraph.models.adapter import (ADAPTERS, DIT, AttentionSpec, BlockKind, BranchSpec, ModelAdapter, ModelDims,
+                                    run_blocks)
 from tcgraph.models.official.dit import DiT, DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
 from tcgraph.names import cache_name
 from tcgraph.passes import capture, expand_blocks, io_names, reference_step
@@ -94,22 +95,53 @@ class RenamedDiT(nn.Module):
         return x.reshape(x.shape[0], c, g * p, g * p)
 
 
-RENAMED = ModelAdapter(
-    name="RenamedDiT",
-    model_type=RenamedDiT,
-    block_type=Layer,
-    blocks="layers",
-    modulation="mod",
-    chunks=6,
-    branches=(
-        BranchSpec("attn", "mixer", SelfAttention, "ln1", 0, 1, 2,
-                   AttentionSpec(in_proj="to_qkv", out_proj="out", num_heads="heads", head_dim="dim_head")),
-        BranchSpec("mlp", "ff", FeedForward, "ln2", 3, 4, 5),
-    ),
-    embed=lambda m, x, t, y: (m.patch(x) + m.pos, m.time(t) + m.label(y, False)),
-    final=lambda m, h, c: m.unpatchify(m.head(h, c)),
-    dims=lambda m: ModelDims(m.config.depth, m.config.num_tokens, m.config.hidden_size, m.config.num_heads),
-)
+class LastLayer(nn.Module):
+    """A second block kind: another class with other module names and the same math."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.pre_attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attention = SelfAttention(dim, heads)
+        self.pre_ff = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp_net = FeedForward(dim, hidden)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        m = self.ada(c).chunk(6, dim=1)
+        x = x + m[2].unsqueeze(1) * self.attention(modulate(self.pre_attn(x), m[0], m[1]))
+        return x + m[5].unsqueeze(1) * self.mlp_net(modulate(self.pre_ff(x), m[3], m[4]))
+
+
+class SplitDiT(RenamedDiT):
+    """Two block kinds in two containers: `layers` (all blocks but the last), then `last` (one LastLayer)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.layers = nn.ModuleList(list(self.layers)[:-1])
+        self.last = nn.ModuleList([LastLayer(d, config.num_heads, config.mlp_hidden)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h, c = self.patch(x) + self.pos, self.time(t) + self.label(y, False)
+        for layer in [*self.layers, *self.last]:
+            h = layer(h, c)
+        return self.unpatchify(self.head(h, c))
+
+
+LAYER = BlockKind("layer", Layer, "layers", "mod", 6, (
+    BranchSpec("attn", "mixer", SelfAttention, "ln1", 0, 1, 2,
+               AttentionSpec(in_proj="to_qkv", out_proj="out", num_heads="heads", head_dim="dim_head")),
+    BranchSpec("mlp", "ff", FeedForward, "ln2", 3, 4, 5),
+))
+COMMON = dict(embed=lambda m, x, t, y: (m.patch(x) + m.pos, m.time(t) + m.label(y, False)),
+              final=lambda m, h, c: m.unpatchify(m.head(h, c)),
+              dims=lambda m: ModelDims(m.config.depth, m.config.num_tokens, m.config.hidden_size, m.config.num_heads))
+RENAMED = ModelAdapter(name="RenamedDiT", model_type=RenamedDiT, kinds=(LAYER,), **COMMON)
+SPLIT = ModelAdapter(name="SplitDiT", model_type=SplitDiT, kinds=(LAYER, BlockKind("last", LastLayer, "last", "ada", 6, (
+    BranchSpec("attn", "attention", SelfAttention, "pre_attn", 0, 1, 2,
+               AttentionSpec(in_proj="to_qkv", out_proj="out", num_heads="heads", head_dim="dim_head")),
+    BranchSpec("mlp", "mlp_net", FeedForward, "pre_ff", 3, 4, 5),
+))), **COMMON)
 
 TOP = {"x_embedder": "patch", "t_embedder": "time", "y_embedder": "label", "pos_embed": "pos", "final_layer": "head"}
 IN_BLOCK = {".adaLN_modulation.": ".mod.", ".attn.qkv.": ".mixer.to_qkv.", ".attn.proj.": ".mixer.out.",
@@ -127,10 +159,25 @@ def rename(key: str) -> str:
     return key
 
 
-def renamed_copy(model: DiT) -> RenamedDiT:
-    """A RenamedDiT with `model`'s weights."""
-    copy = RenamedDiT(model.config)
-    copy.load_state_dict({rename(k): v for k, v in model.state_dict().items()}, strict=True)
+IN_LAST = {".adaLN_modulation.": ".ada.", ".attn.qkv.": ".attention.to_qkv.", ".attn.proj.": ".attention.out.",
+           ".mlp.fc1.": ".mlp_net.fc_in.", ".mlp.fc2.": ".mlp_net.fc_out."}
+
+
+def split_name(key: str, depth: int) -> str:
+    """A DiT state-dict key as SplitDiT spells it: its last block is `last.0`, with LastLayer's names."""
+    if not key.startswith(f"blocks.{depth - 1}."):
+        return rename(key)
+    rest = "." + key.removeprefix(f"blocks.{depth - 1}.")
+    for old, new in IN_LAST.items():
+        rest = rest.replace(old, new)
+    return "last.0" + rest
+
+
+def renamed_copy(model: DiT, cls: type = RenamedDiT) -> RenamedDiT:
+    """A RenamedDiT (or SplitDiT) with `model`'s weights."""
+    copy = cls(model.config)
+    name = rename if cls is RenamedDiT else (lambda k: split_name(k, model.config.depth))
+    copy.load_state_dict({name(k): v for k, v in model.state_dict().items()}, strict=True)
     return copy.eval()
 
 
@@ -138,6 +185,12 @@ def renamed_copy(model: DiT) -> RenamedDiT:
 def renamed(tiny_model, monkeypatch):
     monkeypatch.setitem(ADAPTERS, RenamedDiT, RENAMED)
     return renamed_copy(tiny_model)
+
+
+@pytest.fixture
+def split(tiny_model, monkeypatch):
+    monkeypatch.setitem(ADAPTERS, SplitDiT, SPLIT)
+    return renamed_copy(tiny_model, SplitDiT)
 
 
 def settings(steps=2):
@@ -159,7 +212,10 @@ def test_registry_finds_the_adapter_and_refuses_unknown_models(tiny_model, renam
     with pytest.raises(TcgraphError, match=r"no model adapter for RenamedDiT; supported architectures: DiT"):
         capture(renamed)
     with pytest.raises(TcgraphError, match="must be"):
-        ModelAdapter(**{**RENAMED.__dict__, "branches": RENAMED.branches[::-1]})
+        ModelAdapter(**{**RENAMED.__dict__, "kinds": (BlockKind(**{**LAYER.__dict__, "branches": LAYER.branches[::-1]}),)})
+    with pytest.raises(TcgraphError, match="different branches"):
+        ModelAdapter(**{**SPLIT.__dict__, "kinds": (LAYER, BlockKind(**{**SPLIT.kinds[1].__dict__,
+                                                                        "branches": LAYER.branches[:1]}))})
 
 
 def test_the_copy_is_the_same_model(tiny_model, renamed):
@@ -176,10 +232,31 @@ def test_the_copy_is_the_same_model(tiny_model, renamed):
     assert torch.allclose(expanded(x, t, y), ref, atol=1e-6)
 
 
+def test_two_block_kinds_number_their_blocks_globally(tiny_model, split):
+    """SplitDiT: blocks 0-1 of kind `layer`, block 2 of kind `last` in its own container; the eager loop,
+    capture and the expanded graph follow the kinds, and the model is the DiT it was copied from."""
+    x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        ref = tiny_model(x, t, y)
+        assert torch.equal(split(x, t, y), ref)
+        assert torch.equal(run_blocks(split, x, t, y, lambda l, b, u, fn: fn(u())), ref)
+    cap = capture(split)
+    assert [(b.index, b.path, b.kind) for b in cap.blocks] == [(0, "layers.0", "layer"), (1, "layers.1", "layer"),
+                                                              (2, "last.0", "last")]
+    expanded = expand_blocks(cap.gm)
+    branches = sorted((n.meta["tcgraph.block"], n.target, n.meta["tcgraph.branch"]) for n in expanded.graph.nodes
+                      if "tcgraph.branch" in n.meta)
+    assert branches == [(0, "layers.0.ff", "mlp"), (0, "layers.0.mixer", "attn"), (1, "layers.1.ff", "mlp"),
+                        (1, "layers.1.mixer", "attn"), (2, "last.0.attention", "attn"), (2, "last.0.mlp_net", "mlp")]
+    assert torch.allclose(expanded(x, t, y), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["renamed", "split"])
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_rewrites_match_the_reference_and_the_original_dit(tiny_model, renamed, name):
-    """Each recipe rewritten on the renamed model equals its eager reference (<= 1e-5), and
-    graph and reference equal the original DiT's on the same inputs."""
+def test_rewrites_match_the_reference_and_the_original_dit(tiny_model, request, model_name, name):
+    """Each recipe rewritten on the renamed model (one block kind, or two) equals its eager reference
+    (<= 1e-5), and graph and reference equal the original DiT's on the same inputs."""
+    renamed = request.getfixturevalue(model_name)
     recipe = RECIPES[name]
     plan = Plan("p", settings(), (FULL, recipe), N)
     gm = rewrite_variant(renamed, plan, recipe)
@@ -199,7 +276,7 @@ def test_rewrites_match_the_reference_and_the_original_dit(tiny_model, renamed, 
     assert all(torch.equal(fresh[k], dit_fresh[k]) for k in fresh)
     # The renamed graph calls the renamed modules: a pruned attention its `out` projection.
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    assert all(c.startswith(("patch.", "time.", "label.", "layers.", "head.")) for c in called)
+    assert all(c.startswith(("patch.", "time.", "label.", "layers.", "last.", "head.")) for c in called)
     if name in ("partial", "dynamic"):
         assert "layers.0.mixer" not in called and "layers.0.mixer.out" in called
         assert any(n.name.startswith("layers_0_attn_") for n in gm.graph.nodes)

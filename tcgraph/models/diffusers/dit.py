@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
+from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.models.diffusers.config import (
     CLASS_NAME,
@@ -192,15 +192,18 @@ def _embed(model: DiffusersDiT, x: torch.Tensor, t: torch.Tensor,
 DIFFUSERS_DIT = register_adapter(ModelAdapter(
     name=CLASS_NAME,
     model_type=DiffusersDiT,
-    block_type=DiffusersDiTBlock,
-    blocks="transformer_blocks",
-    modulation="modulation",  # (t features, y) -> shift, scale, gate of attn, then of mlp
-    chunks=6,
-    branches=(
-        BranchSpec("attn", "attn1", Attention, "norm1.norm", 0, 1, 2,
-                   AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
-        BranchSpec("mlp", "ff", FeedForward, "norm3", 3, 4, 5),
-    ),
+    kinds=(BlockKind(
+        name="block",
+        block_type=DiffusersDiTBlock,
+        blocks="transformer_blocks",
+        modulation="modulation",  # (t features, y) -> shift, scale, gate of attn, then of mlp
+        chunks=6,
+        branches=(
+            BranchSpec("attn", "attn1", Attention, "norm1.norm", 0, 1, 2,
+                       AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
+            BranchSpec("mlp", "ff", FeedForward, "norm3", 3, 4, 5),
+        ),
+    ),),
     embed=_embed,
     final=lambda model, h, tf, y: model.final(h, tf, y),
     dims=config_dims,

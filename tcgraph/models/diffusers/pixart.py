@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import AttentionSpec, BranchSpec, ModelAdapter, config_dims, register_adapter
+from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.models.diffusers.config import (
     PIXART_CLASS_NAME,
@@ -293,17 +293,20 @@ def _embed(model: DiffusersPixArt, x: torch.Tensor, t: torch.Tensor,
 PIXART = register_adapter(ModelAdapter(
     name=PIXART_CLASS_NAME,
     model_type=DiffusersPixArt,
-    block_type=DiffusersPixArtBlock,
-    blocks="transformer_blocks",
-    modulation="modulation",  # (t6, emb_t, text, bias) -> shift, scale, gate of attn, then of mlp
-    chunks=6,
-    branches=(
-        BranchSpec("attn", "attn1", Attention, "norm1", 0, 1, 2,
-                   AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
-        BranchSpec("cross", "attn2", TextCrossAttention, None, None, None, None, context=(2, 3),
-                   prepare="prepare", constants=("k", "v")),  # attn2(h, *attn2.prepare(text, bias))
-        BranchSpec("mlp", "ff", FeedForward, "norm2", 3, 4, 5),
-    ),
+    kinds=(BlockKind(
+        name="block",
+        block_type=DiffusersPixArtBlock,
+        blocks="transformer_blocks",
+        modulation="modulation",  # (t6, emb_t, text, bias) -> shift, scale, gate of attn, then of mlp
+        chunks=6,
+        branches=(
+            BranchSpec("attn", "attn1", Attention, "norm1", 0, 1, 2,
+                       AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")),
+            BranchSpec("cross", "attn2", TextCrossAttention, None, None, None, None, context=(2, 3),
+                       prepare="prepare", constants=("k", "v")),  # attn2(h, *attn2.prepare(text, bias))
+            BranchSpec("mlp", "ff", FeedForward, "norm2", 3, 4, 5),
+        ),
+    ),),
     embed=_embed,  # y is the tuple (encoder_hidden_states, encoder_attention_mask)
     final=lambda model, h, *cond: model.final(h, *cond),
     dims=config_dims,
