@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from tcgraph.errors import UsageError
+from tcgraph.images import checked_outputs, save_grid, save_npy, to_images  # noqa: F401  (to_images: public API)
 from tcgraph.models import is_model
 from tcgraph.models.official.dit import DiT, DiTConfig
 from tcgraph.plan import Plan, make_plan, plan_flops
@@ -19,6 +18,7 @@ from tcgraph.progress import Progress, bars
 from tcgraph.runtime import BACKENDS, make_runner
 from tcgraph.sampling import SamplerSettings, checks, conditioning, make_noise, run_batches, sampler_for
 from tcgraph.sampling.schedulers import scheduler_for_transform
+from tcgraph.sampling.checks import MAX_SEED, parse_classes  # noqa: F401  (public API)
 from tcgraph.sampling.settings import MAX_TEXT_LENGTH
 
 DEFAULT_MODEL = "digits"
@@ -218,37 +218,6 @@ def _engine_builder(backend: str, options: dict):
     return functools.partial(build_engines, **options)
 
 
-def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
-    """`None` -> all classes; "0-9" or "1,3,5" or a list -> class ids, each checked."""
-    from tcgraph.models import check_class_ids
-
-    if spec is None:
-        ids = list(range(num_classes))
-    elif isinstance(spec, str):
-        ids = []
-        for part in spec.split(","):
-            part = part.strip()
-            try:
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1)
-                    lo, hi = int(lo), int(hi)
-                    check_class_ids([lo, hi], num_classes)  # before the range is spelled out: '0-10**12'
-                    ids.extend(range(lo, hi + 1))
-                else:
-                    ids.append(int(part))
-            except ValueError:
-                raise UsageError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
-    elif isinstance(spec, (bytes, dict)) or not isinstance(spec, (Sequence, np.ndarray, torch.Tensor, range)):
-        raise UsageError(f"classes (--classes) must be a string such as '0-9' or '1,3,5', a sequence of class ids "
-                         f"or None, got {type(spec).__name__}")
-    else:
-        values = spec.tolist() if isinstance(spec, (np.ndarray, torch.Tensor)) else spec
-        ids = checks.class_ids(values if isinstance(values, list) else list(values))
-    if not ids:
-        raise UsageError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
-    return check_class_ids(ids, num_classes).tolist()
-
-
 def sample(
     artifact: str | Path,
     *,
@@ -285,7 +254,7 @@ def sample(
 
     checks.path(artifact, "artifact")
     per_class = checks.integer(per_class, "per_class", "--per-class", lo=1)
-    seed = _seed(seed)
+    seed = checks.seed(seed)
     checks.text(backend, "backend", "--backend")
     checks.text(device, "device", "--device", optional=True)
     batch = None if batch is None else checks.integer(batch, "batch", "--batch", lo=1)
@@ -293,7 +262,7 @@ def sample(
     if runner_options is not None and not isinstance(runner_options, dict):
         raise UsageError(f"runner_options must be a dict of option names to values or None, got "
                          f"{type(runner_options).__name__}")
-    png, npy = _checked_outputs(png, npy)  # before sampling, which may take minutes
+    png, npy = checked_outputs(png, npy)  # before sampling, which may take minutes
     art = load_artifact(Path(artifact))
     plan = art.plan
     cfg = art.model_config
@@ -321,7 +290,7 @@ def sample(
         if text is not None:
             raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes) "
                              "and drop the text embeddings")
-        ids, what = parse_classes(classes, cfg.num_classes), "classes"
+        ids, what = checks.parse_classes(classes, cfg.num_classes), "classes"
     checks.sample_memory(len(ids) * per_class, cfg.in_channels, s.resolution, name="per_class", option="--per-class",
                          detail=f"{len(ids)} {what} x {per_class} per class")
     labels = [c for c in ids for _ in range(per_class)]
@@ -338,7 +307,7 @@ def sample(
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:
-        _atomic_save_npy(npy, samples.numpy())
+        save_npy(npy, samples.numpy())
     return samples, labels
 
 
@@ -368,65 +337,12 @@ def sample_eager(model: DiT, settings: SamplerSettings, labels, seed: int = 0,
         labels = check_class_ids(checks.class_ids(labels, "labels", None), model.config.num_classes).tolist()
     if not len(labels):
         raise UsageError("labels is empty; give at least one class id")
-    seed = _seed(seed)
+    seed = checks.seed(seed)
     checks.sample_memory(len(labels), model.config.in_channels, settings.resolution, name="labels", option=None,
                          detail=f"{len(labels)} labels")
     noise = make_noise(len(labels), model.config.in_channels, settings.resolution, seed)
     return run_batches(model_step_fn(model), lambda: None, sampler_for(settings, model.config), labels, noise,
                        settings.batch, seed, bars(progress))
-
-
-MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps the low 32 bits: larger seeds would repeat others
-
-
-def _seed(seed) -> int:
-    # Every seed in range gives its own noise; each run r of a call uses seed + 1 + r.
-    return checks.integer(seed, "seed", "--seed", lo=0, hi=MAX_SEED)
-
-
-def to_images(samples: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3 or 1) uint8; latents show their first channels."""
-    x = samples.detach().float().clamp(-1, 1)
-    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def save_grid(samples: torch.Tensor, path: str | Path, nrow: int, scale: int = 4, pad: int = 2,
-              choose: str = "choose another --png") -> Path:
-    """A PNG grid with `nrow` images per row (one row per class when sampled per class),
-    written atomically (`tcgraph.files.atomic_write`)."""
-    from PIL import Image
-
-    from tcgraph.files import atomic_write
-
-    imgs = to_images(samples)
-    n, h, w, c = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    return atomic_write(path, lambda f: pil.save(f, format="PNG"), choose=choose)
-
-
-def _atomic_save_npy(path: str | Path, array: np.ndarray, choose: str = "choose another --npy") -> Path:
-    from tcgraph.files import atomic_write
-
-    return atomic_write(path, lambda f: np.save(f, array), choose=choose)
-
-
-def _checked_outputs(png: str | Path | None, npy: str | Path | None) -> tuple[Path | None, Path | None]:
-    """The output files of `sample`, refused now (not after sampling) where they could not be
-    written: a folder's name, a file on the way, a folder that cannot be written, a name too long."""
-    from tcgraph.files import check_output_file
-
-    png = None if png is None else check_output_file(png, "choose another --png")
-    npy = None if npy is None else check_output_file(npy, "choose another --npy")
-    if png is not None and npy is not None and png.absolute() == npy.absolute():
-        raise UsageError(f"--png and --npy both name {png}; give each its own file")
-    return png, npy
 
 
 def inspect(artifact: str | Path, *, variant: str | None = None, step: int | str | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcgraph import api, files
+from tcgraph import api, files, images
 from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
 from tcgraph.export import folder
@@ -485,7 +485,7 @@ def test_a_long_name_still_gets_a_temporary_that_fits(tmp_path):
     path = tmp_path / ("x" * 246 + ".npy")
     tmp = files.temporary_path(path)
     assert len(tmp.name) <= 255 and tmp.name.startswith(".x") and ".tmp-" in tmp.name
-    api._atomic_save_npy(path, np.arange(3))
+    images.save_npy(path, np.arange(3))
     assert np.load(path).tolist() == [0, 1, 2] and os.listdir(tmp_path) == [path.name]
 
 
@@ -513,7 +513,7 @@ def test_concurrent_writers_of_one_png(tmp_path):
     def write(grid):
         try:
             for _ in range(20):
-                api.save_grid(grid, path, nrow=2)
+                images.save_grid(grid, path, nrow=2)
         except Exception as e:  # noqa: BLE001 - collected and checked below
             errors.append(e)
 

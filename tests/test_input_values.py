@@ -30,17 +30,21 @@ def _text(n=2, length=4, width=3) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_text_embeddings_must_be_finite_and_the_mask_zero_or_one():
     e, m = _text()
-    Text(e, m)  # fine
+    Text(e, m).checked()  # fine
     e[1, 2, 0] = float("nan")
     with pytest.raises(UsageError, match=r"of 1 of 2 prompts \(rows \[1\]\) hold NaN or infinite"):
-        Text(e, m)
+        Text(e, m).checked()
     e, m = _text()
     with pytest.raises(UsageError, match="negative text embeddings of 1 of 2"):
-        Text(e, m, torch.full_like(e, float("inf")).index_fill(0, torch.tensor([0]), 0.0), m)
+        Text(e, m, torch.full_like(e, float("inf")).index_fill(0, torch.tensor([0]), 0.0), m).checked()
     with pytest.raises(UsageError, match=r"mask must hold 1 .* or 0 .*\(e.g. 0.5\)"):
-        Text(e, m * 0.5)
+        Text(e, m * 0.5).checked()
     with pytest.raises(UsageError, match="0 prompts"):
-        Text(torch.zeros(0, 4, 3), torch.zeros(0, 4))
+        Text(torch.zeros(0, 4, 3), torch.zeros(0, 4)).checked()
+    from tcgraph.sampling.conditioning import text_argument
+
+    with pytest.raises(UsageError, match="hold NaN or infinite"):  # a caller's Text is checked where it enters
+        text_argument(Text(e * float("nan"), m), "text", "--embeddings")
 
 
 def test_an_embeddings_file_of_nan_or_of_no_prompts_is_refused(tmp_path):

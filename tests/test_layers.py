@@ -20,6 +20,7 @@ LAYERS: dict[str, set[str]] = {
     "progress": set(),
     "version": set(),
     "files": {"errors"},
+    "images": {"errors", "files"},  # what sample writes: PNG grids, .npy arrays
     "data": {"errors"},
     "models": {"errors", "names"},
     "text": {"errors", "models"},  # prompt embeddings and a pipeline folder's text encoder
@@ -33,7 +34,7 @@ LAYERS: dict[str, set[str]] = {
     "export": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan"},
     "runtime": {"errors", "names", "progress", "models", "sampling", "plan", "export"},
     "inspection": {"errors", "names", "files", "models", "sampling", "plan", "export"},
-    "api": {"errors", "names", "progress", "version", "files", "models", "sampling", "calibrate", "plan", "passes", "compile",
+    "api": {"errors", "names", "progress", "version", "files", "images", "models", "sampling", "calibrate", "plan", "passes", "compile",
             "export", "runtime", "inspection", "eval"},
     # serving on Triton: the artifact, the runtime and the sampling functions of the public API
     "serve": {"errors", "progress", "version", "files", "export", "runtime", "api"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from os import PathLike
 
 from tcgraph.errors import UsageError
@@ -117,3 +118,45 @@ def _shown(value) -> str:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{shown} ({type(value).__name__})"
+
+
+def parse_classes(spec: str | Sequence[int] | None, num_classes: int) -> list[int]:
+    """`None` -> all classes; "0-9" or "1,3,5" or a list -> class ids, each checked."""
+    import numpy as np
+    import torch
+
+    from tcgraph.models import check_class_ids
+
+    if spec is None:
+        ids = list(range(num_classes))
+    elif isinstance(spec, str):
+        ids = []
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    lo, hi = int(lo), int(hi)
+                    check_class_ids([lo, hi], num_classes)  # before the range is spelled out: '0-10**12'
+                    ids.extend(range(lo, hi + 1))
+                else:
+                    ids.append(int(part))
+            except ValueError:
+                raise UsageError(f"cannot read class list {spec!r}; write e.g. '0-9' or '1,3,5'") from None
+    elif isinstance(spec, (bytes, dict)) or not isinstance(spec, (Sequence, np.ndarray, torch.Tensor, range)):
+        raise UsageError(f"classes (--classes) must be a string such as '0-9' or '1,3,5', a sequence of class ids "
+                         f"or None, got {type(spec).__name__}")
+    else:
+        values = spec.tolist() if isinstance(spec, (np.ndarray, torch.Tensor)) else spec
+        ids = class_ids(values if isinstance(values, list) else list(values))
+    if not ids:
+        raise UsageError(f"no class ids in {spec!r}; this model has classes 0..{num_classes - 1}")
+    return check_class_ids(ids, num_classes).tolist()
+
+
+MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) keeps the low 32 bits: larger seeds would repeat others
+
+
+def seed(value) -> int:
+    # Every seed in range gives its own noise; each run r of a call uses seed + 1 + r.
+    return integer(value, "seed", "--seed", lo=0, hi=MAX_SEED)

@@ -54,7 +54,7 @@ def load_text(path: str | Path) -> Text:
     ne, nm = d.get(NEG_EMBEDS), d.get(NEG_MASK)
     if ne is not None and nm is not None and ne.shape[0] == 1 and e.shape[0] > 1:
         ne, nm = ne.expand(e.shape[0], *ne.shape[1:]), nm.expand(e.shape[0], *nm.shape[1:])
-    return Text(e, m, None if ne is None else ne.float(), nm)
+    return Text(e, m, None if ne is None else ne.float(), nm).checked()
 
 
 def model_conditioning(y, guided: bool, null_class: int):
@@ -93,8 +93,10 @@ def as_inputs(y) -> tuple[torch.Tensor, ...]:
 
 def text_argument(text, name: str, option: str):
     """A `Text`, an embeddings file read into one, or None."""
-    if text is None or isinstance(text, Text):
-        return text
+    if text is None:
+        return None
+    if isinstance(text, Text):
+        return text.checked()
     if isinstance(text, (str, os.PathLike)):
         return load_text(text)
     raise UsageError(f"{name} ({option}) must be a tcgraph Text or the path of an embeddings file, got "

@@ -32,15 +32,21 @@ class Text:
             raise UsageError(f"negative text embeddings {list(self.negative_embeddings.shape)} and mask "
                              f"{list(self.negative_mask.shape)} must have the prompts' shapes {list(e.shape)}, "
                              f"{list(m.shape)}")
-        _check_values(e, m, "")
-        if self.negative_embeddings is not None:
-            _check_values(self.negative_embeddings, self.negative_mask, "negative ")
         object.__setattr__(self, "mask", m.float())
         if self.negative_mask is not None:
             object.__setattr__(self, "negative_mask", self.negative_mask.float())
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
+
+    def checked(self) -> "Text":
+        """This text, after checking its values where they enter tcgraph (an embeddings file, a caller's
+        Text): at least one prompt, finite embeddings, a 0/1 mask. Once per call, not per batch: the
+        sampling loop's `take` and `to` build Texts of values already checked."""
+        _check_values(self.embeddings, self.mask, "")
+        if self.negative_embeddings is not None:
+            _check_values(self.negative_embeddings, self.negative_mask, "negative ")
+        return self
 
     @property
     def length(self) -> int:
@@ -89,7 +95,7 @@ class Text:
 
 
 def _check_values(embeddings: torch.Tensor, mask: torch.Tensor, which: str) -> None:
-    """Text enters from files and callers: at least one prompt, finite embeddings, a 0/1 mask."""
+    """`Text.checked` of one pair of embeddings and mask."""
     if embeddings.shape[0] == 0:
         raise UsageError(f"the {which}text embeddings hold 0 prompts ([0, {embeddings.shape[1]}, {embeddings.shape[2]}]): "
                          "give at least one prompt")
