@@ -191,7 +191,7 @@ def _check_folder(folder: Path) -> None:
 
 def load_transformer(folder: str | Path | None = None):
     """The digits-text transformer, a `DiffusersPixArt` in eval mode (needs diffusers)."""
-    from tcgraph.models.diffusers.config import read_folder
+    from tcgraph.models.diffusers.folder import read_folder
 
     folder = weights_dir() if folder is None else Path(folder)
     _check_folder(folder)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.diffusers.config import is_diffusers_folder
+from tcgraph.models.diffusers.folder import is_diffusers_folder
 from tcgraph.models.families import FAMILIES, Family, family, family_of_diffusers_class
 from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
 from tcgraph.models.official.checkpoint import (
@@ -141,7 +141,7 @@ def build_model(config: DiTConfig | str, **overrides):
 def load_diffusers(path: str | os.PathLike, config=None):
     """The diffusers model in a model folder (config.json + safetensors) or a pipeline folder
     (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json."""
-    from tcgraph.models.diffusers.config import read_folder
+    from tcgraph.models.diffusers.folder import read_folder
 
     if config is not None:
         raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "

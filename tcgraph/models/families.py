@@ -10,7 +10,7 @@ made; the family is how the model layer finds that adapter's model.
 A config names its family in the field that older manifests call `layout` (kept under that
 key, omitted for the default, so that configs and their hashes stay what they were).
 Everything here is data plus lazy imports: the registry loads no model code until a family
-is used, so `tcgraph.models.official.dit` can ask it about a config without an import cycle.
+is used, so `tcgraph.models.config` can ask it about a config without an import cycle.
 
 To add a family: write its module (config reading, build, load, adapter registration) and
 add one `Family` to `FAMILIES`.
@@ -88,7 +88,7 @@ class Family:
     guidance: str = "cfg"
     shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
     text_conditioned: bool = False
-    config: str = "tcgraph.models.official.dit:DiTConfig"  # module:class of its config (to_dict / class(**dict))
+    config: str = "tcgraph.models.config:DiTConfig"  # module:class of its config (to_dict / class(**dict))
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -102,7 +102,7 @@ class Family:
         return self._function(self.module, self.builder)(config, **overrides)
 
     def load_folder(self, folder) -> "nn.Module":
-        """The model of a diffusers folder (`tcgraph.models.diffusers.config.read_folder`'s result)."""
+        """The model of a diffusers folder (`tcgraph.models.diffusers.folder.read_folder`'s result)."""
         if self.diffusers_class is None:
             raise TcgraphError(f"{self.title} models are not read from diffusers folders")
         return self._function(self.module, "load")(folder)

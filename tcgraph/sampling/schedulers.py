@@ -205,7 +205,7 @@ def scheduler_config_from_folder(path: str | Path) -> dict:
     candidates = [path] if path.is_file() else [path / SCHEDULER_FOLDER / SCHEDULER_CONFIG, path / SCHEDULER_CONFIG]
     found = next((p for p in candidates if p.is_file()), None)
     if found == candidates[0] and (path / "model_index.json").is_file():  # a pipeline's own scheduler/
-        from tcgraph.models.diffusers.config import inside
+        from tcgraph.models.diffusers.folder import inside
 
         inside(path, SCHEDULER_FOLDER, path / "model_index.json", "the component")  # no symlink out of it
     if found is None:

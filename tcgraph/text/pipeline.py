@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.diffusers.config import check_pipeline_index, inside, read_json
+from tcgraph.models.diffusers.folder import check_pipeline_index, inside, read_json
 from tcgraph.text.embeddings import Text
 
 INDEX = "model_index.json"

@@ -233,7 +233,7 @@ def test_a_pipeline_folder_samples_with_its_own_scheduler_by_default(tmp_path):
 def test_real_weights_from_a_local_folder_equal_diffusers_forward():
     """With real weights (e.g. facebook/DiT-XL-2-256 saved locally): tcgraph's wrapper and its
     `full` graph equal diffusers' own forward within 1e-4, float32."""
-    from tcgraph.models.diffusers.config import read_folder
+    from tcgraph.models.diffusers.folder import read_folder
 
     path = os.environ["TCGRAPH_DIFFUSERS_DIT"]
     model = load_model(path)

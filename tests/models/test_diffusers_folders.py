@@ -16,7 +16,7 @@ from diffusers import DiTTransformer2DModel  # noqa: E402
 
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.models import load_diffusers  # noqa: E402
-from tcgraph.models.diffusers.config import read_folder  # noqa: E402
+from tcgraph.models.diffusers.folder import read_folder  # noqa: E402
 from tcgraph.text.pipeline import PipelineTextEncoder  # noqa: E402
 from tcgraph.sampling import scheduler_config_from_folder  # noqa: E402
 

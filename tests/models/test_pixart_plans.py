@@ -285,7 +285,7 @@ def test_real_pixart_weights_from_a_local_folder_equal_diffusers_forward():
     import os
 
     from tcgraph.models import load_model
-    from tcgraph.models.diffusers.config import read_folder
+    from tcgraph.models.diffusers.folder import read_folder
 
     path = os.environ["TCGRAPH_DIFFUSERS_PIXART"]
     model = load_model(path)

@@ -55,13 +55,8 @@ import torch.nn.functional as F
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.official.checkpoint import check_finite
-from tcgraph.models.diffusers.config import (
-    PIXART_CLASS_NAME,
-    DiffusersFolder,
-    load_weights_into,
-    pixart_config_from_diffusers,
-    pixart_kwargs,
-)
+from tcgraph.models.diffusers.config import PIXART_CLASS_NAME, pixart_config_from_diffusers, pixart_kwargs
+from tcgraph.models.diffusers.folder import DiffusersFolder, load_weights_into
 from tcgraph.models.official.dit import DiTConfig, modulate
 
 try:
