@@ -45,7 +45,7 @@ REDO = "re-run `tcgraph transform` with this tcgraph, or sample with --backend o
 # Lifted inputs of an exported graph, as the reader names them.
 KINDS = ("parameter", "buffer", "constant", "user")
 # ATen overloads that a program may never call although they are functional: they read files.
-_REFUSED_OPS = frozenset({"from_file", "_nested_tensor_from_mask"})
+_REFUSED_OPS = frozenset({"from_file"})
 
 
 def program_file(vid: str) -> str:

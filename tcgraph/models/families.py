@@ -87,7 +87,6 @@ class Family:
     diffusers_class: str | None = None
     guidance: str = "cfg"
     shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
-    text_conditioned: bool = False
     config: str = "tcgraph.models.config:DiTConfig"  # module:class of its config (to_dict / class(**dict))
 
     def __post_init__(self) -> None:
@@ -117,7 +116,10 @@ class Family:
         t_dtype = str(settings.timestep_dtype).removeprefix("torch.")
         inputs = [GraphInput(X, (b, config.in_channels, side, side), "float32", "latent"),
                   GraphInput(T, (b,), t_dtype, "timestep")]
-        if self.text_conditioned:
+        if self.guidance != "cfg":  # a guidance input (FLUX-dev) or none: declared by families still to come
+            raise TcgraphError(f"family {self.name}: guidance mode {self.guidance!r} has no graph inputs yet; "
+                               "tcgraph builds CFG-doubled batches only")
+        if config.text_conditioned:
             length = settings.text_length
             inputs += [GraphInput(TEXT, (b, length, config.caption_channels), "float32", "text"),
                        GraphInput(TEXT_MASK, (b, length), "float32", "mask")]
@@ -146,7 +148,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            diffusers_class="DiTTransformer2DModel"),
     Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers.pixart",
            "build_diffusers_pixart", "tcgraph.models.diffusers.config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
-           diffusers_class="PixArtTransformer2DModel", shared_modulation=True, text_conditioned=True),
+           diffusers_class="PixArtTransformer2DModel", shared_modulation=True),
 )}
 DEFAULT_FAMILY = "official"
 
