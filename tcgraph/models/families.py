@@ -1,4 +1,4 @@
-"""Model families: one registry entry per architecture tcgraph transforms, in place of `if layout == ...`.
+"""Model families: one registry entry per architecture tcgraph transforms, in place of tests on a layout string.
 
 A family says everything the rest of tcgraph asks of an architecture without naming its
 modules: how to build one from a config (random weights), how to load one from a diffusers
