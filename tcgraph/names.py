@@ -16,8 +16,16 @@ from __future__ import annotations
 BRANCHES = ("attn", "mlp")  # the branches of a DiT block, in the order recipes list them
 # Every branch name a model adapter may use, in the one order that recipes list a block's
 # branches and graph I/O lists caches: self-attention, cross-attention to the text, MLP. A
-# model's branches are a subsequence (DiT: attn, mlp; PixArt's blocks: attn, cross, mlp).
-BRANCH_ORDER = ("attn", "cross", "mlp")
+# model's branches are a subsequence (DiT: attn, mlp; PixArt's blocks: attn, cross, mlp; a
+# two-stream block: attn over both streams, mlp of the image rows, mlp_text of the text rows).
+BRANCH_ORDER = ("attn", "cross", "mlp", "mlp_text")
+
+# Streams: the hidden states a model's blocks update. Every model has the image stream (one row
+# per image token, N rows); a two-stream model (MMDiT) also carries the text stream (one row per
+# text token, L rows, L a plan setting). A branch reads and writes some of them; its cache holds
+# their rows one after another, in the order its block kind lists them (docs/design.md, "Streams").
+IMAGE, TEXT_STREAM = "image", "text"
+STREAMS = (IMAGE, TEXT_STREAM)
 
 CacheKey = tuple[int, str]  # (block, branch)
 
@@ -76,6 +84,15 @@ def history_index(name: str) -> tuple[str, int]:
     if base and last.isdigit() and is_cache(base):
         return base, int(last)
     return name, 0
+
+
+def cache_key(name: str) -> CacheKey:
+    """(block, branch) of a branch cache name and of its history entries and input cache
+    (`cache.3.attn`, `cache.3.attn.h1`, `cache.3.attn.in`)."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] + "." != CACHE_PREFIX or not parts[1].isdigit() or parts[2] not in BRANCH_ORDER:
+        raise ValueError(f"not a branch cache name: {name!r}")
+    return int(parts[1]), parts[2]
 
 
 def is_cache(name: str) -> bool:

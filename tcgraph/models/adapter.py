@@ -30,107 +30,9 @@ import torch
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
+from tcgraph.models.blocks import AttentionSpec, BlockKind, BranchSpec, StreamRead  # noqa: F401  (re-exported)
 from tcgraph.models.official.dit import Attention, DiT, DiTBlock, Mlp, modulate
-from tcgraph.names import BRANCH_ORDER, RUN_CONSTANTS
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Where token pruning finds the parts of a multi-head self-attention branch.
-
-    Names are module paths inside the branch module. Either `in_proj`, one linear layer
-    whose output columns are q, k, v in that order, each split into `num_heads` heads of
-    `head_dim` (timm's and the official DiT's layout), or three linear layers `q_proj`,
-    `k_proj`, `v_proj` (diffusers' `to_q`, `to_k`, `to_v`); `out_proj` is the output
-    projection. `head_dim` is an int attribute of the branch module, or None for
-    width / heads.
-    """
-
-    out_proj: str
-    num_heads: str  # int attribute of the branch module
-    in_proj: str | None = None
-    head_dim: str | None = None
-    q_proj: str | None = None
-    k_proj: str | None = None
-    v_proj: str | None = None
-
-    def __post_init__(self) -> None:
-        separate = [p is not None for p in (self.q_proj, self.k_proj, self.v_proj)]
-        if not ((self.in_proj is not None and not any(separate)) or (self.in_proj is None and all(separate))):
-            raise TcgraphError("an AttentionSpec names either a fused in_proj or all of q_proj, k_proj, v_proj")
-
-    @property
-    def fused(self) -> bool:
-        return self.in_proj is not None
-
-
-@dataclass(frozen=True)
-class BranchSpec:
-    """One residual branch of a block: `h = h + gate ⊙ module(modulate(norm(h), shift, scale))`.
-
-    `shift`, `scale`, `gate` index the chunks of the block's modulation output; a gate of
-    None is an ungated branch (`h + out`); shift and scale of None leave u = norm(h); a norm
-    of None takes h itself. The cached value is the branch output before its gate.
-    `attention` says where q/k/v and the output projection are (None: the branch works on
-    each token alone, like an MLP, so it may run on a subset of the token rows).
-    `context` indexes the conditioning tuple for extra arguments of the branch function after
-    u: a cross-attention branch reads the text and its mask bias (its rows still depend on
-    their own query alone, so it runs row-wise like an MLP). With `prepare`, a method of the
-    branch module, those arguments go through it first: the branch function is
-    `module(u, *module.prepare(*context))`, and the first `len(constants)` values prepare
-    returns are run constants (they depend on the conditioning alone: a sampling run computes
-    them once and carries them as caches `cache.<l>.<branch>.<name>`; names as
-    `tcgraph.names.RUN_CONSTANTS` fixes them). PixArt's cross branch: prepare(text, bias) ->
-    (k, v, bias), the keys and values of the text.
-    """
-
-    name: str  # the recipe's branch name: "attn", "mlp"
-    module: str  # attribute of the block: the branch function
-    type: type  # the branch module's class: a leaf when the block body is traced
-    norm: str | None
-    shift: int | None
-    scale: int | None
-    gate: int | None
-    attention: AttentionSpec | None = None
-    context: tuple[int, ...] = ()
-    prepare: str | None = None
-    constants: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if (self.prepare is not None or self.constants) and self.constants != RUN_CONSTANTS.get(self.name):
-            raise TcgraphError(f"branch {self.name}: run constants {list(self.constants)} with prepare={self.prepare!r}; "
-                               f"a branch's constants are named {list(RUN_CONSTANTS.get(self.name, ()))} and need a "
-                               "prepare method")
-
-
-@dataclass(frozen=True)
-class BlockKind:
-    """One kind of block of a model: its class (a leaf of the fx capture), the container that holds
-    the blocks of this kind (an nn.ModuleList), the modulation that feeds its branches, and its
-    branches in recipe order. DiT and PixArt have one kind; a model whose blocks differ (FLUX's
-    double and single blocks, SD3's last block) lists one kind per block class, in the order the
-    forward runs them. Blocks are numbered globally across kinds."""
-
-    name: str
-    block_type: type
-    blocks: str  # module path of the container, e.g. "blocks"
-    modulation: str  # attribute of a block: (*cond) -> [B, chunks * D], split into `chunks` along dim 1
-    chunks: int
-    branches: tuple[BranchSpec, ...]
-
-    @property
-    def branch_names(self) -> tuple[str, ...]:
-        return tuple(b.name for b in self.branches)
-
-    def branch(self, name: str) -> BranchSpec:
-        for spec in self.branches:
-            if spec.name == name:
-                return spec
-        raise TcgraphError(f"block kind {self.name} has no branch {name!r}; its branches: {list(self.branch_names)}")
-
-    def branch_of(self, relative_target: str) -> BranchSpec | None:
-        """The branch whose module is `relative_target` (a path inside the block), if any."""
-        return next((b for b in self.branches if b.module == relative_target), None)
+from tcgraph.names import BRANCH_ORDER, IMAGE
 
 
 @dataclass(frozen=True)
@@ -143,15 +45,50 @@ class ModelDims:
     num_heads: int
 
 
+class BranchInput:
+    """A branch's input u, formed only when called (a reused branch never forms it), and its rows.
+
+    `rows` is (stream, row count) of each stream the branch reads, in row order: u and the
+    branch's output and cache hold those rows one after another. `image` is the slice of the
+    image rows among them, the only rows a token action chooses from (other streams' rows are
+    always recomputed).
+    """
+
+    def __init__(self, make: Callable[[], torch.Tensor], rows: tuple[tuple[str, int], ...]):
+        self._make, self.rows = make, rows
+
+    def __call__(self) -> torch.Tensor:
+        return self._make()
+
+    @property
+    def image(self) -> slice:
+        start = 0
+        for stream, count in self.rows:
+            if stream == IMAGE:
+                return slice(start, start + count)
+            start += count
+        raise TcgraphError("this branch reads no image rows: no token of it can be chosen")
+
+    @property
+    def total(self) -> int:
+        return sum(count for _, count in self.rows)
+
+    def token_rows(self, indices) -> list[int]:
+        """The branch rows a token action on image tokens `indices` recomputes: every row of the
+        other streams, then the image rows of those tokens."""
+        image = self.image
+        return [r for r in range(self.total) if not image.start <= r < image.stop] + [image.start + i for i in indices]
+
+
 class BranchFn(Protocol):
     """What a caller of `run_blocks` decides for each branch: its pre-gate output.
 
-    `u()` computes the branch input (only call it when the branch is evaluated: a reused
-    branch never forms its input); `fn(u)` is the branch function (the branch module, with
-    its context arguments bound).
+    `u()` computes the branch input (`BranchInput`: only call it when the branch is
+    evaluated; `u.rows` says which streams' rows it holds); `fn(u)` is the branch function
+    (the branch module, with its context arguments bound).
     """
 
-    def __call__(self, block: int, branch: str, u: Callable[[], torch.Tensor],
+    def __call__(self, block: int, branch: str, u: BranchInput,
                  fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
 
 
@@ -176,11 +113,13 @@ class ModelAdapter:
     model_type: type  # the registry key
     kinds: tuple[BlockKind, ...]  # the model's block kinds, in the order its forward runs them
     # (model, x, t, y) -> (h, cond): y is the model's conditioning input (class ids, or a tuple of
-    # tensors such as (text embeddings, mask)); cond is the conditioning the blocks' modulation and
+    # tensors such as (text embeddings, mask)); h the hidden state (a tuple of the streams in
+    # `streams` order for a model of several); cond is the conditioning the blocks' modulation and
     # `final` take, one tensor (DiT's c) or a tuple of them (passed as separate arguments)
-    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, object]]
-    final: Callable[..., torch.Tensor]  # (model, h, *cond) -> output
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[object, object]]
+    final: Callable[..., torch.Tensor]  # (model, h, *cond) -> output (h as embed gives it)
     dims: Callable[[nn.Module], ModelDims]
+    streams: tuple[str, ...] = (IMAGE,)  # the model's streams, in the order embed gives them
 
     def __post_init__(self) -> None:
         if not self.kinds or len({k.name for k in self.kinds}) != len(self.kinds) \
@@ -193,14 +132,23 @@ class ModelAdapter:
                     f"adapter {self.name}: branches {names} of block kind {kind.name} must be distinct names of "
                     f"{BRANCH_ORDER}, in that order: recipes list one action per branch in that order"
                 )
-        if len({k.branch_names for k in self.kinds}) > 1:
-            raise TcgraphError(f"adapter {self.name}: its block kinds have different branches "
-                               f"({[k.branch_names for k in self.kinds]}); a plan gives every block the same "
-                               "branches until plans carry per-block branch layouts")
+            if kind.streams != tuple(s for s in self.streams if s in kind.streams):
+                raise TcgraphError(f"adapter {self.name}: block kind {kind.name} takes streams {list(kind.streams)}; "
+                                   f"the model's are {list(self.streams)} (a kind takes some of them, in that order)")
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every block has the same branches, each writing the image stream alone."""
+        return len({k.layout for k in self.kinds}) == 1 and all(
+            b.streams == (IMAGE,) for b in self.kinds[0].branches)
 
     @property
     def branch_names(self) -> tuple[str, ...]:
-        """The branches' names in recipe order, every block's (a DiT's: `tcgraph.names.BRANCHES`)."""
+        """The branches' names in recipe order, every block's (a DiT's: `tcgraph.names.BRANCHES`); a
+        model whose kinds differ has none: ask `layout(model)`."""
+        if len({k.branch_names for k in self.kinds}) != 1:
+            raise TcgraphError(f"adapter {self.name}: its block kinds have different branches "
+                               f"({[k.branch_names for k in self.kinds]}); ask for each block's (`layout`)")
         return self.kinds[0].branch_names
 
     @property
@@ -220,6 +168,10 @@ class ModelAdapter:
     def block_paths(self, model: nn.Module) -> list[str]:
         return [path for path, _ in self.block_table(model)]
 
+    def layout(self, model: nn.Module) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], ...]:
+        """Per block, (branch, the streams it writes) of each branch: a plan's `Layout` of this model."""
+        return tuple(kind.layout for _, kind in self.block_table(model))
+
     def kind_named(self, name: str) -> BlockKind:
         for kind in self.kinds:
             if kind.name == name:
@@ -238,32 +190,50 @@ class ModelAdapter:
         (and the arguments of a branch with run constants by `constants_fn`).
 
         With `branch_fn = lambda l, b, u, fn: fn(u())` this is the model itself. The op
-        order is fixed here once; the reference and calibration share it.
+        order is fixed here once; the reference and calibration share it. A branch reading
+        several streams gets their u concatenated along the tokens and gives each its rows of
+        the output through its own gate; the branches of a parallel kind all read the block's input.
         """
         h, cond = self.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)
+        one = len(self.streams) == 1
+        hs = dict(zip(self.streams, (h,) if one else h))
         for l, (path, kind) in enumerate(self.block_table(model)):
             block = model.get_submodule(path)
-            mod = getattr(block, kind.modulation)(*cond).chunk(kind.chunks, dim=1)
+            mods = [getattr(block, m)(*cond).chunk(c, dim=1) for m, c in zip(kind.modulations, kind.chunk_counts)]
+            start = dict(hs)
             for spec in kind.branches:
-                value = branch_fn(l, spec.name, _input_of(block, spec, mod, h),
+                source = start if kind.parallel else hs
+                value = branch_fn(l, spec.name, _input_of(block, spec, mods, dict(source)),
                                   _function_of(block.get_submodule(spec.module), spec, [cond[i] for i in spec.context],
                                                lambda prepare, l=l, name=spec.name: constants_fn(l, name, prepare)))
-                h = h + mod[spec.gate].unsqueeze(1) * value if spec.gate is not None else h + value
-        return self.final(model, h, *cond)
+                at = 0
+                for read in spec.inputs:
+                    rows = source[read.stream].shape[1]
+                    part = value if len(spec.inputs) == 1 else value[:, at:at + rows]
+                    at += rows
+                    gate = mods[read.modulation][read.gate].unsqueeze(1) if read.gate is not None else None
+                    hs[read.stream] = hs[read.stream] + gate * part if gate is not None else hs[read.stream] + part
+        return self.final(model, hs[IMAGE] if one else tuple(hs[s] for s in self.streams), *cond)
 
 
-def _input_of(block: nn.Module, spec: BranchSpec, mod: tuple[torch.Tensor, ...],
-              h: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """u of one branch, formed only when asked for (h bound now, not when called)."""
+def _input_of(block: nn.Module, spec: BranchSpec, mods: list[tuple[torch.Tensor, ...]],
+              hs: dict[str, torch.Tensor]) -> BranchInput:
+    """u of one branch, formed only when asked for (the streams bound now, not when called)."""
 
-    def u() -> torch.Tensor:
-        v = block.get_submodule(spec.norm)(h) if spec.norm is not None else h
-        if spec.shift is not None:
-            v = modulate(v, mod[spec.shift], mod[spec.scale])
+    def one(read: StreamRead) -> torch.Tensor:
+        h = hs[read.stream]
+        v = block.get_submodule(read.norm)(h) if read.norm is not None else h
+        if read.shift is not None:
+            mod = mods[read.modulation]
+            v = modulate(v, mod[read.shift], mod[read.scale])
         return v
 
-    return u
+    reads = spec.inputs
+    rows = tuple((r.stream, hs[r.stream].shape[1]) for r in reads)
+    if len(reads) == 1:
+        return BranchInput(lambda: one(reads[0]), rows)
+    return BranchInput(lambda: torch.cat([one(r) for r in reads], dim=1), rows)
 
 
 def _function_of(module: nn.Module, spec: BranchSpec, context: list[torch.Tensor],

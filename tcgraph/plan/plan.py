@@ -51,8 +51,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, OUT, RUN_CONSTANTS, CacheKey, branch_key,
-                           cache_name, constant_name, history_name, input_cache_name, is_constant)
+from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
+                           branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
+                           is_constant)
+from tcgraph.plan.layout import Layout
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
 from tcgraph.plan.recipe import (  # noqa: F401  (re-exported)
@@ -72,6 +74,9 @@ class Plan:
     # forecast weights: step -> {(block, branch): (w_1, ..., w_n)}, newest history entry first
     weights: dict = field(default_factory=dict, hash=False)
     carry_constants: bool = True  # run constants computed at step 0 and read after (module docstring)
+    # each block's branches and the streams each writes (tcgraph.plan.layout); None: the default,
+    # every branch of the recipes' branches writes the image rows
+    layout: Layout | None = None
 
     def __post_init__(self) -> None:
         if len(self.recipes) != self.settings.num_steps:
@@ -94,10 +99,38 @@ class Plan:
             raise TcgraphError(f"recipes disagree on the number of blocks: {sorted(depths)}")
         if len({r.branches for r in self.recipes}) != 1:
             raise TcgraphError(f"recipes disagree on the branches: {sorted({r.branches for r in self.recipes})}")
+        self._set_layout()
         roles = self._constant_roles()
         object.__setattr__(self, "recipes", tuple(r if r.constants == role else replace(r, constants=role)
                                                   for r, role in zip(self.recipes, roles)))
         self.validate()
+
+    def _set_layout(self) -> None:
+        """Check the layout against the recipes' branches; store None for the default layout."""
+        recipe = self.recipes[0]
+        names = tuple(recipe.block_branches(l) for l in range(recipe.depth))
+        layout = self.layout if self.layout is not None else Layout.image(names)
+        if not isinstance(layout, Layout) or layout.branches() != names:
+            raise TcgraphError(f"plan layout gives blocks the branches "
+                               f"{[list(b) for b in layout.branches()] if isinstance(layout, Layout) else layout} "
+                               f"but its recipes have {[list(b) for b in names]}")
+        if TEXT_STREAM in {s for block in layout.blocks for _, streams in block for s in streams} \
+                and self.settings.text_length < 1:
+            raise TcgraphError("plan layout has text-stream branches but its settings have no text length; "
+                                   "give text_length >= 1")
+        object.__setattr__(self, "layout", None if layout.is_default else layout)
+
+    def block_layout(self) -> Layout:
+        """The plan's layout, the default one spelled out where it is not stored."""
+        if self.layout is not None:
+            return self.layout
+        recipe = self.recipes[0]
+        return Layout.image(tuple(recipe.block_branches(l) for l in range(recipe.depth)))
+
+    @property
+    def stream_rows(self) -> dict[str, int]:
+        """Rows of each stream: the image tokens N, the text tokens L."""
+        return {IMAGE: self.num_tokens, TEXT_STREAM: self.settings.text_length}
 
     def _constant_roles(self) -> list[str]:
         return constant_roles(self.recipes[0].branches, len(self.recipes), self.carry_constants)
@@ -118,8 +151,14 @@ class Plan:
         computed: dict[CacheKey, int] = {}
         kinds: dict[CacheKey, set[str]] = {}
         self._validate_weights()
+        layout = self.block_layout()
         for step, recipe in enumerate(self.recipes):
             for block, branch, action in recipe.items():
+                if action.kind in ("partial", "dynamic") and IMAGE not in layout.streams(block, branch):
+                    raise TcgraphError(
+                        f"step {step} block {block} {branch}: a {action.kind} action chooses image tokens, but this "
+                        f"branch writes the {' and '.join(layout.streams(block, branch))} rows only; compute, reuse "
+                        "or forecast it")
                 kinds.setdefault((block, branch), set()).add(action.kind)
                 have = computed.get((block, branch), 0)
                 if action.kind == "forecast" and (have == 0 or any(
@@ -250,8 +289,12 @@ class Plan:
 
     def cache_rows(self, name: str) -> int:
         """Rows of the cache tensor `name`: a branch cache (its input cache, history) has the rows of
-        what its branch writes, the image tokens N; a run constant the text tokens L."""
-        return self.settings.text_length if is_constant(name) else self.num_tokens
+        what its branch writes (the image tokens N for a DiT; the text rows L then the image rows for
+        a branch of both streams, as the layout says); a run constant the text tokens L."""
+        if is_constant(name):
+            return self.settings.text_length
+        block, branch = cache_key(name)
+        return self.block_layout().rows(block, branch, self.stream_rows)
 
     def cache_shape(self, name: str, hidden_size: int) -> tuple[int, int, int]:
         """[B, rows, D] of the cache tensor `name` for the plan's model batch."""
@@ -302,7 +345,8 @@ class Plan:
             "params": self.params,
             "settings": self.settings.to_dict(),
             "depth": self.depth,
-            **({"branches": list(self.branches)} if self.branches != BRANCHES else {}),
+            **({"branches": list(self.branches)} if self.branches != BRANCHES and self.layout is None else {}),
+            **({"layout": self.layout.to_json()} if self.layout is not None else {}),
             **({"carry_constants": False} if not self.carry_constants else {}),
             "num_tokens": self.num_tokens,
             "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
@@ -325,7 +369,8 @@ class Plan:
                 "upgrade tcgraph"
             )
         try:
-            branches = tuple(d.get("branches", BRANCHES))
+            layout = Layout.from_json(d["layout"]) if "layout" in d else None
+            branches = layout.branches() if layout is not None else tuple(d.get("branches", BRANCHES))
             recipes = {vid: Recipe.from_json(r, branches) for vid, r in d["variants"].items()}
             missing = sorted(set(d["schedule"]) - set(recipes))
             if missing:
@@ -338,6 +383,7 @@ class Plan:
                 params=dict(d.get("params", {})),
                 weights=_read_weights(d.get("forecast_weights", {})),
                 carry_constants=_read_flag(d.get("carry_constants", True), "carry_constants"),
+                layout=layout,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None

@@ -15,11 +15,14 @@ CONSTANT_ROLES = ("", "write", "read")  # Recipe.constants
 
 @dataclass(frozen=True)
 class Recipe:
-    """Actions of one step: `actions[block][i]` is what branch `branches[i]` of that block does
-    (a DiT's: 0 attention, 1 MLP)."""
+    """Actions of one step: `actions[block][i]` is what branch i of that block does (a DiT's: 0
+    attention, 1 MLP). `branches` names them: one tuple for every block (a DiT's ("attn", "mlp")),
+    or one tuple per block for a model whose blocks differ (a two-stream model's double blocks have
+    a text MLP its single blocks lack); a per-block tuple whose entries are all equal is stored as
+    the one tuple, so that the same recipe is always the same value."""
 
     actions: tuple[tuple[Action, ...], ...]
-    branches: tuple[str, ...] = BRANCHES  # the model's branches, in BRANCH_ORDER
+    branches: tuple = BRANCHES  # the model's branches, in BRANCH_ORDER (or one such tuple per block)
     # run constants (module docstring): "" none, "write" (a run's first step), "read" (the later
     # steps); set by the Plan, not stored in plan JSON
     constants: str = ""
@@ -27,28 +30,51 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.constants not in CONSTANT_ROLES:
             raise TcgraphError(f"recipe constants role {self.constants!r}; expected one of {list(CONSTANT_ROLES)}")
-        if tuple(b for b in BRANCH_ORDER if b in self.branches) != tuple(self.branches) or not self.branches:
-            raise TcgraphError(f"recipe branches {list(self.branches)} must be distinct names of {list(BRANCH_ORDER)}, "
-                               "in that order")
-        bad = [l for l, acts in enumerate(self.actions) if len(acts) != len(self.branches)]
+        per_block = bool(self.branches) and all(isinstance(b, (tuple, list)) for b in self.branches)
+        layout = tuple(tuple(b) for b in self.branches) if per_block else (tuple(self.branches),)
+        if per_block and len(layout) != len(self.actions):
+            raise TcgraphError(f"recipe gives branches for {len(layout)} blocks but actions for {len(self.actions)}")
+        for names in layout:
+            if tuple(b for b in BRANCH_ORDER if b in names) != names or not names:
+                raise TcgraphError(f"recipe branches {list(names)} must be distinct names of {list(BRANCH_ORDER)}, "
+                                   "in that order")
+        object.__setattr__(self, "branches", layout[0] if len(set(layout)) == 1 else layout)
+        bad = [l for l, acts in enumerate(self.actions) if len(acts) != len(self.block_branches(l))]
         if bad:
             raise TcgraphError(f"recipe block {bad[0]} has {len(self.actions[bad[0]])} actions, not one per branch "
-                               f"{list(self.branches)}")
+                               f"{list(self.block_branches(bad[0]))}")
 
     @classmethod
-    def uniform(cls, depth: int, action: Action, branches: tuple[str, ...] = BRANCHES) -> "Recipe":
-        return cls(tuple(tuple(action for _ in branches) for _ in range(depth)), tuple(branches))
+    def uniform(cls, depth: int, action: Action, branches: tuple = BRANCHES) -> "Recipe":
+        """Every branch of every block does `action` (`branches` one tuple, or one per block)."""
+        per_block = bool(branches) and isinstance(branches[0], (tuple, list))
+        return cls(tuple(tuple(action for _ in (branches[l] if per_block else branches)) for l in range(depth)),
+                   tuple(map(tuple, branches)) if per_block else tuple(branches))
+
+    @property
+    def per_block(self) -> bool:
+        """Whether the blocks' branches differ (`branches` holds one tuple per block)."""
+        return isinstance(self.branches[0], tuple)
+
+    def block_branches(self, block: int) -> tuple[str, ...]:
+        return self.branches[block] if self.per_block else self.branches
 
     @property
     def depth(self) -> int:
         return len(self.actions)
 
     def action(self, block: int, branch: str) -> Action:
-        return self.actions[block][self.branches.index(branch)]
+        names = self.block_branches(block)
+        if branch not in names:
+            raise TcgraphError(f"block {block} has no branch {branch!r}; its branches: {list(names)}")
+        return self.actions[block][names.index(branch)]
+
+    def has(self, block: int, branch: str) -> bool:
+        return 0 <= block < self.depth and branch in self.block_branches(block)
 
     def items(self) -> Iterable[tuple[int, str, Action]]:
         for block, acts in enumerate(self.actions):
-            for branch, action in zip(self.branches, acts):
+            for branch, action in zip(self.block_branches(block), acts):
                 yield block, branch, action
 
     def reads(self) -> list[CacheKey]:
@@ -86,10 +112,15 @@ class Recipe:
         return cls(tuple(tuple(Action.from_json(a) for a in acts) for acts in obj), tuple(branches))
 
 
+def branch_set(branches: tuple) -> set[str]:
+    """Every branch name of `Recipe.branches` (one tuple, or one per block)."""
+    return {b for names in branches for b in ((names,) if isinstance(names, str) else names)}
+
+
 def constant_roles(branches: tuple[str, ...], steps: int, carry: bool = True) -> list[str]:
     """Each step's `Recipe.constants` in a plan of `steps` steps: step 0 writes, the others read,
     where the blocks have a branch with run constants and the plan carries them; else ""."""
-    if carry and steps > 1 and any(b in RUN_CONSTANTS for b in branches):
+    if carry and steps > 1 and any(b in RUN_CONSTANTS for b in branch_set(branches)):
         return ["write"] + ["read"] * (steps - 1)
     return [""] * steps
 

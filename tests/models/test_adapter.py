@@ -213,9 +213,11 @@ def test_registry_finds_the_adapter_and_refuses_unknown_models(tiny_model, renam
         capture(renamed)
     with pytest.raises(TcgraphError, match="must be"):
         ModelAdapter(**{**RENAMED.__dict__, "kinds": (BlockKind(**{**LAYER.__dict__, "branches": LAYER.branches[::-1]}),)})
-    with pytest.raises(TcgraphError, match="different branches"):
-        ModelAdapter(**{**SPLIT.__dict__, "kinds": (LAYER, BlockKind(**{**SPLIT.kinds[1].__dict__,
-                                                                        "branches": LAYER.branches[:1]}))})
+    differing = ModelAdapter(**{**SPLIT.__dict__, "kinds": (LAYER, BlockKind(**{**SPLIT.kinds[1].__dict__,
+                                                                                 "branches": LAYER.branches[:1]}))})
+    assert not differing.uniform and [k.branch_names for k in differing.kinds] == [("attn", "mlp"), ("attn",)]
+    with pytest.raises(TcgraphError, match="different branches"):  # no one branch tuple: ask per block
+        differing.branch_names
 
 
 def test_the_copy_is_the_same_model(tiny_model, renamed):
@@ -344,11 +346,10 @@ def test_no_dit_module_is_named_outside_the_models_layer():
 
 def test_a_plan_for_other_branches_is_refused_before_any_rewrite(tiny_model):
     from tcgraph.compile import build_variants
-    from tcgraph.names import BRANCH_ORDER
     from tcgraph.plan import COMPUTE, Plan, Recipe
     from tcgraph.sampling import SamplerSettings
 
     plan = Plan("p", SamplerSettings(num_steps=1, batch=1, cfg_scale=1.0, resolution=8),
-                (Recipe.uniform(3, COMPUTE, BRANCH_ORDER),), tiny_model.config.num_tokens)
+                (Recipe.uniform(3, COMPUTE, ("attn", "cross", "mlp")),), tiny_model.config.num_tokens)
     with pytest.raises(TcgraphError, match=r"branches \['attn', 'cross', 'mlp'\] but DiT blocks have \['attn', 'mlp'\]"):
         build_variants(tiny_model, plan)

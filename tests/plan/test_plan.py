@@ -94,9 +94,8 @@ def test_bad_plans_are_refused(tiny_config):
 def test_recipes_of_a_three_branch_model_round_trip_and_order_their_caches():
     """A model whose blocks have attn, cross and mlp (PixArt's): one action per branch, caches in
     block then BRANCH_ORDER order, branches kept through JSON; a wrong count or order is refused."""
-    from tcgraph.names import BRANCH_ORDER
+    three = ("attn", "cross", "mlp")
 
-    three = BRANCH_ORDER
     full = Recipe.uniform(2, COMPUTE, three)
     cached = Recipe(((REUSE, COMPUTE, REUSE), (COMPUTE, REUSE, partial([0, 2]))), three)
     plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=8), (full, cached), 4)
