@@ -41,6 +41,7 @@ from tcgraph.passes import (
     token_dynamic,
     token_prune,
 )
+from tcgraph.plan.layout import Layout
 from tcgraph.plan.plan import Plan, Recipe
 from tcgraph.progress import QUIET, Progress
 
@@ -161,11 +162,11 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
     model = model.eval()
     adapter = adapter_for(model)
     dims = adapter.dims(model)
-    if plan.branches != adapter.branch_names:
-        raise TcgraphError(
-            f"plan is for blocks with branches {list(plan.branches)} but {adapter.name} blocks have "
-            f"{list(adapter.branch_names)}; make the plan for this model"
-        )
+    if plan.block_layout().blocks != adapter.layout(model):
+        have, want = plan.block_layout(), Layout(adapter.layout(model))
+        what = ((f"blocks with branches {list(plan.branches)}", f"{list(adapter.branch_names)}")
+                if plan.layout is None and not plan.recipes[0].per_block and adapter.uniform else (f"the layout {have.to_json()}", f"{want.to_json()}"))
+        raise TcgraphError(f"plan is for {what[0]} but {adapter.name} blocks have {what[1]}; make the plan for this model")
     if plan.depth != dims.depth or plan.num_tokens != dims.num_tokens:
         raise TcgraphError(
             f"plan is for {plan.depth} blocks x {plan.num_tokens} tokens but the model has "

@@ -6,7 +6,8 @@ block, with `w` the weight of the fresh value:
     used = w · fresh + (1 − w) · cache,        h = h + gate(c_t) · used
 
 Learning-to-Cache uses one scalar `w = sigmoid(g)` per (step, block, branch); TokenCache's
-superposition objective uses one `w` per token (shape `(N, 1)`). `w = 0.0` or `1.0` given
+superposition objective uses one `w` per token (shape `(N, 1)`; a branch that writes other
+streams' rows too gives them weight 1). `w = 0.0` or `1.0` given
 as Python floats are the hard actions reuse and compute (the unused side is not computed),
 so the same function also evaluates a 0/1 plan. `used` is what the next step would find in
 the cache, which is how a chain of cache steps is relaxed.
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tcgraph.models.adapter import run_blocks
+from tcgraph.models.adapter import BranchInput, run_blocks
 from tcgraph.names import cache_name
 
 Weight = float | torch.Tensor
@@ -40,6 +41,8 @@ def mixed_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     def branch(block: int, name: str, u: Callable[[], torch.Tensor], fn: nn.Module) -> torch.Tensor:
         key = cache_name(block, name)
         w = weights.get(key, 1.0)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] != u.total:
+            w = _all_rows(w, u)
         if isinstance(w, float) and w == 0.0:
             value = caches[key]
         else:
@@ -50,3 +53,11 @@ def mixed_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
 
     out = run_blocks(model, x, t, y, branch)
     return out, used
+
+
+def _all_rows(w: torch.Tensor, u: BranchInput) -> torch.Tensor:
+    """A per-token weight of the image tokens [N, 1] as one of every row of a branch that writes other
+    streams' rows too: those are always recomputed (weight 1), as its partial and dynamic actions do."""
+    full = torch.ones(u.total, 1, dtype=w.dtype, device=w.device)
+    full[u.image] = w
+    return full

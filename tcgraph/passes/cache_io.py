@@ -33,10 +33,12 @@ def cache_io(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
     recipe = spec.recipe
     graph = gm.graph
     nodes = branch_nodes(gm)
-    if len(nodes) != len(recipe.branches) * recipe.depth:
+    want = {(block, branch) for block, branch, _ in recipe.items()}
+    if set(nodes) != want:
+        blocks = len({block for block, _ in nodes})
         raise TcgraphError(
-            f"recipe has {recipe.depth} blocks but the graph has {len(nodes) // len(recipe.branches)} expanded blocks; "
-            "run expand_blocks on a capture of the same model"
+            f"recipe has {recipe.depth} blocks of {len(want)} branches in all but the graph has {blocks} expanded "
+            f"blocks of {len(nodes)}; run expand_blocks on a capture of the same model"
         )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for ph in placeholders:

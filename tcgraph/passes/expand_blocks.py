@@ -10,10 +10,12 @@ residual update. Inlined nodes are named `<block path>_<op>` (`blocks_3_norm1`) 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch.fx as fx
 import torch.nn as nn
 
+from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import BlockKind, ModelAdapter
 from tcgraph.passes.capture import trace
 from tcgraph.passes.meta import META_BLOCK, META_BRANCH, adapter_of, block_of
@@ -84,5 +86,13 @@ def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter, kind: Bloc
                 if branch is not None:
                     new.meta[META_BRANCH] = branch.name
             env[n] = new
-    node.replace_all_uses_with(result)
+    if isinstance(result, (tuple, list)):  # a block of several streams returns them: its users take items
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
+                raise TcgraphError(f"block {prefix} returns {len(result)} streams but the graph uses its result "
+                                   f"as {user.format_node()}; a block's streams are read by index")
+            user.replace_all_uses_with(result[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(result)
     gm.graph.erase_node(node)

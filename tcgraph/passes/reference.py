@@ -10,6 +10,10 @@ MLP is row-wise, so those rows are exactly "queries from the kept tokens, keys a
 from all tokens" and "the MLP of the kept tokens"; they replace the same rows of the
 cached pre-gate output, and the fresh gate multiplies the result.
 
+A branch that writes other streams' rows too (a joint attention over text and image rows)
+recomputes every one of those at a partial or dynamic step, and the image rows its action
+chooses (`BranchInput.token_rows`; dynamic: scored among the image rows only).
+
 A dynamic(k) branch likewise, with the rows chosen per sample: u is the branch input
 (modulated norm of h), u_old = `cache.<l>.<branch>.in`; score[b, i] = sum_D (u - u_old)²;
 the rows of sample b are the k of topk(score[b]); in clones of both caches those rows
@@ -31,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tcgraph.models.adapter import run_blocks
+from tcgraph.models.adapter import BranchInput, run_blocks
 from tcgraph.plan.plan import Recipe
 from tcgraph.names import FORECAST_WEIGHTS, RUN_CONSTANTS, cache_name, constant_name, history_name, input_cache_name
 
@@ -77,10 +81,10 @@ def reference_step(
             if keep_inputs:
                 fresh[input_cache_name(block, name)] = inputs
         elif action.kind == "partial":
-            fresh[key] = _partial(fn(inputs), caches[key], action.indices)
+            fresh[key] = _partial(fn(inputs), caches[key], u.token_rows(action.indices))
         else:
             in_key = input_cache_name(block, name)
-            value, fresh[in_key] = _dynamic(fn(inputs), inputs, caches[key], caches[in_key], action.size)
+            value, fresh[in_key] = _dynamic(fn(inputs), inputs, caches[key], caches[in_key], action.size, u)
             fresh[key] = value
         return fresh[key]
 
@@ -108,11 +112,16 @@ def _partial(full: torch.Tensor, cache: torch.Tensor, indices: tuple[int, ...]) 
 
 
 def _dynamic(full: torch.Tensor, u: torch.Tensor, cache: torch.Tensor, cache_in: torch.Tensor,
-             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+             k: int, rows: BranchInput) -> tuple[torch.Tensor, torch.Tensor]:
     """(cache, input cache) with, per sample, the rows of the k tokens whose input changed most
-    replaced by the fresh branch output and the fresh input."""
-    score = (u - cache_in).pow(2).sum(dim=-1)  # [B, N]
-    idx = torch.topk(score, k, dim=1).indices  # [B, k]
+    (and every row of other streams, for a branch of several) replaced by the fresh branch output
+    and the fresh input."""
+    image = rows.image
+    score = (u - cache_in)[:, image].pow(2).sum(dim=-1)  # [B, N]
+    idx = torch.topk(score, k, dim=1).indices + image.start  # [B, k]
+    if image.stop - image.start != u.shape[1]:
+        others = torch.tensor(rows.token_rows([]), dtype=torch.long, device=u.device)
+        idx = torch.cat([others.expand(u.shape[0], -1), idx], dim=1)
     rows = torch.arange(cache.shape[0], device=cache.device).unsqueeze(1)  # [B, 1]
     new, new_in = cache.clone(), cache_in.clone()
     new[rows, idx] = full[rows, idx]

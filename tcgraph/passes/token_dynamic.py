@@ -18,6 +18,9 @@ cache_io added both inputs, and the outputs the plan asks for:
     new_in = scatter(cache_in, 1, idx_e, kept)              # [B, N, D] ScatterElements
     h      = h + gate * new                                 # the unchanged gated residual
 
+A branch that writes other streams' rows too (a joint attention over text and image) scores and
+chooses among its image rows only and recomputes every other row at each dynamic step.
+
 `new` and `new_in` are the outputs `cache.<l>.<branch>` and `cache.<l>.<branch>.in` (cache_io
 wrote u as the latter; it is replaced here). The attention rows and the q/k/v weight split
 are `tcgraph.passes.emit`'s, shared with token_prune: no weight is added beyond what a
@@ -48,19 +51,31 @@ def token_dynamic(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
         path, kind = block_of(gm, block)
         emit = Emitter(gm, block, branch, nodes[(block, branch)], branch_prefix(path, branch, "dynamic"))
         _dynamic_branch(emit, action.size, inputs[cache_name(block, branch)],
-                        inputs[input_cache_name(block, branch)], kind.branch(branch).attention)
+                        inputs[input_cache_name(block, branch)], kind.branch(branch).attention,
+                        spec.rows_of((block, branch)))
     return finish(gm)
 
 
 def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
-                    attention: AttentionSpec | None) -> None:
-    """Rewrite one dynamic branch (the emitter's anchor, its call_module node)."""
+                    attention: AttentionSpec | None, rows: tuple[int, int, int] | None) -> None:
+    """Rewrite one dynamic branch (the emitter's anchor, its call_module node). `rows` is
+    (first image row, image rows, all rows) of a branch that writes other streams' rows too:
+    the k rows are chosen among its image rows, and every other row is recomputed as well."""
     node = emit.anchor
     u = node.args[0]
     diff = emit.fn(operator.sub, u, cache_in, name="diff")
+    if rows is not None:
+        diff = emit.fn(torch.narrow, diff, 1, rows[0], rows[1], name="diff_image")
     score = emit.fn(torch.sum, emit.fn(operator.mul, diff, diff, name="sq"), -1, name="score")  # [B, N]
     top = emit.fn(torch.topk, score, k, 1, name="topk")
     idx = emit.fn(operator.getitem, top, 1, name="idx")  # [B, k] per-sample token ids
+    if rows is not None:  # the other streams' rows first (each sample), then the chosen image rows
+        start, count, total = rows
+        others = emit.constant_index([r for r in range(total) if not start <= r < start + count])
+        others = emit("call_method", "expand", emit("call_method", "unsqueeze", others, 0, name="others"),
+                      emit.batch(u), -1, name="others")  # [B, L]
+        idx = emit.fn(torch.cat, [others, emit.fn(operator.add, idx, start, name="idx")], 1, name="idx")
+        k = total - count + k
     width = emit("call_method", "size", u, -1, name="width")
     idx = emit("call_method", "unsqueeze", idx, -1, name="idx")
     idx = emit("call_method", "expand", idx, -1, -1, width, name="idx")  # [B, k, D]

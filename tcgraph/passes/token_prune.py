@@ -15,6 +15,10 @@ when the plan reads it later, its output). Each partial branch's kept-token indi
     new  = cache with rows idx replaced by `rows`     # [B, N, D]
     h    = h + gate * new                             # the unchanged gated residual
 
+A branch that writes other streams' rows too (a joint attention over text and image) recomputes
+all of those and the kept image rows: `idx` holds their rows in the branch's rows
+(`RewriteSpec.branch_rows`); text rows are never pruned.
+
 A row-wise branch gathers h before its norm and modulation, which are row-wise too, so
 they run on k rows, not N (`emit.kept_input_rows`); where u has another reader (a branch-input
 cache) or is not formed that way, it gathers u itself. An attention branch needs u of every
@@ -47,14 +51,16 @@ def token_prune(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
         node = nodes[(block, branch)]
         path, kind = block_of(gm, block)
         emit = Emitter(gm, block, branch, node, branch_prefix(path, branch, "prune"))
-        idx = emit.constant_index(action.indices)
-        k = len(action.indices)
+        kept_rows = spec.branch_rows((block, branch), action.indices)  # other streams' rows too, if any
+        idx = emit.constant_index(kept_rows)
+        k = len(kept_rows)
         attention = kind.branch(branch).attention
         if attention is not None:
             rows = attention_rows(emit, node, emit.gather(node.args[0], idx), k, attention)
         else:  # row-wise: the branch node itself now reads the kept rows of its input
             u = node.args[0]
-            kept = kept_input_rows(emit, u, path, kind.branch(branch).norm, idx)
+            kept = (kept_input_rows(emit, u, path, kind.branch(branch).norm, idx)
+                    if spec.rows_of((block, branch)) is None else None)
             node.args = (kept if kept is not None else emit.gather(u, idx), *node.args[1:])
             rows = node  # [B, k, D]
         new = emit.scatter(inputs[cache_name(block, branch)], idx, rows)
