@@ -1,8 +1,15 @@
-"""`tcgraph transform | sample | inspect | export-triton | serve` — see README.md for a tour."""
+"""`tcgraph transform | sample | inspect | compare | export-triton | serve` — see README.md for a tour.
+
+The parser is built without torch: only the chosen command's options are added, and what they
+need from the planner and config registries is read from `tcgraph.cli_table`. So `--help`,
+`--version` and usage errors answer at once; torch is imported when a command starts its work.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,21 +19,82 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whos
 
 BACKEND_CHOICES = ["ort", "torch", "trt"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
+PROGRESS_CHOICES = ["auto", "bars", "lines", "off"]
+COMMANDS = {
+    "transform": "plan, rewrite and export a model into an artifact folder",
+    "sample": "sample images with an artifact folder",
+    "inspect": "show the plan, schedule and variants of an artifact folder",
+    "compare": "sample an artifact and its full reference from the same noise: quality, time, a grid",
+    "export-triton": "write a Triton Inference Server model repository for an artifact",
+    "serve": "serve an artifact with Triton Inference Server on localhost (Ctrl-C stops)",
+}
+# The commands that read an artifact folder (their first argument), checked before torch is imported.
+ARTIFACT_COMMANDS = ("sample", "inspect", "compare", "export-triton", "serve")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    from tcgraph.models.official.dit import CONFIGS
-    from tcgraph.plan import PLAN_HELP, add_plan_arguments
+class _Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean" for a misspelt option."""
 
-    p = argparse.ArgumentParser(prog="tcgraph", description="Compile-time caching for diffusion transformers.")
-    sub = p.add_subparsers(dest="command", required=True)
+    def error(self, message: str):
+        from tcgraph.suggest import did_you_mean
 
-    t = sub.add_parser("transform", help="plan, rewrite and export a model into an artifact folder")
+        found = re.match(r"unrecognized arguments: (.*)", message)
+        if found:
+            flags = [a for a in found.group(1).split() if a.startswith("--")]
+            known = [o for p in _parsers_of(self) for a in p._actions for o in a.option_strings]
+            hints = [h for h in (did_you_mean(f.split("=")[0], known, n=1) for f in flags) if h]
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        super().error(message)
+
+
+def _parsers_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and the subparsers it holds."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.extend(action.choices.values())
+    return found
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command word of a command line: its first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the options of the command that `argv` names (of every command when None)."""
+    from tcgraph.version import __version__
+
+    p = _Parser(prog="tcgraph", description="Compile-time caching for diffusion transformers.")
+    p.add_argument("--version", action="version", version=f"tcgraph {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    chosen = _command_of(argv) if argv is not None else None
+    fill = {"transform": _add_transform, "sample": _add_sample, "inspect": _add_inspect, "compare": _add_compare,
+            "export-triton": _add_serve_parsers, "serve": _add_serve_parsers}
+    parsers = {name: sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+               for name, text in COMMANDS.items()}
+    for name, parser in parsers.items():
+        if argv is None or name == chosen:
+            fill[name](parser, name)
+    return p
+
+
+def _add_progress(parser) -> None:
+    parser.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto",
+                        help="auto (default): bars on a terminal, nothing otherwise; bars; lines: one line per "
+                             "phase on stderr (what it did, in how long), for logs; off")
+
+
+def _add_transform(t, _name: str) -> None:
+    from tcgraph.cli_table import TYPES, table
+
+    spec = table()
     t.add_argument("--model", default="digits",
                    help="'digits' (the embedded demo model), a checkpoint path, or a diffusers model or pipeline "
                         "folder (DiTTransformer2DModel)")
-    t.add_argument("--config", choices=list(CONFIGS), help="config of a checkpoint (inferred when omitted)")
-    t.add_argument("--plan", default="full", help=PLAN_HELP)
+    t.add_argument("--config", choices=spec["configs"], help="config of a checkpoint (inferred when omitted)")
+    t.add_argument("--plan", default="full", help=spec["plan_help"])
     t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     t.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, 1 = none (default 2)")
@@ -57,10 +125,19 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strip-weights", action="store_true",
                    help="TensorRT: weight-stripped engines, refitted from weights.bin when loaded (no weight copy "
                         "per engine on disk)")
-    add_plan_arguments(t.add_argument_group("plan options (each applies to the planners its help names)"))
+    _add_progress(t)
+    group = t.add_argument_group("plan options (each applies to the planners its help names)")
+    for option in spec["plan_options"]:
+        kw = {"dest": option["dest"], "default": None, "help": option["help"]}
+        if option["type"] is not None:
+            kw["type"] = TYPES[option["type"]]
+        if option["metavar"]:
+            kw["metavar"] = option["metavar"]
+        group.add_argument(option["flag"], **kw)
 
-    s = sub.add_parser("sample", help="sample images with an artifact folder")
-    s.add_argument("artifact", type=Path)
+
+def _add_conditioning(s) -> None:
+    """What `sample` and `compare` sample: classes or prompts, images per class, the seed, the backend."""
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
     s.add_argument("--prompt", action="append",
                    help="text-conditioned models with a text encoder (the digits-text demo; a diffusers pipeline "
@@ -81,6 +158,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "or trt (TensorRT engines built by `transform --backend trt`)")
     s.add_argument("--device", choices=["cpu", "cuda"],
                    help="where to run (default: ort CUDA when onnxruntime-gpu can, else CPU; torch CPU; trt CUDA)")
+
+
+def _add_sample(s, _name: str) -> None:
+    s.add_argument("artifact", type=Path)
+    _add_conditioning(s)
     s.add_argument("--precision", choices=PRECISIONS,
                    help="torch backend precision (default fp32 on CPU, bf16 on CUDA); trt engines keep the "
                         "precision they were built with")
@@ -93,36 +175,51 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-share-weights", action="store_true",
                    help="ONNX Runtime: one weight copy per variant session (faster matmuls, ~1 model of memory "
                         "per variant) instead of one shared copy")
+    _add_progress(s)
 
-    i = sub.add_parser("inspect", help="show the plan, schedule and variants of an artifact folder")
+
+def _add_inspect(i, _name: str) -> None:
     i.add_argument("artifact", type=Path)
     i.add_argument("--variant", help="focus on one variant: block view, node table, diff against the full graph")
     i.add_argument("--step", help="focus on the variant that this step runs")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--out", type=Path, help="write pictures here: schedule heatmap PNG, token masks, variant DOT/SVG")
-    _add_serve_parsers(sub)
-    return p
 
 
-def _add_serve_parsers(sub) -> None:
+def _add_compare(c, _name: str) -> None:
+    c.add_argument("artifact", type=Path)
+    c.add_argument("--reference", type=Path, metavar="DIR",
+                   help="the full plan of the same model with the same settings (`transform --plan full`); "
+                        "default: built beside the artifact in .tcgraph-references/ and reused while it matches")
+    _add_conditioning(c)
+    c.add_argument("--repeats", type=int, default=1,
+                   help="sampling runs of each, timed; the median counts (default 1)")
+    c.add_argument("--png", type=Path, default=Path("compare.png"),
+                   help="PNG grid to write: per class or prompt, the reference's images, the artifact's and their "
+                        "difference (default compare.png)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_progress(c)
+
+
+def _add_serve_parsers(q, name: str) -> None:
     """`export-triton` and `serve` (tcgraph/serve; the serve extra)."""
     from tcgraph.serve.config import DEFAULT_QUEUE_DELAY_US
 
-    e = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for an artifact")
-    e.add_argument("artifact", type=Path)
-    e.add_argument("repo", type=Path, help="the repository folder to write (new, or a tcgraph one with --force)")
-    s = sub.add_parser("serve", help="serve an artifact with Triton Inference Server on localhost (Ctrl-C stops)")
-    s.add_argument("artifact", type=Path)
-    s.add_argument("--port", type=int, default=8000, help="HTTP port; gRPC uses port+1, metrics port+2 (default 8000)")
-    for q in (e, s):
-        q.add_argument("--name", help="model name (default: the artifact folder's name)")
-        q.add_argument("--backend", choices=BACKEND_CHOICES, default="ort", help="tcgraph backend of the model (default ort)")
-        q.add_argument("--device", choices=["cpu", "cuda"], help="cuda: one instance group on the GPUs (KIND_GPU)")
-        q.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda; default 1)")
-        q.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
-                       help=f"dynamic batcher's wait for a full batch (default {DEFAULT_QUEUE_DELAY_US})")
-    e.add_argument("--no-dynamic-batching", action="store_true", help="one request per model call")
-    e.add_argument("--force", action="store_true", help="replace an existing tcgraph model repository")
+    q.add_argument("artifact", type=Path)
+    if name == "export-triton":
+        q.add_argument("repo", type=Path, help="the repository folder to write (new, or a tcgraph one with --force)")
+    else:
+        q.add_argument("--port", type=int, default=8000,
+                       help="HTTP port; gRPC uses port+1, metrics port+2 (default 8000)")
+    q.add_argument("--name", help="model name (default: the artifact folder's name)")
+    q.add_argument("--backend", choices=BACKEND_CHOICES, default="ort", help="tcgraph backend of the model (default ort)")
+    q.add_argument("--device", choices=["cpu", "cuda"], help="cuda: one instance group on the GPUs (KIND_GPU)")
+    q.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda; default 1)")
+    q.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"dynamic batcher's wait for a full batch (default {DEFAULT_QUEUE_DELAY_US})")
+    if name == "export-triton":
+        q.add_argument("--no-dynamic-batching", action="store_true", help="one request per model call")
+        q.add_argument("--force", action="store_true", help="replace an existing tcgraph model repository")
 
 
 def _runner_options(args) -> dict:
@@ -193,33 +290,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_command(argv)
+    args = _build_parser(argv).parse_args(argv)
+    _check_names(args)  # before torch: a misspelt plan, model or folder is refused at once
     from tcgraph import api
-    from tcgraph.plan import plan_options
 
-    progress = sys.stderr.isatty()
     if args.command == "transform":
         path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
                              clip_x0={"auto": None, "on": True, "off": False}[args.clip_x0],
                              scheduler=args.scheduler, text_length=args.text_length,
                              calibration_text=args.calibration_embeddings,
-                             check=not args.no_check, progress=progress,
-                             plan_options=plan_options(args),
+                             check=not args.no_check, progress=_progress(args),
+                             plan_options=_plan_options(args),
                              backend=args.backend, engine_options={
                                  k: v for k, v in (("precision", args.precision),
                                                    ("strip_weights", args.strip_weights)) if v})
         print(api.format_inspect(api.inspect(path, verify=False)))
         print(f"\nwrote {path}")
     elif args.command == "sample":
-        if args.prompt and args.embeddings:
-            raise UsageError("give --prompt or --embeddings, not both")
+        _one_text_source(args)
         samples, labels = api.sample(args.artifact, classes=args.classes, per_class=args.per_class,
                                      text=args.embeddings, prompts=args.prompt, negative_prompt=args.negative_prompt,
                                      text_encoder=args.text_encoder,
                                      seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
-                                     resolution=args.resolution, png=args.png, npy=args.npy, progress=progress,
-                                     runner_options=_runner_options(args))
+                                     resolution=args.resolution, png=args.png, npy=args.npy,
+                                     progress=_progress(args), runner_options=_runner_options(args))
         wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
         print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
     elif args.command == "inspect":
@@ -228,10 +325,101 @@ def _run(argv: list[str] | None) -> int:
         if args.out is not None:
             written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
             print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
+    elif args.command == "compare":
+        from tcgraph import compare
+
+        _one_text_source(args)
+        result = compare.compare(args.artifact, args.reference, classes=args.classes, per_class=args.per_class,
+                                 seed=args.seed, prompts=args.prompt, negative_prompt=args.negative_prompt,
+                                 text=args.embeddings, text_encoder=args.text_encoder, backend=args.backend,
+                                 device=args.device, repeats=args.repeats, png=args.png, progress=_progress(args))
+        print(compare.to_json(result) if args.json else compare.format_compare(result))
     elif args.command in ("export-triton", "serve"):
         return _serve_command(args)
     sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
     return 0
+
+
+def _one_text_source(args) -> None:
+    if args.prompt and args.embeddings:
+        raise UsageError("give --prompt or --embeddings, not both")
+
+
+def _progress(args):
+    """What `--progress` asks for (auto: bars on a terminal, else nothing), the same for every command."""
+    from tcgraph.progress import QUIET, Bars, Lines
+
+    choice = getattr(args, "progress", "auto")
+    if choice == "auto":
+        return Bars() if sys.stderr.isatty() else QUIET
+    return {"bars": Bars(), "lines": Lines(), "off": QUIET}[choice]
+
+
+def _plan_options(args) -> dict:
+    """The plan options given on the command line (`tcgraph.plan.plan_options`, read from the CLI table)."""
+    from tcgraph.cli_table import table
+
+    names = [o["dest"] for o in table()["plan_options"]]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+#################################################################################
+#                "Did you mean": names checked before torch is imported         #
+#################################################################################
+
+
+def _check_command(argv: list[str]) -> None:
+    from tcgraph.suggest import did_you_mean
+
+    word = _command_of(argv)
+    before = argv[:argv.index(word)] if word is not None else argv
+    if word is not None and word not in COMMANDS and not any(a in ("-h", "--help", "--version") for a in before):
+        hint = did_you_mean(word, COMMANDS)
+        raise UsageError(f"unknown command {word!r}{f' ({hint})' if hint else ''}; commands: {', '.join(COMMANDS)} "
+                         "(tcgraph --help says what each does)")
+
+
+def _check_names(args) -> None:
+    """Plan and model names and artifact folders, with "did you mean" where one is close."""
+    from tcgraph.suggest import did_you_mean, did_you_mean_path
+
+    if args.command == "transform":
+        from tcgraph.cli_table import table
+
+        spec = table()
+        name = args.plan.split(":")[0]
+        if name not in spec["planners"]:
+            hint = did_you_mean(name, spec["planners"])
+            raise UsageError(f"unknown plan {args.plan!r}{f' ({hint})' if hint else ''}; available: {spec['plan_help']}")
+        model = args.model
+        if model not in spec["models"] and not os.path.lexists(model):
+            hints = "; ".join(h for h in (did_you_mean(model, spec["models"]), did_you_mean_path(model)) if h)
+            config = (f"; {model!r} is a model config, not weights: give a checkpoint with --config {model}"
+                      if model in spec["configs"] else "")
+            raise TcgraphError(f"no pretrained model named {model!r} and no checkpoint file or diffusers folder at "
+                               f"{model}{f' ({hints})' if hints else ''}; pretrained models: "
+                               f"{', '.join(spec['models'])}; or give the path of a checkpoint (.safetensors, .pt, "
+                               f".pth, .bin) or of a diffusers folder{config}")
+    folders = []
+    if args.command in ARTIFACT_COMMANDS:
+        folders.append(args.artifact)
+    if getattr(args, "reference", None) is not None:
+        folders.append(args.reference)
+    for folder in folders:
+        _check_artifact_exists(folder, did_you_mean_path)
+
+
+def _check_artifact_exists(folder: Path, did_you_mean_path) -> None:
+    """A folder that does not exist, refused before torch (and with what exists close to it). A folder
+    whose forced re-transform was killed mid-swap (`.<name>.old-*` beside it) is left to `load_artifact`,
+    which puts it back."""
+    from tcgraph.files import leftovers
+
+    if os.path.lexists(folder) or leftovers(folder, "old"):
+        return
+    hint = did_you_mean_path(folder, folders_only=True)
+    raise TcgraphError(f"{folder} is not a tcgraph artifact folder (it does not exist{'; ' + hint if hint else ''}); "
+                       "pass the folder written by `tcgraph transform`, or run `tcgraph transform` to make one")
 
 
 def _serve_command(args) -> int:

@@ -9,11 +9,13 @@ work with a known number of ticks::
             phase.tick(f"v{i}")
 
 `QUIET` reports nothing (the default everywhere); `bars(enabled)` draws tqdm bars on
-stderr. Tests record phases with `Recorder`.
+stderr; `Lines` writes one line per phase when it ends (what it did, in how long), for logs.
+Tests record phases with `Recorder`.
 """
 from __future__ import annotations
 
 import sys
+import time
 
 
 class Phase:
@@ -71,6 +73,31 @@ def bars(enabled: "bool | Progress") -> Progress:
     if isinstance(enabled, Progress):
         return enabled
     return Bars() if enabled else QUIET
+
+
+class _LinePhase(Phase):
+    def __init__(self, desc: str, total: int, stream):
+        self.desc, self.total, self.stream = desc, total, stream
+        self.done, self.start, self.closed = 0, time.perf_counter(), False
+
+    def tick(self, note: str = "") -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            seconds = time.perf_counter() - self.start
+            print(f"tcgraph: {self.desc}: {self.done}/{self.total} in {seconds:.1f} s", file=self.stream, flush=True)
+
+
+class Lines(Progress):
+    """One line per phase on `stream` (default stderr) when the phase ends: `tcgraph: sample: 8/8 in 1.2 s`."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream
+
+    def phase(self, desc: str, total: int) -> Phase:
+        return _LinePhase(desc, total, self.stream if self.stream is not None else sys.stderr)
 
 
 class Recorder(Progress):
