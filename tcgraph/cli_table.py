@@ -1,30 +1,31 @@
 """What the command line needs from the planner and config registries, as plain data.
 
-`tcgraph transform` takes one flag per plan option, a `--plan` help listing every planner and a
-`--config` choice of every registered config, and `--model` names a pretrained model or a path. Those registries live beside torch code
-(`tcgraph.plan.registry`, `tcgraph.models.config`), and importing them takes seconds; the parser
-reads this table instead, so that `--help`, `--version` and usage errors start at once.
+`tcgraph transform` takes one flag per plan option, a `--plan` help listing every planner, a
+`--config` choice of every registered config, and `--model` names a pretrained model or a path.
+Those registries live beside torch code (`tcgraph.plan.registry`, `tcgraph.models`), and importing
+them takes seconds; the parser reads this table instead, so that `--help` and usage errors answer
+at once.
 
-`table()` returns the stored table (`tcgraph/cli_table_data.py`, written by
-`python -m tcgraph.cli_table`) while the source files it was made from are unchanged (`SOURCES`,
-compared by sha256), and otherwise reads the registries themselves: a stale table costs start-up
-time, never a wrong flag. tests/test_cli_start.py checks that the stored table is current.
-
-Nothing here imports torch.
+`table()` reads the registries once and keeps what it read in the user's cache folder
+(`$XDG_CACHE_HOME/tcgraph`, else `~/.cache/tcgraph`; `TCGRAPH_CACHE_DIR` overrides it), under the
+sha256 of the source files it was read from (`SOURCES`): any edit of them, or another tcgraph
+installation, reads the registries again. A cache that cannot be written costs start-up time,
+never a wrong flag. Nothing here imports torch until the registries are read.
 """
 from __future__ import annotations
 
 import hashlib
-import pprint
-import sys
+import json
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-# The files the table is made from, relative to the package: the registries and the modules
+# The files the table is read from, relative to the package: the registries and the modules
 # declaring the planner configs (their fields are the plan options, their defaults the help's).
 SOURCES = ("plan/registry.py", "plan/options.py", "plan/planners/*.py", "models/__init__.py", "models/config.py")
-DATA_MODULE = PACKAGE / "cli_table_data.py"
 TYPES = {"int": int, "float": float, "str": str}  # the argparse types plan options use
+KEYS = ("models", "configs", "planners", "plan_help", "plan_options")
+KEEP = 8  # cached tables kept (the newest): one per edit of the sources, per installation
 
 
 def source_files() -> list[Path]:
@@ -35,8 +36,8 @@ def source_files() -> list[Path]:
 
 
 def fingerprint() -> str | None:
-    """sha256 over the source files' names and bytes; None where one cannot be read."""
-    h = hashlib.sha256()
+    """sha256 over the package's path and its source files' names and bytes; None where one cannot be read."""
+    h = hashlib.sha256(str(PACKAGE).encode() + b"\0")
     try:
         for path in source_files():
             h.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0")
@@ -46,12 +47,22 @@ def fingerprint() -> str | None:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    if os.environ.get("TCGRAPH_CACHE_DIR"):
+        return Path(os.environ["TCGRAPH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tcgraph"
+
+
+def cache_file(print_: str) -> Path:
+    return cache_dir() / f"cli-table-{print_[:32]}.json"
+
+
 def live_table() -> dict:
     """The table read from the registries (imports torch)."""
     from tcgraph.models import PRETRAINED
     from tcgraph.models.config import CONFIGS
-    from tcgraph.plan.registry import PLAN_HELP, PLANNERS, _option_help, plan_option_fields
     from tcgraph.plan.options import flag_of
+    from tcgraph.plan.registry import PLAN_HELP, PLANNERS, _option_help, plan_option_fields
 
     options = []
     for name, owners in plan_option_fields().items():
@@ -61,49 +72,36 @@ def live_table() -> dict:
             raise TypeError(f"plan option {name}: argparse type {kind!r} is not one of {sorted(TYPES)}")
         options.append({"flag": flag_of(first), "dest": name, "help": _option_help(owners),
                         "type": None if kind is None else kind.__name__, "metavar": first.metadata.get("metavar")})
-    return {"models": list(PRETRAINED), "configs": list(CONFIGS), "planners": list(PLANNERS), "plan_help": PLAN_HELP, "plan_options": options}
+    return {"models": list(PRETRAINED), "configs": list(CONFIGS), "planners": list(PLANNERS), "plan_help": PLAN_HELP,
+            "plan_options": options}
 
 
-def stored_table() -> tuple[str | None, dict | None]:
-    """(fingerprint, table) of the stored table; (None, None) where there is none."""
+def _read(path: Path) -> dict | None:
     try:
-        from tcgraph import cli_table_data
-    except ImportError:
-        return None, None
-    return getattr(cli_table_data, "FINGERPRINT", None), getattr(cli_table_data, "TABLE", None)
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and all(k in found for k in KEYS) else None
 
 
 def table() -> dict:
-    """The stored table while current, else the live one."""
-    stored_print, stored = stored_table()
-    if stored is not None and stored_print is not None and stored_print == fingerprint():
-        return stored
-    return live_table()
-
-
-def render(table: dict, fingerprint: str) -> str:
-    """The text of `cli_table_data.py`."""
-    return ('"""Generated by `python -m tcgraph.cli_table` from the planner and config registries; do not edit.\n\n'
-            'tcgraph/cli_table.py reads it while FINGERPRINT matches its sources."""\n'
-            f"FINGERPRINT = {fingerprint!r}\n\n"
-            f"TABLE = {pprint.pformat(table, width=110, sort_dicts=False)}\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write `cli_table_data.py` from the registries (`--check`: only say whether it is current)."""
-    argv = sys.argv[1:] if argv is None else argv
-    text = render(live_table(), fingerprint())
-    current = DATA_MODULE.is_file() and DATA_MODULE.read_text() == text
-    if "--check" in argv:
-        print(f"{DATA_MODULE} is {'current' if current else 'stale: run python -m tcgraph.cli_table'}")
-        return 0 if current else 1
-    if not current:
+    """The table: from the cache while its sources are unchanged, else read from the registries (and kept)."""
+    print_ = fingerprint()
+    if print_ is None:
+        return live_table()
+    path = cache_file(print_)
+    found = _read(path)
+    if found is not None:
+        return found
+    found = live_table()
+    try:
         from tcgraph.files import atomic_write_text
 
-        atomic_write_text(DATA_MODULE, text)
-    print(f"{'wrote' if not current else 'unchanged:'} {DATA_MODULE}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(found, indent=1))
+        older = sorted(path.parent.glob("cli-table-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:]
+        for old in older:
+            old.unlink()
+    except Exception:  # noqa: BLE001  a cache that cannot be written is only slower
+        pass
+    return found
