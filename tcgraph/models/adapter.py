@@ -210,7 +210,7 @@ class ModelAdapter:
                 at = 0
                 for read in spec.inputs:
                     rows = source[read.stream].shape[1]
-                    part = value if len(spec.inputs) == 1 else value[:, at:at + rows]
+                    part = value if len(spec.inputs) == 1 or value.dim() == 0 else value[:, at:at + rows]
                     at += rows
                     gate = mods[read.modulation][read.gate].unsqueeze(1) if read.gate is not None else None
                     hs[read.stream] = hs[read.stream] + gate * part if gate is not None else hs[read.stream] + part

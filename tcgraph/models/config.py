@@ -48,9 +48,17 @@ class DiTConfig:
         return family(self.layout)
 
     @property
-    def branches(self) -> tuple[str, ...]:
-        """Each block's branches in recipe order, as the family has them: DiT's attn, mlp; PixArt's attn, cross, mlp."""
-        return self.family.branches
+    def branches(self) -> tuple:
+        """Each block's branches in recipe order, as the family has them: DiT's attn, mlp; PixArt's attn,
+        cross, mlp; one tuple per block where a family's blocks differ (`Recipe.branches`)."""
+        if self.family.layout is None:
+            return self.family.branches
+        names = self.block_layout().branches()
+        return names[0] if len(set(names)) == 1 else names
+
+    def block_layout(self):
+        """Each block's branches and the streams each writes (`tcgraph.plan.layout.Layout`)."""
+        return self.family.block_layout(self)
 
     def __post_init__(self) -> None:
         family(self.layout)  # an unknown family is refused with the list

@@ -61,10 +61,12 @@ class ModelConfig(Protocol):
     def family(self) -> "Family": ...
 
     @property
-    def branches(self) -> tuple[str, ...]: ...
+    def branches(self) -> tuple: ...  # `Recipe.branches`: one tuple, or one per block
 
     @property
     def text_conditioned(self) -> bool: ...
+
+    def block_layout(self): ...  # tcgraph.plan.layout.Layout: each block's branches and their streams
 
     def to_dict(self) -> dict: ...
 
@@ -83,11 +85,15 @@ class Family:
     module: str
     builder: str
     shapes: str
-    branches: tuple[str, ...]  # every block's branches, in recipe order
+    branches: tuple[str, ...]  # every block's branches, in recipe order (with `layout`: all of them)
     diffusers_class: str | None = None
     guidance: str = "cfg"
     shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
     config: str = "tcgraph.models.config:DiTConfig"  # module:class of its config (to_dict / class(**dict))
+    # module:function, config -> per block ((branch, streams), ...): for a family whose blocks differ
+    # or write other streams than the image (tcgraph.plan.layout); None: every block has `branches`,
+    # each writing the image rows
+    layout: str | None = None
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -130,6 +136,15 @@ class Family:
     def graph_output_shape(self, config, settings) -> tuple[int, ...]:
         """Shape of a variant's `out`: the model output of the whole model batch."""
         return settings.model_batch, config.out_channels, settings.resolution, settings.resolution
+
+    def block_layout(self, config):
+        """Each block's branches and the streams they write (`tcgraph.plan.layout.Layout`)."""
+        from tcgraph.plan.layout import Layout
+
+        if self.layout is None:
+            return Layout.image((self.branches,) * config.depth)
+        module, name = self.layout.split(":")
+        return Layout(self._function(module, name)(config))
 
     def config_class(self) -> type:
         module, name = self.config.split(":")

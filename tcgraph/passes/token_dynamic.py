@@ -37,7 +37,7 @@ import torch.fx as fx
 from tcgraph.models.adapter import AttentionSpec
 from tcgraph.names import cache_name, input_cache_name
 from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix
-from tcgraph.passes.meta import block_of, branch_nodes, finish, graph_inputs, output_node
+from tcgraph.passes.meta import META_IO_NAME, block_of, branch_nodes, finish, graph_inputs, output_node
 from tcgraph.passes.spec import RewriteSpec
 
 
@@ -89,6 +89,12 @@ def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
     new = emit.fn(torch.scatter, cache, 1, idx, rows, name="scatter")  # [B, N, D]
     new_in = emit.fn(torch.scatter, cache_in, 1, idx, kept, name="scatter_in")  # [B, N, D]
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    # the branch's own input-cache output (another branch may read the same u: a parallel block's
+    # branches share one normed input, and each writes its own `.in`)
     out = output_node(emit.gm)
-    if u in out.all_input_nodes:
-        out.replace_input_with(u, new_in)
+    names = out.meta.get(META_IO_NAME, [])
+    name = input_cache_name(emit.block, emit.branch)
+    if name in names:
+        values = list(out.args[0]) if len(names) > 1 else [out.args[0]]
+        values[names.index(name)] = new_in
+        out.args = (tuple(values),) if len(names) > 1 else (values[0],)

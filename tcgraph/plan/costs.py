@@ -84,18 +84,20 @@ class CostTable:
     tokens: int
     text_length: int
     rows: tuple[int, int]  # the kept-row counts the lines were measured at
-    branches: tuple[str, ...]  # recipe order
+    branches: tuple[str, ...]  # every block kind's branches, in recipe order
     blocks: tuple[int, ...]  # each block's kind (an index into `kinds`)
-    kinds: tuple[tuple[BranchCost, ...], ...]  # per kind, per branch in `branches` order
+    kinds: tuple[tuple[BranchCost | None, ...], ...]  # per kind, per branch in `branches` order (None: it has none)
     step: int  # outside the branches, every step
     run_constants: int  # outside the branches, depending on the conditioning alone
     convention: str = CONVENTION
 
     def cost(self, block: int, branch: str) -> BranchCost:
-        if not 0 <= block < len(self.blocks) or branch not in self.branches:
+        cost = (self.kinds[self.blocks[block]][self.branches.index(branch)]
+                if 0 <= block < len(self.blocks) and branch in self.branches else None)
+        if cost is None:
             raise TcgraphError(f"cost table of {self.model} has blocks 0..{len(self.blocks) - 1} and branches "
                                f"{list(self.branches)}; asked for block {block} {branch!r}")
-        return self.kinds[self.blocks[block]][self.branches.index(branch)]
+        return cost
 
     def recipe_flops(self, recipe: "Recipe") -> int:
         """FLOPs of one step of `recipe` (its `constants` role says whether it projects the run constants)."""
@@ -105,15 +107,14 @@ class CostTable:
 
     def run_constant_total(self) -> int:
         """FLOPs a run spends once on its constants: the caption projection and every block's K/V."""
-        return self.run_constants + sum(self.cost(b, br).constants for b in range(len(self.blocks))
-                                        for br in self.branches)
+        return self.run_constants + sum(c.constants for b in self.blocks for c in self.kinds[b] if c is not None)
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "convention": self.convention, "model": self.model, "batch": self.batch,
                 "tokens": self.tokens, "text_length": self.text_length, "rows": list(self.rows),
                 "branches": list(self.branches), "blocks": list(self.blocks),
-                "kinds": [{br: {f: getattr(c, f) for f in _BRANCH_FIELDS} for br, c in zip(self.branches, kind)}
-                          for kind in self.kinds],
+                "kinds": [{br: {f: getattr(c, f) for f in _BRANCH_FIELDS} for br, c in zip(self.branches, kind)
+                           if c is not None} for kind in self.kinds],
                 "step": self.step, "run_constants": self.run_constants}
 
     @classmethod
@@ -125,7 +126,7 @@ class CostTable:
         try:
             branches = tuple(str(b) for b in d["branches"])
             kinds = tuple(tuple(BranchCost(**{f: _count(kind[br][f], f"{br}.{f}") for f in _BRANCH_FIELDS})
-                                for br in branches) for kind in d["kinds"])
+                                if br in kind else None for br in branches) for kind in d["kinds"])
             blocks = tuple(_count(b, "blocks") for b in d["blocks"])
             table = cls(str(d["model"]), _count(d["batch"], "batch"), _count(d["tokens"], "tokens"),
                         _count(d["text_length"], "text_length"), tuple(_count(r, "rows") for r in d["rows"]),
@@ -158,6 +159,8 @@ def measure_costs(model: "nn.Module", batch: int, text_length: int = 0,
 
     from tcgraph.models.adapter import adapter_for
 
+    from tcgraph.names import BRANCH_ORDER, IMAGE
+
     adapter = adapter_for(model)
     cfg, dims = model.config, adapter.dims(model)
     n = dims.num_tokens
@@ -183,13 +186,15 @@ def measure_costs(model: "nn.Module", batch: int, text_length: int = 0,
         step, run_constants = _fixed_flops(adapter, model, x, t, y)
         h, cond = adapter.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)
+        hs = dict(zip(adapter.streams, (h,) if len(adapter.streams) == 1 else h))
         table = adapter.block_table(model)
         blocks = [model.get_submodule(path) for path, _ in table]
         kinds, first = _kinds(blocks)
-        costs = tuple(tuple(_branch_cost(table[l][1], blocks[l], spec, h, cond, rows) for spec in table[l][1].branches)
-                      for l in first)
-    return CostTable(adapter.name, batch, n, text_length, tuple(rows), adapter.branch_names, kinds, costs,
-                     step, run_constants)
+        names = tuple(b for b in BRANCH_ORDER if any(b in kind.branch_names for kind in adapter.kinds))
+        costs = tuple(tuple(_branch_cost(adapter, table[l][1], blocks[l], table[l][1].branch(br), hs, cond, rows)
+                            if br in table[l][1].branch_names else None for br in names) for l in first)
+    assert hs[IMAGE].shape[1] == n
+    return CostTable(adapter.name, batch, n, text_length, tuple(rows), names, kinds, costs, step, run_constants)
 
 
 def plan_costs(model: "nn.Module", plan: "Plan") -> CostTable:
@@ -272,11 +277,16 @@ def _fixed_flops(adapter: "ModelAdapter", model: "nn.Module", x, t, y) -> tuple[
     return int(split["step"]), int(split["constant"])
 
 
-def _branch_cost(kind: "BlockKind", block: "nn.Module", spec: "BranchSpec", h, cond: tuple,
-                 rows: tuple[int, int]) -> BranchCost:
-    from tcgraph.models.official.dit import modulate
+def _branch_cost(adapter: "ModelAdapter", kind: "BlockKind", block: "nn.Module", spec: "BranchSpec",
+                 hs: dict, cond: tuple, rows: tuple[int, int]) -> BranchCost:
+    """One branch's costs. Kept rows are image rows: a branch that writes other streams' rows too
+    computes all of those at any r (they are in `fixed`); one without image rows has no token cost."""
+    import torch
 
-    mod = getattr(block, kind.modulation)(*cond).chunk(kind.chunks, dim=1)
+    from tcgraph.models.official.dit import modulate
+    from tcgraph.names import IMAGE
+
+    mods = [getattr(block, m)(*cond).chunk(c, dim=1) for m, c in zip(kind.modulations, kind.chunk_counts)]
     module = block.get_submodule(spec.module)
     context = [cond[i] for i in spec.context]
     constants, args = 0, context
@@ -285,16 +295,27 @@ def _branch_cost(kind: "BlockKind", block: "nn.Module", spec: "BranchSpec", h, c
         constants = _count_flops(lambda: prepare(*context))
         args = list(prepare(*context))
 
-    def u_of(hidden):
-        v = block.get_submodule(spec.norm)(hidden) if spec.norm is not None else hidden
-        return modulate(v, mod[spec.shift], mod[spec.scale]) if spec.shift is not None else v
+    def u_of(r: int | None = None):
+        """u with the first r image rows (all with None) and every row of the other streams."""
+        parts = []
+        for read in spec.inputs:
+            hidden = hs[read.stream] if read.stream != IMAGE or r is None else hs[IMAGE][:, :r]
+            v = block.get_submodule(read.norm)(hidden) if read.norm is not None else hidden
+            mod = mods[read.modulation]
+            parts.append(modulate(v, mod[read.shift], mod[read.scale]) if read.shift is not None else v)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    full = _count_flops(lambda: module(u_of(), *args))
+    if IMAGE not in spec.streams:  # no token action on it: every action costs its full forward or nothing
+        return BranchCost(full, 0, full, 0, constants)
+    n = hs[IMAGE].shape[1]
+    others = sum(hs[s].shape[1] for s in spec.streams if s != IMAGE)
 
     def kept(r: int) -> int:
-        if spec.attention is None:  # row-wise: norm, modulation and the branch on the r rows
-            return _count_flops(lambda: module(u_of(h[:, :r]), *args))
-        return _count_flops(lambda: _attention_rows(module, spec, u_of(h), r))
+        if spec.attention is None:  # row-wise: norm, modulation and the branch on the kept rows
+            return _count_flops(lambda: module(u_of(r), *args))
+        return _count_flops(lambda: _attention_rows(module, spec, u_of(), others + r))
 
-    n = h.shape[1]
     (r1, r2), (c1, c2) = rows, (kept(rows[0]), kept(rows[1]))
     per_row, rest = divmod(c2 - c1, r2 - r1)
     fixed = c1 - per_row * r1
@@ -303,12 +324,11 @@ def _branch_cost(kind: "BlockKind", block: "nn.Module", spec: "BranchSpec", h, c
         raise TcgraphError(f"{adapter.name} branch {spec.name}: its FLOPs are not affine in the kept rows "
                            f"({c1} at {r1}, {c2} at {r2}, {at_n} at {n}); partial and dynamic costs cannot be "
                            "told from two row counts")
-    full = _count_flops(lambda: module(u_of(h), *args))
-    return BranchCost(fixed, per_row, full, 2 * h.numel(), constants)
+    return BranchCost(fixed, per_row, full, 2 * hs[IMAGE].numel(), constants)
 
 
 def _attention_rows(module: "nn.Module", spec: "BranchSpec", u, r: int):
-    """Queries of u's first r rows, keys and values of all rows, as `emit.attention_rows` emits them."""
+    """Queries of r of u's rows, keys and values of all rows, as `emit.attention_rows` emits them."""
     import torch.nn.functional as F
 
     att = spec.attention
@@ -340,10 +360,13 @@ def predict_flops(table: CostTable, plan: "Plan") -> dict:
     """`tcgraph.plan.flops.plan_flops` from a measured table: per-variant and whole-run FLOPs and the
     predicted speedup, the same keys (`full_step`, `per_variant`, `fraction`, `total`, `full_total`,
     `recomputed_total`, `constants_speedup`, `predicted_speedup`)."""
+    from tcgraph.names import BRANCH_ORDER
+    from tcgraph.plan.recipe import branch_set
+
     s = plan.settings
     want = {"model batch": (table.batch, s.model_batch), "tokens": (table.tokens, plan.num_tokens),
             "text length": (table.text_length, s.text_length), "blocks": (len(table.blocks), plan.depth),
-            "branches": (table.branches, plan.branches)}
+            "branches": (table.branches, tuple(b for b in BRANCH_ORDER if b in branch_set(plan.branches)))}
     bad = [f"{k} {got!r} (table) vs {need!r} (plan)" for k, (got, need) in want.items() if got != need]
     if bad:
         raise TcgraphError(f"cost table of {table.model} does not fit the plan {plan.planner}: {'; '.join(bad)}; "

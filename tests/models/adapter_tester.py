@@ -44,11 +44,12 @@ from tcgraph.compile import build_variants, conditioning_of, example_inputs
 from tcgraph.export.artifact import load_artifact
 from tcgraph.models.adapter import ADAPTERS, ModelAdapter, adapter_for, run_blocks
 from tcgraph.models.families import family as family_named
-from tcgraph.names import FORECAST_WEIGHTS, OUT, cache_name, history_name, is_model_input
+from tcgraph.names import FORECAST_WEIGHTS, IMAGE, OUT, cache_name, history_name, is_model_input
 from tcgraph.passes import capture, expand_blocks, io_names, reference_step
 from tcgraph.passes.meta import branch_nodes
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.plan.actions import ACTION_KINDS, dynamic, forecast, partial
+from tcgraph.plan.layout import Layout
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.sampling.conditioning import Text, as_inputs, take
@@ -125,10 +126,24 @@ class AdapterTester:
 
     # ---- the plans -------------------------------------------------------------------------
 
-    def full_recipe(self, adapter: ModelAdapter, depth: int) -> Recipe:
-        return Recipe.uniform(depth, COMPUTE, adapter.branch_names)
+    def layout(self, model: nn.Module) -> Layout:
+        """The model's blocks: each one's branches and the streams each writes."""
+        return Layout(adapter_for(model).layout(model))
 
-    def mixed_recipes(self, adapter: ModelAdapter, depth: int, n: int) -> tuple[list[Recipe], dict]:
+    def full_recipe(self, layout: Layout) -> Recipe:
+        return Recipe.uniform(layout.depth, COMPUTE, layout.branches())
+
+    @staticmethod
+    def branches(layout: Layout) -> list[tuple[int, str]]:
+        """(block, branch) of every branch of every block."""
+        return [(l, name) for l, names in enumerate(layout.branches()) for name in names]
+
+    @staticmethod
+    def tokens(layout: Layout, block: int, branch: str) -> bool:
+        """Whether a token action may choose rows of the branch (it writes image rows)."""
+        return IMAGE in layout.streams(block, branch)
+
+    def mixed_recipes(self, layout: Layout, n: int) -> tuple[list[Recipe], dict]:
         """(recipes, forecast weights) of 4 steps that use every action on every branch (depth >= 2):
 
             step 0  compute everything (and write the run constants, where the adapter has them)
@@ -136,26 +151,30 @@ class AdapterTester:
             step 2  C: block 0 reuse, block 1 forecast(2) from its outputs of steps 0 and 1
             step 3  A again (its caches now come from steps 1 and 2)
 
-        Blocks past the second compute in A and reuse in C. Variants: full, A, C (and, with run
-        constants, the first full step apart)."""
-        branches = adapter.branch_names
-        nb = len(branches)
-        more = depth - 2
-        a = Recipe(tuple([tuple(partial(range(i, n, 2 + i)) for i in range(nb)),
-                          tuple(dynamic(3 + i) for i in range(nb))] + [(COMPUTE,) * nb] * more), branches)
-        c = Recipe(tuple([(REUSE,) * nb, (forecast(2),) * nb] + [(REUSE,) * nb] * more), branches)
+        Blocks past the second compute in A and reuse in C; a branch that writes no image row
+        (a text-stream branch) computes where the others take a token action. Variants: full, A,
+        C (and, with run constants, the first full step apart)."""
+        names = layout.branches()
+
+        def token(block, action):
+            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
+
+        a = Recipe(tuple([token(0, lambda i: partial(range(i, n, 2 + i))), token(1, lambda i: dynamic(3 + i))]
+                         + [(COMPUTE,) * len(names[l]) for l in range(2, layout.depth)]), names)
+        c = Recipe(tuple([(REUSE,) * len(names[0]), (forecast(2),) * len(names[1])]
+                         + [(REUSE,) * len(names[l]) for l in range(2, layout.depth)]), names)
         weights = {2: {(1, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
-                       for i, br in enumerate(branches)}}
-        return [self.full_recipe(adapter, depth), a, c, a], weights
+                       for i, br in enumerate(names[1])}}
+        return [self.full_recipe(layout), a, c, a], weights
 
     def make_plans(self, model: nn.Module) -> dict[str, Plan]:
-        adapter, cfg = adapter_for(model), model.config
+        cfg, layout = model.config, self.layout(model)
         s = self.settings(model)
-        recipes, weights = self.mixed_recipes(adapter, cfg.depth, cfg.num_tokens)
+        recipes, weights = self.mixed_recipes(layout, cfg.num_tokens)
         assert len(recipes) == s.num_steps, "mixed_recipes gives one recipe per step"
         return {
-            "full": Plan("full", s, (self.full_recipe(adapter, cfg.depth),) * s.num_steps, cfg.num_tokens),
-            "mixed": Plan("mixed", s, tuple(recipes), cfg.num_tokens, weights=weights),
+            "full": Plan("full", s, (self.full_recipe(layout),) * s.num_steps, cfg.num_tokens, layout=layout),
+            "mixed": Plan("mixed", s, tuple(recipes), cfg.num_tokens, weights=weights, layout=layout),
         }
 
     # ---- made once per subclass ------------------------------------------------------------
@@ -195,7 +214,11 @@ class AdapterTester:
         assert isinstance(model, self.adapter.model_type)
         cfg = model.config
         fam = family_named(self.family)
-        assert cfg.family is fam and cfg.branches == fam.branches == self.adapter.branch_names
+        layout = self.layout(model)
+        assert cfg.family is fam and cfg.block_layout() == fam.block_layout(cfg) == layout
+        assert cfg.branches == self.full_recipe(layout).branches
+        if self.adapter.uniform:
+            assert cfg.branches == fam.branches == self.adapter.branch_names
         assert cfg.text_conditioned == bool(self.text_length)
         dims = self.adapter.dims(model)
         assert (dims.depth, dims.num_tokens, dims.hidden_size, dims.num_heads) == (
@@ -216,11 +239,10 @@ class AdapterTester:
             loop = run_blocks(model, x, t, y, lambda l, b, u, fn: fn(u()))
             assert max_diff(loop, ref) <= GRAPH_ATOL
             assert ref.abs().max().item() > 0.1  # not a degenerate model
-            for name in self.adapter.branch_names:  # every branch of every block reaches the output
-                for block in range(model.config.depth):
-                    dropped = run_blocks(model, x, t, y, lambda l, b, u, fn: 0 * u() if (l, b) == (block, name)
-                                         else fn(u()))
-                    assert max_diff(dropped, ref) > 1e-4, (block, name)
+            for block, name in self.branches(self.layout(model)):  # every branch of every block reaches the output
+                dropped = run_blocks(model, x, t, y, lambda l, b, u, fn: 0 * u() if (l, b) == (block, name)
+                                     else fn(u()))
+                assert max_diff(dropped, ref) > 1e-4, (block, name)
 
     # ---- 2. capture ----------------------------------------------------------------------------
 
@@ -235,8 +257,7 @@ class AdapterTester:
         assert [b.kind for b in cap.blocks] == [kind.name for _, kind in self.adapter.block_table(model)]
         assert [b.index for b in cap.blocks] == list(range(len(paths)))
         expanded = expand_blocks(cap.gm)
-        assert sorted(branch_nodes(expanded)) == sorted((l, br) for l in range(len(paths))
-                                                        for br in self.adapter.branch_names)
+        assert sorted(branch_nodes(expanded)) == sorted(self.branches(self.layout(model)))
         feeds = self.inputs(model, plans["full"], seed=2)
         inputs = [feeds[n] for n in plans["full"].settings.model_inputs]
         with torch.no_grad():
@@ -248,11 +269,13 @@ class AdapterTester:
 
     def test_the_mixed_plan_uses_every_action_on_every_branch(self, plans):
         plan = plans["mixed"]
-        for name in self.adapter.branch_names:
+        layout = plan.block_layout()
+        for name in {br for _, br in self.branches(layout)}:
             kinds = {a.kind for r in plan.recipes for _, br, a in r.items() if br == name}
-            assert kinds == set(ACTION_KINDS), (name, kinds)
+            tokens = any(self.tokens(layout, l, br) for l, br in self.branches(layout) if br == name)
+            assert kinds == set(ACTION_KINDS) - (set() if tokens else {"partial", "dynamic"}), (name, kinds)
         assert max(plan.history(k) for k in plan.cache_keys()) == 2  # a forecast from two history entries
-        constants = any(b.prepare is not None for b in self.adapter.branches)
+        constants = any(b.prepare is not None for kind in self.adapter.kinds for b in kind.branches)
         roles = [r.constants for r in plan.recipes]
         assert roles == (["write"] + ["read"] * (len(roles) - 1) if constants else [""] * len(roles))
         assert bool(plan.constant_names()) == constants
@@ -284,33 +307,39 @@ class AdapterTester:
 
     def test_mixed_step_is_the_model_at_one_and_the_caches_at_zero(self, model, plans):
         plan = plans["full"]
-        cfg = model.config
+        cfg, layout = model.config, self.layout(model)
         feeds = self.inputs(model, plan, seed=3)
         x, t, y = feeds["x"], feeds["t"], conditioning_of(feeds)
         g = torch.Generator().manual_seed(4)
-        names = [cache_name(l, br) for l in range(cfg.depth) for br in self.adapter.branch_names]
-        caches = {n: torch.randn(x.shape[0], cfg.num_tokens, cfg.hidden_size, generator=g) for n in names}
+        names = [cache_name(l, br) for l, br in self.branches(layout)]
+        caches = {n: torch.randn(plan.cache_shape(n, cfg.hidden_size), generator=g) for n in names}
+        tokens = [cache_name(l, br) for l, br in self.branches(layout) if self.tokens(layout, l, br)]
         n = cfg.num_tokens
         with torch.no_grad():
             ref = forward(model, x, t, y)
-            full_ref, computed = reference_step(model, x, t, y, self.full_recipe(self.adapter, cfg.depth), {})
-            for ones in ({k: 1.0 for k in names}, {k: torch.ones(n, 1) for k in names}):
+            full_ref, computed = reference_step(model, x, t, y, self.full_recipe(layout), {})
+            for ones in ({k: 1.0 for k in names}, {k: torch.ones(n, 1) for k in tokens}):
                 out, used = mixed_step(model, x, t, y, ones, caches)
                 assert max_diff(out, ref) <= GRAPH_ATOL
                 assert max(max_diff(used[k], computed[k]) for k in names) <= GRAPH_ATOL
-            reuse_recipe = Recipe.uniform(cfg.depth, REUSE, self.adapter.branch_names)
+            reuse_recipe = Recipe.uniform(cfg.depth, REUSE, layout.branches())
             reused, _ = reference_step(model, x, t, y, reuse_recipe, caches)
             assert max_diff(reused, ref) > 1e-3  # the caches are not the model's values
-            for zeros in ({k: 0.0 for k in names}, {k: torch.zeros(n, 1) for k in names}):
+            image_only = all(layout.streams(l, br) == (IMAGE,) for l, br in self.branches(layout))
+            # (a zero token mask still computes the rows of other streams: the reuse only where there are none)
+            for zeros in ({k: 0.0 for k in names},) + (({k: torch.zeros(n, 1) for k in names},) if image_only else ()):
                 out, used = mixed_step(model, x, t, y, zeros, caches)
                 assert max_diff(out, reused) <= GRAPH_ATOL
                 assert all(torch.equal(used[k], caches[k]) for k in names)
             kept = [1, 4, 6, 11, 15]  # a 0/1 token mask is the partial action on those tokens
-            part_recipe = Recipe.uniform(cfg.depth, partial(kept), self.adapter.branch_names)
+            part_recipe = Recipe(tuple(tuple(partial(kept) if self.tokens(layout, l, br) else REUSE for br in names_l)
+                                       for l, names_l in enumerate(layout.branches())), layout.branches())
             part, fresh = reference_step(model, x, t, y, part_recipe, caches)
-            out, used = mixed_step(model, x, t, y, {k: token_mask(kept, n) for k in names}, caches)
+            out, used = mixed_step(model, x, t, y, {**{k: 0.0 for k in names}, **{k: token_mask(kept, n)
+                                                                                   for k in tokens}}, caches)
             assert max_diff(out, part) <= GRAPH_ATOL
-            assert max(max_diff(used[k], fresh[k]) for k in names) <= GRAPH_ATOL
+            assert max(max_diff(used[k], fresh[k]) for k in tokens) <= GRAPH_ATOL
+            assert all(torch.equal(used[k], caches[k]) for k in names if k not in tokens)
 
     # ---- 5. export, load, sample -----------------------------------------------------------------
 

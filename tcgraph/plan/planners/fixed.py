@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from tcgraph.errors import TcgraphError
-from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.options import option
 from tcgraph.plan.learning.extrapolate import taylor_weights
@@ -50,23 +51,23 @@ class TaylorConfig:
 
 
 def make_full(cfg: FullConfig, model_config: ModelConfig, settings: SamplerSettings, *,
-              weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
+              weights: nn.Module | None = None, progress: Progress = QUIET) -> Plan:
     full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
     recipes = tuple(full for _ in range(settings.num_steps))
-    return Plan("full", settings, recipes, model_config.num_tokens, params={})
+    return Plan("full", settings, recipes, model_config.num_tokens, params={}, layout=model_config.block_layout())
 
 
 def make_fora(cfg: ForaConfig, model_config: ModelConfig, settings: SamplerSettings, *,
-              weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
+              weights: nn.Module | None = None, progress: Progress = QUIET) -> Plan:
     full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
     cached = Recipe.uniform(model_config.depth, REUSE, model_config.branches)
     recipes = tuple(full if s % cfg.interval == 0 else cached for s in range(settings.num_steps))
     return Plan(f"fora:{cfg.interval}", settings, recipes, model_config.num_tokens,
-                params={"interval": cfg.interval})
+                params={"interval": cfg.interval}, layout=model_config.block_layout())
 
 
 def make_taylor(cfg: TaylorConfig, model_config: ModelConfig, settings: SamplerSettings, *,
-                weights: DiT | None = None, progress: Progress = QUIET) -> Plan:
+                weights: nn.Module | None = None, progress: Progress = QUIET) -> Plan:
     depth, branches = model_config.depth, model_config.branches
     full = Recipe.uniform(depth, COMPUTE, branches)
     recipes, plan_weights, computed = [], {}, []
@@ -83,4 +84,5 @@ def make_taylor(cfg: TaylorConfig, model_config: ModelConfig, settings: SamplerS
         w = taylor_weights(s, computed, points - 1)
         plan_weights[s] = {(block, branch): w for block, branch, _ in recipes[-1].items()}
     return Plan(f"taylor:{cfg.interval}:{cfg.order}", settings, tuple(recipes), model_config.num_tokens,
-                params={"interval": cfg.interval, "order": cfg.order}, weights=plan_weights)
+                params={"interval": cfg.interval, "order": cfg.order}, weights=plan_weights,
+                layout=model_config.block_layout())

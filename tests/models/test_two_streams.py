@@ -1,0 +1,144 @@
+"""The stream and kind seams on a test-only two-stream model (tests/models/two_stream.py): double
+blocks whose joint attention writes text and image rows, a text-only MLP, a parallel single block,
+a per-block branch layout. It passes every check of `AdapterTester` (capture, every action through
+the passes against the eager reference, calibration's blended step, export, load and sampling on
+ONNX Runtime and the torch backend), and its plans store and check their layout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tcgraph.errors import TcgraphError
+from tcgraph.names import IMAGE, TEXT_STREAM
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
+from tcgraph.plan.actions import dynamic
+from tcgraph.plan.layout import Layout
+from tcgraph.plan.registry import make_plan
+from tcgraph.sampling import SamplerSettings
+from tcgraph.plan.actions import forecast
+from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester
+from tests.models.two_stream import ADAPTER, FAMILY, build, registered, toy_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_family():
+    with registered():
+        yield
+
+
+class TestTwoStreamToy(AdapterTester):
+    """Two streams (image, text), a double kind (attn over both, mlp, mlp_text) and a parallel single kind."""
+
+    adapter = ADAPTER
+    family = FAMILY
+    text_length = 5
+
+    def make_model(self):
+        model = build(toy_config(depth=4))  # two double blocks, two single blocks
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():  # every gate and table away from zero
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return model.eval()
+
+    def mixed_recipes(self, layout, n):
+        """As the base class's, with every other block partial (A) and reused (C), and the others dynamic
+        (A) and forecast (C): each kind gets every action, a parallel block dynamic on both its branches
+        (which read one input) and a text-only branch forecast."""
+        names = layout.branches()
+
+        def each(block, action):
+            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
+
+        a = Recipe(tuple(each(l, (lambda i: partial(range(i, n, 2 + i))) if l % 2 == 0 else (lambda i: dynamic(3 + i)))
+                         for l in range(layout.depth)), names)
+        c = Recipe(tuple(((REUSE,) if l % 2 == 0 else (forecast(2),)) * len(names[l]) for l in range(layout.depth)), names)
+        weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
+                       for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
+        return [self.full_recipe(layout), a, c, a], weights
+
+
+def settings(text_length=5, steps=3):
+    return SamplerSettings(num_steps=steps, batch=2, cfg_scale=2.0, resolution=8, text_length=text_length)
+
+
+def test_cache_rows_follow_each_branchs_streams():
+    cfg = toy_config()
+    layout = cfg.block_layout()
+    full = Recipe.uniform(2, COMPUTE, layout.branches())
+    plan = Plan("fora", settings(), (full, Recipe.uniform(2, REUSE, layout.branches()), full), cfg.num_tokens,
+                layout=layout)
+    n, length, d = cfg.num_tokens, 5, cfg.hidden_size
+    assert {name: plan.cache_shape(name, d)[1] for name in plan.cache_names()} == {  # one double, one single block
+        "cache.0.attn": length + n, "cache.0.mlp": n, "cache.0.mlp_text": length,
+        "cache.1.attn": length + n, "cache.1.mlp": length + n}
+    assert plan.cache_bytes(d) == plan.settings.model_batch * d * 4 * (3 * (length + n) + n + length)
+    assert layout.image_slice(0, "attn", plan.stream_rows) == slice(length, length + n)
+    assert layout.image_slice(0, "mlp_text", plan.stream_rows) is None
+
+
+def test_the_layout_is_stored_compactly_and_read_back():
+    cfg = toy_config(depth=3)  # two double blocks, one single
+    plan = make_plan("fora:2", cfg, settings())
+    d = plan.to_dict()
+    assert "branches" not in d and d["layout"] == [
+        {"blocks": 2, "branches": {"attn": ["text", "image"], "mlp": ["image"], "mlp_text": ["text"]}},
+        {"blocks": 1, "branches": {"attn": ["text", "image"], "mlp": ["text", "image"]}}]
+    back = Plan.from_json(plan.to_json())
+    assert back == plan and back.block_layout() == cfg.block_layout() and back.to_json() == plan.to_json()
+
+
+def test_a_text_only_branch_is_never_partial_or_dynamic():
+    cfg = toy_config()
+    names = cfg.block_layout().branches()
+    full = Recipe.uniform(2, COMPUTE, names)
+    for action in (partial([0, 3]), dynamic(2)):
+        bad = Recipe(((COMPUTE, COMPUTE, action), (COMPUTE, COMPUTE)), names)
+        with pytest.raises(TcgraphError, match=r"block 0 mlp_text: a (partial|dynamic) action chooses image tokens, "
+                                               r"but this branch writes the text rows only"):
+            Plan("p", settings(steps=2), (full, bad), cfg.num_tokens, layout=cfg.block_layout())
+    joint = Recipe(((partial([0, 3]), partial([1]), COMPUTE), (dynamic(2), dynamic(3))), names)
+    Plan("p", settings(steps=2), (full, joint), cfg.num_tokens, layout=cfg.block_layout())  # image rows: allowed
+
+
+def test_a_layout_that_disagrees_is_refused():
+    cfg = toy_config()
+    names = cfg.block_layout().branches()
+    full = Recipe.uniform(2, COMPUTE, names)
+    with pytest.raises(TcgraphError, match="plan layout gives blocks the branches"):
+        Plan("p", settings(steps=1), (full,), cfg.num_tokens, layout=Layout.image(((("attn", "mlp"),) * 2)))
+    with pytest.raises(TcgraphError, match="text-stream branches but its settings have no text length"):
+        Plan("p", settings(text_length=0, steps=1), (full,), cfg.num_tokens, layout=cfg.block_layout())
+    with pytest.raises(TcgraphError, match="malformed plan: layout"):
+        Plan.from_dict({**json.loads(Plan("p", settings(steps=1), (full,), cfg.num_tokens,
+                                          layout=cfg.block_layout()).to_json()), "layout": [{"blocks": 0}]})
+
+
+def test_a_dit_plan_for_the_toy_is_refused_before_any_rewrite():
+    from tcgraph.compile import build_variants
+
+    cfg = toy_config()
+    plan = Plan("p", settings(steps=1), (Recipe.uniform(2, COMPUTE, ("attn", "mlp")),), cfg.num_tokens)
+    with pytest.raises(TcgraphError, match=r"plan is for the layout .* but TwoStreamToy blocks have .*mlp_text"):
+        build_variants(build(cfg), plan)
+
+
+def test_streams_and_parallel_kinds_are_declared_consistently():
+    from dataclasses import replace
+
+    from tcgraph.models.adapter import BlockKind, BranchSpec, ModelAdapter, StreamRead
+
+    double = ADAPTER.kinds[0]
+    assert ADAPTER.streams == (IMAGE, TEXT_STREAM) and not ADAPTER.uniform and ADAPTER.kinds[1].parallel
+    assert double.branch("attn").streams == (TEXT_STREAM, IMAGE) and double.branch("mlp").streams == (IMAGE,)
+    with pytest.raises(TcgraphError, match="either norm/shift/scale/gate .* or `reads`"):
+        BranchSpec("mlp", "mlp", torch.nn.Module, "norm2", 3, 4, 5, reads=(StreamRead(IMAGE, None, None, None, 2),))
+    with pytest.raises(TcgraphError, match=r"reads stream 'text' with modulation 1; the kind has streams \['image'\] and 2"):
+        replace(double, streams=(IMAGE,))
+    with pytest.raises(TcgraphError, match="reads stream 'text' with modulation 1; the kind has streams .* 1 modul"):
+        replace(double, modulation="mod_image", chunks=6)
+    with pytest.raises(TcgraphError, match="takes streams .* the model's are"):
+        ModelAdapter(**{**ADAPTER.__dict__, "streams": (IMAGE,)})
+    assert isinstance(double, BlockKind)
