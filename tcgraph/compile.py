@@ -162,10 +162,11 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
     model = model.eval()
     adapter = adapter_for(model)
     dims = adapter.dims(model)
-    if plan.block_layout().blocks != adapter.layout(model):
-        have, want = plan.block_layout(), Layout(adapter.layout(model))
-        what = ((f"blocks with branches {list(plan.branches)}", f"{list(adapter.branch_names)}")
-                if plan.layout is None and not plan.recipes[0].per_block and adapter.uniform else (f"the layout {have.to_json()}", f"{want.to_json()}"))
+    have, want = plan.block_layout(), Layout(adapter.layout(model))
+    if have != want:
+        uniform = plan.layout is None and not plan.recipes[0].per_block and adapter.uniform
+        what = ((f"blocks with branches {list(plan.branches)}", f"{list(adapter.branch_names)}") if uniform
+                else (f"the layout {have.to_json()}", f"{want.to_json()}"))
         raise TcgraphError(f"plan is for {what[0]} but {adapter.name} blocks have {what[1]}; make the plan for this model")
     if plan.depth != dims.depth or plan.num_tokens != dims.num_tokens:
         raise TcgraphError(
