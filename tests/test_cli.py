@@ -1,5 +1,6 @@
 """The CLI: the happy path on the demo model, and one clear error for each kind of bad input."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -194,3 +195,12 @@ def test_trt_without_tensorrt_is_one_clear_error_and_writes_nothing(art, tmp_pat
     assert not (tmp_path / "s.png").exists()
     assert main(["transform", "--plan", "full", "--precision", "bf16", "--out", str(out), *STEPS]) == 2
     assert "add --backend trt" in capsys.readouterr().err
+
+
+def test_progress_is_one_line_per_phase_when_asked_and_quiet_by_default(art, tmp_path, capsys):
+    argv = ["sample", str(art), "--classes", "0-4", "--per-class", "1", "--png", str(tmp_path / "s.png")]
+    assert main([*argv, "--progress", "lines"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"tcgraph: sample: 12/12 in \d+\.\d s", err[0]), err  # 2 runs x 6 steps
+    assert main(argv) == 0  # not a terminal: no bars, no lines
+    assert capsys.readouterr().err == ""
