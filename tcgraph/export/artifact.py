@@ -3,7 +3,8 @@
 Layout (docs/design.md, "Artifact folder")::
 
     <out_dir>/
-      manifest.json          schema, versions, model config + hash, plan, variants, file hashes
+      manifest.json          schema, versions, model config + hash, plan, variants, block table
+                             (tcgraph.export.blocks), file hashes
       plan.json              the plan, verbatim
       variants/<id>.onnx     one static graph per variant
       variants/weights.bin   every large initializer of every variant, once
@@ -34,6 +35,7 @@ from tcgraph.export.manifest import (
     MANIFEST,
     PLAN,
     SCHEMA_VERSION,
+    blocks_of,
     check_agree,
     check_files,
     check_parameters,
@@ -45,6 +47,7 @@ from tcgraph.export.manifest import (
     plan_of,
     read_json,
 )
+from tcgraph.export.blocks import BlockTable, variants_block_table
 from tcgraph.export.onnx import WEIGHTS_PATH, ExportableVariant, export_each, file_sha256
 from tcgraph.export.programs import write_programs
 from tcgraph.export.specs import REDO, ParameterSpec, TensorSpec, VariantSpec, parameter_specs, variant_spec
@@ -137,8 +140,12 @@ def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, 
     typed_plan, typed_config = plan_of(plan, where, todo), model_config_of(model_config, where, todo)
     exported = [variant_spec(e, where, i) for i, e in enumerate(entries)]
     check_variant_io(typed_plan, typed_config, exported, where, todo)
+    # The block table the graphs record (capture's; graphs made otherwise record none, and the folder
+    # is read with its family's table, as a folder written before manifests held one).
+    recorded = variants_block_table(variants)
+    blocks = blocks_of(None if recorded is None else recorded.to_dict(), typed_config, typed_plan, where, todo)
     check_parameters(None if parameters is None else parameter_specs(parameters, where), exported, typed_config,
-                     where, todo)
+                     blocks, where, todo)
     if engines is not None:
         specs = [variant_spec(e, "the exported variants", i) for i, e in enumerate(entries)]
         engine_section = engines(tmp, specs)
@@ -156,6 +163,7 @@ def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, 
         "model_config_hash": config_hash(model_config),
         "plan": plan,
         "variants": entries,
+        **({"blocks": recorded.to_dict()} if recorded is not None else {}),
         "weights": {"file": WEIGHTS_PATH, "bytes": (tmp / WEIGHTS_PATH).stat().st_size},
         "files": files,
         "created": utc_now(),
@@ -213,6 +221,7 @@ class Artifact:
     programs_map: dict[str, str] = field(default_factory=dict, repr=False)
     tensorrt_section: dict | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict, repr=False)
+    blocks: BlockTable | None = field(default=None, repr=False)  # where the model's blocks are (load_artifact: always)
 
     def variant_ids(self) -> list[str]:
         return [v.id for v in self.variants]
@@ -302,7 +311,8 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
     parameters = manifest.get("parameters")
     parameter_map = None if parameters is None else parameter_specs(parameters, where)
     check_variant_io(plan, config, variants, where, f"the folder is inconsistent; {REDO}")
-    check_parameters(parameter_map, variants, config, where, f"the folder is inconsistent; {REDO}")
+    blocks = blocks_of(manifest.get("blocks"), config, plan, where, f"the folder is inconsistent; {REDO}")
+    check_parameters(parameter_map, variants, config, blocks, where, f"the folder is inconsistent; {REDO}")
     unknown = sorted(set(programs) - {v.id for v in variants})
     if unknown:
         raise TcgraphError(f"{where}: 'programs' names variants {unknown} that the folder does not have; {REDO}")
@@ -327,4 +337,5 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
         programs_map=dict(programs),
         tensorrt_section=copy.deepcopy(section) if isinstance(section, dict) else None,
         extra=copy.deepcopy(extra),
+        blocks=blocks,
     )

@@ -2,9 +2,10 @@
 `write_artifact` and `load_artifact` share.
 
 A folder `load_artifact` would refuse is never written, so both call the same checks: the
-model config is a DiT config, the plan a tcgraph plan for that model, and the plan's
-schedule runs exactly the exported variants. Errors name the file (or the folder being
-written) and say what to do.
+model config is one of a registered family, the plan a tcgraph plan for that model, the plan's
+schedule runs exactly the exported variants, and the block table (`tcgraph.export.blocks`:
+where the model's blocks are) has the model's blocks with the plan's branches. Errors name the
+file (or the folder being written) and say what to do.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
+from tcgraph.export.blocks import BlockTable, old_manifest_table
 from tcgraph.export.onnx import file_sha256
 from tcgraph.export.specs import REDO
 from tcgraph.models.families import ModelConfig, config_from_dict
@@ -206,12 +208,12 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
             raise TcgraphError(f"{where}: variant {v.id} reads {unread}, which no variant writes; {todo}")
 
 
-def check_parameters(parameters: Sequence, variants: Sequence, config: ModelConfig, where: str, todo: str) -> None:
-    """The parameter map holds exactly the state dict of a DiT with `config` (names and shapes),
-    and no variant reads the weights of a block the config does not have."""
-    from tcgraph.models.official.checkpoint import state_dict_shapes
-
-    want = state_dict_shapes(config)
+def check_parameters(parameters: Sequence, variants: Sequence, config: ModelConfig, blocks: BlockTable, where: str,
+                     todo: str) -> None:
+    """The parameter map holds exactly the state dict of a model with `config` (names and shapes),
+    and no variant reads the weights of a block the model does not have (`blocks`: where its
+    blocks are)."""
+    want = config.family.state_dict_shapes(config)
     if parameters is not None:
         have = {p.name: tuple(p.shape) for p in parameters}
         missing = [k for k in want if k not in have]
@@ -225,11 +227,24 @@ def check_parameters(parameters: Sequence, variants: Sequence, config: ModelConf
                 f"{where}: the parameter map does not fit the model config ({config.depth} blocks, hidden "
                 f"{config.hidden_size}): {'; '.join(p for p in parts if p)}; {todo}")
     # Initializer names are the model's parameter names where export could tell (else `const.<hash>`):
-    # a block past the config's depth is one the model does not have.
+    # one under a block container past the blocks it holds is a block the model does not have.
     for v in variants:
-        foreign = [n for n in v.external_initializers
-                   if n.startswith("blocks.") and n.split(".")[1].isdigit() and int(n.split(".")[1]) >= config.depth]
+        foreign = [n for n in v.external_initializers if blocks.is_foreign(n)]
         if foreign:
             raise TcgraphError(
-                f"{where}: variant {v.id} reads weights {foreign[:3]} of blocks that a DiT with this model config "
-                f"({config.depth} blocks) does not have; {todo}")
+                f"{where}: variant {v.id} reads weights {foreign[:3]} of blocks that a model with this config "
+                f"({', '.join(f'{k.count} blocks in {k.container}' for k in blocks.kinds)}) does not have; {todo}")
+
+
+def blocks_of(raw, config: ModelConfig, plan: Plan, where: str, todo: str) -> BlockTable:
+    """The manifest's block table (`raw`, None where the folder predates it: its family's table),
+    checked against the model config's depth and the plan's branches."""
+    if raw is None:
+        table = old_manifest_table(config.family.name, config.depth)
+        if table is None:
+            raise TcgraphError(f"{where}: no block table (where the model's blocks are), which every "
+                               f"{config.family.title} folder records; {todo}")
+    else:
+        table = BlockTable.from_dict(raw, where, todo)
+    table.check(config.depth, plan.block_layout().branches(), where, todo)
+    return table

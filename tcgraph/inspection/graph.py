@@ -4,24 +4,30 @@ diff between two variants by a key that survives re-export.
 Raw ONNX node names (`node_MatMul_25`) are numbered per export, so two variants of the
 same model name the same matrix product differently. The dynamo exporter records the
 torch module scope of every node (`pkg.torch.onnx.name_scopes`), but the blocks were
-inlined before export, so that scope says `attn`, not `blocks.3.attn`. The block comes
-from data flow instead: the canonical initializer names (`blocks.3.attn.qkv.weight.T`,
-see `tcgraph.export.onnx`) and cache inputs (`cache.3.attn`) anchor nodes to a block, and
-the anchor propagates forward. A node whose every consumer lies in one branch (the
-norm and modulation feeding `attn`) belongs to that branch. The key of a node is then
-`(unit, scope, op_type, occurrence)`: unit `blocks.3.attn`, `blocks.3` (adaLN, gates,
-residual), or a top-level module (`x_embedder`, `final_layer`, …).
+inlined before export, so that scope is the module's path inside its block (the branch
+module, say), not from the model. The block comes from data flow instead: the canonical
+initializer names (a block's weights lie under `<container>.<i>.`, see `tcgraph.export.onnx`)
+and cache inputs (`cache.<l>.<branch>`) anchor nodes to a block, and the anchor propagates
+forward. Where the blocks are, and each branch's module and norms inside a block of its kind,
+the artifact's block table says (`tcgraph.export.blocks.BlockTable`, from the manifest); this
+module names no model's modules. A node whose every consumer lies in one branch (the norm
+and modulation feeding it) belongs to that branch. The key of a node is then
+`(unit, scope, op_type, occurrence)`: unit `unit_name(l, branch)`, `unit_name(l)` (adaLN,
+gates, residual), a top-level module of the table, or `model`.
+
+Unit names keep the labels earlier versions showed, `blocks.3.attn` and `blocks.3` (the README's
+inspect example shows them): a block's global index and the recipe's branch name, whatever the
+model calls its modules (a diffusers DiT's `transformer_blocks.3.attn1` is `blocks.3.attn` too).
 
 Forecast branches (`forecast.w` among the inputs) run no module: their weighted sum
-(`Gather` of a weight, `Mul` by a history input `cache.<l>.<br>[.h<j>]`, `Add`s) gets unit
-`blocks.<l>.<br>` and scope `forecast`, so that a diff shows it where the branch was and the
+(`Gather` of a weight, `Mul` by a history input `cache.<l>.<br>[.h<j>]`, `Add`s) gets the
+branch's unit and scope `forecast`, so that a diff shows it where the branch was and the
 gate multiply that follows keeps its key.
 
 Only the graph proto is read (`load_external_data=False`); initializer shapes are in it.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +35,18 @@ from pathlib import Path
 import onnx
 
 from tcgraph.errors import TcgraphError
+from tcgraph.export.blocks import BlockTable
 from tcgraph.names import BRANCH_ORDER, FORECAST_WEIGHTS, INPUT_SUFFIX, history_index, is_cache
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-_BLOCK_NAME = re.compile(r"^(?:blocks|cache)\.(\d+)\.")
-_BRANCH_SCOPES = {"attn": "attn", "norm1": "attn", "mlp": "mlp", "norm2": "mlp"}
 FLOP_OPS = ("MatMul", "Gemm", "Conv")
-TOP_MODULES = ("x_embedder", "t_embedder", "y_embedder", "final_layer")  # DiT modules outside the blocks
+UNIT_WORD = "blocks"  # the label of block units (see the module docstring): a display word, not a module path
+MODEL_UNIT = "model"  # nodes outside every block and top-level module (e.g. a SiLU all blocks share)
+
+
+def unit_name(block: int, branch: str | None = None) -> str:
+    """Display name of a block's unit: `blocks.3.attn` for a branch, `blocks.3` for the rest of the block."""
+    return f"{UNIT_WORD}.{block}" + (f".{branch}" if branch else "")
 
 NodeKey = tuple[str, str, str, int]  # (unit, scope, op_type, occurrence)
 
@@ -44,9 +55,9 @@ NodeKey = tuple[str, str, str, int]  # (unit, scope, op_type, occurrence)
 class GraphNode:
     name: str  # raw ONNX name, for reading the file by hand
     op_type: str
-    scope: str  # module path inside its unit, e.g. "attn" or "adaLN_modulation/adaLN_modulation.1"
+    scope: str  # the module scopes that ran it, joined by "/" (inside a block: paths in the block)
     block: int | None
-    branch: str | None  # "attn" | "mlp" for nodes of a branch, else None
+    branch: str | None  # the recipe's branch name ("attn", "mlp", …) for nodes of a branch, else None
     flops: int
     inputs: list[str]
     outputs: list[str]
@@ -67,6 +78,7 @@ class VariantGraphInfo:
     inputs: dict[str, list[int]]  # graph input name -> shape
     outputs: dict[str, list[int]]
     nodes: list[GraphNode] = field(default_factory=list)
+    blocks: BlockTable | None = None  # the block table the nodes were attributed with
 
     @property
     def flops(self) -> int:
@@ -80,8 +92,9 @@ def _shape(value) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
 
 
-def read_variant_graph(path: Path) -> VariantGraphInfo:
-    """Node table of one variant ONNX file (graph proto only, weights not read)."""
+def read_variant_graph(path: Path, blocks: BlockTable) -> VariantGraphInfo:
+    """Node table of one variant ONNX file (graph proto only, weights not read), its nodes
+    attributed to units with `blocks`, the artifact's block table (`Artifact.blocks`)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, OSError, …
@@ -101,7 +114,7 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
         init_names.add(init.name)
     nodes = list(g.node)
     info = VariantGraphInfo(inputs={i.name: _shape(i) for i in g.input if i.name not in init_names},
-                            outputs={o.name: _shape(o) for o in g.output})
+                            outputs={o.name: _shape(o) for o in g.output}, blocks=blocks)
 
     scopes = []
     for n in nodes:
@@ -110,7 +123,7 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
         parts = _parse_scopes(raw)
         scopes.append(parts[:-1] if parts else [])  # the last part is the aten node name: per-export
 
-    # 1. Block anchors, propagated forward (max block among a node's ancestors).
+    # 1. Block anchors: a block's weights and caches, propagated forward (max block among a node's ancestors).
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for o in n.output:
@@ -119,9 +132,9 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
     for i, n in enumerate(nodes):
         best = -1
         for name in n.input:
-            m = _BLOCK_NAME.match(name)
-            if m and (name in init_names or name in info.inputs):
-                best = max(best, int(m.group(1)))
+            if name in init_names or name in info.inputs:
+                b = blocks.block_of(name)
+                best = best if b is None else max(best, b)
             elif name in producer:
                 best = max(best, anc[producer[name]])
         anc[i] = best
@@ -133,34 +146,33 @@ def read_variant_graph(path: Path) -> VariantGraphInfo:
     outputs = set(info.outputs)
 
     # 2. Units: branch core by scope, branch preparation by consumers (reverse order).
-    top = [s[0] if s else "" for s in scopes]
+    top = [s[0] if s else "" for s in scopes]  # the outermost module that ran the node
+    module = [blocks.top_module(t) if t else None for t in top]  # a top-level module outside the blocks
     unit: list[str | None] = [None] * len(nodes)
     block: list[int | None] = [None] * len(nodes)
     branch: list[str | None] = [None] * len(nodes)
     for i in reversed(range(len(nodes))):
         cons = consumers.get(i, [])
-        if top[i] in ("attn", "mlp") and anc[i] >= 0:
-            block[i], branch[i] = anc[i], top[i]
-        elif top[i] in TOP_MODULES:
+        core = blocks.kind_at(anc[i]).branch_at(top[i]) if anc[i] >= 0 and top[i] else None
+        if core is not None:
+            block[i], branch[i] = anc[i], core
+        elif module[i] is not None:
             pass
         elif cons and not any(o in outputs for o in nodes[i].output):
             labels = {(block[c], branch[c]) for c in cons}
             if len(labels) == 1:
                 b, br = labels.pop()
-                if br is not None and b is not None and top[i] in ("", "norm1", "norm2"):
+                if br is not None and b is not None and (not top[i] or blocks.kind_at(b).is_norm(top[i])):
                     block[i], branch[i] = b, br
-        if block[i] is None and top[i] not in TOP_MODULES:
+        if block[i] is None and module[i] is None:
             if anc[i] >= 0:
                 block[i] = anc[i]
             elif top[i] and cons and len({block[c] for c in cons}) == 1:
                 block[i] = block[cons[0]]  # e.g. the SiLU of one block's adaLN input
-        if block[i] is not None:
-            unit[i] = f"blocks.{block[i]}" + (f".{branch[i]}" if branch[i] else "")
-        else:
-            unit[i] = top[i] if top[i] in TOP_MODULES else "model"  # e.g. the SiLU all blocks share
+        unit[i] = unit_name(block[i], branch[i]) if block[i] is not None else module[i] or MODEL_UNIT
 
     for i, (b, br) in _forecast_nodes(nodes, info.inputs, producer, consumers).items():
-        block[i], branch[i], unit[i], scopes[i] = b, br, f"blocks.{b}.{br}", ["forecast"]
+        block[i], branch[i], unit[i], scopes[i] = b, br, unit_name(b, br), ["forecast"]
 
     counts: Counter = Counter()
     for i, n in enumerate(nodes):
@@ -267,14 +279,16 @@ def diff_graphs(base: VariantGraphInfo, other: VariantGraphInfo) -> dict:
     removed = [n for k, n in b.items() if k not in o]
     added = [n for k, n in o.items() if k not in b]
 
+    table = other.blocks or base.blocks
+
     def per_unit(nodes: list[GraphNode]) -> dict:
         units: dict[str, dict] = {}
         for n in nodes:
-            u = units.setdefault(n.unit, {"nodes": 0, "flops": 0, "ops": {}})
+            u = units.setdefault(n.unit, {"nodes": 0, "flops": 0, "ops": {}, "block": n.block, "branch": n.branch})
             u["nodes"] += 1
             u["flops"] += n.flops
             u["ops"][n.op_type] = u["ops"].get(n.op_type, 0) + 1
-        return dict(sorted(units.items(), key=lambda kv: _unit_order(kv[0])))
+        return dict(sorted(units.items(), key=lambda kv: _unit_order(kv[0], kv[1], table)))
 
     return {
         "inputs_added": [n for n in other.inputs if n not in base.inputs],
@@ -292,9 +306,10 @@ def diff_graphs(base: VariantGraphInfo, other: VariantGraphInfo) -> dict:
     }
 
 
-def _unit_order(unit: str) -> tuple:
-    m = re.match(r"blocks\.(\d+)(?:\.(\w+))?$", unit)
-    if m:
-        return (1, int(m.group(1)), m.group(2) or "")
-    order = {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "model": 0, "final_layer": 2}
-    return (order.get(unit, 3), 0, unit)
+def _unit_order(unit: str, u: dict, blocks: BlockTable | None) -> tuple:
+    """Units in the order the forward runs them: the top-level modules before the blocks (and
+    `model`), the blocks by index (the block's own unit, then its branches by name), the rest."""
+    if u["block"] is not None:
+        return (1, u["block"], u["branch"] or "")
+    rank = 0 if unit == MODEL_UNIT or blocks is None else blocks.top_rank(unit)
+    return (rank, 0, unit)

@@ -362,7 +362,7 @@ def _read_named(art: Artifact, vid: str):
     """Node table with output names mapped back from ONNX names (`cache.3.mlp.new`)."""
     from tcgraph.inspection.graph import read_variant_graph
 
-    graph = read_variant_graph(art.variant_path(vid))
+    graph = read_variant_graph(art.variant_path(vid), art.blocks)
     names = {o.onnx_name: o.name for o in art.variant(vid).outputs}
     graph.outputs = {names.get(k, k): v for k, v in graph.outputs.items()}
     return graph

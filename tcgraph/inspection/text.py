@@ -4,9 +4,8 @@ node table cut at NODE_TABLE_LINES rows.
 """
 from __future__ import annotations
 
-import re
-
 from tcgraph.errors import TcgraphError
+from tcgraph.inspection.graph import UNIT_WORD
 from tcgraph.names import BRANCH_ORDER
 
 NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
@@ -274,21 +273,21 @@ def _branch_set(rows: list[dict]) -> str:
 def _group_units(units: dict) -> list[tuple[str, dict, int]]:
     """Blocks whose units changed alike share one line: `blocks 0-27 .attn` (28 blocks x 2
     branches would otherwise be 56 lines)."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[tuple[int, str]]] = {}
     singles = []
     for unit, u in units.items():
-        m = re.fullmatch(r"blocks\.(\d+)(\.\w+)?", unit)
-        if m is None:
+        if u.get("block") is None:
             singles.append((unit, u, 1))
             continue
-        sig = (m.group(2) or "", u["nodes"], u["flops"], tuple(sorted(u["ops"].items())))
-        groups.setdefault(sig, []).append(int(m.group(1)))
+        suffix = f".{u['branch']}" if u.get("branch") else ""
+        sig = (suffix, u["nodes"], u["flops"], tuple(sorted(u["ops"].items())))
+        groups.setdefault(sig, []).append((u["block"], unit))
     result = []
-    for sig, blocks in groups.items():
-        u = units[f"blocks.{blocks[0]}{sig[0]}"]
-        label = f"blocks.{blocks[0]}{sig[0]}" if len(blocks) == 1 else \
-            f"blocks {_ranges(blocks).rsplit(' ', 1)[0]} {sig[0]}"
-        result.append((label, u, len(blocks)))
+    for sig, members in groups.items():
+        first = members[0][1]
+        label = first if len(members) == 1 else \
+            f"{UNIT_WORD} {_ranges([b for b, _ in members]).rsplit(' ', 1)[0]} {sig[0]}"
+        result.append((label, units[first], len(members)))
     return result + singles
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tcgraph import api
+from tcgraph.export.artifact import load_artifact
 from tcgraph.inspection import (
     action_color,
     format_report,
@@ -41,6 +42,11 @@ TINY = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2
                    num_classes=5, learn_sigma=True)  # the shape of tests/conftest.py's tiny_model
 N, D = TINY.num_tokens, TINY.hidden_size  # 16 tokens, hidden 32
 STEPS = 6  # taylor:3 (order 1): C R R C F2 F2
+
+
+def graph_of(root, vid: str):
+    """The node table of variant `vid` of the artifact folder `root`, attributed with its block table."""
+    return read_variant_graph(root / "variants" / f"{vid}.onnx", load_artifact(root, verify_hashes=False).blocks)
 
 
 def _bytes(tensors: int, model_batch: int) -> int:
@@ -169,9 +175,9 @@ def test_taylor_variant_focus_and_node_table(taylor):
         assert u["ops"] == {"Gather": 2, "Mul": 2, "Add": 1} and u["flops"] == 0
     assert {n["scope"] for n in d["added"]} == {"forecast"}
     assert f"+ {'blocks 0-2 .attn':<22}{5:>4} nodes each" in text
-    g = read_variant_graph(taylor / "variants" / "v2.onnx")
+    g = graph_of(taylor, "v2")
     assert sum(n.scope == "forecast" for n in g.nodes) == 30
-    assert sum(n.scope == "forecast" for n in read_variant_graph(taylor / "variants" / "v1.onnx").nodes) == 0
+    assert sum(n.scope == "forecast" for n in graph_of(taylor, "v1").nodes) == 0
     assert inspect_artifact(taylor, variant="v1")["focus"]["diff"]["nodes_added"] == 0  # reuse: unchanged
 
 

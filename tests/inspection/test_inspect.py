@@ -28,6 +28,11 @@ from tcgraph.models.official.dit import randomize_weights
 STEPS = 4
 
 
+def graph_of(root, vid: str):
+    """The node table of variant `vid` of the artifact folder `root`, attributed with its block table."""
+    return read_variant_graph(root / "variants" / f"{vid}.onnx", load_artifact(root, verify_hashes=False).blocks)
+
+
 def _tiny_model() -> DiT:
     # Same shape as tests/conftest.py's `tiny_model` (that fixture is function-scoped).
     cfg = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
@@ -82,13 +87,13 @@ def test_onnx_flops_equal_plan_flops(fora2, plan):
     cfg = load_artifact(fora2).model_config
     flops = plan_flops(cfg, plan)["per_variant"]
     for vid in ("v0", "v1"):
-        graph = read_variant_graph(fora2 / "variants" / f"{vid}.onnx")
+        graph = graph_of(fora2, vid)
         # Matrix products and convolutions only, like the plan: equal up to rounding.
         assert graph.flops == pytest.approx(flops[vid], rel=0.02)
 
 
 def test_diff_of_full_variant_with_itself_is_empty(fora2):
-    g = read_variant_graph(fora2 / "variants" / "v0.onnx")
+    g = graph_of(fora2, "v0")
     d = diff_graphs(g, g)
     assert d["nodes_added"] == d["nodes_removed"] == d["flops_removed"] == 0
     assert not (d["inputs_added"] or d["inputs_removed"] or d["outputs_added"] or d["outputs_removed"])
@@ -117,8 +122,8 @@ def test_cache_variant_diff_lists_exactly_the_reused_branches(fora2, plan):
 def test_node_keys_survive_reexport_numbering(fora2):
     """The gate multiply and residual add of every block exist in both variants and match by key
     although their raw ONNX names differ."""
-    g0 = read_variant_graph(fora2 / "variants" / "v0.onnx")
-    g1 = read_variant_graph(fora2 / "variants" / "v1.onnx")
+    g0 = graph_of(fora2, "v0")
+    g1 = graph_of(fora2, "v1")
     k0, k1 = g0.by_key(), g1.by_key()
     common = set(k0) & set(k1)
     assert len(common) == len(g1.nodes)  # v1 is a strict subset of v0
@@ -152,7 +157,7 @@ def test_format_report_sizes(fora2):
     focused = format_report(inspect_artifact(fora2, variant="v0"))
     table = focused.split("onnx name", 1)[1].splitlines()[1:]
     assert len([ln for ln in table if ln.strip() and not ln.strip().startswith("…")]) == 40
-    n_nodes = len(read_variant_graph(fora2 / "variants" / "v0.onnx").nodes)
+    n_nodes = len(graph_of(fora2, "v0").nodes)
     assert f"… {n_nodes - 40} more nodes" in focused
     step_text = format_report(inspect_artifact(fora2, step=1))
     assert "step 1 of 0..3: runs v1" in step_text and "cache reads (inputs added): cache.0.attn" in step_text
