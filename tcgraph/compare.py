@@ -116,13 +116,13 @@ def build_reference(art: Artifact, progress: Progress = QUIET) -> tuple[Artifact
                          "transform the same model with --plan full and the same settings, and give that folder "
                          "as the reference (--reference DIR, reference= in the API)")
     s = art.plan.settings
-    path = api.transform(source, "full", out, steps=s.num_steps, guidance=s.cfg_scale, eta=s.eta, batch=s.batch,
-                         clip_x0=s.clip_x0, scheduler=s.scheduler if s.scheduler is not None else "ddim",
-                         text_length=s.text_length or None, force=out.exists(), progress=progress)
-    ref = load_artifact(path)
+    api.transform(source, "full", out, steps=s.num_steps, guidance=s.cfg_scale, eta=s.eta, batch=s.batch,
+                  clip_x0=s.clip_x0, scheduler=s.scheduler if s.scheduler is not None else "ddim",
+                  text_length=s.text_length or None, force=out.exists(), progress=progress)
+    ref = load_artifact(out)  # named as the artifact was (relative or not), not as transform resolved it
     problem = reference_problem(art, ref)
     if problem is not None:  # the model was changed since the artifact was transformed
-        raise TcgraphError(f"the reference built from {source} into {path} does not match {art.root}: {problem}; "
+        raise TcgraphError(f"the reference built from {source} into {out} does not match {art.root}: {problem}; "
                            "transform the artifact again, or give a reference (--reference DIR)")
     return ref, True
 
