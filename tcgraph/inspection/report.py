@@ -39,7 +39,7 @@ def block_view(recipe: Recipe, num_tokens: int) -> list[dict]:
     rows = []
     for block, pair in enumerate(recipe.actions):
         row: dict = {"block": block}
-        for branch, action in zip(recipe.branches, pair):
+        for branch, action in zip(recipe.block_branches(block), pair):
             row[branch] = action_label(action)
             if action.kind == "partial":
                 row[f"{branch}_tokens"] = list(action.indices)

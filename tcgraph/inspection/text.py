@@ -131,9 +131,10 @@ def _format_focus(info: dict, focus: dict) -> list[str]:
     lines.append(f"variant {vid}: {len(v['steps'])} steps, {v['compute']} compute, {v['reuse']} reuse, "
                  f"{v['partial']} partial{dyn}; reads {len(v['reads'])} caches{extra}, writes {len(v['writes'])}")
     lines.append("")
-    lines.append(f"{'block':>5}  {'attn':<14}{'mlp':<14}")
+    columns = [br for br in BRANCH_ORDER if any(br in row for row in focus["blocks"])]  # a block without one: "-"
+    lines.append(f"{'block':>5}  " + "".join(f"{br:<14}" for br in columns))
     for row in focus["blocks"]:
-        lines.append(f"{row['block']:>5}  {row['attn']:<14}{row['mlp']:<14}")
+        lines.append(f"{row['block']:>5}  " + "".join(f"{row.get(br, '-'):<14}" for br in columns))
     if focus.get("forecast"):
         lines += _forecast_lines(focus["forecast"], vid)
     side = _grid_side(info["num_tokens"])
