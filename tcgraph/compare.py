@@ -194,6 +194,7 @@ def compare(artifact: str | Path, reference: str | Path | None = None, *, classe
     png = api.checked_outputs(png, None)[0]  # before sampling, which may take minutes
     prog = bars(progress)
     art = open_artifact(artifact)
+    _check_request(art, classes, per_class, seed, prompts, text)  # before a reference is built
     if reference is None:
         ref, built = build_reference(art, prog)
     else:
@@ -227,6 +228,21 @@ def compare(artifact: str | Path, reference: str | Path | None = None, *, classe
         rows = _row_labels(labels, prompts)
         result["png"] = str(save_comparison(b, a, labels, rows, png, ("full", art.plan.planner)))
     return result
+
+
+def _check_request(art: Artifact, classes, per_class, seed, prompts, text) -> None:
+    """What `api.sample` will check of the images asked for, checked before a reference is built."""
+    checks.integer(per_class, "per_class", "--per-class", lo=1)
+    checks.seed(seed)
+    if art.model_config.text_conditioned:
+        if classes is not None or (prompts is None and text is None):
+            raise UsageError("this artifact's model is text-conditioned: give prompts (--prompt) or prompt embeddings "
+                             "(text=, --embeddings FILE) instead of class ids")
+    elif prompts is not None or text is not None:
+        raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes) and "
+                         "drop the prompts")
+    else:
+        checks.parse_classes(classes, art.model_config.num_classes)
 
 
 def _row_labels(labels: list[int], prompts: Sequence[str] | None) -> dict[int, str]:

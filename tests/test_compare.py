@@ -104,6 +104,14 @@ def test_bad_input_gets_one_clear_error(art, tmp_path, capsys, argv, message, co
     assert not (tmp_path / "c.png").exists()
 
 
+def test_a_bad_request_is_refused_before_a_reference_is_built(art, tmp_path, capsys):
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    assert main(["compare", str(copy), "--classes", "12", "--png", str(tmp_path / "c.png")]) == 2
+    assert "class ids 12 are out of range" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no reference, no grid
+
+
 def test_a_reference_of_another_model_or_settings_is_refused_by_what_differs(art, report):
     a = open_artifact(art)
     ref = open_artifact(report[0]["reference"])
