@@ -115,7 +115,7 @@ def transform(
         the_plan = plan
         conditioning.check_conditioning(the_plan.settings, dit.config, None)
     else:
-        settings = dataclasses.replace(settings, resolution=dit.config.input_size)
+        settings = dataclasses.replace(settings, resolution=dit.config.input_size, guidance=dit.config.family.guidance)
         if dit.config.text_conditioned and not settings.text_length:
             settings, calibration_text = conditioning.encoder_defaults(model, settings, calibration_text)
         conditioning.check_conditioning(settings, dit.config, calibration_text)

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import FORECAST_WEIGHTS, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
+from tcgraph.names import FORECAST_WEIGHTS, GUIDANCE, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -102,14 +102,20 @@ def _example(spec, cfg, g: torch.Generator) -> torch.Tensor:
         mask = torch.ones(spec.shape)
         mask[1::2, (spec.shape[1] + 1) // 2:] = 0  # padded prompts: the mask must matter
         return mask
-    if spec.kind in ("latent", "text", "pooled", "guidance"):
+    if spec.kind == "guidance":  # scales >= 1, differing by row
+        return 1.0 + 4.0 * torch.rand(spec.shape, generator=g)
+    if spec.kind in ("latent", "text", "pooled"):
         return torch.randn(spec.shape, generator=g)
     raise TcgraphError(f"no example values for a model input of kind {spec.kind!r} ({spec.name})")
 
 
 def conditioning_of(feeds: dict[str, torch.Tensor]):
-    """The model's conditioning in a variant's feeds: class ids `y`, or (text embeddings, mask)."""
-    return (feeds[TEXT], feeds[TEXT_MASK]) if TEXT in feeds else feeds["y"]
+    """The model's conditioning in a variant's feeds: class ids `y`, or (text embeddings, mask); with a
+    guidance input, a tuple of those and the scale last (what `run_blocks` and the model read after x, t)."""
+    cond = (feeds[TEXT], feeds[TEXT_MASK]) if TEXT in feeds else feeds["y"]
+    if GUIDANCE in feeds:
+        return (*(cond if isinstance(cond, tuple) else (cond,)), feeds[GUIDANCE])
+    return cond
 
 
 def rewrite(model: nn.Module, spec: RewriteSpec, pipeline: tuple[Pass, ...] = PIPELINE) -> fx.GraphModule:

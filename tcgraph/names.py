@@ -36,6 +36,13 @@ MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph of a class-conditi
 TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_attention_mask"
 TEXT_INPUTS = (X, T, TEXT, TEXT_MASK)
 
+# How guidance reaches a model (a family's and a plan's setting): "cfg" batches the unconditional
+# half with the conditional one (the graphs see 2 x batch rows); "input" feeds the guidance scale
+# as one more model input, `guidance` (float32 [B]: a guidance-distilled model, one pass per step);
+# "none": the model takes no guidance.
+GUIDANCE_MODES = ("cfg", "input", "none")
+GUIDANCE = "guidance"
+
 CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
 FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast weights, block order

@@ -26,7 +26,7 @@ from tcgraph.errors import TcgraphError
 if TYPE_CHECKING:
     import torch.nn as nn
 
-GUIDANCE_MODES = ("cfg", "input", "none")  # a CFG-doubled batch, a guidance input (FLUX-dev), none
+from tcgraph.names import GUIDANCE_MODES  # noqa: E402  (a CFG-doubled batch, a guidance input, none)
 
 
 @dataclass(frozen=True)
@@ -115,22 +115,25 @@ class Family:
     def graph_inputs(self, config, settings) -> tuple[GraphInput, ...]:
         """The model inputs every variant graph reads, in order, before its caches: the noisy
         latent, the timestep, then the conditioning (class ids, or text embeddings and their mask),
-        with the static shapes of `settings` (its model batch counts both CFG halves)."""
-        from tcgraph.names import TEXT, TEXT_MASK, T, X, Y
+        then, for a family whose guidance is an input, the guidance scale; with the static shapes of
+        `settings` (its model batch counts both CFG halves where guidance doubles the batch)."""
+        from tcgraph.names import GUIDANCE, TEXT, TEXT_MASK, T, X, Y
 
+        if settings.guidance != self.guidance:
+            raise TcgraphError(f"{self.title} models take guidance {self.guidance!r}; the settings say "
+                               f"{settings.guidance!r}: make the plan for this model")
         b, side = settings.model_batch, settings.resolution
         t_dtype = str(settings.timestep_dtype).removeprefix("torch.")
         inputs = [GraphInput(X, (b, config.in_channels, side, side), "float32", "latent"),
                   GraphInput(T, (b,), t_dtype, "timestep")]
-        if self.guidance != "cfg":  # a guidance input (FLUX-dev) or none: declared by families still to come
-            raise TcgraphError(f"family {self.name}: guidance mode {self.guidance!r} has no graph inputs yet; "
-                               "tcgraph builds CFG-doubled batches only")
         if config.text_conditioned:
             length = settings.text_length
             inputs += [GraphInput(TEXT, (b, length, config.caption_channels), "float32", "text"),
                        GraphInput(TEXT_MASK, (b, length), "float32", "mask")]
         else:
             inputs.append(GraphInput(Y, (b,), "int64", "class"))
+        if self.guidance == "input":
+            inputs.append(GraphInput(GUIDANCE, (b,), "float32", "guidance"))
         return tuple(inputs)
 
     def graph_output_shape(self, config, settings) -> tuple[int, ...]:

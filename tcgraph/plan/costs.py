@@ -183,6 +183,8 @@ def measure_costs(model: "nn.Module", batch: int, text_length: int = 0,
         y = ((torch.empty(batch, text_length, cfg.caption_channels, device=device),
               torch.ones(batch, text_length, device=device)) if text
              else torch.zeros(batch, dtype=torch.int64, device=device))
+        if cfg.family.guidance == "input":  # the guidance scale, after the conditioning (as the graphs read it)
+            y = (*(y if isinstance(y, tuple) else (y,)), torch.ones(batch, device=device))
         step, run_constants = _fixed_flops(adapter, model, x, t, y)
         h, cond = adapter.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)

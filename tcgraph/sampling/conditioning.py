@@ -125,6 +125,9 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
     if not cfg.text_conditioned and settings.text_length:
         raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
                          f"{settings.text_length}) and the text embeddings")
+    if settings.guidance != cfg.family.guidance:
+        raise UsageError(f"{cfg.family.title} models take guidance {cfg.family.guidance!r}, the plan's settings say "
+                         f"{settings.guidance!r}: make the plan for this model")
     if text is not None:
         text.check(settings.text_length, cfg.caption_channels)
 

@@ -119,17 +119,20 @@ class GuidedSteps:
     """What every sampler shares: the guidance batch of each step and the guided epsilon.
 
     A subclass sets `schedule` (with `timesteps` and `num_steps`), `cfg_scale`,
-    `in_channels`, `null_class` and `timestep_dtype` (the dtype of the graphs' `t`).
+    `in_channels`, `null_class`, `timestep_dtype` (the dtype of the graphs' `t`) and `guidance`
+    (`tcgraph.names.GUIDANCE_MODES`: "cfg" batches the halves; "input" passes `cfg_scale` to the
+    model as its last input, one pass per step; "none" takes no guidance).
     `cfg_scale > 1` runs the conditional and unconditional halves in one batch of 2N
     (labels `y` then the null class, or a `Text`'s prompts then its negative prompts);
     otherwise the batch is N and purely conditional.
     """
 
     timestep_dtype = torch.long
+    guidance = "cfg"
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg_scale > 1.0
+        return self.cfg_scale > 1.0 and self.guidance == "cfg"
 
     @property
     def num_steps(self) -> int:
@@ -145,6 +148,8 @@ class GuidedSteps:
         t = torch.full((x.shape[0],), self.schedule.timesteps[index].item(), dtype=self.timestep_dtype,
                        device=x.device)
         cond = model_conditioning(y, self.use_cfg, self.null_class)
+        if self.guidance == "input":  # the scale as the model's last input, one value per row
+            cond = (*as_inputs(cond), torch.full((x.shape[0],), self.cfg_scale, dtype=torch.float32, device=x.device))
         if self.use_cfg:
             return torch.cat([x, x]), torch.cat([t, t]), cond
         return x, t, cond
@@ -171,6 +176,7 @@ class DDIMSampler(GuidedSteps):
         in_channels: int = 4,
         null_class: int = 1000,
         clip_denoised: bool = False,
+        guidance: str = "cfg",
     ):
         # eta > 1 makes 1 - a_prev - sigma**2 negative at low-noise steps (complex samples).
         if not 0.0 <= eta <= 1.0:
@@ -183,6 +189,7 @@ class DDIMSampler(GuidedSteps):
         self.in_channels = in_channels
         self.null_class = null_class
         self.clip_denoised = clip_denoised
+        self.guidance = guidance
 
     def ddim_update(
         self, x: torch.Tensor, eps: torch.Tensor, index: int, noise: torch.Tensor | None

@@ -29,10 +29,11 @@ def sampler_for(settings: SamplerSettings, cfg: ModelConfig) -> Sampler:
     if settings.scheduler is not None:
         return DiffusersSampler(settings.scheduler, settings.num_steps, cfg_scale=settings.cfg_scale,
                                 in_channels=cfg.in_channels, null_class=cfg.num_classes,
-                                num_tokens=getattr(cfg, "num_tokens", None))
+                                num_tokens=getattr(cfg, "num_tokens", None), guidance=settings.guidance)
     clip = settings.clip_x0 if settings.clip_x0 is not None else is_pixel_space(cfg)
     return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
-                       in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip)
+                       in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip,
+                       guidance=settings.guidance)
 
 
 def is_pixel_space(cfg: ModelConfig) -> bool:

@@ -292,7 +292,7 @@ class DiffusersSampler(GuidedSteps):
     """
 
     def __init__(self, config: dict, num_steps: int, cfg_scale: float = 1.0, in_channels: int = 4,
-                 null_class: int = 1000, num_tokens: int | None = None):
+                 null_class: int = 1000, num_tokens: int | None = None, guidance: str = "cfg"):
         if not cfg_scale >= 1.0:
             raise TcgraphError(f"guidance scale must be >= 1 (1 = no guidance), got {cfg_scale}")
         self.config = check_scheduler_config(config)
@@ -301,6 +301,7 @@ class DiffusersSampler(GuidedSteps):
         self.cfg_scale = float(cfg_scale)
         self.in_channels = in_channels
         self.null_class = null_class
+        self.guidance = guidance
         self.timestep_dtype = timestep_dtype(self.config)
         self._mu = self._shift_mu(num_tokens)
         try:

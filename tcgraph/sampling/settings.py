@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tcgraph.errors import UsageError
-from tcgraph.names import MODEL_INPUTS, TEXT_INPUTS
+from tcgraph.names import GUIDANCE, GUIDANCE_MODES, MODEL_INPUTS, TEXT_INPUTS
 from tcgraph.sampling import checks
 from tcgraph.sampling.diffusion import NUM_TRAIN_TIMESTEPS
 from tcgraph.sampling.schedulers import CLASS_KEY, check_scheduler_config, timestep_dtype
@@ -67,10 +67,15 @@ class SamplerSettings:
     # a diffusers scheduler_config.json (plain JSON); not hashed: a dict has no hash
     scheduler: dict | None = field(default=None, hash=False)
     text_length: int = 0  # text tokens of a text-conditioned model; 0: class ids
+    guidance: str = "cfg"  # how guidance reaches the model (tcgraph.names.GUIDANCE_MODES), as its family says
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r}; supported samplers: {', '.join(SAMPLERS)}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise UsageError(f"unknown guidance mode {self.guidance!r}; modes: {', '.join(GUIDANCE_MODES)}")
+        if self.guidance == "none" and self.cfg_scale != 1.0:
+            raise UsageError(f"this model takes no guidance: use guidance 1 (--guidance 1), got {self.cfg_scale!r}")
         fixed = {
             "num_steps": checks.integer(self.num_steps, "steps", "--steps", lo=1, hi=MAX_STEPS,
                                         why=f" (DDIM respaces the model's {NUM_TRAIN_TIMESTEPS} training timesteps)"
@@ -116,21 +121,29 @@ class SamplerSettings:
         object.__setattr__(self, "scheduler", scheduler)  # a plain-JSON copy: the caller's dict may change
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON; `text_length` only when set, so that plans of class-conditional
-        models written before it existed read (and hash) the same."""
+        """The fields as plain JSON; `text_length` only when set and `guidance` only when not "cfg", so
+        that plans written before they existed read (and hash) the same."""
         d = asdict(self)
         if not d["text_length"]:
             del d["text_length"]
+        if d["guidance"] == "cfg":
+            del d["guidance"]
         return d
 
     @property
     def model_inputs(self) -> tuple[str, ...]:
-        """The model's own inputs of every variant graph: x, t, then its conditioning."""
-        return TEXT_INPUTS if self.text_length else MODEL_INPUTS
+        """The model's own inputs of every variant graph: x, t, its conditioning, then the guidance
+        scale where guidance is an input."""
+        return (TEXT_INPUTS if self.text_length else MODEL_INPUTS) + ((GUIDANCE,) if self.guidance == "input" else ())
+
+    @property
+    def doubles_batch(self) -> bool:
+        """Whether each step runs the conditional and unconditional halves in one batch (CFG)."""
+        return self.guidance == "cfg" and self.cfg_scale > 1.0
 
     @property
     def model_batch(self) -> int:
-        return 2 * self.batch if self.cfg_scale > 1.0 else self.batch
+        return 2 * self.batch if self.doubles_batch else self.batch
 
     @property
     def timestep_dtype(self) -> torch.dtype:

@@ -6,12 +6,13 @@ ONNX Runtime and the torch backend), and its plans store and check their layout.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import IMAGE, TEXT_STREAM
+from tcgraph.names import GUIDANCE, IMAGE, TEXT_STREAM
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.actions import dynamic
 from tcgraph.plan.layout import Layout
@@ -19,7 +20,7 @@ from tcgraph.plan.registry import make_plan
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.actions import forecast
 from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester
-from tests.models.two_stream import ADAPTER, FAMILY, build, registered, toy_config
+from tests.models.two_stream import ADAPTER, FAMILY, GUIDED_FAMILY, build, registered, toy_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,6 +59,52 @@ class TestTwoStreamToy(AdapterTester):
         weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
                        for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
         return [self.full_recipe(layout), a, c, a], weights
+
+
+class TestGuidedTwoStreamToy(TestTwoStreamToy):
+    """The same model taking its guidance scale as an input: one pass per step, no doubled batch."""
+
+    family = GUIDED_FAMILY.name
+    guidance = 3.0
+
+    def make_model(self):
+        model = build(toy_config(depth=4, layout=self.family))
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():  # std 0.05 as the diffusers testers (0.1 puts ORT and torch 1.1e-5 apart on a cache)
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return model.eval()
+
+    def settings(self, model):
+        return replace(super().settings(model), guidance="input")
+
+
+def test_a_guidance_input_is_one_pass_per_step_with_the_scale_as_input():
+    """The guided toy's graphs read `guidance` after the text; the batch is not doubled; the sampler feeds
+    the scale; a plan of another guidance mode is refused."""
+    from tcgraph.compile import example_inputs
+    from tcgraph.sampling import sampler_for
+
+    cfg = toy_config(layout=GUIDED_FAMILY.name)
+    s = replace(settings(steps=1), guidance="input")
+    plan = make_plan("full", cfg, s)
+    assert s.model_batch == s.batch == 2 and s.model_inputs[-1] == GUIDANCE
+    assert plan.variant_io(plan.recipes[0])[0] == ["x", "t", "encoder_hidden_states", "encoder_attention_mask", GUIDANCE]
+    assert [(i.name, i.shape) for i in cfg.family.graph_inputs(cfg, s)][-1] == (GUIDANCE, (2,))
+    sampler = sampler_for(s, cfg)
+    x = torch.zeros(2, 2, 8, 8)
+    from tcgraph.sampling.conditioning import Text
+    text = Text(torch.randn(2, 5, 8), torch.ones(2, 5))
+    xin, tin, cond = sampler.model_inputs(x, 0, text)
+    assert xin.shape[0] == 2 and torch.equal(cond[-1], torch.full((2,), 2.0))
+    assert torch.equal(sampler.eps_from_output(torch.ones(2, 2, 8, 8)), torch.ones(2, 2, 8, 8))
+    feeds = example_inputs(build(cfg), plan, list(s.model_inputs))
+    assert feeds[GUIDANCE].shape == (2,) and feeds[GUIDANCE].min() >= 1.0
+    with pytest.raises(TcgraphError, match="take guidance 'input'; the settings say 'cfg'"):
+        cfg.family.graph_inputs(cfg, settings(steps=1))
+    assert "guidance" not in settings().to_dict() and s.to_dict()["guidance"] == "input"
+    with pytest.raises(TcgraphError, match="takes no guidance: use guidance 1"):
+        replace(settings(), guidance="none")
 
 
 def settings(text_length=5, steps=3):

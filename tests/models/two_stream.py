@@ -123,6 +123,27 @@ class TwoStreamToy(nn.Module):
         return self.unpatchify(self.final_layer(img, c))
 
 
+class GuidedToy(TwoStreamToy):
+    """The toy as a guidance-distilled model: the guidance scale is an input (embedded into the
+    conditioning vector like the timestep), one pass per step, no doubled batch."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config)
+        self.g_embedder = TimestepEmbedder(config.hidden_size)
+
+    def embed(self, x, t, text, mask, guidance):
+        img, txt, c = super().embed(x, t, text, mask)
+        return img, txt, c + self.g_embedder(guidance * 100.0)
+
+    def forward(self, x, t, encoder_hidden_states, encoder_attention_mask, guidance):
+        img, txt, c = self.embed(x, t, encoder_hidden_states, encoder_attention_mask, guidance)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, c)
+        for block in self.single_blocks:
+            img, txt = block(img, txt, c)
+        return self.unpatchify(self.final_layer(img, c))
+
+
 ATTENTION = AttentionSpec(in_proj="qkv", out_proj="proj", num_heads="num_heads", head_dim="head_dim")
 
 
@@ -167,13 +188,18 @@ ADAPTER = ModelAdapter(
 )
 
 
+def _class(config: DiTConfig) -> type:
+    return GuidedToy if config.family.guidance == "input" else TwoStreamToy
+
+
 def build(config: DiTConfig, **overrides) -> TwoStreamToy:
-    return TwoStreamToy(replace(config, **overrides) if overrides else config).eval()
+    config = replace(config, **overrides) if overrides else config
+    return _class(config)(config).eval()
 
 
 def state_dict_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in TwoStreamToy(config).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in _class(config)(config).state_dict().items()}
 
 
 def layout(config: DiTConfig):
@@ -187,18 +213,23 @@ def layout(config: DiTConfig):
 
 TOY_FAMILY = Family(FAMILY, "two-stream test model", __name__, "build", f"{__name__}:state_dict_shapes",
                     ("attn", "mlp", "mlp_text"), layout=f"{__name__}:layout")
+GUIDED_FAMILY = replace(TOY_FAMILY, name=f"{FAMILY}-guided", title="guidance-input two-stream test model",
+                        guidance="input")
 
 
 @contextlib.contextmanager
 def registered():
-    """The toy's family and adapter registered while the block runs (removed after)."""
-    FAMILIES[FAMILY] = TOY_FAMILY
-    ADAPTERS[TwoStreamToy] = ADAPTER
+    """The toy's families (with a doubled batch, and with a guidance input) and its adapter registered
+    while the block runs (removed after)."""
+    FAMILIES[FAMILY], FAMILIES[GUIDED_FAMILY.name] = TOY_FAMILY, GUIDED_FAMILY
+    ADAPTERS[TwoStreamToy] = ADAPTERS[GuidedToy] = ADAPTER
     try:
         yield
     finally:
-        FAMILIES.pop(FAMILY, None)
-        ADAPTERS.pop(TwoStreamToy, None)
+        for name in (FAMILY, GUIDED_FAMILY.name):
+            FAMILIES.pop(name, None)
+        for cls in (TwoStreamToy, GuidedToy):
+            ADAPTERS.pop(cls, None)
 
 
 def toy_config(**overrides) -> DiTConfig:
