@@ -22,6 +22,7 @@ from tcgraph.export.artifact import (
     load_artifact,
     write_artifact,
 )
+from tcgraph.export.blocks import old_manifest_table
 from tcgraph.export.onnx import WEIGHTS_PATH, file_sha256
 from tcgraph.export.weights import load_parameters
 from tcgraph.models.official.dit import DiTConfig
@@ -229,6 +230,15 @@ def test_old_folder_without_programs_or_parameters(copy):
     assert art.programs == {} and art.parameters is None
 
 
+def test_graphs_not_made_by_capture_are_read_with_their_familys_block_table(built):
+    """The tiny variants are plain fx traces, which record no block table: the manifest holds none and
+    the folder is read, as one written before manifests held it, with its family's table."""
+    assert "blocks" not in _manifest(built)
+    blocks = load_artifact(built).blocks
+    assert blocks == old_manifest_table("official", DEPTH)
+    assert [(k.container, k.count) for k in blocks.kinds] == [("blocks", DEPTH)]
+
+
 #################################################################################
 #                           Damaged folders refused                             #
 #################################################################################
@@ -347,6 +357,51 @@ def test_not_an_artifact_folder(tmp_path):
 def test_extra_files_are_fine(copy):
     (copy / "notes.txt").write_text("mine")
     assert load_artifact(copy).variant_ids() == ["v0", "v1"]
+
+
+def _with_table(edit):
+    """A manifest edit that writes the family's block table, as `edit` changes it."""
+    def apply(m):
+        m["blocks"] = old_manifest_table("official", DEPTH).to_dict()
+        edit(m["blocks"])
+    return apply
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda b: b["kinds"][0].update(count=DEPTH + 1),
+     r"the block table holds 3 blocks \(3 in blocks\), but the model config has 2"),
+    (lambda b: b["kinds"][0]["branches"].pop(), r"block 0 has branches \['attn'\] in the block table but \['attn', "
+                                                r"'mlp'\] in the plan"),
+    (lambda b: b["kinds"][0].update(container="../blocks"), r"container '../blocks', not a name and a module path"),
+    (lambda b: b["kinds"][0]["branches"][0].update(name="ffn"), r"a branch is a name of \['attn', 'cross'"),
+    (lambda b: b["kinds"][0]["branches"][0].update(norms="norm1"), r"norms of attn is 'norm1', not a list"),
+    (lambda b: b["kinds"][0].update(count=True), r"kind block has count True, not a whole number"),
+    (lambda b: b.update(kinds={}), r"'kinds' is missing or not a non-empty list"),
+])
+def test_damaged_block_table_is_named(copy, edit, match):
+    _edit_manifest(copy, _with_table(edit))
+    with pytest.raises(TcgraphError, match=r"manifest.json: .*" + match + r".*re-run `tcgraph transform`"):
+        load_artifact(copy)
+
+
+def test_weights_of_blocks_the_model_lacks_are_refused_by_the_recorded_containers(copy):
+    """The check reads the block table: weights under a container past its count are refused; the
+    same name is no block's where the table puts the blocks in another container."""
+    def reads(name):
+        def edit(m):
+            m["variants"][1]["external_initializers"].append(name)
+        return edit
+
+    _edit_manifest(copy, reads("blocks.2.attn.qkv.weight.T"))
+    with pytest.raises(TcgraphError, match=r"variant v1 reads weights \['blocks.2.attn.qkv.weight.T'\] of blocks that "
+                                           r"a model with this config \(2 blocks in blocks\) does not have"):
+        load_artifact(copy)
+    _edit_manifest(copy, _with_table(lambda b: b["kinds"][0].update(container="trunk")))
+    load_artifact(copy)  # blocks.2 is no block of a model whose blocks are trunk.0, trunk.1
+    _edit_manifest(copy, reads("trunk.2.mlp.fc1.weight"))
+    with pytest.raises(TcgraphError, match=r"weights \['trunk.2.mlp.fc1.weight'\] of blocks that a model with this "
+                                           r"config \(2 blocks in trunk\) does not have"):
+        load_artifact(copy)
 
 
 #################################################################################

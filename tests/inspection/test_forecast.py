@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from tcgraph import api
-from tcgraph.export.artifact import load_artifact
 from tcgraph.inspection import (
     action_color,
     format_report,
@@ -20,7 +19,6 @@ from tcgraph.inspection import (
     inspect_artifact,
     inspect_plan,
     legend_entries,
-    read_variant_graph,
     variant_dot,
     write_plan_pictures,
 )
@@ -37,16 +35,12 @@ from tcgraph.names import BRANCHES
 from tcgraph.plan import make_plan
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, forecast, partial
 from tcgraph.sampling import SamplerSettings
+from tests.inspection.artifacts import graph_of
 
 TINY = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
                    num_classes=5, learn_sigma=True)  # the shape of tests/conftest.py's tiny_model
 N, D = TINY.num_tokens, TINY.hidden_size  # 16 tokens, hidden 32
 STEPS = 6  # taylor:3 (order 1): C R R C F2 F2
-
-
-def graph_of(root, vid: str):
-    """The node table of variant `vid` of the artifact folder `root`, attributed with its block table."""
-    return read_variant_graph(root / "variants" / f"{vid}.onnx", load_artifact(root, verify_hashes=False).blocks)
 
 
 def _bytes(tensors: int, model_batch: int) -> int:

@@ -1,4 +1,4 @@
-"""inspect_artifact / format_report on a real fora:2 artifact: summary numbers, block view,
+"""inspect_artifact / format_report on a real fora:2 artifact (tests/inspection/conftest.py): summary numbers, block view,
 graph diff by stable node keys, focus options, errors, and the folder left untouched."""
 from __future__ import annotations
 
@@ -6,47 +6,19 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from tcgraph import api
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import load_artifact
 from tcgraph.inspection import (
     diff_graphs,
     format_report,
     inspect_artifact,
-    read_variant_graph,
     write_pictures,
 )
-from tcgraph.models.official.dit import DiT, make_config
-from tcgraph.plan import make_plan, plan_flops
-from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.plan import Plan
 from tcgraph.names import BRANCHES
-from tcgraph.models.official.dit import randomize_weights
-
-STEPS = 4
-
-
-def graph_of(root, vid: str):
-    """The node table of variant `vid` of the artifact folder `root`, attributed with its block table."""
-    return read_variant_graph(root / "variants" / f"{vid}.onnx", load_artifact(root, verify_hashes=False).blocks)
-
-
-def _tiny_model() -> DiT:
-    # Same shape as tests/conftest.py's `tiny_model` (that fixture is function-scoped).
-    cfg = make_config("DiT-S/2", input_size=8, depth=3, hidden_size=32, num_heads=2, in_channels=2,
-                      num_classes=5, learn_sigma=True)
-    return randomize_weights(DiT(cfg), std=0.05)
-
-
-@pytest.fixture(scope="module")
-def fora2(tmp_path_factory):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model = _tiny_model()
-    s = SamplerSettings(num_steps=STEPS, cfg_scale=2.0, batch=1, resolution=model.config.input_size)
-    out = tmp_path_factory.mktemp("insp") / "fora2"
-    return api.transform(model, make_plan("fora:2", model.config, s), out, progress=False)
+from tcgraph.plan import plan_flops
+from tcgraph.plan.plan import Plan
+from tests.inspection.artifacts import STEPS, graph_of
 
 
 @pytest.fixture(scope="module")
