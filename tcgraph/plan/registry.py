@@ -52,6 +52,9 @@ class Planner:
     learned: bool = False  # needs the model's weights (and calibrates) unless its config says otherwise;
     # its `make` takes `calibration_text` too
     skip: tuple[str, ...] = ()  # options of its (shared) config that this planner does not use
+    # plans any layout (blocks whose branches differ, branches of several streams); else only
+    # models whose blocks all have the same branches, each of image rows (tcgraph.plan.layout)
+    layouts: bool = False
 
     def help(self) -> str:
         config = self.config()
@@ -91,12 +94,13 @@ def register(planner: Planner) -> Planner:
     return planner
 
 
-register(Planner("full", FullConfig, make_full, "full", "no caching"))
+register(Planner("full", FullConfig, make_full, "full", "no caching", layouts=True))
 register(Planner("fora", ForaConfig, make_fora, "fora:N",
-                 "reuse every branch for N-1 of every N steps, default N={interval}", short=("interval",)))
+                 "reuse every branch for N-1 of every N steps, default N={interval}", short=("interval",),
+                 layouts=True))
 register(Planner("taylor", TaylorConfig, make_taylor, "taylor:N[:order]",
                  "a full step every N steps, every branch forecast at the others by a Taylor expansion of its "
-                 "history, default N={interval}, order {order}", short=("interval", "order")))
+                 "history, default N={interval}, order {order}", short=("interval", "order"), layouts=True))
 register(Planner("l2c", L2CConfig, make_l2c, "l2c[:X]",
                  "Learning-to-Cache: a router learned for a predicted X-times speedup, default {target_speedup}; "
                  "or --lambda L, or --router FILE", short=("target_speedup",), learned=True))
@@ -143,6 +147,10 @@ def make_plan(spec: str, model_config: ModelConfig, settings: SamplerSettings, *
         raise TypeError(f"calibration_text must be a tcgraph.sampling.conditioning.Text, got "
                         f"{type(calibration_text).__name__}")
     planner = PLANNERS[name]
+    if not planner.layouts and not model_config.block_layout().is_default:
+        able = ", ".join(p.name for p in PLANNERS.values() if p.layouts)
+        raise UsageError(f"plan {name!r} is learned for models whose blocks all have the same branches of image "
+                         f"tokens; this model's blocks differ or read several streams: use {able}")
     config = planner.configure(spec, args, options)
     extra = {"calibration_text": calibration_text} if planner.learned else {}
     return planner.make(config, model_config, settings, weights=weights, progress=progress, **extra)

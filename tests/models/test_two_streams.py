@@ -6,6 +6,7 @@ ONNX Runtime and the torch backend), and its plans store and check their layout.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -135,6 +136,19 @@ def test_the_layout_is_stored_compactly_and_read_back():
         {"blocks": 1, "branches": {"attn": ["text", "image"], "mlp": ["text", "image"]}}]
     back = Plan.from_json(plan.to_json())
     assert back == plan and back.block_layout() == cfg.block_layout() and back.to_json() == plan.to_json()
+
+
+def test_fixed_planners_plan_the_layout_and_learned_ones_refuse_it():
+    from tcgraph.errors import UsageError
+
+    cfg = toy_config(depth=4)
+    for spec in ("full", "fora:2", "taylor:2"):
+        plan = make_plan(spec, cfg, settings(steps=5))
+        assert plan.block_layout() == cfg.block_layout() and plan.recipes[0].per_block
+    for spec in ("l2c:2", "tokencache:2", "tokencache+l2c:2", "dynamic:2"):
+        with pytest.raises(UsageError, match=f"plan '{re.escape(spec.split(':')[0])}' is learned for models whose blocks all "
+                                             "have the same branches.*use full, fora, taylor"):
+            make_plan(spec, cfg, settings(steps=5))
 
 
 def test_a_text_only_branch_is_never_partial_or_dynamic():
