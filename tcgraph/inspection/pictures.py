@@ -1,6 +1,6 @@
 """Pictures of a plan, Pillow only: the schedule heatmap (steps x (block, branch), one
-column per branch of the plan's model (`Plan.branches`: DiT's attn, mlp; PixArt's attn, cross,
-mlp), coloured by action; forecasts in a purple ramp by their history points), kept-token masks
+column per branch of the plan's model (DiT's attn, mlp; PixArt's attn, cross, mlp; a model whose
+blocks differ: every branch any block has, blank where a block has none), coloured by action; forecasts in a purple ramp by their history points), kept-token masks
 on the patch grid for token plans, and a block-level drawing of one variant as Graphviz DOT
 text (rendered where `dot` is installed).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from tcgraph.errors import TcgraphError
 from tcgraph.files import atomic_output, atomic_write, atomic_write_text, ensure_folder
 from tcgraph.plan.plan import MAX_HISTORY, Action, Plan, Recipe
-from tcgraph.names import BRANCHES, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
+from tcgraph.names import BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
 
 COMPUTE_RGB = (33, 102, 172)  # blue
 REUSE_RGB = (222, 222, 222)  # light grey
@@ -110,8 +110,13 @@ def _branch_index(branches: tuple[str, ...], branch: str) -> int:
     return branches.index(branch)
 
 
+def plan_columns(plan: Plan) -> tuple[str, ...]:
+    """One column per branch any block has, in recipe order (a block without one leaves it blank)."""
+    return tuple(b for b in BRANCH_ORDER if any(b in block for block in plan.block_layout().branches()))
+
+
 def heatmap_layout(plan: Plan) -> HeatmapLayout:
-    return HeatmapLayout(plan.settings.num_steps, plan.depth, branches=plan.branches)
+    return HeatmapLayout(plan.settings.num_steps, plan.depth, branches=plan_columns(plan))
 
 
 def legend_entries(plan: Plan) -> list[tuple[tuple[int, int, int], str]]:
@@ -233,7 +238,7 @@ def mask_layout(plan: Plan) -> MaskLayout | None:
     if side * side != plan.num_tokens:
         raise TcgraphError(f"{plan.num_tokens} tokens do not form a square patch grid; cannot draw token masks")
     px = max(1, min(4, 48 // side))
-    return MaskLayout(tuple(steps), plan.depth, side, px=px, branches=plan.branches)
+    return MaskLayout(tuple(steps), plan.depth, side, px=px, branches=plan_columns(plan))
 
 
 def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
@@ -304,10 +309,10 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
         lines.append(f'  "in:{FORECAST_WEIGHTS}" [shape=note, style=filled, fillcolor="#e7d4e8", '
                      f'label="{FORECAST_WEIGHTS} ({size} floats, per step)"];')
     prev = "embed"
-    first, last = recipe.branches[0], recipe.branches[-1]
     for block, acts in enumerate(recipe.actions):
+        branches = recipe.block_branches(block)
         lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
-        for branch, action in zip(recipe.branches, acts):
+        for branch, action in zip(branches, acts):
             node = f"b{block}_{branch}"
             label = f"{branch}\\n{_dot_label(action)}"
             fill = _DOT_FILL.get(action.kind) or (_hex(action_color(action, plan.num_tokens))
@@ -316,12 +321,12 @@ def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
                 else "black"
             lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
                          f'label="{label}"];')
-        for a, b in zip(recipe.branches, recipe.branches[1:]):  # the branches in residual order
+        for a, b in zip(branches, branches[1:]):  # the branches in residual order
             lines.append(f'    b{block}_{a} -> b{block}_{b};')
         lines.append("  }")
-        lines.append(f"  {prev} -> b{block}_{first};")
-        prev = f"b{block}_{last}"
-        for branch, action in zip(recipe.branches, acts):
+        lines.append(f"  {prev} -> b{block}_{branches[0]};")
+        prev = f"b{block}_{branches[-1]}"
+        for branch, action in zip(branches, acts):
             name = cache_name(block, branch)
             node = f"b{block}_{branch}"
             names = (name, input_cache_name(block, branch))

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import tcgraph
 from tcgraph import api
 from tcgraph.export.artifact import load_artifact
 from tcgraph.export.blocks import GRAPH_ADAPTER, GRAPH_BLOCKS, BlockTable, old_manifest_table, variants_block_table
-from tcgraph.inspection import diff_graphs, format_report, inspect_artifact
+from tcgraph.inspection import diff_graphs, format_report, heatmap_layout, inspect_artifact, write_pictures
 from tcgraph.inspection.graph import unit_name
+from tcgraph.inspection.pictures import BACKGROUND_RGB, COMPUTE_RGB
 from tcgraph.plan import make_plan
 from tcgraph.sampling import SamplerSettings
 from tests.inspection.artifacts import STEPS, graph_of
@@ -221,7 +223,17 @@ def test_a_diffusers_dit_inspects_as_its_official_twin(fora2, diffusers_dit):
     assert "  - blocks 0-2 .mlp         11 nodes each  524.29 kFLOP each" in text
 
 
-def test_the_two_stream_toys_report(toy):
+def test_the_two_stream_toys_report_and_pictures(toy, tmp_path):
+    """Blocks whose branches differ: a column per branch any block has, blank (or -) where a block has none."""
+    plan = load_artifact(toy).plan
+    lay = heatmap_layout(plan)
+    assert lay.branches == ("attn", "mlp", "mlp_text")
+    written = {p.name: p for p in write_pictures(toy, tmp_path)}
+    img = Image.open(written["schedule_heatmap.png"]).convert("RGB")
+    assert img.getpixel(lay.cell_center(0, 1, "mlp_text")) == COMPUTE_RGB  # a double block's text MLP
+    assert img.getpixel(lay.cell_center(0, 3, "mlp_text")) == BACKGROUND_RGB  # a single block has none
+    dot = written["variant_v0.dot"].read_text()
+    assert "b1_mlp -> b1_mlp_text;" in dot and "b2_attn -> b2_mlp;" in dot and "b2_mlp_text" not in dot
     text = format_report(inspect_artifact(toy, step=1))
     assert "block  attn          mlp           mlp_text      " in text
     assert "    3  reuse         reuse         -             " in text
