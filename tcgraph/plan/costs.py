@@ -38,7 +38,7 @@ for the same plans (compute, reuse, partial(k), dynamic(k), forecast; run consta
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from tcgraph.errors import TcgraphError

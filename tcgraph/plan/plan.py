@@ -51,17 +51,17 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
+from tcgraph.names import (FORECAST_WEIGHTS, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
                            branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
                            is_constant)
 from tcgraph.plan.layout import Layout
+from tcgraph.plan.plan_json import PLAN_SCHEMA_VERSION, plan_from_dict, plan_to_dict  # noqa: F401  (re-exported)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
 from tcgraph.plan.recipe import (  # noqa: F401  (re-exported)
     CONSTANT_ROLES, Recipe, cache_step_variants, constant_roles)
 from tcgraph.sampling.settings import SamplerSettings
 
-PLAN_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -335,58 +335,17 @@ class Plan:
         outputs += [constant_name(b, br, what) for b, br in self.constant_writes(recipe) for what in RUN_CONSTANTS[br]]
         return inputs, outputs
 
-    # ---- JSON ---------------------------------------------------------------------
+    # ---- JSON (tcgraph.plan.plan_json) ----------------------------------------------
 
     def to_dict(self) -> dict:
-        variants = self.variants()
-        return {
-            "schema_version": PLAN_SCHEMA_VERSION,
-            "planner": self.planner,
-            "params": self.params,
-            "settings": self.settings.to_dict(),
-            "depth": self.depth,
-            **({"branches": list(self.branches)} if self.branches != BRANCHES and self.layout is None else {}),
-            **({"layout": self.layout.to_json()} if self.layout is not None else {}),
-            **({"carry_constants": False} if not self.carry_constants else {}),
-            "num_tokens": self.num_tokens,
-            "variants": {f"v{i}": r.to_json() for i, r in enumerate(variants)},
-            "schedule": self.schedule(),
-            **({"forecast_weights": {str(s): {_key_name(k): list(w) for k, w in ws.items()}
-                                     for s, ws in sorted(self.weights.items()) if ws}} if self.weights else {}),
-        }
+        return plan_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        version = d.get("schema_version")
-        if not isinstance(version, int):
-            raise TcgraphError("not a tcgraph plan: no integer schema_version")
-        if version > PLAN_SCHEMA_VERSION:
-            raise TcgraphError(
-                f"plan schema version {version} is newer than this tcgraph supports ({PLAN_SCHEMA_VERSION}); "
-                "upgrade tcgraph"
-            )
-        try:
-            layout = Layout.from_json(d["layout"]) if "layout" in d else None
-            branches = layout.branches() if layout is not None else tuple(d.get("branches", BRANCHES))
-            recipes = {vid: Recipe.from_json(r, branches) for vid, r in d["variants"].items()}
-            missing = sorted(set(d["schedule"]) - set(recipes))
-            if missing:
-                raise TcgraphError(f"plan schedule names variants {missing} that the plan does not define")
-            return cls(
-                planner=d["planner"],
-                settings=SamplerSettings(**d["settings"]),
-                recipes=tuple(recipes[v] for v in d["schedule"]),
-                num_tokens=int(d["num_tokens"]),
-                params=dict(d.get("params", {})),
-                weights=_read_weights(d.get("forecast_weights", {})),
-                carry_constants=_read_flag(d.get("carry_constants", True), "carry_constants"),
-                layout=layout,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None
+        return plan_from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -396,28 +355,5 @@ class Plan:
             raise TcgraphError(f"plan is not valid JSON: {e}") from None
 
 
-
-
-def _read_flag(value, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise TcgraphError(f"malformed plan: {what} must be true or false, got {value!r}")
-    return value
-
-
 def _key_name(key: CacheKey) -> str:
     return cache_name(*key)
-
-
-def _read_weights(obj) -> dict:
-    """`forecast_weights` of plan JSON ({"12": {"cache.3.attn": [2.0, -1.0]}}) as `Plan.weights`."""
-    if not isinstance(obj, dict):
-        raise TcgraphError(f"malformed plan: forecast_weights must be an object, got {type(obj).__name__}")
-    weights: dict = {}
-    for step, per in obj.items():
-        entry = weights.setdefault(int(step), {})
-        for name, w in per.items():
-            parts = name.split(".")
-            if len(parts) != 3 or parts[0] != "cache" or parts[2] not in BRANCH_ORDER or not parts[1].isdigit():
-                raise TcgraphError(f"malformed plan: forecast weights name {name!r}; expected cache.<block>.<branch>")
-            entry[(int(parts[1]), parts[2])] = tuple(float(v) for v in w)
-    return weights
