@@ -22,7 +22,7 @@ PLAN_SCHEMA_VERSION = 1
 
 
 def plan_to_dict(plan: "Plan") -> dict:
-    """The plan as JSON data (docs/design.md, \"Artifact folder\")."""
+    """The plan as JSON data (docs/design.md, "Artifact folder")."""
     variants = plan.variants()
     return {
         "schema_version": PLAN_SCHEMA_VERSION,
