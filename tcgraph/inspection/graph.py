@@ -31,24 +31,26 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export.blocks import BlockTable
 from tcgraph.names import BRANCH_ORDER, FORECAST_WEIGHTS, INPUT_SUFFIX, history_index, is_cache
+
+if TYPE_CHECKING:
+    from tcgraph.export.blocks import BlockTable  # only its methods are used here: no import of the export package
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 FLOP_OPS = ("MatMul", "Gemm", "Conv")
 UNIT_WORD = "blocks"  # the label of block units (see the module docstring): a display word, not a module path
 MODEL_UNIT = "model"  # nodes outside every block and top-level module (e.g. a SiLU all blocks share)
+NodeKey = tuple[str, str, str, int]  # (unit, scope, op_type, occurrence)
 
 
 def unit_name(block: int, branch: str | None = None) -> str:
     """Display name of a block's unit: `blocks.3.attn` for a branch, `blocks.3` for the rest of the block."""
     return f"{UNIT_WORD}.{block}" + (f".{branch}" if branch else "")
-
-NodeKey = tuple[str, str, str, int]  # (unit, scope, op_type, occurrence)
 
 
 @dataclass
