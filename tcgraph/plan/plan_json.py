@@ -7,22 +7,17 @@ plans written before them read unchanged and hash the same.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tcgraph.errors import TcgraphError
 from tcgraph.names import BRANCH_ORDER, BRANCHES, CacheKey, cache_name
 from tcgraph.plan.layout import Layout
 from tcgraph.plan.recipe import Recipe
 from tcgraph.sampling.settings import SamplerSettings
 
-if TYPE_CHECKING:
-    from tcgraph.plan.plan import Plan
-
 PLAN_SCHEMA_VERSION = 1
 
 
-def plan_to_dict(plan: "Plan") -> dict:
-    """The plan as JSON data (docs/design.md, "Artifact folder")."""
+def plan_to_dict(plan) -> dict:
+    """A `tcgraph.plan.plan.Plan` as JSON data (docs/design.md, "Artifact folder")."""
     variants = plan.variants()
     return {
         "schema_version": PLAN_SCHEMA_VERSION,
@@ -41,8 +36,8 @@ def plan_to_dict(plan: "Plan") -> dict:
     }
 
 
-def plan_from_dict(cls: type, d: dict) -> "Plan":
-    """The plan `plan_to_dict` wrote (plans of older versions read unchanged); refuses a malformed one."""
+def plan_from_dict(cls: type, d: dict):
+    """The plan (of class `cls`) `plan_to_dict` wrote (plans of older versions read unchanged); refuses a malformed one."""
     version = d.get("schema_version")
     if not isinstance(version, int):
         raise TcgraphError("not a tcgraph plan: no integer schema_version")
