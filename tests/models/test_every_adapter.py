@@ -83,5 +83,7 @@ def test_every_registered_adapter_has_a_tester():
     covered = {cls.adapter for cls in all_testers()}
     missing = [f"{a.name} ({cls.__module__}.{cls.__qualname__})" for cls, a in ADAPTERS.items() if a not in covered]
     assert not missing, f"adapters without an AdapterTester subclass in tests/models/test_every_adapter.py: {missing}"
-    assert {cls.family for cls in all_testers()} == set(FAMILIES)
-    assert all(ADAPTERS.get(cls.adapter.model_type) is cls.adapter for cls in all_testers())
+    # (test-only families, tests/models/two_stream.py, are registered only while their module runs)
+    registered = [cls for cls in all_testers() if cls.family in FAMILIES]
+    assert {cls.family for cls in registered} == set(FAMILIES)
+    assert all(ADAPTERS.get(cls.adapter.model_type) is cls.adapter for cls in registered)
