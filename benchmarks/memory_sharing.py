@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from tcgraph.names import BRANCHES
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -147,7 +148,7 @@ def distinct_recipes_plan(cfg, n: int, batch: int):
     for i in range(n):
         reused = set(branches[:i])
         recipes.append(Recipe(tuple(tuple(REUSE if (block, branch) in reused else COMPUTE for branch in range(2))
-                                    for block in range(cfg.depth))))
+                                    for block in range(cfg.depth)), BRANCHES))
     settings = SamplerSettings(num_steps=n, cfg_scale=1.0, batch=batch, resolution=cfg.input_size)
     return Plan(planner="benchmark:memory_sharing", settings=settings, recipes=tuple(recipes),
                 num_tokens=cfg.num_tokens)

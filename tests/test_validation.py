@@ -23,6 +23,7 @@ from tcgraph.models.official.dit import DiT, make_config, randomize_weights
 from tcgraph.plan import make_plan
 from tcgraph.plan.plan import Plan, Recipe
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def _tiny_model() -> DiT:
@@ -225,7 +226,7 @@ def _edit(folder, edit) -> None:
 def _fewer_blocks(manifest) -> None:
     manifest["model_config"]["depth"] = 2
     plan = Plan.from_dict(manifest["plan"])
-    plan = dataclasses.replace(plan, recipes=tuple(Recipe(r.actions[:2]) for r in plan.recipes))
+    plan = dataclasses.replace(plan, recipes=tuple(Recipe(r.actions[:2], BRANCHES) for r in plan.recipes))
     manifest["plan"] = plan.to_dict()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from tcgraph.errors import TcgraphError
 from tcgraph.files import atomic_output, atomic_write, atomic_write_text, ensure_folder
 from tcgraph.plan.plan import MAX_HISTORY, Action, Plan, Recipe
-from tcgraph.names import BRANCH_ORDER, BRANCHES, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
+from tcgraph.names import BRANCH_ORDER, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
 
 COMPUTE_RGB = (33, 102, 172)  # blue
 REUSE_RGB = (222, 222, 222)  # light grey
@@ -68,12 +68,12 @@ class HeatmapLayout:
 
     num_steps: int
     depth: int
+    branches: tuple[str, ...]  # a column per branch any block has (`plan_columns`)
     cell_w: int = 8
     cell_h: int = 8
     block_gap: int = 2  # white gap between blocks
     left: int = 36  # step labels
     top: int = 22  # block labels
-    branches: tuple[str, ...] = BRANCHES
 
     def cell_box(self, step: int, block: int, branch: str) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), x1/y1 exclusive."""
@@ -190,11 +190,11 @@ class MaskLayout:
     steps: tuple[int, ...]
     depth: int
     side: int
+    branches: tuple[str, ...]  # a column per branch any block has (`plan_columns`)
     px: int = 3
     gap: int = 3
     left: int = 30
     top: int = 18
-    branches: tuple[str, ...] = BRANCHES
 
     @property
     def cell(self) -> int:

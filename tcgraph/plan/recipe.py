@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import BRANCH_ORDER, BRANCHES, RUN_CONSTANTS, CacheKey
+from tcgraph.names import BRANCH_ORDER, RUN_CONSTANTS, CacheKey
 from tcgraph.plan.actions import Action
 
 CONSTANT_ROLES = ("", "write", "read")  # Recipe.constants
@@ -22,7 +22,7 @@ class Recipe:
     the one tuple, so that the same recipe is always the same value."""
 
     actions: tuple[tuple[Action, ...], ...]
-    branches: tuple = BRANCHES  # the model's branches, in BRANCH_ORDER (or one such tuple per block)
+    branches: tuple  # the model's branches, in BRANCH_ORDER (or one such tuple per block)
     # run constants (module docstring): "" none, "write" (a run's first step), "read" (the later
     # steps); set by the Plan, not stored in plan JSON
     constants: str = ""
@@ -45,7 +45,7 @@ class Recipe:
                                f"{list(self.block_branches(bad[0]))}")
 
     @classmethod
-    def uniform(cls, depth: int, action: Action, branches: tuple = BRANCHES) -> "Recipe":
+    def uniform(cls, depth: int, action: Action, branches: tuple) -> "Recipe":
         """Every branch of every block does `action` (`branches` one tuple, or one per block)."""
         per_block = bool(branches) and isinstance(branches[0], (tuple, list))
         return cls(tuple(tuple(action for _ in (branches[l] if per_block else branches)) for l in range(depth)),
@@ -108,7 +108,7 @@ class Recipe:
         return [[a.to_json() for a in acts] for acts in self.actions]
 
     @classmethod
-    def from_json(cls, obj, branches: tuple[str, ...] = BRANCHES) -> "Recipe":
+    def from_json(cls, obj, branches: tuple) -> "Recipe":
         return cls(tuple(tuple(Action.from_json(a) for a in acts) for acts in obj), tuple(branches))
 
 

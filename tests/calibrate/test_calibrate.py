@@ -10,6 +10,7 @@ from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Recipe
 from tcgraph.names import cache_name
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def settings(cfg_scale=2.0, steps=5):
@@ -70,7 +71,7 @@ def test_mixed_step_hard_weights_match_the_reference(tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(full_out, tiny_model(x, t, y), atol=1e-5, rtol=0)
     caches = {k: torch.randn_like(v) for k, v in used.items()}
-    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE)))
+    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE)), BRANCHES)
     weights = {cache_name(l, b): (1.0 if a.computes else 0.0) for l, b, a in recipe.items()}
     out, used = mixed_step(tiny_model, x, t, y, weights, caches)
     ref, fresh = reference_step(tiny_model, x, t, y, recipe, caches)

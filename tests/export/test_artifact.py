@@ -29,9 +29,10 @@ from tcgraph.models.official.dit import DiTConfig
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.progress import Recorder
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
-FULL = Recipe.uniform(DEPTH, COMPUTE)
-REUSE_ATTN0 = Recipe(((REUSE, COMPUTE),) + FULL.actions[1:])  # block 0 reuses its attention branch
+FULL = Recipe.uniform(DEPTH, COMPUTE, BRANCHES)
+REUSE_ATTN0 = Recipe(((REUSE, COMPUTE),) + FULL.actions[1:], BRANCHES)  # block 0 reuses its attention branch
 # The tiny variants as the plan's variants: `fill` computes everything and writes cache.0.attn (v0),
 # `reuse` reads it (v1). (`reuse` also writes a cache, which a real rewrite would not: the folder
 # checks do not compare I/O with the plan.)

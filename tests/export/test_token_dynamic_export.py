@@ -15,6 +15,7 @@ from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 from tests.export.token_plans import (
     check_onnx_on_fresh_inputs,
     check_plan_sampled_with_ort,
@@ -24,8 +25,8 @@ from tests.export.token_plans import (
 from tests.passes.test_token_dynamic import CHANGED, known_change_feeds
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
-FULL = Recipe.uniform(3, COMPUTE)
-DYN = Recipe(((dynamic(3), dynamic(5)), (REUSE, dynamic(1)), (COMPUTE, dynamic(N))))
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
+DYN = Recipe(((dynamic(3), dynamic(5)), (REUSE, dynamic(1)), (COMPUTE, dynamic(N))), BRANCHES)
 
 
 def settings(steps: int) -> SamplerSettings:
@@ -104,12 +105,12 @@ def test_ort_selects_the_changed_tokens_per_sample(tiny_model, tmp_path):
 def test_dynamic_plan_sampled_with_ort_equals_eager_reference_loop(tiny_model, tmp_path):
     """A whole plan (full, dynamic steps, full, dynamic …), transformed and sampled with the
     ORT runner, equals an eager loop of reference_step, caches and input caches carried."""
-    a = Recipe(((dynamic(5), REUSE), (REUSE, dynamic(3)), (COMPUTE, dynamic(1))))
-    b = Recipe(((REUSE, dynamic(8)), (dynamic(N - 1), REUSE), (dynamic(4), REUSE)))
+    a = Recipe(((dynamic(5), REUSE), (REUSE, dynamic(3)), (COMPUTE, dynamic(1))), BRANCHES)
+    b = Recipe(((REUSE, dynamic(8)), (dynamic(N - 1), REUSE), (dynamic(4), REUSE)), BRANCHES)
     plan, dispatch = check_plan_sampled_with_ort(tiny_model, tmp_path, (FULL, a, b, FULL, a, b), keep_inputs=True)
     assert sorted(dispatch.caches) == sorted(plan.cache_names()) and any(n.endswith(".in") for n in dispatch.caches)
 
 
 def test_dynamic_attention_stores_no_second_copy_of_qkv(tmp_path):
     """Dynamic variants add no constant indices at all."""
-    check_qkv_stored_once(tmp_path, lambda n: Recipe(((dynamic(n // 4), dynamic(n // 2)), (COMPUTE, COMPUTE))))
+    check_qkv_stored_once(tmp_path, lambda n: Recipe(((dynamic(n // 4), dynamic(n // 2)), (COMPUTE, COMPUTE)), BRANCHES))

@@ -14,6 +14,7 @@ from tcgraph.compile import build_variants
 from tcgraph.export.onnx import export_variants
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, branch_flops, partial
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 from tests.export.token_plans import (
     check_onnx_on_fresh_inputs,
     check_plan_sampled_with_ort,
@@ -21,9 +22,9 @@ from tests.export.token_plans import (
 )
 
 N, D, B = 16, 32, 4  # tiny model: tokens, hidden size; model batch (2 images x guidance)
-FULL = Recipe.uniform(3, COMPUTE)
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
 K_ATTN, K_MLP = 3, 5
-PARTIAL = Recipe(((partial([2, 7, 11]), partial([0, 4, 8, 12, 15])), (REUSE, partial([6])), (COMPUTE, REUSE)))
+PARTIAL = Recipe(((partial([2, 7, 11]), partial([0, 4, 8, 12, 15])), (REUSE, partial([6])), (COMPUTE, REUSE)), BRANCHES)
 
 
 def settings(steps: int) -> SamplerSettings:
@@ -106,15 +107,15 @@ def test_partial_q_and_mlp_tensors_have_k_rows(exported):
 def test_partial_plan_sampled_with_ort_equals_eager_reference_loop(tiny_model, tmp_path):
     """A whole plan with partial steps, transformed and sampled with the ORT runner, equals
     an eager loop of reference_step along the same schedule, caches carried step to step."""
-    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))))
-    b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)))
+    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))), BRANCHES)
+    b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)), BRANCHES)
     check_plan_sampled_with_ort(tiny_model, tmp_path, (FULL, a, b, FULL, a, b))
 
 
 def test_partial_attention_stores_no_second_copy_of_qkv(tmp_path):
     """Scatter indices are the only constants a partial variant adds to weights.bin."""
     check_qkv_stored_once(tmp_path, lambda n: Recipe(((partial(range(0, n, 4)), partial(range(0, n, 2))),
-                                                      (COMPUTE, COMPUTE))))
+                                                      (COMPUTE, COMPUTE)), BRANCHES))
 
 
 def test_norm_before_a_partial_mlp_runs_on_the_kept_rows(exported):

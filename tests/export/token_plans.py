@@ -18,6 +18,7 @@ from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, Plan, Recipe
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tcgraph.names import BRANCHES
 from tests.export.tiny_variants import param_bytes, tiny_dit
 
 
@@ -97,7 +98,7 @@ def check_qkv_stored_once(tmp_path, make_recipe) -> None:
     model = tiny_dit()
     n = model.config.num_tokens
     plan = Plan("p", SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=16),
-                (Recipe.uniform(2, COMPUTE), make_recipe(n)), n)
+                (Recipe.uniform(2, COMPUTE, BRANCHES), make_recipe(n)), n)
     entries = export_variants(build_variants(model, plan), tmp_path)
     assert entries[1]["max_abs_diff"] <= 1e-4
     assert "blocks.0.attn.qkv.weight.T" in entries[1]["external_initializers"]

@@ -66,9 +66,9 @@ def taylor_plan(taylor):
 def _mixed() -> Plan:
     """Every action kind; branches keep 3, 2, 1 (cache only) history entries; 2.mlp is dynamic."""
     s = SamplerSettings(num_steps=6, cfg_scale=2.0, batch=2, resolution=TINY.input_size)  # model batch 4
-    full = Recipe.uniform(TINY.depth, COMPUTE)
-    a = Recipe(((forecast(2), REUSE), (COMPUTE, forecast(1)), (partial([0, 1, 5]), dynamic(4))))
-    b = Recipe(((forecast(3), forecast(2)), (REUSE, forecast(2)), (forecast(2), dynamic(4))))
+    full = Recipe.uniform(TINY.depth, COMPUTE, BRANCHES)
+    a = Recipe(((forecast(2), REUSE), (COMPUTE, forecast(1)), (partial([0, 1, 5]), dynamic(4))), BRANCHES)
+    b = Recipe(((forecast(3), forecast(2)), (REUSE, forecast(2)), (forecast(2), dynamic(4))), BRANCHES)
     weights = {
         2: {(0, "attn"): (1.5, -0.5), (1, "mlp"): (0.9,)},
         4: {(0, "attn"): (3.0, -3.0, 1.0), (0, "mlp"): (2.0, -1.0), (1, "mlp"): (1.25, -0.25),

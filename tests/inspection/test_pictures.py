@@ -34,9 +34,9 @@ N = TINY.num_tokens  # 16 tokens on a 4 x 4 patch grid
 
 def _token_plan() -> Plan:
     s = SamplerSettings(num_steps=5, batch=1, resolution=TINY.input_size)
-    full = Recipe.uniform(TINY.depth, COMPUTE)
-    a = Recipe(((partial([0, 1, 5]), REUSE), (COMPUTE, partial(range(8))), (REUSE, REUSE)))
-    b = Recipe(((partial([15]), partial([2, 3])), (REUSE, REUSE), (COMPUTE, partial(range(12)))))
+    full = Recipe.uniform(TINY.depth, COMPUTE, BRANCHES)
+    a = Recipe(((partial([0, 1, 5]), REUSE), (COMPUTE, partial(range(8))), (REUSE, REUSE)), BRANCHES)
+    b = Recipe(((partial([15]), partial([2, 3])), (REUSE, REUSE), (COMPUTE, partial(range(12)))), BRANCHES)
     return Plan("hand-tokens", s, (full, a, b, a, full), N)
 
 
@@ -57,8 +57,8 @@ def test_block_view_and_focus_of_a_token_plan():
 def test_no_full_variant_falls_back_to_the_costliest():
     """A valid plan's first step computes everything, so a plan always has a full variant today;
     merged variants (max_variants) may lose it. The fallback is checked on stand-ins."""
-    heavy = Recipe(((COMPUTE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, partial(range(4)))))
-    light = Recipe(((REUSE, REUSE), (REUSE, REUSE), (REUSE, partial(range(2)))))
+    heavy = Recipe(((COMPUTE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, partial(range(4)))), BRANCHES)
+    light = Recipe(((REUSE, REUSE), (REUSE, REUSE), (REUSE, partial(range(2)))), BRANCHES)
     stand_in = SimpleNamespace(variants=lambda: [light, heavy], num_tokens=N)
     assert full_variant(stand_in) == ("v1", False)  # by computed-branch count
     assert full_variant(stand_in, {"per_variant": {"v0": 5, "v1": 9}}) == ("v1", False)

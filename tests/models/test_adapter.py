@@ -28,6 +28,7 @@ from tcgraph.passes import capture, expand_blocks, io_names, reference_step
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.plan import dynamic
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 N = 16  # tokens of the tiny model
 
@@ -197,12 +198,12 @@ def settings(steps=2):
     return SamplerSettings(num_steps=steps, batch=2, cfg_scale=2.0, resolution=8)
 
 
-FULL = Recipe.uniform(3, COMPUTE)
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
 RECIPES = {
     "full": FULL,
-    "reuse": Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE))),
-    "partial": Recipe(((partial([0, 5, 9, 13]), partial([7])), (REUSE, partial(range(1, N))), (COMPUTE, REUSE))),
-    "dynamic": Recipe(((dynamic(3), dynamic(5)), (REUSE, dynamic(1)), (COMPUTE, dynamic(N)))),
+    "reuse": Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE)), BRANCHES),
+    "partial": Recipe(((partial([0, 5, 9, 13]), partial([7])), (REUSE, partial(range(1, N))), (COMPUTE, REUSE)), BRANCHES),
+    "dynamic": Recipe(((dynamic(3), dynamic(5)), (REUSE, dynamic(1)), (COMPUTE, dynamic(N))), BRANCHES),
 }
 
 
@@ -300,7 +301,7 @@ def test_mixed_step_on_the_renamed_model(tiny_model, renamed):
         assert torch.equal(out, renamed(x, t, y))
     hard = {cache_name(0, "attn"): 0.0, cache_name(1, "mlp"): 0.0}
     out, _ = mixed_step(renamed, x, t, y, hard, caches)
-    ref, _ = reference_step(renamed, x, t, y, Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (COMPUTE, COMPUTE))), caches)
+    ref, _ = reference_step(renamed, x, t, y, Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (COMPUTE, COMPUTE)), BRANCHES), caches)
     assert (out - ref).abs().max().item() <= 1e-5
     results = []
     for model in (renamed, tiny_model):

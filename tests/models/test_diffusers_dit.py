@@ -26,6 +26,7 @@ from tcgraph.models.official.dit import DiT, DiTConfig, randomize_weights  # noq
 from tcgraph.passes import capture, expand_blocks  # noqa: E402
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, partial  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
+from tcgraph.names import BRANCHES
 from tests.export.token_plans import check_plan_sampled_with_ort  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=2, out_channels=4, num_layers=3,
@@ -71,7 +72,7 @@ def test_full_variant_graph_equals_diffusers_forward():
     model = tiny_diffusers()
     wrapped = DiffusersDiT(model)
     plan = Plan("full", SamplerSettings(num_steps=1, batch=2, cfg_scale=2.0, resolution=8),
-                (Recipe.uniform(3, COMPUTE),), wrapped.config.num_tokens)
+                (Recipe.uniform(3, COMPUTE, BRANCHES),), wrapped.config.num_tokens)
     (variant,) = build_variants(wrapped, plan)
     x, t, y = inputs()
     with torch.no_grad():
@@ -189,9 +190,9 @@ def test_transformed_plan_of_every_action_equals_the_eager_reference_loop(tmp_pa
     attention reads to_q/to_k/to_v themselves, and the user's model keeps all its modules."""
     model = DiffusersDiT(tiny_diffusers(seed=2))
     before = [name for name, _ in model.named_modules()]
-    full = Recipe.uniform(3, COMPUTE)
-    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, dynamic(4))))
-    b = Recipe(((REUSE, dynamic(8)), (partial(range(15)), REUSE), (dynamic(2), REUSE)))
+    full = Recipe.uniform(3, COMPUTE, BRANCHES)
+    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, dynamic(4))), BRANCHES)
+    b = Recipe(((REUSE, dynamic(8)), (partial(range(15)), REUSE), (dynamic(2), REUSE)), BRANCHES)
     check_plan_sampled_with_ort(model, tmp_path, (full, a, b, full, a, b), keep_inputs=True)
     assert [name for name, _ in model.named_modules()] == before
 
@@ -242,7 +243,7 @@ def test_real_weights_from_a_local_folder_equal_diffusers_forward():
     x, t, y = inputs(2, cfg.in_channels, cfg.input_size, cfg.num_classes)
     x, t, y = x[:2], t[:2], y[:2]
     plan = Plan("full", SamplerSettings(num_steps=1, batch=2, cfg_scale=1.0, resolution=cfg.input_size),
-                (Recipe.uniform(cfg.depth, COMPUTE),), cfg.num_tokens)
+                (Recipe.uniform(cfg.depth, COMPUTE, BRANCHES),), cfg.num_tokens)
     (variant,) = build_variants(model, plan)
     with torch.no_grad():
         ref = reference(x, t, y).sample

@@ -14,18 +14,19 @@ from tcgraph.passes import RewriteSpec, forecast as forecast_pass, io_names, ref
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.plan import forecast
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 C, R = COMPUTE, REUSE
 F2, F3 = forecast(2), forecast(3)
-FULL = Recipe.uniform(3, C)
+FULL = Recipe.uniform(3, C, BRANCHES)
 
 MIXED = [
-    Recipe(((F2, C), (R, F3), (partial([0, 3, 9]), C))),
-    Recipe(((F3, F3), (F2, F2), (F2, R))),
-    Recipe(((C, F2), (partial(range(8)), R), (F3, C))),
-    Recipe(((R, R), (C, C), (forecast(1), F2))),
-    Recipe(((forecast(4), partial([15])), (F3, R), (C, F2))),
-    Recipe.uniform(3, F3),
+    Recipe(((F2, C), (R, F3), (partial([0, 3, 9]), C)), BRANCHES),
+    Recipe(((F3, F3), (F2, F2), (F2, R)), BRANCHES),
+    Recipe(((C, F2), (partial(range(8)), R), (F3, C)), BRANCHES),
+    Recipe(((R, R), (C, C), (forecast(1), F2)), BRANCHES),
+    Recipe(((forecast(4), partial([15])), (F3, R), (C, F2)), BRANCHES),
+    Recipe.uniform(3, F3, BRANCHES),
 ]
 
 
@@ -63,12 +64,12 @@ def test_mixed_recipes_match_the_reference(tiny_model, idx):
 
 def test_reference_forecast_differs_from_reuse(tiny_model):
     """The reference is not trivially right: a forecast with weights (1, 0) is reuse, (2, -1) is not."""
-    recipe = Recipe(((F2, C), (C, C), (C, C)))
+    recipe = Recipe(((F2, C), (C, C), (C, C)), BRANCHES)
     plan = plan_with(recipe)
     feeds = example_inputs(tiny_model, plan, plan.variant_io(recipe)[0], recipe=recipe)
     args = feeds["x"], feeds["t"], feeds["y"]
     caches = {n: v for n, v in feeds.items() if n not in ("x", "t", "y")}
-    reuse_out, _ = reference_step(tiny_model, *args, Recipe(((R, C), (C, C), (C, C))), caches)
+    reuse_out, _ = reference_step(tiny_model, *args, Recipe(((R, C), (C, C), (C, C)), BRANCHES), caches)
     one, _ = reference_step(tiny_model, *args, recipe, {**caches, FORECAST_WEIGHTS: torch.tensor([1.0, 0.0])})
     two, _ = reference_step(tiny_model, *args, recipe, {**caches, FORECAST_WEIGHTS: torch.tensor([2.0, -1.0])})
     assert torch.allclose(one, reuse_out, atol=1e-6)
@@ -84,7 +85,7 @@ def test_forecast_graph_equals_reuse_of_the_weighted_sum(tiny_model, idx):
     gm = rewrite_variant(tiny_model, plan, recipe)
     ins, _ = io_names(gm)
     feeds = example_inputs(tiny_model, plan, ins, seed=10 + idx, recipe=recipe)
-    as_reuse = Recipe(tuple(tuple(R if a.kind == "forecast" else a for a in pair) for pair in recipe.actions))
+    as_reuse = Recipe(tuple(tuple(R if a.kind == "forecast" else a for a in pair) for pair in recipe.actions), BRANCHES)
     plan_r = Plan("r", settings(5), (FULL,) * 4 + (as_reuse,), 16)
     gm_r = rewrite_variant(tiny_model, plan_r, as_reuse)
     ins_r, _ = io_names(gm_r)
@@ -106,10 +107,10 @@ def test_forecast_of_fresh_history_equals_the_full_model(tiny_model):
     """History from the full model at this very step, split as H_0 = 3/4·y, H_1 = y/2, H_2 = y with
     weights (2, -1, 0) (and (1,) for forecast(1), (0.5, 0.5) for a forecast(2)): the full output.
     Checks that the fresh gate multiplies the forecast and that history is the pre-gate output."""
-    plan0 = plan_with(Recipe.uniform(3, F3))
+    plan0 = plan_with(Recipe.uniform(3, F3, BRANCHES))
     feeds = example_inputs(tiny_model, plan0, ["x", "t", "y"])
     full_out, fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], FULL, {})
-    recipe = Recipe(((F3, forecast(1)), (F2, F3), (F3, F3)))
+    recipe = Recipe(((F3, forecast(1)), (F2, F3), (F3, F3)), BRANCHES)
     plan = plan_with(recipe)
     gm = rewrite_variant(tiny_model, plan, recipe)
     ins, _ = io_names(gm)

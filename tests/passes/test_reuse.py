@@ -11,6 +11,7 @@ from tcgraph.passes import (RewriteSpec, cache_io, capture, expand_blocks, forec
                             run_constants, token_prune)
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan, partial
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def settings(steps=6):
@@ -19,7 +20,7 @@ def settings(steps=6):
 
 def test_reference_full_recipe_equals_model(tiny_model):
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 5])
-    out, fresh = reference_step(tiny_model, x, t, y, Recipe.uniform(3, COMPUTE), {})
+    out, fresh = reference_step(tiny_model, x, t, y, Recipe.uniform(3, COMPUTE, BRANCHES), {})
     assert torch.allclose(out, tiny_model(x, t, y), atol=1e-6)
     assert sorted(fresh) == sorted(f"cache.{l}.{b}" for l in range(3) for b in ("attn", "mlp"))
 
@@ -28,22 +29,22 @@ def test_reuse_of_freshly_computed_caches_equals_full(tiny_model):
     """Reusing exactly what this step would compute must give the full output: checks the
     gate stays fresh and the cache is the pre-gate branch output."""
     feeds = example_inputs(tiny_model, make_plan("full", tiny_model.config, settings()), ["x", "t", "y"])
-    full_out, fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], Recipe.uniform(3, COMPUTE), {})
-    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE)))
-    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE), recipe), 16)
+    full_out, fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], Recipe.uniform(3, COMPUTE, BRANCHES), {})
+    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, REUSE)), BRANCHES)
+    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE, BRANCHES), recipe), 16)
     gm = rewrite_variant(tiny_model, plan, recipe)
     ins, _ = io_names(gm)
     out = gm(*[feeds[n] if n in feeds else fresh[n] for n in ins])
     assert torch.allclose(out, full_out, atol=1e-5)
 
 
-ALL_RECIPES = [Recipe(tuple(zip(a[::2], a[1::2]))) for a in itertools.product([COMPUTE, REUSE], repeat=6)]
+ALL_RECIPES = [Recipe(tuple(zip(a[::2], a[1::2])), BRANCHES) for a in itertools.product([COMPUTE, REUSE], repeat=6)]
 
 
 @pytest.mark.parametrize("idx", range(0, 64, 7))
 def test_each_recipe_matches_reference(tiny_model, idx):
     recipe = ALL_RECIPES[idx]
-    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE), recipe), 16)
+    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE, BRANCHES), recipe), 16)
     gm = rewrite_variant(tiny_model, plan, recipe)
     ins, outs = io_names(gm)
     assert ins == ["x", "t", "y"] + [f"cache.{l}.{b}" for l, b, a in recipe.items() if a == REUSE]
@@ -94,20 +95,20 @@ def test_cached_steps_differ_from_full(tiny_model):
 
 def test_bad_specs_are_refused(tiny_model):
     with pytest.raises(TcgraphError, match="does not compute"):
-        RewriteSpec(Recipe.uniform(3, REUSE), ((0, "attn"),))
+        RewriteSpec(Recipe.uniform(3, REUSE, BRANCHES), ((0, "attn"),))
     with pytest.raises(TcgraphError, match="3 blocks"):
-        RewriteSpec(Recipe.uniform(3, COMPUTE), ((3, "attn"),))
+        RewriteSpec(Recipe.uniform(3, COMPUTE, BRANCHES), ((3, "attn"),))
     gm = expand_blocks(capture(tiny_model).gm)
     with pytest.raises(TcgraphError, match="blocks"):
-        cache_io(gm, RewriteSpec(Recipe.uniform(2, COMPUTE)))
+        cache_io(gm, RewriteSpec(Recipe.uniform(2, COMPUTE, BRANCHES)))
 
 
 def test_passes_are_independent_steps(tiny_model):
     """cache_io only adds I/O (the cache inputs have no users yet, every branch still runs);
     reuse then connects them; each pass leaves a linted graph. A pipeline that leaves out the
     pass of an action is caught by the numerical check, not silently exported."""
-    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (partial([1, 2]), COMPUTE)))
-    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE), recipe), 16)
+    recipe = Recipe(((REUSE, COMPUTE), (COMPUTE, REUSE), (partial([1, 2]), COMPUTE)), BRANCHES)
+    plan = Plan("p", settings(2), (Recipe.uniform(3, COMPUTE, BRANCHES), recipe), 16)
     spec = RewriteSpec.of(plan, recipe)
     gm = cache_io(expand_blocks(capture(tiny_model).gm), spec)
     ins, outs = io_names(gm)

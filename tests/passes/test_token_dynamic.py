@@ -17,11 +17,12 @@ from tcgraph.passes import RewriteSpec, io_names, reference_step
 from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, dynamic
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 from tests.passes.test_token_prune import manual_attention_rows
 
 N = 16  # tokens of the tiny model (8x8 input, patch 2)
 B = 4  # model batch: 2 images x guidance
-FULL = Recipe.uniform(3, COMPUTE)
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
 
 
 def settings(steps=2):
@@ -36,11 +37,11 @@ def plan_for(recipe: Recipe) -> Plan:
 RECIPES = {
     f"{where}_k{k}": Recipe(tuple(
         ((dynamic(k) if where in ("attn", "both") else COMPUTE), (dynamic(k) if where in ("mlp", "both") else COMPUTE))
-        if l == 1 else (COMPUTE, REUSE) if l == 2 else (COMPUTE, COMPUTE) for l in range(3)))
+        if l == 1 else (COMPUTE, REUSE) if l == 2 else (COMPUTE, COMPUTE) for l in range(3)), BRANCHES)
     for where in ("attn", "mlp", "both") for k in (1, N - 1, N)
 }
-RECIPES["every_branch_mixed_k"] = Recipe(((dynamic(3), dynamic(7)), (dynamic(1), dynamic(N)), (dynamic(N - 1), dynamic(2))))
-RECIPES["with_reuse"] = Recipe(((REUSE, dynamic(5)), (dynamic(9), REUSE), (COMPUTE, dynamic(4))))
+RECIPES["every_branch_mixed_k"] = Recipe(((dynamic(3), dynamic(7)), (dynamic(1), dynamic(N)), (dynamic(N - 1), dynamic(2))), BRANCHES)
+RECIPES["with_reuse"] = Recipe(((REUSE, dynamic(5)), (dynamic(9), REUSE), (COMPUTE, dynamic(4))), BRANCHES)
 
 
 def _rows_changed(old, new):
@@ -80,7 +81,7 @@ def test_dynamic_graph_structure_and_shapes(tiny_model):
     """Queries, the attention rows, proj and the MLP run on k rows; keys and values on all N;
     new nodes carry block and branch; no parameter is added or copied."""
     k_attn, k_mlp = 3, 5
-    recipe = Recipe(((dynamic(k_attn), dynamic(k_mlp)), (COMPUTE, COMPUTE), (REUSE, COMPUTE)))
+    recipe = Recipe(((dynamic(k_attn), dynamic(k_mlp)), (COMPUTE, COMPUTE), (REUSE, COMPUTE)), BRANCHES)
     plan = plan_for(recipe)
     gm = rewrite_variant(tiny_model, plan, recipe)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -166,7 +167,7 @@ def test_reference_equals_manual_definition(tiny_model, name):
 
 
 def test_dynamic_of_all_tokens_equals_compute(tiny_model):
-    recipe = Recipe.uniform(3, dynamic(N))
+    recipe = Recipe.uniform(3, dynamic(N), BRANCHES)
     feeds = _feeds(tiny_model, recipe, seed=3)
     out, fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], recipe, _caches(feeds))
     full_out, full_fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], FULL, {}, keep_inputs=True)
@@ -205,7 +206,7 @@ def known_change_feeds(model, l, branch, k, seed=0):
     input equals the full step's, so `.in` = full u except CHANGED rows (perturbed by growing
     amounts), and the output cache = full output + 1 (so a recomputed row is visible)."""
     recipe = Recipe(tuple(tuple(dynamic(k) if (ll, br) == (l, branch) else COMPUTE for br in ("attn", "mlp"))
-                          for ll in range(3)))
+                          for ll in range(3)), BRANCHES)
     feeds = _feeds(model, recipe, seed=seed)
     _, full = reference_step(model, feeds["x"], feeds["t"], feeds["y"], FULL, {}, keep_inputs=True)
     key = f"cache.{l}.{branch}"
@@ -252,8 +253,8 @@ def test_selection_is_the_topk_changed_tokens_per_sample(tiny_model, branch, k):
 
 def dynamic_plan(steps=6) -> Plan:
     """full, dynamic steps (with reuse), full, dynamic …"""
-    a = Recipe(((dynamic(5), REUSE), (REUSE, dynamic(3)), (COMPUTE, dynamic(1))))
-    b = Recipe(((REUSE, dynamic(8)), (dynamic(N - 1), REUSE), (dynamic(2), dynamic(N))))
+    a = Recipe(((dynamic(5), REUSE), (REUSE, dynamic(3)), (COMPUTE, dynamic(1))), BRANCHES)
+    b = Recipe(((REUSE, dynamic(8)), (dynamic(N - 1), REUSE), (dynamic(2), dynamic(N))), BRANCHES)
     return Plan("dyn", settings(steps), (FULL, a, b, FULL, a, b)[:steps], N)
 
 
@@ -289,7 +290,7 @@ def test_dynamic_plan_steps_equal_reference_along_a_trajectory(tiny_model):
 
 
 def test_dynamic_k_out_of_range_is_refused_by_the_spec():
-    recipe = Recipe(((dynamic(0), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2)
+    recipe = Recipe(((dynamic(0), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2, BRANCHES)
     with pytest.raises(TcgraphError, match="k >= 1"):
         RewriteSpec(recipe)
 

@@ -15,9 +15,10 @@ from tcgraph.passes import RewriteSpec, io_names, reference_step
 from tcgraph.passes.meta import META_BLOCK, META_BRANCH
 from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, partial
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 N = 16  # tokens of the tiny model (8x8 input, patch 2)
-FULL = Recipe.uniform(3, COMPUTE)
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
 
 
 def settings(steps=2):
@@ -41,15 +42,15 @@ def _random_recipe(seed: int) -> Recipe:
     for _ in range(3):
         pair = [rng.choice(choices) for _ in range(2)]
         pairs.append(tuple(random_partial(rng, rng.randint(1, N)) if a == "P" else a for a in pair))
-    return Recipe(tuple(pairs))
+    return Recipe(tuple(pairs), BRANCHES)
 
 
 RECIPES = {
-    "attn_partial": Recipe(((partial([0, 5, 9, 13]), COMPUTE), (COMPUTE, COMPUTE), (REUSE, COMPUTE))),
-    "mlp_partial_k1_and_n-1": Recipe(((COMPUTE, partial([7])), (REUSE, REUSE), (COMPUTE, partial(range(1, N))))),
+    "attn_partial": Recipe(((partial([0, 5, 9, 13]), COMPUTE), (COMPUTE, COMPUTE), (REUSE, COMPUTE)), BRANCHES),
+    "mlp_partial_k1_and_n-1": Recipe(((COMPUTE, partial([7])), (REUSE, REUSE), (COMPUTE, partial(range(1, N)))), BRANCHES),
     "both_k1_n-1_all": Recipe(((partial([3]), partial(range(N - 1))), (partial(range(0, N, 2)), REUSE),
-                               (COMPUTE, partial(range(N))))),
-    "every_branch_partial": Recipe(tuple((partial([l, l + 4]), partial([15 - l])) for l in range(3))),
+                               (COMPUTE, partial(range(N)))), BRANCHES),
+    "every_branch_partial": Recipe(tuple((partial([l, l + 4]), partial([15 - l])) for l in range(3)), BRANCHES),
     **{f"random{s}": _random_recipe(s) for s in range(4)},
 }
 
@@ -80,7 +81,7 @@ def test_partial_recipes_match_reference(tiny_model, name):
 def test_partial_graph_structure(tiny_model):
     """A partial attention no longer calls `attn` (only its `proj`); a partial MLP still calls
     `mlp`, on k rows; every new node carries its block and branch."""
-    recipe = Recipe(((partial([1, 2]), partial([4])), (COMPUTE, COMPUTE), (REUSE, COMPUTE)))
+    recipe = Recipe(((partial([1, 2]), partial([4])), (COMPUTE, COMPUTE), (REUSE, COMPUTE)), BRANCHES)
     gm = rewrite_variant(tiny_model, plan_for(recipe), recipe)
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert "blocks.0.attn" not in called and "blocks.0.attn.proj" in called
@@ -100,7 +101,7 @@ def test_partial_shapes_show_the_pruned_work(tiny_model):
     """fx shapes: the q projection, attention rows, proj and the MLP run on k rows;
     keys and values on all N."""
     k_attn, k_mlp = 3, 5
-    recipe = Recipe(((partial(range(k_attn)), partial(range(5, 5 + k_mlp))), (COMPUTE, COMPUTE), (COMPUTE, COMPUTE)))
+    recipe = Recipe(((partial(range(k_attn)), partial(range(5, 5 + k_mlp))), (COMPUTE, COMPUTE), (COMPUTE, COMPUTE)), BRANCHES)
     plan = plan_for(recipe)
     gm = rewrite_variant(tiny_model, plan, recipe)
     ins, _ = io_names(gm)
@@ -180,7 +181,7 @@ def test_reference_equals_manual_definition(tiny_model, name):
 
 def test_reference_partial_of_all_tokens_equals_compute(tiny_model):
     everything = partial(range(N))
-    recipe = Recipe.uniform(3, everything)
+    recipe = Recipe.uniform(3, everything, BRANCHES)
     feeds = _feeds(tiny_model, recipe, seed=3)
     caches = {k: v for k, v in feeds.items() if k.startswith("cache.")}
     out, fresh = reference_step(tiny_model, feeds["x"], feeds["t"], feeds["y"], recipe, caches)
@@ -215,8 +216,8 @@ def test_reference_keeps_rows_outside_idx_bit_for_bit(tiny_model):
 
 def partial_plan(steps=6) -> Plan:
     """full, then steps mixing reuse and partial; the round structure repeats one recipe."""
-    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))))
-    b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)))
+    a = Recipe(((partial([0, 3, 6, 9, 12]), REUSE), (REUSE, partial([1, 2, 3])), (COMPUTE, partial([15]))), BRANCHES)
+    b = Recipe(((REUSE, partial(range(8))), (partial(range(N - 1)), REUSE), (partial([4, 5]), REUSE)), BRANCHES)
     recipes = (FULL, a, b, FULL, a, b)[:steps]
     return Plan("tokens", settings(steps), recipes, N)
 
@@ -252,9 +253,9 @@ def test_partial_plan_steps_equal_reference_along_a_trajectory(tiny_model):
 
 def test_empty_or_negative_partial_is_refused():
     with pytest.raises(TcgraphError, match="reuse"):
-        RewriteSpec(Recipe(((Action("partial", ()), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2))
+        RewriteSpec(Recipe(((Action("partial", ()), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2, BRANCHES))
     with pytest.raises(TcgraphError, match=">= 0"):
-        RewriteSpec(Recipe(((Action("partial", (-1, 2)), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2))
+        RewriteSpec(Recipe(((Action("partial", (-1, 2)), COMPUTE),) + ((COMPUTE, COMPUTE),) * 2, BRANCHES))
 
 
 def test_token_prune_never_mutates_the_model(tiny_model):

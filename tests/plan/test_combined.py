@@ -10,13 +10,14 @@ from tcgraph.plan import COMPUTE, REUSE, Recipe, make_plan
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.planners.combined import CombinedConfig, prune_recipes, prune_to_target, token_floor
 from tcgraph.plan.learning.evaluate import speedup_of
+from tcgraph.names import BRANCHES
 
 
 def test_prune_recipes_follows_the_definition():
     depth, n = 3, 16
-    full = Recipe.uniform(depth, COMPUTE)
-    a = Recipe(((REUSE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, REUSE)))
-    b = Recipe(((COMPUTE, REUSE), (REUSE, REUSE), (COMPUTE, COMPUTE)))
+    full = Recipe.uniform(depth, COMPUTE, BRANCHES)
+    a = Recipe(((REUSE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, REUSE)), BRANCHES)
+    b = Recipe(((COMPUTE, REUSE), (REUSE, REUSE), (COMPUTE, COMPUTE)), BRANCHES)
     base = (full, a, b, full, a, b, a)
     scores = torch.randn(7, depth, n, generator=torch.Generator().manual_seed(0))
     keep = [n, 5, 0]
@@ -42,8 +43,8 @@ def test_prune_recipes_follows_the_definition():
 
 def test_prune_to_target_is_greedy_block_selection(tiny_config):
     depth, n = 3, tiny_config.num_tokens
-    full = Recipe.uniform(depth, COMPUTE)
-    a = Recipe(((REUSE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, REUSE)))
+    full = Recipe.uniform(depth, COMPUTE, BRANCHES)
+    a = Recipe(((REUSE, COMPUTE), (COMPUTE, COMPUTE), (COMPUTE, REUSE)), BRANCHES)
     base = (full, a, a, full, a, a)
     scores = torch.randn(6, depth, n, generator=torch.Generator().manual_seed(1))
     floor = token_floor(n, 0.25)

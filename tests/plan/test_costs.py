@@ -20,6 +20,7 @@ from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, dynamic, make_plan, parti
 from tcgraph.plan.costs import BranchCost, CostTable, measure_costs, plan_costs, predict_flops
 from tcgraph.plan.flops import branch_flops, fixed_flops, plan_flops
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 BATCH = 4  # model batch: 2 images, guidance doubles them
 TEXT = 7  # text tokens of the PixArt cases
@@ -77,11 +78,11 @@ def test_dit_plans_equal_plan_flops(dits):
     cfg = model.config
     settings = SamplerSettings(num_steps=10, batch=2, cfg_scale=2.0, resolution=cfg.input_size)
     n, depth = cfg.num_tokens, cfg.depth
-    hand = [Recipe.uniform(depth, COMPUTE)]
+    hand = [Recipe.uniform(depth, COMPUTE, BRANCHES)]
     for s in range(1, 10):  # partial attention, dynamic MLP, reuse in between
         acts = [(partial(range(0, n, 1 + (s + l) % 4)), dynamic(5 + s)) if (s + l) % 3 else (REUSE, REUSE)
                 for l in range(depth)]
-        hand.append(Recipe(tuple(acts)))
+        hand.append(Recipe(tuple(acts), BRANCHES))
     plans = [make_plan("fora:3", cfg, settings), make_plan("full", cfg, settings),
              Plan("hand", settings, tuple(hand), n)]
     for plan in plans:

@@ -21,6 +21,7 @@ from tcgraph.plan import (COMPUTE, REUSE, Action, Plan, Recipe, branch_flops, ma
 from tcgraph.plan.learning.extrapolate import fit_weights, lagrange_weights, normal_equations, solve_weights, taylor_weights
 from tcgraph.plan.plan import MAX_HISTORY, forecast
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 C, R = COMPUTE, REUSE
 F2, F3 = forecast(2), forecast(3)
@@ -201,7 +202,7 @@ def test_forecast_action_basics():
 
 def _u(a, m=None):
     """A 2-block recipe: block 0 (a, m), block 1 compute."""
-    return Recipe(((a, m or a), (C, C)))
+    return Recipe(((a, m or a), (C, C)), BRANCHES)
 
 
 def test_forecast_needs_enough_earlier_computes():
@@ -245,9 +246,9 @@ def test_bad_weights_are_refused(weights, match):
 
 def _mixed_plan(steps=8):
     """3 blocks: attn of block 0 forecast from up to 3 points, mlp of block 1 from 2, block 2 partial/reuse."""
-    full = Recipe.uniform(3, C)
-    a = Recipe(((F2, R), (R, F2), (partial([0, 5]), C)))
-    b = Recipe(((F3, C), (C, F2), (R, R)))
+    full = Recipe.uniform(3, C, BRANCHES)
+    a = Recipe(((F2, R), (R, F2), (partial([0, 5]), C)), BRANCHES)
+    b = Recipe(((F3, C), (C, F2), (R, R)), BRANCHES)
     recipes = [full, full, a, full, b, a, full, b][:steps]
     w = {}
     for s, r in enumerate(recipes):
@@ -308,7 +309,7 @@ def test_variant_io_of_a_forecast_recipe():
     # the full step writes every branch some step reads; no recipe writes history names
     assert plan.variant_io(full) == (["x", "t", "y"], ["out"] + [f"cache.{l}.{br}" for l in range(3)
                                                                  for br in ("attn", "mlp")])
-    assert plan.variant_io(Recipe.uniform(3, R))[0][-1] != "forecast.w"
+    assert plan.variant_io(Recipe.uniform(3, R, BRANCHES))[0][-1] != "forecast.w"
 
 
 def test_step_weights_layout():
@@ -343,7 +344,7 @@ def test_history_bookkeeping_and_cache_memory():
     b, n, d = plan.settings.model_batch, 16, 32
     assert b == 4
     assert plan.cache_bytes(d) == 9 * b * n * d * 4 and plan.cache_bytes(d, itemsize=2) == 9 * b * n * d * 2
-    fora = Plan("f", plan.settings, tuple(Recipe.uniform(3, C) if r.is_full else Recipe.uniform(3, R)
+    fora = Plan("f", plan.settings, tuple(Recipe.uniform(3, C, BRANCHES) if r.is_full else Recipe.uniform(3, R, BRANCHES)
                                           for r in plan.recipes), 16)
     assert plan.cache_bytes(d) - fora.cache_bytes(d) == 3 * b * n * d * 4  # h1, h2 of 0.attn and h1 of 1.mlp
 
@@ -365,7 +366,7 @@ def test_flops_of_forecast_branches():
     plan = _mixed_plan()
     full, a, b = plan.variants()
     batch = plan.settings.model_batch
-    reuse_a = Recipe(tuple(tuple(R if x.kind == "forecast" else x for x in pair) for pair in a.actions))
+    reuse_a = Recipe(tuple(tuple(R if x.kind == "forecast" else x for x in pair) for pair in a.actions), BRANCHES)
     assert recipe_flops(cfg, a, batch) == recipe_flops(cfg, reuse_a, batch)
     f = plan_flops(cfg, plan)
     assert f["per_variant"]["v1"] == recipe_flops(cfg, a, batch)

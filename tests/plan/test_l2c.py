@@ -21,6 +21,7 @@ from tcgraph.plan.planners.l2c import (
 )
 from tcgraph.plan.learning.common import cache_steps, candidate_intervals, max_speedup, rounds
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def settings(steps=6, cfg_scale=2.0):
@@ -65,7 +66,7 @@ def test_target_is_met_with_the_least_important_reused(tiny_config, target):
     back = list(recipes)
     acts = [list(p) for p in back[s].actions]
     acts[l][j] = COMPUTE
-    back[s] = Recipe(tuple(tuple(p) for p in acts))
+    back[s] = Recipe(tuple(tuple(p) for p in acts), BRANCHES)
     assert speedup_of(tiny_config, back) < target
 
 

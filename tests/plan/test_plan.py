@@ -5,6 +5,7 @@ import pytest
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, REUSE, Action, Plan, Recipe, make_plan, partial, plan_flops
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def settings(steps=10, batch=2, cfg=2.0, res=8):
@@ -58,8 +59,8 @@ def test_partial_flops_between_reuse_and_compute(tiny_config):
 
 def test_json_round_trip(tiny_config):
     depth = tiny_config.depth
-    mixed = Recipe(((COMPUTE, REUSE), (partial([3, 1, 2]), COMPUTE), (REUSE, REUSE)))
-    recipes = (Recipe.uniform(depth, COMPUTE), mixed, mixed, Recipe.uniform(depth, COMPUTE))
+    mixed = Recipe(((COMPUTE, REUSE), (partial([3, 1, 2]), COMPUTE), (REUSE, REUSE)), BRANCHES)
+    recipes = (Recipe.uniform(depth, COMPUTE, BRANCHES), mixed, mixed, Recipe.uniform(depth, COMPUTE, BRANCHES))
     plan = Plan("custom", settings(steps=4), recipes, tiny_config.num_tokens, params={"a": 1})
     text = plan.to_json()
     back = Plan.from_json(text)
@@ -69,7 +70,7 @@ def test_json_round_trip(tiny_config):
 
 
 def test_reading_a_never_written_cache_is_refused(tiny_config):
-    recipes = (Recipe.uniform(3, REUSE),) + (Recipe.uniform(3, COMPUTE),)
+    recipes = (Recipe.uniform(3, REUSE, BRANCHES),) + (Recipe.uniform(3, COMPUTE, BRANCHES),)
     with pytest.raises(TcgraphError, match="no earlier step computed"):
         Plan("bad", settings(steps=2), recipes, 16)
 
@@ -86,7 +87,7 @@ def test_bad_plans_are_refused(tiny_config):
     with pytest.raises(TcgraphError, match="not valid JSON"):
         Plan.from_json("{")
     with pytest.raises(TcgraphError, match="out of range"):
-        Plan("p", settings(steps=2), (Recipe.uniform(3, COMPUTE), Recipe(((partial([99]), COMPUTE),) * 3)), 16)
+        Plan("p", settings(steps=2), (Recipe.uniform(3, COMPUTE, BRANCHES), Recipe(((partial([99]), COMPUTE),) * 3, BRANCHES)), 16)
     with pytest.raises(TcgraphError):
         Action("skip")
 
@@ -103,10 +104,10 @@ def test_recipes_of_a_three_branch_model_round_trip_and_order_their_caches():
     assert plan.cache_names() == ["cache.0.attn", "cache.0.mlp", "cache.1.cross", "cache.1.mlp"]
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.branches == three
-    assert "branches" not in Plan("d", plan.settings, (Recipe.uniform(2, COMPUTE),) * 2, 4).to_dict()
+    assert "branches" not in Plan("d", plan.settings, (Recipe.uniform(2, COMPUTE, BRANCHES),) * 2, 4).to_dict()
     with pytest.raises(TcgraphError, match="not one per branch"):
         Recipe(((COMPUTE, COMPUTE),), three)
     with pytest.raises(TcgraphError, match="in that order"):
         Recipe(((COMPUTE, COMPUTE),), ("mlp", "attn"))
     with pytest.raises(TcgraphError, match="disagree on the branches"):
-        Plan("p", plan.settings, (full, Recipe.uniform(2, COMPUTE)), 4)
+        Plan("p", plan.settings, (full, Recipe.uniform(2, COMPUTE, BRANCHES)), 4)

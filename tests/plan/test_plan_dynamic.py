@@ -8,10 +8,11 @@ from tcgraph.errors import TcgraphError
 from tcgraph.plan import branch_flops, plan_flops
 from tcgraph.plan.plan import COMPUTE, REUSE, Action, Plan, Recipe, dynamic, partial
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 N = 16
-FULL = Recipe.uniform(3, COMPUTE)
-DYN = Recipe(((dynamic(3), REUSE), (COMPUTE, dynamic(N)), (REUSE, REUSE)))
+FULL = Recipe.uniform(3, COMPUTE, BRANCHES)
+DYN = Recipe(((dynamic(3), REUSE), (COMPUTE, dynamic(N)), (REUSE, REUSE)), BRANCHES)
 
 
 def settings(steps):
@@ -67,13 +68,13 @@ def test_io_names_with_input_caches():
 def test_validate_refuses_out_of_range_k_and_mixing_with_partial():
     for k in (0, -1, N + 1):
         with pytest.raises(TcgraphError, match=f"k={k} out of range 1..{N}"):
-            plan(FULL, Recipe(((dynamic(k), COMPUTE),) * 3))
-    plan(FULL, Recipe(((dynamic(1), dynamic(N)),) * 3))  # the bounds themselves are fine
+            plan(FULL, Recipe(((dynamic(k), COMPUTE),) * 3, BRANCHES))
+    plan(FULL, Recipe(((dynamic(1), dynamic(N)),) * 3, BRANCHES))  # the bounds themselves are fine
     with pytest.raises(TcgraphError, match="no earlier step computed"):
-        plan(Recipe(((dynamic(2), COMPUTE),) * 3), FULL)
+        plan(Recipe(((dynamic(2), COMPUTE),) * 3, BRANCHES), FULL)
     with pytest.raises(TcgraphError, match="partial at some steps and dynamic"):
-        plan(FULL, Recipe(((dynamic(2), COMPUTE),) * 3), Recipe(((partial([1]), COMPUTE),) * 3))
-    plan(FULL, Recipe(((dynamic(2), partial([3])),) * 3))  # different branches may differ
+        plan(FULL, Recipe(((dynamic(2), COMPUTE),) * 3, BRANCHES), Recipe(((partial([1]), COMPUTE),) * 3, BRANCHES))
+    plan(FULL, Recipe(((dynamic(2), partial([3])),) * 3, BRANCHES))  # different branches may differ
 
 
 def test_flops_dynamic_is_partial_plus_score(tiny_config):
@@ -95,7 +96,7 @@ def test_inspection_renders_dynamic(tiny_config, tmp_path):
     )
     from tcgraph.inspection.report import block_view
 
-    mixed = Recipe(((dynamic(3), partial([1, 2])), (COMPUTE, dynamic(N)), (REUSE, REUSE)))
+    mixed = Recipe(((dynamic(3), partial([1, 2])), (COMPUTE, dynamic(N)), (REUSE, REUSE)), BRANCHES)
     p = plan(FULL, mixed, DYN)
     info = inspect_plan(p, tiny_config.to_dict(), variant="v1")
     assert info["action_counts"] == {"compute": 8, "reuse": 5, "partial": 1, "dynamic": 4}

@@ -29,6 +29,7 @@ from tcgraph.plan.learning.tprr import (
     tprr_rounds,
 )
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 
 
 def settings(steps=6, cfg_scale=2.0):
@@ -370,9 +371,9 @@ def test_to_dynamic_keeps_schedule_and_counts(tiny_config):
     from tcgraph.plan.flops import branch_flops
     from tcgraph.plan.planners.tokencache import to_dynamic
 
-    full = Recipe.uniform(3, COMPUTE)
-    a = Recipe(((partial([0, 3, 5]), partial([0, 3, 5])), (COMPUTE, REUSE), (partial([1]), COMPUTE)))
-    b = Recipe(((partial([2, 4, 6]), partial([2, 4, 6])), (COMPUTE, REUSE), (partial([7]), COMPUTE)))
+    full = Recipe.uniform(3, COMPUTE, BRANCHES)
+    a = Recipe(((partial([0, 3, 5]), partial([0, 3, 5])), (COMPUTE, REUSE), (partial([1]), COMPUTE)), BRANCHES)
+    b = Recipe(((partial([2, 4, 6]), partial([2, 4, 6])), (COMPUTE, REUSE), (partial([7]), COMPUTE)), BRANCHES)
     plan = Plan("tokencache:1.5x", SamplerSettings(num_steps=4, batch=1, resolution=8), (full, a, b, full), 16, {})
     dyn = to_dynamic(plan)
     assert dyn.planner == "dynamic:1.5x" and dyn.params["token_choice"].startswith("dynamic")

@@ -19,11 +19,12 @@ from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.runtime.ort import OrtRunner
 from tcgraph.runtime.ort.combined import SELECTOR, combine_variants, output_name
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+from tcgraph.names import BRANCHES
 
-FULL = Recipe.uniform(2, C)
-P = Recipe(((C, partial(range(5))), (partial(range(3, 16)), R)))  # token-pruned branches
-D = Recipe(((dynamic(6), R), (C, dynamic(4))))  # dynamic tokens: branch-input caches too
-F = Recipe(((forecast(2), R), (R, forecast(2))))  # forecast: history entries and forecast.w
+FULL = Recipe.uniform(2, C, BRANCHES)
+P = Recipe(((C, partial(range(5))), (partial(range(3, 16)), R)), BRANCHES)  # token-pruned branches
+D = Recipe(((dynamic(6), R), (C, dynamic(4))), BRANCHES)  # dynamic tokens: branch-input caches too
+F = Recipe(((forecast(2), R), (R, forecast(2))), BRANCHES)  # forecast: history entries and forecast.w
 STEPS = [FULL, FULL, P, D, F, FULL, D, F]
 
 

@@ -27,6 +27,7 @@ from tcgraph.plan.learning.extrapolate import taylor_weights
 from tcgraph.plan.plan import forecast
 from tcgraph.runtime.dispatch import ScheduleDispatcher, history_depths
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+from tcgraph.names import BRANCHES
 
 C, R = COMPUTE, REUSE
 KEYS = [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
@@ -51,7 +52,7 @@ def rotation_plan(steps: int = 50, seed: int = 0) -> Plan:
             for k in KEYS:
                 ok = [a for a in CHOICES[k] if a.kind != "forecast" or a.points <= computed[k]]
                 acts[k] = rng.choice(ok)
-        recipe = Recipe(tuple((acts[(b, "attn")], acts[(b, "mlp")]) for b in range(2)))
+        recipe = Recipe(tuple((acts[(b, "attn")], acts[(b, "mlp")]) for b in range(2)), BRANCHES)
         recipes.append(recipe)
         if recipe.forecasts():
             weights[s] = {k: tuple(round(rng.uniform(-2, 2), 3) for _ in range(n)) for k, n in recipe.forecasts()}
@@ -217,9 +218,9 @@ def test_forecast_weights_must_be_fed():
 
 
 F2, F3 = forecast(2), forecast(3)
-FULL = Recipe.uniform(3, C)
-B = Recipe(((F2, partial(range(6))), (F2, C), (R, F2)))  # forecast, partial, compute and reuse in one step
-D = Recipe(((F3, F3), (F3, R), (F3, F3)))  # (0, mlp) forecast from history holding partial outputs
+FULL = Recipe.uniform(3, C, BRANCHES)
+B = Recipe(((F2, partial(range(6))), (F2, C), (R, F2)), BRANCHES)  # forecast, partial, compute and reuse in one step
+D = Recipe(((F3, F3), (F3, R), (F3, F3)), BRANCHES)  # (0, mlp) forecast from history holding partial outputs
 HAND = [FULL, FULL, B, FULL, B, D, B, D]  # three variants (export is the slow part); B and D recur with new weights
 
 
@@ -346,7 +347,7 @@ def test_api_samples_equal_the_eager_loop(model, artifacts):
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4), (got - eager).abs().max()
     full = api.sample_eager(model, s, labels, seed=3)
     assert (full - eager).abs().max().item() > 1e-3
-    as_reuse = Plan("r", s, tuple(Recipe(tuple(tuple(R if a.kind == "forecast" else a for a in p) for p in r.actions))
+    as_reuse = Plan("r", s, tuple(Recipe(tuple(tuple(R if a.kind == "forecast" else a for a in p) for p in r.actions), BRANCHES)
                                    for r in plan.recipes), 16)
     reuse_step = HandEager(model, as_reuse)
     reused = run_batches(reuse_step, reuse_step.reset, sampler_for(s, cfg), labels,
@@ -372,8 +373,8 @@ def test_entries_that_do_not_exist_yet_are_fed_the_oldest_with_weight_zero():
     """A forecast(3) right after the first compute: its missing entries weigh 0 (Plan.validate), the
     dispatcher feeds the oldest entry there, and the eager PlanState agrees with the fed values."""
     s = SamplerSettings(num_steps=5, cfg_scale=1.0, batch=1, resolution=8)
-    f3 = Recipe(((forecast(3), C), (C, C)))
-    recipes = (Recipe.uniform(2, C), f3, Recipe.uniform(2, C), f3, f3)
+    f3 = Recipe(((forecast(3), C), (C, C)), BRANCHES)
+    recipes = (Recipe.uniform(2, C, BRANCHES), f3, Recipe.uniform(2, C, BRANCHES), f3, f3)
     weights = {1: {(0, "attn"): (1.25, 0.0, 0.0)}, 3: {(0, "attn"): (2.0, -1.0, 0.0)},
                4: {(0, "attn"): (3.0, -3.0, 0.0)}}
     plan = Plan("p", s, recipes, 16, weights=weights)

@@ -21,6 +21,7 @@ from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_f
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.runtime.torch import ProgramsFromArtifact, TorchRunner, load_weights
+from tcgraph.names import BRANCHES
 
 CUDA = torch.cuda.is_available()
 
@@ -37,10 +38,10 @@ MIN_PSNR = {"bf16": 35.0, "fp16": 50.0}
 
 def _mixed_recipes(n: int) -> list[Recipe]:
     """Full, reuse, partial (block 1) and dynamic (blocks 0, 2) steps of a 3-block model."""
-    full = Recipe.uniform(3, COMPUTE)
-    reuse = Recipe(((REUSE, REUSE), (COMPUTE, REUSE), (REUSE, COMPUTE)))
-    part = Recipe(((REUSE, REUSE), (partial([0, 3, 6, 9, 12]), partial(range(8))), (COMPUTE, REUSE)))
-    dyn = Recipe(((dynamic(5), dynamic(3)), (REUSE, REUSE), (COMPUTE, dynamic(n - 1))))
+    full = Recipe.uniform(3, COMPUTE, BRANCHES)
+    reuse = Recipe(((REUSE, REUSE), (COMPUTE, REUSE), (REUSE, COMPUTE)), BRANCHES)
+    part = Recipe(((REUSE, REUSE), (partial([0, 3, 6, 9, 12]), partial(range(8))), (COMPUTE, REUSE)), BRANCHES)
+    dyn = Recipe(((dynamic(5), dynamic(3)), (REUSE, REUSE), (COMPUTE, dynamic(n - 1))), BRANCHES)
     return [full, reuse, part, full, dyn, dyn]
 
 
@@ -356,7 +357,7 @@ def test_low_precision_keeps_a_float_timestep_in_float32(tmp_path):
                                num_steps=2, cfg_scale=1.0, batch=2, resolution=8)
     model = randomize_weights(build_model(make_config("DiT-S/2", input_size=8, depth=1, hidden_size=32, num_heads=2,
                                                       in_channels=2, num_classes=5, learn_sigma=False)), std=0.05)
-    plan = Plan("full", settings, (Recipe.uniform(1, COMPUTE),) * 2, model.config.num_tokens)
+    plan = Plan("full", settings, (Recipe.uniform(1, COMPUTE, BRANCHES),) * 2, model.config.num_tokens)
     art = load_artifact(api.transform(model, plan, tmp_path / "art", progress=False))
     x, y = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
     with make_runner("torch", art, precision="bf16") as runner:

@@ -11,11 +11,12 @@ import dataclasses
 
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.sampling import SamplerSettings
+from tcgraph.names import BRANCHES
 from tests.export.tiny_variants import BATCH, DEPTH, dit_variants
 
 IDS = {"full": "v0", "fill": "v1", "reuse": "v2"}
-_FULL = Recipe.uniform(DEPTH, COMPUTE)
-_RECIPES = (_FULL, Recipe(((REUSE, COMPUTE),) + _FULL.actions[1:]), Recipe(((COMPUTE, REUSE),) + _FULL.actions[1:]))
+_FULL = Recipe.uniform(DEPTH, COMPUTE, BRANCHES)
+_RECIPES = (_FULL, Recipe(((REUSE, COMPUTE),) + _FULL.actions[1:], BRANCHES), Recipe(((COMPUTE, REUSE),) + _FULL.actions[1:], BRANCHES))
 
 
 def tiny_variants(model) -> dict:

@@ -11,6 +11,7 @@ from tcgraph.plan.plan import COMPUTE, Plan, Recipe
 from tcgraph.serve.handler import BatchHandler, Refusal
 from tcgraph.serve.requests import Request
 from tcgraph.serve.sampler import ServeSampler
+from tcgraph.names import BRANCHES
 from tests.export.tiny_variants import BATCH, DEPTH, tiny_dit
 from tests.runtime.tiny_artifact import tiny_variants
 
@@ -87,7 +88,7 @@ def eta_artifact(tmp_path_factory):
     model = tiny_dit()
     settings = tcgraph.api.SamplerSettings(num_steps=3, cfg_scale=1.0, eta=0.5, batch=BATCH,
                                            resolution=model.config.input_size)
-    full = Recipe.uniform(DEPTH, COMPUTE)
+    full = Recipe.uniform(DEPTH, COMPUTE, BRANCHES)
     plan = Plan(planner="test", settings=settings, recipes=(full,) * 3, num_tokens=model.config.num_tokens)
     variant = tiny_variants(model)["v0"]
     return write_artifact(tmp_path_factory.mktemp("eta") / "art", model_config=model.config, plan=plan,
