@@ -61,7 +61,7 @@ def monkeypatch_module():
 def test_help_version_and_usage_errors_do_not_import_torch(warm_cache, tmp_path):
     (tmp_path / "digits-fora2").mkdir()
     argvs = [["--help"], ["--version"], ["transform", "--help"], ["sample", "--help"], ["inspect", "--help"],
-             ["compare", "--help"], [], ["transfrom", "--plan", "fora:2"], ["transform", "--stepz", "3"],
+             ["compare", "--help"], ["export-triton", "--help"], ["serve", "--help"], [], ["transfrom", "--plan", "fora:2"], ["transform", "--stepz", "3"],
              ["transform", "--plan", "tokencash:2"], ["transform", "--model", "digts"],
              ["inspect", "digits-fora"], ["sample", "digits-fora2", "--backend", "onnx"]]
     found = probe(argvs, warm_cache, cwd=tmp_path)
