@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcgraph.calibrate import branch_bytes, calibrate, calibration_bytes, mixed_step
+from tcgraph.calibrate import Trajectories, branch_bytes, calibrate, calibration_bytes, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.passes import reference_step
 from tcgraph.plan import COMPUTE, REUSE, Recipe
@@ -97,3 +97,32 @@ def test_mixed_step_blends_and_differentiates(tiny_model):
     _, tok = mixed_step(tiny_model, x, t, y, {key: wt}, caches)
     torch.testing.assert_close(tok[key][:, :5], used[key][:, :5], atol=1e-5, rtol=0)
     torch.testing.assert_close(tok[key][:, 5:], caches[key][:, 5:], atol=0, rtol=0)
+
+
+def test_calibration_keeps_samples_and_the_grams_of_its_split(tiny_model):
+    """With grams_at, the same pass gives the output Grams of both parts (as a second pass over
+    each part would), and the trajectories do not change; the final samples are the full model's."""
+    from tcgraph.plan.learning.evaluate import free_running_samples
+    from tcgraph.plan.learning.forecast import output_grams
+    from tcgraph.plan import make_plan
+
+    s = settings(steps=4)
+    plain = calibrate(tiny_model, s, num_images=5, seed=1)
+    traj = calibrate(tiny_model, s, num_images=5, seed=1, grams_at=3)
+    torch.testing.assert_close(traj.x, plain.x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(traj.eps, plain.eps, atol=1e-5, rtol=0)
+    assert plain.grams == {} and set(traj.grams) == {(0, 3), (3, 5)}
+    train, held = traj.split(2)
+    assert train.output_grams() is traj.grams[(0, 3)] and held.output_grams() is traj.grams[(3, 5)]
+    assert traj.output_grams() is None and traj.part(1, 3).output_grams() is None  # no Grams of other ranges
+    for part in (train, held):
+        kept = part.output_grams()
+        again = output_grams(tiny_model, Trajectories(part.settings, part.config, part.x, part.y, part.eps))
+        assert set(kept) == set(again) == {(l, b) for l in range(3) for b in ("attn", "mlp")}
+        for key in kept:
+            torch.testing.assert_close(kept[key], again[key], rtol=1e-4, atol=1e-6)
+    full = make_plan("full", tiny_model.config, s)
+    torch.testing.assert_close(held.samples, free_running_samples(tiny_model, full, held.x[0], held.y),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(TcgraphError, match="outside"):
+        calibrate(tiny_model, s, num_images=5, grams_at=6)

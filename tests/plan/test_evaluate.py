@@ -61,5 +61,5 @@ def test_plan_errors_share_model_calls_and_agree_with_plan_error(tiny_model):
         hook.remove()
     for recipes, err in zip(candidates, got):
         assert err == pytest.approx(plan_error(tiny_model, traj, recipes), rel=1e-6, abs=1e-12)
-    # distinct (last full step, recipes since) per step: 1, 1 (a), 2 (b, a), 3 (a, f, f), 3, 3, 3
-    assert len(calls) == 1 + 1 + 2 + 3 + 3 + 3 + 3
+    # one call per distinct (last full step, recipes since) at each step; a full step is one call
+    assert len(calls) == 1 + 2 + 3 + 2 + 3 + 4 + 3

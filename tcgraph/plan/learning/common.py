@@ -17,12 +17,11 @@ frozen.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from tcgraph.calibrate import Trajectories, calibrate, mixed_step
+from tcgraph.calibrate import Trajectories, calibrate, calibration_chunks, mixed_step
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
@@ -33,7 +32,7 @@ from tcgraph.progress import SILENT, Phase, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text
 
-CALIBRATION_CHUNK = 32  # images per calibration pass (calibrate's default chunk), for the progress total
+CALIBRATION_CHUNK = 32  # images per calibration pass at most (calibrate's default chunk)
 
 
 #################################################################################
@@ -71,19 +70,24 @@ def check_calibration_text(model_config: ModelConfig, text: Text | None, what: s
 def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
                       progress: Progress, text: Text | None = None) -> tuple[Trajectories, Trajectories]:
     """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
-    `seed`, `num_held_out`): calibrated here (a text-conditioned model on the prompts `text`),
-    or the given `traj` checked to match."""
+    `seed`, `num_held_out`, `forecast`): calibrated here (a text-conditioned model on the prompts
+    `text`), or the given `traj` checked to match."""
     return calibration_of(model, settings, cfg, traj, progress, text).split(cfg.num_held_out)
 
 
 def calibration_of(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
                    progress: Progress, text: Text | None = None) -> Trajectories:
-    """The calibration trajectories of `calibration_split`, not split."""
+    """The calibration trajectories of `calibration_split`, not split; with forecasting on
+    (`cfg.forecast`), the output Grams of the training and the held-out images come with them,
+    computed in the same pass."""
     if traj is None:
         check_calibration_text(model.config, text, "a plan")
-        total = settings.num_steps * math.ceil(cfg.calib_images / CALIBRATION_CHUNK)
+        grams_at = cfg.calib_images - cfg.num_held_out if getattr(cfg, "forecast", False) else None
+        total = settings.num_steps * len(calibration_chunks(model.config, settings, cfg.calib_images,
+                                                            chunk=CALIBRATION_CHUNK, grams_at=grams_at))
         with progress.phase("calibrate", total) as phase:
-            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, phase=phase, text=text)
+            traj = calibrate(model, settings, cfg.calib_images, seed=cfg.seed, phase=phase, text=text,
+                             chunk=CALIBRATION_CHUNK, grams_at=grams_at)
     elif traj.settings != settings or traj.num_images != cfg.calib_images:
         raise TcgraphError(
             f"the given calibration trajectories were made for {traj.num_images} images and {traj.settings}; "
@@ -203,3 +207,90 @@ def lambda_unit(model: DiT, traj: Trajectories, interval: int, rows: int = 8) ->
                 mse, n = round_loss(model, traj, s0, cs[:1], lambda s: reuse_all, sub)
                 total, count = total + mse.item(), count + n
     return total / max(count, 1) / (len(branches) * depth)
+
+
+#################################################################################
+#                      Every round at once: batched training steps             #
+#################################################################################
+
+
+def _cat_conditioning(conds: list):
+    """Concatenate model conditionings along the batch: class ids, or tuples of tensors (text, guidance)."""
+    if isinstance(conds[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*conds))
+    return torch.cat(conds)
+
+
+def stacked_inputs(traj: Trajectories, steps: list[int], rows: torch.Tensor):
+    """(x, t, y) of `steps` one after another for images `rows`: one model call for several steps
+    (each step's block of rows is what `traj.model_inputs(step, rows)` gives)."""
+    parts = [traj.model_inputs(s, rows) for s in steps]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), _cat_conditioning([p[2] for p in parts])
+
+
+def _stacked_weights(per_step: list[dict], rows_per_step: int) -> dict[str, torch.Tensor]:
+    """Per-step `mixed_step` weights (scalars or `(N, 1)` token weights) -> one weight per model row."""
+    out = {}
+    for key in per_step[0]:
+        parts = []
+        for weights in per_step:
+            w = torch.as_tensor(weights[key])
+            w = w.reshape(1, 1, 1) if w.dim() == 0 else w.unsqueeze(0)
+            parts.append(w.expand(rows_per_step, *w.shape[1:]))
+        out[key] = torch.cat(parts)
+    return out
+
+
+def rounds_loss(model: DiT, traj: Trajectories, work: list[tuple[int, list[int]]], weights_at,
+                rows: torch.Tensor) -> list[torch.Tensor]:
+    """Summed eps MSE over the cache steps of each round of `work`, every round in the same model
+    calls (one per position in the round): `round_loss` of each, batched."""
+    steps0 = [s0 for s0, _ in work]
+    with torch.no_grad():
+        _, caches = mixed_step(model, *stacked_inputs(traj, steps0, rows), {}, {})
+    per = next(iter(caches.values())).shape[0] // len(work)  # model rows per step
+    losses = [torch.zeros(()) for _ in work]
+    active = list(range(len(work)))
+    for j in range(max(len(cs) for _, cs in work)):
+        keep = [i for i in active if j < len(work[i][1])]
+        if len(keep) < len(active):  # rounds without a j-th cache step leave the batch
+            index = torch.cat([torch.arange(active.index(i) * per, (active.index(i) + 1) * per) for i in keep])
+            caches = {k: v[index] for k, v in caches.items()}
+            active = keep
+        steps = [work[i][1][j] for i in active]
+        weights = _stacked_weights([weights_at(s) for s in steps], per)
+        out, caches = mixed_step(model, *stacked_inputs(traj, steps, rows), weights, caches)
+        for i, s, o in zip(active, steps, out.chunk(len(steps))):
+            losses[i] = losses[i] + torch.mean((traj.eps_of(o) - traj.eps[s, rows]) ** 2)
+    return losses
+
+
+def fit_logits_batched(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[tuple[int, list[int]]],
+                       weights_of: Callable[[torch.Tensor, int], dict],
+                       penalty: Callable[[torch.Tensor, list[int]], torch.Tensor],
+                       *, epochs: int, batch_images: int, lr: float, seed: int, max_rows: int = 256,
+                       phase: Phase = SILENT) -> tuple[torch.Tensor, list[float]]:
+    """`fit_logits` with every round in each Adam step: an epoch is one step on one random batch of
+    images, all rounds of `work` in it (batched model calls of at most `max_rows` rows each)."""
+    model = model.eval().requires_grad_(False)
+    logits = logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows_per_round = batch_images * (2 if traj.sampler().use_cfg else 1)
+    per_call = max(1, max_rows // rows_per_round)
+    history = []
+    for _ in range(epochs):
+        rows = torch.randperm(traj.num_images, generator=g)[:batch_images]
+        opt.zero_grad()
+        epoch_loss = 0.0
+        for lo in range(0, len(work), per_call):
+            part = work[lo:lo + per_call]
+            w = torch.sigmoid(logits)
+            losses = rounds_loss(model, traj, part, lambda s: weights_of(w, s), rows)
+            loss = sum((mse + penalty(w, cs)) / len(cs) for mse, (_, cs) in zip(losses, part)) / len(work)
+            loss.backward()
+            epoch_loss += loss.item()
+            phase.tick()
+        opt.step()
+        history.append(epoch_loss)
+    return logits.detach().clone(), history

@@ -30,6 +30,7 @@ from tcgraph.names import cache_name
 from tcgraph.plan.flops import recipe_flops
 from tcgraph.plan.plan import COMPUTE, Plan, Recipe, constant_roles
 from tcgraph.sampling import sampler_for
+from tcgraph.progress import SILENT, Phase
 from tcgraph.sampling.conditioning import Text, take
 
 
@@ -110,6 +111,44 @@ def plan_error(model: DiT, traj: Trajectories, recipes: Sequence[Recipe], weight
         if not recipe.is_full:
             total += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
     return total / len(recipes)
+
+
+@torch.no_grad()
+def plan_errors(model: DiT, traj: Trajectories, candidates: Sequence[Sequence[Recipe]],
+                phase: Phase = SILENT) -> list[float]:
+    """`plan_error` of each candidate (hard plans of compute, reuse and partial actions), with every
+    model call that candidates share made once: teacher-forced, a step's output depends only on its
+    recipe and the recipes since the last full step, so candidates that agree on those share it (a
+    full step at the same index always does). `phase` ticks once per step."""
+    if any(r.forecasts() for recipes in candidates for r in recipes):  # forecasts read a history: one by one
+        return [plan_error(model, traj, recipes) for recipes in candidates]
+    rows = torch.arange(traj.num_images)
+    n = model.config.num_tokens
+    totals = [0.0] * len(candidates)
+    states: list[tuple] = [()] * len(candidates)  # the recipes since the last full step: what a step depends on
+    caches: dict[tuple, dict[str, torch.Tensor]] = {}
+    for s in range(traj.num_steps):
+        groups: dict[tuple, list[int]] = {}
+        for c, recipes in enumerate(candidates):
+            recipe = recipes[s]
+            key = ((s, recipe),) if recipe.is_full else states[c] + ((s, recipe),)
+            groups.setdefault(key, []).append(c)
+        made = {}
+        for key, members in groups.items():
+            recipe = key[-1][1]
+            if recipe.is_full:
+                _, used = mixed_step(model, *traj.model_inputs(s, rows), {}, {})
+                err = 0.0
+            else:
+                out, used = mixed_step(model, *traj.model_inputs(s, rows), recipe_weights(recipe, n), caches[key[:-1]])
+                err = torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
+            made[key] = used
+            for c in members:
+                totals[c] += err
+                states[c] = key
+        caches = made  # only the states some candidate is in live on
+        phase.tick()
+    return [t / traj.num_steps for t in totals]
 
 
 @torch.no_grad()

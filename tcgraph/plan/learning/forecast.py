@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tcgraph.calibrate import Trajectories, mixed_step
+from tcgraph.calibrate import Trajectories, add_grams, mixed_step, stack_outputs
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
-from tcgraph.names import CacheKey, branch_key, cache_name
+from tcgraph.names import CacheKey, branch_key
 from tcgraph.plan.learning.extrapolate import solve_weights
 from tcgraph.plan.plan import Action, Recipe, forecast
 from tcgraph.progress import SILENT, Phase
@@ -42,22 +42,19 @@ MARGIN = 0.02  # a forecast replaces an action only if its held-out error is thi
 @torch.no_grad()
 def output_grams(model: DiT, traj: Trajectories, *, chunk: int = 4, phase: Phase = SILENT) -> dict[CacheKey, torch.Tensor]:
     """(block, branch) -> G [S, S, N] (float64) of the full model's branch outputs on `traj` (see the module
-    docstring), for every branch of the model's blocks (`ModelConfig.branches`)."""
-    S, depth = traj.num_steps, model.config.depth
-    keys = [(l, br) for l in range(depth) for br in model.config.branches]
+    docstring), for every branch of the model's blocks (`ModelConfig.branches`): the Grams calibration kept
+    for exactly these images (`calibrate(..., grams_at=...)`), else one more pass over them."""
+    kept = traj.output_grams()
+    if kept is not None:
+        return kept
     grams: dict[CacheKey, torch.Tensor] = {}
     for lo in range(0, traj.num_images, chunk):
         rows = torch.arange(lo, min(lo + chunk, traj.num_images))
-        outs: dict[CacheKey, list[torch.Tensor]] = {k: [] for k in keys}
-        for s in range(S):
-            _, used = mixed_step(model, *traj.model_inputs(s, rows), {}, {})
-            for k in keys:
-                outs[k].append(used[cache_name(*k)])
+        outs = []
+        for s in range(traj.num_steps):
+            outs.append(mixed_step(model, *traj.model_inputs(s, rows), {}, {})[1])
             phase.tick()
-        for k in keys:
-            o = torch.stack(outs[k]).permute(2, 0, 1, 3).flatten(2)  # [N, S, R·D]
-            g = torch.bmm(o, o.transpose(1, 2)).permute(1, 2, 0).double()  # [S, S, N], one chunk in float32
-            grams[k] = g if k not in grams else grams[k] + g
+        add_grams(grams, stack_outputs(outs))
     return grams
 
 

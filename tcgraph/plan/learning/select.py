@@ -12,7 +12,8 @@
    text-conditioned model's calibration prompts) of (up to `SELECTION_IMAGES`) held-out
    calibration images
    along the whole schedule (`evaluate.free_running_samples`), compares with the full
-   model's samples from the same noise (PSNR over images in [-1, 1]), and keeps the best.
+   model's samples from the same noise (PSNR over images in [-1, 1]; the full model's are
+   calibration's own, `reference_samples`), and keeps the best.
 
 So a learned plan never loses to a fixed-interval plan of at least its predicted speedup on
 its held-out calibration images; the plan's params record every candidate and its score.
@@ -46,6 +47,15 @@ def psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
+def reference_samples(held: Trajectories, n: int) -> torch.Tensor | None:
+    """The full model's samples of the first `n` held-out images, as calibration made them (its run is
+    the full model's free-running run from their noise), or None where they must be sampled again:
+    not kept, or a stochastic sampler (eta > 0), whose noise a second run would not repeat."""
+    if held.samples is None or held.settings.eta != 0:
+        return None
+    return held.samples[:n]
+
+
 def cache_mb(plan: Plan, hidden_size: int) -> float:
     return plan.cache_bytes(hidden_size) / 2**20
 
@@ -67,6 +77,8 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     record: dict = {}
     if forecast:
         if grams is None:
+            grams = train.output_grams(), held.output_grams()  # kept by calibration where it could
+        if grams[0] is None or grams[1] is None:
             with progress.phase("forecast weights", (train.num_images + 3) // 4 * settings.num_steps
                                 + (held.num_images + 3) // 4 * settings.num_steps) as phase:
                 grams = output_grams(model, train, phase=phase), output_grams(model, held, phase=phase)
@@ -97,11 +109,15 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     # the held-out images' own conditioning: class ids, or a text model's prompts (a `Text`)
     noise, labels = held.x[0, :SELECTION_IMAGES], take(held.y, slice(0, SELECTION_IMAGES))
     scored = []
-    with progress.phase("choose by sampling runs", len(candidates) + 1) as phase:
-        full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches) for _ in range(settings.num_steps)),
-                    cfg.num_tokens)
-        reference = free_running_samples(model, full, noise, labels)
-        phase.tick("full")
+    kept = reference_samples(held, SELECTION_IMAGES)
+    with progress.phase("choose by sampling runs", len(candidates) + (kept is None)) as phase:
+        if kept is None:
+            full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
+                                                for _ in range(settings.num_steps)), cfg.num_tokens)
+            reference = free_running_samples(model, full, noise, labels)
+            phase.tick("full")
+        else:
+            reference = kept
         for label, plan in candidates:
             scored.append((psnr(free_running_samples(model, plan, noise, labels), reference), label, plan))
             phase.tick(label)
