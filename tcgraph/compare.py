@@ -156,6 +156,9 @@ class SampleTimer(Progress):
         phase = self.inner.phase(desc, total)
         return _TimedPhase(phase, self.seconds) if desc == SAMPLE_PHASE else phase
 
+    def announce(self, text: str) -> None:
+        self.inner.announce(text)
+
 
 def timed_samples(paths: Sequence[Path], repeats: int, progress: Progress,
                   **options) -> list[tuple[torch.Tensor, list[int], list[float]]]:
