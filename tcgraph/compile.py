@@ -41,7 +41,7 @@ from tcgraph.passes import (
     token_dynamic,
     token_prune,
 )
-from tcgraph.plan.layout import Layout
+from tcgraph.models.layout import Layout
 from tcgraph.plan.plan import Plan, Recipe
 from tcgraph.progress import QUIET, Progress
 

@@ -26,7 +26,7 @@ LAYERS: dict[str, set[str]] = {
     "text": {"errors", "models"},  # prompt embeddings and a pipeline folder's text encoder
     "demos": {"errors", "models", "text"},  # the text demo's prompt encoder
     "sampling": {"errors", "names", "progress", "models", "text", "demos"},
-    "eval": {"errors", "data", "models"},
+    "eval": {"errors", "data", "models", "demos"},  # the judges: the digits classifier, the text demo's prompts
     "calibrate": {"errors", "names", "progress", "models", "sampling"},
     "plan": {"errors", "names", "progress", "models", "sampling", "calibrate"},
     "passes": {"errors", "names", "models", "plan"},
@@ -39,7 +39,12 @@ LAYERS: dict[str, set[str]] = {
     # serving on Triton: the artifact, the runtime and the sampling functions of the public API
     "serve": {"errors", "progress", "version", "files", "export", "runtime", "api"},
     "diffusers": {"errors", "models", "sampling", "export", "runtime", "api"},
-    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api", "serve"},
+    "suggest": {"errors"},  # "did you mean", torch-free
+    "cli_table": {"errors", "files", "models", "plan"},  # the CLI's plan options and model names, cached
+    "cli_parser": {"errors", "version", "suggest", "cli_table", "serve"},  # the argument parser, torch-free
+    "compare": {"errors", "progress", "files", "eval", "export", "sampling", "suggest", "api"},
+    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api", "serve",
+            "cli_parser", "cli_table", "suggest", "compare"},
     "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},
 }

@@ -57,7 +57,7 @@ class DiTConfig:
         return names[0] if len(set(names)) == 1 else names
 
     def block_layout(self):
-        """Each block's branches and the streams each writes (`tcgraph.plan.layout.Layout`)."""
+        """Each block's branches and the streams each writes (`tcgraph.models.layout.Layout`)."""
         return self.family.block_layout(self)
 
     def __post_init__(self) -> None:

@@ -66,7 +66,7 @@ class ModelConfig(Protocol):
     @property
     def text_conditioned(self) -> bool: ...
 
-    def block_layout(self): ...  # tcgraph.plan.layout.Layout: each block's branches and their streams
+    def block_layout(self): ...  # tcgraph.models.layout.Layout: each block's branches and their streams
 
     def to_dict(self) -> dict: ...
 
@@ -91,7 +91,7 @@ class Family:
     shared_modulation: bool = False  # one adaLN linear for all blocks (adaLN-single) instead of one per block
     config: str = "tcgraph.models.config:DiTConfig"  # module:class of its config (to_dict / class(**dict))
     # module:function, config -> per block ((branch, streams), ...): for a family whose blocks differ
-    # or write other streams than the image (tcgraph.plan.layout); None: every block has `branches`,
+    # or write other streams than the image (tcgraph.models.layout); None: every block has `branches`,
     # each writing the image rows
     layout: str | None = None
 
@@ -141,8 +141,8 @@ class Family:
         return settings.model_batch, config.out_channels, settings.resolution, settings.resolution
 
     def block_layout(self, config):
-        """Each block's branches and the streams they write (`tcgraph.plan.layout.Layout`)."""
-        from tcgraph.plan.layout import Layout
+        """Each block's branches and the streams they write (`tcgraph.models.layout.Layout`)."""
+        from tcgraph.models.layout import Layout
 
         if self.layout is None:
             return Layout.image((self.branches,) * config.depth)

@@ -54,7 +54,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.names import (FORECAST_WEIGHTS, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
                            branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
                            is_constant)
-from tcgraph.plan.layout import Layout
+from tcgraph.models.layout import Layout
 from tcgraph.plan.plan_json import PLAN_SCHEMA_VERSION, plan_from_dict, plan_to_dict  # noqa: F401  (re-exported)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
@@ -74,7 +74,7 @@ class Plan:
     # forecast weights: step -> {(block, branch): (w_1, ..., w_n)}, newest history entry first
     weights: dict = field(default_factory=dict, hash=False)
     carry_constants: bool = True  # run constants computed at step 0 and read after (module docstring)
-    # each block's branches and the streams each writes (tcgraph.plan.layout); None: the default,
+    # each block's branches and the streams each writes (tcgraph.models.layout); None: the default,
     # every branch of the recipes' branches writes the image rows
     layout: Layout | None = None
 

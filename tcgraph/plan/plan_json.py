@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tcgraph.errors import TcgraphError
 from tcgraph.names import BRANCH_ORDER, BRANCHES, CacheKey, cache_name
-from tcgraph.plan.layout import Layout
+from tcgraph.models.layout import Layout
 from tcgraph.plan.recipe import Recipe
 from tcgraph.sampling.settings import SamplerSettings
 

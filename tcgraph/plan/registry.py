@@ -53,7 +53,7 @@ class Planner:
     # its `make` takes `calibration_text` too
     skip: tuple[str, ...] = ()  # options of its (shared) config that this planner does not use
     # plans any layout (blocks whose branches differ, branches of several streams); else only
-    # models whose blocks all have the same branches, each of image rows (tcgraph.plan.layout)
+    # models whose blocks all have the same branches, each of image rows (tcgraph.models.layout)
     layouts: bool = False
 
     def help(self) -> str:

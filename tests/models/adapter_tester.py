@@ -49,7 +49,7 @@ from tcgraph.passes import capture, expand_blocks, io_names, reference_step
 from tcgraph.passes.meta import branch_nodes
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe
 from tcgraph.plan.actions import ACTION_KINDS, dynamic, forecast, partial
-from tcgraph.plan.layout import Layout
+from tcgraph.models.layout import Layout
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tcgraph.sampling.conditioning import Text, as_inputs, take

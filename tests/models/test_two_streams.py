@@ -16,7 +16,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.names import GUIDANCE, IMAGE, TEXT_STREAM
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.actions import dynamic
-from tcgraph.plan.layout import Layout
+from tcgraph.models.layout import Layout
 from tcgraph.plan.registry import make_plan
 from tcgraph.sampling import SamplerSettings
 from tcgraph.plan.actions import forecast
