@@ -29,8 +29,12 @@ def test_unknown_families_and_guidance_modes_are_refused():
     with pytest.raises(TcgraphError, match=r"guidance 'double'; use one of"):
         dataclasses.replace(FAMILIES["official"], guidance="double")
     later = dataclasses.replace(FAMILIES["official"], guidance="input")
-    with pytest.raises(TcgraphError, match="guidance mode 'input' has no graph inputs yet"):
-        later.graph_inputs(CONFIGS["digits"], SamplerSettings(num_steps=2, batch=2, cfg_scale=2.0, resolution=16))
+    cfg_settings = SamplerSettings(num_steps=2, batch=2, cfg_scale=2.0, resolution=16)
+    with pytest.raises(TcgraphError, match="take guidance 'input'; the settings say 'cfg'"):
+        later.graph_inputs(CONFIGS["digits"], cfg_settings)
+    inputs = later.graph_inputs(CONFIGS["digits"], dataclasses.replace(cfg_settings, guidance="input"))
+    assert [(i.name, i.shape, i.dtype) for i in inputs] == [
+        ("x", (2, 1, 16, 16), "float32"), ("t", (2,), "int64"), ("y", (2,), "int64"), ("guidance", (2,), "float32")]
 
 
 @pytest.mark.parametrize("cfg, text_length", [(CONFIGS["digits"], 0), (TEXT_DEMO, 8)])
@@ -40,3 +44,19 @@ def test_declared_inputs_are_the_plans_model_inputs(cfg, text_length):
     assert tuple(i.name for i in inputs) == s.model_inputs
     assert inputs[0].shape == (6, cfg.in_channels, cfg.input_size, cfg.input_size)  # both CFG halves
     assert isinstance(cfg.family, Family) and cfg.family.graph_output_shape(cfg, s)[0] == 6
+
+
+@pytest.mark.parametrize("name,overrides", [("digits", {}), ("DiT-S/2", {}), ("DiT-B/4", {"input_size": 64}),
+                                            ("DiT-S/8", {"class_dropout_prob": 0.0, "learn_sigma": False})])
+def test_official_shapes_are_the_built_models_in_order(name, overrides):
+    """The official family's state-dict shapes, written from the config, are a built DiT's, key for key in order."""
+    import torch
+
+    from tcgraph.models.config import make_config
+    from tcgraph.models.official.checkpoint import official_state_dict_shapes
+    from tcgraph.models.official.dit import DiT
+
+    cfg = make_config(name, **overrides)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    assert list(official_state_dict_shapes(cfg).items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
