@@ -66,3 +66,15 @@ def test_no_mention_of_files_outside_the_repository(doc: Path):
     text = doc.read_text(encoding="utf-8")
     assert "shared/" not in text and "DESIGN.md" not in text, \
         f"{doc.relative_to(ROOT)} names a file outside the repository; the design is docs/design.md"
+
+
+# Words about how the project was made, not about what it does: a reader has no use for them.
+MAKING_OF = re.compile(r"\bissues?\b(?! requests)|\b(?:this|the|a|coding) session\b(?! (?:per|for|state))|"
+                       r"\bhelpers?\b|\blent\b|\blending\b|\bleases?\b", re.I)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_documents_speak_of_the_project_not_of_its_making(doc: Path):
+    found = [f"{doc.relative_to(ROOT)}:{n}: {line.strip()}"
+             for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1) if MAKING_OF.search(line)]
+    assert not found, "words about how the project was made:\n" + "\n".join(found)
