@@ -78,3 +78,13 @@ def test_documents_speak_of_the_project_not_of_its_making(doc: Path):
     found = [f"{doc.relative_to(ROOT)}:{n}: {line.strip()}"
              for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1) if MAKING_OF.search(line)]
     assert not found, "words about how the project was made:\n" + "\n".join(found)
+
+
+def test_architecture_layer_table_is_the_one_tested():
+    """docs/architecture.md's layer table says what tests/test_layers.py enforces, layer for layer."""
+    from tests.test_layers import LAYERS
+
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]*) \|", (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"), re.M)
+    table = {name: set() if deps.strip() == "nothing of tcgraph" else {d.strip() for d in deps.split(",")}
+             for name, deps in rows}
+    assert table == {k: v for k, v in LAYERS.items() if not k.startswith("__")}
