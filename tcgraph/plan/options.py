@@ -75,6 +75,13 @@ def compete_option() -> Any:
                   type=str, parse=on_off, metavar="on|off")
 
 
+def min_psnr_option() -> Any:
+    return option(None, "quality floor: keep the fastest candidate of the final choice whose PSNR against the full "
+                        "model's samples, on held-out calibration images, is at least DB (with a speedup target: "
+                        "among plans that meet it; without: fixed-interval plans of any speed compete too)",
+                  type=float, metavar="DB", default_help="none: the best PSNR at the target")
+
+
 def max_cache_mb_option() -> Any:
     return option(None, "cap on the plan's cache and history memory in MB for its batch (learned planners)",
                   type=float, default_help="no cap")

@@ -126,3 +126,30 @@ def test_calibration_keeps_samples_and_the_grams_of_its_split(tiny_model):
                                atol=1e-5, rtol=0)
     with pytest.raises(TcgraphError, match="outside"):
         calibrate(tiny_model, s, num_images=5, grams_at=6)
+
+
+def test_rows_are_the_hard_token_mask(tiny_model):
+    """A partial action as `Rows` gives what its 0/1 token mask gives; the MLP then runs on the kept
+    rows only (the attention needs every token's keys and values, so it runs on all)."""
+    from tcgraph.calibrate import Rows
+
+    x, t, y = _inputs(tiny_model, 2)
+    _, used = mixed_step(tiny_model, x, t, y, {}, {})
+    caches = {k: torch.randn_like(v) for k, v in used.items()}
+    kept = [0, 3, 7, 12]
+    mask = torch.zeros(tiny_model.config.num_tokens, 1)
+    mask[kept] = 1.0
+    names = [cache_name(1, "attn"), cache_name(1, "mlp"), cache_name(2, "mlp")]
+    out_mask, used_mask = mixed_step(tiny_model, x, t, y, {k: mask for k in names}, caches)
+    rows_seen = []
+    hook = tiny_model.blocks[1].mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+    try:
+        out_rows, used_rows = mixed_step(tiny_model, x, t, y, {k: Rows(kept) for k in names}, caches)
+    finally:
+        hook.remove()
+    assert rows_seen == [len(kept)]
+    torch.testing.assert_close(out_rows, out_mask, atol=1e-5, rtol=0)
+    for k in names:
+        torch.testing.assert_close(used_rows[k], used_mask[k], atol=1e-5, rtol=0)
+        assert torch.equal(used_rows[k][:, [i for i in range(16) if i not in kept]],
+                           caches[k][:, [i for i in range(16) if i not in kept]])

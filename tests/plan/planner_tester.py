@@ -92,8 +92,16 @@ class PlannerTesterMixin:
         plan, recorder = made
         if PLANNERS[self.planner].learned and "router" not in plan.params:
             descs = [d for d, _, _ in recorder.phases]
-            assert "calibrate" in descs and all(total >= 0 for _, total, _ in recorder.phases)
+            assert any(d.endswith("calibrate") for d in descs) and all(total >= 0 for _, total, _ in recorder.phases)
             assert any(notes for _, _, notes in recorder.phases)
+            # the whole plan's phases announced up front, then numbered as they run
+            [announced] = recorder.announced
+            count = int(re.search(r"in (\d+) phases", announced).group(1))
+            numbered = [d for d in descs if d.startswith("phase ")]
+            assert numbered and all(re.fullmatch(rf"phase \d+ of {count}: .+", d) for d in numbered)
+            assert [int(d.split()[1]) for d in numbered] == sorted({int(d.split()[1]) for d in numbered})
+            assert numbered[0] == f"phase 1 of {count}: calibrate" and numbered[-1].startswith(f"phase {count} of")
+            assert all(re.search(r"plan: about \d", n) for _, _, notes in recorder.phases[:1] for n in notes)
 
     def test_learning_needs_the_weights(self, tiny_config, tmp_path_factory):
         options = self.make_options(tmp_path_factory)

@@ -64,7 +64,7 @@ def test_combined_plan_end_to_end(tiny_model, tmp_path):
     assert speedup_of(tiny_model.config, plan.recipes) >= 1.8
     assert len(plan.variants()) <= 3
     kinds = {a.kind for r in plan.recipes for _, _, a in r.items()}
-    assert {"reuse", "compute"} <= kinds
+    assert "compute" in kinds and kinds & {"reuse", "forecast"}  # branch reuse (or its forecast) and pruning
     assert p["held_out_error"] == min(r["held_out_error"] for r in p["search"] if "held_out_error" in r)
     assert {r["l2c_share"] for r in p["search"]} == {0.5, 0.75}
     # the L2C part reaches its share of the budget alone

@@ -29,7 +29,7 @@ from tcgraph.names import cache_name
 from tcgraph.plan.learning.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
 from tcgraph.progress import SILENT, Phase, Progress
-from tcgraph.sampling import SamplerSettings
+from tcgraph.sampling import SamplerSettings, sampler_for
 from tcgraph.sampling.conditioning import Text
 
 CALIBRATION_CHUNK = 32  # images per calibration pass at most (calibrate's default chunk)
@@ -40,8 +40,13 @@ CALIBRATION_CHUNK = 32  # images per calibration pass at most (calibrate's defau
 #################################################################################
 
 
-def check_learning_options(calib_images: int, held_out: int | None, max_variants: int | None) -> None:
+def check_learning_options(calib_images: int, held_out: int | None, max_variants: int | None, epochs: int = 1,
+                           batch_images: int = 1, min_psnr: float | None = None) -> None:
     """The checks every learned planner's config shares (L2C, TokenCache)."""
+    if epochs < 1 or batch_images < 1:
+        raise TcgraphError(f"epochs and batch_images must be >= 1, got {epochs} and {batch_images}")
+    if min_psnr is not None and not 0 < min_psnr < 200:
+        raise TcgraphError(f"min_psnr is a PSNR in dB, in (0, 200), got {min_psnr}")
     if max_variants is not None and max_variants < 2:
         raise TcgraphError(f"max_variants must be >= 2 (the full step and one cache recipe), got {max_variants}")
     if calib_images < 3:
@@ -104,6 +109,56 @@ def require_weights(weights: DiT | None, model_config: ModelConfig, what: str) -
         raise TcgraphError(f"the weights are of a model {weights.config}, the plan is asked for {model_config}; "
                            "pass the config of the given weights")
     return weights
+
+
+#################################################################################
+#                   The work of a plan, up front (progress estimates)           #
+#################################################################################
+
+# Costs in model rows: one row through the whole model without gradients is 1. A training step
+# at a cache step (blended forward, then backward to the logits) costs about GRAD_STEP rows.
+GRAD_STEP = 2.2
+SELECTION_RUNS = 3  # sampling runs the final choice makes, about (learned, with forecasts, a fixed plan)
+
+
+def rows_per_image(settings: SamplerSettings) -> int:
+    return settings.model_batch // settings.batch
+
+
+def calibration_cost(settings: SamplerSettings, images: int) -> float:
+    return settings.num_steps * images * rows_per_image(settings)
+
+
+def training_cost(work: list[tuple[int, list[int]]], rows: int) -> float:
+    """One epoch of `fit_logits` over the rounds `work` with `rows` model rows per round."""
+    return sum(rows * (1 + GRAD_STEP * len(cs)) for _, cs in work if cs)
+
+
+def scoring_cost(num_steps: int, rows: int, candidates: int) -> float:
+    """`plan_errors` of several candidates: full steps shared, cache steps (about half) per candidate."""
+    return num_steps * rows * (1 + candidates) / 2
+
+
+def selection_cost(settings: SamplerSettings, images: int = 8, runs: int = SELECTION_RUNS) -> float:
+    return runs * settings.num_steps * images * rows_per_image(settings)
+
+
+@torch.no_grad()
+def seconds_per_row(model: DiT, settings: SamplerSettings, images: int = 4) -> float:
+    """What one model row takes here, measured on a small batch (for the first time estimate)."""
+    import time
+
+    sampler = sampler_for(settings, model.config)
+    cfg = model.config
+    x = torch.zeros(images, cfg.in_channels, settings.resolution, settings.resolution)
+    y = torch.zeros(images, dtype=torch.long) if not cfg.text_conditioned else None
+    if y is None:  # a text model's rows need prompts; no estimate up front
+        return 0.0
+    inputs = sampler.model_inputs(x, sampler.schedule.generation_order()[0], y)
+    mixed_step(model, *inputs, {}, {})  # the first call pays one-off costs
+    start = time.perf_counter()
+    mixed_step(model, *inputs, {}, {})
+    return (time.perf_counter() - start) / inputs[0].shape[0]
 
 
 #################################################################################

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
+from tcgraph.calibrate.mixed import Rows
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
@@ -51,14 +52,15 @@ def token_mask(indices: Sequence[int], n: int) -> torch.Tensor:
     return m
 
 
-def recipe_weights(recipe: Recipe, num_tokens: int) -> dict[str, float | torch.Tensor]:
-    """`mixed_step` weights that run `recipe` exactly: 1.0 compute, 0.0 reuse, a 0/1 token mask for partial."""
-    out: dict[str, float | torch.Tensor] = {}
+def recipe_weights(recipe: Recipe, num_tokens: int) -> dict[str, float | Rows]:
+    """`mixed_step` weights that run `recipe` exactly: 1.0 compute, 0.0 reuse, the kept tokens for
+    partial (`Rows`: their 0/1 token mask, with a row-wise branch run on them only)."""
+    out: dict[str, float | Rows] = {}
     for l, br, a in recipe.items():
         if a.kind not in ("compute", "reuse", "partial", "forecast"):
             raise TcgraphError(f"block {l} {br}: {a.kind} actions have no static token mask to evaluate")
         out[cache_name(l, br)] = 1.0 if a.kind == "compute" else (0.0 if a.kind in ("reuse", "forecast") else
-                                                                  token_mask(a.indices, num_tokens))
+                                                                  Rows(a.indices))
     return out
 
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tcgraph.calibrate import Trajectories, mixed_step
+from tcgraph.calibrate.mixed import Rows
 from tcgraph.models.official.dit import DiT
 from tcgraph.names import cache_name
-from tcgraph.plan.learning.evaluate import token_mask
 from tcgraph.plan.learning.common import fit_logits, lambda_unit, rounds
 from tcgraph.plan.learning.tprr import token_order
 from tcgraph.progress import SILENT, Phase
@@ -97,7 +97,11 @@ def train_predictor(model: DiT, traj: Trajectories, keep_ratio: float, mu: float
 def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep_ratio: float,
                       phase: Phase = SILENT) -> list[float]:
     """Per block: eps MSE per cache step when only that block keeps its top round(keep_ratio·N)
-    tokens (every branch of it) at the cache steps of `learning.rounds(S, 2)`, everything else computed."""
+    tokens (every branch of it) at the cache steps of `learning.rounds(S, 2)`, everything else computed.
+
+    The blocks before the probed one are the full model's at that step: one full forward per cache
+    step gives their outputs, and each probe reuses them (exact) and runs from the probed block on.
+    `phase` ticks once per cache step."""
     depth, n, branches = model.config.depth, model.config.num_tokens, model.config.branches
     k = min(max(round(keep_ratio * n), 1), n - 1)
     rows = torch.arange(traj.num_images)
@@ -108,10 +112,14 @@ def block_sensitivity(model: DiT, traj: Trajectories, scores: torch.Tensor, keep
         _, caches = mixed_step(model, *traj.model_inputs(s0, rows), {}, {})
         for s in cs:
             count += 1
+            inputs = traj.model_inputs(s, rows)
+            _, exact = mixed_step(model, *inputs, {}, {})
             for l in range(depth):
-                m = token_mask(token_order(scores[s, l])[:k], n)
-                out, _ = mixed_step(model, *traj.model_inputs(s, rows), {cache_name(l, br): m for br in branches},
-                                    caches)
+                m = Rows(token_order(scores[s, l])[:k])
+                weights = {cache_name(b, br): 0.0 for b in range(l) for br in branches}  # the full model's own
+                weights.update({cache_name(l, br): m for br in branches})
+                probe = {**exact, **{cache_name(l, br): caches[cache_name(l, br)] for br in branches}}
+                out, _ = mixed_step(model, *inputs, weights, probe)
                 err[l] += torch.mean((traj.eps_of(out) - traj.eps[s]) ** 2).item()
-                phase.tick()
+            phase.tick()
     return [e / max(count, 1) for e in err]

@@ -13,7 +13,10 @@
    calibration images
    along the whole schedule (`evaluate.free_running_samples`), compares with the full
    model's samples from the same noise (PSNR over images in [-1, 1]; the full model's are
-   calibration's own, `reference_samples`), and keeps the best.
+   calibration's own, `reference_samples`), and keeps the best; with a quality floor
+   (`--min-psnr DB`), the fastest candidate (FLOP-predicted) whose PSNR reaches it, and where
+   no target speedup was asked for, the fixed-interval plans of every speed compete too
+   (`choose`). The chosen plan's PSNR is its params' `held_out_psnr`: the estimate.
 
 So a learned plan never loses to a fixed-interval plan of at least its predicted speedup on
 its held-out calibration images; the plan's params record every candidate and its score.
@@ -56,16 +59,35 @@ def reference_samples(held: Trajectories, n: int) -> torch.Tensor | None:
     return held.samples[:n]
 
 
+def choose(scored: list[tuple[float, str, Plan]], min_psnr: float | None, cfg, text_length: int = 0
+           ) -> tuple[float, str, Plan]:
+    """The final choice among (held-out PSNR, label, plan): the best PSNR (ties: the learned plan
+    with forecasts, then the learned plan); with `min_psnr`, the fastest plan (FLOP-predicted) whose
+    PSNR is at least it (ties: the better PSNR), or an error that says the best reached."""
+    if min_psnr is None:
+        return max(scored, key=lambda c: (c[0], c[1] == "learned+forecast", c[1] == "learned"))
+    meeting = [c for c in scored if c[0] >= min_psnr]
+    if not meeting:
+        value, label, plan = max(scored, key=lambda c: c[0])
+        raise TcgraphError(f"no candidate reaches --min-psnr {min_psnr} dB on the held-out calibration images: the "
+                           f"best is {label} at {value:.2f} dB (predicted {speedup_of(cfg, plan.recipes, text_length):.2f}x)"
+                           "; ask for a lower --min-psnr or a lower --target-speedup")
+    return max(meeting, key=lambda c: (round(speedup_of(cfg, c[2].recipes, text_length), 6), c[0],
+                                       c[1] == "learned+forecast", c[1] == "learned"))
+
+
 def cache_mb(plan: Plan, hidden_size: int) -> float:
     return plan.cache_bytes(hidden_size) / 2**20
 
 
 def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: str, recipes, params: dict, *,
                    forecast: bool, max_cache_mb: float | None, max_variants: int | None = None,
-                   compete: bool = True, grams: tuple | None = None, progress: Progress = QUIET) -> Plan:
+                   compete: bool = True, grams: tuple | None = None, min_psnr: float | None = None,
+                   speedup_given: bool = True, progress: Progress = QUIET) -> Plan:
     """The plan a learned planner returns (see the module docstring); `params` are its own record.
     `grams`: (train, held) output Grams of `learned_forecast.output_grams` on the same trajectories,
-    to share between several calls (benchmarks)."""
+    to share between several calls (benchmarks). `min_psnr`: the quality floor (`choose`); with
+    `speedup_given` False (no target was asked for), fixed plans of any speed compete too."""
     settings, cfg = train.settings, model.config
     base = Plan(name, settings, tuple(recipes), cfg.num_tokens, params=dict(params))
     hidden = cfg.hidden_size
@@ -95,37 +117,54 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
                   "forecast_dropped_by_memory_cap": len(choices) - len(kept)}
     length = settings.text_length
     target = speedup_of(cfg, base.recipes, length)
-    for interval in range(2, settings.num_steps + 1 if compete else 2):
+    open_speed = min_psnr is not None and not speedup_given  # a quality floor alone: fixed plans of any speed
+
+    def fixed_plans(interval: int) -> list[Plan]:
         fixed = [make_fora(ForaConfig(interval), cfg, settings)]
         if forecast:
             fixed += [make_taylor(TaylorConfig(interval, order), cfg, settings) for order in (1, 2)]
-        for plan in fixed:
-            fits = ((max_cache_mb is None or cache_mb(plan, hidden) <= max_cache_mb)
-                    and (max_variants is None or len(plan.variants()) <= max_variants))
-            if fits and target <= speedup_of(cfg, plan.recipes, length) <= FASTEST_FIXED * target:
+        return [plan for plan in fixed if (max_cache_mb is None or cache_mb(plan, hidden) <= max_cache_mb)
+                and (max_variants is None or len(plan.variants()) <= max_variants)]
+
+    for interval in range(2, settings.num_steps + 1 if compete and not open_speed else 2):
+        for plan in fixed_plans(interval):
+            if target <= speedup_of(cfg, plan.recipes, length) <= FASTEST_FIXED * target:
                 candidates.append((plan.planner, plan))
-        if speedup_of(cfg, fixed[0].recipes, length) > FASTEST_FIXED * target:
+        if speedup_of(cfg, make_fora(ForaConfig(interval), cfg, settings).recipes, length) > FASTEST_FIXED * target:
             break
     # the held-out images' own conditioning: class ids, or a text model's prompts (a `Text`)
     noise, labels = held.x[0, :SELECTION_IMAGES], take(held.y, slice(0, SELECTION_IMAGES))
     scored = []
-    kept = reference_samples(held, SELECTION_IMAGES)
-    with progress.phase("choose by sampling runs", len(candidates) + (kept is None)) as phase:
-        if kept is None:
+    stored = reference_samples(held, SELECTION_IMAGES)
+    with progress.phase("choose by sampling runs", len(candidates) + (stored is None)) as phase:
+        if stored is None:
             full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
                                                 for _ in range(settings.num_steps)), cfg.num_tokens)
             reference = free_running_samples(model, full, noise, labels)
             phase.tick("full")
         else:
-            reference = kept
-        for label, plan in candidates:
-            scored.append((psnr(free_running_samples(model, plan, noise, labels), reference), label, plan))
+            reference = stored
+
+        def score(label: str, plan: Plan) -> float:
+            value = round(psnr(free_running_samples(model, plan, noise, labels), reference), 3)
+            scored.append((value, label, plan))
             phase.tick(label)
-    best_psnr, best_label, best = max(scored, key=lambda c: (c[0], c[1] == "learned+forecast", c[1] == "learned"))
+            return value
+
+        for label, plan in candidates:
+            score(label, plan)
+        if open_speed and compete:  # fixed plans from the slowest up, until one interval has none that meets it
+            for interval in range(2, settings.num_steps + 1):
+                values = [score(plan.planner, plan) for plan in fixed_plans(interval)]
+                if values and all(v < min_psnr for v in values):
+                    break
+    best_psnr, best_label, best = choose(scored, min_psnr, cfg, length)
     record.update({
         "selected": best_label,
+        "held_out_psnr": best_psnr if math.isfinite(best_psnr) else None,
+        "min_psnr": min_psnr,
         "selection": [{"candidate": label, "predicted_speedup": round(speedup_of(cfg, plan.recipes, length), 4),
-                       "held_out_psnr": round(p, 3) if math.isfinite(p) else None,
+                       "held_out_psnr": p if math.isfinite(p) else None,
                        "cache_mb": round(cache_mb(plan, hidden), 3)} for p, label, plan in scored],
         "selection_images": len(labels),
     })

@@ -28,7 +28,7 @@ prompts `calibration_text`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
 import torch
@@ -37,28 +37,33 @@ from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.plan.learning.evaluate import plan_error, speedup_of
-from tcgraph.plan.planners.l2c import L2CConfig, make_l2c
-from tcgraph.plan.learning.common import cache_steps, calibration_of, candidate_intervals, require_weights
+from tcgraph.plan.learning.evaluate import plan_errors, speedup_of
+from tcgraph.plan.planners.l2c import LAMBDA_GRID, L2CConfig, make_l2c
+from tcgraph.plan.planners.l2c import plan_outline as l2c_outline
+from tcgraph.plan.learning.common import (calibration_cost, cache_steps, calibration_of, candidate_intervals,
+                                          require_weights, rows_per_image, scoring_cost, seconds_per_row,
+                                          selection_cost)
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, max_cache_mb_option,
-                                  max_variants_option, option)
+                                  max_variants_option, min_psnr_option, option)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.learning.select import finish_learned
 from tcgraph.plan.learning.predictor import PredictorResult
-from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor
+from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor, learning_outline
 from tcgraph.plan.learning.tprr import select_blocks
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text
 
 SHARES = (0.5, 0.75)
+DEFAULT_TARGET = 2.0
 
 
 @dataclass(frozen=True)
 class CombinedConfig:
     """Learning-to-Cache branch reuse, then TokenCache pruning of the branches it computes."""
 
-    target_speedup: float = option(2.0, "FLOP-predicted speedup of the whole plan", type=float)
+    target_speedup: float = option(None, "FLOP-predicted speedup of the whole plan", type=float,
+                                   default_help=str(DEFAULT_TARGET))
     l2c_share: float | None = option(None, "share of log(target) taken by L2C branch reuse, in (0, 1)", type=float,
                                      default_help=f"searched over {', '.join(map(str, SHARES))}")
     keep_ratio: float = option(0.5, "share of tokens the Cache Predictor learns to keep", type=float)
@@ -72,12 +77,20 @@ class CombinedConfig:
     forecast: bool = forecast_option()
     compete: bool = compete_option()
     max_cache_mb: float | None = max_cache_mb_option()
+    min_psnr: float | None = min_psnr_option()
+    # whether the target was asked for (False: the default target, which --min-psnr alone leaves open)
+    speedup_given: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.target_speedup is None:
+            object.__setattr__(self, "target_speedup", DEFAULT_TARGET)
+            object.__setattr__(self, "speedup_given", False)
         if not self.target_speedup > 1.0:
             raise TcgraphError(f"target speedup must be > 1, got {self.target_speedup}")
         if self.l2c_share is not None and not 0.0 < self.l2c_share < 1.0:
             raise TcgraphError(f"l2c_share must be in (0, 1), got {self.l2c_share}")
+        if self.min_psnr is not None and not 0 < self.min_psnr < 200:
+            raise TcgraphError(f"min_psnr is a PSNR in dB, in (0, 200), got {self.min_psnr}")
 
 
 def token_floor(num_tokens: int, min_keep: float) -> int:
@@ -151,32 +164,43 @@ def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: Samp
     S, n, length = settings.num_steps, mcfg.num_tokens, settings.text_length
     epochs = {"epochs": cfg.epochs} if cfg.epochs else {}
     tcfg = TokenCacheConfig(target_speedup=cfg.target_speedup, keep_ratio=cfg.keep_ratio, min_keep=cfg.min_keep,
-                            calib_images=cfg.calib_images, seed=cfg.seed, **epochs)
+                            calib_images=cfg.calib_images, seed=cfg.seed, forecast=cfg.forecast, **epochs)
     floor = token_floor(n, cfg.min_keep)
     interval = skeleton_interval(mcfg, S, cfg.target_speedup, floor, text_length=length)  # before the expensive part
+    shares = [cfg.l2c_share] if cfg.l2c_share is not None else list(SHARES)
+
+    def l2c_config(share: float) -> L2CConfig:
+        return L2CConfig(target_speedup=cfg.target_speedup ** share, max_variants=cfg.max_variants,
+                         calib_images=cfg.calib_images, interval=interval, seed=cfg.seed, **epochs)
+
+    if finish:
+        progress = progress.outline(plan_outline(settings, cfg, tcfg, mcfg.depth, l2c_config(shares[0]), interval,
+                                                 len(shares), traj is None, learned is not None),
+                                    f"plan tokencache+l2c:{cfg.target_speedup}x", seconds_per_row(model, settings))
     traj = calibration_of(model, settings, tcfg, traj, progress, calibration_text)  # once, for every share's L2C
     train, held = traj.split(tcfg.num_held_out)
 
     pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, progress)
 
     table, found = [], []
-    for share in ([cfg.l2c_share] if cfg.l2c_share is not None else SHARES):
-        l2c_target = cfg.target_speedup ** share
-        lcfg = L2CConfig(target_speedup=l2c_target, max_variants=cfg.max_variants, calib_images=cfg.calib_images,
-                         interval=interval, seed=cfg.seed, **epochs)
-        base = make_l2c(lcfg, model_config, settings, weights=model, progress=progress, traj=traj, finish=False,
-                        calibration_text=calibration_text)
+    routers: dict = {}  # the routers do not depend on the share's target: every share plans from the same ones
+    for share in shares:
+        base = make_l2c(l2c_config(share), model_config, settings, weights=model, progress=progress, traj=traj,
+                        finish=False, calibration_text=calibration_text, routers=routers)
         pruned = prune_to_target(mcfg, base.recipes, pred.logits, sens, floor, cfg.target_speedup,
                                  text_length=length, steps=set(cache_steps(S, base.params["interval"])))
         if pruned is None:
             table.append({"l2c_share": share, "skipped": "token pruning cannot reach the target on this L2C plan"})
             continue
         keep, recipes = pruned
-        err = plan_error(model, held, recipes)
-        table.append({"l2c_share": share, "l2c_target": round(l2c_target, 4), "interval": base.params["interval"],
-                      "keep_counts": keep, "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4),
-                      "held_out_error": err, "variants": len(set(recipes))})
-        found.append((err, share, base, keep, recipes))
+        table.append({"l2c_share": share, "l2c_target": round(cfg.target_speedup ** share, 4),
+                      "interval": base.params["interval"], "keep_counts": keep,
+                      "predicted_speedup": round(speedup_of(mcfg, recipes, length), 4), "variants": len(set(recipes))})
+        found.append([None, share, base, keep, recipes])
+    with progress.phase("score combined plans", S) as phase:
+        for entry, err in zip(found, plan_errors(model, held, [f[4] for f in found], phase=phase)):
+            entry[0] = err
+            next(r for r in table if r["l2c_share"] == entry[1])["held_out_error"] = err
     if not found:
         raise TcgraphError(f"a combined plan cannot reach {cfg.target_speedup}x with keep ratios >= {cfg.min_keep}; "
                            "ask for less or lower --min-keep")
@@ -199,4 +223,23 @@ def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: Samp
         return Plan(name, settings, recipes, n, params=params)
     return finish_learned(model, train, held, name, recipes, params,
                           forecast=cfg.forecast, max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
-                          compete=cfg.compete, progress=progress)
+                          compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,
+                          progress=progress)
+
+
+def plan_outline(settings: SamplerSettings, cfg: CombinedConfig, tcfg: TokenCacheConfig, depth: int,
+                 lcfg: L2CConfig, interval: int, shares: int, calibrate: bool, learned: bool
+                 ) -> list[tuple[str, float]]:
+    """The phases of a combined plan with their estimated work in model rows: the routers are trained
+    for the first share (every share plans from them), each share scores its L2C candidates."""
+    S, rows = settings.num_steps, rows_per_image(settings)
+    held_rows = tcfg.num_held_out * rows
+    steps = [("calibrate", calibration_cost(settings, cfg.calib_images))] if calibrate else []
+    if not learned:
+        steps += learning_outline(settings, tcfg, depth)
+    l2c = l2c_outline(settings, lcfg, [(interval, j) for j in range(len(LAMBDA_GRID))], False)
+    for share in range(shares):
+        steps += [(d, c if share == 0 or d != "train router" else 0.0) for d, c in l2c if d != "choose by sampling runs"]
+    steps.append(("score combined plans", scoring_cost(S, held_rows, shares)))
+    steps.append(("choose by sampling runs", selection_cost(settings)))
+    return steps

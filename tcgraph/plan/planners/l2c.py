@@ -41,11 +41,12 @@ from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES, cache_name
-from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.evaluate import plan_errors, speedup_of
 from tcgraph.plan.flops import branch_flops, fixed_flops
 from tcgraph.plan.planners.l2c_import import DEFAULT_THRESHOLD as ROUTER_THRESHOLD
 from tcgraph.plan.planners.l2c_import import load_published_router_plan
 from tcgraph.plan.learning.common import (
+    calibration_cost,
     calibration_split,
     cache_steps,
     candidate_intervals,
@@ -57,9 +58,14 @@ from tcgraph.plan.learning.common import (
     require_weights,
     round_loss,
     rounds,
+    rows_per_image,
+    scoring_cost,
+    seconds_per_row,
+    selection_cost,
+    training_cost,
 )
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
-                                  max_cache_mb_option, max_variants_option, option, tuning)
+                                  max_cache_mb_option, max_variants_option, min_psnr_option, option, tuning)
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, cache_step_variants, constant_roles
 from tcgraph.plan.learning.select import finish_learned
 from tcgraph.progress import QUIET, SILENT, Phase, Progress
@@ -72,8 +78,14 @@ DEFAULT_MAX_VARIANTS = 6
 DEFAULT_TARGET = 2.0  # FLOP-predicted speedup learned for when neither a target nor a λ is given
 LAMBDA_THRESHOLD = 0.5  # sigmoid(g) above which a branch computes in λ mode
 LAMBDA_GRID = (0.1, 1.0)  # multiples of the data's own λ unit (see `lambda_unit`)
+# Training: the hard plan a router gives settles after a few Adam steps per round, whatever the
+# batch (benchmarks/planning_time.py: 2 images per round and 5 epochs plan as well as 8 and 12,
+# at 1/10 of the work).
+DEFAULT_EPOCHS = 5
+DEFAULT_BATCH_IMAGES = 2
 # Fields that only apply to learning a router, not to importing one (`router`).
-_LEARNING_FIELDS = ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs", "max_cache_mb")
+_LEARNING_FIELDS = ("target_speedup", "lam", "max_variants", "interval", "calib_images", "epochs", "max_cache_mb",
+                    "min_psnr")
 
 
 @dataclass(frozen=True)
@@ -98,13 +110,16 @@ class L2CConfig:
                                 type=str, parse=str, metavar="FILE")
     calib_images: int = calib_images_option()
     held_out: int | None = held_out_option()
-    epochs: int = option(12, "training epochs over the calibration rounds", type=int)
-    batch_images: int = tuning(8, "images per training round")
+    epochs: int = option(DEFAULT_EPOCHS, "training epochs over the calibration rounds", type=int)
+    batch_images: int = tuning(DEFAULT_BATCH_IMAGES, "images per training round")
     lr: float = tuning(0.1, "Adam learning rate of the logits")
     seed: int = option(0, "seed of the calibration noise, labels and training order", type=int)
     forecast: bool = forecast_option()
     compete: bool = compete_option()
     max_cache_mb: float | None = max_cache_mb_option()
+    min_psnr: float | None = min_psnr_option()
+    # whether the target was asked for (False: the default target, which --min-psnr alone leaves open)
+    speedup_given: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.router is not None:
@@ -114,6 +129,7 @@ class L2CConfig:
                                  "drop them or the router")
         elif self.target_speedup is None and self.lam is None:
             object.__setattr__(self, "target_speedup", DEFAULT_TARGET)
+            object.__setattr__(self, "speedup_given", False)
         if self.target_speedup is not None and self.lam is not None:
             raise UsageError("give either a target speedup or a λ, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:
@@ -126,7 +142,8 @@ class L2CConfig:
             raise UsageError("a threshold applies with --lambda (or --router); a target speedup sets its own")
         if self.interval is not None and self.interval < 2:
             raise TcgraphError(f"interval must be >= 2 (a full step then cache steps), got {self.interval}")
-        check_learning_options(self.calib_images, self.held_out, self.max_variants)
+        check_learning_options(self.calib_images, self.held_out, self.max_variants, self.epochs, self.batch_images,
+                               self.min_psnr)
 
     @property
     def num_held_out(self) -> int:
@@ -326,32 +343,34 @@ def make_l2c(cfg: L2CConfig, model_config: ModelConfig, settings: SamplerSetting
             if max_speedup(mcfg, S, k, length) < cfg.target_speedup:
                 raise TcgraphError(f"interval {k} reaches at most {max_speedup(mcfg, S, k, length):.2f}x, below the "
                                    f"target {cfg.target_speedup}x; use a longer interval")
+    if cfg.target_speedup is None:
+        intervals = [cfg.interval or 2]
+    lams = None if cfg.target_speedup is not None else [cfg.lam]
+    trained = [(k, j) for k in intervals for j in range(len(lams or LAMBDA_GRID))]
+    if finish:
+        progress = progress.outline(plan_outline(settings, cfg, trained, traj is None), f"plan {_name(cfg)}",
+                                    seconds_per_row(model, settings))
     train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
     memo = _router_memo(routers, traj, cfg)
 
-    if cfg.target_speedup is not None:
-        lams = None
-    else:
-        intervals = [cfg.interval or 2]
-        lams = [cfg.lam]
-    n_train = len(intervals) * (len(lams) if lams else len(LAMBDA_GRID))
-    candidates = []
-    with progress.phase("train router",
-                        n_train * cfg.epochs * sum(1 for _, cs in rounds(S, max(intervals)) if cs)) as phase:
+    results = []
+    ticks = sum(cfg.epochs * sum(1 for _, cs in rounds(S, k) if cs) for k, _ in trained)  # one per round trained
+    with progress.phase("train router", ticks) as phase:
         for k in intervals:
             unit = memo(("lambda_unit", k), lambda: lambda_unit(model, train, k)) if lams is None else None
             for lam in (lams or [m * unit for m in LAMBDA_GRID]):
                 res = memo(("router", k, lam), lambda: train_router(
                     model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr,
                     seed=cfg.seed, phase=phase))
-                probs = res.probs()
                 if cfg.target_speedup is not None:
-                    recipes = recipes_for_target(mcfg, probs, k, cfg.target_speedup, cfg.max_variants,
+                    recipes = recipes_for_target(mcfg, res.probs(), k, cfg.target_speedup, cfg.max_variants,
                                                  text_length=length)
                 else:
-                    recipes = recipes_for_threshold(probs, k, _threshold(cfg), cfg.max_variants, mcfg.branches)
-                err = plan_error(model, held, recipes)
-                candidates.append((err, k, lam, res, recipes))
+                    recipes = recipes_for_threshold(res.probs(), k, _threshold(cfg), cfg.max_variants, mcfg.branches)
+                results.append((k, lam, res, recipes))
+    with progress.phase("score candidates", S) as phase:
+        errors = plan_errors(model, held, [r[3] for r in results], phase=phase)
+    candidates = [(err, *r) for err, r in zip(errors, results)]
     err, k, lam, res, recipes = min(candidates, key=lambda c: c[0])
     params = {
         "method": "learning-to-cache",
@@ -368,12 +387,29 @@ def make_l2c(cfg: L2CConfig, model_config: ModelConfig, settings: SamplerSetting
                     "final_train_loss": c[3].history[-1] if c[3].history else None} for c in candidates],
         "router_probs": _probs_record(res.probs(), k),
     }
-    name = f"l2c:{cfg.target_speedup}x" if cfg.target_speedup is not None else "l2c"
+    name = _name(cfg)
     if not finish:
         return Plan(name, settings, recipes, mcfg.num_tokens, params=params)
     return finish_learned(model, train, held, name, recipes, params, forecast=cfg.forecast,
                           max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
-                          compete=cfg.compete, progress=progress)
+                          compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,
+                          progress=progress)
+
+
+def _name(cfg: L2CConfig) -> str:
+    return f"l2c:{cfg.target_speedup}x" if cfg.target_speedup is not None else "l2c"
+
+
+def plan_outline(settings: SamplerSettings, cfg: L2CConfig, trained: list, calibrate: bool) -> list[tuple[str, float]]:
+    """The phases of an l2c plan with their estimated work in model rows (`common.training_cost`, …):
+    `trained` the (interval, λ) routers it trains."""
+    S, rows = settings.num_steps, rows_per_image(settings)
+    batch = min(cfg.batch_images, cfg.calib_images - cfg.num_held_out)
+    steps = [("calibrate", calibration_cost(settings, cfg.calib_images))] if calibrate else []
+    steps.append(("train router", sum(cfg.epochs * training_cost(rounds(S, k), batch * rows) for k, _ in trained)))
+    steps.append(("score candidates", scoring_cost(S, cfg.num_held_out * rows, len(trained))))
+    steps.append(("choose by sampling runs", selection_cost(settings)))
+    return steps
 
 
 def _router_memo(routers: dict | None, traj: Trajectories | None, cfg: L2CConfig):

@@ -28,32 +28,44 @@ text-conditioned model calibrates on the prompts `calibration_text`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.plan.learning.evaluate import plan_error, speedup_of
+from tcgraph.plan.learning.evaluate import plan_errors, speedup_of
 from tcgraph.plan.learning.common import (
+    calibration_cost,
     calibration_split,
     check_learning_options,
     held_out_count,
     require_weights,
     rounds,
+    rows_per_image,
+    scoring_cost,
+    seconds_per_row,
+    selection_cost,
+    training_cost,
 )
 from tcgraph.plan.options import (calib_images_option, compete_option, forecast_option, held_out_option,
-                                  max_cache_mb_option, max_variants_option, option, tuning)
+                                  max_cache_mb_option, max_variants_option, min_psnr_option, option, tuning)
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
 from tcgraph.plan.learning.select import finish_learned
-from tcgraph.plan.learning.predictor import PredictorResult, block_sensitivity, init_predictor, mu_unit, train_predictor
-from tcgraph.plan.learning.tprr import TPRR, tprr_choices, tprr_recipes, tprr_search_space, unreachable
+from tcgraph.plan.learning.predictor import (PredictorResult, block_sensitivity, mu_unit, train_predictor,
+                                            training_rounds)
+from tcgraph.plan.learning.tprr import TPRR, tprr_choices, tprr_search_space, unreachable
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text
 
 DEFAULT_TARGET = 1.5
 DEFAULT_MAX_VARIANTS = 8  # full step + 7 cache recipes
+# Training: a few Adam steps per round on small batches rank the tokens as well as many on large
+# ones (benchmarks/planning_time.py), at a fraction of the work.
+DEFAULT_EPOCHS = 3
+DEFAULT_BATCH_IMAGES = 2
+SENSITIVITY_IMAGES = 8  # held-out images the block probes run on (the ranking of blocks is what counts)
 
 
 def parse_tprr(value) -> TPRR:
@@ -72,8 +84,8 @@ def parse_tprr(value) -> TPRR:
 class TokenCacheConfig:
     """TokenCache: learned token pruning per block on a two-phase round-robin schedule."""
 
-    target_speedup: float = option(DEFAULT_TARGET, "FLOP-predicted speedup over computing every branch at every "
-                                   "step", type=float)
+    target_speedup: float = option(None, "FLOP-predicted speedup over computing every branch at every step",
+                                   type=float, default_help=str(DEFAULT_TARGET))
     tprr: TPRR | None = option(None, "TPRR schedule: a full step every K1 steps before step B, every K2 from B on",
                                type=str, parse=parse_tprr, metavar="B,K1,K2", default_help="searched")
     keep_ratio: float = option(0.5, "share of tokens the Cache Predictor learns to keep (and the sensitivity "
@@ -84,8 +96,8 @@ class TokenCacheConfig:
     max_variants: int | None = max_variants_option(DEFAULT_MAX_VARIANTS)
     calib_images: int = calib_images_option()
     held_out: int | None = held_out_option()
-    epochs: int = option(8, "training epochs over the calibration rounds", type=int)
-    batch_images: int = tuning(8, "images per training round")
+    epochs: int = option(DEFAULT_EPOCHS, "training epochs over the calibration rounds", type=int)
+    batch_images: int = tuning(DEFAULT_BATCH_IMAGES, "images per training round")
     lr: float = tuning(0.1, "Adam learning rate of the predictor's logits")
     mu: float = tuning(10.0, "keep-ratio penalty, in units of the reuse-everything eps MSE")
     train_window: int = tuning(3, "training rounds: a full step then train_window - 1 cache steps")
@@ -93,8 +105,14 @@ class TokenCacheConfig:
     forecast: bool = forecast_option()
     compete: bool = compete_option()
     max_cache_mb: float | None = max_cache_mb_option()
+    min_psnr: float | None = min_psnr_option()
+    # whether the target was asked for (False: the default target, which --min-psnr alone leaves open)
+    speedup_given: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.target_speedup is None:
+            object.__setattr__(self, "target_speedup", DEFAULT_TARGET)
+            object.__setattr__(self, "speedup_given", False)
         if not self.target_speedup > 1.0:
             raise TcgraphError(f"target speedup must be > 1, got {self.target_speedup}")
         if self.tprr is not None:
@@ -109,9 +127,10 @@ class TokenCacheConfig:
             raise TcgraphError(f"min keep ratio must be in [0, 1), got {self.min_keep}")
         if self.max_stale < 1:
             raise TcgraphError(f"max_stale must be >= 1, got {self.max_stale}")
-        check_learning_options(self.calib_images, self.held_out, self.max_variants)
-        if self.epochs < 1 or self.batch_images < 1 or self.train_window < 2 or self.mu < 0:
-            raise TcgraphError("epochs and batch_images must be >= 1, train_window >= 2 and mu >= 0")
+        check_learning_options(self.calib_images, self.held_out, self.max_variants, self.epochs, self.batch_images,
+                               self.min_psnr)
+        if self.train_window < 2 or self.mu < 0:
+            raise TcgraphError("train_window must be >= 2 and mu >= 0")
 
     @property
     def num_held_out(self) -> int:
@@ -120,15 +139,38 @@ class TokenCacheConfig:
 
 def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held: Trajectories,
                     progress: Progress = QUIET) -> tuple[PredictorResult, list[float]]:
-    """The target-independent part: the trained Cache Predictor and the per-block sensitivities."""
-    S, depth = train.num_steps, model.config.depth
+    """The target-independent part: the trained Cache Predictor and the per-block sensitivities
+    (probed on the first `SENSITIVITY_IMAGES` held-out images)."""
+    S = train.num_steps
     with progress.phase("train predictor", cfg.epochs * (S - 1)) as phase:
         pred = train_predictor(model, train, cfg.keep_ratio, cfg.mu * mu_unit(model, train),
                                window=cfg.train_window, epochs=cfg.epochs, batch_images=cfg.batch_images,
                                lr=cfg.lr, seed=cfg.seed, phase=phase)
-    with progress.phase("block sensitivity", depth * len(rounds(S, 2))) as phase:
-        sens = block_sensitivity(model, held, pred.logits, cfg.keep_ratio, phase=phase)
+    with progress.phase("block sensitivity", sum(1 for _, cs in rounds(S, 2) if cs)) as phase:
+        sens = block_sensitivity(model, held.part(0, min(SENSITIVITY_IMAGES, held.num_images)), pred.logits,
+                                 cfg.keep_ratio, phase=phase)
     return pred, sens
+
+
+def learning_outline(settings: SamplerSettings, cfg: TokenCacheConfig, depth: int) -> list[tuple[str, float]]:
+    """The phases of `learn_predictor` with their estimated work in model rows."""
+    S, rows = settings.num_steps, rows_per_image(settings)
+    batch = min(cfg.batch_images, cfg.calib_images - cfg.num_held_out)
+    probe_rows = min(SENSITIVITY_IMAGES, cfg.num_held_out) * rows
+    probes = sum(2 + (depth + 1) / 2 for _, cs in rounds(S, 2) if cs)  # two full steps, then block l on from l
+    return [("train predictor", cfg.epochs * training_cost(training_rounds(S, cfg.train_window), batch * rows)),
+            ("block sensitivity", probes * probe_rows)]
+
+
+def plan_outline(settings: SamplerSettings, cfg: TokenCacheConfig, depth: int, candidates: int,
+                 calibrate: bool) -> list[tuple[str, float]]:
+    """The phases of a tokencache plan with their estimated work in model rows."""
+    steps = [("calibrate", calibration_cost(settings, cfg.calib_images))] if calibrate else []
+    steps += learning_outline(settings, cfg, depth)
+    steps.append(("TPRR search", scoring_cost(settings.num_steps, cfg.num_held_out * rows_per_image(settings),
+                                              candidates)))
+    steps.append(("choose by sampling runs", selection_cost(settings)))
+    return steps
 
 
 def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: SamplerSettings, *,
@@ -153,6 +195,11 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
     # out-of-reach targets and impossible schedules are refused before the expensive part
     candidates = tprr_search_space(mcfg, S, target, min_keep=cfg.min_keep, max_stale=cfg.max_stale,
                                    max_variants=cfg.max_variants, tprr=cfg.tprr, text_length=length)
+    if finish:
+        outline = plan_outline(settings, cfg, depth, len(candidates), traj is None)
+        if learned is not None:
+            outline = [st for st in outline if st[0] not in ("train predictor", "block sensitivity")]
+        progress = progress.outline(outline, f"plan tokencache:{target}x", seconds_per_row(model, settings))
     train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
     pred, sens = learned if learned is not None else learn_predictor(cfg, model, train, held, progress)
     scores = pred.logits
@@ -160,25 +207,22 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
     choices = tprr_choices(mcfg, scores, sens, target, candidates, min_keep=cfg.min_keep, max_stale=cfg.max_stale,
                            max_variants=cfg.max_variants, text_length=length)
     table, found = [], []
-    with progress.phase("TPRR search", len(choices)) as phase:
-        for c in choices:
-            row = {"b": c.tprr[0], "K1": c.tprr[1], "K2": c.tprr[2]}
-            if c.skipped is not None:
-                table.append({**row, "skipped": c.skipped})
-            else:
-                err = plan_error(model, held, c.recipes)
-                table.append({**row, "keep": c.keep, "predicted_speedup": round(c.predicted_speedup, 4),
-                              "held_out_error": err, "variants": len(set(c.recipes))})
-                found.append((err, c.tprr, c.keep, c.recipes))
-            phase.tick()
+    scored = [c for c in choices if c.skipped is None]
+    with progress.phase("TPRR search", S) as phase:
+        errors = iter(plan_errors(model, held, [c.recipes for c in scored], phase=phase))
+    for c in choices:
+        row = {"b": c.tprr[0], "K1": c.tprr[1], "K2": c.tprr[2]}
+        if c.skipped is not None:
+            table.append({**row, "skipped": c.skipped})
+        else:
+            err = next(errors)
+            table.append({**row, "keep": c.keep, "predicted_speedup": round(c.predicted_speedup, 4),
+                          "held_out_error": err, "variants": len(set(c.recipes))})
+            found.append((err, c.tprr, c.keep, c.recipes))
     if not found:
         raise unreachable(mcfg, S, target, cfg.min_keep, cfg.max_stale, cfg.max_variants, cfg.tprr,
                           text_length=length)
     err, tp, keep, recipes = min(found, key=lambda c: c[0])
-    random_scores = init_predictor(S, depth, n, cfg.keep_ratio, cfg.seed)
-    random_err = plan_error(
-        model, held, tprr_recipes(random_scores, keep, *tp, max_stale=cfg.max_stale, max_variants=cfg.max_variants,
-                                  branches=mcfg.branches))
     w = pred.weights()[1:]
     params = {
         "method": "tokencache",
@@ -191,7 +235,6 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
         "pruned_blocks": [l for l in range(depth) if keep[l] < n],
         "sensitivity": sens,
         "held_out_error": err,
-        "random_choice_error": random_err,  # same schedule and keep counts, random token ranking
         "keep_ratio": cfg.keep_ratio,
         "min_keep": cfg.min_keep,
         "max_stale": cfg.max_stale,
@@ -210,7 +253,8 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
         return Plan(f"tokencache:{target}x", settings, recipes, n, params=params)
     return finish_learned(model, train, held, f"tokencache:{target}x", recipes, params, forecast=cfg.forecast,
                           max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
-                          compete=cfg.compete, progress=progress)
+                          compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,
+                          progress=progress)
 
 
 def to_dynamic(plan: Plan) -> Plan:
@@ -231,5 +275,14 @@ def make_dynamic(cfg: TokenCacheConfig, model_config: ModelConfig, settings: Sam
                  traj: Trajectories | None = None, calibration_text: Text | None = None) -> Plan:
     """The dynamic planner: `to_dynamic` of the tokencache plan for `cfg` (its TPRR plan, without
     forecasting or the final choice among fixed plans: those are made for static tokens)."""
+    if cfg.min_psnr is not None:
+        raise UsageError("--min-psnr chooses among plans sampled on held-out images; the dynamic planner makes "
+                         "no such choice: drop --min-psnr, or use tokencache")
+    if weights is not None and settings.num_steps >= 2:  # (the checks are make_tokencache's)
+        candidates = tprr_search_space(model_config, settings.num_steps, cfg.target_speedup, min_keep=cfg.min_keep,
+                                       max_stale=cfg.max_stale, max_variants=cfg.max_variants, tprr=cfg.tprr,
+                                       text_length=settings.text_length)
+        outline = plan_outline(settings, cfg, model_config.depth, len(candidates), traj is None)[:-1]
+        progress = progress.outline(outline, f"plan dynamic:{cfg.target_speedup}x", seconds_per_row(weights, settings))
     return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
                                       finish=False, calibration_text=calibration_text))
