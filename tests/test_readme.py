@@ -21,6 +21,7 @@ that holds no measured number).
 from __future__ import annotations
 
 import contextlib
+import os
 import importlib.util
 import io
 import json
@@ -32,7 +33,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,7 @@ def test_setup_is_two_commands_and_ci_runs_the_same():
     pip_part = install.split("&&")[0].strip()
     assert pip_part.replace("pip install", "python -m pip install") in ci
     extras = re.search(r"\.\[(\w+)\]", pip_part).group(1)
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11 reads pyproject.toml")
     assert extras in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
@@ -195,8 +196,13 @@ class Reader:
             code = code.replace(f"127.0.0.1:{self.port_map[0]}", f"127.0.0.1:{self.port_map[1]}")
         namespace: dict = {"__name__": "__readme__"}
         out = io.StringIO()
-        with contextlib.chdir(self.folder), contextlib.redirect_stdout(out):
-            exec(compile(code, f"README.md:{block.line}", "exec"), namespace)
+        cwd = os.getcwd()
+        os.chdir(self.folder)
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, f"README.md:{block.line}", "exec"), namespace)
+        finally:
+            os.chdir(cwd)
         self.printed[block.line] = out.getvalue()
         self.python_globals[block.marker] = namespace
         if self.server is not None:  # the block that used the server is done: Ctrl-C
