@@ -158,7 +158,7 @@ class SharedLearning:
             return make_plan(spec, cfg, self.settings, weights=self.model, progress=self.progress,
                              **(text if planner is not None and planner.learned else {}), **options)
         config = planner.configure(spec, args, options)
-        traj = self.trajectories(config.calib_images, config.seed)
+        traj = self.trajectories(config)
         common = dict(weights=self.model, progress=self.progress, traj=traj, **text)
         if name == "l2c":
             base = make_l2c(config, cfg, self.settings, finish=False,
@@ -175,18 +175,15 @@ class SharedLearning:
                               max_variants=config.max_variants, compete=config.compete, grams=grams,
                               progress=self.progress)
 
-    def trajectories(self, calib_images: int, seed: int):
-        """The calibration `calibration_split` would make for these options (once per calib_images and seed)."""
-        from tcgraph.calibrate import calibrate
-        from tcgraph.plan.learning.common import CALIBRATION_CHUNK, check_calibration_text
+    def trajectories(self, config):
+        """The calibration `calibration_split` makes for `config` (once per calibration images, seed and
+        the image where its forecast Grams are cut: the same chunks as a plan made alone)."""
+        from tcgraph.plan.learning.common import calibration_of
 
-        key = (calib_images, seed)
+        grams_at = config.calib_images - config.num_held_out if getattr(config, "forecast", False) else None
+        key = (config.calib_images, config.seed, grams_at)
         if key not in self._traj:
-            check_calibration_text(self.model.config, self.text, "a plan")
-            total = self.settings.num_steps * -(-calib_images // CALIBRATION_CHUNK)
-            with self.progress.phase("calibrate", total) as phase:
-                self._traj[key] = calibrate(self.model, self.settings, calib_images, seed=seed, phase=phase,
-                                            text=self.text)
+            self._traj[key] = calibration_of(self.model, self.settings, config, None, self.progress, self.text)
         return self._traj[key]
 
     def grams(self, traj, held_out: int, train, held) -> tuple:
