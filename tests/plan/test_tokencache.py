@@ -14,7 +14,8 @@ from tcgraph.cli import main
 from tcgraph.errors import TcgraphError
 from tcgraph.plan import COMPUTE, Plan, make_plan, plan_flops
 from tcgraph.plan.learning.evaluate import plan_error, speedup_of
-from tcgraph.plan.learning.predictor import block_sensitivity, init_predictor, mu_unit, train_predictor
+from tcgraph.plan.learning.predictor import (block_sensitivity, init_predictor, mu_unit, staleness_init,
+                                            train_predictor)
 from tcgraph.plan.planners.tokencache import TokenCacheConfig, make_tokencache
 from tcgraph.plan.learning.tprr import (
     keep_floor,
@@ -383,3 +384,29 @@ def test_to_dynamic_keeps_schedule_and_counts(tiny_config):
             assert (y.kind, y.k) == (("dynamic", x.k) if x.kind == "partial" else (x.kind, x.k))
             extra = 2 * 16 * tiny_config.hidden_size if x.kind == "partial" else 0
             assert branch_flops(tiny_config, br, y) == branch_flops(tiny_config, br, x) + extra
+
+
+def test_staleness_init_ranks_tokens_by_how_much_their_outputs_change():
+    """The closed-form start of the predictor: per step and block, the z-score over tokens of the log
+    change of the token's branch outputs from the step before (read from output Grams), plus logit(r)."""
+    from tcgraph.calibrate import add_grams
+
+    S, depth, n, rows, d = 5, 2, 8, 3, 4
+    g = torch.Generator().manual_seed(0)
+    speed = torch.rand(depth, n, generator=g) + 0.1  # how fast each token's outputs drift, per block
+    base = torch.randn(rows, n, d, generator=g)
+    outputs = {}
+    for l in range(depth):
+        for j, br in enumerate(BRANCHES):
+            drift = torch.randn(S, rows, n, d, generator=g).cumsum(0)
+            outputs[(l, br)] = base + (j + 1) * speed[l][None, None, :, None] * drift  # [S, R, N, D]
+    grams = add_grams({}, outputs)
+    init = staleness_init(grams, S, depth, BRANCHES, 0.25)
+    logit = math.log(0.25 / 0.75)
+    assert init.shape == (S, depth, n) and torch.allclose(init[0], torch.full((depth, n), logit))
+    for s in range(1, S):
+        for l in range(depth):
+            change = sum(((outputs[(l, br)][s] - outputs[(l, br)][s - 1]) ** 2).sum(dim=(0, 2)) for br in BRANCHES)
+            z = torch.log(change.double())
+            expected = (z - z.mean()) / (z.std() + 1e-6) + logit
+            torch.testing.assert_close(init[s, l].double(), expected, atol=1e-4, rtol=0)

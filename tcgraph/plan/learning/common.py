@@ -73,21 +73,23 @@ def check_calibration_text(model_config: ModelConfig, text: Text | None, what: s
 
 
 def calibration_split(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
-                      progress: Progress, text: Text | None = None) -> tuple[Trajectories, Trajectories]:
+                      progress: Progress, text: Text | None = None, grams: bool | None = None
+                      ) -> tuple[Trajectories, Trajectories]:
     """(train, held-out) trajectories of a learned planner's config `cfg` (its `calib_images`,
     `seed`, `num_held_out`, `forecast`): calibrated here (a text-conditioned model on the prompts
     `text`), or the given `traj` checked to match."""
-    return calibration_of(model, settings, cfg, traj, progress, text).split(cfg.num_held_out)
+    return calibration_of(model, settings, cfg, traj, progress, text, grams).split(cfg.num_held_out)
 
 
 def calibration_of(model: DiT, settings: SamplerSettings, cfg, traj: Trajectories | None,
-                   progress: Progress, text: Text | None = None) -> Trajectories:
-    """The calibration trajectories of `calibration_split`, not split; with forecasting on
-    (`cfg.forecast`), the output Grams of the training and the held-out images come with them,
-    computed in the same pass."""
+                   progress: Progress, text: Text | None = None, grams: bool | None = None) -> Trajectories:
+    """The calibration trajectories of `calibration_split`, not split; with `grams` (by default: with
+    forecasting on, `cfg.forecast`), the output Grams of the training and the held-out images come
+    with them, computed in the same pass."""
     if traj is None:
         check_calibration_text(model.config, text, "a plan")
-        grams_at = cfg.calib_images - cfg.num_held_out if getattr(cfg, "forecast", False) else None
+        grams = getattr(cfg, "forecast", False) if grams is None else grams
+        grams_at = cfg.calib_images - cfg.num_held_out if grams else None
         total = settings.num_steps * len(calibration_chunks(model.config, settings, cfg.calib_images,
                                                             chunk=CALIBRATION_CHUNK, grams_at=grams_at))
         with progress.phase("calibrate", total) as phase:

@@ -19,6 +19,11 @@ branch at a cache step (the data's own scale, from `learning.lambda_unit`). Mode
 frozen; only g moves. The kept tokens of a (step, block) at keep count k are the top-k by
 score (ties: lower token index first).
 
+The planner starts training from a closed form (`staleness_init`): the token's z-scored log change
+of its branch outputs from the step before, read from the output Grams calibration keeps. That
+ranking alone plans nearly as well as a trained predictor; a short training from it plans as well
+as a long one from random logits (benchmarks/planning_time.py).
+
 
 The block sensitivities that adaptive block selection (`tcgraph.plan.learning.tprr`) ranks blocks
 by are measured here too (`block_sensitivity`), with the predictor's scores.
@@ -55,6 +60,24 @@ def init_predictor(num_steps: int, depth: int, num_tokens: int, keep_ratio: floa
     g = torch.Generator().manual_seed(seed)
     base = math.log(keep_ratio / (1 - keep_ratio))
     return base + 0.01 * torch.randn(num_steps, depth, num_tokens, generator=g)
+
+
+def staleness_init(grams: dict, num_steps: int, depth: int, branches: tuple[str, ...], keep_ratio: float
+                   ) -> torch.Tensor:
+    """Logits to start training from, in closed form from the output Grams (`calibrate.grams`): at
+    step s, block l, token i, the z-score over tokens of log Σ_branches ||O_s,i − O_{s−1},i||² (how much
+    the token's branch outputs change from the step before: what reusing it loses), plus logit(r).
+    Step 0's row (never a cache step) is logit(r)."""
+    base = math.log(keep_ratio / (1 - keep_ratio))
+    steps = torch.arange(1, num_steps)
+    rows = []
+    for l in range(depth):
+        g = sum(grams[(l, br)] for br in branches)  # [S, S, N]
+        change = g[steps - 1, steps - 1] - 2 * g[steps - 1, steps] + g[steps, steps]  # [S-1, N]
+        rows.append(torch.log(change.clamp_min(1e-30)).float())
+    z = torch.stack(rows, 1)  # [S-1, depth, N]
+    z = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
+    return torch.cat([torch.zeros(1, depth, z.shape[-1]), z]) + base
 
 
 def training_rounds(num_steps: int, window: int) -> list[tuple[int, list[int]]]:

@@ -177,7 +177,7 @@ def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: Samp
         progress = progress.outline(plan_outline(settings, cfg, tcfg, mcfg.depth, l2c_config(shares[0]), interval,
                                                  len(shares), traj is None, learned is not None),
                                     f"plan tokencache+l2c:{cfg.target_speedup}x", seconds_per_row(model, settings))
-    traj = calibration_of(model, settings, tcfg, traj, progress, calibration_text)  # once, for every share's L2C
+    traj = calibration_of(model, settings, tcfg, traj, progress, calibration_text, grams=True)  # once, for all
     train, held = traj.split(tcfg.num_held_out)
 
     pred, sens = learned if learned is not None else learn_predictor(tcfg, model, train, held, progress)

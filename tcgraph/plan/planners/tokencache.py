@@ -52,19 +52,21 @@ from tcgraph.plan.options import (calib_images_option, compete_option, forecast_
                                   max_cache_mb_option, max_variants_option, min_psnr_option, option, tuning)
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
 from tcgraph.plan.learning.select import finish_learned
-from tcgraph.plan.learning.predictor import (PredictorResult, block_sensitivity, mu_unit, train_predictor,
-                                            training_rounds)
-from tcgraph.plan.learning.tprr import TPRR, tprr_choices, tprr_search_space, unreachable
+from tcgraph.plan.learning.forecast import output_grams
+from tcgraph.plan.learning.predictor import (PredictorResult, block_sensitivity, mu_unit, staleness_init,
+                                            train_predictor, training_rounds)
+from tcgraph.plan.learning.tprr import TPRR, floor_speedup, tprr_choices, tprr_search_space, unreachable
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings
 from tcgraph.sampling.conditioning import Text
 
 DEFAULT_TARGET = 1.5
 DEFAULT_MAX_VARIANTS = 8  # full step + 7 cache recipes
-# Training: a few Adam steps per round on small batches rank the tokens as well as many on large
-# ones (benchmarks/planning_time.py), at a fraction of the work.
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_IMAGES = 2
+# Training starts from the closed-form token ranking of the output Grams (`staleness_init`); from
+# there 2 epochs of 4 images per round plan as well as 8 epochs of 8 from a random start
+# (benchmarks/planning_time.py), at 1/8 of the work.
+DEFAULT_EPOCHS = 2
+DEFAULT_BATCH_IMAGES = 4
 SENSITIVITY_IMAGES = 8  # held-out images the block probes run on (the ranking of blocks is what counts)
 
 
@@ -143,9 +145,13 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
     (probed on the first `SENSITIVITY_IMAGES` held-out images)."""
     S = train.num_steps
     with progress.phase("train predictor", cfg.epochs * (S - 1)) as phase:
+        grams = train.output_grams()
+        if grams is None:  # trajectories calibrated elsewhere, without them
+            grams = output_grams(model, train)
+        init = staleness_init(grams, S, model.config.depth, model.config.branches, cfg.keep_ratio)
         pred = train_predictor(model, train, cfg.keep_ratio, cfg.mu * mu_unit(model, train),
                                window=cfg.train_window, epochs=cfg.epochs, batch_images=cfg.batch_images,
-                               lr=cfg.lr, seed=cfg.seed, phase=phase)
+                               lr=cfg.lr, seed=cfg.seed, init=init, phase=phase)
     with progress.phase("block sensitivity", sum(1 for _, cs in rounds(S, 2) if cs)) as phase:
         sens = block_sensitivity(model, held.part(0, min(SENSITIVITY_IMAGES, held.num_images)), pred.logits,
                                  cfg.keep_ratio, phase=phase)
@@ -160,6 +166,14 @@ def learning_outline(settings: SamplerSettings, cfg: TokenCacheConfig, depth: in
     probes = sum(2 + (depth + 1) / 2 for _, cs in rounds(S, 2) if cs)  # two full steps, then block l on from l
     return [("train predictor", cfg.epochs * training_cost(training_rounds(S, cfg.train_window), batch * rows)),
             ("block sensitivity", probes * probe_rows)]
+
+
+def reachable(model_config: ModelConfig, num_steps: int, candidates: list[TPRR], cfg: TokenCacheConfig,
+              text_length: int = 0) -> int:
+    """The TPRR candidates within the variant cap that reach the target with every block at the floor:
+    the ones the search will score (block selection may still skip some)."""
+    return sum(1 for tp in candidates if floor_speedup(model_config, num_steps, tp, cfg.min_keep, cfg.max_stale,
+                                                      cfg.max_variants, text_length) >= cfg.target_speedup)
 
 
 def plan_outline(settings: SamplerSettings, cfg: TokenCacheConfig, depth: int, candidates: int,
@@ -196,11 +210,11 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
     candidates = tprr_search_space(mcfg, S, target, min_keep=cfg.min_keep, max_stale=cfg.max_stale,
                                    max_variants=cfg.max_variants, tprr=cfg.tprr, text_length=length)
     if finish:
-        outline = plan_outline(settings, cfg, depth, len(candidates), traj is None)
+        outline = plan_outline(settings, cfg, depth, reachable(mcfg, S, candidates, cfg, length), traj is None)
         if learned is not None:
             outline = [st for st in outline if st[0] not in ("train predictor", "block sensitivity")]
         progress = progress.outline(outline, f"plan tokencache:{target}x", seconds_per_row(model, settings))
-    train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text)
+    train, held = calibration_split(model, settings, cfg, traj, progress, calibration_text, grams=True)
     pred, sens = learned if learned is not None else learn_predictor(cfg, model, train, held, progress)
     scores = pred.logits
 
@@ -282,7 +296,9 @@ def make_dynamic(cfg: TokenCacheConfig, model_config: ModelConfig, settings: Sam
         candidates = tprr_search_space(model_config, settings.num_steps, cfg.target_speedup, min_keep=cfg.min_keep,
                                        max_stale=cfg.max_stale, max_variants=cfg.max_variants, tprr=cfg.tprr,
                                        text_length=settings.text_length)
-        outline = plan_outline(settings, cfg, model_config.depth, len(candidates), traj is None)[:-1]
+        outline = plan_outline(settings, cfg, model_config.depth,
+                               reachable(model_config, settings.num_steps, candidates, cfg, settings.text_length),
+                               traj is None)[:-1]
         progress = progress.outline(outline, f"plan dynamic:{cfg.target_speedup}x", seconds_per_row(weights, settings))
     return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
                                       finish=False, calibration_text=calibration_text))
