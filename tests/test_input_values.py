@@ -132,7 +132,7 @@ def test_a_full_disk_inside_the_onnx_exporter_names_the_disk_not_the_graph(tiny_
 
     monkeypatch.setattr(torch.onnx, "export", full)
     s = SamplerSettings(num_steps=2, batch=1, cfg_scale=1.0, resolution=8)
-    plan = Plan("full", s, (tcgraph.plan.Recipe.uniform(3, tcgraph.plan.COMPUTE),) * 2, 16)
+    plan = Plan("full", s, (tcgraph.plan.Recipe.uniform(3, tcgraph.plan.COMPUTE, ("attn", "mlp")),) * 2, 16)
     out = tmp_path / "art"
     with pytest.raises(TcgraphError, match=r"cannot write .*art: \[Errno 28\] No space left on device; free space"):
         api.transform(tiny_model, plan, out, progress=False)
