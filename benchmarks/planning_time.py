@@ -58,7 +58,7 @@ def git(*args: str) -> str:
 def worktree(rev: str) -> Path:
     """A git worktree of `rev` in /tmp (made once, reused by later runs of this script)."""
     sha = git("rev-parse", "--short", rev)
-    path = Path(tempfile.gettempdir()) / f"planning-before-{sha}"
+    path = Path(tempfile.gettempdir()) / f"planning-tree-{sha}"
     if not (path / "tcgraph").is_dir():
         git("worktree", "add", "--detach", str(path), sha)
     return path
@@ -103,7 +103,7 @@ def held_out_psnr(artifact: Path) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     from tcgraph.eval.metrics import psnr
 
-    trees = {"before": worktree(args.before), "after": ROOT}
+    trees = {"before": worktree(args.before), "after": worktree(args.after) if args.after else ROOT}
     work = Path(tempfile.mkdtemp(prefix="planning-time-"))
     planners = [p for p in args.planners.split(",") if p]
     timings: dict = {p: {side: [] for side in trees} for p in planners}
@@ -281,8 +281,8 @@ def main(args: argparse.Namespace) -> dict:
     result: dict = {"config": {
         "command": "python benchmarks/planning_time.py " + " ".join(sys.argv[1:]),
         "before": git("rev-parse", "--short", args.before),
-        "after": git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git(
-            "status", "--porcelain", "--", "tcgraph") else ""),
+        "after": git("rev-parse", "--short", args.after) if args.after else git("rev-parse", "--short", "HEAD") + (
+            " + uncommitted changes" if git("status", "--porcelain", "--", "tcgraph") else ""),
         "runs": args.runs, "python": platform.python_version(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "machine": platform.machine()}}
     if not args.skip_demo:
@@ -303,6 +303,8 @@ def main(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="the commit to compare with (e.g. 6eaabaf)")
+    p.add_argument("--after", help="a commit for the after side too (a worktree: the checkout may change while this "
+                                   "runs); default: this checkout as it is")
     p.add_argument("--runs", type=int, default=1, help="timed runs of each planner and tree (default 1)")
     p.add_argument("--planners", default=",".join(PLANNERS), help=f"comma-separated (default {','.join(PLANNERS)})")
     p.add_argument("--dit-s2", action="store_true", help="add the projection at DiT-S/2 shapes")
