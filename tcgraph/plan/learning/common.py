@@ -158,9 +158,12 @@ def seconds_per_row(model: DiT, settings: SamplerSettings, images: int = 4) -> f
         return 0.0
     inputs = sampler.model_inputs(x, sampler.schedule.generation_order()[0], y)
     mixed_step(model, *inputs, {}, {})  # the first call pays one-off costs
-    start = time.perf_counter()
-    mixed_step(model, *inputs, {}, {})
-    return (time.perf_counter() - start) / inputs[0].shape[0]
+    best = float("inf")
+    for _ in range(3):  # the least of a few: what the work costs, less what else the machine did
+        start = time.perf_counter()
+        mixed_step(model, *inputs, {}, {})
+        best = min(best, time.perf_counter() - start)
+    return best / inputs[0].shape[0]
 
 
 #################################################################################
