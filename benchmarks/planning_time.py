@@ -119,8 +119,8 @@ def measure(args: argparse.Namespace) -> dict:
                 art = work / f"{side}-{planner.replace('+', '-')}"
                 timing = run(trees[side], transform_argv(planner, art), work)
                 timings[planner][side].append(timing)
-                print(f"run {r + 1} {planner:15s} {side:6s} wall {timing['wall_s']:6.1f} s  cpu {timing['cpu_s']:6.1f} s"
-                      f"  load {timing['load_before']:.1f}", flush=True)
+                print(f"run {r + 1} {planner:15s} {side:6s} wall {timing['wall_s']:6.1f} s  "
+                      f"cpu {timing['cpu_s']:6.1f} s  load {timing['load_before']:.1f}", flush=True)
                 if r == 0:  # the plans are deterministic: quality once
                     q = held_out_psnr(art)
                     q["psnr_40"] = round(psnr(samples_of(trees[side], art, work), references[side]), 2)
@@ -199,12 +199,14 @@ def dit_s2_projection() -> dict:
     tcfg = tokencache.TokenCacheConfig(target_speedup=TARGET)
     from tcgraph.plan.learning.tprr import tprr_search_space
 
-    cands = tokencache.reachable(cfg, S, tprr_search_space(cfg, S, TARGET, min_keep=tcfg.min_keep, max_stale=tcfg.max_stale,
-                                                           max_variants=tcfg.max_variants), tcfg)
+    space = tprr_search_space(cfg, S, TARGET, min_keep=tcfg.min_keep, max_stale=tcfg.max_stale,
+                              max_variants=tcfg.max_variants)
+    cands = tokencache.reachable(cfg, S, space, tcfg)
     after = dict(tokencache.plan_outline(settings, tcfg, cfg.depth, cands, True))
     tc_before = {"calibrate": after["calibrate"],
                  "train predictor": 8 * common.training_cost(training_rounds(S, 3), 8 * rows),
-                 "block sensitivity": sum(1 + cfg.depth for _, cs in common.rounds(S, 2) if cs) * tcfg.num_held_out * rows,
+                 "block sensitivity": (sum(1 + cfg.depth for _, cs in common.rounds(S, 2) if cs)
+                                       * tcfg.num_held_out * rows),
                  "TPRR search": (cands + 1) * common.scoring_cost(S, tcfg.num_held_out * rows, 1),
                  "forecast weights": after["calibrate"],
                  "choose by sampling runs": common.selection_cost(settings) * 4 / 3}

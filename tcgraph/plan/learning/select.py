@@ -69,9 +69,10 @@ def choose(scored: list[tuple[float, str, Plan]], min_psnr: float | None, cfg, t
     meeting = [c for c in scored if c[0] >= min_psnr]
     if not meeting:
         value, label, plan = max(scored, key=lambda c: c[0])
+        speed = speedup_of(cfg, plan.recipes, text_length)
         raise TcgraphError(f"no candidate reaches --min-psnr {min_psnr} dB on the held-out calibration images: the "
-                           f"best is {label} at {value:.2f} dB (predicted {speedup_of(cfg, plan.recipes, text_length):.2f}x)"
-                           "; ask for a lower --min-psnr or a lower --target-speedup")
+                           f"best is {label} at {value:.2f} dB (predicted {speed:.2f}x); ask for a lower --min-psnr "
+                           "or a lower --target-speedup")
     return max(meeting, key=lambda c: (round(speedup_of(cfg, c[2].recipes, text_length), 6), c[0],
                                        c[1] == "learned+forecast", c[1] == "learned"))
 

@@ -239,7 +239,8 @@ def plan_outline(settings: SamplerSettings, cfg: CombinedConfig, tcfg: TokenCach
         steps += learning_outline(settings, tcfg, depth)
     l2c = l2c_outline(settings, lcfg, [(interval, j) for j in range(len(LAMBDA_GRID))], False)
     for share in range(shares):
-        steps += [(d, c if share == 0 or d != "train router" else 0.0) for d, c in l2c if d != "choose by sampling runs"]
+        steps += [(d, c if share == 0 or d != "train router" else 0.0)  # the routers: trained once
+                  for d, c in l2c if d != "choose by sampling runs"]
     steps.append(("score combined plans", scoring_cost(S, held_rows, shares)))
     steps.append(("choose by sampling runs", selection_cost(settings)))
     return steps
