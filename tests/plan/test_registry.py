@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
 def test_every_config_field_is_documented():
     for p in PLANNERS.values():
         for f in fields(p.config):
-            assert f.metadata.get("help"), (p.name, f.name)
+            if f.init:  # a field the planner derives itself (init=False: l2c's speedup_given) is no option
+                assert f.metadata.get("help"), (p.name, f.name)
         p.config()  # every field has a default
 
 
