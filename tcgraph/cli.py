@@ -87,11 +87,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def _inspect_command(args) -> int:
+    """`tcgraph inspect`: what `api.inspect` (and `api.inspect_pictures` with --out) return, without
+    importing torch (the artifact's plan, manifest and ONNX graphs are read as data)."""
+    from tcgraph.inspection import format_report, inspect_artifact, write_pictures
+    from tcgraph.sampling import checks
+
+    checks.path(args.artifact, "artifact")
+    info = inspect_artifact(args.artifact, variant=args.variant, step=args.step)
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
+    if args.out is not None:
+        checks.path(args.out, "out_dir", "--out")
+        written = write_pictures(args.artifact, args.out, variant=args.variant)
+        print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
+    sys.stdout.flush()
+    return 0
+
+
 def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_command(argv)
     args = build_parser(argv).parse_args(argv)
     _check_names(args)  # before torch: a misspelt plan, model or folder is refused at once
+    if args.command == "inspect":  # reads an artifact folder: no torch
+        return _inspect_command(args)
     from tcgraph import api
 
     if args.command == "transform":
@@ -117,12 +136,6 @@ def _run(argv: list[str] | None) -> int:
                                      progress=_progress(args), runner_options=_runner_options(args))
         wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
         print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
-    elif args.command == "inspect":
-        info = api.inspect(args.artifact, variant=args.variant, step=args.step)
-        print(json.dumps(info, indent=1) if args.json else api.format_inspect(info))
-        if args.out is not None:
-            written = api.inspect_pictures(args.artifact, args.out, variant=args.variant)
-            print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
     elif args.command == "compare":
         from tcgraph import compare
 

@@ -341,3 +341,12 @@ def read_folder_json(folder: Path, name: str):
         return json.loads((folder / name).read_text())
     except (OSError, ValueError):
         return None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -43,7 +43,7 @@ LAYERS: dict[str, set[str]] = {
     "cli_table": {"errors", "files", "models", "plan"},  # the CLI's plan options and model names, cached
     "cli_parser": {"errors", "version", "suggest", "cli_table", "serve"},  # the argument parser, torch-free
     "compare": {"errors", "progress", "files", "eval", "export", "sampling", "suggest", "api"},
-    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "api", "serve",
+    "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "inspection", "api", "serve",
             "cli_parser", "cli_table", "suggest", "compare"},
     "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},

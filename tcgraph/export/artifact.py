@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.folder import (make_temporary, recover_interrupted_swap, swap_into_place, utc_now,
@@ -48,14 +49,16 @@ from tcgraph.export.manifest import (
     read_json,
 )
 from tcgraph.export.blocks import BlockTable, variants_block_table
-from tcgraph.export.onnx import WEIGHTS_PATH, ExportableVariant, export_each, file_sha256
-from tcgraph.export.programs import write_programs
-from tcgraph.export.specs import REDO, ParameterSpec, TensorSpec, VariantSpec, parameter_specs, variant_spec
-from tcgraph.export.weights import map_parameters
+from tcgraph.export.specs import (REDO, WEIGHTS_PATH, ParameterSpec, TensorSpec, VariantSpec, parameter_specs,
+                                  variant_spec)
+from tcgraph.files import file_sha256
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.plan import Plan
 from tcgraph.progress import QUIET, Phase, Progress
 from tcgraph.version import __version__
+
+if TYPE_CHECKING:  # writing imports torch and onnx (`_write_contents`); reading an artifact needs neither
+    from tcgraph.export.onnx import ExportableVariant
 
 __all__ = ["SCHEMA_VERSION", "Artifact", "ParameterSpec", "TensorSpec", "VariantSpec", "config_hash",
            "load_artifact", "write_artifact"]
@@ -124,6 +127,10 @@ def write_artifact(
 
 def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, phase: Phase, opset, verify,
                     atol, engines, state) -> None:
+    from tcgraph.export.onnx import export_each
+    from tcgraph.export.programs import write_programs
+    from tcgraph.export.weights import map_parameters
+
     write_json(tmp / PLAN, plan)
     entries = export_each(variants, tmp, opset=opset, verify=verify, atol=atol, tick=phase.tick)
     parameters = None

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
+from tcgraph.files import file_sha256
 from tcgraph.export.blocks import BlockTable, old_manifest_table
-from tcgraph.export.onnx import file_sha256
 from tcgraph.export.specs import REDO
 from tcgraph.models.families import ModelConfig, config_from_dict
 from tcgraph.plan.plan import Plan
@@ -167,7 +167,7 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
     point it reads); and every cache a variant reads is written by some variant (a history
     entry by the writes of its branch's cache). A manifest edited to another model (its hash updated to match) fails here, since
     the ONNX files it lists keep the shapes they were exported with."""
-    from tcgraph.names import FORECAST_WEIGHTS, OUT, history_index, is_cache
+    from tcgraph.names import FORECAST_WEIGHTS, GATE_PARAMS, OUT, history_index, is_cache, is_gate
     from tcgraph.plan.plan import MAX_HISTORY
 
     s = plan.settings
@@ -190,6 +190,8 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
                             f"{where}: variant {v.id} has {kind} {spec.name}, not a cache of this model's "
                             f"{config.depth} blocks; {todo}")
                     want = plan.cache_shape(spec.name, config.hidden_size)
+                elif is_gate(spec.name) and plan.gate is not None and (spec.name != GATE_PARAMS or kind == "input"):
+                    want = plan.gate_shape(spec.name, config.hidden_size)
                 elif spec.name == FORECAST_WEIGHTS and kind == "input":
                     limit = len(plan.branches) * config.depth * MAX_HISTORY  # every branch forecast from the longest history
                     want = tuple(spec.shape) if len(spec.shape) == 1 and 1 <= spec.shape[0] <= limit else (f"1..{limit}",)

@@ -53,8 +53,7 @@ from tcgraph.export.weights import (  # noqa: F401  (re-exported: the public nam
     read_external_initializers,
 )
 
-VARIANTS_DIR = "variants"
-WEIGHTS_PATH = f"{VARIANTS_DIR}/{WEIGHTS_FILE}"  # relative to the artifact root
+from tcgraph.export.specs import VARIANTS_DIR, WEIGHTS_PATH  # noqa: E402,F401  (re-exported)
 OUTPUT_SUFFIX = ".new"  # ONNX name of an output whose name is also an input (`cache.3.mlp`)
 _SCRATCH_DIR = ".export-scratch"
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -89,7 +88,8 @@ def check_variant(v: ExportableVariant) -> None:
         raise TcgraphError(
             f"variant id {v.id!r} cannot name a file; use letters, digits, '_', '-' or '.' (e.g. 'v0')"
         )
-    placeholders = [n for n in v.gm.graph.nodes if n.op == "placeholder"]
+    graph = getattr(v.gm, "graph", None)  # a gated step is a module of several graphs (tcgraph.passes.gated)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"] if graph is not None else list(v.input_names)
     if len(placeholders) != len(v.input_names):
         raise TcgraphError(
             f"variant {v.id}: {len(v.input_names)} input names {list(v.input_names)} given, "
@@ -182,7 +182,8 @@ def export_each(
                 raw_path = scratch / f"{v.id}.onnx"
                 _torch_export(v, raw_path, opset)
                 model = onnx.load(str(raw_path), load_external_data=True)
-                namer.learn(v.gm)
+                for graph in _graphs(v.gm):
+                    namer.learn(graph)
                 used = externalize(model, weights, namer)
                 shutil.rmtree(scratch)
                 path = variants_dir / f"{v.id}.onnx"
@@ -199,6 +200,14 @@ def export_each(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return entries
+
+
+def _graphs(module: torch.nn.Module) -> list[torch.fx.GraphModule]:
+    """The fx graphs of a variant: itself, or those a gated step is made of (each names the model's
+    parameters as the model does)."""
+    if isinstance(module, torch.fx.GraphModule):
+        return [module]
+    return [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]
 
 
 #################################################################################

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from tcgraph.errors import TcgraphError
 
 REDO = "re-run `tcgraph transform` to rebuild it"
+VARIANTS_DIR = "variants"
+WEIGHTS_FILE = "weights.bin"  # inside the variants folder, beside the .onnx files that read it
+WEIGHTS_PATH = f"{VARIANTS_DIR}/{WEIGHTS_FILE}"  # relative to the artifact root
 
 
 @dataclass(frozen=True)

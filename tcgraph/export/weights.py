@@ -18,10 +18,10 @@ import onnx
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.export.specs import parameter_specs
+from tcgraph.export.specs import WEIGHTS_FILE, parameter_specs  # noqa: F401  (re-exported)
+from tcgraph.files import file_sha256  # noqa: F401  (re-exported)
 
 
-WEIGHTS_FILE = "weights.bin"  # inside the variants folder, beside the .onnx files that read it
 EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the shared file
 WEIGHTS_ALIGN = 64  # byte alignment of every tensor in the shared file (cache lines, mmap)
 REDO = "re-run `tcgraph transform` to rebuild it"
@@ -86,15 +86,6 @@ def read_external_initializers(onnx_path: Path) -> dict[str, ExternalTensor]:
                 f"({type(e).__name__}: {e}); the artifact folder is damaged; {REDO}"
             ) from e
     return result
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 
 

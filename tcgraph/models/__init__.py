@@ -3,31 +3,17 @@
     load_model()                                   # the demo model, trained here
     load_model("DiT-XL-2-256x256.pt")              # an official checkpoint, config inferred
     load_model("ckpt/0400000.pt", config="DiT-XL/2")
+
+Importing this package imports no torch: the family registry and the pretrained names are
+data, and everything that builds or loads a model (`tcgraph.models.loading`) is imported on
+first use (PEP 562), so `inspect`, `--help` and the CLI's checks start without torch.
 """
 from __future__ import annotations
 
-import os
+import importlib
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-import torch
-
-from tcgraph.errors import TcgraphError, UsageError
-from tcgraph.models.diffusers.folder import is_diffusers_folder
-from tcgraph.models.families import FAMILIES, Family, family, family_of_diffusers_class
-from tcgraph.models.adapter import ModelAdapter, adapter_for, register_adapter, run_blocks
-from tcgraph.models.official.checkpoint import (
-    config_candidates,
-    config_argument,
-    describe_state_dict,
-    infer_config,
-    load_checkpoint_into,
-    load_state_dict_file,
-    save_checkpoint,
-)
-from tcgraph.models.official.dit import CONFIGS, DiT, DiTConfig, make_config
-from tcgraph.models.official.dit import build_model as build_official
+from tcgraph.models.families import FAMILIES, Family, family
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -42,146 +28,15 @@ PRETRAINED: dict[str, tuple[Path, str | None]] = {
 # What makes each pretrained weights file, told to the user when it is missing.
 _MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py", "digits-text": "python scripts/train_text_demo.py"}
 
-
-def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor], source: Path) -> DiTConfig:
-    if isinstance(config, DiTConfig):
-        return config
-    if isinstance(config, str):
-        return make_config(config)
-    if config is not None:
-        raise TcgraphError(
-            f"config must be a registered name ({', '.join(CONFIGS)}), a DiTConfig or None, "
-            f"got a {type(config).__name__}"
-        )
-    found = config_candidates(sd)
-    if len(found) == 1:
-        return found[0][1]
-    if not found:
-        raise TcgraphError(
-            f"cannot tell which config {source} was trained with: no registered config "
-            f"({', '.join(CONFIGS)}) fits its weights ({describe_state_dict(sd)}); pass config= a "
-            "DiTConfig with these fields and the num_heads it was trained with"
-        )
-    labels = [label for label, _ in found]
-    raise TcgraphError(
-        f"cannot tell which config {source} was trained with: {len(labels)} registered configs fit "
-        f"({', '.join(labels)}); choose one with {' or '.join(config_argument(l) for l in labels)}"
-    )
-
-
-def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None) -> DiT:
-    """A DiT with loaded weights, in eval mode.
-
-    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`; "digits-text" is
-    text-conditioned, a `DiffusersPixArt`, needing diffusers) or the
-    path of a checkpoint (`.safetensors`, `.pt`, `.pth`, `.bin`; official DiT release
-    and training checkpoints included). `config` is a registered config name or a
-    `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
-    checkpoint's shapes and must then match exactly one registered config.
-    """
-    if not isinstance(name_or_path, (str, os.PathLike)) or name_or_path == "":
-        raise TcgraphError(f"the model must be the name of a pretrained model ({', '.join(PRETRAINED)}) or the path of "
-                           f"a checkpoint or diffusers folder, got {type(name_or_path).__name__} {name_or_path!r:.60}")
-    if name_or_path == "digits-text":  # a DiffusersPixArt; its prompt encoder: digits_text.prompt_encoder_for
-        folder = PRETRAINED["digits-text"][0] / "transformer"
-        if not (folder / "config.json").is_file():
-            raise TcgraphError(f"the pretrained model 'digits-text' has no weights yet: {folder / 'config.json'} is "
-                               f"missing; create them with `{_MAKE_WEIGHTS['digits-text']}`")
-        return load_diffusers(folder, config)
-    if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
-        return load_diffusers(name_or_path, config)
-    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
-        path, own_config = PRETRAINED[name_or_path]
-        if not path.exists():
-            raise TcgraphError(
-                f"the pretrained model {name_or_path!r} has no weights yet: {path} is missing; "
-                f"create it with `{_MAKE_WEIGHTS[name_or_path]}`"
-            )
-        config = own_config if config is None else config
-    else:
-        path = Path(name_or_path)
-        if not path.exists():
-            hint = ""
-            if str(name_or_path) in CONFIGS:
-                hint = (
-                    f"; {str(name_or_path)!r} is a model config, not pretrained weights: pass a checkpoint "
-                    f"path with config={str(name_or_path)!r}, or use build_model({str(name_or_path)!r}) "
-                    "for random weights"
-                )
-            raise TcgraphError(
-                f"no pretrained model named {str(name_or_path)!r} and no checkpoint file at {path}; "
-                f"pretrained models: {', '.join(PRETRAINED)}; or pass the path of a checkpoint "
-                f"(.safetensors, .pt, .pth, .bin){hint}"
-            )
-    sd = load_state_dict_file(path)
-    cfg = _resolve_config(config, sd, path)
-    with torch.device("meta"):  # the checkpoint provides every tensor: skip allocation and init
-        model = DiT(cfg)
-    load_checkpoint_into(model, sd, source=str(path))
-    return model.eval()
-
-
-def is_model(obj) -> bool:
-    """Whether `obj` is a model tcgraph transforms: a module with a `DiTConfig` (tcgraph's DiT, or
-    diffusers' DiTTransformer2DModel / PixArtTransformer2DModel as `tcgraph.models.diffusers.dit.DiffusersDiT`
-    / `tcgraph.models.diffusers.pixart.DiffusersPixArt` wrap them)."""
-    return isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "config", None), DiTConfig)
-
-
-def build_model(config: DiTConfig | str, **overrides):
-    """A freshly initialised model in eval mode from a config or a registered name, built by the
-    config's family (`tcgraph.models.families`): tcgraph's DiT, or diffusers' DiTTransformer2DModel /
-    PixArtTransformer2DModel (these need diffusers). `overrides` change fields of a registered
-    config (official DiT only)."""
-    if isinstance(config, DiTConfig) and not overrides:
-        return config.family.build(config)
-    return build_official(config, **overrides)
-
-
-def load_diffusers(path: str | os.PathLike, config=None):
-    """The diffusers model in a model folder (config.json + safetensors) or a pipeline folder
-    (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json."""
-    from tcgraph.models.diffusers.folder import read_folder
-
-    if config is not None:
-        raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "
-                         "(--config) argument")
-    folder = read_folder(path)
-    return family_of_diffusers_class(folder.class_name).load_folder(folder)
-
-
-def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_classes: int) -> torch.Tensor:
-    """Class ids `y` as a 1-D int64 tensor, after checking they lie in 0..num_classes-1.
-
-    The null class (id `num_classes`) is the guidance sampler's business, not a label
-    a user may ask for.
-    """
-    ids = torch.as_tensor(y)
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise UsageError(f"class ids must be integers in 0..{num_classes - 1}, got a {ids.dtype} tensor")
-    ids = ids.reshape(-1).to(torch.long)
-    bad = ids[(ids < 0) | (ids >= num_classes)]
-    if bad.numel():
-        shown = ", ".join(str(int(v)) for v in bad[:10])
-        raise UsageError(
-            f"class ids {shown}{', ...' if bad.numel() > 10 else ''} are out of range: the model has "
-            f"{num_classes} classes, valid ids are 0..{num_classes - 1}"
-        )
-    return ids
-
-
-__all__ = [
+# name -> the module that defines it, imported when the name is first asked for
+_LAZY = {name: "tcgraph.models.loading" for name in (
     "CONFIGS",
-    "PRETRAINED",
     "DiT",
     "DiTConfig",
-    "FAMILIES",
-    "Family",
     "ModelAdapter",
     "adapter_for",
     "build_model",
     "check_class_ids",
-    "family",
     "infer_config",
     "load_checkpoint_into",
     "is_model",
@@ -192,4 +47,15 @@ __all__ = [
     "register_adapter",
     "run_blocks",
     "save_checkpoint",
-]
+)}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tcgraph.models' has no attribute {name!r}")
+
+
+__all__ = sorted(["PRETRAINED", "FAMILIES", "Family", "family", *_LAZY])

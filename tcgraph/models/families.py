@@ -123,7 +123,7 @@ class Family:
             raise TcgraphError(f"{self.title} models take guidance {self.guidance!r}; the settings say "
                                f"{settings.guidance!r}: make the plan for this model")
         b, side = settings.model_batch, settings.resolution
-        t_dtype = str(settings.timestep_dtype).removeprefix("torch.")
+        t_dtype = settings.timestep_dtype_name
         inputs = [GraphInput(X, (b, config.in_channels, side, side), "float32", "latent"),
                   GraphInput(T, (b,), t_dtype, "timestep")]
         if config.text_conditioned:
@@ -160,7 +160,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("official", "DiT (facebookresearch/DiT)", "tcgraph.models.official.dit", "build_model",
-           "tcgraph.models.official.checkpoint:official_state_dict_shapes", ("attn", "mlp")),
+           "tcgraph.models.official.shapes:official_state_dict_shapes", ("attn", "mlp")),
     Family("diffusers", "diffusers DiTTransformer2DModel", "tcgraph.models.diffusers.dit", "build_diffusers_dit",
            "tcgraph.models.diffusers.config:dit_state_dict_shapes", ("attn", "mlp"),
            diffusers_class="DiTTransformer2DModel"),

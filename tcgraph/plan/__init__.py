@@ -1,19 +1,29 @@
-"""Plans: actions per (step, block, branch), variants and schedule, FLOP accounting, planners."""
+"""Plans: actions per (step, block, branch), variants and schedule, FLOP accounting, planners.
+
+Plans and their FLOP accounting import no torch; the planners (`tcgraph.plan.registry`) are
+imported on first use (PEP 562), so reading an artifact's plan needs no torch.
+"""
+from __future__ import annotations
+
+import importlib
+
 from tcgraph.plan.flops import branch_flops, plan_flops, recipe_flops
 from tcgraph.plan.plan import COMPUTE, PLAN_SCHEMA_VERSION, REUSE, Action, Plan, Recipe, dynamic, forecast, partial
-from tcgraph.plan.registry import (
-    PLAN_HELP,
-    PLAN_OPTIONS,
-    PLANNERS,
-    Planner,
-    add_plan_arguments,
-    make_plan,
-    plan_options,
-    register,
-)
+
+# name -> the module that defines it, imported when the name is first asked for
+_LAZY = dict.fromkeys(("PLAN_HELP", "PLAN_OPTIONS", "PLANNERS", "Planner", "add_plan_arguments", "make_plan",
+                       "plan_options", "register"), "tcgraph.plan.registry")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tcgraph.plan' has no attribute {name!r}")
+
 
 __all__ = [
     "COMPUTE", "PLAN_SCHEMA_VERSION", "REUSE", "Action", "Plan", "Recipe", "dynamic", "forecast", "partial", "branch_flops",
-    "plan_flops", "recipe_flops", "PLAN_HELP", "PLAN_OPTIONS", "PLANNERS", "Planner", "add_plan_arguments",
-    "make_plan", "plan_options", "register",
+    "plan_flops", "recipe_flops", *_LAZY,
 ]

@@ -18,8 +18,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.progress import SILENT, Phase
 from tcgraph.sampling.conditioning import as_inputs, model_conditioning
-
-NUM_TRAIN_TIMESTEPS = 1000
+from tcgraph.sampling.settings import NUM_TRAIN_TIMESTEPS  # noqa: F401  (re-exported)
 
 StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -8,14 +8,18 @@ refused on load), and `sample` runs only settings that passed. Each refusal is a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
 from tcgraph.names import GUIDANCE, GUIDANCE_MODES, MODEL_INPUTS, TEXT_INPUTS
 from tcgraph.sampling import checks
-from tcgraph.sampling.diffusion import NUM_TRAIN_TIMESTEPS
-from tcgraph.sampling.schedulers import CLASS_KEY, check_scheduler_config, timestep_dtype
+from tcgraph.sampling.scheduler_config import CLASS_KEY, check_scheduler_config, timestep_dtype_name
+
+if TYPE_CHECKING:
+    import torch
+
+# DDPM's training timesteps, which DDIM respaces (DiT's schedule).
+NUM_TRAIN_TIMESTEPS = 1000
 
 # "ddim": tcgraph's own DDIM (DiT's schedule, ADM respacing); "diffusers": the diffusers
 # scheduler class that `scheduler` (a pipeline's scheduler_config.json) names.
@@ -146,6 +150,13 @@ class SamplerSettings:
         return 2 * self.batch if self.doubles_batch else self.batch
 
     @property
-    def timestep_dtype(self) -> torch.dtype:
-        """The dtype of the graphs' `t` input: int64, float32 under a flow-matching scheduler."""
-        return torch.int64 if self.scheduler is None else timestep_dtype(self.scheduler)
+    def timestep_dtype_name(self) -> str:
+        """The dtype of the graphs' `t` input: "int64", "float32" under a flow-matching scheduler."""
+        return "int64" if self.scheduler is None else timestep_dtype_name(self.scheduler)
+
+    @property
+    def timestep_dtype(self) -> "torch.dtype":
+        """`timestep_dtype_name` as a torch dtype."""
+        import torch
+
+        return getattr(torch, self.timestep_dtype_name)

@@ -206,3 +206,24 @@ def test_engines_folder_is_reported(fora2, tmp_path):
             "weights.bin on load)") in text
     with pytest.raises(TcgraphError, match="no focus data"):
         format_report(info, variant="v1")
+
+
+def test_the_cli_inspects_without_torch(fora2, tmp_path, monkeypatch):
+    """`tcgraph inspect` (summary, a variant's focus, --json, pictures) in a fresh interpreter imports
+    no torch and prints what the API's `inspect` and `format_inspect` give."""
+    from tcgraph import api, cli_table
+    from tests.test_cli_start import probe
+
+    monkeypatch.setenv("TCGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    cli_table.table()  # the parser's table, cached: a cold cache would read the planner registry (torch)
+    pictures = tmp_path / "pictures"
+    argvs = [["inspect", str(fora2)], ["inspect", str(fora2), "--variant", "v1"], ["inspect", str(fora2), "--json"],
+             ["inspect", str(fora2), "--out", str(pictures)], ["inspect", str(fora2), "--variant", "v9"]]
+    found = probe(argvs, tmp_path / "cache")
+    assert found["imported"] == ["onnx"]  # the variant graphs are read with onnx; never torch
+    summary, focus, as_json, drawn, unknown = found["results"]
+    assert summary["code"] == 0 and summary["out"].strip() == api.format_inspect(api.inspect(fora2)).strip()
+    assert focus["out"].strip() == api.format_inspect(api.inspect(fora2, variant="v1")).strip()
+    assert json.loads(as_json["out"]) == json.loads(json.dumps(api.inspect(fora2)))
+    assert drawn["code"] == 0 and (pictures / "schedule_heatmap.png").is_file()
+    assert unknown["code"] == 2 and "v9" in unknown["err"] and "Traceback" not in unknown["err"]

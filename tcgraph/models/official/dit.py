@@ -11,6 +11,7 @@ D hidden size, p patch size.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import torch
