@@ -84,9 +84,11 @@ def _add_transform(t, _name: str) -> None:
 
     spec = table()
     t.add_argument("--model", default="digits",
-                   help="'digits' (the embedded demo model), a checkpoint path, or a diffusers model or pipeline "
-                        "folder (DiTTransformer2DModel)")
-    t.add_argument("--config", choices=spec["configs"], help="config of a checkpoint (inferred when omitted)")
+                   help=f"a pretrained model ({', '.join(repr(m) for m in spec['models'])}; default 'digits', the "
+                        "embedded demo), a DiT checkpoint path (official layout; its config inferred or --config), "
+                        "or a diffusers model or pipeline folder (" + ", ".join(spec["diffusers_classes"]) + ")")
+    t.add_argument("--config", choices=spec["configs"], metavar="CONFIG", help="config of a checkpoint (inferred from its shapes when omitted): "
+                        + ", ".join(spec["configs"]))
     t.add_argument("--plan", default="full", help=spec["plan_help"])
     t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")

@@ -21,10 +21,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 # The files the table is read from, relative to the package: the registries and the modules
-# declaring the planner configs (their fields are the plan options, their defaults the help's).
-SOURCES = ("plan/registry.py", "plan/options.py", "plan/planners/*.py", "models/__init__.py", "models/config.py")
+# declaring the planner configs (their fields are the plan options, their defaults the help's),
+# and this one (what the table holds).
+SOURCES = ("cli_table.py", "plan/registry.py", "plan/options.py", "plan/planners/*.py", "models/__init__.py",
+           "models/config.py", "models/families.py")
 TYPES = {"int": int, "float": float, "str": str}  # the argparse types plan options use
-KEYS = ("models", "configs", "planners", "plan_help", "plan_options")
+KEYS = ("models", "configs", "planners", "plan_help", "plan_options", "diffusers_classes")
 KEEP = 8  # cached tables kept (the newest): one per edit of the sources, per installation
 
 
@@ -59,7 +61,7 @@ def cache_file(print_: str) -> Path:
 
 def live_table() -> dict:
     """The table read from the registries (imports torch)."""
-    from tcgraph.models import PRETRAINED
+    from tcgraph.models import FAMILIES, PRETRAINED
     from tcgraph.models.config import CONFIGS
     from tcgraph.plan.options import flag_of
     from tcgraph.plan.registry import PLAN_HELP, PLANNERS, _option_help, plan_option_fields
@@ -73,7 +75,8 @@ def live_table() -> dict:
         options.append({"flag": flag_of(first), "dest": name, "help": _option_help(owners),
                         "type": None if kind is None else kind.__name__, "metavar": first.metadata.get("metavar")})
     return {"models": list(PRETRAINED), "configs": list(CONFIGS), "planners": list(PLANNERS), "plan_help": PLAN_HELP,
-            "plan_options": options}
+            "plan_options": options,
+            "diffusers_classes": [f.diffusers_class for f in FAMILIES.values() if f.diffusers_class]}
 
 
 def _read(path: Path) -> dict | None:
