@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
-from tcgraph.names import FORECAST_WEIGHTS, GUIDANCE, OUT, TEXT, TEXT_MASK, is_cache, is_model_input
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_TIMES,
+                           GUIDANCE, OUT, TEXT, TEXT_MASK, cache_name, history_name, is_cache, is_model_input)
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -42,6 +43,8 @@ from tcgraph.passes import (
     token_prune,
 )
 from tcgraph.models.layout import Layout
+from tcgraph.passes.gated import GatedStep, gated_step
+from tcgraph.plan.gate import FORCE_COMPUTE, lagrange_weights
 from tcgraph.plan.plan import Plan, Recipe
 from tcgraph.progress import QUIET, Progress
 
@@ -89,6 +92,12 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
             raise TcgraphError("example inputs of a forecasting variant need its recipe (the layout of forecast.w)")
         size = sum(points for _, points in recipe.forecasts())
         feeds[FORECAST_WEIGHTS] = torch.randn(size, generator=g)
+    if GATE_PARAMS in names:  # a gated step: a reference, a running sum, history at distinct earlier steps
+        points = plan.gate.points
+        feeds.update({GATE_REF: torch.randn(plan.gate_shape(GATE_REF, cfg.hidden_size), generator=g),
+                      GATE_ACC: torch.tensor([0.01]), GATE_SKIPS: torch.tensor([0.0]), GATE_COUNT: torch.tensor([3.0]),
+                      GATE_TIMES: torch.tensor([float(3 + 2 * points - 2 * j) for j in range(points)]),
+                      GATE_PARAMS: torch.tensor([float(4 + 2 * points), FORCE_COMPUTE, 2.0])})
     return {n: feeds[n] for n in names}
 
 
@@ -129,6 +138,68 @@ def rewrite(model: nn.Module, spec: RewriteSpec, pipeline: tuple[Pass, ...] = PI
 def rewrite_variant(model: nn.Module, plan: Plan, recipe: Recipe) -> fx.GraphModule:
     """The rewritten graph of `recipe` as a step of `plan` (it writes what later steps read)."""
     return rewrite(model, RewriteSpec.of(plan, recipe))
+
+
+def rewrite_gated(model: nn.Module, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]]:
+    """The gated step of a gated `recipe` (`tcgraph.passes.gated`), with its input and output names."""
+    return gated_step(lambda r, writes: rewrite(model, RewriteSpec(r, writes)), recipe)
+
+
+@torch.no_grad()
+def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[list[str], list[str]],
+                feeds: dict[str, torch.Tensor], atol: float = CHECK_ATOL) -> float:
+    """Max abs difference between a gated step and the eager reference, on every output, on both paths:
+    forced to compute (threshold below 0), then forced to skip (a threshold no change reaches)."""
+    inputs, outputs = names
+    gate, keys = recipe.gate, recipe.gated_keys()
+    x, t, cond = feeds["x"], feeds["t"], conditioning_of(feeds)
+    h_first = _block_output(model, x, t, cond, gate.first - 1)
+    change = ((h_first - feeds[GATE_REF]).abs().mean() / feeds[GATE_REF].abs().mean().clamp_min(1e-12)).reshape(1)
+    indicator = change if gate.indicator == "anchor" else feeds[GATE_ACC] + change
+    step_index, r = float(feeds[GATE_PARAMS][0]), gate.points
+    worst = 0.0
+    for skip in (False, True):
+        params = torch.tensor([step_index, 1e30 if skip else FORCE_COMPUTE, 1e9])
+        run = {**feeds, GATE_PARAMS: params}
+        got = dict(zip(outputs, step(*[run[n] for n in inputs])))
+        want = {GATE_COUNT: feeds[GATE_COUNT] + (0 if skip else 1)}
+        if skip:
+            w = lagrange_weights(feeds[GATE_TIMES].tolist(), step_index)
+            caches = {n: v for n, v in feeds.items() if is_cache(n)}
+            caches[FORECAST_WEIGHTS] = torch.tensor(w * len(keys), dtype=torch.float32)
+            want[OUT], _ = reference_step(model, x, t, cond, recipe.cheap(), caches)
+            want.update({n: feeds[n] for n in outputs if is_cache(n)})
+            want.update({GATE_REF: feeds[GATE_REF] if gate.indicator == "anchor" else h_first, GATE_ACC: indicator,
+                         GATE_SKIPS: feeds[GATE_SKIPS] + 1, GATE_TIMES: feeds[GATE_TIMES]})
+        else:
+            want[OUT], fresh = reference_step(model, x, t, cond, recipe.computing(), {})
+            for b, br in keys:
+                entries = [fresh[cache_name(b, br)]] + [feeds[history_name(b, br, j)] for j in range(r - 1)]
+                want.update({history_name(b, br, j): e for j, e in enumerate(entries)})
+            want.update({GATE_REF: h_first, GATE_ACC: torch.zeros(1), GATE_SKIPS: torch.zeros(1),
+                         GATE_TIMES: torch.cat([params[:1], feeds[GATE_TIMES][:r - 1]])})
+        for name in outputs:
+            diff = (got[name] - want[name]).abs().max().item()
+            if not diff <= atol:
+                raise TcgraphError(f"gated step disagrees with the eager reference on output {name} "
+                                   f"({'skipping' if skip else 'computing'}): max abs diff {diff:.3g} > {atol} for "
+                                   f"{recipe.short()}; this is a bug in the gated pass, please report it")
+            worst = max(worst, diff)
+    return worst
+
+
+def _block_output(model: nn.Module, x, t, cond, block: int) -> torch.Tensor:
+    """The hidden state out of block `block` of the model's own forward (a hook on that block)."""
+    seen = []
+    path = adapter_for(model).block_paths(model)[block]
+    handle = model.get_submodule(path).register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        model(x, t, *(cond if isinstance(cond, tuple) else (cond,)))
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0], torch.Tensor):
+        raise TcgraphError(f"cannot check a gated step of this model: its block {block} did not return one hidden state")
+    return seen[0]
 
 
 @torch.no_grad()
@@ -196,6 +267,18 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
     with progress.phase("rewrite", len(recipes)) as phase:
         for i, recipe in enumerate(recipes):
             vid = f"v{i}"
+            if recipe.gate is not None:
+                step, inputs, outputs = rewrite_gated(model, recipe)
+                if (inputs, outputs) != plan.variant_io(recipe):
+                    raise TcgraphError(f"gated variant {vid} has I/O {inputs}->{outputs}, the plan expects "
+                                       f"{plan.variant_io(recipe)}")
+                feeds = example_inputs(model, plan, inputs, seed=i, recipe=recipe)
+                if check:
+                    check_gated(model, step, recipe, (inputs, outputs), feeds)
+                variants.append(VariantGraph(id=vid, gm=step, input_names=inputs, output_names=outputs,
+                                             example_inputs=feeds))
+                phase.tick(vid)
+                continue
             gm = rewrite_variant(model, plan, recipe)
             inputs, outputs = io_names(gm)
             expected = plan.variant_io(recipe)

@@ -47,6 +47,17 @@ CACHE_PREFIX = "cache."
 INPUT_SUFFIX = ".in"  # cache.<l>.<branch>.in: branch input of the cached rows (dynamic actions)
 FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast weights, block order
 
+# A gated step (docs/design.md, "Gated steps") carries its indicator state as graph I/O, kept by the
+# runners between steps like a cache: the reference activation (the first blocks' output, [B, rows, D]),
+# the accumulated change, the skips in a row, the computed steps of the run (each float32 [1]) and the
+# steps whose outputs the forecast history holds (float32 [points], newest first). It reads one plan
+# input per step, `gate.params` (float32 [3]: step index, threshold, most skips in a row).
+GATE_PREFIX = "gate."
+GATE_REF, GATE_ACC, GATE_SKIPS, GATE_COUNT, GATE_TIMES = (
+    "gate.ref", "gate.acc", "gate.skips", "gate.count", "gate.times")
+GATE_STATE = (GATE_REF, GATE_ACC, GATE_SKIPS, GATE_COUNT, GATE_TIMES)
+GATE_PARAMS = "gate.params"
+
 # Branches with run constants, and the constants' names: what a branch's function reads that
 # depends on the conditioning alone, so a sampling run computes it once. A cross-attention
 # branch's keys and values of the text, each [B, L, D] (before the split into heads).
@@ -106,9 +117,14 @@ def is_cache(name: str) -> bool:
     return name.startswith(CACHE_PREFIX)
 
 
+def is_gate(name: str) -> bool:
+    """Whether a graph input or output is a gated step's state or its per-step parameters (`gate.*`)."""
+    return name.startswith(GATE_PREFIX)
+
+
 def is_model_input(name: str) -> bool:
     """Whether a graph input is one of the model's own (x, t, its conditioning), not a cache or a plan input."""
-    return not is_cache(name) and name != FORECAST_WEIGHTS
+    return not is_cache(name) and name != FORECAST_WEIGHTS and not is_gate(name)
 
 
 def model_input_count(inputs) -> int:

@@ -46,6 +46,7 @@ REDO = "re-run `tcgraph transform` with this tcgraph, or sample with --backend o
 KINDS = ("parameter", "buffer", "constant", "user")
 # ATen overloads that a program may never call although they are functional: they read files.
 _REFUSED_OPS = frozenset({"from_file"})
+COND = "higher_order.cond"  # the one higher-order operator a program may call: a gated step's decision
 
 
 def program_file(vid: str) -> str:
@@ -124,22 +125,37 @@ def _target_name(target, where: str) -> str:
         return "operator.getitem"
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
         return f"aten.{target._schema.name.split('::')[1]}.{target._overloadname}"
+    if target is torch.ops.higher_order.cond:
+        return COND
     raise TcgraphError(f"{where} calls {target!r}, which is not an ATen operator; tcgraph's program files store "
                        "ATen graphs only: report this graph, or sample with --backend ort")
 
 
-def _graph_json(ep: torch.export.ExportedProgram, vid: str, input_names: list[str]) -> dict:
+def _model_name(name: str, shapes: dict) -> str:
+    """The parameter map's name of a lifted tensor: a gated step's graphs read the model's weights as
+    `head.<name>`, `compute.tail.<name>`, …; the longest dotted suffix the map has, else `name`."""
+    parts = name.split(".")
+    return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in shapes), name)
+
+
+def _graph_json(ep: torch.export.ExportedProgram, vid: str, input_names: list[str], rename: dict) -> dict:
     kind_of = {"PARAMETER": "parameter", "BUFFER": "buffer", "CONSTANT_TENSOR": "constant", "USER_INPUT": "user"}
     inputs, users = [], iter(input_names)
     for spec in ep.graph_signature.input_specs:
         if spec.kind.name not in kind_of:
             raise TcgraphError(f"variant {vid} exports a {spec.kind.name} input, which tcgraph programs never have")
         kind = kind_of[spec.kind.name]
-        inputs.append([kind, spec.arg.name, next(users) if kind == "user" else spec.target])
+        inputs.append([kind, spec.arg.name, next(users) if kind == "user" else rename.get(spec.target, spec.target)])
     if any(spec.kind.name != "USER_OUTPUT" for spec in ep.graph_signature.output_specs):
         raise TcgraphError(f"variant {vid} mutates its inputs or buffers; tcgraph programs are functional")
+    return {"inputs": inputs, "nodes": _nodes_json(ep.graph_module, vid)}
+
+
+def _nodes_json(gm: torch.fx.GraphModule, vid: str) -> list:
+    """The nodes of `gm` after its placeholders; a branch of a `cond` (a gated step) is a `subgraph`
+    entry: its placeholders' names and its own nodes."""
     nodes = []
-    for node in ep.graph_module.graph.nodes:
+    for node in gm.graph.nodes:
         where = f"variant {vid}, node {node.name}"
         if node.op == "placeholder":
             continue
@@ -149,9 +165,13 @@ def _graph_json(ep: torch.export.ExportedProgram, vid: str, input_names: list[st
                           "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()}})
         elif node.op == "output":
             nodes.append({"name": node.name, "output": _encode(node.args[0], where)})
+        elif node.op == "get_attr" and isinstance(getattr(gm, str(node.target), None), torch.fx.GraphModule):
+            sub = getattr(gm, node.target)
+            nodes.append({"name": node.name, "subgraph": {
+                "inputs": [n.name for n in sub.graph.nodes if n.op == "placeholder"], "nodes": _nodes_json(sub, vid)}})
         else:
             raise TcgraphError(f"{where} is a {node.op} node; tcgraph's program files store lifted ATen graphs only")
-    return {"inputs": inputs, "nodes": nodes}
+    return nodes
 
 
 def write_programs(folder: Path, variants: Iterable, parameters) -> dict[str, str]:
@@ -171,7 +191,11 @@ def write_programs(folder: Path, variants: Iterable, parameters) -> dict[str, st
     for variant in variants:
         ep = export_program(variant)
         mapped, own = [], {}
+        rename = {name: _model_name(name, shapes) for name in ep.state_dict}
         for name, tensor in ep.state_dict.items():
+            name = rename[name]
+            if name in mapped:  # one weight that several graphs of a gated step read
+                continue
             if name not in shapes:  # graph-own tensors (token indices of partial actions): kept in the file
                 own[name] = tensor.detach().contiguous()
                 continue
@@ -185,7 +209,7 @@ def write_programs(folder: Path, variants: Iterable, parameters) -> dict[str, st
             mapped.append(name)
         own.update({name: t.detach().contiguous() for name, t in ep.constants.items()})
         info = {"format": FORMAT, "id": variant.id, "inputs": list(variant.input_names),
-                "outputs": list(variant.output_names), "weights": mapped, "graph": _graph_json(ep, variant.id, list(variant.input_names))}
+                "outputs": list(variant.output_names), "weights": mapped, "graph": _graph_json(ep, variant.id, list(variant.input_names), rename)}
         rel = program_file(variant.id)
         save_file(own, str(folder / rel), metadata={META_KEY: json.dumps(info)})
         files[variant.id] = rel
@@ -202,9 +226,12 @@ class _Refused(ValueError):
 
 
 def _resolve(name: str):
-    """The callable a stored target names: ATen's functional operators and `operator.getitem`, nothing else."""
+    """The callable a stored target names: ATen's functional operators, `operator.getitem` and `cond`
+    (a gated step's decision), nothing else."""
     if name == "operator.getitem":
         return operator.getitem
+    if name == COND:
+        return torch.ops.higher_order.cond
     parts = name.split(".")
     if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts[1:]):
         raise _Refused(f"a node calls {name!r}, which is not an ATen operator")
@@ -268,13 +295,41 @@ def _build_graph(graph_json, device: torch.device | None) -> tuple[torch.fx.Grap
         kind, name, target = entry
         env[name] = graph.placeholder(name)
         inputs.append((kind, target))
+    root = torch.nn.Module()
+    _build_nodes(graph, env, graph_json["nodes"], root, device)
+    try:
+        graph.lint()
+    except Exception as e:  # noqa: BLE001 - fx's own checks, whatever they raise
+        raise _Refused(f"its graph is not well formed ({e})") from None
+    return torch.fx.GraphModule(root, graph), inputs
+
+
+def _build_subgraph(entry, device: torch.device | None, depth: int) -> torch.fx.GraphModule:
+    """A `cond` branch: placeholders by name, then its nodes (nested at most a few levels)."""
+    if depth > 4 or not isinstance(entry, dict) or not isinstance(entry.get("inputs"), list) \
+            or not isinstance(entry.get("nodes"), list) or not all(isinstance(n, str) and n for n in entry["inputs"]) \
+            or len(set(entry["inputs"])) != len(entry["inputs"]):
+        raise _Refused("a subgraph is not a graph")
+    graph, env, root = torch.fx.Graph(), {}, torch.nn.Module()
+    for name in entry["inputs"]:
+        env[name] = graph.placeholder(name)
+    _build_nodes(graph, env, entry["nodes"], root, device, depth + 1)
+    return torch.fx.GraphModule(root, graph)
+
+
+def _build_nodes(graph: torch.fx.Graph, env: dict, entries, root: torch.nn.Module, device, depth: int = 0) -> None:
     done = False
-    for entry in graph_json["nodes"]:
+    for entry in entries:
         if done or not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry["name"] in env:
             raise _Refused("its nodes are not a graph (a node after the output, or a repeated or missing name)")
         if "output" in entry:
             graph.output(_decode(entry["output"], env, device))
             done = True
+            continue
+        if "subgraph" in entry:
+            attr = f"subgraph_{len(root._modules)}"
+            root.add_module(attr, _build_subgraph(entry["subgraph"], device, depth))
+            env[entry["name"]] = graph.get_attr(attr)
             continue
         args, kwargs = entry.get("args"), entry.get("kwargs")
         if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(entry.get("target"), str):
@@ -284,11 +339,6 @@ def _build_graph(graph_json, device: torch.device | None) -> tuple[torch.fx.Grap
         env[entry["name"]] = node
     if not done:
         raise _Refused("its graph has no output")
-    try:
-        graph.lint()
-    except Exception as e:  # noqa: BLE001 - fx's own checks, whatever they raise
-        raise _Refused(f"its graph is not well formed ({e})") from None
-    return torch.fx.GraphModule(torch.nn.Module(), graph), inputs
 
 
 def read_program(path: Path, device: torch.device | str | None = None) -> Program:

@@ -51,7 +51,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (FORECAST_WEIGHTS, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_STATE,
+                           GATE_TIMES, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
                            branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
                            is_constant)
 from tcgraph.models.layout import Layout
@@ -77,6 +78,9 @@ class Plan:
     # each block's branches and the streams each writes (tcgraph.models.layout); None: the default,
     # every branch of the recipes' branches writes the image rows
     layout: Layout | None = None
+    # gated steps (tcgraph.plan.gate): the threshold of each step, fed as `gate.params`; below 0 the
+    # step computes (warm-up and final steps); None for a plan without gated steps
+    gate_thresholds: tuple | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.recipes) != self.settings.num_steps:
@@ -151,6 +155,7 @@ class Plan:
         computed: dict[CacheKey, int] = {}
         kinds: dict[CacheKey, set[str]] = {}
         self._validate_weights()
+        self._validate_gate()
         layout = self.block_layout()
         for step, recipe in enumerate(self.recipes):
             for block, branch, action in recipe.items():
@@ -195,6 +200,44 @@ class Plan:
                     "steps score against: use one token mode per branch"
                 )
 
+    def _validate_gate(self) -> None:
+        """Gated plans: every step gated by the same gate, one finite threshold per step, one image stream,
+        no run constants carried."""
+        gates = {r.gate for r in self.recipes}
+        if gates == {None}:
+            if self.gate_thresholds is not None:
+                raise TcgraphError("gate thresholds are given but no step of the plan is gated")
+            return
+        if len(gates) != 1:
+            raise TcgraphError("a plan with gated steps gates every step with the same gate (warm-up and final "
+                               "steps compute through a threshold below 0)")
+        thresholds = self.gate_thresholds
+        if thresholds is None or len(thresholds) != len(self.recipes) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in thresholds):
+            raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(self.recipes)}), got "
+                               f"{None if thresholds is None else list(thresholds)}")
+        object.__setattr__(self, "gate_thresholds", tuple(float(v) for v in thresholds))
+        if self.layout is not None or self.constant_keys():
+            raise TcgraphError("gated steps need a model of one image stream whose plan carries no run constants "
+                               "(make the plan with carry_constants=False)")
+
+    @property
+    def gate(self):
+        """The plan's gate (every step has the same one), or None."""
+        return self.recipes[0].gate
+
+    def gate_shape(self, name: str, hidden_size: int) -> tuple[int, ...]:
+        """Shape of a gated step's state tensor or its `gate.params` input."""
+        if name == GATE_REF:
+            return self.settings.model_batch, self.num_tokens, hidden_size
+        if name == GATE_TIMES:
+            return (self.gate.points,)
+        if name in (GATE_ACC, GATE_SKIPS, GATE_COUNT):
+            return (1,)
+        if name == GATE_PARAMS:
+            return (3,)
+        raise TcgraphError(f"{name!r} is not a gated step's input or output")
+
     def _validate_weights(self) -> None:
         """`weights` holds exactly one finite weight per history point of every forecast."""
         if not isinstance(self.weights, dict):
@@ -221,7 +264,8 @@ class Plan:
     def history(self, key: CacheKey) -> int:
         """History entries kept for a branch: the most points any step forecasts it from (1 = its cache only)."""
         return max([a.points for r in self.recipes for (b, br, a) in r.items()
-                    if (b, br) == key and a.kind == "forecast"], default=1)
+                    if (b, br) == key and a.kind == "forecast"]
+                   + [r.gate.points for r in self.recipes if key in r.gated_keys()], default=1)
 
     def history_steps(self, step: int, key: CacheKey) -> list[int]:
         """The steps before `step` that computed `key` (its history entries), newest first."""
@@ -238,10 +282,15 @@ class Plan:
 
     def step_feeds(self) -> list[dict]:
         """Per step, the graph inputs that come from the plan rather than from caches (`forecast.w`)."""
+        import numpy as np
+
         feeds = []
-        for step in range(len(self.recipes)):
+        for step, recipe in enumerate(self.recipes):
             w = self.step_weights(step)
             feeds.append({} if w is None else {FORECAST_WEIGHTS: w})
+            if recipe.gate is not None:
+                feeds[-1][GATE_PARAMS] = np.array([step, self.gate_thresholds[step], recipe.gate.max_skips],
+                                                  dtype=np.float32)
         return feeds
 
     def cache_keys(self) -> list[CacheKey]:
@@ -321,6 +370,10 @@ class Plan:
         """(input names, output names) of the variant graph for `recipe`: each cache name is
         followed by its input cache `….in` where the recipe reads (dynamic) or writes it; the run
         constants it reads or writes come after the branch caches, in block order."""
+        if recipe.gate is not None:  # every history entry in and out (shifted in the graph), then the state
+            history = [history_name(b, br, j) for b, br in recipe.gated_keys() for j in range(recipe.gate.points)]
+            return (list(self.settings.model_inputs) + history + list(GATE_STATE) + [GATE_PARAMS],
+                    [OUT] + history + list(GATE_STATE))
         in_reads, in_writes = set(recipe.input_reads()), set(self.input_writes(recipe))
         points = dict(recipe.forecasts())
         inputs = list(self.settings.model_inputs) + [n for b, br in recipe.reads()

@@ -2,7 +2,7 @@
 
 Fields that later versions added are written only where they differ from what older plans
 meant (`branches` for a model other than DiT's two, `layout` for one whose blocks differ or
-read several streams, `carry_constants` when false, `forecast_weights` when any), so that
+read several streams, `carry_constants` when false, `forecast_weights` when any, `gate_thresholds` for gated steps), so that
 plans written before them read unchanged and hash the same.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ def plan_to_dict(plan) -> dict:
         "schedule": plan.schedule(),
         **({"forecast_weights": {str(s): {_key_name(k): list(w) for k, w in ws.items()}
                                  for s, ws in sorted(plan.weights.items()) if ws}} if plan.weights else {}),
+        **({"gate_thresholds": list(plan.gate_thresholds)} if plan.gate_thresholds is not None else {}),
     }
 
 
@@ -62,9 +63,18 @@ def plan_from_dict(cls: type, d: dict):
             weights=_read_weights(d.get("forecast_weights", {})),
             carry_constants=_read_flag(d.get("carry_constants", True), "carry_constants"),
             layout=layout,
+            gate_thresholds=_read_thresholds(d.get("gate_thresholds")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise TcgraphError(f"malformed plan: {type(e).__name__}: {e}") from None
+
+
+def _read_thresholds(obj):
+    if obj is None:
+        return None
+    if not isinstance(obj, list):
+        raise TcgraphError(f"malformed plan: gate_thresholds must be a list of numbers, got {type(obj).__name__}")
+    return tuple(obj)
 
 
 def _read_flag(value, what: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Iterable
 from tcgraph.errors import TcgraphError
 from tcgraph.names import BRANCH_ORDER, RUN_CONSTANTS, CacheKey
 from tcgraph.plan.actions import Action
+from tcgraph.plan.gate import Gate
 
 CONSTANT_ROLES = ("", "write", "read")  # Recipe.constants
 
@@ -26,8 +27,19 @@ class Recipe:
     # run constants (module docstring): "" none, "write" (a run's first step), "read" (the later
     # steps); set by the Plan, not stored in plan JSON
     constants: str = ""
+    # a gated step (tcgraph.plan.gate): `actions` are its computing path (all compute); the gate says
+    # which blocks always compute and what the others do when the graph decides to skip them
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
+        if self.gate is not None:
+            if not isinstance(self.gate, Gate):
+                raise TcgraphError(f"recipe gate must be a Gate, got {type(self.gate).__name__}")
+            if any(a.kind != "compute" for acts in self.actions for a in acts):
+                raise TcgraphError("a gated recipe lists the actions of its computing path: every branch computes")
+            if self.gate.first >= len(self.actions):
+                raise TcgraphError(f"gate first={self.gate.first} leaves none of the {len(self.actions)} blocks to "
+                                   f"skip; use first <= {len(self.actions) - 1}")
         if self.constants not in CONSTANT_ROLES:
             raise TcgraphError(f"recipe constants role {self.constants!r}; expected one of {list(CONSTANT_ROLES)}")
         per_block = bool(self.branches) and all(isinstance(b, (tuple, list)) for b in self.branches)
@@ -78,7 +90,26 @@ class Recipe:
                 yield block, branch, action
 
     def reads(self) -> list[CacheKey]:
+        if self.gate is not None:  # the skipping path reads every branch after the first blocks
+            return [(b, br) for b, br, _ in self.items() if b >= self.gate.first]
         return [(b, br) for b, br, a in self.items() if a.reads_cache]
+
+    def gated_keys(self) -> list[CacheKey]:
+        """The branches a gated recipe may skip (after its first blocks), in block order; [] ungated."""
+        return self.reads() if self.gate is not None else []
+
+    def cheap(self) -> "Recipe":
+        """A gated recipe's skipping path as an ungated recipe: the first blocks compute, the others
+        take the gate's cheap action."""
+        if self.gate is None:
+            raise TcgraphError("only a gated recipe has a skipping path")
+        acts = tuple(tuple(self.gate.cheap if l >= self.gate.first else a for a in acts)
+                     for l, acts in enumerate(self.actions))
+        return Recipe(acts, self.branches, self.constants)
+
+    def computing(self) -> "Recipe":
+        """A gated recipe's computing path as an ungated recipe (itself when ungated)."""
+        return Recipe(self.actions, self.branches, self.constants)
 
     def input_reads(self) -> list[CacheKey]:
         """Branches whose input cache `cache.<l>.<branch>.in` this recipe reads: the dynamic ones."""
@@ -96,20 +127,29 @@ class Recipe:
 
     @property
     def is_full(self) -> bool:
-        return all(a.kind == "compute" for _, _, a in self.items())
+        return self.gate is None and all(a.kind == "compute" for _, _, a in self.items())
 
     def short(self) -> str:
         """One line: per block one letter per branch, e.g. `CC CR RR`; a recipe that writes or reads
         run constants ends in ` +K/V` or ` K/V`."""
         mark = {"write": " +K/V", "read": " K/V" if self.constant_reads() else ""}.get(self.constants, "")
+        if self.gate is not None:
+            return self.gate.short() + mark
         return " ".join("".join(a.short() for a in acts) for acts in self.actions) + mark
 
-    def to_json(self) -> list:
-        return [[a.to_json() for a in acts] for acts in self.actions]
+    def to_json(self):
+        actions = [[a.to_json() for a in acts] for acts in self.actions]
+        return actions if self.gate is None else {"actions": actions, "gate": self.gate.to_json()}
 
     @classmethod
     def from_json(cls, obj, branches: tuple) -> "Recipe":
-        return cls(tuple(tuple(Action.from_json(a) for a in acts) for acts in obj), tuple(branches))
+        gate = None
+        if isinstance(obj, dict):  # a gated recipe
+            if set(obj) != {"actions", "gate"}:
+                raise TcgraphError(f"cannot read recipe {obj!r}: expected a list of actions per block, or "
+                                   "{'actions': [...], 'gate': {...}}")
+            obj, gate = obj["actions"], Gate.from_json(obj["gate"])
+        return cls(tuple(tuple(Action.from_json(a) for a in acts) for acts in obj), tuple(branches), gate=gate)
 
 
 def branch_set(branches: tuple) -> set[str]:

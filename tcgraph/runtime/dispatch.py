@@ -16,7 +16,16 @@ own fixed buffers (`Runner.returns_buffers`: CUDA graphs, TensorRT) overwrites t
 next run, so the dispatcher keeps a copy of each history entry older than the newest there.
 
 Inputs that come from the plan, not from earlier steps (`forecast.w`, the step's forecast
-weights), are given per step as `step_feeds`.
+weights; `gate.params` of a gated step), are given per step as `step_feeds`.
+
+Gated steps (docs/design.md, "Gated steps") decide on the device whether they compute, so the
+schedule cannot say which entry is which: a gated variant reads and writes every history entry
+itself (`….h<j>` among its outputs), and the dispatcher keeps what it returns as the history. Its
+state (`gate.*`) is kept like a cache. What a gated variant reads before any step wrote it (the
+first step's caches, history and state) is zeros of the shape it declares (`initial`): its first
+step computes (the plan gives it a threshold below 0), so it reads none of them. The number of
+steps that computed is summed on the device (`gate.count`) and read once, by `computed_steps()`
+after the run; nothing of the decision reaches the host during the run.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import history_index, is_cache, model_input_count
+from tcgraph.names import GATE_COUNT, GATE_PARAMS, history_index, is_cache, is_gate, model_input_count
 from tcgraph.sampling.conditioning import as_inputs
 
 RunFn = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -36,7 +45,8 @@ class ScheduleDispatcher:
 
     def __init__(self, schedule: list[str], io: dict[str, tuple[list[str], list[str]]], run: RunFn,
                  to_torch: Callable[[Any], torch.Tensor] = lambda v: v, *,
-                 step_feeds: list[dict[str, Any]] | None = None, copy_history: bool = False):
+                 step_feeds: list[dict[str, Any]] | None = None, copy_history: bool = False,
+                 initial: dict[str, Any] | None = None):
         missing = sorted(set(schedule) - set(io))
         if missing:
             raise TcgraphError(f"schedule names variants {missing} that were not loaded; loaded: {sorted(io)}")
@@ -48,10 +58,12 @@ class ScheduleDispatcher:
         self.to_torch = to_torch
         self.step_feeds = step_feeds or [{} for _ in schedule]
         self.copy_history = copy_history
+        self.initial = dict(initial or {})  # name -> value fed before any step wrote it (gated variants)
         self.depth = history_depths(io)  # cache name -> history entries kept (only where > 1)
         self.caches: dict[str, Any] = {}
         self.history: dict[str, list[Any]] = {}  # cache name -> entries, newest first
         self.calls: list[str] = []  # variant id per step of the current run
+        self.measured = [0, 0]  # (computed steps, steps) of the finished runs with gated steps
 
     @classmethod
     def for_runner(cls, runner, schedule: list[str], step_feeds: list[dict[str, Any]] | None = None
@@ -60,14 +72,32 @@ class ScheduleDispatcher:
         where the runner keeps it (GPU memory for GPU runners: the sampler runs there too).
         `step_feeds`: per step, the plan's own inputs (`Plan.step_feeds()`)."""
         return cls(schedule, runner.io_names(), runner.run, runner.tensor, step_feeds=step_feeds,
-                   copy_history=getattr(runner, "returns_buffers", False))
+                   copy_history=getattr(runner, "returns_buffers", False), initial=gated_zeros(runner))
 
     @classmethod
     def for_plan(cls, runner, plan) -> "ScheduleDispatcher":
         """Dispatch a plan's schedule, with its per-step forecast weights, onto an activated Runner."""
         return cls.for_runner(runner, plan.schedule(), plan.step_feeds())
 
+    def measured_fraction(self) -> float | None:
+        """Computed steps / steps over every finished run with gated steps (call `reset()` to finish the last)."""
+        return self.measured[0] / self.measured[1] if self.measured[1] else None
+
+    def computed_steps(self) -> int | None:
+        """How many steps of the last run computed (full, or gated steps that decided to), read from the
+        device once; None when no step was gated."""
+        if GATE_COUNT not in self.caches:
+            return None
+        gated = sum(1 for s, vid in enumerate(self.calls) if GATE_PARAMS in self.io[vid][0])
+        count = int(round(float(self.to_torch(self.caches[GATE_COUNT]).reshape(-1)[0])))
+        return count + len(self.calls) - gated
+
     def reset(self) -> None:
+        """Start a sampling run (the last one's computed steps, when it had gated steps, are added to `measured`)."""
+        done = self.computed_steps()
+        if done is not None:
+            self.measured[0] += done
+            self.measured[1] += len(self.calls)
         self.caches = {}
         self.history = {}
         self.calls = []
@@ -77,8 +107,10 @@ class ScheduleDispatcher:
         if base in self.depth:
             entries = self.history.get(base, [])
             # an entry that does not exist yet has weight 0 (Plan.validate): any finite tensor will do
-            return entries[min(j, len(entries) - 1)] if entries else None
-        return self.caches.get(name)
+            if entries:
+                return entries[min(j, len(entries) - 1)]
+            return self.initial.get(name)
+        return self.caches.get(name, self.initial.get(name))
 
     def _write(self, name: str, value: Any) -> None:
         if name not in self.depth:
@@ -111,10 +143,30 @@ class ScheduleDispatcher:
                        if not is_cache(name) else "; call reset() before each sampling run and start at step 0"))
             feeds[name] = value
         result = self.run(vid, feeds)
+        whole = {history_index(n)[0] for n in outputs if history_index(n)[1]}  # a gated variant's history
         for name in outputs[1:]:
-            self._write(name, result[name])
+            base, j = history_index(name)
+            if base in whole:
+                entries = self.history.setdefault(base, [])
+                del entries[j:]
+                entries.append(result[name].clone() if self.copy_history else result[name])
+            else:
+                self._write(name, result[name])
         self.calls.append(vid)
         return self.to_torch(result["out"])
+
+
+def gated_zeros(runner) -> dict[str, torch.Tensor]:
+    """Zeros for every cache and state input of the runner's gated variants (those reading `gate.params`),
+    where the runner keeps its tensors."""
+    zeros: dict[str, torch.Tensor] = {}
+    for spec in getattr(runner, "specs", {}).values():
+        if GATE_PARAMS not in spec.input_names:
+            continue
+        for io in spec.inputs:
+            if (is_cache(io.name) or is_gate(io.name)) and io.name != GATE_PARAMS:
+                zeros[io.name] = torch.zeros(list(io.shape), dtype=getattr(torch, io.dtype), device=runner.device)
+    return zeros
 
 
 def history_depths(io: dict[str, tuple[list[str], list[str]]]) -> dict[str, int]:

@@ -1,0 +1,193 @@
+"""Gated step: one graph that decides on the device whether its later blocks compute (docs/design.md,
+"Gated steps"; the gate and its indicators: `tcgraph.plan.gate`).
+
+Built from two rewritten graphs of the same model, each split where block `first` begins:
+- the *computing path* (every branch computes, the later blocks' branch outputs are outputs), and
+- the *skipping path* (the later blocks reuse or forecast: `Recipe.cheap`).
+The part before the split is the same in both (the embeddings and the first blocks: the *head*); it
+runs once, outside the decision. The head's output h of block `first - 1` gives the indicator, a
+scalar for the whole batch; `torch.cond` then runs one of the two tails. In ONNX that is one `If`
+whose branches read the weights from the outer graph, so each weight is there once.
+
+Both tails return the same values: `out`, every history entry of every later branch (the computing
+tail shifts the history, writing its fresh output as the newest entry; the skipping tail hands the
+history on) and the gate state (`tcgraph.names.GATE_STATE`): the reference h, the indicator sum, the
+skips in a row, the computed steps of the run and the steps the history holds. The skipping tail's
+forecast weights are the Lagrange weights of those steps for the current one, computed in the graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tcgraph.errors import TcgraphError
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, OUT, history_name, is_model_input)
+from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, io_names
+from tcgraph.plan.plan import Recipe
+
+EPS = 1e-12  # floor of the reference's mean magnitude (the first step's reference is 0)
+
+
+def split_at_block(gm: fx.GraphModule, first: int):
+    """(head, tail, boundary names, tail input names): `head(*model inputs)` returns the values the
+    tail reads of it (`boundary names`, node names; a model input passes as itself), `tail(*boundary,
+    *other inputs)` returns what `gm` returns. The tail is every node of block >= `first` and every
+    node after one."""
+    graph = gm.graph
+    tail: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        block = n.meta.get(META_BLOCK)
+        if (block is not None and block >= first) or any(a in tail for a in n.all_input_nodes):
+            tail.add(n)
+    out = next(n for n in graph.nodes if n.op == "output")
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    model_inputs = [n for n in inputs if is_model_input(n.meta.get(META_IO_NAME, n.target))]
+    users = [n for n in graph.nodes if n in tail] + [out]
+    boundary: list[fx.Node] = []
+    for n in users:
+        for a in n.all_input_nodes:
+            if a not in tail and a not in boundary and (a.op != "placeholder" or a in model_inputs):
+                boundary.append(a)
+    head_graph, env = fx.Graph(), {}
+    for n in model_inputs:
+        env[n] = head_graph.placeholder(n.name)
+    for n in graph.nodes:
+        if n.op not in ("placeholder", "output") and n not in tail:
+            env[n] = head_graph.node_copy(n, lambda a: env[a])
+    head_graph.output(tuple(env[n] for n in boundary))
+    tail_graph, tenv = fx.Graph(), {}
+    for n in boundary:
+        tenv[n] = tail_graph.placeholder(f"b_{n.name}")
+    others = [n for n in inputs if n not in model_inputs and n.users]
+    for n in others:
+        tenv[n] = tail_graph.placeholder(n.name)
+    for n in graph.nodes:
+        if n in tail:
+            tenv[n] = tail_graph.node_copy(n, lambda a: tenv[a])
+    tail_graph.output(fx.map_arg(out.args[0], lambda a: tenv[a]))
+    head, tail_gm = fx.GraphModule(gm, head_graph), fx.GraphModule(gm, tail_graph)
+    return head, tail_gm, [n.name for n in boundary], [n.meta.get(META_IO_NAME, n.target) for n in others]
+
+
+def lagrange(times: torch.Tensor, step: torch.Tensor, points: int) -> torch.Tensor:
+    """Weights [points] extrapolating history at steps `times` (newest first) to `step`, in the graph
+    (`tcgraph.plan.gate.lagrange_weights` is the host form)."""
+    weights = []
+    for j in range(points):
+        w = torch.ones_like(step)
+        for m in range(points):
+            if m != j:
+                w = w * (step - times[m:m + 1]) / (times[j:j + 1] - times[m:m + 1])
+        weights.append(w)
+    return torch.cat(weights)
+
+
+class _Compute(nn.Module):
+    def __init__(self, tail: fx.GraphModule, n_boundary: int, h_index: int, keys: int, points: int):
+        super().__init__()
+        self.tail, self.nb, self.h, self.keys, self.points = tail, n_boundary, h_index, keys, points
+
+    def forward(self, *ops):
+        nb, r = self.nb, self.points
+        boundary, history = ops[:nb], ops[nb:nb + self.keys * r]
+        ref, acc, skips, count, times, params = ops[nb + self.keys * r:]
+        result = self.tail(*boundary)
+        fresh = result[1:]
+        shifted = []
+        for k in range(self.keys):
+            shifted.append(fresh[k])
+            shifted.extend(history[k * r + j].clone() for j in range(r - 1))
+        return _contiguous(result[0], *shifted, boundary[self.h].clone(), torch.zeros_like(acc),
+                           torch.zeros_like(skips), count + 1, torch.cat([params[0:1], times[:r - 1]]))
+
+
+class _Skip(nn.Module):
+    def __init__(self, tail: fx.GraphModule, args: list[tuple[str, int]], n_boundary: int, h_index: int,
+                 n_history: int, points: int, anchor: bool):
+        super().__init__()
+        self.tail, self.args, self.nb, self.h = tail, args, n_boundary, h_index
+        self.n_history, self.points, self.anchor = n_history, points, anchor
+
+    def forward(self, *ops):
+        nb, nh = self.nb, self.n_history
+        boundary, history = ops[:nb], ops[nb:nb + nh]
+        ref, acc, skips, count, times, params = ops[nb + nh:]
+        values = {"b": boundary, "h": history}
+        if any(kind == "w" for kind, _ in self.args):
+            w = lagrange(times, params[0:1], self.points)
+            values["w"] = (torch.cat([w] * (nh // self.points)),)
+        out = self.tail(*[values[kind][i] for kind, i in self.args])
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return _contiguous(out, *(h.clone() for h in history), (ref if self.anchor else boundary[self.h]).clone(),
+                           acc.clone(), skips + 1, count.clone(), times.clone())
+
+
+def _contiguous(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Both paths return the same layouts (torch.cond requires it; a clone keeps an input's strides)."""
+    return tuple(v.contiguous() for v in values)
+
+
+class GatedStep(nn.Module):
+    """One gated step: `forward(*inputs)` in the order of `Plan.variant_io` of a gated recipe."""
+
+    def __init__(self, head: fx.GraphModule, compute: _Compute, skip: _Skip, n_model: int, h_index: int,
+                 anchor: bool):
+        super().__init__()
+        self.head, self.compute, self.skip = head, compute, skip
+        self.n_model, self.h, self.anchor = n_model, h_index, anchor
+
+    def forward(self, *inputs):
+        model_inputs, rest = inputs[:self.n_model], inputs[self.n_model:]
+        ref, acc, skips, count, times, params = rest[-6:]
+        boundary = self.head(*model_inputs)
+        h = boundary[self.h]
+        change = ((h - ref).abs().mean() / ref.abs().mean().clamp_min(EPS)).reshape(1)
+        indicator = change if self.anchor else acc + change
+        skip = torch.logical_and(indicator < params[1:2], skips < params[2:3]).reshape(())
+        ops = (*boundary, *rest[:-6], ref, indicator, skips, count, times, params)
+        return torch.cond(skip, self.skip, self.compute, ops)
+
+
+def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]]:
+    """The gated step of `recipe` (gated), with its input and output names. `rewrite(recipe, writes)`
+    rewrites the model for an ungated recipe writing the caches `writes` (compile's pipeline)."""
+    gate = recipe.gate
+    keys = recipe.gated_keys()
+    compute_gm = rewrite(recipe.computing(), tuple(keys))
+    skip_gm = rewrite(recipe.cheap(), ())
+    head, compute_tail, boundary, compute_inputs = split_at_block(compute_gm, gate.first)
+    _, skip_tail, skip_boundary, skip_inputs = split_at_block(skip_gm, gate.first)
+    if compute_inputs:
+        raise TcgraphError(f"the computing path of a gated step reads {compute_inputs}; it reads no cache")
+    missing = [n for n in skip_boundary if n not in boundary]
+    if missing:
+        raise TcgraphError(f"the skipping path of a gated step reads values {missing} of the first {gate.first} "
+                           "blocks that the computing path does not; this is a bug in the gated pass, please report it")
+    last = [i for i, name in enumerate(boundary) if _block_of(compute_gm, name) == gate.first - 1]
+    if len(last) != 1:
+        raise TcgraphError(f"a gate needs one hidden state out of block {gate.first - 1} to form its indicator; "
+                           f"the graph passes {len(last)} on: gated steps support models of one stream")
+    history = [history_name(b, br, j) for b, br in keys for j in range(gate.points)]
+    args = [("b", boundary.index(n)) for n in skip_boundary]
+    for name in skip_inputs:
+        if name == FORECAST_WEIGHTS:
+            args.append(("w", 0))
+        elif name in history:
+            args.append(("h", history.index(name)))
+        else:
+            raise TcgraphError(f"the skipping path of a gated step reads {name!r}, which a gated step does not carry")
+    n_model = len([n for n in io_names(compute_gm)[0] if is_model_input(n)])
+    anchor = gate.indicator == "anchor"
+    step = GatedStep(head, _Compute(compute_tail, len(boundary), last[0], len(keys), gate.points),
+                     _Skip(skip_tail, args, len(boundary), last[0], len(history), gate.points, anchor),
+                     n_model, last[0], anchor)
+    model_names = io_names(compute_gm)[0][:n_model]
+    return step, model_names + history + list(GATE_STATE) + [GATE_PARAMS], [OUT] + history + list(GATE_STATE)
+
+
+def _block_of(gm: fx.GraphModule, name: str):
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    return node.meta.get(META_BLOCK)

@@ -1,0 +1,86 @@
+"""The gate of a gated step (docs/design.md, "Gated steps"): which blocks always compute, what the
+others do when the step skips, and the indicator that decides, inside the graph.
+
+A gated recipe's actions are those of its computing path (every branch computes); its `Gate` says
+that the first `first` blocks always compute and that, when the indicator allows it, every branch
+of the later blocks takes the cheap action instead: `reuse` (order 0) or a forecast from its last
+`order + 1` computed outputs, extrapolated in step index (Lagrange weights computed in the graph from
+the steps the history holds, since which steps computed is decided on the device).
+
+Indicators (a scalar per batch, formed from the output h of the first blocks):
+- `step`: the relative L1 change of h since the previous step, summed over the steps since the last
+  computing step (TeaCache's accumulated change, on the first blocks' output as FirstBlockCache);
+- `anchor`: the relative L1 change of h against its value at the last computing step (no sum).
+The step skips when the indicator is under the step's threshold and fewer than `max_skips` steps
+were skipped in a row; a threshold below 0 makes the step compute (warm-up and final steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tcgraph.errors import TcgraphError
+from tcgraph.plan.actions import MAX_HISTORY, REUSE, Action, forecast
+
+INDICATORS = ("step", "anchor")
+FORCE_COMPUTE = -1.0  # a threshold no indicator (>= 0) is under: the step computes
+
+
+@dataclass(frozen=True)
+class Gate:
+    first: int  # blocks that always compute (F >= 1)
+    max_skips: int = 4  # most steps skipped in a row (M >= 1)
+    indicator: str = "step"
+    order: int = 1  # 0: reuse; n >= 1: forecast from n + 1 history points
+
+    def __post_init__(self) -> None:
+        for name in ("first", "max_skips", "order"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TcgraphError(f"gate {name} must be an int, got {value!r}")
+        if self.first < 1:
+            raise TcgraphError(f"a gate's first blocks (F) must be >= 1, got {self.first}: the indicator is "
+                               "formed from their output")
+        if self.max_skips < 1:
+            raise TcgraphError(f"a gate's max_skips (M) must be >= 1, got {self.max_skips}")
+        if self.indicator not in INDICATORS:
+            raise TcgraphError(f"unknown gate indicator {self.indicator!r}; expected one of {list(INDICATORS)}")
+        if not 0 <= self.order < MAX_HISTORY:
+            raise TcgraphError(f"gate order {self.order} out of range 0..{MAX_HISTORY - 1} (0: reuse, n: forecast "
+                               f"from n + 1 history points)")
+
+    @property
+    def points(self) -> int:
+        """History entries the cheap path reads per branch (1 for reuse)."""
+        return self.order + 1
+
+    @property
+    def cheap(self) -> Action:
+        return REUSE if self.order == 0 else forecast(self.points)
+
+    def short(self) -> str:
+        return f"G{self.first}{'R' if self.order == 0 else f'F{self.points}'}/{self.indicator}/M{self.max_skips}"
+
+    def to_json(self) -> dict:
+        return {"first": self.first, "max_skips": self.max_skips, "indicator": self.indicator, "order": self.order}
+
+    @classmethod
+    def from_json(cls, obj) -> "Gate":
+        if not isinstance(obj, dict) or not set(obj) <= {"first", "max_skips", "indicator", "order"} \
+                or "first" not in obj:
+            raise TcgraphError(f"cannot read gate {obj!r}; expected {{'first': F, 'max_skips': M, "
+                               "'indicator': 'step'|'anchor', 'order': n}")
+        return cls(**obj)
+
+
+def lagrange_weights(times, step: float) -> list[float]:
+    """Weights w_j of the history entries at steps `times` (newest first) that extrapolate to `step`:
+    w_j = prod_{m != j} (step - t_m) / (t_j - t_m) (one entry: [1.0], which is reuse)."""
+    times = [float(t) for t in times]
+    return [_prod((step - tm) / (tj - tm) for m, tm in enumerate(times) if m != j) for j, tj in enumerate(times)]
+
+
+def _prod(values) -> float:
+    result = 1.0
+    for v in values:
+        result *= v
+    return result

@@ -1,0 +1,209 @@
+"""Gated steps (docs/design.md, "Gated steps"): the decision taken inside the graph.
+
+1. The graph against the eager reference, on both paths of the decision (forced by the threshold),
+   for reuse and forecast gates and both indicators (compile.check_gated, at 1e-5).
+2. Whole sampling runs on ONNX Runtime and the torch runner (CPU), step by step against an eager
+   loop that keeps the gate's state by hand (written without the graphs): equal outputs, and the
+   same steps skipped.
+3. A threshold no change reaches skips every step the gate allows: the computed count drops (read
+   once, after the run) and so does the time of a step.
+4. No Python branch per step: the dispatcher's step runs the same code whatever the graph decides
+   (a trace of the Python lines run is the same for a computing and a skipping step).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tcgraph import api
+from tcgraph.compile import _block_output, check_gated, example_inputs, rewrite_gated
+from tcgraph.errors import TcgraphError
+from tcgraph.export.artifact import load_artifact
+from tcgraph.models.official.dit import DiT, make_config, randomize_weights
+from tcgraph.names import BRANCHES, cache_name, history_name
+from tcgraph.passes import reference_step
+from tcgraph.plan import COMPUTE, Plan, Recipe
+from tcgraph.plan.gate import FORCE_COMPUTE, Gate, lagrange_weights
+from tcgraph.runtime.dispatch import ScheduleDispatcher
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+
+DEPTH, STEPS = 3, 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = make_config("DiT-S/2", input_size=8, depth=DEPTH, hidden_size=32, num_heads=2, in_channels=2,
+                      num_classes=5, learn_sigma=True)
+    return randomize_weights(DiT(cfg), std=0.05).eval()
+
+
+def gated_plan(gate: Gate, threshold: float, steps: int = STEPS, warmup: int = 2) -> Plan:
+    recipe = dataclasses.replace(Recipe.uniform(DEPTH, COMPUTE, BRANCHES), gate=gate)
+    thresholds = [FORCE_COMPUTE if s < warmup or s == steps - 1 else threshold for s in range(steps)]
+    return Plan("adaptive", SamplerSettings(num_steps=steps, batch=2, cfg_scale=1.0, resolution=8), (recipe,) * steps,
+                16, gate_thresholds=tuple(thresholds))
+
+
+@pytest.mark.parametrize("gate", [Gate(1, 2, "step", 0), Gate(1, 3, "step", 1), Gate(2, 2, "anchor", 2)])
+def test_both_paths_equal_the_eager_reference(model, gate):
+    plan = gated_plan(gate, 0.1)
+    recipe = plan.recipes[0]
+    step, inputs, outputs = rewrite_gated(model, recipe)
+    assert (inputs, outputs) == plan.variant_io(recipe)
+    feeds = example_inputs(model, plan, inputs, seed=3, recipe=recipe)
+    assert check_gated(model, step, recipe, (inputs, outputs), feeds, atol=1e-5) <= 1e-5
+    # the check can fail: against a model whose final layer differs, both paths disagree
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.final_layer.linear.bias.add_(0.01)
+    with pytest.raises(TcgraphError, match="disagrees"):
+        check_gated(other, step, recipe, (inputs, outputs), feeds, atol=1e-5)
+
+
+class HandGated:
+    """The gated plan's semantics on the host, without graphs: the state kept in Python."""
+
+    def __init__(self, model, plan: Plan):
+        self.model, self.plan, self.gate = model, plan, plan.gate
+        self.keys = plan.recipes[0].gated_keys()
+        self.reset()
+
+    def reset(self):
+        self.hist, self.times, self.ref = {}, [], None
+        self.acc, self.skips, self.computed, self.decisions, self.changes = 0.0, 0, 0, [], []
+
+    def __call__(self, step, x, t, y):
+        gate, recipe = self.gate, self.plan.recipes[step]
+        h = _block_output(self.model, x, t, y, gate.first - 1)
+        ref = torch.zeros_like(h) if self.ref is None else self.ref
+        change = float((h - ref).detach().abs().mean() / ref.detach().abs().mean().clamp_min(1e-12))
+        self.changes.append(change)
+        indicator = change if gate.indicator == "anchor" else self.acc + change
+        skip = indicator < self.plan.gate_thresholds[step] and self.skips < gate.max_skips
+        self.decisions.append(not skip)
+        if skip:
+            caches = {history_name(b, br, j): self.hist[(b, br)][j] for b, br in self.keys for j in range(gate.points)}
+            w = lagrange_weights(self.times, float(step))
+            caches["forecast.w"] = torch.tensor(w * len(self.keys), dtype=torch.float32)
+            out, _ = reference_step(self.model, x, t, y, recipe.cheap(), caches)
+            self.acc, self.skips = indicator, self.skips + 1
+            self.ref = ref if gate.indicator == "anchor" else h
+            return out
+        out, fresh = reference_step(self.model, x, t, y, recipe.computing(), {})
+        for key in self.keys:
+            old = self.hist.get(key, [torch.zeros_like(fresh[cache_name(*key)])] * gate.points)
+            self.hist[key] = [fresh[cache_name(*key)]] + old[:gate.points - 1]
+        self.times = ([float(step)] + (self.times or [0.0] * gate.points))[:gate.points]
+        self.acc, self.skips, self.computed, self.ref = 0.0, 0, self.computed + 1, h
+        return out
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    plan = gated_plan(Gate(1, 2, "step", 1), 1.5)
+    path = api.transform(model, plan, tmp_path_factory.mktemp("gated") / "a", check=True, progress=False)
+    return plan, path
+
+
+def runner_for(backend, art):
+    return api.make_runner(backend, art, **({"one_session": False} if backend == "ort" else {}))
+
+
+def trajectory(dispatch_or_eager, plan, model, threshold_plan=None):
+    s = plan.settings
+    return run_batches(dispatch_or_eager, dispatch_or_eager.reset, sampler_for(s, model.config), [1, 3],
+                       make_noise(2, model.config.in_channels, s.resolution, 5), s.batch, 5)
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_runs_equal_the_hand_kept_state(model, artifact, backend):
+    plan, path = artifact
+    art = load_artifact(path)
+    assert len(art.variants) == 1
+    eager = HandGated(model, plan)
+    want = trajectory(eager, plan, model)
+    decisions = list(eager.decisions)
+    assert 0 < sum(not d for d in decisions) and sum(decisions) < STEPS, (decisions, eager.changes)  # both paths
+    with runner_for(backend, art) as runner:
+        dispatch = ScheduleDispatcher.for_plan(runner, plan)
+        got = trajectory(dispatch, plan, model)
+        assert dispatch.computed_steps() == eager.computed
+        dispatch.reset()
+        assert dispatch.measured_fraction() == pytest.approx(eager.computed / STEPS)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_a_threshold_no_change_reaches_skips_and_is_faster(model, artifact):
+    plan, path = artifact
+    art = load_artifact(path)
+    never = dataclasses.replace(plan, gate_thresholds=tuple(FORCE_COMPUTE for _ in range(STEPS)))
+    always = dataclasses.replace(plan, gate_thresholds=tuple(
+        FORCE_COMPUTE if s < 2 else 1e30 for s in range(STEPS)))
+    counts, times = {}, {}
+    with runner_for("ort", art) as runner:
+        for name, p in (("never", never), ("always", always)):
+            dispatch = ScheduleDispatcher.for_plan(runner, p)
+            trajectory(dispatch, p, model)  # warm
+            best = []
+            for _ in range(3):
+                start = time.perf_counter()
+                trajectory(dispatch, p, model)
+                best.append(time.perf_counter() - start)
+            counts[name], times[name] = dispatch.computed_steps(), min(best)
+    assert counts["never"] == STEPS
+    assert counts["always"] == 4  # warm-up 0, 1; then M=2 skips and a compute, twice: 4 and 7
+    assert times["always"] < times["never"], times
+
+
+def test_the_step_runs_the_same_python_lines_whichever_path(model, artifact):
+    """The host does the same work for a computing and a skipping step: no Python branch on the decision."""
+    plan, path = artifact
+    art = load_artifact(path)
+    with runner_for("ort", art) as runner:
+        lines = {}
+        for name, thr in (("compute", FORCE_COMPUTE), ("skip", 1e30)):
+            p = dataclasses.replace(plan, gate_thresholds=(FORCE_COMPUTE, FORCE_COMPUTE, thr) + (0.0,) * (STEPS - 3))
+            dispatch = ScheduleDispatcher.for_plan(runner, p)
+            dispatch.reset()
+            x = make_noise(2, model.config.in_channels, 8, 0)
+            t, y = torch.tensor([900, 900]), torch.tensor([1, 2])
+            dispatch(0, x, t, y)
+            dispatch(1, x, t, y)
+            seen = []
+            sys.settrace(lambda frame, event, arg: seen.append((frame.f_code.co_filename, frame.f_lineno))
+                         if "tcgraph" in frame.f_code.co_filename else None)
+            try:
+                dispatch(2, x, t, y)
+            finally:
+                sys.settrace(None)
+            lines[name] = (seen, dispatch.computed_steps())
+    assert lines["compute"][1] == 3 and lines["skip"][1] == 2  # the graph did decide differently
+    assert lines["compute"][0] == lines["skip"][0] and lines["compute"][0]
+
+
+def test_gated_plans_are_refused_where_they_cannot_work():
+    gate = Gate(1, 2, "step", 1)
+    with pytest.raises(TcgraphError, match="one finite threshold per step"):
+        dataclasses.replace(gated_plan(gate, 0.1), gate_thresholds=(0.1,))
+    with pytest.raises(TcgraphError, match="first"):
+        Gate(0)
+    with pytest.raises(TcgraphError, match="leaves none"):
+        Recipe(Recipe.uniform(2, COMPUTE, BRANCHES).actions, BRANCHES, gate=Gate(2))
+    plan = gated_plan(gate, 0.1)
+    assert Plan.from_json(plan.to_json()) == plan and Plan.from_json(plan.to_json()).gate_thresholds == \
+        plan.gate_thresholds
+    np.testing.assert_allclose(plan.step_feeds()[3]["gate.params"], [3, 0.1, 2])
+
+
+@pytest.mark.gpu
+def test_no_device_to_host_copy_per_step_on_cuda():
+    """With the profiler on the torch CUDA backend, a sampling run makes no device-to-host copy per step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this machine has none): the torch CUDA runner and its profiler trace")
+    raise NotImplementedError  # pragma: no cover  (written for a GPU machine; see the report)
