@@ -202,6 +202,13 @@ def _check_names(args) -> None:
         if name not in spec["planners"]:
             hint = did_you_mean(name, spec["planners"])
             raise UsageError(f"unknown plan {args.plan!r}{f' ({hint})' if hint else ''}; available: {spec['plan_help']}")
+        given = [o for o in spec["plan_options"] if getattr(args, o["dest"], None) is not None]
+        foreign = [o["flag"] for o in given if name not in o["planners"]]
+        if foreign:
+            own = [o["flag"] for o in spec["plan_options"] if name in o["planners"]]
+            takes = f"its options are {', '.join(own)}" if own else "it takes no options"
+            raise UsageError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to plan "
+                             f"{name!r}; {takes} (tcgraph transform --help says what each does)")
         model = args.model
         if model not in spec["models"] and not os.path.lexists(model):
             hints = "; ".join(h for h in (did_you_mean(model, spec["models"]), did_you_mean_path(model)) if h)

@@ -73,7 +73,8 @@ def live_table() -> dict:
         if kind is not None and kind not in TYPES.values():
             raise TypeError(f"plan option {name}: argparse type {kind!r} is not one of {sorted(TYPES)}")
         options.append({"flag": flag_of(first), "dest": name, "help": _option_help(owners),
-                        "type": None if kind is None else kind.__name__, "metavar": first.metadata.get("metavar")})
+                        "type": None if kind is None else kind.__name__, "metavar": first.metadata.get("metavar"),
+                        "planners": [planner for planner, _ in owners]})
     return {"models": list(PRETRAINED), "configs": list(CONFIGS), "planners": list(PLANNERS), "plan_help": PLAN_HELP,
             "plan_options": options,
             "diffusers_classes": [f.diffusers_class for f in FAMILIES.values() if f.diffusers_class]}

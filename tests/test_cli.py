@@ -159,7 +159,7 @@ def test_transform_with_an_imported_router(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message, code", [
     (["--plan", "l2c", "--router", "{tmp}/r.pt", "--target-speedup", "2"], "apply to learning", 2),
-    (["--plan", "fora:2", "--target-speedup", "2"], "do not apply to plan 'fora'", 2),
+    (["--plan", "fora:2", "--target-speedup", "2"], "not apply to plan 'fora'", 2),
     (["--plan", "l2c:9"], "out of reach", 1),
     (["--plan", "l2c", "--router", "{tmp}/missing.pt"], "missing.pt", 1),
     (["--plan", "l2c", "--target-speedup", "2", "--lambda", "0.1"], "not both", 2),

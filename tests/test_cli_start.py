@@ -63,7 +63,8 @@ def test_help_version_and_usage_errors_do_not_import_torch(warm_cache, tmp_path)
     argvs = [["--help"], ["--version"], ["transform", "--help"], ["sample", "--help"], ["inspect", "--help"],
              ["compare", "--help"], ["export-triton", "--help"], ["serve", "--help"], [], ["transfrom", "--plan", "fora:2"], ["transform", "--stepz", "3"],
              ["transform", "--plan", "tokencash:2"], ["transform", "--model", "digts"],
-             ["inspect", "digits-fora"], ["sample", "digits-fora2", "--backend", "onnx"]]
+             ["inspect", "digits-fora"], ["sample", "digits-fora2", "--backend", "onnx"],
+             ["transform", "--plan", "fora:2", "--min-psnr", "45"], ["transform", "--plan", "full", "--interval", "3"]]
     found = probe(argvs, warm_cache, cwd=tmp_path)
     assert found["imported"] == []
     r = {tuple(x["argv"]): x for x in found["results"]}
@@ -82,6 +83,10 @@ def test_help_version_and_usage_errors_do_not_import_torch(warm_cache, tmp_path)
         ("inspect", "digits-fora"): (1, "digits-fora is not a tcgraph artifact folder (it does not exist; did you "
                                         "mean digits-fora2?)"),
         ("sample", "digits-fora2", "--backend", "onnx"): (2, "invalid choice: 'onnx'"),
+        ("transform", "--plan", "fora:2", "--min-psnr", "45"): (2, "--min-psnr does not apply to plan 'fora'; its "
+                                                                  "options are --interval"),
+        ("transform", "--plan", "full", "--interval", "3"): (2, "--interval does not apply to plan 'full'; it takes "
+                                                               "no options"),
     }
     for argv, (code, message) in expected.items():
         got = r[argv]

@@ -129,7 +129,8 @@ def check_options(name: str, config_type: type, options: dict, skip: tuple[str, 
     unknown = sorted(set(options) - set(known))
     if unknown:
         valid = f"its options are {', '.join(known)}" if known else "it takes no options"
-        raise UsageError(f"{', '.join(unknown)} do not apply to plan {name!r}; {valid}")
+        verb = "does" if len(unknown) == 1 else "do"
+        raise UsageError(f"{', '.join(unknown)} {verb} not apply to plan {name!r}; {valid}")
 
 
 def config_error(config_type: type, err: TypeError) -> TcgraphError:

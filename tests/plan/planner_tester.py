@@ -112,7 +112,7 @@ class PlannerTesterMixin:
             make_plan(self.spec, tiny_config, self.settings(), **options)
 
     def test_unknown_option_names_the_valid_ones(self, tiny_config):
-        with pytest.raises(UsageError, match=re.escape(f"bogus do not apply to plan '{self.planner}'")) as e:
+        with pytest.raises(UsageError, match=re.escape(f"bogus does not apply to plan '{self.planner}'")) as e:
             make_plan(self.spec, tiny_config, self.settings(), bogus=1)
         assert "its options are" in str(e.value) or "takes no options" in str(e.value)
 

@@ -83,5 +83,5 @@ def test_combined_errors(tiny_config):
         CombinedConfig(l2c_share=1.5)
     with pytest.raises(TcgraphError, match="needs the model"):
         make_plan("tokencache+l2c", tiny_config, s)
-    with pytest.raises(TcgraphError, match="do not apply"):
+    with pytest.raises(TcgraphError, match="not apply"):
         make_plan("tokencache+l2c", tiny_config, s, tprr="2,2,2")
