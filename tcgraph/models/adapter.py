@@ -185,7 +185,8 @@ class ModelAdapter:
     # ---- eager evaluation -------------------------------------------------------------
 
     def run_blocks(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared) -> torch.Tensor:
+                   branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared,
+                   after_block: Callable[[int, dict], None] | None = None) -> torch.Tensor:
         """The model's forward with every branch's pre-gate output decided by `branch_fn`
         (and the arguments of a branch with run constants by `constants_fn`).
 
@@ -193,6 +194,8 @@ class ModelAdapter:
         order is fixed here once; the reference and calibration share it. A branch reading
         several streams gets their u concatenated along the tokens and gives each its rows of
         the output through its own gate; the branches of a parallel kind all read the block's input.
+        `after_block(l, hidden states by stream)`, where given, sees the hidden states out of each
+        block (what a gated step's indicator is formed from).
         """
         h, cond = self.embed(model, x, t, y)
         cond = cond if isinstance(cond, tuple) else (cond,)
@@ -214,6 +217,8 @@ class ModelAdapter:
                     at += rows
                     gate = mods[read.modulation][read.gate].unsqueeze(1) if read.gate is not None else None
                     hs[read.stream] = hs[read.stream] + gate * part if gate is not None else hs[read.stream] + part
+            if after_block is not None:
+                after_block(l, dict(hs))
         return self.final(model, hs[IMAGE] if one else tuple(hs[s] for s in self.streams), *cond)
 
 
@@ -271,9 +276,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 
 def run_blocks(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared) -> torch.Tensor:
+               branch_fn: BranchFn, constants_fn: ConstantsFn = _prepared,
+               after_block: Callable[[int, dict], None] | None = None) -> torch.Tensor:
     """`adapter_for(model).run_blocks(...)`: one eager forward, branches decided by `branch_fn`."""
-    return adapter_for(model).run_blocks(model, x, t, y, branch_fn, constants_fn)
+    return adapter_for(model).run_blocks(model, x, t, y, branch_fn, constants_fn, after_block)
 
 
 # ---- tcgraph's DiT (official facebookresearch/DiT layout) --------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
+from tcgraph.plan.planners.adaptive import AdaptiveConfig, make_adaptive
 from tcgraph.plan.planners.combined import CombinedConfig, make_combined
 from tcgraph.plan.planners.fixed import ForaConfig, FullConfig, TaylorConfig, make_fora, make_full, make_taylor
 from tcgraph.plan.planners.l2c import L2CConfig, make_l2c
@@ -114,6 +115,10 @@ register(Planner("tokencache+l2c", CombinedConfig, make_combined, "tokencache+l2
 register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
                  "tokencache's schedule and token counts, tokens chosen per sample in the graph",
                  short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb")))
+register(Planner("adaptive", AdaptiveConfig, make_adaptive, "adaptive[:F]",
+                 "gated steps: the first blocks always compute, the others reuse or forecast while their change "
+                 "stays under a threshold decided in the graph, calibrated to a measured compute fraction F, default "
+                 "{fraction}", short=("fraction",), learned=True))
 
 
 def plan_help() -> str:

@@ -92,3 +92,18 @@ def _testers(cls) -> list[type]:
 def test_every_registered_planner_has_a_tester():
     tested = {t.planner for t in _testers(PlannerTesterMixin)}
     assert tested == set(PLANNERS), f"planners without a PlannerTesterMixin subclass: {set(PLANNERS) - tested}"
+
+
+class TestAdaptive(PlannerTesterMixin):
+    planner, spec = "adaptive", "adaptive:0.8"
+    options = {"calib_images": 2, "warmup": 2}
+
+    def test_plan_is_valid_for_the_model(self, plan, tiny_model):
+        plan.validate()  # every step is one gated step; the first computes (its threshold is below 0)
+        assert len(plan.recipes) == self.steps and len(plan.variants()) == 1 and plan.gate is not None
+        assert plan.gate_thresholds[0] < 0 and plan.depth == tiny_model.config.depth
+
+    def test_progress_is_reported(self, made):
+        _, recorder = made
+        assert [d for d, _, _ in recorder.phases] == ["calibrate threshold"]
+        assert all("fraction" in n for _, _, notes in recorder.phases for n in notes)

@@ -1,0 +1,195 @@
+"""`adaptive`: every step gated (docs/design.md, "Gated steps"; the gate: `tcgraph.plan.gate`), the
+threshold calibrated on calibration noise to a target *measured* compute fraction.
+
+The plan is one gated variant for every step: the first `warmup` steps and the last `final` ones
+compute (their threshold is below 0), the others skip their later blocks where the indicator stays
+under the threshold. The compute fraction is the share of block work a run does,
+`(computed steps · L + skipped steps · F) / (steps · L)` for L blocks of which F always compute: a
+skipped step still runs its first F blocks. To calibrate, the planner samples from random noise and
+labels with an eager loop that keeps the gate's state as the graph does (`EagerGate`), and bisects
+the threshold (log scale) until the measured fraction is the target's. The decision is taken per
+batch, so the fraction a run measures depends on the batch it samples: the plan records the
+calibrated fraction and the range a run may measure (all skips its gates allow … all computed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tcgraph.errors import TcgraphError
+from tcgraph.models.adapter import run_blocks
+from tcgraph.models.families import ModelConfig
+from tcgraph.names import IMAGE
+from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
+from tcgraph.plan.options import option
+from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
+from tcgraph.progress import QUIET, Progress
+from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Gated steps: the first F blocks always compute; the others reuse or forecast while the
+    accumulated change of the first blocks' output stays under a threshold calibrated to a target
+    measured compute fraction."""
+
+    fraction: float = option(0.35, "target measured compute fraction (share of block work, 0..1)", type=float)
+    first: int = option(1, "blocks that always compute; the indicator is formed from their output", type=int)
+    max_skips: int = option(4, "most steps skipped in a row", type=int)
+    indicator: str = option("step", f"indicator: {' or '.join(INDICATORS)}", type=str)
+    order: int = option(1, f"cheap action: 0 reuse, n forecast from n + 1 points (0..{MAX_HISTORY - 1})", type=int)
+    warmup: int = option(3, "first steps that always compute", type=int)
+    final: int = option(1, "last steps that always compute", type=int)
+    threshold: float | None = option(None, "a given threshold instead of calibrating one", type=float,
+                                     default_help="calibrated to --fraction")
+    calib_images: int = option(16, "calibration images (random noise and labels)", type=int)
+    seed: int = option(0, "seed of the calibration noise and labels", type=int)
+
+    def __post_init__(self) -> None:
+        Gate(self.first, self.max_skips, self.indicator, self.order)  # one error for a bad gate
+        if not 0.0 < self.fraction <= 1.0:
+            raise TcgraphError(f"adaptive fraction must be in (0, 1], got {self.fraction}")
+        if self.warmup < self.order + 1 or self.final < 0 or self.calib_images < 1:
+            raise TcgraphError(f"adaptive needs warmup >= order + 1 = {self.order + 1} (the forecast's history), "
+                               f"final >= 0 and calib_images >= 1; got warmup {self.warmup}, final {self.final}, "
+                               f"calib_images {self.calib_images}")
+
+
+class EagerGate:
+    """A sampler step function: the gated plan run eagerly, the gate's state kept as the graph keeps it."""
+
+    def __init__(self, model: nn.Module, gate: Gate, thresholds, depth: int):
+        self.model, self.gate, self.thresholds, self.depth = model, gate, list(thresholds), depth
+        self.computed_total = self.skipped_total = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.ref, self.acc, self.skips, self.times, self.history = None, 0.0, 0, [], {}
+
+    @torch.no_grad()
+    def __call__(self, step: int, x, t, y):
+        gate, seen = self.gate, {}
+        state = {}
+
+        def after(l, hs):
+            if l == gate.first - 1:
+                seen["h"] = hs[IMAGE]
+
+        def branch(l, name, u, fn):
+            if l < gate.first:
+                return fn(u())
+            if "skip" not in state:
+                state["skip"] = self._decide(step, seen["h"])
+            key = (l, name)
+            if state["skip"]:
+                w = lagrange_weights(self.times, float(step))
+                return sum(wj * hj for wj, hj in zip(w, self.history[key]))
+            value = fn(u())
+            self.history[key] = ([value] + self.history.get(key, [])[:gate.points - 1])
+            return value
+
+        out = run_blocks(self.model, x, t, y, branch, after_block=after)
+        if state.get("skip"):
+            self.skipped_total += 1
+        else:
+            self.computed_total += 1
+            self.times = ([float(step)] + self.times)[:gate.points]
+        return out
+
+    def _decide(self, step: int, h: torch.Tensor) -> bool:
+        ref = torch.zeros_like(h) if self.ref is None else self.ref
+        change = float((h - ref).abs().mean() / ref.abs().mean().clamp_min(EPS))
+        indicator = change if self.gate.indicator == "anchor" else self.acc + change
+        skip = indicator < self.thresholds[step] and self.skips < self.gate.max_skips
+        if skip:
+            self.acc, self.skips = indicator, self.skips + 1
+            if self.gate.indicator == "step":
+                self.ref = h
+        else:
+            self.acc, self.skips, self.ref = 0.0, 0, h
+        return skip
+
+    def fraction(self) -> float:
+        """Share of block work done so far: a skipped step does its first blocks."""
+        steps = self.computed_total + self.skipped_total
+        return (self.computed_total + self.skipped_total * self.gate.first / self.depth) / max(steps, 1)
+
+
+def thresholds_for(settings: SamplerSettings, cfg: AdaptiveConfig, threshold: float) -> tuple[float, ...]:
+    steps = settings.num_steps
+    return tuple(FORCE_COMPUTE if s < cfg.warmup or s >= steps - cfg.final else float(threshold)
+                 for s in range(steps))
+
+
+def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int) -> tuple[float, float]:
+    """(least, most) compute fraction a run of the plan may measure: every skip its gates allow, or none."""
+    steps, free = settings.num_steps, max(settings.num_steps - cfg.warmup - cfg.final, 0)
+    skipped = free - free // (cfg.max_skips + 1)  # runs of M skips, each followed by a compute
+    computed = steps - skipped
+    return (computed + skipped * cfg.first / depth) / steps, 1.0
+
+
+def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate, threshold: float) -> float:
+    """The compute fraction the gated plan measures on the calibration noise at `threshold`."""
+    mc = model.config
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()
+    noise = make_noise(cfg.calib_images, mc.in_channels, settings.resolution, cfg.seed)
+    eager = EagerGate(model.eval(), gate, thresholds_for(settings, cfg, threshold), mc.depth)
+    run_batches(eager, eager.reset, sampler_for(settings, mc), labels, noise, settings.batch, cfg.seed)
+    return eager.fraction()
+
+
+def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate,
+                        progress: Progress = QUIET, rounds: int = 9) -> tuple[float, float]:
+    """(threshold, measured fraction): bisection in log threshold over [1e-3, 10] for the target fraction,
+    the measured fraction nearest it."""
+    lo, hi = math.log(1e-3), math.log(1e1)
+    best = None
+    with progress.phase("calibrate threshold", rounds) as phase:
+        for _ in range(rounds):
+            mid = (lo + hi) / 2
+            got = measure(model, settings, cfg, gate, math.exp(mid))
+            if best is None or abs(got - cfg.fraction) < abs(best[1] - cfg.fraction):
+                best = (math.exp(mid), got)
+            if got > cfg.fraction:
+                lo = mid  # computes too much: a higher threshold skips more
+            else:
+                hi = mid
+            phase.tick(f"threshold {math.exp(mid):.4g}: fraction {got:.3f}")
+    return best
+
+
+def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: SamplerSettings, *,
+                  weights: nn.Module | None = None, progress: Progress = QUIET, calibration_text=None) -> Plan:
+    depth, branches = model_config.depth, model_config.branches
+    if cfg.first >= depth:
+        raise TcgraphError(f"adaptive first={cfg.first} leaves none of the model's {depth} blocks to skip")
+    if not model_config.block_layout().is_default or getattr(model_config, "text_conditioned", False):
+        raise TcgraphError("adaptive plans are for class-conditional models of one image stream")
+    least, _ = fraction_range(settings, cfg, depth)
+    gate = Gate(cfg.first, cfg.max_skips, cfg.indicator, cfg.order)
+    if cfg.threshold is None:
+        if weights is None:
+            raise TcgraphError("adaptive needs the model's weights to calibrate its threshold (or give one: "
+                               "--threshold)")
+        if cfg.fraction < least:
+            raise TcgraphError(f"adaptive fraction {cfg.fraction} is below the least this gate can measure, "
+                               f"{least:.3f} ({cfg.warmup} warm-up and {cfg.final} final steps compute, at most "
+                               f"{cfg.max_skips} skips in a row, {cfg.first} of {depth} blocks always compute)")
+        threshold, measured = calibrate_threshold(weights, settings, cfg, gate, progress)
+    else:
+        threshold, measured = cfg.threshold, None
+    recipe = Recipe(Recipe.uniform(depth, COMPUTE, branches).actions, tuple(branches), gate=gate)
+    params = {"fraction": cfg.fraction, "first": cfg.first, "max_skips": cfg.max_skips, "indicator": cfg.indicator,
+              "order": cfg.order, "warmup": cfg.warmup, "final": cfg.final, "threshold": threshold,
+              "calibrated_fraction": measured, "fraction_range": [round(least, 6), 1.0],
+              "calib_images": cfg.calib_images, "seed": cfg.seed}
+    name = f"adaptive:{cfg.fraction:g}"
+    return Plan(name, settings, tuple(recipe for _ in range(settings.num_steps)), model_config.num_tokens,
+                params=params, carry_constants=False, gate_thresholds=thresholds_for(settings, cfg, threshold))
