@@ -68,7 +68,8 @@ def proc_status() -> dict[str, float]:
     return result
 
 
-MODES = {"one": {}, "one-lean": {"prepack": False}, "per-variant": {"one_session": False},
+MODES = {"one": {}, "one-lean": {"prepack": False}, "one-packed": {"prepack": True},
+         "one-lean-noarena": {"prepack": False, "cpu_arena": False}, "per-variant": {"one_session": False},
          "plain": {"one_session": False, "share_weights": False}}
 
 

@@ -55,6 +55,16 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
             "top_ops": {op: {"ms": by_op[op] / total_runs / 1e3, "nodes": count[op] // total_runs} for op in ops}}
 
 
+def profile_plan(model, settings, spec: str):
+    """A fixed plan (`full`, `fora:N`, `taylor:N[:order]`) as `make_plan` makes it, a learned
+    planner's name as its structural plan (bench_tokencache.speed_plans)."""
+    from tcgraph.plan import make_plan
+
+    if spec.split(":")[0] in ("full", "fora", "taylor"):
+        return make_plan(spec, model.config, settings)
+    return speed_plans(model, settings, [spec])[spec]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits")
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = benchmark_model(args.model)
     settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=args.batch, resolution=model.config.input_size)
-    plan = speed_plans(model, settings, [args.plan])[args.plan]
+    plan = profile_plan(model, settings, args.plan)
     with tempfile.TemporaryDirectory() as tmp:
         art = load_artifact(api.transform(model, plan, Path(tmp) / "art", check=False, progress=False))
         steps = collections.Counter(plan.schedule())

@@ -85,8 +85,9 @@ def test_the_combined_model_holds_each_weight_once(artifact, monkeypatch):
     weights = [i for i in graph.initializer if not i.name.startswith("shared/")]
     assert {i.name for i in weights} == external  # every shared weight in the top graph, none in a branch
     assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in weights)
-    # the rest: the branches' own small constants that hoisted work reads (Slice bounds), once each
-    assert all(i.data_location != onnx.TensorProto.EXTERNAL and len(i.raw_data) <= 64
+    # the rest: the branches' own small constants that hoisted work reads (Slice bounds, the
+    # timestep embedding's frequencies), once each
+    assert all(i.data_location != onnx.TensorProto.EXTERNAL and len(i.raw_data) <= 1024
                for i in graph.initializer if i.name.startswith("shared/"))
     # inputs: the selector, then the union; x, t, y static (every variant reads them alike)
     inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -167,3 +168,38 @@ def test_work_on_weights_alone_is_in_the_top_graph_once(artifact):
         for n in branch.node:
             if n.op_type in HOISTABLE and n.input and all(i in known or i in local for i in n.input):
                 assert any(i in local for i in n.input), f"{n.name} reads only weights but stayed in {branch.name}"
+
+
+def test_pre_packing_once_gives_the_numbers_of_pre_packing_everything(artifact):
+    """The default ("once": weights several kernels read are graph inputs, never pre-packed) against
+    every kernel pre-packing and against none: every step <= 1e-5."""
+    once, once_steps = sample(artifact)
+    for mode in ("all", "none"):
+        other, other_steps = sample(artifact, prepack=mode)
+        worst = max(((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+                    for a, b in zip(once_steps, other_steps))
+        assert worst <= 1e-5, (mode, worst)
+        assert torch.allclose(once, other, rtol=1e-5, atol=1e-5)
+
+
+def test_work_every_variant_does_alike_runs_once_in_the_top_graph(artifact):
+    """The embeddings and adaLN modulations (every variant computes them from x, t, y alike) are
+    top-graph nodes, so each of their weights is read by one node; with pack_once the weights
+    that more than one node reads (and only those) are graph inputs too."""
+    from collections import Counter
+
+    from tcgraph.runtime.ort.combined import _reads
+
+    plain = combine_variants(artifact).model.graph
+    reads = _reads(plain.node)
+    modulation = [i.name for i in plain.initializer if "adaLN_modulation" in i.name]
+    assert modulation and all(reads[name] == 1 for name in modulation), {n: reads[n] for n in modulation}
+    top = {i for n in plain.node for i in n.input}
+    assert set(modulation) <= top  # read in the top graph, not in a branch
+    packed = combine_variants(artifact, pack_once=True).model.graph
+    weights = {i.name for i in packed.initializer if not i.name.startswith("shared/")}
+    extra = {i.name for i in packed.input} - {i.name for i in plain.input}
+    assert extra == {w for w in weights if reads[w] > 1} and extra  # the blocks' weights, read by several variants
+    assert Counter(n.op_type for n in plain.node)["Gemm"] >= 2  # modulation products hoisted
+    with pytest.raises(TcgraphError, match="prepack='nonsense': choose one of once, all, none"):
+        OrtRunner(artifact, prepack="nonsense")

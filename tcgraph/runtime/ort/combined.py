@@ -35,6 +35,7 @@ own copy of that block's q/k/v weight.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,8 +71,12 @@ def output_name(name: str) -> str:
     return OUTPUT_PREFIX + name
 
 
-def combine_variants(artifact: Artifact) -> CombinedModel:
-    """Assemble the combined model of `artifact`'s variants (see the module docstring)."""
+def combine_variants(artifact: Artifact, *, pack_once: bool = False) -> CombinedModel:
+    """Assemble the combined model of `artifact`'s variants (see the module docstring). With
+    `pack_once`, every weight that more than one node reads is also a graph input (never fed:
+    its initializer is its value), which ONNX Runtime does not pre-pack: each kernel that
+    pre-packs a weight keeps its own packed copy, so only the weights one kernel reads are
+    packed, and the model holds each weight once."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -116,9 +121,11 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
 
     shared: dict[str, object] = {}  # external initializers, once for all branches
     hoisted = ConstantWork()
+    common_inputs = {name for name in inputs if len(shapes[name]) == 1 and len(readers[name]) == len(variants)}
+    common = common_work([m.graph for m in models], common_inputs) if len(models) > 1 else set()
     branches = []
     for v, m in zip(variants, models):
-        branches.append(_branch(v, m.graph, outputs, output_info, shared, hoisted))
+        branches.append(_branch(v, m.graph, outputs, output_info, shared, hoisted, common, common_inputs))
 
     def chain(k: int):
         """The graph choosing among variants k, k+1, ...; the last is its own branch."""
@@ -147,6 +154,10 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
         nodes.append(helper.make_node("Identity", [produced.name], [output_name(name)], name=f"result/{name}"))
         graph_outputs.append(output_info(output_name(name), name))
     initializers = list(shared.values()) + hoisted.initializers + list(top.initializer)
+    if pack_once:
+        reads = _reads(nodes)
+        graph_inputs += [helper.make_tensor_value_info(w.name, w.data_type, list(w.dims))
+                         for w in shared.values() if reads[w.name] > 1]
     graph = helper.make_graph(nodes, "tcgraph_variants", graph_inputs, graph_outputs, initializer=initializers)
     first = models[0]
     opsets = {o.domain: o.version for m in models for o in m.opset_import}
@@ -155,18 +166,48 @@ def combine_variants(artifact: Artifact) -> CombinedModel:
     return CombinedModel(model, [v.id for v in variants], inputs, outputs, readers)
 
 
+def _reads(nodes, counts: Counter | None = None) -> Counter:
+    """Value name -> how many node inputs read it, in `nodes` and the subgraphs of their attributes."""
+    counts = Counter() if counts is None else counts
+    for node in nodes:
+        counts.update(i for i in node.input if i)
+        for a in node.attribute:
+            if a.type == a.GRAPH:
+                _reads(a.g.node, counts)
+    return counts
+
+
 # Ops that ONNX Runtime folds when every input is constant, and that are safe to compute once
 # in the top graph for every branch that asks for the same (no randomness, no subgraphs).
 HOISTABLE = frozenset({"Constant", "Transpose", "Slice", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast",
                        "Identity", "Split", "Gather"})
 
 
-class ConstantWork:
-    """Top-graph nodes computed from weights and constants alone, deduplicated across branches.
+def tensor_key(init) -> tuple:
+    """What an embedded constant tensor is, by content (two branches' equal constants: one key)."""
+    data = init.raw_data if init.raw_data else init.SerializePartialToString()
+    return ("tensor", init.data_type, tuple(init.dims), hashlib.sha256(data).hexdigest())
 
+
+def node_key(node, input_keys: list) -> tuple | None:
+    """What a node computes, by op, attributes and what its inputs are (a digest, so that keys stay
+    small along a deep graph); None if an input is unknown."""
+    if any(k is None for k in input_keys):
+        return None
+    text = repr((node.domain, node.op_type, [a.SerializeToString() for a in node.attribute], input_keys))
+    return ("node", hashlib.sha256(text.encode()).hexdigest())
+
+
+class ConstantWork:
+    """Top-graph nodes computed once for every branch that computes the same, deduplicated.
+
+    Two kinds: work on weights and constants alone (any branch; ONNX Runtime folds it when it
+    loads the model), and work that every variant does alike on the model's inputs (the
+    embeddings and the adaLN modulations of a DiT: every step computes them), which then runs
+    once per step in the top graph, its weights read by one kernel (pre-packed once).
     A value is keyed by what it is: a weight by its canonical name, a branch's own constant
-    tensor by its content, a node's output by (op, domain, attributes, input keys, index), so
-    two branches asking for the same slice of the same weight get one top-graph value."""
+    tensor by its content, a common input by its name, a node's output by (op, domain,
+    attributes, input keys, index), so two branches asking for the same get one top-graph value."""
 
     def __init__(self):
         self.nodes: list = []
@@ -175,9 +216,7 @@ class ConstantWork:
 
     def constant(self, init) -> tuple[tuple, str]:
         """(key, top-graph name) of a branch's own (embedded) constant tensor."""
-        key = ("tensor", init.data_type, tuple(init.dims), hashlib.sha256(init.SerializePartialToString()
-                                                                          if not init.raw_data else
-                                                                          init.raw_data).hexdigest())
+        key = tensor_key(init)
         if key not in self._names:
             copy = type(init)()
             copy.CopyFrom(init)
@@ -187,12 +226,11 @@ class ConstantWork:
 
     def node(self, node, input_keys: list[tuple], input_names: list[str]) -> list[tuple[tuple, str]]:
         """(key, top-graph name) of each output of `node`, added once per distinct key."""
-        base = ("node", node.domain, node.op_type, tuple(a.SerializeToString() for a in node.attribute),
-                tuple(input_keys))
+        base = node_key(node, input_keys)
         keys = [base + (j,) for j in range(len(node.output))]
         if keys[0] not in self._names:
             k = len(self.nodes)
-            outs = [f"shared/n{k}/{j}" for j in range(len(node.output))]
+            outs = [f"shared/n{k}/{j}" if o else "" for j, o in enumerate(node.output)]
             copy = type(node)()
             copy.CopyFrom(node)
             del copy.input[:]
@@ -205,10 +243,41 @@ class ConstantWork:
         return [(key, self._names[key]) for key in keys]
 
 
-def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoisted: ConstantWork):
+def common_work(graphs: list, common_inputs: set[str]) -> set[tuple]:
+    """Keys of the nodes that every one of `graphs` computes from `common_inputs` (inputs every
+    variant reads with one static shape), weights and constants alone."""
+    seen = None
+    for graph in graphs:
+        keys = set()
+        for key in _keys(graph, common_inputs).values():
+            if key is not None and key[0] == "node":
+                keys.add(key[:-1])  # the node, not one of its outputs
+        seen = keys if seen is None else seen & keys
+    return seen or set()
+
+
+def _keys(graph, common_inputs: set[str]) -> dict[str, tuple | None]:
+    """Value name -> its key (see ConstantWork) for every value of `graph` that has one."""
+    from onnx import TensorProto
+
+    keys: dict[str, tuple | None] = {name: ("input", name) for name in common_inputs}
+    keys[""] = ("none",)
+    for init in graph.initializer:
+        keys[init.name] = ("weight", init.name) if init.data_location == TensorProto.EXTERNAL else tensor_key(init)
+    for node in graph.node:
+        base = node_key(node, [keys.get(i) for i in node.input])
+        for j, out in enumerate(node.output):
+            if out:
+                keys[out] = None if base is None else base + (j,)
+    return keys
+
+
+def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoisted: ConstantWork,
+            common: set[tuple], common_inputs: set[str]):
     """One variant's graph as an `If` branch: no inputs (it reads the top graph's by name), its
-    external initializers moved to `shared`, every union output produced (0 elements, the same
-    rank, if absent)."""
+    external initializers moved to `shared`, its work on weights alone and the work in `common`
+    (node keys every variant computes) moved to `hoisted`, every union output produced (0
+    elements, the same rank, if absent)."""
     from onnx import TensorProto, helper
 
     vid = variant.id
@@ -218,12 +287,14 @@ def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoist
     rename: dict[str, str] = {}
     local = []
     constant: dict[str, tuple] = {}  # branch value -> its key in `hoisted`, for values known at load time
-    top: dict[str, str] = {}  # branch value -> its name in the top graph, for those there
+    top: dict[str, str] = {name: name for name in common_inputs}  # branch value -> its top-graph name
+    known: dict[str, tuple] = {name: ("input", name) for name in common_inputs}  # values the top graph has
     embedded = {}
     for init in graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             shared.setdefault(init.name, init)  # canonical names: the same tensor in every variant
             constant[init.name], top[init.name] = ("weight", init.name), init.name
+            known[init.name] = constant[init.name]
         else:
             embedded[init.name] = init
             copy = type(init)()
@@ -231,29 +302,42 @@ def _branch(variant, graph, outputs: list[str], output_info, shared: dict, hoist
             rename[init.name] = copy.name = prefix + init.name
             local.append(copy)
             constant[init.name] = ("local", init.name)  # a real key once a hoisted node reads it
+            known[init.name] = constant[init.name]
     for node in graph.node:
         for out in node.output:
             if out:
                 rename[out] = prefix + out
     nodes = []
     for node in graph.node:
-        if node.op_type in HOISTABLE and not node.domain and all(i in constant for i in node.input if i) \
-                and all(node.input):
-            for i in node.input:
-                if constant[i][0] == "local":  # a branch's own constant: into the top graph by content
-                    constant[i], top[i] = hoisted.constant(embedded[i])
-            keys, names = [constant[i] for i in node.input], [top[i] for i in node.input]
-            for out, (key, name) in zip(node.output, hoisted.node(node, keys, names)):
-                constant[out], rename[out], top[out] = key, name, name
+        inputs = [i for i in node.input if i]
+        on_constants = node.op_type in HOISTABLE and all(i in constant for i in inputs) and all(node.input)
+        key = None
+        if not on_constants and all(i in known for i in inputs):
+            for i in inputs:  # the branch's own constants by content, as common_work keyed them
+                if known[i][0] == "local":
+                    known[i] = tensor_key(embedded[i])
+            key = node_key(node, [known[i] if i else ("none",) for i in node.input])
+        if not on_constants and (key is None or key not in common):
+            copy = type(node)()
+            copy.CopyFrom(node)
+            del copy.input[:]
+            copy.input.extend(rename.get(i, i) for i in node.input)
+            del copy.output[:]
+            copy.output.extend(rename.get(o, o) for o in node.output)
+            copy.name = prefix + (node.name or node.op_type)
+            nodes.append(copy)
             continue
-        copy = type(node)()
-        copy.CopyFrom(node)
-        del copy.input[:]
-        copy.input.extend(rename.get(i, i) for i in node.input)
-        del copy.output[:]
-        copy.output.extend(rename.get(o, o) for o in node.output)
-        copy.name = prefix + (node.name or node.op_type)
-        nodes.append(copy)
+        for i in inputs:
+            if i in embedded and i not in top:  # a branch's own constant: into the top graph by content
+                key_i, top[i] = hoisted.constant(embedded[i])
+                known[i] = constant[i] = key_i
+        keys = [known[i] if i else ("none",) for i in node.input]
+        names = [top[i] if i else "" for i in node.input]
+        for out, (key, name) in zip(node.output, hoisted.node(node, keys, names)):
+            if out:
+                known[out], rename[out], top[out] = key, name, name
+                if on_constants:  # known when the model loads: later work on it may be hoisted too
+                    constant[out] = key
     graph_outputs = {o.name for o in graph.output}
     missing = [spec.onnx_name for spec in variant.outputs if spec.onnx_name not in graph_outputs]
     if missing:

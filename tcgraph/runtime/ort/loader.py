@@ -27,6 +27,13 @@ from tcgraph.runtime.ort.combined import SELECTOR, CombinedModel, combine_varian
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+# Graph fusions ONNX Runtime would apply that make the CPU slower. SkipLayerNormFusion folds a
+# residual Add into the LayerNormalization after it (in a DiT: the last block's residual and the
+# final layer's norm); on the CPU that contrib kernel takes 3-4x the time of the Add and the
+# LayerNormalization it replaces (ONNX Runtime 1.32, measured by benchmarks/ort_profile.py at
+# [16, 64, 128], [4, 256, 384] and [16, 256, 384]): 0.85 ms of a demo reuse step's 2.1 ms.
+SLOW_CPU_FUSIONS = ("SkipLayerNormFusion",)
+
 
 def import_onnxruntime():
     try:
@@ -43,6 +50,19 @@ def provider_name(provider) -> str:
     return provider[0] if isinstance(provider, tuple) else provider
 
 
+PREPACK_MODES = ("once", "all", "none")
+
+
+def prepack_mode(prepack: bool | str) -> str:
+    """The one-session pre-packing mode: "once" (default: only the weights one kernel reads, so
+    that each weight is held once), "all" (or True: every kernel packs its own copy), "none" (or
+    False: no kernel packs)."""
+    mode = {True: "all", False: "none"}.get(prepack, prepack) if isinstance(prepack, bool) else prepack
+    if mode not in PREPACK_MODES:
+        raise TcgraphError(f"prepack={prepack!r}: choose one of {', '.join(PREPACK_MODES)} (or True / False)")
+    return mode
+
+
 class SessionsFromArtifact:
     """Loader: `loader()` -> {variant id: InferenceSession} for every variant of `artifact`.
 
@@ -54,15 +74,17 @@ class SessionsFromArtifact:
 
     def __init__(self, artifact: Artifact, *, providers: list | None = None, share_weights: bool = True,
                  intra_op_threads: int | None = None, allow_spinning: bool = False, cpu_arena: bool = True,
-                 one_session: bool = True, prepack: bool = True):
+                 one_session: bool = True, prepack: bool | str = "once",
+                 disabled_optimizers: tuple[str, ...] | None = None):
         self.artifact = artifact
         self.one_session = one_session
-        self.prepack = prepack
+        self.prepack = prepack_mode(prepack)
         self.providers = list(providers) if providers is not None else None
         self.share_weights = share_weights
         self.intra_op_threads = intra_op_threads
         self.allow_spinning = allow_spinning
         self.cpu_arena = cpu_arena
+        self.disabled_optimizers = disabled_optimizers
         self._ort = None
         self._shared: dict[str, Any] = {}  # canonical initializer name -> OrtValue, shared by all sessions
         self._weights_map: np.memmap | None = None
@@ -83,7 +105,8 @@ class SessionsFromArtifact:
                 options.add_session_config_entry("session.disable_prepacking", "1")
             path = self.artifact.variant_path(vid)
             try:
-                sessions[vid] = ort.InferenceSession(str(path), options, providers=providers)
+                sessions[vid] = ort.InferenceSession(str(path), options, providers=providers,
+                                                     **self._disabled(providers))
             except Exception as e:
                 sessions.clear()
                 self.release()
@@ -102,18 +125,28 @@ class SessionsFromArtifact:
         options.enable_cpu_mem_arena = self.cpu_arena
         return options
 
+    def _disabled(self, providers) -> dict:
+        """InferenceSession's `disabled_optimizers`: the given ones, else SLOW_CPU_FUSIONS on the CPU."""
+        names = self.disabled_optimizers
+        if names is None:
+            names = SLOW_CPU_FUSIONS if provider_name(providers[0]) == CPU else ()
+        return {"disabled_optimizers": list(names)} if names else {}
+
     def _one_session(self, ort, providers) -> dict[str, Any]:
         """Every variant a view of one session over the combined model (weights read by ONNX
         Runtime from weights.bin once, pre-packed once)."""
-        combined = combine_variants(self.artifact)
+        combined = combine_variants(self.artifact, pack_once=self.prepack == "once")
         options = self._options(ort)
-        if not self.prepack:
+        if self.prepack == "none":
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.prepack == "once":  # ONNX Runtime warns of every weight that is a graph input too: by design here
+            options.log_severity_level = max(options.log_severity_level, 3)
         # The model is handed over as bytes: its external data is found through this folder.
         folder = self.artifact.weights_path.parent
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
-            session = ort.InferenceSession(combined.model.SerializeToString(), options, providers=providers)
+            session = ort.InferenceSession(combined.model.SerializeToString(), options, providers=providers,
+                                           **self._disabled(providers))
         except Exception as e:
             raise TcgraphError(
                 f"ONNX Runtime cannot load the variants of {self.artifact.root} as one session: {e}; check that "

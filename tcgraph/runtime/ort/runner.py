@@ -49,11 +49,14 @@ class OrtRunner(Runner):
             `If` nodes in one model (runtime/ort/combined.py), so one thread pool, one
             memory arena and one pre-packed copy of the weights; False: one session per
             variant (see share_weights).
-        prepack: with one session, let ONNX Runtime pre-pack the weights of its matrix
-            products (default True: faster products). Each kernel packs its own copy, so a
-            weight that several variants multiply by is packed once per variant that does;
-            False keeps one copy of every weight (the file's) at some speed (see README,
-            "Runtime overhead", for both measured).
+        prepack: with one session, which weights ONNX Runtime pre-packs for its matrix
+            products. Each kernel packs its own copy, so a weight that several variants
+            multiply by would be packed once per variant that does. "once" (default): only
+            the weights one kernel reads (work every variant does alike, such as the
+            embeddings and adaLN modulations, runs once in the top graph, so its weights are
+            among them): one copy of every weight; "all" (or True): every kernel packs, one
+            packed copy per kernel; "none" (or False): no kernel packs (slower products).
+            Measured in benchmarks/memory_sharing.py and benchmarks/bench_realization.py.
         share_weights: with one session per variant, one in-memory copy of the weights for
             all sessions (default True); False gives plain sessions (each with its own,
             pre-packed copy: faster matrix products, one copy of the weights per variant).
@@ -65,6 +68,8 @@ class OrtRunner(Runner):
             (`benchmarks/bench_plans.py --repeats 3 [--allow-spinning]`): fora:2 took
             8.8 s without spinning vs 14.3 s with it, and `full` gained nothing from it
             (15.2 s vs 15.5 s).
+        disabled_optimizers: ONNX Runtime graph optimizers not to run (default: on the CPU,
+            the fusions that make it slower, `loader.SLOW_CPU_FUSIONS`; () runs them all).
         cpu_arena: ONNX Runtime's CPU memory arena (default True). Each session owns one,
             so every extra variant keeps its own pool of activation buffers; False trades
             some allocation speed for memory (`benchmarks/bench_plans.py --no-cpu-arena`).
@@ -89,7 +94,8 @@ class OrtRunner(Runner):
         allow_spinning: bool = False,
         cpu_arena: bool = True,
         one_session: bool = True,
-        prepack: bool = True,
+        prepack: bool | str = "once",
+        disabled_optimizers: tuple[str, ...] | None = None,
         device: str | None = None,
         sessions: Sessions | None = None,
         **options: Any,
@@ -104,7 +110,7 @@ class OrtRunner(Runner):
             providers = [CUDA, CPU] if kind == "cuda" else [CPU]
         loader_options = dict(providers=providers, share_weights=share_weights, intra_op_threads=intra_op_threads,
                               allow_spinning=allow_spinning, cpu_arena=cpu_arena, one_session=one_session,
-                              prepack=prepack)
+                              prepack=prepack, disabled_optimizers=disabled_optimizers)
         if sessions is not None:
             given = [k for k, v in loader_options.items() if v != SESSION_DEFAULTS[k]]
             if given:
@@ -206,4 +212,5 @@ def _numpy_dtype(t: torch.Tensor):
 
 
 SESSION_DEFAULTS = {"providers": None, "share_weights": True, "intra_op_threads": None, "allow_spinning": False,
-                    "cpu_arena": True, "one_session": True, "prepack": True}
+                    "cpu_arena": True, "one_session": True, "prepack": "once",
+                    "disabled_optimizers": None}
