@@ -108,7 +108,7 @@ def chunks(num_images: int, chunk: int, cut: int | None = None) -> list[tuple[in
 def gram_chunk(cfg: ModelConfig, settings: SamplerSettings, chunk: int) -> int:
     """Images per chunk when Grams are kept: at most `chunk`, and their branch outputs over the
     whole run within `GRAM_CHUNK_BYTES` (one image at least)."""
-    rows = 2 if settings.cfg_scale > 1.0 and settings.guidance == "cfg" else 1
+    rows = 2 if settings.doubles_batch else 1
     per_image = (settings.num_steps * rows * len(cfg.branches) * cfg.depth * cfg.num_tokens * cfg.hidden_size
                  * FLOAT_BYTES)
     return max(1, min(chunk, GRAM_CHUNK_BYTES // max(per_image, 1)))
@@ -187,5 +187,5 @@ def calibration_bytes(cfg: ModelConfig, settings: SamplerSettings, num_images: i
 
 def branch_bytes(cfg: ModelConfig, settings: SamplerSettings, num_images: int) -> int:
     """Memory that storing every pre-gate branch output would take (model rows incl. CFG halves)."""
-    rows = num_images * (2 if settings.cfg_scale > 1.0 else 1)
+    rows = num_images * (2 if settings.doubles_batch else 1)
     return settings.num_steps * rows * 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size * FLOAT_BYTES

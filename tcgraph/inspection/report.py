@@ -7,6 +7,8 @@ Never writes into the artifact folder.
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,16 +89,24 @@ def cache_memory(plan: Plan, hidden_size: int | None, itemsize: int = 4) -> dict
             groups["caches"].append(n)
     forecast_keys = sorted({k for r in plan.recipes for k, _ in r.forecasts()},
                            key=branch_key)
-    per = None if hidden_size is None else plan.settings.model_batch * plan.num_tokens * hidden_size * itemsize
-    total = None if per is None else plan.cache_bytes(hidden_size, itemsize)
+    # each cache's rows come from the plan (a joint branch: text + image rows; a text-only branch: L)
+    rows = sorted({plan.cache_rows(n) for n in names}) or [plan.num_tokens]
+    one_shape = len(rows) == 1  # else the shape line shows the rows as "?"
+
+    def nbytes(group: list[str]) -> int | None:
+        return None if hidden_size is None else sum(math.prod(plan.cache_shape(n, hidden_size)) * itemsize
+                                                    for n in group)
+
+    total = None if hidden_size is None else plan.cache_bytes(hidden_size, itemsize)
     return {
         "dtype": "float32" if itemsize == 4 else f"{itemsize * 8}-bit",
-        "tensor_shape": [plan.settings.model_batch, plan.num_tokens, hidden_size],
-        "tensor_bytes": per,
+        "tensor_shape": [plan.settings.model_batch, rows[0] if one_shape else None, hidden_size],
+        "tensor_bytes": (None if hidden_size is None or not one_shape
+                         else plan.settings.model_batch * rows[0] * hidden_size * itemsize),
         "tensors": len(names),
         "bytes": total,
         "mb": None if total is None else total / 2**20,
-        **{k: {"count": len(v), "bytes": None if per is None else per * len(v)} for k, v in groups.items()},
+        **{k: {"count": len(v), "bytes": nbytes(v)} for k, v in groups.items()},
         "history_per_branch": {cache_name(*k): plan.history(k) for k in forecast_keys},
         "constants": {"count": len(plan.constant_names()),
                       "tensor_shape": [plan.settings.model_batch, plan.settings.text_length, hidden_size],

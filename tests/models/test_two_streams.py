@@ -125,6 +125,11 @@ def test_cache_rows_follow_each_branchs_streams():
     assert plan.cache_bytes(d) == plan.settings.model_batch * d * 4 * (3 * (length + n) + n + length)
     assert layout.image_slice(0, "attn", plan.stream_rows) == slice(length, length + n)
     assert layout.image_slice(0, "mlp_text", plan.stream_rows) is None
+    from tcgraph.inspection.report import cache_memory
+
+    memory = cache_memory(plan, d)  # what inspect shows: each cache at its own rows
+    assert memory["bytes"] == plan.cache_bytes(d) and memory["caches"]["bytes"] == plan.cache_bytes(d)
+    assert memory["tensor_shape"] == [plan.settings.model_batch, None, d] and memory["tensor_bytes"] is None
 
 
 def test_the_layout_is_stored_compactly_and_read_back():

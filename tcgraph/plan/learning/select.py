@@ -137,7 +137,11 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     noise, labels = held.x[0, :SELECTION_IMAGES], take(held.y, slice(0, SELECTION_IMAGES))
     scored = []
     stored = reference_samples(held, SELECTION_IMAGES)
-    with progress.phase("choose by sampling runs", len(candidates) + (stored is None)) as phase:
+    scan = (range(2, settings.num_steps + 1) if open_speed and compete else range(0))
+    # the open scan stops at the first interval none of whose plans meets the floor: a bound on its runs
+    bound = len(scan) * (3 if forecast else 1)
+    with progress.phase("choose by sampling runs" + (" (at most; stops early)" if bound else ""),
+                        len(candidates) + (stored is None) + bound) as phase:
         if stored is None:
             full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
                                                 for _ in range(settings.num_steps)), cfg.num_tokens)
@@ -154,11 +158,10 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
 
         for label, plan in candidates:
             score(label, plan)
-        if open_speed and compete:  # fixed plans from the slowest up, until one interval has none that meets it
-            for interval in range(2, settings.num_steps + 1):
-                values = [score(plan.planner, plan) for plan in fixed_plans(interval)]
-                if values and all(v < min_psnr for v in values):
-                    break
+        for interval in scan:  # fixed plans from the slowest up, until one interval has none that meets it
+            values = [score(plan.planner, plan) for plan in fixed_plans(interval)]
+            if values and all(v < min_psnr for v in values):
+                break
     best_psnr, best_label, best = choose(scored, min_psnr, cfg, length)
     record.update({
         "selected": best_label,
