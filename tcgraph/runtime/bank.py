@@ -19,7 +19,7 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.export.specs import VariantSpec
-from tcgraph.names import OUT, X, T, is_cache, is_model_input
+from tcgraph.names import GATE_PARAMS, OUT, X, T, is_cache, is_gate, is_model_input
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -44,12 +44,18 @@ def torch_dtype(name: str) -> torch.dtype:
 Variants = Iterable[VariantSpec]
 
 
+def carried(name: str) -> bool:
+    """Whether a graph input or output is carried from step to step in a bank buffer: a cache, or a
+    gated step's state (`gate.*` but its per-step `gate.params`)."""
+    return is_cache(name) or (is_gate(name) and name != GATE_PARAMS)
+
+
 def cache_specs(variants: Variants) -> dict[str, tuple[list[int], str]]:
-    """Every cache name any variant reads or writes -> (shape, manifest dtype); checked consistent."""
+    """Every carried name (`carried`) any variant reads or writes -> (shape, manifest dtype); checked consistent."""
     specs: dict[str, tuple[list[int], str]] = {}
     for variant in variants:
         for io in (*variant.inputs, *variant.outputs):
-            if not is_cache(io.name):
+            if not carried(io.name):
                 continue
             spec = (list(io.shape), io.dtype)
             if specs.setdefault(io.name, spec) != spec:
@@ -100,7 +106,7 @@ def step_input_buffers(variants: Variants, device: torch.device | str,
     """variant id -> zero buffers for its inputs that are neither model inputs nor caches: the
     plan's per-step inputs (`forecast.w`), whose shape differs from variant to variant."""
     return {variant.id: {io.name: torch.zeros(list(io.shape), dtype=dtype_for(io.name, io.dtype), device=device)
-                         for io in variant.inputs if not is_static(io.name) and not is_cache(io.name)}
+                         for io in variant.inputs if not is_static(io.name) and not carried(io.name)}
             for variant in variants}
 
 

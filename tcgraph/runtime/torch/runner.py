@@ -12,6 +12,12 @@ cache outputs back into static memory. A run copies `x`/`t`/`y` in (device to de
 and replays; the caches it returns are the bank's own tensors, so feeding them to the
 next step costs nothing. Without CUDA graphs (CPU, or `cuda_graphs=False`) each run
 calls the program eagerly and caches are passed on as the tensors it returned.
+
+Gated steps (a `torch.cond` in the program): captured under torch's control-flow dispatch modes
+(`torch._higher_order_ops.cudagraph_conditional_nodes`), the decision becomes a conditional node of
+the CUDA graph (CUDA >= 12.4), evaluated on the device at replay: no device-to-host copy per step.
+Without CUDA graphs, torch evaluates the condition on the host (one sync per gated step); on the CPU
+that costs nothing.
 """
 from __future__ import annotations
 
@@ -130,13 +136,14 @@ class TorchRunner(Runner):
         stream = torch.cuda.Stream(device=self._dev)
         for vid, program in self._programs.items():
             body = self._body(vid, program)
+            warm, capture = _control_flow_modes(program)
             stream.wait_stream(torch.cuda.current_stream(self._dev))
-            with torch.cuda.stream(stream):  # warm-up (allocator, cuBLAS handles, compiled kernels)
+            with torch.cuda.stream(stream), warm():  # warm-up (allocator, cuBLAS handles, compiled kernels)
                 for _ in range(2):
                     body()
             torch.cuda.current_stream(self._dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream), capture():
                 body()
             self._cuda_graphs[vid] = graph
         torch.cuda.synchronize(self._dev)
@@ -194,6 +201,25 @@ class TorchRunner(Runner):
         raise TcgraphError(
             f"cannot convert a {type(value).__name__} to torch; pass a value returned by this runner's run()"
         )
+
+
+def _control_flow_modes(program):
+    """(warm-up mode, capture mode) for a program: both branches of every `torch.cond` warmed up, then
+    captured as a CUDA-graph conditional node; no modes for a program without one."""
+    import contextlib
+
+    gm = getattr(program, "gm", program)
+    graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)] if isinstance(
+        gm, torch.nn.Module) else []
+    if not any(n.target is torch.ops.higher_order.cond for g in graphs for n in g.nodes):
+        return contextlib.nullcontext, contextlib.nullcontext
+    try:
+        from torch._higher_order_ops.cudagraph_conditional_nodes import (
+            CUDAGraphCaptureControlFlowOpDispatchMode, ControlFlowOpWarmupDispatchMode)
+    except ImportError as e:
+        raise TcgraphError(f"torch {torch.__version__} cannot capture a gated step (torch.cond) into a CUDA graph "
+                           "as a conditional node; create the runner with cuda_graphs=False") from e
+    return ControlFlowOpWarmupDispatchMode, CUDAGraphCaptureControlFlowOpDispatchMode
 
 
 def _as_tuple(result) -> tuple:

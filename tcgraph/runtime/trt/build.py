@@ -87,6 +87,7 @@ def build_engines(
                     f"TensorRT {trt.__version__} cannot parse variant {vid} ({onnx_path.name}): {errors}; an op or "
                     "dtype of the ONNX graph is unsupported by this TensorRT: use `--backend ort` or `--backend torch`"
                 )
+            check_conditionals(trt, network, onnx_path, vid)
             config = builder.create_builder_config()
             if flag is not None and keep_sinusoids_fp32(trt, network):
                 config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
@@ -124,6 +125,25 @@ def build_engines(
         "timing_cache": TIMING_CACHE,
         "engines": engines,
     }
+
+
+def check_conditionals(trt, network, onnx_path: Path, vid: str) -> None:
+    """A gated variant (an ONNX `If`, docs/design.md "Gated steps") must become a TensorRT
+    if-conditional (`IIfConditional`: its condition layer decides on the device); one clear error
+    where this TensorRT has no conditional layers or its parser did not make one."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if not any(node.op_type == "If" for node in model.graph.node):
+        return
+    condition = getattr(getattr(trt, "LayerType", None), "CONDITION", None)
+    if condition is None:
+        raise TcgraphError(f"variant {vid} is a gated step (an ONNX If) but TensorRT {trt.__version__} has no "
+                           "conditional layers; sample it with `--backend ort` or `--backend torch`")
+    if not any(layer.type == condition for layer in network):
+        raise TcgraphError(f"TensorRT {trt.__version__} parsed the If of gated variant {vid} without a conditional "
+                           "layer (it would not decide on the device); sample it with `--backend ort` or "
+                           "`--backend torch`")
 
 
 def _id_and_file(entry: Any) -> tuple[str, str]:
