@@ -60,6 +60,17 @@ def run(tree: Path, argv: list[str], cwd: Path, cache: Path) -> tuple[float, int
     return time.perf_counter() - start, done.returncode
 
 
+# Runs `tcgraph.cli.main(ARGV)` in a fresh interpreter and prints whether it imported torch.
+TORCH_PROBE = ("import sys, tcgraph.cli\ntry:\n    tcgraph.cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+               "print('torch' in sys.modules, file=sys.stderr)")
+
+
+def imports_torch(tree: Path, argv: list[str], cwd: Path, cache: Path) -> bool:
+    env = {**os.environ, "PYTHONPATH": str(tree), "TCGRAPH_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", TORCH_PROBE, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    return done.stderr.strip().splitlines()[-1] == "True"
+
+
 def main(args: argparse.Namespace) -> dict:
     after_rev = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "tcgraph"))
@@ -82,9 +93,11 @@ def main(args: argparse.Namespace) -> dict:
                 seconds, codes[side] = run(tree, [a.format(art=arts[side]) for a in argv], work, cache)
                 if r:  # the first run of each warms the disk cache and the CLI table cache
                     times[side].append(seconds)
+        torch_used = {side: imports_torch(tree, [a.format(art=arts[side]) for a in argv], work, cache)
+                      for side, tree in trees.items()}
         rows[name] = {"command": "tcgraph " + " ".join(argv).replace("{art}", "ARTIFACT"),
-                      **{side: {"median_s": statistics.median(t), "runs_s": t, "exit_code": codes[side]}
-                         for side, t in times.items()}}
+                      **{side: {"median_s": statistics.median(t), "runs_s": t, "exit_code": codes[side],
+                                "imports_torch": torch_used[side]} for side, t in times.items()}}
         print(f"{name:32s} before {rows[name]['before']['median_s']:.2f} s  after {rows[name]['after']['median_s']:.2f} s",
               flush=True)
     torch_runs = []
@@ -118,17 +131,16 @@ def markdown(result: dict) -> str:
         f"after ({c['after']}); Python {c['python']}, {c['cpus']} CPUs, load average "
         f"{', '.join(f'{x:.2f}' for x in c['load_average'])} at the end.",
         "",
-        "| what | command | before | after | exit code before / after |",
-        "|---|---|---:|---:|---|",
+        "| what | command | before | after | exit code before / after | imports torch before / after |",
+        "|---|---|---:|---:|---|---|",
     ]
     for name, row in result["commands"].items():
         b, a = row["before"], row["after"]
+        yes = {True: "yes", False: "no", None: "?"}
         lines.append(f"| {name} | `{row['command']}` | {b['median_s']:.2f} s | {a['median_s']:.2f} s | "
-                     f"{b['exit_code']} / {a['exit_code']} |")
-    lines += ["", f"For scale, `{IMPORT_TORCH}` alone: {result['import_torch']['median_s']:.2f} s (median).",
-              "`inspect` still imports torch: it loads the artifact, and loading checks the stored parameters' "
-              "shapes against the model's, which `tcgraph.models` computes by building the model on the meta "
-              "device (that also imports `torch._dynamo`, through the initialisers' meta kernels).", ""]
+                     f"{b['exit_code']} / {a['exit_code']} | {yes[b.get('imports_torch')]} / "
+                     f"{yes[a.get('imports_torch')]} |")
+    lines += ["", f"For scale, `{IMPORT_TORCH}` alone: {result['import_torch']['median_s']:.2f} s (median).", ""]
     return "\n".join(lines)
 
 
