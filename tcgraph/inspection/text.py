@@ -52,6 +52,15 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
         plan_line += (f", predicted speedup {info['predicted_speedup']:.2f}x "
                       f"({info['flops_per_run'] / 1e9:.2f} of {info['full_flops_per_run'] / 1e9:.2f} GFLOP per run)")
     lines.append(plan_line)
+    g = info.get("gate")
+    if g:
+        cheap = "reuse" if g["order"] == 0 else f"forecast from {g['order'] + 1} points"
+        calibrated = "" if g["calibrated_fraction"] is None else f", {g['calibrated_fraction']:.3f} as calibrated"
+        lines.append(f"gate       the first {g['first']} blocks always compute; the others {cheap} while the "
+                     f"{g['indicator']} indicator < {', '.join(f'{t:.4g}' for t in g['thresholds']) or '-'} (at most "
+                     f"{g['max_skips']} skips in a row; {len(g['forced_steps'])} steps always compute); compute "
+                     f"fraction {g['fraction_range'][0]:.3f} … {g['fraction_range'][1]:.3f}{calibrated}, decided "
+                     "on the device per batch (`sample` reports a run's)")
     learned = _learned_line(info.get("params") or {})
     if learned:
         lines.append(learned)
@@ -330,6 +339,9 @@ def _learned_line(p: dict) -> str | None:
         return None
     err = p.get("held_out_error")
     tail = f", held-out eps MSE {err:.2e}" if isinstance(err, float) else ""
+    if isinstance(p.get("held_out_psnr"), (int, float)):  # the chosen candidate's sampling runs against full
+        floor = p.get("min_psnr")
+        tail += f", held-out PSNR {p['held_out_psnr']:.1f} dB" + (f" (--min-psnr {floor})" if floor is not None else "")
     if method == "learning-to-cache":
         how = (f"target {p['target_speedup']}x" if p.get("target_speedup") else
                f"λ {p.get('lambda')}, threshold {p.get('threshold')}")

@@ -227,3 +227,15 @@ def test_the_cli_inspects_without_torch(fora2, tmp_path, monkeypatch):
     assert json.loads(as_json["out"]) == json.loads(json.dumps(api.inspect(fora2)))
     assert drawn["code"] == 0 and (pictures / "schedule_heatmap.png").is_file()
     assert unknown["code"] == 2 and "v9" in unknown["err"] and "Traceback" not in unknown["err"]
+
+
+def test_a_learned_plan_shows_its_held_out_psnr_and_floor():
+    from tcgraph.inspection.text import _learned_line
+
+    params = {"method": "learning-to-cache, replaced by the fixed plan taylor:4:2", "held_out_psnr": 48.31,
+              "min_psnr": 45.0}
+    assert _learned_line(params) == ("learned    learning-to-cache, replaced by the fixed plan taylor:4:2, "
+                                     "held-out PSNR 48.3 dB (--min-psnr 45.0)")
+    del params["min_psnr"]
+    assert _learned_line(params).endswith(", held-out PSNR 48.3 dB")
+    assert _learned_line({"interval": 2}) is None  # a fixed plan
