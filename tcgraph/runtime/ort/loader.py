@@ -22,6 +22,7 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.export.artifact import Artifact
 from tcgraph.export.onnx import read_external_initializers
+from tcgraph.names import GATE_PARAMS
 from tcgraph.runtime.ort.combined import SELECTOR, CombinedModel, combine_variants, output_name
 
 CUDA = "CUDAExecutionProvider"
@@ -92,7 +93,9 @@ class SessionsFromArtifact:
     def __call__(self) -> dict[str, Any]:
         ort = self._ort = import_onnxruntime()
         providers = self.choose_providers(ort)
-        if self.one_session:
+        # a gated variant holds an If, which the combined session cannot nest: one session per variant
+        gated = any(GATE_PARAMS in v.input_names for v in self.artifact.variants)
+        if self.one_session and not gated:
             return self._one_session(ort, providers)
         sessions: dict[str, Any] = {}
         for vid in self.artifact.variant_ids():
