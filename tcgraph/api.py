@@ -236,8 +236,14 @@ def sample(
     prompts: Sequence[str] | None = None,
     negative_prompt: str = "",
     text_encoder: str | Path | None = None,
+    measured: dict | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run the optimized sampler from an artifact folder; returns (samples, labels).
+
+    A plan of gated steps (`adaptive`) decides on the device which steps compute; the count is read
+    once per sampling run, and `measured` (a dict, where given) receives `computed_steps`, `steps` and
+    `fraction` (the share of block work: a skipped step still computes its first blocks), also announced
+    on `progress`.
 
     A text-conditioned model samples `per_class` images for each prompt of `text` (a
     `tcgraph.sampling.conditioning.Text` or an embeddings file, `--embeddings`; with guidance it
@@ -302,8 +308,18 @@ def sample(
     runner = make_runner(backend, art, **options)
     with runner:
         dispatch = ScheduleDispatcher.for_plan(runner, plan)
+        prog = bars(progress)
         samples = run_batches(dispatch, dispatch.reset, sampler_for(s, cfg), cond, noise, s.batch, seed,
-                              bars(progress), device=runner.device)
+                              prog, device=runner.device)
+        dispatch.reset()  # adds the last run's computed steps
+    if plan.gate is not None and dispatch.measured_fraction() is not None:
+        computed, steps = dispatch.measured
+        fraction = (computed + (steps - computed) * plan.gate.first / plan.depth) / steps
+        report = {"computed_steps": computed, "steps": steps, "fraction": fraction}
+        if measured is not None:
+            measured.update(report)
+        prog.announce(f"measured: {computed} of {steps} steps computed all blocks (compute fraction {fraction:.3f}; "
+                      f"the others their first {plan.gate.first})")
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:

@@ -133,9 +133,13 @@ def _run(argv: list[str] | None) -> int:
                                      text_encoder=args.text_encoder,
                                      seed=args.seed, backend=args.backend, device=args.device, batch=args.batch,
                                      resolution=args.resolution, png=args.png, npy=args.npy,
-                                     progress=_progress(args), runner_options=_runner_options(args))
+                                     progress=_progress(args), runner_options=_runner_options(args),
+                                     measured=(measured := {}))
         wrote = [str(args.png)] + ([str(args.npy)] if args.npy else [])
         print(f"sampled {len(labels)} images ({args.per_class} per class); wrote {', '.join(wrote)}")
+        if measured:
+            print(f"measured compute fraction {measured['fraction']:.3f} ({measured['computed_steps']} of "
+                  f"{measured['steps']} steps computed, decided on the device)")
     elif args.command == "compare":
         from tcgraph import compare
 

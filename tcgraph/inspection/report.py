@@ -229,6 +229,7 @@ def inspect_plan(plan: Plan, model_config: ModelConfig | dict | None = None, *, 
     info = {
         "planner": plan.planner,
         "params": plan.params,
+        **({"gate": gate_view(plan)} if plan.gate is not None else {}),
         "settings": {"sampler": plan.settings.sampler, "num_steps": plan.settings.num_steps,
                      "cfg_scale": plan.settings.cfg_scale, "eta": plan.settings.eta,
                      "batch": plan.settings.batch, "model_batch": plan.settings.model_batch,
@@ -376,3 +377,18 @@ def _read_named(art: Artifact, vid: str):
     names = {o.onnx_name: o.name for o in art.variant(vid).outputs}
     graph.outputs = {names.get(k, k): v for k, v in graph.outputs.items()}
     return graph
+
+
+def gate_view(plan) -> dict:
+    """A gated plan's gate (docs/design.md, "Gated steps"): what always computes, what the others do, the
+    thresholds, and the compute fraction as a range (every skip the gate allows … every step computing)
+    with the fraction the planner measured on its calibration noise."""
+    gate, steps, depth = plan.gate, len(plan.recipes), plan.depth
+    free = [s for s, t in enumerate(plan.gate_thresholds) if t >= 0]
+    skipped = len(free) - len(free) // (gate.max_skips + 1)
+    least = ((steps - skipped) + skipped * gate.first / depth) / steps
+    return {"first": gate.first, "max_skips": gate.max_skips, "indicator": gate.indicator, "order": gate.order,
+            "forced_steps": [s for s in range(steps) if s not in free],
+            "thresholds": sorted({t for t in plan.gate_thresholds if t >= 0}),
+            "fraction_range": [least, 1.0], "calibrated_fraction": plan.params.get("calibrated_fraction")}
+

@@ -139,6 +139,24 @@ def test_runs_equal_the_hand_kept_state(model, artifact, backend):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_sample_and_inspect_report_the_fraction(model, artifact):
+    """`sample` reads the count once per run and reports the measured fraction; `inspect` gives the gate
+    and the compute fraction as a range."""
+    plan, path = artifact
+    measured = {}
+    api.sample(path, classes="1,3", per_class=1, progress=False, measured=measured)
+    eager = HandGated(model, plan)
+    s = plan.settings
+    run_batches(eager, eager.reset, sampler_for(s, model.config), [1, 3],
+                make_noise(2, model.config.in_channels, s.resolution, 0), s.batch, 0)
+    assert measured["steps"] == STEPS and measured["computed_steps"] == eager.computed < STEPS
+    assert measured["fraction"] == pytest.approx((eager.computed + (STEPS - eager.computed) / DEPTH) / STEPS)
+    text = api.format_inspect(api.inspect(path))
+    gate = next(line for line in text.splitlines() if line.startswith("gate"))
+    least = (4 + 4 / DEPTH) / STEPS  # 3 forced steps; of the 5 free ones 2 skips, a compute, 2 skips
+    assert f"compute fraction {least:.3f} … 1.000" in gate and "forecast from 2 points" in gate
+
+
 def test_a_threshold_no_change_reaches_skips_and_is_faster(model, artifact):
     plan, path = artifact
     art = load_artifact(path)
