@@ -139,6 +139,22 @@ def test_runs_equal_the_hand_kept_state(model, artifact, backend):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_one_if_whose_branches_read_the_weights_of_the_outer_graph(artifact):
+    import onnx
+
+    _, path = artifact
+    art = load_artifact(path)
+    model = onnx.load(str(art.variant_path("v0")), load_external_data=False)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == 1
+    branches = [a.g for a in ifs[0].attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert len(branches) == 2 and all(len(g.node) > 10 for g in branches)
+    outer = {i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    read = {name for g in branches for n in g.node for name in n.input}
+    assert len(outer & read) >= 10  # the later blocks' weights: read in the branches, stored once outside
+    assert all(len(i.raw_data) <= 64 for g in branches for i in g.initializer)  # nothing large inside
+
+
 def test_sample_and_inspect_report_the_fraction(model, artifact):
     """`sample` reads the count once per run and reports the measured fraction; `inspect` gives the gate
     and the compute fraction as a range."""
