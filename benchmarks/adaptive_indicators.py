@@ -1,6 +1,7 @@
 """Which indicator and which cheap action a gated step should use: each calibrated to the same measured
-compute fraction, then sampled eagerly (the same semantics as the graph, `EagerGate`) from the
-noise and labels of the other tables (seed 0, classes 0-9 x 4) and compared with the full model.
+compute fraction, then sampled eagerly (the same semantics as the graph, `EagerGate`) and compared
+with the full model, on noise of seed 1 (classes 0-9 x 4): not the images of the tables (seed 0), so
+that choosing here does not tune the benchmark.
 
     python benchmarks/adaptive_indicators.py      # demo model, DDIM 50, guidance 2, fraction 0.35
 
@@ -40,28 +41,28 @@ def main(argv=None) -> dict:
     cfg = model.config
     settings = SamplerSettings(num_steps=50, cfg_scale=2.0, batch=8, resolution=cfg.input_size)
     labels = [c for c in range(10) for _ in range(4)]
-    noise = make_noise(len(labels), cfg.in_channels, settings.resolution, 0)
+    noise = make_noise(len(labels), cfg.in_channels, settings.resolution, 1)
     sampler = sampler_for(settings, cfg)
-    reference = api.sample_eager(model, settings, labels, 0)
+    reference = api.sample_eager(model, settings, labels, 1)
     rows = []
     for indicator in ("step", "anchor"):
         for order in (0, 1):
             plan = make_plan(f"adaptive:{args.fraction}", cfg, settings, weights=model, indicator=indicator,
                              order=order, max_skips=8, warmup=2, final=1, calib_images=args.calib_images)
             eager = EagerGate(model, plan.gate, plan.gate_thresholds, cfg.depth)
-            samples = run_batches(eager, eager.reset, sampler, labels, noise, settings.batch, 0)
+            samples = run_batches(eager, eager.reset, sampler, labels, noise, settings.batch, 1)
             q = compare_samples(samples, reference)
             row = {"indicator": indicator, "cheap": "reuse" if order == 0 else "forecast order 1",
                    "threshold": plan.params["threshold"], "calibrated_fraction": plan.params["calibrated_fraction"],
                    "fraction": eager.fraction(), "psnr": q["psnr"], "ssim": q["ssim"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"config": {"model": "digits", "steps": 50, "guidance": 2.0, "images": len(labels), "noise_seed": 0,
+    result = {"config": {"model": "digits", "steps": 50, "guidance": 2.0, "images": len(labels), "noise_seed": 1,
                          "target_fraction": args.fraction, "first": 1, "max_skips": 8, "warmup": 2, "final": 1,
                          "command": "python benchmarks/adaptive_indicators.py " + " ".join(argv or sys.argv[1:])},
               "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
-    lines = [f"demo model, DDIM 50, guidance 2, 40 images (noise seed 0), eager; every plan calibrated to a "
+    lines = [f"demo model, DDIM 50, guidance 2, 40 images (noise seed 1), eager; every plan calibrated to a "
              f"measured compute fraction {args.fraction} on 16 calibration images; `{result['config']['command']}`",
              "", "| indicator | cheap action | threshold | fraction (calibration) | fraction (these images) | "
              "PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]
