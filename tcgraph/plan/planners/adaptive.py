@@ -27,7 +27,7 @@ from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
 from tcgraph.plan.options import option
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
 from tcgraph.progress import QUIET, Progress
-from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
+from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
 
 EPS = 1e-12
 
@@ -137,9 +137,9 @@ def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int) -
 def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate, threshold: float) -> float:
     """The compute fraction the gated plan measures on the calibration noise at `threshold`."""
     mc = model.config
-    g = torch.Generator().manual_seed(cfg.seed)
-    labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()
-    noise = make_noise(cfg.calib_images, mc.in_channels, settings.resolution, cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)  # labels, then noise, as tcgraph.calibrate draws them:
+    labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()  # not a sampling run's
+    noise = torch.randn(cfg.calib_images, mc.in_channels, settings.resolution, settings.resolution, generator=g)
     eager = EagerGate(model.eval(), gate, thresholds_for(settings, cfg, threshold), mc.depth)
     run_batches(eager, eager.reset, sampler_for(settings, mc), labels, noise, settings.batch, cfg.seed)
     return eager.fraction()
