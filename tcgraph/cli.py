@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tcgraph.cli_parser import ARTIFACT_COMMANDS, COMMANDS, build_parser, command_of
@@ -65,12 +66,27 @@ def _stdout_gone() -> None:
         pass
 
 
+def _show_warning(original):
+    """tcgraph's own warnings (a prompt word the text demo does not know) as one line on stderr;
+    any other as Python shows it."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "tcgraph":
+            print(f"tcgraph: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     # Everything, the heavy imports (torch) and argument parsing included, runs inside the try:
     # a Ctrl-C in the first second is one line too, never a traceback.
     try:
         _install_signal_handlers()
-        return _run(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            return _run(argv)
     except TcgraphError as e:
         print(f"tcgraph: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -134,9 +134,13 @@ def _add_transform(t, _name: str) -> None:
 def _add_conditioning(s) -> None:
     """What `sample` and `compare` sample: classes or prompts, images per class, the seed, the backend."""
     s.add_argument("--classes", help="class ids, e.g. '0-9' or '1,3,5' (default: all)")
+    from tcgraph.demos.vocabulary import describe_vocabulary
+
     s.add_argument("--prompt", action="append",
                    help="text-conditioned models with a text encoder (the digits-text demo; a diffusers pipeline "
-                        "folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one grid row each")
+                        "folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one grid row each. "
+                        f"The digits-text demo knows only these words (any other reads as nothing, with a warning): "
+                        f"{describe_vocabulary()}")
     s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
     s.add_argument("--text-encoder", type=Path, metavar="FOLDER",
                    help="with --prompt: the diffusers pipeline folder whose text_encoder/ and tokenizer/ embed the "

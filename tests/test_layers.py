@@ -41,7 +41,8 @@ LAYERS: dict[str, set[str]] = {
     "diffusers": {"errors", "models", "sampling", "export", "runtime", "api"},
     "suggest": {"errors"},  # "did you mean", torch-free
     "cli_table": {"errors", "files", "models", "plan"},  # the CLI's plan options and model names, cached
-    "cli_parser": {"errors", "version", "suggest", "cli_table", "serve"},  # the argument parser, torch-free
+    # the argument parser, torch-free; the text demo's vocabulary (tcgraph.demos.vocabulary, torch-free) for --help
+    "cli_parser": {"errors", "version", "suggest", "cli_table", "serve", "demos"},
     "compare": {"errors", "progress", "files", "eval", "export", "sampling", "suggest", "api"},
     "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "inspection", "api", "serve",
             "cli_parser", "cli_table", "suggest", "compare"},

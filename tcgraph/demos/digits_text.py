@@ -12,10 +12,11 @@ folder `tcgraph/models/weights/digits_text/` holds
 - `text_encoder/`: the `PromptEncoder`'s `config.json` (vocabulary, length, widths) and
   `prompt_encoder.safetensors`.
 
-`PromptEncoder` plays T5's part for a 30-word vocabulary: a tokenizer that splits a prompt on
-whitespace and punctuation (lower-cased), maps each word to its id ("<unk>" for any word not
-in the vocabulary), always appends the end token "</s>" (so the empty prompt, guidance's
-negative, is one token, as with T5) and pads to the text length (8) with "<pad>" (mask 0);
+`PromptEncoder` plays T5's part for a 30-word vocabulary (`tcgraph.demos.vocabulary`, without
+torch): a tokenizer that splits a prompt on whitespace and punctuation (lower-cased), maps each
+word to its id ("<unk>" for any word not in the vocabulary; `encode` warns about those), always
+appends the end token "</s>" (so the empty prompt, guidance's negative, is one token, as with T5)
+and pads to the text length (8) with "<pad>" (mask 0);
 then an embedding table and a small per-token residual MLP give [N, L, 32] embeddings.
 
 diffusers is imported only where the transformer is built or loaded.
@@ -23,13 +24,15 @@ diffusers is imported only where the transformer is built or loaded.
 from __future__ import annotations
 
 import json
-import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from tcgraph.demos.vocabulary import (END, PAD, PROMPTS, TEMPLATES, UNK, VOCABULARY, WORDS,  # noqa: F401
+                                      UnknownWordsWarning, split_words, unknown_words, unknown_words_message)
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.text.embeddings import Text
 
@@ -41,18 +44,6 @@ MLP_HIDDEN = 64  # hidden width of the encoder's per-token MLP
 TRANSFORMER_DIR, ENCODER_DIR = "transformer", "text_encoder"
 ENCODER_CONFIG, ENCODER_WEIGHTS = "config.json", "prompt_encoder.safetensors"
 
-PAD, END, UNK = "<pad>", "</s>", "<unk>"
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-VOCABULARY: tuple[str, ...] = (PAD, END, UNK, "a", "an", "the", "handwritten", "digit", "number", "of",
-                               *WORDS, *(str(d) for d in range(10)))
-
-# Prompt templates of a digit: {word} is its name ("seven"), {num} its numeral ("7").
-TEMPLATES = ("a handwritten {word}", "the digit {num}", "{word}", "a {num}", "number {word}",
-             "a handwritten digit {num}", "the number {word}", "{num}", "an image of the digit {word}")
-# "image" is not in the vocabulary on purpose: the last template teaches the model that an unknown word
-# ("<unk>") carries nothing.
-PROMPTS: dict[int, tuple[str, ...]] = {d: tuple(t.format(word=WORDS[d], num=d) for t in TEMPLATES) for d in range(10)}
-
 
 def prompt_for(digit: int, template: int = 0) -> str:
     """Prompt number `template` (0 .. len(TEMPLATES) - 1) for `digit` (0..9): 0 gives "a handwritten seven"."""
@@ -61,11 +52,6 @@ def prompt_for(digit: int, template: int = 0) -> str:
     if isinstance(template, bool) or not isinstance(template, int) or not 0 <= template < len(TEMPLATES):
         raise UsageError(f"template must be an int in 0..{len(TEMPLATES) - 1}, got {template!r}")
     return PROMPTS[digit][template]
-
-
-def split_words(prompt: str) -> list[str]:
-    """The lower-cased words of a prompt, split on whitespace and punctuation."""
-    return [w for w in re.split(r"[\W_]+", prompt.lower()) if w]
 
 
 class PromptEncoder(nn.Module):
@@ -111,13 +97,24 @@ class PromptEncoder(nn.Module):
         e = self.embedding(ids)
         return (e + self.mlp(e)) * mask[..., None].to(e.dtype)
 
+    def unknown_words(self, prompts: Sequence[str] | str) -> list[str]:
+        """The words of `prompts` outside this encoder's vocabulary (each reads as "<unk>"), each once."""
+        return unknown_words(_as_prompts(prompts), self.vocabulary)
+
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str] | str, negative: str | None = "", length: int | None = None) -> Text:
+    def encode(self, prompts: Sequence[str] | str, negative: str | None = "", length: int | None = None,
+               warn: bool = True) -> Text:
         """The `Text` of `prompts` (one image each), with `negative` (default the empty prompt) repeated for
-        every prompt as guidance's unconditional half; `negative=None` leaves it out (guidance 1 only)."""
+        every prompt as guidance's unconditional half; `negative=None` leaves it out (guidance 1 only).
+        Words outside the vocabulary, in the prompts or the negative prompt, are warned about (one
+        `UnknownWordsWarning` naming them and the vocabulary) unless `warn` is False."""
         prompts = _as_prompts(prompts)
         if not prompts:
             raise UsageError("no prompts: give at least one")
+        unknown = self.unknown_words(prompts + ([negative] if isinstance(negative, str) else []))
+        if warn and unknown:
+            warnings.warn(UnknownWordsWarning(unknown_words_message(unknown, self.vocabulary), unknown),
+                          stacklevel=3)  # the caller, past torch.no_grad's wrapper
         ids, mask = self.tokenize(prompts, length)
         emb = self(ids, mask)
         if negative is None:
@@ -216,7 +213,7 @@ def calibration_prompts(encoder: PromptEncoder) -> Text:
     """The prompts learned planners calibrate the demo on: every template of every digit, digits
     cycling fastest (so that any first n cover the digits evenly), the empty prompt as negative."""
     prompts = [PROMPTS[d][template] for template in range(len(TEMPLATES)) for d in range(10)]
-    return encoder.encode(prompts, negative="")
+    return encoder.encode(prompts, negative="", warn=False)  # "image" is unknown on purpose
 
 
 def prompt_encoder_for(model) -> PromptEncoder | None:
@@ -234,5 +231,6 @@ def prompt_encoder_for(model) -> PromptEncoder | None:
     return None
 
 
-__all__ = ["LENGTH", "CAPTION", "NAME", "PROMPTS", "TEMPLATES", "VOCABULARY", "PromptEncoder", "load_digits_text",
-           "load_prompt_encoder", "load_transformer", "calibration_prompts", "prompt_encoder_for", "prompt_for", "split_words"]
+__all__ = ["LENGTH", "CAPTION", "NAME", "PROMPTS", "TEMPLATES", "VOCABULARY", "PromptEncoder", "UnknownWordsWarning",
+           "load_digits_text", "load_prompt_encoder", "load_transformer", "calibration_prompts", "prompt_encoder_for",
+           "prompt_for", "split_words", "unknown_words"]
