@@ -64,6 +64,7 @@ def test_min_psnr_without_a_target_lets_fixed_plans_of_any_speed_compete(tiny_mo
     routers: dict = {}
     plan = _plan(tiny_model, traj, routers, min_psnr=1.0)  # every candidate meets 1 dB
     p = plan.params
+    assert plan.planner == "l2c (min PSNR 1 dB)"  # the floor chose it, not the router's default target
     labels = [e["candidate"] for e in p["selection"]]
     assert f"fora:{STEPS}" in labels  # far faster than the learned plan's default target
     chosen = next(e for e in p["selection"] if e["candidate"] == p["selected"])

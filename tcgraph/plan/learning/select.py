@@ -90,6 +90,8 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     to share between several calls (benchmarks). `min_psnr`: the quality floor (`choose`); with
     `speedup_given` False (no target was asked for), fixed plans of any speed compete too."""
     settings, cfg = train.settings, model.config
+    if min_psnr is not None and not speedup_given:  # the default target trained the router; the floor chose
+        name = f"{name.split(':')[0]} (min PSNR {min_psnr:g} dB)"
     base = Plan(name, settings, tuple(recipes), cfg.num_tokens, params=dict(params))
     hidden = cfg.hidden_size
     if max_cache_mb is not None and cache_mb(base, hidden) > max_cache_mb:
