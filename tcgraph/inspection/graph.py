@@ -20,9 +20,9 @@ inspect example shows them): a block's global index and the recipe's branch name
 model calls its modules (a diffusers DiT's `transformer_blocks.3.attn1` is `blocks.3.attn` too).
 
 Forecast branches (`forecast.w` among the inputs) run no module: their weighted sum
-(`Gather` of a weight, `Mul` by a history input `cache.<l>.<br>[.h<j>]`, `Add`s) gets the
-branch's unit and scope `forecast`, so that a diff shows it where the branch was and the
-gate multiply that follows keeps its key.
+(`Gather` of a weight, the weight times the gate where the weights are folded into the gate's
+multiply, `Mul` by a history input `cache.<l>.<br>[.h<j>]`, `Add`s) gets the branch's unit and
+scope `forecast`, so that a diff shows it where the branch was.
 
 Only the graph proto is read (`load_external_data=False`); initializer shapes are in it.
 """
@@ -192,11 +192,14 @@ def _forecast_nodes(nodes, inputs: dict, producer: dict[str, int], consumers: di
     """{node index: (block, branch)} of the forecast weighted sums; empty without `forecast.w`.
 
     A *weight* node reads `forecast.w` (or another weight node) and only initializers else; a
-    *term* multiplies a history input by a weight; a *sum* adds terms or sums of one branch.
-    Weight nodes take the branch of their consumers where those are one branch's terms."""
+    *scaled* weight is a weight times another computed value (the gate, where the weights are
+    folded into the gate's multiply); a *term* multiplies a history input by a weight or a scaled
+    weight; a *sum* adds terms or sums of one branch. Weight and scaled-weight nodes take the branch
+    of their consumers where those are one branch's terms."""
     if FORECAST_WEIGHTS not in inputs:
         return {}
     weight: set[int] = set()
+    scaled: set[int] = set()
     found: dict[int, tuple[int, str]] = {}
 
     def history_key(name: str):
@@ -217,13 +220,15 @@ def _forecast_nodes(nodes, inputs: dict, producer: dict[str, int], consumers: di
             keys = [history_key(x) for x in n.input]
             others = [producer.get(x) for x, k in zip(n.input, keys) if k is None]
             key = next((k for k in keys if k is not None), None)
-            if key is not None and len(others) == 1 and others[0] in weight:
+            if key is not None and len(others) == 1 and (others[0] in weight or others[0] in scaled):
                 found[i] = key
+            elif key is None and sum(j in weight for j in computed) == 1 and len(computed) == 2:
+                scaled.add(i)  # a weight times the gate (the weights folded into the gate's multiply)
         elif n.op_type == "Add" and len(computed) == len(n.input) == 2:
             labels = {found.get(j) for j in computed}
             if len(labels) == 1 and None not in labels:
                 found[i] = labels.pop()
-    for i in sorted(weight, reverse=True):
+    for i in sorted(weight | scaled, reverse=True):
         labels = {found.get(c) for c in consumers.get(i, [])}
         if len(labels) == 1 and None not in labels:
             found[i] = labels.pop()

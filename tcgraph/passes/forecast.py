@@ -20,9 +20,9 @@ fed the branch die, and so do its weights. How the sum is emitted (`EMISSIONS`):
 - `stack`: the history stacked on a last axis and one matrix product with the n weights
   (ONNX: Unsqueeze, Concat, MatMul): one product per branch, but stacking copies the history.
 
-Measured on the demo model and DiT-S/2 (benchmarks/bench_realization.py, the table in
-docs/benchmarks-forecast-fusion.md): `gate` is the fastest of the three on ONNX Runtime and
-eager PyTorch, so it is the default; the others stay selectable to measure against.
+Measured one step at a time on the demo model (benchmarks/forecast_emissions.py; the tables in
+docs/benchmarks-realization.md): `gate` is the default for being the fastest there; the others
+stay selectable (`EMISSION`) to measure against.
 """
 from __future__ import annotations
 

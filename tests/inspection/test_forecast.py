@@ -161,16 +161,17 @@ def test_taylor_variant_focus_and_node_table(taylor):
     text = format_report(info)
     assert "each step feeds its own through forecast.w (12 floats: block order, newest history entry first)" in text
     assert "steps running v2: 4, 5 (2 distinct weight sets)" in text
-    # The weighted sums belong to their branch: Gather (2 weights), Mul (2 terms), Add (1) per branch.
+    # The weighted sums belong to their branch: Gather (2 weights), Mul (2 weights times the gate,
+    # 2 terms), Add (1) per branch; the gate's own multiply is gone (the weights are folded into it).
     d = info["focus"]["diff"]
     units = {f"blocks.{b}.{br}" for b in range(3) for br in BRANCHES}
-    assert set(d["added_by_unit"]) == units and d["nodes_added"] == 30
+    assert set(d["added_by_unit"]) == units and d["nodes_added"] == 42
     for u in d["added_by_unit"].values():
-        assert u["ops"] == {"Gather": 2, "Mul": 2, "Add": 1} and u["flops"] == 0
+        assert u["ops"] == {"Gather": 2, "Mul": 4, "Add": 1} and u["flops"] == 0
     assert {n["scope"] for n in d["added"]} == {"forecast"}
-    assert f"+ {'blocks 0-2 .attn':<22}{5:>4} nodes each" in text
+    assert f"+ {'blocks 0-2 .attn':<22}{7:>4} nodes each" in text
     g = graph_of(taylor, "v2")
-    assert sum(n.scope == "forecast" for n in g.nodes) == 30
+    assert sum(n.scope == "forecast" for n in g.nodes) == 42
     assert sum(n.scope == "forecast" for n in graph_of(taylor, "v1").nodes) == 0
     assert inspect_artifact(taylor, variant="v1")["focus"]["diff"]["nodes_added"] == 0  # reuse: unchanged
 
