@@ -13,7 +13,9 @@ variant file holds the full graph, because what is measured is the memory of N s
 over one weights file). With `--plan`, the folder is `tcgraph transform`'s for that plan
 (`fora:N`, or a learned planner's structural plan, benchmarks/bench_tokencache.py), and
 its first n variants are loaded. Then, for each mode (`one`: the runner's default, every
-variant in one session; `per-variant`: one session per variant over shared weights;
+variant in one session, pre-packing only the weights one kernel reads; `one-packed`: every kernel
+pre-packs (one packed copy per kernel); `one-lean`: no pre-packing; `one-lean-noarena`: nor
+ONNX Runtime's CPU arena; `per-variant`: one session per variant over shared weights;
 `plain`: one session per variant, each with its own weights) and each count n of loaded
 variants (`--counts`, default 1 and N), a fresh Python process loads the artifact with
 `OrtRunner`, and reports:
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python benchmarks/memory_sharing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="tcgraph-mem-") as tmp:
