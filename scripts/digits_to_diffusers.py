@@ -7,8 +7,12 @@ The folder holds `model_index.json`, `transformer/` (config.json + safetensors, 
 diffusers' own DiT conversion does) and `scheduler/scheduler_config.json`. It has no VAE:
 the demo model denoises pixels. `tcgraph transform --model FOLDER` reads it and samples with
 its scheduler. The DDIM config has DiT's linear betas, "leading" spacing (the timesteps of the
-official code's `ddim50`-style respacing) and `set_alpha_to_one`, and clips x0 to [-1, 1], as the
-demo needs (README, "DDIM x0 clipping"). The transformer differs from the official layout by design
+official code's `ddim50`-style respacing) and `set_alpha_to_one`, and does not clip x0
+(`clip_sample: false`): diffusers' DDIMScheduler clips x0 but keeps the model's unclipped noise
+estimate in its step (`use_clipped_model_output` is off in `step()` and DiTPipeline never sets it),
+which greys the background and costs a third of the class accuracy on this pixel-space model
+(`python benchmarks/diffusers_haze.py`, docs/diffusers.md). Unclipped, it samples as tcgraph's DDIM
+does on this folder. The transformer differs from the official layout by design
 (diffusers' timestep frequency shift and MLP norm eps): `benchmarks/diffusers_families.py`
 measures by how much.
 """
@@ -28,7 +32,7 @@ from tcgraph.models.diffusers.dit import save_as_diffusers
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 SCHEDULERS = {
     "ddim": {"_class_name": "DDIMScheduler", **BETAS, "timestep_spacing": "leading", "steps_offset": 0,
-             "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0, "prediction_type": "epsilon"},
+             "set_alpha_to_one": True, "clip_sample": False, "prediction_type": "epsilon"},
     "dpm": {"_class_name": "DPMSolverMultistepScheduler", **BETAS, "algorithm_type": "dpmsolver++",
             "solver_order": 2, "thresholding": False, "prediction_type": "epsilon"},
 }
