@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-step", type=int, default=0, metavar="CALLS",
+                    help="instead of sampling runs: CALLS interleaved calls of every variant on random feeds")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.per_step:
+        return per_step(args, argv)
     torch.set_num_threads(args.threads)
     model = benchmark_model(args.model, args.seed)
     cfg = model.config
@@ -163,6 +167,67 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(result)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
+    return result
+
+
+def per_step(args, argv) -> dict:
+    """One call of every variant of each plan, before and after interleaved, median of `args.per_step`
+    calls on random feeds; each variant's time also as a share of the same side's computing step."""
+    import numpy as np
+
+    from memory_sharing import variant_feeds
+
+    torch.set_num_threads(args.threads)
+    model = benchmark_model(args.model, args.seed)
+    settings = SamplerSettings(num_steps=args.steps, cfg_scale=args.guidance, batch=args.batch,
+                               resolution=model.config.input_size)
+    specs = [p.strip() for p in args.plans.split(",") if p.strip()]
+    command = "python benchmarks/bench_realization.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load, rows = os.getloadavg(), []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for i, (spec, (plan, _)) in enumerate(load_plans(model, settings, specs).items()):
+            steps = {vid: plan.schedule().count(vid) for vid in set(plan.schedule())}
+            runners = {}
+            for side, how in SIDES.items():
+                art = transform(model, plan, Path(tmp) / f"p{i}-{side}", how["emission"])
+                runners[side] = stack.enter_context(api.make_runner("ort", art, intra_op_threads=args.threads,
+                                                                    **how["runner"]))
+            times = {}
+            for v in art.variants:
+                feeds = {k: torch.from_numpy(a) for k, a in variant_feeds(v, np.random.default_rng(0)).items()}
+                for side, r in runners.items():
+                    times[(v.id, side)] = []
+                    r.run(v.id, feeds)
+                for c in range(args.per_step):
+                    for side in (SIDES if c % 2 == 0 else reversed(list(SIDES))):
+                        t0 = time.perf_counter()
+                        runners[side].run(v.id, feeds)
+                        times[(v.id, side)].append(time.perf_counter() - t0)
+            full = art.variants[0].id  # step 0's variant: computes every branch
+            for v in art.variants:
+                row = {"plan": spec, "variant": v.id, "steps": steps.get(v.id, 0)}
+                for side in SIDES:
+                    med = statistics.median(times[(v.id, side)])
+                    row[side] = {"median_ms": med * 1e3,
+                                 "of_computing_step": med / statistics.median(times[(full, side)])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"config": {"model": args.model, "batch": args.batch, "calls": args.per_step, "threads": args.threads,
+                         "command": command, "load_before": load, "load_after": os.getloadavg()}, "rows": rows}
+    lines = [f"One call per variant, before and after interleaved, {args.model}, batch {args.batch} (guidance "
+             f"doubles it), median of {args.per_step} calls, {args.threads} threads; load average {load[0]:.1f} "
+             f"before, {os.getloadavg()[0]:.1f} after", f"`{command}`", "",
+             "| plan | variant | steps | before ms | of computing step | after ms | of computing step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        lines.append(f"| {r['plan']} | {r['variant']} | {r['steps']} | {b['median_ms']:.2f} | "
+                     f"{b['of_computing_step']:.1%} | {a['median_ms']:.2f} | {a['of_computing_step']:.1%} |")
+    table = "\n".join(lines)
+    print(table)
+    out = args.out or RESULTS / f"step-costs-{args.model.replace('/', '')}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
     return result
 
 
