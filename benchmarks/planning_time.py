@@ -103,7 +103,11 @@ def held_out_psnr(artifact: Path) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     from tcgraph.eval.metrics import psnr
 
-    trees = {"before": worktree(args.before), "after": worktree(args.after) if args.after else ROOT}
+    sides = [x for x in args.sides.split(",") if x]
+    trees = {side: tree for side, tree in (("before", lambda: worktree(args.before)),
+                                          ("after", lambda: worktree(args.after) if args.after else ROOT))
+             if side in sides}
+    trees = {side: make() for side, make in trees.items()}
     work = Path(tempfile.mkdtemp(prefix="planning-time-"))
     planners = [p for p in args.planners.split(",") if p]
     timings: dict = {p: {side: [] for side in trees} for p in planners}
@@ -115,7 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
         references[side] = samples_of(tree, art, work)
     for r in range(args.runs):
         for planner in planners:
-            for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            for side in [x for x in (("before", "after") if r % 2 == 0 else ("after", "before")) if x in trees]:
                 art = work / f"{side}-{planner.replace('+', '-')}"
                 timing = run(trees[side], transform_argv(planner, art), work)
                 timings[planner][side].append(timing)
@@ -250,10 +254,16 @@ def markdown(result: dict) -> str:
                   "| planner | before wall | after wall | before CPU | after CPU | held-out PSNR before → after "
                   "| 40-image PSNR vs full before → after | chosen before / after | predicted x before / after |",
                   "|---|---:|---:|---:|---:|---|---|---|---|"]
+        missing = {"median_wall_s": None, "median_cpu_s": None, "held_out_psnr": "—", "psnr_40": "—",
+                   "selected": "—", "predicted_speedup": "—"}  # a side not measured (--sides)
+
+        def sec(v) -> str:
+            return "—" if v is None else f"{v:.0f} s"
+
         for planner, row in result["rows"].items():
-            b, a = row["before"], row["after"]
-            lines.append(f"| {planner}:2 | {b['median_wall_s']:.0f} s | {a['median_wall_s']:.0f} s | "
-                         f"{b['median_cpu_s']:.0f} s | {a['median_cpu_s']:.0f} s | "
+            b, a = row.get("before", missing), row.get("after", missing)
+            lines.append(f"| {planner}:2 | {sec(b['median_wall_s'])} | {sec(a['median_wall_s'])} | "
+                         f"{sec(b['median_cpu_s'])} | {sec(a['median_cpu_s'])} | "
                          f"{b['held_out_psnr']} → {a['held_out_psnr']} dB | {b['psnr_40']} → {a['psnr_40']} dB | "
                          f"{b['selected']} / {a['selected']} | {b['predicted_speedup']} / {a['predicted_speedup']} |")
         lines.append("")
@@ -308,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--after", help="a commit for the after side too (a worktree: the checkout may change while this "
                                    "runs); default: this checkout as it is")
     p.add_argument("--runs", type=int, default=1, help="timed runs of each planner and tree (default 1)")
+    p.add_argument("--sides", default="before,after", help="which trees to time: before, after or both (default both)")
     p.add_argument("--planners", default=",".join(PLANNERS), help=f"comma-separated (default {','.join(PLANNERS)})")
     p.add_argument("--dit-s2", action="store_true", help="add the projection at DiT-S/2 shapes")
     p.add_argument("--skip-demo", action="store_true", help="only the DiT-S/2 projection")
