@@ -127,7 +127,7 @@ def test_plan_options_are_checked(tiny_config, tmp_path):
     s = settings(6)
     with pytest.raises(TcgraphError, match="apply to learning"):
         make_plan("l2c", tiny_config, s, router=tmp_path / "r.pt", target_speedup=2.0)
-    with pytest.raises(TcgraphError, match="do not apply"):
+    with pytest.raises(TcgraphError, match="not apply"):
         make_plan("fora:2", tiny_config, s, target_speedup=2.0)
     with pytest.raises(TcgraphError, match="needs the model"):
         make_plan("l2c:1.5", tiny_config, s)

@@ -69,9 +69,20 @@ def learned_plans(pixart, text):
             for spec, opts in LEARNED.items()}
 
 
+# planners that refuse a text-conditioned model of three branches, with a clear error
+REFUSED = {"adaptive:0.5": "adaptive plans are for class-conditional models of one image stream"}
+
+
 def test_every_registered_planner_is_covered():
-    assert {spec.split(":")[0] for spec in (*FIXED, *LEARNED)} == set(PLANNERS)
-    assert {spec.split(":")[0] for spec in LEARNED} == {name for name, p in PLANNERS.items() if p.learned}
+    assert {spec.split(":")[0] for spec in (*FIXED, *LEARNED, *REFUSED)} == set(PLANNERS)
+    assert ({spec.split(":")[0] for spec in (*LEARNED, *REFUSED)}
+            == {name for name, p in PLANNERS.items() if p.learned})
+
+
+@pytest.mark.parametrize("spec", REFUSED)
+def test_planners_that_refuse_this_model_say_so(spec, pixart, text):
+    with pytest.raises(TcgraphError, match=REFUSED[spec]):
+        make_plan(spec, PIXART, SETTINGS, weights=pixart, calibration_text=text)
 
 
 def _check_three_branch_plan(plan: Plan) -> None:
