@@ -359,9 +359,13 @@ def make_l2c(cfg: L2CConfig, model_config: ModelConfig, settings: SamplerSetting
         for k in intervals:
             unit = memo(("lambda_unit", k), lambda: lambda_unit(model, train, k)) if lams is None else None
             for lam in (lams or [m * unit for m in LAMBDA_GRID]):
-                res = memo(("router", k, lam), lambda: train_router(
+                made: list[bool] = []  # a router trained before (`routers`) is reused: its rounds tick at once
+                res = memo(("router", k, lam), lambda: made.append(True) or train_router(
                     model, train, k, lam, epochs=cfg.epochs, batch_images=cfg.batch_images, lr=cfg.lr,
                     seed=cfg.seed, phase=phase))
+                if not made:
+                    for _ in range(cfg.epochs * sum(1 for _, cs in rounds(S, k) if cs)):
+                        phase.tick("reused")
                 if cfg.target_speedup is not None:
                     recipes = recipes_for_target(mcfg, res.probs(), k, cfg.target_speedup, cfg.max_variants,
                                                  text_length=length)
