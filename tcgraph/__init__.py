@@ -9,21 +9,15 @@ start, which installs its signal handling first) does not wait for torch.
 """
 from __future__ import annotations
 
-import importlib
-
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.version import __version__
+from tcgraph.lazy import lazy_names
 
 _LAZY = {"format_inspect": "tcgraph.api", "inspect": "tcgraph.api", "sample": "tcgraph.api",
          "sample_eager": "tcgraph.api", "transform": "tcgraph.api", "load_model": "tcgraph.models"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tcgraph' has no attribute {name!r}")
+__getattr__ = lazy_names('tcgraph', _LAZY, globals())
 
 
 __all__ = ["__version__", "TcgraphError", "UsageError", "format_inspect", "inspect", "load_model", "sample",

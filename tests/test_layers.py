@@ -19,19 +19,20 @@ LAYERS: dict[str, set[str]] = {
     "names": set(),
     "progress": set(),
     "version": set(),
+    "lazy": set(),  # names a package imports on first use (PEP 562)
     "files": {"errors"},
     "images": {"errors", "files"},  # what sample writes: PNG grids, .npy arrays
     "data": {"errors"},
-    "models": {"errors", "names"},
+    "models": {"lazy", "errors", "names"},
     "text": {"errors", "models"},  # prompt embeddings and a pipeline folder's text encoder
     "demos": {"errors", "models", "text"},  # the text demo's prompt encoder
-    "sampling": {"errors", "names", "progress", "models", "text", "demos"},
+    "sampling": {"lazy", "errors", "names", "progress", "models", "text", "demos"},
     "eval": {"errors", "data", "models", "demos"},  # the judges: the digits classifier, the text demo's prompts
     "calibrate": {"errors", "names", "progress", "models", "sampling"},
-    "plan": {"errors", "names", "progress", "models", "sampling", "calibrate"},
+    "plan": {"lazy", "errors", "names", "progress", "models", "sampling", "calibrate"},
     "passes": {"errors", "names", "models", "plan"},
     "compile": {"errors", "names", "progress", "models", "plan", "passes", "export"},
-    "export": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan"},
+    "export": {"lazy", "errors", "names", "progress", "version", "files", "models", "sampling", "plan"},
     "runtime": {"errors", "names", "progress", "models", "sampling", "plan", "export"},
     "inspection": {"errors", "names", "files", "models", "sampling", "plan", "export"},
     "api": {"errors", "names", "progress", "version", "files", "images", "models", "sampling", "calibrate", "plan", "passes", "compile",
@@ -46,7 +47,7 @@ LAYERS: dict[str, set[str]] = {
     "compare": {"errors", "progress", "files", "eval", "export", "sampling", "suggest", "api"},
     "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "inspection", "api", "serve",
             "cli_parser", "cli_table", "suggest", "compare"},
-    "__init__": {"errors", "version", "models", "api"},  # api and models on first use (PEP 562)
+    "__init__": {"lazy", "errors", "version", "models", "api"},  # api and models on first use (PEP 562)
     "__main__": {"cli"},
 }
 

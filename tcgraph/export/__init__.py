@@ -8,21 +8,15 @@ manifest keys. Reading an artifact imports no torch; the ONNX export is imported
 """
 from __future__ import annotations
 
-import importlib
-
 from tcgraph.export.artifact import SCHEMA_VERSION, Artifact, config_hash, load_artifact, write_artifact
 from tcgraph.export.specs import ParameterSpec, TensorSpec, VariantSpec
+from tcgraph.lazy import lazy_names
 
 # name -> the module that defines it, imported when the name is first asked for
 _LAZY = dict.fromkeys(("ExportableVariant", "export_variants", "read_external_initializers"), "tcgraph.export.onnx")
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tcgraph.export' has no attribute {name!r}")
+__getattr__ = lazy_names('tcgraph.export', _LAZY, globals())
 
 
 __all__ = [

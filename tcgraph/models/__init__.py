@@ -10,10 +10,10 @@ first use (PEP 562), so `inspect`, `--help` and the CLI's checks start without t
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from tcgraph.models.families import FAMILIES, Family, family
+from tcgraph.lazy import lazy_names
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -50,12 +50,7 @@ _LAZY = {name: "tcgraph.models.loading" for name in (
 )}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tcgraph.models' has no attribute {name!r}")
+__getattr__ = lazy_names('tcgraph.models', _LAZY, globals())
 
 
 __all__ = sorted(["PRETRAINED", "FAMILIES", "Family", "family", *_LAZY])

@@ -5,22 +5,16 @@ imported on first use (PEP 562), so reading an artifact's plan needs no torch.
 """
 from __future__ import annotations
 
-import importlib
-
 from tcgraph.plan.flops import branch_flops, plan_flops, recipe_flops
 from tcgraph.plan.plan import COMPUTE, PLAN_SCHEMA_VERSION, REUSE, Action, Plan, Recipe, dynamic, forecast, partial
+from tcgraph.lazy import lazy_names
 
 # name -> the module that defines it, imported when the name is first asked for
 _LAZY = dict.fromkeys(("PLAN_HELP", "PLAN_OPTIONS", "PLANNERS", "Planner", "add_plan_arguments", "make_plan",
                        "plan_options", "register"), "tcgraph.plan.registry")
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tcgraph.plan' has no attribute {name!r}")
+__getattr__ = lazy_names('tcgraph.plan', _LAZY, globals())
 
 
 __all__ = [

@@ -5,9 +5,8 @@ imported on first use (PEP 562), so reading a plan or an artifact's manifest nee
 """
 from __future__ import annotations
 
-import importlib
-
 from tcgraph.sampling.settings import SamplerSettings
+from tcgraph.lazy import lazy_names
 
 # name -> the module that defines it, imported when the name is first asked for
 _LAZY = {
@@ -19,12 +18,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tcgraph.sampling' has no attribute {name!r}")
+__getattr__ = lazy_names('tcgraph.sampling', _LAZY, globals())
 
 
 __all__ = sorted(["SamplerSettings", *_LAZY])
