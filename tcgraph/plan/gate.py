@@ -16,9 +16,11 @@ were skipped in a row; a threshold below 0 makes the step compute (warm-up and f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tcgraph.errors import TcgraphError
+from tcgraph.names import GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_TIMES
 from tcgraph.plan.actions import MAX_HISTORY, REUSE, Action, forecast
 
 INDICATORS = ("step", "anchor")
@@ -84,3 +86,38 @@ def _prod(values) -> float:
     for v in values:
         result *= v
     return result
+
+
+def validate_gated(plan) -> None:
+    """Gated plans: every step gated by the same gate, one finite threshold per step, one image stream,
+    no run constants carried."""
+    gates = {r.gate for r in plan.recipes}
+    if gates == {None}:
+        if plan.gate_thresholds is not None:
+            raise TcgraphError("gate thresholds are given but no step of the plan is gated")
+        return
+    if len(gates) != 1:
+        raise TcgraphError("a plan with gated steps gates every step with the same gate (warm-up and final "
+                           "steps compute through a threshold below 0)")
+    thresholds = plan.gate_thresholds
+    if thresholds is None or len(thresholds) != len(plan.recipes) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in thresholds):
+        raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(plan.recipes)}), got "
+                           f"{None if thresholds is None else list(thresholds)}")
+    object.__setattr__(plan, "gate_thresholds", tuple(float(v) for v in thresholds))
+    if plan.layout is not None or plan.constant_keys():
+        raise TcgraphError("gated steps need a model of one image stream whose plan carries no run constants "
+                           "(make the plan with carry_constants=False)")
+
+
+def gate_shape(plan, name: str, hidden_size: int) -> tuple[int, ...]:
+    """Shape of a gated step's state tensor or its `gate.params` input."""
+    if name == GATE_REF:
+        return plan.settings.model_batch, plan.num_tokens, hidden_size
+    if name == GATE_TIMES:
+        return (plan.gate.points,)
+    if name in (GATE_ACC, GATE_SKIPS, GATE_COUNT):
+        return (1,)
+    if name == GATE_PARAMS:
+        return (3,)
+    raise TcgraphError(f"{name!r} is not a gated step's input or output")

@@ -51,11 +51,11 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (FORECAST_WEIGHTS, GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_STATE,
-                           GATE_TIMES, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, IMAGE, OUT, RUN_CONSTANTS, TEXT_STREAM, CacheKey,
                            branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
                            is_constant)
 from tcgraph.models.layout import Layout
+from tcgraph.plan.gate import gate_shape, validate_gated
 from tcgraph.plan.plan_json import PLAN_SCHEMA_VERSION, plan_from_dict, plan_to_dict  # noqa: F401  (re-exported)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
@@ -201,25 +201,7 @@ class Plan:
                 )
 
     def _validate_gate(self) -> None:
-        """Gated plans: every step gated by the same gate, one finite threshold per step, one image stream,
-        no run constants carried."""
-        gates = {r.gate for r in self.recipes}
-        if gates == {None}:
-            if self.gate_thresholds is not None:
-                raise TcgraphError("gate thresholds are given but no step of the plan is gated")
-            return
-        if len(gates) != 1:
-            raise TcgraphError("a plan with gated steps gates every step with the same gate (warm-up and final "
-                               "steps compute through a threshold below 0)")
-        thresholds = self.gate_thresholds
-        if thresholds is None or len(thresholds) != len(self.recipes) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in thresholds):
-            raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(self.recipes)}), got "
-                               f"{None if thresholds is None else list(thresholds)}")
-        object.__setattr__(self, "gate_thresholds", tuple(float(v) for v in thresholds))
-        if self.layout is not None or self.constant_keys():
-            raise TcgraphError("gated steps need a model of one image stream whose plan carries no run constants "
-                               "(make the plan with carry_constants=False)")
+        validate_gated(self)
 
     @property
     def gate(self):
@@ -227,16 +209,8 @@ class Plan:
         return self.recipes[0].gate
 
     def gate_shape(self, name: str, hidden_size: int) -> tuple[int, ...]:
-        """Shape of a gated step's state tensor or its `gate.params` input."""
-        if name == GATE_REF:
-            return self.settings.model_batch, self.num_tokens, hidden_size
-        if name == GATE_TIMES:
-            return (self.gate.points,)
-        if name in (GATE_ACC, GATE_SKIPS, GATE_COUNT):
-            return (1,)
-        if name == GATE_PARAMS:
-            return (3,)
-        raise TcgraphError(f"{name!r} is not a gated step's input or output")
+        """Shape of a gated step's state tensor or its `gate.params` input (`tcgraph.plan.gate`)."""
+        return gate_shape(self, name, hidden_size)
 
     def _validate_weights(self) -> None:
         """`weights` holds exactly one finite weight per history point of every forecast."""
