@@ -9,42 +9,17 @@ other tools can find the pixel of a given (step, block, branch[, token]).
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tcgraph.errors import TcgraphError
-from tcgraph.files import atomic_output, atomic_write, atomic_write_text, ensure_folder
-from tcgraph.plan.plan import MAX_HISTORY, Action, Plan, Recipe
-from tcgraph.names import BRANCH_ORDER, FORECAST_WEIGHTS, cache_name, history_name, input_cache_name
-
-COMPUTE_RGB = (33, 102, 172)  # blue
-REUSE_RGB = (222, 222, 222)  # light grey
-PARTIAL_LIGHT_RGB = (254, 224, 182)  # partial with few tokens recomputed ...
-PARTIAL_DARK_RGB = (179, 88, 6)  # ... to nearly all (orange ramp by k / N)
-FORECAST_LIGHT_RGB = (203, 170, 222)  # forecast from 1 history point ...
-FORECAST_DARK_RGB = (84, 39, 143)  # ... to MAX_HISTORY points (purple ramp by points)
-BACKGROUND_RGB = (255, 255, 255)
-TEXT_RGB = (0, 0, 0)
-KEPT_RGB = COMPUTE_RGB  # token masks: recomputed token
-REUSED_RGB = REUSE_RGB  # token masks: token taken from the cache
-CHOOSE = "choose another --out folder"
-
-
-def action_color(action: Action, num_tokens: int) -> tuple[int, int, int]:
-    """Heatmap colour of one action; partial and dynamic shade from light (k small) to dark (k = N),
-    forecast from light (1 history point) to dark (MAX_HISTORY points)."""
-    if action.kind == "compute":
-        return COMPUTE_RGB
-    if action.kind == "reuse":
-        return REUSE_RGB
-    if action.kind == "forecast":
-        f = (action.points - 1) / max(MAX_HISTORY - 1, 1)
-        return tuple(round(lo + (hi - lo) * f) for lo, hi in zip(FORECAST_LIGHT_RGB, FORECAST_DARK_RGB))
-    f = (action.k or 0) / max(num_tokens, 1)
-    return tuple(round(lo + (hi - lo) * f) for lo, hi in zip(PARTIAL_LIGHT_RGB, PARTIAL_DARK_RGB))
-
+from tcgraph.files import atomic_write, atomic_write_text, ensure_folder
+from tcgraph.inspection.colors import (  # noqa: F401  (re-exported)
+    BACKGROUND_RGB, CHOOSE, COMPUTE_RGB, FORECAST_DARK_RGB, FORECAST_LIGHT_RGB, KEPT_RGB, PARTIAL_DARK_RGB,
+    PARTIAL_LIGHT_RGB, REUSE_RGB, REUSED_RGB, TEXT_RGB, action_color)
+from tcgraph.inspection.dot import render_dot, variant_dot  # noqa: F401  (re-exported)
+from tcgraph.plan.plan import Action, Plan
+from tcgraph.names import BRANCH_ORDER
 
 def _font():
     from PIL import ImageFont
@@ -272,100 +247,6 @@ def draw_token_masks(plan: Plan, path: str | Path) -> Path | None:
     d.text((2, lay.height + 2), "blue: recomputed token, grey: from cache; rows: steps with partial", fill=TEXT_RGB,
            font=font)
     return _save_png(img, Path(path))
-
-
-#################################################################################
-#                                    DOT                                        #
-#################################################################################
-
-_DOT_FILL = {"compute": "#2166ac", "reuse": "#dedede"}
-
-
-def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#" + "".join(f"{c:02x}" for c in rgb)
-
-
-def _dot_label(action: Action) -> str:
-    if action.kind == "forecast":
-        return f"forecast F{action.points}"
-    return action.kind if action.k is None else f"{action.kind} k={action.k}"
-
-
-def variant_dot(plan: Plan, recipe: Recipe, vid: str) -> str:
-    """Block-level Graphviz drawing of one variant: blocks with their branches; cache inputs
-    (read) and outputs (written) as distinct nodes. A forecast branch reads its history
-    entries (`cache.<l>.<br>`, `….h1`, …) and its weights from the `forecast.w` input."""
-    writes = set(plan.writes(recipe))
-    in_writes = set(plan.input_writes(recipe))
-    lines = [f'digraph "{vid}" {{', "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
-             f'  label="{vid}: {recipe.short()}"; labelloc=t;',
-             f'  inputs [shape=box, label="{", ".join(plan.settings.model_inputs)}"];',
-             '  embed [shape=box, label="'
-             + ("patch + t embed, text projection" if plan.settings.text_length else "patch + t/y embed") + '"];',
-             "  inputs -> embed;"]
-    layout = recipe.forecasts()
-    if layout:
-        size = sum(p for _, p in layout)
-        lines.append(f'  "in:{FORECAST_WEIGHTS}" [shape=note, style=filled, fillcolor="#e7d4e8", '
-                     f'label="{FORECAST_WEIGHTS} ({size} floats, per step)"];')
-    prev = "embed"
-    for block, acts in enumerate(recipe.actions):
-        branches = recipe.block_branches(block)
-        lines.append(f"  subgraph cluster_b{block} {{ label=\"block {block}\"; style=rounded;")
-        for branch, action in zip(branches, acts):
-            node = f"b{block}_{branch}"
-            label = f"{branch}\\n{_dot_label(action)}"
-            fill = _DOT_FILL.get(action.kind) or (_hex(action_color(action, plan.num_tokens))
-                                                  if action.kind == "forecast" else "#f4a259")
-            font = "white" if action.kind == "compute" or (action.kind == "forecast" and action.points > 2) \
-                else "black"
-            lines.append(f'    {node} [shape=box, style=filled, fillcolor="{fill}", fontcolor="{font}", '
-                         f'label="{label}"];')
-        for a, b in zip(branches, branches[1:]):  # the branches in residual order
-            lines.append(f'    b{block}_{a} -> b{block}_{b};')
-        lines.append("  }")
-        lines.append(f"  {prev} -> b{block}_{branches[0]};")
-        prev = f"b{block}_{branches[-1]}"
-        for branch, action in zip(branches, acts):
-            name = cache_name(block, branch)
-            node = f"b{block}_{branch}"
-            names = (name, input_cache_name(block, branch))
-            if action.kind == "forecast":
-                reads = [history_name(block, branch, j) for j in range(action.points)]
-            else:
-                reads = names[:2 if action.kind == "dynamic" else 1] if action.reads_cache else ()
-            for n in reads:
-                lines.append(f'  "in:{n}" [shape=cylinder, style=filled, fillcolor="#fde0b6", label="{n}"];')
-                lines.append(f'  "in:{n}" -> {node} [style=dashed];')
-            if action.kind == "forecast":
-                lines.append(f'  "in:{FORECAST_WEIGHTS}" -> {node} [style=dotted];')
-            for n in names[:2 if (block, branch) in in_writes else 1] if (block, branch) in writes else ():
-                lines.append(f'  "out:{n}" [shape=cylinder, style=filled, fillcolor="#b8e186", '
-                             f'label="{n} (write)"];')
-                lines.append(f'  {node} -> "out:{n}" [style=dashed];')
-    lines += ['  final [shape=box, label="final layer"];', f"  {prev} -> final;",
-              '  out [shape=box, label="out"];', "  final -> out;", "}"]
-    return "\n".join(lines) + "\n"
-
-
-def render_dot(dot_path: Path, fmt: str = "svg") -> Path | None:
-    """Render with Graphviz `dot` where it is installed; None where it is not."""
-    exe = shutil.which("dot")
-    if exe is None:
-        return None
-    out = dot_path.with_suffix(f".{fmt}")
-    with atomic_output(out, choose=CHOOSE) as tmp:  # never a half SVG
-        try:
-            subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(tmp)], check=True, capture_output=True,
-                           timeout=60)
-        except (subprocess.SubprocessError, OSError) as e:
-            raise TcgraphError(f"graphviz could not render {dot_path} ({e}); the DOT text is still there") from e
-    return out
-
-
-#################################################################################
-#                                  Entry                                        #
-#################################################################################
 
 
 def write_plan_pictures(plan: Plan, out_dir: str | Path, *, variant: str | None = None) -> list[Path]:
