@@ -17,8 +17,9 @@ BRANCHES = ("attn", "mlp")  # the branches of a DiT block, in the order recipes 
 # Every branch name a model adapter may use, in the one order that recipes list a block's
 # branches and graph I/O lists caches: self-attention, cross-attention to the text, MLP. A
 # model's branches are a subsequence (DiT: attn, mlp; PixArt's blocks: attn, cross, mlp; a
-# two-stream block: attn over both streams, mlp of the image rows, mlp_text of the text rows).
-BRANCH_ORDER = ("attn", "cross", "mlp", "mlp_text")
+# two-stream block: attn over both streams, mlp of the image rows, mlp_text of the text rows;
+# SD3.5's first blocks add attn_image, an attention over the image rows alone, after attn).
+BRANCH_ORDER = ("attn", "attn_image", "cross", "mlp", "mlp_text")
 
 # Streams: the hidden states a model's blocks update. Every model has the image stream (one row
 # per image token, N rows); a two-stream model (MMDiT) also carries the text stream (one row per

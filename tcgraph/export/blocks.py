@@ -102,16 +102,21 @@ class BlockTable:
         return tuple(tuple(b.name for b in k.branches) for k in self.kinds for _ in range(k.count))
 
     def _locate(self, name: str) -> tuple[int, int, int] | None:
-        """(global index of the kind's first block, index in its container, the kind's count) of a
-        tensor or module under `<container>.<i>.`, or None."""
+        """(global index of the kind's first block, index among the kind's blocks, the kind's count) of
+        a tensor or module under `<container>.<i>.`, or None. Kinds that share a container hold its
+        blocks one run after another (the last of them also any index past the container's blocks)."""
         start = 0
         found = None
+        offsets: dict[str, int] = {}  # blocks of a shared container held by the kinds before
         for kind in self.kinds:
             prefix = kind.container + "."
-            if name.startswith(prefix) and (found is None or len(prefix) > found[3]):
+            offset = offsets.get(kind.container, 0)
+            offsets[kind.container] = offset + kind.count
+            if name.startswith(prefix) and (found is None or len(prefix) > found[3]
+                                            or (len(prefix) == found[3] and found[1] >= found[2])):
                 head, dot, _ = name[len(prefix):].partition(".")
-                if dot and head.isdigit():
-                    found = (start, int(head), kind.count, len(prefix))
+                if dot and head.isdigit() and int(head) >= offset:
+                    found = (start, int(head) - offset, kind.count, len(prefix))
             start += kind.count
         return None if found is None else found[:3]
 
@@ -178,9 +183,12 @@ class BlockTable:
                               "module path")
                 branches.append(BranchPaths(b["name"], b["module"], paths(b.get("norms", []), f"norms of {b['name']}")))
             kinds.append(KindPaths(name, container, count, tuple(branches)))
-        containers = [k.container for k in kinds]
-        if any(_under(a, b) for i, a in enumerate(containers) for j, b in enumerate(containers) if i != j):
-            raise bad(f"containers {containers} are not distinct modules, none inside another")
+        containers = list(dict.fromkeys(k.container for k in kinds))  # kinds sharing one follow one another
+        runs = [k.container for i, k in enumerate(kinds) if i == 0 or kinds[i - 1].container != k.container]
+        if len(runs) != len(containers) or any(_under(a, b) for i, a in enumerate(containers)
+                                               for j, b in enumerate(containers) if i != j):
+            raise bad(f"containers {[k.container for k in kinds]} are not distinct modules, none inside another "
+                      "(kinds that share one follow one another)")
         top = raw.get("top", {})
         if not isinstance(top, dict):
             raise bad(f"'top' is {top!r}, not an object")

@@ -48,34 +48,42 @@ class ModelDims:
 class BranchInput:
     """A branch's input u, formed only when called (a reused branch never forms it), and its rows.
 
-    `rows` is (stream, row count) of each stream the branch reads, in row order: u and the
-    branch's output and cache hold those rows one after another. `image` is the slice of the
-    image rows among them, the only rows a token action chooses from (other streams' rows are
-    always recomputed).
+    `rows` is (stream, row count) of each stream the branch reads, in row order: u holds those
+    rows one after another; `written` those of the streams it writes, the rows of its output and
+    cache (the same unless it reads a stream for keys and values only). `image` is the slice of
+    the image rows among the written rows, the only rows a token action chooses from (other
+    streams' rows are always recomputed).
     """
 
-    def __init__(self, make: Callable[[], torch.Tensor], rows: tuple[tuple[str, int], ...]):
+    def __init__(self, make: Callable[[], torch.Tensor], rows: tuple[tuple[str, int], ...],
+                 written: tuple[tuple[str, int], ...] | None = None):
         self._make, self.rows = make, rows
+        self.written = rows if written is None else written
 
     def __call__(self) -> torch.Tensor:
         return self._make()
 
     @property
+    def same_rows(self) -> bool:
+        """Whether u and the output have the same rows (no stream read for keys and values only)."""
+        return self.written == self.rows
+
+    @property
     def image(self) -> slice:
         start = 0
-        for stream, count in self.rows:
+        for stream, count in self.written:
             if stream == IMAGE:
                 return slice(start, start + count)
             start += count
-        raise TcgraphError("this branch reads no image rows: no token of it can be chosen")
+        raise TcgraphError("this branch writes no image rows: no token of it can be chosen")
 
     @property
     def total(self) -> int:
-        return sum(count for _, count in self.rows)
+        return sum(count for _, count in self.written)
 
     def token_rows(self, indices) -> list[int]:
-        """The branch rows a token action on image tokens `indices` recomputes: every row of the
-        other streams, then the image rows of those tokens."""
+        """The output rows a token action on image tokens `indices` recomputes: every row of the
+        other streams it writes, then the image rows of those tokens."""
         image = self.image
         return [r for r in range(self.total) if not image.start <= r < image.stop] + [image.start + i for i in indices]
 
@@ -161,9 +169,24 @@ class ModelAdapter:
     # ---- structure ------------------------------------------------------------------
 
     def block_table(self, model: nn.Module) -> list[tuple[str, BlockKind]]:
-        """(module path, kind) of every block, in global order: the kinds' containers one after another."""
-        return [(f"{kind.blocks}.{i}", kind) for kind in self.kinds
-                for i in range(len(model.get_submodule(kind.blocks)))]
+        """(module path, kind) of every block, in global order: the kinds' containers one after another.
+        Kinds may share a container (SD3's blocks differ but sit in one list): each block then is of
+        the kind whose class is exactly its own, and each kind's blocks must follow one another in
+        the order of `kinds`."""
+        table: list[tuple[str, BlockKind]] = []
+        for container in dict.fromkeys(k.blocks for k in self.kinds):
+            kinds = [k for k in self.kinds if k.blocks == container]
+            for i, block in enumerate(model.get_submodule(container)):
+                kind = kinds[0] if len(kinds) == 1 else next((k for k in kinds if type(block) is k.block_type), None)
+                if kind is None:
+                    raise TcgraphError(f"adapter {self.name}: block {container}.{i} is a {type(block).__name__}; the "
+                                       f"kinds of {container} are {[k.block_type.__name__ for k in kinds]}")
+                table.append((f"{container}.{i}", kind))
+        order = [self.kinds.index(kind) for _, kind in table]
+        if order != sorted(order):
+            raise TcgraphError(f"adapter {self.name}: the blocks' kinds {[k.name for _, k in table]} do not follow "
+                               f"one another in the order {[k.name for k in self.kinds]}")
+        return table
 
     def block_paths(self, model: nn.Module) -> list[str]:
         return [path for path, _ in self.block_table(model)]
@@ -206,14 +229,15 @@ class ModelAdapter:
             mods = [getattr(block, m)(*cond).chunk(c, dim=1) for m, c in zip(kind.modulations, kind.chunk_counts)]
             start = dict(hs)
             for spec in kind.branches:
-                source = start if kind.parallel else hs
-                value = branch_fn(l, spec.name, _input_of(block, spec, mods, dict(source)),
+                source = {r.stream: (start if kind.parallel or r.block_input else hs)[r.stream] for r in spec.inputs}
+                value = branch_fn(l, spec.name, _input_of(block, spec, mods, source),
                                   _function_of(block.get_submodule(spec.module), spec, [cond[i] for i in spec.context],
                                                lambda prepare, l=l, name=spec.name: constants_fn(l, name, prepare)))
                 at = 0
-                for read in spec.inputs:
+                writes = [read for read in spec.inputs if read.writes]
+                for read in writes:
                     rows = source[read.stream].shape[1]
-                    part = value if len(spec.inputs) == 1 or value.dim() == 0 else value[:, at:at + rows]
+                    part = value if len(writes) == 1 or value.dim() == 0 else value[:, at:at + rows]
                     at += rows
                     gate = mods[read.modulation][read.gate].unsqueeze(1) if read.gate is not None else None
                     hs[read.stream] = hs[read.stream] + gate * part if gate is not None else hs[read.stream] + part
@@ -224,7 +248,8 @@ class ModelAdapter:
 
 def _input_of(block: nn.Module, spec: BranchSpec, mods: list[tuple[torch.Tensor, ...]],
               hs: dict[str, torch.Tensor]) -> BranchInput:
-    """u of one branch, formed only when asked for (the streams bound now, not when called)."""
+    """u of one branch, formed only when asked for (the streams bound now, not when called); `hs`
+    holds each stream it reads as it reads it (the block's input for a `block_input` read)."""
 
     def one(read: StreamRead) -> torch.Tensor:
         h = hs[read.stream]
@@ -236,9 +261,10 @@ def _input_of(block: nn.Module, spec: BranchSpec, mods: list[tuple[torch.Tensor,
 
     reads = spec.inputs
     rows = tuple((r.stream, hs[r.stream].shape[1]) for r in reads)
+    written = tuple((r.stream, hs[r.stream].shape[1]) for r in reads if r.writes)
     if len(reads) == 1:
-        return BranchInput(lambda: one(reads[0]), rows)
-    return BranchInput(lambda: torch.cat([one(r) for r in reads], dim=1), rows)
+        return BranchInput(lambda: one(reads[0]), rows, written)
+    return BranchInput(lambda: torch.cat([one(r) for r in reads], dim=1), rows, written)
 
 
 def _function_of(module: nn.Module, spec: BranchSpec, context: list[torch.Tensor],

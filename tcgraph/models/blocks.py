@@ -64,8 +64,10 @@ class BranchSpec:
     (every branch of a one-stream model). A branch of a model with several streams gives `reads`
     instead, one `StreamRead` per stream it reads and writes, in row order: its input u is the
     concatenation of each stream's u along the token axis, its output is split back by the
-    same rows, and each part goes to its stream through that stream's gate. Its cache holds
-    all those rows.
+    rows of the streams it writes, and each part goes to its stream through that stream's gate.
+    Its cache holds the rows of the streams it writes (`streams`); a stream it reads without
+    writing (`StreamRead.writes` False: SD3's last joint attention reads the text for keys and
+    values only) has no rows in its output.
     """
 
     name: str  # the recipe's branch name: "attn", "mlp"
@@ -88,6 +90,11 @@ class BranchSpec:
         streams = [r.stream for r in self.reads]
         if len(set(streams)) != len(streams) or not set(streams) <= set(STREAMS):
             raise TcgraphError(f"branch {self.name}: reads streams {streams}; each of {list(STREAMS)} at most once")
+        if self.reads and not any(r.writes for r in self.reads):
+            raise TcgraphError(f"branch {self.name}: it reads {streams} but writes none of them; a branch writes "
+                               "one stream at least")
+        if any(not r.writes and r.gate is not None for r in self.reads):
+            raise TcgraphError(f"branch {self.name}: a stream it does not write has no gate")
         if (self.prepare is not None or self.constants) and self.constants != RUN_CONSTANTS.get(self.name):
             raise TcgraphError(f"branch {self.name}: run constants {list(self.constants)} with prepare={self.prepare!r}; "
                                f"a branch's constants are named {list(RUN_CONSTANTS.get(self.name, ()))} and need a "
@@ -100,7 +107,13 @@ class BranchSpec:
 
     @property
     def streams(self) -> tuple[str, ...]:
-        return tuple(r.stream for r in self.inputs)
+        """The streams the branch writes, in row order: the rows of its output and its cache."""
+        return tuple(r.stream for r in self.inputs if r.writes)
+
+    @property
+    def reads_only(self) -> bool:
+        """Whether it reads a stream it does not write (its input has rows its output lacks)."""
+        return any(not r.writes for r in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,12 @@ class StreamRead:
     """How one stream enters a branch and takes its share of the output back:
     u_s = modulate(norm(h_s), shift, scale) and h_s = h_s + gate ⊙ out_s, the chunks indexing the
     output of the kind's modulation number `modulation` (a two-stream block modulates each
-    stream with its own layer)."""
+    stream with its own layer).
+
+    `writes` False: the branch reads the stream (its rows are keys and values of an attention) but
+    gives it nothing back (no gate, no rows in the output). `block_input` True: u_s is formed from
+    the stream as the block received it, not as the branches before this one left it (SD3.5's
+    image-only attention reads the norm of the block's input, like the joint attention before it)."""
 
     stream: str  # tcgraph.names.STREAMS
     norm: str | None
@@ -116,6 +134,8 @@ class StreamRead:
     scale: int | None
     gate: int | None
     modulation: int = 0
+    writes: bool = True
+    block_input: bool = False
 
 
 @dataclass(frozen=True)

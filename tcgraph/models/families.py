@@ -167,6 +167,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers.pixart",
            "build_diffusers_pixart", "tcgraph.models.diffusers.config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
            diffusers_class="PixArtTransformer2DModel", shared_modulation=True),
+    Family("sd3", "diffusers SD3Transformer2DModel", "tcgraph.models.diffusers.sd3", "build_diffusers_sd3",
+           "tcgraph.models.diffusers.sd3:sd3_state_dict_shapes", ("attn", "attn_image", "mlp", "mlp_text"),
+           diffusers_class="SD3Transformer2DModel", config="tcgraph.models.diffusers.sd3_config:SD3Config",
+           layout="tcgraph.models.diffusers.sd3:layout"),
 )}
 DEFAULT_FAMILY = "official"
 

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import BranchInput, run_blocks
 from tcgraph.plan.plan import Recipe
 from tcgraph.names import FORECAST_WEIGHTS, RUN_CONSTANTS, cache_name, constant_name, history_name, input_cache_name
@@ -116,6 +117,10 @@ def _dynamic(full: torch.Tensor, u: torch.Tensor, cache: torch.Tensor, cache_in:
     """(cache, input cache) with, per sample, the rows of the k tokens whose input changed most
     (and every row of other streams, for a branch of several) replaced by the fresh branch output
     and the fresh input."""
+    if not rows.same_rows:
+        raise TcgraphError("a dynamic action needs a branch whose input and output have the same rows; this one "
+                           "reads a stream for keys and values only (SD3's last joint attention): compute, reuse, "
+                           "forecast or prune it (partial) instead")
     image = rows.image
     score = (u - cache_in)[:, image].pow(2).sum(dim=-1)  # [B, N]
     idx = torch.topk(score, k, dim=1).indices + image.start  # [B, k]
