@@ -115,7 +115,8 @@ def transform(
         the_plan = plan
         conditioning.check_conditioning(the_plan.settings, dit.config, None)
     else:
-        settings = dataclasses.replace(settings, resolution=dit.config.input_size, guidance=dit.config.family.guidance)
+        settings = dataclasses.replace(settings, resolution=dit.config.input_size, guidance=dit.config.family.guidance_of(dit.config),
+                                       pooled=bool(getattr(dit.config, "pooled_channels", 0)))
         if dit.config.text_conditioned and not settings.text_length:
             settings, calibration_text = conditioning.encoder_defaults(model, settings, calibration_text)
         conditioning.check_conditioning(settings, dit.config, calibration_text)
@@ -290,7 +291,7 @@ def sample(
         if text is None or classes is not None:
             raise UsageError("this artifact's model is text-conditioned: give prompt embeddings (text=, --embeddings "
                              "FILE, or --prompt with a pipeline's text encoder) instead of class ids")
-        text.check(s.text_length, cfg.caption_channels)
+        text.check(s.text_length, cfg.caption_channels, getattr(cfg, "pooled_channels", 0))
         ids, what = list(range(len(text))), "prompts"
     else:
         if text is not None:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
 from tcgraph.names import (FORECAST_WEIGHTS, GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_TIMES,
-                           GUIDANCE, OUT, TEXT, TEXT_MASK, cache_name, history_name, is_cache, is_model_input)
+                           GUIDANCE, OUT, POOLED, TEXT, TEXT_MASK, cache_name, history_name, is_cache, is_model_input)
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -121,7 +121,7 @@ def _example(spec, cfg, g: torch.Generator) -> torch.Tensor:
 def conditioning_of(feeds: dict[str, torch.Tensor]):
     """The model's conditioning in a variant's feeds: class ids `y`, or (text embeddings, mask); with a
     guidance input, a tuple of those and the scale last (what `run_blocks` and the model read after x, t)."""
-    cond = (feeds[TEXT], feeds[TEXT_MASK]) if TEXT in feeds else feeds["y"]
+    cond = (feeds[TEXT], feeds[POOLED] if POOLED in feeds else feeds[TEXT_MASK]) if TEXT in feeds else feeds["y"]
     if GUIDANCE in feeds:
         return (*(cond if isinstance(cond, tuple) else (cond,)), feeds[GUIDANCE])
     return cond

@@ -36,6 +36,9 @@ MODEL_INPUTS = (X, T, Y)  # the inputs of every variant graph of a class-conditi
 # (float32, 1 = a token, 0 = padding) in place of class ids; L is a plan setting.
 TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_attention_mask"
 TEXT_INPUTS = (X, T, TEXT, TEXT_MASK)
+# An MMDiT (FLUX, SD3) reads no mask: the text embeddings and pooled text embeddings [B, P] instead.
+POOLED = "pooled_projections"
+POOLED_INPUTS = (X, T, TEXT, POOLED)
 
 # How guidance reaches a model (a family's and a plan's setting): "cfg" batches the unconditional
 # half with the conditional one (the graphs see 2 x batch rows); "input" feeds the guidance scale

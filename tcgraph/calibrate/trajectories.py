@@ -145,7 +145,7 @@ def calibrate(model: DiT, settings: SamplerSettings, num_images: int = 64, *, se
         if text is None:
             raise TcgraphError("calibrating a text-conditioned model needs prompt embeddings (calibration_text=, "
                                "`--calibration-embeddings FILE`): their prompts decide which branches change")
-        text.check(settings.text_length, cfg.caption_channels)
+        text.check(settings.text_length, cfg.caption_channels, getattr(cfg, "pooled_channels", 0))
         y = text.repeat_to(num_images)
     else:
         y = torch.randint(0, cfg.num_classes, (num_images,), generator=g)

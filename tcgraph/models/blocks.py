@@ -20,18 +20,34 @@ class AttentionSpec:
     `head_dim` (timm's and the official DiT's layout), or three linear layers `q_proj`,
     `k_proj`, `v_proj` (diffusers' `to_q`, `to_k`, `to_v`); `out_proj` is the output
     projection. `head_dim` is an int attribute of the branch module, or None for
-    width / heads.
+    width / heads. The token passes then emit the attention op by op.
+
+    Or `rows` alone: a method of the branch module, `rows(u, image_idx, *context) -> [B, R, D]`,
+    the branch's output rows of every row of the other streams (first, in the branch's row
+    order) and of the image rows `image_idx` (int64 indices among the image rows: [k], the same
+    for every sample, or [B, k], each sample's own), from the whole input u: queries of those
+    rows, keys and values of all rows. An attention whose rows are not all projected alike (a
+    joint attention with per-stream projections, q/k norms, rotary positions) says so here, and
+    the passes call the method instead of emitting the generic ops.
     """
 
-    out_proj: str
-    num_heads: str  # int attribute of the branch module
+    out_proj: str | None = None
+    num_heads: str | None = None  # int attribute of the branch module
     in_proj: str | None = None
     head_dim: str | None = None
     q_proj: str | None = None
     k_proj: str | None = None
     v_proj: str | None = None
+    rows: str | None = None
 
     def __post_init__(self) -> None:
+        if self.rows is not None:
+            if any(v is not None for v in (self.out_proj, self.num_heads, self.in_proj, self.head_dim,
+                                           self.q_proj, self.k_proj, self.v_proj)):
+                raise TcgraphError("an AttentionSpec with a rows method names nothing else")
+            return
+        if self.out_proj is None or self.num_heads is None:
+            raise TcgraphError("an AttentionSpec names its out_proj and num_heads (or a rows method)")
         separate = [p is not None for p in (self.q_proj, self.k_proj, self.v_proj)]
         if not ((self.in_proj is not None and not any(separate)) or (self.in_proj is None and all(separate))):
             raise TcgraphError("an AttentionSpec names either a fused in_proj or all of q_proj, k_proj, v_proj")

@@ -112,15 +112,22 @@ class Family:
             raise TcgraphError(f"{self.title} models are not read from diffusers folders")
         return self._function(self.module, "load")(folder)
 
+    def guidance_of(self, config) -> str:
+        """How guidance reaches a model of `config`: the config's own `guidance` where it has one (FLUX:
+        an input with a guidance embedding, none without), else the family's."""
+        return getattr(config, "guidance", None) or self.guidance
+
     def graph_inputs(self, config, settings) -> tuple[GraphInput, ...]:
         """The model inputs every variant graph reads, in order, before its caches: the noisy
         latent, the timestep, then the conditioning (class ids, or text embeddings and their mask),
-        then, for a family whose guidance is an input, the guidance scale; with the static shapes of
+        or, for a model with a pooled text input (`pooled_channels`), text embeddings and pooled embeddings),
+        then, for a model whose guidance is an input, the guidance scale; with the static shapes of
         `settings` (its model batch counts both CFG halves where guidance doubles the batch)."""
-        from tcgraph.names import GUIDANCE, TEXT, TEXT_MASK, T, X, Y
+        from tcgraph.names import GUIDANCE, POOLED, TEXT, TEXT_MASK, T, X, Y
 
-        if settings.guidance != self.guidance:
-            raise TcgraphError(f"{self.title} models take guidance {self.guidance!r}; the settings say "
+        guidance = self.guidance_of(config)
+        if settings.guidance != guidance:
+            raise TcgraphError(f"{self.title} models take guidance {guidance!r}; the settings say "
                                f"{settings.guidance!r}: make the plan for this model")
         b, side = settings.model_batch, settings.resolution
         t_dtype = settings.timestep_dtype_name
@@ -128,11 +135,13 @@ class Family:
                   GraphInput(T, (b,), t_dtype, "timestep")]
         if config.text_conditioned:
             length = settings.text_length
+            pooled = getattr(config, "pooled_channels", 0)
             inputs += [GraphInput(TEXT, (b, length, config.caption_channels), "float32", "text"),
-                       GraphInput(TEXT_MASK, (b, length), "float32", "mask")]
+                       GraphInput(POOLED, (b, pooled), "float32", "pooled") if pooled
+                       else GraphInput(TEXT_MASK, (b, length), "float32", "mask")]
         else:
             inputs.append(GraphInput(Y, (b,), "int64", "class"))
-        if self.guidance == "input":
+        if guidance == "input":
             inputs.append(GraphInput(GUIDANCE, (b,), "float32", "guidance"))
         return tuple(inputs)
 
@@ -167,6 +176,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pixart", "diffusers PixArtTransformer2DModel", "tcgraph.models.diffusers.pixart",
            "build_diffusers_pixart", "tcgraph.models.diffusers.config:pixart_state_dict_shapes", ("attn", "cross", "mlp"),
            diffusers_class="PixArtTransformer2DModel", shared_modulation=True),
+    Family("flux", "diffusers FluxTransformer2DModel", "tcgraph.models.diffusers.flux", "build_diffusers_flux",
+           "tcgraph.models.diffusers.flux_config:flux_state_dict_shapes", ("attn", "mlp", "mlp_text"),
+           diffusers_class="FluxTransformer2DModel", guidance="input",  # per config: FluxConfig.guidance
+           config="tcgraph.models.diffusers.flux_config:FluxConfig",
+           layout="tcgraph.models.diffusers.flux_config:flux_layout"),
     Family("sd3", "diffusers SD3Transformer2DModel", "tcgraph.models.diffusers.sd3", "build_diffusers_sd3",
            "tcgraph.models.diffusers.sd3:sd3_state_dict_shapes", ("attn", "attn_image", "mlp", "mlp_text"),
            diffusers_class="SD3Transformer2DModel", config="tcgraph.models.diffusers.sd3_config:SD3Config",

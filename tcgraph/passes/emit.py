@@ -4,7 +4,11 @@
 (`blocks_0_attn_prune_q`) and marked with the branch's block and branch, so that
 inspection and the tests can tell which branch a new node belongs to. `attention_rows`
 writes attention with queries from a subset of the token rows and keys/values from all
-rows, reading the attention's weights where the model adapter says they are.
+rows, reading the attention's weights where the model adapter says they are; `module_rows`
+calls the branch module's own rows method instead, for an attention whose adapter names one
+(`AttentionSpec.rows`: a joint attention with per-stream projections, q/k norms, RoPE): the
+graph reads the module (get_attr) and calls the method on it with the branch input, the chosen
+image rows and the branch's context arguments, so the ops are the model's, traced when exported.
 
 Splitting the fused q/k/v weight W ([3D, D], `split_in_proj`): the graph reads W with get_attr, transposes
 it and takes column slices of W.T ([D, 3D]): Wq = W.T[:, :D], Wkv = W.T[:, D:] (biases
@@ -51,9 +55,10 @@ class Emitter:
     def fn(self, target, *args, name: str = "op", **kwargs) -> fx.Node:
         return self("call_function", target, *args, name=name, **kwargs)
 
-    def constant_index(self, indices) -> fx.Node:
-        """The kept-token ids as an int64 buffer of the module (an ONNX initializer)."""
-        attr = f"_tcgraph_idx_{self.block}_{self.branch}"
+    def constant_index(self, indices, what: str = "") -> fx.Node:
+        """The kept-token ids as an int64 buffer of the module (an ONNX initializer); `what` tells
+        apart a branch's second such buffer."""
+        attr = f"_tcgraph_idx_{self.block}_{self.branch}" + (f"_{what}" if what else "")
         self.gm.register_buffer(attr, torch.tensor(indices, dtype=torch.long))
         return self("get_attr", attr, name="idx")
 
@@ -108,6 +113,16 @@ def attention_rows(emit: Emitter, node: fx.Node, kept: fx.Node, k: int, spec: At
     out = emit("call_method", "transpose", out, 1, 2, name="mix")
     out = emit("call_method", "reshape", out, batch, k, d, name="mix")  # [B, k, D]
     return emit("call_module", proj, out, name="proj")  # [B, k, D]
+
+
+def module_rows(emit: Emitter, node: fx.Node, image_idx: fx.Node, spec: AttentionSpec) -> fx.Node:
+    """The branch module's `spec.rows` method on the branch input u: the output rows of every row of
+    the other streams, then of the image rows `image_idx` ([k] or [B, k]), [B, R, D].
+
+    `node` is the attention branch's call_module node (u, then its context arguments)."""
+    module = emit("get_attr", node.target, name="module")
+    u, *context = node.args
+    return emit("call_method", spec.rows, module, u, image_idx, *context, name="rows")
 
 
 # Ops that act on each token row alone, with operands broadcast over the token axis.

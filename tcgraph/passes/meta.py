@@ -72,7 +72,26 @@ def finish(gm: fx.GraphModule, *, prune: bool = True) -> fx.GraphModule:
     so that a branch a variant does not compute takes no weight into the export; lint; recompile."""
     if prune:
         gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
+        _delete_unused_submodules(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """fx's `delete_all_unused_submodules`, except that a module a get_attr node reads whole (a branch
+    module whose method the graph calls, `tcgraph.passes.emit.module_rows`) keeps its submodules, as a
+    called module does."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        parts = node.target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        try:
+            module = gm.get_submodule(node.target)
+        except AttributeError:  # a parameter or buffer
+            continue
+        used.update(f"{node.target}.{name}" for name, _ in module.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
+        gm.delete_submodule(name)

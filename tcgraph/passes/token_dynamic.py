@@ -19,7 +19,9 @@ cache_io added both inputs, and the outputs the plan asks for:
     h      = h + gate * new                                 # the unchanged gated residual
 
 A branch that writes other streams' rows too (a joint attention over text and image) scores and
-chooses among its image rows only and recomputes every other row at each dynamic step.
+chooses among its image rows only and recomputes every other row at each dynamic step. An
+attention with a rows method (`AttentionSpec.rows`) computes the rows with it, given the chosen
+image rows [B, k] (`emit.module_rows`).
 
 `new` and `new_in` are the outputs `cache.<l>.<branch>` and `cache.<l>.<branch>.in` (cache_io
 wrote u as the latter; it is replaced here). The attention rows and the q/k/v weight split
@@ -36,7 +38,7 @@ import torch.fx as fx
 
 from tcgraph.models.adapter import AttentionSpec
 from tcgraph.names import cache_name, input_cache_name
-from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix
+from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix, module_rows
 from tcgraph.passes.meta import META_IO_NAME, block_of, branch_nodes, finish, graph_inputs, output_node
 from tcgraph.passes.spec import RewriteSpec
 
@@ -69,6 +71,7 @@ def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
     score = emit.fn(torch.sum, emit.fn(operator.mul, diff, diff, name="sq"), -1, name="score")  # [B, N]
     top = emit.fn(torch.topk, score, k, 1, name="topk")
     idx = emit.fn(operator.getitem, top, 1, name="idx")  # [B, k] per-sample token ids
+    image_idx = idx  # among the image rows: what a rows method of the model takes
     if rows is not None:  # the other streams' rows first (each sample), then the chosen image rows
         start, count, total = rows
         others = emit.constant_index([r for r in range(total) if not start <= r < start + count])
@@ -80,7 +83,9 @@ def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
     idx = emit("call_method", "unsqueeze", idx, -1, name="idx")
     idx = emit("call_method", "expand", idx, -1, -1, width, name="idx")  # [B, k, D]
     kept = emit.fn(torch.gather, u, 1, idx, name="gather")  # [B, k, D]
-    if attention is not None:
+    if attention is not None and attention.rows is not None:
+        rows = module_rows(emit, node, image_idx, attention)
+    elif attention is not None:
         rows = attention_rows(emit, node, kept, k, attention)
     else:
         node.args = (kept, *node.args[1:])

@@ -17,7 +17,10 @@ when the plan reads it later, its output). Each partial branch's kept-token indi
 
 A branch that writes other streams' rows too (a joint attention over text and image) recomputes
 all of those and the kept image rows: `idx` holds their rows in the branch's rows
-(`RewriteSpec.branch_rows`); text rows are never pruned.
+(`RewriteSpec.branch_rows`); text rows are never pruned. An attention whose adapter names a
+rows method (`AttentionSpec.rows`: FLUX's joint attention, with per-stream projections, q/k
+norms and RoPE) computes those rows with it (`emit.module_rows`), given the kept image rows'
+indices (a second buffer, `_tcgraph_idx_<l>_<branch>_image`).
 
 A row-wise branch gathers h before its norm and modulation, which are row-wise too, so
 they run on k rows, not N (`emit.kept_input_rows`); where u has another reader (a branch-input
@@ -36,7 +39,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tcgraph.names import cache_name
-from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix, kept_input_rows
+from tcgraph.passes.emit import Emitter, attention_rows, branch_prefix, kept_input_rows, module_rows
 from tcgraph.passes.meta import block_of, branch_nodes, finish, graph_inputs
 from tcgraph.passes.spec import RewriteSpec
 
@@ -55,7 +58,9 @@ def token_prune(gm: fx.GraphModule, spec: RewriteSpec) -> fx.GraphModule:
         idx = emit.constant_index(kept_rows)
         k = len(kept_rows)
         attention = kind.branch(branch).attention
-        if attention is not None:
+        if attention is not None and attention.rows is not None:  # the model's own rows method, on image indices
+            rows = module_rows(emit, node, emit.constant_index(list(action.indices), "image"), attention)
+        elif attention is not None:
             rows = attention_rows(emit, node, emit.gather(node.args[0], idx), k, attention)
         else:  # row-wise: the branch node itself now reads the kept rows of its input
             u = node.args[0]

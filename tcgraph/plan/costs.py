@@ -180,10 +180,12 @@ def measure_costs(model: "nn.Module", batch: int, text_length: int = 0,
         side = cfg.input_size
         x = torch.empty(batch, cfg.in_channels, side, side, device=device)
         t = torch.zeros(batch, dtype=torch.int64, device=device)
+        pooled = getattr(cfg, "pooled_channels", 0)  # pooled text embeddings in place of the mask
         y = ((torch.empty(batch, text_length, cfg.caption_channels, device=device),
-              torch.ones(batch, text_length, device=device)) if text
+              torch.empty(batch, pooled, device=device) if pooled else torch.ones(batch, text_length, device=device))
+             if text
              else torch.zeros(batch, dtype=torch.int64, device=device))
-        if cfg.family.guidance == "input":  # the guidance scale, after the conditioning (as the graphs read it)
+        if cfg.family.guidance_of(cfg) == "input":  # the guidance scale, after the conditioning (as the graphs read it)
             y = (*(y if isinstance(y, tuple) else (y,)), torch.ones(batch, device=device))
         step, run_constants = _fixed_flops(adapter, model, x, t, y)
         h, cond = adapter.embed(model, x, t, y)
@@ -316,6 +318,9 @@ def _branch_cost(adapter: "ModelAdapter", kind: "BlockKind", block: "nn.Module",
     def kept(r: int) -> int:
         if spec.attention is None:  # row-wise: norm, modulation and the branch on the kept rows
             return _count_flops(lambda: module(u_of(r), *args))
+        if spec.attention.rows is not None:  # the branch's own rows method: other streams' rows, image rows 0..r-1
+            image_idx = torch.arange(r, device=hs[IMAGE].device)
+            return _count_flops(lambda: getattr(module, spec.attention.rows)(u_of(), image_idx, *args))
         return _count_flops(lambda: _attention_rows(module, spec, u_of(), others + r))
 
     (r1, r2), (c1, c2) = rows, (kept(rows[0]), kept(rows[1]))

@@ -125,11 +125,15 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
     if not cfg.text_conditioned and settings.text_length:
         raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
                          f"{settings.text_length}) and the text embeddings")
-    if settings.guidance != cfg.family.guidance:
-        raise UsageError(f"{cfg.family.title} models take guidance {cfg.family.guidance!r}, the plan's settings say "
+    pooled = getattr(cfg, "pooled_channels", 0)
+    if settings.pooled != bool(pooled):
+        raise UsageError(f"{cfg.family.title} models read {'pooled text embeddings' if pooled else 'a text mask'}, the "
+                         f"plan's settings say pooled={settings.pooled}: make the plan for this model")
+    if settings.guidance != cfg.family.guidance_of(cfg):
+        raise UsageError(f"{cfg.family.title} models take guidance {cfg.family.guidance_of(cfg)!r}, the plan's settings say "
                          f"{settings.guidance!r}: make the plan for this model")
     if text is not None:
-        text.check(settings.text_length, cfg.caption_channels)
+        text.check(settings.text_length, cfg.caption_channels, pooled)
 
 
 def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):

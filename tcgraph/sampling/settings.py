@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
-from tcgraph.names import GUIDANCE, GUIDANCE_MODES, MODEL_INPUTS, TEXT_INPUTS
+from tcgraph.names import GUIDANCE, GUIDANCE_MODES, MODEL_INPUTS, POOLED_INPUTS, TEXT_INPUTS
 from tcgraph.sampling import checks
 from tcgraph.sampling.scheduler_config import CLASS_KEY, check_scheduler_config, timestep_dtype_name
 
@@ -72,6 +72,8 @@ class SamplerSettings:
     scheduler: dict | None = field(default=None, hash=False)
     text_length: int = 0  # text tokens of a text-conditioned model; 0: class ids
     guidance: str = "cfg"  # how guidance reaches the model (tcgraph.names.GUIDANCE_MODES), as its family says
+    # the model reads pooled text embeddings (`pooled_projections`) in place of the text mask (FLUX, SD3)
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -125,20 +127,24 @@ class SamplerSettings:
         object.__setattr__(self, "scheduler", scheduler)  # a plain-JSON copy: the caller's dict may change
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON; `text_length` only when set and `guidance` only when not "cfg", so
+        """The fields as plain JSON; `text_length` and `pooled` only when set, `guidance` only when not "cfg", so
         that plans written before they existed read (and hash) the same."""
         d = asdict(self)
         if not d["text_length"]:
             del d["text_length"]
         if d["guidance"] == "cfg":
             del d["guidance"]
+        if not d["pooled"]:
+            del d["pooled"]
         return d
 
     @property
     def model_inputs(self) -> tuple[str, ...]:
         """The model's own inputs of every variant graph: x, t, its conditioning, then the guidance
-        scale where guidance is an input."""
-        return (TEXT_INPUTS if self.text_length else MODEL_INPUTS) + ((GUIDANCE,) if self.guidance == "input" else ())
+        scale where guidance is an input. A text-conditioned model's conditioning is its text embeddings
+        and their mask, or, with `pooled`, its text embeddings and pooled embeddings."""
+        text = POOLED_INPUTS if self.pooled else TEXT_INPUTS
+        return (text if self.text_length else MODEL_INPUTS) + ((GUIDANCE,) if self.guidance == "input" else ())
 
     @property
     def doubles_batch(self) -> bool:

@@ -32,6 +32,7 @@ The mixed plan's graphs and the two artifacts are made once per subclass (class-
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -106,11 +107,13 @@ class AdapterTester:
 
     def settings(self, model: nn.Module) -> SamplerSettings:
         return SamplerSettings(num_steps=self.steps, batch=self.batch, cfg_scale=self.guidance,
-                               resolution=model.config.input_size, text_length=self.text_length)
+                               resolution=model.config.input_size, text_length=self.text_length,
+                               pooled=bool(getattr(model.config, "pooled_channels", 0)))
 
     def conditioning(self, model: nn.Module, n: int, seed: int = 5):
         """What `api.sample` (and eager sampling) is given for n images: class ids, or a `Text` of n
-        prompts padded after different lengths, with one negative prompt for guidance."""
+        prompts padded after different lengths, with one negative prompt for guidance (a model with
+        pooled text embeddings: unpadded, with pooled embeddings of each prompt and the negative one)."""
         cfg = model.config
         if not cfg.text_conditioned:
             return [(3 * i + 1) % cfg.num_classes for i in range(n)]
@@ -121,8 +124,15 @@ class AdapterTester:
             mask[i, 2 + i % (length - 2):] = 0
         neg_mask = torch.zeros(n, length)
         neg_mask[:, 0] = 1
-        return Text(torch.randn(n, length, cfg.caption_channels, generator=g), mask,
+        pooled = getattr(cfg, "pooled_channels", 0)  # a model with pooled text embeddings reads no mask
+        if pooled:
+            mask, neg_mask = torch.ones(n, length), torch.ones(n, length)
+        text = Text(torch.randn(n, length, cfg.caption_channels, generator=g), mask,
                     torch.randn(1, length, cfg.caption_channels, generator=g).expand(n, -1, -1), neg_mask)
+        if not pooled:
+            return text
+        return dataclasses.replace(text, pooled=torch.randn(n, pooled, generator=g),
+                                   negative_pooled=torch.randn(1, pooled, generator=g).expand(n, -1))
 
     # ---- the plans -------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ load and sampling on ONNX Runtime and the torch backend. A family whose adapter 
 here fails `test_every_registered_adapter_has_a_tester`."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,9 +16,13 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel  # noqa: E
 from tcgraph.models.adapter import ADAPTERS, DIT  # noqa: E402
 from tcgraph.models.diffusers.dit import DIFFUSERS_DIT, DiffusersDiT  # noqa: E402
 from tcgraph.models.diffusers.pixart import PIXART, DiffusersPixArt  # noqa: E402
+from tcgraph.models.diffusers.flux import FLUX  # noqa: E402
 from tcgraph.models.official.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.models.families import FAMILIES  # noqa: E402
-from tests.models.adapter_tester import AdapterTester, import_every_family  # noqa: E402
+from tcgraph.plan import COMPUTE, REUSE, Recipe  # noqa: E402
+from tcgraph.plan.actions import dynamic, forecast, partial  # noqa: E402
+from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester, import_every_family  # noqa: E402
+from tests.models.flux_tiny import tiny_flux  # noqa: E402
 
 STD = 0.05  # random weights: diffusers zero-initialises gates and tables, and its defaults make outputs ~1e3
 
@@ -66,6 +72,60 @@ class TestPixArt(AdapterTester):
                                          num_layers=2, sample_size=8, patch_size=2, caption_channels=24,
                                          cross_attention_dim=32, use_additional_conditions=False)
         return DiffusersPixArt(randomized(model, seed=2)).eval()
+
+
+# FLUX.1's scheduler_config.json
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+
+
+@pytest.mark.slow  # ~60 s: two exports of 4 blocks' variants, sampling on both backends
+class TestFluxDev(AdapterTester):
+    """diffusers' FluxTransformer2DModel with its guidance embedding (FLUX.1-dev): double blocks (attn over
+    text and image rows, mlp, mlp_text), parallel single blocks (attn, mlp); the guidance scale an input."""
+
+    adapter = FLUX
+    family = "flux"
+    text_length = 5
+    guidance = 3.5
+
+    def make_model(self):
+        return tiny_flux(guidance_embeds=True, seed=3)
+
+    def mixed_recipes(self, layout, n):
+        """As the base class's, with every other block partial (A) and reused (C) and the others dynamic (A)
+        and forecast (C), as for the two-stream toy: each kind gets every action, and enough blocks cache
+        that the plan's samples differ from the full model's by more than the backends' tolerance."""
+        names = layout.branches()
+
+        def each(block, action):
+            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
+
+        a = Recipe(tuple(each(l, (lambda i: partial(range(i, n, 2 + i))) if l % 2 == 0 else (lambda i: dynamic(3 + i)))
+                         for l in range(layout.depth)), names)
+        c = Recipe(tuple(((REUSE,) if l % 2 == 0 else (forecast(2),)) * len(names[l]) for l in range(layout.depth)), names)
+        weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
+                       for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
+        return [self.full_recipe(layout), a, c, a], weights
+
+    def settings(self, model):  # FLUX's own sampler: flow matching with its resolution-dependent shift
+        return dataclasses.replace(super().settings(model), guidance="input", sampler="diffusers",
+                                   scheduler=FLUX_SCHEDULER)
+
+
+@pytest.mark.slow  # ~50 s, as TestFluxDev
+class TestFluxSchnell(TestFluxDev):
+    """FLUX.1-schnell's form: no guidance embedding, no guidance."""
+
+    guidance = 1.0
+
+    def make_model(self):
+        return tiny_flux(guidance_embeds=False, seed=4)
+
+    def settings(self, model):
+        return dataclasses.replace(AdapterTester.settings(self, model), guidance="none", sampler="diffusers",
+                                   scheduler=FLUX_SCHEDULER)
 
 
 def all_testers() -> list[type[AdapterTester]]:

@@ -18,14 +18,15 @@ def test_configs_round_trip_through_their_family():
         assert config_from_dict(cfg.to_dict()) == cfg and cfg.family is FAMILIES[cfg.layout]
     assert "layout" not in CONFIGS["digits"].to_dict()  # the default family is omitted: hashes unchanged
     assert family_of_diffusers_class("PixArtTransformer2DModel") is FAMILIES["pixart"]
-    assert family_of_diffusers_class("FluxTransformer2DModel") is None
+    assert family_of_diffusers_class("FluxTransformer2DModel") is FAMILIES["flux"]
+    assert family_of_diffusers_class("UNet2DConditionModel") is None
 
 
 def test_unknown_families_and_guidance_modes_are_refused():
-    with pytest.raises(TcgraphError, match=r"unknown model family 'flux'; families: official, diffusers, pixart"):
-        family("flux")
+    with pytest.raises(TcgraphError, match=r"unknown model family 'unet'; families: official, diffusers, pixart"):
+        family("unet")
     with pytest.raises(TcgraphError, match="unknown model family"):
-        DiTConfig(layout="flux")
+        DiTConfig(layout="unet")
     with pytest.raises(TcgraphError, match=r"guidance 'double'; use one of"):
         dataclasses.replace(FAMILIES["official"], guidance="double")
     later = dataclasses.replace(FAMILIES["official"], guidance="input")

@@ -141,11 +141,13 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise TcgraphError(f"{model_dir} has {what} ({WEIGHTS_NAME}.safetensors expected){hint}")
 
 
-def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str, config: DiTConfig):
+def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str, config: DiTConfig,
+                      want: dict[str, tuple[int, ...]] | None = None):
     """A `model_cls` (a diffusers model class) built from `folder`'s config.json with its safetensors
     weights, in float32; refuses damaged files, and weights that do not fit `config` (what config.json
     says, read by the caller) before the model is built. The caller checks the weights' values after
-    (`tcgraph.models.official.checkpoint.check_finite`)."""
+    (`tcgraph.models.official.checkpoint.check_finite`). `want`: {name: shape} of the weights the folder
+    must hold, where they are not the family's state dict (a wrapper that renames or splits some)."""
     from safetensors.torch import load_file  # only with diffusers installed, as its callers are
 
     where = folder.model_dir / "config.json"
@@ -156,7 +158,8 @@ def load_weights_into(folder: DiffusersFolder, model_cls: type, class_name: str,
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise TcgraphError(f"cannot read the weights {path}: {type(e).__name__}: {e}; the file is damaged or "
                                "not safetensors: save the model again") from None
-    want = {k: v for k, v in state_dict_shapes(config).items() if k != "pos_table"}  # pos_table: not saved
+    if want is None:
+        want = {k: v for k, v in state_dict_shapes(config).items() if k != "pos_table"}  # pos_table: not saved
     missing = [k for k in want if k not in state]
     extra = [k for k in state if k not in want]
     shapes = [f"{k} {list(state[k].shape)} vs {list(want[k])}" for k in want

@@ -1,0 +1,244 @@
+"""diffusers' FluxTransformer2DModel in tcgraph: the wrapper, its adapter's block loop and its captured,
+exported `full` graph equal diffusers' forward (with and without the guidance embedding); token pruning of
+its joint attentions (per-stream projections, q/k norms, RoPE) equals the eager reference and would not if
+text rows were pruned or the RoPE rows not gathered; folders load, and bad ones are refused by name.
+(The adapter battery, `AdapterTester`, runs on FLUX in tests/models/test_every_adapter.py.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from tcgraph.compile import build_variants, example_inputs  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
+from tcgraph.models import load_model  # noqa: E402
+from tcgraph.models.adapter import adapter_for  # noqa: E402
+from tcgraph.models.diffusers.flux import FLUX, DiffusersFlux, image_ids, load_diffusers_flux, pack, unpack, wrap  # noqa: E402
+from tcgraph.models.diffusers import flux_blocks  # noqa: E402
+from tcgraph.models.diffusers.flux_blocks import FluxJointAttention  # noqa: E402
+from tcgraph.models.diffusers.flux_config import (flux_config_from_diffusers, flux_diffusers_shapes,  # noqa: E402
+                                                  flux_state_dict_shapes)
+from tcgraph.models.diffusers.folder import read_folder  # noqa: E402
+from tcgraph.models.families import config_from_dict  # noqa: E402
+from tcgraph.models.layout import Layout  # noqa: E402
+from tcgraph.names import OUT, POOLED, TEXT, is_model_input  # noqa: E402
+from tcgraph.passes import capture, expand_blocks, reference_step  # noqa: E402
+from tcgraph.plan import COMPUTE, Plan, Recipe  # noqa: E402
+from tcgraph.plan.actions import dynamic, partial  # noqa: E402
+from tcgraph.sampling import SamplerSettings  # noqa: E402
+from tests.models.flux_tiny import tiny_config, tiny_diffusers  # noqa: E402
+
+L = 5  # text tokens
+KEPT = [13, 2, 7, 11]  # image rows a partial attention recomputes (any order)
+
+
+def inputs(config, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=g),
+            torch.rand(batch, generator=g), torch.randn(batch, L, config.caption_channels, generator=g),
+            torch.randn(batch, config.pooled_channels, generator=g), 1.0 + 4.0 * torch.rand(batch, generator=g))
+
+
+def diffusers_forward(model, config, x, sigma, text, pooled, guidance):
+    """diffusers' own forward as FluxPipeline calls it: packed latents, timestep sigma, the pipeline's ids."""
+    grid = config.input_size // 2
+    out = model(pack(x, grid), text, pooled, sigma, img_ids=image_ids(grid), txt_ids=torch.zeros(text.shape[1], 3),
+                guidance=guidance if config.guidance_embeds else None, return_dict=False)[0]
+    return unpack(out, grid)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def case(request):
+    config = tiny_config(guidance_embeds=request.param)
+    model = tiny_diffusers(config, seed=1)
+    return config, model, wrap(model, config)
+
+
+def test_wrapper_loop_and_graphs_equal_diffusers_forward(case, tmp_path):
+    """The wrapper, the adapter's eager block loop, the captured and expanded graph and the exported `full`
+    variant (ONNX checked against the graph at export) all equal diffusers' forward within 1e-4."""
+    config, model, wrapped = case
+    x, sigma, text, pooled, guidance = inputs(config)
+    extra = (guidance,) if config.guidance_embeds else ()
+    adapter = adapter_for(wrapped)
+    assert adapter is FLUX and wrapped.config == config
+    with torch.no_grad():
+        ref = diffusers_forward(model, config, x, sigma, text, pooled, guidance)
+        t = sigma * 1000  # tcgraph's samplers pass the scheduler's timesteps (sigma x 1000)
+        got = wrapped(x, t, text, pooled, *extra)
+        loop = adapter.run_blocks(wrapped, x, t, (text, pooled, *extra), lambda l, b, u, fn: fn(u()))
+        gm = expand_blocks(capture(wrapped).gm)
+        traced = gm(x, t, text, pooled, *extra)
+        other_pooled = wrapped(x, t, text, torch.zeros_like(pooled), *extra)
+    assert ref.shape == (2, 4, 8, 8) and ref.abs().max() > 0.1
+    for value in (got, loop, traced):
+        assert (value - ref).abs().max().item() <= 1e-4
+    assert (other_pooled - ref).abs().max().item() > 1e-3  # the pooled embedding matters
+    if config.guidance_embeds:
+        with torch.no_grad():
+            assert (wrapped(x, t, text, pooled, guidance + 1) - ref).abs().max().item() > 1e-3
+    names = ["x", "t", TEXT, POOLED] + (["guidance"] if config.guidance_embeds else [])
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == names
+
+    s = SamplerSettings(num_steps=1, batch=2, cfg_scale=3.5 if config.guidance_embeds else 1.0, resolution=8,
+                        text_length=L, pooled=True, guidance=config.guidance)
+    layout = Layout(adapter.layout(wrapped))
+    plan = Plan("full", s, (Recipe.uniform(layout.depth, COMPUTE, layout.branches()),), config.num_tokens,
+                layout=layout)
+    (variant,) = build_variants(wrapped, plan, check=False)
+    assert variant.input_names == names
+    from tcgraph.export.onnx import export_variants
+
+    feeds = dict(zip(names, (x, t, text, pooled, *extra)))
+    with torch.no_grad():
+        out = variant.gm(*[feeds[n] for n in names])
+    assert (out - ref).abs().max().item() <= 1e-4
+    if config.guidance_embeds:  # (export takes ~8 s: one of the two cases)
+        variant.example_inputs = feeds
+        export_variants([variant], tmp_path, atol=1e-4)  # ONNX Runtime's output checked against the graph's
+
+
+def test_state_dicts_config_round_trip_and_layout(case):
+    config, model, wrapped = case
+    assert flux_diffusers_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert flux_state_dict_shapes(config) == {k: tuple(v.shape) for k, v in wrapped.state_dict().items()}
+    assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert flux_config_from_diffusers(dict(model.config), "cfg", input_size=8) == config
+    assert config.block_layout() == Layout(adapter_for(wrapped).layout(wrapped))
+    assert config.branches == (("attn", "mlp", "mlp_text"),) * 2 + (("attn", "mlp"),) * 2
+    assert config.family.guidance_of(config) == ("input" if config.guidance_embeds else "none")
+    d = config.hidden_size  # the single blocks' output projection, split: the same product
+    fused = model.single_transformer_blocks[0].proj_out
+    block = wrapped.single_transformer_blocks[0]
+    assert torch.equal(torch.cat([block.attn.proj_out.weight, block.mlp.proj_out.weight], 1), fused.weight)
+    assert torch.equal(block.attn.proj_out.bias, fused.bias) and block.mlp.proj_out.bias is None
+    assert block.attn.proj_out.weight.shape == (d, d)
+
+
+# ---- token pruning of the joint attentions ------------------------------------------------------
+
+
+def token_plan(config):
+    """Two steps: compute everything, then every block's branches partial (even blocks, KEPT) or dynamic
+    (odd blocks, k = 3), the text-only branch computed."""
+    layout = config.block_layout()
+    names = layout.branches()
+
+    def action(block, branch):
+        if branch == "mlp_text":
+            return COMPUTE
+        return partial(KEPT) if block % 2 == 0 else dynamic(3)
+
+    s = SamplerSettings(num_steps=2, batch=2, cfg_scale=3.5, resolution=8, text_length=L, pooled=True,
+                        guidance="input")
+    tokens = Recipe(tuple(tuple(action(l, b) for b in names[l]) for l in range(layout.depth)), names)
+    return Plan("tokens", s, (Recipe.uniform(layout.depth, COMPUTE, names), tokens), config.num_tokens, layout=layout)
+
+
+def token_worst(wrapped, plan, seeds=(0, 1)) -> dict[str, float]:
+    """Max difference per output name between the token variant and the eager reference, over two seeds."""
+    variant = build_variants(wrapped, plan, check=False)[1]
+    recipe = plan.variants()[1]
+    worst: dict[str, float] = {}
+    for seed in seeds:
+        feeds = example_inputs(wrapped, plan, variant.input_names, seed=10 + seed, recipe=recipe)
+        with torch.no_grad():
+            got = variant.gm(*[feeds[n] for n in variant.input_names])
+        caches = {n: v for n, v in feeds.items() if not is_model_input(n)}
+        cond = tuple(feeds[n] for n in (TEXT, POOLED, "guidance"))
+        ref, fresh = reference_step(wrapped, feeds["x"], feeds["t"], cond, recipe, caches, keep_inputs=True)
+        for name, value in zip(variant.output_names, got):
+            want = ref if name == OUT else fresh[name]
+            worst[name] = max(worst.get(name, 0.0), (value - want).abs().max().item())
+    return worst
+
+
+@pytest.fixture(scope="module")
+def dev():
+    """A tiny FLUX.1-dev whose q/k norms scale by 4 (not 0.05): attention that RoPE changes visibly."""
+    config = tiny_config(guidance_embeds=True)
+    model = tiny_diffusers(config, seed=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f"norm_{w}" in name for w in ("q", "k", "added_q", "added_k")):
+                p.fill_(4.0)
+    return wrap(model, config)
+
+
+def test_partial_and_dynamic_joint_attentions_equal_the_eager_reference(dev):
+    plan = token_plan(dev.config)
+    worst = token_worst(dev, plan)
+    assert set(worst) >= {OUT, "cache.0.attn", "cache.1.attn", "cache.2.attn", "cache.3.attn", "cache.3.mlp"}
+    assert max(worst.values()) <= 1e-5, worst
+    gm = build_variants(dev, plan, check=False)[1].gm
+    calls = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "rows"]
+    assert len(calls) == 4  # every joint attention through the model's own rows method
+    kept = getattr(gm, "_tcgraph_idx_0_attn").tolist()  # the rows block 0's attention recomputes and writes
+    image = getattr(gm, "_tcgraph_idx_0_attn_image").tolist()  # what the rows method is given
+    assert sorted(image) == sorted(KEPT) and kept == list(range(L)) + [L + i for i in image]  # every text row too
+
+
+def test_the_check_fails_without_text_rows_or_gathered_rope(dev, monkeypatch):
+    """The same comparison on deliberately wrong versions: queries rotated by the RoPE rows of image rows
+    0..k-1 instead of the chosen ones; a rows method whose text rows are not recomputed (zero, as a pass
+    that pruned them would leave them stale): each puts the graph far from the eager reference."""
+    plan = token_plan(dev.config)
+    right = FluxJointAttention.rows
+    gathered = flux_blocks.query_rows
+
+    def ungathered(image, image_idx, cos, sin):  # the chosen rows, but the RoPE rows of rows 0..k-1
+        rows, _, _ = gathered(image, image_idx, cos, sin)
+        k = image_idx.shape[-1]
+        return rows, cos[:k] if image_idx.dim() == 1 else cos[:k].expand(len(image_idx), -1, -1), \
+            sin[:k] if image_idx.dim() == 1 else sin[:k].expand(len(image_idx), -1, -1)
+
+    def text_pruned(self, u, image_idx, cos, sin):  # no text row recomputed: the cached ones kept
+        out = right(self, u, image_idx, cos, sin)
+        if image_idx is None:  # the full forward (the eager reference's) as it is
+            return out
+        length = u.shape[1] - cos.shape[0]
+        return torch.cat([torch.zeros_like(out[:, :length]), out[:, length:]], dim=1)
+
+    monkeypatch.setattr(flux_blocks, "query_rows", ungathered)
+    worst = token_worst(dev, plan, seeds=(0,))
+    assert worst[OUT] > 1e-3 and worst["cache.0.attn"] > 1e-2, worst
+    monkeypatch.setattr(flux_blocks, "query_rows", gathered)
+    monkeypatch.setattr(FluxJointAttention, "rows", text_pruned)
+    worst = token_worst(dev, plan, seeds=(0,))
+    assert worst[OUT] > 1e-3 and worst["cache.0.attn"] > 1e-2, worst
+
+
+# ---- folders ----------------------------------------------------------------------------------------
+
+
+def test_folders_load_and_bad_ones_are_refused(tmp_path):
+    config = tiny_config(guidance_embeds=True)
+    model = tiny_diffusers(config, seed=5)
+    folder = tmp_path / "transformer"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    loaded = load_diffusers_flux(read_folder(folder), input_size=8)
+    assert isinstance(loaded, DiffusersFlux) and loaded.config == config
+    x, sigma, text, pooled, guidance = inputs(config, seed=6)
+    with torch.no_grad():
+        ref = diffusers_forward(model, config, x, sigma, text, pooled, guidance)
+        assert (loaded(x, sigma * 1000, text, pooled, guidance) - ref).abs().max().item() <= 1e-4
+    assert load_model(folder).config.input_size == 128  # a FLUX config.json names no resolution: 1024 pixels
+
+    raw = json.loads((folder / "config.json").read_text())
+    weights = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    def refused(changes: dict, match: str, name: str, data: bytes = weights) -> None:
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**raw, **changes}))
+        (bad / "diffusion_pytorch_model.safetensors").write_bytes(data)
+        with pytest.raises(TcgraphError, match=match):
+            load_model(bad)
+
+    refused({"num_single_layers": 3}, "14 missing .*single_transformer_blocks.2", "mismatched")  # the config says a block the weights lack
+    refused({"patch_size": 2}, "patch_size 2", "patched")
+    refused({"in_channels": 18}, "in_channels 18", "channels")
+    refused({}, "cannot read the weights", "corrupt", data=weights[: len(weights) // 2])
