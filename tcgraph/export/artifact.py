@@ -132,7 +132,8 @@ def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, 
     from tcgraph.export.weights import map_parameters
 
     write_json(tmp / PLAN, plan)
-    entries = export_each(variants, tmp, opset=opset, verify=verify, atol=atol, tick=phase.tick)
+    exported: dict | None = {} if state is not None else None  # one torch.export per variant, for both files
+    entries = export_each(variants, tmp, opset=opset, verify=verify, atol=atol, tick=phase.tick, programs=exported)
     parameters = None
     if state is not None:
         parameters = map_parameters(tmp / WEIGHTS_PATH, [tmp / e["file"] for e in entries], state)
@@ -140,7 +141,7 @@ def _write_contents(tmp: Path, model_config: dict, plan: dict, variants, extra, 
     programs = None
     if parameters is not None:  # a program file holds no weights: it reads them through the parameter map
         specs = parameter_specs(parameters, "the parameter map")
-        programs = _checked_programs(write_programs(tmp, variants, specs), tmp)
+        programs = _checked_programs(write_programs(tmp, variants, specs, exported), tmp)
         phase.tick("torch programs")
     # What load_artifact checks of the exported I/O and the parameter map, checked before it is written.
     where, todo = f"cannot write {tmp}", "pass variant graphs made for this plan and model (tcgraph.compile.build_variants)"

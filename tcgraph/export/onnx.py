@@ -156,9 +156,15 @@ def export_each(
     verify: bool,
     atol: float,
     tick: Callable[[str], None],
+    programs: dict | None = None,
 ) -> list[dict]:
     """`export_variants` calling `tick(note)` once per variant, so that a caller with more
-    work in the same progress phase (`write_artifact`) can share it."""
+    work in the same progress phase (`write_artifact`) can share it.
+
+    With `programs` (a dict), each variant is captured once with `torch.export` and that
+    program is both what the ONNX exporter translates and what `programs[id]` keeps for the
+    torch backend's program files (`tcgraph.export.programs.write_programs`): one capture
+    per variant instead of two."""
     out_dir = Path(out_dir)
     ids = [v.id for v in variants]
     if not variants:
@@ -180,7 +186,7 @@ def export_each(
             for v in variants:
                 scratch.mkdir(parents=True, exist_ok=True)
                 raw_path = scratch / f"{v.id}.onnx"
-                _torch_export(v, raw_path, opset)
+                _torch_export(v, raw_path, opset, programs)
                 model = onnx.load(str(raw_path), load_external_data=True)
                 for graph in _graphs(v.gm):
                     namer.learn(graph)
@@ -241,13 +247,17 @@ def _eval_mode(module: torch.nn.Module):
             m.training = training
 
 
-def _torch_export(v: ExportableVariant, path: Path, opset: int | None) -> None:
+def _torch_export(v: ExportableVariant, path: Path, opset: int | None, programs: dict | None = None) -> None:
+    """ONNX of one variant at `path`; with `programs`, its `torch.export` program is kept there too."""
     args = tuple(v.example_inputs[n] for n in v.input_names)
     onnx_outputs = onnx_output_names(v)
     try:
         with _quiet_exporter(), _eval_mode(v.gm), torch.no_grad():
+            model = v.gm
+            if programs is not None:  # the ONNX exporter's own first step (non-strict, static shapes), done here once
+                model = programs[v.id] = torch.export.export(v.gm, args, strict=False)
             torch.onnx.export(
-                v.gm,
+                model,
                 args,
                 str(path),
                 dynamo=True,  # see the module docstring for why

@@ -174,13 +174,15 @@ def _nodes_json(gm: torch.fx.GraphModule, vid: str) -> list:
     return nodes
 
 
-def write_programs(folder: Path, variants: Iterable, parameters) -> dict[str, str]:
+def write_programs(folder: Path, variants: Iterable, parameters, exported: Mapping | None = None) -> dict[str, str]:
     """Export and save the torch program of every variant into `folder`; returns id -> relative file.
 
     `variants`: objects with `.id`, `.gm`, `.input_names`, `.output_names`, `.example_inputs`
     (`VariantGraph`). `parameters`: the parameter map of the folder's weights file (what
     `map_parameters` returned, or `Artifact.parameters`); the tensors in it are not saved
     (the program names them, `info["weights"]` lists them), the graph's own tensors are.
+    `exported`: id -> the variant's `torch.export` program where one was made already (the ONNX
+    export's, `tcgraph.export.onnx.export_each`); the others are exported here.
     """
     from safetensors.torch import save_file
 
@@ -189,7 +191,7 @@ def write_programs(folder: Path, variants: Iterable, parameters) -> dict[str, st
     (folder / PROGRAMS_DIR).mkdir(parents=True, exist_ok=True)
     files = {}
     for variant in variants:
-        ep = export_program(variant)
+        ep = (exported or {}).get(variant.id) or export_program(variant)
         mapped, own = [], {}
         rename = {name: _model_name(name, shapes) for name in ep.state_dict}
         for name, tensor in ep.state_dict.items():

@@ -374,7 +374,7 @@ def _with_table(edit):
     (lambda b: b["kinds"][0]["branches"].pop(), r"block 0 has branches \['attn'\] in the block table but \['attn', "
                                                 r"'mlp'\] in the plan"),
     (lambda b: b["kinds"][0].update(container="../blocks"), r"container '../blocks', not a name and a module path"),
-    (lambda b: b["kinds"][0]["branches"][0].update(name="ffn"), r"a branch is a name of \['attn', 'cross'"),
+    (lambda b: b["kinds"][0]["branches"][0].update(name="ffn"), r"a branch is a name of \['attn', '"),
     (lambda b: b["kinds"][0]["branches"][0].update(norms="norm1"), r"norms of attn is 'norm1', not a list"),
     (lambda b: b["kinds"][0].update(count=True), r"kind block has count True, not a whole number"),
     (lambda b: b.update(kinds={}), r"'kinds' is missing or not a non-empty list"),
