@@ -250,7 +250,7 @@ class AdapterTester:
             assert max_diff(loop, ref) <= GRAPH_ATOL
             assert ref.abs().max().item() > 0.1  # not a degenerate model
             for block, name in self.branches(self.layout(model)):  # every branch of every block reaches the output
-                dropped = run_blocks(model, x, t, y, lambda l, b, u, fn: 0 * u() if (l, b) == (block, name)
+                dropped = run_blocks(model, x, t, y, lambda l, b, u, fn: 0 * fn(u()) if (l, b) == (block, name)
                                      else fn(u()))
                 assert max_diff(dropped, ref) > 1e-4, (block, name)
 

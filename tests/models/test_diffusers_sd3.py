@@ -153,3 +153,25 @@ def test_folders_load_and_bad_ones_are_refused(tmp_path):
     refused("caption", {"caption_projection_dim": 16}, "caption_projection_dim 16 is not the width 32")
     with pytest.raises(TcgraphError, match="beyond the position table"):
         sd3_config_from_diffusers(config, "cfg", input_size=32)
+
+
+def test_rows_are_the_attentions_rows_of_the_chosen_image_tokens():
+    """Each attention's `rows` (what a token action computes): every text row it writes (none in the last
+    block), then the chosen image rows, for indices shared by the batch [k] and per sample [B, k]; equal
+    to those rows of its whole output."""
+    wrapped = DiffusersSD3(tiny_sd3(**SD35))
+    n, g = wrapped.config.num_tokens, torch.Generator().manual_seed(2)
+    u = torch.randn(2, TEXT_LENGTH + n, 32, generator=g)
+    shared, own = torch.tensor([1, 4, 6, 11, 15]), torch.tensor([[0, 3, 9], [15, 2, 7]])
+    with torch.no_grad():
+        for block in wrapped.transformer_blocks:
+            attns = [(block.attn, u, 0 if block.attn.to_add_out is None else TEXT_LENGTH)]
+            if hasattr(block, "attn2"):
+                attns.append((block.attn2, u[:, TEXT_LENGTH:], 0))
+            for attn, rows_in, text in attns:
+                whole = attn(rows_in)
+                image = whole[:, text:]
+                assert whole.shape[1] == text + n
+                for idx, want in ((shared, image[:, shared]), (own, torch.stack([image[b, own[b]] for b in range(2)]))):
+                    got = attn.rows(rows_in, idx)
+                    assert (got - torch.cat([whole[:, :text], want], dim=1)).abs().max().item() <= 1e-6

@@ -1,7 +1,8 @@
 """Every registered model adapter through `AdapterTester` (tests/models/adapter_tester.py): capture,
 every action through the passes against the eager reference, calibration's blended step, export,
 load and sampling on ONNX Runtime and the torch backend. A family whose adapter has no subclass
-here fails `test_every_registered_adapter_has_a_tester`."""
+here fails `test_every_registered_adapter_has_a_tester`. SD3's tester lives in its own module
+(tests/models/test_sd3_adapter.py), imported here so that this test counts it (pytest runs it there)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ from tcgraph.plan import COMPUTE, REUSE, Recipe  # noqa: E402
 from tcgraph.plan.actions import dynamic, forecast, partial  # noqa: E402
 from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester, import_every_family  # noqa: E402
 from tests.models.flux_tiny import tiny_flux  # noqa: E402
+import tests.models.test_sd3_adapter  # noqa: E402,F401  (its TestSD3, not collected twice: no Test name here)
 
 STD = 0.05  # random weights: diffusers zero-initialises gates and tables, and its defaults make outputs ~1e3
 

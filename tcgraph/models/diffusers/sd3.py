@@ -26,7 +26,10 @@ Blocks and their branches (kinds, in the order the forward runs them; all in the
 The joint attention (`JointAttention`) projects each stream with its own layers (`to_q/k/v` for the
 image rows, `add_q_proj/add_k_proj/add_v_proj` for the text rows), norms queries and keys per head
 where the model has qk-norm, attends over all rows, and projects the image rows with `to_out` and the
-text rows with `to_add_out`.
+text rows with `to_add_out`. Because its rows are not all projected alike, it (and `ImageAttention`, the
+dual blocks' `attn2`, with q/k norms) gives a token action its rows itself: `rows(u, image_idx)`, queries
+of the text rows (none in the last block) and of the kept image rows, keys and values of all rows
+(`AttentionSpec(rows="rows")`).
 
 diffusers is imported when this module is: it is an optional dependency (`.[diffusers]`).
 """
@@ -48,7 +51,7 @@ from tcgraph.names import IMAGE, TEXT_STREAM
 try:
     from diffusers import SD3Transformer2DModel
     from diffusers.models.attention import FeedForward
-    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     from tcgraph.models.diffusers.dit import timestep_features
 except ImportError as e:  # pragma: no cover - depends on the environment
@@ -67,10 +70,29 @@ def _normed(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows `idx` of x [B, N, D] along dim 1: idx [k] (every sample's), [B, k] (each sample's own), or
+    None (all of them)."""
+    if idx is None:
+        return x
+    if idx.dim() == 1:
+        return torch.index_select(x, 1, idx)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of [B, heads, rows, d] queries over keys and values -> [B, rows, heads * d]."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
 class JointAttention(nn.Module):
     """SD3's joint attention (a block's `attn`, diffusers' modules under their names):
     `forward(u)` with u = [text rows; image rows] [B, L + N, D] -> the same rows, projected per
-    stream; with `context_pre_only` (the last block) the image rows only, [B, N, D]."""
+    stream; with `context_pre_only` (the last block) the image rows only, [B, N, D].
+
+    Its rows are not all projected alike (per-stream projections, per-stream q/k norms), so a token
+    action computes them with `rows` (the adapter's `AttentionSpec(rows="rows")`), not with the
+    generic attention ops of the token passes."""
 
     def __init__(self, attn: nn.Module, image_rows: int):
         super().__init__()
@@ -80,20 +102,48 @@ class JointAttention(nn.Module):
         self.heads = int(attn.heads)
         self.image_rows = image_rows  # N: the static resolution's tokens, the last rows of u
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def rows(self, u: torch.Tensor, image_idx: torch.Tensor | None) -> torch.Tensor:
+        """The output rows of every text row (none for the last block, whose text gives keys and values
+        only), then of the image rows `image_idx` ([k] or [B, k] indices among the N image rows; None:
+        all of them), from u [B, L + N, D]: queries of those rows, keys and values of all rows."""
         n, h = self.image_rows, self.heads
         txt, img = u[:, :-n], u[:, -n:]
-        q = torch.cat([_normed(self.norm_added_q, _heads(self.add_q_proj(txt), h)),
-                       _normed(self.norm_q, _heads(self.to_q(img), h))], dim=2)  # [B, h, L + N, d]
         k = torch.cat([_normed(self.norm_added_k, _heads(self.add_k_proj(txt), h)),
-                       _normed(self.norm_k, _heads(self.to_k(img), h))], dim=2)
+                       _normed(self.norm_k, _heads(self.to_k(img), h))], dim=2)  # [B, h, L + N, d]
         v = torch.cat([_heads(self.add_v_proj(txt), h), _heads(self.to_v(img), h)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(u.shape[0], u.shape[1], -1)  # [B, L + N, D]
-        image = self.to_out[1](self.to_out[0](out[:, -n:]))  # projection, dropout
-        if self.to_add_out is None:  # context_pre_only: the text rows were keys and values only
-            return image
-        return torch.cat([self.to_add_out(out[:, :-n]), image], dim=1)
+        q = _normed(self.norm_q, _heads(self.to_q(take_rows(img, image_idx)), h))  # [B, h, k, d]
+        if self.to_add_out is None:  # context_pre_only: no text row is written, none is queried
+            return self.to_out[1](self.to_out[0](_attend(q, k, v)))  # projection, dropout
+        q = torch.cat([_normed(self.norm_added_q, _heads(self.add_q_proj(txt), h)), q], dim=2)
+        out = _attend(q, k, v)  # [B, L + k, D]
+        length = txt.shape[1]
+        return torch.cat([self.to_add_out(out[:, :length]), self.to_out[1](self.to_out[0](out[:, length:]))], dim=1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.rows(u, None)
+
+
+class ImageAttention(nn.Module):
+    """SD3.5's extra image-only attention (a dual block's `attn2`, branch `attn_image`; diffusers'
+    modules under their names, q/k norms per head where the model has them): `forward(u)` [B, N, D]
+    -> [B, N, D]. The generic attention ops of the token passes know no q/k norm, so a token action
+    computes its rows with `rows`."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        for name in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out"):
+            setattr(self, name, getattr(attn, name, None))
+        self.heads = int(attn.heads)
+
+    def rows(self, u: torch.Tensor, image_idx: torch.Tensor | None) -> torch.Tensor:
+        """The output rows of the image rows `image_idx` ([k] or [B, k]; None: all): [B, k, D]."""
+        h = self.heads
+        q = _normed(self.norm_q, _heads(self.to_q(take_rows(u, image_idx)), h))
+        k, v = _normed(self.norm_k, _heads(self.to_k(u), h)), _heads(self.to_v(u), h)
+        return self.to_out[1](self.to_out[0](_attend(q, k, v)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.rows(u, None)
 
 
 class SD3Block(nn.Module):
@@ -128,12 +178,12 @@ class SD3Block(nn.Module):
 
 
 class SD3DualBlock(SD3Block):
-    """A block with SD3.5's extra image-only attention `attn2` (diffusers' own `Attention`), read from
+    """A block with SD3.5's extra image-only attention `attn2` (`ImageAttention`), read from
     the block's input normed once with the joint attention's, modulated with its own shift and scale."""
 
     def __init__(self, block: nn.Module, image_rows: int):
         super().__init__(block, image_rows)
-        self.attn2 = block.attn2
+        self.attn2 = ImageAttention(block.attn2)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mi, mt = self.mod_image(temb).chunk(9, dim=1), self.mod_text(temb).chunk(6, dim=1)
@@ -275,8 +325,10 @@ def _embed(model: DiffusersSD3, x: torch.Tensor, t: torch.Tensor, y: tuple[torch
     return (img, txt), temb
 
 
-ATTENTION = AttentionSpec(out_proj="to_out.0", num_heads="heads", q_proj="to_q", k_proj="to_k", v_proj="to_v")
-_JOINT = BranchSpec("attn", "attn", JointAttention, None, None, None, None,
+# A token action computes an attention's rows with the branch module's own `rows` (per-stream
+# projections and q/k norms: not the generic attention ops of the token passes).
+ROWS = AttentionSpec(rows="rows")
+_JOINT = BranchSpec("attn", "attn", JointAttention, None, None, None, None, ROWS,
                     reads=(StreamRead(TEXT_STREAM, "norm1_context.norm", 0, 1, 2, modulation=1),
                            StreamRead(IMAGE, "norm1.norm", 0, 1, 2)))
 _MLP = BranchSpec("mlp", "ff", FeedForward, "norm2", 3, 4, 5)
@@ -291,13 +343,13 @@ SD3 = register_adapter(ModelAdapter(
     kinds=(
         BlockKind("dual", SD3DualBlock, "transformer_blocks", ("mod_image", "mod_text"), (9, 6), (
             _JOINT,
-            BranchSpec("attn_image", "attn2", Attention, None, None, None, None, ATTENTION,
+            BranchSpec("attn_image", "attn2", ImageAttention, None, None, None, None, ROWS,
                        reads=(StreamRead(IMAGE, "norm1.norm", 6, 7, 8, block_input=True),)),
             _MLP, _MLP_TEXT), streams=_STREAMS),
         BlockKind("joint", SD3Block, "transformer_blocks", ("mod_image", "mod_text"), (6, 6),
                   (_JOINT, _MLP, _MLP_TEXT), streams=_STREAMS),
         BlockKind("last", SD3LastBlock, "transformer_blocks", ("mod_image", "mod_text"), (6, 2), (
-            BranchSpec("attn", "attn", JointAttention, None, None, None, None,
+            BranchSpec("attn", "attn", JointAttention, None, None, None, None, ROWS,
                        reads=(StreamRead(TEXT_STREAM, "norm1_context.norm", 1, 0, None, modulation=1, writes=False),
                               StreamRead(IMAGE, "norm1.norm", 0, 1, 2))),
             _MLP), streams=_STREAMS),
