@@ -57,8 +57,9 @@ class Emitter:
 
     def constant_index(self, indices, what: str = "") -> fx.Node:
         """The kept-token ids as an int64 buffer of the module (an ONNX initializer); `what` tells
-        apart a branch's second such buffer."""
-        attr = f"_tcgraph_idx_{self.block}_{self.branch}" + (f"_{what}" if what else "")
+        apart a branch's second such buffer (`_tcgraph_<what>_idx_<l>_<branch>`: a suffix could be
+        another branch's name, `attn` + `_image`)."""
+        attr = f"_tcgraph_{what}_idx_{self.block}_{self.branch}" if what else f"_tcgraph_idx_{self.block}_{self.branch}"
         self.gm.register_buffer(attr, torch.tensor(indices, dtype=torch.long))
         return self("get_attr", attr, name="idx")
 

@@ -20,7 +20,7 @@ all of those and the kept image rows: `idx` holds their rows in the branch's row
 (`RewriteSpec.branch_rows`); text rows are never pruned. An attention whose adapter names a
 rows method (`AttentionSpec.rows`: FLUX's joint attention, with per-stream projections, q/k
 norms and RoPE) computes those rows with it (`emit.module_rows`), given the kept image rows'
-indices (a second buffer, `_tcgraph_idx_<l>_<branch>_image`).
+indices (a second buffer, `_tcgraph_image_idx_<l>_<branch>`).
 
 A row-wise branch gathers h before its norm and modulation, which are row-wise too, so
 they run on k rows, not N (`emit.kept_input_rows`); where u has another reader (a branch-input

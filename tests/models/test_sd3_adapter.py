@@ -75,9 +75,6 @@ class TestSD3(AdapterTester):
         return [self.full_recipe(layout), a, c, a], weights
 
 
-@pytest.mark.xfail(strict=True, reason="emit.Emitter.constant_index names a partial attn's image-row buffer "
-                   "`_tcgraph_idx_<l>_attn_image`, the very name of a partial attn_image's own buffer in the same "
-                   "block: the later one overwrites the earlier (attn gets attn_image's rows)")
 def test_partial_attn_and_attn_image():
     """A dual block with both attentions partial, on other image rows: its graph is the eager reference."""
     model = tiny_sd35()
