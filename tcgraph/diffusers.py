@@ -22,6 +22,14 @@ for another scale still runs, with the quality its calibration gave for its own.
 DiTPipeline labels the unconditional half with class 1000, ImageNet's null class; for a
 model with fewer classes, that id is read as the model's own null class.
 
+`FluxPipeline` passes packed latents [B, N, 4C], sigma (t / 1000), the T5 sequence, the pooled
+CLIP embedding, the guidance scale (FLUX.1-dev) and the position ids: the stand-in unpacks the
+latents for the graphs (which read images) and packs their output. The artifact's graphs fix
+the resolution, the text length and the position ids (the pipeline's own for that resolution
+and length), and a FLUX.1-dev plan its guidance scale; its sampler runs FluxPipeline's sigmas.
+A pipeline built from local parts without text encoders or VAE runs with `prompt_embeds`,
+`pooled_prompt_embeds` and `output_type="latent"`.
+
 PixArt pipelines (`PixArtAlphaPipeline`, `PixArtSigmaPipeline`) pass the text embeddings and
 their mask; the artifact's graphs read them at its `text_length` (call the pipeline with
 `max_sequence_length` equal to it, or precomputed embeddings of that length). They batch the
@@ -60,6 +68,10 @@ class ArtifactTransformer(nn.Module):
         self.timesteps = [float(sampler.schedule.timesteps[i]) for i in order]  # step s -> its timestep
         self.config = SimpleNamespace(sample_size=cfg.input_size, in_channels=cfg.in_channels,
                                       out_channels=cfg.out_channels, patch_size=cfg.patch_size)
+        self.flux = cfg.family.name == "flux"
+        self.calls = self.timesteps  # the timestep each step's call passes
+        if self.flux:  # FluxPipeline reads packed channels and the guidance embedding; passes t / 1000
+            self.config, self.calls = _flux().stand_in(cfg, self.timesteps)
         self._next = 0  # the step the next call must be
 
     def save_pretrained(self, *args, **kwargs):
@@ -68,6 +80,12 @@ class ArtifactTransformer(nn.Module):
             raise UsageError("the tcgraph artifact in place of the pipeline's transformer cannot be saved as a "
                              "diffusers model; save the transformer itself (restore() the pipeline first)")
         return self.original.save_pretrained(*args, **kwargs)
+
+    def cache_context(self, name: str):
+        """What FluxPipeline wraps each call in (diffusers' cache hooks): nothing to do here."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,7 +99,10 @@ class ArtifactTransformer(nn.Module):
                 encoder_attention_mask=None, added_cond_kwargs=None, return_dict: bool = True, **unused):
         step = self._step_of(timestep)
         self._check_micro_conditions(added_cond_kwargs)
-        if self.model_config.text_conditioned:
+        if self.flux:
+            x, t, y = _flux().call_inputs(self.settings, self.model_config, hidden_states,
+                                          lambda: self._text(encoder_hidden_states), unused, self.timesteps[step])
+        elif self.model_config.text_conditioned:
             x, t, y = self._text_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
         else:
             x, t, y = self._inputs(hidden_states, timestep, class_labels, step)
@@ -89,24 +110,24 @@ class ArtifactTransformer(nn.Module):
             self.dispatch.reset()
         out = self.dispatch(step, x, t, y)
         self._next = step + 1 if step + 1 < len(self.timesteps) else 0
-        out = out.to(hidden_states.device)
+        out = (_flux().output(out, self.model_config) if self.flux else out).to(hidden_states.device)
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
     def _step_of(self, timestep) -> int:
         if timestep is None:
             raise UsageError("the artifact's transformer needs the step's timestep; the pipeline passed none")
         value = float(torch.as_tensor(timestep).reshape(-1)[0])
-        expected = self.timesteps[self._next]
+        expected = self.calls[self._next]
         if value == expected:
             return self._next
-        if value == self.timesteps[0]:  # a new run after an interrupted one
+        if value == self.calls[0]:  # a new run after an interrupted one
             return 0
         s = self.settings
         which = (f"the diffusers scheduler {s.scheduler['_class_name']}" if s.scheduler else "tcgraph's DDIM")
         raise UsageError(
             f"the pipeline's timestep {value:g} is not step {self._next} of the artifact's plan (timestep "
             f"{expected:g}): the artifact was made for {s.num_steps} steps of {which}, timesteps "
-            f"{_short(self.timesteps)}; call the pipeline with num_inference_steps={s.num_steps} and the scheduler "
+            f"{_short(self.calls)}; call the pipeline with num_inference_steps={s.num_steps} and the scheduler "
             "the artifact was made with, or transform the pipeline again for these settings")
 
     def _check_micro_conditions(self, added_cond_kwargs) -> None:
@@ -143,11 +164,10 @@ class ArtifactTransformer(nn.Module):
         t = torch.as_tensor(timestep).reshape(-1).to("cpu")
         return (t.expand(batch) if t.numel() == 1 else t).to(self.settings.timestep_dtype)
 
-    def _text_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+    def _text(self, encoder_hidden_states) -> torch.Tensor:
         s, cfg = self.settings, self.model_config
         if encoder_hidden_states is None:
             raise UsageError("the artifact is text-conditioned; the pipeline passed no encoder_hidden_states")
-        x = self._latents(hidden_states, "prompts")
         text = encoder_hidden_states.detach().to("cpu", torch.float32)
         want = (s.model_batch, s.text_length, cfg.caption_channels)
         if tuple(text.shape) != want:
@@ -155,6 +175,13 @@ class ArtifactTransformer(nn.Module):
                 f"the pipeline gave text embeddings of shape {list(text.shape)}, the artifact's graphs take "
                 f"{list(want)} (text length {s.text_length} is a plan setting): call the pipeline with "
                 f"max_sequence_length={s.text_length}, or transform again with --text-length {text.shape[1]}")
+        return text
+
+    def _text_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        s = self.settings
+        x = self._latents(hidden_states, "prompts")
+        text = self._text(encoder_hidden_states)
+        want = text.shape
         mask = (torch.ones(want[:2]) if encoder_attention_mask is None
                 else torch.as_tensor(encoder_attention_mask).detach().to("cpu", torch.float32).reshape(want[:2]))
         return x, self._timesteps(timestep, x.shape[0]), (text, mask)
@@ -262,6 +289,8 @@ def _check_same_model(pipe, original, config, where) -> None:
     if raw is None:
         return
     pipeline, theirs = type(pipe).__name__, dict(raw).get("_class_name", type(original).__name__)
+    if config.family.name == "flux" or theirs == "FluxTransformer2DModel":
+        return _flux().check_same_model(pipeline, theirs, dict(raw), config, where)
     if config.text_conditioned:
         fits = (PIXART_CLASS_NAME, f"text-conditioned (a {PIXART_CLASS_NAME}: its graphs read text embeddings)",
                 "a PixArtAlphaPipeline or PixArtSigmaPipeline")
@@ -286,7 +315,14 @@ def _check_same_model(pipe, original, config, where) -> None:
                          f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
 
 
-PIPELINES = "DiTPipeline, PixArtAlphaPipeline or PixArtSigmaPipeline"
+def _flux():
+    """FluxPipeline's conventions (`tcgraph.models.diffusers.flux_pipeline`, imported for a FLUX artifact only)."""
+    from tcgraph.models.diffusers import flux_pipeline
+
+    return flux_pipeline
+
+
+PIPELINES = "DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline or FluxPipeline"
 
 
 def _what(value) -> str:

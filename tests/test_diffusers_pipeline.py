@@ -136,7 +136,7 @@ def test_use_names_the_expected_types(pipeline, artifacts):
                        ((pipe, 123), "as `artifact` \\(a str or os.PathLike, what tcgraph.transform returns\\), "
                                      "got int '123'"),
                        ((None, art), "takes a diffusers pipeline object as `pipe` \\(a DiTPipeline, "
-                                     "PixArtAlphaPipeline or PixArtSigmaPipeline, loaded with from_pretrained\\), "
+                                     "PixArtAlphaPipeline, .*FluxPipeline.*, loaded with from_pretrained\\), "
                                      "got None$"),
                        ((str(art), art), "as `pipe` .* got str")]:
         with pytest.raises(UsageError, match=text):

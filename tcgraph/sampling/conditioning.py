@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 # Keys of an embeddings file (safetensors), as diffusers' PixArt pipeline names its arguments.
 EMBEDS, MASK = "prompt_embeds", "prompt_attention_mask"
 NEG_EMBEDS, NEG_MASK = "negative_prompt_embeds", "negative_prompt_attention_mask"
+# FLUX's and SD3's pooled embeddings (their pipelines' names); such a file needs no mask
+POOLED, NEG_POOLED = "pooled_prompt_embeds", "negative_pooled_prompt_embeds"
 
 
 def load_text(path: str | Path) -> Text:
     """Prompt embeddings from a safetensors file with `prompt_embeds` [N, L, D] and `prompt_attention_mask`
     [N, L] (and optionally `negative_prompt_embeds`, `negative_prompt_attention_mask`; a single negative row
-    is repeated for every prompt)."""
+    is repeated for every prompt). For a model that reads pooled embeddings (FLUX), `pooled_prompt_embeds`
+    [N, P] (and `negative_pooled_prompt_embeds`) in place of the masks."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -46,6 +49,10 @@ def load_text(path: str | Path) -> Text:
     except Exception as e:  # safetensors raises its own error types
         raise TcgraphError(f"cannot read the embeddings file {path}: {type(e).__name__}: {e}; write it with "
                            "safetensors.torch.save_file") from None
+    if POOLED in d and MASK not in d:  # a model with pooled embeddings reads no mask: every token counts
+        d[MASK] = torch.ones(d[EMBEDS].shape[:2]) if EMBEDS in d else None
+        if NEG_EMBEDS in d:
+            d[NEG_MASK] = torch.ones(d[NEG_EMBEDS].shape[:2])
     missing = [k for k in (EMBEDS, MASK) if k not in d]
     if missing:
         raise UsageError(f"the embeddings file {path} lacks {', '.join(missing)}; it holds {sorted(d)}: it needs "
@@ -54,7 +61,11 @@ def load_text(path: str | Path) -> Text:
     ne, nm = d.get(NEG_EMBEDS), d.get(NEG_MASK)
     if ne is not None and nm is not None and ne.shape[0] == 1 and e.shape[0] > 1:
         ne, nm = ne.expand(e.shape[0], *ne.shape[1:]), nm.expand(e.shape[0], *nm.shape[1:])
-    return Text(e, m, None if ne is None else ne.float(), nm).checked()
+    pooled, neg_pooled = d.get(POOLED), d.get(NEG_POOLED)
+    if neg_pooled is not None and neg_pooled.shape[0] == 1 and e.shape[0] > 1:
+        neg_pooled = neg_pooled.expand(e.shape[0], -1)
+    return Text(e, m, None if ne is None else ne.float(), nm, None if pooled is None else pooled.float(),
+                None if neg_pooled is None else neg_pooled.float()).checked()
 
 
 def model_conditioning(y, guided: bool, null_class: int):

@@ -29,11 +29,21 @@ def sampler_for(settings: SamplerSettings, cfg: ModelConfig) -> Sampler:
     if settings.scheduler is not None:
         return DiffusersSampler(settings.scheduler, settings.num_steps, cfg_scale=settings.cfg_scale,
                                 in_channels=cfg.in_channels, null_class=cfg.num_classes,
-                                num_tokens=getattr(cfg, "num_tokens", None), guidance=settings.guidance)
+                                num_tokens=getattr(cfg, "num_tokens", None), guidance=settings.guidance,
+                                sigmas=_pipeline_sigmas(cfg, settings))
     clip = settings.clip_x0 if settings.clip_x0 is not None else is_pixel_space(cfg)
     return DDIMSampler(settings.num_steps, cfg_scale=settings.cfg_scale, eta=settings.eta,
                        in_channels=cfg.in_channels, null_class=cfg.num_classes, clip_denoised=clip,
                        guidance=settings.guidance)
+
+
+def _pipeline_sigmas(cfg: ModelConfig, settings: SamplerSettings) -> list[float] | None:
+    """The sigmas a model's own pipeline sets a flow-matching scheduler with, where they are not the
+    scheduler's default (FluxPipeline: 1 down to 1/S); None: the scheduler's own."""
+    sigmas = getattr(cfg, "pipeline_sigmas", None)
+    if sigmas is None or settings.scheduler.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        return None
+    return sigmas(settings.num_steps)
 
 
 def is_pixel_space(cfg: ModelConfig) -> bool:

@@ -139,11 +139,13 @@ class DiffusersSampler(GuidedSteps):
 
     `sample` builds a fresh scheduler each run, so multistep history never leaks from one
     run into the next. `mu`, the resolution shift of a config with `use_dynamic_shifting`
-    (FLUX), comes from `num_tokens` as FLUX's pipeline computes it.
+    (FLUX), comes from `num_tokens` as FLUX's pipeline computes it; `sigmas`, where given, are the
+    ones the model's pipeline sets the timesteps with (FluxPipeline: 1 down to 1/S).
     """
 
     def __init__(self, config: dict, num_steps: int, cfg_scale: float = 1.0, in_channels: int = 4,
-                 null_class: int = 1000, num_tokens: int | None = None, guidance: str = "cfg"):
+                 null_class: int = 1000, num_tokens: int | None = None, guidance: str = "cfg",
+                 sigmas: list[float] | None = None):
         if not cfg_scale >= 1.0:
             raise TcgraphError(f"guidance scale must be >= 1 (1 = no guidance), got {cfg_scale}")
         self.config = check_scheduler_config(config)
@@ -155,6 +157,7 @@ class DiffusersSampler(GuidedSteps):
         self.guidance = guidance
         self.timestep_dtype = timestep_dtype(self.config)
         self._mu = self._shift_mu(num_tokens)
+        self._sigmas = None if sigmas is None else [float(s) for s in sigmas]
         try:
             order = self.fresh_scheduler().timesteps.cpu().numpy()
         except (ValueError, TypeError, KeyError, NotImplementedError, ImportError) as e:
@@ -185,8 +188,8 @@ class DiffusersSampler(GuidedSteps):
     def fresh_scheduler(self, device: torch.device | str | None = None):
         """A new scheduler object with its timesteps set, at the first step (no history)."""
         scheduler = self.cls.from_config(self.config)
-        scheduler.set_timesteps(self.num_inference_steps, device=device,
-                                **({} if self._mu is None else {"mu": self._mu}))
+        steps = {"num_inference_steps": self.num_inference_steps} if self._sigmas is None else {"sigmas": self._sigmas}
+        scheduler.set_timesteps(device=device, **steps, **({} if self._mu is None else {"mu": self._mu}))
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)  # step index from the start, not looked up from t (a host sync)
         return scheduler

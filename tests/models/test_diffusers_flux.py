@@ -177,7 +177,7 @@ def test_partial_and_dynamic_joint_attentions_equal_the_eager_reference(dev):
     calls = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "rows"]
     assert len(calls) == 4  # every joint attention through the model's own rows method
     kept = getattr(gm, "_tcgraph_idx_0_attn").tolist()  # the rows block 0's attention recomputes and writes
-    image = getattr(gm, "_tcgraph_idx_0_attn_image").tolist()  # what the rows method is given
+    image = getattr(gm, "_tcgraph_image_idx_0_attn").tolist()  # what the rows method is given
     assert sorted(image) == sorted(KEPT) and kept == list(range(L)) + [L + i for i in image]  # every text row too
 
 
@@ -242,3 +242,29 @@ def test_folders_load_and_bad_ones_are_refused(tmp_path):
     refused({"patch_size": 2}, "patch_size 2", "patched")
     refused({"in_channels": 18}, "in_channels 18", "channels")
     refused({}, "cannot read the weights", "corrupt", data=weights[: len(weights) // 2])
+
+
+def test_embedding_files_with_pooled_embeddings(tmp_path):
+    """FLUX's embeddings file: prompt_embeds and pooled_prompt_embeds (no mask), a negative row repeated."""
+    from safetensors.torch import save_file
+
+    from tcgraph.errors import UsageError
+    from tcgraph.sampling.conditioning import Text, load_text
+
+    g = torch.Generator().manual_seed(0)
+    d = {"prompt_embeds": torch.randn(2, L, 12, generator=g), "pooled_prompt_embeds": torch.randn(2, 10, generator=g),
+         "negative_prompt_embeds": torch.randn(1, L, 12, generator=g),
+         "negative_pooled_prompt_embeds": torch.randn(1, 10, generator=g)}
+    save_file(d, str(tmp_path / "e.safetensors"))
+    text = load_text(tmp_path / "e.safetensors")
+    embeds, pooled = text.model_inputs(guided=True)
+    assert torch.equal(embeds[:2], d["prompt_embeds"]) and torch.equal(embeds[2:], d["negative_prompt_embeds"].expand(2, -1, -1))
+    assert torch.equal(pooled, torch.cat([d["pooled_prompt_embeds"], d["negative_pooled_prompt_embeds"].expand(2, -1)]))
+    assert torch.equal(text.take([1]).model_inputs(False)[1], d["pooled_prompt_embeds"][1:])
+    text.check(L, 12, 10)
+    with pytest.raises(UsageError, match=r"pooled text embeddings are \[N, 10\], but this model reads \[N, 8\]"):
+        text.check(L, 12, 8)
+    with pytest.raises(UsageError, match="pooled text embeddings were given, but this model reads none"):
+        text.check(L, 12, 0)
+    with pytest.raises(UsageError, match="no pooled text embeddings were given"):
+        Text(d["prompt_embeds"], torch.ones(2, L)).check(L, 12, 10)

@@ -72,6 +72,12 @@ class FluxConfig(DiTConfig):
     def double_depth(self) -> int:
         return self.depth - self.single_depth
 
+    def pipeline_sigmas(self, num_steps: int) -> list[float]:
+        """The sigmas FluxPipeline sets its scheduler's timesteps with (then shifted by mu): 1 down to 1/S."""
+        import numpy as np
+
+        return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()  # as FluxPipeline computes them
+
     @property
     def guidance(self) -> str:
         """How guidance reaches this model (`tcgraph.names.GUIDANCE_MODES`): an input with a guidance
