@@ -7,7 +7,9 @@ their largest absolute difference, class accuracy where a judge exists (`tcgraph
 demo models' digits), the wall time of both sampling loops (the median of `repeats` runs; loading
 the folder and creating the runtime's sessions are not counted) and the realized speedup beside
 the predicted one (`inspect`'s, from the FLOPs measured at transform time); and a PNG grid, one
-row per class or prompt: the reference's images, the artifact's, and their difference.
+row per class or prompt: the reference's images, the artifact's, and their difference. The
+summary is also kept in the artifact folder as `measured.json` (`tcgraph.inspection.measured`),
+which `inspect` shows beside the predicted speedup.
 
 Without a reference folder, one is built (`transform --plan full` with the artifact's settings)
 into `.tcgraph-references/` beside the artifact and reused while it matches. Samples are compared
@@ -31,9 +33,12 @@ from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.eval import judge
 from tcgraph.eval.metrics import SSIM_WIN_SIZE, psnr, ssim
 from tcgraph.export.artifact import Artifact, load_artifact
+from tcgraph.files import describe_os_error
+from tcgraph.inspection import measured
 from tcgraph.progress import QUIET, Phase, Progress, bars
 from tcgraph.sampling import checks
 from tcgraph.suggest import did_you_mean_path
+from tcgraph.version import __version__
 
 REFERENCES = ".tcgraph-references"  # beside the artifact: references built on the fly, one per model and settings
 DIFF_GAIN = 8  # the grid's difference images show |a - b| x 8: a difference of 1/8 of the range is full white
@@ -230,6 +235,10 @@ def compare(artifact: str | Path, reference: str | Path | None = None, *, classe
     if png is not None:
         rows = _row_labels(labels, prompts)
         result["png"] = str(save_comparison(b, a, labels, rows, png, ("full", art.plan.planner)))
+    try:  # for `inspect`, which shows what was last measured beside what the FLOPs predict
+        result["recorded"] = str(measured.record(art.root, result, __version__))
+    except OSError as e:  # a read-only folder: the measurement is still printed
+        result["recorded"], result["not_recorded"] = None, describe_os_error(e)
     return result
 
 
@@ -327,6 +336,10 @@ def format_compare(r: dict) -> str:
     lines.append(f"speedup    realized {realized}, predicted {predicted} (from FLOPs)")
     if r["png"]:
         lines.append(f"wrote      {r['png']}")
+    if r.get("recorded"):
+        lines.append(f"recorded   {r['recorded']} (`tcgraph inspect` shows it)")
+    elif r.get("not_recorded"):
+        lines.append(f"recorded   not in the artifact folder ({r['not_recorded']})")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from tcgraph.compare import REFERENCES, compare, open_artifact, reference_folder
 from tcgraph.errors import UsageError
 from tcgraph.eval.classifier import load_classifier
 from tcgraph.eval.metrics import psnr, ssim
+from tcgraph.inspection import measured
 
 SAMPLE = ["--classes", "0-1", "--per-class", "2", "--seed", "7"]  # 4 images: one run of the batch-4 artifact
 
@@ -125,3 +126,55 @@ def test_a_reference_of_another_model_or_settings_is_refused_by_what_differs(art
     assert reference_problem(a, other).startswith("it is for another model (digits: depth 7, hidden 128")
     with pytest.raises(UsageError, match="is not the reference of .*its plan is fora:2, not full"):
         compare(art, art, classes="0", per_class=1)
+
+
+def test_inspect_shows_what_compare_measured(art, report, tmp_path):
+    """compare keeps its summary in the folder (measured.json); inspect shows it beside the prediction,
+    as the same numbers; the folder still verifies (the record is not one of its listed files)."""
+    copy = tmp_path / "art"  # its own copy: the other tests' compares rewrite the module artifact's record
+    shutil.copytree(art, copy)
+    r = compare(copy, report[0]["reference"], classes="0-1", per_class=2, seed=7, repeats=2)
+    assert r["recorded"] == str(copy / measured.MEASURED)
+    info = api.inspect(copy)  # verifies every listed file
+    m = info["measured"]
+    assert m["status"] == "current" and m["images"] == 4 and m["repeats"] == 2 and m["backend"] == "ort"
+    assert m["realized_speedup"] == pytest.approx(r["realized_speedup"])
+    assert m["predicted_speedup"] == pytest.approx(info["predicted_speedup"])
+    assert m["ratio"] == pytest.approx(r["realized_speedup"] / r["predicted_speedup"])
+    line = next(x for x in api.format_inspect(info).splitlines() if x.startswith("measured"))
+    assert f"realized {r['realized_speedup']:.2f}x of predicted {r['predicted_speedup']:.2f}x " \
+           f"({m['ratio']:.2f}), PSNR {r['psnr']:.2f} dB vs full" in line and "median of 2 runs" in line
+    # a record that names another manifest: stale, said so
+    record = json.loads((copy / measured.MEASURED).read_text())
+    (copy / measured.MEASURED).write_text(json.dumps({**record, "manifest_sha256": "0" * 64}))
+    assert "STALE" in api.format_inspect(api.inspect(copy))
+    (copy / measured.MEASURED).unlink()
+    assert api.inspect(copy)["measured"] is None
+    assert f"measured   not yet: `tcgraph compare {copy}`" in api.format_inspect(api.inspect(copy))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "measured.json: Expecting property name"),
+    ("[1, 2]", "not a measurement record"),
+    ('{"format": 1, "images": 4, "repeats": 1, "manifest_sha256": "x", "psnr": "45"}', "psnr is '45'"),
+    ('{"format": 1, "images": 4, "repeats": 1, "manifest_sha256": "x", "realized_speedup": -1}', "realized_speedup"),
+    ('{"format": 1, "images": 0, "repeats": 1, "manifest_sha256": "x"}', "images is 0, not a count"),
+    (" " * (measured.MAX_BYTES + 1), "larger than"),
+])
+def test_a_malformed_record_is_named_and_ignored(art, report, tmp_path, text, problem):
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    (copy / measured.MEASURED).write_text(text)
+    info = api.inspect(copy)
+    assert info["measured"]["status"] == "unreadable" and problem in info["measured"]["problem"]
+    assert f"measured   ignored (measured.json: " in api.format_inspect(info)
+
+
+def test_a_folder_that_cannot_keep_the_record_still_compares(art, report, monkeypatch, tmp_path, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(art / measured.MEASURED))
+
+    monkeypatch.setattr(measured, "record", refuse)
+    assert main(["compare", str(art), *SAMPLE, "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "recorded   not in the artifact folder (" in out and "quality    PSNR" in out

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tcgraph.errors import UsageError
+from tcgraph.inspection.measured import read as read_measured
 from tcgraph.models.families import ModelConfig, config_from_dict
 from tcgraph.names import (branch_key, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
                            is_cache)
@@ -311,6 +312,7 @@ def inspect_artifact(path: str | Path, *, variant: str | None = None, step: int 
         v["file"] = art.variant(v["id"]).file if v["id"] in manifest_ids else None
         v["onnx_bytes"] = onnx_bytes.get(v["id"])
     info["engines"] = _engines(art, verify)
+    info["measured"] = read_measured(art.root)  # what `tcgraph compare` last measured, if it ran
     if "focus" in info:
         vid = info["focus"]["variant"]
         info["focus"].update(_graph_focus(art, vid, info["full_variant"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tcgraph.errors import TcgraphError
 from tcgraph.inspection.graph import UNIT_WORD
+from tcgraph.inspection.measured import measured_line
 from tcgraph.names import BRANCH_ORDER
 
 NODE_TABLE_LINES = 40  # node rows printed for a focused variant; the rest is counted
@@ -64,6 +65,8 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
     learned = _learned_line(info.get("params") or {})
     if learned:
         lines.append(learned)
+    if "path" in info:  # an artifact (not a bare plan): what `compare` last measured of it
+        lines.append(measured_line(info.get("measured"), info["path"]))
     c = info["action_counts"]
     dyn = f", dynamic {c['dynamic']}" if c.get("dynamic") else ""
     fc = info.get("forecast_counts") or {}
