@@ -35,6 +35,12 @@ their mask; the artifact's graphs read them at its `text_length` (call the pipel
 `max_sequence_length` equal to it, or precomputed embeddings of that length). They batch the
 negative prompts first, DiTPipeline its conditional half first; the graphs compute every row
 alike, so either order runs.
+
+`StableDiffusion3Pipeline` passes the latents, the timestep (sigma × 1000), the text sequence and
+the pooled text embeddings, with no mask; a call with skip-layer guidance or attention keyword
+arguments is refused (`tcgraph.models.diffusers.sd3_pipeline`). A pipeline built from local parts
+without text encoders or VAE runs with `prompt_embeds`, `negative_prompt_embeds`,
+`pooled_prompt_embeds`, `negative_pooled_prompt_embeds` and `output_type="latent"`.
 """
 from __future__ import annotations
 
@@ -68,6 +74,8 @@ class ArtifactTransformer(nn.Module):
         self.timesteps = [float(sampler.schedule.timesteps[i]) for i in order]  # step s -> its timestep
         self.config = SimpleNamespace(sample_size=cfg.input_size, in_channels=cfg.in_channels,
                                       out_channels=cfg.out_channels, patch_size=cfg.patch_size)
+        if getattr(cfg, "pooled_channels", 0):  # StableDiffusion3Pipeline without T5 pads with zeros of this width
+            self.config.joint_attention_dim = cfg.caption_channels
         self.flux = cfg.family.name == "flux"
         self.calls = self.timesteps  # the timestep each step's call passes
         if self.flux:  # FluxPipeline reads packed channels and the guidance embedding; passes t / 1000
@@ -102,6 +110,10 @@ class ArtifactTransformer(nn.Module):
         if self.flux:
             x, t, y = _flux().call_inputs(self.settings, self.model_config, hidden_states,
                                           lambda: self._text(encoder_hidden_states), unused, self.timesteps[step])
+        elif getattr(self.model_config, "pooled_channels", 0):  # SD3: pooled text embeddings, no mask
+            x = self._latents(hidden_states, "prompts")
+            text, pooled = self._text(encoder_hidden_states), _sd3().pooled_input(self.settings, self.model_config, unused)
+            t, y = self._timesteps(timestep, x.shape[0]), (text, pooled)
         elif self.model_config.text_conditioned:
             x, t, y = self._text_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
         else:
@@ -151,6 +163,11 @@ class ArtifactTransformer(nn.Module):
         s, cfg = self.settings, self.model_config
         x = hidden_states.detach().to("cpu", torch.float32)
         want = (s.model_batch, cfg.in_channels, s.resolution, s.resolution)
+        if x.dim() == 4 and x.shape[0] == want[0] and tuple(x.shape[2:]) != want[2:]:
+            raise UsageError(
+                f"the pipeline gave the transformer a {x.shape[2]}x{x.shape[3]} latent, the artifact's graphs take "
+                f"{s.resolution}x{s.resolution} (a constant of the graphs): call the pipeline with height and width "
+                f"{8 * s.resolution} (with a VAE that downsamples 8x), or transform again at that resolution")
         if tuple(x.shape) != want:
             guided = " (guidance doubles it)" if s.model_batch > s.batch else ""
             raise UsageError(
@@ -291,6 +308,8 @@ def _check_same_model(pipe, original, config, where) -> None:
     pipeline, theirs = type(pipe).__name__, dict(raw).get("_class_name", type(original).__name__)
     if config.family.name == "flux" or theirs == "FluxTransformer2DModel":
         return _flux().check_same_model(pipeline, theirs, dict(raw), config, where)
+    if config.family.name == "sd3" or theirs == "SD3Transformer2DModel":
+        return _sd3().check_same_model(pipeline, theirs, dict(raw), config, where)
     if config.text_conditioned:
         fits = (PIXART_CLASS_NAME, f"text-conditioned (a {PIXART_CLASS_NAME}: its graphs read text embeddings)",
                 "a PixArtAlphaPipeline or PixArtSigmaPipeline")
@@ -315,6 +334,13 @@ def _check_same_model(pipe, original, config, where) -> None:
                          f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
 
 
+def _sd3():
+    """StableDiffusion3Pipeline's conventions (`tcgraph.models.diffusers.sd3_pipeline`, for an SD3 artifact only)."""
+    from tcgraph.models.diffusers import sd3_pipeline
+
+    return sd3_pipeline
+
+
 def _flux():
     """FluxPipeline's conventions (`tcgraph.models.diffusers.flux_pipeline`, imported for a FLUX artifact only)."""
     from tcgraph.models.diffusers import flux_pipeline
@@ -322,7 +348,7 @@ def _flux():
     return flux_pipeline
 
 
-PIPELINES = "DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline or FluxPipeline"
+PIPELINES = "DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or FluxPipeline"
 
 
 def _what(value) -> str:
