@@ -5,21 +5,25 @@ block); every branch reaches the output; save_pretrained folders load, damaged o
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from tcgraph.errors import TcgraphError
-from tcgraph.models.adapter import adapter_for
-from tcgraph.models.diffusers.sd3 import SD3, DiffusersSD3, layout, sd3_state_dict_shapes
-from tcgraph.models.diffusers.sd3_config import SD3Config, sd3_config_from_diffusers, sd3_kwargs
-from tcgraph.models.families import FAMILIES, config_from_dict
-from tcgraph.models.layout import Layout
-from tcgraph.models.loading import load_diffusers
-from tcgraph.names import IMAGE, TEXT_STREAM
-from tcgraph.passes import capture, expand_blocks
-
 diffusers = pytest.importorskip("diffusers")
+
+from tcgraph.compile import build_variants  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
+from tcgraph.models.adapter import adapter_for  # noqa: E402
+from tcgraph.models.diffusers.sd3 import SD3, DiffusersSD3, layout, sd3_state_dict_shapes  # noqa: E402
+from tcgraph.models.diffusers.sd3_config import SD3Config, sd3_config_from_diffusers, sd3_kwargs  # noqa: E402
+from tcgraph.models.families import FAMILIES, config_from_dict  # noqa: E402
+from tcgraph.models.layout import Layout  # noqa: E402
+from tcgraph.models.loading import load_diffusers  # noqa: E402
+from tcgraph.names import IMAGE, TEXT_STREAM  # noqa: E402
+from tcgraph.passes import capture, expand_blocks  # noqa: E402
+from tcgraph.plan import COMPUTE, Plan, Recipe  # noqa: E402
+from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 TEXT_LENGTH, TEXT_WIDTH, POOLED_WIDTH = 5, 12, 10
 PLAIN = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
@@ -175,3 +179,35 @@ def test_rows_are_the_attentions_rows_of_the_chosen_image_tokens():
                 for idx, want in ((shared, image[:, shared]), (own, torch.stack([image[b, own[b]] for b in range(2)]))):
                     got = attn.rows(rows_in, idx)
                     assert (got - torch.cat([whole[:, :text], want], dim=1)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.skipif(not os.environ.get("TCGRAPH_DIFFUSERS_SD3"),
+                    reason="set TCGRAPH_DIFFUSERS_SD3 to a local SD3Transformer2DModel folder (or SD3/SD3.5 pipeline) "
+                           "to check real weights; none can be downloaded here")
+def test_real_weights_from_a_local_folder_equal_diffusers_forward():
+    """With real weights (SD3-Medium or SD3.5 saved locally), at a 32x32 latent and 16 text tokens to
+    keep it short: the folder's config reads, and tcgraph's wrapper and its `full` graph equal
+    diffusers' own forward within 1e-4, float32."""
+    from tcgraph.models.diffusers.folder import read_folder
+
+    folder = read_folder(os.environ["TCGRAPH_DIFFUSERS_SD3"])
+    reference = diffusers.SD3Transformer2DModel.from_pretrained(str(folder.model_dir)).float().eval()
+    model = DiffusersSD3(reference, input_size=32).eval()  # the same modules, one copy of the weights
+    cfg = model.config
+    assert sd3_config_from_diffusers(folder.config, "config.json", input_size=32) == cfg
+    g, length = torch.Generator().manual_seed(0), 16
+    x, t = torch.randn(2, cfg.in_channels, 32, 32, generator=g), torch.tensor([980.0, 400.0])
+    text = torch.randn(2, length, cfg.caption_channels, generator=g)
+    pooled = torch.randn(2, cfg.pooled_channels, generator=g)
+    settings = SamplerSettings(sampler="diffusers", scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                               "shift": 3.0},
+                               num_steps=1, batch=2, cfg_scale=1.0, resolution=32, text_length=length, pooled=True)
+    lay = cfg.block_layout()
+    plan = Plan("full", settings, (Recipe.uniform(lay.depth, COMPUTE, lay.branches()),), cfg.num_tokens, layout=lay)
+    (variant,) = build_variants(model, plan, check=False)
+    with torch.no_grad():
+        ref = diffusers_forward(reference, x, t, text, pooled)
+        got = variant.gm(x, t, text, pooled)
+        got = got[0] if isinstance(got, tuple) else got
+        assert (model(x, t, text, pooled) - ref).abs().max().item() <= ATOL
+    assert (got - ref).abs().max().item() <= ATOL
