@@ -35,6 +35,7 @@ from tcgraph.eval.metrics import SSIM_WIN_SIZE, psnr, ssim
 from tcgraph.export.artifact import Artifact, load_artifact
 from tcgraph.files import describe_os_error
 from tcgraph.inspection import measured
+from tcgraph.models import PRETRAINED
 from tcgraph.progress import QUIET, Phase, Progress, bars
 from tcgraph.sampling import checks
 from tcgraph.suggest import did_you_mean_path
@@ -115,7 +116,7 @@ def build_reference(art: Artifact, progress: Progress = QUIET) -> tuple[Artifact
         if ref is not None and reference_problem(art, ref) is None:
             return ref, False
     source = art.extra.get("source") or art.source_model
-    if not source or source == "in-memory" or (source not in ("digits", "digits-text") and not Path(source).exists()):
+    if not source or source == "in-memory" or (source not in PRETRAINED and not Path(source).exists()):
         where = f" ({source} is not here)" if source and source != "in-memory" else " (from a model in memory)"
         raise UsageError(f"cannot build the full reference of {art.root}: it was transformed{where}; "
                          "transform the same model with --plan full and the same settings, and give that folder "

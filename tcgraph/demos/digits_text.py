@@ -218,7 +218,13 @@ def calibration_prompts(encoder: PromptEncoder) -> Text:
 
 def prompt_encoder_for(model) -> PromptEncoder | None:
     """The prompt encoder of a model name or folder: "digits-text", its folder, or the folder's
-    `transformer/`; None for any other model (whose prompts must come as embeddings)."""
+    `transformer/` (and the same of "digits-flux": its `PooledPromptEncoder`); None for any other
+    model (whose prompts must come as embeddings)."""
+    from tcgraph.demos import digits_flux
+
+    flux = digits_flux.demo_folder_of(model)
+    if flux is not None:
+        return digits_flux.load_prompt_encoder(flux)
     if isinstance(model, str) and model == NAME:
         return load_prompt_encoder()
     if not isinstance(model, (str, Path)):

@@ -18,15 +18,17 @@ from tcgraph.lazy import lazy_names
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Pretrained models that ship with tcgraph: name -> (weights file, registered config).
-# "digits-text" is a folder (transformer/ + text_encoder/, `tcgraph.demos.digits_text`) whose
-# config is its transformer/config.json, hence no registered config.
+# "digits-text" and "digits-flux" are folders (transformer/ + text_encoder/, `tcgraph.demos.digits_text`,
+# `tcgraph.demos.digits_flux`) whose config is their transformer/config.json, hence no registered config.
 # Official DiT weights cannot be downloaded here; pass their path to `load_model`.
 PRETRAINED: dict[str, tuple[Path, str | None]] = {
     "digits": (WEIGHTS_DIR / "digits.safetensors", "digits"),
     "digits-text": (WEIGHTS_DIR / "digits_text", None),
+    "digits-flux": (WEIGHTS_DIR / "digits_flux", None),
 }
 # What makes each pretrained weights file, told to the user when it is missing.
-_MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py", "digits-text": "python scripts/train_text_demo.py"}
+_MAKE_WEIGHTS = {"digits": "python scripts/train_demo.py", "digits-text": "python scripts/train_text_demo.py",
+                 "digits-flux": "python scripts/train_flux_demo.py"}
 
 # name -> the module that defines it, imported when the name is first asked for
 _LAZY = {name: "tcgraph.models.loading" for name in (

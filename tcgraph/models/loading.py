@@ -25,6 +25,10 @@ from tcgraph.models.official.checkpoint import (
 from tcgraph.models.official.dit import CONFIGS, DiT, DiTConfig, make_config
 from tcgraph.models.official.dit import build_model as build_official
 
+# Pretrained demos that are folders with a diffusers transformer/: a DiffusersPixArt, a DiffusersFluxGuided
+FOLDER_DEMOS = ("digits-text", "digits-flux")
+
+
 def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor], source: Path) -> DiTConfig:
     if isinstance(config, DiTConfig):
         return config
@@ -54,8 +58,8 @@ def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor],
 def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None) -> DiT:
     """A DiT with loaded weights, in eval mode.
 
-    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`; "digits-text" is
-    text-conditioned, a `DiffusersPixArt`, needing diffusers) or the
+    `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`; "digits-text" and
+    "digits-flux" are text-conditioned, a `DiffusersPixArt` and a FLUX model, needing diffusers) or the
     path of a checkpoint (`.safetensors`, `.pt`, `.pth`, `.bin`; official DiT release
     and training checkpoints included). `config` is a registered config name or a
     `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
@@ -64,11 +68,11 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     if not isinstance(name_or_path, (str, os.PathLike)) or name_or_path == "":
         raise TcgraphError(f"the model must be the name of a pretrained model ({', '.join(PRETRAINED)}) or the path of "
                            f"a checkpoint or diffusers folder, got {type(name_or_path).__name__} {name_or_path!r:.60}")
-    if name_or_path == "digits-text":  # a DiffusersPixArt; its prompt encoder: digits_text.prompt_encoder_for
-        folder = PRETRAINED["digits-text"][0] / "transformer"
+    if name_or_path in FOLDER_DEMOS:  # diffusers folders; their prompt encoders: digits_text.prompt_encoder_for
+        folder = PRETRAINED[name_or_path][0] / "transformer"
         if not (folder / "config.json").is_file():
-            raise TcgraphError(f"the pretrained model 'digits-text' has no weights yet: {folder / 'config.json'} is "
-                               f"missing; create them with `{_MAKE_WEIGHTS['digits-text']}`")
+            raise TcgraphError(f"the pretrained model {name_or_path!r} has no weights yet: {folder / 'config.json'} is "
+                               f"missing; create them with `{_MAKE_WEIGHTS[name_or_path]}`")
         return load_diffusers(folder, config)
     if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
         return load_diffusers(name_or_path, config)

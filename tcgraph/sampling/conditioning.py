@@ -115,8 +115,8 @@ def text_argument(text, name: str, option: str):
 
 
 def encoder_defaults(model, settings, calibration_text):
-    """A model with a tcgraph prompt encoder (the digits-text demo): its text length, and its prompts
-    (every template of every digit) for calibration unless some were given."""
+    """A model with a tcgraph prompt encoder (the digits-text and digits-flux demos): its text length, and
+    its prompts (every template of every digit) for calibration unless some were given."""
     from tcgraph.demos.digits_text import calibration_prompts, prompt_encoder_for
 
     encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
@@ -148,11 +148,13 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
 
 
 def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
-    """The prompts as the artifact's model's own text encoder embeds them: the digits-text demo's
-    (shipped with tcgraph), or that of the diffusers pipeline folder `text_encoder` (`--text-encoder`).
+    """The prompts as the artifact's model's own text encoder embeds them: the digits-text or
+    digits-flux demo's (shipped with tcgraph), or that of the diffusers pipeline folder
+    `text_encoder` (`--text-encoder`).
     An artifact's manifest records where it was transformed from, but tcgraph reads no path
     from an artifact: the folder is the user's to name."""
-    from tcgraph.demos.digits_text import NAME, load_prompt_encoder, prompt_encoder_for
+    from tcgraph.demos.digits_flux import NAME as FLUX_NAME
+    from tcgraph.demos.digits_text import NAME, prompt_encoder_for
     from tcgraph.text.pipeline import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
@@ -172,8 +174,8 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
             raise UsageError(f"{text_encoder} has no text encoder tcgraph can run (a diffusers pipeline folder with "
                              f"model_index.json, text_encoder/ and tokenizer/, or the digits-text demo's folder); "
                              f"{embed_with}")
-    elif source == NAME:  # the demo's encoder ships with tcgraph: no path is read from the artifact
-        encoder = load_prompt_encoder()
+    elif source in (NAME, FLUX_NAME):  # the demos' encoders ship with tcgraph: no path is read from the artifact
+        encoder = prompt_encoder_for(source)
     else:
         recorded = art.extra.get("source") or (source if source != "in-memory" else None)
         where = f" (its manifest says it came from {recorded})" if recorded else ""

@@ -219,12 +219,18 @@ class DiffusersSampler(GuidedSteps):
 
 def scheduler_for_transform(scheduler, model) -> dict | None:
     """The diffusers scheduler config that `transform(model, scheduler=...)` samples with, or None
-    for tcgraph's DDIM: "auto" takes a diffusers pipeline folder's own `scheduler/`."""
+    for tcgraph's DDIM: "auto" takes a diffusers pipeline folder's own `scheduler/` (and the
+    digits-flux demo's, of its name or folder)."""
     if isinstance(scheduler, dict):
         return scheduler
     if scheduler is None or scheduler == "ddim":
         return None
     if scheduler == "auto":
+        from tcgraph.demos.digits_flux import scheduler_folder_for
+
+        demo = scheduler_folder_for(model)  # the digits-flux demo's own scheduler/
+        if demo is not None:
+            return scheduler_config_from_folder(demo)
         if isinstance(model, (str, os.PathLike)) and (Path(model) / "model_index.json").is_file() \
                 and (Path(model) / "scheduler").is_dir():
             return scheduler_config_from_folder(model)

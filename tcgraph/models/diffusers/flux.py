@@ -36,6 +36,8 @@ diffusers is imported when this module is: it is an optional dependency (`.[diff
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -165,6 +167,8 @@ def load_diffusers_flux(folder: DiffusersFolder, input_size: int | None = None) 
     where = str(folder.model_dir / "config.json")
     side = input_size if input_size is not None else folder.config.get("sample_size", None)
     config = flux_config_from_diffusers(folder.config, where, **({} if side is None else {"input_size": side}))
+    # sample_size is tcgraph's (the digits-flux demo writes it): diffusers' class has none and warns of it
+    folder = dataclasses.replace(folder, config={k: v for k, v in folder.config.items() if k != "sample_size"})
     model = load_weights_into(folder, FluxTransformer2DModel, FLUX_CLASS_NAME, config,
                               want=flux_diffusers_shapes(config))
     check_finite(model.state_dict(), str(folder.model_dir))
