@@ -134,6 +134,10 @@ class ArtifactTransformer(nn.Module):
             return self._next
         if value == self.calls[0]:  # a new run after an interrupted one
             return 0
+        if self._next > 0 and value == self.calls[self._next - 1]:
+            raise UsageError(f"the pipeline called the transformer a second time at step {self._next - 1} (timestep "
+                             f"{value:g}): the artifact runs one pass per step (FluxPipeline does two with a negative "
+                             "prompt and true_cfg_scale > 1): call the pipeline without them")
         s = self.settings
         which = (f"the diffusers scheduler {s.scheduler['_class_name']}" if s.scheduler else "tcgraph's DDIM")
         raise UsageError(

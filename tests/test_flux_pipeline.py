@@ -95,6 +95,18 @@ def test_each_mismatch_is_one_clear_error(setup, change, match):
         run(pipe, **change)
 
 
+def test_two_passes_per_step_are_refused(setup):
+    """FluxPipeline's true CFG (a negative prompt, true_cfg_scale > 1) calls the transformer twice per step."""
+    transformer, arts = setup
+    pipe = pipeline(transformer)
+    g = torch.Generator().manual_seed(7)
+    embeds, pooled = torch.randn(BATCH, L, 12, generator=g), torch.randn(BATCH, 10, generator=g)
+    with tcgraph.diffusers.use(pipe, arts["full"]), pytest.raises(UsageError, match="a second time at step"):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=embeds,
+             negative_pooled_prompt_embeds=pooled, true_cfg_scale=2.0, height=SIDE, width=SIDE,
+             num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent", max_sequence_length=L)
+
+
 def test_another_model_is_refused(setup):
     _, arts = setup
     schnell = pipeline(tiny_diffusers(tiny_config(guidance_embeds=False, depth=2, single_depth=1), seed=12))
