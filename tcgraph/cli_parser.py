@@ -137,14 +137,14 @@ def _add_conditioning(s) -> None:
     from tcgraph.demos.vocabulary import describe_vocabulary
 
     s.add_argument("--prompt", action="append",
-                   help="text-conditioned models with a text encoder (the digits-text demo; a diffusers pipeline "
-                        "folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one grid row each. "
-                        f"The digits-text demo knows only these words (any other reads as nothing, with a warning): "
+                   help="text-conditioned models with a text encoder (the digits-text and digits-flux demos; a "
+                        "diffusers pipeline folder's text_encoder/ and tokenizer/): a prompt; repeat for several, one "
+                        "grid row each. The demos know only these words (any other reads as nothing, with a warning): "
                         f"{describe_vocabulary()}")
     s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
     s.add_argument("--text-encoder", type=Path, metavar="FOLDER",
                    help="with --prompt: the diffusers pipeline folder whose text_encoder/ and tokenizer/ embed the "
-                        "prompts (the one the artifact was transformed from; the digits-text demo needs none)")
+                        "prompts (the one the artifact was transformed from; the demos need none)")
     s.add_argument("--embeddings", type=Path,
                    help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "
                         "prompt_attention_mask and, for guidance, negative_prompt_embeds, "

@@ -79,7 +79,7 @@ def test_help_version_and_usage_errors_do_not_import_torch(warm_cache, tmp_path)
         ("transform", "--plan", "tokencash:2"): (2, "unknown plan 'tokencash:2' (did you mean 'tokencache' or "
                                                     "'tokencache+l2c'?); available: full (no caching) | fora:N"),
         ("transform", "--model", "digts"): (1, "no pretrained model named 'digts' and no checkpoint file or diffusers "
-                                               "folder at digts (did you mean 'digits' or 'digits-text'?)"),
+                                               "folder at digts (did you mean 'digits', 'digits-text' or 'digits-flux'?)"),
         ("inspect", "digits-fora"): (1, "digits-fora is not a tcgraph artifact folder (it does not exist; did you "
                                         "mean digits-fora2?)"),
         ("sample", "digits-fora2", "--backend", "onnx"): (2, "invalid choice: 'onnx'"),

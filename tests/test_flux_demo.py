@@ -132,6 +132,14 @@ def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):
     assert not (tmp_path / "art").exists()
 
 
+def test_the_cli_names_the_training_command(tmp_path, monkeypatch, capsys):
+    from tcgraph.cli import main
+
+    monkeypatch.setitem(models.PRETRAINED, "digits-flux", (tmp_path / "digits_flux", None))
+    assert main(["transform", "--model", "digits-flux", "--plan", "fora:2", "--out", str(tmp_path / "art")]) == 1
+    assert "python scripts/train_flux_demo.py" in capsys.readouterr().err
+
+
 def test_the_cli_knows_the_name():
     from tcgraph.cli_table import live_table
 
