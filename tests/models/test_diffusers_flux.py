@@ -83,22 +83,42 @@ def test_wrapper_loop_and_graphs_equal_diffusers_forward(case, tmp_path):
     names = ["x", "t", TEXT, POOLED] + (["guidance"] if config.guidance_embeds else [])
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == names
 
+    variant = full_variant(wrapped)
+    assert variant.input_names == names
+    with torch.no_grad():
+        out = variant.gm(*[dict(zip(names, (x, t, text, pooled, *extra)))[n] for n in names])
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def full_variant(wrapped):
+    """The `full` variant graph of a one-step plan (capture, expand, the passes)."""
+    config = wrapped.config
     s = SamplerSettings(num_steps=1, batch=2, cfg_scale=3.5 if config.guidance_embeds else 1.0, resolution=8,
                         text_length=L, pooled=True, guidance=config.guidance)
-    layout = Layout(adapter.layout(wrapped))
+    layout = config.block_layout()
     plan = Plan("full", s, (Recipe.uniform(layout.depth, COMPUTE, layout.branches()),), config.num_tokens,
                 layout=layout)
     (variant,) = build_variants(wrapped, plan, check=False)
-    assert variant.input_names == names
+    return variant
+
+
+@pytest.mark.slow  # ~10-20 s: one ONNX export (the adapter battery, also slow, exports every action)
+def test_the_exported_full_graph_equals_diffusers_forward(case, tmp_path):
+    """The `full` variant exported to ONNX: ONNX Runtime's output equals the graph's (1e-4, checked at export),
+    which equals diffusers' forward (1e-4)."""
     from tcgraph.export.onnx import export_variants
 
-    feeds = dict(zip(names, (x, t, text, pooled, *extra)))
+    config, model, wrapped = case
+    if not config.guidance_embeds:
+        pytest.skip("one export is enough: the schnell form's graph is checked above")
+    x, sigma, text, pooled, guidance = inputs(config)
+    variant = full_variant(wrapped)
+    variant.example_inputs = dict(zip(variant.input_names, (x, sigma * 1000, text, pooled, guidance)))
+    entry, = export_variants([variant], tmp_path, atol=1e-4)
     with torch.no_grad():
-        out = variant.gm(*[feeds[n] for n in names])
-    assert (out - ref).abs().max().item() <= 1e-4
-    if config.guidance_embeds:  # (export takes ~8 s: one of the two cases)
-        variant.example_inputs = feeds
-        export_variants([variant], tmp_path, atol=1e-4)  # ONNX Runtime's output checked against the graph's
+        ref = diffusers_forward(model, config, x, sigma, text, pooled, guidance)
+        graph = variant.gm(*variant.example_inputs.values())
+    assert (graph - ref).abs().max().item() <= 1e-4 and entry["outputs"][0]["max_abs_diff"] <= 1e-4
 
 
 def test_state_dicts_config_round_trip_and_layout(case):
