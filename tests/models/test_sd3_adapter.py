@@ -42,7 +42,7 @@ def tiny_sd35(seed: int = 5) -> DiffusersSD3:
     return DiffusersSD3(model.eval()).eval()
 
 
-@pytest.mark.slow  # ~75 s on 2 cores: two exports of 4 blocks' variants, sampling on both backends
+@pytest.mark.slow  # ~75-100 s on 2 shared cores: two exports of 4 blocks' variants, sampling on both backends
 class TestSD3(AdapterTester):
     """SD3.5-like: two dual blocks (attn, attn_image, mlp, mlp_text), a joint block, the last block (attn, mlp)."""
 
@@ -57,7 +57,7 @@ class TestSD3(AdapterTester):
         """As the base class's, with token actions on every block: in A, the image branches of block l
         alternate partial and dynamic ((l + i) % 2 for its i-th branch), the last block's attention partial
         (it reads text rows it does not write: no dynamic action); in C, even blocks reuse, odd blocks
-        forecast(2). No block has both attn and attn_image partial: see test_partial_attn_and_attn_image."""
+        forecast(2). (test_partial_attn_and_attn_image has both attentions of a block partial.)"""
         names, last = layout.branches(), layout.depth - 1
 
         def action(l, i, br):
