@@ -74,18 +74,21 @@ def test_the_folder_loads_as_the_flux_family(trained):
     assert a.shape == (1, 1, 16, 16) and torch.equal(a, b)
 
 
-def test_fora_transforms_and_samples_from_prompts(trained, tmp_path):
+def test_fora_transforms_and_samples_from_prompts(trained, tmp_path, monkeypatch):
     folder, _ = trained
-    art = api.transform(folder / "transformer", "fora:2", tmp_path / "art", steps=4, batch=2, progress=False,
+    monkeypatch.setitem(models.PRETRAINED, "digits-flux", (folder, None))  # as if trained in place
+    art = api.transform("digits-flux", "fora:2", tmp_path / "art", steps=4, batch=2, progress=False,
                         check=False)  # the graphs vs eager: tests/models/test_diffusers_flux.py
     settings = json.loads((art / "manifest.json").read_text())["plan"]["settings"]
     assert settings["scheduler"] == digits_flux.SCHEDULER  # "auto" took the demo's own scheduler
     assert (settings["text_length"], settings["guidance"], settings["pooled"]) == (LENGTH, "input", True)
     prompts = ["a handwritten seven", "the digit 3"]
-    samples, labels = api.sample(art, prompts=prompts, per_class=1, text_encoder=folder, progress=False)
+    samples, labels = api.sample(art, prompts=prompts, per_class=1, progress=False)  # the demo's own encoder
     assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all() and list(labels) == [0, 1]
+    named, _ = api.sample(art, prompts=prompts, per_class=1, text_encoder=folder, progress=False)
+    assert torch.equal(samples, named)
     # the prompts reached the model: the same noise with the prompts swapped gives other images
-    swapped, _ = api.sample(art, prompts=prompts[::-1], per_class=1, text_encoder=folder, progress=False)
+    swapped, _ = api.sample(art, prompts=prompts[::-1], per_class=1, progress=False)
     assert (samples - swapped).abs().max() > 1e-3
     # and as the encoder's embeddings, passed directly, give
     text = PooledPromptEncoder.from_folder(folder / "text_encoder").encode(prompts, negative="")
