@@ -26,8 +26,8 @@ Why this demo should follow its prompts where the PixArt text demo (51 % at guid
    --guided-from of the budget on, a share --guided-share of the prompted rows draw g uniform in
    [1, --max-guidance] and learn the target v + (g - 1) (v(x, c) - v(x, "")), the two velocities
    the model's own at g = 1 (no gradient). Its expectation is the CFG-guided velocity at scale g;
-   the other rows (g = 1) keep the conditional and unconditional velocities anchored. One extra
-   forward pass (no backward) per guided row.
+   the other rows (g = 1) keep the conditional and unconditional velocities anchored. Each guided
+   row costs one extra forward pass (no backward) of two rows: with its prompt and with "".
 The log prints the loss and the "cond gap", mean |v(prompt) - v("")| of the EMA at s = 0.7 on
 fixed noise (a run that ignores its prompts shows early).
 
