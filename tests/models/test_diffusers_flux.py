@@ -288,3 +288,29 @@ def test_embedding_files_with_pooled_embeddings(tmp_path):
         text.check(L, 12, 0)
     with pytest.raises(UsageError, match="no pooled text embeddings were given"):
         Text(d["prompt_embeds"], torch.ones(2, L)).check(L, 12, 10)
+
+
+def test_pipeline_calls_read_as_the_graphs_fix_them():
+    """What FluxPipeline passes its transformer, read for the graphs: latents unpacked (and the output packed
+    back to the same), the plan's timestep; other position ids or another guidance scale refused by name."""
+    from tcgraph.errors import UsageError
+    from tcgraph.models.diffusers import flux_pipeline
+
+    config = tiny_config(guidance_embeds=True)
+    s = SamplerSettings(num_steps=2, batch=2, cfg_scale=3.5, resolution=8, text_length=L, pooled=True,
+                        guidance="input", sampler="diffusers",
+                        scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+    g = torch.Generator().manual_seed(3)
+    latents, text = torch.randn(2, 16, 16, generator=g), torch.randn(2, L, 12, generator=g)
+    given = dict(pooled_projections=torch.randn(2, 10, generator=g), img_ids=image_ids(4), txt_ids=torch.zeros(L, 3),
+                 guidance=torch.full((2,), 3.5))
+    x, t, cond = flux_pipeline.call_inputs(s, config, latents, lambda: text, given, 831.8)
+    assert x.shape == (2, 4, 8, 8) and torch.equal(flux_pipeline.output(x, config), latents)
+    assert t.dtype == torch.float32 and t.tolist() == [pytest.approx(831.8)] * 2 and cond[2].tolist() == [3.5, 3.5]
+    shifted = image_ids(4).clone()
+    shifted[:, 1] += 1  # another crop's rows
+    for bad, match in (({"img_ids": shifted}, "position ids"), ({"txt_ids": torch.ones(L, 3)}, "position ids"),
+                       ({"guidance": torch.full((2,), 2.0)}, "made for guidance 3.5"),
+                       ({"pooled_projections": torch.randn(2, 8)}, r"pooled text embeddings \[2, 10\]")):
+        with pytest.raises(UsageError, match=match):
+            flux_pipeline.call_inputs(s, config, latents, lambda: text, {**given, **bad}, 831.8)
