@@ -132,7 +132,8 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
     if cfg.text_conditioned and not settings.text_length:
         raise UsageError(f"this model is text-conditioned (text embeddings of width {cfg.caption_channels}): give the "
                          "text length its graphs read, text_length= (--text-length; PixArt-alpha's prompts have 120 "
-                         "tokens, PixArt-Sigma's 300), or calibration embeddings, whose length is taken")
+                         "tokens, PixArt-Sigma's 300, SD3's 333: 77 CLIP + 256 T5), or calibration embeddings, whose length "
+                         "is taken")
     if not cfg.text_conditioned and settings.text_length:
         raise UsageError(f"this model is conditioned on class ids, not text: drop text_length (--text-length "
                          f"{settings.text_length}) and the text embeddings")
