@@ -2,14 +2,15 @@
 pipeline built from local parts (a tiny random SD3.5-like transformer, SD3's flow-matching scheduler, no
 text encoders and no VAE: prompt and pooled embeddings, and their negatives, passed directly, latents
 out). The `full` artifact gives the pipeline's own latents within 1e-4; a cached plan runs its schedule;
-each mismatch (steps, resolution, text length, batch, guidance on or off, another model) is one clear error."""
+each mismatch (steps, resolution, text length, batch, guidance on or off, another model) is one clear error.
+The same with the pipeline's own (tiny, random, built here) CLIP and T5 encoders, and with the CLIPs alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
-pytestmark = pytest.mark.slow  # ~30 s on 2 cores: the module's two transforms take ~20 s
+pytestmark = pytest.mark.slow  # ~40-60 s on 2 shared cores: the module's two transforms take ~20-35 s
 
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline  # noqa: E402
 
@@ -22,14 +23,46 @@ from tcgraph.sampling import SamplerSettings  # noqa: E402
 from tests.models.test_diffusers_sd3 import POOLED_WIDTH, SD35, TEXT_WIDTH, tiny_sd3  # noqa: E402
 
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}  # SD3's
-STEPS, BATCH, L, GUIDANCE = 3, 2, 5, 4.0
+T5_LENGTH = 4  # max_sequence_length: the text is 77 CLIP tokens and these
+STEPS, BATCH, L, GUIDANCE = 3, 2, 77 + T5_LENGTH, 4.0
 SIDE = 64  # pixels: an 8 x 8 latent (the pipeline's VAE factor 8 without a VAE), 16 tokens
 
 
-def pipeline(transformer) -> StableDiffusion3Pipeline:
+def pipeline(transformer, **encoders) -> StableDiffusion3Pipeline:
+    parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                 tokenizer_3=None)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER),
-                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    vae=None, **{**parts, **encoders})
+
+
+def text_encoders(t5: bool) -> dict:
+    """Tiny random CLIP-L, CLIP-G (and T5) encoders with word-level tokenizers, built here: the two CLIPs'
+    hidden states (4 + 6 wide, padded to the text width 12) and pooled projections (4 + 6 = 10)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config
+    from transformers import T5EncoderModel
+
+    def tokenizer(pad: str, length: int):
+        words = Tokenizer(models.WordLevel({pad: 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token=pad))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=words, pad_token=pad, model_max_length=length)
+
+    def clip(width: int):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(WORDS) + 1, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=width, max_position_embeddings=77)).eval()
+
+    torch.manual_seed(0)
+    parts = dict(text_encoder=clip(4), tokenizer=tokenizer("<|endoftext|>", 77), text_encoder_2=clip(6),
+                 tokenizer_2=tokenizer("<|endoftext|>", 77))
+    if t5:
+        parts.update(text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(WORDS) + 1, d_model=TEXT_WIDTH, d_kv=4,
+                                                            d_ff=16, num_layers=1, num_heads=2)).eval(),
+                     tokenizer_3=tokenizer("<pad>", 512))
+    return parts
+
+
+WORDS = ("a", "red", "blue", "cat", "dog", "photo", "of")
 
 
 def run(pipe, batch: int = BATCH, length: int = L, steps: int = STEPS, side: int = SIDE, guidance: float = GUIDANCE):
@@ -83,7 +116,7 @@ def test_a_cached_plan_follows_its_schedule(setup):
 @pytest.mark.parametrize("change, match", [
     ({"steps": 4}, "made for 3 steps"),
     ({"side": 32}, "a 4x4 latent, the artifact's graphs take 8x8 .* height and width 64"),
-    ({"length": 4}, "text length 5 is a plan setting"),
+    ({"length": L - 1}, f"text length {L} is a plan setting"),
     ({"batch": 3}, "with 2 prompts per call"),
     ({"guidance": 1.0}, r"latents of shape \[2, 4, 8, 8\].*guidance on"),
 ])
@@ -134,3 +167,22 @@ def test_another_class_is_refused(setup):
     with pytest.raises(UsageError, match="is for a SD3Transformer2DModel, but SimpleNamespace's transformer is a "
                                          "DiTTransformer2DModel"):
         tcgraph.diffusers.use(SimpleNamespace(transformer=dit), arts["full"])
+
+
+@pytest.mark.parametrize("t5", [True, False], ids=["clip-and-t5", "clip-only"])
+def test_a_pipeline_with_its_text_encoders(setup, t5):
+    """Prompts through the pipeline's own encoders (without T5 it pads with zeros as wide as the
+    transformer's joint_attention_dim, which the stand-in declares): the pipeline's own latents."""
+    transformer, arts = setup
+    pipe = pipeline(transformer, **text_encoders(t5))
+
+    def run_prompts():
+        return pipe(prompt=["a photo of a red cat", "a blue dog"], negative_prompt="a dog", height=SIDE, width=SIDE,
+                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent", max_sequence_length=T5_LENGTH,
+                    generator=torch.Generator().manual_seed(3)).images
+
+    with torch.no_grad():
+        own = run_prompts()
+        with tcgraph.diffusers.use(pipe, arts["full"]):
+            got = run_prompts()
+    assert own.abs().max().item() > 0.1 and (got - own).abs().max().item() <= 1e-4, (got - own).abs().max().item()
