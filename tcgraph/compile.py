@@ -257,6 +257,15 @@ def build_variants(model: nn.Module, plan: Plan, *, check: bool = True,
             f"plan carries run constants of the {', '.join(missing)} branch but {adapter.name}'s does not make "
             "them apart from its forward; make the plan with carry_constants=False"
         )
+    kinds = [kind for _, kind in adapter.block_table(model)]
+    keys_only = sorted({(l, br) for r in plan.recipes for l, br, a in r.items()
+                        if a.kind == "dynamic" and kinds[l].branch(br).reads_only})
+    if keys_only:
+        raise TcgraphError(
+            f"plan has dynamic actions on {', '.join(f'block {l} {br}' for l, br in keys_only)}, which reads a stream "
+            "for keys and values only (SD3's last joint attention: its input has rows its output lacks, so the "
+            "change of its input cannot choose output rows); compute, reuse, forecast or prune it (partial) instead"
+        )
     if plan.settings.cfg_scale > 1.0 and model.config.class_dropout_prob <= 0 and not model.config.text_conditioned:
         raise TcgraphError(
             f"guidance {plan.settings.cfg_scale} needs the model's null class, but this model was built with "

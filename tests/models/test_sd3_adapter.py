@@ -22,6 +22,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from tcgraph.models.diffusers.sd3 import SD3, DiffusersSD3  # noqa: E402
 from tcgraph.models.diffusers.sd3_config import SD3Config, sd3_kwargs  # noqa: E402
 from tcgraph.compile import build_variants  # noqa: E402
+from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe  # noqa: E402
 from tcgraph.plan.actions import dynamic, forecast, partial  # noqa: E402
 from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester  # noqa: E402
@@ -86,3 +87,18 @@ def test_partial_attn_and_attn_image():
     s = tester.settings(model)
     plan = Plan("both", dataclasses.replace(s, num_steps=2), (tester.full_recipe(layout), both), n, layout=layout)
     build_variants(model, plan, check=True)  # the compile-time check against the eager reference
+
+
+def test_a_dynamic_last_attention_is_refused_by_name():
+    """The last block's attention reads the text for keys and values only: a dynamic action there (which
+    scores its input's change to choose output rows) is one clear error when the graphs are made."""
+    model = tiny_sd35()
+    tester = TestSD3()
+    layout = tester.layout(model)
+    names = layout.branches()
+    last = Recipe(tuple((dynamic(4),) + (COMPUTE,) * (len(names[l]) - 1) if l == layout.depth - 1
+                        else (COMPUTE,) * len(names[l]) for l in range(layout.depth)), names)
+    plan = Plan("d", dataclasses.replace(tester.settings(model), num_steps=2), (tester.full_recipe(layout), last),
+                model.config.num_tokens, layout=layout)
+    with pytest.raises(TcgraphError, match="dynamic actions on block 3 attn, which reads a stream for keys and values"):
+        build_variants(model, plan, check=False)
