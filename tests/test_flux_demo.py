@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 from tcgraph import api, models  # noqa: E402
 from tcgraph.demos import digits_flux  # noqa: E402
 from tcgraph.demos.digits_flux import PooledPromptEncoder  # noqa: E402
-from tcgraph.demos.digits_text import END, LENGTH, PromptEncoder, prompt_encoder_for  # noqa: E402
+from tcgraph.demos.digits_text import END, LENGTH, PromptEncoder  # noqa: E402
+from tcgraph.demos.prompts import prompt_encoder_for  # noqa: E402
 from tcgraph.errors import TcgraphError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_flux_demo.py"

@@ -44,7 +44,8 @@ LAYERS: dict[str, set[str]] = {
     "cli_table": {"errors", "files", "models", "plan"},  # the CLI's plan options and model names, cached
     # the argument parser, torch-free; the text demo's vocabulary (tcgraph.demos.vocabulary, torch-free) for --help
     "cli_parser": {"errors", "version", "suggest", "cli_table", "serve", "demos"},
-    "compare": {"errors", "progress", "version", "files", "eval", "export", "sampling", "suggest", "api", "inspection"},
+    "compare": {"errors", "progress", "version", "files", "models", "eval", "export", "sampling", "suggest", "api",
+                "inspection"},
     "cli": {"errors", "names", "progress", "version", "files", "models", "sampling", "plan", "runtime", "inspection", "api", "serve",
             "cli_parser", "cli_table", "suggest", "compare"},
     "__init__": {"lazy", "errors", "version", "models", "api"},  # api and models on first use (PEP 562)

@@ -216,27 +216,6 @@ def calibration_prompts(encoder: PromptEncoder) -> Text:
     return encoder.encode(prompts, negative="", warn=False)  # "image" is unknown on purpose
 
 
-def prompt_encoder_for(model) -> PromptEncoder | None:
-    """The prompt encoder of a model name or folder: "digits-text", its folder, or the folder's
-    `transformer/` (and the same of "digits-flux": its `PooledPromptEncoder`); None for any other
-    model (whose prompts must come as embeddings)."""
-    from tcgraph.demos import digits_flux
-
-    flux = digits_flux.demo_folder_of(model)
-    if flux is not None:
-        return digits_flux.load_prompt_encoder(flux)
-    if isinstance(model, str) and model == NAME:
-        return load_prompt_encoder()
-    if not isinstance(model, (str, Path)):
-        return None
-    path = Path(model)
-    for folder in (path, path.parent):
-        if (folder / ENCODER_DIR / ENCODER_WEIGHTS).is_file() and (folder / TRANSFORMER_DIR).is_dir() \
-                and (path == folder or path.name == TRANSFORMER_DIR):  # a pipeline's T5 has other files
-            return load_prompt_encoder(folder)
-    return None
-
-
 __all__ = ["LENGTH", "CAPTION", "NAME", "PROMPTS", "TEMPLATES", "VOCABULARY", "PromptEncoder", "UnknownWordsWarning",
-           "load_digits_text", "load_prompt_encoder", "load_transformer", "calibration_prompts", "prompt_encoder_for",
+           "load_digits_text", "load_prompt_encoder", "load_transformer", "calibration_prompts",
            "prompt_for", "split_words", "unknown_words"]

@@ -68,7 +68,7 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     if not isinstance(name_or_path, (str, os.PathLike)) or name_or_path == "":
         raise TcgraphError(f"the model must be the name of a pretrained model ({', '.join(PRETRAINED)}) or the path of "
                            f"a checkpoint or diffusers folder, got {type(name_or_path).__name__} {name_or_path!r:.60}")
-    if name_or_path in FOLDER_DEMOS:  # diffusers folders; their prompt encoders: digits_text.prompt_encoder_for
+    if name_or_path in FOLDER_DEMOS:  # diffusers folders; their prompt encoders: tcgraph.demos.prompts.prompt_encoder_for
         folder = PRETRAINED[name_or_path][0] / "transformer"
         if not (folder / "config.json").is_file():
             raise TcgraphError(f"the pretrained model {name_or_path!r} has no weights yet: {folder / 'config.json'} is "

@@ -117,7 +117,8 @@ def text_argument(text, name: str, option: str):
 def encoder_defaults(model, settings, calibration_text):
     """A model with a tcgraph prompt encoder (the digits-text and digits-flux demos): its text length, and
     its prompts (every template of every digit) for calibration unless some were given."""
-    from tcgraph.demos.digits_text import calibration_prompts, prompt_encoder_for
+    from tcgraph.demos.digits_text import calibration_prompts
+    from tcgraph.demos.prompts import prompt_encoder_for
 
     encoder = prompt_encoder_for(model) if isinstance(model, (str, os.PathLike)) else None
     if encoder is None:
@@ -155,7 +156,8 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
     An artifact's manifest records where it was transformed from, but tcgraph reads no path
     from an artifact: the folder is the user's to name."""
     from tcgraph.demos.digits_flux import NAME as FLUX_NAME
-    from tcgraph.demos.digits_text import NAME, prompt_encoder_for
+    from tcgraph.demos.digits_text import NAME
+    from tcgraph.demos.prompts import prompt_encoder_for
     from tcgraph.text.pipeline import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:

@@ -9,7 +9,8 @@ from tcgraph import models
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.demos import digits_text
 from tcgraph.demos.digits_text import (CAPTION, END, LENGTH, PAD, PROMPTS, TEMPLATES, UNK, PromptEncoder,
-                                        prompt_encoder_for, prompt_for)
+                                        prompt_for)
+from tcgraph.demos.prompts import prompt_encoder_for
 from tcgraph.sampling.conditioning import Text
 
 HAVE_WEIGHTS = (models.PRETRAINED["digits-text"][0] / "transformer" / "config.json").is_file()
