@@ -18,34 +18,67 @@ A `forecast(n)` branch runs no matrix product: it counts 0, like `reuse`. Its we
 of n history tensors (n multiply-adds per element) is element-wise work like the gates and
 norms left out above, so it shows in the realized/predicted ratio, which the benchmarks
 report for forecast plans.
+
+Rows by layout (tcgraph.models.layout; docs/design.md, "Block kinds, streams and per-block
+layouts"). A branch's rows are those of the streams it writes: N image rows for a DiT's or
+PixArt's branches, L text rows for `mlp_text`, L + N for a joint attention or a FLUX single
+block's MLP. An `attn` of a model with a text stream is joint attention: its keys and values are
+the L + N rows of both streams, also where it writes the image rows alone (SD3's last block,
+whose text gives keys and values only); `attn_image` (SD3.5) attends over the image rows. A
+token action keeps k image rows and recomputes every other row of the branch; the score of a
+dynamic branch is over its N image rows. The fixed work of a FLUX or SD3 step (its embeddings,
+each block's modulations, the final layer) is counted by that family's own formula.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 from tcgraph.models.families import ModelConfig
+from tcgraph.names import IMAGE, TEXT_STREAM
 from tcgraph.plan.plan import Action, Plan, Recipe
 
+ATTENTIONS = ("attn", "attn_image")  # branches that are attention (q, k, v, scores, mix, output projection)
 
-def branch_flops(cfg: ModelConfig, branch: str, action: Action, text_length: int = 0, constants_read: bool = False) -> int:
-    """FLOPs of one branch for one sample (`text_length`: the text tokens a cross branch attends to;
-    `constants_read`: its keys and values of the text are read, not projected)."""
+
+def branch_flops(cfg: ModelConfig, branch: str, action: Action, text_length: int = 0, constants_read: bool = False,
+                 streams: tuple[str, ...] = (IMAGE,), joint: bool = False) -> int:
+    """FLOPs of one branch for one sample (`text_length`: the plan's L, the text tokens a cross branch
+    attends to; `constants_read`: its keys and values of the text are read, not projected; `streams`:
+    the streams the branch writes, as the layout says (`branch_rows`); `joint`: an attention whose keys
+    and values are the rows of both streams, L + N)."""
     n, d, m = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
     if action.kind in ("reuse", "forecast"):
         return 0
-    k = n if action.kind == "compute" else action.k
+    image = n if IMAGE in streams else 0
+    other = text_length if TEXT_STREAM in streams else 0
+    rows = other + (image if action.kind == "compute" else action.k)  # token actions keep k image rows
     score = 2 * n * d if action.kind == "dynamic" else 0
     if branch == "cross":
         # q and the output projection for the k query rows; k and v for the text; k x L scores and mix.
         kv = 0 if constants_read else 2 * text_length * d * 2 * d
-        return 2 * k * d * d * 2 + kv + 2 * 2 * k * text_length * d + score
-    if branch == "attn":
-        # q for the k kept tokens; k and v for every token (queries attend to all keys).
-        qkv = 2 * k * d * d + 2 * n * d * 2 * d if k < n else 2 * n * d * 3 * d
-        scores_and_mix = 2 * 2 * k * n * d
-        proj = 2 * k * d * d
-        return qkv + scores_and_mix + proj + score
-    return 2 * 2 * k * d * m + score
+        return 2 * rows * d * d * 2 + kv + 2 * 2 * rows * text_length * d + score
+    if branch in ATTENTIONS:
+        # q and the output projection for the query rows; k and v for every row queries attend to.
+        keys = text_length + n if joint else image + other
+        return 2 * rows * d * d * 2 + 2 * keys * d * 2 * d + 2 * 2 * rows * keys * d + score
+    return 2 * 2 * rows * d * m + score
+
+
+@lru_cache(maxsize=64)
+def _layout(cfg: ModelConfig):
+    """The model's layout, None for the default one (every branch of image rows)."""
+    layout = cfg.block_layout()
+    return None if layout.is_default else layout
+
+
+def branch_rows(cfg: ModelConfig, block: int, branch: str) -> dict:
+    """`branch_flops`'s `streams` and `joint` of a block's branch, from the model's layout."""
+    layout = _layout(cfg)
+    if layout is None:
+        return {}
+    two_stream = any(TEXT_STREAM in streams for b in layout.blocks for _, streams in b)
+    return {"streams": layout.streams(block, branch), "joint": two_stream and branch == "attn"}
 
 
 def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = False) -> int:
@@ -54,6 +87,8 @@ def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = F
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     patch = 2 * n * p * p * cfg.in_channels * d
     t_embed = 2 * 256 * d + 2 * d * d
+    if cfg.family.name in ("flux", "sd3"):
+        return _mmdit_fixed_flops(cfg, text_length)
     if cfg.family.shared_modulation:  # one adaLN-single linear shared by the blocks; a table-only final modulation
         adaln = 2 * d * 6 * d
         caption = 0 if constants_read else 2 * text_length * (cfg.caption_channels * d + d * d)
@@ -64,11 +99,32 @@ def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = F
     return patch + t_embed + adaln + caption + final
 
 
+def _mmdit_fixed_flops(cfg: ModelConfig, text_length: int) -> int:
+    """`fixed_flops` of FLUX and SD3: patch embedding, timestep (and FLUX-dev's guidance) embedding,
+    pooled text embedding (pooled -> D -> D), the text's projection to D (every step: these models
+    carry no run constants), each block's adaLN linears (FLUX: 6D image + 6D text per double block,
+    3D per single block; SD3: 6D + 6D, 9D image in a dual block, 2D text in the last), the final
+    adaLN (2D) and output projection."""
+    n, d, p, length = cfg.num_tokens, cfg.hidden_size, cfg.patch_size, text_length
+    t_embed = 2 * 256 * d + 2 * d * d
+    embed = (2 * n * p * p * cfg.in_channels * d + t_embed + 2 * cfg.pooled_channels * d + 2 * d * d
+             + 2 * length * cfg.caption_channels * d)
+    if cfg.family.name == "flux":
+        embed += t_embed if cfg.guidance_embeds else 0
+        widths = (cfg.depth - cfg.single_depth) * 12 + cfg.single_depth * 3
+    else:
+        dual = len(cfg.dual_attention_layers)
+        widths = dual * (9 + 6) + (cfg.depth - 1 - dual) * 12 + 6 + 2
+    final = 2 * d * 2 * d + 2 * n * d * p * p * cfg.out_channels
+    return embed + 2 * d * widths * d + final
+
+
 def recipe_flops(cfg: ModelConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:
-    """FLOPs of one step of `recipe` for a model batch of `batch` rows."""
+    """FLOPs of one step of `recipe` for a model batch of `batch` rows (each branch's rows from the
+    model's layout: `branch_rows`)."""
     read = recipe.constants == "read"
-    per_sample = fixed_flops(cfg, text_length, read) + sum(branch_flops(cfg, br, a, text_length, read)
-                                                            for _, br, a in recipe.items())
+    per_sample = fixed_flops(cfg, text_length, read) + sum(
+        branch_flops(cfg, br, a, text_length, read, **branch_rows(cfg, b, br)) for b, br, a in recipe.items())
     return per_sample * batch
 
 
