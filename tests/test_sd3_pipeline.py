@@ -21,6 +21,7 @@ from tcgraph.models.diffusers.sd3 import DiffusersSD3  # noqa: E402
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
 from tests.models.test_diffusers_sd3 import POOLED_WIDTH, SD35, TEXT_WIDTH, tiny_sd3  # noqa: E402
+from tests.models.text_tiny import sd3_text_encoders  # noqa: E402
 
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}  # SD3's
 T5_LENGTH = 4  # max_sequence_length: the text is 77 CLIP tokens and these
@@ -38,31 +39,7 @@ def pipeline(transformer, **encoders) -> StableDiffusion3Pipeline:
 def text_encoders(t5: bool) -> dict:
     """Tiny random CLIP-L, CLIP-G (and T5) encoders with word-level tokenizers, built here: the two CLIPs'
     hidden states (4 + 6 wide, padded to the text width 12) and pooled projections (4 + 6 = 10)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config
-    from transformers import T5EncoderModel
-
-    def tokenizer(pad: str, length: int):
-        words = Tokenizer(models.WordLevel({pad: 0, **{w: i + 1 for i, w in enumerate(WORDS)}}, unk_token=pad))
-        words.pre_tokenizer = pre_tokenizers.Whitespace()
-        return PreTrainedTokenizerFast(tokenizer_object=words, pad_token=pad, model_max_length=length)
-
-    def clip(width: int):
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(WORDS) + 1, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-            num_attention_heads=2, projection_dim=width, max_position_embeddings=77)).eval()
-
-    torch.manual_seed(0)
-    parts = dict(text_encoder=clip(4), tokenizer=tokenizer("<|endoftext|>", 77), text_encoder_2=clip(6),
-                 tokenizer_2=tokenizer("<|endoftext|>", 77))
-    if t5:
-        parts.update(text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(WORDS) + 1, d_model=TEXT_WIDTH, d_kv=4,
-                                                            d_ff=16, num_layers=1, num_heads=2)).eval(),
-                     tokenizer_3=tokenizer("<pad>", 512))
-    return parts
-
-
-WORDS = ("a", "red", "blue", "cat", "dog", "photo", "of")
+    return sd3_text_encoders(t5, TEXT_WIDTH)
 
 
 def run(pipe, batch: int = BATCH, length: int = L, steps: int = STEPS, side: int = SIDE, guidance: float = GUIDANCE):

@@ -43,7 +43,8 @@ def load_text(path: str | Path) -> Text:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no embeddings file at {path}; write one with safetensors.torch.save_file holding "
-                         f"{EMBEDS} [N, L, D] and {MASK} [N, L] (and {NEG_EMBEDS}, {NEG_MASK} for guidance)")
+                         f"{EMBEDS} [N, L, D] and {MASK} [N, L] (and {NEG_EMBEDS}, {NEG_MASK} for guidance; FLUX and "
+                         f"SD3: {POOLED} [N, P] in place of the mask, and {NEG_POOLED})")
     try:
         d = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
@@ -56,7 +57,7 @@ def load_text(path: str | Path) -> Text:
     missing = [k for k in (EMBEDS, MASK) if k not in d]
     if missing:
         raise UsageError(f"the embeddings file {path} lacks {', '.join(missing)}; it holds {sorted(d)}: it needs "
-                         f"{EMBEDS} [N, L, D] and {MASK} [N, L]")
+                         f"{EMBEDS} [N, L, D] and {MASK} [N, L] (FLUX and SD3: {POOLED} [N, P] in place of the mask)")
     e, m = d[EMBEDS].float(), d[MASK]
     ne, nm = d.get(NEG_EMBEDS), d.get(NEG_MASK)
     if ne is not None and nm is not None and ne.shape[0] == 1 and e.shape[0] > 1:
@@ -151,13 +152,16 @@ def check_conditioning(settings, cfg: ModelConfig, text) -> None:
 
 def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
     """The prompts as the artifact's model's own text encoder embeds them: the digits-text or
-    digits-flux demo's (shipped with tcgraph), or that of the diffusers pipeline folder
-    `text_encoder` (`--text-encoder`).
+    digits-flux demo's (shipped with tcgraph), or those of the diffusers pipeline folder
+    `text_encoder` (`--text-encoder`: PixArt's T5, FLUX's and SD3's CLIP + T5, `tcgraph.text`).
+    FLUX and SD3 get a negative prompt only where the artifact guides with CFG (SD3's; FLUX takes its
+    guidance as an input).
     An artifact's manifest records where it was transformed from, but tcgraph reads no path
     from an artifact: the folder is the user's to name."""
     from tcgraph.demos.digits_flux import NAME as FLUX_NAME
     from tcgraph.demos.digits_text import NAME
     from tcgraph.demos.prompts import prompt_encoder_for
+    from tcgraph.text.mmdit import MMDiTTextEncoder
     from tcgraph.text.pipeline import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
@@ -165,8 +169,11 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
     if not art.model_config.text_conditioned:
         raise UsageError("this artifact's model is conditioned on class ids, not text: give classes (--classes)")
     embed_with = ("embed the prompts with the model's pipeline (e.g. PixArtAlphaPipeline.encode_prompt) and pass them "
-                  "as an embeddings file (--embeddings FILE.safetensors: prompt_embeds, prompt_attention_mask, "
-                  "negative_prompt_embeds, negative_prompt_attention_mask)")
+                  f"as an embeddings file (--embeddings FILE.safetensors: {EMBEDS}, {MASK}, {NEG_EMBEDS}, {NEG_MASK})"
+                  if not getattr(art.model_config, "pooled_channels", 0) else
+                  "embed the prompts with the model's pipeline (e.g. FluxPipeline.encode_prompt, "
+                  "StableDiffusion3Pipeline.encode_prompt) and pass them as an embeddings file (--embeddings "
+                  f"FILE.safetensors: {EMBEDS}, {POOLED} and, for guidance, {NEG_EMBEDS}, {NEG_POOLED})")
     source = art.extra.get("model", "in-memory")
     if text_encoder is not None:
         if not isinstance(text_encoder, (str, os.PathLike)) or not str(text_encoder):
@@ -185,4 +192,9 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
         raise UsageError(f"prompts need the text encoder of the pipeline this artifact was transformed from{where}; "
                          "tcgraph reads no path from an artifact, so name the folder: --text-encoder FOLDER "
                          f"(text_encoder= in the API), or {embed_with}")
-    return encoder.encode(list(prompts), negative=negative_prompt, length=art.plan.settings.text_length)
+    s = art.plan.settings
+    if isinstance(encoder, MMDiTTextEncoder):  # no mask; the text's width where the pipeline has no T5
+        negative = negative_prompt if s.cfg_scale > 1 and s.guidance == "cfg" else None  # FLUX: guidance as an input
+        return encoder.encode(list(prompts), negative=negative, length=s.text_length,
+                              width=art.model_config.caption_channels)
+    return encoder.encode(list(prompts), negative=negative_prompt, length=s.text_length)

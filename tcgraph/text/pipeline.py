@@ -9,8 +9,11 @@ with the classes its `model_index.json` names (transformers'). Prompts are lower
 stripped, as the pipelines do with `clean_caption=False` (their caption cleaning needs bs4 and
 ftfy, and without them they skip it too). Weights are read with safetensors only; nothing is
 downloaded, and no path that the folder's files name may leave the folder (`check_paths`: the
-text encoder's shard index, the tokenizer's file entries). `tests/test_pixart_prompts.py` checks the embeddings against the pipeline's own
-`encode_prompt` on a tiny T5 and tokenizer made there.
+text encoder's shard index, the tokenizer's file entries). `tests/test_pixart_prompts.py` checks the
+embeddings against the pipeline's own `encode_prompt` on a tiny T5 and tokenizer made there.
+
+`load_parts` and `check_paths` serve FLUX's and SD3's CLIP + T5 encoders too (`tcgraph.text.mmdit`);
+`pipeline_text_encoder_for` picks the encoder by the folder's `model_index.json` `_class_name`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from tcgraph.text.embeddings import Text
 
 INDEX = "model_index.json"
 PARTS = ("text_encoder", "tokenizer")
+PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 # tokenizer_config.json entries that a tokenizer class opens as files (transformers before 4.57 took
 # them over the folder's own files); special_tokens_map_file is not opened, and old configs hold stale
 # absolute paths there
@@ -39,33 +43,9 @@ class PipelineTextEncoder:
         folder = Path(folder)
         index = read_json(folder / INDEX, "the pipeline index")
         check_paths(folder, index)
-        try:
-            import transformers
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise TcgraphError(f"the pipeline's text encoder needs the transformers package ({e}); install it with "
-                               "`pip install transformers`, or pass the prompts as an embeddings file (--embeddings)"
-                               ) from None
-        classes, loaded = {}, {}
-        for part in PARTS:  # both classes checked before anything is read
-            entry = index.get(part)
-            name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-            cls = getattr(transformers, name, None) if isinstance(name, str) else None
-            base = transformers.PreTrainedModel if part == "text_encoder" else transformers.PreTrainedTokenizerBase
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise TcgraphError(f"{folder / INDEX} names {part} {entry!r}, not a transformers {base.__name__} "
-                                   "class (such as T5EncoderModel, T5Tokenizer); pass the prompts as an embeddings "
-                                   "file (--embeddings)")
-            classes[part] = cls
-        for part, cls in classes.items():
-            kwargs = {"use_safetensors": True} if part == "text_encoder" else {}
-            try:
-                loaded[part] = cls.from_pretrained(str(folder / part), local_files_only=True, **kwargs)
-            except Exception as e:  # noqa: BLE001 - transformers raises many types on damaged folders
-                raise TcgraphError(f"cannot load the pipeline's {part} from {folder / part} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}); tcgraph reads safetensors weights "
-                                   "only: save it with save_pretrained(..., safe_serialization=True), or pass the "
-                                   "prompts as an embeddings file (--embeddings)") from None
-        self.tokenizer, self.text_encoder = loaded["tokenizer"], loaded["text_encoder"].eval()
+        loaded = load_parts(folder, index, {"text_encoder": "PreTrainedModel", "tokenizer": "PreTrainedTokenizerBase"},
+                            " (such as T5EncoderModel, T5Tokenizer)")
+        self.tokenizer, self.text_encoder = loaded["tokenizer"], loaded["text_encoder"]
 
     def embed(self, prompts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [N, length, width] float32, mask [N, length] float32) of `prompts`."""
@@ -90,31 +70,85 @@ class PipelineTextEncoder:
         return Text(embeddings, mask, neg, neg_mask)
 
 
-def check_paths(folder: Path, index: dict) -> None:
-    """Refuse (TcgraphError naming the file and entry) a pipeline whose model_index.json, text encoder
-    shard index or tokenizer config names a path outside its folder (`..`, absolute, a symlink out)."""
+def load_parts(folder: Path, index: dict, wanted: dict[str, str], hint: str = "") -> dict:
+    """The transformers parts `wanted` (folder name -> the transformers class, or base class, that its
+    model_index.json entry must name) of the pipeline `folder`, every class checked before anything is
+    read; models in eval mode, read with safetensors only and nothing downloaded. One TcgraphError names
+    the part and what it should be (`hint` adds examples) or why it cannot be read."""
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise TcgraphError(f"the pipeline's text encoder needs the transformers package ({e}); install it with "
+                           "`pip install transformers`, or pass the prompts as an embeddings file (--embeddings)"
+                           ) from None
+    classes, loaded = {}, {}
+    for part, required in wanted.items():
+        entry = index.get(part)
+        name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        base = getattr(transformers, required)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TcgraphError(f"{folder / INDEX} names {part} {entry!r}, not a transformers {required} class{hint}; "
+                               "pass the prompts as an embeddings file (--embeddings)")
+        classes[part] = cls
+    for part, cls in classes.items():
+        model = issubclass(cls, transformers.PreTrainedModel)
+        try:
+            loaded[part] = cls.from_pretrained(str(folder / part), local_files_only=True,
+                                               **({"use_safetensors": True} if model else {}))
+        except Exception as e:  # noqa: BLE001 - transformers raises many types on damaged folders
+            raise TcgraphError(f"cannot load the pipeline's {part} from {folder / part} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); tcgraph reads safetensors weights "
+                               "only: save it with save_pretrained(..., safe_serialization=True), or pass the "
+                               "prompts as an embeddings file (--embeddings)") from None
+        if model:
+            loaded[part].eval()
+    return loaded
+
+
+def check_paths(folder: Path, index: dict, encoders: tuple[str, ...] = ("text_encoder",),
+                tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
+    """Refuse (TcgraphError naming the file and entry) a pipeline whose model_index.json, text encoders'
+    shard indexes or tokenizer configs (the folders `encoders`, `tokenizers`) name a path outside its
+    folder (`..`, absolute, a symlink out)."""
     check_pipeline_index(folder, index)
-    encoder, tok = folder / "text_encoder", folder / "tokenizer"
-    for shards in sorted(encoder.glob("*.index.json")):
-        weight_map = read_json(shards, "the text encoder's weights index").get("weight_map")
-        for key, name in (weight_map.items() if isinstance(weight_map, dict) else ()):
-            inside(encoder, name, shards, f"the weight_map entry of {key!r}")
-    config = tok / "tokenizer_config.json"
-    if config.is_file():
-        entries = read_json(config, "the tokenizer config")
-        for key in TOKENIZER_FILE_KEYS:
-            value = entries.get(key)
-            for name in (value if isinstance(value, list) else [] if value is None else [value]):
-                inside(tok, name, config, f"the entry {key}")
+    for part in (*encoders, *tokenizers):
+        if (folder / part).exists():
+            inside(folder, part, folder / INDEX, "the component")
+    for encoder in (folder / part for part in encoders):
+        for shards in sorted(encoder.glob("*.index.json")):
+            weight_map = read_json(shards, "the text encoder's weights index").get("weight_map")
+            for key, name in (weight_map.items() if isinstance(weight_map, dict) else ()):
+                inside(encoder, name, shards, f"the weight_map entry of {key!r}")
+    for tok in (folder / part for part in tokenizers):
+        config = tok / "tokenizer_config.json"
+        if config.is_file():
+            entries = read_json(config, "the tokenizer config")
+            for key in TOKENIZER_FILE_KEYS:
+                value = entries.get(key)
+                for name in (value if isinstance(value, list) else [] if value is None else [value]):
+                    inside(tok, name, config, f"the entry {key}")
 
 
-def pipeline_text_encoder_for(source: str | Path | None) -> PipelineTextEncoder | None:
-    """The text encoder of the pipeline folder `source` (or of the pipeline whose `transformer/` it is),
-    where that folder has a `model_index.json`, `text_encoder/` and `tokenizer/`; else None."""
+def pipeline_text_encoder_for(source: str | Path | None):
+    """The text encoders of the pipeline folder `source` (or of the pipeline whose `transformer/` it is),
+    where that folder has a `model_index.json`, `text_encoder/` and `tokenizer/`, else None: PixArt's T5
+    (`PipelineTextEncoder`), or FLUX's and SD3's CLIP + T5 (`tcgraph.text.mmdit`), by the index's
+    `_class_name`; another pipeline class is refused by name (TcgraphError)."""
+    from tcgraph.text.mmdit import MMDIT_ENCODERS
+
     if not isinstance(source, (str, Path)) or not str(source):
         return None
     path = Path(source)
     for folder in (path, path.parent):
         if (folder / INDEX).is_file() and all((folder / part).is_dir() for part in PARTS):
-            return PipelineTextEncoder(folder)
+            name = read_json(folder / INDEX, "the pipeline index").get("_class_name")
+            if name in MMDIT_ENCODERS:
+                return MMDIT_ENCODERS[name](folder)
+            if name in PIXART_PIPELINES:
+                return PipelineTextEncoder(folder)
+            raise TcgraphError(f"{folder / INDEX} is a {name!r} pipeline; tcgraph embeds prompts with the text "
+                               f"encoders of {', '.join((*PIXART_PIPELINES, *MMDIT_ENCODERS))} folders: embed the "
+                               "prompts with the pipeline's encode_prompt and pass them as an embeddings file "
+                               "(--embeddings)")
     return None
