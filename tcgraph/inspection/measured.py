@@ -94,10 +94,10 @@ def _check(entry) -> None:
         raise ValueError("manifest_sha256 is missing")
 
 
-def measured_line(m: dict | None, artifact: str = "ART") -> str:
+def measured_line(m: dict | None) -> str:
     """`inspect`'s line for the last measurement (`read`'s result), or how to make one."""
     if m is None:
-        return f"measured   not yet: `tcgraph compare {artifact}` measures quality and time against full"
+        return "measured   not yet: `tcgraph compare` measures quality and time against full"
     if m["status"] == "unreadable":
         return f"measured   ignored ({m['problem']})"
     realized = "n/a" if m["realized_speedup"] is None else f"{m['realized_speedup']:.2f}x"

@@ -66,7 +66,7 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
     if learned:
         lines.append(learned)
     if "path" in info:  # an artifact (not a bare plan): what `compare` last measured of it
-        lines.append(measured_line(info.get("measured"), info["path"]))
+        lines.append(measured_line(info.get("measured")))
     c = info["action_counts"]
     dyn = f", dynamic {c['dynamic']}" if c.get("dynamic") else ""
     fc = info.get("forecast_counts") or {}
