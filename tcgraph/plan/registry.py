@@ -104,7 +104,7 @@ register(Planner("taylor", TaylorConfig, make_taylor, "taylor:N[:order]",
                  "history, default N={interval}, order {order}", short=("interval", "order"), layouts=True))
 register(Planner("l2c", L2CConfig, make_l2c, "l2c[:X]",
                  "Learning-to-Cache: a router learned for a predicted X-times speedup, default {target_speedup}; "
-                 "or --lambda L, or --router FILE", short=("target_speedup",), learned=True))
+                 "or --lambda L, or --router FILE", short=("target_speedup",), learned=True, layouts=True))
 register(Planner("tokencache", TokenCacheConfig, make_tokencache, "tokencache[:X]",
                  "TokenCache: learned token pruning per block on a two-phase round-robin schedule, for a predicted "
                  "X-times speedup, default {target_speedup}; --tprr b,K1,K2, --keep-ratio, --min-keep",

@@ -9,7 +9,11 @@ labels (`calibration_text`, a `tcgraph.sampling.conditioning.Text`): `calibratio
 refuses to learn without them.
 
 Everything here follows the model's own branches (`ModelConfig.branches`: DiT's attn, mlp;
-PixArt's attn, cross, mlp) and counts FLOPs at the plan's `text_length`.
+PixArt's attn, cross, mlp; per block where blocks differ, as FLUX's and SD3's layouts) and counts
+FLOPs at the plan's `text_length`, each branch's rows from the layout (`tcgraph.plan.flops`).
+A per-(block, branch) parameter tensor (the L2C router) is `[..., depth, len(router_branches)]`:
+one column per branch of any block, in `BRANCH_ORDER`; a block's columns for branches it lacks
+(`branch_mask`) are never read, trained or counted.
 A *round* is one full step, which fills every cache with its pre-gate branch outputs (no
 grad), followed by cache steps that blend `w·fresh + (1 − w)·cached` per branch
 (`calibrate.mixed_step`); `fit_logits` moves only the logits behind `w`, the model stays
@@ -25,7 +29,7 @@ from tcgraph.calibrate import Trajectories, calibrate, calibration_chunks, mixed
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
-from tcgraph.names import cache_name
+from tcgraph.names import BRANCH_ORDER, cache_name
 from tcgraph.plan.learning.evaluate import speedup_of
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe
 from tcgraph.progress import SILENT, Phase, Progress
@@ -255,15 +259,36 @@ def fit_logits(model: DiT, traj: Trajectories, logits: torch.Tensor, work: list[
     return logits.detach().clone(), history
 
 
+def block_branches(branches, depth: int) -> tuple[tuple[str, ...], ...]:
+    """Each block's branches, from `ModelConfig.branches` (one tuple for every block, or one per block)."""
+    return tuple(tuple(b) for b in branches) if isinstance(branches[0], (tuple, list)) else (tuple(branches),) * depth
+
+
+def router_branches(branches) -> tuple[str, ...]:
+    """The branch axis of a per-(block, branch) parameter tensor: every branch of any block, in
+    `BRANCH_ORDER` (DiT's and PixArt's own tuple; FLUX's attn, mlp, mlp_text)."""
+    if not isinstance(branches[0], (tuple, list)):
+        return tuple(branches)
+    return tuple(b for b in BRANCH_ORDER if any(b in block for block in branches))
+
+
+def branch_mask(branches, depth: int) -> torch.Tensor | None:
+    """[depth, len(router_branches)] bool: which columns a block has; None where every block has all."""
+    names, per_block = router_branches(branches), block_branches(branches, depth)
+    mask = torch.tensor([[br in block for br in names] for block in per_block])
+    return None if bool(mask.all()) else mask
+
+
 def lambda_unit(model: DiT, traj: Trajectories, interval: int, rows: int = 8) -> float:
     """The data's scale for λ: the eps MSE of reusing everything at a cache step, per branch."""
-    depth, branches = model.config.depth, model.config.branches
+    depth = model.config.depth
+    per_block = block_branches(model.config.branches, depth)
     sub = torch.arange(min(rows, traj.num_images))
-    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in branches}
+    reuse_all = {cache_name(l, br): 0.0 for l in range(depth) for br in per_block[l]}
     total, count = 0.0, 0
     with torch.no_grad():
         for s0, cs in rounds(traj.num_steps, interval):
             if cs:
                 mse, n = round_loss(model, traj, s0, cs[:1], lambda s: reuse_all, sub)
                 total, count = total + mse.item(), count + n
-    return total / max(count, 1) / (len(branches) * depth)
+    return total / max(count, 1) / len(reuse_all)

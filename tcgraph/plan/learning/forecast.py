@@ -20,6 +20,11 @@ recipe (every step of one recipe decides alike, so forecasting adds no variant),
 the whole schedule: a forecast step is not a computing step, so it is not a history entry of
 later forecasts. `--max-cache-mb` caps the history memory: branches whose forecasts gain least
 per extra history byte go back to their original actions until the plan fits.
+
+A branch's Gram has one entry per row of its output, in the layout's row order (a joint
+attention's text rows, then its image rows; a text MLP's text rows): the normal equations sum
+over all of them, and a partial step recomputes every text row and its kept image rows
+(`image_rows`), so only the image rows it does not keep count as its error.
 """
 from __future__ import annotations
 
@@ -75,18 +80,23 @@ def _error(g: torch.Tensor, hist: list[int], s: int, w: torch.Tensor) -> float:
     return float(g[s, s] - 2 * w @ g[h, s] + w @ g[h][:, h] @ w)
 
 
-def _current_error(gt: torch.Tensor, newest: int, s: int, action: Action) -> float:
-    """Held-out error of reuse / partial at step s with the newest history entry at `newest` ([S, S, N] Gram)."""
-    per_token = gt[newest, newest] - 2 * gt[newest, s] + gt[s, s]  # [N]
+def _current_error(gt: torch.Tensor, newest: int, s: int, action: Action, image: slice | None = None) -> float:
+    """Held-out error of reuse / partial at step s with the newest history entry at `newest` ([S, S, rows]
+    Gram); `image`: where the image rows lie among the branch's rows (None: every row is an image row)."""
+    per_token = gt[newest, newest] - 2 * gt[newest, s] + gt[s, s]  # [rows]
     if action.kind == "partial":
+        start = 0 if image is None else image.start
         keep = torch.zeros_like(per_token, dtype=torch.bool)
-        keep[list(action.indices)] = True
+        if image is not None:  # a partial step recomputes every row of the other streams
+            keep[:] = True
+            keep[image] = False
+        keep[[start + i for i in action.indices]] = True
         per_token = per_token.masked_fill(keep, 0.0)
     return float(per_token.sum())
 
 
 def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor], held: dict[CacheKey, torch.Tensor],
-                     *, points: int) -> list[Choice]:
+                     *, points: int, image_rows=None) -> list[Choice]:
     """The forecasts that lower a branch's held-out error, decided per (recipe, branch): all steps
     that share a recipe keep sharing one, so the plan has no more variants than before.
 
@@ -95,14 +105,16 @@ def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor],
     of those steps has) history points (steps with fewer fit weights on the entries they have,
     the others 0), replaces its reuse or partial action there if the
     branch's held-out error summed over the whole schedule drops (a partial step that becomes
-    a forecast is no history entry any more, so later steps are counted too)."""
+    a forecast is no history entry any more, so later steps are counted too). `image_rows(key)`: where
+    a branch's image rows lie among its rows (`Layout.image_slice`); None: every row is an image row."""
     if points < 2:
         raise TcgraphError(f"a forecast needs at least 2 history points, got {points}")
     order = list(dict.fromkeys(recipes))
     choices: list[Choice] = []
     for key in sorted(train, key=branch_key):
         actions = [r.action(*key) for r in recipes]
-        best, _ = _schedule_error(actions, train[key], held[key])
+        image = None if image_rows is None else image_rows(key)
+        best, _ = _schedule_error(actions, train[key], held[key], image)
         for group in order:
             steps = [s for s, r in enumerate(recipes) if r == group]
             if actions[steps[0]].kind not in ("reuse", "partial"):
@@ -113,17 +125,17 @@ def choose_forecasts(recipes: list[Recipe], train: dict[CacheKey, torch.Tensor],
             trial = list(actions)
             for s in steps:
                 trial[s] = forecast(n)
-            err, _ = _schedule_error(trial, train[key], held[key])
+            err, _ = _schedule_error(trial, train[key], held[key], image)
             if err < best * (1 - MARGIN):
                 best, actions = err, trial
-        _, per_step = _schedule_error(actions, train[key], held[key])
+        _, per_step = _schedule_error(actions, train[key], held[key], image)
         original = [r.action(*key) for r in recipes]
         for s, (w, err, cur) in per_step.items():
             choices.append(Choice(s, key, actions[s], original[s], w, err, cur))
     return choices
 
 
-def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tensor
+def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tensor, image: slice | None = None
                     ) -> tuple[float, dict[int, tuple[tuple[float, ...], float, float]]]:
     """A branch's held-out squared error summed over its cached steps, and per forecast step
     (weights fitted on `train`, its held-out error, the held-out error reuse would have)."""
@@ -139,10 +151,10 @@ def _schedule_error(actions: list[Action], train: torch.Tensor, held: torch.Tens
             w = torch.tensor(solve_weights(gt[h][:, h], gt[h, s]), dtype=torch.float64)
             err = _error(gh, hist, s, w)
             padded = tuple(float(v) for v in w) + (0.0,) * (action.points - len(hist))
-            per_step[s] = (padded, err, _current_error(held, history[0], s, Action("reuse")))
+            per_step[s] = (padded, err, _current_error(held, history[0], s, Action("reuse"), image))
             total += err
         elif action.kind in ("reuse", "partial"):
-            total += _current_error(held, history[0], s, action)
+            total += _current_error(held, history[0], s, action, image)
         if action.computes:
             history.insert(0, s)
     return total, per_step
@@ -153,14 +165,15 @@ def apply_choices(recipes: list[Recipe], choices: list[Choice]) -> tuple[tuple[R
     actions = [[list(acts) for acts in r.actions] for r in recipes]
     weights: dict = {}
     for c in choices:
-        actions[c.step][c.key[0]][recipes[c.step].branches.index(c.key[1])] = c.action
+        actions[c.step][c.key[0]][recipes[c.step].block_branches(c.key[0]).index(c.key[1])] = c.action
         weights.setdefault(c.step, {})[c.key] = c.weights
     return tuple(Recipe(tuple(tuple(acts) for acts in a), r.branches) for a, r in zip(actions, recipes)), weights
 
 
-def cap_history(choices: list[Choice], slot_bytes: int, budget: int | None) -> list[Choice]:
+def cap_history(choices: list[Choice], slot_bytes, budget: int | None) -> list[Choice]:
     """Drop whole branches' forecasts, least held-out gain per extra history byte first, until the
-    extra history memory (slots beyond the cache itself, `slot_bytes` each) fits `budget` bytes."""
+    extra history memory (slots beyond the cache itself, `slot_bytes` each: bytes, or a function of the
+    (block, branch), whose rows the layout gives) fits `budget` bytes."""
     if budget is None:
         return choices
     by_key: dict[CacheKey, list[Choice]] = {}
@@ -168,7 +181,8 @@ def cap_history(choices: list[Choice], slot_bytes: int, budget: int | None) -> l
         by_key.setdefault(c.key, []).append(c)
 
     def extra(cs: list[Choice]) -> int:
-        return (max(c.action.points for c in cs) - 1) * slot_bytes
+        slot = slot_bytes(cs[0].key) if callable(slot_bytes) else slot_bytes
+        return (max(c.action.points for c in cs) - 1) * slot
 
     def gain(cs: list[Choice]) -> float:
         return sum(c.replaced_error - c.held_error for c in cs)

@@ -31,6 +31,7 @@ import torch
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
+from tcgraph.names import cache_name
 from tcgraph.plan.learning.evaluate import free_running_samples, speedup_of
 from tcgraph.plan.planners.fixed import ForaConfig, TaylorConfig, make_fora, make_taylor
 from tcgraph.plan.learning.forecast import apply_choices, cap_history, choose_forecasts, output_grams
@@ -92,7 +93,8 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     settings, cfg = train.settings, model.config
     if min_psnr is not None and not speedup_given:  # the default target trained the router; the floor chose
         name = f"{name.split(':')[0]} (min PSNR {min_psnr:g} dB)"
-    base = Plan(name, settings, tuple(recipes), cfg.num_tokens, params=dict(params))
+    layout = cfg.block_layout()
+    base = Plan(name, settings, tuple(recipes), cfg.num_tokens, params=dict(params), layout=layout)
     hidden = cfg.hidden_size
     if max_cache_mb is not None and cache_mb(base, hidden) > max_cache_mb:
         raise TcgraphError(f"the learned plan's caches take {cache_mb(base, hidden):.1f} MB for batch "
@@ -108,14 +110,15 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
                                 + (held.num_images + 3) // 4 * settings.num_steps) as phase:
                 grams = output_grams(model, train, phase=phase), output_grams(model, held, phase=phase)
         g_train, g_held = grams
-        choices = choose_forecasts(list(base.recipes), g_train, g_held, points=FORECAST_POINTS)
-        slot = settings.model_batch * cfg.num_tokens * hidden * 4
+        choices = choose_forecasts(list(base.recipes), g_train, g_held, points=FORECAST_POINTS,
+                                   image_rows=lambda key: layout.image_slice(*key, base.stream_rows))
+        slot = (lambda key: settings.model_batch * base.cache_rows(cache_name(*key)) * hidden * 4)
         budget = None if max_cache_mb is None else int(max_cache_mb * 2**20) - base.cache_bytes(hidden)
         kept = cap_history(choices, slot, budget)
         if kept:
             new_recipes, weights = apply_choices(list(base.recipes), kept)
             candidates.append(("learned+forecast", Plan(name, settings, new_recipes, cfg.num_tokens,
-                                                        params=dict(params), weights=weights)))
+                                                        params=dict(params), weights=weights, layout=layout)))
         record = {"forecast_branch_steps": len(kept), "forecast_candidates": len(choices),
                   "forecast_dropped_by_memory_cap": len(choices) - len(kept)}
     length = settings.text_length
@@ -146,7 +149,7 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
                         len(candidates) + (stored is None) + bound) as phase:
         if stored is None:
             full = Plan("full", settings, tuple(Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
-                                                for _ in range(settings.num_steps)), cfg.num_tokens)
+                                                for _ in range(settings.num_steps)), cfg.num_tokens, layout=layout)
             reference = free_running_samples(model, full, noise, labels)
             phase.tick("full")
         else:
@@ -179,4 +182,4 @@ def finish_learned(model: DiT, train: Trajectories, held: Trajectories, name: st
     out["predicted_speedup"] = round(speedup_of(cfg, best.recipes, length), 4)
     if best_label not in ("learned", "learned+forecast"):
         out["method"] = f"{params.get('method', name)}, replaced by the fixed plan {best_label}"
-    return Plan(name, settings, best.recipes, cfg.num_tokens, params=out, weights=best.weights)
+    return Plan(name, settings, best.recipes, cfg.num_tokens, params=out, weights=best.weights, layout=layout)

@@ -3,7 +3,11 @@
 The plan has a skeleton: every `interval`-th step (0, K, 2K, …) is a full step, the
 others are *cache steps*. A router holds one logit `g[s, l, b]` per cache step, block and
 branch, for the model's own branches (`ModelConfig.branches`: DiT's attn, mlp; PixArt's attn,
-cross, mlp; the router is `[S, depth, len(branches)]`, branch b in that order). Training
+cross, mlp; the router is `[S, depth, len(branches)]`, branch b in that order). Where the blocks'
+branches differ (FLUX's double blocks attn, mlp, mlp_text, its single blocks attn, mlp; SD3's), the
+router has a column per branch of any block (`common.router_branches`) and a block's columns for
+branches it lacks are neither blended, penalised nor planned; each branch's FLOPs count its own
+rows (joint attention over text and image rows, the text MLP over the text rows). Training
 follows docs/design.md's L2C section, on calibration trajectories of the model itself (random
 noise and labels, no data set; a text-conditioned model on the prompts `calibration_text`):
 
@@ -48,6 +52,8 @@ from tcgraph.plan.planners.l2c_recipes import (  # noqa: F401  (re-exported)
 from tcgraph.plan.learning.common import (
     calibration_cost,
     calibration_split,
+    branch_mask,
+    block_branches,
     cache_steps,
     candidate_intervals,
     check_learning_options,
@@ -58,6 +64,7 @@ from tcgraph.plan.learning.common import (
     require_weights,
     round_loss,
     rounds,
+    router_branches,
     rows_per_image,
     scoring_cost,
     seconds_per_row,
@@ -172,36 +179,47 @@ def init_logits(num_steps: int, depth: int, seed: int = 0, num_branches: int = l
     return 0.01 * torch.randn(num_steps, depth, num_branches, generator=g)
 
 
-def _weights(p: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """`mixed_step` weights of one step's router probabilities `p` [depth, len(branches)]."""
-    return {cache_name(l, br): p[l, j] for l in range(p.shape[0]) for j, br in enumerate(branches)}
+def _weights(p: torch.Tensor, branches: tuple) -> dict[str, torch.Tensor]:
+    """`mixed_step` weights of one step's router probabilities `p` [depth, len(router_branches)], for
+    the branches each block has (`branches`: the model's, one tuple or one per block)."""
+    names = _branches_of(p[None], branches)
+    return {cache_name(l, br): p[l, names.index(br)]
+            for l, block in enumerate(block_branches(branches, p.shape[0])) for br in block}
+
+
+def _penalty_sum(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ of the probabilities `w` [..., depth, columns] over the (block, branch) pairs that exist."""
+    return w.sum() if mask is None else (w * mask).sum()
 
 
 def train_router(model: DiT, traj: Trajectories, interval: int, lam: float, *, epochs: int = 12, batch_images: int = 8,
                  lr: float = 0.1, seed: int = 0, init: torch.Tensor | None = None,
                  phase: Phase = SILENT) -> RouterResult:
     """Learn router logits on `traj` (L2C objective: eps MSE + λ·Σ sigmoid(g))."""
-    branches = model.config.branches
-    init = init if init is not None else init_logits(traj.num_steps, model.config.depth, seed, len(branches))
+    branches, depth = model.config.branches, model.config.depth
+    mask = branch_mask(branches, depth)
+    init = init if init is not None else init_logits(traj.num_steps, depth, seed, len(router_branches(branches)))
     _branches_of(init, branches)
     work = [(s0, cs) for s0, cs in rounds(traj.num_steps, interval) if cs]
     logits, history = fit_logits(model, traj, init, work, lambda w, s: _weights(w[s], branches),
-                                 lambda w, cs: lam * w[cs].sum(), epochs=epochs, batch_images=batch_images,
-                                 lr=lr, seed=seed, phase=phase)
+                                 lambda w, cs: lam * _penalty_sum(w[cs], mask), epochs=epochs,
+                                 batch_images=batch_images, lr=lr, seed=seed, phase=phase)
     return RouterResult(interval, lam, logits, history)
+
 
 
 @torch.no_grad()
 def soft_loss(model: DiT, traj: Trajectories, interval: int, logits: torch.Tensor, lam: float) -> float:
     """The training objective on `traj` (all images), per cache step."""
-    probs = torch.sigmoid(logits)
-    branches = _branches_of(probs, model.config.branches)
+    probs, branches = torch.sigmoid(logits), model.config.branches
+    _branches_of(probs, branches)
+    mask = branch_mask(branches, model.config.depth)
     rows = torch.arange(traj.num_images)
     total, count = 0.0, 0
     for s0, cs in rounds(traj.num_steps, interval):
         if cs:
             mse, n = round_loss(model, traj, s0, cs, lambda s: _weights(probs[s], branches), rows)
-            total += mse.item() + lam * probs[cs].sum().item()
+            total += mse.item() + lam * _penalty_sum(probs[cs], mask).item()
             count += n
     return total / count
 
@@ -299,7 +317,7 @@ def make_l2c(cfg: L2CConfig, model_config: ModelConfig, settings: SamplerSetting
     }
     name = _name(cfg)
     if not finish:
-        return Plan(name, settings, recipes, mcfg.num_tokens, params=params)
+        return Plan(name, settings, recipes, mcfg.num_tokens, params=params, layout=mcfg.block_layout())
     return finish_learned(model, train, held, name, recipes, params, forecast=cfg.forecast,
                           max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
                           compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,

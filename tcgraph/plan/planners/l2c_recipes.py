@@ -1,6 +1,10 @@
 """A trained L2C router's probabilities turned into recipes: by a threshold, or by a FLOP-predicted
 speedup target (the least important branches reused first), with the cache steps grouped into at
-most `max_variants` distinct recipes (`tcgraph.plan.planners.l2c`)."""
+most `max_variants` distinct recipes (`tcgraph.plan.planners.l2c`).
+
+Probabilities are `[S, depth, len(router_branches)]` (`tcgraph.plan.learning.common`): where the
+blocks' branches differ, the columns of branches a block lacks are ignored (zero for the grouping,
+never a candidate), and each (block, branch) reused saves its own FLOPs, its rows from the layout."""
 from __future__ import annotations
 
 import math
@@ -10,16 +14,27 @@ import torch
 from tcgraph.errors import TcgraphError
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import BRANCHES
-from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.learning.common import cache_steps, max_speedup
+from tcgraph.plan.flops import branch_flops, branch_rows, fixed_flops
+from tcgraph.plan.learning.common import block_branches, branch_mask, cache_steps, max_speedup, router_branches
 from tcgraph.plan.plan import COMPUTE, REUSE, Recipe, cache_step_variants, constant_roles
 
 
-def _branches_of(probs: torch.Tensor, branches: tuple[str, ...]) -> tuple[str, ...]:
-    if probs.shape[-1] != len(branches):
+def _branches_of(probs: torch.Tensor, branches: tuple) -> tuple[str, ...]:
+    """The router's columns (`router_branches`) of the model's `branches`, checked against `probs`."""
+    names = router_branches(branches)
+    if probs.shape[-1] != len(names):
         raise TcgraphError(f"router probabilities have {probs.shape[-1]} entries per block, the model's branches "
-                           f"are {list(branches)}")
-    return tuple(branches)
+                           f"are {list(names)}")
+    return names
+
+
+def _slots(probs: torch.Tensor, branches: tuple) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(`probs` with the columns no block has zeroed, the (block, column) pairs that exist)."""
+    _branches_of(probs, branches)
+    depth, mask = probs.shape[1], branch_mask(branches, probs.shape[1])
+    if mask is None:
+        return probs, [(l, j) for l in range(depth) for j in range(probs.shape[2])]
+    return probs * mask, [(l, j) for l in range(depth) for j in range(probs.shape[2]) if mask[l, j]]
 
 
 def group_steps(probs: torch.Tensor, steps: list[int], max_groups: int | None) -> list[list[int]]:
@@ -48,31 +63,31 @@ def group_steps(probs: torch.Tensor, steps: list[int], max_groups: int | None) -
 
 
 def _recipes_from_groups(depth: int, num_steps: int, groups: list[list[int]],
-                         computes: dict[int, set[tuple[int, int]]], branches: tuple[str, ...]) -> tuple[Recipe, ...]:
-    """Full steps everywhere but at the cache steps of `groups`, which compute the (block, branch
-    index) pairs of `computes[group]` and reuse the others."""
+                         computes: dict[int, set[tuple[int, int]]], branches: tuple) -> tuple[Recipe, ...]:
+    """Full steps everywhere but at the cache steps of `groups`, which compute the (block, router
+    column) pairs of `computes[group]` and reuse the others."""
     full = Recipe.uniform(depth, COMPUTE, branches)
+    names, per_block = router_branches(branches), block_branches(branches, depth)
     recipes = [full] * num_steps
     for gi, gr in enumerate(groups):
-        rec = Recipe(tuple(tuple(COMPUTE if (l, j) in computes[gi] else REUSE for j in range(len(branches)))
-                           for l in range(depth)), branches)
+        rec = Recipe(tuple(tuple(COMPUTE if (l, names.index(br)) in computes[gi] else REUSE for br in per_block[l])
+                           for l in range(depth)), full.branches)
         for s in gr:
             recipes[s] = rec
     return tuple(recipes)
 
 
 def recipes_for_threshold(probs: torch.Tensor, interval: int, threshold: float,
-                          max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES
-                          ) -> tuple[Recipe, ...]:
+                          max_variants: int | None = None, branches: tuple = BRANCHES) -> tuple[Recipe, ...]:
     """Compute a branch where the (group-mean) probability exceeds `threshold`; `probs` is
-    `[S, depth, len(branches)]`, `branches` the model's (`ModelConfig.branches`)."""
+    `[S, depth, len(router_branches)]`, `branches` the model's (`ModelConfig.branches`)."""
     S, depth = probs.shape[0], probs.shape[1]
-    branches = _branches_of(probs, branches)
+    probs, slots = _slots(probs, branches)
     groups = group_steps(probs, cache_steps(S, interval), cache_step_variants(max_variants, branches, S))
     computes = {}
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
-        computes[gi] = {(l, j) for l in range(depth) for j in range(len(branches)) if m[l, j].item() > threshold}
+        computes[gi] = {(l, j) for l, j in slots if m[l, j].item() > threshold}
     return _recipes_from_groups(depth, S, groups, computes, branches)
 
 
@@ -81,23 +96,25 @@ def recipes_for_target(cfg: ModelConfig, probs: torch.Tensor, interval: int, tar
     """Reuse the least important (group, block, branch) first until the predicted speedup reaches `target`
     (FLOPs of the model's branches, a cross branch's at `text_length` text tokens, its keys and values
     of the text projected at step 0 only, as the plan carries them)."""
-    S, depth = probs.shape[0], probs.shape[1]
-    branches = _branches_of(probs, cfg.branches)
+    S, depth, branches = probs.shape[0], probs.shape[1], cfg.branches
+    names = _branches_of(probs, branches)
+    probs, slots = _slots(probs, branches)
     groups = group_steps(probs, cache_steps(S, interval), cache_step_variants(max_variants, branches, S))
     reads = [role == "read" for role in constant_roles(branches, S)]
-    per_branch = {read: [branch_flops(cfg, br, COMPUTE, text_length, read) for br in branches] for read in (False, True)}
-    total = sum(fixed_flops(cfg, text_length, read) + depth * sum(per_branch[read]) for read in reads)
+    cost = {read: {(l, j): branch_flops(cfg, names[j], COMPUTE, text_length, read, **branch_rows(cfg, l, names[j]))
+                   for l, j in slots} for read in (False, True)}
+    total = sum(fixed_flops(cfg, text_length, read) + sum(cost[read].values()) for read in reads)
     budget = total / target  # total FLOPs allowed
     items = []
     for gi, gr in enumerate(groups):
         m = probs[gr].mean(0)
-        items += [(m[l, j].item(), gi, l, j) for l in range(depth) for j in range(len(branches))]
-    computes = {gi: {(l, j) for l in range(depth) for j in range(len(branches))} for gi in range(len(groups))}
+        items += [(m[l, j].item(), gi, l, j) for l, j in slots]
+    computes = {gi: set(slots) for gi in range(len(groups))}
     for _, gi, l, j in sorted(items):
         if total <= budget * (1 + 1e-12):
             break
         computes[gi].discard((l, j))
-        total -= sum(per_branch[reads[s]][j] for s in groups[gi])
+        total -= sum(cost[reads[s]][(l, j)] for s in groups[gi])
     if total > budget * (1 + 1e-12):
         raise TcgraphError(f"interval {interval} cannot reach a predicted {target}x even reusing every branch "
                            f"(at most {max_speedup(cfg, S, interval, text_length):.2f}x); use a longer interval")
