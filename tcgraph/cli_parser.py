@@ -143,12 +143,15 @@ def _add_conditioning(s) -> None:
                         f"{describe_vocabulary()}")
     s.add_argument("--negative-prompt", default="", help="the prompt guidance steers away from (default empty)")
     s.add_argument("--text-encoder", type=Path, metavar="FOLDER",
-                   help="with --prompt: the diffusers pipeline folder whose text_encoder/ and tokenizer/ embed the "
-                        "prompts (the one the artifact was transformed from; the demos need none)")
+                   help="with --prompt: the diffusers pipeline folder whose text encoders embed the prompts "
+                        "(PixArt: T5; FLUX: CLIP + T5; SD3: two CLIPs + T5; the one the artifact was transformed "
+                        "from; the demos need none)")
     s.add_argument("--embeddings", type=Path,
                    help="text-conditioned models: prompt embeddings (safetensors: prompt_embeds, "
                         "prompt_attention_mask and, for guidance, negative_prompt_embeds, "
-                        "negative_prompt_attention_mask), e.g. from a diffusers pipeline's encode_prompt")
+                        "negative_prompt_attention_mask; FLUX and SD3: pooled_prompt_embeds and "
+                        "negative_pooled_prompt_embeds in place of the masks), e.g. from a diffusers pipeline's "
+                        "encode_prompt")
     s.add_argument("--per-class", type=int, default=4,
                    help="images per class (or prompt); one grid row per class (default 4)")
     s.add_argument("--seed", type=int, default=0, help="noise seed, 0..4294967295 (default 0)")
