@@ -116,9 +116,14 @@ class TestFluxDev(AdapterTester):
                                    scheduler=FLUX_SCHEDULER)
 
 
-@pytest.mark.slow  # ~50 s, as TestFluxDev
+SCHNELL_MIXED = ("the mixed plan's artifact is sampled by TestFluxDev, whose graphs differ from schnell's only by "
+                 "the guidance input; schnell's full artifact samples the guidance-free path on both backends")
+
+
+@pytest.mark.slow  # ~25 s: one export (the full plan), the mixed plan's variants against the eager reference
 class TestFluxSchnell(TestFluxDev):
-    """FLUX.1-schnell's form: no guidance embedding, no guidance."""
+    """FLUX.1-schnell's form: no guidance embedding, no guidance. Every check but the two that export and
+    sample the mixed plan, which FLUX.1-dev's tester runs on the same graphs with a guidance input."""
 
     guidance = 1.0
 
@@ -128,6 +133,14 @@ class TestFluxSchnell(TestFluxDev):
     def settings(self, model):
         return dataclasses.replace(AdapterTester.settings(self, model), guidance="none", sampler="diffusers",
                                    scheduler=FLUX_SCHEDULER)
+
+    @pytest.mark.skip(reason=SCHNELL_MIXED)
+    def test_mixed_plan_samples_the_same_on_both_backends_and_eagerly(self):
+        pass
+
+    @pytest.mark.skip(reason=SCHNELL_MIXED)
+    def test_mixed_plan_steps_and_caches_agree_on_both_backends(self):
+        pass
 
 
 def all_testers() -> list[type[AdapterTester]]:
