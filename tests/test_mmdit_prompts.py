@@ -23,7 +23,7 @@ from tcgraph.export.artifact import load_artifact  # noqa: E402
 from tcgraph.sampling.conditioning import encode_prompts  # noqa: E402
 from tcgraph.text.embeddings import Text  # noqa: E402
 from tcgraph.text.mmdit import FluxTextEncoder, SD3TextEncoder  # noqa: E402
-from tcgraph.text.pipeline import pipeline_text_encoder_for  # noqa: E402
+from tcgraph.text.encoders import pipeline_text_encoder_for  # noqa: E402
 from tests.models.flux_tiny import tiny_config, tiny_diffusers  # noqa: E402
 from tests.models.test_diffusers_sd3 import PLAIN, POOLED_WIDTH, TEXT_WIDTH, tiny_sd3  # noqa: E402
 from tests.models.text_tiny import flux_text_encoders, sd3_text_encoders  # noqa: E402

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel  # no
 from tcgraph import api, cli  # noqa: E402
 from tcgraph.errors import UsageError  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
-from tcgraph.text.pipeline import PipelineTextEncoder, pipeline_text_encoder_for  # noqa: E402
+from tcgraph.text.encoders import pipeline_text_encoder_for  # noqa: E402
+from tcgraph.text.pipeline import PipelineTextEncoder  # noqa: E402
 from tcgraph.sampling.conditioning import encode_prompts  # noqa: E402
 from tests.test_pixart_pipeline import pipeline_parts  # noqa: E402
 

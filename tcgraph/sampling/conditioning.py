@@ -162,7 +162,7 @@ def encode_prompts(art, prompts, negative_prompt: str, text_encoder=None):
     from tcgraph.demos.digits_text import NAME
     from tcgraph.demos.prompts import prompt_encoder_for
     from tcgraph.text.mmdit import MMDiTTextEncoder
-    from tcgraph.text.pipeline import pipeline_text_encoder_for
+    from tcgraph.text.encoders import pipeline_text_encoder_for
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise UsageError("prompts (--prompt) must be a non-empty list of strings")

@@ -13,7 +13,7 @@ text encoder's shard index, the tokenizer's file entries). `tests/test_pixart_pr
 embeddings against the pipeline's own `encode_prompt` on a tiny T5 and tokenizer made there.
 
 `load_parts` and `check_paths` serve FLUX's and SD3's CLIP + T5 encoders too (`tcgraph.text.mmdit`);
-`pipeline_text_encoder_for` picks the encoder by the folder's `model_index.json` `_class_name`.
+`tcgraph.text.encoders.pipeline_text_encoder_for` picks the encoder by the folder's `model_index.json` `_class_name`.
 """
 from __future__ import annotations
 
@@ -128,27 +128,3 @@ def check_paths(folder: Path, index: dict, encoders: tuple[str, ...] = ("text_en
                 value = entries.get(key)
                 for name in (value if isinstance(value, list) else [] if value is None else [value]):
                     inside(tok, name, config, f"the entry {key}")
-
-
-def pipeline_text_encoder_for(source: str | Path | None):
-    """The text encoders of the pipeline folder `source` (or of the pipeline whose `transformer/` it is),
-    where that folder has a `model_index.json`, `text_encoder/` and `tokenizer/`, else None: PixArt's T5
-    (`PipelineTextEncoder`), or FLUX's and SD3's CLIP + T5 (`tcgraph.text.mmdit`), by the index's
-    `_class_name`; another pipeline class is refused by name (TcgraphError)."""
-    from tcgraph.text.mmdit import MMDIT_ENCODERS
-
-    if not isinstance(source, (str, Path)) or not str(source):
-        return None
-    path = Path(source)
-    for folder in (path, path.parent):
-        if (folder / INDEX).is_file() and all((folder / part).is_dir() for part in PARTS):
-            name = read_json(folder / INDEX, "the pipeline index").get("_class_name")
-            if name in MMDIT_ENCODERS:
-                return MMDIT_ENCODERS[name](folder)
-            if name in PIXART_PIPELINES:
-                return PipelineTextEncoder(folder)
-            raise TcgraphError(f"{folder / INDEX} is a {name!r} pipeline; tcgraph embeds prompts with the text "
-                               f"encoders of {', '.join((*PIXART_PIPELINES, *MMDIT_ENCODERS))} folders: embed the "
-                               "prompts with the pipeline's encode_prompt and pass them as an embeddings file "
-                               "(--embeddings)")
-    return None
