@@ -219,8 +219,11 @@ class Reader:
             self.port_map = (port, new)
         log = self.folder / "tcgraph-out" / "serve.log"
         self.server_out = open(log, "w+")
+        # A reader's terminal delivers Ctrl-C: SIGINT handled as by default, even where this test runs as a
+        # background job (whose children inherit SIGINT ignored, which `serve` then keeps, as it should)
         self.server = subprocess.Popen(tcgraph_exe() + argv[1:], cwd=self.folder, stdout=self.server_out,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while "stop with Ctrl-C" not in log.read_text():
             if self.server.poll() is not None or time.monotonic() > deadline:
