@@ -51,7 +51,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.errors import UsageError
 
 PIPELINE_NULL_CLASS = 1000  # what DiTPipeline passes for the unconditional half
 
@@ -199,7 +199,6 @@ class ArtifactTransformer(nn.Module):
         return text
 
     def _text_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
-        s = self.settings
         x = self._latents(hidden_states, "prompts")
         text = self._text(encoder_hidden_states)
         want = text.shape
@@ -303,8 +302,8 @@ def use(pipe, artifact: str | os.PathLike, backend: str = "ort", **runner_option
 
 
 def _check_same_model(pipe, original, config, where) -> None:
-    from tcgraph.models.diffusers.config import (CLASS_NAME, PIXART_CLASS_NAME, config_from_diffusers,
-                                                 pixart_config_from_diffusers)
+    from tcgraph.models.diffusers.config import (CLASS_NAME, PIXART_CLASS_NAME, check_pipeline_transformer,
+                                                 config_from_diffusers, pixart_config_from_diffusers)
 
     raw = getattr(original, "config", None)
     if raw is None:
@@ -326,16 +325,8 @@ def _check_same_model(pipe, original, config, where) -> None:
                          f"artifact with {fits[2]}, or transform this pipeline's own model (tcgraph transform "
                          "--model <its pipeline folder>)")
     read = pixart_config_from_diffusers if config.text_conditioned else config_from_diffusers
-    try:
-        theirs = read(dict(raw), where=f"{pipeline}'s transformer")
-    except TcgraphError as e:
-        raise UsageError(f"{e}; the artifact {where} cannot stand in for it") from None
-    keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma",
-            "caption_channels")
-    differ = [f"{k} {getattr(config, k)} vs {getattr(theirs, k)}" for k in keys if getattr(config, k) != getattr(theirs, k)]
-    if differ:
-        raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
-                         f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+    check_pipeline_transformer(config, dict(raw), read, ("input_size", "patch_size", "in_channels", "hidden_size",
+                               "depth", "num_heads", "num_classes", "learn_sigma", "caption_channels"), pipeline, where)
 
 
 def _sd3():

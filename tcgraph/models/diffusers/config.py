@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.config import DiTConfig
 
 CLASS_NAME = "DiTTransformer2DModel"
@@ -253,3 +253,25 @@ def _require(config: DiTConfig, class_name: str) -> None:
     """Refuse a config of another family than the one whose diffusers folders are `class_name`."""
     if config.family.diffusers_class != class_name:
         raise TcgraphError(f"config is of the family {config.family.title}, not of {class_name}")
+
+
+def check_pipeline_transformer(config, raw: dict, read, keys: tuple[str, ...], pipeline: str, where, **read_options) -> None:
+    """An artifact of `config` may stand in for a pipeline's transformer whose config.json is `raw` only
+    where `read(raw, where=..., **read_options)` reads it (the family's own reader) and every field in
+    `keys` is the same; else one UsageError naming what differs, artifact vs pipeline."""
+    try:
+        other = read(raw, where=f"{pipeline}'s transformer", **read_options)
+    except TcgraphError as e:
+        raise UsageError(f"{e}; the artifact {where} cannot stand in for it") from None
+    differ = [f"{k} {getattr(config, k)} vs {getattr(other, k)}" for k in keys if getattr(config, k) != getattr(other, k)]
+    if differ:
+        raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
+                         f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+
+
+def check_class(pipeline: str, theirs: str, config, class_name: str, family: str, where) -> None:
+    """An artifact of family `family` stands in only for a `class_name`, and a `class_name` only takes one."""
+    if theirs != class_name or config.family.name != family:
+        ours = f"a {class_name}" if config.family.name == family else f"a {config.family.title}"
+        raise UsageError(f"the artifact {where} is for {ours}, but {pipeline}'s transformer is a {theirs}: use the "
+                         "artifact with its own model's pipeline, or transform this pipeline's model")

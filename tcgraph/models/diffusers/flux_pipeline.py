@@ -13,9 +13,13 @@ from types import SimpleNamespace
 
 import torch
 
-from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.errors import UsageError
+from tcgraph.models.diffusers.config import check_class, check_pipeline_transformer
 from tcgraph.models.diffusers.flux import image_ids, pack, unpack
 from tcgraph.models.diffusers.flux_config import FLUX_CLASS_NAME, flux_config_from_diffusers
+
+SAME_FIELDS = ("in_channels", "hidden_size", "depth", "single_depth", "num_heads", "caption_channels",
+               "pooled_channels", "guidance_embeds", "axes_dims_rope")
 
 
 def stand_in(cfg, timesteps: list[float]) -> tuple[SimpleNamespace, list[float]]:
@@ -73,17 +77,6 @@ def output(out: torch.Tensor, cfg) -> torch.Tensor:
 
 def check_same_model(pipeline: str, theirs: str, raw: dict, config, where) -> None:
     """A FLUX artifact stands in for a FluxTransformer2DModel of the same sizes, guidance embedding included."""
-    if theirs != FLUX_CLASS_NAME or config.family.name != "flux":
-        ours = f"a {FLUX_CLASS_NAME}" if config.family.name == "flux" else f"a {config.family.title}"
-        raise UsageError(f"the artifact {where} is for {ours}, but {pipeline}'s transformer is a {theirs}: use the "
-                         "artifact with its own model's pipeline, or transform this pipeline's model")
-    try:
-        other = flux_config_from_diffusers(raw, where=f"{pipeline}'s transformer", input_size=config.input_size)
-    except TcgraphError as e:
-        raise UsageError(f"{e}; the artifact {where} cannot stand in for it") from None
-    keys = ("in_channels", "hidden_size", "depth", "single_depth", "num_heads", "caption_channels",
-            "pooled_channels", "guidance_embeds", "axes_dims_rope")
-    differ = [f"{k} {getattr(config, k)} vs {getattr(other, k)}" for k in keys if getattr(config, k) != getattr(other, k)]
-    if differ:
-        raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
-                         f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+    check_class(pipeline, theirs, config, FLUX_CLASS_NAME, "flux", where)
+    check_pipeline_transformer(config, raw, flux_config_from_diffusers, SAME_FIELDS, pipeline, where,
+                               input_size=config.input_size)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.errors import UsageError
+from tcgraph.models.diffusers.config import check_class, check_pipeline_transformer
 from tcgraph.models.diffusers.sd3_config import SD3_CLASS_NAME, sd3_config_from_diffusers
 
 # the config fields in which the pipeline's transformer must equal the artifact's model
@@ -39,16 +40,6 @@ def pooled_input(settings, cfg, given: dict) -> torch.Tensor:
 def check_same_model(pipeline: str, theirs: str, raw: dict, config, where) -> None:
     """An SD3 artifact stands in for an SD3Transformer2DModel of the same sizes (its config read at the
     artifact's resolution), and only for one."""
-    if theirs != SD3_CLASS_NAME or config.family.name != "sd3":
-        ours = f"a {SD3_CLASS_NAME}" if config.family.name == "sd3" else f"a {config.family.title}"
-        raise UsageError(f"the artifact {where} is for {ours}, but {pipeline}'s transformer is a {theirs}: use the "
-                         "artifact with its own model's pipeline, or transform this pipeline's model")
-    try:
-        other = sd3_config_from_diffusers(raw, where=f"{pipeline}'s transformer", input_size=config.input_size)
-    except TcgraphError as e:
-        raise UsageError(f"{e}; the artifact {where} cannot stand in for it") from None
-    differ = [f"{k} {getattr(config, k)} vs {getattr(other, k)}" for k in SAME_FIELDS
-              if getattr(config, k) != getattr(other, k)]
-    if differ:
-        raise UsageError(f"the artifact {where} is for another model than the pipeline's transformer "
-                         f"({'; '.join(differ)}, artifact vs pipeline); transform this pipeline's model")
+    check_class(pipeline, theirs, config, SD3_CLASS_NAME, "sd3", where)
+    check_pipeline_transformer(config, raw, sd3_config_from_diffusers, SAME_FIELDS, pipeline, where,
+                               input_size=config.input_size)
