@@ -177,6 +177,23 @@ class AdapterTester:
                        for i, br in enumerate(names[1])}}
         return [self.full_recipe(layout), a, c, a], weights
 
+    def alternating_recipes(self, layout: Layout, n: int) -> tuple[list[Recipe], dict]:
+        """A `mixed_recipes` for models of several streams and kinds (the two-stream toy, FLUX): every other
+        block partial (A) and reused (C), the others dynamic (A) and forecast (C), so that each kind gets
+        every action, a parallel block is dynamic on both branches (which read one input), a text-only
+        branch is forecast, and enough blocks cache that the samples differ from the full model's."""
+        names = layout.branches()
+
+        def each(block, action):
+            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
+
+        a = Recipe(tuple(each(l, (lambda i: partial(range(i, n, 2 + i))) if l % 2 == 0 else (lambda i: dynamic(3 + i)))
+                         for l in range(layout.depth)), names)
+        c = Recipe(tuple(((REUSE,) if l % 2 == 0 else (forecast(2),)) * len(names[l]) for l in range(layout.depth)), names)
+        weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
+                       for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
+        return [self.full_recipe(layout), a, c, a], weights
+
     def make_plans(self, model: nn.Module) -> dict[str, Plan]:
         cfg, layout = model.config, self.layout(model)
         s = self.settings(model)

@@ -20,9 +20,7 @@ from tcgraph.models.diffusers.pixart import PIXART, DiffusersPixArt  # noqa: E40
 from tcgraph.models.diffusers.flux import FLUX  # noqa: E402
 from tcgraph.models.official.dit import DiT, make_config, randomize_weights  # noqa: E402
 from tcgraph.models.families import FAMILIES  # noqa: E402
-from tcgraph.plan import COMPUTE, REUSE, Recipe  # noqa: E402
-from tcgraph.plan.actions import dynamic, forecast, partial  # noqa: E402
-from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester, import_every_family  # noqa: E402
+from tests.models.adapter_tester import AdapterTester, import_every_family  # noqa: E402
 from tests.models.flux_tiny import tiny_flux  # noqa: E402
 import tests.models.test_sd3_adapter  # noqa: E402,F401  (its TestSD3, not collected twice: no Test name here)
 
@@ -95,21 +93,8 @@ class TestFluxDev(AdapterTester):
     def make_model(self):
         return tiny_flux(guidance_embeds=True, seed=3)
 
-    def mixed_recipes(self, layout, n):
-        """As the base class's, with every other block partial (A) and reused (C) and the others dynamic (A)
-        and forecast (C), as for the two-stream toy: each kind gets every action, and enough blocks cache
-        that the plan's samples differ from the full model's by more than the backends' tolerance."""
-        names = layout.branches()
-
-        def each(block, action):
-            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
-
-        a = Recipe(tuple(each(l, (lambda i: partial(range(i, n, 2 + i))) if l % 2 == 0 else (lambda i: dynamic(3 + i)))
-                         for l in range(layout.depth)), names)
-        c = Recipe(tuple(((REUSE,) if l % 2 == 0 else (forecast(2),)) * len(names[l]) for l in range(layout.depth)), names)
-        weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
-                       for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
-        return [self.full_recipe(layout), a, c, a], weights
+    def mixed_recipes(self, layout, n):  # as the two-stream toy's
+        return self.alternating_recipes(layout, n)
 
     def settings(self, model):  # FLUX's own sampler: flow matching with its resolution-dependent shift
         return dataclasses.replace(super().settings(model), guidance="input", sampler="diffusers",

@@ -19,8 +19,7 @@ from tcgraph.plan.actions import dynamic
 from tcgraph.models.layout import Layout
 from tcgraph.plan.registry import make_plan
 from tcgraph.sampling import SamplerSettings
-from tcgraph.plan.actions import forecast
-from tests.models.adapter_tester import FORECAST_WEIGHTS_BY_BRANCH, AdapterTester
+from tests.models.adapter_tester import AdapterTester
 from tests.models.two_stream import ADAPTER, FAMILY, GUIDED_FAMILY, build, registered, toy_config
 
 
@@ -46,20 +45,7 @@ class TestTwoStreamToy(AdapterTester):
         return model.eval()
 
     def mixed_recipes(self, layout, n):
-        """As the base class's, with every other block partial (A) and reused (C), and the others dynamic
-        (A) and forecast (C): each kind gets every action, a parallel block dynamic on both its branches
-        (which read one input) and a text-only branch forecast."""
-        names = layout.branches()
-
-        def each(block, action):
-            return tuple(action(i) if self.tokens(layout, block, br) else COMPUTE for i, br in enumerate(names[block]))
-
-        a = Recipe(tuple(each(l, (lambda i: partial(range(i, n, 2 + i))) if l % 2 == 0 else (lambda i: dynamic(3 + i)))
-                         for l in range(layout.depth)), names)
-        c = Recipe(tuple(((REUSE,) if l % 2 == 0 else (forecast(2),)) * len(names[l]) for l in range(layout.depth)), names)
-        weights = {2: {(l, br): FORECAST_WEIGHTS_BY_BRANCH[i % len(FORECAST_WEIGHTS_BY_BRANCH)]
-                       for l in range(1, layout.depth, 2) for i, br in enumerate(names[l])}}
-        return [self.full_recipe(layout), a, c, a], weights
+        return self.alternating_recipes(layout, n)
 
 
 # The whole battery with a guidance input runs on a real family, FLUX.1-dev (TestFluxDev in
