@@ -34,7 +34,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.models.diffusers.config import CLASS_NAME, TIME_FEATURES, config_from_diffusers, diffusers_kwargs
-from tcgraph.models.diffusers.folder import DiffusersFolder, load_weights_into
+from tcgraph.models.diffusers.folder import DiffusersFolder, diffusers_missing, load_weights_into
 from tcgraph.models.official.dit import DiTConfig, modulate
 
 try:
@@ -42,10 +42,7 @@ try:
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise TcgraphError(
-        f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
-        "or `pip install 'tcgraph[diffusers]'`"
-    ) from None
+    raise diffusers_missing(e) from None
 
 
 

@@ -41,11 +41,10 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import ADAPTERS, AttentionSpec, BlockKind, BranchSpec, ModelAdapter, StreamRead, config_dims, register_adapter
 from tcgraph.models.diffusers.flux_config import (FLUX_CLASS_NAME, FluxConfig, flux_config_from_diffusers,
                                                   flux_diffusers_shapes, flux_kwargs)
-from tcgraph.models.diffusers.folder import DiffusersFolder, load_weights_into
+from tcgraph.models.diffusers.folder import DiffusersFolder, diffusers_missing, load_weights_into
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.names import IMAGE, TEXT_STREAM
 
@@ -58,10 +57,7 @@ try:
     from tcgraph.models.diffusers.flux_blocks import (FluxDoubleBlock, FluxJointAttention, FluxSingleBlock,
                                                       FluxSingleMLP, check_flux_model)
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise TcgraphError(
-        f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
-        "or `pip install 'tcgraph[diffusers]'`"
-    ) from None
+    raise diffusers_missing(e) from None
 
 TIME_SCALE = 1000.0  # diffusers' FLUX forward multiplies timestep and guidance by it
 

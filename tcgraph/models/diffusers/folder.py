@@ -33,6 +33,12 @@ class DiffusersFolder:
         return self.config["_class_name"]
 
 
+def diffusers_missing(e: ImportError) -> TcgraphError:
+    """The one error of a diffusers family's module when the optional diffusers package is missing."""
+    return TcgraphError(f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
+                        "or `pip install 'tcgraph[diffusers]'`")
+
+
 def is_diffusers_folder(path: Path) -> bool:
     """Whether `path` looks like a diffusers model or pipeline folder (it need not be a valid one)."""
     return path.is_dir() and ((path / "config.json").is_file() or (path / "model_index.json").is_file())

@@ -56,7 +56,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, config_dims, register_adapter
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.models.diffusers.config import PIXART_CLASS_NAME, pixart_config_from_diffusers, pixart_kwargs
-from tcgraph.models.diffusers.folder import DiffusersFolder, load_weights_into
+from tcgraph.models.diffusers.folder import DiffusersFolder, diffusers_missing, load_weights_into
 from tcgraph.models.official.dit import DiTConfig, modulate
 
 try:
@@ -66,10 +66,7 @@ try:
 
     from tcgraph.models.diffusers.dit import timestep_features
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise TcgraphError(
-        f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
-        "or `pip install 'tcgraph[diffusers]'`"
-    ) from None
+    raise diffusers_missing(e) from None
 
 MASK_BIAS = -10000.0  # what diffusers adds to the attention scores of a dropped text token
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import AttentionSpec, BlockKind, BranchSpec, ModelAdapter, StreamRead, config_dims
 from tcgraph.models.adapter import register_adapter
-from tcgraph.models.diffusers.folder import DiffusersFolder, load_weights_into
+from tcgraph.models.diffusers.folder import DiffusersFolder, diffusers_missing, load_weights_into
 from tcgraph.models.diffusers.sd3_config import SD3_CLASS_NAME, SD3Config, sd3_config_from_diffusers, sd3_kwargs
 from tcgraph.models.official.checkpoint import check_finite
 from tcgraph.models.official.dit import modulate
@@ -55,10 +55,7 @@ try:
 
     from tcgraph.models.diffusers.dit import timestep_features
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise TcgraphError(
-        f"diffusers models need the diffusers package ({e}); install it with `pip install diffusers` "
-        "or `pip install 'tcgraph[diffusers]'`"
-    ) from None
+    raise diffusers_missing(e) from None
 
 
 def _heads(q: torch.Tensor, heads: int) -> torch.Tensor:
