@@ -48,6 +48,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,9 @@ from tcgraph.data import digits_split
 from tcgraph.demos.digits_flux import (LENGTH, SCHEDULER, SCHEDULER_DIR, SCHEDULER_FILE, SIZES, PooledPromptEncoder,
                                        demo_config)
 from tcgraph.demos.digits_text import ENCODER_DIR, PROMPTS, TEMPLATES, TRANSFORMER_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the text demo's script, beside this one
+from train_text_demo import publish  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tcgraph" / "models" / "weights" / "digits_flux"
 HEAD = 32  # head width: heads = width / 32, RoPE axes 8 + 12 + 12
@@ -238,15 +242,7 @@ def write_folder(out: Path, ema, ema_encoder, config, info: dict) -> None:
     (tmp / SCHEDULER_DIR).mkdir()
     (tmp / SCHEDULER_DIR / SCHEDULER_FILE).write_text(json.dumps(SCHEDULER, indent=2) + "\n")
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    for path in tmp.rglob("*"):  # safetensors writes 0600; the files ship in the package
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    tmp.chmod(0o755)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    if old.exists():
-        shutil.rmtree(old)
+    publish(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> dict:

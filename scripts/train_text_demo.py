@@ -79,6 +79,21 @@ def init_text_path(model) -> None:
         layer.bias.zero_()
 
 
+def publish(tmp: Path, out: Path) -> None:
+    """Put the finished weights folder `tmp` at `out` (readable by all: the files ship in the package),
+    the old one moved aside first and removed only once the new one is in place. Shared by the demos'
+    training scripts (scripts/train_flux_demo.py)."""
+    for path in tmp.rglob("*"):  # safetensors writes 0600
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    tmp.chmod(0o755)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.replace(old)
+    tmp.replace(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1200)
@@ -165,15 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     save_pixart(ema, tmp / TRANSFORMER_DIR)
     ema_encoder.save(tmp / ENCODER_DIR)
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    for path in tmp.rglob("*"):  # safetensors writes 0600; the files ship in the package
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    tmp.chmod(0o755)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    if old.exists():
-        shutil.rmtree(old)
+    publish(tmp, out)
     print(json.dumps(info))
     return info
 
