@@ -54,6 +54,37 @@ def _install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _import_heavy():
+    """Import `tcgraph.api` (torch, numpy) with Ctrl-C and SIGTERM held until the imports finish.
+
+    An interrupt that lands inside a third-party import can be swallowed there: torch catches a
+    failed `import numpy` and goes on with a half-imported numpy, which later fails with an
+    unrelated AttributeError, or the process dies of the signal after printing its message. So a
+    signal that arrives now is remembered and raised as KeyboardInterrupt once the imports are done.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        from tcgraph import api
+
+        return api
+    held = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler not in (signal.SIG_IGN, signal.SIG_DFL, None):
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        from tcgraph import api
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+    return api
+
+
 def _stdout_gone() -> None:
     """The reader of stdout went away (`tcgraph inspect A --json | head -c 100`): point stdout
     at devnull so that the interpreter's final flush does not fail again (Python's recipe)."""
@@ -127,8 +158,7 @@ def _run(argv: list[str] | None) -> int:
     _check_names(args)  # before torch: a misspelt plan, model or folder is refused at once
     if args.command == "inspect":  # reads an artifact folder: no torch
         return _inspect_command(args)
-    from tcgraph import api
-
+    api = _import_heavy()
     if args.command == "transform":
         path = api.transform(args.model, args.plan, args.out, config=args.config, steps=args.steps,
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
