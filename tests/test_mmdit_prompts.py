@@ -78,6 +78,33 @@ def test_flux_embeddings_equal_the_pipelines_encode_prompt(flux):
     assert (text.pooled[0] - text.pooled[1]).abs().max() > 1e-3
 
 
+
+def test_a_prompt_longer_than_the_text_is_warned_about_once(flux):
+    """T5 cuts a prompt to the artifact's text length, CLIP to its 77 tokens; each cut is one warning naming the
+    prompts (1-based) and their token counts, the negative prompt once; prompts that fit warn nothing."""
+    import warnings
+
+    from tcgraph.text.cut import PromptCutWarning
+
+    _, folder, _ = flux
+    encoder = FluxTextEncoder(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder.encode(["a red cat", "a blue dog"], negative="", length=FLUX_L)  # 3 words each (no special tokens)
+        assert caught == []
+        encoder.encode(["a red cat", "a photo of a blue dog of a cat"], negative="a photo of a red dog",
+                       length=FLUX_L)
+    cut = [w.message for w in caught if isinstance(w.message, PromptCutWarning)]
+    assert [str(w) for w in cut] == [
+        "prompt 2 (9 tokens): longer than the 5 T5 tokens the model reads; the rest is cut (transform with a "
+        "larger --text-length to keep it)",
+        "the negative prompt (6 tokens): longer than the 5 T5 tokens the model reads; the rest is cut (transform "
+        "with a larger --text-length to keep it)"]
+    assert cut[0].prompts == (2,) and len(caught) == 2
+    with pytest.warns(PromptCutWarning, match=r"^prompt 1 \(81 tokens\): longer than the 77 CLIP tokens the model "
+                                              r"reads; the rest is cut$"):
+        encoder.encode(["a " * 80 + "cat"], negative=None, length=100)
+
 def test_sd3_embeddings_equal_the_pipelines_encode_prompt(sd3):
     pipe, folder, t5 = sd3
     encoder = pipeline_text_encoder_for(folder)

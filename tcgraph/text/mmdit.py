@@ -29,7 +29,8 @@ import torch
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.diffusers.folder import read_json
 from tcgraph.text.embeddings import Text
-from tcgraph.text.pipeline import INDEX, check_paths, load_parts
+from tcgraph.text.cut import warn_if_cut
+from tcgraph.text.pipeline import INDEX, LONGER, check_paths, load_parts
 
 TOKENIZER = "PreTrainedTokenizerBase"
 
@@ -55,15 +56,18 @@ class MMDiTTextEncoder:
         self.folder = folder
         self.parts = load_parts(folder, index, parts, f" ({self.PIPELINE}'s)")
 
-    def embed(self, prompts: list[str], length: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence [N, length, D], pooled [N, P]) of `prompts`, as the pipeline's encode_prompt."""
+    def embed(self, prompts: list[str], length: int, width: int | None,
+              negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence [N, length, D], pooled [N, P]) of `prompts`, as the pipeline's encode_prompt
+        (`negative`: they are the negative prompt, for the warning of a prompt cut short)."""
         raise NotImplementedError
 
-    def clip_tokens(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+    def clip_tokens(self, tokenizer, prompts: list[str], negative: bool = False) -> torch.Tensor:
         """The CLIP token ids of `prompts`, padded and cut to the first CLIP tokenizer's length (the
         pipelines' `tokenizer_max_length`, which both SD3 CLIPs use)."""
-        return tokenizer(prompts, padding="max_length", max_length=self.parts["tokenizer"].model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+        length = self.parts["tokenizer"].model_max_length
+        warn_if_cut(tokenizer, prompts, length, "CLIP", negative=negative)
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
     def encode(self, prompts: Sequence[str], negative: str | None = "", length: int | None = None,
                width: int | None = None) -> Text:
@@ -78,7 +82,7 @@ class MMDiTTextEncoder:
             sequence, pooled = self.embed(prompts, length, width)
             if negative is None:
                 return Text(sequence, torch.ones(sequence.shape[:2]), pooled=pooled)
-            neg, neg_pooled = self.embed([negative] * len(prompts), length, width)
+            neg, neg_pooled = self.embed([negative] * len(prompts), length, width, negative=True)
         ones = torch.ones(sequence.shape[:2])
         return Text(sequence, ones, neg, ones, pooled, neg_pooled)
 
@@ -90,9 +94,11 @@ class FluxTextEncoder(MMDiTTextEncoder):
     PARTS = {"text_encoder": "CLIPTextModel", "tokenizer": TOKENIZER, "text_encoder_2": "T5EncoderModel",
              "tokenizer_2": TOKENIZER}
 
-    def embed(self, prompts: list[str], length: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, prompts: list[str], length: int, width: int | None,
+              negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
-        pooled = p["text_encoder"](self.clip_tokens(p["tokenizer"], prompts), output_hidden_states=False).pooler_output
+        pooled = p["text_encoder"](self.clip_tokens(p["tokenizer"], prompts, negative), output_hidden_states=False).pooler_output
+        warn_if_cut(p["tokenizer_2"], prompts, length, "T5", LONGER, negative)
         ids = p["tokenizer_2"](prompts, padding="max_length", max_length=length, truncation=True,
                                return_tensors="pt").input_ids
         return p["text_encoder_2"](ids, output_hidden_states=False)[0].float(), pooled.float()
@@ -107,7 +113,8 @@ class SD3TextEncoder(MMDiTTextEncoder):
              "text_encoder_3": "T5EncoderModel", "tokenizer_3": TOKENIZER}
     OPTIONAL = ("text_encoder_3", "tokenizer_3")
 
-    def embed(self, prompts: list[str], length: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, prompts: list[str], length: int, width: int | None,
+              negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
         clip_length = p["tokenizer"].model_max_length
         if length <= clip_length:
@@ -116,10 +123,11 @@ class SD3TextEncoder(MMDiTTextEncoder):
                              f"(e.g. {clip_length + 256})")
         hidden, pooled = [], []
         for n in ("", "_2"):
-            out = p["text_encoder" + n](self.clip_tokens(p["tokenizer" + n], prompts), output_hidden_states=True)
+            out = p["text_encoder" + n](self.clip_tokens(p["tokenizer" + n], prompts, negative), output_hidden_states=True)
             pooled.append(out[0].float())
             hidden.append(out.hidden_states[-2].float())
         if "text_encoder_3" in p:
+            warn_if_cut(p["tokenizer_3"], prompts, length - clip_length, "T5", LONGER, negative)
             ids = p["tokenizer_3"](prompts, padding="max_length", max_length=length - clip_length, truncation=True,
                                    add_special_tokens=True, return_tensors="pt").input_ids
             t5 = p["text_encoder_3"](ids)[0].float()

@@ -24,9 +24,11 @@ import torch
 
 from tcgraph.errors import TcgraphError, UsageError
 from tcgraph.models.diffusers.folder import check_pipeline_index, inside, read_json
+from tcgraph.text.cut import warn_if_cut
 from tcgraph.text.embeddings import Text
 
 INDEX = "model_index.json"
+LONGER = " (transform with a larger --text-length to keep it)"
 PARTS = ("text_encoder", "tokenizer")
 PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 # tokenizer_config.json entries that a tokenizer class opens as files (transformers before 4.57 took
@@ -47,9 +49,11 @@ class PipelineTextEncoder:
                             " (such as T5EncoderModel, T5Tokenizer)")
         self.tokenizer, self.text_encoder = loaded["tokenizer"], loaded["text_encoder"]
 
-    def embed(self, prompts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, prompts: Sequence[str], length: int, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [N, length, width] float32, mask [N, length] float32) of `prompts`."""
-        tokens = self.tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=length,
+        prompts = [p.lower().strip() for p in prompts]
+        warn_if_cut(self.tokenizer, prompts, length, "T5", LONGER, negative)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=length,
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
         with torch.no_grad():
             out = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
@@ -66,7 +70,7 @@ class PipelineTextEncoder:
         embeddings, mask = self.embed(prompts, length)
         if negative is None:
             return Text(embeddings, mask)
-        neg, neg_mask = self.embed([negative] * len(prompts), length)
+        neg, neg_mask = self.embed([negative] * len(prompts), length, negative=True)
         return Text(embeddings, mask, neg, neg_mask)
 
 
