@@ -45,7 +45,7 @@ def transform(
     *,
     config: str | DiTConfig | None = None,
     steps: int = 50,
-    guidance: float = 2.0,
+    guidance: float | None = None,
     eta: float = 0.0,
     batch: int = 8,
     clip_x0: bool | None = None,
@@ -61,6 +61,8 @@ def transform(
 ) -> Path:
     """Plan, rewrite, check and export a model into an artifact folder; returns its path.
 
+    `guidance`: the classifier-free guidance scale, 1 = none; None: 2, or 1 for a model that takes
+    no guidance (FLUX.1-schnell).
     `clip_x0`: whether DDIM clips x0 to [-1, 1] (None: the model's default, on for pixel-space
     models such as the demo; see `SamplerSettings`).
     `scheduler`: "auto" (default: the pipeline's own scheduler when `model` is a diffusers
@@ -115,7 +117,9 @@ def transform(
         the_plan = plan
         conditioning.check_conditioning(the_plan.settings, dit.config, None)
     else:
-        settings = dataclasses.replace(settings, resolution=dit.config.input_size, guidance=dit.config.family.guidance_of(dit.config),
+        takes = dit.config.family.guidance_of(dit.config)
+        scale = (1.0 if takes == "none" else DEFAULT_GUIDANCE) if guidance is None else settings.cfg_scale
+        settings = dataclasses.replace(settings, resolution=dit.config.input_size, guidance=takes, cfg_scale=scale,
                                        pooled=bool(getattr(dit.config, "pooled_channels", 0)))
         if dit.config.text_conditioned and not settings.text_length:
             settings, calibration_text = conditioning.encoder_defaults(model, settings, calibration_text)
@@ -148,6 +152,7 @@ def transform(
 # One tensor of a variant graph ([model batch, tokens, hidden] float32: a block's hidden
 # state, each cache) past this size means a batch no device runs; refused before planning.
 MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
+DEFAULT_GUIDANCE = 2.0  # transform's guidance scale for a model that takes guidance
 
 
 def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,
@@ -167,6 +172,7 @@ def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, 
     for name, value in (("plan_options", plan_options), ("engine_options", engine_options)):
         if value is not None and not isinstance(value, dict):
             raise UsageError(f"{name} must be a dict of option names to values or None, got {type(value).__name__}")
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance  # the model's own default comes once it is loaded
     config = scheduler_for_transform(scheduler, model)
     if config is None:
         return SamplerSettings(num_steps=steps, cfg_scale=guidance, eta=eta, batch=batch, clip_x0=clip_x0)

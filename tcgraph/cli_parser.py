@@ -92,7 +92,8 @@ def _add_transform(t, _name: str) -> None:
     t.add_argument("--plan", default="full", help=spec["plan_help"])
     t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    t.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, 1 = none (default 2)")
+    t.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = none (default 2; 1 for a model without guidance, FLUX.1-schnell)")
     t.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     t.add_argument("--clip-x0", choices=("auto", "on", "off"), default="auto",
                    help="DDIM clips its x0 estimate to [-1, 1] at every step; auto (default): on for pixel-space "

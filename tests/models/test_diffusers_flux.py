@@ -314,3 +314,23 @@ def test_pipeline_calls_read_as_the_graphs_fix_them():
                        ({"pooled_projections": torch.randn(2, 8)}, r"pooled text embeddings \[2, 10\]")):
         with pytest.raises(UsageError, match=match):
             flux_pipeline.call_inputs(s, config, latents, lambda: text, {**given, **bad}, 831.8)
+
+
+def test_guidance_defaults_to_what_the_model_takes(tmp_path):
+    """transform's default guidance: 1 for FLUX.1-schnell (no guidance embedding), 2 for FLUX.1-dev; a scale
+    other than 1 for schnell is refused by name."""
+    from tcgraph import api
+    from tcgraph.errors import UsageError
+    from tcgraph.export.artifact import load_artifact
+
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    common = dict(steps=2, batch=1, text_length=L, scheduler=scheduler, progress=False, check=False)
+    for embeds, scale in ((False, 1.0), (True, 2.0)):
+        config = tiny_config(guidance_embeds=embeds, depth=2, single_depth=1)
+        model = wrap(tiny_diffusers(config, seed=2), config)
+        if not embeds:
+            with pytest.raises(UsageError, match="takes no guidance: use guidance 1"):
+                api.transform(model, "full", tmp_path / "refused", guidance=2.0, **common)
+            assert not (tmp_path / "refused").exists()
+        art = api.transform(model, "full", tmp_path / f"embeds-{embeds}", **common)
+        assert load_artifact(art).plan.settings.cfg_scale == scale
