@@ -38,7 +38,7 @@ LAYERS: dict[str, set[str]] = {
     "api": {"errors", "names", "progress", "version", "files", "images", "models", "sampling", "calibrate", "plan", "passes", "compile",
             "export", "runtime", "inspection", "eval"},
     # serving on Triton: the artifact, the runtime and the sampling functions of the public API
-    "serve": {"errors", "progress", "version", "files", "export", "runtime", "api"},
+    "serve": {"errors", "progress", "version", "files", "export", "runtime", "text", "api"},
     "diffusers": {"errors", "models", "sampling", "export", "runtime", "api"},
     "suggest": {"errors"},  # "did you mean", torch-free
     "cli_table": {"errors", "files", "models", "plan"},  # the CLI's plan options and model names, cached

@@ -16,6 +16,18 @@ from dataclasses import dataclass
 from tcgraph.errors import UsageError
 from tcgraph.serve.requests import CLASSES, IMAGES, SEED
 
+
+@dataclass(frozen=True)
+class Input:
+    """One input of the Triton model: its name, Triton data type and dims past the batch dimension."""
+
+    name: str
+    dtype: str  # TYPE_INT64, TYPE_FP32
+    dims: tuple[int, ...]
+
+
+CLASS_INPUTS = (Input(CLASSES, "TYPE_INT64", (1,)), Input(SEED, "TYPE_INT64", (1,)))
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DEFAULT_QUEUE_DELAY_US = 2000  # long enough for concurrent clients to fill a batch, short next to a sampling run
 
@@ -30,6 +42,7 @@ class ModelConfig:
     dynamic_batching: bool = True
     backend: str = "ort"
     device: str = ""  # "" = the backend's default; "cuda" puts the instances on the GPUs (KIND_GPU)
+    inputs: tuple[Input, ...] = CLASS_INPUTS  # a text-conditioned model's: tcgraph/serve/text_requests.py
 
     @property
     def kind(self) -> str:
@@ -42,8 +55,8 @@ class ModelConfig:
             'backend: "python"',
             f"max_batch_size: {self.batch}",
             "input [",
-            f'  {{ name: "{CLASSES}" data_type: TYPE_INT64 dims: [ 1 ] }},',
-            f'  {{ name: "{SEED}" data_type: TYPE_INT64 dims: [ 1 ] }}',
+            ",\n".join(f'  {{ name: "{i.name}" data_type: {i.dtype} dims: [ {", ".join(map(str, i.dims))} ] }}'
+                       for i in self.inputs),
             "]",
             "output [",
             f'  {{ name: "{IMAGES}" data_type: TYPE_UINT8 dims: [ {h}, {w}, {c} ] }}',

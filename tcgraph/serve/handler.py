@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from tcgraph.errors import TcgraphError
-from tcgraph.serve.requests import BadRequest, Request, check_request
+from tcgraph.serve.requests import BadRequest, Request
 from tcgraph.serve.sampler import ServeSampler
 
 
@@ -39,14 +39,20 @@ class BatchHandler:
     def close(self) -> None:
         self.sampler.__exit__(None, None, None)
 
-    def answer(self, inputs: Sequence[tuple[np.ndarray | None, np.ndarray | None]]) -> list:
-        """(CLASSES, SEED) of each request -> its uint8 images (n, H, W, C), or a `Refusal`."""
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The names of the model's inputs, in the order `answer` takes them: CLASSES, SEED for a
+        class-conditioned model, the prompt embeddings then SEED for a text-conditioned one."""
+        return tuple(i.name for i in self.sampler.inputs)
+
+    def answer(self, inputs: Sequence[tuple[np.ndarray | None, ...]]) -> list:
+        """The input arrays of each request (in the order of `input_names`) -> its uint8 images (n, H, W, C),
+        or a `Refusal`."""
         answers: list = [None] * len(inputs)
         good: list[tuple[int, Request]] = []
-        for i, (classes, seed) in enumerate(inputs):
+        for i, arrays in enumerate(inputs):
             try:
-                good.append((i, check_request(classes, seed, num_classes=self.sampler.num_classes,
-                                              max_images=self.sampler.batch)))
+                good.append((i, self.sampler.request(tuple(arrays))))
             except BadRequest as e:
                 answers[i] = Refusal(str(e))
         if good:

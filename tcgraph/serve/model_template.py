@@ -3,7 +3,8 @@
 Triton runs this file as `<repository>/<model>/<version>/model.py`. It loads the artifact
 folder beside it (`<version>/artifact`, every file's sha256 checked) with the tcgraph
 runtime, and answers each request of a batch with its images or a Triton error; a bad
-request never stops the model. What a request means: tcgraph/serve/requests.py.
+request never stops the model. What a request means: tcgraph/serve/requests.py (class ids),
+tcgraph/serve/text_requests.py (prompt embeddings).
 
 A bad request is answered as a client error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT)
 where this Triton's Python backend can say so, else as Triton's default (HTTP 500); a
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from tcgraph.serve.handler import BatchHandler, Refusal, model_parameters  # noqa: E402
-from tcgraph.serve.requests import CLASSES, IMAGES, SEED  # noqa: E402
+from tcgraph.serve.requests import IMAGES  # noqa: E402
 
 
 class TritonPythonModel:
@@ -40,7 +41,7 @@ class TritonPythonModel:
     def execute(self, requests):
         inputs = []
         for request in requests:
-            tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in (CLASSES, SEED)]
+            tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in self.handler.input_names]
             inputs.append(tuple(None if t is None else t.as_numpy() for t in tensors))
         responses = []
         for answer in self.handler.answer(inputs):

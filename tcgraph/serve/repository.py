@@ -12,10 +12,9 @@ hash-checked, and only then renamed into place (placement.py), so that an interr
 export leaves no half model. Only REPO/NAME is ever written or replaced: with `force`,
 and only when it is a model folder tcgraph wrote and nobody changed since.
 
-What can be served: class-conditioned artifacts (inputs CLASSES and SEED). A
-text-conditioned one (the digits-text demo, PixArt) is refused here, at export and serve
-time, rather than exported as a model that refuses every request; and `backend="trt"`
-needs the artifact's TensorRT engines.
+What can be served: every artifact. A class-conditioned one reads CLASSES and SEED
+(tcgraph/serve/requests.py), a text-conditioned one its prompt embeddings and SEED
+(tcgraph/serve/text_requests.py). `backend="trt"` needs the artifact's TensorRT engines.
 """
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ from tcgraph.runtime import BACKENDS
 from tcgraph.serve.config import DEFAULT_QUEUE_DELAY_US, ModelConfig, check_name, default_name
 from tcgraph.serve.marker import MARKER, marker_text, own_model, read_marker
 from tcgraph.serve.placement import CHOOSE, check_target, make_temporary, put_in_place
+from tcgraph.serve.text_requests import serve_inputs
 
 VERSION = "1"
 ARTIFACT = "artifact"
@@ -60,7 +60,8 @@ def write_repository(artifact: str | Path, repo: str | Path, *, name: str | None
     channels = 3 if art.model_config.in_channels >= 3 else 1
     config = ModelConfig(name=name, batch=s.batch, image_shape=(s.resolution, s.resolution, channels),
                          instances=instances, max_queue_delay_us=max_queue_delay_us,
-                         dynamic_batching=dynamic_batching, backend=backend, device=device or "")
+                         dynamic_batching=dynamic_batching, backend=backend, device=device or "",
+                         inputs=serve_inputs(art.model_config, s))
     tmp = make_temporary(repo, name)
     try:
         _fill(tmp / name, repo, artifact, config, link, progress, log)
@@ -74,12 +75,6 @@ def write_repository(artifact: str | Path, repo: str | Path, *, name: str | None
 
 def check_servable(art: Artifact, path: Path, backend: str, device: str | None) -> None:
     """Refuse, at export and serve time, an artifact the Triton model could never serve."""
-    cfg = art.model_config
-    if cfg.text_conditioned or not cfg.num_classes:
-        raise TcgraphError(f"{path} holds a text-conditioned model (it reads prompt embeddings, "
-                           "encoder_hidden_states, not class ids); tcgraph's Triton model serves class-conditioned "
-                           "artifacts only (inputs CLASSES and SEED: the digits demo, DiT checkpoints): sample this "
-                           "one with `tcgraph sample ART --prompt TEXT` or `--embeddings FILE`")
     if backend == "trt":
         if device == "cpu":
             raise UsageError("--backend trt runs only on NVIDIA GPUs; drop --device cpu, or use --backend ort or torch")

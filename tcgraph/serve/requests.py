@@ -41,8 +41,8 @@ class Request:
 
 def check_request(classes, seed, *, num_classes: int, max_images: int) -> Request:
     """Check the two input arrays of one request (as numpy arrays; None = missing)."""
-    classes = _column(classes, CLASSES)
-    seeds = _column(seed, SEED)
+    classes = int_column(classes, CLASSES)
+    seeds = int_column(seed, SEED)
     n = classes.shape[0]
     if n == 0:
         raise BadRequest(f"{CLASSES} is empty: ask for at least one image (one class id per row)")
@@ -73,7 +73,7 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def _column(array, name: str) -> np.ndarray:
+def int_column(array, name: str) -> np.ndarray:
     """An INT64 array of shape [n, 1] (or [n]) as a flat [n] array, or BadRequest."""
     if array is None:
         raise BadRequest(f"input {name} is missing: send {CLASSES} and {SEED}, both INT64 of shape [n, 1]")

@@ -29,7 +29,8 @@ from tcgraph import api
 from tcgraph.export.artifact import load_artifact
 from tcgraph.runtime import make_runner
 from tcgraph.runtime.dispatch import ScheduleDispatcher
-from tcgraph.serve.requests import Request
+from tcgraph.serve.requests import BadRequest, Request, check_request
+from tcgraph.serve.text_requests import TextRequest, check_text_request, join, serve_inputs
 
 
 class ServeSampler:
@@ -56,6 +57,20 @@ class ServeSampler:
         return self.config.num_classes
 
     @property
+    def inputs(self):
+        """The Triton model's inputs (`tcgraph.serve.text_requests.serve_inputs`)."""
+        return serve_inputs(self.config, self.settings)
+
+    def request(self, arrays) -> Request | TextRequest:
+        """One request from its input arrays (numpy, in the order of `inputs`; None = missing), checked:
+        raises BadRequest with the message the client gets."""
+        if len(arrays) != len(self.inputs):
+            raise BadRequest(f"a request has {len(arrays)} inputs, this model reads {len(self.inputs)}")
+        if self.config.text_conditioned:
+            return check_text_request(arrays, self.inputs, max_images=self.batch)
+        return check_request(*arrays, num_classes=self.num_classes, max_images=self.batch)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one output image, as `tcgraph.api.to_images` makes it."""
         channels = 3 if self.config.in_channels >= 3 else 1
@@ -77,10 +92,9 @@ class ServeSampler:
         if not requests:
             return []
         if self.settings.eta == 0:
-            packed = self._run([l for r in requests for l in r.labels],
-                               torch.cat([self._noise(r) for r in requests]), seed=0)
+            packed = self._run(self._conditioning(requests), torch.cat([self._noise(r) for r in requests]), seed=0)
             return list(torch.split(packed, [r.count for r in requests]))
-        return [self._run(list(r.labels), self._noise(r), seed=r.seed) for r in requests]
+        return [self._run(self._conditioning([r]), self._noise(r), seed=r.seed) for r in requests]
 
     def images(self, requests: Sequence[Request]) -> list[np.ndarray]:
         """The uint8 images (N, H, W, C) of each request, in order."""
@@ -89,7 +103,14 @@ class ServeSampler:
     def _noise(self, request: Request) -> torch.Tensor:
         return api.make_noise(request.count, self.config.in_channels, self.settings.resolution, request.seed)
 
-    def _run(self, labels: list[int], noise: torch.Tensor, seed: int) -> torch.Tensor:
+    @staticmethod
+    def _conditioning(requests):
+        """The class ids, or the `Text`, of these requests' images, one request after another."""
+        if isinstance(requests[0], TextRequest):
+            return join([r.text for r in requests])
+        return [l for r in requests for l in r.labels]
+
+    def _run(self, labels, noise: torch.Tensor, seed: int) -> torch.Tensor:
         sampler = api.sampler_for(self.settings, self.config)
         return api.run_batches(self._dispatch, self._dispatch.reset, sampler, labels, noise, self.batch, seed,
                                device=self._runner.device)

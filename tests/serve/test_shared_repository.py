@@ -1,7 +1,7 @@
 """A Triton repository is shared: `export-triton --force` replaces only tcgraph's own model folder,
 verified against its marker (never another model, never a folder holding a copied marker or
 changed since), refuses a repository inside the artifact, and refuses what the model could never
-serve (a text-conditioned artifact, trt without engines) at export and serve time. No server needed."""
+serve (trt without engines) at export and serve time. No server needed."""
 from __future__ import annotations
 
 import hashlib
@@ -152,20 +152,6 @@ def test_the_artifact_inside_the_model_folder_to_replace_is_refused(serve_artifa
     assert tree(repo) == before
     assert export(inner, repo, "--name", "copy")[0] == 0  # another name is fine: nothing is replaced
     check_repository(repo, "copy")
-
-
-def test_a_text_conditioned_artifact_is_refused_at_export_and_serve(text_artifact, tmp_path):
-    message = ("holds a text-conditioned model (it reads prompt embeddings, encoder_hidden_states, not class ids); "
-               "tcgraph's Triton model serves class-conditioned artifacts only (inputs CLASSES and SEED")
-    code, err = export(text_artifact, tmp_path / "r")
-    assert code == 1 and message in err and "--prompt" in err and not (tmp_path / "r").exists()
-    import io
-    from contextlib import redirect_stderr
-
-    with redirect_stderr(io.StringIO()) as err:
-        start = time.monotonic()
-        assert main(["serve", str(text_artifact), "--port", "1"]) == 1  # refused before the port is looked at
-    assert message in err.getvalue() and time.monotonic() - start < 10
 
 
 def test_serve_trt_without_tensorrt_is_refused_at_once(serve_artifact, capsys):
