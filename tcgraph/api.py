@@ -28,14 +28,18 @@ def default_out(model: str, plan: str) -> Path:
     return Path("tcgraph-out") / f"{Path(model).stem}-{plan.replace(':', '').replace('+', '-')}"
 
 
-def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = None) -> DiT:
+def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = None,
+             resolution: int | None = None) -> DiT:
     """A model tcgraph can transform: `model` itself if it is one (a DiT or a wrapped diffusers DiT),
     else what `tcgraph.models.load_model` loads from its name, checkpoint or diffusers folder."""
     if is_model(model):
+        if resolution is not None and resolution != model.config.input_size:
+            raise UsageError(f"the model passed is built for resolution {model.config.input_size}; build it for "
+                             f"{resolution}, or pass a diffusers folder with resolution=")
         return model.eval()
     from tcgraph.models import load_model
 
-    return load_model(model, config=config)
+    return load_model(model, config=config, resolution=resolution)
 
 
 def transform(
@@ -52,6 +56,7 @@ def transform(
     scheduler: str | os.PathLike | dict | None = "auto",
     text_length: int | None = None,
     calibration_text=None,
+    resolution: int | None = None,
     force: bool = False,
     check: bool = True,
     progress: bool | Progress = True,
@@ -72,6 +77,8 @@ def transform(
     it); None takes `calibration_text`'s. `calibration_text`: prompt embeddings (a
     `tcgraph.sampling.conditioning.Text`, or an embeddings file, see `load_text`) that learned
     planners calibrate a text-conditioned model on.
+    `resolution`: the latent side (as `inspect` shows it) of a FLUX or SD3 diffusers folder, whose
+    graphs take any (None: its config's `sample_size`, else 128, 1024-pixel images).
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
     `check=False` skips both numerical checks: rewritten graphs against the eager
@@ -107,7 +114,9 @@ def transform(
 
     check_output_folder(out, force)  # before planning, which may take minutes; --force replaces artifacts only
     engines = _engine_builder(backend, engine_options or {})
-    dit = load_dit(model, config)
+    if resolution is not None:
+        resolution = checks.integer(resolution, "resolution", "--resolution", lo=1, hi=MAX_RESOLUTION)
+    dit = load_dit(model, config, resolution)
     if is_model(model):  # a checkpoint's weights are checked as it loads
         from tcgraph.models.official.checkpoint import check_finite
 
@@ -152,7 +161,8 @@ def transform(
 # One tensor of a variant graph ([model batch, tokens, hidden] float32: a block's hidden
 # state, each cache) past this size means a batch no device runs; refused before planning.
 MAX_GRAPH_TENSOR_BYTES = 16 * 2**30
-DEFAULT_GUIDANCE = 2.0  # transform's guidance scale for a model that takes guidance
+DEFAULT_GUIDANCE = 2.0
+MAX_RESOLUTION = 1024  # latent side: 8192 pixels with a VAE of factor 8  # transform's guidance scale for a model that takes guidance
 
 
 def _transform_arguments(model, plan, out, config, steps, guidance, eta, batch, check, plan_options, backend,

@@ -164,7 +164,7 @@ def _run(argv: list[str] | None) -> int:
                              guidance=args.guidance, eta=args.eta, batch=args.batch, force=args.force,
                              clip_x0={"auto": None, "on": True, "off": False}[args.clip_x0],
                              scheduler=args.scheduler, text_length=args.text_length,
-                             calibration_text=args.calibration_embeddings,
+                             calibration_text=args.calibration_embeddings, resolution=args.resolution,
                              check=not args.no_check, progress=_progress(args),
                              plan_options=_plan_options(args),
                              backend=args.backend, engine_options={

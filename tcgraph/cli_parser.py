@@ -92,6 +92,8 @@ def _add_transform(t, _name: str) -> None:
     t.add_argument("--plan", default="full", help=spec["plan_help"])
     t.add_argument("--out", type=Path, help="artifact folder (default: tcgraph-out/<model>-<plan>)")
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    t.add_argument("--resolution", type=int, help="latent side of a FLUX or SD3 folder, as inspect shows it (default: "
+                   "its config's sample_size, else 128: 1024-pixel images)")
     t.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 1 = none (default 2; 1 for a model without guidance, FLUX.1-schnell)")
     t.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")

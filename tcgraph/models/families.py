@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from tcgraph.errors import TcgraphError
+from tcgraph.errors import TcgraphError, UsageError
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -94,6 +94,7 @@ class Family:
     # or write other streams than the image (tcgraph.models.layout); None: every block has `branches`,
     # each writing the image rows
     layout: str | None = None
+    resizable: bool = False  # a folder loads at any latent side (RoPE, a cropped position table)
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -106,11 +107,17 @@ class Family:
         """A freshly initialised model of this family, in eval mode."""
         return self._function(self.module, self.builder)(config, **overrides)
 
-    def load_folder(self, folder) -> "nn.Module":
-        """The model of a diffusers folder (`tcgraph.models.diffusers.folder.read_folder`'s result)."""
+    def load_folder(self, folder, input_size: int | None = None) -> "nn.Module":
+        """The model of a diffusers folder (`tcgraph.models.diffusers.folder.read_folder`'s result), at the
+        latent side `input_size` where the family's resolution is free (`resizable`; None: the folder's)."""
         if self.diffusers_class is None:
             raise TcgraphError(f"{self.title} models are not read from diffusers folders")
-        return self._function(self.module, "load")(folder)
+        if input_size is None:
+            return self._function(self.module, "load")(folder)
+        if not self.resizable:
+            raise UsageError(f"a {self.title}'s resolution is its config's sample_size (its position table): drop "
+                             "the resolution (--resolution)")
+        return self._function(self.module, "load")(folder, input_size=input_size)
 
     def guidance_of(self, config) -> str:
         """How guidance reaches a model of `config`: the config's own `guidance` where it has one (FLUX:
@@ -178,12 +185,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            diffusers_class="PixArtTransformer2DModel", shared_modulation=True),
     Family("flux", "diffusers FluxTransformer2DModel", "tcgraph.models.diffusers.flux", "build_diffusers_flux",
            "tcgraph.models.diffusers.flux_config:flux_state_dict_shapes", ("attn", "mlp", "mlp_text"),
-           diffusers_class="FluxTransformer2DModel", guidance="input",  # per config: FluxConfig.guidance
+           diffusers_class="FluxTransformer2DModel", guidance="input", resizable=True,  # per config: FluxConfig.guidance
            config="tcgraph.models.diffusers.flux_config:FluxConfig",
            layout="tcgraph.models.diffusers.flux_config:flux_layout"),
     Family("sd3", "diffusers SD3Transformer2DModel", "tcgraph.models.diffusers.sd3", "build_diffusers_sd3",
            "tcgraph.models.diffusers.sd3:sd3_state_dict_shapes", ("attn", "attn_image", "mlp", "mlp_text"),
-           diffusers_class="SD3Transformer2DModel", config="tcgraph.models.diffusers.sd3_config:SD3Config",
+           diffusers_class="SD3Transformer2DModel", config="tcgraph.models.diffusers.sd3_config:SD3Config", resizable=True,
            layout="tcgraph.models.diffusers.sd3:layout"),
 )}
 DEFAULT_FAMILY = "official"

@@ -55,7 +55,8 @@ def _resolve_config(config: DiTConfig | str | None, sd: dict[str, torch.Tensor],
     )
 
 
-def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None) -> DiT:
+def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | str | None = None,
+               resolution: int | None = None) -> DiT:
     """A DiT with loaded weights, in eval mode.
 
     `name_or_path` is a pretrained model shipped with tcgraph (see `PRETRAINED`; "digits-text" and
@@ -63,7 +64,8 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
     path of a checkpoint (`.safetensors`, `.pt`, `.pth`, `.bin`; official DiT release
     and training checkpoints included). `config` is a registered config name or a
     `DiTConfig`; when None it is the pretrained model's own, or is inferred from the
-    checkpoint's shapes and must then match exactly one registered config.
+    checkpoint's shapes and must then match exactly one registered config. `resolution`: the latent side
+    of a diffusers folder whose family takes any (FLUX, SD3; None: its config's or the family's default).
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or name_or_path == "":
         raise TcgraphError(f"the model must be the name of a pretrained model ({', '.join(PRETRAINED)}) or the path of "
@@ -73,9 +75,12 @@ def load_model(name_or_path: str | os.PathLike = "digits", config: DiTConfig | s
         if not (folder / "config.json").is_file():
             raise TcgraphError(f"the pretrained model {name_or_path!r} has no weights yet: {folder / 'config.json'} is "
                                f"missing; create them with `{_MAKE_WEIGHTS[name_or_path]}`")
-        return load_diffusers(folder, config)
+        return load_diffusers(folder, config, resolution)
     if not (isinstance(name_or_path, str) and name_or_path in PRETRAINED) and is_diffusers_folder(Path(name_or_path)):
-        return load_diffusers(name_or_path, config)
+        return load_diffusers(name_or_path, config, resolution)
+    if resolution is not None:
+        raise UsageError(f"{name_or_path}: only FLUX and SD3 diffusers folders take a resolution (--resolution); a "
+                         "DiT's is its config's")
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
         path, own_config = PRETRAINED[name_or_path]
         if not path.exists():
@@ -124,16 +129,17 @@ def build_model(config: DiTConfig | str, **overrides):
     return build_official(config, **overrides)
 
 
-def load_diffusers(path: str | os.PathLike, config=None):
+def load_diffusers(path: str | os.PathLike, config=None, resolution: int | None = None):
     """The diffusers model in a model folder (config.json + safetensors) or a pipeline folder
-    (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json."""
+    (its transformer/), wrapped for tcgraph; needs diffusers. The config comes from config.json;
+    `resolution` sets the latent side of a family that takes any (`Family.resizable`)."""
     from tcgraph.models.diffusers.folder import read_folder
 
     if config is not None:
         raise UsageError(f"{path} is a diffusers folder: its config.json says what the model is; drop the config "
                          "(--config) argument")
     folder = read_folder(path)
-    return family_of_diffusers_class(folder.class_name).load_folder(folder)
+    return family_of_diffusers_class(folder.class_name).load_folder(folder, resolution)
 
 
 def check_class_ids(y: torch.Tensor | np.ndarray | Sequence[int] | int, num_classes: int) -> torch.Tensor:

@@ -334,3 +334,32 @@ def test_guidance_defaults_to_what_the_model_takes(tmp_path):
             assert not (tmp_path / "refused").exists()
         art = api.transform(model, "full", tmp_path / f"embeds-{embeds}", **common)
         assert load_artifact(art).plan.settings.cfg_scale == scale
+
+
+def test_a_folder_transforms_at_the_resolution_asked(tmp_path, capsys):
+    """`transform --resolution` sets a FLUX folder's latent side (RoPE tables are built for it); an odd side
+    (2x2 packing), a resolution for a DiT and one for a folder of a family with a position table are refused."""
+    from tcgraph.cli import main
+    from tcgraph.export.artifact import load_artifact
+
+    config = tiny_config(guidance_embeds=False, depth=2, single_depth=1)
+    folder = tmp_path / "transformer"
+    tiny_diffusers(config, seed=4).save_pretrained(str(folder), safe_serialization=True)
+    assert load_model(folder, resolution=6).config.input_size == 6
+    scheduler = tmp_path / "scheduler_config.json"
+    scheduler.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}))
+    out = tmp_path / "art"
+    assert main(["transform", "--model", str(folder), "--resolution", "4", "--plan", "full", "--steps", "2", "--batch",
+                 "1", "--text-length", str(L), "--scheduler", str(scheduler), "--out", str(out), "--no-check"]) == 0
+    art = load_artifact(out)
+    assert art.plan.settings.resolution == 4 and art.model_config.num_tokens == 4  # (4 / 2)^2 packed tokens
+    with pytest.raises(TcgraphError, match="input_size 5 is not a multiple of patch_size 2"):
+        load_model(folder, resolution=5)
+    from tcgraph.models.families import FAMILIES
+
+    with pytest.raises(TcgraphError, match="resolution is its config's sample_size .*drop the resolution"):
+        FAMILIES["pixart"].load_folder(None, 8)
+    capsys.readouterr()
+    assert main(["transform", "--resolution", "8", "--out", str(tmp_path / "dit")]) == 2
+    assert "only FLUX and SD3 diffusers folders take a resolution (--resolution)" in capsys.readouterr().err
+    assert not (tmp_path / "dit").exists()

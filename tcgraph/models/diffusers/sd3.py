@@ -284,12 +284,14 @@ def sd3_state_dict_shapes(config: SD3Config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def load_diffusers_sd3(folder: DiffusersFolder) -> DiffusersSD3:
-    """The SD3Transformer2DModel saved in `folder`, its weights read with safetensors, in float32."""
-    config = sd3_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"))  # before weights
+def load_diffusers_sd3(folder: DiffusersFolder, input_size: int | None = None) -> DiffusersSD3:
+    """The SD3Transformer2DModel saved in `folder`, its weights read with safetensors, in float32, at the
+    latent side `input_size` (default: the config's `sample_size`)."""
+    config = sd3_config_from_diffusers(folder.config, where=str(folder.model_dir / "config.json"),
+                                       input_size=input_size)  # before weights
     model = load_weights_into(folder, SD3Transformer2DModel, SD3_CLASS_NAME, config)
     check_finite(model.state_dict(), str(folder.model_dir))
-    return DiffusersSD3(model).eval()
+    return DiffusersSD3(model, input_size=input_size).eval()
 
 
 def _features_of(proj: nn.Module) -> dict:
