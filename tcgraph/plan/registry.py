@@ -108,13 +108,14 @@ register(Planner("l2c", L2CConfig, make_l2c, "l2c[:X]",
 register(Planner("tokencache", TokenCacheConfig, make_tokencache, "tokencache[:X]",
                  "TokenCache: learned token pruning per block on a two-phase round-robin schedule, for a predicted "
                  "X-times speedup, default {target_speedup}; --tprr b,K1,K2, --keep-ratio, --min-keep",
-                 short=("target_speedup",), learned=True))
+                 short=("target_speedup",), learned=True, layouts=True))
 register(Planner("tokencache+l2c", CombinedConfig, make_combined, "tokencache+l2c[:X]",
                  "both: L2C branch reuse, then token pruning of the branches it computes, default X={target_speedup}",
                  short=("target_speedup",), learned=True))
 register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
                  "tokencache's schedule and token counts, tokens chosen per sample in the graph",
-                 short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb")))
+                 short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb"),
+                 layouts=True))
 register(Planner("adaptive", AdaptiveConfig, make_adaptive, "adaptive[:F]",
                  "gated steps: the first blocks always compute, the others reuse or forecast while their change "
                  "stays under a threshold decided in the graph, calibrated to a measured compute fraction F, default "

@@ -14,16 +14,14 @@ and the next block is taken. So the least sensitive blocks are pruned first and 
 at most one block ends between the floor and N, and the plan prunes no more than the target
 needs. FLOPs are `branch_flops` (a partial branch counts attention q/proj/scores on k rows,
 K/V on all N rows, cross-attention q/proj/scores on k rows with K/V of the plan's
-`text_length` text tokens, and the MLP on k rows); a block at k = 0 (`min_keep = 0`) is reused.
+`text_length` text tokens, and the MLP on k rows; a branch that writes text rows too adds its
+L text rows); a block at k = 0 (`min_keep = 0`) is reused.
 
-**Branches.** A block is pruned as a whole: every branch of the model's blocks
-(`ModelConfig.branches`; DiT: attn, mlp; PixArt: attn, cross, mlp) gets the block's action.
-The project's choice for cross-attention (the paper's DiT has none): it is row-wise in the
-image tokens, its keys and values being the text, so `partial(kept)` recomputes its kept
-rows exactly as for the MLP, and the block's one token set (one Cache Predictor score per
-token, shared by all branches) applies to it too. Sensitivities (`predictor.block_sensitivity`)
-are measured with every branch of the probed block pruned alike.
-
+**Branches.** A block is pruned as a whole by the rule of `tcgraph.plan.learning.pruning`: its
+branches that write image rows take `partial(kept)` (a joint branch recomputes its text rows with
+the kept image rows), its text-only ones compute, and at k = 0 every branch is reused. Each
+branch's FLOPs count its own rows. Sensitivities (`predictor.block_sensitivity`) are measured with
+the probed block pruned by this rule.
 
 **TPRR** (docs/design.md), with the project's exact formula:
 
@@ -32,8 +30,8 @@ are measured with every branch of the probed block pruned alike.
   step then its cache steps (C = the round's length − 1). b = 0 means one phase of K2;
   b = S one phase of K1. Every step is in exactly one round, and step 0 is a full step.
 - what a cache step does: unpruned blocks compute every branch; a pruned block l makes
-  every branch (both of a DiT's, the three of PixArt's) `partial(kept)`, `reuse` if `kept`
-  is empty.
+  every branch that writes image rows (both of a DiT's, the three of PixArt's) `partial(kept)`
+  and computes its text-only ones, or reuses every branch if `kept` is empty.
 - the cache "bears" `max_stale` cache steps. A round with C <= max_stale cache steps uses
   the predictor's top-k_l at each cache step (no rotation; the full step refreshes every
   token at least every C + 1 steps).
@@ -81,10 +79,13 @@ import torch
 
 from tcgraph.errors import TcgraphError
 from tcgraph.models.families import ModelConfig
+from tcgraph.models.layout import Layout
 from tcgraph.names import BRANCHES
+from tcgraph.plan.learning.common import block_branches
 from tcgraph.plan.learning.evaluate import speedup_of
-from tcgraph.plan.flops import branch_flops, fixed_flops
-from tcgraph.plan.plan import COMPUTE, REUSE, Action, Recipe, cache_step_variants, constant_roles, partial
+from tcgraph.plan.learning.pruning import block_actions, block_flops, image_branches
+from tcgraph.plan.flops import fixed_flops
+from tcgraph.plan.plan import COMPUTE, Recipe, cache_step_variants, constant_roles
 
 TPRR = tuple[int, int, int]  # (b, K1, K2)
 
@@ -182,29 +183,33 @@ def token_order(scores: torch.Tensor) -> list[int]:
 
 
 def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2: int, *, max_stale: int = 2,
-                 max_variants: int | None = None, branches: tuple[str, ...] = BRANCHES) -> tuple[Recipe, ...]:
+                 max_variants: int | None = None, branches: tuple | Layout = BRANCHES) -> tuple[Recipe, ...]:
     """The recipes of a TPRR schedule: `scores` `[S, depth, N]` predictor logits, `keep[l]` the
-    keep count of block l (N = unpruned), `branches` the model's (`ModelConfig.branches`), every
-    one of a block taking the block's action. Pure: the same inputs give the same recipes."""
+    keep count of block l (N = unpruned), `branches` the model's: a tuple every block has, each
+    branch writing the image rows (`ModelConfig.branches` of a DiT or PixArt), or the model's
+    `Layout` (`ModelConfig.block_layout()`), whose blocks act by `block_actions`. Pure: the same
+    inputs give the same recipes."""
     S, depth, n = scores.shape
     if len(keep) != depth or any(not 0 <= k <= n for k in keep):
         raise TcgraphError(f"need one keep count in 0..{n} per block ({depth}), got {list(keep)}")
-    slots = tprr_layout(S, b, k1, k2, max_stale, max_variants, branches)
+    layout = branches if isinstance(branches, Layout) else Layout.image(block_branches(branches, depth))
+    if layout.depth != depth:
+        raise TcgraphError(f"the layout has {layout.depth} blocks, the scores {depth}")
+    names, image = layout.branches(), image_branches(layout)
+    slots = tprr_layout(S, b, k1, k2, max_stale, max_variants, names)
     members: dict[tuple, list[int]] = {}
     for sl in slots:
         members.setdefault(sl.rank, []).append(sl.step)
     orders = {key: [token_order(scores[steps, l].mean(0)) for l in range(depth)] for key, steps in members.items()}
-    full = Recipe.uniform(depth, COMPUTE, branches)
+    full = Recipe.uniform(depth, COMPUTE, names)
     recipes = [full] * S
     made: dict[tuple, Recipe] = {}
     for sl in slots:
         if sl.group not in made:
-            acts = []
-            for l in range(depth):
-                kept = kept_tokens(orders[sl.rank][l], keep[l], sl.rotate, sl.position)
-                a = COMPUTE if kept is None else (partial(kept) if kept else REUSE)
-                acts.append(tuple(a for _ in branches))
-            made[sl.group] = Recipe(tuple(acts), tuple(branches))
+            acts = tuple(block_actions(names[l], image[l],
+                                       kept_tokens(orders[sl.rank][l], keep[l], sl.rotate, sl.position))
+                         for l in range(depth))
+            made[sl.group] = Recipe(acts, names)
         recipes[sl.step] = made[sl.group]
     return tuple(recipes)
 
@@ -215,27 +220,26 @@ def tprr_recipes(scores: torch.Tensor, keep: Sequence[int], b: int, k1: int, k2:
 #################################################################################
 
 
-def _block_flops(cfg: ModelConfig, k: int, text_length: int = 0, constants_read: bool = False) -> int:
-    """FLOPs of one block with every branch kept at k tokens (N: computed, 0: reused)."""
-    n = cfg.num_tokens
-    a = COMPUTE if k >= n else (REUSE if k == 0 else Action("partial", tuple(range(k))))
-    return sum(branch_flops(cfg, br, a, text_length, constants_read) for br in cfg.branches)
-
-
 def layout_speedup(cfg: ModelConfig, num_steps: int, slots: Sequence[Slot], keep: Sequence[int],
                    text_length: int = 0) -> float:
     """`speedup_of` of `tprr_recipes(…)` computed from the layout alone (no recipes built), the
-    run constants carried as a plan carries them (step 0 projects the text, a full step)."""
+    run constants carried as a plan carries them (step 0 projects the text, a full step); each
+    block's FLOPs by its own branches and their rows (`ModelConfig.block_layout()`)."""
     n = cfg.num_tokens
-    memo: dict[tuple[int, bool], int] = {}
+    layout = cfg.block_layout()
+    names, image = layout.branches(), image_branches(layout)
+    # a block's FLOPs depend on its branches and the streams they write alone: blocks of one kind share
+    memo: dict[tuple, int] = {}
 
-    def bf(k, read):
-        if (k, read) not in memo:
-            memo[(k, read)] = _block_flops(cfg, k, text_length, read)
-        return memo[(k, read)]
+    def bf(l, k, read):
+        key = (layout.blocks[l], k, read)
+        if key not in memo:
+            memo[key] = block_flops(cfg, l, names[l], image[l], k, text_length, read)
+        return memo[key]
 
     reads = [role == "read" for role in constant_roles(cfg.branches, num_steps)]
-    full = {read: fixed_flops(cfg, text_length, read) + cfg.depth * bf(n, read) for read in (False, True)}
+    full = {read: fixed_flops(cfg, text_length, read) + sum(bf(l, n, read) for l in range(cfg.depth))
+            for read in (False, True)}
     per_rot: dict[tuple[int, bool], int] = {}
     cached = {sl.step for sl in slots}
     total = sum(full[reads[s]] for s in range(num_steps) if s not in cached)
@@ -243,7 +247,7 @@ def layout_speedup(cfg: ModelConfig, num_steps: int, slots: Sequence[Slot], keep
         key = (sl.rotate, reads[sl.step])
         if key not in per_rot:
             ks = [k if k >= n or not sl.rotate else rotation(n, k, sl.rotate)[0] for k in keep]
-            per_rot[key] = fixed_flops(cfg, text_length, key[1]) + sum(bf(k, key[1]) for k in ks)
+            per_rot[key] = fixed_flops(cfg, text_length, key[1]) + sum(bf(l, k, key[1]) for l, k in enumerate(ks))
         total += per_rot[key]
     return sum(full[read] for read in reads) / total
 
@@ -362,7 +366,7 @@ def tprr_choices(cfg: ModelConfig, scores: torch.Tensor, sensitivity: Sequence[f
                  candidates: Sequence[TPRR], *, min_keep: float, max_stale: int,
                  max_variants: int | None, text_length: int = 0) -> list[TprrChoice]:
     """Per candidate (b, K1, K2): greedy block selection for `target` from `sensitivity`, then the
-    TPRR recipes of `scores` (`[S, depth, N]` predictor logits) for the model's branches, FLOPs at
+    TPRR recipes of `scores` (`[S, depth, N]` predictor logits) for the model's layout, FLOPs at
     `text_length` text tokens. Pure; a candidate over the variant cap or out of reach at the floor
     comes back with `skipped` set."""
     S, n = scores.shape[0], cfg.num_tokens
@@ -380,7 +384,7 @@ def tprr_choices(cfg: ModelConfig, scores: torch.Tensor, sensitivity: Sequence[f
             out.append(TprrChoice(tuple(tp), skipped="out of reach with every block at the floor"))
             continue
         recipes = tprr_recipes(scores, keep, *tp, max_stale=max_stale, max_variants=max_variants,
-                               branches=cfg.branches)
+                               branches=cfg.block_layout())
         sp = speedup_of(cfg, recipes, text_length)
         if sp < target * (1 - 1e-9):
             raise TcgraphError(f"TPRR {tuple(tp)}: the recipes reach {sp}x but the layout predicted >= {target}x; "

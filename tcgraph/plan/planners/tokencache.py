@@ -19,12 +19,20 @@ exactly the partial semantics of `passes.reference`.
 `dynamic` is the same plan with every `partial(indices)` made `dynamic(k)` (`to_dynamic`):
 the same schedule and token counts, the tokens chosen per sample in the graph (ToCa-style).
 
-Branches: TokenCache prunes blocks, and a pruned block prunes every branch of the model's
-blocks alike (`ModelConfig.branches`). The paper's DiT blocks have attention and MLP; for
-PixArt's cross-attention the project chose the same rule: it is row-wise in the image tokens
-(its keys and values are the text), so it is partial on the block's kept tokens like the MLP,
-and the Cache Predictor's one score per token is shared by all three branches. A
-text-conditioned model calibrates on the prompts `calibration_text`.
+Branches: TokenCache prunes blocks, each by the rule of `tcgraph.plan.learning.pruning`, for
+any model's layout (`ModelConfig.block_layout()`): a pruned block l takes `partial(kept)` (kept =
+image-token indices among 0 … N−1, N = `ModelConfig.num_tokens`) on each of its branches that
+write image rows, joint branches included (FLUX's and SD3's joint attention, FLUX's single-block
+MLP: their text rows are always recomputed); a branch that writes text rows only (`mlp_text`)
+computes at cache steps, the cheap part of the block; a block kept at k = 0 reuses every branch.
+The Cache Predictor's one score per image token is shared by the block's image-writing branches
+(DiT: attn, mlp; PixArt: attn, cross, mlp, its cross-attention row-wise in the image tokens, its
+keys and values being the text). FLOPs count each branch's own rows, so the predicted speedup is
+the measured cost table's. A text-conditioned model calibrates on the prompts `calibration_text`.
+
+`dynamic(k)` goes only where `partial` was, so only on image-writing branches; a branch that reads
+a stream for keys and values only (SD3's last joint attention: its input has rows its output
+lacks, so the change of its input cannot choose output rows) stays `partial(kept)`.
 """
 from __future__ import annotations
 
@@ -32,8 +40,10 @@ from dataclasses import dataclass, field
 
 from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError, UsageError
+from tcgraph.models.adapter import adapter_for
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
+from tcgraph.names import IMAGE, TEXT_STREAM
 from tcgraph.plan.learning.evaluate import plan_errors, speedup_of
 from tcgraph.plan.learning.common import (
     calibration_cost,
@@ -53,6 +63,7 @@ from tcgraph.plan.options import (calib_images_option, compete_option, forecast_
 from tcgraph.plan.plan import Action, Plan, Recipe, dynamic
 from tcgraph.plan.learning.select import finish_learned
 from tcgraph.plan.learning.forecast import output_grams
+from tcgraph.plan.learning.pruning import image_branches
 from tcgraph.plan.learning.predictor import (PredictorResult, block_sensitivity, mu_unit, staleness_init,
                                             train_predictor, training_rounds)
 from tcgraph.plan.learning.tprr import TPRR, floor_speedup, tprr_choices, tprr_search_space, unreachable
@@ -148,7 +159,10 @@ def learn_predictor(cfg: TokenCacheConfig, model: DiT, train: Trajectories, held
         grams = train.output_grams()
         if grams is None:  # trajectories calibrated elsewhere, without them
             grams = output_grams(model, train)
-        init = staleness_init(grams, S, model.config.depth, model.config.branches, cfg.keep_ratio)
+        layout = model.config.block_layout()
+        rows = {IMAGE: model.config.num_tokens, TEXT_STREAM: train.settings.text_length}
+        init = staleness_init(grams, S, model.config.depth, image_branches(layout), cfg.keep_ratio,
+                              image_rows=lambda key: layout.image_slice(*key, rows))
         pred = train_predictor(model, train, cfg.keep_ratio, cfg.mu * mu_unit(model, train),
                                window=cfg.train_window, epochs=cfg.epochs, batch_images=cfg.batch_images,
                                lr=cfg.lr, seed=cfg.seed, init=init, phase=phase)
@@ -257,31 +271,58 @@ def make_tokencache(cfg: TokenCacheConfig, model_config: ModelConfig, settings: 
                       "final_train_loss": pred.history[-1] if pred.history else None,
                       "first_train_loss": pred.history[0] if pred.history else None, "lr": cfg.lr,
                       "train_window": cfg.train_window,
-                      "shared_by": "both branches of a block" if len(mcfg.branches) == 2
-                      else f"all {len(mcfg.branches)} branches of a block ({', '.join(mcfg.branches)})"},
+                      "shared_by": _shared_by(mcfg)},
         "calibration": {"images": cfg.calib_images, "held_out": cfg.num_held_out, "seed": cfg.seed,
                         "batch_images": cfg.batch_images},
         "search": table,
     }
     if not finish:
-        return Plan(f"tokencache:{target}x", settings, recipes, n, params=params)
+        return Plan(f"tokencache:{target}x", settings, recipes, n, params=params, layout=mcfg.block_layout())
     return finish_learned(model, train, held, f"tokencache:{target}x", recipes, params, forecast=cfg.forecast,
                           max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
                           compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,
                           progress=progress)
 
 
-def to_dynamic(plan: Plan) -> Plan:
+def _shared_by(cfg: ModelConfig) -> str:
+    """Which branches of a block share the Cache Predictor's token set, for the plan's record."""
+    layout = cfg.block_layout()
+    if layout.is_default:  # DiT, PixArt: as their plans always said
+        names = cfg.branches
+        return "both branches of a block" if len(names) == 2 else \
+            f"all {len(names)} branches of a block ({', '.join(names)})"
+    kinds = " / ".join(", ".join(names) for names in dict.fromkeys(image_branches(layout)))
+    text = list(dict.fromkeys(br for block in layout.blocks for br, streams in block if IMAGE not in streams))
+    return (f"the image-writing branches of a block ({kinds})"
+            + (f"; {', '.join(text)} (text rows only) {'computes' if len(text) == 1 else 'compute'} at cache steps"
+               if text else ""))
+
+
+def keys_only_branches(model: DiT) -> frozenset[tuple[int, str]]:
+    """(block, branch) of the branches that read a stream for keys and values only (SD3's last joint
+    attention), where a `dynamic` action cannot choose output rows (`tcgraph.compile` refuses it)."""
+    adapter = adapter_for(model)
+    return frozenset((l, spec.name) for l, (_, kind) in enumerate(adapter.block_table(model))
+                     for spec in kind.branches if spec.reads_only)
+
+
+def to_dynamic(plan: Plan, static: frozenset[tuple[int, str]] = frozenset()) -> Plan:
     """The same plan with each `partial(indices)` made `dynamic(k)`: the same schedule and token
     counts, but the tokens chosen per sample in the graph (ToCa-style), for comparison at the
-    same compute (plus the score, 2·N·D per branch)."""
+    same compute (plus the score, 2·N·D per branch). Only partial branches change, so only branches
+    that write image rows; the (block, branch) pairs of `static` (`keys_only_branches`) stay partial."""
 
-    def swap(a: Action) -> Action:
-        return dynamic(a.k) if a.kind == "partial" else a
+    def swap(l: int, br: str, a: Action) -> Action:
+        return dynamic(a.k) if a.kind == "partial" and (l, br) not in static else a
 
-    recipes = tuple(Recipe(tuple(tuple(swap(a) for a in acts) for acts in r.actions), r.branches) for r in plan.recipes)
+    recipes = tuple(Recipe(tuple(tuple(swap(l, br, a) for br, a in zip(r.block_branches(l), acts))
+                                 for l, acts in enumerate(r.actions)), r.branches) for r in plan.recipes)
     params = {**plan.params, "token_choice": "dynamic: per-sample TopK of the branch-input change"}
-    return Plan(plan.planner.replace("tokencache", "dynamic", 1), plan.settings, recipes, plan.num_tokens, params)
+    kept = sorted(static & {(l, br) for r in plan.recipes for l, br, a in r.items() if a.kind == "partial"})
+    if kept:
+        params["static_tokens"] = [f"block {l} {br}: reads a stream for keys and values only" for l, br in kept]
+    return Plan(plan.planner.replace("tokencache", "dynamic", 1), plan.settings, recipes, plan.num_tokens, params,
+                layout=plan.layout)
 
 
 def make_dynamic(cfg: TokenCacheConfig, model_config: ModelConfig, settings: SamplerSettings, *,
@@ -300,5 +341,6 @@ def make_dynamic(cfg: TokenCacheConfig, model_config: ModelConfig, settings: Sam
                                reachable(model_config, settings.num_steps, candidates, cfg, settings.text_length),
                                traj is None)[:-1]
         progress = progress.outline(outline, f"plan dynamic:{cfg.target_speedup}x", seconds_per_row(weights, settings))
-    return to_dynamic(make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
-                                      finish=False, calibration_text=calibration_text))
+    plan = make_tokencache(cfg, model_config, settings, weights=weights, progress=progress, traj=traj,
+                           finish=False, calibration_text=calibration_text)
+    return to_dynamic(plan, keys_only_branches(weights))
