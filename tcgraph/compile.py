@@ -28,7 +28,7 @@ import torch.nn as nn
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import adapter_for
 from tcgraph.names import (FORECAST_WEIGHTS, GATE_ACC, GATE_COUNT, GATE_PARAMS, GATE_REF, GATE_SKIPS, GATE_TIMES,
-                           GUIDANCE, OUT, POOLED, TEXT, TEXT_MASK, cache_name, history_name, is_cache, is_model_input)
+                           GUIDANCE, IMAGE, OUT, POOLED, TEXT, TEXT_MASK, cache_name, history_name, is_cache, is_model_input)
 from tcgraph.passes import (
     RewriteSpec,
     cache_io,
@@ -189,17 +189,12 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
 
 
 def _block_output(model: nn.Module, x, t, cond, block: int) -> torch.Tensor:
-    """The hidden state out of block `block` of the model's own forward (a hook on that block)."""
-    seen = []
-    path = adapter_for(model).block_paths(model)[block]
-    handle = model.get_submodule(path).register_forward_hook(lambda m, args, out: seen.append(out))
-    try:
-        model(x, t, *(cond if isinstance(cond, tuple) else (cond,)))
-    finally:
-        handle.remove()
-    if len(seen) != 1 or not isinstance(seen[0], torch.Tensor):
-        raise TcgraphError(f"cannot check a gated step of this model: its block {block} did not return one hidden state")
-    return seen[0]
+    """The image hidden state out of block `block` of the model's own forward (the adapter's block loop,
+    every branch computed), what a gated step forms its indicator from."""
+    seen = {}
+    adapter_for(model).run_blocks(model, x, t, cond, lambda l, name, u, fn: fn(u()),
+                                  after_block=lambda l, hs: seen.setdefault(l, hs[IMAGE]))
+    return seen[block]
 
 
 @torch.no_grad()

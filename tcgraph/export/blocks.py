@@ -231,7 +231,8 @@ def graph_block_table(gm) -> BlockTable | None:
     before: list[str] = []
     after: list[str] = []
     seen_blocks = False
-    for child, _ in gm.named_children():
+    children = getattr(gm, "source_children", None) or [name for name, _ in gm.named_children()]  # a gated step's
+    for child in children:
         if any(_under(k.container, child) for k in kinds):  # a container, or a module that holds one
             seen_blocks = True
         else:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import BlockKind, ModelAdapter
 from tcgraph.passes.capture import trace
-from tcgraph.passes.meta import META_BLOCK, META_BRANCH, adapter_of, block_of
+from tcgraph.passes.meta import META_BLOCK, META_BRANCH, META_STREAM, adapter_of, block_of
 
 
 def expand_blocks(gm: fx.GraphModule) -> fx.GraphModule:
@@ -87,6 +87,9 @@ def _inline(gm: fx.GraphModule, node: fx.Node, adapter: ModelAdapter, kind: Bloc
                     new.meta[META_BRANCH] = branch.name
             env[n] = new
     if isinstance(result, (tuple, list)):  # a block of several streams returns them: its users take items
+        for stream, value in zip(kind.streams, result):
+            if isinstance(value, fx.Node) and value.meta.get(META_BLOCK) == block_index:
+                value.meta[META_STREAM] = stream  # (a stream the block passes on unchanged keeps its own tag)
         for user in list(node.users):
             if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
                 raise TcgraphError(f"block {prefix} returns {len(result)} streams but the graph uses its result "

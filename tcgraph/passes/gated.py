@@ -22,8 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, OUT, history_name, is_model_input)
-from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, io_names
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, IMAGE, OUT, history_name, is_model_input)
+from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, META_STREAM, io_names
 from tcgraph.plan.plan import Recipe
 
 EPS = 1e-12  # floor of the reference's mean magnitude (the first step's reference is 0)
@@ -134,10 +134,14 @@ class GatedStep(nn.Module):
     """One gated step: `forward(*inputs)` in the order of `Plan.variant_io` of a gated recipe."""
 
     def __init__(self, head: fx.GraphModule, compute: _Compute, skip: _Skip, n_model: int, h_index: int,
-                 anchor: bool):
+                 anchor: bool, source: fx.GraphModule | None = None):
         super().__init__()
         self.head, self.compute, self.skip = head, compute, skip
         self.n_model, self.h, self.anchor = n_model, h_index, anchor
+        # what the computing path's graph recorded (its adapter and block table) and its top-level modules in
+        # call order: the artifact's block table is read from them (tcgraph.export.blocks.graph_block_table)
+        self.meta = dict(source.meta) if source is not None else {}
+        self.source_children = tuple(name for name, _ in source.named_children()) if source is not None else ()
 
     def forward(self, *inputs):
         model_inputs, rest = inputs[:self.n_model], inputs[self.n_model:]
@@ -167,9 +171,12 @@ def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]
         raise TcgraphError(f"the skipping path of a gated step reads values {missing} of the first {gate.first} "
                            "blocks that the computing path does not; this is a bug in the gated pass, please report it")
     last = [i for i, name in enumerate(boundary) if _block_of(compute_gm, name) == gate.first - 1]
+    if len(last) > 1:  # a block of several streams: the indicator is formed from the image stream
+        last = [i for i in last if _node(compute_gm, boundary[i]).meta.get(META_STREAM) == IMAGE]
     if len(last) != 1:
-        raise TcgraphError(f"a gate needs one hidden state out of block {gate.first - 1} to form its indicator; "
-                           f"the graph passes {len(last)} on: gated steps support models of one stream")
+        raise TcgraphError(f"a gate needs one image hidden state out of block {gate.first - 1} to form its "
+                           f"indicator; the graph passes {len(last)} on: this is a bug in the gated pass, please "
+                           "report it")
     history = [history_name(b, br, j) for b, br in keys for j in range(gate.points)]
     args = [("b", boundary.index(n)) for n in skip_boundary]
     for name in skip_inputs:
@@ -183,11 +190,14 @@ def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]
     anchor = gate.indicator == "anchor"
     step = GatedStep(head, _Compute(compute_tail, len(boundary), last[0], len(keys), gate.points),
                      _Skip(skip_tail, args, len(boundary), last[0], len(history), gate.points, anchor),
-                     n_model, last[0], anchor)
+                     n_model, last[0], anchor, source=compute_gm)
     model_names = io_names(compute_gm)[0][:n_model]
     return step, model_names + history + list(GATE_STATE) + [GATE_PARAMS], [OUT] + history + list(GATE_STATE)
 
 
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
 def _block_of(gm: fx.GraphModule, name: str):
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    return node.meta.get(META_BLOCK)
+    return _node(gm, name).meta.get(META_BLOCK)

@@ -4,7 +4,8 @@ Node meta (STYLE: analysis results in `node.meta["tcgraph.<key>"]`, never node a
 `tcgraph.block` (block index of every node inside a block, and of cache placeholders),
 `tcgraph.branch` (branch name on a branch's call_module node), `tcgraph.io_name` (graph
 input names on placeholders, the list of output names on the output node: `x`,
-`cache.3.attn`, … as docs/design.md "Graph interface of a variant" fixes them).
+`cache.3.attn`, … as docs/design.md "Graph interface of a variant" fixes them), `tcgraph.stream`
+(on what a block of several streams returns: which stream it is).
 
 Graph meta: `gm.meta["tcgraph.adapter"]` holds the `ModelAdapter` of the captured model,
 set by capture and carried by expand_blocks, so that a later pass asks the adapter (for
@@ -21,6 +22,7 @@ from tcgraph.names import OUT, CacheKey
 META_BLOCK = "tcgraph.block"  # int: block index of a node
 META_BRANCH = "tcgraph.branch"  # "attn" | "mlp" on the branch's call_module node
 META_IO_NAME = "tcgraph.io_name"  # graph input/output names ("x", "cache.3.attn", …)
+META_STREAM = "tcgraph.stream"  # the stream ("image", "text") a block of several streams returns in this node
 META_ADAPTER = "tcgraph.adapter"  # gm.meta: the captured model's ModelAdapter
 META_BLOCKS = "tcgraph.block_table"  # gm.meta: (module path, kind name) of every block, in global order
 

@@ -105,9 +105,9 @@ def validate_gated(plan) -> None:
         raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(plan.recipes)}), got "
                            f"{None if thresholds is None else list(thresholds)}")
     object.__setattr__(plan, "gate_thresholds", tuple(float(v) for v in thresholds))
-    if plan.layout is not None or plan.constant_keys():
-        raise TcgraphError("gated steps need a model of one image stream whose plan carries no run constants "
-                           "(make the plan with carry_constants=False)")
+    if plan.constant_keys():
+        raise TcgraphError("gated steps need a plan that carries no run constants (make the plan with "
+                           "carry_constants=False)")
 
 
 def gate_shape(plan, name: str, hidden_size: int) -> tuple[int, ...]:

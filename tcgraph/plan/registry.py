@@ -119,7 +119,7 @@ register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
 register(Planner("adaptive", AdaptiveConfig, make_adaptive, "adaptive[:F]",
                  "gated steps: the first blocks always compute, the others reuse or forecast while their change "
                  "stays under a threshold decided in the graph, calibrated to a measured compute fraction F, default "
-                 "{fraction}", short=("fraction",), learned=True))
+                 "{fraction}", short=("fraction",), learned=True, layouts=True))
 
 
 def plan_help() -> str:

@@ -6,10 +6,14 @@ compute (their threshold is below 0), the others skip their later blocks where t
 under the threshold. The compute fraction is the share of block work a run does,
 `(computed steps · L + skipped steps · F) / (steps · L)` for L blocks of which F always compute: a
 skipped step still runs its first F blocks. To calibrate, the planner samples from random noise and
-labels with an eager loop that keeps the gate's state as the graph does (`EagerGate`), and bisects
+labels (a text-conditioned model: the calibration prompts) with an eager loop that keeps the gate's
+state as the graph does (`EagerGate`), and bisects
 the threshold (log scale) until the measured fraction is the target's. The decision is taken per
 batch, so the fraction a run measures depends on the batch it samples: the plan records the
 calibrated fraction and the range a run may measure (all skips its gates allow … all computed).
+
+Any family the adapters describe takes it: a model of several streams (FLUX, SD3) forms the indicator
+from the image stream out of block F - 1, its text-only branches reuse or forecast like the others.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from tcgraph.plan.options import option
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
+from tcgraph.sampling.conditioning import Text
 
 EPS = 1e-12
 
@@ -134,11 +139,19 @@ def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int) -
     return (computed + skipped * cfg.first / depth) / steps, 1.0
 
 
-def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate, threshold: float) -> float:
-    """The compute fraction the gated plan measures on the calibration noise at `threshold`."""
+def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate, threshold: float,
+            text: Text | None = None) -> float:
+    """The compute fraction the gated plan measures on the calibration noise at `threshold`; a
+    text-conditioned model is conditioned on `text` (its prompts cycled to the calibration images)."""
     mc = model.config
     g = torch.Generator().manual_seed(cfg.seed)  # labels, then noise, as tcgraph.calibrate draws them:
-    labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()  # not a sampling run's
+    if getattr(mc, "text_conditioned", False):
+        if text is None:
+            raise TcgraphError("adaptive calibrates a text-conditioned model on prompts: give calibration embeddings "
+                               "(calibration_text=, --calibration-embeddings FILE), or a threshold (--threshold)")
+        labels = text.repeat_to(cfg.calib_images)
+    else:
+        labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()  # not a sampling run's
     noise = torch.randn(cfg.calib_images, mc.in_channels, settings.resolution, settings.resolution, generator=g)
     eager = EagerGate(model.eval(), gate, thresholds_for(settings, cfg, threshold), mc.depth)
     run_batches(eager, eager.reset, sampler_for(settings, mc), labels, noise, settings.batch, cfg.seed)
@@ -146,7 +159,7 @@ def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, ga
 
 
 def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate,
-                        progress: Progress = QUIET, rounds: int = 9) -> tuple[float, float]:
+                        progress: Progress = QUIET, rounds: int = 9, text: Text | None = None) -> tuple[float, float]:
     """(threshold, measured fraction): bisection in log threshold over [1e-3, 10] for the target fraction,
     the measured fraction nearest it."""
     lo, hi = math.log(1e-3), math.log(1e1)
@@ -154,7 +167,7 @@ def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: Adapti
     with progress.phase("calibrate threshold", rounds) as phase:
         for _ in range(rounds):
             mid = (lo + hi) / 2
-            got = measure(model, settings, cfg, gate, math.exp(mid))
+            got = measure(model, settings, cfg, gate, math.exp(mid), text)
             if best is None or abs(got - cfg.fraction) < abs(best[1] - cfg.fraction):
                 best = (math.exp(mid), got)
             if got > cfg.fraction:
@@ -170,8 +183,6 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
     depth, branches = model_config.depth, model_config.branches
     if cfg.first >= depth:
         raise TcgraphError(f"adaptive first={cfg.first} leaves none of the model's {depth} blocks to skip")
-    if not model_config.block_layout().is_default or getattr(model_config, "text_conditioned", False):
-        raise TcgraphError("adaptive plans are for class-conditional models of one image stream")
     least, _ = fraction_range(settings, cfg, depth)
     gate = Gate(cfg.first, cfg.max_skips, cfg.indicator, cfg.order)
     if cfg.threshold is None:
@@ -182,14 +193,16 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
             raise TcgraphError(f"adaptive fraction {cfg.fraction} is below the least this gate can measure, "
                                f"{least:.3f} ({cfg.warmup} warm-up and {cfg.final} final steps compute, at most "
                                f"{cfg.max_skips} skips in a row, {cfg.first} of {depth} blocks always compute)")
-        threshold, measured = calibrate_threshold(weights, settings, cfg, gate, progress)
+        threshold, measured = calibrate_threshold(weights, settings, cfg, gate, progress, text=calibration_text)
     else:
         threshold, measured = cfg.threshold, None
-    recipe = Recipe(Recipe.uniform(depth, COMPUTE, branches).actions, tuple(branches), gate=gate)
+    full = Recipe.uniform(depth, COMPUTE, branches)
+    recipe = Recipe(full.actions, full.branches, gate=gate)
     params = {"fraction": cfg.fraction, "first": cfg.first, "max_skips": cfg.max_skips, "indicator": cfg.indicator,
               "order": cfg.order, "warmup": cfg.warmup, "final": cfg.final, "threshold": threshold,
               "calibrated_fraction": measured, "fraction_range": [round(least, 6), 1.0],
               "calib_images": cfg.calib_images, "seed": cfg.seed}
     name = f"adaptive:{cfg.fraction:g}"
     return Plan(name, settings, tuple(recipe for _ in range(settings.num_steps)), model_config.num_tokens,
-                params=params, carry_constants=False, gate_thresholds=thresholds_for(settings, cfg, threshold))
+                params=params, carry_constants=False, gate_thresholds=thresholds_for(settings, cfg, threshold),
+                layout=model_config.block_layout())
