@@ -111,7 +111,7 @@ register(Planner("tokencache", TokenCacheConfig, make_tokencache, "tokencache[:X
                  short=("target_speedup",), learned=True, layouts=True))
 register(Planner("tokencache+l2c", CombinedConfig, make_combined, "tokencache+l2c[:X]",
                  "both: L2C branch reuse, then token pruning of the branches it computes, default X={target_speedup}",
-                 short=("target_speedup",), learned=True))
+                 short=("target_speedup",), learned=True, layouts=True))
 register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
                  "tokencache's schedule and token counts, tokens chosen per sample in the graph",
                  short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb"),

@@ -2,12 +2,12 @@
 random FLUX (double blocks attn, mlp, mlp_text; single blocks attn, mlp) and SD3.5 (attn, attn_image,
 mlp, mlp_text; the last block attn, mlp). The plan follows the model's layout, reuses some
 branches of a step while computing others, predicts by formula the speedup its measured cost table
-predicts, and its variants equal the eager reference (checked here, 1e-4). Planners
-still learned for one branch tuple are refused by name, naming those that work (tokencache and
-dynamic take layouts: tests/plan/test_tokencache_layouts.py)."""
+predicts, and its variants equal the eager reference (checked here, 1e-4). A planner learned for
+one branch tuple is refused by name, naming those that work."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from tcgraph.models.diffusers.sd3 import DiffusersSD3  # noqa: E402
 from tcgraph.plan import make_plan  # noqa: E402
 from tcgraph.plan.costs import plan_costs, predict_flops  # noqa: E402
 from tcgraph.plan.flops import plan_flops  # noqa: E402
+from tcgraph.plan.registry import PLANNERS  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
 from tcgraph.sampling.conditioning import Text  # noqa: E402
 from tests.models.flux_tiny import tiny_flux  # noqa: E402
@@ -67,10 +68,16 @@ def test_l2c_plans_by_layout(make):
         assert check_variant(model, variant.gm, recipe, variant.example_inputs) <= 1e-4
 
 
-@pytest.mark.parametrize("spec", ["tokencache+l2c:2"])
-def test_planners_learned_for_one_branch_tuple_are_refused_naming_those_that_work(spec):
+def test_planners_learned_for_one_branch_tuple_are_refused_naming_those_that_work(monkeypatch):
+    """tokencache, dynamic and tokencache+l2c take layouts (tests/plan/test_tokencache_layouts.py); a
+    planner registered without them (a stand-in, and any planner still without) is refused by name on
+    FLUX, naming the planners that take layouts."""
+    monkeypatch.setitem(PLANNERS, "one-tuple", dataclasses.replace(PLANNERS["full"], name="one-tuple", layouts=False))
+    able = [p.name for p in PLANNERS.values() if p.layouts]
+    assert {"full", "fora", "taylor", "l2c", "tokencache", "tokencache+l2c", "dynamic"} <= set(able)
     cfg = tiny_flux().config
-    # (adaptive: tests/plan/test_adaptive_layouts.py, which makes it take layouts)
-    with pytest.raises(UsageError, match=r"blocks differ or read several streams: use full, fora, taylor, l2c, "
-                                         r"tokencache, dynamic(, adaptive)?$"):
-        make_plan(spec, cfg, settings_of(cfg))
+    for name in [p.name for p in PLANNERS.values() if not p.layouts]:
+        with pytest.raises(UsageError, match=rf"plan '{re.escape(name)}' is learned for models whose blocks all have "
+                                             rf"the same branches.*blocks differ or read several streams: use "
+                                             rf"{re.escape(', '.join(able))}$"):
+            make_plan(name, cfg, settings_of(cfg))

@@ -10,7 +10,7 @@ a cache step a block computes every branch, reuses every branch (kept at 0), or 
 while its branches of text rows only compute. The predicted speedup is the measured cost table's
 (tcgraph.plan.costs) and meets the target; every variant equals the eager reference (1e-4).
 `dynamic` puts dynamic(k) where tokencache put partial, but on SD3's last attention (keys and values
-only), which stays partial. The Cache Predictor's closed-form start scores the image rows of
+only), which stays partial. `tokencache+l2c` prunes the branches L2C computes by the same rule. The Cache Predictor's closed-form start scores the image rows of
 image-writing branches only."""
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ from tcgraph.compile import build_variants, check_variant  # noqa: E402
 from tcgraph.models.diffusers.sd3 import DiffusersSD3  # noqa: E402
 from tcgraph.models.layout import Layout  # noqa: E402
 from tcgraph.names import IMAGE, TEXT_STREAM  # noqa: E402
-from tcgraph.plan import Plan, make_plan  # noqa: E402
+from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, make_plan  # noqa: E402
 from tcgraph.plan.costs import plan_costs, predict_flops  # noqa: E402
 from tcgraph.plan.flops import fixed_flops, plan_flops  # noqa: E402
 from tcgraph.plan.learning.evaluate import speedup_of  # noqa: E402
 from tcgraph.plan.learning.predictor import staleness_init  # noqa: E402
 from tcgraph.plan.learning.tprr import layout_speedup, token_order, tprr_layout, tprr_recipes  # noqa: E402
+from tcgraph.plan.planners.combined import prune_recipes  # noqa: E402
 from tcgraph.plan.planners.tokencache import TokenCacheConfig, make_tokencache  # noqa: E402
 from tests.models.flux_tiny import tiny_flux  # noqa: E402
 from tests.models.test_diffusers_sd3 import SD35, tiny_sd3  # noqa: E402
@@ -220,3 +221,48 @@ def test_the_two_stream_toy_is_planned_by_the_same_rule(spec):
         for v in build_variants(model, plan, check=False):
             recipe = plan.variants()[int(v.id[1:])]
             assert check_variant(model, v.gm, recipe, v.example_inputs) <= 1e-4
+
+
+def test_prune_recipes_follows_the_layout():
+    """tokencache+l2c's token pass on FLUX's layout: of the branches L2C computes at a cache step, the
+    image-writing ones of a pruned block take partial(top k of the mean scores of the recipe's steps),
+    the text-only ones keep computing; at k = 0 every computed branch is reused; L2C's reuse stays."""
+    cfg = flux().config
+    layout, n = cfg.block_layout(), cfg.num_tokens
+    names = layout.branches()
+    full = Recipe.uniform(cfg.depth, COMPUTE, names)
+    a = Recipe(((REUSE, COMPUTE, COMPUTE), (COMPUTE, REUSE, COMPUTE), (COMPUTE, REUSE), (REUSE, COMPUTE)), names)
+    scores = torch.randn(4, cfg.depth, n, generator=torch.Generator().manual_seed(2))
+    keep = [n, 5, 0, 3]
+    out = prune_recipes((full, a, a, full), scores, keep, layout=layout)
+    assert out[0] == out[3] == full and out[1] == out[2]
+    mean = scores[[1, 2]].mean(0)
+    for l in range(cfg.depth):
+        top = set(torch.argsort(mean[l], descending=True)[:keep[l]].tolist())
+        for br, before, after in zip(names[l], a.actions[l], out[1].actions[l]):
+            if before.kind != "compute" or keep[l] == n:
+                assert after == before
+            elif keep[l] == 0:
+                assert after == REUSE
+            elif writes_image(layout, l, br):
+                assert after.kind == "partial" and set(after.indices) == top
+            else:
+                assert after == COMPUTE, (l, br)
+
+
+def test_combined_plans_by_layout():
+    model = flux()
+    cfg = model.config
+    target = 1.6
+    plan = make_plan(f"tokencache+l2c:{target}", cfg, settings_of(cfg), weights=model, calibration_text=prompts(cfg),
+                     calib_images=IMAGES, epochs=1, compete=False, forecast=False)
+    layout = plan.block_layout()
+    assert layout == cfg.block_layout() and plan.recipes[0].is_full
+    for r in plan.recipes:
+        for l, acts in enumerate(r.actions):
+            token = [(br, a) for br, a in zip(r.block_branches(l), acts) if a.kind == "partial"]
+            assert all(writes_image(layout, l, br) for br, _ in token) and len({a.indices for _, a in token}) <= 1
+    kinds = {a.kind for r in plan.recipes for _, _, a in r.items()}
+    assert {"partial", "reuse"} <= kinds, "branch reuse and token pruning"
+    sp = check_flops_and_variants(model, plan)
+    assert sp == pytest.approx(plan.params["predicted_speedup"], abs=1e-4) and sp >= target - 1e-9

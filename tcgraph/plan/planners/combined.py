@@ -19,11 +19,14 @@ Definition (the project's; the papers do not combine them):
 Full steps stay full: they refresh every cache. `l2c_share` is searched over
 `SHARES` unless given, keeping the plan with the lowest held-out error.
 
-Branches are the model's (`ModelConfig.branches`): the router has one logit per branch of
-every block, and step 4 makes every computed branch of a pruned block partial, PixArt's
-cross-attention like its MLP (row-wise in the image tokens; see `tcgraph.plan.learning.tprr`). FLOPs
-count a cross branch at the plan's `text_length`; a text-conditioned model calibrates on the
-prompts `calibration_text`.
+Branches are the model's (`ModelConfig.block_layout()`): the router has one logit per branch each
+block has (`l2c`), and step 4 prunes a block by the rule of `tcgraph.plan.learning.pruning`: each
+branch L2C still computes that writes image rows becomes partial on the block's kept image tokens
+(PixArt's cross-attention like its MLP, row-wise in the image tokens; FLUX's and SD3's joint
+attention and FLUX's single-block MLP with their text rows recomputed), a computed branch of text
+rows only (`mlp_text`) keeps computing, and a block kept at 0 tokens reuses every branch. FLOPs count
+each branch's own rows (a cross branch's at the plan's `text_length`); a text-conditioned model
+calibrates on the prompts `calibration_text`.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from tcgraph.calibrate import Trajectories
 from tcgraph.errors import TcgraphError
 from tcgraph.models.official.dit import DiT
 from tcgraph.models.families import ModelConfig
+from tcgraph.models.layout import Layout
 from tcgraph.plan.learning.evaluate import plan_errors, speedup_of
 from tcgraph.plan.planners.l2c import LAMBDA_GRID, L2CConfig, make_l2c
 from tcgraph.plan.planners.l2c import plan_outline as l2c_outline
@@ -48,6 +52,7 @@ from tcgraph.plan.options import (calib_images_option, compete_option, forecast_
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, partial
 from tcgraph.plan.learning.select import finish_learned
 from tcgraph.plan.learning.predictor import PredictorResult
+from tcgraph.plan.learning.pruning import block_actions, image_branches
 from tcgraph.plan.planners.tokencache import TokenCacheConfig, learn_predictor, learning_outline
 from tcgraph.plan.learning.tprr import select_blocks
 from tcgraph.progress import QUIET, Progress
@@ -99,11 +104,14 @@ def token_floor(num_tokens: int, min_keep: float) -> int:
 
 
 def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int],
-                  steps: Collection[int] | None = None) -> tuple[Recipe, ...]:
-    """`base` with every computed branch (whatever its name) of block l at a cache step made
-    partial(top keep[l]). `steps`: the skeleton's cache steps (where L2C may reuse; a cache step
-    at which L2C computes every branch is pruned too); None takes the steps whose recipe is not full."""
+                  steps: Collection[int] | None = None, layout: Layout | None = None) -> tuple[Recipe, ...]:
+    """`base` with the computed branches of block l at a cache step pruned to its top keep[l] tokens:
+    each that writes image rows made partial, the others (text rows only) left computing; at keep 0
+    every computed branch reused. `layout`: which branches write image rows (None: every branch, as a
+    DiT's and PixArt's). `steps`: the skeleton's cache steps (where L2C may reuse; a cache step at
+    which L2C computes every branch is pruned too); None takes the steps whose recipe is not full."""
     n = scores.shape[-1]
+    image = image_branches(layout) if layout is not None else None
     groups: dict[Recipe, list[int]] = {}
     for s, r in enumerate(base):
         if (s in steps) if steps is not None else not r.is_full:
@@ -119,7 +127,9 @@ def prune_recipes(base: tuple[Recipe, ...], scores: torch.Tensor, keep: list[int
                 continue
             order = sorted(range(n), key=lambda i: (-mean[l, i].item(), i))
             act = REUSE if k == 0 else partial(order[:k])
-            actions.append(tuple(act if a.computes else a for a in acts))
+            names = recipe.block_branches(l)
+            actions.append(tuple(act if a.computes and (image is None or br in image[l] or k == 0) else a
+                                 for br, a in zip(names, acts)))
         new = Recipe(tuple(actions), recipe.branches)
         for s in steps:
             out[s] = new
@@ -131,8 +141,10 @@ def skeleton_interval(cfg: ModelConfig, num_steps: int, target: float, floor: in
     """The smallest K whose cache steps, every branch pruned to `floor` tokens, reach `target`
     (token pruning alone could meet the budget there, and branch reuse adds on top); where no
     K does, the longest interval Learning-to-Cache would try for `target`."""
-    full = Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
-    pruned = Recipe.uniform(cfg.depth, partial(range(floor)) if floor else REUSE, cfg.branches)
+    layout = cfg.block_layout()
+    names, image = layout.branches(), image_branches(layout)
+    full = Recipe.uniform(cfg.depth, COMPUTE, names)
+    pruned = Recipe(tuple(block_actions(names[l], image[l], tuple(range(floor))) for l in range(cfg.depth)), names)
     for k in range(2, num_steps + 1):
         cs = set(cache_steps(num_steps, k))
         if speedup_of(cfg, [pruned if s in cs else full for s in range(num_steps)], text_length) >= target * margin:
@@ -147,10 +159,10 @@ def prune_to_target(cfg: ModelConfig, base: tuple[Recipe, ...], scores: torch.Te
                     steps: Collection[int] | None = None) -> tuple[list[int], tuple[Recipe, ...]] | None:
     """(keep counts, recipes): `base` pruned at its cache `steps` (`prune_recipes`) by greedy block
     selection until `target` is met, or None where pruning every block to `floor` cannot get there. Pure."""
-    n = cfg.num_tokens
+    n, layout = cfg.num_tokens, cfg.block_layout()
     keep = select_blocks(sensitivity, n, floor,
-                         lambda k: speedup_of(cfg, prune_recipes(base, scores, k, steps), text_length), target)
-    return None if keep is None else (keep, prune_recipes(base, scores, keep, steps))
+                         lambda k: speedup_of(cfg, prune_recipes(base, scores, k, steps, layout), text_length), target)
+    return None if keep is None else (keep, prune_recipes(base, scores, keep, steps, layout))
 
 
 def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: SamplerSettings, *,
@@ -220,7 +232,7 @@ def make_combined(cfg: CombinedConfig, model_config: ModelConfig, settings: Samp
     }
     name = f"tokencache+l2c:{cfg.target_speedup}x"
     if not finish:
-        return Plan(name, settings, recipes, n, params=params)
+        return Plan(name, settings, recipes, n, params=params, layout=mcfg.block_layout())
     return finish_learned(model, train, held, name, recipes, params,
                           forecast=cfg.forecast, max_cache_mb=cfg.max_cache_mb, max_variants=cfg.max_variants,
                           compete=cfg.compete, min_psnr=cfg.min_psnr, speedup_given=cfg.speedup_given,
