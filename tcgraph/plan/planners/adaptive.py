@@ -27,6 +27,7 @@ from tcgraph.errors import TcgraphError
 from tcgraph.models.adapter import run_blocks
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import IMAGE
+from tcgraph.plan.learning.common import check_calibration_text
 from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
 from tcgraph.plan.options import option
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
@@ -189,6 +190,7 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
         if weights is None:
             raise TcgraphError("adaptive needs the model's weights to calibrate its threshold (or give one: "
                                "--threshold)")
+        check_calibration_text(model_config, calibration_text, "an adaptive threshold")
         if cfg.fraction < least:
             raise TcgraphError(f"adaptive fraction {cfg.fraction} is below the least this gate can measure, "
                                f"{least:.3f} ({cfg.warmup} warm-up and {cfg.final} final steps compute, at most "
