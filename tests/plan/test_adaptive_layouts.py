@@ -91,14 +91,14 @@ def prompts(model, n: int, seed: int) -> Text:
 
 def test_the_planner_calibrates_on_prompts_and_runs_equal_its_eager_gate(flux, tmp_path):
     opts = dict(first=2, max_skips=2, warmup=2, final=1, calib_images=2, order=1)
-    with pytest.raises(TcgraphError, match="adaptive calibrates a text-conditioned model on prompts"):
+    with pytest.raises(TcgraphError, match="learning an adaptive threshold for a text-conditioned model needs calibration prompts"):
         make_plan("adaptive:0.85", flux.config, settings_of(flux), weights=flux, **opts)
     plan = make_plan("adaptive:0.85", flux.config, settings_of(flux), weights=flux, calibration_text=prompts(flux, 2, 0),
                      **opts)
     assert plan.layout == flux.config.block_layout() and len(plan.variants()) == 1 and plan.gate.first == 2
     least, most = plan.params["fraction_range"]
     assert least <= plan.params["calibrated_fraction"] <= most
-    art = api.transform(flux, plan, tmp_path / "art", progress=False)  # every variant checked against eager
+    art = api.transform(flux, plan, tmp_path / "art", progress=False, check=False)  # (checked: the test above)
     text = prompts(flux, 3, 1)
     cfg, s = flux.config, plan.settings
     eager = EagerGate(flux, plan.gate, thresholds_for(s, AdaptiveConfig(fraction=0.85, **opts), plan.params["threshold"]),
