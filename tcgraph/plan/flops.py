@@ -27,7 +27,8 @@ the L + N rows of both streams, also where it writes the image rows alone (SD3's
 whose text gives keys and values only); `attn_image` (SD3.5) attends over the image rows. A
 token action keeps k image rows and recomputes every other row of the branch; the score of a
 dynamic branch is over its N image rows. The fixed work of a FLUX or SD3 step (its embeddings,
-each block's modulations, the final layer) is counted by that family's own formula.
+each block's modulations, the final layer) is counted by that family's own formula (a config's
+`step_fixed_flops` where the family defines one: FLUX, SD3).
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = F
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     patch = 2 * n * p * p * cfg.in_channels * d
     t_embed = 2 * 256 * d + 2 * d * d
-    if cfg.family.name in ("flux", "sd3"):
-        return _mmdit_fixed_flops(cfg, text_length)
+    own = getattr(cfg, "step_fixed_flops", None)  # a family whose fixed work differs says it (FLUX, SD3)
+    if own is not None:
+        return own(text_length)
     if cfg.family.shared_modulation:  # one adaLN-single linear shared by the blocks; a table-only final modulation
         adaln = 2 * d * 6 * d
         caption = 0 if constants_read else 2 * text_length * (cfg.caption_channels * d + d * d)
@@ -97,26 +99,6 @@ def fixed_flops(cfg: ModelConfig, text_length: int = 0, constants_read: bool = F
         caption = 0
     final = 2 * n * d * p * p * cfg.out_channels
     return patch + t_embed + adaln + caption + final
-
-
-def _mmdit_fixed_flops(cfg: ModelConfig, text_length: int) -> int:
-    """`fixed_flops` of FLUX and SD3: patch embedding, timestep (and FLUX-dev's guidance) embedding,
-    pooled text embedding (pooled -> D -> D), the text's projection to D (every step: these models
-    carry no run constants), each block's adaLN linears (FLUX: 6D image + 6D text per double block,
-    3D per single block; SD3: 6D + 6D, 9D image in a dual block, 2D text in the last), the final
-    adaLN (2D) and output projection."""
-    n, d, p, length = cfg.num_tokens, cfg.hidden_size, cfg.patch_size, text_length
-    t_embed = 2 * 256 * d + 2 * d * d
-    embed = (2 * n * p * p * cfg.in_channels * d + t_embed + 2 * cfg.pooled_channels * d + 2 * d * d
-             + 2 * length * cfg.caption_channels * d)
-    if cfg.family.name == "flux":
-        embed += t_embed if cfg.guidance_embeds else 0
-        widths = (cfg.depth - cfg.single_depth) * 12 + cfg.single_depth * 3
-    else:
-        dual = len(cfg.dual_attention_layers)
-        widths = dual * (9 + 6) + (cfg.depth - 1 - dual) * 12 + 6 + 2
-    final = 2 * d * 2 * d + 2 * n * d * p * p * cfg.out_channels
-    return embed + 2 * d * widths * d + final
 
 
 def recipe_flops(cfg: ModelConfig, recipe: Recipe, batch: int, text_length: int = 0) -> int:

@@ -84,6 +84,29 @@ class FluxConfig(DiTConfig):
         embedding (FLUX.1-dev), none without (FLUX.1-schnell)."""
         return "input" if self.guidance_embeds else "none"
 
+    def step_fixed_flops(self, text_length: int) -> int:
+        """FLOPs per sample that every step spends whatever its recipe (`tcgraph.plan.flops.fixed_flops`):
+        the embeddings (`mmdit_embed_flops`, FLUX.1-dev's guidance embedding too), each block's adaLN
+        linears (6D image + 6D text per double block, 3D per single block), the final adaLN and projection."""
+        d = self.hidden_size
+        guidance = 2 * 256 * d + 2 * d * d if self.guidance_embeds else 0
+        widths = self.double_depth * 12 + self.single_depth * 3
+        return mmdit_embed_flops(self, text_length) + guidance + 2 * d * widths * d + mmdit_final_flops(self)
+
+
+def mmdit_embed_flops(cfg, text_length: int) -> int:
+    """FLOPs per sample of an MMDiT's embeddings (FLUX, SD3): patches, timestep, pooled text (P -> D -> D)
+    and the text's projection to D at every step (these models carry no run constants)."""
+    n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
+    return (2 * n * p * p * cfg.in_channels * d + 2 * 256 * d + 2 * d * d + 2 * cfg.pooled_channels * d + 2 * d * d
+            + 2 * text_length * cfg.caption_channels * d)
+
+
+def mmdit_final_flops(cfg) -> int:
+    """FLOPs per sample of an MMDiT's final adaLN (2D) and output projection."""
+    d, p = cfg.hidden_size, cfg.patch_size
+    return 2 * d * 2 * d + 2 * cfg.num_tokens * d * p * p * cfg.out_channels
+
 
 def flux_config_from_diffusers(raw: dict, where: str, input_size: int = DEFAULT_LATENT_SIDE) -> FluxConfig:
     """The `FluxConfig` of a FluxTransformer2DModel config dict at the latent side `input_size`;

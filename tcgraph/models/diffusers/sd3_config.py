@@ -64,6 +64,16 @@ class SD3Config(DiTConfig):
         if problems:
             raise TcgraphError(f"not an SD3 config: {'; '.join(problems)}")
 
+    def step_fixed_flops(self, text_length: int) -> int:
+        """FLOPs per sample that every step spends whatever its recipe (`tcgraph.plan.flops.fixed_flops`):
+        the embeddings, each block's adaLN linears (6D image + 6D text; 9D image in a dual-attention block;
+        2D text in the last block), the final adaLN and projection."""
+        from tcgraph.models.diffusers.flux_config import mmdit_embed_flops, mmdit_final_flops
+
+        d, dual = self.hidden_size, len(self.dual_attention_layers)
+        widths = dual * (9 + 6) + (self.depth - 1 - dual) * 12 + 6 + 2
+        return mmdit_embed_flops(self, text_length) + 2 * d * widths * d + mmdit_final_flops(self)
+
 
 def sd3_config_from_diffusers(raw: dict, where: str, input_size: int | None = None) -> SD3Config:
     """The `SD3Config` of a diffusers config.json (`raw`); `input_size` the latent side (default: its
