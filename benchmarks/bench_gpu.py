@@ -14,6 +14,10 @@
     # --prepare-only makes only the plans named: one process per plan, in parallel, as
     # benchmarks/gpu_check.sh (the 8-minute GPU check) does: --prepare-only --backends torch --plans fora:2
 
+    # FLUX.1-dev at full size (1024x1024, 28 steps, bf16, random weights): eager vs the torch backend,
+    # variants built in memory, no artifact folder (benchmarks/gpu/flux.py says why and how)
+    python benchmarks/bench_gpu.py --family flux
+
     # CPU smoke run (what tests/test_bench_gpu.py runs): the demo model, every CUDA part skipped
     OMP_NUM_THREADS=1 python benchmarks/bench_gpu.py --model digits --device cpu --steps 4 --batch 2 \\
         --repeats 1 --plans full,fora:2 --backends eager,torch,ort,trt --out /tmp/gpu-smoke
@@ -101,6 +105,7 @@ from gpu.prepare import (  # noqa: E402
     unavailable,
 )
 from gpu.report import format_table, merge_earlier, versions, write_outputs  # noqa: E402
+from gpu.flux import DEFAULTS as FLUX, run_flux  # noqa: E402
 
 from tcgraph.errors import TcgraphError  # noqa: E402
 from tcgraph.export.artifact import Artifact  # noqa: E402
@@ -117,20 +122,26 @@ from tcgraph.sampling.schedulers import CLASS_KEY  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL,
+    ap.add_argument("--family", choices=("dit", "flux"), default="dit",
+                    help="dit: DiT and PixArt through artifact folders (default); flux: FLUX.1-dev (or FLUX-tiny) "
+                         "with its variants in memory, eager vs the torch backend (benchmarks/gpu/flux.py)")
+    ap.add_argument("--model", default=None,
                     help=f"a config name (random weights, speed only; default {DEFAULT_MODEL}), 'digits', or "
                          "'PixArt-alpha' (PixArt-alpha 256px's transformer, random weights, text 120 x 4096; "
-                         "plans full, fora:N, taylor:N:K)")
+                         f"plans full, fora:N, taylor:N:K); --family flux: {FLUX['model']} (default) or FLUX-tiny")
     ap.add_argument("--resolution", type=int, default=None,
                     help="image side in pixels (latent = side/8; default: the config's, 256 for DiT-XL/2)")
     ap.add_argument("--depth", type=int, default=None, help="blocks (default: the model's; fewer for a quick look)")
-    ap.add_argument("--batch", type=int, default=8, help="images per sampling run (guidance doubles the rows)")
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--plans", default=DEFAULT_PLANS,
+    ap.add_argument("--batch", type=int, default=None,
+                    help=f"images per sampling run (guidance doubles the rows; default 8, flux {FLUX['batch']})")
+    ap.add_argument("--guidance", type=float, default=None, help=f"default 4, flux {FLUX['guidance']} (an input)")
+    ap.add_argument("--steps", type=int, default=None, help=f"default 50, flux {FLUX['steps']}")
+    ap.add_argument("--text-length", type=int, default=None, help=f"flux: T5 tokens (default {FLUX['text_length']})")
+    ap.add_argument("--plans", default=None,
                     help="comma list; `full` is always included, first (--prepare-only makes only the plans named, "
                          "so that several processes can prepare different plans at once)")
-    ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list of {', '.join(BACKENDS)}")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma list of {', '.join(BACKENDS)} (default {DEFAULT_BACKENDS}; flux: {FLUX['backends']})")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="eager autocast and torch backend precision (default bfloat16 on CUDA, float32 on CPU)")
@@ -157,6 +168,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="keep the rows of --out's JSON for backend x plan pairs this run does not measure "
                          "(same settings and device only): a long benchmark in several shorter commands")
     args = ap.parse_args(argv)
+    defaults = FLUX if args.family == "flux" else dict(model=DEFAULT_MODEL, batch=8, guidance=4.0, steps=50,
+                                                       plans=DEFAULT_PLANS, backends=DEFAULT_BACKENDS, text_length=0)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("batch", "steps", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
@@ -193,6 +209,8 @@ def image_side(model_name: str, cfg) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.family == "flux":
+        return run_flux(args, argv)
     device = torch.device(args.device)
     cuda_ok = device.type == "cuda" and torch.cuda.is_available()
     if cuda_ok and device.index is None:  # some torch versions' memory queries want an index

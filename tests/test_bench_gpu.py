@@ -163,6 +163,43 @@ def test_without_cuda_everything_is_skipped_with_its_reason(bench, tmp_path):
     assert not (tmp_path / "work").exists()  # nothing was transformed for backends that cannot run
 
 
+def test_family_defaults(bench):
+    dit, flux = bench.parse_args([]), bench.parse_args(["--family", "flux"])
+    assert (dit.model, dit.batch, dit.guidance, dit.steps) == ("DiT-XL/2", 8, 4.0, 50)
+    assert "l2c:2" in dit.plans.split(",") and "trt" in dit.backends.split(",")
+    # FLUX.1-dev as FluxPipeline runs it: 28 steps, guidance 3.5 (an input), T5 prompts of 512 tokens
+    assert (flux.model, flux.batch, flux.guidance, flux.steps, flux.text_length) == ("FLUX.1-dev", 1, 3.5, 28, 512)
+    assert flux.plans == "full,fora:3,taylor:4,tokens:2" and flux.backends == "eager,torch"
+
+
+def test_flux_refuses_what_it_cannot_run(bench, tmp_path):
+    # refused before any model is built: no artifact folder (so no ort or trt), nothing to prepare
+    for argv, says in ((["--backends", "eager,ort"], "no artifact folder for ort or trt"),
+                       (["--prepare-only"], "nothing to prepare")):
+        with pytest.raises(TcgraphError, match=says):
+            bench.main(["--family", "flux", "--model", "FLUX-tiny", "--device", "cpu", "--out", str(tmp_path / "f"),
+                        *argv])
+    assert not tmp_path.joinpath("f.json").exists()
+
+
+def test_flux_in_memory_specs_are_what_the_programs_take_and_give(bench):
+    # the specs come from the plan's shapes (no example run); the CUDA-graph path copies into buffers of
+    # exactly these shapes, so they are held against what each program makes of inputs of its input specs
+    from gpu import flux
+
+    model = flux.cast_linear_inputs(flux.build_flux(flux.flux_config(flux.FLUX_TINY), torch.device("cpu"),
+                                                    torch.float32, seed=0))
+    settings = flux.flux_settings(model.config, 6, 1, 3.5, 8)
+    for spec, (plan, _) in flux.flux_plans(model, settings, ["full", "fora:3", "taylor:4", "tokens:2"]).items():
+        art, programs = flux.in_memory_artifact(model, plan, torch.device("cpu"))
+        assert [v.id for v in art.variants] == sorted(set(plan.schedule()), key=plan.schedule().index), spec
+        for v in art.variants:
+            with torch.no_grad():
+                got = programs[v.id](*(torch.randn(i.shape) for i in v.inputs))
+            got = got if isinstance(got, tuple) else (got,)
+            assert [tuple(g.shape) for g in got] == [o.shape for o in v.outputs], (spec, v.id)
+
+
 def test_memcpy_names_of_the_profiler():
     _load()  # puts benchmarks/ on sys.path, where its parts live (benchmarks/gpu/)
     from gpu.measure import MEMCPY as pattern

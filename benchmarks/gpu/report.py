@@ -61,11 +61,18 @@ def _part(skip: dict) -> str:
 
 def format_table(result: dict) -> str:
     c = result["config"]
-    settings = (f"{c['image_side']}x{c['image_side']} images (model input {c['input_size']}x{c['input_size']}, "
-                f"{c['tokens']} tokens), batch {c['batch']} with guidance {c['guidance']} ({c['model_batch']} "
-                f"rows), DDIM {c['steps']}, {c['dtype']}, median of {c['repeats']} runs after 1 warm-up; "
-                f"torch {c['versions']['torch']}, onnxruntime {c['versions']['onnxruntime']}, "
-                f"tensorrt {c['versions']['tensorrt']}.")
+    if c.get("family") == "flux":  # guidance is an input of FLUX.1-dev: one pass per step, no doubled batch
+        settings = (f"{c['image_side']}x{c['image_side']} images (latent {c['input_size']}x{c['input_size']}, "
+                    f"{c['tokens']} image + {c['text_length']} text tokens), "
+                    f"{c['parameters'] / 1e6:,.1f} M parameters, "
+                    f"batch {c['batch']}, guidance {c['guidance']} as an input, {c['sampler']} {c['steps']} steps, "
+                    f"{c['dtype']}, median of {c['repeats']} runs after 1 warm-up; torch {c['versions']['torch']}.")
+    else:
+        settings = (f"{c['image_side']}x{c['image_side']} images (model input {c['input_size']}x{c['input_size']}, "
+                    f"{c['tokens']} tokens), batch {c['batch']} with guidance {c['guidance']} ({c['model_batch']} "
+                    f"rows), DDIM {c['steps']}, {c['dtype']}, median of {c['repeats']} runs after 1 warm-up; "
+                    f"torch {c['versions']['torch']}, onnxruntime {c['versions']['onnxruntime']}, "
+                    f"tensorrt {c['versions']['tensorrt']}.")
     head = [f"# GPU benchmark: {c['model']} on {c['device_name']}", "", settings, "", f"`{c['command']}`"]
     head += [f"merged with rows of: `{cmd}`" for cmd in c.get("merged_commands", [])] + [""]
     cols = ["backend", "plan", "precision", "variants", "predicted x", "whole run ms", "realized x", "real/pred",

@@ -157,7 +157,11 @@ class FluxSingleBlock(nn.Module):
         super().__init__()
         d = block.proj_out.out_features
         fused = block.proj_out
-        attn_out, mlp_out = nn.Linear(d, d), nn.Linear(fused.in_features - d, d, bias=False)
+        # the halves in the fused weight's dtype and device (a bf16 model on the GPU stays one), uninitialised:
+        # both are overwritten at once
+        like = dict(device=fused.weight.device, dtype=fused.weight.dtype)
+        attn_out = nn.utils.skip_init(nn.Linear, d, d, **like)
+        mlp_out = nn.utils.skip_init(nn.Linear, fused.in_features - d, d, bias=False, **like)
         with torch.no_grad():
             attn_out.weight.copy_(fused.weight[:, :d])
             attn_out.bias.copy_(fused.bias)
