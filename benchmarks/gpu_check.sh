@@ -2,6 +2,7 @@
 # The GPU check (issue 15): ONE script for a borrowed GPU machine, at most 8 minutes in all.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--work DIR] [--plans LIST] [--repeats N] [--budget SECONDS]
+#                                [--no-flux] [--flux-budget SECONDS]
 #   bash benchmarks/gpu_check.sh --dry-run      # print the settings and the commands, run nothing
 #   bash benchmarks/gpu_check.sh --cpu-smoke    # the same path on a CPU machine, tiny settings (~1 min)
 #                                               # (or GPU_CHECK_CPU_SMOKE=1)
@@ -20,6 +21,12 @@
 #              at once (transform is CPU work: fx capture, ONNX export, torch.export programs)
 #   gpu-tests  `pytest -m gpu` (the tests that skip without CUDA or TensorRT), beside prepare;
 #              both end before anything is timed
+#   flux       after gpu-tests, still beside prepare (whose exports leave the GPU idle):
+#              `bench_gpu.py --family flux`, FLUX.1-dev at full size (random bf16 weights, 1024x1024,
+#              28 steps, text 512, guidance 3.5 as an input, batch 1): eager vs the torch backend on
+#              full, fora:3, taylor:4 and tokens:2 (a fixed token plan), variants in memory (no folder);
+#              gpu-flux.{json,md}. Its own limit, --flux-budget (default 180 s), and never more than
+#              leaves measure its share; --no-flux skips it. It has not run on a GPU yet.
 #   measure    `bench_gpu.py`: eager bf16 vs the torch backend with CUDA graphs (`torch`) and
 #              without (`torch-nograph`) on every prepared plan; the profiler (host<->device
 #              copies) runs on the `torch` rows of full and fora:2 only
@@ -46,9 +53,23 @@
 # api.transform has no option to skip the ONNX export (it always writes the ONNX graphs and the
 # torch programs), so every folder costs its ONNX export and ~2.6 GB of weights on disk.
 #
-# Files in the output folder (5, none in subfolders): summary.txt, pytest-gpu.log, bench.log,
-# gpu-bench.json, gpu-bench.md. Artifact folders go to --work (default /tmp/tcgraph-gpu-check,
-# ~2.6 GB per XL plan), never to the output folder.
+# flux, estimated for an H100 (not measured): FLUX.1-dev has 11.9 B parameters (24 GB in bf16); a step
+# at 4096 image + 512 text tokens is ~125 TFLOP (2 x 11.9 B x 4608 for the matmuls, ~15 for attention),
+# at ~300-500 TFLOP/s of bf16 ~0.25-0.4 s (diffusers' own FLUX.1-dev runs ~0.25-0.3 s a step there). A row
+# is 3 runs of 28 steps (warm-up, 1 timed, 1 per-step clock): eager and full ~21-34 s each; fora:3 and
+# taylor:4 compute 10 and 7 of 28 steps (~6-12 s); tokens:2 computes 14 steps and 14 at 0.6 of the FLOPs
+# (~17-27 s): ~75-115 s of steps; plus imports and the model made on the GPU (~15 s), 8 variants
+# rewritten (~2 s each on the CPU here) and captured: ~110-155 s. Beside prepare's ~230 s it adds no wall
+# time when gpu-tests take under ~60 s. Its host thread shares the CPUs with prepare, but the rows are
+# GPU-bound (a block's ~30 kernel launches take far less than its ~4 ms of GPU work; torch rows replay
+# CUDA graphs), so the timings should not feel it.
+# diffusers is not in the lending machine's image: carry its wheel (`pip download --no-deps diffusers`,
+# pure Python; the image has its dependencies) and start the command with `pip install --no-index
+# --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site`; without it flux is skipped.
+#
+# Files in the output folder (7, none in subfolders): summary.txt, pytest-gpu.log, bench.log (flux's
+# log too), gpu-bench.json, gpu-bench.md, gpu-flux.json, gpu-flux.md. Artifact folders go to --work
+# (default /tmp/tcgraph-gpu-check, ~2.6 GB per XL plan), never to the output folder.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,9 +77,9 @@ PYTHON=${PYTHON:-python3}
 MODE=gpu
 [[ ${GPU_CHECK_CPU_SMOKE:-0} == 1 ]] && MODE=cpu-smoke
 DRY_RUN=0
-OUT_DIR="" WORK="" PLANS="" REPEATS="" BUDGET=450
+OUT_DIR="" WORK="" PLANS="" REPEATS="" BUDGET=450 FLUX=1 FLUX_BUDGET=180
 
-usage() { sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 while (( $# )); do
     case $1 in
@@ -67,6 +88,8 @@ while (( $# )); do
         --plans) (( $# > 1 )) || die "--plans needs a comma list"; PLANS=$2; shift 2 ;;
         --repeats) (( $# > 1 )) || die "--repeats needs a number"; REPEATS=$2; shift 2 ;;
         --budget) (( $# > 1 )) || die "--budget needs seconds"; BUDGET=$2; shift 2 ;;
+        --flux-budget) (( $# > 1 )) || die "--flux-budget needs seconds"; FLUX_BUDGET=$2; shift 2 ;;
+        --no-flux) FLUX=0; shift ;;
         --cpu-smoke) MODE=cpu-smoke; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -74,6 +97,7 @@ while (( $# )); do
     esac
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget must be whole seconds, got '$BUDGET'"
+[[ $FLUX_BUDGET =~ ^[0-9]+$ ]] || die "--flux-budget must be whole seconds, got '$FLUX_BUDGET'"
 [[ -z $REPEATS || $REPEATS =~ ^[1-9][0-9]*$ ]] || die "--repeats must be a number >= 1, got '$REPEATS'"
 
 #################################################################################
@@ -87,6 +111,8 @@ if [[ $MODE == gpu ]]; then
     WORK=${WORK:-/tmp/tcgraph-gpu-check}
     PYTEST_TARGETS=(tests)  # collects everything, runs the gpu-marked tests
     KEEP_FOR_MEASURE=170    # seconds of the budget that prepare and gpu-tests leave to measure
+    FLUX_ARGS=(--model FLUX.1-dev --device cuda --resolution 1024 --text-length 512 --steps 28 --batch 1
+               --guidance 3.5 --repeats 1 --no-profile)
 else
     MODEL=digits DEVICE=cpu STEPS=4 BATCH=2 GUIDANCE=4
     PLANS=${PLANS:-full,fora:2}
@@ -94,6 +120,8 @@ else
     WORK=${WORK:-${TMPDIR:-/tmp}/tcgraph-gpu-check-smoke}
     PYTEST_TARGETS=(tests/runtime/test_torch_runner.py tests/runtime/trt)  # the files that hold gpu tests
     KEEP_FOR_MEASURE=60
+    FLUX_ARGS=(--model FLUX-tiny --device cpu --dtype bfloat16 --text-length 8 --steps 4 --batch 1 --guidance 3.5
+               --repeats 1)  # bf16 on the CPU too: the GPU run's precision path
     export OMP_NUM_THREADS=1  # two small processes at once on a shared CPU: no thread oversubscription
 fi
 BACKENDS=eager,torch,torch-nograph
@@ -118,6 +146,10 @@ measure_cmd() {
     CMD=("$PYTHON" benchmarks/bench_gpu.py "${COMMON[@]}" --repeats "$REPEATS" --plans "$1" --backends "$BACKENDS"
          --profile-backends "$PROFILE_BACKENDS" --profile-plans "$PROFILE_PLANS" --out "$OUT_DIR/gpu-bench")
 }
+flux_cmd() {
+    CMD=("$PYTHON" benchmarks/bench_gpu.py --family flux "${FLUX_ARGS[@]}" --plans full,fora:3,taylor:4,tokens:2
+         --backends eager,torch --seed 0 --quiet --out "$OUT_DIR/gpu-flux")
+}
 pytest_cmd() { CMD=("$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider "${PYTEST_TARGETS[@]}"); }
 shown() {  # CMD as one line that a shell reads back the same (words quoted where they need it)
     local word words=()
@@ -129,11 +161,12 @@ shown() {  # CMD as one line that a shell reads back the same (words quoted wher
 
 if [[ $DRY_RUN == 1 ]]; then
     echo "gpu_check.sh $MODE: $MODEL, $STEPS steps, batch $BATCH, guidance $GUIDANCE, device $DEVICE," \
-         "repeats $REPEATS, budget ${BUDGET}s"
+         "repeats $REPEATS, budget ${BUDGET}s, flux $( (( FLUX )) && echo "within ${FLUX_BUDGET}s" || echo off)"
     echo "out $OUT_DIR; work $WORK; PYTHONPATH=$REPO"
     echo "[env] $PYTHON: versions, CUDA and the GPU, the packages tcgraph imports, free disk under work"
     for spec in "${PLAN_LIST[@]}"; do prepare_cmd "$spec"; echo "[prepare] \$ $(shown)"; done
     pytest_cmd; echo "[gpu-tests] \$ $(shown)"
+    if [[ $FLUX == 1 ]]; then flux_cmd; echo "[flux] \$ $(shown)"; fi  # after gpu-tests, within --flux-budget
     measure_cmd "$(IFS=,; echo "${PLAN_LIST[*]}")"; echo "[measure] \$ $(shown)"
     exit 0
 fi
@@ -145,7 +178,7 @@ STATE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-state.XXXXXX") || die "cannot make 
 trap 'rm -rf "$STATE"' EXIT
 T0=$SECONDS
 BENCH_LOG=$OUT_DIR/bench.log PYTEST_LOG=$OUT_DIR/pytest-gpu.log
-rm -f "$BENCH_LOG" "$PYTEST_LOG" "$OUT_DIR"/gpu-bench.json "$OUT_DIR"/gpu-bench.md "$OUT_DIR/summary.txt"
+rm -f "$BENCH_LOG" "$PYTEST_LOG" "$OUT_DIR"/gpu-{bench,flux}.{json,md} "$OUT_DIR/summary.txt"
 
 #################################################################################
 #                                   Stages                                      #
@@ -194,7 +227,8 @@ print(f"python       {sys.version.split()[0]} ({sys.executable}), {platform.mach
 # ones are imported; the optional ones (tcgraph imports them lazily, where used) are only looked up
 needed = {"torch": "everything", "numpy": "everything", "onnx": "transform (ONNX export)",
           "onnxscript": "transform (the torch.onnx dynamo exporter)", "pytest": "the gpu-tests stage",
-          "safetensors": "the demo model's weights (gpu tests, --cpu-smoke)"}
+          "safetensors": "the demo model's weights (gpu tests, --cpu-smoke)",
+          "diffusers": "the flux stage (FluxTransformer2DModel; not with --no-flux)"}
 optional = {"onnxruntime": "the ort backend, not run here", "scikit-learn": "calibration data only",
             "pillow": "PNG output only", "tqdm": "progress bars only (the stages pass --quiet)",
             "tensorrt": "the trt backend, not run here"}
@@ -256,6 +290,7 @@ skip_reason() {
     case $1 in
         prepare) need="torch numpy onnx onnxscript" ;;
         gpu-tests) need="torch numpy onnx onnxscript pytest safetensors" ;;
+        flux) need="torch numpy diffusers" ;;
         *) need="torch numpy" ;;
     esac
     [[ $MODE == cpu-smoke ]] && need+=" safetensors"  # the demo model's weights
@@ -272,13 +307,25 @@ run_stage 1 env "$(left 0)" "$STATE/env.txt" 1 "$PYTHON" "$STATE/env_check.py"
 
 # ---- prepare (one process per plan) beside gpu-tests; both end before anything is timed --------
 LIMIT=$(left "$KEEP_FOR_MEASURE")
+flux_stage() {  # FLUX.1-dev after the gpu tests (the GPU is its own then), in what prepare leaves measure
+    local why limit
+    [[ $FLUX == 1 ]] || { record 2.5 flux skipped 0 "--no-flux"; return 0; }
+    why=$(skip_reason flux)
+    [[ -z $why ]] || { record 2.5 flux skipped 0 "$why"; return 0; }
+    limit=$(left "$KEEP_FOR_MEASURE"); (( limit > FLUX_BUDGET )) && limit=$FLUX_BUDGET
+    flux_cmd
+    run_stage 2.5 flux "$limit" "$BENCH_LOG" 0 "${CMD[@]}"
+}
 why=$(skip_reason gpu-tests)
-if [[ -n $why ]]; then
-    record 2 gpu-tests skipped 0 "$why"
-else
-    pytest_cmd
-    run_stage 2 gpu-tests "$LIMIT" "$PYTEST_LOG" 0 "${CMD[@]}" &
-fi
+{
+    if [[ -n $why ]]; then
+        record 2 gpu-tests skipped 0 "$why"
+    else
+        pytest_cmd
+        run_stage 2 gpu-tests "$LIMIT" "$PYTEST_LOG" 0 "${CMD[@]}"
+    fi
+    flux_stage
+} &
 why=$(skip_reason prepare)
 i=0
 for spec in "${PLAN_LIST[@]}"; do
@@ -314,6 +361,7 @@ summary() {
     echo "gpu_check.sh $MODE, $(date -u '+%Y-%m-%d %H:%M:%S UTC'): $(( SECONDS - T0 ))s of the ${BUDGET}s budget"
     echo "settings: $MODEL, $STEPS steps, batch $BATCH, guidance $GUIDANCE, device $DEVICE, plans ${PLAN_LIST[*]}," \
          "backends $BACKENDS, repeats $REPEATS; profiled rows: $PROFILE_BACKENDS x $PROFILE_PLANS"
+    [[ $FLUX == 1 ]] && echo "flux: ${FLUX_ARGS[*]}, at most ${FLUX_BUDGET}s"
     echo
     echo "== environment"
     grep -v '^\[env\]' "$STATE/env.txt" 2>/dev/null
@@ -329,34 +377,9 @@ summary() {
     if [[ -f $PYTEST_LOG ]]; then
         sed -n 's/^\[gpu-tests\] SKIPPED \[\([0-9]*\)\] \([^:]*\):[0-9]*: /skipped gpu test (\1) \2: /p' "$PYTEST_LOG"
     fi
-    "$PYTHON" - "$OUT_DIR/gpu-bench.json" <<'EOF'
-"""The skips and rows of the bench JSON (no torch import: fast, and works where torch is broken)."""
-import json, sys
-from pathlib import Path
-
-path = Path(sys.argv[1])
-result = json.loads(path.read_text()) if path.is_file() else None
-if result is None:
-    print(f"skipped bench rows: all ({path.name} was not written)")
-    sys.exit(0)
-for s in result["skipped"]:
-    print(f"skipped bench {s['backend'] or 'all rows'}{' x ' + s['plan'] if s['plan'] else ''}: {s['reason']}")
-for f in result["failed"]:
-    print(f"FAILED bench {f['backend']} x {f['plan']}: {f['error']}")
-
-
-def num(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-
-print(f"\n== {path.name}: {len(result['rows'])} rows")
-print(f"{'backend':<14}{'plan':<14}{'variants':>8}{'median ms':>11}{'realized x':>11}{'predicted x':>12}"
-      f"{'vs eager x':>11}{'peak MiB':>10}  copies in loop")
-for r in result["rows"]:
-    print(f"{r['backend']:<14}{r['plan']:<14}{r['variants']:>8}{num(r['median_ms'], '.1f'):>11}"
-          f"{num(r['realized_speedup'], '.2f'):>11}{num(r['predicted_speedup'], '.2f'):>12}"
-          f"{num(r['vs_eager'], '.2f'):>11}{num(r['peak_torch_mib'], '.0f'):>10}  {r['copies_in_loop']}")
-EOF
+    local jsons=("$OUT_DIR/gpu-bench.json")
+    [[ $FLUX == 1 ]] && jsons+=("$OUT_DIR/gpu-flux.json")
+    "$PYTHON" benchmarks/gpu/check_summary.py "${jsons[@]}"  # no torch import: works where torch is broken
     if [[ -f $PYTEST_LOG ]]; then
         local last
         last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected)' "$PYTEST_LOG" | tail -1 \

@@ -3,7 +3,8 @@
 - The script's CPU smoke path (`--cpu-smoke`: the demo model, every CUDA part skipped), run
   once per session (~40-70 s here: two artifact folders are transformed; tests/conftest.py's
   `gpu_check_smoke`, whose folders tests/test_bench_gpu.py reuses), checked by the
-  numbers it wrote: the JSON rows, the speedup columns, the stage and skip lines of the summary.
+  numbers it wrote: the JSON rows, the speedup columns, the stage and skip lines of the summary;
+  and its flux stage (`bench_gpu.py --family flux` on a tiny FLUX in bf16, 4 steps) by its rows.
 - Its GPU defaults, read from `--dry-run` with bench_gpu.py's own argument parser: the
   settings issue 15 asks for.
 - The computed memory table: weights = parameters x bytes of DiT-XL/2 (built on the meta
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -25,7 +27,9 @@ from tests.conftest import run_gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_gpu.py"
-SMOKE_FILES = ["bench.log", "gpu-bench.json", "gpu-bench.md", "pytest-gpu.log", "summary.txt"]
+SMOKE_FILES = ["bench.log", "gpu-bench.json", "gpu-bench.md", "gpu-flux.json", "gpu-flux.md", "pytest-gpu.log",
+               "summary.txt"]
+FLUX_PLANS = ["full", "fora:3", "taylor:4", "tokens:2"]
 
 
 def _load(path: Path, name: str):
@@ -55,16 +59,16 @@ def smoke(gpu_check_smoke):
     return gpu_check_smoke
 
 
-def _result(out: Path) -> dict:
-    return json.loads((out / "gpu-bench.json").read_text())
+def _result(out: Path, name: str = "gpu-bench") -> dict:
+    return json.loads((out / f"{name}.json").read_text())
 
 
-def _rows(out: Path) -> dict:
-    return {(r["backend"], r["plan"]): r for r in _result(out)["rows"]}
+def _rows(out: Path, name: str = "gpu-bench") -> dict:
+    return {(r["backend"], r["plan"]): r for r in _result(out, name)["rows"]}
 
 
 @pytest.mark.slow
-def test_smoke_exits_0_and_writes_five_files(smoke):
+def test_smoke_exits_0_and_writes_seven_files(smoke):
     proc, out, _ = smoke
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == SMOKE_FILES  # what comes back from $OUT: at most 8
@@ -99,7 +103,7 @@ def test_smoke_rows_and_speedups(smoke):
 def test_smoke_summary_names_stages_and_skips(smoke):
     _, out, _ = smoke
     summary = (out / "summary.txt").read_text()
-    for stage in ("env", "gpu-tests", "prepare full", "prepare fora:2", "measure"):
+    for stage in ("env", "gpu-tests", "flux", "prepare full", "prepare fora:2", "measure"):
         assert re.search(rf"^stage {re.escape(stage)}: +ok +\d+s$", summary, re.M), stage
     assert "skipped bench torch-nograph: the same as 'torch' off CUDA" in summary
     assert "skipped bench all rows: GPU memory and host<->device copy counts" in summary
@@ -116,6 +120,36 @@ def test_smoke_summary_names_stages_and_skips(smoke):
         assert int(line.group(1)) == r["variants"]
         assert float(line.group(2)) == pytest.approx(r["median_ms"], abs=0.051)
         assert float(line.group(3)) == pytest.approx(r["realized_speedup"], abs=0.0051)
+
+
+@pytest.mark.slow
+def test_smoke_flux_rows(smoke):
+    # the tiny FLUX (2 double + 2 single blocks), bf16 on the CPU, 4 steps: eager and the torch backend on
+    # variants rewritten in memory
+    _, out, _ = smoke
+    result = _result(out, "gpu-flux")
+    c = result["config"]
+    assert (c["family"], c["model"], c["device"], c["dtype"], c["steps"], c["batch"], c["guidance"], c["text_length"]) \
+        == ("flux", "FLUX-tiny", "cpu", "bfloat16", 4, 1, 3.5, 8)
+    assert result["failed"] == []
+    rows = _rows(out, "gpu-flux")
+    assert list(rows) == [("eager", "full")] + [("torch", p) for p in FLUX_PLANS]
+    for r in rows.values():
+        assert all(math.isfinite(t) and t > 0 for t in r["times_ms"]) and r["median_ms"] > 0
+        assert r["vs_eager"] == rows["eager", "full"]["median_ms"] / r["median_ms"]
+        assert r["realized_speedup"] == rows[r["backend"], "full"]["median_ms"] / r["median_ms"]
+    assert {p: rows["torch", p]["variants"] for p in FLUX_PLANS} == {"full": 1, "fora:3": 2, "taylor:4": 2,
+                                                                       "tokens:2": 2}
+    predicted = {p: rows["torch", p]["predicted_speedup"] for p in FLUX_PLANS}
+    assert predicted["full"] == 1.0
+    assert 1 < predicted["fora:3"] <= 4 / 2  # steps 0 and 3 compute; 1 and 2 reuse (their adaLN still runs)
+    assert 1 < predicted["taylor:4"] <= 4 / 1  # step 0 computes; 1-3 forecast
+    assert 1 < predicted["tokens:2"] < 4 / 2  # steps 0 and 2 compute; 1 and 3 keep half the image rows
+    assert rows["torch", "full"]["psnr_full_vs_eager_db"] > 60  # the same bf16 arithmetic as eager
+    summary = (out / "summary.txt").read_text()
+    assert "== gpu-flux.json: 5 rows" in summary
+    md = (out / "gpu-flux.md").read_text()
+    assert "16 image + 8 text tokens" in md and all(f"| torch | {p} |" in md for p in FLUX_PLANS)
 
 
 @pytest.mark.slow
@@ -173,18 +207,31 @@ def test_dry_run_gpu_defaults_are_the_issues(bench, tmp_path):
             (args.model, args.device, args.batch, args.guidance, args.steps, args.seed, args.work)
     (pytest_cmd,) = commands["gpu-tests"]
     assert pytest_cmd[1:] == ["-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
+    (flux,) = commands["flux"]  # FLUX.1-dev at full size, as the issue asks
+    f = bench.parse_args(_bench_argv(flux))
+    assert (f.family, f.model, f.device, f.resolution, f.steps, f.batch, f.guidance, f.text_length) == \
+        ("flux", "FLUX.1-dev", "cuda", 1024, 28, 1, 3.5, 512)
+    assert f.dtype is None and f.plans.split(",") == FLUX_PLANS and f.backends == "eager,torch"
+    assert f.out == tmp_path / "out" / "gpu-flux"
+    assert "flux" not in _dry_run(tmp_path, "--no-flux")
 
 
 def test_dry_run_cpu_smoke_settings(bench, tmp_path):
-    (measure,) = _dry_run(tmp_path, "--cpu-smoke")["measure"]
+    commands = _dry_run(tmp_path, "--cpu-smoke")
+    (measure,) = commands["measure"]
     args = bench.parse_args(_bench_argv(measure))
     assert (args.model, args.device, args.steps, args.batch, args.repeats) == ("digits", "cpu", 4, 2, 1)
     assert (args.plans, args.backends) == ("full,fora:2", "eager,torch,torch-nograph")
+    (flux,) = commands["flux"]
+    f = bench.parse_args(_bench_argv(flux))
+    assert (f.family, f.model, f.device, f.dtype, f.steps, f.text_length) == \
+        ("flux", "FLUX-tiny", "cpu", "bfloat16", 4, 8)
 
 
 def test_bad_arguments_are_refused(tmp_path):
     for args, says in ((["--bogus"], "unknown argument '--bogus'"), (["--repeats", "0"], "--repeats must be"),
-                       (["--budget", "8min"], "--budget must be whole seconds")):
+                       (["--budget", "8min"], "--budget must be whole seconds"),
+                       (["--flux-budget", "3min"], "--flux-budget must be whole seconds")):
         proc = _script("--dry-run", *args, timeout=60)
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
 
