@@ -174,7 +174,7 @@ def api_cases() -> list[Case]:
         t("steps=10.5", {"steps": 10.5}, ["steps"]), t("steps='10'", {"steps": "10"}, ["steps"]),
         t("steps=True", {"steps": True}, ["steps"]), t("batch='2'", {"batch": "2"}, ["batch"]),
         t("batch=2.0", {"batch": 2.0}, ["batch"]), t("guidance='2'", {"guidance": "2"}, ["guidance"]),
-        t("guidance=None", {"guidance": None}, ["guidance"]), t("eta='0'", {"eta": "0"}, ["eta"]),
+        t("guidance=True", {"guidance": True}, ["guidance"]), t("eta='0'", {"eta": "0"}, ["eta"]),
         t("plan=3", {"plan": 3}, ["plan"]), t("model=3", {"model": 3}, ["model"]),
         t("plan_options not a dict", {"plan_options": [1]}, ["plan_options"]),
         t("plan_options unknown key", {"plan_options": {"bogus": 1}}, ["bogus"]),
