@@ -50,6 +50,7 @@ RUNNABLE = ("sh", "python")
 NEEDS: dict[str, tuple[str, ...]] = {
     "diffusers": ("diffusers",),
     "text": ("diffusers",),
+    "flux": ("diffusers",),
     "serve": ("pytriton", "tritonclient"),
     "client": ("pytriton", "tritonclient"),
 }
@@ -314,6 +315,9 @@ def test_readme_in_sequence(tmp_path):
     if "text" in ran:
         manifest = json.loads((tmp_path / "tcgraph-out" / "digits-text-fora2" / "manifest.json").read_text())
         assert manifest["model_config"]["layout"] == "pixart" and manifest["plan"]["settings"]["text_length"] == 8
+    if "flux" in ran:
+        manifest = json.loads((tmp_path / "tcgraph-out" / "digits-flux-taylor2" / "manifest.json").read_text())
+        assert manifest["model_config"]["layout"] == "flux" and manifest["plan"]["settings"]["guidance"] == "input"
     if "client" in ran:  # the served images are the ones `sample` makes for the same classes and seed
         import numpy as np
 

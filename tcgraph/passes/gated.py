@@ -126,8 +126,10 @@ class _Skip(nn.Module):
 
 
 def _contiguous(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Both paths return the same layouts (torch.cond requires it; a clone keeps an input's strides)."""
-    return tuple(v.contiguous() for v in values)
+    """Both paths return the same layouts, flat: torch.cond requires equal strides, and where export traces
+    a path with symbolic sizes it cannot prove that of an n-d tensor simple (its contiguous strides read
+    Max(1, ...)); a 1-d tensor's stride is 1. `GatedStep.forward` gives them their shapes back."""
+    return tuple(v.contiguous().reshape(-1) for v in values)
 
 
 class GatedStep(nn.Module):
@@ -152,7 +154,12 @@ class GatedStep(nn.Module):
         indicator = change if self.anchor else acc + change
         skip = torch.logical_and(indicator < params[1:2], skips < params[2:3]).reshape(())
         ops = (*boundary, *rest[:-6], ref, indicator, skips, count, times, params)
-        return torch.cond(skip, self.skip, self.compute, ops)
+        flat = torch.cond(skip, self.skip, self.compute, ops)
+        # the paths return their outputs flat (see `_contiguous`); their shapes: the output's is the latent's
+        # but for its channels, every other one is its input's (the history entries, then the gate state)
+        x = model_inputs[0]
+        shapes = [(x.shape[0], -1, *x.shape[2:])] + [v.shape for v in rest[:-1]]
+        return tuple(v.reshape(shape) for v, shape in zip(flat, shapes))
 
 
 def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]]:

@@ -111,3 +111,14 @@ def test_the_planner_calibrates_on_prompts_and_runs_equal_its_eager_gate(flux, t
         got, _ = api.sample(art, text=text, per_class=1, seed=4, backend=backend, progress=False, measured=measured)
         assert (got - want).abs().max().item() <= 1e-4, backend
         assert measured["computed_steps"] == eager.computed_total, backend
+
+
+def test_the_demos_gated_step_exports(tmp_path):
+    """The digits-flux demo's gated step exports to ONNX and samples (torch.export traced its paths with symbolic
+    sizes, where torch.cond could not prove the output's strides equal until the paths returned flat tensors)."""
+    art = api.transform("digits-flux", "adaptive:0.7", tmp_path / "art", steps=8, batch=2, progress=False,
+                        plan_options=dict(calib_images=2, warmup=2, final=1, max_skips=2))
+    measured = {}
+    samples, _ = api.sample(art, prompts=["a handwritten seven"], per_class=2, progress=False, measured=measured)
+    assert samples.shape == (2, 1, 16, 16) and bool(torch.isfinite(samples).all())
+    assert 0 < measured["computed_steps"] <= measured["steps"] == 8
