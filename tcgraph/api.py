@@ -33,9 +33,8 @@ def load_dit(model: str | DiT = DEFAULT_MODEL, config: str | DiTConfig | None = 
     """A model tcgraph can transform: `model` itself if it is one (a DiT or a wrapped diffusers DiT),
     else what `tcgraph.models.load_model` loads from its name, checkpoint or diffusers folder."""
     if is_model(model):
-        if resolution is not None and resolution != model.config.input_size:
-            raise UsageError(f"the model passed is built for resolution {model.config.input_size}; build it for "
-                             f"{resolution}, or pass a diffusers folder with resolution=")
+        if resolution not in (None, model.config.input_size):
+            raise UsageError(f"the model passed is built for resolution {model.config.input_size}, not {resolution}")
         return model.eval()
     from tcgraph.models import load_model
 
@@ -66,8 +65,7 @@ def transform(
 ) -> Path:
     """Plan, rewrite, check and export a model into an artifact folder; returns its path.
 
-    `guidance`: the classifier-free guidance scale, 1 = none; None: 2, or 1 for a model that takes
-    no guidance (FLUX.1-schnell).
+    `guidance`: the guidance scale, 1 = none; None: 2, or 1 for a model without guidance (FLUX.1-schnell).
     `clip_x0`: whether DDIM clips x0 to [-1, 1] (None: the model's default, on for pixel-space
     models such as the demo; see `SamplerSettings`).
     `scheduler`: "auto" (default: the pipeline's own scheduler when `model` is a diffusers
@@ -77,8 +75,7 @@ def transform(
     it); None takes `calibration_text`'s. `calibration_text`: prompt embeddings (a
     `tcgraph.sampling.conditioning.Text`, or an embeddings file, see `load_text`) that learned
     planners calibrate a text-conditioned model on.
-    `resolution`: the latent side (as `inspect` shows it) of a FLUX or SD3 diffusers folder, whose
-    graphs take any (None: its config's `sample_size`, else 128, 1024-pixel images).
+    `resolution`: the latent side (as `inspect` shows it) of a FLUX or SD3 folder (None: its own or 128).
     `plan_options` go to the planner (e.g. l2c: `target_speedup`, `lam`, `threshold`,
     `max_variants`, `router`); learned planners calibrate on the model first.
     `check=False` skips both numerical checks: rewritten graphs against the eager
@@ -114,8 +111,8 @@ def transform(
 
     check_output_folder(out, force)  # before planning, which may take minutes; --force replaces artifacts only
     engines = _engine_builder(backend, engine_options or {})
-    if resolution is not None:
-        resolution = checks.integer(resolution, "resolution", "--resolution", lo=1, hi=MAX_RESOLUTION)
+    resolution = None if resolution is None else checks.integer(resolution, "resolution", "--resolution", lo=1,
+                                                                 hi=MAX_RESOLUTION)
     dit = load_dit(model, config, resolution)
     if is_model(model):  # a checkpoint's weights are checked as it loads
         from tcgraph.models.official.checkpoint import check_finite
@@ -149,10 +146,7 @@ def transform(
         variants=variants,
         extra={"model": model_name, "flops": predict_flops(costs, the_plan), "costs": costs.to_dict(),
                **({"source": str(Path(model).resolve())} if isinstance(model, str) and Path(model).is_dir() else {})},
-        overwrite=force,
-        progress=prog,
-        verify=check,
-        state=dit.state_dict(),
+        overwrite=force, progress=prog, verify=check, state=dit.state_dict(),
         engines=None if engines is None else functools.partial(engines, progress=prog),
     )
     return path
