@@ -86,7 +86,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pixart import format_table as pixart_table  # noqa: E402
-from bench_plans import SharedLearning, peak_rss_mib, rss_mib, time_runs  # noqa: E402
+from bench_plans import SharedLearning, peak_rss_mib, rss_mib, time_runs, write_result  # noqa: E402
 from tcgraph import api  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
 from tcgraph.plan import plan_flops  # noqa: E402
@@ -313,13 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows}
     tag = f"d{args.double}-s{args.single}" if flux else f"d{args.depth}"
     out = args.out or Path(__file__).parent / "results" / f"mmdit-{args.family}-{tag}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = format_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out.with_suffix('.json')} and .md")
-    return result
+    return write_result(result, out, format_table(result))
 
 
 def _ort_version() -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from bench_plans import write_result
 from tcgraph import api
 from tcgraph.export.artifact import load_artifact
 from tcgraph.plan import make_plan, plan_flops
@@ -173,13 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "measured": statistics.median(step_times["full" + RECOMPUTE]) / statistics.median(step_times["full"]),
                 "predicted": f["full" + RECOMPUTE]["per_variant"][recompute_vid] / f["full"]["per_variant"][read_vid]}
     out = args.out or Path(__file__).parent / "results" / f"pixart-width-d{args.depth}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = format_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out.with_suffix('.json')} and .md")
-    return result
+    return write_result(result, out, format_table(result))
 
 
 def time_later_full_step(dispatchers: dict, plans: dict, settings: SamplerSettings, cfg, text: Text,

@@ -50,6 +50,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_result(result: dict, out: Path, table: str) -> dict:
+    """Write a benchmark's `result` as `out`.json and its `table` as `out`.md, print the table; returns `result`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out.with_suffix('.json')} and .md")
+    return result
+
+
 def time_runs(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_plans import benchmark_model  # noqa: E402
+from bench_plans import benchmark_model, write_result  # noqa: E402
 from bench_tokencache import speed_plans  # noqa: E402
 
 from tcgraph import api  # noqa: E402
@@ -180,13 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = derive({"config": config, "eager_times_s": times[("eager", "full")], "alternation": penalties,
                      "rows": rows})
     out = args.out or Path(__file__).parent / "results" / f"runtime-{args.model.replace('/', '')}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = format_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out.with_suffix('.json')} and .md")
-    return result
+    return write_result(result, out, format_table(result))
 
 
 def derive(result: dict) -> dict:

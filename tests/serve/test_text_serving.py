@@ -134,7 +134,7 @@ def test_a_triton_server_answers_text_requests_as_the_sampler(text_artifact, tmp
     from tritonclient.utils import InferenceServerException
 
     from tcgraph.serve.server import Ports
-    from tests.serve.test_triton import free_base_port, serve_command
+    from tests.serve.test_triton import free_base_port, serve_command, stop
 
     port = free_base_port()
     log = tmp_path / "out"
@@ -174,9 +174,4 @@ def test_a_triton_server_answers_text_requests_as_the_sampler(text_artifact, tmp
     finally:
         if client is not None:
             client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -47,6 +47,16 @@ def free_base_port() -> int:
     raise RuntimeError("no three consecutive free ports found")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop `tcgraph serve` as a service manager does: SIGTERM, then SIGKILL after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve_command() -> list[str]:
     """`tcgraph serve` by absolute path: the environment's console script, else this Python with -m."""
     script = Path(sys.executable).parent / "tcgraph"
@@ -77,12 +87,7 @@ def server(serve_artifact, tmp_path_factory):
     info = {"proc": proc, "ports": Ports.from_base(port), "out": Path(out.name), "err": Path(err.name), "cmd": cmd}
     yield info
     if proc.poll() is None:  # a failed test skipped the SIGTERM test: stop it in order all the same
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     out.close()
     err.close()
 
