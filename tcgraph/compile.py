@@ -161,7 +161,7 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
     for skip in (False, True):
         params = torch.tensor([step_index, 1e30 if skip else FORCE_COMPUTE, 1e9])
         run = {**feeds, GATE_PARAMS: params}
-        got = dict(zip(outputs, run_gated(step, [run[n] for n in inputs])))
+        got = dict(zip(outputs, step(*[run[n] for n in inputs])))
         want = {GATE_COUNT: feeds[GATE_COUNT] + (0 if skip else 1)}
         if skip:
             w = lagrange_weights(feeds[GATE_TIMES].tolist(), step_index)
@@ -186,14 +186,6 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
                                    f"{recipe.short()}; this is a bug in the gated pass, please report it")
             worst = max(worst, diff)
     return worst
-
-
-def run_gated(step: nn.Module, inputs: list) -> tuple:
-    """A gated step called eagerly. Its `torch.cond` is traced by dynamo at each call; with static shapes
-    (dynamo would otherwise make a dimension symbolic once the same step code has met other shapes in
-    this process, and cond then cannot prove both paths' output strides equal)."""
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        return step(*inputs)
 
 
 def _block_output(model: nn.Module, x, t, cond, block: int) -> torch.Tensor:
