@@ -171,9 +171,18 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
             want.update({n: feeds[n] for n in outputs if is_cache(n)})
             want.update({GATE_REF: feeds[GATE_REF] if gate.indicator == "anchor" else h_first, GATE_ACC: indicator,
                          GATE_SKIPS: feeds[GATE_SKIPS] + 1, GATE_TIMES: feeds[GATE_TIMES]})
-        else:
-            want[OUT], fresh = reference_step(model, x, t, cond, recipe.computing(), {})
+        else:  # a later branch the computing path reuses or forecasts reads the history; its value is shifted in
+            path, weights = recipe.computing(), []
+            held = {k: feeds[cache_name(*k)] for k in keys}
+            for (b, br), n in path.forecasts():
+                w = lagrange_weights(feeds[GATE_TIMES][:n].tolist(), step_index)
+                held[(b, br)] = sum(wj * feeds[history_name(b, br, j)] for j, wj in enumerate(w))
+                weights += w
+            caches = {n: v for n, v in feeds.items() if is_cache(n)}
+            caches[FORECAST_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
+            want[OUT], fresh = reference_step(model, x, t, cond, path, caches)
             for b, br in keys:
+                fresh.setdefault(cache_name(b, br), held[(b, br)])
                 entries = [fresh[cache_name(b, br)]] + [feeds[history_name(b, br, j)] for j in range(r - 1)]
                 want.update({history_name(b, br, j): e for j, e in enumerate(entries)})
             want.update({GATE_REF: h_first, GATE_ACC: torch.zeros(1), GATE_SKIPS: torch.zeros(1),

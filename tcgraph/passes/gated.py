@@ -22,9 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tcgraph.errors import TcgraphError
-from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, IMAGE, OUT, history_name, is_model_input)
+from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, IMAGE, OUT, cache_name, history_name,
+                           is_model_input)
 from tcgraph.passes.meta import META_BLOCK, META_IO_NAME, META_STREAM, io_names
-from tcgraph.plan.plan import Recipe
+from tcgraph.plan.plan import REUSE, Recipe
 
 EPS = 1e-12  # floor of the reference's mean magnitude (the first step's reference is 0)
 
@@ -86,19 +87,37 @@ def lagrange(times: torch.Tensor, step: torch.Tensor, points: int) -> torch.Tens
 
 
 class _Compute(nn.Module):
-    def __init__(self, tail: fx.GraphModule, n_boundary: int, h_index: int, keys: int, points: int):
+    """The computing tail. `paths[k]` is what later branch k does here: ("compute", its index among the
+    tail's fresh outputs), ("reuse", 1) or ("forecast", n): a base plan's recipe. A reused branch's value
+    is its newest history entry, a forecast one's the Lagrange extrapolation of its newest n; the tail reads
+    them as its cache inputs (`reads`: the branch of each, in the tail's input order), and they are shifted
+    into the history as the value the branch had at this step, as a computed branch's fresh output is."""
+
+    def __init__(self, tail: fx.GraphModule, n_boundary: int, h_index: int, paths: list[tuple[str, int]],
+                 reads: list[int], points: int):
         super().__init__()
-        self.tail, self.nb, self.h, self.keys, self.points = tail, n_boundary, h_index, keys, points
+        self.tail, self.nb, self.h, self.paths, self.reads, self.points = tail, n_boundary, h_index, paths, reads, points
 
     def forward(self, *ops):
-        nb, r = self.nb, self.points
-        boundary, history = ops[:nb], ops[nb:nb + self.keys * r]
-        ref, acc, skips, count, times, params = ops[nb + self.keys * r:]
-        result = self.tail(*boundary)
+        nb, r, keys = self.nb, self.points, len(self.paths)
+        boundary, history = ops[:nb], ops[nb:nb + keys * r]
+        ref, acc, skips, count, times, params = ops[nb + keys * r:]
+        held = {}
+        for k, (kind, n) in enumerate(self.paths):
+            if kind == "reuse":
+                held[k] = history[k * r]
+            elif kind == "forecast":
+                w = lagrange(times, params[0:1], n)
+                value = w[0:1] * history[k * r]
+                for j in range(1, n):
+                    value = value + w[j:j + 1] * history[k * r + j]
+                held[k] = value
+        result = self.tail(*boundary, *(held[k] for k in self.reads))
+        result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
         fresh = result[1:]
         shifted = []
-        for k in range(self.keys):
-            shifted.append(fresh[k])
+        for k, (kind, i) in enumerate(self.paths):
+            shifted.append(fresh[i] if kind == "compute" else held[k].clone())
             shifted.extend(history[k * r + j].clone() for j in range(r - 1))
         return _contiguous(result[0], *shifted, boundary[self.h].clone(), torch.zeros_like(acc),
                            torch.zeros_like(skips), count + 1, torch.cat([params[0:1], times[:r - 1]]))
@@ -167,12 +186,21 @@ def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]
     rewrites the model for an ungated recipe writing the caches `writes` (compile's pipeline)."""
     gate = recipe.gate
     keys = recipe.gated_keys()
-    compute_gm = rewrite(recipe.computing(), tuple(keys))
+    path = recipe.computing()
+    computed = [k for k in keys if path.action(*k).computes]
+    # the computing path's forecasts are formed here, from the gate's history: the rewritten tail reuses them
+    reads = Recipe(tuple(tuple(REUSE if a.kind == "forecast" else a for a in acts) for acts in path.actions),
+                   path.branches, path.constants)
+    compute_gm = rewrite(reads, tuple(computed))
     skip_gm = rewrite(recipe.cheap(), ())
     head, compute_tail, boundary, compute_inputs = split_at_block(compute_gm, gate.first)
     _, skip_tail, skip_boundary, skip_inputs = split_at_block(skip_gm, gate.first)
-    if compute_inputs:
-        raise TcgraphError(f"the computing path of a gated step reads {compute_inputs}; it reads no cache")
+    held = {cache_name(*k): i for i, k in enumerate(keys) if not path.action(*k).computes}
+    if any(name not in held for name in compute_inputs):
+        raise TcgraphError(f"the computing path of a gated step reads {compute_inputs}; it reads the caches of the "
+                           f"later branches it does not compute alone ({sorted(held)})")
+    paths = [("compute", computed.index(k)) if k in computed else (path.action(*k).kind, path.action(*k).points)
+             for k in keys]
     missing = [n for n in skip_boundary if n not in boundary]
     if missing:
         raise TcgraphError(f"the skipping path of a gated step reads values {missing} of the first {gate.first} "
@@ -195,7 +223,8 @@ def gated_step(rewrite, recipe: Recipe) -> tuple[GatedStep, list[str], list[str]
             raise TcgraphError(f"the skipping path of a gated step reads {name!r}, which a gated step does not carry")
     n_model = len([n for n in io_names(compute_gm)[0] if is_model_input(n)])
     anchor = gate.indicator == "anchor"
-    step = GatedStep(head, _Compute(compute_tail, len(boundary), last[0], len(keys), gate.points),
+    step = GatedStep(head, _Compute(compute_tail, len(boundary), last[0], paths, [held[n] for n in compute_inputs],
+                                    gate.points),
                      _Skip(skip_tail, args, len(boundary), last[0], len(history), gate.points, anchor),
                      n_model, last[0], anchor, source=compute_gm)
     model_names = io_names(compute_gm)[0][:n_model]

@@ -105,6 +105,15 @@ def validate_gated(plan) -> None:
         raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(plan.recipes)}), got "
                            f"{None if thresholds is None else list(thresholds)}")
     object.__setattr__(plan, "gate_thresholds", tuple(float(v) for v in thresholds))
+    gate, forced = plan.gate, 0  # forced: steps before this one that compute whatever the indicator says
+    for step, recipe in enumerate(plan.recipes):
+        for block, branch, action in recipe.items():
+            if action.kind == "forecast" and not 1 <= action.points <= min(gate.points, forced):
+                raise TcgraphError(
+                    f"step {step} block {block} {branch}: a gated step's computing path forecasts from its gate's "
+                    f"history, at most {gate.points} points and no more than the {forced} steps before it that "
+                    f"always compute; got {action.points}")
+        forced += plan.gate_thresholds[step] < 0
     if plan.constant_keys():
         raise TcgraphError("gated steps need a plan that carries no run constants (make the plan with "
                            "carry_constants=False)")

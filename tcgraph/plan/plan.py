@@ -166,7 +166,7 @@ class Plan:
                         "or forecast it")
                 kinds.setdefault((block, branch), set()).add(action.kind)
                 have = computed.get((block, branch), 0)
-                if action.kind == "forecast" and (have == 0 or any(
+                if action.kind == "forecast" and recipe.gate is None and (have == 0 or any(
                         w != 0.0 for w in self.weights[step][(block, branch)][have:])):
                     raise TcgraphError(
                         f"step {step} forecasts {cache_name(block, branch)} from {action.points} history points but "

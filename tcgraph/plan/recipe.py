@@ -12,6 +12,7 @@ from tcgraph.plan.actions import Action
 from tcgraph.plan.gate import Gate
 
 CONSTANT_ROLES = ("", "write", "read")  # Recipe.constants
+GATED_ACTIONS = ("compute", "reuse", "forecast")  # what a gated recipe's computing path may do
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,20 @@ class Recipe:
     # run constants (module docstring): "" none, "write" (a run's first step), "read" (the later
     # steps); set by the Plan, not stored in plan JSON
     constants: str = ""
-    # a gated step (tcgraph.plan.gate): `actions` are its computing path (all compute); the gate says
-    # which blocks always compute and what the others do when the graph decides to skip them
+    # a gated step (tcgraph.plan.gate): `actions` are its computing path (the first blocks compute, the
+    # others compute, reuse or forecast: a base plan's recipe); the gate says which blocks always compute
+    # and what the others do when the graph decides to skip them
     gate: Gate | None = None
 
     def __post_init__(self) -> None:
         if self.gate is not None:
             if not isinstance(self.gate, Gate):
                 raise TcgraphError(f"recipe gate must be a Gate, got {type(self.gate).__name__}")
-            if any(a.kind != "compute" for acts in self.actions for a in acts):
-                raise TcgraphError("a gated recipe lists the actions of its computing path: every branch computes")
+            head = [a for acts in self.actions[:self.gate.first] for a in acts]
+            if any(a.kind != "compute" for a in head) or any(
+                    a.kind not in GATED_ACTIONS for acts in self.actions for a in acts):
+                raise TcgraphError(f"a gated recipe lists the actions of its computing path: its first "
+                                   f"{self.gate.first} blocks compute, the others {', '.join(GATED_ACTIONS)}")
             if self.gate.first >= len(self.actions):
                 raise TcgraphError(f"gate first={self.gate.first} leaves none of the {len(self.actions)} blocks to "
                                    f"skip; use first <= {len(self.actions) - 1}")
@@ -122,7 +127,10 @@ class Recipe:
         return [(b, br) for b, br, a in self.items() if br in RUN_CONSTANTS and a.computes]
 
     def forecasts(self) -> list[tuple[CacheKey, int]]:
-        """((block, branch), points) of the forecast branches, in block order: the layout of `forecast.w`."""
+        """((block, branch), points) of the forecast branches, in block order: the layout of `forecast.w`
+        ([] for a gated recipe: its weights are formed in the graph from the steps its history holds)."""
+        if self.gate is not None:
+            return []
         return [((b, br), a.points) for b, br, a in self.items() if a.kind == "forecast"]
 
     @property
@@ -133,8 +141,9 @@ class Recipe:
         """One line: per block one letter per branch, e.g. `CC CR RR`; a recipe that writes or reads
         run constants ends in ` +K/V` or ` K/V`."""
         mark = {"write": " +K/V", "read": " K/V" if self.constant_reads() else ""}.get(self.constants, "")
-        if self.gate is not None:
-            return self.gate.short() + mark
+        if self.gate is not None:  # and the computing path's actions, where some later branch does not compute
+            path = " ".join("".join(a.short() for a in acts) for acts in self.actions)
+            return self.gate.short() + (f" {path}" if {a.kind for _, _, a in self.items()} != {"compute"} else "") + mark
         return " ".join("".join(a.short() for a in acts) for acts in self.actions) + mark
 
     def to_json(self):

@@ -30,6 +30,7 @@ from tcgraph.names import IMAGE
 from tcgraph.plan.learning.common import check_calibration_text
 from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
 from tcgraph.plan.options import option
+from tcgraph.plan.planners.adaptive_base import base_plan, computing_paths, step_work, work_range
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
@@ -53,6 +54,9 @@ class AdaptiveConfig:
     final: int = option(1, "last steps that always compute", type=int)
     threshold: float | None = option(None, "a given threshold instead of calibrating one", type=float,
                                      default_help="calibrated to --fraction")
+    base: str | None = option(None, "a plan whose recipe each computing step runs: a spec made for the same model "
+                              "and settings (l2c:2, fora:2) or a plan JSON file", type=str,
+                              default_help="every branch computes")
     calib_images: int = option(16, "calibration images (random noise and labels)", type=int)
     seed: int = option(0, "seed of the calibration noise and labels", type=int)
 
@@ -67,11 +71,16 @@ class AdaptiveConfig:
 
 
 class EagerGate:
-    """A sampler step function: the gated plan run eagerly, the gate's state kept as the graph keeps it."""
+    """A sampler step function: the gated plan run eagerly, the gate's state kept as the graph keeps it.
+    `paths`: each step's gated recipe (`adaptive_base.computing_paths`; None: every branch computes);
+    `work`: each step's (computing, skipping) share of block work (None: 1 and first / depth)."""
 
-    def __init__(self, model: nn.Module, gate: Gate, thresholds, depth: int):
+    def __init__(self, model: nn.Module, gate: Gate, thresholds, depth: int, paths=None, work=None):
         self.model, self.gate, self.thresholds, self.depth = model, gate, list(thresholds), depth
+        self.paths = paths
+        self.work = list(work) if work is not None else [(1.0, gate.first / depth)] * len(self.thresholds)
         self.computed_total = self.skipped_total = 0
+        self.done = 0.0  # block work of the steps run, each step's share
         self.reset()
 
     def reset(self) -> None:
@@ -95,11 +104,18 @@ class EagerGate:
             if state["skip"]:
                 w = lagrange_weights(self.times, float(step))
                 return sum(wj * hj for wj, hj in zip(w, self.history[key]))
-            value = fn(u())
+            action = self.paths[step].action(l, name) if self.paths is not None else COMPUTE
+            if action.kind == "compute":
+                value = fn(u())
+            else:  # the base reuses (1 point) or forecasts it: from the values at the last computing steps
+                n = action.points or 1
+                w = lagrange_weights(self.times[:n], float(step))
+                value = sum(wj * hj for wj, hj in zip(w, self.history[key][:n]))
             self.history[key] = ([value] + self.history.get(key, [])[:gate.points - 1])
             return value
 
         out = run_blocks(self.model, x, t, y, branch, after_block=after)
+        self.done += self.work[step][1 if state.get("skip") else 0]
         if state.get("skip"):
             self.skipped_total += 1
         else:
@@ -121,9 +137,8 @@ class EagerGate:
         return skip
 
     def fraction(self) -> float:
-        """Share of block work done so far: a skipped step does its first blocks."""
-        steps = self.computed_total + self.skipped_total
-        return (self.computed_total + self.skipped_total * self.gate.first / self.depth) / max(steps, 1)
+        """Share of block work done so far: a computing step does its path's, a skipped one its first blocks'."""
+        return self.done / max(self.computed_total + self.skipped_total, 1)
 
 
 def thresholds_for(settings: SamplerSettings, cfg: AdaptiveConfig, threshold: float) -> tuple[float, ...]:
@@ -132,18 +147,18 @@ def thresholds_for(settings: SamplerSettings, cfg: AdaptiveConfig, threshold: fl
                  for s in range(steps))
 
 
-def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int) -> tuple[float, float]:
-    """(least, most) compute fraction a run of the plan may measure: every skip its gates allow, or none."""
-    steps, free = settings.num_steps, max(settings.num_steps - cfg.warmup - cfg.final, 0)
-    skipped = free - free // (cfg.max_skips + 1)  # runs of M skips, each followed by a compute
-    computed = steps - skipped
-    return (computed + skipped * cfg.first / depth) / steps, 1.0
+def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int, work=None) -> tuple[float, float]:
+    """(least, most) compute fraction a run of the plan may measure: every skip its gates allow, or none
+    (`work`: each step's (computing, skipping) share, `step_work`; None: 1 and first / depth)."""
+    work = work if work is not None else [(1.0, cfg.first / depth)] * settings.num_steps
+    return work_range(work, thresholds_for(settings, cfg, 0.0), cfg.max_skips)
 
 
 def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate, threshold: float,
-            text: Text | None = None) -> float:
+            text: Text | None = None, paths=None, work=None) -> float:
     """The compute fraction the gated plan measures on the calibration noise at `threshold`; a
-    text-conditioned model is conditioned on `text` (its prompts cycled to the calibration images)."""
+    text-conditioned model is conditioned on `text` (its prompts cycled to the calibration images);
+    `paths` and `work` as `EagerGate` takes them."""
     mc = model.config
     g = torch.Generator().manual_seed(cfg.seed)  # labels, then noise, as tcgraph.calibrate draws them:
     if getattr(mc, "text_conditioned", False):
@@ -154,13 +169,14 @@ def measure(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, ga
     else:
         labels = torch.randint(0, mc.num_classes, (cfg.calib_images,), generator=g).tolist()  # not a sampling run's
     noise = torch.randn(cfg.calib_images, mc.in_channels, settings.resolution, settings.resolution, generator=g)
-    eager = EagerGate(model.eval(), gate, thresholds_for(settings, cfg, threshold), mc.depth)
+    eager = EagerGate(model.eval(), gate, thresholds_for(settings, cfg, threshold), mc.depth, paths, work)
     run_batches(eager, eager.reset, sampler_for(settings, mc), labels, noise, settings.batch, cfg.seed)
     return eager.fraction()
 
 
 def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: AdaptiveConfig, gate: Gate,
-                        progress: Progress = QUIET, rounds: int = 9, text: Text | None = None) -> tuple[float, float]:
+                        progress: Progress = QUIET, rounds: int = 9, text: Text | None = None, paths=None,
+                        work=None) -> tuple[float, float]:
     """(threshold, measured fraction): bisection in log threshold over [1e-3, 10] for the target fraction,
     the measured fraction nearest it."""
     lo, hi = math.log(1e-3), math.log(1e1)
@@ -168,7 +184,7 @@ def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: Adapti
     with progress.phase("calibrate threshold", rounds) as phase:
         for _ in range(rounds):
             mid = (lo + hi) / 2
-            got = measure(model, settings, cfg, gate, math.exp(mid), text)
+            got = measure(model, settings, cfg, gate, math.exp(mid), text, paths, work)
             if best is None or abs(got - cfg.fraction) < abs(best[1] - cfg.fraction):
                 best = (math.exp(mid), got)
             if got > cfg.fraction:
@@ -181,30 +197,41 @@ def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: Adapti
 
 def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: SamplerSettings, *,
                   weights: nn.Module | None = None, progress: Progress = QUIET, calibration_text=None) -> Plan:
-    depth, branches = model_config.depth, model_config.branches
+    depth = model_config.depth
     if cfg.first >= depth:
         raise TcgraphError(f"adaptive first={cfg.first} leaves none of the model's {depth} blocks to skip")
-    least, _ = fraction_range(settings, cfg, depth)
     gate = Gate(cfg.first, cfg.max_skips, cfg.indicator, cfg.order)
+    base = None
+    if cfg.base is not None:
+        base = base_plan(cfg.base, model_config, settings, weights=weights, progress=progress,
+                         calibration_text=calibration_text)
+    paths = computing_paths(base, gate, thresholds_for(settings, cfg, 0.0), model_config)
+    work = step_work(model_config, paths, cfg.first, settings.text_length)
+    least, most = fraction_range(settings, cfg, depth, work)
     if cfg.threshold is None:
         if weights is None:
             raise TcgraphError("adaptive needs the model's weights to calibrate its threshold (or give one: "
                                "--threshold)")
         check_calibration_text(model_config, calibration_text, "an adaptive threshold")
-        if cfg.fraction < least:
-            raise TcgraphError(f"adaptive fraction {cfg.fraction} is below the least this gate can measure, "
+        over = f" over the base {base.planner}" if base is not None else ""
+        if cfg.fraction < least - 1e-9:
+            raise TcgraphError(f"adaptive fraction {cfg.fraction} is below the least this gate can measure{over}, "
                                f"{least:.3f} ({cfg.warmup} warm-up and {cfg.final} final steps compute, at most "
                                f"{cfg.max_skips} skips in a row, {cfg.first} of {depth} blocks always compute)")
-        threshold, measured = calibrate_threshold(weights, settings, cfg, gate, progress, text=calibration_text)
+        if cfg.fraction > most + 1e-9:
+            raise TcgraphError(f"adaptive fraction {cfg.fraction} is above the most this gate can measure{over}, "
+                               f"{most:.3f} (every step computing its base recipe)")
+        threshold, measured = calibrate_threshold(weights, settings, cfg, gate, progress, text=calibration_text,
+                                                  paths=paths, work=work)
     else:
         threshold, measured = cfg.threshold, None
-    full = Recipe.uniform(depth, COMPUTE, branches)
-    recipe = Recipe(full.actions, full.branches, gate=gate)
     params = {"fraction": cfg.fraction, "first": cfg.first, "max_skips": cfg.max_skips, "indicator": cfg.indicator,
               "order": cfg.order, "warmup": cfg.warmup, "final": cfg.final, "threshold": threshold,
-              "calibrated_fraction": measured, "fraction_range": [round(least, 6), 1.0],
-              "calib_images": cfg.calib_images, "seed": cfg.seed}
+              "calibrated_fraction": measured, "fraction_range": [round(least, 6), round(most, 6)],
+              "calib_images": cfg.calib_images, "seed": cfg.seed, "step_work": [[c, k] for c, k in work]}
     name = f"adaptive:{cfg.fraction:g}"
-    return Plan(name, settings, tuple(recipe for _ in range(settings.num_steps)), model_config.num_tokens,
-                params=params, carry_constants=False, gate_thresholds=thresholds_for(settings, cfg, threshold),
-                layout=model_config.block_layout())
+    if base is not None:
+        params["base"] = {"name": base.planner, "spec": cfg.base, "params": base.params}
+        name += f"+{base.planner}"
+    return Plan(name, settings, tuple(paths), model_config.num_tokens, params=params, carry_constants=False,
+                gate_thresholds=thresholds_for(settings, cfg, threshold), layout=model_config.block_layout())
