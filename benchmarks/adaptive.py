@@ -192,7 +192,8 @@ def indicator_cost(out: Path, threads: int, calls: int = 150) -> dict:
             inputs = art.variants[0].input_names
             feeds = {n: v.numpy() for n, v in example_inputs(model, plan, inputs, recipe=plan.recipes[0]).items()}
             if "gate.params" in feeds:
-                feeds["gate.params"] = np.array([10.0, FORCE_COMPUTE, 4.0], dtype=np.float32)
+                feeds["gate.params"] = np.array([10.0, FORCE_COMPUTE, 4.0, 1.0, 1 / cfg.depth],
+                                                 dtype=np.float32)
             sessions[name] = (runner, feeds)
             times[name] = []
         for _ in range(calls):

@@ -324,13 +324,12 @@ def sample(
                               prog, device=runner.device)
         dispatch.reset()  # adds the last run's computed steps
     if plan.gate is not None and dispatch.measured_fraction() is not None:
-        computed, steps = dispatch.measured
-        fraction = (computed + (steps - computed) * plan.gate.first / plan.depth) / steps
+        (computed, steps), fraction = dispatch.measured[:2], dispatch.measured_work()
         report = {"computed_steps": computed, "steps": steps, "fraction": fraction}
         if measured is not None:
             measured.update(report)
-        prog.announce(f"measured: {computed} of {steps} steps computed all blocks (compute fraction {fraction:.3f}; "
-                      f"the others their first {plan.gate.first})")
+        prog.announce(f"measured: {computed} of {steps} steps computed their later blocks (compute fraction "
+                      f"{fraction:.3f}; the others their first {plan.gate.first})")
     if png is not None:
         save_grid(samples, png, nrow=per_class)
     if npy is not None:

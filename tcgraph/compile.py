@@ -95,9 +95,9 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
     if GATE_PARAMS in names:  # a gated step: a reference, a running sum, history at distinct earlier steps
         points = plan.gate.points
         feeds.update({GATE_REF: torch.randn(plan.gate_shape(GATE_REF, cfg.hidden_size), generator=g),
-                      GATE_ACC: torch.tensor([0.01]), GATE_SKIPS: torch.tensor([0.0]), GATE_COUNT: torch.tensor([3.0]),
+                      GATE_ACC: torch.tensor([0.01]), GATE_SKIPS: torch.tensor([0.0]), GATE_COUNT: torch.tensor([3.0, 2.5]),
                       GATE_TIMES: torch.tensor([float(3 + 2 * points - 2 * j) for j in range(points)]),
-                      GATE_PARAMS: torch.tensor([float(4 + 2 * points), FORCE_COMPUTE, 2.0])})
+                      GATE_PARAMS: torch.tensor([float(4 + 2 * points), FORCE_COMPUTE, 2.0, 0.75, 0.25])})
     return {n: feeds[n] for n in names}
 
 
@@ -159,10 +159,11 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
     step_index, r = float(feeds[GATE_PARAMS][0]), gate.points
     worst = 0.0
     for skip in (False, True):
-        params = torch.tensor([step_index, 1e30 if skip else FORCE_COMPUTE, 1e9])
+        share = feeds[GATE_PARAMS][3:5]  # the step's work when it computes, when it skips
+        params = torch.cat([torch.tensor([step_index, 1e30 if skip else FORCE_COMPUTE, 1e9]), share])
         run = {**feeds, GATE_PARAMS: params}
         got = dict(zip(outputs, step(*[run[n] for n in inputs])))
-        want = {GATE_COUNT: feeds[GATE_COUNT] + (0 if skip else 1)}
+        want = {GATE_COUNT: feeds[GATE_COUNT] + torch.stack([torch.tensor(0.0 if skip else 1.0), share[int(skip)]])}
         if skip:
             w = lagrange_weights(feeds[GATE_TIMES].tolist(), step_index)
             caches = {n: v for n, v in feeds.items() if is_cache(n)}

@@ -383,14 +383,16 @@ def _read_named(art: Artifact, vid: str):
 
 def gate_view(plan) -> dict:
     """A gated plan's gate (docs/design.md, "Gated steps"): what always computes, what the others do, the
-    thresholds, and the compute fraction as a range (every skip the gate allows … every step computing)
-    with the fraction the planner measured on its calibration noise."""
+    thresholds, the base plan whose recipes the computing steps run (None: every branch computes), and the
+    compute fraction as a range (every skip the gate allows … every step computing; the planner's, else
+    every block alike) with the fraction the planner measured on its calibration noise."""
     gate, steps, depth = plan.gate, len(plan.recipes), plan.depth
     free = [s for s, t in enumerate(plan.gate_thresholds) if t >= 0]
     skipped = len(free) - len(free) // (gate.max_skips + 1)
-    least = ((steps - skipped) + skipped * gate.first / depth) / steps
+    least, most = plan.params.get("fraction_range") or (((steps - skipped) + skipped * gate.first / depth) / steps, 1)
     return {"first": gate.first, "max_skips": gate.max_skips, "indicator": gate.indicator, "order": gate.order,
             "forced_steps": [s for s in range(steps) if s not in free],
             "thresholds": sorted({t for t in plan.gate_thresholds if t >= 0}),
-            "fraction_range": [least, 1.0], "calibrated_fraction": plan.params.get("calibrated_fraction")}
+            "fraction_range": [least, most], "calibrated_fraction": plan.params.get("calibrated_fraction"),
+            "base": (plan.params.get("base") or {}).get("name")}
 

@@ -2,7 +2,8 @@
 "Gated steps"; the gate and its indicators: `tcgraph.plan.gate`).
 
 Built from two rewritten graphs of the same model, each split where block `first` begins:
-- the *computing path* (every branch computes, the later blocks' branch outputs are outputs), and
+- the *computing path* (the recipe's actions: every branch computes, or a base plan's recipe whose later
+  branches also reuse or forecast; the computed later branch outputs are outputs), and
 - the *skipping path* (the later blocks reuse or forecast: `Recipe.cheap`).
 The part before the split is the same in both (the embeddings and the first blocks: the *head*); it
 runs once, outside the decision. The head's output h of block `first - 1` gives the indicator, a
@@ -10,10 +11,12 @@ scalar for the whole batch; `torch.cond` then runs one of the two tails. In ONNX
 whose branches read the weights from the outer graph, so each weight is there once.
 
 Both tails return the same values: `out`, every history entry of every later branch (the computing
-tail shifts the history, writing its fresh output as the newest entry; the skipping tail hands the
-history on) and the gate state (`tcgraph.names.GATE_STATE`): the reference h, the indicator sum, the
-skips in a row, the computed steps of the run and the steps the history holds. The skipping tail's
-forecast weights are the Lagrange weights of those steps for the current one, computed in the graph.
+tail shifts the history, writing each later branch's value as the newest entry: its fresh output, or
+for a branch its path reuses or forecasts, the value read or extrapolated from the history; the skipping
+tail hands the history on) and the gate state (`tcgraph.names.GATE_STATE`): the reference h, the
+indicator sum, the skips in a row, the computed steps and block work of the run (each path adds its
+share from `gate.params`) and the steps the history holds. Every forecast's weights (the skipping tail's,
+the computing path's) are the Lagrange weights of those steps for the current one, computed in the graph.
 """
 from __future__ import annotations
 
@@ -119,8 +122,9 @@ class _Compute(nn.Module):
         for k, (kind, i) in enumerate(self.paths):
             shifted.append(fresh[i] if kind == "compute" else held[k].clone())
             shifted.extend(history[k * r + j].clone() for j in range(r - 1))
+        done = torch.cat([torch.ones_like(params[0:1]), params[3:4]])  # one more computed step, and its work
         return _contiguous(result[0], *shifted, boundary[self.h].clone(), torch.zeros_like(acc),
-                           torch.zeros_like(skips), count + 1, torch.cat([params[0:1], times[:r - 1]]))
+                           torch.zeros_like(skips), count + done, torch.cat([params[0:1], times[:r - 1]]))
 
 
 class _Skip(nn.Module):
@@ -141,7 +145,8 @@ class _Skip(nn.Module):
         out = self.tail(*[values[kind][i] for kind, i in self.args])
         out = out[0] if isinstance(out, (tuple, list)) else out
         return _contiguous(out, *(h.clone() for h in history), (ref if self.anchor else boundary[self.h]).clone(),
-                           acc.clone(), skips + 1, count.clone(), times.clone())
+                           acc.clone(), skips + 1, count + torch.cat([torch.zeros_like(params[0:1]), params[4:5]]),
+                           times.clone())
 
 
 def _contiguous(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -125,8 +125,10 @@ def gate_shape(plan, name: str, hidden_size: int) -> tuple[int, ...]:
         return plan.settings.model_batch, plan.num_tokens, hidden_size
     if name == GATE_TIMES:
         return (plan.gate.points,)
-    if name in (GATE_ACC, GATE_SKIPS, GATE_COUNT):
+    if name in (GATE_ACC, GATE_SKIPS):
         return (1,)
-    if name == GATE_PARAMS:
-        return (3,)
+    if name == GATE_COUNT:  # computed steps, block work done
+        return (2,)
+    if name == GATE_PARAMS:  # step, threshold, most skips in a row, share of block work computing, skipping
+        return (5,)
     raise TcgraphError(f"{name!r} is not a gated step's input or output")

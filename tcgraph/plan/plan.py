@@ -262,9 +262,10 @@ class Plan:
         for step, recipe in enumerate(self.recipes):
             w = self.step_weights(step)
             feeds.append({} if w is None else {FORECAST_WEIGHTS: w})
-            if recipe.gate is not None:
-                feeds[-1][GATE_PARAMS] = np.array([step, self.gate_thresholds[step], recipe.gate.max_skips],
-                                                  dtype=np.float32)
+            if recipe.gate is not None:  # the work shares: the planner's (`step_work`), else every block alike
+                work = self.params.get("step_work") or [[1.0, recipe.gate.first / self.depth]] * len(self.recipes)
+                feeds[-1][GATE_PARAMS] = np.array([step, self.gate_thresholds[step], recipe.gate.max_skips,
+                                                   *work[step]], dtype=np.float32)
         return feeds
 
     def cache_keys(self) -> list[CacheKey]:

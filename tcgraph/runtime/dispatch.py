@@ -24,8 +24,9 @@ itself (`….h<j>` among its outputs), and the dispatcher keeps what it returns 
 state (`gate.*`) is kept like a cache. What a gated variant reads before any step wrote it (the
 first step's caches, history and state) is zeros of the shape it declares (`initial`): its first
 step computes (the plan gives it a threshold below 0), so it reads none of them. The number of
-steps that computed is summed on the device (`gate.count`) and read once, by `computed_steps()`
-after the run; nothing of the decision reaches the host during the run.
+steps that computed and the block work the steps did (each step's share, `gate.params`) are summed on
+the device (`gate.count`) and read once, by `computed_steps()` and `block_work()` after the run;
+nothing of the decision reaches the host during the run.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class ScheduleDispatcher:
         self.caches: dict[str, Any] = {}
         self.history: dict[str, list[Any]] = {}  # cache name -> entries, newest first
         self.calls: list[str] = []  # variant id per step of the current run
-        self.measured = [0, 0]  # (computed steps, steps) of the finished runs with gated steps
+        self.measured = [0, 0, 0.0]  # (computed steps, steps, block work) of the finished runs with gated steps
 
     @classmethod
     def for_runner(cls, runner, schedule: list[str], step_feeds: list[dict[str, Any]] | None = None
@@ -83,6 +84,18 @@ class ScheduleDispatcher:
         """Computed steps / steps over every finished run with gated steps (call `reset()` to finish the last)."""
         return self.measured[0] / self.measured[1] if self.measured[1] else None
 
+    def measured_work(self) -> float | None:
+        """Block work / steps (the compute fraction) over every finished run with gated steps."""
+        return self.measured[2] / self.measured[1] if self.measured[1] else None
+
+    def block_work(self) -> float | None:
+        """The block work of the last run, each step's share summed (an ungated step counts 1), read from the
+        device once; None when no step was gated."""
+        if GATE_COUNT not in self.caches:
+            return None
+        gated = sum(1 for vid in self.calls if GATE_PARAMS in self.io[vid][0])
+        return float(self.to_torch(self.caches[GATE_COUNT]).reshape(-1)[1]) + len(self.calls) - gated
+
     def computed_steps(self) -> int | None:
         """How many steps of the last run computed (full, or gated steps that decided to), read from the
         device once; None when no step was gated."""
@@ -98,6 +111,7 @@ class ScheduleDispatcher:
         if done is not None:
             self.measured[0] += done
             self.measured[1] += len(self.calls)
+            self.measured[2] += self.block_work()
         self.caches = {}
         self.history = {}
         self.calls = []

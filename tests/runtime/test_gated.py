@@ -232,7 +232,7 @@ def test_gated_plans_are_refused_where_they_cannot_work():
     plan = gated_plan(gate, 0.1)
     assert Plan.from_json(plan.to_json()) == plan and Plan.from_json(plan.to_json()).gate_thresholds == \
         plan.gate_thresholds
-    np.testing.assert_allclose(plan.step_feeds()[3]["gate.params"], [3, 0.1, 2])
+    np.testing.assert_allclose(plan.step_feeds()[3]["gate.params"], [3, 0.1, 2, 1, 1 / DEPTH], rtol=1e-6)
 
 
 def test_tensorrt_builds_the_if_as_a_conditional_and_runs_it(model, artifact, monkeypatch):
