@@ -6,8 +6,13 @@
 Transforms the model for the plan (learned-planner names: their structural plans, see
 bench_tokencache.structural_plans) and then, per variant, in a session of its own with ONNX
 Runtime's profiler on: the median latency of `--runs` runs on random feeds, and the kernel
-time per op type per run (the top `--top`), with the node count. Prints JSON lines; writes
-nothing but the profiler's files in a temporary folder.
+time per op type per run (the top `--top`), with the node count, and the share of kernel time in
+matrix products (`products_share`: Gemm, MatMul, Conv; what the FLOP count is made of; the
+rest is element-wise, normalization, layout and index work). Prints JSON lines; writes
+nothing but the profiler's files in a temporary folder. Each variant's line carries its FLOP
+fraction of a full step; where the plan has a full variant, a last line gives the plan's speedup
+from the variants' medians (steps x median, against every step at the full variant's) beside its
+FLOP prediction: the realization of the graphs alone, without the sampler around them.
 """
 from __future__ import annotations
 
@@ -28,7 +33,11 @@ from memory_sharing import variant_feeds  # noqa: E402
 
 from tcgraph import api  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
+from tcgraph.plan.flops import plan_flops  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
+
+
+PRODUCTS = ("Gemm", "MatMul", "FusedMatMul", "FusedGemm", "Conv", "FusedConv")  # the work FLOPs count
 
 
 def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: str) -> dict:
@@ -49,8 +58,10 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
             by_op[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
     ops = sorted(by_op, key=by_op.get, reverse=True)[:top]
+    products = sum(by_op[op] for op in by_op if op in PRODUCTS)
     return {"variant": spec.id, "median_ms": statistics.median(times) * 1e3,
             "kernel_ms_per_run": sum(by_op.values()) / total_runs / 1e3,
+            "products_share": products / max(sum(by_op.values()), 1e-9),
             "nodes_per_run": sum(count.values()) // total_runs,
             "top_ops": {op: {"ms": by_op[op] / total_runs / 1e3, "nodes": count[op] // total_runs} for op in ops}}
 
@@ -82,9 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         art = load_artifact(api.transform(model, plan, Path(tmp) / "art", check=False, progress=False))
         steps = collections.Counter(plan.schedule())
+        flops = plan_flops(model.config, plan)
+        rows = []
         for spec in art.variants:
             row = profile_variant(ort, art, spec, args.runs, args.top, args.threads, tmp)
-            print(json.dumps({"steps": steps[spec.id], **row}), flush=True)
+            rows.append({"steps": steps[spec.id], "flop_fraction": flops["fraction"][spec.id], **row})
+            print(json.dumps(rows[-1]), flush=True)
+    full = [r["median_ms"] for r in rows if r["flop_fraction"] == 1.0]
+    if full:  # the run's time from the variants' medians, against every step at the full variant's
+        run_ms = sum(r["steps"] * r["median_ms"] for r in rows)
+        realized = full[0] * len(plan.recipes) / run_ms
+        print(json.dumps({"plan": args.plan, "realized_from_steps": realized,
+                          "predicted": flops["predicted_speedup"],
+                          "realized_over_predicted": realized / flops["predicted_speedup"]}), flush=True)
 
 
 if __name__ == "__main__":
