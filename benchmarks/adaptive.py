@@ -1,12 +1,15 @@
 """Adaptive (gated) plans against the best static plans at equal compute fractions, on the demo.
 
     python benchmarks/adaptive.py                 # demo model, DDIM 50, guidance 2, 40 images
+    python benchmarks/adaptive.py --base benchmarks/results/forecast-plans/l2c_2.0.json   # + the gate over l2c
 
 Compute fraction: the share of branch work a run does. For a static plan it is fixed by the plan
 (computed branch actions / all); for `adaptive` it is *measured*: the graph sums the steps that
-computed on the device and the run reads it once at its end (`ScheduleDispatcher.measured_fraction`);
-a skipped step still computes its first F blocks, so the fraction is
-`(computed · L + skipped · F) / (steps · L)`. Plans, per target fraction: `adaptive` (F = 1, the
+computed and the block work they did on the device and the run reads it once at its end
+(`ScheduleDispatcher.measured_work`): each step's share of block FLOPs, a skipped step's that of its first
+F blocks, so without a base the fraction is `(computed · L + skipped · F) / (steps · L)`. With `--base`
+(a plan spec or plan JSON file), rows `adaptive:F+<base>` run the gate over that plan: each computing step
+runs the base's recipe, the fraction its FLOPs. Plans, per target fraction: `adaptive` (F = 1, the
 indicator summed step to step, order-1 forecast; the threshold calibrated on 16 calibration images
 of other noise and labels), `fora:N`, `taylor:N:1`, `taylor:N:2` for the interval N nearest the
 target, and the learned `l2c` plans saved by bench_forecast.py (benchmarks/results/forecast-plans)
@@ -73,6 +76,9 @@ def main(argv=None) -> dict:
                          "two threads under load made a calibration run 16x slower)")
     ap.add_argument("--format-only", action="store_true",
                     help="re-read --out: each static plan under the target nearest its fraction, goals and table again")
+    ap.add_argument("--base", default=None,
+                    help="also rows adaptive:F over this base plan (a spec, or a plan JSON file) at every target")
+    ap.add_argument("--no-timing", action="store_true", help="quality only: sample each plan once, time nothing")
     ap.add_argument("--indicator-cost", action="store_true",
                     help="only time one gated step forced to compute against the full step (one session each)")
     args = ap.parse_args(argv)
@@ -127,6 +133,18 @@ def main(argv=None) -> dict:
         except TcgraphError as e:
             result["unreachable"][str(f)] = str(e)
             print(f"adaptive:{f}: {e}", flush=True)
+        if args.base is not None:
+            name = f"adaptive:{f}+{Path(args.base).stem if args.base.endswith('.json') else args.base}"
+            try:
+                t0 = time.perf_counter()
+                p = make_plan(f"adaptive:{f}", cfg, settings, weights=model, calib_images=args.calib_images,
+                              base=args.base, **GATES[f])
+                plans[name] = (p, None, {"target": f, "plan_s": time.perf_counter() - t0, "base": args.base, **GATES[f]})
+                print(f"{name} threshold {p.params['threshold']:.4g} calibrated {p.params['calibrated_fraction']}",
+                      flush=True)
+            except TcgraphError as e:
+                result["unreachable"][name.split(":", 1)[1]] = str(e)
+                print(f"{name}: {e}", flush=True)
     gated = [k for k in plans if k.startswith("adaptive")]
     if gated:  # the indicator's cost: every step forced to compute
         p = plans[gated[0]][0]
@@ -145,7 +163,7 @@ def main(argv=None) -> dict:
             measured = dispatch.measured_fraction()
             if plan.gate is not None:
                 steps = measured  # computed steps / steps, read once per run at its end
-                fraction = steps + (1 - steps) * plan.gate.first / cfg.depth
+                fraction = dispatch.measured_work()  # each step's share of block work, summed on the device
                 extra = {**extra, "measured_step_fraction": steps,
                          "predicted_fraction_range": plan.params.get("fraction_range"),
                          "calibrated_fraction": plan.params.get("calibrated_fraction"),
@@ -157,13 +175,13 @@ def main(argv=None) -> dict:
             rows[name], runs[name] = row, run
             print(json.dumps(row), flush=True)
         times = {name: [] for name in runs}
-        for _ in range(args.repeats):
+        for _ in range(0 if args.no_timing else args.repeats):
             for name, run in runs.items():
                 times[name].extend(time_runs(run, 1))
-    full_s = statistics.median(times["full"])
+    full_s = statistics.median(times["full"]) if times["full"] else None
     for name, row in rows.items():
-        row["median_s"] = statistics.median(times[name])
-        row["realized_speedup"] = full_s / row["median_s"]
+        row["median_s"] = statistics.median(times[name]) if full_s else None
+        row["realized_speedup"] = full_s / row["median_s"] if full_s else None
         result["rows"].append(row)
     result["goals"] = goals(result, fractions)
     args.out.write_text(json.dumps(result, indent=1))
@@ -228,7 +246,7 @@ def goals(result: dict, fractions) -> list[dict]:
                     "best_static_fraction": None if best is None else best["fraction"], "gain_db": gain,
                     "goal_met": None if gain is None else (gain >= GOAL_GAIN_DB and (f != 0.2 or ad["psnr"] >= GOAL_AT_02_DB))})
     on = rows.get("adaptive (all compute)")
-    if on is not None:
+    if on is not None and on.get("median_s") is not None:
         cost = on["median_s"] / rows["full"]["median_s"] - 1
         out.append({"indicator_cost": cost, "goal": GOAL_INDICATOR, "goal_met": cost <= GOAL_INDICATOR})
     return out
@@ -244,7 +262,7 @@ def format_table(result: dict) -> str:
         steps = r.get("measured_step_fraction")
         lines.append(f"| {r.get('target', '')} | {r['plan']} | {r['fraction']:.3f} | "
                      f"{'' if steps is None else f'{steps:.3f} (measured)'} | {r['psnr']:.1f} | {r['ssim']:.4f} | "
-                     f"{100 * r['accuracy']:.1f}% | {r['median_s']:.2f} | {r['realized_speedup']:.2f} |")
+                     f"{100 * r['accuracy']:.1f}% | {_num(r.get('median_s'))} | {_num(r.get('realized_speedup'))} |")
     lines += ["", "| target | adaptive dB (fraction) | best static (fraction) | gain dB | goal met |", "|---|---|---|---|---|"]
     for g in result["goals"]:
         if "step_cost" in g:
@@ -266,6 +284,10 @@ def format_table(result: dict) -> str:
     for f, why in result["unreachable"].items():
         lines.append(f"\nadaptive:{f}: {why}")
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
