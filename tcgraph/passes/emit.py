@@ -70,15 +70,28 @@ class Emitter:
     def gather(self, u: fx.Node, idx: fx.Node) -> fx.Node:
         return self.fn(torch.index_select, u, 1, idx, name="gather")  # [B, k, D]
 
-    def scatter(self, cache: fx.Node, idx: fx.Node, rows: fx.Node) -> fx.Node:
-        """`cache` with rows `idx` (dim 1) replaced by `rows`: one ScatterND in ONNX.
+    def batch_ids(self, like: fx.Node) -> fx.Node:
+        """[B, 1]: the sample index of each row of `like`, broadcasting with row ids [k] or [B, k]."""
+        device = self.fn(getattr, like, "device", name="device")
+        b = self.fn(torch.arange, self.batch(like), device=device, name="batch_ids")
+        return self("call_method", "unsqueeze", b, 1, name="batch_ids")
+
+    def gather_rows(self, u: fx.Node, b: fx.Node, idx: fx.Node) -> fx.Node:
+        """u[b, idx]: rows `idx` ([B, k], one set per sample) of u, [B, k, D]: one GatherND in ONNX
+        ([B, k, 2] indices, whole rows copied; a gather along dim 1 with the ids expanded to
+        [B, k, D] exports as GatherElements, which reads an index per element: 2-4x slower on CPU)."""
+        return self.fn(operator.getitem, u, (b, idx), name="gather")
+
+    def scatter(self, cache: fx.Node, idx: fx.Node, rows: fx.Node, b: fx.Node | None = None,
+                name: str = "scatter") -> fx.Node:
+        """`cache` with rows `idx` (dim 1; [k], or [B, k] per sample) replaced by `rows`: one ScatterND
+        in ONNX. `b`: the batch ids (`batch_ids`), made here when not given.
 
         Inserted after `rows` (for a row-wise branch, `rows` is the branch node itself)."""
         self.anchor = rows.next
-        device = self.fn(getattr, cache, "device", name="device")
-        b = self.fn(torch.arange, self.batch(cache), device=device, name="batch_ids")
-        b = self("call_method", "unsqueeze", b, 1, name="batch_ids")  # [B, 1], broadcasts with idx [k]
-        return self.fn(torch.index_put, cache, (b, idx), rows, name="scatter")  # [B, N, D]
+        if b is None:
+            b = self.batch_ids(cache)
+        return self.fn(torch.index_put, cache, (b, idx), rows, name=name)  # [B, N, D]
 
 
 def attention_rows(emit: Emitter, node: fx.Node, kept: fx.Node, k: int, spec: AttentionSpec) -> fx.Node:

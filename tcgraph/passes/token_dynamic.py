@@ -10,12 +10,11 @@ cache_io added both inputs, and the outputs the plan asks for:
     u      = modulate(norm(h), shift, scale)               # [B, N, D], the branch input
     score  = sum_D (u - cache_in)²                          # [B, N]   Sub, Mul, ReduceSum
     idx    = topk(score, k, dim=1).indices                  # [B, k]   TopK (k static)
-    idx_e  = idx[..., None].expand(B, k, D)                 # [B, k, D]
-    kept   = gather(u, 1, idx_e)                            # [B, k, D] GatherElements
+    kept   = u[b, idx]                                      # [B, k, D] GatherND (b: [B, 1] batch ids)
     row-wise (mlp): rows = mlp(kept)                        # [B, k, D]
     attention:      rows = proj(sdpa(kept @ Wq + bq, K(u), V(u)))  # queries: k rows; keys/values: all N
-    new    = scatter(cache, 1, idx_e, rows)                 # [B, N, D] ScatterElements
-    new_in = scatter(cache_in, 1, idx_e, kept)              # [B, N, D] ScatterElements
+    new    = index_put(cache, (b, idx), rows)               # [B, N, D] ScatterND
+    new_in = index_put(cache_in, (b, idx), kept)            # [B, N, D] ScatterND
     h      = h + gate * new                                 # the unchanged gated residual
 
 A branch that writes other streams' rows too (a joint attention over text and image) scores and
@@ -79,10 +78,8 @@ def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
                       emit.batch(u), -1, name="others")  # [B, L]
         idx = emit.fn(torch.cat, [others, emit.fn(operator.add, idx, start, name="idx")], 1, name="idx")
         k = total - count + k
-    width = emit("call_method", "size", u, -1, name="width")
-    idx = emit("call_method", "unsqueeze", idx, -1, name="idx")
-    idx = emit("call_method", "expand", idx, -1, -1, width, name="idx")  # [B, k, D]
-    kept = emit.fn(torch.gather, u, 1, idx, name="gather")  # [B, k, D]
+    b = emit.batch_ids(u)
+    kept = emit.gather_rows(u, b, idx)  # [B, k, D]
     if attention is not None and attention.rows is not None:
         rows = module_rows(emit, node, image_idx, attention)
     elif attention is not None:
@@ -90,9 +87,8 @@ def _dynamic_branch(emit: Emitter, k: int, cache: fx.Node, cache_in: fx.Node,
     else:
         node.args = (kept, *node.args[1:])
         rows = node  # [B, k, D]
-    emit.anchor = rows.next
-    new = emit.fn(torch.scatter, cache, 1, idx, rows, name="scatter")  # [B, N, D]
-    new_in = emit.fn(torch.scatter, cache_in, 1, idx, kept, name="scatter_in")  # [B, N, D]
+    new = emit.scatter(cache, idx, rows, b)  # [B, N, D]
+    new_in = emit.scatter(cache_in, idx, kept, b, name="scatter_in")
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     # the branch's own input-cache output (another branch may read the same u: a parallel block's
     # branches share one normed input, and each writes its own `.in`)

@@ -1,5 +1,5 @@
 """Dynamic (per-sample TopK) variants through ONNX and ONNX Runtime: the export equals the
-graph, uses TopK / GatherElements / ScatterElements, selects per sample in ORT too, adds no
+graph, uses TopK / GatherND / ScatterND, selects per sample in ORT too, adds no
 weight copy beyond a partial attention's, and a whole plan sampled with the ORT runner
 equals the eager reference loop."""
 from __future__ import annotations
@@ -71,11 +71,12 @@ def test_topk_gather_scatter_ops(exported):
     ops = _ops(out / entries[1]["file"])
     n_dyn = sum(a.kind == "dynamic" for _, _, a in DYN.items())
     assert n_dyn == 4 and ops["TopK"] == n_dyn  # one per dynamic branch
-    assert ops["ScatterElements"] == 2 * n_dyn  # output cache and input cache of each
-    assert ops["GatherElements"] == n_dyn
-    assert "ScatterND" not in ops
+    # rows move whole, by [B, k, 2] (sample, row) indices: no per-element index ops
+    assert ops["ScatterND"] == 2 * n_dyn  # output cache and input cache of each
+    assert ops["GatherND"] == n_dyn
+    assert not {"ScatterElements", "GatherElements"} & set(ops)
     full_ops = _ops(out / entries[0]["file"])
-    assert not {"TopK", "ScatterElements", "GatherElements"} & set(full_ops)
+    assert not {"TopK", "ScatterND", "GatherND"} & set(full_ops)
 
 
 def test_ort_selects_the_changed_tokens_per_sample(tiny_model, tmp_path):
