@@ -57,10 +57,10 @@ def format_report(info: dict, *, variant: str | None = None, step: int | None = 
     if g:
         cheap = "reuse" if g["order"] == 0 else f"forecast from {g['order'] + 1} points"
         calibrated = "" if g["calibrated_fraction"] is None else f", {g['calibrated_fraction']:.3f} as calibrated"
-        over = f" (computing: their recipe of the base plan {g['base']})" if g.get("base") else ""
-        lines.append(f"gate       the first {g['first']} blocks always compute; the others{over} {cheap} while the "
+        over = f", else run their recipe of the base plan {g['base']}" if g.get("base") else ""
+        lines.append(f"gate       the first {g['first']} blocks always compute; the others {cheap} while the "
                      f"{g['indicator']} indicator < {', '.join(f'{t:.4g}' for t in g['thresholds']) or '-'} (at most "
-                     f"{g['max_skips']} skips in a row; {len(g['forced_steps'])} steps always compute); compute "
+                     f"{g['max_skips']} skips in a row; {len(g['forced_steps'])} steps always compute){over}; compute "
                      f"fraction {g['fraction_range'][0]:.3f} … {g['fraction_range'][1]:.3f}{calibrated}, decided "
                      "on the device per batch (`sample` reports a run's)")
     learned = _learned_line(info.get("params") or {})

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 
 import pytest
-import torch
 
 from tcgraph import api
 from tcgraph.compile import check_gated, example_inputs, rewrite_gated

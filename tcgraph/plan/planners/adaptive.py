@@ -31,7 +31,7 @@ from tcgraph.plan.learning.common import check_calibration_text
 from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
 from tcgraph.plan.options import option
 from tcgraph.plan.planners.adaptive_base import base_plan, computing_paths, step_work, work_range
-from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan, Recipe
+from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
 from tcgraph.sampling.conditioning import Text
