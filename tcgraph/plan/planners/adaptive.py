@@ -3,7 +3,10 @@ threshold calibrated on calibration noise to a target *measured* compute fractio
 
 The plan is one gated variant for every step: the first `warmup` steps and the last `final` ones
 compute (their threshold is below 0), the others skip their later blocks where the indicator stays
-under the threshold. The compute fraction is the share of block work a run does,
+under the threshold. With a base plan (`base`: `adaptive_base`), a computing step runs the base's recipe
+at that step (its first F blocks computing), so a plan has one gated variant per distinct base recipe.
+The compute fraction is the share of block work a run does, each step's block FLOPs over all blocks'
+(`adaptive_base.step_work`): without a base and for blocks of equal cost,
 `(computed steps · L + skipped steps · F) / (steps · L)` for L blocks of which F always compute: a
 skipped step still runs its first F blocks. To calibrate, the planner samples from random noise and
 labels (a text-conditioned model: the calibration prompts) with an eager loop that keeps the gate's
