@@ -93,10 +93,12 @@ def example_inputs(model: nn.Module, plan: Plan, names: list[str], seed: int = 0
         size = sum(points for _, points in recipe.forecasts())
         feeds[FORECAST_WEIGHTS] = torch.randn(size, generator=g)
     if GATE_PARAMS in names:  # a gated step: a reference, a running sum, history at distinct earlier steps
-        points = plan.gate.points
+        points, keys = plan.gate.points, plan.gate_shape(GATE_TIMES, cfg.hidden_size)[0]
+        # each branch's own steps (three spacings by row): a path reading another branch's row disagrees
+        times = [[float(3 + 2 * points - 2 * j - (k % 3) * (j + 1)) for j in range(points)] for k in range(keys)]
         feeds.update({GATE_REF: torch.randn(plan.gate_shape(GATE_REF, cfg.hidden_size), generator=g),
                       GATE_ACC: torch.tensor([0.01]), GATE_SKIPS: torch.tensor([0.0]), GATE_COUNT: torch.tensor([3.0, 2.5]),
-                      GATE_TIMES: torch.tensor([float(3 + 2 * points - 2 * j) for j in range(points)]),
+                      GATE_TIMES: torch.tensor(times),
                       GATE_PARAMS: torch.tensor([float(4 + 2 * points), FORCE_COMPUTE, 2.0, 0.75, 0.25])})
     return {n: feeds[n] for n in names}
 
@@ -164,30 +166,32 @@ def check_gated(model: nn.Module, step: nn.Module, recipe: Recipe, names: tuple[
         run = {**feeds, GATE_PARAMS: params}
         got = dict(zip(outputs, step(*[run[n] for n in inputs])))
         want = {GATE_COUNT: feeds[GATE_COUNT] + torch.stack([torch.tensor(0.0 if skip else 1.0), share[int(skip)]])}
+        times = {k: feeds[GATE_TIMES][i] for i, k in enumerate(keys)}  # each later branch's own row
         if skip:
-            w = lagrange_weights(feeds[GATE_TIMES].tolist(), step_index)
+            w = [wj for k in keys for wj in lagrange_weights(times[k].tolist(), step_index)]
             caches = {n: v for n, v in feeds.items() if is_cache(n)}
-            caches[FORECAST_WEIGHTS] = torch.tensor(w * len(keys), dtype=torch.float32)
+            caches[FORECAST_WEIGHTS] = torch.tensor(w, dtype=torch.float32)
             want[OUT], _ = reference_step(model, x, t, cond, recipe.cheap(), caches)
             want.update({n: feeds[n] for n in outputs if is_cache(n)})
             want.update({GATE_REF: feeds[GATE_REF] if gate.indicator == "anchor" else h_first, GATE_ACC: indicator,
                          GATE_SKIPS: feeds[GATE_SKIPS] + 1, GATE_TIMES: feeds[GATE_TIMES]})
-        else:  # a later branch the computing path reuses or forecasts reads the history; its value is shifted in
-            path, weights = recipe.computing(), []
-            held = {k: feeds[cache_name(*k)] for k in keys}
+        else:  # a later branch the path computes shifts in its output and the step; one it reuses or forecasts
+            path, weights = recipe.computing(), []  # reads its own history and rows, and hands them on
             for (b, br), n in path.forecasts():
-                w = lagrange_weights(feeds[GATE_TIMES][:n].tolist(), step_index)
-                held[(b, br)] = sum(wj * feeds[history_name(b, br, j)] for j, wj in enumerate(w))
-                weights += w
+                weights += lagrange_weights(times[(b, br)][:n].tolist(), step_index)
             caches = {n: v for n, v in feeds.items() if is_cache(n)}
             caches[FORECAST_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
             want[OUT], fresh = reference_step(model, x, t, cond, path, caches)
+            rows = []
             for b, br in keys:
-                fresh.setdefault(cache_name(b, br), held[(b, br)])
-                entries = [fresh[cache_name(b, br)]] + [feeds[history_name(b, br, j)] for j in range(r - 1)]
+                entries = [feeds[history_name(b, br, j)] for j in range(r)]
+                row = times[(b, br)]
+                if path.action(b, br).computes:
+                    entries, row = [fresh[cache_name(b, br)]] + entries[:r - 1], torch.cat([params[:1], row[:r - 1]])
                 want.update({history_name(b, br, j): e for j, e in enumerate(entries)})
+                rows.append(row)
             want.update({GATE_REF: h_first, GATE_ACC: torch.zeros(1), GATE_SKIPS: torch.zeros(1),
-                         GATE_TIMES: torch.cat([params[:1], feeds[GATE_TIMES][:r - 1]])})
+                         GATE_TIMES: torch.stack(rows)})
         for name in outputs:
             diff = (got[name] - want[name]).abs().max().item()
             if not diff <= atol:

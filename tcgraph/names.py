@@ -54,10 +54,10 @@ FORECAST_WEIGHTS = "forecast.w"  # float32 [sum of points]: one step's forecast 
 # A gated step (docs/design.md, "Gated steps") carries its indicator state as graph I/O, kept by the
 # runners between steps like a cache: the reference activation (the first blocks' output, [B, rows, D]),
 # the accumulated change, the skips in a row (each float32 [1]), the computed steps of the run and the
-# block work it did (float32 [2]: the sum of each step's share) and the steps whose outputs the forecast
-# history holds (float32 [points], newest first). It reads one plan input per step, `gate.params`
-# (float32 [5]: step index, threshold, most skips in a row, the step's share of block work when it
-# computes, when it skips).
+# block work it did (float32 [2]: the sum of each step's share) and, per later branch, the steps whose
+# outputs its history holds (float32 [keys, points], newest first; rows in `Recipe.gated_keys` order).
+# It reads one plan input per step, `gate.params` (float32 [5]: step index, threshold, most skips in a
+# row, the step's share of block work when it computes, when it skips).
 GATE_PREFIX = "gate."
 GATE_REF, GATE_ACC, GATE_SKIPS, GATE_COUNT, GATE_TIMES = (
     "gate.ref", "gate.acc", "gate.skips", "gate.count", "gate.times")

@@ -199,6 +199,12 @@ def check_variant_io(plan: Plan, config: ModelConfig, variants: Sequence, where:
                     want = expected[spec.name]
                 else:
                     raise TcgraphError(f"{where}: variant {v.id} has an unknown {kind} {spec.name!r}; {todo}")
+                if tuple(spec.shape) != want and is_gate(spec.name):  # an older gate state, not another model
+                    raise TcgraphError(
+                        f"{where}: variant {v.id} {kind} {spec.name} has shape {list(spec.shape)}, but this version's "
+                        f"gated steps give it {list(want)} (gate.times: one row of steps per later branch, gate.count:"
+                        f" steps and work, gate.params: 5 values); the artifact was made by an older tcgraph: "
+                        f"transform the model again ({REDO})")
                 if tuple(spec.shape) != want:
                     raise TcgraphError(
                         f"{where}: variant {v.id} {kind} {spec.name} has shape {list(spec.shape)}, but the plan "

@@ -11,12 +11,14 @@ scalar for the whole batch; `torch.cond` then runs one of the two tails. In ONNX
 whose branches read the weights from the outer graph, so each weight is there once.
 
 Both tails return the same values: `out`, every history entry of every later branch (the computing
-tail shifts the history, writing each later branch's value as the newest entry: its fresh output, or
-for a branch its path reuses or forecasts, the value read or extrapolated from the history; the skipping
-tail hands the history on) and the gate state (`tcgraph.names.GATE_STATE`): the reference h, the
-indicator sum, the skips in a row, the computed steps and block work of the run (each path adds its
-share from `gate.params`) and the steps the history holds. Every forecast's weights (the skipping tail's,
-the computing path's) are the Lagrange weights of those steps for the current one, computed in the graph.
+tail shifts the fresh output of each later branch it computes into that branch's history; a branch its
+path reuses or forecasts, read or extrapolated from its history, hands its history on unchanged, as the
+skipping tail hands on every branch's) and the gate state (`tcgraph.names.GATE_STATE`): the reference h,
+the indicator sum, the skips in a row, the computed steps and block work of the run (each path adds its
+share from `gate.params`) and `gate.times`, one row per later branch: the steps its history holds (a
+branch's row takes the step where its history takes a value). Every forecast's weights (the skipping
+tail's, the computing path's) are the Lagrange weights of the branch's own row for the current step,
+computed in the graph.
 """
 from __future__ import annotations
 
@@ -77,29 +79,38 @@ def split_at_block(gm: fx.GraphModule, first: int):
 
 
 def lagrange(times: torch.Tensor, step: torch.Tensor, points: int) -> torch.Tensor:
-    """Weights [points] extrapolating history at steps `times` (newest first) to `step`, in the graph
-    (`tcgraph.plan.gate.lagrange_weights` is the host form)."""
+    """Weights extrapolating history at steps `times` (newest first, along the last dim: [points], or one row
+    per branch [keys, points]) to `step`, in the graph (`tcgraph.plan.gate.lagrange_weights` is the host
+    form); the same shape as `times[..., :points]`."""
     weights = []
     for j in range(points):
         w = torch.ones_like(step)
         for m in range(points):
             if m != j:
-                w = w * (step - times[m:m + 1]) / (times[j:j + 1] - times[m:m + 1])
+                w = w * (step - times[..., m:m + 1]) / (times[..., j:j + 1] - times[..., m:m + 1])
         weights.append(w)
-    return torch.cat(weights)
+    return torch.cat(weights, dim=-1)
 
 
 class _Compute(nn.Module):
     """The computing tail. `paths[k]` is what later branch k does here: ("compute", its index among the
     tail's fresh outputs), ("reuse", 1) or ("forecast", n): a base plan's recipe. A reused branch's value
-    is its newest history entry, a forecast one's the Lagrange extrapolation of its newest n; the tail reads
-    them as its cache inputs (`reads`: the branch of each, in the tail's input order), and they are shifted
-    into the history as the value the branch had at this step, as a computed branch's fresh output is."""
+    is its newest history entry, a forecast one's the Lagrange extrapolation of its newest n over its own row
+    of `gate.times`; the tail reads them as its cache inputs (`reads`: the branch of each, in the tail's
+    input order). A computed branch shifts its fresh output into its history and the step into its times
+    row; a reused or forecast one hands both on unchanged."""
 
     def __init__(self, tail: fx.GraphModule, n_boundary: int, h_index: int, paths: list[tuple[str, int]],
                  reads: list[int], points: int):
         super().__init__()
         self.tail, self.nb, self.h, self.paths, self.reads, self.points = tail, n_boundary, h_index, paths, reads, points
+        # runs of consecutive branches that all compute or all hand on: (start, end, computes)
+        self.runs = []
+        for k, (kind, _) in enumerate(paths):
+            if self.runs and self.runs[-1][2] == (kind == "compute"):
+                self.runs[-1] = (self.runs[-1][0], k + 1, kind == "compute")
+            else:
+                self.runs.append((k, k + 1, kind == "compute"))
 
     def forward(self, *ops):
         nb, r, keys = self.nb, self.points, len(self.paths)
@@ -110,7 +121,7 @@ class _Compute(nn.Module):
             if kind == "reuse":
                 held[k] = history[k * r]
             elif kind == "forecast":
-                w = lagrange(times, params[0:1], n)
+                w = lagrange(times[k], params[0:1], n)
                 value = w[0:1] * history[k * r]
                 for j in range(1, n):
                     value = value + w[j:j + 1] * history[k * r + j]
@@ -120,11 +131,17 @@ class _Compute(nn.Module):
         fresh = result[1:]
         shifted = []
         for k, (kind, i) in enumerate(self.paths):
-            shifted.append(fresh[i] if kind == "compute" else held[k].clone())
-            shifted.extend(history[k * r + j].clone() for j in range(r - 1))
+            if kind == "compute":
+                shifted.append(fresh[i])
+                shifted.extend(history[k * r + j].clone() for j in range(r - 1))
+            else:
+                shifted.extend(history[k * r + j].clone() for j in range(r))
+        moved = torch.cat([params[0:1].reshape(1, 1).expand(keys, 1), times[:, :r - 1]], dim=1)
+        rows = [(moved if computes else times)[a:b] for a, b, computes in self.runs]
+        new_times = rows[0].clone() if len(rows) == 1 else torch.cat(rows)
         done = torch.cat([torch.ones_like(params[0:1]), params[3:4]])  # one more computed step, and its work
         return _contiguous(result[0], *shifted, boundary[self.h].clone(), torch.zeros_like(acc),
-                           torch.zeros_like(skips), count + done, torch.cat([params[0:1], times[:r - 1]]))
+                           torch.zeros_like(skips), count + done, new_times)
 
 
 class _Skip(nn.Module):
@@ -140,8 +157,8 @@ class _Skip(nn.Module):
         ref, acc, skips, count, times, params = ops[nb + nh:]
         values = {"b": boundary, "h": history}
         if any(kind == "w" for kind, _ in self.args):
-            w = lagrange(times, params[0:1], self.points)
-            values["w"] = (torch.cat([w] * (nh // self.points)),)
+            # each branch's weights from its own times row, [keys, points] at once; flat, in history order
+            values["w"] = (lagrange(times, params[0:1], self.points).reshape(-1),)
         out = self.tail(*[values[kind][i] for kind, i in self.args])
         out = out[0] if isinstance(out, (tuple, list)) else out
         return _contiguous(out, *(h.clone() for h in history), (ref if self.anchor else boundary[self.h]).clone(),

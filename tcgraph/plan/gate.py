@@ -5,7 +5,9 @@ A gated recipe's actions are those of its computing path (every branch computes)
 that the first `first` blocks always compute and that, when the indicator allows it, every branch
 of the later blocks takes the cheap action instead: `reuse` (order 0) or a forecast from its last
 `order + 1` computed outputs, extrapolated in step index (Lagrange weights computed in the graph from
-the steps the history holds, since which steps computed is decided on the device).
+the steps that branch's history holds, its row of `gate.times`, since which steps computed is decided on
+the device). A branch's history holds only values it computed: the steps that always compute before a
+step that may skip must compute every later branch `order + 1` times (`check_history`).
 
 Indicators (a scalar per batch, formed from the output h of the first blocks):
 - `step`: the relative L1 change of h since the previous step, summed over the steps since the last
@@ -105,26 +107,73 @@ def validate_gated(plan) -> None:
         raise TcgraphError(f"a gated plan needs one finite threshold per step ({len(plan.recipes)}), got "
                            f"{None if thresholds is None else list(thresholds)}")
     object.__setattr__(plan, "gate_thresholds", tuple(float(v) for v in thresholds))
-    gate, forced = plan.gate, 0  # forced: steps before this one that compute whatever the indicator says
-    for step, recipe in enumerate(plan.recipes):
-        for block, branch, action in recipe.items():
-            if action.kind == "forecast" and not 1 <= action.points <= min(gate.points, forced):
-                raise TcgraphError(
-                    f"step {step} block {block} {branch}: a gated step's computing path forecasts from its gate's "
-                    f"history, at most {gate.points} points and no more than the {forced} steps before it that "
-                    f"always compute; got {action.points}")
-        forced += plan.gate_thresholds[step] < 0
+    check_history(plan.gate, plan.recipes, plan.gate_thresholds)
     if plan.constant_keys():
         raise TcgraphError("gated steps need a plan that carries no run constants (make the plan with "
                            "carry_constants=False)")
+
+
+def forced_counts(gate: Gate, recipes, thresholds) -> list[dict]:
+    """Per step, per later branch (`Recipe.gated_keys`): how many steps before it always compute (threshold
+    below 0) and compute that branch on their path: the entries its history is sure to hold then."""
+    keys = recipes[0].gated_keys() if recipes[0].gate is not None else \
+        [(b, br) for b, br, _ in recipes[0].items() if b >= gate.first]
+    counts, seen = [], dict.fromkeys(keys, 0)
+    for recipe, threshold in zip(recipes, thresholds):
+        counts.append(dict(seen))
+        if threshold < 0:
+            for key in keys:
+                seen[key] += recipe.action(*key).computes
+    return counts
+
+
+def warmup_for(gate: Gate, recipes) -> int | None:
+    """The fewest first steps that, all computing, compute every later branch `gate.points` times on their
+    paths (so a step after them may skip), or None when no number of them does."""
+    need = {(b, br): gate.points for b, br, _ in recipes[0].items() if b >= gate.first}
+    for s, recipe in enumerate(recipes):
+        if not need:
+            return s
+        for key in list(need):
+            need[key] -= recipe.action(*key).computes
+            if need[key] <= 0:
+                del need[key]
+    return len(recipes) if not need else None
+
+
+def check_history(gate: Gate, recipes, thresholds) -> None:
+    """Every read of a later branch's history reads values that branch computed, at distinct steps (so no
+    Lagrange weight divides by equal times): a step that may skip reads `gate.points` of every later branch,
+    a computing path's reuse one and its forecast from n points n; the steps that always compute before it
+    must have computed that many on their paths."""
+    for step, (recipe, have) in enumerate(zip(recipes, forced_counts(gate, recipes, thresholds))):
+        for key, count in have.items():
+            action = recipe.action(*key)
+            where = f"step {step} block {key[0]} {key[1]}"
+            if action.kind == "forecast" and not 1 <= action.points <= min(gate.points, count):
+                raise TcgraphError(
+                    f"{where}: a gated step's computing path forecasts from the branch's own history, at most "
+                    f"{gate.points} points and no more than the {count} steps before it that always compute it; "
+                    f"got {action.points}")
+            if action.kind == "reuse" and count < 1:
+                raise TcgraphError(f"{where}: a gated step's computing path reuses the branch, but no step before it "
+                                   "that always computes computes it")
+            if thresholds[step] >= 0 and count < gate.points:
+                warmup = warmup_for(gate, recipes)
+                fix = (f"with --warmup {warmup} every later branch computes {gate.points} times before the first "
+                       "step that may skip" if warmup is not None else
+                       f"no warm-up does: the plan computes it fewer than {gate.points} times in all")
+                raise TcgraphError(
+                    f"{where}: the step may skip, and its skipping path reads {gate.points} values the branch "
+                    f"computed, but the steps before it that always compute computed it {count} times; {fix}")
 
 
 def gate_shape(plan, name: str, hidden_size: int) -> tuple[int, ...]:
     """Shape of a gated step's state tensor or its `gate.params` input."""
     if name == GATE_REF:
         return plan.settings.model_batch, plan.num_tokens, hidden_size
-    if name == GATE_TIMES:
-        return (plan.gate.points,)
+    if name == GATE_TIMES:  # one row per later branch: the steps its history holds, newest first
+        return len(plan.recipes[0].gated_keys()), plan.gate.points
     if name in (GATE_ACC, GATE_SKIPS):
         return (1,)
     if name == GATE_COUNT:  # computed steps, block work done

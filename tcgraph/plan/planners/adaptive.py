@@ -4,7 +4,9 @@ threshold calibrated on calibration noise to a target *measured* compute fractio
 The plan is one gated variant for every step: the first `warmup` steps and the last `final` ones
 compute (their threshold is below 0), the others skip their later blocks where the indicator stays
 under the threshold. With a base plan (`base`: `adaptive_base`), a computing step runs the base's recipe
-at that step (its first F blocks computing), so a plan has one gated variant per distinct base recipe.
+at that step (its first F blocks computing), so a plan has one gated variant per distinct base recipe,
+and the warm-up grows until the base has computed every later branch order + 1 times (`params["warmup"]`,
+the asked one in `params["warmup_given"]`).
 The compute fraction is the share of block work a run does, each step's block FLOPs over all blocks'
 (`adaptive_base.step_work`): without a base and for blocks of equal cost,
 `(computed steps · L + skipped steps · F) / (steps · L)` for L blocks of which F always compute: a
@@ -20,6 +22,7 @@ from the image stream out of block F - 1, its text-only branches reuse or foreca
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,7 +36,7 @@ from tcgraph.names import IMAGE
 from tcgraph.plan.learning.common import check_calibration_text
 from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
 from tcgraph.plan.options import option
-from tcgraph.plan.planners.adaptive_base import base_plan, computing_paths, step_work, work_range
+from tcgraph.plan.planners.adaptive_base import base_plan, base_warmup, computing_paths, step_work, work_range
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
@@ -53,7 +56,7 @@ class AdaptiveConfig:
     max_skips: int = option(4, "most steps skipped in a row", type=int)
     indicator: str = option("step", f"indicator: {' or '.join(INDICATORS)}", type=str)
     order: int = option(1, f"cheap action: 0 reuse, n forecast from n + 1 points (0..{MAX_HISTORY - 1})", type=int)
-    warmup: int = option(3, "first steps that always compute", type=int)
+    warmup: int = option(3, "first steps that always compute (over a base: more where a skip needs them)", type=int)
     final: int = option(1, "last steps that always compute", type=int)
     threshold: float | None = option(None, "a given threshold instead of calibrating one", type=float,
                                      default_help="calibrated to --fraction")
@@ -87,7 +90,8 @@ class EagerGate:
         self.reset()
 
     def reset(self) -> None:
-        self.ref, self.acc, self.skips, self.times, self.history = None, 0.0, 0, [], {}
+        # per later branch: the values it computed at its last computing steps and those steps, newest first
+        self.ref, self.acc, self.skips, self.times, self.history = None, 0.0, 0, {}, {}
 
     @torch.no_grad()
     def __call__(self, step: int, x, t, y):
@@ -105,16 +109,16 @@ class EagerGate:
                 state["skip"] = self._decide(step, seen["h"])
             key = (l, name)
             if state["skip"]:
-                w = lagrange_weights(self.times, float(step))
+                w = lagrange_weights(self.times[key], float(step))
                 return sum(wj * hj for wj, hj in zip(w, self.history[key]))
             action = self.paths[step].action(l, name) if self.paths is not None else COMPUTE
-            if action.kind == "compute":
-                value = fn(u())
-            else:  # the base reuses (1 point) or forecasts it: from the values at the last computing steps
+            if action.kind != "compute":  # the base reuses (1 point) or forecasts it: from its own history
                 n = action.points or 1
-                w = lagrange_weights(self.times[:n], float(step))
-                value = sum(wj * hj for wj, hj in zip(w, self.history[key][:n]))
-            self.history[key] = ([value] + self.history.get(key, [])[:gate.points - 1])
+                w = lagrange_weights(self.times[key][:n], float(step))
+                return sum(wj * hj for wj, hj in zip(w, self.history[key][:n]))
+            value = fn(u())
+            self.history[key] = [value] + self.history.get(key, [])[:gate.points - 1]
+            self.times[key] = [float(step)] + self.times.get(key, [])[:gate.points - 1]
             return value
 
         out = run_blocks(self.model, x, t, y, branch, after_block=after)
@@ -123,7 +127,6 @@ class EagerGate:
             self.skipped_total += 1
         else:
             self.computed_total += 1
-            self.times = ([float(step)] + self.times)[:gate.points]
         return out
 
     def _decide(self, step: int, h: torch.Tensor) -> bool:
@@ -208,6 +211,8 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
     if cfg.base is not None:
         base = base_plan(cfg.base, model_config, settings, weights=weights, progress=progress,
                          calibration_text=calibration_text)
+    given = cfg.warmup  # over a base, lengthened until every later branch computed what a skip reads
+    cfg = dataclasses.replace(cfg, warmup=base_warmup(base, gate, cfg.warmup, settings.num_steps, cfg.final))
     paths = computing_paths(base, gate, thresholds_for(settings, cfg, 0.0), model_config)
     work = step_work(model_config, paths, cfg.first, settings.text_length)
     least, most = fraction_range(settings, cfg, depth, work)
@@ -236,5 +241,7 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
     if base is not None:
         params["base"] = {"name": base.planner, "spec": cfg.base, "params": base.params}
         name += f"+{base.planner}"
+        if cfg.warmup != given:
+            params["warmup_given"] = given
     return Plan(name, settings, tuple(paths), model_config.num_tokens, params=params, carry_constants=False,
                 gate_thresholds=thresholds_for(settings, cfg, threshold), layout=model_config.block_layout())

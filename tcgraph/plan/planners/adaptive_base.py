@@ -6,10 +6,13 @@ to compute; and the work a run does, per step, whichever way the gate decides.
   same model, sampler settings, weights and calibration prompts, or a plan JSON file (`….json`) made
   for them. A base with token actions (`partial`, `dynamic`) or gated steps of its own is refused.
 - `computing_paths` turns the base's recipes into gated recipes. A later branch the base computes
-  computes; one it reuses takes its newest gate-history entry (its value at the last computing step);
-  one it forecasts from r points is extrapolated in the graph, with Lagrange weights in the step index,
-  from its newest min(r, gate points, steps always computed before it) entries (the base's own weights
+  computes (and shifts its output and the step into its own history and times row); one it reuses takes
+  its newest history entry (its value at the last step that computed it); one it forecasts from r points
+  is extrapolated in the graph, with Lagrange weights in the step index over its own times row, from its
+  newest min(r, gate points, steps always computing it before this one) entries (the base's own weights
   assume which steps computed, which the gated run decides on the device); from 1 entry that is reuse.
+  A branch it reuses or forecasts keeps its history as it was.
+- `base_warmup` lengthens the warm-up until every later branch has computed the gate's points on it.
 - `step_work` is the share of block work each step does when it computes (its path's branches) and when
   it skips (its first blocks): FLOPs of the branches (`tcgraph.plan.flops.branch_flops`, each branch's
   rows from the model's layout) over the FLOPs of every branch of every block. For a model whose blocks
@@ -23,7 +26,7 @@ from pathlib import Path
 from tcgraph.errors import TcgraphError
 from tcgraph.models.families import ModelConfig
 from tcgraph.plan.flops import branch_flops, branch_rows
-from tcgraph.plan.gate import Gate
+from tcgraph.plan.gate import Gate, forced_counts, warmup_for
 from tcgraph.plan.plan import COMPUTE, REUSE, Plan, Recipe, forecast
 from tcgraph.sampling import SamplerSettings
 
@@ -73,22 +76,38 @@ def check_base(base: Plan, spec: str, model_config: ModelConfig, settings: Sampl
 
 def computing_paths(base: Plan | None, gate: Gate, thresholds, model_config: ModelConfig) -> list[Recipe]:
     """The gated recipe of every step: the base's recipe (every branch computing without a base), its
-    first blocks computing, its forecasts from the points the gate's history holds for them."""
-    steps, forced = len(thresholds), 0
+    first blocks computing, each later branch's forecast from the points its own history is sure to hold
+    (the steps before it that always compute and compute that branch)."""
     full = Recipe.uniform(model_config.depth, COMPUTE, model_config.branches)
+    recipes = [full if base is None else base.recipes[s] for s in range(len(thresholds))]
     paths = []
-    for s in range(steps):
-        recipe = full if base is None else base.recipes[s]
+    for recipe, have in zip(recipes, forced_counts(gate, recipes, thresholds)):
         acts = []
         for l, row in enumerate(recipe.actions):
             if l < gate.first:
                 row = tuple(COMPUTE for _ in row)
             else:
-                row = tuple(_path_action(a, min(gate.points, forced)) for a in row)
+                names = recipe.block_branches(l)
+                row = tuple(_path_action(a, min(gate.points, have[(l, br)])) for a, br in zip(row, names))
             acts.append(row)
         paths.append(Recipe(tuple(acts), full.branches, gate=gate))
-        forced += thresholds[s] < 0
     return paths
+
+
+def base_warmup(base: Plan | None, gate: Gate, warmup: int, steps: int, final: int) -> int:
+    """The warm-up a gate over `base` needs: at least `warmup`, and enough first steps that every later branch
+    has computed on them the `gate.points` values a skipping step reads (a base that computes a branch every
+    k steps needs about k · points); refused when that leaves no step to gate."""
+    if base is None:
+        return warmup
+    need = warmup_for(gate, base.recipes)
+    if need is None or need >= steps - final:
+        short = (f"it computes some later branch fewer than {gate.points} times in all" if need is None else
+                 f"its first {need} steps compute each later branch {gate.points} times")
+        raise TcgraphError(f"adaptive over the base {base.planner}: a skipping step reads {gate.points} values each "
+                           f"later branch computed (--order {gate.order}), but {short}, which leaves no step of "
+                           f"{steps} (final {final}) to gate; use a lower --order or a base that computes more often")
+    return max(warmup, need)
 
 
 def _path_action(action, points: int):
