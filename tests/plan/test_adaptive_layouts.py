@@ -54,7 +54,8 @@ def gated_plan(model, gate: Gate, threshold: float) -> Plan:
     cfg = model.config
     full = Recipe.uniform(cfg.depth, COMPUTE, cfg.branches)
     recipe = dataclasses.replace(full, gate=gate)
-    thresholds = tuple(FORCE_COMPUTE if s < 2 or s == STEPS - 1 else threshold for s in range(STEPS))
+    warmup = max(2, gate.points)  # a skip reads gate.points computed values
+    thresholds = tuple(FORCE_COMPUTE if s < warmup or s == STEPS - 1 else threshold for s in range(STEPS))
     return Plan("adaptive", settings_of(model), (recipe,) * STEPS, cfg.num_tokens, gate_thresholds=thresholds,
                 layout=cfg.block_layout(), carry_constants=False)
 
