@@ -34,6 +34,7 @@ from memory_sharing import variant_feeds  # noqa: E402
 from tcgraph import api  # noqa: E402
 from tcgraph.export.artifact import load_artifact  # noqa: E402
 from tcgraph.plan.flops import plan_flops  # noqa: E402
+from tcgraph.runtime.ort.loader import SLOW_CPU_FUSIONS  # noqa: E402
 from tcgraph.sampling import SamplerSettings  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
     options.profile_file_prefix = str(Path(folder) / spec.id)
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(art.variant_path(spec.id)), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(art.variant_path(spec.id)), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(SLOW_CPU_FUSIONS))  # as the runner asks on the CPU
     feeds = variant_feeds(spec, np.random.default_rng(0))
     time_runs(lambda: session.run(None, feeds), 3)  # warm-up
     times = time_runs(lambda: session.run(None, feeds), runs)
