@@ -116,7 +116,12 @@ register(Planner("dynamic", TokenCacheConfig, make_dynamic, "dynamic[:X]",
                  "tokencache's schedule and token counts, tokens chosen per sample in the graph",
                  short=("target_speedup",), learned=True, skip=("forecast", "compete", "max_cache_mb"),
                  layouts=True))
-register(Planner("adaptive", AdaptiveConfig, make_adaptive, "adaptive[:F]",
+def _make_adaptive(config, model_config, settings, **kwargs) -> Plan:
+    """`adaptive`, handed the registry to make a base plan given as a spec (the planner does not import it)."""
+    return make_adaptive(config, model_config, settings, make_plan=make_plan, **kwargs)
+
+
+register(Planner("adaptive", AdaptiveConfig, _make_adaptive, "adaptive[:F]",
                  "gated steps: the first blocks always compute, the others reuse or forecast while their change "
                  "stays under a threshold decided in the graph, calibrated to a measured compute fraction F, default "
                  "{fraction}", short=("fraction",), learned=True, layouts=True))

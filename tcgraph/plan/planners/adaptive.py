@@ -202,7 +202,9 @@ def calibrate_threshold(model: nn.Module, settings: SamplerSettings, cfg: Adapti
 
 
 def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: SamplerSettings, *,
-                  weights: nn.Module | None = None, progress: Progress = QUIET, calibration_text=None) -> Plan:
+                  weights: nn.Module | None = None, progress: Progress = QUIET, calibration_text=None,
+                  make_plan=None) -> Plan:
+    """The adaptive plan; `make_plan` makes a base given as a spec (the registry passes its own)."""
     depth = model_config.depth
     if cfg.first >= depth:
         raise TcgraphError(f"adaptive first={cfg.first} leaves none of the model's {depth} blocks to skip")
@@ -210,7 +212,7 @@ def make_adaptive(cfg: AdaptiveConfig, model_config: ModelConfig, settings: Samp
     base = None
     if cfg.base is not None:
         base = base_plan(cfg.base, model_config, settings, weights=weights, progress=progress,
-                         calibration_text=calibration_text)
+                         calibration_text=calibration_text, make_plan=make_plan)
     given = cfg.warmup  # over a base, lengthened until every later branch computed what a skip reads
     cfg = dataclasses.replace(cfg, warmup=base_warmup(base, gate, cfg.warmup, settings.num_steps, cfg.final))
     paths = computing_paths(base, gate, thresholds_for(settings, cfg, 0.0), model_config)

@@ -34,8 +34,9 @@ TOKEN_ACTIONS = ("partial", "dynamic")
 
 
 def base_plan(spec: str, model_config: ModelConfig, settings: SamplerSettings, *, weights=None, progress=None,
-              calibration_text=None) -> Plan:
-    """The base plan of `spec`: a registry spec made for this model and these settings, or a plan JSON file."""
+              calibration_text=None, make_plan=None) -> Plan:
+    """The base plan of `spec`: a registry spec made for this model and these settings by `make_plan` (the
+    registry's, which it hands to the planner), or a plan JSON file."""
     if not isinstance(spec, str) or not spec:
         raise TcgraphError(f"adaptive base must be a plan spec (l2c:2) or a plan JSON file, got {spec!r}")
     if spec.endswith(".json"):
@@ -44,8 +45,9 @@ def base_plan(spec: str, model_config: ModelConfig, settings: SamplerSettings, *
             raise TcgraphError(f"adaptive base {spec}: no such plan file")
         base = Plan.from_json(path.read_text())
     else:
-        from tcgraph.plan.registry import make_plan  # the registry imports this planner
-
+        if make_plan is None:
+            raise TcgraphError(f"adaptive base {spec}: a plan spec is made through tcgraph.plan.make_plan; "
+                               "give a plan JSON file here")
         if spec.split(":")[0] == "adaptive":
             raise TcgraphError("adaptive base must be a plan without gated steps, not another adaptive plan")
         extra = {} if progress is None else {"progress": progress}
