@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -237,14 +239,8 @@ class Reader:
         if self.server is None:
             return
         server, self.server = self.server, None
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-                pytest.fail("tcgraph serve did not stop within 120 s of Ctrl-C")
+        if server.poll() is None and not stop(server, signal.SIGINT, timeout=120):
+            pytest.fail("tcgraph serve did not stop within 120 s of Ctrl-C")
         self.server_out.close()
         assert server.returncode == 0, (self.folder / "tcgraph-out" / "serve.log").read_text()[-3000:]
 

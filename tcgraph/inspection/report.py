@@ -17,6 +17,7 @@ from tcgraph.inspection.measured import read as read_measured
 from tcgraph.models.families import ModelConfig, config_from_dict
 from tcgraph.names import (branch_key, FORECAST_WEIGHTS, INPUT_SUFFIX, cache_name, history_index, history_name,
                            is_cache)
+from tcgraph.plan.gate import uniform_work, work_range
 from tcgraph.plan.plan import Plan, Recipe
 
 if TYPE_CHECKING:
@@ -384,12 +385,12 @@ def _read_named(art: Artifact, vid: str):
 def gate_view(plan) -> dict:
     """A gated plan's gate (docs/design.md, "Gated steps"): what always computes, what the others do, the
     thresholds, the base plan whose recipes the computing steps run (None: every branch computes), and the
-    compute fraction as a range (every skip the gate allows … every step computing; the planner's, else
-    every block alike) with the fraction the planner measured on its calibration noise."""
+    compute fraction as a range (every skip the gate allows … every step computing; each step's share the
+    planner's, else every block alike) with the fraction the planner measured on its calibration noise."""
     gate, steps, depth = plan.gate, len(plan.recipes), plan.depth
     free = [s for s, t in enumerate(plan.gate_thresholds) if t >= 0]
-    skipped = len(free) - len(free) // (gate.max_skips + 1)
-    least, most = plan.params.get("fraction_range") or (((steps - skipped) + skipped * gate.first / depth) / steps, 1)
+    work = plan.params.get("step_work") or uniform_work(gate, depth, steps)
+    least, most = work_range(work, plan.gate_thresholds, gate.max_skips)
     return {"first": gate.first, "max_skips": gate.max_skips, "indicator": gate.indicator, "order": gate.order,
             "forced_steps": [s for s in range(steps) if s not in free],
             "thresholds": sorted({t for t in plan.gate_thresholds if t >= 0}),

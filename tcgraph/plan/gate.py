@@ -168,6 +168,27 @@ def check_history(gate: Gate, recipes, thresholds) -> None:
                     f"computed, but the steps before it that always compute computed it {count} times; {fix}")
 
 
+def uniform_work(gate: Gate, depth: int, steps: int) -> list[tuple[float, float]]:
+    """Each step's (computing, skipping) share of block work when every block costs the same and a computing
+    step computes every branch: 1 and first / depth (a planner's own shares: `params["step_work"]`)."""
+    return [(1.0, gate.first / depth)] * steps
+
+
+def work_range(work, thresholds, max_skips: int) -> tuple[float, float]:
+    """(least, most) compute fraction of a run: the most computes every step; the least skips where that
+    saves most, at the steps whose threshold is not below 0, no more than `max_skips` in a row (the
+    forced steps compute and end a run of skips)."""
+    steps = len(work)
+    best = [0.0] + [float("inf")] * max_skips  # best[k]: least work so far with k skips in a row at the end
+    for (computes, skips), threshold in zip(work, thresholds):
+        after = [min(best) + computes] + [float("inf")] * max_skips
+        if threshold >= 0:
+            for k in range(max_skips):
+                after[k + 1] = best[k] + skips
+        best = after
+    return min(best) / steps, sum(c for c, _ in work) / steps
+
+
 def gate_shape(plan, name: str, hidden_size: int) -> tuple[int, ...]:
     """Shape of a gated step's state tensor or its `gate.params` input."""
     if name == GATE_REF:

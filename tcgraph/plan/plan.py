@@ -55,7 +55,7 @@ from tcgraph.names import (FORECAST_WEIGHTS, GATE_PARAMS, GATE_STATE, IMAGE, OUT
                            branch_key, cache_key, cache_name, constant_name, history_name, input_cache_name,
                            is_constant)
 from tcgraph.models.layout import Layout
-from tcgraph.plan.gate import gate_shape, validate_gated
+from tcgraph.plan.gate import gate_shape, uniform_work, validate_gated
 from tcgraph.plan.plan_json import PLAN_SCHEMA_VERSION, plan_from_dict, plan_to_dict  # noqa: F401  (re-exported)
 from tcgraph.plan.actions import (  # noqa: F401  (re-exported: the plan's vocabulary)
     ACTION_KINDS, COMPUTE, MAX_HISTORY, REUSE, Action, dynamic, forecast, partial)
@@ -259,11 +259,12 @@ class Plan:
         import numpy as np
 
         feeds = []
+        if self.gate is not None:  # each step's work shares: the planner's (`step_work`), else every block alike
+            work = self.params.get("step_work") or uniform_work(self.gate, self.depth, len(self.recipes))
         for step, recipe in enumerate(self.recipes):
             w = self.step_weights(step)
             feeds.append({} if w is None else {FORECAST_WEIGHTS: w})
-            if recipe.gate is not None:  # the work shares: the planner's (`step_work`), else every block alike
-                work = self.params.get("step_work") or [[1.0, recipe.gate.first / self.depth]] * len(self.recipes)
+            if recipe.gate is not None:
                 feeds[-1][GATE_PARAMS] = np.array([step, self.gate_thresholds[step], recipe.gate.max_skips,
                                                    *work[step]], dtype=np.float32)
         return feeds

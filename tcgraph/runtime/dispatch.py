@@ -25,7 +25,7 @@ state (`gate.*`) is kept like a cache. What a gated variant reads before any ste
 first step's caches, history and state) is zeros of the shape it declares (`initial`): its first
 step computes (the plan gives it a threshold below 0), so it reads none of them. The number of
 steps that computed and the block work the steps did (each step's share, `gate.params`) are summed on
-the device (`gate.count`) and read once, by `computed_steps()` and `block_work()` after the run;
+the device (`gate.count`) and read once, by `last_run()` after the run;
 nothing of the decision reaches the host during the run.
 """
 from __future__ import annotations
@@ -88,30 +88,29 @@ class ScheduleDispatcher:
         """Block work / steps (the compute fraction) over every finished run with gated steps."""
         return self.measured[2] / self.measured[1] if self.measured[1] else None
 
-    def block_work(self) -> float | None:
-        """The block work of the last run, each step's share summed (an ungated step counts 1), read from the
-        device once; None when no step was gated."""
+    def last_run(self) -> tuple[int, float] | None:
+        """(steps that computed, block work: each step's share summed) of the last run, an ungated step counting
+        as computed with share 1; read from the device once; None when no step was gated."""
         if GATE_COUNT not in self.caches:
             return None
-        gated = sum(1 for vid in self.calls if GATE_PARAMS in self.io[vid][0])
-        return float(self.to_torch(self.caches[GATE_COUNT]).reshape(-1)[1]) + len(self.calls) - gated
+        ungated = sum(1 for vid in self.calls if GATE_PARAMS not in self.io[vid][0])
+        count, work = (float(v) for v in self.to_torch(self.caches[GATE_COUNT]).reshape(-1)[:2])
+        return int(round(count)) + ungated, work + ungated
 
     def computed_steps(self) -> int | None:
-        """How many steps of the last run computed (full, or gated steps that decided to), read from the
-        device once; None when no step was gated."""
-        if GATE_COUNT not in self.caches:
-            return None
-        gated = sum(1 for s, vid in enumerate(self.calls) if GATE_PARAMS in self.io[vid][0])
-        count = int(round(float(self.to_torch(self.caches[GATE_COUNT]).reshape(-1)[0])))
-        return count + len(self.calls) - gated
+        """How many steps of the last run computed (full, or gated steps that decided to); None when no step
+        was gated."""
+        run = self.last_run()
+        return None if run is None else run[0]
 
     def reset(self) -> None:
-        """Start a sampling run (the last one's computed steps, when it had gated steps, are added to `measured`)."""
-        done = self.computed_steps()
-        if done is not None:
-            self.measured[0] += done
+        """Start a sampling run (the last one's computed steps and work, when it had gated steps, are added to
+        `measured`)."""
+        run = self.last_run()
+        if run is not None:
+            self.measured[0] += run[0]
             self.measured[1] += len(self.calls)
-            self.measured[2] += self.block_work()
+            self.measured[2] += run[1]
         self.caches = {}
         self.history = {}
         self.calls = []

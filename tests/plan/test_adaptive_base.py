@@ -21,9 +21,9 @@ from tcgraph.inspection.report import inspect_plan
 from tcgraph.inspection.text import format_report
 from tcgraph.names import BRANCHES
 from tcgraph.plan import COMPUTE, REUSE, Plan, Recipe, forecast, make_plan, partial
-from tcgraph.plan.gate import FORCE_COMPUTE, Gate
+from tcgraph.plan.gate import FORCE_COMPUTE, Gate, work_range
 from tcgraph.plan.planners.adaptive import AdaptiveConfig, EagerGate, fraction_range, measure, thresholds_for
-from tcgraph.plan.planners.adaptive_base import computing_paths, step_work, work_range
+from tcgraph.plan.planners.adaptive_base import computing_paths, step_work
 from tcgraph.runtime.dispatch import ScheduleDispatcher
 from tcgraph.sampling import SamplerSettings, make_noise, run_batches, sampler_for
 from tests.plan.test_gated_planner import model  # noqa: F401  (the tiny DiT fixture: 3 blocks)

@@ -134,7 +134,8 @@ def test_a_triton_server_answers_text_requests_as_the_sampler(text_artifact, tmp
     from tritonclient.utils import InferenceServerException
 
     from tcgraph.serve.server import Ports
-    from tests.serve.test_triton import free_base_port, serve_command, stop
+    from tests.processes import stop
+    from tests.serve.test_triton import free_base_port, serve_command
 
     port = free_base_port()
     log = tmp_path / "out"

@@ -29,6 +29,7 @@ grpc = pytest.importorskip("tritonclient.grpc", reason="the serve extra is not i
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tcgraph.serve.server import Ports, check_ports  # noqa: E402
+from tests.processes import stop  # noqa: E402
 
 MODEL = "digits-fora2"
 QUEUE_DELAY_US = 300_000  # long enough that requests sent together are always batched together
@@ -45,16 +46,6 @@ def free_base_port() -> int:
         except TcgraphError:
             continue
     raise RuntimeError("no three consecutive free ports found")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop `tcgraph serve` as a service manager does: SIGTERM, then SIGKILL after 60 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def serve_command() -> list[str]:

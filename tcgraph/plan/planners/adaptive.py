@@ -34,9 +34,9 @@ from tcgraph.models.adapter import run_blocks
 from tcgraph.models.families import ModelConfig
 from tcgraph.names import IMAGE
 from tcgraph.plan.learning.common import check_calibration_text
-from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights
+from tcgraph.plan.gate import FORCE_COMPUTE, INDICATORS, Gate, lagrange_weights, uniform_work, work_range
 from tcgraph.plan.options import option
-from tcgraph.plan.planners.adaptive_base import base_plan, base_warmup, computing_paths, step_work, work_range
+from tcgraph.plan.planners.adaptive_base import base_plan, base_warmup, computing_paths, step_work
 from tcgraph.plan.plan import COMPUTE, MAX_HISTORY, Plan
 from tcgraph.progress import QUIET, Progress
 from tcgraph.sampling import SamplerSettings, run_batches, sampler_for
@@ -84,7 +84,7 @@ class EagerGate:
     def __init__(self, model: nn.Module, gate: Gate, thresholds, depth: int, paths=None, work=None):
         self.model, self.gate, self.thresholds, self.depth = model, gate, list(thresholds), depth
         self.paths = paths
-        self.work = list(work) if work is not None else [(1.0, gate.first / depth)] * len(self.thresholds)
+        self.work = list(work) if work is not None else uniform_work(gate, depth, len(self.thresholds))
         self.computed_total = self.skipped_total = 0
         self.done = 0.0  # block work of the steps run, each step's share
         self.reset()
@@ -156,7 +156,7 @@ def thresholds_for(settings: SamplerSettings, cfg: AdaptiveConfig, threshold: fl
 def fraction_range(settings: SamplerSettings, cfg: AdaptiveConfig, depth: int, work=None) -> tuple[float, float]:
     """(least, most) compute fraction a run of the plan may measure: every skip its gates allow, or none
     (`work`: each step's (computing, skipping) share, `step_work`; None: 1 and first / depth)."""
-    work = work if work is not None else [(1.0, cfg.first / depth)] * settings.num_steps
+    work = work if work is not None else uniform_work(Gate(cfg.first, cfg.max_skips), depth, settings.num_steps)
     return work_range(work, thresholds_for(settings, cfg, 0.0), cfg.max_skips)
 
 

@@ -17,7 +17,7 @@ to compute; and the work a run does, per step, whichever way the gate decides.
   it skips (its first blocks): FLOPs of the branches (`tcgraph.plan.flops.branch_flops`, each branch's
   rows from the model's layout) over the FLOPs of every branch of every block. For a model whose blocks
   all cost the same and no base, these are 1 and F / L.
-- `work_range` is the least and the most a run's fraction (the mean of its steps' shares) may be.
+- the least and the most a run's fraction may be: `tcgraph.plan.gate.work_range` of those shares.
 """
 from __future__ import annotations
 
@@ -130,18 +130,3 @@ def step_work(model_config: ModelConfig, paths: list[Recipe], first: int, text_l
     total = sum(cost(b, br, COMPUTE) for b, br, _ in items)
     head = sum(cost(b, br, COMPUTE) for b, br, _ in items if b < first) / total
     return [(sum(cost(b, br, a) for b, br, a in p.items()) / total, head) for p in paths]
-
-
-def work_range(work, thresholds, max_skips: int) -> tuple[float, float]:
-    """(least, most) compute fraction of a run: the most computes every step; the least skips where that
-    saves most, at the steps whose threshold is not below 0, no more than `max_skips` in a row (the
-    forced steps compute and end a run of skips)."""
-    steps = len(work)
-    best = [0.0] + [float("inf")] * max_skips  # best[k]: least work so far with k skips in a row at the end
-    for (computes, skips), threshold in zip(work, thresholds):
-        after = [min(best) + computes] + [float("inf")] * max_skips
-        if threshold >= 0:
-            for k in range(max_skips):
-                after[k + 1] = best[k] + skips
-        best = after
-    return min(best) / steps, sum(c for c, _ in work) / steps
