@@ -58,6 +58,7 @@ SIDES = {
     "before": {"emission": "sum", "runner": {"prepack": "all", "disabled_optimizers": ()}},
     "after": {"emission": None, "runner": {}},
 }
+PREPACK_SIDES = {"before": {"emission": None, "runner": {"prepack": "all"}}, "after": SIDES["after"]}
 
 
 def load_plans(model, settings: SamplerSettings, specs: list[str]) -> dict[str, tuple[Plan, str]]:
@@ -102,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-step", type=int, default=0, metavar="CALLS",
                     help="instead of sampling runs: CALLS interleaved calls of every variant on random feeds")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--prepack-only", action="store_true",
+                    help="the sides differ in ONNX Runtime pre-packing alone: before prepack='all', after the default")
     args = ap.parse_args(argv)
+    if args.prepack_only:
+        SIDES.clear()
+        SIDES.update(PREPACK_SIDES)
     if args.per_step:
         return per_step(args, argv)
     torch.set_num_threads(args.threads)

@@ -2,6 +2,7 @@
 
     python benchmarks/ort_profile.py                                  # demo model, tokencache:2 shape
     python benchmarks/ort_profile.py --model DiT-S/2 --plan tokencache+l2c:2 --batch 2
+    python benchmarks/ort_profile.py --plan adaptive        # the gated step, forced to compute (vs --plan full)
 
 Transforms the model for the plan (learned-planner names: their structural plans, see
 bench_tokencache.structural_plans) and then, per variant, in a session of its own with ONNX
@@ -50,6 +51,8 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
     session = ort.InferenceSession(str(art.variant_path(spec.id)), options, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=list(SLOW_CPU_FUSIONS))  # as the runner asks on the CPU
     feeds = variant_feeds(spec, np.random.default_rng(0))
+    if "gate.params" in feeds:  # a gated step forced to compute: step 10, threshold below 0, M 4, the shares
+        feeds["gate.params"] = np.array([10.0, -1.0, 4.0, 1.0, 0.0], dtype=np.float32)
     time_runs(lambda: session.run(None, feeds), 3)  # warm-up
     times = time_runs(lambda: session.run(None, feeds), runs)
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -69,12 +72,15 @@ def profile_variant(ort, art, spec, runs: int, top: int, threads: int, folder: s
 
 
 def profile_plan(model, settings, spec: str):
-    """A fixed plan (`full`, `fora:N`, `taylor:N[:order]`) as `make_plan` makes it, a learned
-    planner's name as its structural plan (bench_tokencache.speed_plans)."""
+    """A fixed plan (`full`, `fora:N`, `taylor:N[:order]`) as `make_plan` makes it, `adaptive` with a
+    given threshold (its one gated variant is profiled forced to compute: the gate's cost beside `full`),
+    a learned planner's name as its structural plan (bench_tokencache.speed_plans)."""
     from tcgraph.plan import make_plan
 
     if spec.split(":")[0] in ("full", "fora", "taylor"):
         return make_plan(spec, model.config, settings)
+    if spec == "adaptive":
+        return make_plan(spec, model.config, settings, threshold=0.1)
     return speed_plans(model, settings, [spec])[spec]
 
 
